@@ -1,0 +1,190 @@
+"""Python API: `analyze` (trace only) and `prune` (trace, plan, apply, validate).
+
+    result = prune("model.onnx", method="l1", ratio=0.5)
+    result.model   # onnx.ModelProto, validated
+    result.report  # Report: params, MACs, agreement, groups
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from . import ir, validate
+from .errors import CalibrationError, UsageError
+from .passes import methods as methods_mod
+from .passes.apply import apply_plan
+from .passes.methods import Context, Options, get_method
+from .passes.plan import Plan, check_ratio
+from .passes.trace import Trace, trace
+from .report import Report, group_rows
+
+log = logging.getLogger(__name__)
+
+ModelLike = onnx.ModelProto | str | os.PathLike[str]
+
+
+@dataclass(frozen=True, eq=False)
+class Analysis:
+    model: onnx.ModelProto
+    graph: Any  # gs.Graph, normalised; tracing never modifies it
+    trace: Trace
+    input_shapes: Mapping[str, tuple[int, ...]]
+    opset: int
+
+
+@dataclass(frozen=True, eq=False)
+class PruneResult:
+    model: onnx.ModelProto
+    report: Report
+    trace: Trace
+    plan: Plan
+
+
+def _load(model: ModelLike) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    return ir.load_model(model)
+
+
+def analyze(
+    model: ModelLike,
+    *,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    exclude: Sequence[str] = (),
+) -> Analysis:
+    """Load, check, normalise and trace; nothing is modified."""
+    proto = _load(model)
+    ir.check_model(proto, full=False, what="input model")
+    shapes_in = ir.fixed_input_shapes(proto, input_shapes)
+    opset = ir.opset_version(proto)
+    graph = ir.to_graph(proto)
+    folded = _export_plain(graph, proto)
+    shapes = ir.static_shapes(folded, shapes_in)
+    return Analysis(proto, graph, trace(graph, shapes, exclude, opset), shapes_in, opset)
+
+
+def _export_plain(graph: Any, like: onnx.ModelProto) -> onnx.ModelProto:
+    import onnx_graphsurgeon as gs
+
+    out = gs.export_onnx(graph.copy(), do_type_check=False)
+    del out.opset_import[:]
+    out.opset_import.extend(like.opset_import)
+    out.ir_version = like.ir_version
+    return out
+
+
+def prune(
+    model: ModelLike,
+    method: str = "l1",
+    ratio: float = 0.5,
+    *,
+    round_to: int = 1,
+    exclude: Sequence[str] = (),
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
+    criterion: str = "l1",
+    calib: str | os.PathLike[str] | None = None,
+    calib_samples: int | None = None,
+    batch_size: int = 32,
+    eval_data: str | os.PathLike[str] | None = None,
+    params: Mapping[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> PruneResult:
+    """Prune `model` with `method`; the returned model is validated (see `validate`)."""
+    started = time.perf_counter()
+    check_ratio(ratio)
+    if round_to < 1:
+        raise UsageError(f"--round-to must be a positive integer, got {round_to}")
+    fn = get_method(method)
+    options = Options(
+        method=method, ratio=ratio, round_to=round_to, exclude=tuple(exclude), input_shapes=dict(input_shapes or {}),
+        seed=seed, criterion=criterion, calib=None if calib is None else str(calib), calib_samples=calib_samples,
+        batch_size=batch_size, params=dict(params or {}),
+    )
+    if method in methods_mod.DATA_DRIVEN and calib is None:
+        raise CalibrationError(f"method {method!r} needs calibration data: pass --calib PATH (or --calib random)")
+    analysis = analyze(model, input_shapes=input_shapes, exclude=exclude)
+    original = analysis.model
+    graph = analysis.graph
+    calibration = _calibration(options, original, analysis.input_shapes) if calib is not None else None
+    ctx = Context(original, graph, analysis.trace, options, analysis.input_shapes, analysis.opset, calibration, progress)
+    outcome = fn(ctx)
+    notes = list(outcome.notes)
+    if not outcome.plan.groups and not outcome.overrides:
+        reason = _nothing_prunable_reason(analysis.trace)
+        log.warning("nothing was pruned: %s; the model is written unchanged", reason)
+        notes.append(f"nothing was pruned: {reason}")
+        pruned = original
+    else:
+        apply_plan(graph, analysis.trace, outcome.plan, analysis.opset, outcome.overrides)
+        pruned = ir.to_model(graph, like=original)
+        if outcome.finish is not None:
+            pruned = outcome.finish(pruned)
+    feeds = validate.random_inputs(original, analysis.input_shapes, seed)
+    reference = validate.run(original, feeds)
+    outputs = validate.validate(original, pruned, feeds)
+    report = Report(
+        method=method,
+        ratio=ratio,
+        before=validate.model_stats(original, analysis.input_shapes),
+        after=validate.model_stats(pruned, analysis.input_shapes),
+        agreement=validate.agreement(reference, outputs),
+        groups=group_rows(analysis.trace, {g.group: g.kept for g in outcome.plan.groups}),
+        seconds=0.0,
+        notes=tuple(notes),
+    )
+    if eval_data is not None:
+        report = _with_accuracy(report, original, pruned, eval_data)
+    report = replace(report, seconds=time.perf_counter() - started)
+    return PruneResult(pruned, report, analysis.trace, outcome.plan)
+
+
+def _nothing_prunable_reason(tr: Trace) -> str:
+    if not tr.groups:
+        return "no Conv, Gemm or MatMul with constant weights was found"
+    reasons = sorted({r for g in tr.groups for r in g.reasons})
+    if all(g.is_frozen for g in tr.groups):
+        return "every channel group is frozen (" + "; ".join(reasons[:3]) + ("; ..." if len(reasons) > 3 else "") + ")"
+    return "the ratio removes no channel from any group"
+
+
+def _calibration(options: Options, model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> Any:
+    from .calib import input_specs, load_calibration
+
+    specs = input_specs(model, shapes)
+    return load_calibration(options.calib, specs, samples=options.calib_samples, seed=options.seed)  # type: ignore[arg-type]
+
+
+def load_eval(path: str | os.PathLike[str], model: onnx.ModelProto) -> tuple[str, np.ndarray, np.ndarray]:
+    """An .npz with the first input's array (under its name, or `images`/`x`) and `labels`."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{p}: no such evaluation file")
+    inits = {i.name for i in model.graph.initializer}
+    name = next(v.name for v in model.graph.input if v.name not in inits)
+    try:
+        with np.load(p) as data:
+            key = next((k for k in (name, "images", "x") if k in data.files), None)
+            if key is None or "labels" not in data.files:
+                raise CalibrationError(f"{p}: needs arrays {name!r} (or 'images') and 'labels'; found {data.files}")
+            return name, np.asarray(data[key], dtype=np.float32), np.asarray(data["labels"]).astype(np.int64)
+    except (OSError, ValueError) as exc:
+        raise CalibrationError(f"{p}: cannot read evaluation data: {exc}") from None
+
+
+def _with_accuracy(report: Report, original: onnx.ModelProto, pruned: onnx.ModelProto, path: Any) -> Report:
+    name, images, labels = load_eval(path, original)
+    return replace(
+        report,
+        accuracy_before=validate.accuracy(original, images, labels, name),
+        accuracy_after=validate.accuracy(pruned, images, labels, name),
+    )

@@ -1,0 +1,164 @@
+"""`onnx-prune`: a thin click layer over `onnxslim_prune.api`.
+
+Every `PruneError` becomes one line on stderr and its exit code (2 usage, 1 model/data);
+nothing is written unless the pruned model validated.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import api, ir
+from .errors import PruneError, UsageError
+from .report import group_rows, group_table
+
+log = logging.getLogger("onnxslim_prune")
+
+SAMPLE_MODEL = "lenet300.onnx"
+SAMPLE_EVAL = "fmnist_test500.npz"
+
+
+def _sample(name: str) -> Path:
+    return Path(str(resources.files("onnxslim_prune") / "sample" / name))
+
+
+def _progress_bar(enabled: bool) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
+    """A click progress bar fed by the library's (done, total) callback."""
+    if not enabled:
+        return None, lambda: None
+    state: dict[str, Any] = {}
+
+    def update(done: int, total: int) -> None:
+        bar = state.get("bar")
+        if bar is None:
+            bar = click.progressbar(length=total, label="calibrating", file=sys.stderr)
+            bar.__enter__()
+            state["bar"], state["done"] = bar, 0
+        bar.update(done - state["done"])
+        state["done"] = done
+
+    def close() -> None:
+        if "bar" in state:
+            state["bar"].__exit__(None, None, None)
+
+    return update, close
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=True))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output path [default: MODEL.pruned.onnx].")
+@click.option("--method", default="l1", show_default=True, help="l1, l2, bn, fpgm, random (and the methods listed in the README).")
+@click.option("--ratio", default=0.5, show_default=True, type=float, help="Fraction of each group's channels to remove, in [0, 1).")
+@click.option("--round-to", default=1, show_default=True, type=int, help="Keep channel counts at multiples of N.")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Protect nodes whose name matches (glob); repeatable.")
+@click.option("--input-shape", multiple=True, metavar="NAME:1x3x224x224", help="Fix a dynamic input shape; repeatable.")
+@click.option("--criterion", default="l1", show_default=True, help="Selection criterion of methods that take one.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for random choices and validation inputs.")
+@click.option("--calib", metavar="PATH|random", help="Calibration data: .npz/.npy, an image folder, or 'random'.")
+@click.option("--calib-samples", type=int, help="Use the first N calibration samples.")
+@click.option("--batch-size", default=32, show_default=True, type=int, help="Calibration batch size.")
+@click.option("--eval", "eval_data", type=click.Path(path_type=Path), help=".npz with inputs and 'labels': report accuracy.")
+@click.option("--dry-run", is_flag=True, help="Print the channel groups (members, size, why frozen, MACs) and stop.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON here.")
+@click.option("--groups", "show_groups", is_flag=True, help="Print the per-group table after pruning.")
+@click.option("--demo", is_flag=True, help="Prune the bundled LeNet-300-100 (Fashion-MNIST) and measure its accuracy.")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug and tracebacks).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+def main(
+    model: Path | None,
+    output: Path | None,
+    method: str,
+    ratio: float,
+    round_to: int,
+    exclude: tuple[str, ...],
+    input_shape: tuple[str, ...],
+    criterion: str,
+    seed: int,
+    calib: str | None,
+    calib_samples: int | None,
+    batch_size: int,
+    eval_data: Path | None,
+    dry_run: bool,
+    report_path: Path | None,
+    show_groups: bool,
+    demo: bool,
+    verbose: int,
+    quiet: bool,
+) -> None:
+    """Prune channels of an ONNX MODEL and write a smaller, validated model."""
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    try:
+        if demo:
+            model = model or _sample(SAMPLE_MODEL)
+            eval_data = eval_data or _sample(SAMPLE_EVAL)
+            output = output or Path.cwd() / "lenet300.pruned.onnx"
+        if model is None:
+            raise UsageError("give a MODEL path (or --demo)")
+        shapes = ir.parse_input_shapes(input_shape)
+        if dry_run:
+            analysis = api.analyze(model, input_shapes=shapes, exclude=exclude)
+            click.echo(group_table(group_rows(analysis.trace)))
+            frozen = sum(1 for g in analysis.trace.groups if g.is_frozen)
+            click.echo(f"{len(analysis.trace.groups)} groups, {frozen} fully frozen")
+            return
+        target = output or model.with_name(model.name.removesuffix(".onnx") + ".pruned.onnx")
+        _check_paths(model, target, report_path)
+        progress, close = _progress_bar(not quiet and sys.stderr.isatty())
+        try:
+            result = api.prune(
+                model, method, ratio, round_to=round_to, exclude=exclude, input_shapes=shapes, seed=seed,
+                criterion=criterion, calib=calib, calib_samples=calib_samples, batch_size=batch_size,
+                eval_data=eval_data, progress=progress,
+            )
+        finally:
+            close()
+        ir.save_model(result.model, target, external=ir.input_had_external_data(model))
+        if report_path is not None:
+            _write_text(report_path, result.report.to_json())
+        if not quiet:
+            click.echo(result.report.table(groups=show_groups))
+            click.echo(f"wrote {target}")
+    except PruneError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug, not bad input: still one line unless -vv asks for the traceback
+        if verbose > 1:
+            raise
+        click.echo(f"error: internal error ({type(exc).__name__}: {exc}); rerun with -vv for details", err=True)
+        sys.exit(1)
+
+
+def _check_paths(model: Path, target: Path, report_path: Path | None) -> None:
+    if not model.exists():
+        raise UsageError(f"{model}: no such file")
+    if not model.is_file():
+        raise UsageError(f"{model}: not a file")
+    if target.exists() and target.resolve() == model.resolve():
+        raise UsageError(f"output {target} is the input model; choose another -o")
+    if target.is_dir():
+        raise UsageError(f"output {target} is a folder; give a file name")
+    for path in (target, report_path):
+        if path is not None and not path.resolve().parent.is_dir():
+            raise UsageError(f"{path.parent}: output folder does not exist")
+
+
+def _write_text(path: Path, text: str) -> None:
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.resolve().parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text + "\n")
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

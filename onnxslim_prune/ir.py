@@ -1,0 +1,423 @@
+"""Graph access: the one module that reads and edits initializers, attributes and shapes.
+
+Everything else in the package goes through these functions, so the IR library
+(onnx-graphsurgeon today) can be swapped without touching the passes.
+
+Life cycle of a model here:
+
+    proto = load_model(path)            # onnx.ModelProto, external data loaded, errors mapped
+    graph = to_graph(proto)             # gs.Graph, Constant nodes and constant subgraphs folded
+    shapes = static_shapes(graph, ...)  # name -> static shape, from strict inference on a skeleton
+    ... passes read / edit `graph` through the helpers below ...
+    out = to_model(graph, like=proto)   # ModelProto, stale value_info dropped, shapes re-inferred
+    save_model(out, path)               # atomic write, external data when needed
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from .errors import ModelError, UsageError
+
+log = logging.getLogger(__name__)
+
+#: protobuf cannot serialise a message of 2 GiB or more; stay clear of it.
+PROTO_LIMIT = 2**31 - 2**24
+#: initializers at least this large go to an external file when external data is written.
+EXTERNAL_THRESHOLD = 1024
+
+Shape = tuple[int, ...]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Read an ONNX file with its external data; map every failure to one clear line."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{p}: no such file")
+    if not p.is_file():
+        raise UsageError(f"{p}: not a file")
+    try:
+        model = onnx.load(str(p), load_external_data=True)
+    except Exception as exc:  # protobuf raises DecodeError, external data raises OSError/ValueError
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{p}: not a readable ONNX model (truncated or not ONNX): {msg}") from None
+    if model.ir_version <= 0 or not model.graph.node or not model.opset_import:
+        raise ModelError(f"{p}: not an ONNX model (no graph, no opset or no IR version)")
+    return model
+
+
+def check_model(model: onnx.ModelProto, *, full: bool, what: str) -> None:
+    """onnx.checker on a model of any size; `full` adds strict shape inference."""
+    try:
+        if model.ByteSize() < PROTO_LIMIT:
+            onnx.checker.check_model(model, full_check=full)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "model.onnx"
+                _save_external(model, path)
+                onnx.checker.check_model(str(path), full_check=full)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{what} fails the ONNX checker: {first}") from None
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 1
+
+
+# ----------------------------------------------------------------------------- graph
+
+
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    """Import into graph-surgeon, name every node, fold Constant nodes and weight subgraphs.
+
+    Shape subgraphs are not folded: a dynamic batch must stay dynamic in the output.
+    """
+    model = onnx.ModelProto.FromString(model.SerializeToString()) if model.ByteSize() < PROTO_LIMIT else model
+    del model.graph.value_info[:]
+    try:
+        graph = gs.import_onnx(model)
+    except Exception as exc:
+        raise ModelError(f"cannot import the graph: {exc}") from None
+    _name_nodes(graph)
+    _keep_output_names(graph)
+    try:
+        graph.fold_constants(fold_shapes=False, error_ok=True)
+    except Exception as exc:  # folding is an optimisation; tracing is conservative without it
+        log.warning("constant folding skipped: %s", exc)
+    graph.cleanup().toposort()
+    return graph
+
+
+def _name_nodes(graph: gs.Graph) -> None:
+    """Give every node a unique, stable name (reports and --exclude refer to nodes by name)."""
+    seen: set[str] = set()
+    for index, node in enumerate(graph.nodes):
+        name = node.name or f"{node.op}_{index}"
+        while name in seen:
+            name = f"{name}_{index}"
+        node.name = name
+        seen.add(name)
+
+
+def _keep_output_names(graph: gs.Graph) -> None:
+    """Folding must never turn a graph output into a bare constant; nothing to do but record."""
+    for out in graph.outputs:
+        if isinstance(out, gs.Constant):
+            raise ModelError(f"graph output {out.name!r} is a constant; nothing to prune")
+
+
+def node_by_name(graph: gs.Graph) -> dict[str, gs.Node]:
+    return {n.name: n for n in graph.nodes}
+
+
+def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
+    """The value of a constant tensor (initializer or folded Constant), else None."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    return None
+
+
+def input_const(node: gs.Node, index: int) -> np.ndarray | None:
+    if index >= len(node.inputs) or node.inputs[index].name == "":
+        return None
+    return const_value(node.inputs[index])
+
+
+def has_input(node: gs.Node, index: int) -> bool:
+    return index < len(node.inputs) and node.inputs[index].name != ""
+
+
+def attr(node: gs.Node, name: str, default: Any = None) -> Any:
+    return node.attrs.get(name, default)
+
+
+def set_attr(node: gs.Node, name: str, value: Any) -> None:
+    node.attrs[name] = value
+
+
+def set_input_const(node: gs.Node, index: int, values: np.ndarray) -> None:
+    """Replace the constant feeding `node.inputs[index]`, never touching other consumers.
+
+    A constant shared with another node is copied under a fresh name first, so that
+    slicing it for one consumer cannot corrupt the other.
+    """
+    tensor = node.inputs[index]
+    if not isinstance(tensor, gs.Constant):
+        raise ModelError(f"{node.name}: input {index} is not a constant")
+    old = np.asarray(tensor.values)
+    values = np.ascontiguousarray(values, dtype=old.dtype)
+    if len(tensor.outputs) > 1 or _used_twice(node, tensor):
+        fresh = gs.Constant(_fresh_name(tensor.name, node), values)
+        node.inputs[index] = fresh
+        return
+    tensor.values = values
+
+
+def _used_twice(node: gs.Node, tensor: gs.Tensor) -> bool:
+    return sum(1 for t in node.inputs if t is tensor) > 1
+
+
+def _fresh_name(base: str, node: gs.Node) -> str:
+    return f"{base}__{node.name}"
+
+
+def tensor_dtype(tensor: gs.Tensor) -> np.dtype | None:
+    dtype = getattr(tensor, "dtype", None)
+    if dtype is None:
+        return None
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        return None
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+def parse_input_shapes(items: Iterable[str]) -> dict[str, Shape]:
+    """`NAME:1x3x224x224` items into a mapping; one clear line for a malformed item."""
+    shapes: dict[str, Shape] = {}
+    for item in items:
+        name, sep, dims = item.rpartition(":")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or any(d <= 0 for d in shape):
+            raise UsageError(f"bad --input-shape {item!r}: expected NAME:DxDx... with positive integers")
+        shapes[name] = shape
+    return shapes
+
+
+def fixed_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, Shape] | None = None) -> dict[str, Shape]:
+    """Static shapes of the real graph inputs: overrides first, then static dims, then 1."""
+    overrides = dict(overrides or {})
+    inits = {i.name for i in model.graph.initializer}
+    shapes: dict[str, Shape] = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name in overrides:
+            shape = overrides.pop(vi.name)
+            if len(shape) != len(dims):
+                raise UsageError(f"--input-shape {vi.name}: rank {len(shape)} given, the model's input has rank {len(dims)}")
+            for got, dim in zip(shape, dims):
+                if dim.HasField("dim_value") and dim.dim_value != got:
+                    raise UsageError(
+                        f"--input-shape {vi.name}: {'x'.join(map(str, shape))} contradicts the model's static shape "
+                        f"{'x'.join(str(d.dim_value) if d.HasField('dim_value') else '?' for d in dims)}"
+                    )
+        else:
+            shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in dims)
+        shapes[vi.name] = shape
+    if overrides:
+        raise UsageError(f"--input-shape names no model input: {', '.join(sorted(overrides))} (inputs: {', '.join(shapes)})")
+    return shapes
+
+
+def skeleton(model: onnx.ModelProto, min_elements: int = 64) -> onnx.ModelProto:
+    """A weight-free copy: large initializers become typed graph inputs.
+
+    Shape inference needs the values of small shape constants only, so this copy
+    infers as the real model does while staying a few kilobytes for any model size.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(_without_initializers(model))
+    graph = out.graph
+    for init in model.graph.initializer:
+        if int(np.prod(init.dims)) >= min_elements and init.data_type in _FLOAT_TYPES:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            graph.initializer.append(init)
+    return out
+
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    saved = list(model.graph.initializer)
+    del model.graph.initializer[:]
+    try:
+        out.CopyFrom(model)
+    finally:
+        model.graph.initializer.extend(saved)
+    return out
+
+
+def static_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Shape]) -> dict[str, Shape]:
+    """Every tensor's static shape for the given input shapes (strict inference, data propagation)."""
+    skel = skeleton(model)
+    for vi in skel.graph.input:
+        if vi.name in input_shapes:
+            dims = vi.type.tensor_type.shape.dim
+            for dim, value in zip(dims, input_shapes[vi.name]):
+                dim.Clear()
+                dim.dim_value = value
+    del skel.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skel, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        log.warning("strict shape inference failed (%s); retrying leniently", str(exc).splitlines()[0])
+        inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
+    shapes: dict[str, Shape] = {}
+    graph = inferred.graph
+    for vi in [*graph.input, *graph.value_info, *graph.output]:
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+        if all(d >= 0 for d in dims):
+            shapes[vi.name] = tuple(dims)
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export, restore the original's metadata and output contract, drop stale shapes, re-infer."""
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph, do_type_check=True)
+    out.ir_version = like.ir_version
+    out.producer_name = like.producer_name
+    out.producer_version = like.producer_version
+    out.domain = like.domain
+    out.model_version = like.model_version
+    out.doc_string = like.doc_string
+    del out.opset_import[:]
+    out.opset_import.extend(like.opset_import)
+    del out.metadata_props[:]
+    out.metadata_props.extend(like.metadata_props)
+    # Graph inputs and outputs keep exactly the original's names, types and (symbolic) shapes.
+    del out.graph.input[:]
+    out.graph.input.extend(vi for vi in like.graph.input if vi.name not in {i.name for i in like.graph.initializer})
+    del out.graph.output[:]
+    out.graph.output.extend(like.graph.output)
+    del out.graph.value_info[:]
+    return infer_strict(out)
+
+
+def infer_strict(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Strict shape inference on a model of any size; the result carries fresh value_info."""
+    try:
+        if model.ByteSize() < PROTO_LIMIT:
+            return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+            _save_external(model, src)
+            onnx.shape_inference.infer_shapes_path(str(src), str(dst), check_type=True, strict_mode=True, data_prop=True)
+            return onnx.load(str(dst), load_external_data=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"pruned model fails strict shape inference: {first}") from None
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external: bool = False) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename.
+
+    External data is written when asked (the input had it) or when the model
+    exceeds protobuf's limit; its data file is named after the output.
+    """
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: output folder does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{folder}: output folder is not writable")
+    external = external or model.ByteSize() >= PROTO_LIMIT
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    data_name = f"{target.name}.data"
+    tmp_data = folder / f".{data_name}.tmp"
+    try:
+        if external:
+            _save_external(model, tmp, location=tmp_data.name)
+            _rename_external_location(tmp, tmp_data.name, data_name)
+            os.replace(tmp_data, folder / data_name)
+        else:
+            tmp.write_bytes(model.SerializeToString())
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise UsageError(f"{target}: cannot write: {exc.strerror or exc}") from None
+    finally:
+        for leftover in (tmp, tmp_data):
+            if leftover.exists():
+                leftover.unlink()
+
+
+def _save_external(model: onnx.ModelProto, path: Path, location: str | None = None) -> None:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save_model(
+        copy,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location or f"{path.name}.data",
+        size_threshold=EXTERNAL_THRESHOLD,
+    )
+
+
+def _rename_external_location(path: Path, old: str, new: str) -> None:
+    """Point the external-data references of a just-written file at the final data file name."""
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in onnx.external_data_helper._get_all_tensors(model):  # noqa: SLF001 - stable helper
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == old:
+                entry.value = new
+    path.write_bytes(model.SerializeToString())
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
+
+
+def input_had_external_data(path: str | os.PathLike[str]) -> bool:
+    try:
+        return uses_external_data(onnx.load(str(path), load_external_data=False))
+    except Exception:
+        return False
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    """Float initializer elements (shape constants and indices are not parameters)."""
+    total = 0
+    for init in model.graph.initializer:
+        if init.data_type in _FLOAT_TYPES:
+            total += int(np.prod(init.dims, dtype=np.int64))
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_type in _FLOAT_TYPES:
+                    total += int(np.prod(a.t.dims, dtype=np.int64))
+    return total
+
+
+def to_array(tensor: onnx.TensorProto) -> np.ndarray:
+    return numpy_helper.to_array(tensor)

@@ -1,0 +1,1 @@
+"""Analysis passes (trace, score, plan: plain data) and transformation passes (apply, merge, reconstruct)."""

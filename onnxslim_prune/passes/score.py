@@ -1,0 +1,105 @@
+"""Channel importance: one score per class of a group (higher = more important).
+
+Criteria (each a function of the weights only, so data-free):
+
+* ``l1`` / ``l2`` (Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017):
+  the norm of each output filter, ``s_c = sum_sources ||W_source[c]||_p``. A class that
+  several sources feed (a residual group) sums its filters' norms.
+* ``bn`` (Liu et al., "Network Slimming", ICCV 2017): ``s_c = sum |gamma_c|`` over the
+  BatchNormalization nodes of the group; groups without BN fall back to ``l1``.
+* ``fpgm`` (He et al., "Filter Pruning via Geometric Median", CVPR 2019): the summed
+  Euclidean distance of a filter to the other filters of its layer,
+  ``s_c = sum_j ||F_c - F_j||_2``; filters near the geometric median are redundant.
+* ``random``: seeded uniform scores, the control every criterion must beat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from scipy.spatial.distance import cdist
+
+from .. import ir
+from ..errors import UsageError
+from .trace import Group, Source, Trace
+
+Criterion = Callable[[Trace, gs.Graph, Group, int], np.ndarray]
+
+
+def filters(graph_nodes: Mapping[str, gs.Node], source: Source) -> np.ndarray:
+    """The source's output filters as rows: [channels, fan_in], float64."""
+    weight = ir.input_const(graph_nodes[source.node], 1)
+    assert weight is not None
+    w = np.moveaxis(np.asarray(weight, dtype=np.float64), source.axis, 0)
+    return w.reshape(w.shape[0], -1)
+
+
+def _per_class(trace: Trace, group: Group, values: Mapping[int, np.ndarray]) -> np.ndarray:
+    """Sum per-space channel values into per-class scores."""
+    index = {c: i for i, c in enumerate(group.classes)}
+    out = np.zeros(len(group.classes), dtype=np.float64)
+    for space, vals in values.items():
+        roots = trace.roots[trace.space_atoms[space]]
+        for root, v in zip(roots.tolist(), vals.tolist()):
+            out[index[root]] += v
+    return out
+
+
+def _source_values(trace: Trace, graph: gs.Graph, group: Group, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    nodes = ir.node_by_name(graph)
+    spaces = set(group.spaces)
+    values = {s.space: fn(filters(nodes, s)) for s in trace.sources if s.space in spaces}
+    return _per_class(trace, group, values)
+
+
+def l1(trace: Trace, graph: gs.Graph, group: Group, seed: int = 0) -> np.ndarray:
+    return _source_values(trace, graph, group, lambda f: np.abs(f).sum(axis=1))
+
+
+def l2(trace: Trace, graph: gs.Graph, group: Group, seed: int = 0) -> np.ndarray:
+    return _source_values(trace, graph, group, lambda f: np.sqrt((f * f).sum(axis=1)))
+
+
+def fpgm(trace: Trace, graph: gs.Graph, group: Group, seed: int = 0) -> np.ndarray:
+    return _source_values(trace, graph, group, lambda f: cdist(f, f).sum(axis=1))
+
+
+def bn(trace: Trace, graph: gs.Graph, group: Group, seed: int = 0) -> np.ndarray:
+    nodes = ir.node_by_name(graph)
+    index = {c: i for i, c in enumerate(group.classes)}
+    out = np.zeros(len(group.classes), dtype=np.float64)
+    found = False
+    for member in group.members:
+        if member.op != "BatchNormalization" or member.role != "norm":
+            continue
+        node = nodes[member.node]
+        gamma = ir.input_const(node, 1)
+        classes = trace.class_positions(node.inputs[0].name)
+        if gamma is None or classes is None:
+            continue
+        found = True
+        for root, g in zip(classes.tolist(), np.abs(gamma.astype(np.float64)).tolist()):
+            out[index[root]] += g
+    return out if found else l1(trace, graph, group, seed)
+
+
+def random(trace: Trace, graph: gs.Graph, group: Group, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng([seed, group.index]).random(len(group.classes))
+
+
+CRITERIA: dict[str, Criterion] = {"l1": l1, "l2": l2, "bn": bn, "fpgm": fpgm, "random": random}
+
+
+def criterion(name: str) -> Criterion:
+    try:
+        return CRITERIA[name]
+    except KeyError:
+        raise UsageError(f"unknown criterion {name!r}; choose from {', '.join(CRITERIA)}") from None
+
+
+def score_groups(trace: Trace, graph: gs.Graph, name: str, seed: int = 0) -> dict[int, np.ndarray]:
+    """Per prunable group, its class scores under criterion `name`."""
+    fn = criterion(name)
+    return {g.index: fn(trace, graph, g, seed) for g in trace.groups if not g.is_frozen}

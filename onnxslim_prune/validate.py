@@ -1,0 +1,150 @@
+"""Validation of a pruned model against its original, and the size figures of a model.
+
+A pruned model is accepted only if it passes ``onnx.checker.check_model(full_check=True)``,
+strict shape inference, loads in onnxruntime, runs, and its graph outputs keep the
+original's names, element types and shapes (symbolic dims included). Agreement with
+the original on the same inputs is measured, not assumed:
+
+    max_abs = max |y - y0|,  max_rel = max_abs / max |y0|,
+    cosine  = <y, y0> / (|y| |y0|)   (flattened, per output),
+    top1    = mean(argmax y == argmax y0) over the last axis of a 2-D output.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+from . import ir
+from .errors import ValidationError
+from .passes.trace import node_macs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    params: int
+    macs: int
+    file_bytes: int
+
+
+@dataclass(frozen=True)
+class Agreement:
+    max_abs: float
+    max_rel: float
+    cosine: float
+    top1: float | None  # classifiers only
+
+
+def model_stats(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> ModelStats:
+    """Parameters, MACs of the weighted ops at `input_shapes`, serialized size."""
+    shapes = ir.static_shapes(model, input_shapes)
+    graph = gs.import_onnx(ir.skeleton(model))
+
+    def shape_of(t: gs.Tensor) -> tuple[int, ...] | None:
+        return shapes.get(t.name)
+
+    macs = sum(node_macs(n, shape_of) for n in graph.nodes)
+    return ModelStats(ir.count_parameters(model), int(macs), int(model.ByteSize()))
+
+
+def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    if model.ByteSize() < ir.PROTO_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        ir._save_external(model, path)  # noqa: SLF001 - same package
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def random_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+    """Seeded inputs: standard normal for floats, zeros for integers and booleans."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for vi in model.graph.input:
+        if vi.name not in shapes:
+            continue
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        shape = shapes[vi.name]
+        if np.issubdtype(dtype, np.floating):
+            out[vi.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            out[vi.name] = np.zeros(shape, dtype=dtype)
+    return out
+
+
+def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    return session(model).run(None, dict(feeds))
+
+
+def check_contract(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
+    """Graph inputs and outputs: same names, element types and (symbolic) shapes."""
+    for kind in ("input", "output"):
+        init_names = {i.name for i in original.graph.initializer}
+        before = [v for v in getattr(original.graph, kind) if v.name not in init_names]
+        after_inits = {i.name for i in pruned.graph.initializer}
+        after = [v for v in getattr(pruned.graph, kind) if v.name not in after_inits]
+        if [v.SerializeToString() for v in before] != [v.SerializeToString() for v in after]:
+            names = ", ".join(v.name for v in before)
+            raise ValidationError(f"pruned model changed the graph {kind}s ({names})")
+
+
+def validate(
+    original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
+) -> Sequence[np.ndarray]:
+    """Full validation; returns the pruned model's outputs on `feeds`."""
+    ir.check_model(pruned, full=True, what="pruned model")
+    check_contract(original, pruned)
+    ir.infer_strict(pruned)
+    try:
+        outputs = run(pruned, feeds)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ValidationError(f"pruned model does not run in onnxruntime: {str(exc).splitlines()[0]}") from None
+    expected = {o.name: o for o in original.graph.output}
+    for vi, value in zip(pruned.graph.output, outputs):
+        want = onnx.helper.tensor_dtype_to_np_dtype(expected[vi.name].type.tensor_type.elem_type)
+        if value.dtype != want:
+            raise ValidationError(f"output {vi.name}: dtype {value.dtype}, expected {want}")
+    return outputs
+
+
+def agreement(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> Agreement:
+    max_abs, max_rel, cosines, top1 = 0.0, 0.0, [], []
+    for y0, y in zip(reference, outputs):
+        if y0.shape != y.shape:
+            raise ValidationError(f"output shape {y.shape} differs from the original {y0.shape}")
+        if not np.issubdtype(y0.dtype, np.floating):
+            continue
+        a, b = y0.astype(np.float64).ravel(), y.astype(np.float64).ravel()
+        diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+        max_abs = max(max_abs, diff)
+        max_rel = max(max_rel, diff / max(float(np.max(np.abs(a))) if a.size else 0.0, 1e-12))
+        denom = float(np.linalg.norm(a) * np.linalg.norm(b))
+        cosines.append(float(a @ b / denom) if denom > 0 else 1.0)
+        if y0.ndim == 2 and y0.shape[1] > 1:
+            top1.append(float(np.mean(np.argmax(y0, axis=1) == np.argmax(y, axis=1))))
+    return Agreement(max_abs, max_rel, min(cosines) if cosines else 1.0, float(np.mean(top1)) if top1 else None)
+
+
+def accuracy(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray, input_name: str, batch: int = 256) -> float:
+    """Top-1 accuracy of a classifier whose first output is [N, classes]."""
+    sess = session(model)
+    correct = 0
+    for start in range(0, len(labels), batch):
+        logits = sess.run(None, {input_name: images[start : start + batch]})[0]
+        correct += int(np.sum(np.argmax(logits, axis=1) == labels[start : start + batch]))
+    return correct / max(len(labels), 1)
