@@ -1,0 +1,34 @@
+"""Calibration data, activation collection, streaming statistics and their on-disk cache."""
+
+from __future__ import annotations
+
+from .cache import cache_path, cached, model_digest, resolve_cache_dir
+from .collect import expose_tensors, stream_tensors
+from .patches import conv_output_size, conv_patches, linear_rows, output_rows, sample_positions
+from .preprocess import Preprocess
+from .sources import DEFAULT_RANDOM_SAMPLES, CalibrationSet, load_calibration
+from .specs import InputSpec, input_specs, parse_input_shape
+from .stats import ChannelMoments, GramAccumulator
+
+__all__ = [
+    "DEFAULT_RANDOM_SAMPLES",
+    "CalibrationSet",
+    "ChannelMoments",
+    "GramAccumulator",
+    "InputSpec",
+    "Preprocess",
+    "cache_path",
+    "cached",
+    "conv_output_size",
+    "conv_patches",
+    "expose_tensors",
+    "input_specs",
+    "linear_rows",
+    "load_calibration",
+    "model_digest",
+    "output_rows",
+    "parse_input_shape",
+    "resolve_cache_dir",
+    "sample_positions",
+    "stream_tensors",
+]

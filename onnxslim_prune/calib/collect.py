@@ -1,0 +1,129 @@
+"""Stream intermediate tensors of a model over a calibration set with onnxruntime.
+
+``expose_tensors`` copies the model and appends the requested intermediate tensors as graph
+outputs (element type from ``value_info`` / shape inference, shape left open). ``stream_tensors``
+runs one session batch by batch and yields ``{name: array}`` for the requested tensors only, so
+the caller reduces them (``stats``) and memory stays bounded by one batch.
+
+A model whose inputs have a static batch dimension ``b`` is run with batches of exactly ``b``
+(any remainder that cannot fill a batch is skipped with a warning).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from ..errors import CalibrationError, ModelError
+from .sources import CalibrationSet
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+def _known_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Tensor types from the graph's value_info, inputs and outputs, with shape inference if possible."""
+    graph = model.graph
+    try:
+        graph = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+    except Exception as exc:  # inference is best effort (custom ops, >2 GB models, ...)
+        log.debug("shape inference failed (%s); using existing value_info only", exc)
+    return {
+        vi.name: vi.type
+        for vi in (*graph.value_info, *graph.input, *graph.output)
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type
+    }
+
+
+def _produced(model: onnx.ModelProto) -> set[str]:
+    return {out for node in model.graph.node for out in node.output if out}
+
+
+def expose_tensors(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """Copy of ``model`` with the named node outputs added as graph outputs (originals kept)."""
+    produced = _produced(model)
+    missing = [n for n in names if n not in produced]
+    if missing:
+        raise ModelError(f"tensor(s) not produced by any node of the model: {', '.join(missing)}")
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    present = {vi.name for vi in exposed.graph.output}
+    types = _known_types(model)
+    for name in dict.fromkeys(names):
+        if name in present:
+            continue
+        vi = onnx.ValueInfoProto(name=name)
+        if name in types:
+            vi.type.tensor_type.elem_type = types[name].tensor_type.elem_type
+        exposed.graph.output.append(vi)
+    return exposed
+
+
+def _static_batch(model: onnx.ModelProto) -> int | None:
+    """The fixed batch size of the runtime inputs, or None if any of them is dynamic."""
+    initializers = {t.name for t in model.graph.initializer}
+    sizes = set()
+    for vi in model.graph.input:
+        if vi.name in initializers:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value <= 0:
+            return None
+        sizes.add(dims[0].dim_value)
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _session(model: onnx.ModelProto, providers: Sequence[str]) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: the library never prints
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"onnxruntime cannot load the model: {first}") from None
+
+
+def _batch_plan(model: onnx.ModelProto, calib: CalibrationSet, batch_size: int) -> tuple[int, bool]:
+    static = _static_batch(model)
+    if static is None or static == batch_size:
+        return batch_size, False
+    dropped = calib.num_samples % static
+    if calib.num_samples < static:
+        raise CalibrationError(f"the model needs batches of {static} but {calib.source} has {calib.num_samples} samples")
+    if dropped:
+        log.warning("model has a static batch of %d: skipping the last %d calibration samples", static, dropped)
+    return static, True
+
+
+def stream_tensors(
+    model: onnx.ModelProto,
+    calib: CalibrationSet,
+    names: Sequence[str],
+    *,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yield ``{name: tensor}`` for each calibration batch; ``progress(done, total)`` after each."""
+    wanted = list(dict.fromkeys(names))
+    from_feed = [n for n in wanted if n in calib.names]
+    fetch = [n for n in wanted if n not in calib.names]
+    session = _session(expose_tensors(model, fetch), providers) if fetch else None
+    size, drop_last = _batch_plan(model, calib, batch_size)
+    total = calib.num_batches(size, drop_last=drop_last)
+    for done, feed in enumerate(calib.iter_batches(size, drop_last=drop_last), start=1):
+        try:
+            values = session.run(fetch, feed) if session is not None else []
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CalibrationError(f"onnxruntime failed on a batch of {calib.source}: {first}") from None
+        result = dict(zip(fetch, values))
+        result.update({n: feed[n] for n in from_feed})
+        if progress is not None:
+            progress(done, total)
+        yield {n: result[n] for n in wanted}

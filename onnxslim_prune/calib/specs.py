@@ -1,0 +1,87 @@
+"""Static description of a model's runtime inputs.
+
+``input_specs`` reads the graph inputs that are not initializers and turns each into an
+``InputSpec`` with a fully static shape: a user override (``--input-shape NAME:1x3x224x224``)
+wins; otherwise every symbolic or unknown dimension becomes 1. Axes that were defaulted this
+way are recorded in ``InputSpec.dynamic_axes`` so a data source may accept any size there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: name, static shape (batch first) and numpy dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    dynamic_axes: tuple[int, ...] = ()
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample (the batch axis removed)."""
+        return self.shape[1:]
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """Parse ``NAME:1x3x224x224`` (the last ``:`` separates, so ``input:0:1x3`` works)."""
+    name, sep, dims = text.rpartition(":")
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape or any(d <= 0 for d in shape):
+        raise UsageError(f"bad --input-shape {text!r}: expected NAME:DxDx... with positive integers")
+    return name, shape
+
+
+def _model_dims(vi: onnx.ValueInfoProto) -> list[int | None] | None:
+    """Dims of a graph input (None for symbolic/unknown), or None if the rank is unknown."""
+    ttype = vi.type.tensor_type
+    if not ttype.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in ttype.shape.dim]
+
+
+def _spec_for(vi: onnx.ValueInfoProto, override: tuple[int, ...] | None) -> InputSpec:
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+    dims = _model_dims(vi)
+    if override is not None:
+        if dims is not None and len(dims) != len(override):
+            raise UsageError(
+                f"--input-shape for '{vi.name}' has rank {len(override)}, the model input has rank {len(dims)}"
+            )
+        return InputSpec(vi.name, tuple(override), dtype)
+    if dims is None:
+        raise UsageError(f"model input '{vi.name}' has unknown rank; pass --input-shape {vi.name}:1x...")
+    dynamic = tuple(i for i, d in enumerate(dims) if d is None)
+    if any(i > 0 for i in dynamic):
+        log.warning("input '%s' has dynamic non-batch dims %s; using 1 (set --input-shape)", vi.name, dynamic)
+    return InputSpec(vi.name, tuple(1 if d is None else d for d in dims), dtype, dynamic)
+
+
+def input_specs(
+    model: onnx.ModelProto, overrides: Mapping[str, tuple[int, ...]] | None = None
+) -> list[InputSpec]:
+    """Specs of the graph inputs that are not initializers, in graph order."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [vi for vi in model.graph.input if vi.name not in initializers]
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - {vi.name for vi in inputs})
+    if unknown:
+        names = ", ".join(vi.name for vi in inputs)
+        raise UsageError(f"--input-shape names unknown input(s) {', '.join(unknown)}; model inputs: {names}")
+    return [_spec_for(vi, overrides.get(vi.name)) for vi in inputs]
