@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import logging
 import sys
 from pathlib import Path
@@ -244,6 +243,8 @@ def test_conv_patches_sampling_is_seeded_and_pointwise_is_a_view() -> None:
     rows = linear_rows(nhwc)
     assert np.shares_memory(rows, nhwc) and rows.shape == (75, 4)
     np.testing.assert_array_equal(conv_patches(x, (1, 1)), rows)
+    with pytest.raises(ValueError, match="positions"):
+        conv_patches(x, (3, 3), positions=np.zeros((2, 4), np.int64))
 
 
 def test_conv_patches_1d_conv() -> None:
@@ -320,10 +321,13 @@ def test_input_specs_defaults_overrides_and_errors() -> None:
         parse_input_shape("x:1xax3")
 
 
-def test_input_specs_skip_initializer_inputs() -> None:
+def test_input_specs_skip_initializer_inputs_and_need_a_type() -> None:
     model = conv_relu_gemm()
     model.graph.input.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 3, 3, 3]))
     assert [s.name for s in input_specs(model)] == ["x"]
+    model.graph.input.append(onnx.ValueInfoProto(name="untyped"))
+    with pytest.raises(ModelError, match="untyped"):
+        input_specs(model)
 
 
 # ----------------------------------------------------------------------------- array sources
@@ -483,6 +487,10 @@ def test_image_folder_center_crop_grayscale_and_uint8(tmp_path: Path) -> None:
         load_calibration(tmp_path, [spec("x", (1, 3, 8, 8))], preprocess=Preprocess(size=(4, 4)))
     with pytest.raises(CalibrationError, match="channels"):
         load_calibration(tmp_path, [spec("x", (1, 8, 8, 3))])
+    with pytest.raises(UsageError, match="mean has 2 values"):
+        load_calibration(tmp_path, [spec("x", (1, 3, 8, 16))], preprocess=Preprocess(mean=(0.1, 0.2)))
+    with pytest.raises(UsageError):
+        Preprocess(layout="CHW")  # type: ignore[arg-type]
 
 
 def test_image_folder_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -506,15 +514,7 @@ def test_image_folder_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(CalibrationError, match="t.png"):
         collect(calib, 1)
 
-    monkeypatch.setitem(sys.modules, "PIL", None)
-    real_import = builtins.__import__
-
-    def no_pil(name: str, *args: Any, **kwargs: Any) -> Any:
-        if name == "PIL" or name.startswith("PIL."):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_pil)
+    monkeypatch.setitem(sys.modules, "PIL", None)  # makes `from PIL import Image` raise ImportError
     with pytest.raises(CalibrationError, match=r"pip install onnxslim-prune\[images\]"):
         load_calibration(broken, [spec("x", (1, 3, 8, 8))])
 

@@ -92,6 +92,8 @@ def conv_patches(
     index = positions if isinstance(positions, np.ndarray) or positions is None else sample_positions(
         n, ho * wo, positions, rng
     )
+    if index is not None and (index.ndim != 2 or index.shape[0] != n or (index.size and index.max() >= ho * wo)):
+        raise ValueError(f"positions must be [{n}, P] indices below {ho * wo}, got shape {index.shape}")
     if index is not None and index.shape[1] == ho * wo and bool((index == np.arange(ho * wo)).all()):
         index = None  # every position in order: a plain transpose is cheaper than a gather
     if kh == kw == 1 and not any((pt, pl, pb, pr)):

@@ -90,7 +90,7 @@ def _array_set(
         log.warning("%s: uint8 arrays are fed to a float model as 0..255 without normalisation", path)
 
     def read(start: int, stop: int) -> dict[str, np.ndarray]:
-        return {name: np.asarray(arr[start:stop], dtype=dtypes[name]) for name, arr in arrays.items()}
+        return {name: np.ascontiguousarray(arr[start:stop], dtype=dtypes[name]) for name, arr in arrays.items()}
 
     return CalibrationSet(
         names=tuple(arrays), num_samples=count, fingerprint=fingerprint_arrays(arrays, inputs, count),
@@ -164,6 +164,7 @@ def _image_set(
         raise CalibrationError(f"{folder}: image folders feed single-input models; this model has {len(inputs)}")
     spec = inputs[0]
     channels, size = _image_geometry(folder, spec, pre)
+    pre.per_channel(channels)  # mean/std lengths are checked before any image is decoded
     files = image_files(folder)
     if not files:
         raise CalibrationError(f"{folder}: no JPEG/PNG images in the folder")

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import UsageError
+from ..errors import ModelError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,10 @@ def _model_dims(vi: onnx.ValueInfoProto) -> list[int | None] | None:
 
 
 def _spec_for(vi: onnx.ValueInfoProto, override: tuple[int, ...] | None) -> InputSpec:
-    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+    elem_type = vi.type.tensor_type.elem_type
+    if not vi.type.HasField("tensor_type") or elem_type == onnx.TensorProto.UNDEFINED:
+        raise ModelError(f"model input '{vi.name}' is not a tensor with a known element type")
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
     dims = _model_dims(vi)
     if override is not None:
         if dims is not None and len(dims) != len(override):
