@@ -20,6 +20,7 @@ import onnx
 
 from . import ir, validate
 from .errors import CalibrationError, UsageError
+from .passes import blocks, budget, datadriven, merge, reconstruct  # noqa: F401  (they register methods)
 from .passes import methods as methods_mod
 from .passes.apply import apply_plan
 from .passes.methods import Context, Options, get_method
@@ -98,6 +99,7 @@ def prune(
     eval_data: str | os.PathLike[str] | None = None,
     params: Mapping[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    preprocess: Any = None,
 ) -> PruneResult:
     """Prune `model` with `method`; the returned model is validated (see `validate`)."""
     started = time.perf_counter()
@@ -112,21 +114,32 @@ def prune(
     )
     if method in methods_mod.DATA_DRIVEN and calib is None:
         raise CalibrationError(f"method {method!r} needs calibration data: pass --calib PATH (or --calib random)")
-    analysis = analyze(model, input_shapes=input_shapes, exclude=exclude)
-    original = analysis.model
+    original = _load(model)
+    ir.check_model(original, full=False, what="input model")
+    shapes_in = ir.fixed_input_shapes(original, input_shapes)
+    calibration = _calibration(options, original, shapes_in, preprocess) if calib is not None else None
+    notes: list[str] = []
+    working = original
+    block_fraction = ratio if method == "layer" else options.params.get("blocks")
+    if block_fraction:
+        from .passes.blocks import prune_blocks
+
+        working, block_notes = prune_blocks(original, float(block_fraction), calibration, shapes_in, options)
+        notes.extend(block_notes)
+    analysis = analyze(working, input_shapes=input_shapes, exclude=exclude)
     graph = analysis.graph
-    calibration = _calibration(options, original, analysis.input_shapes) if calib is not None else None
-    ctx = Context(original, graph, analysis.trace, options, analysis.input_shapes, analysis.opset, calibration, progress)
+    ctx = Context(working, graph, analysis.trace, options, analysis.input_shapes, analysis.opset, calibration, progress)
     outcome = fn(ctx)
-    notes = list(outcome.notes)
+    notes.extend(outcome.notes)
     if not outcome.plan.groups and not outcome.overrides:
-        reason = _nothing_prunable_reason(analysis.trace)
-        log.warning("nothing was pruned: %s; the model is written unchanged", reason)
-        notes.append(f"nothing was pruned: {reason}")
-        pruned = original
+        if working is original:
+            reason = _nothing_prunable_reason(analysis.trace)
+            log.warning("nothing was pruned: %s; the model is written unchanged", reason)
+            notes.append(f"nothing was pruned: {reason}")
+        pruned = working
     else:
         apply_plan(graph, analysis.trace, outcome.plan, analysis.opset, outcome.overrides)
-        pruned = ir.to_model(graph, like=original)
+        pruned = ir.to_model(graph, like=working)
         if outcome.finish is not None:
             pruned = outcome.finish(pruned)
     feeds = validate.random_inputs(original, analysis.input_shapes, seed)
@@ -157,11 +170,15 @@ def _nothing_prunable_reason(tr: Trace) -> str:
     return "the ratio removes no channel from any group"
 
 
-def _calibration(options: Options, model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> Any:
+def _calibration(
+    options: Options, model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], preprocess: Any
+) -> Any:
     from .calib import input_specs, load_calibration
 
     specs = input_specs(model, shapes)
-    return load_calibration(options.calib, specs, samples=options.calib_samples, seed=options.seed)  # type: ignore[arg-type]
+    return load_calibration(
+        options.calib, specs, samples=options.calib_samples, seed=options.seed, preprocess=preprocess  # type: ignore[arg-type]
+    )
 
 
 def load_eval(path: str | os.PathLike[str], model: onnx.ModelProto) -> tuple[str, np.ndarray, np.ndarray]:

@@ -64,6 +64,20 @@ def _progress_bar(enabled: bool) -> tuple[Callable[[int, int], None] | None, Cal
 @click.option("--calib", metavar="PATH|random", help="Calibration data: .npz/.npy, an image folder, or 'random'.")
 @click.option("--calib-samples", type=int, help="Use the first N calibration samples.")
 @click.option("--batch-size", default=32, show_default=True, type=int, help="Calibration batch size.")
+@click.option("--calib-positions", default=None, type=int, help="Spatial positions sampled per image for Gram matrices.")
+@click.option("--size", "image_size", metavar="HxW", help="Image folders: resize to HxW [default: the model's].")
+@click.option("--resize", "resize_mode", type=click.Choice(["stretch", "shorter"]), default="stretch", show_default=True)
+@click.option("--mean", metavar="M[,M,M]", help="Image folders: per-channel mean (after --scale).")
+@click.option("--std", metavar="S[,S,S]", help="Image folders: per-channel std (after --scale).")
+@click.option("--scale", default=1 / 255, show_default=True, type=float, help="Image folders: pixel scale.")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True)
+@click.option("--bgr", is_flag=True, help="Image folders: feed BGR instead of RGB.")
+@click.option("--reconstruct/--no-reconstruct", default=None, help="Least-squares refit of consumers [default: on with --calib].")
+@click.option("--merge-threshold", type=float, help="merge: minimum cosine similarity [default: 0.45 dense, 0.1 conv].")
+@click.option("--target-macs", type=float, help="Prune until MACs fall to this fraction (global ranking).")
+@click.option("--target-params", type=float, help="Prune until parameters fall to this fraction (global ranking).")
+@click.option("--max-ratio", default=0.9, show_default=True, type=float, help="Budgets: most any group may lose.")
+@click.option("--blocks", "blocks_ratio", type=float, help="Also remove this fraction of removable residual blocks.")
 @click.option("--eval", "eval_data", type=click.Path(path_type=Path), help=".npz with inputs and 'labels': report accuracy.")
 @click.option("--dry-run", is_flag=True, help="Print the channel groups (members, size, why frozen, MACs) and stop.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON here.")
@@ -84,6 +98,20 @@ def main(
     calib: str | None,
     calib_samples: int | None,
     batch_size: int,
+    calib_positions: int | None,
+    image_size: str | None,
+    resize_mode: str,
+    mean: str | None,
+    std: str | None,
+    scale: float,
+    layout: str,
+    bgr: bool,
+    reconstruct: bool | None,
+    merge_threshold: float | None,
+    target_macs: float | None,
+    target_params: float | None,
+    max_ratio: float,
+    blocks_ratio: float | None,
     eval_data: Path | None,
     dry_run: bool,
     report_path: Path | None,
@@ -117,6 +145,11 @@ def main(
                 model, method, ratio, round_to=round_to, exclude=exclude, input_shapes=shapes, seed=seed,
                 criterion=criterion, calib=calib, calib_samples=calib_samples, batch_size=batch_size,
                 eval_data=eval_data, progress=progress,
+                preprocess=_preprocess(image_size, resize_mode, mean, std, scale, layout, bgr),
+                params=_params(
+                    calib_positions=calib_positions, reconstruct=reconstruct, merge_threshold=merge_threshold,
+                    target_macs=target_macs, target_params=target_params, max_ratio=max_ratio, blocks=blocks_ratio,
+                ),
             )
         finally:
             close()
@@ -134,6 +167,38 @@ def main(
             raise
         click.echo(f"error: internal error ({type(exc).__name__}: {exc}); rerun with -vv for details", err=True)
         sys.exit(1)
+
+
+def _params(**values: Any) -> dict[str, Any]:
+    """Method settings given on the command line (unset ones are left to the method's default)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{flag} expects comma-separated numbers, got {text!r}") from None
+
+
+def _preprocess(
+    size: str | None, resize: str, mean: str | None, std: str | None, scale: float, layout: str, bgr: bool
+) -> Any:
+    from .calib import Preprocess
+
+    hw: tuple[int, int] | None = None
+    if size is not None:
+        try:
+            h, w = (int(v) for v in size.lower().split("x"))
+            hw = (h, w)
+        except ValueError:
+            raise UsageError(f"--size expects HxW, got {size!r}") from None
+    return Preprocess(
+        size=hw, resize=resize, mean=_floats(mean, "--mean") or (0.0,), std=_floats(std, "--std") or (1.0,),  # type: ignore[arg-type]
+        scale=scale, layout=layout, channel_order="BGR" if bgr else "RGB",  # type: ignore[arg-type]
+    )
 
 
 def _check_paths(model: Path, target: Path, report_path: Path | None) -> None:

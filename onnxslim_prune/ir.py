@@ -421,3 +421,41 @@ def count_parameters(model: onnx.ModelProto) -> int:
 
 def to_array(tensor: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(tensor)
+
+
+# ----------------------------------------------------------------------------- structural edits
+
+
+def rewire_node(node: gs.Node, op: str, inputs: list[gs.Tensor], attrs: Mapping[str, Any] | None = None) -> None:
+    """Turn `node` into `op(inputs)` in place; its outputs (and their names) stay.
+
+    Block pruning uses it to replace `Add(x, f(x))` by `Identity(x)` or `Add(x, mean)`;
+    the dead branch is then removed by `cleanup` on export.
+    """
+    node.op = op
+    node.inputs.clear()
+    node.inputs.extend(inputs)
+    node.attrs.clear()
+    node.attrs.update(dict(attrs or {}))
+
+
+def make_constant(name: str, values: np.ndarray) -> gs.Constant:
+    return gs.Constant(name, np.ascontiguousarray(values))
+
+
+def copy_graph(graph: gs.Graph) -> gs.Graph:
+    """An independent copy (weights are shared until replaced, and edits here always replace)."""
+    return graph.copy()
+
+
+def export_fast(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export without re-inference or checks: for scoring candidate plans, never for output."""
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph, do_type_check=False)
+    del out.opset_import[:]
+    out.opset_import.extend(like.opset_import)
+    out.ir_version = like.ir_version
+    del out.graph.output[:]
+    out.graph.output.extend(like.graph.output)
+    del out.graph.value_info[:]
+    return out

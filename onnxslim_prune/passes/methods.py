@@ -81,10 +81,19 @@ def get_method(name: str) -> Method:
         raise UsageError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}") from None
 
 
+def choose_plan(ctx: Context, scores: Mapping[int, np.ndarray]) -> Plan:
+    """Uniform ratio per group, or a global ranking under --target-macs / --target-params."""
+    params = ctx.options.params
+    if params.get("target_macs") is not None or params.get("target_params") is not None:
+        from .budget import global_plan
+
+        return global_plan(ctx, scores)
+    return uniform_plan(ctx.trace, scores, ctx.options.ratio, ctx.options.round_to)
+
+
 def _criterion_method(name: str) -> Method:
     def method(ctx: Context) -> Outcome:
-        scores = score_groups(ctx.trace, ctx.graph, name, ctx.options.seed)
-        return Outcome(uniform_plan(ctx.trace, scores, ctx.options.ratio, ctx.options.round_to))
+        return Outcome(choose_plan(ctx, score_groups(ctx.trace, ctx.graph, name, ctx.options.seed)))
 
     method.__doc__ = f"Uniform ratio per group, lowest `{name}` scores removed."
     return method

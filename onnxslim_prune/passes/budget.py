@@ -1,0 +1,1 @@
+"""Global budgets (--target-macs / --target-params) and layer-compensated pruning (Chin et al. 2018)."""

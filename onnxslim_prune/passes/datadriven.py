@@ -1,0 +1,1 @@
+"""Data-driven selection: ThiNet, Channel Pruning (LASSO), LDRF, NISP, activation criteria."""

@@ -1,0 +1,1 @@
+"""Least-squares reconstruction of the consumers of pruned channels from calibration data."""
