@@ -144,6 +144,8 @@ def test_channel_moments_state_roundtrip_and_errors() -> None:
     np.testing.assert_array_equal(restored.apoz, [2 / 3, 2 / 3, 1 / 3, 1 / 3])
     with pytest.raises(ValueError, match="channel count"):
         moments.update(np.zeros((2, 5)))
+    with pytest.raises(ValueError, match="out of range"):
+        moments.update(np.zeros(4))
 
 
 # ----------------------------------------------------------------------------- GramAccumulator

@@ -47,6 +47,8 @@ class ChannelMoments:
     def update(self, x: np.ndarray) -> None:
         """Add every value of ``x`` (any rank >= 1) to its channel's totals."""
         x = np.asarray(x)
+        if not -x.ndim <= self.channel_axis < x.ndim:
+            raise ValueError(f"channel axis {self.channel_axis} is out of range for a tensor of shape {x.shape}")
         axis = self.channel_axis % x.ndim
         axes = tuple(i for i in range(x.ndim) if i != axis)
         xd = x.astype(np.float64, copy=False)
