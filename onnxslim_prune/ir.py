@@ -87,7 +87,9 @@ def opset_version(model: onnx.ModelProto) -> int:
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
     """Import into graph-surgeon, name every node, fold Constant nodes and weight subgraphs.
 
-    Shape subgraphs are not folded: a dynamic batch must stay dynamic in the output.
+    Shape subgraphs are folded only when every graph input is fully static: a dynamic
+    batch must stay dynamic in the output. Ops that expand constants (Expand, Tile, a
+    Gather that repeats rows) are never folded, so the model cannot grow.
     """
     model = onnx.ModelProto.FromString(model.SerializeToString()) if model.ByteSize() < PROTO_LIMIT else model
     del model.graph.value_info[:]
@@ -97,12 +99,45 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
         raise ModelError(f"cannot import the graph: {exc}") from None
     _name_nodes(graph)
     _keep_output_names(graph)
+    static = _all_inputs_static(model)
+    if static:
+        shapes = static_shapes(model, fixed_input_shapes(model))
+        for tensor in graph.tensors().values():
+            if isinstance(tensor, gs.Variable) and tensor.name in shapes:
+                tensor.shape = list(shapes[tensor.name])
     try:
-        graph.fold_constants(fold_shapes=False, error_ok=True)
+        graph.fold_constants(fold_shapes=static, error_ok=True, should_exclude_node=_expands)
     except Exception as exc:  # folding is an optimisation; tracing is conservative without it
         log.warning("constant folding skipped: %s", exc)
     graph.cleanup().toposort()
+    if static:
+        for tensor in graph.tensors().values():
+            if isinstance(tensor, gs.Variable) and tensor not in graph.inputs and tensor not in graph.outputs:
+                tensor.shape = None
     return graph
+
+
+def _all_inputs_static(model: onnx.ModelProto) -> bool:
+    inits = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
+            return False
+    return True
+
+
+def _expands(node: gs.Node) -> bool:
+    """Folding this node would store a constant larger than its constant inputs."""
+    if node.op in ("Expand", "Tile"):
+        return True
+    if node.op == "Gather" and len(node.inputs) == 2:
+        data, indices = (const_value(t) for t in node.inputs)
+        if data is not None and indices is not None and data.ndim:
+            axis = int(node.attrs.get("axis", 0)) % data.ndim
+            return indices.size > data.shape[axis]
+    return False
 
 
 def _name_nodes(graph: gs.Graph) -> None:
