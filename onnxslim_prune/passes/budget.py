@@ -1,1 +1,713 @@
-"""Global budgets (--target-macs / --target-params) and layer-compensated pruning (Chin et al. 2018)."""
+"""Global budgets (--target-macs / --target-params) and layer-compensated pruning (Chin et al. 2018).
+
+Global budget. Every prunable class ``c`` of group ``g`` gets a normalised score
+
+    s'_c = s_c / mean_{c' in g, unfrozen} s_c'          (divided by the group's *mean* score)
+
+so that layers of different scale compare. Classes are removed in ONE global order of
+increasing ``s'`` (the lowest first) until the model's MACs (or parameters) fall to the
+target fraction ``F`` of the model the method receives:
+
+    removed = the shortest prefix of the order with  cost(kept) / cost(original) <= F
+
+subject to: no group loses more than ``max_ratio`` of its classes (at least one stays),
+frozen classes stay, a grouped conv's group loses the same count from every block (a
+removal "unit" is one class from each block, scored by the blocks' mean), the kept count
+is rounded up to a multiple of ``round_to``, and every traced tensor keeps a channel
+(`plan.keep_every_tensor_alive`).
+
+Cost model. For a weighted node with ``M`` MACs, weight size ``W`` and bias size ``B``
+whose input and output channel axes keep the fractions ``f_in`` and ``f_out`` of their
+positions, the kept cost is ``M f_in f_out`` MACs and ``W f_in f_out + B f_out`` params (a
+depthwise conv: ``M f_out``). Positions are counted on the traced channel maps, so a
+channel flattened into a Gemm counts its ``H*W`` positions. So removing one out-channel of
+a conv saves ``Cin/g*k*k*H*W`` MACs and one in-channel of its consumer ``Cout*k*k*H*W``;
+BN parameters and constant operands with a channel axis scale with their kept fraction.
+The prefix length is found by bisection on this model; the plan is then materialised and
+measured with `validate.model_stats`, and the bisection is repeated with the measured
+offset until the achieved fraction is within ``TOLERANCE`` of ``F``.
+
+Layer-compensated pruning (Chin, Ding, Zhang, Marculescu, "Layer-Compensated Pruning for
+Resource-Constrained Convolutional Neural Networks", 2018). The global order is taken on
+
+    k_c = a_g * s'_c + b_g
+
+with one affine compensation ``(a_g > 0, b_g)`` per group, learned by regularised evolution
+(Real et al., "Regularized Evolution for Image Classifier Architecture Search", AAAI 2019):
+a population of genomes, tournament selection of a parent among ``S`` random members,
+one mutation per child, and aging (the oldest member dies). The fitness of a genome is the
+output error of the pruned model (KL divergence of the softmax outputs for a classifier,
+else relative squared error) against the original on a few calibration batches, with the
+budget met for every candidate. The best genome ever evaluated is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .. import ir, validate
+from ..errors import UsageError
+from .materialize import materialize
+from .methods import Context, Outcome, register
+from .plan import GroupPlan, Plan, keep_every_tensor_alive
+from .score import score_groups
+from .trace import BROADCAST_OPS, Group, Trace
+
+log = logging.getLogger(__name__)
+
+#: the achieved fraction must land this close (absolute, of the original) to the target
+TOLERANCE = 0.005
+#: measured corrections of the cost model before giving up on getting closer
+MAX_MEASUREMENTS = 5
+DEFAULT_MAX_RATIO = 0.9
+DEFAULT_LCP_ITERATIONS = 60
+DEFAULT_LCP_POPULATION = 12
+DEFAULT_LCP_TOURNAMENT = 4
+DEFAULT_LCP_SAMPLES = 512
+
+Keys = Mapping[int, np.ndarray]
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Target fractions of the original MACs and / or parameters (None: no constraint)."""
+
+    macs: float | None
+    params: float | None
+    max_ratio: float = DEFAULT_MAX_RATIO
+
+    @staticmethod
+    def from_params(params: Mapping[str, object], default_macs: float | None = None) -> Budget:
+        macs = _fraction(params.get("target_macs"), "--target-macs")
+        n_params = _fraction(params.get("target_params"), "--target-params")
+        if macs is None and n_params is None:
+            macs = _fraction(default_macs, "--target-macs")
+        max_ratio = params.get("max_ratio")
+        max_ratio = DEFAULT_MAX_RATIO if max_ratio is None else _fraction(max_ratio, "--max-ratio")
+        assert max_ratio is not None
+        return Budget(macs, n_params, max_ratio)
+
+    def deviation(self, macs: float, params: float) -> float:
+        """How far above its target the most constrained quantity is (<= 0: budget met)."""
+        devs = [f - t for f, t in ((macs, self.macs), (params, self.params)) if t is not None]
+        return max(devs) if devs else 0.0
+
+    def describe(self) -> str:
+        parts = [f"{name} {t:g}" for name, t in (("MACs", self.macs), ("params", self.params)) if t is not None]
+        return " and ".join(parts)
+
+
+def _fraction(value: object, flag: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise UsageError(f"{flag} must be a number in (0, 1], got {value!r}") from None
+    if math.isnan(number) or not 0.0 < number <= 1.0:
+        raise UsageError(f"{flag} must be in (0, 1], got {value}")
+    return number
+
+
+# ----------------------------------------------------------------------------- cost model
+
+
+@dataclass(frozen=True, eq=False)
+class _NodeCost:
+    in_atoms: np.ndarray | None  # channel atoms of the input whose kept fraction scales the cost
+    out_atoms: np.ndarray | None
+    macs: int  # scaled by f_in * f_out
+    params_both: int  # scaled by f_in * f_out (weights)
+    params_out: int  # scaled by f_out only (bias, BN, constant operands)
+
+
+@dataclass(frozen=True, eq=False)
+class CostModel:
+    """Kept MACs and parameters of a plan, computed from the trace (see the module docstring)."""
+
+    trace: Trace
+    nodes: tuple[_NodeCost, ...]
+    macs: int  # of the modelled nodes, unpruned
+    params: int
+
+    @staticmethod
+    def build(trace: Trace, graph: object) -> CostModel:
+        import onnx_graphsurgeon as gs
+
+        assert isinstance(graph, gs.Graph)
+        costs: list[_NodeCost] = []
+        for node in graph.nodes:
+            kind = trace.node_kind.get(node.name)
+            cost = _node_cost(trace, node, kind)
+            if cost is not None:
+                costs.append(cost)
+        return CostModel(
+            trace, tuple(costs), sum(c.macs for c in costs), sum(c.params_both + c.params_out for c in costs)
+        )
+
+    def kept(self, keep_atoms: np.ndarray) -> tuple[float, float]:
+        """(MACs, params) of the modelled nodes that survive when atoms `keep_atoms` stay."""
+        macs = 0.0
+        params = 0.0
+        for c in self.nodes:
+            f_in = float(keep_atoms[c.in_atoms].mean()) if c.in_atoms is not None and c.in_atoms.size else 1.0
+            f_out = float(keep_atoms[c.out_atoms].mean()) if c.out_atoms is not None and c.out_atoms.size else 1.0
+            macs += c.macs * f_in * f_out
+            params += c.params_both * f_in * f_out + c.params_out * f_out
+        return macs, params
+
+    def savings(self, plan: Plan) -> tuple[float, float]:
+        """(MACs, params) that `plan` removes, by the model."""
+        macs, params = self.kept(plan.atom_keep(self.trace))
+        return self.macs - macs, self.params - params
+
+    def class_savings(self, group: Group) -> tuple[np.ndarray, np.ndarray]:
+        """First-order saving of removing each class of `group` alone: (MACs, params) per class."""
+        macs = np.zeros(group.size)
+        params = np.zeros(group.size)
+        for i, c in enumerate(group.classes):
+            m, p = self.savings(Plan((GroupPlan(group.index, group.size, (c,)),)))
+            macs[i], params[i] = m, p
+        return macs, params
+
+
+def _float_size(value: np.ndarray | None) -> int:
+    if value is None or not np.issubdtype(value.dtype, np.floating):
+        return 0
+    return int(value.size)
+
+
+def _node_cost(trace: Trace, node: object, kind: str | None) -> _NodeCost | None:
+    import onnx_graphsurgeon as gs
+
+    assert isinstance(node, gs.Node)
+    maps = trace.maps
+
+    def atoms(tensor: gs.Tensor) -> np.ndarray | None:
+        cmap = maps.get(tensor.name) if tensor.name else None
+        return None if cmap is None else cmap.atoms
+
+    out = atoms(node.outputs[0]) if node.outputs else None
+    if kind in ("conv", "grouped", "gemm", "matmul", "conv_transpose", "depthwise"):
+        weight = ir.input_const(node, 1)
+        bias = ir.input_const(node, 2) if ir.has_input(node, 2) else None
+        bias_size = _float_size(bias)
+        per_out = bias_size if bias is not None and bias.ndim and out is not None and bias.shape[-1] == out.size else 0
+        fixed = bias_size - per_out
+        in_atoms = None if kind == "depthwise" else atoms(node.inputs[0])
+        return _NodeCost(in_atoms, out, int(trace.node_macs.get(node.name, 0)), _float_size(weight) + fixed, per_out)
+    if kind == "norm":
+        x = atoms(node.inputs[0])
+        size = sum(_float_size(ir.input_const(node, i)) for i in range(1, len(node.inputs)) if ir.has_input(node, i))
+        return _NodeCost(None, x, 0, 0, size)
+    if node.op in BROADCAST_OPS and out is not None:
+        cmap = maps[node.outputs[0].name]
+        rank = len(trace.shapes.get(node.outputs[0].name, ()))
+        total = 0
+        for t in node.inputs:
+            value = ir.const_value(t)
+            if value is None or not t.name or not np.issubdtype(value.dtype, np.floating):
+                continue
+            own = cmap.axis - (rank - value.ndim)
+            if own >= 0 and value.shape[own] == cmap.size and cmap.size > 1:
+                total += int(value.size)
+        return _NodeCost(None, out, 0, 0, total) if total else None
+    return None
+
+
+# ----------------------------------------------------------------------------- ranking
+
+
+def normalised_scores(trace: Trace, scores: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Each group's class scores divided by the mean score of its unfrozen classes."""
+    out: dict[int, np.ndarray] = {}
+    for group in trace.groups:
+        if group.is_frozen or group.index not in scores:
+            continue
+        s = np.asarray(scores[group.index], dtype=np.float64)
+        free = ~np.asarray(group.frozen)
+        mean = float(np.mean(np.abs(s[free]))) if free.any() else 0.0
+        out[group.index] = s / mean if mean > 0 and math.isfinite(mean) else s.copy()
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class _GroupOrder:
+    group: Group
+    units: np.ndarray  # [n_units, block]: class positions removed by each unit, in removal order
+    keys: np.ndarray  # [n_units]: ranking key of each unit
+
+
+@dataclass(frozen=True, eq=False)
+class Ranking:
+    """One global removal order: step i removes the next unit of group `steps[i]`."""
+
+    orders: Mapping[int, _GroupOrder]
+    steps: np.ndarray
+    round_to: int
+
+    @staticmethod
+    def build(trace: Trace, keys: Keys, max_ratio: float, round_to: int = 1) -> Ranking:
+        orders: dict[int, _GroupOrder] = {}
+        entries: list[tuple[np.ndarray, int]] = []
+        for group in trace.groups:
+            if group.is_frozen or group.index not in keys:
+                continue
+            order = _group_order(group, np.asarray(keys[group.index], dtype=np.float64), max_ratio)
+            if order.keys.size:
+                orders[group.index] = order
+                entries.append((order.keys, group.index))
+        if not entries:
+            return Ranking(orders, np.zeros(0, dtype=np.int64), round_to)
+        all_keys = np.concatenate([k for k, _ in entries])
+        groups = np.concatenate([np.full(k.size, g, dtype=np.int64) for k, g in entries])
+        ranks = np.concatenate([np.arange(k.size) for k, _ in entries])
+        steps = groups[np.lexsort((ranks, groups, all_keys))]
+        return Ranking(orders, steps, round_to)
+
+    @property
+    def length(self) -> int:
+        return int(self.steps.size)
+
+    def plan(self, trace: Trace, k: int, keys: Keys) -> Plan:
+        """The plan of the first `k` steps (round_to applied, every tensor kept alive)."""
+        counts = np.bincount(self.steps[: max(0, k)], minlength=max(self.orders, default=-1) + 1)
+        groups: list[GroupPlan] = []
+        for index, order in self.orders.items():
+            n_units = int(counts[index]) if index < counts.size else 0
+            n_units = _rounded_units(order.group, n_units, self.round_to)
+            if n_units <= 0:
+                continue
+            removed = order.units[:n_units].ravel()
+            pruned = tuple(order.group.classes[int(i)] for i in sorted(removed.tolist()))
+            groups.append(GroupPlan(index, order.group.size, pruned))
+        return keep_every_tensor_alive(trace, Plan(tuple(groups)), keys)
+
+
+def _group_order(group: Group, keys: np.ndarray, max_ratio: float) -> _GroupOrder:
+    free = ~np.asarray(group.frozen)
+    block = max(1, group.block)
+    per_block = group.size // block
+    per_block_orders: list[np.ndarray] = []
+    for b in range(block):
+        idx = np.arange(b * per_block, (b + 1) * per_block)
+        idx = idx[free[idx]]
+        per_block_orders.append(idx[np.argsort(keys[idx], kind="stable")])
+    cap = min(len(o) for o in per_block_orders)
+    cap = min(cap, int(math.floor(max_ratio * per_block + 1e-9)), per_block - 1)
+    cap = max(cap, 0)
+    units = np.stack([o[:cap] for o in per_block_orders], axis=1) if cap else np.zeros((0, block), dtype=np.int64)
+    unit_keys = keys[units].mean(axis=1) if cap else np.zeros(0)
+    return _GroupOrder(group, units, unit_keys)
+
+
+def _rounded_units(group: Group, n_units: int, round_to: int) -> int:
+    """Fewest-removal adjustment so the kept count is a multiple of `round_to`."""
+    block = max(1, group.block)
+    while n_units > 0 and round_to > 1 and (group.size - n_units * block) % round_to:
+        n_units -= 1
+    return n_units
+
+
+# ----------------------------------------------------------------------------- search
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A plan and the fractions of the original it keeps."""
+
+    plan: Plan
+    macs: float
+    params: float
+    steps: int
+    exact: bool  # measured on the materialised model (else: by the cost model)
+
+
+class BudgetSearch:
+    """Find the prefix of a global order that meets a `Budget`; measure, then correct."""
+
+    def __init__(self, ctx: Context, budget: Budget) -> None:
+        self.ctx = ctx
+        self.budget = budget
+        self.cost = CostModel.build(ctx.trace, ctx.graph)
+        before = validate.model_stats(ctx.model, ctx.input_shapes)
+        self.base_macs = max(before.macs, 1)
+        self.base_params = max(before.params, 1)
+        #: measured minus modelled fraction, learned from the materialised candidates
+        self.offset_macs = 0.0
+        self.offset_params = 0.0
+
+    # -- the cost model ----------------------------------------------------------------
+
+    def modelled(self, plan: Plan) -> tuple[float, float]:
+        saved_macs, saved_params = self.cost.savings(plan)
+        return (
+            1.0 - saved_macs / self.base_macs + self.offset_macs,
+            1.0 - saved_params / self.base_params + self.offset_params,
+        )
+
+    def measure(self, plan: Plan) -> tuple[float, float, onnx.ModelProto]:
+        ctx = self.ctx
+        model = materialize(ctx.graph, ctx.model, ctx.trace, plan, ctx.opset)
+        stats = validate.model_stats(model, ctx.input_shapes)
+        return stats.macs / self.base_macs, stats.params / self.base_params, model
+
+    def _prefix(self, ranking: Ranking, keys: Keys) -> Measured:
+        """The step count whose modelled fractions are closest to the budget from either side."""
+        trace = self.ctx.trace
+
+        def at(k: int) -> Measured:
+            plan = ranking.plan(trace, k, keys)
+            macs, params = self.modelled(plan)
+            return Measured(plan, macs, params, k, False)
+
+        lo, hi = 0, ranking.length
+        first = at(lo)
+        if self.budget.deviation(first.macs, first.params) <= 0:
+            return first
+        last = at(hi)
+        if self.budget.deviation(last.macs, last.params) > 0:
+            return last
+        while hi - lo > 1:  # invariant: at(lo) misses the budget, at(hi) meets it
+            mid = (lo + hi) // 2
+            m = at(mid)
+            if self.budget.deviation(m.macs, m.params) <= 0:
+                hi, last = mid, m
+            else:
+                lo = mid
+        below = at(lo)
+        if abs(self.budget.deviation(below.macs, below.params)) < abs(self.budget.deviation(last.macs, last.params)):
+            return below
+        return last
+
+    def modelled_plan(self, ranking: Ranking, keys: Keys) -> Measured:
+        """The plan meeting the budget by the cost model (with the offsets learned so far)."""
+        return self._prefix(ranking, keys)
+
+    def measured_plan(self, ranking: Ranking, keys: Keys) -> tuple[Measured, list[str]]:
+        """The plan meeting the budget on the materialised model, within `TOLERANCE` if reachable."""
+        notes: list[str] = []
+        best: Measured | None = None
+        tried: set[int] = set()
+        for _ in range(MAX_MEASUREMENTS):
+            guess = self._prefix(ranking, keys)
+            if guess.steps in tried:
+                break
+            tried.add(guess.steps)
+            macs, params, _ = self.measure(guess.plan)
+            self.offset_macs += macs - guess.macs
+            self.offset_params += params - guess.params
+            got = Measured(guess.plan, macs, params, guess.steps, True)
+            if best is None or abs(self.budget.deviation(macs, params)) < abs(self.budget.deviation(best.macs, best.params)):
+                best = got
+            if abs(self.budget.deviation(macs, params)) <= TOLERANCE:
+                break
+        assert best is not None
+        dev = self.budget.deviation(best.macs, best.params)
+        if dev > TOLERANCE:
+            msg = (
+                f"budget {self.budget.describe()} not reachable with --max-ratio {self.budget.max_ratio:g} and the "
+                f"frozen channels: reached MACs {best.macs:.3f}, params {best.params:.3f}"
+            )
+            log.warning(msg)
+            notes.append(msg)
+        elif dev < -TOLERANCE:
+            notes.append(f"budget {self.budget.describe()}: closest plan keeps MACs {best.macs:.3f}, params {best.params:.3f}")
+        log.info("budget %s: MACs %.4f, params %.4f kept", self.budget.describe(), best.macs, best.params)
+        return best, notes
+
+
+def global_plan_with_notes(ctx: Context, scores: Mapping[int, np.ndarray], budget: Budget | None = None) -> tuple[Plan, list[str]]:
+    """`global_plan`, also returning notes for the report (an unreachable budget, ...)."""
+    budget = budget or Budget.from_params(ctx.options.params)
+    keys = normalised_scores(ctx.trace, scores)
+    ranking = Ranking.build(ctx.trace, keys, budget.max_ratio, ctx.options.round_to)
+    search = BudgetSearch(ctx, budget)
+    best, notes = search.measured_plan(ranking, keys)
+    notes.insert(0, f"global budget {budget.describe()}: kept MACs {best.macs:.3f}, params {best.params:.3f}")
+    return best.plan, notes
+
+
+def global_plan(ctx: Context, scores: Mapping[int, np.ndarray]) -> Plan:
+    """Remove the globally lowest normalised classes until --target-macs / --target-params is met."""
+    plan, _ = global_plan_with_notes(ctx, scores)
+    return plan
+
+
+# ----------------------------------------------------------------------------- output error
+
+
+def output_error(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> float:
+    """Mean over float outputs: KL(softmax(y0) || softmax(y)) for [N, C>1], else |y - y0|^2 / |y0|^2."""
+    errors: list[float] = []
+    for y0, y in zip(reference, outputs):
+        if not np.issubdtype(y0.dtype, np.floating):
+            continue
+        a, b = y0.astype(np.float64), y.astype(np.float64)
+        if a.ndim == 2 and a.shape[1] > 1:
+            la = a - a.max(axis=1, keepdims=True)
+            la -= np.log(np.exp(la).sum(axis=1, keepdims=True))
+            lb = b - b.max(axis=1, keepdims=True)
+            lb -= np.log(np.exp(lb).sum(axis=1, keepdims=True))
+            errors.append(float(np.mean(np.sum(np.exp(la) * (la - lb), axis=1))))
+        else:
+            denom = float(np.sum(a * a))
+            errors.append(float(np.sum((a - b) ** 2) / denom) if denom > 0 else float(np.sum((a - b) ** 2)))
+    return float(np.mean(errors)) if errors else 0.0
+
+
+def evaluation_feeds(
+    model: onnx.ModelProto,
+    calibration: object,
+    input_shapes: Mapping[str, tuple[int, ...]],
+    *,
+    samples: int,
+    batch_size: int,
+    seed: int,
+) -> tuple[list[dict[str, np.ndarray]], bool]:
+    """A few batches to compare models on: calibration data, or seeded random inputs.
+
+    Returns the feeds and whether they are random (data-free). A model with a static
+    batch dimension gets batches of exactly that size.
+    """
+    static = _static_batch(model)
+    size = static or max(1, min(batch_size, samples))
+    feeds: list[dict[str, np.ndarray]] = []
+    if calibration is not None and not getattr(calibration, "is_random", False):
+        taken = 0
+        for batch in calibration.iter_batches(size, drop_last=static is not None):  # type: ignore[attr-defined]
+            feeds.append(batch)
+            taken += len(next(iter(batch.values())))
+            if taken >= samples:
+                break
+        if feeds:
+            return feeds, False
+    count = max(1, math.ceil(min(samples, 64) / size))
+    shapes = {name: (size, *shape[1:]) if shape else shape for name, shape in input_shapes.items()}
+    for i in range(count):
+        feeds.append(validate.random_inputs(model, shapes, seed + i))
+    return feeds, True
+
+
+def _static_batch(model: onnx.ModelProto) -> int | None:
+    inits = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return int(dims[0].dim_value)
+    return None
+
+
+class OutputError:
+    """Output error of candidate models against the original on fixed feeds."""
+
+    def __init__(self, original: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> None:
+        self.feeds = feeds
+        sess = validate.session(original)
+        self.reference = [sess.run(None, feed) for feed in feeds]
+
+    def __call__(self, model: onnx.ModelProto) -> float:
+        sess = validate.session(model)
+        errors = [output_error(ref, sess.run(None, feed)) for ref, feed in zip(self.reference, self.feeds)]
+        return float(np.mean(errors))
+
+
+# ----------------------------------------------------------------------------- LCP
+
+
+@dataclass(frozen=True)
+class Genome:
+    """Per-group compensation: key = exp(log_a) * s' + b, over `LcpSearch.groups` in order."""
+
+    log_a: tuple[float, ...]
+    b: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class _Member:
+    genome: Genome
+    error: float
+
+
+class LcpSearch:
+    """Regularised evolution of per-group affine compensations (see the module docstring)."""
+
+    def __init__(self, ctx: Context, budget: Budget, scores: Mapping[int, np.ndarray], error: Callable[[onnx.ModelProto], float]) -> None:
+        self.ctx = ctx
+        self.budget = budget
+        self.base = normalised_scores(ctx.trace, scores)
+        self.groups = tuple(sorted(self.base))
+        self.search = BudgetSearch(ctx, budget)
+        self.error = error
+        self.cache: dict[frozenset[int], float] = {}
+        self.evaluations = 0
+
+    def keys(self, genome: Genome) -> dict[int, np.ndarray]:
+        return {g: math.exp(a) * self.base[g] + b for g, a, b in zip(self.groups, genome.log_a, genome.b)}
+
+    def plan(self, genome: Genome) -> Plan:
+        keys = self.keys(genome)
+        ranking = Ranking.build(self.ctx.trace, keys, self.budget.max_ratio, self.ctx.options.round_to)
+        return self.search.modelled_plan(ranking, keys).plan
+
+    def fitness(self, genome: Genome) -> float:
+        plan = self.plan(genome)
+        key = plan.pruned_classes
+        if key not in self.cache:
+            ctx = self.ctx
+            model = materialize(ctx.graph, ctx.model, ctx.trace, plan, ctx.opset)
+            value = self.error(model)
+            self.cache[key] = value if math.isfinite(value) else math.inf
+            self.evaluations += 1
+        return self.cache[key]
+
+    def calibrate(self) -> None:
+        """Learn the cost model's offset from one measured plan (the uncompensated ranking)."""
+        zeros = tuple(0.0 for _ in self.groups)
+        keys = self.keys(Genome(zeros, zeros))
+        ranking = Ranking.build(self.ctx.trace, keys, self.budget.max_ratio, self.ctx.options.round_to)
+        self.search.measured_plan(ranking, keys)
+
+    def uniform_genome(self) -> Genome:
+        """Offsets that align every group at one removal fraction: a near-uniform plan at the budget."""
+        trace = self.ctx.trace
+        lo, hi = 0.0, 1.0
+        for _ in range(20):
+            r = (lo + hi) / 2
+            genome = self._aligned(r)
+            keys = self.keys(genome)
+            plan = Ranking.build(trace, keys, self.budget.max_ratio, self.ctx.options.round_to).plan(
+                trace, self._count_below_zero(keys), keys
+            )
+            macs, params = self.search.modelled(plan)
+            if self.budget.deviation(macs, params) <= 0:
+                hi = r
+            else:
+                lo = r
+        return self._aligned(hi)
+
+    def _aligned(self, r: float) -> Genome:
+        b: list[float] = []
+        groups = {g.index: g for g in self.ctx.trace.groups}
+        for g in self.groups:
+            s = self.base[g]
+            free = s[~np.asarray(groups[g].frozen)]
+            ordered = np.sort(free)
+            n = int(math.floor(r * groups[g].size + 1e-9))
+            if n <= 0:
+                b.append(-(ordered[0] - 1e-6) if ordered.size else 0.0)
+            elif n >= ordered.size:
+                b.append(-(ordered[-1] + 1e-6))
+            else:
+                b.append(-0.5 * (ordered[n - 1] + ordered[n]))
+        return Genome(tuple(0.0 for _ in self.groups), tuple(b))
+
+    def _count_below_zero(self, keys: Keys) -> int:
+        ranking = Ranking.build(self.ctx.trace, keys, self.budget.max_ratio, self.ctx.options.round_to)
+        below = [order.keys < 0 for order in ranking.orders.values()]
+        return int(sum(int(b.sum()) for b in below))
+
+    def mutate(self, genome: Genome, rng: np.random.Generator) -> Genome:
+        log_a, b = list(genome.log_a), list(genome.b)
+        for _ in range(1 + int(rng.integers(0, 2))):
+            i = int(rng.integers(0, len(self.groups)))
+            if rng.random() < 0.5:
+                log_a[i] += float(rng.normal(0.0, 0.3))
+            else:
+                b[i] += float(rng.normal(0.0, 0.15))
+        return Genome(tuple(log_a), tuple(b))
+
+    def run(self, iterations: int, population: int, tournament: int, seed: int) -> tuple[Genome, float]:
+        rng = np.random.default_rng([seed, 2018])
+        zeros = tuple(0.0 for _ in self.groups)
+        seeds = [Genome(zeros, zeros), self.uniform_genome()]
+        members: deque[_Member] = deque()
+        best: _Member | None = None
+        done = 0
+
+        def add(genome: Genome) -> None:
+            nonlocal best, done
+            member = _Member(genome, self.fitness(genome))
+            members.append(member)
+            if best is None or member.error < best.error:
+                best = member
+            done += 1
+            if self.ctx.progress is not None:
+                self.ctx.progress(done, iterations)
+
+        for genome in seeds[: max(1, iterations)]:
+            add(genome)
+        while len(members) < min(population, iterations):
+            parent = seeds[len(members) % len(seeds)]
+            add(self.mutate(parent, rng))
+        while done < iterations:
+            size = min(tournament, len(members))
+            picks = rng.choice(len(members), size=size, replace=False)
+            parent = min((members[int(i)] for i in picks), key=lambda m: m.error)
+            add(self.mutate(parent.genome, rng))
+            if len(members) > population:
+                members.popleft()  # aging: the oldest dies, however good
+        assert best is not None
+        return best.genome, best.error
+
+
+@register("lcp")
+def lcp(ctx: Context) -> Outcome:
+    """Layer-compensated pruning: a global ranking with per-group affine compensation, evolved."""
+    started = time.perf_counter()
+    params = ctx.options.params
+    budget = Budget.from_params(params, default_macs=1.0 - ctx.options.ratio)
+    iterations = _positive_int(params.get("lcp_iterations"), DEFAULT_LCP_ITERATIONS, "lcp_iterations")
+    population = _positive_int(params.get("lcp_population"), DEFAULT_LCP_POPULATION, "lcp_population")
+    tournament = _positive_int(params.get("lcp_tournament"), DEFAULT_LCP_TOURNAMENT, "lcp_tournament")
+    samples = _positive_int(params.get("lcp_samples"), DEFAULT_LCP_SAMPLES, "lcp_samples")
+    scores = score_groups(ctx.trace, ctx.graph, ctx.options.criterion, ctx.options.seed)
+    notes: list[str] = []
+    if not scores:
+        return Outcome(Plan(()), notes=("lcp: no prunable group",))
+    feeds, random_data = evaluation_feeds(
+        ctx.model, ctx.calibration, ctx.input_shapes, samples=samples, batch_size=ctx.options.batch_size,
+        seed=ctx.options.seed,
+    )
+    if random_data:
+        msg = "lcp: no calibration data; the output error was measured on seeded random inputs (data-free)"
+        log.warning(msg)
+        notes.append(msg)
+    search = LcpSearch(ctx, budget, scores, OutputError(ctx.model, feeds))
+    search.calibrate()
+    genome, error = search.run(iterations, population, tournament, ctx.options.seed)
+    keys = search.keys(genome)
+    ranking = Ranking.build(ctx.trace, keys, budget.max_ratio, ctx.options.round_to)
+    final, budget_notes = search.search.measured_plan(ranking, keys)
+    notes.extend(budget_notes)
+    seconds = time.perf_counter() - started
+    notes.append(
+        f"lcp: {iterations} iterations ({search.evaluations} distinct plans evaluated) in {seconds:.1f} s; "
+        f"output error {error:.4g}; kept MACs {final.macs:.3f}, params {final.params:.3f}"
+    )
+    return Outcome(final.plan, notes=tuple(notes))
+
+
+def _positive_int(value: object, default: int, name: str) -> int:
+    if value is None:
+        return default
+    try:
+        number = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise UsageError(f"{name} must be a positive integer, got {value}")
+    return number
