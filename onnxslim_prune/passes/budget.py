@@ -67,6 +67,12 @@ log = logging.getLogger(__name__)
 TOLERANCE = 0.005
 #: measured corrections of the cost model before giving up on getting closer
 MAX_MEASUREMENTS = 5
+#: steps tried one by one past the bisection's prefix when its last step is too coarse
+MAX_FILL_STEPS = 2000
+#: rounds of single-unit moves when the steps are too coarse to land on the budget
+POLISH_ROUNDS = 20
+#: with at most this many groups, moves of two groups at once are tried too
+POLISH_PAIR_GROUPS = 24
 DEFAULT_MAX_RATIO = 0.9
 DEFAULT_LCP_ITERATIONS = 60
 DEFAULT_LCP_POPULATION = 12
@@ -280,13 +286,16 @@ class Ranking:
     def length(self) -> int:
         return int(self.steps.size)
 
-    def plan(self, trace: Trace, k: int, keys: Keys) -> Plan:
-        """The plan of the first `k` steps (round_to applied, every tensor kept alive)."""
-        counts = np.bincount(self.steps[: max(0, k)], minlength=max(self.orders, default=-1) + 1)
+    def counts(self, k: int) -> dict[int, int]:
+        """Units removed per group by the first `k` steps."""
+        taken = np.bincount(self.steps[: max(0, k)], minlength=max(self.orders, default=-1) + 1)
+        return {index: int(taken[index]) for index in self.orders}
+
+    def plan(self, trace: Trace, counts: Mapping[int, int], keys: Keys) -> Plan:
+        """Remove `counts[g]` units of each group (round_to applied, every tensor kept alive)."""
         groups: list[GroupPlan] = []
         for index, order in self.orders.items():
-            n_units = int(counts[index]) if index < counts.size else 0
-            n_units = _rounded_units(order.group, n_units, self.round_to)
+            n_units = _rounded_units(order.group, counts.get(index, 0), self.round_to)
             if n_units <= 0:
                 continue
             removed = order.units[:n_units].ravel()
@@ -330,12 +339,11 @@ class Measured:
     plan: Plan
     macs: float
     params: float
-    steps: int
     exact: bool  # measured on the materialised model (else: by the cost model)
 
 
 class BudgetSearch:
-    """Find the prefix of a global order that meets a `Budget`; measure, then correct."""
+    """Find the plan of a global order that meets a `Budget`; measure, then correct."""
 
     def __init__(self, ctx: Context, budget: Budget) -> None:
         self.ctx = ctx
@@ -363,67 +371,152 @@ class BudgetSearch:
         stats = validate.model_stats(model, ctx.input_shapes)
         return stats.macs / self.base_macs, stats.params / self.base_params, model
 
-    def _prefix(self, ranking: Ranking, keys: Keys) -> Measured:
-        """The step count whose modelled fractions are closest to the budget from either side."""
-        trace = self.ctx.trace
+    def _at(self, ranking: Ranking, counts: Mapping[int, int], keys: Keys) -> Measured:
+        plan = ranking.plan(self.ctx.trace, counts, keys)
+        macs, params = self.modelled(plan)
+        return Measured(plan, macs, params, False)
+
+    def _dev(self, m: Measured) -> float:
+        return self.budget.deviation(m.macs, m.params)
+
+    def _select(self, ranking: Ranking, keys: Keys) -> Measured:
+        """The plan closest to the budget by the cost model.
+
+        Bisection finds the shortest prefix of the order that meets the budget. When its
+        last step is coarse (a grouped conv's unit, a wide flattened channel) and jumps far
+        past the target, the order is continued from the prefix before it, taking each
+        further step that does not overshoot by more than `TOLERANCE` and closing the group
+        of any step that does, until the budget is met.
+        """
 
         def at(k: int) -> Measured:
-            plan = ranking.plan(trace, k, keys)
-            macs, params = self.modelled(plan)
-            return Measured(plan, macs, params, k, False)
+            return self._at(ranking, ranking.counts(k), keys)
 
         lo, hi = 0, ranking.length
         first = at(lo)
-        if self.budget.deviation(first.macs, first.params) <= 0:
+        if self._dev(first) <= 0:
             return first
         last = at(hi)
-        if self.budget.deviation(last.macs, last.params) > 0:
+        if self._dev(last) > 0:
             return last
         while hi - lo > 1:  # invariant: at(lo) misses the budget, at(hi) meets it
             mid = (lo + hi) // 2
             m = at(mid)
-            if self.budget.deviation(m.macs, m.params) <= 0:
+            if self._dev(m) <= 0:
                 hi, last = mid, m
             else:
                 lo = mid
         below = at(lo)
-        if abs(self.budget.deviation(below.macs, below.params)) < abs(self.budget.deviation(last.macs, last.params)):
-            return below
-        return last
+        best = min((below, last), key=lambda m: abs(self._dev(m)))
+        if abs(self._dev(best)) <= TOLERANCE:
+            return best
+        counts, filled = self._fill(ranking, keys, lo, below)
+        if abs(self._dev(filled)) > TOLERANCE:
+            counts, filled = self._polish(ranking, keys, counts, filled)
+        return min((best, filled), key=lambda m: abs(self._dev(m)))
+
+    def _fill(self, ranking: Ranking, keys: Keys, start: int, current: Measured) -> tuple[dict[int, int], Measured]:
+        counts = ranking.counts(start)
+        closed: set[int] = set()
+        for index in ranking.steps[start : start + MAX_FILL_STEPS].tolist():
+            if index in closed:
+                continue
+            counts[index] += 1
+            trial = self._at(ranking, counts, keys)
+            if self._dev(trial) < -TOLERANCE:
+                counts[index] -= 1
+                closed.add(index)
+                continue
+            current = trial
+            if self._dev(current) <= 0:
+                break
+        return counts, current
+
+    def _polish(
+        self, ranking: Ranking, keys: Keys, counts: dict[int, int], current: Measured
+    ) -> tuple[dict[int, int], Measured]:
+        """Last resort for coarse steps (grouped convs, --round-to): move single units in or out.
+
+        Each move keeps every group's removals a prefix of its own order (one more unit, or
+        the last one back); moves of two groups at once are tried when there are few groups.
+        """
+        moves: list[dict[int, int]] = []
+        groups = list(ranking.orders)
+        for g in groups:
+            moves.extend(({g: 1}, {g: -1}))
+        if len(groups) <= POLISH_PAIR_GROUPS:
+            moves.extend({g: 1, h: -1} for g in groups for h in groups if g != h)
+        for _ in range(POLISH_ROUNDS):
+            best_counts, best = counts, current
+            for move in moves:
+                trial_counts = self._moved(ranking, counts, move)
+                if trial_counts is None:
+                    continue
+                trial = self._at(ranking, trial_counts, keys)
+                if abs(self._dev(trial)) < abs(self._dev(best)) - 1e-12:
+                    best_counts, best = trial_counts, trial
+            if best is current:
+                break
+            counts, current = best_counts, best
+            if abs(self._dev(current)) <= TOLERANCE / 2:
+                break
+        return counts, current
+
+    @staticmethod
+    def _moved(ranking: Ranking, counts: Mapping[int, int], move: Mapping[int, int]) -> dict[int, int] | None:
+        """`counts` with each group moved by whole effective units (round_to counted), or None."""
+        out = dict(counts)
+        for g, direction in move.items():
+            order = ranking.orders[g]
+            limit = len(order.units)
+            n = out.get(g, 0)
+            now = _rounded_units(order.group, n, ranking.round_to)
+            while 0 <= n <= limit and _rounded_units(order.group, n, ranking.round_to) == now:
+                n += direction
+            if not 0 <= n <= limit:
+                return None
+            out[g] = n
+        return out
 
     def modelled_plan(self, ranking: Ranking, keys: Keys) -> Measured:
         """The plan meeting the budget by the cost model (with the offsets learned so far)."""
-        return self._prefix(ranking, keys)
+        return self._select(ranking, keys)
 
     def measured_plan(self, ranking: Ranking, keys: Keys) -> tuple[Measured, list[str]]:
         """The plan meeting the budget on the materialised model, within `TOLERANCE` if reachable."""
         notes: list[str] = []
         best: Measured | None = None
-        tried: set[int] = set()
+        tried: set[frozenset[int]] = set()
         for _ in range(MAX_MEASUREMENTS):
-            guess = self._prefix(ranking, keys)
-            if guess.steps in tried:
+            guess = self._select(ranking, keys)
+            if guess.plan.pruned_classes in tried:
                 break
-            tried.add(guess.steps)
+            tried.add(guess.plan.pruned_classes)
             macs, params, _ = self.measure(guess.plan)
             self.offset_macs += macs - guess.macs
             self.offset_params += params - guess.params
-            got = Measured(guess.plan, macs, params, guess.steps, True)
+            got = Measured(guess.plan, macs, params, True)
             if best is None or abs(self.budget.deviation(macs, params)) < abs(self.budget.deviation(best.macs, best.params)):
                 best = got
             if abs(self.budget.deviation(macs, params)) <= TOLERANCE:
                 break
         assert best is not None
         dev = self.budget.deviation(best.macs, best.params)
-        if dev > TOLERANCE:
+        full = self._at(ranking, {g: len(o.units) for g, o in ranking.orders.items()}, keys)
+        if dev > TOLERANCE and self._dev(full) > 0:
             msg = (
                 f"budget {self.budget.describe()} not reachable with --max-ratio {self.budget.max_ratio:g} and the "
                 f"frozen channels: reached MACs {best.macs:.3f}, params {best.params:.3f}"
             )
             log.warning(msg)
             notes.append(msg)
-        elif dev < -TOLERANCE:
-            notes.append(f"budget {self.budget.describe()}: closest plan keeps MACs {best.macs:.3f}, params {best.params:.3f}")
+        elif abs(dev) > TOLERANCE:
+            msg = (
+                f"budget {self.budget.describe()}: the channel steps are too coarse to land closer; "
+                f"kept MACs {best.macs:.3f}, params {best.params:.3f}"
+            )
+            log.warning(msg)
+            notes.append(msg)
         log.info("budget %s: MACs %.4f, params %.4f kept", self.budget.describe(), best.macs, best.params)
         return best, notes
 
@@ -589,9 +682,8 @@ class LcpSearch:
             r = (lo + hi) / 2
             genome = self._aligned(r)
             keys = self.keys(genome)
-            plan = Ranking.build(trace, keys, self.budget.max_ratio, self.ctx.options.round_to).plan(
-                trace, self._count_below_zero(keys), keys
-            )
+            ranking = Ranking.build(trace, keys, self.budget.max_ratio, self.ctx.options.round_to)
+            plan = ranking.plan(trace, {g: int((o.keys < 0).sum()) for g, o in ranking.orders.items()}, keys)
             macs, params = self.search.modelled(plan)
             if self.budget.deviation(macs, params) <= 0:
                 hi = r
@@ -614,11 +706,6 @@ class LcpSearch:
             else:
                 b.append(-0.5 * (ordered[n - 1] + ordered[n]))
         return Genome(tuple(0.0 for _ in self.groups), tuple(b))
-
-    def _count_below_zero(self, keys: Keys) -> int:
-        ranking = Ranking.build(self.ctx.trace, keys, self.budget.max_ratio, self.ctx.options.round_to)
-        below = [order.keys < 0 for order in ranking.orders.values()]
-        return int(sum(int(b.sum()) for b in below))
 
     def mutate(self, genome: Genome, rng: np.random.Generator) -> Genome:
         log_a, b = list(genome.log_a), list(genome.b)
