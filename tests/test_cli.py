@@ -1,0 +1,282 @@
+"""`onnx-prune` command line: bad inputs fail cleanly and write nothing; good inputs write valid models.
+
+Most calls run in-process through click's CliRunner (fast); a few run the real
+`python -m onnxslim_prune.cli` in a subprocess to see exactly what a user sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner, Result
+from conftest import check_full, sha256, snapshot
+
+import models as M
+from onnxslim_prune.cli import main
+
+
+def invoke(args: list[str]) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+
+
+def assert_clean_error(result: Result, code: int) -> str:
+    """Exit `code`, exactly one stderr line starting with 'error:', no traceback, no stray exception."""
+    err = result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == code, (result.exit_code, err, result.stdout)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert "Traceback" not in result.output
+    assert "internal error" not in err
+    return lines[0]
+
+
+def run_subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "onnxslim_prune.cli", *map(str, args)],
+        cwd=cwd, capture_output=True, text=True, timeout=60, env=env,
+    )
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+BAD = {
+    # id: (args, exit code, a piece of the message)
+    "missing_file": (["missing.onnx", "-o", "out.onnx"], 2, "no such file"),
+    "directory_as_model": (["adir", "-o", "out.onnx"], 2, "not a file"),
+    "text_file": (["text.onnx", "-o", "out.onnx"], 1, "text.onnx"),
+    "truncated_onnx": (["trunc.onnx", "-o", "out.onnx"], 1, "trunc.onnx"),
+    "fails_checker": (["bad.onnx", "-o", "out.onnx"], 1, "checker"),
+    "unknown_method": (["good.onnx", "-o", "out.onnx", "--method", "nope"], 2, "nope"),
+    "ratio_one": (["good.onnx", "-o", "out.onnx", "--ratio", "1.0"], 2, "--ratio"),
+    "ratio_negative": (["good.onnx", "-o", "out.onnx", "--ratio", "-0.1"], 2, "--ratio"),
+    "ratio_nan": (["good.onnx", "-o", "out.onnx", "--ratio", "nan"], 2, "--ratio"),
+    "round_to_zero": (["good.onnx", "-o", "out.onnx", "--round-to", "0"], 2, "--round-to"),
+    "input_shape_syntax": (["good.onnx", "-o", "out.onnx", "--input-shape", "x=1x3x8x8"], 2, "--input-shape"),
+    "input_shape_dims": (["good.onnx", "-o", "out.onnx", "--input-shape", "x:1x3xAx8"], 2, "--input-shape"),
+    "input_shape_zero": (["good.onnx", "-o", "out.onnx", "--input-shape", "x:0x3x8x8"], 2, "--input-shape"),
+    "input_shape_unknown_name": (["good.onnx", "-o", "out.onnx", "--input-shape", "zz:1x3x8x8"], 2, "zz"),
+    "input_shape_wrong_rank": (["good.onnx", "-o", "out.onnx", "--input-shape", "x:1x3"], 2, "rank"),
+    "input_shape_contradicts_model": (["good.onnx", "-o", "out.onnx", "--input-shape", "x:1x3x16x16"], 2, "x"),
+    "output_equals_input": (["good.onnx", "-o", "good.onnx"], 2, "input model"),
+    "output_equals_input_respelled": (["good.onnx", "-o", "./adir/../good.onnx"], 2, "input model"),
+    "output_folder_missing": (["good.onnx", "-o", "nodir/out.onnx"], 2, "nodir"),
+    "output_is_a_folder": (["good.onnx", "-o", "adir"], 2, "adir"),
+    "report_folder_missing": (["good.onnx", "-o", "out.onnx", "--report", "nodir/r.json"], 2, "nodir"),
+    "no_model": (["-o", "out.onnx"], 2, "MODEL"),
+    "dry_run_text_file": (["text.onnx", "--dry-run"], 1, "text.onnx"),
+    "dry_run_missing": (["missing.onnx", "--dry-run"], 2, "no such file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_fails_cleanly_and_writes_nothing(case: str, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args, code, needle = BAD[case]
+    monkeypatch.chdir(model_dir)
+    before = snapshot(model_dir)
+    line = assert_clean_error(invoke(args), code)
+    assert needle in line, line
+    assert snapshot(model_dir) == before, "a failed call wrote, removed or changed a file"
+
+
+@pytest.mark.parametrize("case", ["text_file", "fails_checker", "ratio_one", "output_equals_input"])
+def test_bad_input_in_a_real_process(case: str, model_dir: Path) -> None:
+    args, code, needle = BAD[case]
+    before = snapshot(model_dir)
+    proc = run_subprocess(args, model_dir)
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert snapshot(model_dir) == before
+
+
+@pytest.mark.xfail(
+    reason="library bug: click's own parse errors (bad float, unknown option) print click's multi-line "
+    "'Usage: ... Error: ...' block instead of one 'error: ...' line",
+    strict=True,
+)
+@pytest.mark.parametrize("args", [["--ratio", "abc"], ["--round-to", "x"], ["--bogus-option"]])
+def test_option_parse_errors_are_one_line(args: list[str], model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(model_dir)
+    before = snapshot(model_dir)
+    assert_clean_error(invoke(["good.onnx", "-o", "out.onnx", *args]), 2)
+    assert snapshot(model_dir) == before
+
+
+@pytest.mark.xfail(
+    reason="library bug: cli._check_paths does not compare --report with MODEL; the input model is "
+    "overwritten with the JSON report (exit 0)",
+    strict=True,
+)
+def test_report_path_equal_to_input_is_refused(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(model_dir)
+    before = snapshot(model_dir)
+    assert_clean_error(invoke(["good.onnx", "-o", "out.onnx", "--report", "good.onnx"]), 2)
+    assert snapshot(model_dir) == before
+
+
+@pytest.mark.xfail(
+    reason="library bug: cli._check_paths does not compare --report with -o; the pruned model just written "
+    "is replaced by the JSON report (exit 0)",
+    strict=True,
+)
+def test_report_path_equal_to_output_is_refused(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(model_dir)
+    before = snapshot(model_dir)
+    assert_clean_error(invoke(["good.onnx", "-o", "out.onnx", "--report", "out.onnx"]), 2)
+    assert snapshot(model_dir) == before
+
+
+@pytest.mark.xfail(
+    reason="library bug: --report naming an existing folder is not checked up front; the model is written, "
+    "then cli._write_text fails with 'internal error (IsADirectoryError ...)', exit 1, and leaves its "
+    "temporary file '.<name>.XXXX' behind",
+    strict=True,
+)
+def test_report_path_that_is_a_folder_is_refused(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(model_dir)
+    before = snapshot(model_dir)
+    assert_clean_error(invoke(["good.onnx", "-o", "out.onnx", "--report", "adir"]), 2)
+    assert snapshot(model_dir) == before
+
+
+# ----------------------------------------------------------------------------- success
+
+
+def test_prune_writes_a_valid_smaller_model(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(model_dir)
+    digest = sha256(model_dir / "good.onnx")
+    result = invoke(["good.onnx", "-o", "out.onnx", "--method", "l1", "--ratio", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.stdout and "params" in result.stdout
+    assert sha256(model_dir / "good.onnx") == digest
+    original = onnx.load(str(model_dir / "good.onnx"))
+    pruned = onnx.load(str(model_dir / "out.onnx"))
+    check_full(pruned)
+    assert M.output_signature(pruned) == M.output_signature(original)
+    assert M.initializer(pruned, "conv1.w").shape == (4, 3, 3, 3)
+    assert M.initializer(pruned, "conv2.w").shape == (4, 4, 3, 3)
+    assert M.initializer(pruned, "fc.w").shape == (5, 4)
+    assert M.run(pruned)[0].shape == (1, 5)
+    leftovers = {p.name for p in model_dir.iterdir()} - {
+        "good.onnx", "single.onnx", "text.onnx", "trunc.onnx", "bad.onnx", "adir", "out.onnx"}
+    assert not leftovers, f"temporary files left behind: {leftovers}"
+
+
+def test_default_output_name(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(model_dir)
+    result = invoke(["good.onnx", "-q"])
+    assert result.exit_code == 0, result.output
+    check_full(onnx.load(str(model_dir / "good.pruned.onnx")))
+
+
+def test_report_json(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(model_dir)
+    digest = sha256(model_dir / "good.onnx")
+    result = invoke(["good.onnx", "-o", "out.onnx", "--report", "r.json", "--ratio", "0.5"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((model_dir / "r.json").read_text())
+    assert data["method"] == "l1" and data["ratio"] == 0.5
+    before, after = data["before"]["params"], data["after"]["params"]
+    assert isinstance(before, int) and isinstance(after, int) and 0 < after < before
+    pruned = onnx.load(str(model_dir / "out.onnx"))
+    assert after == sum(int(np.prod(i.dims)) for i in pruned.graph.initializer)
+    assert data["ratios"]["params"] == pytest.approx(after / before)
+    assert data["after"]["macs"] < data["before"]["macs"]
+    assert data["agreement"]["max_abs"] >= 0
+    assert [g["kept"] for g in data["groups"]] == [4, 4, 5]
+    assert sha256(model_dir / "good.onnx") == digest
+
+
+def test_dry_run_prints_groups_and_writes_nothing(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(model_dir)
+    before = snapshot(model_dir)
+    result = invoke(["good.onnx", "--dry-run", "-o", "out.onnx", "--report", "r.json"])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "group" in out and "size" in out and "members" in out
+    assert "conv1:out" in out and "conv2:in" in out and "fc:in" in out
+    assert "frozen: graph output y" in out
+    assert "3 groups, 1 fully frozen" in out
+    assert snapshot(model_dir) == before
+
+
+def test_nothing_prunable_is_written_unchanged_with_a_warning(model_dir: Path) -> None:
+    before = sha256(model_dir / "single.onnx")
+    proc = run_subprocess(["single.onnx", "-o", "out.onnx"], model_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing was pruned" in proc.stderr
+    assert "warning" in proc.stderr.lower()
+    assert "Traceback" not in proc.stderr
+    assert sha256(model_dir / "single.onnx") == before
+    written = onnx.load(str(model_dir / "out.onnx"))
+    original = onnx.load(str(model_dir / "single.onnx"))
+    assert written.graph.SerializeToString() == original.graph.SerializeToString()
+    assert (model_dir / "out.onnx").read_bytes() == (model_dir / "single.onnx").read_bytes()
+
+
+def test_exclude_and_round_to_on_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    onnx.save(M.wide_chain(12), tmp_path / "wide.onnx")
+    result = invoke(["wide.onnx", "-o", "out.onnx", "--ratio", "0.5", "--round-to", "4", "--exclude", "conv1"])
+    assert result.exit_code == 0, result.output
+    pruned = onnx.load(str(tmp_path / "out.onnx"))
+    check_full(pruned)
+    assert M.initializer(pruned, "conv1.w").shape == (12, 3, 3, 3)  # excluded
+    assert M.initializer(pruned, "conv2.w").shape == (8, 12, 3, 3)  # 12 - 6 = 6, rounded up to 8
+
+
+def test_input_shape_for_a_dynamic_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = M.conv_chain()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    check_full(model)
+    monkeypatch.chdir(tmp_path)
+    onnx.save(model, tmp_path / "dyn.onnx")
+    result = invoke(["dyn.onnx", "-o", "out.onnx", "--input-shape", "x:2x3x8x8"])
+    assert result.exit_code == 0, result.output
+    pruned = onnx.load(str(tmp_path / "out.onnx"))
+    check_full(pruned)
+    assert M.output_signature(pruned) == [("y", onnx.TensorProto.FLOAT, ("N", 5))]
+    assert M.run(pruned, M.inputs_for(pruned, batch=3))[0].shape == (3, 5)
+
+
+def test_demo_writes_into_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = invoke(["--demo"])
+    assert result.exit_code == 0, result.output
+    assert "accuracy" in result.stdout
+    written = tmp_path / "lenet300.pruned.onnx"
+    pruned = onnx.load(str(written))
+    check_full(pruned)
+    assert M.initializer(pruned, "f1.weight").shape == (150, 784)
+    assert M.initializer(pruned, "f2.weight").shape == (50, 150)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet300.pruned.onnx"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+@pytest.mark.xfail(
+    reason="library bug: ir.save_model writes through tempfile.mkstemp and renames, so the model (and the "
+    "--report JSON, cli._write_text) get mode 0600 instead of honouring the umask (0644 under umask 022)",
+    strict=True,
+)
+def test_written_files_honour_the_umask(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(model_dir)
+    old = os.umask(0o022)
+    try:
+        result = invoke(["good.onnx", "-o", "out.onnx", "--report", "r.json", "-q"])
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    for name in ("out.onnx", "r.json"):
+        assert stat.S_IMODE((model_dir / name).stat().st_mode) == 0o644, name
