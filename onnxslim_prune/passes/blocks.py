@@ -13,8 +13,8 @@ time at a small cost; this stage removes the least useful ones without retrainin
 ``m_c = E[f(x)_c]``, the per-channel mean of the branch on calibration data:
 
 * ``output`` (default): the output error of the model with that block alone replaced by
-  ``x + m`` (KL of softmax outputs for a classifier, else relative squared error, as in
-  `budget.output_error`);
+  ``x + m`` (for a classifier the top-1 disagreement plus 0.1 * KL of the softmax outputs,
+  else the relative squared error: `budget.output_error`);
 * ``norm``: ``||f(x) - m|| / ||x + f(x)||``, what the best constant replacement loses at
   the block output, from one pass of collected activations.
 
@@ -76,6 +76,10 @@ class BlockScore:
 def find_blocks(graph: gs.Graph, shapes: Mapping[str, tuple[int, ...]]) -> list[ResidualBlock]:
     """Every removable identity-shortcut residual block, in graph order."""
     producers = {id(t): n for n in graph.nodes for t in n.outputs}
+
+    def shape_of(t: gs.Tensor) -> tuple[int, ...] | None:
+        return tuple(np.asarray(t.values).shape) if isinstance(t, gs.Constant) else shapes.get(t.name)
+
     graph_outputs = {t.name for t in graph.outputs}
     blocks: list[ResidualBlock] = []
     for add in graph.nodes:
@@ -92,7 +96,7 @@ def find_blocks(graph: gs.Graph, shapes: Mapping[str, tuple[int, ...]]) -> list[
             if nodes is None or not _self_contained(nodes, add, graph_outputs):
                 continue
             ordered = tuple(n.name for n in graph.nodes if id(n) in {id(m) for m in nodes})
-            macs = sum(node_macs(n, lambda t: shapes.get(t.name) if not isinstance(t, gs.Constant) else tuple(np.asarray(t.values).shape)) for n in nodes)
+            macs = sum(node_macs(n, shape_of) for n in nodes)
             axis = 1 if any(n.op in ("Conv", "ConvTranspose") for n in nodes) or len(shape) != 3 else len(shape) - 1
             blocks.append(ResidualBlock(add.name, x.name, y.name, add.outputs[0].name, ordered, int(macs), axis))
             break

@@ -34,11 +34,13 @@ Resource-Constrained Convolutional Neural Networks", 2018). The global order is 
 
 with one affine compensation ``(a_g > 0, b_g)`` per group, learned by regularised evolution
 (Real et al., "Regularized Evolution for Image Classifier Architecture Search", AAAI 2019):
-a population of genomes, tournament selection of a parent among ``S`` random members,
-one mutation per child, and aging (the oldest member dies). The fitness of a genome is the
-output error of the pruned model (KL divergence of the softmax outputs for a classifier,
-else relative squared error) against the original on a few calibration batches, with the
-budget met for every candidate. The best genome ever evaluated is kept.
+seeds (the plain ranking, offsets that reproduce a uniform ratio, and the latter with
+coupled groups such as residual streams ranked later), then children of the best of ``S``
+random members (tournament), one or two mutated genes each, and aging (the oldest member
+dies). The fitness of a genome is the output error of the pruned model against the
+original on a few calibration batches (for a classifier the top-1 disagreement plus
+0.1 * KL of the softmax outputs, else the relative squared error; see `output_error`),
+with the budget met for every candidate. The best genome ever evaluated is kept.
 """
 
 from __future__ import annotations
@@ -77,7 +79,9 @@ DEFAULT_MAX_RATIO = 0.9
 DEFAULT_LCP_ITERATIONS = 60
 DEFAULT_LCP_POPULATION = 12
 DEFAULT_LCP_TOURNAMENT = 4
-DEFAULT_LCP_SAMPLES = 512
+DEFAULT_LCP_SAMPLES = 256
+#: weight of the KL divergence next to the top-1 disagreement in `output_error`
+KL_WEIGHT = 0.1
 
 Keys = Mapping[int, np.ndarray]
 
@@ -542,7 +546,13 @@ def global_plan(ctx: Context, scores: Mapping[int, np.ndarray]) -> Plan:
 
 
 def output_error(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> float:
-    """Mean over float outputs: KL(softmax(y0) || softmax(y)) for [N, C>1], else |y - y0|^2 / |y0|^2."""
+    """Mean over float outputs of the error of `outputs` against `reference` (0: identical).
+
+    A classifier's [N, C>1] output: the top-1 disagreement with the reference plus
+    ``KL_WEIGHT * KL(softmax(y0) || softmax(y))`` (the KL term orders candidates that flip no
+    prediction; alone it would reward a collapsed model for flat, uninformed outputs).
+    Any other output: the relative squared error ``|y - y0|^2 / |y0|^2``.
+    """
     errors: list[float] = []
     for y0, y in zip(reference, outputs):
         if not np.issubdtype(y0.dtype, np.floating):
@@ -553,7 +563,9 @@ def output_error(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray])
             la -= np.log(np.exp(la).sum(axis=1, keepdims=True))
             lb = b - b.max(axis=1, keepdims=True)
             lb -= np.log(np.exp(lb).sum(axis=1, keepdims=True))
-            errors.append(float(np.mean(np.sum(np.exp(la) * (la - lb), axis=1))))
+            kl = float(np.mean(np.sum(np.exp(la) * (la - lb), axis=1)))
+            flips = float(np.mean(np.argmax(a, axis=1) != np.argmax(b, axis=1)))
+            errors.append(flips + KL_WEIGHT * kl)
         else:
             denom = float(np.sum(a * a))
             errors.append(float(np.sum((a - b) ** 2) / denom) if denom > 0 else float(np.sum((a - b) ** 2)))
@@ -691,6 +703,13 @@ class LcpSearch:
                 lo = r
         return self._aligned(hi)
 
+    def protect_coupled(self, genome: Genome, offset: float = 1.0) -> Genome:
+        """`genome` with coupled groups (several sources, e.g. a residual stream) ranked later:
+        one of their classes is a channel of every member layer at once."""
+        groups = {g.index: g for g in self.ctx.trace.groups}
+        b = tuple(v + (offset if len(groups[g].spaces) > 1 else 0.0) for g, v in zip(self.groups, genome.b))
+        return Genome(genome.log_a, b)
+
     def _aligned(self, r: float) -> Genome:
         b: list[float] = []
         groups = {g.index: g for g in self.ctx.trace.groups}
@@ -720,7 +739,8 @@ class LcpSearch:
     def run(self, iterations: int, population: int, tournament: int, seed: int) -> tuple[Genome, float]:
         rng = np.random.default_rng([seed, 2018])
         zeros = tuple(0.0 for _ in self.groups)
-        seeds = [Genome(zeros, zeros), self.uniform_genome()]
+        uniform = self.uniform_genome()
+        seeds = [Genome(zeros, zeros), uniform, self.protect_coupled(uniform)]
         members: deque[_Member] = deque()
         best: _Member | None = None
         done = 0
@@ -743,8 +763,8 @@ class LcpSearch:
         while done < iterations:
             size = min(tournament, len(members))
             picks = rng.choice(len(members), size=size, replace=False)
-            parent = min((members[int(i)] for i in picks), key=lambda m: m.error)
-            add(self.mutate(parent.genome, rng))
+            winner = min((members[int(i)] for i in picks), key=lambda m: m.error)
+            add(self.mutate(winner.genome, rng))
             if len(members) > population:
                 members.popleft()  # aging: the oldest dies, however good
         assert best is not None
