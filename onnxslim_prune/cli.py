@@ -51,7 +51,22 @@ def _progress_bar(enabled: bool) -> tuple[Callable[[int, int], None] | None, Cal
     return update, close
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _OneLineErrors(click.Command):
+    """Click's own parse errors (bad number, unknown option) as one `error:` line, exit 2."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.UsageError as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+
+
+@click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=True))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output path [default: MODEL.pruned.onnx].")
 @click.option("--method", default="l1", show_default=True, help="l1, l2, bn, fpgm, random (and the methods listed in the README).")
@@ -206,13 +221,16 @@ def _check_paths(model: Path, target: Path, report_path: Path | None) -> None:
         raise UsageError(f"{model}: no such file")
     if not model.is_file():
         raise UsageError(f"{model}: not a file")
-    if target.exists() and target.resolve() == model.resolve():
-        raise UsageError(f"output {target} is the input model; choose another -o")
-    if target.is_dir():
-        raise UsageError(f"output {target} is a folder; give a file name")
-    for path in (target, report_path):
-        if path is not None and not path.resolve().parent.is_dir():
+    named = [("output", target)] + ([("--report", report_path)] if report_path is not None else [])
+    for flag, path in named:
+        if path.resolve() == model.resolve():
+            raise UsageError(f"{flag} {path} is the input model; choose another path")
+        if path.is_dir():
+            raise UsageError(f"{flag} {path} is a folder; give a file name")
+        if not path.resolve().parent.is_dir():
             raise UsageError(f"{path.parent}: output folder does not exist")
+    if report_path is not None and report_path.resolve() == target.resolve():
+        raise UsageError(f"--report {report_path} is the output model; choose another path")
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -222,6 +240,7 @@ def _write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.resolve().parent)
     with os.fdopen(fd, "w") as handle:
         handle.write(text + "\n")
+    ir.default_permissions(Path(tmp))
     os.replace(tmp, path)
 
 

@@ -391,9 +391,11 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external
         if external:
             _save_external(model, tmp, location=tmp_data.name)
             _rename_external_location(tmp, tmp_data.name, data_name)
+            default_permissions(tmp_data)
             os.replace(tmp_data, folder / data_name)
         else:
             tmp.write_bytes(model.SerializeToString())
+        default_permissions(tmp)
         os.replace(tmp, target)
     except OSError as exc:
         raise UsageError(f"{target}: cannot write: {exc.strerror or exc}") from None
@@ -401,6 +403,13 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external
         for leftover in (tmp, tmp_data):
             if leftover.exists():
                 leftover.unlink()
+
+
+def default_permissions(path: Path) -> None:
+    """mkstemp creates 0600 files; a written model gets the usual 0666 & ~umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _save_external(model: onnx.ModelProto, path: Path, location: str | None = None) -> None:

@@ -100,11 +100,6 @@ def test_bad_input_in_a_real_process(case: str, model_dir: Path) -> None:
     assert snapshot(model_dir) == before
 
 
-@pytest.mark.xfail(
-    reason="library bug: click's own parse errors (bad float, unknown option) print click's multi-line "
-    "'Usage: ... Error: ...' block instead of one 'error: ...' line",
-    strict=True,
-)
 @pytest.mark.parametrize("args", [["--ratio", "abc"], ["--round-to", "x"], ["--bogus-option"]])
 def test_option_parse_errors_are_one_line(args: list[str], model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(model_dir)
@@ -113,11 +108,6 @@ def test_option_parse_errors_are_one_line(args: list[str], model_dir: Path, monk
     assert snapshot(model_dir) == before
 
 
-@pytest.mark.xfail(
-    reason="library bug: cli._check_paths does not compare --report with MODEL; the input model is "
-    "overwritten with the JSON report (exit 0)",
-    strict=True,
-)
 def test_report_path_equal_to_input_is_refused(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(model_dir)
     before = snapshot(model_dir)
@@ -125,11 +115,6 @@ def test_report_path_equal_to_input_is_refused(model_dir: Path, monkeypatch: pyt
     assert snapshot(model_dir) == before
 
 
-@pytest.mark.xfail(
-    reason="library bug: cli._check_paths does not compare --report with -o; the pruned model just written "
-    "is replaced by the JSON report (exit 0)",
-    strict=True,
-)
 def test_report_path_equal_to_output_is_refused(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(model_dir)
     before = snapshot(model_dir)
@@ -137,12 +122,6 @@ def test_report_path_equal_to_output_is_refused(model_dir: Path, monkeypatch: py
     assert snapshot(model_dir) == before
 
 
-@pytest.mark.xfail(
-    reason="library bug: --report naming an existing folder is not checked up front; the model is written, "
-    "then cli._write_text fails with 'internal error (IsADirectoryError ...)', exit 1, and leaves its "
-    "temporary file '.<name>.XXXX' behind",
-    strict=True,
-)
 def test_report_path_that_is_a_folder_is_refused(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(model_dir)
     before = snapshot(model_dir)
@@ -265,11 +244,6 @@ def test_demo_writes_into_the_current_folder(tmp_path: Path, monkeypatch: pytest
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
-@pytest.mark.xfail(
-    reason="library bug: ir.save_model writes through tempfile.mkstemp and renames, so the model (and the "
-    "--report JSON, cli._write_text) get mode 0600 instead of honouring the umask (0644 under umask 022)",
-    strict=True,
-)
 def test_written_files_honour_the_umask(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(model_dir)
     old = os.umask(0o022)

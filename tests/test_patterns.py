@@ -267,21 +267,17 @@ def test_dead_channels_inside_a_slice_keep_the_slice_alive() -> None:
     assert M.initializer(result.model, "c1.w").shape[0] == M.initializer(result.model, "cb.w").shape[1]
 
 
-@pytest.mark.xfail(
-    reason="library bug: trace._finish attaches a grouped conv's block constraint only to the group of the "
-    "first atom of its input (block_by_root[roots[atoms[0]]]), so the second Concat operand's group is pruned "
-    "freely while the first is frozen; apply._grouped_weight then raises 'uneven input channels per group'",
-    raises=op.ModelError,
-    strict=True,
-)
 def test_concat_into_grouped_conv_prunes_or_freezes_consistently() -> None:
-    """Each Concat operand is one block of a group-2 conv: the model must still prune validly."""
+    """Each Concat operand is one block of a group-2 conv: both operand groups are frozen (the
+    equal-count-per-block rule would span two groups) and the model still prunes validly."""
     original = M.concat_into_grouped(dead1=[0, 2], dead2=[1, 3])
-    result = prune_checked(original, 0.5)
+    result = prune_checked(original, 0.5, exclude=["c3"])  # c3 protects the gconv's own (live) outputs
     assert_same_function(original, result.model)
     w = M.initializer(result.model, "gconv.w")
     c1, c2 = (M.initializer(result.model, n).shape[0] for n in ("c1.w", "c2.w"))
     assert c1 == c2 == w.shape[1], "each block of the grouped conv must keep the same input count"
+    frozen = [g for g in result.trace.groups if any(m.node in ("c1", "c2") and m.role == "out" for m in g.members)]
+    assert frozen and all(g.is_frozen and any("several groups" in r for r in g.reasons) for g in frozen)
 
 
 # ----------------------------------------------------------------------------- 2. grouping
@@ -335,11 +331,6 @@ def test_concat_keeps_two_groups() -> None:
     assert [trace.class_group[int(c)] for c in cat] == [g1.index] * 4 + [g2.index] * 6
 
 
-@pytest.mark.xfail(
-    reason="library bug: trace._State.touch records a member only under atoms[0], so a consumer of a Concat "
-    "output (c3:in) is listed in the first operand's group only; the second group misses it and its MACs",
-    strict=True,
-)
 def test_concat_consumer_is_a_member_of_both_groups() -> None:
     trace = op.analyze(M.concat_branches()).trace
     g1, g2 = one_group(trace, "c1", "out"), one_group(trace, "c2", "out")
@@ -358,13 +349,6 @@ def test_bn_criterion_removes_zero_gamma_channels() -> None:
     np.testing.assert_array_equal(M.initializer(result.model, "bn.gamma"), M.initializer(original, "bn.gamma")[k])
 
 
-@pytest.mark.xfail(
-    reason="library bug: Concat -> BatchNormalization with --method bn raises KeyError: score.bn walks every "
-    "position of the BN input (both Concat groups) but indexes the scores of one group only; the BN member "
-    "is recorded in the first operand's group only (trace._State.touch)",
-    raises=KeyError,
-    strict=True,
-)
 def test_bn_criterion_after_concat() -> None:
     original = M.concat_bn(dead_gamma=[1, 2, 4, 6, 9])
     result = prune_checked(original, 0.5, method="bn")
@@ -500,11 +484,6 @@ def test_round_to_keeps_multiples(ratio: float, kept: int) -> None:
     check_full(result.model)
 
 
-@pytest.mark.xfail(
-    reason="library bug: plan.keep_every_tensor_alive restores one class after kept_count() rounded to "
-    "--round-to, so the slice model keeps 5 channels with round_to=4",
-    strict=True,
-)
 def test_round_to_survives_keeping_a_slice_alive() -> None:
     original = M.slice_channels(dead=[2, 3, 4, 5])
     result = prune_checked(original, 0.5, round_to=4)
@@ -513,12 +492,6 @@ def test_round_to_survives_keeping_a_slice_alive() -> None:
     assert kept % 4 == 0, f"kept {kept} channels with --round-to 4"
 
 
-@pytest.mark.xfail(
-    reason="library bug: plan.uniform_plan rounds the kept count up to --round-to, then rounds the removed "
-    "count down to the grouped conv's block count, which breaks the round-to multiple (group 2, round_to 3, "
-    "ratio 0.75 keeps 4; 6 satisfies both)",
-    strict=True,
-)
 def test_round_to_with_grouped_conv_blocks() -> None:
     result = prune_checked(M.grouped(2), 0.75, round_to=3)
     for row, group in zip(result.report.groups, result.trace.groups):

@@ -53,10 +53,12 @@ def check_ratio(ratio: float) -> None:
         raise UsageError(f"--ratio must be in [0, 1), got {ratio}")
 
 
-def kept_count(size: int, ratio: float, round_to: int = 1) -> int:
+def kept_count(size: int, ratio: float, round_to: int = 1, block: int = 1) -> int:
+    """Channels kept: the least count >= the ratio's that is a multiple of `round_to` and
+    leaves a removed count that is a multiple of `block` (grouped convs); else all."""
     keep = max(1, size - int(math.floor(ratio * size + 1e-9)))
-    if round_to > 1:
-        keep = min(size, int(math.ceil(keep / round_to) * round_to))
+    while keep < size and (keep % round_to or (size - keep) % block):
+        keep += 1
     return keep
 
 
@@ -96,18 +98,25 @@ def uniform_plan(
     for group in trace.groups:
         if group.is_frozen or group.index not in scores:
             continue
-        keep = kept_count(group.size, ratio, round_to)
+        keep = kept_count(group.size, ratio, round_to, group.block)
         n_remove = min(group.size - keep, group.prunable)
-        if group.block > 1:
-            n_remove -= n_remove % group.block
+        while n_remove > 0 and ((group.size - n_remove) % round_to or n_remove % group.block):
+            n_remove -= 1  # frozen classes capped the removal: keep the roundings valid
         pruned = select_lowest(group, scores[group.index], n_remove)
         if pruned:
             plans.append(GroupPlan(group.index, group.size, pruned))
-    return keep_every_tensor_alive(trace, Plan(tuple(plans)), scores)
+    return keep_every_tensor_alive(trace, Plan(tuple(plans)), scores, round_to)
 
 
-def keep_every_tensor_alive(trace: Trace, plan: Plan, scores: Mapping[int, np.ndarray]) -> Plan:
-    """Restore the best class of any traced tensor that would lose all of its channels."""
+def keep_every_tensor_alive(
+    trace: Trace, plan: Plan, scores: Mapping[int, np.ndarray], round_to: int = 1
+) -> Plan:
+    """Restore the best class of any traced tensor that would lose all of its channels.
+
+    A group that had a class restored then gets more of its best pruned classes back
+    until its kept count is a multiple of `round_to`; a grouped-conv group (whose blocks
+    must stay even) gets all of them back.
+    """
     pruned = set(plan.pruned_classes)
     if not pruned:
         return plan
@@ -127,7 +136,13 @@ def keep_every_tensor_alive(trace: Trace, plan: Plan, scores: Mapping[int, np.nd
         return plan
     groups = []
     for gp in plan.groups:
-        kept = tuple(c for c in gp.pruned if c in pruned)
-        if kept:
-            groups.append(GroupPlan(gp.group, gp.size, kept))
+        still = [c for c in gp.pruned if c in pruned]
+        if len(still) != len(gp.pruned):
+            if trace.groups[gp.group].block > 1:
+                still = []
+            still.sort(key=lambda c: rank.get(c, 0.0))
+            while still and (gp.size - len(still)) % round_to:
+                still.pop()  # restore the best-scored
+        if still:
+            groups.append(GroupPlan(gp.group, gp.size, tuple(still)))
     return Plan(tuple(groups))

@@ -79,9 +79,10 @@ def bn(trace: Trace, graph: gs.Graph, group: Group, seed: int = 0) -> np.ndarray
         classes = trace.class_positions(node.inputs[0].name)
         if gamma is None or classes is None:
             continue
-        found = True
         for root, g in zip(classes.tolist(), np.abs(gamma.astype(np.float64)).tolist()):
-            out[index[root]] += g
+            if root in index:  # a BN after a Concat also holds other groups' channels
+                out[index[root]] += g
+                found = True
     return out if found else l1(trace, graph, group, seed)
 
 

@@ -186,7 +186,7 @@ class _State:
     space_frozen: dict[int, str] = field(default_factory=dict)
     sources: list[Source] = field(default_factory=list)
     frozen: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
-    members: dict[int, list[Member]] = field(default_factory=lambda: defaultdict(list))
+    members: list[tuple[np.ndarray, Member]] = field(default_factory=list)
     blocks: list[tuple[np.ndarray, int]] = field(default_factory=list)
     node_kind: dict[str, str] = field(default_factory=dict)
 
@@ -211,7 +211,7 @@ class _State:
 
     def touch(self, atoms: np.ndarray, node: gs.Node, role: str) -> None:
         if atoms.size:
-            self.members[int(atoms[0])].append(Member(node.name, node.op, role))
+            self.members.append((atoms, Member(node.name, node.op, role)))
 
 
 class Tracer:
@@ -740,14 +740,24 @@ class Tracer:
         for atom, reasons in s.frozen.items():
             bucket = frozen_roots[int(roots[atom])]
             bucket.extend(r for r in reasons if r not in bucket)
-        members_by_root: dict[int, list[Member]] = defaultdict(list)
-        for atom, members in s.members.items():
-            members_by_root[int(roots[atom])].extend(members)
-        block_by_root: dict[int, list[tuple[np.ndarray, int]]] = defaultdict(list)
-        for atoms, g in s.blocks:
-            if atoms.size:
-                block_by_root[int(roots[atoms[0]])].append((atoms, g))
 
+        def groups_of(atoms: np.ndarray) -> set[int]:
+            return set(space_root[atom_space[atoms]].tolist())
+
+        # a member belongs to every group whose channels it touches (a Concat consumer spans several)
+        members_by_group: dict[int, list[Member]] = defaultdict(list)
+        for atoms, member in s.members:
+            for key in groups_of(atoms):
+                members_by_group[key].append(member)
+        blocks_by_group: dict[int, list[tuple[np.ndarray, int]]] = defaultdict(list)
+        mixed_blocks: dict[int, str] = {}
+        for atoms, g in s.blocks:
+            keys = groups_of(atoms)
+            if len(keys) == 1:
+                blocks_by_group[keys.pop()].append((atoms, g))
+            else:  # the per-group equal count would have to hold across groups: not expressible here
+                for key in keys:
+                    mixed_blocks[key] = "a grouped conv mixes channels of several groups"
         node_macs = self._node_macs()
         groups: list[Group] = []
         class_group: dict[int, int] = {}
@@ -756,17 +766,20 @@ class Tracer:
             classes = list(dict.fromkeys(int(r) for r in roots[atoms]))
             reasons = list(dict.fromkeys(r for c in classes for r in frozen_roots.get(c, [])))
             frozen = [bool(frozen_roots.get(c)) for c in classes]
-            members = list(dict.fromkeys(m for c in classes for m in members_by_root.get(c, [])))
+            key = int(space_root[spaces[0]])
+            members = list(dict.fromkeys(members_by_group.get(key, [])))
             # a group whose only spaces are frozen placeholders has no source to prune
             if all(sp in s.space_frozen for sp in spaces):
                 frozen = [True] * len(classes)
             block = 1
-            group_blocks = [b for c in classes for b in block_by_root.get(c, [])]
-            if group_blocks:
+            group_blocks = blocks_by_group.get(key, [])
+            why = mixed_blocks.get(key, "")
+            if group_blocks and not why:
                 block, why = _block_constraint(classes, group_blocks, roots)
-                if why:
-                    frozen = [True] * len(classes)
-                    reasons.append(why)
+            if why:
+                block = 1
+                frozen = [True] * len(classes)
+                reasons.append(why)
             index = len(groups)
             for c in classes:
                 class_group[c] = index
