@@ -105,6 +105,9 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
         for tensor in graph.tensors().values():
             if isinstance(tensor, gs.Variable) and tensor.name in shapes:
                 tensor.shape = list(shapes[tensor.name])
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # graph-surgeon folds with onnxruntime; its warnings are noise here
     try:
         graph.fold_constants(fold_shapes=static, error_ok=True, should_exclude_node=_expands)
     except Exception as exc:  # folding is an optimisation; tracing is conservative without it
@@ -315,9 +318,12 @@ def static_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Shape]) -> 
         log.warning("strict shape inference failed (%s); retrying leniently", str(exc).splitlines()[0])
         inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
     shapes: dict[str, Shape] = {}
+    types: dict[str, int] = {}
     graph = inferred.graph
     for vi in [*graph.input, *graph.value_info, *graph.output]:
         tt = vi.type.tensor_type
+        if tt.elem_type:
+            types[vi.name] = tt.elem_type
         if not tt.HasField("shape"):
             continue
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
@@ -325,7 +331,39 @@ def static_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Shape]) -> 
             shapes[vi.name] = tuple(dims)
     for init in model.graph.initializer:
         shapes[init.name] = tuple(init.dims)
+    missing = [o for n in model.graph.node for o in n.output if o and o not in shapes and o in types]
+    if missing:
+        shapes.update(_shapes_by_running(model, input_shapes, missing, types))
     return shapes
+
+
+def _shapes_by_running(
+    model: onnx.ModelProto, input_shapes: Mapping[str, Shape], names: list[str], types: Mapping[str, int]
+) -> dict[str, Shape]:
+    """Shapes inference could not give, read off one onnxruntime run on zero inputs."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, types[n], None) for n in names if n not in known)
+    feeds = {}
+    inits = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name not in inits and vi.name in input_shapes:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+            feeds[vi.name] = np.zeros(input_shapes[vi.name], dtype=dtype)
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        values = sess.run(names, feeds)
+    except Exception as exc:  # tracing stays conservative: unknown shapes freeze
+        log.warning("could not run the model to read shapes: %s", str(exc).splitlines()[0])
+        return {}
+    log.info("read %d tensor shapes from an onnxruntime run", len(names))
+    return {n: tuple(np.shape(v)) for n, v in zip(names, values)}
 
 
 # ----------------------------------------------------------------------------- export
@@ -351,7 +389,11 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     del out.graph.output[:]
     out.graph.output.extend(like.graph.output)
     del out.graph.value_info[:]
-    return infer_strict(out)
+    inferred = infer_strict(out)
+    # inference may refine a symbolic output dim; the output contract is the original's declaration
+    del inferred.graph.output[:]
+    inferred.graph.output.extend(like.graph.output)
+    return inferred
 
 
 def infer_strict(model: onnx.ModelProto) -> onnx.ModelProto:
