@@ -229,19 +229,21 @@ def tensor_dtype(tensor: gs.Tensor) -> np.dtype | None:
 # ----------------------------------------------------------------------------- shapes
 
 
+def parse_input_shape(text: str) -> tuple[str, Shape]:
+    """Parse ``NAME:1x3x224x224`` (the last ``:`` separates, so ``input:0:1x3`` works)."""
+    name, sep, dims = text.rpartition(":")
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape or any(d <= 0 for d in shape):
+        raise UsageError(f"bad --input-shape {text!r}: expected NAME:DxDx... with positive integers")
+    return name, shape
+
+
 def parse_input_shapes(items: Iterable[str]) -> dict[str, Shape]:
-    """`NAME:1x3x224x224` items into a mapping; one clear line for a malformed item."""
-    shapes: dict[str, Shape] = {}
-    for item in items:
-        name, sep, dims = item.rpartition(":")
-        try:
-            shape = tuple(int(d) for d in dims.lower().split("x"))
-        except ValueError:
-            shape = ()
-        if not sep or not name or not shape or any(d <= 0 for d in shape):
-            raise UsageError(f"bad --input-shape {item!r}: expected NAME:DxDx... with positive integers")
-        shapes[name] = shape
-    return shapes
+    """Repeated `--input-shape` items into a mapping."""
+    return dict(parse_input_shape(item) for item in items)
 
 
 def fixed_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, Shape] | None = None) -> dict[str, Shape]:

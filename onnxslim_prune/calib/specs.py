@@ -13,10 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+
 import onnx
 from onnx import helper
 
 from ..errors import ModelError, UsageError
+from ..ir import parse_input_shape  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +36,6 @@ class InputSpec:
     def sample_shape(self) -> tuple[int, ...]:
         """Shape of one sample (the batch axis removed)."""
         return self.shape[1:]
-
-
-def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
-    """Parse ``NAME:1x3x224x224`` (the last ``:`` separates, so ``input:0:1x3`` works)."""
-    name, sep, dims = text.rpartition(":")
-    try:
-        shape = tuple(int(d) for d in dims.lower().split("x"))
-    except ValueError:
-        shape = ()
-    if not sep or not name or not shape or any(d <= 0 for d in shape):
-        raise UsageError(f"bad --input-shape {text!r}: expected NAME:DxDx... with positive integers")
-    return name, shape
 
 
 def _model_dims(vi: onnx.ValueInfoProto) -> list[int | None] | None:

@@ -270,6 +270,16 @@ class Tracer:
     def traced_inputs(self, node: gs.Node) -> list[tuple[int, ChannelMap]]:
         return [(i, m) for i, t in enumerate(node.inputs) if (m := self.cmap(t)) is not None]
 
+    def traced_with_shape(self, node: gs.Node) -> tuple[ChannelMap, Shape] | None:
+        """The first input's map and static shape; None if untraced, frozen if the shape is unknown."""
+        x_map = self.cmap(node.inputs[0])
+        if x_map is None:
+            return None
+        shape = self.shape(node.inputs[0])
+        if shape is None:
+            raise _Freeze("unknown rank")
+        return x_map, shape
+
     def set_map(self, tensor: gs.Tensor, cmap: ChannelMap) -> None:
         self.s.maps[tensor.name] = cmap
 
@@ -493,12 +503,9 @@ class Tracer:
         self.pass_through(node, x_map, "resize")
 
     def _axis_op(self, node: gs.Node) -> None:
-        x_map = self.cmap(node.inputs[0])
-        shape = self.shape(node.inputs[0])
-        if x_map is None:
+        if (traced := self.traced_with_shape(node)) is None:
             return
-        if shape is None:
-            raise _Freeze("unknown rank")
+        x_map, shape = traced
         if self.opset < 13:  # opset < 13 normalises over the flattened axes from `axis` on
             axis = int(ir.attr(node, "axis", 1)) % len(shape)
             if x_map.axis >= axis:
@@ -508,24 +515,18 @@ class Tracer:
         self.pass_through(node, x_map)
 
     def _layer_norm(self, node: gs.Node) -> None:
-        x_map = self.cmap(node.inputs[0])
-        shape = self.shape(node.inputs[0])
-        if x_map is None:
+        if (traced := self.traced_with_shape(node)) is None:
             return
-        if shape is None:
-            raise _Freeze("unknown rank")
+        x_map, shape = traced
         axis = int(ir.attr(node, "axis", -1)) % len(shape)
         if x_map.axis >= axis:
             raise _Freeze("normalises across channels")
         self.pass_through(node, x_map)
 
     def _reduce(self, node: gs.Node) -> None:
-        x_map = self.cmap(node.inputs[0])
-        shape = self.shape(node.inputs[0])
-        if x_map is None:
+        if (traced := self.traced_with_shape(node)) is None:
             return
-        if shape is None:
-            raise _Freeze("unknown rank")
+        x_map, shape = traced
         rank = len(shape)
         axes = ir.attr(node, "axes")
         if axes is None and ir.has_input(node, 1):
@@ -546,23 +547,17 @@ class Tracer:
         self.pass_through(node, ChannelMap(axis, x_map.atoms))
 
     def _transpose(self, node: gs.Node) -> None:
-        x_map = self.cmap(node.inputs[0])
-        shape = self.shape(node.inputs[0])
-        if x_map is None:
+        if (traced := self.traced_with_shape(node)) is None:
             return
-        if shape is None:
-            raise _Freeze("unknown rank")
+        x_map, shape = traced
         perm = ir.attr(node, "perm") or list(reversed(range(len(shape))))
         self.pass_through(node, ChannelMap(list(perm).index(x_map.axis), x_map.atoms))
 
     def _shape(self, node: gs.Node) -> None:
         """Shape reads no data; only a read of the channel dim makes it depend on pruning."""
-        x_map = self.cmap(node.inputs[0])
-        shape = self.shape(node.inputs[0])
-        if x_map is None:
+        if (traced := self.traced_with_shape(node)) is None:
             return
-        if shape is None:
-            raise _Freeze("unknown rank")
+        x_map, shape = traced
         rank = len(shape)
         start = int(ir.attr(node, "start", 0))
         end = ir.attr(node, "end")
@@ -650,12 +645,9 @@ class Tracer:
         self.set_map(node.outputs[0], ChannelMap(axis, np.concatenate(parts)))
 
     def _split(self, node: gs.Node) -> None:
-        x_map = self.cmap(node.inputs[0])
-        shape = self.shape(node.inputs[0])
-        if x_map is None:
+        if (traced := self.traced_with_shape(node)) is None:
             return
-        if shape is None:
-            raise _Freeze("unknown rank")
+        x_map, shape = traced
         axis = int(ir.attr(node, "axis", 0)) % len(shape)
         if axis != x_map.axis:
             for out in node.outputs:
@@ -675,12 +667,9 @@ class Tracer:
         self.s.node_kind[node.name] = "split"
 
     def _slice(self, node: gs.Node) -> None:
-        x_map = self.cmap(node.inputs[0])
-        shape = self.shape(node.inputs[0])
-        if x_map is None:
+        if (traced := self.traced_with_shape(node)) is None:
             return
-        if shape is None:
-            raise _Freeze("unknown rank")
+        x_map, shape = traced
         spec = slice_spec(node, len(shape))
         if spec is None:
             raise _Freeze("slice bounds are computed at run time")
