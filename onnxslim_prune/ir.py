@@ -434,9 +434,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external
     try:
         if external:
             _save_external(model, tmp, location=tmp_data.name)
-            _rename_external_location(tmp, tmp_data.name, data_name)
-            default_permissions(tmp_data)
-            os.replace(tmp_data, folder / data_name)
+            if tmp_data.exists():  # absent when every tensor is under the threshold
+                _rename_external_location(tmp, tmp_data.name, data_name)
+                default_permissions(tmp_data)
+                os.replace(tmp_data, folder / data_name)
         else:
             tmp.write_bytes(model.SerializeToString())
         default_permissions(tmp)

@@ -1,0 +1,146 @@
+"""Loading and normalising: Constant-node weights, Identity chains, old opsets, external data, dynamic dims.
+
+Each test uses the dead-channel oracle: channels whose producing filter and bias are zero
+(so ReLU outputs 0) are the lowest-l1 ones and must prune away with outputs unchanged (1e-5).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxslim_prune import prune
+from onnxslim_prune.cli import main
+
+TOL = 1e-5
+
+
+def _run(model: onnx.ModelProto | str, x: np.ndarray) -> np.ndarray:
+    src = model if isinstance(model, str) else model.SerializeToString()
+    return ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def _conv_weights(rng: np.random.Generator, cout: int, cin: int, dead: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    w = (rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(cin * 9)).astype(np.float32)
+    b = (rng.standard_normal(cout) * 0.1).astype(np.float32)
+    w[dead] = 0.0
+    b[dead] = 0.0
+    return w, b
+
+
+def _const_node(name: str, value: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name + "_v"))
+
+
+def _weights_out(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    return {i.name: tuple(i.dims) for i in model.graph.initializer}
+
+
+def test_paddle_style_constant_node_weights_and_identity_chains() -> None:
+    rng = np.random.default_rng(0)
+    w1, b1 = _conv_weights(rng, 8, 3, dead=[1, 5, 6, 7])
+    w2, b2 = _conv_weights(rng, 4, 8, dead=[])
+    nodes = [
+        _const_node("w1c", w1), helper.make_node("Identity", ["w1c"], ["w1i"]), helper.make_node("Identity", ["w1i"], ["w1"]),
+        _const_node("b1", b1), _const_node("w2", w2), _const_node("b2", b2),
+        helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Conv", ["r", "w2", "b2"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "paddle", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model, full_check=True)
+    result = prune(model, "l1", 0.5)
+    shapes = sorted(_weights_out(result.model).values())
+    assert (4, 3, 3, 3) in shapes and (4, 4, 3, 3) in shapes  # conv1 lost 4 outputs, conv2 4 inputs
+    x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    assert np.max(np.abs(_run(result.model, x) - _run(model, x))) < TOL
+
+
+def test_opset11_split_attribute_and_weight_subgraph_are_rewritten() -> None:
+    """Opset 11: Split sizes live in an attribute; a bias is computed by ConstantOfShape + Add (folded)."""
+    rng = np.random.default_rng(1)
+    w1, b1 = _conv_weights(rng, 8, 3, dead=[0, 1, 4, 5])
+    wa, ba = _conv_weights(rng, 2, 4, dead=[])
+    wb, bb = _conv_weights(rng, 2, 4, dead=[])
+    zeros_shape = numpy_helper.from_array(np.array([8], dtype=np.int64), "zshape")
+    nodes = [
+        helper.make_node("ConstantOfShape", ["zshape"], ["zeros"], value=numpy_helper.from_array(np.zeros(1, np.float32))),
+        helper.make_node("Add", ["zeros", "b1raw"], ["b1"]),
+        helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Split", ["r"], ["s0", "s1"], axis=1, split=[4, 4]),
+        helper.make_node("Conv", ["s0", "wa", "ba"], ["ya"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["s1", "wb", "bb"], ["yb"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["ya", "yb"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(v, k) for k, v in {"w1": w1, "b1raw": b1, "wa": wa, "ba": ba, "wb": wb, "bb": bb}.items()]
+    graph = helper.make_graph(
+        nodes, "opset11", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 6, 6])], [zeros_shape, *inits],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    onnx.checker.check_model(model, full_check=True)
+    result = prune(model, "l1", 0.5)
+    split = next(n for n in result.model.graph.node if n.op_type == "Split")
+    assert list(next(a for a in split.attribute if a.name == "split").ints) == [2, 2]
+    assert _weights_out(result.model)["wa"] == (2, 2, 3, 3)
+    assert not any(n.op_type == "ConstantOfShape" for n in result.model.graph.node)
+    x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    assert np.max(np.abs(_run(result.model, x) - _run(model, x))) < TOL
+
+
+def _dynamic_model(rng: np.random.Generator) -> onnx.ModelProto:
+    w1, b1 = _conv_weights(rng, 6, 3, dead=[2, 3, 4])
+    w2, b2 = _conv_weights(rng, 16, 6, dead=[])  # still 1,728 bytes after pruning: stored externally
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("Conv", ["r", "w2", "b2"], ["y"], pads=[1, 1, 1, 1]),
+        ],
+        "dyn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, "H", "W"])],
+        [numpy_helper.from_array(v, k) for k, v in {"w1": w1, "b1": b1, "w2": w2, "b2": b2}.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_dynamic_dims_stay_dynamic_and_input_shape_is_used(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    model = _dynamic_model(rng)
+    src, out = tmp_path / "dyn.onnx", tmp_path / "dyn.pruned.onnx"
+    onnx.save(model, str(src))
+    res = CliRunner().invoke(main, [str(src), "-o", str(out), "--ratio", "0.5", "--input-shape", "x:2x3x10x12", "-q"])
+    assert res.exit_code == 0, res.output
+    pruned = onnx.load(str(out))
+    assert [d.dim_param for d in pruned.graph.input[0].type.tensor_type.shape.dim] == ["N", "", "H", "W"]
+    assert [d.dim_param for d in pruned.graph.output[0].type.tensor_type.shape.dim] == ["N", "", "H", "W"]
+    x = rng.standard_normal((3, 3, 7, 5)).astype(np.float32)  # another batch and size than traced with
+    assert np.max(np.abs(_run(str(out), x) - _run(model, x))) < TOL
+
+
+def test_external_data_in_gives_external_data_out(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    model = _dynamic_model(rng)
+    src, out = tmp_path / "ext.onnx", tmp_path / "ext.pruned.onnx"
+    onnx.save(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0)
+    before = src.read_bytes(), (tmp_path / "ext.onnx.data").read_bytes()
+    res = CliRunner().invoke(main, [str(src), "-o", str(out), "--ratio", "0.5", "-q"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "ext.pruned.onnx.data").is_file()
+    assert (src.read_bytes(), (tmp_path / "ext.onnx.data").read_bytes()) == before  # input untouched
+    loaded = onnx.load(str(out), load_external_data=False)
+    assert any(i.data_location == TensorProto.EXTERNAL for i in loaded.graph.initializer)
+    x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    assert np.max(np.abs(_run(str(out), x) - _run(model, x))) < TOL
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
