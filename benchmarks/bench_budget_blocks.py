@@ -35,7 +35,7 @@ from onnxslim_prune.api import prune
 
 CALIB_SAMPLES = 2000
 BLOCK_COUNTS = (0, 3, 6, 9, 13)
-MACS_TARGETS = (0.5, 0.3)
+MACS_TARGETS = (0.8, 0.5, 0.3)
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -6,7 +6,8 @@ Global budget. Every prunable class ``c`` of group ``g`` gets a normalised score
 
 so that layers of different scale compare. Classes are removed in ONE global order of
 increasing ``s'`` (the lowest first) until the model's MACs (or parameters) fall to the
-target fraction ``F`` of the model the method receives:
+target fraction ``F`` of the model the channel stage receives (the input model, or the
+block-pruned one when --blocks is given too):
 
     removed = the shortest prefix of the order with  cost(kept) / cost(original) <= F
 
