@@ -1,1 +1,611 @@
-"""Least-squares reconstruction of the consumers of pruned channels from calibration data."""
+"""Least-squares reconstruction of the consumers of pruned channels from calibration data.
+
+After channels are removed, every *consumer* of a pruned group (a Conv with ``group=1``, a
+Gemm, or a MatMul with a constant weight) is refitted so that its output matches the
+ORIGINAL model's output of that layer, while its input is taken from the ALREADY PRUNED
+(and already refitted) network::
+
+    X' = rows of the layer input in the pruned network      (im2col patches at P sampled
+                                                              positions per image for a Conv)
+    Y  = rows of the layer output in the original network  (the kept output channels)
+
+    [W', b'] = argmin ||X' W' + 1 b'^T - Y||^2 + lam ||W'||^2
+             : W' = (S_xx + lam I)^-1 S_xy,   b' = mean(Y) - mean(X') W'
+
+with the centred moments ``S_xx = X'^T X' / n - mx mx^T``, ``S_xy = X'^T Y / n - mx my^T``
+accumulated in float64 over streamed batches (``calib.GramAccumulator``; nothing but one
+batch of activations is ever held), and ``lam = ridge * trace(S_xx) / dim``. The intercept
+makes the bias exact: a Conv or Gemm without a bias gets one, a MatMul's bias is the
+constant operand of the Add that follows it (without one it is fitted through the origin).
+
+Layers are fitted in topological order, level by level (a level holds the consumers whose
+inputs do not depend on one another), so each layer compensates the error of everything
+pruned and refitted before it and errors do not accumulate: the sequential scheme of He,
+Zhang and Sun, "Channel Pruning for Accelerating Very Deep Neural Networks" (ICCV 2017,
+eq. 1 and section 3.3) and of the layer-wise reconstruction in Luo, Wu and Lin, "ThiNet"
+(ICCV 2017). For a layer whose output goes straight into a residual Add, the target is
+``Y = Add_original - other_operand_pruned`` (He et al. 2017, section 3.3, multi-branch
+networks), so the branch also absorbs the error of the shortcut.
+
+``mode="ldrf"`` (Chen et al., "Layer Decomposition-Recomposition Framework for Neuron
+Pruning towards Accurate Lightweight Networks", AAAI 2019): the layer is decomposed into
+an embedding onto the principal subspace ``U`` (top eigenvectors of the original output
+covariance holding ``energy`` of its variance, ``W = W U U^T``); the embedding is solved
+in closed form from the surviving channels of the pruned network, ``A = argmin
+||X' A - (Y - my) U||^2``, and recomposed into the layer, ``W' = A U^T``, so no extra layer
+remains in the output model.
+
+Depthwise and grouped convolutions, ConvTranspose and 3-D convolutions are not refitted
+(they are sliced exactly; a note says so).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import scipy.linalg
+
+from .. import ir
+from ..calib import GramAccumulator, conv_output_size, conv_patches, expose_tensors, output_rows, sample_positions
+from ..calib import stream_tensors
+from ..errors import ModelError
+from .methods import Context, Outcome
+from .plan import Plan
+from .trace import Trace
+
+log = logging.getLogger(__name__)
+
+#: sampled output positions per image for the Gram matrices of a Conv (``--calib-positions``)
+DEFAULT_POSITIONS = 16
+#: ridge, relative to the mean input variance (``params["ridge"]``)
+DEFAULT_RIDGE = 1e-6
+#: LDRF: fraction of the output variance the embedding keeps (``params["energy"]``)
+DEFAULT_ENERGY = 0.995
+#: most bytes of Gram matrices held at once while collecting selection statistics
+DEFAULT_GRAM_BUDGET = 1 << 30
+
+Progress = Callable[[int, int], None]
+FITTED_KINDS = ("conv", "gemm", "matmul")
+
+
+# ----------------------------------------------------------------------------- layer geometry
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A weighted node seen as ``Y = X W + b`` on rows: its tensors and its im2col geometry."""
+
+    node: str
+    kind: str  # "conv", "gemm" or "matmul"
+    x: str  # input tensor
+    y: str  # output tensor
+    kernel: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    auto_pad: str = "NOTSET"
+
+    @property
+    def taps(self) -> int:
+        """Columns per input channel (kernel elements; 1 for Gemm / MatMul)."""
+        return int(np.prod(self.kernel)) if self.kind == "conv" else 1
+
+    def conv_pads(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        if self.auto_pad in ("", "NOTSET"):
+            return self.pads or (0,) * (2 * len(spatial))
+        if self.auto_pad == "VALID":
+            return (0,) * (2 * len(spatial))
+        begins, ends = [], []
+        for size, k, s, d in zip(spatial, self.kernel, self.strides, self.dilations):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            small = total // 2
+            begins.append(small if self.auto_pad == "SAME_UPPER" else total - small)
+            ends.append(total - begins[-1])
+        return (*begins, *ends)
+
+    def positions(self, x_shape: Sequence[int], count: int | None, rng: np.random.Generator) -> np.ndarray | None:
+        """Sampled output positions ``[N, P]`` of a Conv (None: every row, Gemm / MatMul)."""
+        if self.kind != "conv":
+            return None
+        spatial = tuple(int(d) for d in x_shape[2:])
+        out = conv_output_size(spatial, self.kernel, self.strides, self.conv_pads(spatial), self.dilations)
+        return sample_positions(int(x_shape[0]), int(np.prod(out)), count, rng)
+
+    def x_rows(self, x: np.ndarray, index: np.ndarray | None) -> np.ndarray:
+        if self.kind != "conv":
+            return x.reshape(-1, x.shape[-1])
+        pads = self.conv_pads(x.shape[2:])
+        return conv_patches(x, self.kernel, self.strides, pads, self.dilations, positions=index)
+
+    def y_rows(self, y: np.ndarray, index: np.ndarray | None) -> np.ndarray:
+        if self.kind != "conv":
+            return y.reshape(-1, y.shape[-1])
+        return output_rows(y, index)
+
+
+def layer_of(node: gs.Node, kind: str) -> Layer | None:
+    """The `Layer` of a traced Conv (group 1, 1-D or 2-D), Gemm or MatMul; None if unsupported."""
+    x, y = node.inputs[0], node.outputs[0]
+    if kind == "conv":
+        weight = ir.input_const(node, 1)
+        if weight is None or weight.ndim not in (3, 4) or int(ir.attr(node, "group", 1)) != 1:
+            return None
+        rank = weight.ndim - 2
+        kernel = tuple(int(k) for k in weight.shape[2:])
+        return Layer(
+            node.name, kind, x.name, y.name, kernel,
+            tuple(int(s) for s in ir.attr(node, "strides", [1] * rank)),
+            tuple(int(p) for p in ir.attr(node, "pads", [0] * (2 * rank))),
+            tuple(int(d) for d in ir.attr(node, "dilations", [1] * rank)),
+            str(ir.attr(node, "auto_pad", "NOTSET") or "NOTSET"),
+        )
+    if kind in ("gemm", "matmul"):
+        return Layer(node.name, kind, x.name, y.name)
+    return None
+
+
+# ----------------------------------------------------------------------------- weights as matrices
+
+
+@dataclass(frozen=True, eq=False)
+class Affine:
+    """``W [dim_x, dim_y]`` and bias ``b [dim_y]`` (None: the layer has no adjustable bias)."""
+
+    w: np.ndarray
+    b: np.ndarray | None
+    bias_at: tuple[str, int] | None  # (node, input index) holding the bias, when it exists
+
+
+def _matmul_bias(node: gs.Node, n_out: int) -> tuple[gs.Node, int] | None:
+    """The Add right after a MatMul whose constant operand is a per-output bias."""
+    y = node.outputs[0]
+    if len(y.outputs) != 1 or y.outputs[0].op != "Add":
+        return None
+    add = y.outputs[0]
+    for index, t in enumerate(add.inputs):
+        value = ir.const_value(t)
+        if t is not y and value is not None and value.size == n_out and value.shape[-1] == n_out:
+            return add, index
+    return None
+
+
+def read_affine(node: gs.Node, kind: str) -> Affine:
+    """The layer as ``Y = X W + b`` (Gemm alpha and beta folded in), float64."""
+    weight = ir.input_const(node, 1)
+    if weight is None:
+        raise ModelError(f"{node.name}: weight is not a constant")
+    w = np.asarray(weight, dtype=np.float64)
+    if kind == "conv":
+        matrix = w.reshape(w.shape[0], -1).T
+        bias = ir.input_const(node, 2) if ir.has_input(node, 2) else None
+        b = np.zeros(matrix.shape[1]) if bias is None else np.asarray(bias, dtype=np.float64).reshape(-1)
+        return Affine(matrix, b, (node.name, 2))
+    if kind == "gemm":
+        alpha, beta = float(ir.attr(node, "alpha", 1.0)), float(ir.attr(node, "beta", 1.0))
+        matrix = alpha * (w.T if int(ir.attr(node, "transB", 0)) else w)
+        n_out = matrix.shape[1]
+        if not ir.has_input(node, 2):
+            return Affine(matrix, np.zeros(n_out), (node.name, 2))
+        c = ir.input_const(node, 2)
+        if c is None or c.size not in (1, n_out) or (c.ndim == 2 and c.shape[0] != 1):
+            return Affine(matrix, None, None)
+        return Affine(matrix, beta * np.broadcast_to(np.asarray(c, dtype=np.float64).reshape(-1), (n_out,)), (node.name, 2))
+    if kind == "matmul":
+        found = _matmul_bias(node, w.shape[1])
+        if found is None:
+            return Affine(w, None, None)
+        add, index = found
+        bias = ir.input_const(add, index)
+        assert bias is not None
+        return Affine(w, np.asarray(bias, dtype=np.float64).reshape(-1), (add.name, index))
+    raise ModelError(f"{node.name}: cannot read a {kind} layer as a matrix")
+
+
+def write_affine(graph: gs.Graph, node: gs.Node, kind: str, w: np.ndarray, b: np.ndarray | None) -> None:
+    """Store ``W [dim_x, dim_y]`` and bias ``b`` back into `node` (the inverse of `read_affine`)."""
+    weight = ir.input_const(node, 1)
+    assert weight is not None
+    dtype = weight.dtype
+    if kind == "conv":
+        ir.set_input_const(node, 1, w.T.reshape((w.shape[1], *weight.shape[1:])))
+        if b is not None:
+            _set_or_add_bias(node, 2, b, dtype)
+        return
+    if kind == "gemm":
+        alpha, beta = float(ir.attr(node, "alpha", 1.0)), float(ir.attr(node, "beta", 1.0))
+        matrix = w / alpha
+        ir.set_input_const(node, 1, matrix.T if int(ir.attr(node, "transB", 0)) else matrix)
+        if b is None:
+            return
+        if not ir.has_input(node, 2) or beta == 0.0:
+            ir.set_attr(node, "beta", 1.0)
+            beta = 1.0
+        old = ir.input_const(node, 2) if ir.has_input(node, 2) else None
+        value = b / beta
+        if old is not None and old.size == b.size:
+            value = value.reshape(old.shape)
+        _set_or_add_bias(node, 2, value, dtype)
+        return
+    if kind == "matmul":
+        ir.set_input_const(node, 1, w)
+        if b is not None:
+            found = _matmul_bias(node, w.shape[1])
+            if found is None:
+                raise ModelError(f"{node.name}: the bias Add disappeared")
+            add, index = found
+            old = ir.input_const(add, index)
+            assert old is not None
+            ir.set_input_const(add, index, b.reshape(old.shape))
+        return
+    raise ModelError(f"{node.name}: cannot write a {kind} layer")
+
+
+def _set_or_add_bias(node: gs.Node, index: int, values: np.ndarray, dtype: np.dtype) -> None:
+    if ir.has_input(node, index):
+        ir.set_input_const(node, index, values)
+        return
+    while len(node.inputs) < index:
+        node.inputs.append(gs.Variable.empty())
+    node.inputs.append(ir.make_constant(f"{node.inputs[1].name}__bias", np.asarray(values, dtype=dtype)))
+
+
+# ----------------------------------------------------------------------------- solving
+
+
+def centred(acc: GramAccumulator) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(S_xx, S_xy)``: centred second moments per row (``S_xy`` None without targets)."""
+    n = max(acc.count, 1)
+    mx = acc.sum_x / n
+    sxx = acc.xtx / n - np.outer(mx, mx)
+    if acc.xty is None or acc.sum_y is None:
+        return sxx, None
+    return sxx, acc.xty / n - np.outer(mx, acc.sum_y / n)
+
+
+def ridge_lambda(sxx: np.ndarray, ridge: float) -> float:
+    scale = float(np.trace(sxx)) / max(sxx.shape[0], 1)
+    return ridge * scale if scale > 0 else ridge
+
+
+def solve_spd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a^-1 b`` for a symmetric positive (semi-)definite ``a``; least squares if singular."""
+    try:
+        return np.asarray(scipy.linalg.solve(a, b, assume_a="pos", check_finite=False))
+    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError, ValueError):
+        return np.asarray(scipy.linalg.lstsq(a, b, check_finite=False)[0])
+
+
+def principal_projector(cov: np.ndarray, energy: float) -> np.ndarray:
+    """``U U^T`` onto the top eigenvectors of ``cov`` holding `energy` of its trace."""
+    values, vectors = np.linalg.eigh((cov + cov.T) / 2)
+    values, vectors = values[::-1].clip(min=0.0), vectors[:, ::-1]
+    total = float(values.sum())
+    if total <= 0:
+        return np.eye(cov.shape[0])
+    rank = int(np.searchsorted(np.cumsum(values) / total, energy - 1e-12) + 1)
+    u = vectors[:, : min(rank, values.size)]
+    return u @ u.T
+
+
+def fit(acc: GramAccumulator, intercept: bool, ridge: float, energy: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(W, b)`` minimising ``||X W + b - Y||^2 + lam ||W||^2`` (b = 0 without intercept).
+
+    With `energy` (LDRF) the target is first projected on its principal subspace.
+    """
+    assert acc.xty is not None and acc.sum_y is not None
+    n = max(acc.count, 1)
+    my = acc.sum_y / n
+    if intercept:
+        sxx, sxy = centred(acc)
+        assert sxy is not None
+        mx = acc.sum_x / n
+    else:
+        sxx, sxy = acc.xtx / n, acc.xty / n
+        mx = np.zeros(acc.dim_x)
+    lam = ridge_lambda(sxx, ridge)
+    w = solve_spd(sxx + lam * np.eye(sxx.shape[0]), sxy)
+    if energy is not None and energy < 1.0 and acc.yty is not None and acc.full_yty:
+        cov_y = acc.yty / n - (np.outer(my, my) if intercept else 0.0)
+        w = w @ principal_projector(cov_y, energy)
+    b = my - mx @ w if intercept else np.zeros(w.shape[1])
+    return w, b
+
+
+# ----------------------------------------------------------------------------- streaming helpers
+
+
+def subgraph_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `model` computing only `names` (as its graph outputs); inputs are kept."""
+    wanted = list(dict.fromkeys(names))
+    exposed = expose_tensors(model, wanted)
+    graph = exposed.graph
+    outputs = {vi.name: vi for vi in graph.output}
+    del graph.output[:]
+    graph.output.extend(outputs[n] for n in wanted)
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    needed: set[int] = set()
+    stack = [producer[n] for n in wanted if n in producer]
+    while stack:
+        i = stack.pop()
+        if i in needed:
+            continue
+        needed.add(i)
+        stack.extend(producer[t] for t in graph.node[i].input if t in producer)
+    nodes = [n for i, n in enumerate(graph.node) if i in needed]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {t for n in nodes for t in n.input}
+    inits = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    return exposed
+
+
+def stream(
+    model: onnx.ModelProto, calib: Any, names: Sequence[str], batch_size: int, progress: Progress | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """``calib.stream_tensors`` over the smallest subgraph that computes `names`."""
+    return stream_tensors(subgraph_model(model, names), calib, list(names), batch_size=batch_size, progress=progress)
+
+
+def progress_steps(progress: Progress | None, total: int) -> Callable[[], None]:
+    """A step callback reporting ``(done, total)`` to `progress`."""
+    state = {"done": 0}
+
+    def step() -> None:
+        state["done"] += 1
+        if progress is not None:
+            progress(min(state["done"], total), total)
+
+    return step
+
+
+# ----------------------------------------------------------------------------- consumers of a plan
+
+
+def kept_positions(trace: Trace, plan: Plan, tensor: str) -> np.ndarray | None:
+    """Kept positions of `tensor`'s channel axis (None: untraced or intact)."""
+    cmap = trace.maps.get(tensor)
+    if cmap is None:
+        return None
+    mask = plan.atom_keep(trace)[cmap.atoms]
+    return None if mask.all() else np.flatnonzero(mask)
+
+
+def plan_consumers(trace: Trace, graph: gs.Graph, plan: Plan) -> tuple[list[str], list[str]]:
+    """(nodes to refit in graph order, notes on consumers that are not refitted)."""
+    pruned_groups = {g.group for g in plan.groups if g.pruned}
+    wanted: set[str] = set()
+    notes: list[str] = []
+    for group in trace.groups:
+        if group.index not in pruned_groups:
+            continue
+        for m in group.members:
+            kind = trace.node_kind.get(m.node)
+            if m.role == "in" and kind in FITTED_KINDS:
+                wanted.add(m.node)
+            elif m.role in ("in", "depthwise") and kind in ("depthwise", "grouped", "conv_transpose"):
+                notes.append(f"reconstruct: {kind} {m.op} {m.node} is sliced, not refitted")
+    nodes = ir.node_by_name(graph)
+    order = [n.name for n in graph.nodes if n.name in wanted]
+    refit = []
+    for name in order:
+        node = nodes[name]
+        if layer_of(node, trace.node_kind[name]) is None:
+            notes.append(f"reconstruct: {node.op} {name} (not a 1-D/2-D group-1 conv) is sliced, not refitted")
+        else:
+            refit.append(name)
+    return refit, list(dict.fromkeys(notes))
+
+
+# ----------------------------------------------------------------------------- the finish step
+
+
+@dataclass(frozen=True)
+class Settings:
+    positions: int | None = DEFAULT_POSITIONS
+    ridge: float = DEFAULT_RIDGE
+    mode: str = "ls"  # "ls" or "ldrf"
+    energy: float = DEFAULT_ENERGY
+    residual_targets: bool = True
+    batch_size: int = 32
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], batch_size: int, seed: int, mode: str = "ls") -> Settings:
+        positions = params.get("calib_positions")
+        return cls(
+            positions=DEFAULT_POSITIONS if positions is None else int(positions),
+            ridge=float(params.get("ridge", DEFAULT_RIDGE)),
+            mode=mode,
+            energy=float(params.get("energy", DEFAULT_ENERGY)),
+            residual_targets=bool(params.get("residual_targets", True)),
+            batch_size=batch_size,
+            seed=seed,
+        )
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """One layer to refit in the pruned graph and where its target comes from."""
+
+    layer: Layer
+    out_keep: np.ndarray | None  # kept positions of the original output channel axis
+    axis: int  # channel axis of the output
+    target: str  # original tensor whose rows are the target (the layer output, or the Add output)
+    minus: str | None  # pruned tensor subtracted from the target (the Add's other operand)
+    intercept: bool
+    level: int
+
+
+@dataclass(frozen=True, eq=False)
+class Reconstructor:
+    """``finish`` step: refits every consumer of pruned channels, level by level (module docstring)."""
+
+    original: onnx.ModelProto
+    trace: Trace
+    plan: Plan
+    calibration: Any
+    nodes: tuple[str, ...]
+    settings: Settings
+    progress: Progress | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    def __call__(self, pruned: onnx.ModelProto) -> onnx.ModelProto:
+        if not self.nodes:
+            return pruned
+        graph = ir.to_graph(pruned)
+        fits = self._schedule(graph)
+        if not fits:
+            return pruned
+        levels = sorted({f.level for f in fits})
+        per_level = self.calibration.num_batches(self.settings.batch_size)
+        step = progress_steps(self.progress, per_level * len(levels))
+        for level in levels:
+            todo = [f for f in fits if f.level == level]
+            self._fit_level(graph, pruned, todo, level, step)
+        out = ir.to_model(graph, like=pruned)
+        log.info("reconstruct: refitted %d layers in %d sequential levels", len(fits), len(levels))
+        return out
+
+    # -- scheduling -------------------------------------------------------------
+
+    def _schedule(self, graph: gs.Graph) -> list[_Fit]:
+        nodes = ir.node_by_name(graph)
+        names = [n for n in self.nodes if n in nodes]
+        fit_set = set(names)
+        # consumer ancestors of every tensor, in the pruned graph
+        above: dict[str, frozenset[str]] = {}
+        for node in graph.nodes:
+            acc: set[str] = set()
+            for t in node.inputs:
+                acc |= above.get(t.name, frozenset())
+            if node.name in fit_set:
+                acc.add(node.name)
+            frozen = frozenset(acc)
+            for t in node.outputs:
+                above[t.name] = frozen
+        level: dict[str, int] = {}
+        fits: list[_Fit] = []
+        outputs = {t.name for t in graph.outputs}
+        for name in [n.name for n in graph.nodes if n.name in fit_set]:
+            node = nodes[name]
+            kind = self.trace.node_kind[name]
+            layer = layer_of(node, kind)
+            if layer is None:
+                continue
+            affine = read_affine(node, kind)
+            target, minus = layer.y, None
+            if kind == "matmul" and affine.bias_at is not None:
+                target = nodes[affine.bias_at[0]].outputs[0].name  # the bias Add: the target includes the bias
+            elif self.settings.residual_targets and affine.b is not None:
+                target, minus = self._residual(node, outputs)
+            deps = set(above.get(layer.x, frozenset()))
+            if minus is not None:
+                deps |= above.get(minus, frozenset())
+            level[name] = 1 + max((level[d] for d in deps if d in level), default=-1)
+            cmap = self.trace.maps.get(layer.y)
+            axis = cmap.axis if cmap is not None else (1 if kind != "matmul" else -1)
+            fits.append(_Fit(layer, kept_positions(self.trace, self.plan, layer.y), axis, target, minus,
+                             affine.b is not None, level[name]))
+        return fits
+
+    def _residual(self, node: gs.Node, graph_outputs: set[str]) -> tuple[str, str | None]:
+        """(target, subtrahend): an Add fed directly by the layer and another computed tensor."""
+        y = node.outputs[0]
+        if y.name in graph_outputs or len(y.outputs) != 1 or y.outputs[0].op != "Add":
+            return y.name, None
+        add = y.outputs[0]
+        others = [t for t in add.inputs if t is not y]
+        if len(add.inputs) != 2 or len(others) != 1 or isinstance(others[0], gs.Constant) or not others[0].inputs:
+            return y.name, None
+        ymap, amap = self.trace.maps.get(y.name), self.trace.maps.get(add.outputs[0].name)
+        omap = self.trace.maps.get(others[0].name)
+        if ymap is None or amap is None or omap is None or ymap.size != amap.size or omap.size != amap.size:
+            return y.name, None
+        if not np.array_equal(self.trace.roots[ymap.atoms], self.trace.roots[amap.atoms]):
+            return y.name, None
+        return add.outputs[0].name, others[0].name
+
+    # -- one level ----------------------------------------------------------------
+
+    def _fit_level(
+        self, graph: gs.Graph, like: onnx.ModelProto, fits: Sequence[_Fit], level: int, step: Callable[[], None]
+    ) -> None:
+        s = self.settings
+        current = ir.export_fast(ir.copy_graph(graph), like)
+        nodes = ir.node_by_name(graph)
+        accs: list[GramAccumulator] = []
+        for f in fits:
+            affine = read_affine(nodes[f.layer.node], f.layer.kind)
+            accs.append(GramAccumulator(affine.w.shape[0], affine.w.shape[1], full_yty=s.mode == "ldrf"))
+        pruned_names = list(dict.fromkeys([f.layer.x for f in fits] + [f.minus for f in fits if f.minus]))
+        original_names = list(dict.fromkeys(f.target for f in fits))
+        left = stream(current, self.calibration, pruned_names, s.batch_size)
+        right = stream(self.original, self.calibration, original_names, s.batch_size)
+        for batch, (p, o) in enumerate(zip(left, right)):
+            rng = np.random.default_rng([s.seed, level, batch])
+            for f, acc in zip(fits, accs):
+                x = p[f.layer.x]
+                y = o[f.target]
+                if f.out_keep is not None:
+                    y = np.take(y, f.out_keep, axis=f.axis)
+                if f.minus is not None:
+                    y = y.astype(np.float64) - p[f.minus]
+                index = f.layer.positions(x.shape, s.positions, rng)
+                acc.update(f.layer.x_rows(x, index), f.layer.y_rows(y, index))
+            step()
+        for f, acc in zip(fits, accs):
+            if acc.count == 0:
+                continue
+            w, b = fit(acc, f.intercept, s.ridge, s.energy if s.mode == "ldrf" else None)
+            write_affine(graph, nodes[f.layer.node], f.layer.kind, w, b if f.intercept else None)
+
+
+def make_finish(
+    ctx: Context, plan: Plan, *, mode: str = "ls", settings: Settings | None = None
+) -> Reconstructor:
+    """The finish step refitting the consumers of `plan`'s pruned channels (see module docstring)."""
+    if ctx.calibration is None:
+        raise ModelError("reconstruction needs calibration data")
+    settings = settings or Settings.from_params(ctx.options.params, ctx.options.batch_size, ctx.options.seed, mode)
+    nodes, notes = plan_consumers(ctx.trace, ctx.graph, plan)
+    return Reconstructor(ctx.model, ctx.trace, plan, ctx.calibration, tuple(nodes), settings, ctx.progress, tuple(notes))
+
+
+def wants_reconstruction(ctx: Context) -> bool:
+    """Calibration data is present and ``--no-reconstruct`` was not given."""
+    return ctx.calibration is not None and ctx.options.params.get("reconstruct") is not False
+
+
+def with_reconstruction(ctx: Context, outcome: Outcome, *, mode: str = "ls") -> Outcome:
+    """`outcome` with the reconstruction finish appended (unchanged if off or already there).
+
+    Called by ``api.prune`` after the method, when calibration data is given and
+    ``params["reconstruct"]`` is not False; a method's own finish runs first.
+    """
+    if not wants_reconstruction(ctx) or not outcome.plan.groups:
+        return outcome
+    if isinstance(outcome.finish, Reconstructor) or isinstance(getattr(outcome.finish, "then", None), Reconstructor):
+        return outcome
+    finisher = make_finish(ctx, outcome.plan, mode=mode)
+    finish: Callable[[onnx.ModelProto], onnx.ModelProto] = finisher
+    if outcome.finish is not None:
+        finish = _Chain(outcome.finish, finisher)
+    notes = tuple(outcome.notes) + finisher.notes
+    return replace(outcome, finish=finish, notes=notes)
+
+
+@dataclass(frozen=True, eq=False)
+class _Chain:
+    first: Callable[[onnx.ModelProto], onnx.ModelProto]
+    then: Reconstructor
+
+    def __call__(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        return self.then(self.first(model))

@@ -1,0 +1,68 @@
+"""Fashion-MNIST loader for the benchmarks (IDX files, gzip) and a calibration .npz writer.
+
+IDX layout: 4 bytes of magic (bytes 0-1 zero, byte 2 the element type, byte 3 the number of
+dimensions), one big-endian uint32 per dimension, then the data (uint8 here). Images become
+float32 ``pixels / 255`` shaped ``[N, 1, 28, 28]``, the input every ../shared model expects
+(each normalises inside its graph); labels become int64 ``[N]``.
+
+    from fmnist import load_split, write_calibration
+    images, labels = load_split("test")                 # 10,000 test images
+    write_calibration("/tmp/fmnist_train2000.npz", 2000)  # first 2,000 TRAIN images, once
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
+FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+_UINT8 = 0x08
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """One IDX array (uint8 only, as Fashion-MNIST ships)."""
+    with gzip.open(path, "rb") as handle:
+        raw = handle.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"{path}: not an IDX file (bad magic)")
+    if raw[2] != _UINT8:
+        raise ValueError(f"{path}: element type 0x{raw[2]:02x} is not uint8")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=header)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: {data.size} values for dims {dims}")
+    return data.reshape(dims)
+
+
+def load_split(split: Literal["train", "test"], limit: int | None = None, root: Path = DATA) -> tuple[np.ndarray, np.ndarray]:
+    """``(images float32 [N, 1, 28, 28] in [0, 1], labels int64 [N])`` of one split."""
+    image_file, label_file = FILES[split]
+    images = read_idx(root / image_file)
+    labels = read_idx(root / label_file)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    x = (images.astype(np.float32) / 255.0)[:, None, :, :]
+    return np.ascontiguousarray(x), labels.astype(np.int64)
+
+
+def write_calibration(path: str | Path, count: int = 2000, split: Literal["train", "test"] = "train") -> Path:
+    """Write the first `count` images of `split` as an .npz (`input`, `labels`) unless it exists."""
+    target = Path(path)
+    if not target.exists():
+        x, y = load_split(split, count)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(target, input=x, labels=y)
+        log.info("wrote %s (%d %s images)", target, len(x), split)
+    return target
