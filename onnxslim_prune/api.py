@@ -130,6 +130,8 @@ def prune(
     graph = analysis.graph
     ctx = Context(working, graph, analysis.trace, options, analysis.input_shapes, analysis.opset, calibration, progress)
     outcome = fn(ctx)
+    if calibration is not None:
+        outcome = reconstruct.with_reconstruction(ctx, outcome)  # no-op with --no-reconstruct
     notes.extend(outcome.notes)
     if not outcome.plan.groups and not outcome.overrides:
         if working is original:
