@@ -117,7 +117,9 @@ def test_conv_exact_combination_is_restored(tmp_path: Path, register, bias2: boo
     model = conv_pair(bias2=bias2, matching_bias=matching)
     x = np.random.default_rng(1).standard_normal((48, 3, 10, 10)).astype(np.float32)
     calib = save_calib(tmp_path / "c.npz", x)
-    plain = api.prune(model, register("_plain", remove_channels((3,), False)), calib=calib)
+    plain = api.prune(
+        model, register("_plain", remove_channels((3,), False)), calib=calib, params={"reconstruct": False}
+    )
     fitted = api.prune(model, register("_fit", remove_channels((3,))), calib=calib)
     reference = run(model, x)
     assert np.abs(run(plain.model, x) - reference).max() > 0.1  # pruning alone changes the output
@@ -271,7 +273,7 @@ def test_lenet_reconstruction_beats_plain_pruning_on_the_same_selection(register
             outcome = Outcome(methods.choose_plan(ctx, score_groups(ctx.trace, ctx.graph, "l1")))
             return reconstruct.with_reconstruction(ctx, outcome) if rebuilt else outcome
 
-        result = api.prune(LENET, register(name, method), 0.7, calib=FMNIST)
+        result = api.prune(LENET, register(name, method), 0.7, calib=FMNIST, params={"reconstruct": rebuilt})
         errors[name] = float(np.mean((run(result.model, x) - reference) ** 2))
         plan = result.plan
     assert errors["_fit"] < 0.5 * errors["_plain"], errors
