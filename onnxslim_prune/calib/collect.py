@@ -81,6 +81,8 @@ def _static_batch(model: onnx.ModelProto) -> int | None:
 def _session(model: onnx.ModelProto, providers: Sequence[str]) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: the library never prints
+    # the caller reduces each batch with numpy between runs: idle ORT threads must not spin meanwhile
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
     except Exception as exc:
