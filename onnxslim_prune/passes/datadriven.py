@@ -1,1 +1,755 @@
-"""Data-driven selection: ThiNet, Channel Pruning (LASSO), LDRF, NISP, activation criteria."""
+"""Data-driven channel selection: ThiNet, Channel Pruning (LASSO), LDRF, NISP, activation criteria.
+
+All statistics come from calibration data streamed through the ORIGINAL model (one batch
+in memory at a time) and are cached on disk (``calib.cached``, keyed by the model digest and
+the calibration fingerprint). Selection is per channel group (``Trace.groups``); the plan is
+made by ``methods.choose_plan`` (uniform ratio, or a global budget).
+
+Reconstruction-based criteria work on the consumers ``C`` of a group (Conv with group 1,
+Gemm, MatMul), written on rows as ``Y = X W``. With the centred input covariance
+``S = cov(X)`` (im2col rows at sampled positions for a Conv) and the columns of ``X`` that
+belong to class ``a`` of the group, the output energy carried by a set ``T`` of classes is::
+
+    E(T) = || sum_{a in T} X_a W_a ||^2 / n = sum_{a, b in T} M[a, b],
+    M = sum_C  P_C^T (S_C o W_C W_C^T) P_C           (o: elementwise; P_C: column -> class)
+
+Only the output channels of ``C`` that its own group keeps are counted (groups are decided
+downstream first).
+
+* ``thinet`` (Luo, Wu, Lin, "ThiNet: A Filter Level Pruning Method for Deep Neural Network
+  Compression", ICCV 2017): greedily grow the removed set ``T`` by the class that adds the
+  least ``E``: ``argmin_c M[c, c] + 2 sum_{t in T} M[c, t]`` (their Algorithm 1 on Gram
+  statistics), then least-squares reconstruction (``reconstruct``).
+* ``cp`` (He, Zhang, Sun, "Channel Pruning for Accelerating Very Deep Neural Networks",
+  ICCV 2017): LASSO on per-class coefficients with normalised contributions,
+  ``min_b 1/2 b^T Mn b - q^T b + lam |b|_1`` with ``Mn = D^-1/2 M D^-1/2``, ``q = Mn D^1/2 1``,
+  ``lam`` bisected until the kept count is met (FISTA), then least squares.
+* ``ldrf`` (Chen et al., "Layer Decomposition-Recomposition Framework for Neuron Pruning
+  towards Accurate Lightweight Networks", AAAI 2019): each consumer is decomposed as
+  ``W = W U U^T`` with ``U`` the principal subspace of its output (``energy`` of the
+  variance); classes are removed greedily by the least-squares error they leave in that
+  embedding, ``dE(B) = tr(beta_B^T H_BB^-1 beta_B)`` with ``H = S_KK^-1`` and
+  ``beta = H S_KY U`` (backward elimination with block downdates of ``H``); the embedding is
+  then solved from the surviving channels of the pruned network and recomposed into the
+  consumer (``reconstruct`` with ``mode="ldrf"``).
+* ``nisp`` (Yu et al., "NISP: Pruning Networks using Neuron Importance Score Propagation",
+  CVPR 2018): the final response layer (the input of the last weighted node) is ranked by
+  Inf-FS (Roffo, Melzi, Cristani, ICCV 2015): ``A = a sigma + (1 - a)(1 - |rho|)`` with
+  ``sigma_ij = max(std_i, std_j) / max std`` and ``rho`` the (streamed, Pearson) correlation,
+  ``S = (I - r A)^-1 - I`` with ``r = 0.9 / rho(A)``, score ``s_i = sum_j S_ij``; scores are
+  propagated backwards ``s_in = |W|^T s_out`` through Conv / Gemm / MatMul, scaled by
+  ``|gamma| / sqrt(var + eps)`` through BatchNormalization, and carried unchanged through
+  pooling, activations, Add, Concat, Split, Slice, Flatten and Reshape (by channel class);
+  a class's score is the sum over the group's sources of their output importance.
+* ``mean_act`` (mean ``|activation|``) and ``apoz`` (Hu et al., "Network Trimming: A
+  Data-Driven Neuron Pruning Approach towards Efficient Deep Architectures", 2016: score
+  ``1 - APoZ``): ``ChannelMoments`` of each group's tensors after its activation.
+
+Groups for which a criterion has no statistic (no supported consumer, no activation)
+fall back to ``l1`` with a note.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .. import ir
+from ..calib import ChannelMoments, GramAccumulator, cached, model_digest
+from ..errors import CalibrationError
+from . import reconstruct as rc
+from .methods import Context, Outcome, choose_plan, register
+from .plan import kept_count
+from .score import l1
+from .trace import UNARY_OPS, Group, Trace
+
+log = logging.getLogger(__name__)
+
+ACTIVATIONS = frozenset(UNARY_OPS) - {"Identity", "Dropout", "Cast", "Neg", "Abs", "Not", "IsNaN", "IsInf", "Sign"}
+STATS_VERSION = "v1"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _need_calibration(ctx: Context, method: str) -> None:
+    if ctx.calibration is None:
+        raise CalibrationError(f"method {method!r} needs calibration data: pass --calib PATH (or --calib random)")
+
+
+def _settings(ctx: Context, mode: str = "ls") -> rc.Settings:
+    return rc.Settings.from_params(ctx.options.params, ctx.options.batch_size, ctx.options.seed, mode)
+
+
+def _cache_key(ctx: Context, what: str) -> list[str]:
+    return [model_digest(ctx.model), str(ctx.calibration.fingerprint), f"{STATS_VERSION}:{what}"]
+
+
+def _per_class(trace: Trace, group: Group, tensor: str, values: np.ndarray, *, mean: bool = True) -> np.ndarray:
+    """Mean (or sum) of per-position `values` of `tensor` over the positions of each class of `group`."""
+    roots = trace.class_positions(tensor)
+    assert roots is not None
+    index = {c: i for i, c in enumerate(group.classes)}
+    total = np.zeros(group.size)
+    count = np.zeros(group.size)
+    for root, v in zip(roots.tolist(), np.asarray(values, dtype=np.float64).tolist()):
+        i = index.get(root)
+        if i is not None:
+            total[i] += v
+            count[i] += 1
+    if not mean:
+        return total
+    return np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+
+
+def _with_fallback(ctx: Context, scores: dict[int, np.ndarray], name: str) -> tuple[dict[int, np.ndarray], list[str]]:
+    """l1 scores for prunable groups the criterion could not score."""
+    notes = []
+    for group in ctx.trace.groups:
+        if group.is_frozen or group.index in scores:
+            continue
+        scores[group.index] = l1(ctx.trace, ctx.graph, group, ctx.options.seed)
+        notes.append(f"{name}: group {group.index} has no statistic; scored by l1")
+    if len(notes) > 3:
+        notes = [*notes[:3], f"{name}: ... {len(notes) - 3} more groups scored by l1"]
+    return scores, notes
+
+
+def _removal_count(ctx: Context, group: Group) -> int:
+    """Classes the uniform ratio removes from `group` (as ``plan.uniform_plan`` counts them)."""
+    keep = kept_count(group.size, ctx.options.ratio, ctx.options.round_to)
+    n_remove = min(group.size - keep, group.prunable)
+    if group.block > 1:
+        n_remove -= n_remove % group.block
+    return max(n_remove, 0)
+
+
+def _source_order(ctx: Context) -> list[Group]:
+    """Prunable groups, downstream first (by the position of their last source node)."""
+    position = {n.name: i for i, n in enumerate(ctx.graph.nodes)}
+    last: dict[int, int] = {}
+    for source in ctx.trace.sources:
+        g = ctx.trace.class_group.get(int(ctx.trace.roots[ctx.trace.space_atoms[source.space][0]]))
+        if g is not None:
+            last[g] = max(last.get(g, -1), position.get(source.node, -1))
+    groups = [g for g in ctx.trace.groups if not g.is_frozen]
+    return sorted(groups, key=lambda g: -last.get(g.index, -1))
+
+
+# ----------------------------------------------------------------------------- consumer statistics
+
+
+@dataclass(frozen=True, eq=False)
+class Consumer:
+    """A consumer of a group: its layer, weights as ``[D, Cout]`` and column -> class roots."""
+
+    layer: rc.Layer
+    w: np.ndarray
+    column_roots: np.ndarray  # [D]
+
+
+def group_consumers(ctx: Context) -> dict[int, list[Consumer]]:
+    """For each prunable group, its refittable consumers (role "in": Conv group 1, Gemm, MatMul)."""
+    nodes = ir.node_by_name(ctx.graph)
+    found: dict[int, list[Consumer]] = defaultdict(list)
+    seen: dict[str, Consumer] = {}
+    for group in ctx.trace.groups:
+        if group.is_frozen:
+            continue
+        for m in dict.fromkeys(m for m in group.members if m.role == "in"):
+            kind = ctx.trace.node_kind.get(m.node, "")
+            if kind not in rc.FITTED_KINDS or m.node not in nodes:
+                continue
+            if m.node not in seen:
+                layer = rc.layer_of(nodes[m.node], kind)
+                roots = ctx.trace.class_positions(nodes[m.node].inputs[0].name)
+                if layer is None or roots is None:
+                    continue
+                w = rc.read_affine(nodes[m.node], kind).w
+                if w.shape[0] != roots.size * layer.taps:
+                    continue
+                seen[m.node] = Consumer(layer, w, np.repeat(roots, layer.taps))
+            found[group.index].append(seen[m.node])
+    return dict(found)
+
+
+def _layer_key(layer: rc.Layer) -> str:
+    return f"{layer.x}|{layer.kernel}|{layer.strides}|{layer.pads}|{layer.dilations}|{layer.auto_pad}"
+
+
+def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int = rc.DEFAULT_GRAM_BUDGET) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``_layer_key -> (S centred covariance [D, D], mean [D])`` of each layer's input rows.
+
+    Layers sharing an input and geometry share one Gram matrix; layers are collected in
+    chunks of at most `budget` bytes of Gram matrices, one calibration pass per chunk.
+    """
+    s = _settings(ctx)
+    unique: dict[str, rc.Layer] = {}
+    for layer in layers:
+        unique.setdefault(_layer_key(layer), layer)
+    keys = list(unique)
+    what = f"input-cov|P={s.positions}|seed={s.seed}|bs={s.batch_size}|budget={budget}|" + "||".join(keys)
+
+    def compute() -> dict[str, np.ndarray]:
+        return _collect_covariances(ctx, [unique[k] for k in keys], s, budget)
+
+    data = cached(_cache_key(ctx, what), compute)
+    return {k: (data[f"cov{i}"], data[f"mean{i}"]) for i, k in enumerate(keys)}
+
+
+def _dims(ctx: Context, layer: rc.Layer) -> int:
+    shape = ctx.trace.shapes.get(layer.x)
+    cmap = ctx.trace.maps.get(layer.x)
+    channels = cmap.size if cmap is not None else (int(shape[-1 if layer.kind != "conv" else 1]) if shape else 1)
+    return channels * layer.taps
+
+
+def _collect_covariances(ctx: Context, layers: Sequence[rc.Layer], s: rc.Settings, budget: int) -> dict[str, np.ndarray]:
+    chunks: list[list[int]] = [[]]
+    used = 0
+    for i, layer in enumerate(layers):
+        size = _dims(ctx, layer) ** 2 * 8
+        if chunks[-1] and used + size > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(i)
+        used += size
+    per_pass = ctx.calibration.num_batches(s.batch_size)
+    step = rc.progress_steps(ctx.progress, per_pass * len(chunks))
+    out: dict[str, np.ndarray] = {}
+    for c, chunk in enumerate(chunks):
+        accs = {i: GramAccumulator(_dims(ctx, layers[i])) for i in chunk}
+        names = list(dict.fromkeys(layers[i].x for i in chunk))
+        for batch, values in enumerate(rc.stream(ctx.model, ctx.calibration, names, s.batch_size)):
+            rng = np.random.default_rng([s.seed, c, batch])
+            for i in chunk:
+                x = values[layers[i].x]
+                accs[i].update(layers[i].x_rows(x, layers[i].positions(x.shape, s.positions, rng)))
+            step()
+        for i in chunk:
+            cov, _ = rc.centred(accs[i])
+            out[f"cov{i}"] = cov
+            out[f"mean{i}"] = accs[i].mean_x
+    return out
+
+
+def _kept_outputs(ctx: Context, layer: rc.Layer, removed: set[int]) -> np.ndarray | None:
+    roots = ctx.trace.class_positions(layer.y)
+    if roots is None or not removed:
+        return None
+    keep = np.array([r not in removed for r in roots.tolist()])
+    return None if keep.all() else np.flatnonzero(keep)
+
+
+def _class_map(group: Group, column_roots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(columns of the group, their class index in `group.classes`)."""
+    index = {c: i for i, c in enumerate(group.classes)}
+    cls = np.array([index.get(int(r), -1) for r in column_roots.tolist()])
+    cols = np.flatnonzero(cls >= 0)
+    return cols, cls[cols]
+
+
+def _block_sum(matrix: np.ndarray, cls: np.ndarray, size: int) -> np.ndarray:
+    """``P^T matrix P`` with ``P[i, cls[i]] = 1``."""
+    p = np.zeros((cls.size, size))
+    p[np.arange(cls.size), cls] = 1.0
+    return p.T @ matrix @ p
+
+
+def _energy_matrix(
+    ctx: Context, group: Group, consumers: Sequence[Consumer], cov: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    removed: set[int], energy: float | None = None,
+) -> np.ndarray:
+    """``M`` of the module docstring (optionally with ``W U U^T`` in place of ``W``)."""
+    m = np.zeros((group.size, group.size))
+    for consumer in consumers:
+        s, _ = cov[_layer_key(consumer.layer)]
+        w = consumer.w
+        keep = _kept_outputs(ctx, consumer.layer, removed)
+        if keep is not None:
+            w = w[:, keep]
+        if energy is not None:
+            w = w @ rc.principal_projector(w.T @ s @ w, energy)
+        cols, cls = _class_map(group, consumer.column_roots)
+        m += _block_sum(s[np.ix_(cols, cols)] * (w[cols] @ w[cols].T), cls, group.size)
+    return m
+
+
+# ----------------------------------------------------------------------------- selection rules
+
+
+def thinet_scores(m: np.ndarray, free: np.ndarray) -> np.ndarray:
+    """Greedy removal order under ``E(T)``; score = energy removed so far / total (low = first)."""
+    n = m.shape[0]
+    scores = np.full(n, np.inf)
+    total = max(float(np.trace(m)), 1e-30)
+    gain = np.diag(m).copy()
+    value = 0.0
+    left = set(np.flatnonzero(free).tolist())
+    while left:
+        candidates = np.fromiter(left, dtype=np.int64)
+        best = int(candidates[np.argmin(gain[candidates])])
+        value += float(gain[best])
+        scores[best] = max(value, 0.0) / total
+        gain += 2.0 * m[:, best]
+        left.discard(best)
+    finite = scores[np.isfinite(scores)]
+    scores[~np.isfinite(scores)] = (finite.max() if finite.size else 0.0) + 1.0
+    # strictly increasing with the removal order, even when energies tie
+    order = np.argsort(scores, kind="stable")
+    ranked = np.empty(n)
+    ranked[order] = np.maximum.accumulate(scores[order]) + np.arange(n) * 1e-12
+    return ranked
+
+
+def _fista(mn: np.ndarray, q: np.ndarray, lam: np.ndarray, start: np.ndarray, iters: int = 400) -> np.ndarray:
+    step = 1.0 / max(float(np.linalg.eigvalsh(mn)[-1]), 1e-12)
+    beta, z, t = start.copy(), start.copy(), 1.0
+    for _ in range(iters):
+        grad = mn @ z - q
+        nxt = z - step * grad
+        nxt = np.sign(nxt) * np.maximum(np.abs(nxt) - step * lam, 0.0)
+        t_next = (1.0 + np.sqrt(1.0 + 4.0 * t * t)) / 2.0
+        z = nxt + ((t - 1.0) / t_next) * (nxt - beta)
+        if np.max(np.abs(nxt - beta)) < 1e-10:
+            beta = nxt
+            break
+        beta, t = nxt, t_next
+    return beta
+
+
+def lasso_scores(m: np.ndarray, free: np.ndarray, n_remove: int) -> np.ndarray:
+    """CP's LASSO: ``|beta|`` at the penalty whose support keeps ``size - n_remove`` classes."""
+    n = m.shape[0]
+    d = np.sqrt(np.clip(np.diag(m), 0.0, None))
+    alive = d > 1e-12 * max(float(d.max(initial=0.0)), 1e-30)
+    scale = np.where(alive, d, 1.0)
+    mn = m / np.outer(scale, scale)
+    mn[~alive, :] = 0.0
+    mn[:, ~alive] = 0.0
+    mn[np.flatnonzero(~alive), np.flatnonzero(~alive)] = 1.0
+    q = mn @ np.where(alive, d, 0.0)
+    target = int(free.sum()) - n_remove  # free classes to keep
+    greedy = thinet_scores(m, free)
+    if n_remove <= 0 or target <= 0:
+        return greedy
+    lam_max = float(np.max(np.abs(q[free]))) if free.any() else 0.0
+    if lam_max <= 0:
+        return greedy
+    lo, hi = -8.0, 0.0  # log10(lam / lam_max)
+    beta = np.where(alive, d, 0.0)
+    best = beta
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lam = np.where(free, lam_max * 10.0**mid, 0.0)
+        beta = _fista(mn, q, lam, beta)
+        nnz = int(np.count_nonzero(np.abs(beta[free]) > 1e-9))
+        if nnz >= target:
+            best, lo = beta, mid
+            if nnz == target:
+                break
+        else:
+            hi = mid
+    coef = np.abs(best)
+    tie = greedy / (greedy.max() + 1.0)
+    return np.where(free, coef + 1e-9 * tie, np.inf)
+
+
+def _class_columns(cls: np.ndarray, classes: np.ndarray) -> np.ndarray | None:
+    """``[len(classes), t]`` column indices per class when every class has ``t`` columns."""
+    order = np.argsort(cls, kind="stable")
+    counts = np.bincount(cls, minlength=int(classes.max(initial=-1)) + 1)[classes]
+    if counts.size == 0 or counts.min() != counts.max() or counts[0] == 0:
+        return None
+    starts = np.searchsorted(cls[order], classes)
+    return order[starts[:, None] + np.arange(int(counts[0]))[None, :]]
+
+
+def ls_forward_scores(
+    blocks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], size: int, free: np.ndarray, ridge: float
+) -> np.ndarray:
+    """Forward selection by the least-squares fit of the embedding (LDRF selection).
+
+    `blocks` holds, per consumer, ``(S [D, D], C [D, r], cls [D])``: the input covariance on
+    the group's columns, their covariance with the embedding target ``(Y - my) U`` and the
+    class of each column. Starting from the frozen classes, the class adding the most
+    explained variance ``tr(C_a^T R_aa^-1 C_a)`` (summed over consumers) joins the kept set,
+    where ``R`` and ``C`` are the residual covariances given the kept columns (updated by a
+    block Gram-Schmidt step). Score: the fraction of the target variance still unexplained
+    when the class joined (high = joined early = kept first).
+    """
+    states = []
+    total = 0.0
+    for s, c, cls in blocks:
+        lam = rc.ridge_lambda(s, ridge)
+        states.append([s.copy(), c.copy(), cls, lam])
+        total += float(np.einsum("ij,ij->", c, rc.solve_spd(s + lam * np.eye(s.shape[0]), c)))
+    total = max(total, 1e-30)
+    scores = np.zeros(size)
+    chosen = [int(i) for i in np.flatnonzero(~free)]
+    left = [int(i) for i in np.flatnonzero(free)]
+    explained = 0.0
+
+    def add(a: int) -> float:
+        gained = 0.0
+        for state in states:
+            r, c, cls, lam = state
+            idx = np.flatnonzero(cls == a)
+            if idx.size == 0:
+                continue
+            block = r[np.ix_(idx, idx)] + lam * np.eye(idx.size)
+            coef = rc.solve_spd(block, np.concatenate([r[idx], c[idx]], axis=1))
+            gained += float(np.einsum("ij,ij->", c[idx], coef[:, r.shape[0]:]))
+            state[1] = c - r[:, idx] @ coef[:, r.shape[0]:]
+            state[0] = r - r[:, idx] @ coef[:, : r.shape[0]]
+        return gained
+
+    for a in chosen:
+        explained += add(a)
+    while left:
+        candidates = np.asarray(left)
+        gain = np.zeros(candidates.size)
+        for r, c, cls, lam in states:
+            cols = _class_columns(cls, candidates)
+            if cols is None:
+                for k, a in enumerate(left):
+                    idx = np.flatnonzero(cls == a)
+                    if idx.size:
+                        sol = rc.solve_spd(r[np.ix_(idx, idx)] + lam * np.eye(idx.size), c[idx])
+                        gain[k] += float(np.einsum("ij,ij->", c[idx], sol))
+                continue
+            t = cols.shape[1]
+            rb = r[cols[:, :, None], cols[:, None, :]] + lam * np.eye(t)
+            cb = c[cols]
+            try:
+                sol = np.linalg.solve(rb, cb)
+            except np.linalg.LinAlgError:
+                sol = np.linalg.pinv(rb, hermitian=True) @ cb
+            gain += np.einsum("kij,kij->k", cb, sol)
+        best = int(candidates[int(np.argmax(gain))])
+        scores[best] = 1.0 - explained / total + 1e-9 * len(left)  # strictly decreasing in order
+        explained += add(best)
+        left.remove(best)
+    scores[~free] = 2.0
+    return scores
+
+
+# ----------------------------------------------------------------------------- reconstruction methods
+
+
+Selector = Callable[[Context, Group, Sequence[Consumer], Mapping[str, tuple[np.ndarray, np.ndarray]], set[int], np.ndarray, int], np.ndarray]
+
+
+def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str = "ls") -> Outcome:
+    _need_calibration(ctx, name)
+    consumers = group_consumers(ctx)
+    layers = [c.layer for cs in consumers.values() for c in cs]
+    cov = input_covariances(ctx, layers) if layers else {}
+    scores: dict[int, np.ndarray] = {}
+    removed: set[int] = set()
+    for group in _source_order(ctx):
+        if group.index not in consumers:
+            continue
+        free = np.array([not f for f in group.frozen])
+        n_remove = _removal_count(ctx, group)
+        s = select(ctx, group, consumers[group.index], cov, removed, free, n_remove)
+        scores[group.index] = s
+        order = np.argsort(np.where(free, s, np.inf), kind="stable")[:n_remove]
+        removed.update(group.classes[int(i)] for i in order)
+    scores, notes = _with_fallback(ctx, scores, name)
+    outcome = Outcome(choose_plan(ctx, scores), notes=tuple(notes))
+    return rc.with_reconstruction(ctx, outcome, mode=mode)
+
+
+def _select_thinet(ctx: Context, group: Group, consumers: Sequence[Consumer], cov: Mapping[str, tuple[np.ndarray, np.ndarray]], removed: set[int], free: np.ndarray, n_remove: int) -> np.ndarray:
+    return thinet_scores(_energy_matrix(ctx, group, consumers, cov, removed), free)
+
+
+def _select_cp(ctx: Context, group: Group, consumers: Sequence[Consumer], cov: Mapping[str, tuple[np.ndarray, np.ndarray]], removed: set[int], free: np.ndarray, n_remove: int) -> np.ndarray:
+    return lasso_scores(_energy_matrix(ctx, group, consumers, cov, removed), free, n_remove)
+
+
+def _select_ldrf(ctx: Context, group: Group, consumers: Sequence[Consumer], cov: Mapping[str, tuple[np.ndarray, np.ndarray]], removed: set[int], free: np.ndarray, n_remove: int) -> np.ndarray:
+    s = _settings(ctx, "ldrf")
+    blocks = []
+    for consumer in consumers:
+        full, _ = cov[_layer_key(consumer.layer)]
+        w = consumer.w
+        keep = _kept_outputs(ctx, consumer.layer, removed)
+        if keep is not None:
+            w = w[:, keep]
+        projector = rc.principal_projector(w.T @ full @ w, s.energy)
+        cols, cls = _class_map(group, consumer.column_roots)
+        others = np.setdiff1d(np.arange(full.shape[0]), cols)
+        # columns of other groups stay: condition on them (Schur complement) so only this group's classes compete
+        sxx, sxy = full[np.ix_(cols, cols)], full[cols] @ w @ projector
+        if others.size:
+            lam = rc.ridge_lambda(full[np.ix_(others, others)], s.ridge)
+            inv = rc.solve_spd(full[np.ix_(others, others)] + lam * np.eye(others.size), full[np.ix_(others, cols)])
+            sxx = sxx - full[np.ix_(cols, others)] @ inv
+            sxy = sxy - inv.T @ (full[others] @ w @ projector)
+        blocks.append((sxx, sxy, cls))
+    return ls_forward_scores(blocks, group.size, free, s.ridge)
+
+
+@register("thinet", data_driven=True)
+def thinet(ctx: Context) -> Outcome:
+    """ThiNet (Luo et al., ICCV 2017): greedy minimal next-layer change, then least squares."""
+    return _reconstruction_method(ctx, "thinet", _select_thinet)
+
+
+@register("cp", data_driven=True)
+def cp(ctx: Context) -> Outcome:
+    """Channel Pruning (He, Zhang, Sun, ICCV 2017): LASSO channel selection, then least squares."""
+    return _reconstruction_method(ctx, "cp", _select_cp)
+
+
+@register("ldrf", data_driven=True)
+def ldrf(ctx: Context) -> Outcome:
+    """LDRF (Chen et al., AAAI 2019): embedding-space selection, closed-form recomposition."""
+    return _reconstruction_method(ctx, "ldrf", _select_ldrf, mode="ldrf")
+
+
+# ----------------------------------------------------------------------------- NISP
+
+
+def _final_response(ctx: Context) -> tuple[str, str] | None:
+    """(tensor, node) of the final response layer: the traced input of the last weighted node."""
+    weighted = {s.node for s in ctx.trace.sources}
+    for node in reversed(list(ctx.graph.nodes)):
+        if node.name in weighted and node.inputs and ctx.trace.maps.get(node.inputs[0].name) is not None:
+            return node.inputs[0].name, node.name
+    return None
+
+
+def inf_fs(std: np.ndarray, corr: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Inf-FS feature scores (Roffo et al., ICCV 2015) from per-feature std and correlation."""
+    top = float(std.max(initial=0.0))
+    s = std / top if top > 0 else np.zeros_like(std)
+    sigma = np.maximum.outer(s, s)
+    a = alpha * sigma + (1.0 - alpha) * (1.0 - np.abs(corr))
+    radius = float(np.max(np.abs(np.linalg.eigvals(a)))) if a.size else 0.0
+    if radius <= 0:
+        return np.zeros(std.size)
+    r = 0.9 / radius
+    n = a.shape[0]
+    s_mat = np.linalg.inv(np.eye(n) - r * a) - np.eye(n)
+    return s_mat.sum(axis=1)
+
+
+def _frl_scores(ctx: Context, tensor: str) -> np.ndarray:
+    cmap = ctx.trace.maps[tensor]
+    s = _settings(ctx)
+
+    def compute() -> dict[str, np.ndarray]:
+        acc = GramAccumulator(cmap.size)
+        step = rc.progress_steps(ctx.progress, ctx.calibration.num_batches(s.batch_size))
+        for values in rc.stream(ctx.model, ctx.calibration, [tensor], s.batch_size):
+            x = np.moveaxis(np.asarray(values[tensor], dtype=np.float64), cmap.axis, -1)
+            if x.ndim > 2:  # spatial / sequence positions: one row per sample (their mean)
+                x = x.reshape(x.shape[0], -1, x.shape[-1]).mean(axis=1)
+            acc.update(x.reshape(-1, cmap.size))
+            step()
+        cov, _ = rc.centred(acc)
+        return {"cov": cov}
+
+    cov = cached(_cache_key(ctx, f"frl-cov|{tensor}|bs={s.batch_size}"), compute)["cov"]
+    std = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+    denom = np.outer(std, std)
+    corr = np.divide(cov, denom, out=np.zeros_like(cov), where=denom > 0)
+    return inf_fs(std, corr)
+
+
+def _atom_transfer(trace: Trace, into: str, source: str, values: np.ndarray) -> np.ndarray:
+    """Importance of `source` positions moved onto `into` positions by channel class."""
+    roots_in = trace.class_positions(into)
+    roots_out = trace.class_positions(source)
+    assert roots_in is not None and roots_out is not None
+    if roots_in.size == roots_out.size and np.array_equal(roots_in, roots_out):
+        return values
+    total: dict[int, float] = defaultdict(float)
+    for r, v in zip(roots_out.tolist(), values.tolist()):
+        total[r] += v
+    counts: dict[int, int] = defaultdict(int)
+    for r in roots_in.tolist():
+        counts[r] += 1
+    return np.array([total.get(r, 0.0) / counts[r] for r in roots_in.tolist()])
+
+
+def _backward(node: gs.Node, kind: str, trace: Trace, out: np.ndarray) -> np.ndarray | None:
+    """Importance of input 0 of a weighted node or BN from the importance of its output."""
+    weight = ir.input_const(node, 1)
+    if node.op == "BatchNormalization":
+        gamma, var = weight, ir.input_const(node, 4)
+        if gamma is None or var is None:
+            return out
+        eps = float(ir.attr(node, "epsilon", 1e-5))
+        return out * np.abs(gamma.astype(np.float64)) / np.sqrt(var.astype(np.float64) + eps)
+    if weight is None:
+        return None
+    w = np.abs(np.asarray(weight, dtype=np.float64))
+    if node.op == "Conv":
+        a = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)  # [Cout, Cin/g]
+        group = int(ir.attr(node, "group", 1))
+        cout, per_in = a.shape
+        per_out = cout // group
+        result = np.zeros(per_in * group)
+        for g in range(group):
+            rows = slice(g * per_out, (g + 1) * per_out)
+            result[g * per_in : (g + 1) * per_in] += a[rows].T @ out[rows]
+        return result
+    if node.op == "ConvTranspose":
+        return w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2) @ out
+    if node.op == "Gemm":
+        k_by_n = w.T if int(ir.attr(node, "transB", 0)) else w
+        return k_by_n @ out
+    if node.op == "MatMul":
+        return w @ out
+    return None
+
+
+def nisp_scores(ctx: Context) -> tuple[dict[int, np.ndarray], list[str]]:
+    """Per group, the NISP importance of each class (module docstring)."""
+    found = _final_response(ctx)
+    if found is None:
+        return {}, ["nisp: no final response layer was found"]
+    frl, frl_node = found
+    trace = ctx.trace
+    importance: dict[str, np.ndarray] = {frl: _frl_scores(ctx, frl)}
+    sources = {s.node for s in trace.sources}
+    for node in reversed(list(ctx.graph.nodes)):
+        if node.name == frl_node:
+            continue
+        outs = [(t.name, importance[t.name]) for t in node.outputs if t.name in importance and t.name in trace.maps]
+        if not outs:
+            continue
+        kind = trace.node_kind.get(node.name, "")
+        if node.name in sources or node.op == "BatchNormalization":
+            x = node.inputs[0]
+            if x.name not in trace.maps:
+                continue
+            value = _backward(node, kind, trace, outs[0][1])
+            if value is not None and value.size == trace.maps[x.name].size:
+                importance[x.name] = importance.get(x.name, 0.0) + value
+            continue
+        for t in node.inputs:
+            if isinstance(t, gs.Constant) or t.name not in trace.maps:
+                continue
+            for name, value in outs:
+                moved = _atom_transfer(trace, t.name, name, value)
+                importance[t.name] = importance.get(t.name, 0.0) + moved
+    nodes = ir.node_by_name(ctx.graph)
+    scores: dict[int, np.ndarray] = {}
+    for group in trace.groups:
+        if group.is_frozen:
+            continue
+        total = np.zeros(group.size)
+        seen = False
+        for source in trace.sources:
+            if source.space not in group.spaces:
+                continue
+            y = nodes[source.node].outputs[0].name
+            if y in importance:
+                seen = True
+                total += _per_class(trace, group, y, importance[y], mean=False)
+        if seen and np.any(total > 0):
+            scores[group.index] = total
+    return scores, []
+
+
+@register("nisp", data_driven=True)
+def nisp(ctx: Context) -> Outcome:
+    """NISP (Yu et al., CVPR 2018): Inf-FS on the final response layer, propagated back by |W|."""
+    _need_calibration(ctx, "nisp")
+    scores, notes = nisp_scores(ctx)
+    scores, more = _with_fallback(ctx, scores, "nisp")
+    return Outcome(choose_plan(ctx, scores), notes=tuple(notes + more))
+
+
+# ----------------------------------------------------------------------------- activation criteria
+
+
+def activation_tensors(ctx: Context, group: Group) -> list[str]:
+    """The group's tensors after an activation (else after a norm, else the source outputs)."""
+    nodes = ir.node_by_name(ctx.graph)
+    by_role: dict[str, list[str]] = {"act": [], "norm": [], "out": []}
+    for m in group.members:
+        node = nodes.get(m.node)
+        if node is None or not node.outputs:
+            continue
+        name = node.outputs[0].name
+        if name not in ctx.trace.maps:
+            continue
+        if m.role == "pass" and m.op in ACTIVATIONS:
+            by_role["act"].append(name)
+        elif m.role == "norm":
+            by_role["norm"].append(name)
+        elif m.role == "out":
+            by_role["out"].append(name)
+    for role in ("act", "norm", "out"):
+        names = [n for n in dict.fromkeys(by_role[role]) if _in_group(ctx.trace, group, n)]
+        if names:
+            return names
+    return []
+
+
+def _in_group(trace: Trace, group: Group, tensor: str) -> bool:
+    roots = trace.class_positions(tensor)
+    return roots is not None and bool(np.isin(roots, np.asarray(group.classes)).any())
+
+
+def activation_moments(ctx: Context, tensors: Sequence[str]) -> dict[str, ChannelMoments]:
+    """``ChannelMoments`` of each tensor over the calibration set (cached)."""
+    s = _settings(ctx)
+    names = list(dict.fromkeys(tensors))
+
+    def compute() -> dict[str, np.ndarray]:
+        moments = {n: ChannelMoments(ctx.trace.maps[n].axis) for n in names}
+        step = rc.progress_steps(ctx.progress, ctx.calibration.num_batches(s.batch_size))
+        for values in rc.stream(ctx.model, ctx.calibration, names, s.batch_size):
+            for n in names:
+                moments[n].update(values[n])
+            step()
+        out: dict[str, np.ndarray] = {}
+        for i, n in enumerate(names):
+            out.update({f"{i}:{k}": v for k, v in moments[n].state().items()})
+        return out
+
+    data = cached(_cache_key(ctx, "moments|" + "||".join(names)), compute)
+    result = {}
+    for i, n in enumerate(names):
+        prefix = f"{i}:"
+        result[n] = ChannelMoments.from_state({k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)})
+    return result
+
+
+def _activation_method(ctx: Context, name: str, value: Callable[[ChannelMoments], np.ndarray]) -> Outcome:
+    _need_calibration(ctx, name)
+    per_group = {g.index: activation_tensors(ctx, g) for g in ctx.trace.groups if not g.is_frozen}
+    per_group = {k: v for k, v in per_group.items() if v}
+    moments = activation_moments(ctx, [t for ts in per_group.values() for t in ts]) if per_group else {}
+    scores: dict[int, np.ndarray] = {}
+    for group in ctx.trace.groups:
+        if group.index not in per_group:
+            continue
+        parts = [_per_class(ctx.trace, group, t, value(moments[t])) for t in per_group[group.index]]
+        scores[group.index] = np.mean(parts, axis=0)
+    scores, notes = _with_fallback(ctx, scores, name)
+    return Outcome(choose_plan(ctx, scores), notes=tuple(notes))
+
+
+@register("mean_act", data_driven=True)
+def mean_act(ctx: Context) -> Outcome:
+    """Mean |activation| of each channel after its activation (low = removed first)."""
+    return _activation_method(ctx, "mean_act", lambda m: m.mean_abs)
+
+
+@register("apoz", data_driven=True)
+def apoz(ctx: Context) -> Outcome:
+    """APoZ (Hu et al. 2016): channels whose activations are most often zero are removed first."""
+    return _activation_method(ctx, "apoz", lambda m: 1.0 - m.apoz)
