@@ -12,6 +12,7 @@
 Calibration: the first 2,000 train images; accuracy: the full 10,000-image test split
 (IDX gzip, float32 pixels / 255, [N, 1, 28, 28]). No fine-tuning anywhere. Each section's
 rows are cached as JSON under --work so that the markdown can be rebuilt from any subset.
+Least-squares reconstruction is off (`reconstruct: False`): the tables compare selection only.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def section_a(shared: Path, calib: Path, images: np.ndarray, labels: np.ndarray,
         glob = prune(model, "l1", params={"target_macs": macs})
         rows.append(row("l1 global (--target-macs)", glob, images, labels, time.perf_counter() - started, target=target))
         started = time.perf_counter()
-        lcp = prune(model, "lcp", calib=calib, params={"target_macs": macs, "lcp_iterations": iterations})
+        lcp = prune(model, "lcp", calib=calib, params={"target_macs": macs, "lcp_iterations": iterations, "reconstruct": False})
         note = next((n for n in lcp.report.notes if n.startswith("lcp:")), "")
         rows.append(row(f"lcp ({iterations} iterations)", lcp, images, labels, time.perf_counter() - started, target=target, note=note))
         print(json.dumps(rows[-3:], indent=1), flush=True)
@@ -116,7 +117,7 @@ def section_b(shared: Path, calib: Path, images: np.ndarray, labels: np.ndarray)
             started = time.perf_counter()
             removable = 25  # ResNet-56: 27 residual Adds, 2 of them with a projection shortcut
             fraction = (count + 0.5) / removable if count else 0.0
-            result = prune(model, "layer", fraction, calib=calib, params={"block_criterion": criterion})
+            result = prune(model, "layer", fraction, calib=calib, params={"block_criterion": criterion, "reconstruct": False})
             note = next((n for n in result.report.notes if n.startswith("blocks: removed")), "")
             removed = int(note.split("removed ")[1].split(" ")[0]) if note else 0
             rows.append(
