@@ -132,6 +132,7 @@ def prune(
     outcome = fn(ctx)
     if calibration is not None:
         outcome = reconstruct.with_reconstruction(ctx, outcome)  # no-op with --no-reconstruct
+    notes.extend(ctx.notes)
     notes.extend(outcome.notes)
     if not outcome.plan.groups and not outcome.overrides:
         if working is original:

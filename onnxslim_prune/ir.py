@@ -108,6 +108,7 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)  # graph-surgeon folds with onnxruntime; its warnings are noise here
+    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
     try:
         graph.fold_constants(fold_shapes=static, error_ok=True, should_exclude_node=_expands)
     except Exception as exc:  # folding is an optimisation; tracing is conservative without it
@@ -391,11 +392,45 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     del out.graph.output[:]
     out.graph.output.extend(like.graph.output)
     del out.graph.value_info[:]
+    share_identical_initializers(out)
     inferred = infer_strict(out)
     # inference may refine a symbolic output dim; the output contract is the original's declaration
     del inferred.graph.output[:]
     inferred.graph.output.extend(like.graph.output)
     return inferred
+
+
+def share_identical_initializers(model: onnx.ModelProto) -> None:
+    """Let nodes share one copy of byte-identical initializers.
+
+    Exporters alias one weight to several layers through Identity; folding makes a copy
+    per alias. Where the copies are still equal after pruning, one is kept.
+    """
+    import hashlib
+
+    graph = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return  # names may be captured by subgraphs; leave them alone
+    protected = {v.name for v in [*graph.input, *graph.output]}
+    first: dict[tuple[int, tuple[int, ...], str], str] = {}
+    alias: dict[str, str] = {}
+    for init in graph.initializer:
+        if init.name in protected or init.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        key = (init.data_type, tuple(init.dims), hashlib.sha256(init.SerializeToString(deterministic=True).replace(init.name.encode(), b"")).hexdigest())
+        if key in first:
+            alias[init.name] = first[key]
+        else:
+            first[key] = init.name
+    if not alias:
+        return
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    kept = [init for init in graph.initializer if init.name not in alias]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def infer_strict(model: onnx.ModelProto) -> onnx.ModelProto:

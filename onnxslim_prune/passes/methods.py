@@ -47,6 +47,7 @@ class Context:
     opset: int
     calibration: Any = None  # calib.CalibrationSet when --calib was given
     progress: Callable[[int, int], None] | None = None
+    notes: list[str] = field(default_factory=list)  # shared steps (budgets) report here
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,11 @@ def choose_plan(ctx: Context, scores: Mapping[int, np.ndarray]) -> Plan:
     """Uniform ratio per group, or a global ranking under --target-macs / --target-params."""
     params = ctx.options.params
     if params.get("target_macs") is not None or params.get("target_params") is not None:
-        from .budget import global_plan
+        from .budget import global_plan_with_notes
 
-        return global_plan(ctx, scores)
+        plan, notes = global_plan_with_notes(ctx, scores)
+        ctx.notes.extend(notes)
+        return plan
     return uniform_plan(ctx.trace, scores, ctx.options.ratio, ctx.options.round_to)
 
 
