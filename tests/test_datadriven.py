@@ -228,3 +228,45 @@ def test_statistics_are_cached(_private_cache: Path) -> None:
     second = api.prune(LENET, "mean_act", 0.5, calib=FMNIST)
     assert sorted(_private_cache.glob("*.npz")) == files
     assert first.plan == second.plan
+
+
+# ----------------------------------------------------------------------------- streamed statistics
+
+
+def test_in_graph_moments_match_numpy_channel_moments() -> None:
+    from onnxslim_prune.calib import ChannelMoments, input_specs, load_calibration, stream_tensors
+    from onnxslim_prune.passes.methods import Context, Options
+
+    analysis = api.analyze(LENET)
+    calib = load_calibration(str(FMNIST), input_specs(analysis.model, analysis.input_shapes), samples=100)
+    ctx = Context(analysis.model, analysis.graph, analysis.trace, Options(batch_size=32), analysis.input_shapes,
+                  analysis.opset, calib)
+    tensors = [t for g in analysis.trace.groups if not g.is_frozen for t in datadriven.activation_tensors(ctx, g)]
+    assert tensors
+    got = datadriven.activation_moments(ctx, tensors)
+    want = {t: ChannelMoments(1) for t in tensors}
+    for batch in stream_tensors(analysis.model, calib, tensors, batch_size=32):
+        for t in tensors:
+            want[t].update(batch[t])
+    for t in tensors:
+        assert got[t].count == want[t].count
+        np.testing.assert_allclose(got[t].mean_abs, want[t].mean_abs, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(got[t].sq_mean, want[t].sq_mean, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(got[t].apoz, want[t].apoz, atol=1e-12)
+
+
+def test_buffered_float32_gram_matches_float64() -> None:
+    from onnxslim_prune.calib import GramAccumulator
+    from onnxslim_prune.passes.reconstruct import RowBuffer
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((1000, 12)).astype(np.float32) + 3.0
+    exact = GramAccumulator(12)
+    exact.update(x)
+    buffered = RowBuffer(GramAccumulator(12, product_dtype=np.float32), rows=96)
+    for rows in np.array_split(x, 37):
+        buffered.add(rows)
+    acc = buffered.flush()
+    assert acc.count == exact.count == 1000
+    np.testing.assert_allclose(acc.xtx, exact.xtx, rtol=1e-5)
+    np.testing.assert_allclose(acc.sum_x, exact.sum_x, rtol=1e-9)

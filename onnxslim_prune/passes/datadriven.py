@@ -27,11 +27,12 @@ downstream first).
 * ``ldrf`` (Chen et al., "Layer Decomposition-Recomposition Framework for Neuron Pruning
   towards Accurate Lightweight Networks", AAAI 2019): each consumer is decomposed as
   ``W = W U U^T`` with ``U`` the principal subspace of its output (``energy`` of the
-  variance); classes are removed greedily by the least-squares error they leave in that
-  embedding, ``dE(B) = tr(beta_B^T H_BB^-1 beta_B)`` with ``H = S_KK^-1`` and
-  ``beta = H S_KY U`` (backward elimination with block downdates of ``H``); the embedding is
-  then solved from the surviving channels of the pruned network and recomposed into the
-  consumer (``reconstruct`` with ``mode="ldrf"``).
+  variance); classes are kept greedily by how much of that embedding they explain by least
+  squares given the classes already kept, ``gain(a) = tr(C_a^T R_aa^-1 C_a)`` with the
+  residual covariances ``R = S - S_.K S_KK^-1 S_K.`` and ``C = (S - S_.K S_KK^-1 S_K.) W U``
+  (forward selection, block Gram-Schmidt updates); the embedding is then solved from the
+  surviving channels of the pruned network and recomposed into the consumer
+  (``reconstruct`` with ``mode="ldrf"``).
 * ``nisp`` (Yu et al., "NISP: Pruning Networks using Neuron Importance Score Propagation",
   CVPR 2018): the final response layer (the input of the last weighted node) is ranked by
   Inf-FS (Roffo, Melzi, Cristani, ICCV 2015): ``A = a sigma + (1 - a)(1 - |rho|)`` with
@@ -43,7 +44,12 @@ downstream first).
   a class's score is the sum over the group's sources of their output importance.
 * ``mean_act`` (mean ``|activation|``) and ``apoz`` (Hu et al., "Network Trimming: A
   Data-Driven Neuron Pruning Approach towards Efficient Deep Architectures", 2016: score
-  ``1 - APoZ``): ``ChannelMoments`` of each group's tensors after its activation.
+  ``1 - APoZ``): ``ChannelMoments`` of each group's tensors after its activation. The
+  per-channel sums (``x``, ``|x|``, ``x^2``, ``x <= 0``) are reduced inside onnxruntime
+  (``moments_model``), so only ``[C]`` vectors leave the session.
+
+Gram statistics for selection use float32 batch products over buffered rows (totals in
+float64); the least-squares refit itself (``reconstruct``) stays in float64.
 
 Groups for which a criterion has no statistic (no supported consumer, no activation)
 fall back to ``l1`` with a note.
@@ -57,6 +63,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from .. import ir
@@ -223,18 +230,20 @@ def _collect_covariances(ctx: Context, layers: Sequence[rc.Layer], s: rc.Setting
     step = rc.progress_steps(ctx.progress, per_pass * len(chunks))
     out: dict[str, np.ndarray] = {}
     for c, chunk in enumerate(chunks):
-        accs = {i: GramAccumulator(_dims(ctx, layers[i])) for i in chunk}
+        accs = {i: rc.RowBuffer(GramAccumulator(_dims(ctx, layers[i]), product_dtype=np.float32)) for i in chunk}
         names = list(dict.fromkeys(layers[i].x for i in chunk))
         for batch, values in enumerate(rc.stream(ctx.model, ctx.calibration, names, s.batch_size)):
             rng = np.random.default_rng([s.seed, c, batch])
             for i in chunk:
                 x = values[layers[i].x]
-                accs[i].update(layers[i].x_rows(x, layers[i].positions(x.shape, s.positions, rng)))
+                accs[i].add(layers[i].x_rows(x, layers[i].positions(x.shape, s.positions, rng)))
             step()
         for i in chunk:
-            cov, _ = rc.centred(accs[i])
+            acc = accs[i].flush()
+            cov, _ = rc.centred(acc)
             out[f"cov{i}"] = cov
-            out[f"mean{i}"] = accs[i].mean_x
+            out[f"mean{i}"] = acc.mean_x
+            del accs[i]
     return out
 
 
@@ -370,6 +379,49 @@ def _class_columns(cls: np.ndarray, classes: np.ndarray) -> np.ndarray | None:
     return order[starts[:, None] + np.arange(int(counts[0]))[None, :]]
 
 
+class _Residual:
+    """One consumer's residual covariances given the kept columns (mutable selection state)."""
+
+    def __init__(self, s: np.ndarray, c: np.ndarray, cls: np.ndarray, lam: float) -> None:
+        self.r, self.c, self.cls, self.lam = s.copy(), c.copy(), cls, lam
+
+    def explained(self, idx: np.ndarray) -> float:
+        sol = rc.solve_spd(self.r[np.ix_(idx, idx)] + self.lam * np.eye(idx.size), self.c[idx])
+        return float(np.einsum("ij,ij->", self.c[idx], sol))
+
+    def gains(self, candidates: np.ndarray) -> np.ndarray:
+        """Explained variance each candidate class would add (batched when classes are equal-sized)."""
+        cols = _class_columns(self.cls, candidates)
+        if cols is None:
+            out = np.zeros(candidates.size)
+            for k, a in enumerate(candidates.tolist()):
+                idx = np.flatnonzero(self.cls == a)
+                if idx.size:
+                    out[k] = self.explained(idx)
+            return out
+        t = cols.shape[1]
+        rb = self.r[cols[:, :, None], cols[:, None, :]] + self.lam * np.eye(t)
+        cb = self.c[cols]
+        try:
+            sol = np.linalg.solve(rb, cb)
+        except np.linalg.LinAlgError:
+            sol = np.linalg.pinv(rb, hermitian=True) @ cb
+        return np.asarray(np.einsum("kij,kij->k", cb, sol))
+
+    def add(self, a: int) -> float:
+        """Keep class `a`: its explained variance; ``R`` and ``C`` become residuals given it."""
+        idx = np.flatnonzero(self.cls == a)
+        if idx.size == 0:
+            return 0.0
+        dim = self.r.shape[0]
+        block = self.r[np.ix_(idx, idx)] + self.lam * np.eye(idx.size)
+        coef = rc.solve_spd(block, np.concatenate([self.r[idx], self.c[idx]], axis=1))
+        gained = float(np.einsum("ij,ij->", self.c[idx], coef[:, dim:]))
+        self.c = self.c - self.r[:, idx] @ coef[:, dim:]
+        self.r = self.r - self.r[:, idx] @ coef[:, :dim]
+        return gained
+
+
 def ls_forward_scores(
     blocks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], size: int, free: np.ndarray, ridge: float
 ) -> np.ndarray:
@@ -383,57 +435,17 @@ def ls_forward_scores(
     block Gram-Schmidt step). Score: the fraction of the target variance still unexplained
     when the class joined (high = joined early = kept first).
     """
-    states = []
-    total = 0.0
-    for s, c, cls in blocks:
-        lam = rc.ridge_lambda(s, ridge)
-        states.append([s.copy(), c.copy(), cls, lam])
-        total += float(np.einsum("ij,ij->", c, rc.solve_spd(s + lam * np.eye(s.shape[0]), c)))
-    total = max(total, 1e-30)
+    states = [_Residual(s, c, cls, rc.ridge_lambda(s, ridge)) for s, c, cls in blocks]
+    total = max(sum(st.explained(np.arange(st.cls.size)) for st in states), 1e-30)
     scores = np.zeros(size)
-    chosen = [int(i) for i in np.flatnonzero(~free)]
     left = [int(i) for i in np.flatnonzero(free)]
-    explained = 0.0
-
-    def add(a: int) -> float:
-        gained = 0.0
-        for state in states:
-            r, c, cls, lam = state
-            idx = np.flatnonzero(cls == a)
-            if idx.size == 0:
-                continue
-            block = r[np.ix_(idx, idx)] + lam * np.eye(idx.size)
-            coef = rc.solve_spd(block, np.concatenate([r[idx], c[idx]], axis=1))
-            gained += float(np.einsum("ij,ij->", c[idx], coef[:, r.shape[0]:]))
-            state[1] = c - r[:, idx] @ coef[:, r.shape[0]:]
-            state[0] = r - r[:, idx] @ coef[:, : r.shape[0]]
-        return gained
-
-    for a in chosen:
-        explained += add(a)
+    explained = sum(st.add(a) for a in np.flatnonzero(~free).tolist() for st in states)
     while left:
         candidates = np.asarray(left)
-        gain = np.zeros(candidates.size)
-        for r, c, cls, lam in states:
-            cols = _class_columns(cls, candidates)
-            if cols is None:
-                for k, a in enumerate(left):
-                    idx = np.flatnonzero(cls == a)
-                    if idx.size:
-                        sol = rc.solve_spd(r[np.ix_(idx, idx)] + lam * np.eye(idx.size), c[idx])
-                        gain[k] += float(np.einsum("ij,ij->", c[idx], sol))
-                continue
-            t = cols.shape[1]
-            rb = r[cols[:, :, None], cols[:, None, :]] + lam * np.eye(t)
-            cb = c[cols]
-            try:
-                sol = np.linalg.solve(rb, cb)
-            except np.linalg.LinAlgError:
-                sol = np.linalg.pinv(rb, hermitian=True) @ cb
-            gain += np.einsum("kij,kij->k", cb, sol)
+        gain = np.sum([st.gains(candidates) for st in states], axis=0) if states else np.zeros(candidates.size)
         best = int(candidates[int(np.argmax(gain))])
         scores[best] = 1.0 - explained / total + 1e-9 * len(left)  # strictly decreasing in order
-        explained += add(best)
+        explained += sum(st.add(best) for st in states)
         left.remove(best)
     scores[~free] = 2.0
     return scores
@@ -703,24 +715,103 @@ def _in_group(trace: Trace, group: Group, tensor: str) -> bool:
     return roots is not None and bool(np.isin(roots, np.asarray(group.classes)).any())
 
 
+def moments_model(model: onnx.ModelProto, tensors: Mapping[str, tuple[int, int]]) -> tuple[onnx.ModelProto, dict[str, list[str]]]:
+    """A copy of `model` whose outputs are per-channel reductions of `tensors` (name -> (axis, rank)).
+
+    Per tensor: ``sum x``, ``sum |x|``, ``sum x^2``, ``#(x <= 0)`` over every axis but the channel
+    axis, in float32, and ``Shape(x)`` (for the count); only these small vectors leave the
+    session, instead of whole activations.
+    """
+    from onnx import TensorProto, helper
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in _typed(model)}
+    after: dict[str, list[onnx.NodeProto]] = defaultdict(list)  # tensor -> its reduction nodes
+    inits: list[onnx.TensorProto] = []
+    outputs: dict[str, list[str]] = {}
+    zero = "__moments_zero"
+    inits.append(helper.make_tensor(zero, TensorProto.FLOAT, [], [0.0]))
+
+    def reduce(nodes: list[onnx.NodeProto], x: str, out: str, axes: list[int]) -> None:
+        if opset >= 13:
+            name = f"{out}__axes"
+            inits.append(helper.make_tensor(name, TensorProto.INT64, [len(axes)], axes))
+            nodes.append(helper.make_node("ReduceSum", [x, name], [out], keepdims=0))
+        else:
+            nodes.append(helper.make_node("ReduceSum", [x], [out], axes=axes, keepdims=0))
+
+    for k, (name, (axis, rank)) in enumerate(tensors.items()):
+        p = f"__moments{k}"
+        axes = [a for a in range(rank) if a != axis % rank]
+        nodes = after[name]
+        x = name
+        if types.get(name) != TensorProto.FLOAT:
+            nodes.append(helper.make_node("Cast", [name], [f"{p}_f"], to=TensorProto.FLOAT))
+            x = f"{p}_f"
+        nodes += [
+            helper.make_node("Abs", [x], [f"{p}_abs"]),
+            helper.make_node("Mul", [x, x], [f"{p}_sq"]),
+            helper.make_node("Greater", [x, zero], [f"{p}_pos"]),
+            helper.make_node("Not", [f"{p}_pos"], [f"{p}_le0"]),
+            helper.make_node("Cast", [f"{p}_le0"], [f"{p}_le0f"], to=TensorProto.FLOAT),
+            helper.make_node("Shape", [name], [f"{p}_shape"]),
+        ]
+        for src, key in ((x, "sum"), (f"{p}_abs", "sum_abs"), (f"{p}_sq", "sum_sq"), (f"{p}_le0f", "nonpos")):
+            reduce(nodes, src, f"{p}_{key}", axes)
+        outputs[name] = [f"{p}_{key}" for key in ("sum", "sum_abs", "sum_sq", "nonpos", "shape")]
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    ordered: list[onnx.NodeProto] = []
+    for node in out.graph.node:  # each reduction right after its producer: activations die early
+        ordered.append(node)
+        for t in node.output:
+            ordered.extend(after.pop(t, []))
+    del out.graph.node[:]
+    out.graph.node.extend([*[n for ns in after.values() for n in ns], *ordered])  # graph inputs first
+    out.graph.initializer.extend(inits)
+    del out.graph.output[:]
+    for name, outs in outputs.items():
+        for o in outs[:4]:
+            out.graph.output.append(helper.make_tensor_value_info(o, TensorProto.FLOAT, None))
+        out.graph.output.append(helper.make_tensor_value_info(outs[4], TensorProto.INT64, None))
+    return out, outputs
+
+
+def _typed(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    try:
+        graph = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+    except Exception:  # inference is best effort: unknown types get a Cast to float
+        graph = model.graph
+    return [*graph.value_info, *graph.input, *graph.output]
+
+
 def activation_moments(ctx: Context, tensors: Sequence[str]) -> dict[str, ChannelMoments]:
-    """``ChannelMoments`` of each tensor over the calibration set (cached)."""
+    """``ChannelMoments`` of each tensor over the calibration set (cached), reduced inside onnxruntime."""
     s = _settings(ctx)
     names = list(dict.fromkeys(tensors))
 
     def compute() -> dict[str, np.ndarray]:
-        moments = {n: ChannelMoments(ctx.trace.maps[n].axis) for n in names}
+        spec = {n: (ctx.trace.maps[n].axis, len(ctx.trace.shapes[n])) for n in names}
+        model, outs = moments_model(ctx.model, spec)
+        fetch = [o for n in names for o in outs[n]]
+        totals = {n: {k: np.zeros(ctx.trace.maps[n].size) for k in ChannelMoments._FIELDS} for n in names}
+        counts = dict.fromkeys(names, 0)
         step = rc.progress_steps(ctx.progress, ctx.calibration.num_batches(s.batch_size))
-        for values in rc.stream(ctx.model, ctx.calibration, names, s.batch_size):
+        for values in rc.stream(model, ctx.calibration, fetch, s.batch_size):
             for n in names:
-                moments[n].update(values[n])
+                parts = [values[o] for o in outs[n]]
+                for key, part in zip(ChannelMoments._FIELDS, parts[:4]):
+                    totals[n][key] += part.astype(np.float64)
+                shape = parts[4].astype(np.int64)
+                counts[n] += int(np.prod(shape)) // max(int(shape[spec[n][0] % len(shape)]), 1)
             step()
         out: dict[str, np.ndarray] = {}
         for i, n in enumerate(names):
-            out.update({f"{i}:{k}": v for k, v in moments[n].state().items()})
+            state = {**totals[n], "count": np.array(counts[n]), "channel_axis": np.array(spec[n][0])}
+            out.update({f"{i}:{k}": v for k, v in state.items()})
         return out
 
-    data = cached(_cache_key(ctx, "moments|" + "||".join(names)), compute)
+    data = cached(_cache_key(ctx, "moments-v2|" + "||".join(names)), compute)
     result = {}
     for i, n in enumerate(names):
         prefix = f"{i}:"

@@ -320,6 +320,39 @@ def fit(acc: GramAccumulator, intercept: bool, ridge: float, energy: float | Non
 # ----------------------------------------------------------------------------- streaming helpers
 
 
+class RowBuffer:
+    """Rows held until `rows` are pending, then added to a `GramAccumulator` in one product.
+
+    A Gram update costs ``rows * dim^2`` but also streams the whole ``dim^2`` matrix through
+    memory: with a handful of rows per batch (static batch 1, few sampled positions) the
+    update is memory-bound. Pending rows are bounded by `rows` (independent of the sample count).
+    """
+
+    def __init__(self, acc: GramAccumulator, rows: int = 256) -> None:
+        self.acc = acc
+        self.rows = rows
+        self._x: list[np.ndarray] = []
+        self._y: list[np.ndarray] = []
+        self._pending = 0
+
+    def add(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
+        self._x.append(np.asarray(x))
+        if y is not None:
+            self._y.append(np.asarray(y))
+        self._pending += int(x.shape[0])
+        if self._pending >= self.rows:
+            self.flush()
+
+    def flush(self) -> GramAccumulator:
+        if self._pending:
+            x = self._x[0] if len(self._x) == 1 else np.concatenate(self._x)
+            y = None if not self._y else (self._y[0] if len(self._y) == 1 else np.concatenate(self._y))
+            self.acc.update(x, y)
+            self._x, self._y, self._pending = [], [], 0
+        return self.acc
+
+
+
 def subgraph_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """A copy of `model` computing only `names` (as its graph outputs); inputs are kept."""
     wanted = list(dict.fromkeys(names))
@@ -541,10 +574,10 @@ class Reconstructor:
         s = self.settings
         current = ir.export_fast(ir.copy_graph(graph), like)
         nodes = ir.node_by_name(graph)
-        accs: list[GramAccumulator] = []
+        accs: list[RowBuffer] = []
         for f in fits:
             affine = read_affine(nodes[f.layer.node], f.layer.kind)
-            accs.append(GramAccumulator(affine.w.shape[0], affine.w.shape[1], full_yty=s.mode == "ldrf"))
+            accs.append(RowBuffer(GramAccumulator(affine.w.shape[0], affine.w.shape[1], full_yty=s.mode == "ldrf")))
         pruned_names = list(dict.fromkeys([f.layer.x for f in fits] + [f.minus for f in fits if f.minus]))
         original_names = list(dict.fromkeys(f.target for f in fits))
         left = stream(current, self.calibration, pruned_names, s.batch_size)
@@ -559,12 +592,13 @@ class Reconstructor:
                 if f.minus is not None:
                     y = y.astype(np.float64) - p[f.minus]
                 index = f.layer.positions(x.shape, s.positions, rng)
-                acc.update(f.layer.x_rows(x, index), f.layer.y_rows(y, index))
+                acc.add(f.layer.x_rows(x, index), f.layer.y_rows(y, index))
             step()
-        for f, acc in zip(fits, accs):
-            if acc.count == 0:
+        for f, buffer in zip(fits, accs):
+            gram = buffer.flush()
+            if gram.count == 0:
                 continue
-            w, b = fit(acc, f.intercept, s.ridge, s.energy if s.mode == "ldrf" else None)
+            w, b = fit(gram, f.intercept, s.ridge, s.energy if s.mode == "ldrf" else None)
             write_affine(graph, nodes[f.layer.node], f.layer.kind, w, b if f.intercept else None)
 
 
