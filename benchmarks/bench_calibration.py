@@ -36,6 +36,7 @@ MODELS = {
     "resnet50": (Path("/tmp/zoo/tv_resnet50.onnx"), "random", 1, (16, 64)),
 }
 MODES = ("plain", "moments", "gram")
+log = logging.getLogger("bench_calibration")
 
 
 def child(mode: str, model_path: Path, source: str, count: int, batch_size: int) -> dict[str, Any]:
@@ -152,6 +153,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="measure each cell N times, keep the fastest")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "calibration")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     results: dict[str, list[dict[str, Any]]] = {}
     for name in args.models.split(","):
         if name == "resnet50":
@@ -163,12 +165,12 @@ def main() -> None:
                 tries = [measure(mode, name, count) for _ in range(args.repeat)]
                 good = [t for t in tries if "error" not in t]
                 rows.append(min(good, key=lambda t: t["seconds"]) if good else tries[0])
-                print(name, rows[-1], flush=True)
+                log.info("%s %s", name, rows[-1])
         results[name] = rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     args.out.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
+    log.info("%s", markdown(results))
 
 
 if __name__ == "__main__":
