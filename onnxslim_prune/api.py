@@ -145,21 +145,22 @@ def prune(
         pruned = ir.to_model(graph, like=working)
         if outcome.finish is not None:
             pruned = outcome.finish(pruned)
-    feeds = validate.random_inputs(original, analysis.input_shapes, seed)
-    reference = validate.run(original, feeds)
-    outputs = validate.validate(original, pruned, feeds)
+    evaluation = load_eval(eval_data, original) if eval_data is not None else None
+    real, real_name = _agreement_samples(evaluation, calibration)
+    feeds, inputs = validate.agreement_feeds(original, analysis.input_shapes, seed, real, real_name)
+    validate.validate(original, pruned, feeds[0])
     report = Report(
         method=method,
         ratio=ratio,
         before=validate.model_stats(original, analysis.input_shapes),
         after=validate.model_stats(pruned, analysis.input_shapes),
-        agreement=validate.agreement(reference, outputs),
+        agreement=validate.compare(original, pruned, feeds, inputs),
         groups=group_rows(analysis.trace, {g.group: g.kept for g in outcome.plan.groups}),
         seconds=0.0,
         notes=tuple(notes),
     )
-    if eval_data is not None:
-        report = _with_accuracy(report, original, pruned, eval_data)
+    if evaluation is not None:
+        report = _with_accuracy(report, original, pruned, evaluation)
     report = replace(report, seconds=time.perf_counter() - started)
     return PruneResult(pruned, report, analysis.trace, outcome.plan)
 
@@ -201,8 +202,23 @@ def load_eval(path: str | os.PathLike[str], model: onnx.ModelProto) -> tuple[str
         raise CalibrationError(f"{p}: cannot read evaluation data: {exc}") from None
 
 
-def _with_accuracy(report: Report, original: onnx.ModelProto, pruned: onnx.ModelProto, path: Any) -> Report:
-    name, images, labels = load_eval(path, original)
+def _agreement_samples(
+    evaluation: tuple[str, np.ndarray, np.ndarray] | None, calibration: Any
+) -> tuple[dict[str, np.ndarray] | None, str]:
+    """Real inputs to measure agreement on: evaluation data first, else calibration data."""
+    if evaluation is not None:
+        name, images, _ = evaluation
+        return {name: images[: validate.AGREEMENT_SAMPLES]}, "evaluation samples"
+    if calibration is not None and not calibration.is_random:
+        batch = next(calibration.iter_batches(min(validate.AGREEMENT_SAMPLES, calibration.num_samples)))
+        return batch, "calibration samples"
+    return None, ""
+
+
+def _with_accuracy(
+    report: Report, original: onnx.ModelProto, pruned: onnx.ModelProto, evaluation: tuple[str, np.ndarray, np.ndarray]
+) -> Report:
+    name, images, labels = evaluation
     return replace(
         report,
         accuracy_before=validate.accuracy(original, images, labels, name),

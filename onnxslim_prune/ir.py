@@ -529,6 +529,20 @@ def input_had_external_data(path: str | os.PathLike[str]) -> bool:
 # ----------------------------------------------------------------------------- counting
 
 
+def static_batch(model: onnx.ModelProto) -> int | None:
+    """The fixed batch size of the runtime inputs, or None if any of them is dynamic."""
+    initializers = {t.name for t in model.graph.initializer}
+    sizes = set()
+    for vi in model.graph.input:
+        if vi.name in initializers:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value <= 0:
+            return None
+        sizes.add(dims[0].dim_value)
+    return sizes.pop() if len(sizes) == 1 else None
+
+
 def count_parameters(model: onnx.ModelProto) -> int:
     """Float initializer elements (shape constants and indices are not parameters)."""
     total = 0

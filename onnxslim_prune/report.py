@@ -60,7 +60,10 @@ class Report:
         if self.agreement is not None:
             ag = self.agreement
             top1 = "" if ag.top1 is None else f", top-1 agreement {ag.top1:.2%}"
-            lines.append(f"outputs vs original: max abs {ag.max_abs:.3g}, max rel {ag.max_rel:.3g}, cosine {ag.cosine:.6f}{top1}")
+            lines.append(
+                f"outputs vs original ({ag.samples} {ag.inputs}): max abs {ag.max_abs:.3g}, max rel {ag.max_rel:.3g}, "
+                f"cosine {ag.cosine:.6f}{top1}"
+            )
         if self.accuracy_before is not None and self.accuracy_after is not None:
             lines.append(f"accuracy: {self.accuracy_before:.2%} -> {self.accuracy_after:.2%}")
         changed = [g for g in self.groups if g.kept < g.size]

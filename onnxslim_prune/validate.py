@@ -8,13 +8,17 @@ the original on the same inputs is measured, not assumed:
     max_abs = max |y - y0|,  max_rel = max_abs / max |y0|,
     cosine  = <y, y0> / (|y| |y0|)   (flattened, per output),
     top1    = mean(argmax y == argmax y0) over the last axis of a 2-D output.
+
+Agreement is measured on real samples when there are any (up to `AGREEMENT_SAMPLES` of the
+evaluation data, else of the calibration data) and otherwise on `RANDOM_FEEDS` seeded random
+inputs: a single input would make top-1 agreement a coin of one sample.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -41,6 +45,8 @@ class Agreement:
     max_rel: float
     cosine: float
     top1: float | None  # classifiers only
+    samples: int = 1  # how many input samples the figures are over
+    inputs: str = "seeded random inputs"  # where those samples came from
 
 
 def model_stats(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> ModelStats:
@@ -89,6 +95,46 @@ def random_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]],
 
 def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     return session(model).run(None, dict(feeds))
+
+
+AGREEMENT_SAMPLES = 64
+RANDOM_FEEDS = 4
+Feeds = list[dict[str, np.ndarray]]
+
+
+def sample_feeds(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], limit: int = AGREEMENT_SAMPLES) -> Feeds:
+    """Up to `limit` samples of `arrays` (batch first), in batches the model accepts."""
+    count = min(min(len(a) for a in arrays.values()), limit)
+    batch = ir.static_batch(model) or 32
+    count -= count % batch
+    return [{k: np.ascontiguousarray(a[i : i + batch]) for k, a in arrays.items()} for i in range(0, count, batch)]
+
+
+def agreement_feeds(
+    model: onnx.ModelProto,
+    shapes: Mapping[str, tuple[int, ...]],
+    seed: int,
+    real: Mapping[str, np.ndarray] | None = None,
+    real_name: str = "",
+) -> tuple[Feeds, str]:
+    """Feeds to compare outputs on, and what they are: `real` samples if given, else random ones."""
+    feeds = sample_feeds(model, real) if real else []
+    if feeds:
+        return feeds, real_name
+    return [random_inputs(model, shapes, seed + i) for i in range(RANDOM_FEEDS)], "seeded random inputs"
+
+
+def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: Feeds, inputs: str) -> Agreement:
+    """Agreement of the two models' outputs over every feed (outputs joined along the batch)."""
+    before, after = session(original), session(pruned)
+    reference = [before.run(None, f) for f in feeds]
+    outputs = [after.run(None, f) for f in feeds]
+
+    def joined(runs: list[list[np.ndarray]]) -> list[np.ndarray]:
+        return [np.concatenate([np.atleast_1d(r[i]) for r in runs]) for i in range(len(runs[0]))]
+
+    samples = sum(len(next(iter(f.values()))) for f in feeds) if feeds and feeds[0] else len(feeds)
+    return replace(agreement(joined(reference), joined(outputs)), samples=samples, inputs=inputs)
 
 
 def check_contract(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:

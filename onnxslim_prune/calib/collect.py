@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .. import ir
 from ..errors import CalibrationError, ModelError
 from .sources import CalibrationSet
 
@@ -64,20 +65,6 @@ def expose_tensors(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPr
     return exposed
 
 
-def _static_batch(model: onnx.ModelProto) -> int | None:
-    """The fixed batch size of the runtime inputs, or None if any of them is dynamic."""
-    initializers = {t.name for t in model.graph.initializer}
-    sizes = set()
-    for vi in model.graph.input:
-        if vi.name in initializers:
-            continue
-        dims = vi.type.tensor_type.shape.dim
-        if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value <= 0:
-            return None
-        sizes.add(dims[0].dim_value)
-    return sizes.pop() if len(sizes) == 1 else None
-
-
 def _session(model: onnx.ModelProto, providers: Sequence[str]) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: the library never prints
@@ -91,7 +78,7 @@ def _session(model: onnx.ModelProto, providers: Sequence[str]) -> ort.InferenceS
 
 
 def _batch_plan(model: onnx.ModelProto, calib: CalibrationSet, batch_size: int) -> tuple[int, bool]:
-    static = _static_batch(model)
+    static = ir.static_batch(model)
     if static is None or static == batch_size:
         return batch_size, False
     dropped = calib.num_samples % static

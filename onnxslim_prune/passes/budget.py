@@ -587,7 +587,7 @@ def evaluation_feeds(
     Returns the feeds and whether they are random (data-free). A model with a static
     batch dimension gets batches of exactly that size.
     """
-    static = _static_batch(model)
+    static = ir.static_batch(model)
     size = static or max(1, min(batch_size, samples))
     feeds: list[dict[str, np.ndarray]] = []
     if calibration is not None and not getattr(calibration, "is_random", False):
@@ -604,17 +604,6 @@ def evaluation_feeds(
     for i in range(count):
         feeds.append(validate.random_inputs(model, shapes, seed + i))
     return feeds, True
-
-
-def _static_batch(model: onnx.ModelProto) -> int | None:
-    inits = {i.name for i in model.graph.initializer}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        dims = vi.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return int(dims[0].dim_value)
-    return None
 
 
 class OutputError:
