@@ -1,9 +1,10 @@
-"""Prune every zoo model with l1 at 0.5 and report validity and size figures.
+"""Prune every zoo model with l1 at 0.5: validity, size figures, and the tool's time and peak memory.
 
     python benchmarks/zoo_coverage.py --zoo ../shared/zoo --filled /tmp/zoo --out benchmarks/results/zoo_coverage.md
 
 Models are filled with seeded random weights by the zoo's fill.py (once, into --filled).
-Each model runs in a subprocess with a time limit so one failure cannot stop the table.
+Each model runs in a subprocess (the CLI: load, trace, apply, validate, write) with a time
+limit, so one failure cannot stop the table; its wall time and its own peak RSS are measured.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import run_measured  # noqa: E402
 
 
 def fill(zoo: Path, filled: Path) -> None:
@@ -27,15 +30,14 @@ def fill(zoo: Path, filled: Path) -> None:
 def one(model: Path, method: str, ratio: float, timeout: int) -> dict:
     out = model.with_suffix(".l1.onnx")
     report = model.with_suffix(".report.json")
-    started = time.perf_counter()
-    proc = subprocess.run(
+    run = run_measured(
         [sys.executable, "-m", "onnxslim_prune.cli", str(model), "-o", str(out), "--method", method,
          "--ratio", str(ratio), "--report", str(report), "-q"],
-        capture_output=True, text=True, timeout=timeout,
+        timeout=timeout,
     )
-    row: dict = {"model": model.stem, "seconds": round(time.perf_counter() - started, 1)}
-    if proc.returncode != 0:
-        row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+    row: dict = {"model": model.stem, "seconds": round(run.seconds, 1), "peak_mib": run.peak_mib}
+    if run.timed_out or run.returncode != 0:
+        row["error"] = "timeout" if run.timed_out else (run.stderr.strip().splitlines() or ["?"])[-1][:200]
         return row
     data = json.loads(report.read_text())
     row.update(
@@ -51,18 +53,18 @@ def one(model: Path, method: str, ratio: float, timeout: int) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| model | params before | params after | kept | MACs before | MACs after | kept | groups | frozen | s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | params before | params after | kept | MACs before | MACs after | kept | groups | frozen | s | peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | error: {r['error']} | | | | | | | | {r['seconds']} |")
+            lines.append(f"| {r['model']} | error: {r['error']} | | | | | | | | {r['seconds']} | {r.get('peak_mib', '')} |")
             continue
         pk = r["params_after"] / r["params_before"]
         mk = r["macs_after"] / max(r["macs_before"], 1)
         lines.append(
             f"| {r['model']} | {r['params_before']:,} | {r['params_after']:,} | {pk:.0%} | {r['macs_before']:,} | "
-            f"{r['macs_after']:,} | {mk:.0%} | {r['groups']} | {r['frozen']} | {r['seconds']} |"
+            f"{r['macs_after']:,} | {mk:.0%} | {r['groups']} | {r['frozen']} | {r['seconds']} | {r.get('peak_mib', '')} |"
         )
     ok = [r for r in rows if "error" not in r]
     quarter = [r for r in ok if r["params_after"] <= 0.75 * r["params_before"]]
@@ -86,10 +88,7 @@ def main() -> int:
     for model in sorted(a.filled.glob("*.onnx")):
         if model.name.count(".") > 1 or (a.only and model.stem not in a.only):
             continue
-        try:
-            rows.append(one(model, a.method, a.ratio, a.timeout))
-        except subprocess.TimeoutExpired:
-            rows.append({"model": model.stem, "error": "timeout", "seconds": a.timeout})
+        rows.append(one(model, a.method, a.ratio, a.timeout))
         print(json.dumps(rows[-1]), flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(markdown(rows) + "\n")
