@@ -30,23 +30,28 @@ def _sample(name: str) -> Path:
 
 
 def _progress_bar(enabled: bool) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
-    """A click progress bar fed by the library's (done, total) callback."""
+    """A click progress bar fed by the library's (done, total) callback, one bar per stage.
+
+    Stages (statistics, then each reconstruction pass) count from the start again with their
+    own total: a count that goes back or a new total closes the bar and opens the next one.
+    """
     if not enabled:
         return None, lambda: None
     state: dict[str, Any] = {}
 
+    def close() -> None:
+        bar = state.pop("bar", None)
+        if bar is not None:
+            bar.__exit__(None, None, None)
+
     def update(done: int, total: int) -> None:
-        bar = state.get("bar")
-        if bar is None:
+        if "bar" not in state or total != state["total"] or done < state["done"]:
+            close()
             bar = click.progressbar(length=total, label="calibrating", file=sys.stderr)
             bar.__enter__()
-            state["bar"], state["done"] = bar, 0
-        bar.update(done - state["done"])
+            state.update(bar=bar, done=0, total=total)
+        state["bar"].update(done - state["done"])
         state["done"] = done
-
-    def close() -> None:
-        if "bar" in state:
-            state["bar"].__exit__(None, None, None)
 
     return update, close
 
