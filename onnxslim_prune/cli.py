@@ -94,6 +94,8 @@ class _OneLineErrors(click.Command):
 @click.option("--bgr", is_flag=True, help="Image folders: feed BGR instead of RGB.")
 @click.option("--reconstruct/--no-reconstruct", default=None, help="Least-squares refit of consumers [default: on with --calib].")
 @click.option("--merge-threshold", type=float, help="merge: minimum cosine similarity [default: 0.45 dense, 0.1 conv].")
+@click.option("--merge-scale", type=click.Choice(["norm", "projection"]), default="norm", show_default=True,
+              help="merge: scale of a merged neuron, the paper's norm ratio or the least-squares projection.")
 @click.option("--target-macs", type=float, help="Prune until MACs fall to this fraction (global ranking).")
 @click.option("--target-params", type=float, help="Prune until parameters fall to this fraction (global ranking).")
 @click.option("--max-ratio", default=0.9, show_default=True, type=float, help="Budgets: most any group may lose.")
@@ -128,6 +130,7 @@ def main(
     bgr: bool,
     reconstruct: bool | None,
     merge_threshold: float | None,
+    merge_scale: str,
     target_macs: float | None,
     target_params: float | None,
     max_ratio: float,
@@ -168,6 +171,7 @@ def main(
                 preprocess=_preprocess(image_size, resize_mode, mean, std, scale, layout, bgr),
                 params=_params(
                     calib_positions=calib_positions, reconstruct=reconstruct, merge_threshold=merge_threshold,
+                    merge_scale=None if merge_scale == "norm" else merge_scale,
                     target_macs=target_macs, target_params=target_params, max_ratio=max_ratio, blocks=blocks_ratio,
                 ),
             )

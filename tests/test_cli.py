@@ -57,6 +57,7 @@ BAD = {
     "truncated_onnx": (["trunc.onnx", "-o", "out.onnx"], 1, "trunc.onnx"),
     "fails_checker": (["bad.onnx", "-o", "out.onnx"], 1, "checker"),
     "unknown_method": (["good.onnx", "-o", "out.onnx", "--method", "nope"], 2, "nope"),
+    "unknown_merge_scale": (["good.onnx", "-o", "out.onnx", "--method", "merge", "--merge-scale", "cubic"], 2, "merge-scale"),
     "ratio_one": (["good.onnx", "-o", "out.onnx", "--ratio", "1.0"], 2, "--ratio"),
     "ratio_negative": (["good.onnx", "-o", "out.onnx", "--ratio", "-0.1"], 2, "--ratio"),
     "ratio_nan": (["good.onnx", "-o", "out.onnx", "--ratio", "nan"], 2, "--ratio"),

@@ -200,3 +200,54 @@ def test_threshold_blocks_dissimilar_partners(threshold: float) -> None:
     )
     result = prune(model, method="merge", ratio=1 / 6, params={"merge_threshold": threshold})
     assert any("0 of 1 removed channels merged" in n for n in result.report.notes)
+
+
+@pytest.mark.parametrize("merge_scale", ["norm", "projection"])
+def test_merge_scale_of_an_inexact_pair(merge_scale: str) -> None:
+    """Neuron 4 = 0.4 * neuron 1 + e with e orthogonal to neuron 1 (weights and bias together).
+
+    Oracle: the kept partner's outgoing row becomes w2[1] + s * w2[4], with the paper's
+    s = ||w_4|| / ||w_1|| or the least-squares projection s = <w_4, w_1> / ||w_1||^2 = 0.4.
+    """
+    rng = np.random.default_rng(RNG_SEED + 7)
+    neurons = np.concatenate([_dominant(rng, (6, 8)), rng.standard_normal((6, 1)) * 0.1], axis=1)  # [w | b] rows
+    partner = neurons[1]
+    e = rng.standard_normal(9)
+    e -= (e @ partner) / (partner @ partner) * partner
+    e *= 0.2 * np.linalg.norm(partner) / np.linalg.norm(e)
+    neurons[4] = FACTOR * partner + e
+    w2 = rng.standard_normal((6, 3))
+    model = _model(
+        [
+            helper.make_node("Gemm", ["x", "w1", "b1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("Gemm", ["r", "w2"], ["y"]),
+        ],
+        {"w1": neurons[:, :8].T.copy(), "b1": neurons[:, 8].copy(), "w2": w2},
+        [2, 8],
+        [2, 3],
+    )
+    params = {} if merge_scale == "norm" else {"merge_scale": merge_scale}
+    result = prune(model, method="merge", ratio=1 / 6, params=params)
+    assert any("1 of 1 removed channels merged" in n for n in result.report.notes), result.report.notes
+    expected_scale = (
+        np.linalg.norm(neurons[4]) / np.linalg.norm(partner) if merge_scale == "norm" else FACTOR
+    )
+    merged = _initializer(result.model, "w2")
+    assert merged.shape == (5, 3)
+    np.testing.assert_allclose(merged[1], w2[1] + expected_scale * w2[4], rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_merge_scale_is_a_usage_error() -> None:
+    from onnxslim_prune.errors import UsageError
+
+    rng = np.random.default_rng(RNG_SEED)
+    model = _model(
+        [helper.make_node("Gemm", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Gemm", ["r", "w2"], ["y"])],
+        {"w1": rng.standard_normal((8, 6)), "w2": rng.standard_normal((6, 3))},
+        [2, 8],
+        [2, 3],
+    )
+    with pytest.raises(UsageError, match="merge-scale"):
+        prune(model, method="merge", ratio=0.5, params={"merge_scale": "cubic"})

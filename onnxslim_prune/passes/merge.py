@@ -10,6 +10,11 @@ neuron, the kept neuron of highest cosine similarity, merges when it exceeds a t
 ``t`` (0.45 for dense layers, 0.1 for convolutions), with ``s = ||w_n|| / ||w_m||``, and
 prunes plainly otherwise.
 
+``merge_scale="projection"`` (an option, not the paper's default) uses instead the scale
+that best approximates the pruned neuron by its partner in the least-squares sense,
+``s = <w_n, w_m> / ||w_m||^2 = cos(w_n, w_m) ||w_n|| / ||w_m||``: the same for an exact
+pair, smaller for an inexact one, whose merged contribution the norm ratio overstates.
+
 Here, per group of coupled channels (see `trace`):
 
 * the incoming vector of a class concatenates, over every source of the group, its
@@ -38,6 +43,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import ir
+from ..errors import UsageError
 from .methods import Context, Outcome, choose_plan, register
 from .plan import Plan
 from .score import score_groups
@@ -47,6 +53,8 @@ log = logging.getLogger(__name__)
 
 DENSE_THRESHOLD = 0.45
 CONV_THRESHOLD = 0.1
+#: how a merged neuron is scaled: the paper's norm ratio, or the least-squares projection
+MERGE_SCALES = ("norm", "projection")
 
 #: ops that commute with a positive per-channel scale: f(s * a) = s * f(a)
 HOMOGENEOUS = frozenset(
@@ -85,6 +93,7 @@ class _Merger:
         self.weights: dict[tuple[str, int], np.ndarray] = {}
         self.keep_atoms = plan.atom_keep(self.trace)
         self.threshold = ctx.options.params.get("merge_threshold")
+        self.projection = ctx.options.params.get("merge_scale", "norm") == "projection"
 
     # -- weights ---------------------------------------------------------------
 
@@ -250,7 +259,7 @@ class _Merger:
             if sims[best] < threshold:
                 continue
             m = candidates[best]
-            scale = norms[index[n]] / norms[index[m]]
+            scale = norms[index[n]] / norms[index[m]] * (float(sims[best]) if self.projection else 1.0)
             for consumer, pos in positions.items():
                 kind = self.trace.node_kind[consumer]
                 axis = _consumer_axis(self.nodes[consumer], kind)
@@ -292,6 +301,9 @@ def merge_outcome(ctx: Context, plan: Plan) -> Outcome:
 def merge(ctx: Context) -> Outcome:
     """Neuron Merging: select by --criterion (default l1), then merge (see module docstring)."""
     criterion = ctx.options.criterion if ctx.options.criterion in ("l1", "l2", "fpgm") else "l1"
+    merge_scale = ctx.options.params.get("merge_scale", "norm")
+    if merge_scale not in MERGE_SCALES:
+        raise UsageError(f"--merge-scale must be one of {', '.join(MERGE_SCALES)}, got {merge_scale!r}")
     scores = score_groups(ctx.trace, ctx.graph, criterion, ctx.options.seed)
     return merge_outcome(ctx, choose_plan(ctx, scores))
 
