@@ -105,7 +105,7 @@ Feeds = list[dict[str, np.ndarray]]
 def sample_feeds(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], limit: int = AGREEMENT_SAMPLES) -> Feeds:
     """Up to `limit` samples of `arrays` (batch first), in batches the model accepts."""
     count = min(min(len(a) for a in arrays.values()), limit)
-    batch = ir.static_batch(model) or 32
+    batch = ir.static_batch(model) or max(1, min(32, count))
     count -= count % batch
     return [{k: np.ascontiguousarray(a[i : i + batch]) for k, a in arrays.items()} for i in range(0, count, batch)]
 

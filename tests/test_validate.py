@@ -53,3 +53,10 @@ def test_sample_feeds_respect_a_static_batch() -> None:
     arrays = {"x": np.zeros((10, *M.inputs_for(model)["x"].shape[1:]), np.float32)}
     feeds = validate.sample_feeds(model, arrays, limit=5)
     assert [f["x"].shape[0] for f in feeds] == [1] * 5
+
+
+def test_sample_feeds_take_a_handful_of_samples_on_a_dynamic_batch() -> None:
+    model = onnx.load(str(SAMPLE_LENET))  # dynamic batch
+    arrays = {"input": np.zeros((4, 1, 28, 28), np.float32)}
+    feeds = validate.sample_feeds(model, arrays)
+    assert [f["input"].shape[0] for f in feeds] == [4]
