@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
+import models as M
 from onnxslim_prune import prune
 from onnxslim_prune.cli import main
 
@@ -146,3 +148,25 @@ def test_external_data_in_gives_external_data_out(tmp_path: Path) -> None:
     x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
     assert np.max(np.abs(_run(str(out), x) - _run(model, x))) < TOL
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+@pytest.mark.parametrize("opset", [9, 21])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: M.conv_chain(dead1=[1, 5], dead2=[0, 3]),
+        lambda: M.conv_bn(dead=[2, 4]),
+        lambda: M.residual_identity(dead_res=[1, 2], dead_mid=[0, 3]),
+        lambda: M.flatten_gemm(dead=[1, 3]),
+    ],
+    ids=["conv_chain", "conv_bn", "residual", "flatten_gemm"],
+)
+def test_both_ends_of_the_opset_range_prune_dead_channels_exactly(opset: int, build) -> None:
+    """The builders' ops keep their form from opset 9 to 21; dead channels go, outputs stay (1e-5)."""
+    model = build()
+    model.opset_import[0].version = opset
+    onnx.checker.check_model(model, full_check=True)
+    result = prune(model, "l1", 0.25)
+    assert result.report.after.params < result.report.before.params
+    assert result.model.opset_import[0].version == opset
+    assert M.max_abs_diff(model, result.model) <= 1e-5
