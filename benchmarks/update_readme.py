@@ -42,6 +42,7 @@ SECTIONS = {
     "calibration": Section(),
     "accuracy": Section(pictures=("accuracy_*.png",)),
     "anchors": Section(pictures=("anchors.png",)),
+    "merge": Section(),
     "peers": Section(
         "Full tables: [benchmarks/results/peers.md](benchmarks/results/peers.md), by `python benchmarks/peers.py`.",
         ("peers.png",),
