@@ -255,3 +255,23 @@ def test_written_files_honour_the_umask(model_dir: Path, monkeypatch: pytest.Mon
     assert result.exit_code == 0, result.output
     for name in ("out.onnx", "r.json"):
         assert stat.S_IMODE((model_dir / name).stat().st_mode) == 0o644, name
+
+
+def test_calibrated_method_is_byte_identical_when_statistics_come_from_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same command twice: the first computes and caches the statistics, the second reads them."""
+    from conftest import SAMPLE_LENET
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ONNXSLIM_PRUNE_CACHE", str(cache))
+    calib = SAMPLE_LENET.parent / "fmnist_test500.npz"
+    outputs = []
+    for run in range(2):
+        out = tmp_path / f"out{run}.onnx"
+        result = invoke([SAMPLE_LENET, "-o", out, "--method", "ldrf", "--ratio", "0.5", "--calib", calib, "-q"])
+        assert result.exit_code == 0, result.output
+        if run == 0:
+            assert any(cache.iterdir()), "the first run caches its statistics"
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
