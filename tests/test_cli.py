@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner, Result
-from conftest import check_full, sha256, snapshot
+from conftest import SAMPLE_LENET, check_full, sha256, snapshot
 
 import models as M
 from onnxslim_prune.cli import main
@@ -261,8 +261,6 @@ def test_calibrated_method_is_byte_identical_when_statistics_come_from_the_cache
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Same command twice: the first computes and caches the statistics, the second reads them."""
-    from conftest import SAMPLE_LENET
-
     cache = tmp_path / "cache"
     monkeypatch.setenv("ONNXSLIM_PRUNE_CACHE", str(cache))
     calib = SAMPLE_LENET.parent / "fmnist_test500.npz"
