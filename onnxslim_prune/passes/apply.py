@@ -201,11 +201,12 @@ class _Applier:
             starts[k], ends[k] = new_start, new_end
             node.attrs["starts"], node.attrs["ends"] = starts, ends
             return
-        axes_value = ir.input_const(node, 3)
-        axes = axes_value.ravel().tolist() if axes_value is not None else list(range(ir.input_const(node, 1).size))
+        starts_value, ends_value, axes_value = (ir.input_const(node, i) for i in (1, 2, 3))
+        assert starts_value is not None and ends_value is not None  # the tracer maps only constant bounds
+        axes = axes_value.ravel().tolist() if axes_value is not None else list(range(starts_value.size))
         k = [int(a) % rank for a in axes].index(axis)
-        for index, value in ((1, new_start), (2, new_end)):
-            bounds = ir.input_const(node, index).copy()
+        for index, value, current in ((1, new_start, starts_value), (2, new_end, ends_value)):
+            bounds = current.copy()
             flat = bounds.reshape(-1)
             flat[k] = value
             ir.set_input_const(node, index, bounds)

@@ -77,6 +77,9 @@ from .trace import UNARY_OPS, Group, Trace
 
 log = logging.getLogger(__name__)
 
+#: layer name -> (input covariance, input mean) of a consumer
+Covariances = Mapping[str, tuple[np.ndarray, np.ndarray]]
+
 ACTIVATIONS = frozenset(UNARY_OPS) - {"Identity", "Dropout", "Cast", "Neg", "Abs", "Not", "IsNaN", "IsInf", "Sign"}
 STATS_VERSION = "v1"
 
@@ -334,7 +337,6 @@ def _fista(mn: np.ndarray, q: np.ndarray, lam: np.ndarray, start: np.ndarray, it
 
 def lasso_scores(m: np.ndarray, free: np.ndarray, n_remove: int) -> np.ndarray:
     """CP's LASSO: ``|beta|`` at the penalty whose support keeps ``size - n_remove`` classes."""
-    n = m.shape[0]
     d = np.sqrt(np.clip(np.diag(m), 0.0, None))
     alive = d > 1e-12 * max(float(d.max(initial=0.0)), 1e-30)
     scale = np.where(alive, d, 1.0)
@@ -478,15 +480,39 @@ def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str 
     return rc.with_reconstruction(ctx, outcome, mode=mode)
 
 
-def _select_thinet(ctx: Context, group: Group, consumers: Sequence[Consumer], cov: Mapping[str, tuple[np.ndarray, np.ndarray]], removed: set[int], free: np.ndarray, n_remove: int) -> np.ndarray:
+def _select_thinet(
+    ctx: Context,
+    group: Group,
+    consumers: Sequence[Consumer],
+    cov: Covariances,
+    removed: set[int],
+    free: np.ndarray,
+    n_remove: int,
+) -> np.ndarray:
     return thinet_scores(_energy_matrix(ctx, group, consumers, cov, removed), free)
 
 
-def _select_cp(ctx: Context, group: Group, consumers: Sequence[Consumer], cov: Mapping[str, tuple[np.ndarray, np.ndarray]], removed: set[int], free: np.ndarray, n_remove: int) -> np.ndarray:
+def _select_cp(
+    ctx: Context,
+    group: Group,
+    consumers: Sequence[Consumer],
+    cov: Covariances,
+    removed: set[int],
+    free: np.ndarray,
+    n_remove: int,
+) -> np.ndarray:
     return lasso_scores(_energy_matrix(ctx, group, consumers, cov, removed), free, n_remove)
 
 
-def _select_ldrf(ctx: Context, group: Group, consumers: Sequence[Consumer], cov: Mapping[str, tuple[np.ndarray, np.ndarray]], removed: set[int], free: np.ndarray, n_remove: int) -> np.ndarray:
+def _select_ldrf(
+    ctx: Context,
+    group: Group,
+    consumers: Sequence[Consumer],
+    cov: Covariances,
+    removed: set[int],
+    free: np.ndarray,
+    n_remove: int,
+) -> np.ndarray:
     s = _settings(ctx, "ldrf")
     blocks = []
     for consumer in consumers:

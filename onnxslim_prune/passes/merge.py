@@ -265,7 +265,7 @@ class _Merger:
                 axis = _consumer_axis(self.nodes[consumer], kind)
                 w = self.weight(consumer)
                 src = np.take(w, pos[n], axis=axis)
-                dst_index = [slice(None)] * w.ndim
+                dst_index: list[slice | np.ndarray] = [slice(None)] * w.ndim
                 dst_index[axis] = pos[m]
                 w[tuple(dst_index)] += scale * src
             merged += 1

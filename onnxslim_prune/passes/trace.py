@@ -585,8 +585,9 @@ class Tracer:
         shapes = [self.shape(t) if t.name else None for t in node.inputs]
         if any(s is None for t, s in zip(node.inputs, shapes) if t.name):
             raise _Freeze("an operand has an unknown shape")
-        rank = max(len(s) for s in shapes if s is not None)
-        positions = {rank - len(shapes[i]) + m.axis for i, m in traced}
+        ranks = [len(s) if s is not None else 0 for s in shapes]
+        rank = max(ranks)
+        positions = {rank - ranks[i] + m.axis for i, m in traced}
         if len(positions) != 1:
             raise _Freeze("operands carry channels on different axes")
         pos = positions.pop()
