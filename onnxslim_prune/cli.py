@@ -231,15 +231,25 @@ def _check_paths(model: Path, target: Path, report_path: Path | None) -> None:
     if not model.is_file():
         raise UsageError(f"{model}: not a file")
     named = [("output", target)] + ([("--report", report_path)] if report_path is not None else [])
+    inputs_data = ir.external_data_files(model)
     for flag, path in named:
         if path.resolve() == model.resolve():
             raise UsageError(f"{flag} {path} is the input model; choose another path")
+        if path.resolve() in inputs_data:
+            raise UsageError(f"{flag} {path} is the input model's external data; choose another path")
         if path.is_dir():
             raise UsageError(f"{flag} {path} is a folder; give a file name")
         if not path.resolve().parent.is_dir():
             raise UsageError(f"{path.parent}: output folder does not exist")
     if report_path is not None and report_path.resolve() == target.resolve():
         raise UsageError(f"--report {report_path} is the output model; choose another path")
+    # the output's external data (when it has any) is written beside it as NAME.data
+    output_data = target.resolve().with_name(target.name + ".data")
+    if output_data in inputs_data or output_data == model.resolve():
+        raise UsageError(
+            f"output {target} would write its external data to {output_data.name}, a file of the input model; "
+            "choose another output name"
+        )
 
 
 def _write_text(path: Path, text: str) -> None:

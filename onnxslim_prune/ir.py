@@ -519,6 +519,39 @@ def uses_external_data(model: onnx.ModelProto) -> bool:
     return any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
 
 
+def external_data_files(path: str | os.PathLike[str]) -> set[Path]:
+    """The files a model's tensors keep their external data in (resolved); empty if none or unreadable."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return set()
+    folder = Path(path).resolve().parent
+    files = set()
+    for tensor in _all_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                files.add((folder / entry.value).resolve())
+    return files
+
+
+def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Initializers and tensor attributes (Constant values), subgraphs included."""
+    out: list[onnx.TensorProto] = []
+
+    def walk(graph: onnx.GraphProto) -> None:
+        out.extend(graph.initializer)
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.TENSOR:
+                    out.append(attribute.t)
+                out.extend(attribute.tensors)
+                for sub in [attribute.g, *attribute.graphs] if attribute.HasField("g") else attribute.graphs:
+                    walk(sub)
+
+    walk(model.graph)
+    return out
+
+
 def input_had_external_data(path: str | os.PathLike[str]) -> bool:
     try:
         return uses_external_data(onnx.load(str(path), load_external_data=False))

@@ -273,3 +273,22 @@ def test_calibrated_method_is_byte_identical_when_statistics_come_from_the_cache
             assert any(cache.iterdir()), "the first run caches its statistics"
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-o", "out.onnx"],  # out.onnx.data is the input's weights file
+        ["-o", "out.onnx.data"],
+        ["-o", "x.onnx", "--report", "out.onnx.data"],
+    ],
+    ids=["output_data_file", "output_is_input_data", "report_is_input_data"],
+)
+def test_input_external_data_is_never_overwritten(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    onnx.save(M.conv_chain(), "m.onnx", save_as_external_data=True, location="out.onnx.data", size_threshold=0)
+    before = snapshot(tmp_path)
+    message = assert_clean_error(invoke(["m.onnx", *args]), 2)
+    assert "input model" in message
+    assert snapshot(tmp_path) == before
+    onnx.checker.check_model(onnx.load("m.onnx"), full_check=True)
