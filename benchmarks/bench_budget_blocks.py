@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxslim_prune import validate
+from onnxslim_prune import evaluation
 from onnxslim_prune.api import prune
 
 CALIB_SAMPLES = 2000
@@ -84,14 +84,14 @@ def uniform_at(model: Path, target: float) -> tuple[float, Any]:
 
 def row(name: str, result: Any, images: np.ndarray, labels: np.ndarray, seconds: float, **extra: Any) -> dict[str, Any]:
     macs, params = kept(result)
-    acc = validate.accuracy(result.model, images, labels, "input")
+    acc = evaluation.accuracy(result.model, images, labels, "input")
     return {"method": name, "macs": macs, "params": params, "accuracy": acc, "seconds": seconds, **extra}
 
 
 def section_a(shared: Path, calib: Path, images: np.ndarray, labels: np.ndarray, iterations: int) -> list[dict[str, Any]]:
     model = shared / "models" / "fmnist_resnet56.onnx"
     rows: list[dict[str, Any]] = []
-    base = validate.accuracy(onnx.load(str(model)), images, labels, "input")
+    base = evaluation.accuracy(onnx.load(str(model)), images, labels, "input")
     rows.append({"method": "original", "macs": 1.0, "params": 1.0, "accuracy": base, "seconds": 0.0, "target": 1.0})
     for target in MACS_TARGETS:
         started = time.perf_counter()

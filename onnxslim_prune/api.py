@@ -12,7 +12,6 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ import onnx
 
 from . import ir, validate
 from .errors import CalibrationError, UsageError
+from .evaluation import EvalData, accuracy, load_eval
 from .passes import blocks, budget, datadriven, merge, reconstruct  # noqa: F401  (they register methods)
 from .passes import methods as methods_mod
 from .passes.apply import apply_plan
@@ -145,7 +145,7 @@ def prune(
         pruned = ir.to_model(graph, like=working)
         if outcome.finish is not None:
             pruned = outcome.finish(pruned)
-    evaluation = load_eval(eval_data, original) if eval_data is not None else None
+    evaluation = load_eval(eval_data, original, input_shapes) if eval_data is not None else None
     real, real_name = _agreement_samples(evaluation, calibration)
     feeds, inputs = validate.agreement_feeds(original, analysis.input_shapes, seed, real, real_name)
     validate.validate(original, pruned, feeds[0])
@@ -185,42 +185,20 @@ def _calibration(
     )
 
 
-def load_eval(path: str | os.PathLike[str], model: onnx.ModelProto) -> tuple[str, np.ndarray, np.ndarray]:
-    """An .npz with the first input's array (under its name, or `images`/`x`) and `labels`."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{p}: no such evaluation file")
-    inits = {i.name for i in model.graph.initializer}
-    name = next(v.name for v in model.graph.input if v.name not in inits)
-    try:
-        with np.load(p) as data:
-            key = next((k for k in (name, "images", "x") if k in data.files), None)
-            if key is None or "labels" not in data.files:
-                raise CalibrationError(f"{p}: needs arrays {name!r} (or 'images') and 'labels'; found {data.files}")
-            return name, np.asarray(data[key], dtype=np.float32), np.asarray(data["labels"]).astype(np.int64)
-    except (OSError, ValueError) as exc:
-        raise CalibrationError(f"{p}: cannot read evaluation data: {exc}") from None
+def _agreement_samples(evaluation: EvalData | None, calibration: Any) -> tuple[dict[str, np.ndarray] | None, str]:
+    """Real inputs to measure agreement on: evaluation data first, else calibration data.
 
-
-def _agreement_samples(
-    evaluation: tuple[str, np.ndarray, np.ndarray] | None, calibration: Any
-) -> tuple[dict[str, np.ndarray] | None, str]:
-    """Real inputs to measure agreement on: evaluation data first, else calibration data."""
+    Calibration samples are the ones the method fitted to, so their figures are optimistic:
+    the report says so.
+    """
     if evaluation is not None:
-        name, images, _ = evaluation
-        return {name: images[: validate.AGREEMENT_SAMPLES]}, "evaluation samples"
+        return {evaluation.input_name: evaluation.images[: validate.AGREEMENT_SAMPLES]}, "evaluation samples"
     if calibration is not None and not calibration.is_random:
         batch = next(calibration.iter_batches(min(validate.AGREEMENT_SAMPLES, calibration.num_samples)))
-        return batch, "calibration samples"
+        return batch, "calibration samples, seen while fitting: optimistic; --eval gives held-out figures"
     return None, ""
 
 
-def _with_accuracy(
-    report: Report, original: onnx.ModelProto, pruned: onnx.ModelProto, evaluation: tuple[str, np.ndarray, np.ndarray]
-) -> Report:
-    name, images, labels = evaluation
-    return replace(
-        report,
-        accuracy_before=validate.accuracy(original, images, labels, name),
-        accuracy_after=validate.accuracy(pruned, images, labels, name),
-    )
+def _with_accuracy(report: Report, original: onnx.ModelProto, pruned: onnx.ModelProto, evaluation: EvalData) -> Report:
+    args = (evaluation.images, evaluation.labels, evaluation.input_name)
+    return replace(report, accuracy_before=accuracy(original, *args), accuracy_after=accuracy(pruned, *args))

@@ -134,7 +134,16 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: Feeds, in
         return [np.concatenate([np.atleast_1d(r[i]) for r in runs]) for i in range(len(runs[0]))]
 
     samples = sum(len(next(iter(f.values()))) for f in feeds) if feeds and feeds[0] else len(feeds)
-    return replace(agreement(joined(reference), joined(outputs)), samples=samples, inputs=inputs)
+    reference_joined, outputs_joined = joined(reference), joined(outputs)
+    check_finite_where_original_is(reference_joined, outputs_joined, [o.name for o in pruned.graph.output])
+    return replace(agreement(reference_joined, outputs_joined), samples=samples, inputs=inputs)
+
+
+def check_finite_where_original_is(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray], names: Sequence[str]) -> None:
+    """A pruned model may not produce NaN or infinity where the original gives finite values."""
+    for name, y0, y in zip(names, reference, outputs):
+        if y0.dtype.kind == "f" and y.shape == y0.shape and np.any(np.isfinite(y0) & ~np.isfinite(y)):
+            raise ValidationError(f"pruned model gives non-finite values in output {name} where the original does not")
 
 
 def check_contract(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
@@ -184,13 +193,3 @@ def agreement(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) ->
         if y0.ndim == 2 and y0.shape[1] > 1:
             top1.append(float(np.mean(np.argmax(y0, axis=1) == np.argmax(y, axis=1))))
     return Agreement(max_abs, max_rel, min(cosines) if cosines else 1.0, float(np.mean(top1)) if top1 else None)
-
-
-def accuracy(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray, input_name: str, batch: int = 256) -> float:
-    """Top-1 accuracy of a classifier whose first output is [N, classes]."""
-    sess = session(model)
-    correct = 0
-    for start in range(0, len(labels), batch):
-        logits = sess.run(None, {input_name: images[start : start + batch]})[0]
-        correct += int(np.sum(np.argmax(logits, axis=1) == labels[start : start + batch]))
-    return correct / max(len(labels), 1)

@@ -54,6 +54,15 @@ def check_cast(arr: np.ndarray, dtype: np.dtype, where: str) -> None:
     raise CalibrationError(f"{where} has dtype {src}, which cannot be cast safely to the model's {dst}")
 
 
+def check_finite(arr: np.ndarray, where: str) -> None:
+    """Raise if a floating array holds NaN or infinity (statistics from it would be NaN)."""
+    if arr.dtype.kind not in "fc":
+        return
+    bad = sum(int(chunk.size - np.count_nonzero(np.isfinite(chunk))) for chunk in _chunks(arr))  # bounded memory
+    if bad:
+        raise CalibrationError(f"{where} has {bad} non-finite value(s) (NaN or infinity)")
+
+
 def _open_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -82,6 +91,7 @@ def _validated(path: Path, arrays: Mapping[str, np.ndarray], inputs: Sequence[In
         where = f"{path}: '{spec.name}'"
         check_shape(arr, spec, where)
         check_cast(arr, spec.dtype, where)
+        check_finite(arr, where)
         out[spec.name] = arr
     counts = {name: arr.shape[0] for name, arr in out.items()}
     if len(set(counts.values())) > 1:

@@ -13,6 +13,8 @@ raw resized pixels without scale/mean/std.
 
 from __future__ import annotations
 
+import math
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,8 @@ class Preprocess:
             raise UsageError(f"image size must be (H, W) with positive values, got {self.size!r}")
         if not self.mean or not self.std or any(s == 0 for s in self.std):
             raise UsageError("mean and std need at least one value each and std must be non-zero")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std, self.scale)) or self.scale == 0:
+            raise UsageError("--scale, --mean and --std must be finite numbers, and --scale non-zero")
 
     def channel_axis(self) -> int:
         """Axis of the channel dimension in a batched tensor."""

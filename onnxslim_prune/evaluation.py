@@ -1,0 +1,95 @@
+"""Labelled evaluation data (``--eval``) and top-1 accuracy of a classifier.
+
+An ``.npz`` holds the model's single input under its name (or ``images`` / ``x``) and
+``labels``: one non-negative integer class per sample. The images are checked like
+calibration arrays (shape against the model input, a dtype that casts safely, finite
+values) and the labels against the images and, once the model has run, against its
+number of classes: every bad file is one clear error naming it.
+
+    accuracy = mean(argmax(model(x_i)) == label_i)
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import ir
+from .calib.arrays import check_cast, check_finite, check_shape
+from .calib.specs import input_specs
+from .errors import CalibrationError, UsageError
+
+IMAGE_KEYS = ("images", "x")
+BATCH = 256
+
+
+@dataclass(frozen=True, eq=False)
+class EvalData:
+    input_name: str
+    images: np.ndarray
+    labels: np.ndarray  # int64 [N]
+
+
+def load_eval(
+    path: str | os.PathLike[str], model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> EvalData:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{p}: no such evaluation file")
+    specs = input_specs(model, input_shapes)
+    if len(specs) != 1:
+        raise UsageError(f"--eval needs a single-input classifier; the model has inputs {', '.join(s.name for s in specs)}")
+    spec = specs[0]
+    if not zipfile.is_zipfile(p):
+        raise CalibrationError(f"{p}: --eval takes an .npz with arrays {spec.name!r} (or 'images') and 'labels'")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            key = next((k for k in (spec.name, *IMAGE_KEYS) if k in data.files), None)
+            if key is None or "labels" not in data.files:
+                raise CalibrationError(f"{p}: needs arrays {spec.name!r} (or 'images') and 'labels'; found {data.files}")
+            images, labels = data[key], data["labels"]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise CalibrationError(f"{p}: cannot read evaluation data: {type(exc).__name__}") from None
+    where = f"{p}: '{key}'"
+    check_shape(images, spec, where)
+    check_cast(images, spec.dtype, where)
+    check_finite(images, where)
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != len(images):
+        raise CalibrationError(
+            f"{p}: 'labels' must be {len(images)} integer class indices (shape ({len(images)},)); "
+            f"got dtype {labels.dtype}, shape {labels.shape}"
+        )
+    if len(labels) and int(labels.min()) < 0:
+        raise CalibrationError(f"{p}: 'labels' has negative class indices")
+    return EvalData(spec.name, np.asarray(images, dtype=spec.dtype), labels.astype(np.int64))
+
+
+def accuracy(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray, input_name: str) -> float:
+    """Top-1 accuracy of a classifier whose first output is [N, classes].
+
+    A model with a fixed batch size runs in batches of that size (a remainder that cannot
+    fill one is left out of the count); otherwise in batches of `BATCH`.
+    """
+    from .validate import session
+
+    sess = session(model)
+    batch = ir.static_batch(model) or BATCH
+    usable = len(labels) - len(labels) % batch if ir.static_batch(model) else len(labels)
+    if usable == 0:
+        raise CalibrationError(f"the model needs batches of {batch}; the evaluation data has {len(labels)} samples")
+    correct = 0
+    for start in range(0, usable, batch):
+        logits = sess.run(None, {input_name: images[start : start + batch]})[0]
+        if logits.ndim != 2:
+            raise UsageError(f"--eval needs a classifier whose first output is [N, classes]; it has shape {logits.shape}")
+        chunk = labels[start : start + batch]
+        if int(chunk.max(initial=0)) >= logits.shape[1]:
+            raise CalibrationError(f"evaluation labels go up to {int(chunk.max())}, the model has {logits.shape[1]} classes")
+        correct += int(np.sum(np.argmax(logits, axis=1) == chunk))
+    return correct / usable
