@@ -195,18 +195,31 @@ def set_input_const(node: gs.Node, index: int, values: np.ndarray) -> None:
     """Replace the constant feeding `node.inputs[index]`, never touching other consumers.
 
     A constant shared with another node is copied under a fresh name first, so that
-    slicing it for one consumer cannot corrupt the other.
+    slicing it for one consumer cannot corrupt the other. Consumers that end up with
+    the same values (nodes sharing a weight are pruned alike) share one copy again.
     """
     tensor = node.inputs[index]
     if not isinstance(tensor, gs.Constant):
         raise ModelError(f"{node.name}: input {index} is not a constant")
     old = np.asarray(tensor.values)
     values = np.ascontiguousarray(values, dtype=old.dtype)
+    origin = getattr(tensor, _ORIGIN, tensor)
+    copies: list[gs.Constant] = origin.__dict__.setdefault(_COPIES, [])
+    twin = next((c for c in copies if c is not tensor and c.values.shape == values.shape and np.array_equal(c.values, values)), None)
+    if twin is not None and not _used_twice(node, tensor):
+        node.inputs[index] = twin
+        return
     if len(tensor.outputs) > 1 or _used_twice(node, tensor):
         fresh = gs.Constant(_fresh_name(tensor.name, node), values)
+        setattr(fresh, _ORIGIN, origin)
+        copies.append(fresh)
         node.inputs[index] = fresh
         return
     tensor.values = values
+
+
+#: attribute names: the constant a copy was sliced from, and the copies of a constant
+_ORIGIN, _COPIES = "_onnxslim_origin", "_onnxslim_copies"
 
 
 def _used_twice(node: gs.Node, tensor: gs.Tensor) -> bool:
@@ -417,7 +430,8 @@ def share_identical_initializers(model: onnx.ModelProto) -> None:
     for init in graph.initializer:
         if init.name in protected or init.data_location == onnx.TensorProto.EXTERNAL:
             continue
-        key = (init.data_type, tuple(init.dims), hashlib.sha256(init.SerializeToString(deterministic=True).replace(init.name.encode(), b"")).hexdigest())
+        # the values, not the serialized proto: that holds the name (and its length)
+        key = (init.data_type, tuple(init.dims), hashlib.sha256(numpy_helper.to_array(init).tobytes()).hexdigest())
         if key in first:
             alias[init.name] = first[key]
         else:

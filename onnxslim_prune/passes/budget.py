@@ -158,9 +158,10 @@ class CostModel:
 
         assert isinstance(graph, gs.Graph)
         costs: list[_NodeCost] = []
+        counted: set[str] = set()  # a tensor shared by several nodes holds its parameters once
         for node in graph.nodes:
             kind = trace.node_kind.get(node.name)
-            cost = _node_cost(trace, node, kind)
+            cost = _node_cost(trace, node, kind, counted)
             if cost is not None:
                 costs.append(cost)
         return CostModel(
@@ -199,11 +200,19 @@ def _float_size(value: np.ndarray | None) -> int:
     return int(value.size)
 
 
-def _node_cost(trace: Trace, node: object, kind: str | None) -> _NodeCost | None:
+def _node_cost(trace: Trace, node: object, kind: str | None, counted: set[str]) -> _NodeCost | None:
     import onnx_graphsurgeon as gs
 
     assert isinstance(node, gs.Node)
     maps = trace.maps
+
+    def first_use(index: int) -> bool:
+        """True the first time the constant input `index` is seen (its parameters count there)."""
+        name = node.inputs[index].name if index < len(node.inputs) else ""
+        if not name or name in counted:
+            return False
+        counted.add(name)
+        return True
 
     def atoms(tensor: gs.Tensor) -> np.ndarray | None:
         cmap = maps.get(tensor.name) if tensor.name else None
@@ -211,8 +220,8 @@ def _node_cost(trace: Trace, node: object, kind: str | None) -> _NodeCost | None
 
     out = atoms(node.outputs[0]) if node.outputs else None
     if kind in ("conv", "grouped", "gemm", "matmul", "conv_transpose", "depthwise"):
-        weight = ir.input_const(node, 1)
-        bias = ir.input_const(node, 2) if ir.has_input(node, 2) else None
+        weight = ir.input_const(node, 1) if first_use(1) else None
+        bias = ir.input_const(node, 2) if ir.has_input(node, 2) and first_use(2) else None
         bias_size = _float_size(bias)
         per_out = bias_size if bias is not None and bias.ndim and out is not None and bias.shape[-1] == out.size else 0
         fixed = bias_size - per_out
@@ -220,15 +229,15 @@ def _node_cost(trace: Trace, node: object, kind: str | None) -> _NodeCost | None
         return _NodeCost(in_atoms, out, int(trace.node_macs.get(node.name, 0)), _float_size(weight) + fixed, per_out)
     if kind == "norm":
         x = atoms(node.inputs[0])
-        size = sum(_float_size(ir.input_const(node, i)) for i in range(1, len(node.inputs)) if ir.has_input(node, i))
+        size = sum(_float_size(ir.input_const(node, i)) for i in range(1, len(node.inputs)) if ir.has_input(node, i) and first_use(i))
         return _NodeCost(None, x, 0, 0, size)
     if node.op in BROADCAST_OPS and out is not None:
         cmap = maps[node.outputs[0].name]
         rank = len(trace.shapes.get(node.outputs[0].name, ()))
         total = 0
-        for t in node.inputs:
+        for i, t in enumerate(node.inputs):
             value = ir.const_value(t)
-            if value is None or not t.name or not np.issubdtype(value.dtype, np.floating):
+            if value is None or not t.name or not np.issubdtype(value.dtype, np.floating) or not first_use(i):
                 continue
             own = cmap.axis - (rank - value.ndim)
             if own >= 0 and value.shape[own] == cmap.size and cmap.size > 1:

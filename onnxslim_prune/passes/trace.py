@@ -58,6 +58,7 @@ REDUCE_OPS = frozenset(
      "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"}
 )
 RESHAPE_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -312,11 +313,46 @@ class Tracer:
                 self.freeze_node(node, str(stop))
                 for out in node.outputs:
                     self.s.maps.pop(out.name, None)
+        self._couple_shared_weights()
         for out in self.graph.outputs:
             if (m := self.cmap(out)) is not None:
                 self.s.freeze(m.atoms, f"graph output {out.name}")
         self._apply_excludes()
         return self._finish()
+
+    def _couple_shared_weights(self) -> None:
+        """Nodes that share one weight tensor are pruned alike, so the weight stays shared.
+
+        Weight column j and row i are the same numbers in every user: their input channels are
+        united position by position, and so are their output channels (Torch-Pruning's rule for a
+        module called twice). Without it each user would get its own slice, and a pruned model
+        could hold more parameters than the original. Users whose ops, attributes or channel
+        counts differ are frozen instead.
+        """
+        users: dict[str, list[gs.Node]] = defaultdict(list)
+        for node in self.graph.nodes:
+            if node.op in WEIGHTED_OPS and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+                users[node.inputs[1].name].append(node)
+        for weight, nodes in users.items():
+            if len(nodes) < 2:
+                continue
+            first = nodes[0]
+            for other in nodes[1:]:
+                pairs = [(self.cmap(first.inputs[0]), self.cmap(other.inputs[0])),
+                         (self.cmap(first.outputs[0]), self.cmap(other.outputs[0]))]
+                alike = other.op == first.op and other.attrs == first.attrs
+                # untraced on both sides (a graph input) is fine: those channels never change
+                if alike and all((a is None and b is None) or (a is not None and b is not None and a.size == b.size)
+                                 for a, b in pairs):
+                    for a, b in pairs:
+                        if a is not None and b is not None:
+                            self.s.unite(a.atoms, b.atoms)
+                    continue
+                reason = f"{first.name} and {other.name} share weight {weight} but cannot be pruned alike"
+                for a, b in pairs:
+                    for m in (a, b):
+                        if m is not None:
+                            self.s.freeze(m.atoms, reason)
 
     def _apply_excludes(self) -> None:
         if not self.exclude:

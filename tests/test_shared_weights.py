@@ -1,0 +1,99 @@
+"""Nodes that share one weight tensor are pruned alike, so the weight stays shared.
+
+Oracle: dead channels (zero filters after a ReLU) prune away with outputs unchanged (1e-5),
+every shared weight is still ONE initializer feeding all its users, and the parameter count
+falls; the budget's parameter figure is the report's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import models as M
+from onnxslim_prune import analyze, prune
+
+TOL = 1e-5
+
+
+def siamese(dilations_b: list[int] | None = None) -> onnx.ModelProto:
+    """x -> conv0 -> Relu -> {convA, convB} (one weight w) -> Relu -> {headA, headB} (one weight wh) -> Add."""
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    w0[[0, 1]] = 0  # dead channels of conv0's group
+    w = rng.standard_normal((6, 8, 3, 3)).astype(np.float32)
+    w[[2, 4]] = 0  # dead channels of the shared group
+    wh = rng.standard_normal((4, 6, 1, 1)).astype(np.float32)
+    extra = {"dilations": dilations_b} if dilations_b else {}
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["h"], name="conv0", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["r"], name="relu0"),
+        helper.make_node("Conv", ["r", "w"], ["a"], name="convA", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["r", "w"], ["b"], name="convB", pads=[1, 1, 1, 1], **extra),
+        helper.make_node("Relu", ["a"], ["ra"], name="reluA"),
+        helper.make_node("Relu", ["b"], ["rb"], name="reluB"),
+        helper.make_node("Conv", ["ra", "wh"], ["ya"], name="headA"),
+        helper.make_node("Conv", ["rb", "wh"], ["yb"], name="headB"),
+        helper.make_node("Add", ["ya", "yb"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(
+        nodes, "siamese",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [numpy_helper.from_array(v, k) for k, v in {"w0": w0, "w": w, "wh": wh}.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def weight_of(model: onnx.ModelProto, node: str) -> str:
+    return next(n.input[1] for n in model.graph.node if n.name == node)
+
+
+def test_shared_weight_users_form_one_group() -> None:
+    trace = analyze(siamese()).trace
+    groups = {m.node: g.index for g in trace.groups for m in g.members if m.role == "out"}
+    assert groups["convA"] == groups["convB"]
+
+
+def test_shared_weights_prune_alike_and_stay_shared() -> None:
+    model = siamese()
+    result = prune(model, "l1", 0.25)
+    pruned = result.model
+    inits = {i.name: tuple(i.dims) for i in pruned.graph.initializer}
+    assert weight_of(pruned, "convA") == weight_of(pruned, "convB")
+    assert weight_of(pruned, "headA") == weight_of(pruned, "headB")
+    assert inits[weight_of(pruned, "convA")] == (5, 6, 3, 3)  # 1 of 6 dead filters out, 2 of 8 inputs out
+    assert inits[weight_of(pruned, "headA")] == (4, 5, 1, 1)
+    assert len(inits) == 3
+    assert result.report.after.params < result.report.before.params
+    assert M.max_abs_diff(model, pruned) <= TOL
+
+
+def test_budget_counts_a_shared_weight_once() -> None:
+    model = siamese()
+    result = prune(model, "l1", 0.5, params={"target_macs": 0.6})
+    params_kept = result.report.after.params / result.report.before.params
+    assert params_kept < 1.0
+    note = next(n for n in result.report.notes if n.startswith("global budget"))
+    assert f"params {params_kept:.3f}" in note, (note, params_kept)
+    assert weight_of(result.model, "convA") == weight_of(result.model, "convB")
+
+
+@pytest.mark.parametrize("method", ["merge", "fpgm"])
+def test_other_methods_keep_the_weight_shared(method: str) -> None:
+    result = prune(siamese(), method, 0.25)
+    assert weight_of(result.model, "convA") == weight_of(result.model, "convB")
+
+
+def test_users_that_cannot_be_pruned_alike_are_frozen_with_the_reason() -> None:
+    model = siamese(dilations_b=[1, 1])  # same numbers, but attributes differ: no proof they index alike
+    trace = analyze(model).trace
+    group = next(g for g in trace.groups if any(m.node == "convA" and m.role == "out" for m in g.members))
+    assert group.is_frozen and any("share weight w" in r for r in group.reasons), group.reasons
+    result = prune(model, "l1", 0.25)
+    assert weight_of(result.model, "convA") == weight_of(result.model, "convB") == "w"
+    assert M.max_abs_diff(model, result.model) <= TOL
