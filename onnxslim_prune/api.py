@@ -107,18 +107,21 @@ def prune(
     if round_to < 1:
         raise UsageError(f"--round-to must be a positive integer, got {round_to}")
     fn = get_method(method)
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)  # one pattern, not its characters
     options = Options(
-        method=method, ratio=ratio, round_to=round_to, exclude=tuple(exclude), input_shapes=dict(input_shapes or {}),
+        method=method, ratio=ratio, round_to=round_to, exclude=exclude, input_shapes=dict(input_shapes or {}),
         seed=seed, criterion=criterion, calib=None if calib is None else str(calib), calib_samples=calib_samples,
         batch_size=batch_size, params=dict(params or {}),
     )
+    notes: list[str] = list(methods_mod.check_options(options))
+    for warning in notes:
+        log.warning("%s", warning)
     if method in methods_mod.DATA_DRIVEN and calib is None:
         raise CalibrationError(f"method {method!r} needs calibration data: pass --calib PATH (or --calib random)")
     original = _load(model)
     ir.check_model(original, full=False, what="input model")
     shapes_in = ir.fixed_input_shapes(original, input_shapes)
     calibration = _calibration(options, original, shapes_in, preprocess) if calib is not None else None
-    notes: list[str] = []
     working = original
     block_fraction = ratio if method == "layer" else options.params.get("blocks")
     if block_fraction:
@@ -128,6 +131,7 @@ def prune(
         notes.extend(block_notes)
     analysis = analyze(working, input_shapes=input_shapes, exclude=exclude)
     graph = analysis.graph
+    notes.extend(_unmatched_excludes([n.name for n in graph.nodes], exclude))
     ctx = Context(working, graph, analysis.trace, options, analysis.input_shapes, analysis.opset, calibration, progress)
     outcome = fn(ctx)
     if calibration is not None:
@@ -163,6 +167,16 @@ def prune(
         report = _with_accuracy(report, original, pruned, evaluation)
     report = replace(report, seconds=time.perf_counter() - started)
     return PruneResult(pruned, report, analysis.trace, outcome.plan)
+
+
+def _unmatched_excludes(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    """A warning for each --exclude pattern that names no node (a typo protects nothing)."""
+    from fnmatch import fnmatchcase
+
+    out = [f"--exclude {p!r} matches no node name" for p in patterns if not any(fnmatchcase(n, p) for n in names)]
+    for warning in out:
+        log.warning("%s", warning)
+    return out
 
 
 def _nothing_prunable_reason(tr: Trace) -> str:

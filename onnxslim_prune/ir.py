@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -114,11 +115,42 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     except Exception as exc:  # folding is an optimisation; tracing is conservative without it
         log.warning("constant folding skipped: %s", exc)
     graph.cleanup().toposort()
+    _share_equal_constants(graph)
     if static:
         for tensor in graph.tensors().values():
             if isinstance(tensor, gs.Variable) and tensor not in graph.inputs and tensor not in graph.outputs:
                 tensor.shape = None
     return graph
+
+
+def _share_equal_constants(graph: gs.Graph) -> None:
+    """Consumers of value-identical constants read one constant object.
+
+    Exporters alias one weight to several layers through Identity nodes; folding gives each
+    alias a copy. Sharing them again (lossless: the values are equal) lets the tracer see
+    the sharing and prune those layers alike, so the pruned model cannot hold more
+    parameters than the original.
+    """
+    import hashlib
+
+    by_shape: dict[tuple[str, tuple[int, ...]], list[gs.Constant]] = defaultdict(list)
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and tensor.outputs and np.asarray(tensor.values).size > 1:
+            values = np.asarray(tensor.values)
+            by_shape[(values.dtype.str, values.shape)].append(tensor)
+    for candidates in by_shape.values():
+        if len(candidates) < 2:
+            continue
+        first: dict[str, gs.Constant] = {}
+        for tensor in sorted(candidates, key=lambda t: t.name):
+            digest = hashlib.sha256(np.ascontiguousarray(tensor.values).tobytes()).hexdigest()
+            keeper = first.setdefault(digest, tensor)
+            if keeper is tensor:
+                continue
+            for node in list(tensor.outputs):
+                for i, t in enumerate(list(node.inputs)):
+                    if t is tensor:
+                        node.inputs[i] = keeper  # graph-surgeon's input lists update both ends
 
 
 def _all_inputs_static(model: onnx.ModelProto) -> bool:

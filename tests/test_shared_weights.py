@@ -18,8 +18,12 @@ from onnxslim_prune import analyze, prune
 TOL = 1e-5
 
 
-def siamese(dilations_b: list[int] | None = None) -> onnx.ModelProto:
-    """x -> conv0 -> Relu -> {convA, convB} (one weight w) -> Relu -> {headA, headB} (one weight wh) -> Add."""
+def siamese(dilations_b: list[int] | None = None, alias_through_identity: bool = False) -> onnx.ModelProto:
+    """x -> conv0 -> Relu -> {convA, convB} (one weight w) -> Relu -> {headA, headB} (one weight wh) -> Add.
+
+    `alias_through_identity`: convB reads w through an Identity, as exporters alias a
+    deduplicated weight; `dilations_b`: convB's own (channel-neutral) attribute.
+    """
     rng = np.random.default_rng(0)
     w0 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
     w0[[0, 1]] = 0  # dead channels of conv0's group
@@ -27,22 +31,49 @@ def siamese(dilations_b: list[int] | None = None) -> onnx.ModelProto:
     w[[2, 4]] = 0  # dead channels of the shared group
     wh = rng.standard_normal((4, 6, 1, 1)).astype(np.float32)
     extra = {"dilations": dilations_b} if dilations_b else {}
+    w_b = "w_alias" if alias_through_identity else "w"
     nodes = [
         helper.make_node("Conv", ["x", "w0"], ["h"], name="conv0", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["h"], ["r"], name="relu0"),
         helper.make_node("Conv", ["r", "w"], ["a"], name="convA", pads=[1, 1, 1, 1]),
-        helper.make_node("Conv", ["r", "w"], ["b"], name="convB", pads=[1, 1, 1, 1], **extra),
+        helper.make_node("Conv", ["r", w_b], ["b"], name="convB", pads=[1, 1, 1, 1], **extra),
         helper.make_node("Relu", ["a"], ["ra"], name="reluA"),
         helper.make_node("Relu", ["b"], ["rb"], name="reluB"),
         helper.make_node("Conv", ["ra", "wh"], ["ya"], name="headA"),
         helper.make_node("Conv", ["rb", "wh"], ["yb"], name="headB"),
         helper.make_node("Add", ["ya", "yb"], ["y"], name="add"),
     ]
+    if alias_through_identity:
+        nodes.insert(0, helper.make_node("Identity", ["w"], ["w_alias"], name="alias"))
     graph = helper.make_graph(
         nodes, "siamese",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
         [numpy_helper.from_array(v, k) for k, v in {"w0": w0, "w": w, "wh": wh}.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def shared_gemm(trans_b_second: int) -> onnx.ModelProto:
+    """x -> fc0 -> Relu -> {fcA, fcB} with one square weight; fcB may read it transposed."""
+    rng = np.random.default_rng(1)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w0"], ["h"], name="fc0", transB=1),
+        helper.make_node("Relu", ["h"], ["r"], name="relu0"),
+        helper.make_node("Gemm", ["r", "w"], ["a"], name="fcA", transB=1),
+        helper.make_node("Gemm", ["r", "w"], ["b"], name="fcB", transB=trans_b_second),
+        helper.make_node("Add", ["a", "b"], ["s"], name="add"),
+        helper.make_node("Relu", ["s"], ["rs"], name="relu1"),
+        helper.make_node("Gemm", ["rs", "w2"], ["y"], name="fc2", transB=1),
+    ]
+    inits = {"w0": rng.standard_normal((6, 5)), "w": rng.standard_normal((6, 6)), "w2": rng.standard_normal((3, 6))}
+    graph = helper.make_graph(
+        nodes, "shared_gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model, full_check=True)
@@ -89,11 +120,28 @@ def test_other_methods_keep_the_weight_shared(method: str) -> None:
     assert weight_of(result.model, "convA") == weight_of(result.model, "convB")
 
 
-def test_users_that_cannot_be_pruned_alike_are_frozen_with_the_reason() -> None:
-    model = siamese(dilations_b=[1, 1])  # same numbers, but attributes differ: no proof they index alike
-    trace = analyze(model).trace
-    group = next(g for g in trace.groups if any(m.node == "convA" and m.role == "out" for m in g.members))
-    assert group.is_frozen and any("share weight w" in r for r in group.reasons), group.reasons
+@pytest.mark.parametrize("variant", ["identity_alias", "different_dilations"])
+def test_aliases_and_channel_neutral_attributes_still_share(variant: str) -> None:
+    model = siamese(alias_through_identity=variant == "identity_alias", dilations_b=[1, 1] if variant != "identity_alias" else None)
     result = prune(model, "l1", 0.25)
-    assert weight_of(result.model, "convA") == weight_of(result.model, "convB") == "w"
+    assert weight_of(result.model, "convA") == weight_of(result.model, "convB")
+    assert {tuple(i.dims) for i in result.model.graph.initializer if i.name == weight_of(result.model, "convA")} == {(5, 6, 3, 3)}
     assert M.max_abs_diff(model, result.model) <= TOL
+
+
+def test_users_that_cannot_be_pruned_alike_are_frozen_with_the_reason() -> None:
+    model = shared_gemm(trans_b_second=0)  # one square weight read as W and as W^T: rows are not columns
+    trace = analyze(model).trace
+    group = next(g for g in trace.groups if any(m.node == "fcA" and m.role == "out" for m in g.members))
+    assert group.is_frozen and any("share weight w" in r for r in group.reasons), group.reasons
+    result = prune(model, "l1", 0.5)
+    assert weight_of(result.model, "fcA") == weight_of(result.model, "fcB")
+    assert next(tuple(i.dims) for i in result.model.graph.initializer if i.name == weight_of(result.model, "fcA")) == (6, 6)
+    assert M.max_abs_diff(model, result.model) == 0  # the users' inputs (fc0's channels) are held too
+    assert any("share weight w" in n for n in result.report.notes)
+
+
+def test_shared_gemm_read_alike_prunes() -> None:
+    result = prune(shared_gemm(trans_b_second=1), "l1", 0.5)
+    assert weight_of(result.model, "fcA") == weight_of(result.model, "fcB")
+    assert next(tuple(i.dims) for i in result.model.graph.initializer if i.name == weight_of(result.model, "fcA")) == (3, 3)

@@ -43,7 +43,6 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import ir
-from ..errors import UsageError
 from .methods import Context, Outcome, choose_plan, register
 from .plan import Plan
 from .score import score_groups
@@ -53,8 +52,6 @@ log = logging.getLogger(__name__)
 
 DENSE_THRESHOLD = 0.45
 CONV_THRESHOLD = 0.1
-#: how a merged neuron is scaled: the paper's norm ratio, or the least-squares projection
-MERGE_SCALES = ("norm", "projection")
 
 #: ops that commute with a positive per-channel scale: f(s * a) = s * f(a)
 HOMOGENEOUS = frozenset(
@@ -300,10 +297,7 @@ def merge_outcome(ctx: Context, plan: Plan) -> Outcome:
 @register("merge")
 def merge(ctx: Context) -> Outcome:
     """Neuron Merging: select by --criterion (default l1), then merge (see module docstring)."""
-    criterion = ctx.options.criterion if ctx.options.criterion in ("l1", "l2", "fpgm") else "l1"
-    merge_scale = ctx.options.params.get("merge_scale", "norm")
-    if merge_scale not in MERGE_SCALES:
-        raise UsageError(f"--merge-scale must be one of {', '.join(MERGE_SCALES)}, got {merge_scale!r}")
+    criterion = ctx.options.criterion  # one of MERGE_CRITERIA (methods.check_options)
     scores = score_groups(ctx.trace, ctx.graph, criterion, ctx.options.seed)
     return merge_outcome(ctx, choose_plan(ctx, scores))
 

@@ -59,6 +59,8 @@ REDUCE_OPS = frozenset(
 )
 RESHAPE_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+#: the attributes that change which weight entries a channel indexes (strides, pads and dilations do not)
+CHANNEL_ATTRS = {"Conv": ("group",), "ConvTranspose": ("group",), "Gemm": ("transA", "transB")}
 
 
 @dataclass(frozen=True, eq=False)
@@ -326,8 +328,8 @@ class Tracer:
         Weight column j and row i are the same numbers in every user: their input channels are
         united position by position, and so are their output channels (Torch-Pruning's rule for a
         module called twice). Without it each user would get its own slice, and a pruned model
-        could hold more parameters than the original. Users whose ops, attributes or channel
-        counts differ are frozen instead.
+        could hold more parameters than the original. Users whose ops, channel attributes
+        (`CHANNEL_ATTRS`) or channel counts differ are frozen instead.
         """
         users: dict[str, list[gs.Node]] = defaultdict(list)
         for node in self.graph.nodes:
@@ -340,7 +342,9 @@ class Tracer:
             for other in nodes[1:]:
                 pairs = [(self.cmap(first.inputs[0]), self.cmap(other.inputs[0])),
                          (self.cmap(first.outputs[0]), self.cmap(other.outputs[0]))]
-                alike = other.op == first.op and other.attrs == first.attrs
+                alike = other.op == first.op and all(
+                    other.attrs.get(a) == first.attrs.get(a) for a in CHANNEL_ATTRS.get(first.op, ())
+                )
                 # untraced on both sides (a graph input) is fine: those channels never change
                 if alike and all((a is None and b is None) or (a is not None and b is not None and a.size == b.size)
                                  for a, b in pairs):
