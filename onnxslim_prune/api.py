@@ -162,11 +162,24 @@ def prune(
         groups=group_rows(analysis.trace, {g.group: g.kept for g in outcome.plan.groups}),
         seconds=0.0,
         notes=tuple(notes),
+        request=_request(method, ratio, options.params),
     )
     if evaluation is not None:
         report = _with_accuracy(report, original, pruned, evaluation)
     report = replace(report, seconds=time.perf_counter() - started)
     return PruneResult(pruned, report, analysis.trace, outcome.plan)
+
+
+def _request(method: str, ratio: float, params: Mapping[str, Any]) -> str:
+    """The report's words for what was asked, when it is not a uniform ratio."""
+    if method == "layer":
+        return f"residual blocks removed: fraction {ratio:g}"
+    targets = [f"{name} {params[key]:g}" for key, name in (("target_macs", "MACs"), ("target_params", "params"))
+               if params.get(key) is not None]
+    if method == "lcp" and not targets:
+        targets = [f"MACs {1.0 - ratio:g}"]
+    also = f", residual blocks {params['blocks']:g}" if params.get("blocks") else ""
+    return f"target {' and '.join(targets)}{also}" if targets else (f"ratio {ratio:g}{also}" if also else "")
 
 
 def _unmatched_excludes(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
@@ -177,6 +190,41 @@ def _unmatched_excludes(names: Sequence[str], patterns: Sequence[str]) -> list[s
     for warning in out:
         log.warning("%s", warning)
     return out
+
+
+#: methods whose plan needs neither data nor a search: --dry-run can show what they keep
+PLAN_ONLY = ("l1", "l2", "bn", "fpgm", "random", "merge")
+
+
+def plan_only(
+    model: ModelLike,
+    method: str = "l1",
+    ratio: float = 0.5,
+    *,
+    round_to: int = 1,
+    exclude: Sequence[str] = (),
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
+    criterion: str = "l1",
+    params: Mapping[str, Any] | None = None,
+) -> tuple[Analysis, Plan | None]:
+    """Check the options, trace, and (for `PLAN_ONLY` methods) choose the plan; nothing is applied."""
+    check_ratio(ratio)
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    options = Options(method=method, ratio=ratio, round_to=round_to, exclude=exclude, seed=seed, criterion=criterion,
+                      params=dict(params or {}))
+    for warning in methods_mod.check_options(options):
+        log.warning("%s", warning)
+    analysis = analyze(model, input_shapes=input_shapes, exclude=exclude)
+    _unmatched_excludes([n.name for n in analysis.graph.nodes], exclude)
+    if method not in PLAN_ONLY:
+        return analysis, None
+    from .passes.score import score_groups
+
+    ctx = Context(analysis.model, analysis.graph, analysis.trace, options, analysis.input_shapes, analysis.opset)
+    score_criterion = criterion if method == "merge" else method
+    scores = score_groups(analysis.trace, analysis.graph, score_criterion, seed)
+    return analysis, methods_mod.choose_plan(ctx, scores)
 
 
 def _nothing_prunable_reason(tr: Trace) -> str:

@@ -155,10 +155,10 @@ def main(
             raise UsageError("give a MODEL path (or --demo)")
         shapes = ir.parse_input_shapes(input_shape)
         if dry_run:
-            analysis = api.analyze(model, input_shapes=shapes, exclude=exclude)
-            click.echo(group_table(group_rows(analysis.trace)))
-            frozen = sum(1 for g in analysis.trace.groups if g.is_frozen)
-            click.echo(f"{len(analysis.trace.groups)} groups, {frozen} fully frozen")
+            _dry_run(model, method, ratio, round_to, exclude, shapes, seed, criterion, report_path, _params(
+                merge_threshold=merge_threshold, merge_scale=None if merge_scale == "norm" else merge_scale,
+                target_macs=target_macs, target_params=target_params, max_ratio=max_ratio, blocks=blocks_ratio,
+            ))
             return
         target = output or model.with_name(model.name.removesuffix(".onnx") + ".pruned.onnx")
         _check_paths(model, target, report_path)
@@ -193,6 +193,23 @@ def main(
         sys.exit(1)
 
 
+def _dry_run(model: Path, method: str, ratio: float, round_to: int, exclude: tuple[str, ...], shapes: Any, seed: int,
+             criterion: str, report_path: Path | None, params: dict[str, Any]) -> None:
+    """Print every group and what the method would keep, where that needs no data; write nothing."""
+    if not model.is_file():
+        raise UsageError(f"{model}: {'not a file' if model.exists() else 'no such file'}")
+    analysis, plan = api.plan_only(model, method, ratio, round_to=round_to, exclude=exclude, input_shapes=shapes,
+                                   seed=seed, criterion=criterion, params=params)
+    rows = group_rows(analysis.trace, None if plan is None else {g.group: g.kept for g in plan.groups})
+    click.echo(group_table(rows))
+    frozen = sum(1 for g in analysis.trace.groups if g.is_frozen)
+    click.echo(f"{len(analysis.trace.groups)} groups, {frozen} fully frozen")
+    if plan is None:
+        click.echo(f"kept counts: --method {method} chooses them from data or a search; run without --dry-run")
+    if report_path is not None:
+        log.warning("--dry-run writes nothing: --report %s is ignored", report_path)
+
+
 def _params(**values: Any) -> dict[str, Any]:
     """Method settings given on the command line (unset ones are left to the method's default)."""
     return {k: v for k, v in values.items() if v is not None}
@@ -225,12 +242,13 @@ def _preprocess(
     )
 
 
-def _check_paths(model: Path, target: Path, report_path: Path | None) -> None:
+def _check_paths(model: Path, target: Path | None, report_path: Path | None) -> None:
+    """Input exists; output and report are files in existing folders and never one of the input's files."""
     if not model.exists():
         raise UsageError(f"{model}: no such file")
     if not model.is_file():
         raise UsageError(f"{model}: not a file")
-    named = [("output", target)] + ([("--report", report_path)] if report_path is not None else [])
+    named = [(flag, path) for flag, path in (("output", target), ("--report", report_path)) if path is not None]
     inputs_data = ir.external_data_files(model)
     for flag, path in named:
         if path.resolve() == model.resolve():
@@ -241,6 +259,8 @@ def _check_paths(model: Path, target: Path, report_path: Path | None) -> None:
             raise UsageError(f"{flag} {path} is a folder; give a file name")
         if not path.resolve().parent.is_dir():
             raise UsageError(f"{path.parent}: output folder does not exist")
+    if target is None:
+        return
     if report_path is not None and report_path.resolve() == target.resolve():
         raise UsageError(f"--report {report_path} is the output model; choose another path")
     # the output's external data (when it has any) is written beside it as NAME.data

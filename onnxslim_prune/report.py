@@ -34,6 +34,7 @@ class Report:
     accuracy_before: float | None = None
     accuracy_after: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    request: str = ""  # what was asked for, when not a plain ratio ("target MACs 0.5", ...)
 
     @property
     def frozen(self) -> tuple[GroupRow, ...]:
@@ -51,7 +52,7 @@ class Report:
     def table(self, groups: bool = False) -> str:
         b, a = self.before, self.after
         lines = [
-            f"method {self.method}, ratio {self.ratio:g}, {self.seconds:.2f} s",
+            f"method {self.method}, {self.request or f'ratio {self.ratio:g}'}, {self.seconds:.2f} s",
             f"{'':12}{'before':>16}{'after':>16}{'kept':>9}",
             _row("params", b.params, a.params),
             _row("MACs", b.macs, a.macs),
@@ -75,7 +76,7 @@ class Report:
             lines.append(group_table(self.groups))
         reasons = sorted({r for g in self.frozen for r in g.frozen_reasons})
         if reasons:
-            lines.append(f"frozen channels ({len(reasons)} reasons):")
+            lines.append(f"frozen channels ({len(reasons)} reason{'' if len(reasons) == 1 else 's'}):")
             lines.extend(f"  - {r}" for r in reasons[:40])
             if len(reasons) > 40:
                 lines.append(f"  ... and {len(reasons) - 40} more (see --report)")

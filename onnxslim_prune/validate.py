@@ -105,8 +105,10 @@ Feeds = list[dict[str, np.ndarray]]
 def sample_feeds(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], limit: int = AGREEMENT_SAMPLES) -> Feeds:
     """Up to `limit` samples of `arrays` (batch first), in batches the model accepts."""
     count = min(min(len(a) for a in arrays.values()), limit)
-    batch = ir.static_batch(model) or max(1, min(32, count))
-    count -= count % batch
+    static = ir.static_batch(model)
+    batch = static or 32
+    if static:
+        count -= count % static  # a fixed batch cannot take a remainder; a dynamic one takes it as a smaller batch
     return [{k: np.ascontiguousarray(a[i : i + batch]) for k, a in arrays.items()} for i in range(0, count, batch)]
 
 

@@ -401,7 +401,7 @@ def test_missing_input_and_missing_path_errors(tmp_path: Path) -> None:
     np.savez(tmp_path / "keys.npz", a=np.zeros((2, 2)), c=np.zeros((2, 2)))
     with pytest.raises(CalibrationError, match=r"keys\.npz: no array for input 'b'; keys: a, c"):
         load_calibration(tmp_path / "keys.npz", input_specs(two_input_model()))
-    with pytest.raises(CalibrationError, match="nothere.npz"):
+    with pytest.raises(UsageError, match="nothere.npz: no such"):  # a path that is not there: usage, like the model's
         load_calibration(tmp_path / "nothere.npz", [spec("x", (1, 2))])
     (tmp_path / "garbage.npz").write_bytes(b"not a zip")
     with pytest.raises(CalibrationError, match="garbage.npz"):

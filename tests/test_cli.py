@@ -76,6 +76,17 @@ BAD = {
     "no_model": (["-o", "out.onnx"], 2, "MODEL"),
     "dry_run_text_file": (["text.onnx", "--dry-run"], 1, "text.onnx"),
     "dry_run_missing": (["missing.onnx", "--dry-run"], 2, "no such file"),
+    "dry_run_bad_ratio": (["good.onnx", "--dry-run", "--ratio", "5"], 2, "--ratio"),
+    "dry_run_unknown_method": (["good.onnx", "--dry-run", "--method", "nope"], 2, "nope"),
+    "seed_negative": (["good.onnx", "-o", "out.onnx", "--seed", "-1"], 2, "--seed"),
+    "calib_positions_zero": (["good.onnx", "-o", "out.onnx", "--calib-positions", "0"], 2, "--calib-positions"),
+    "batch_size_zero": (["good.onnx", "-o", "out.onnx", "--batch-size", "0"], 2, "--batch-size"),
+    "calib_samples_zero": (["good.onnx", "-o", "out.onnx", "--calib-samples", "0"], 2, "--calib-samples"),
+    "max_ratio_negative": (["good.onnx", "-o", "out.onnx", "--max-ratio", "-1"], 2, "--max-ratio"),
+    "merge_threshold_nan": (["good.onnx", "-o", "out.onnx", "--method", "merge", "--merge-threshold", "nan"], 2, "--merge-threshold"),
+    "merge_threshold_above_one": (["good.onnx", "-o", "out.onnx", "--method", "merge", "--merge-threshold", "2"], 2, "--merge-threshold"),
+    "merge_criterion": (["good.onnx", "-o", "out.onnx", "--method", "merge", "--criterion", "bn"], 2, "--criterion"),
+    "missing_calib": (["good.onnx", "-o", "out.onnx", "--method", "thinet", "--calib", "none.npz"], 2, "none.npz"),
 }
 
 
@@ -292,3 +303,38 @@ def test_input_external_data_is_never_overwritten(tmp_path: Path, monkeypatch: p
     assert "input model" in message
     assert snapshot(tmp_path) == before
     onnx.checker.check_model(onnx.load("m.onnx"), full_check=True)
+
+
+def test_settings_a_method_ignores_are_named(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    proc = run_subprocess(["good.onnx", "-o", "out.onnx", "--merge-threshold", "0.3", "--exclude", "conv9", "--reconstruct"],
+                          model_dir)
+    assert proc.returncode == 0, proc.stderr
+    for piece in ("--merge-threshold and --merge-scale are used by --method merge only", "'conv9' matches no node",
+                  "--reconstruct needs calibration data"):
+        assert piece in proc.stderr and piece in proc.stdout  # warned, and kept among the report's notes
+
+
+def test_dry_run_shows_what_a_data_free_method_keeps(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(model_dir)
+    result = invoke(["good.onnx", "--dry-run", "--ratio", "0.5"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.stdout.splitlines() if line.split() and line.split()[0].isdigit() and "groups," not in line]
+    assert [(int(r[1]), int(r[2])) for r in rows] == [(8, 4), (8, 4), (5, 5)]  # size, kept
+    data_driven = invoke(["good.onnx", "--dry-run", "--method", "thinet"])
+    assert "chooses them from data or a search" in data_driven.stdout
+
+
+def test_report_names_a_budget_not_an_unused_ratio(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(model_dir)
+    result = invoke(["good.onnx", "-o", "out.onnx", "--target-macs", "0.6", "--ratio", "0.1"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0].startswith("method l1, target MACs 0.6,")
+
+
+def test_api_exclude_as_a_string_is_one_pattern() -> None:
+    from onnxslim_prune import prune
+
+    as_string = prune(M.conv_chain(), "l1", 0.5, exclude="conv1")
+    as_list = prune(M.conv_chain(), "l1", 0.5, exclude=["conv1"])
+    assert as_string.model.SerializeToString() == as_list.model.SerializeToString()
+    assert as_string.report.after.params < as_string.report.before.params  # not every node protected

@@ -152,3 +152,9 @@ def test_a_pruned_model_that_outputs_nan_fails_validation() -> None:
     assert validate.compare(model("Mul", 1.0), model("Mul", 2.0), feeds, "test").max_abs == 1.0
     with pytest.raises(ValidationError, match="non-finite values in output y"):
         validate.compare(model("Mul", 1.0), model("Div", 0.0), feeds, "test")
+
+
+def test_sample_feeds_use_every_sample_up_to_the_limit_on_a_dynamic_batch() -> None:
+    model = onnx.load(str(SAMPLE_LENET))
+    arrays = {"input": np.zeros((40, 1, 28, 28), np.float32)}
+    assert [f["input"].shape[0] for f in validate.sample_feeds(model, arrays)] == [32, 8]

@@ -201,7 +201,7 @@ def load_calibration(
         return _random_set(inputs, samples, seed)
     path = Path(spec)
     if not path.exists():
-        raise CalibrationError(f"calibration data not found: {path}")
+        raise UsageError(f"{path}: no such calibration file or folder")
     if path.is_dir():
         return _image_set(path, inputs, samples, preprocess or Preprocess())
     suffix = path.suffix.lower()

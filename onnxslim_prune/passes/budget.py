@@ -802,7 +802,7 @@ def lcp(ctx: Context) -> Outcome:
     seconds = time.perf_counter() - started
     notes.append(
         f"lcp: {iterations} iterations ({search.evaluations} distinct plans evaluated) in {seconds:.1f} s; "
-        f"output error {error:.4g}; kept MACs {final.macs:.3f}, params {final.params:.3f}"
+        f"output error {max(error, 0.0):.4g}; kept MACs {final.macs:.3f}, params {final.params:.3f}"  # KL rounds below 0
     )
     return Outcome(final.plan, notes=tuple(notes))
 

@@ -284,7 +284,8 @@ def merge_outcome(ctx: Context, plan: Plan) -> Outcome:
     stats = [merger.merge_group(ctx.trace.groups[gp.group], gp.pruned) for gp in sorted(plan.groups, key=lambda g: g.group)]
     total_merged = sum(s.merged for s in stats)
     total = sum(s.merged + s.pruned_plainly for s in stats)
-    notes = [f"merge: {total_merged} of {total} removed channels merged into a kept partner, the rest pruned plainly"]
+    rest = "" if total_merged == total else ", the rest pruned plainly"
+    notes = [f"merge: {total_merged} of {total} removed channels merged into a kept partner{rest}"]
     fallbacks = [s for s in stats if s.reason]
     if fallbacks:
         notes.append(f"merge: {len(fallbacks)} group(s) pruned plainly because merging would not be exact:")

@@ -42,6 +42,7 @@ Depthwise and grouped convolutions, ConvTranspose and 3-D convolutions are not r
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -276,8 +277,10 @@ def ridge_lambda(sxx: np.ndarray, ridge: float) -> float:
 def solve_spd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a^-1 b`` for a symmetric positive (semi-)definite ``a``; least squares if singular."""
     try:
-        return np.asarray(scipy.linalg.solve(a, b, assume_a="pos", check_finite=False))
-    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError, ValueError):
+        with warnings.catch_warnings():  # ill-conditioned: solve by least squares, say nothing on stderr
+            warnings.simplefilter("error", scipy.linalg.LinAlgWarning)
+            return np.asarray(scipy.linalg.solve(a, b, assume_a="pos", check_finite=False))
+    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError, scipy.linalg.LinAlgWarning, ValueError):
         return np.asarray(scipy.linalg.lstsq(a, b, check_finite=False)[0])
 
 
