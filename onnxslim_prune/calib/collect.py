@@ -85,8 +85,15 @@ def _batch_plan(model: onnx.ModelProto, calib: CalibrationSet, batch_size: int) 
     if calib.num_samples < static:
         raise CalibrationError(f"the model needs batches of {static} but {calib.source} has {calib.num_samples} samples")
     if dropped:
-        log.warning("model has a static batch of %d: skipping the last %d calibration samples", static, dropped)
+        # every statistics pass streams the set again: say it once per calibration set
+        said = (calib.fingerprint, static)
+        level = logging.DEBUG if said in _SAID else logging.WARNING
+        _SAID.add(said)
+        log.log(level, "model has a static batch of %d: skipping the last %d calibration samples", static, dropped)
     return static, True
+
+
+_SAID: set[tuple[str, int]] = set()
 
 
 def stream_tensors(
