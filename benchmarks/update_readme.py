@@ -48,6 +48,7 @@ SECTIONS = {
         ("peers.png",),
         "## Where a peer is better",
     ),
+    "peers_zoo": Section(),
     "budget_blocks": Section(),
 }
 

@@ -92,6 +92,7 @@ def main() -> int:
         print(json.dumps(rows[-1]), flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(markdown(rows) + "\n")
+    a.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))  # read by peers_zoo.py
     print(markdown(rows))
     return 0
 
