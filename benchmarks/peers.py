@@ -353,15 +353,9 @@ def run_torch_pruning(name: str, original: onnx.ModelProto, ratio: float, filter
 
 
 def run_onnxsim(name: str, original: onnx.ModelProto, ratio: float, before: Any, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    import onnxsim
+    from peers_zoo import onnxsim_prune
 
-    model = onnx.ModelProto()
-    model.CopyFrom(original)
-    started = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pruned = onnxsim.apply_structured_pruning(model, sparsity=ratio, importance_norm="l1", global_sparsity=False)
-    seconds = time.perf_counter() - started
+    pruned, seconds = onnxsim_prune(original, ratio)
     return measured({"model": name, "tool": "onnxsim", "ratio": ratio, "seconds": seconds}, pruned, before, images, labels)
 
 

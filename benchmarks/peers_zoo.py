@@ -32,24 +32,31 @@ log = logging.getLogger("peers_zoo")
 RATIO = 0.5
 
 
-def child(model_path: Path, ratio: float) -> dict[str, Any]:
-    """Prune one model with onnxsim in this process and validate the result."""
-    import numpy as np
+def onnxsim_prune(original: Any, ratio: float) -> tuple[Any, float]:
+    """onnxsim's structured pruning of a copy of `original` (an onnx.ModelProto), and its seconds."""
     import onnx
     import onnxsim
 
-    from onnxslim_prune import ir, validate
-
-    original = onnx.load(str(model_path))
-    shapes = ir.fixed_input_shapes(original)
-    before = validate.model_stats(original, shapes)
     model = onnx.ModelProto()
     model.CopyFrom(original)
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruned = onnxsim.apply_structured_pruning(model, sparsity=ratio, importance_norm="l1", global_sparsity=False)
-    seconds = time.perf_counter() - started
+    return pruned, time.perf_counter() - started
+
+
+def child(model_path: Path, ratio: float) -> dict[str, Any]:
+    """Prune one model with onnxsim in this process and validate the result."""
+    import numpy as np
+    import onnx
+
+    from onnxslim_prune import ir, validate
+
+    original = onnx.load(str(model_path))
+    shapes = ir.fixed_input_shapes(original)
+    before = validate.model_stats(original, shapes)
+    pruned, seconds = onnxsim_prune(original, ratio)
     row: dict[str, Any] = {"prune_seconds": round(seconds, 2)}
     try:
         onnx.checker.check_model(pruned, full_check=True)

@@ -103,19 +103,14 @@ def prune(
 ) -> PruneResult:
     """Prune `model` with `method`; the returned model is validated (see `validate`)."""
     started = time.perf_counter()
-    check_ratio(ratio)
-    if round_to < 1:
-        raise UsageError(f"--round-to must be a positive integer, got {round_to}")
     fn = get_method(method)
-    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)  # one pattern, not its characters
     options = Options(
-        method=method, ratio=ratio, round_to=round_to, exclude=exclude, input_shapes=dict(input_shapes or {}),
+        method=method, ratio=ratio, round_to=round_to, exclude=_patterns(exclude), input_shapes=dict(input_shapes or {}),
         seed=seed, criterion=criterion, calib=None if calib is None else str(calib), calib_samples=calib_samples,
         batch_size=batch_size, params=dict(params or {}),
     )
-    notes: list[str] = list(methods_mod.check_options(options))
-    for warning in notes:
-        log.warning("%s", warning)
+    exclude = options.exclude
+    notes = _checked(options)
     if method in methods_mod.DATA_DRIVEN and calib is None:
         raise CalibrationError(f"method {method!r} needs calibration data: pass --calib PATH (or --calib random)")
     original = _load(model)
@@ -170,6 +165,21 @@ def prune(
     return PruneResult(pruned, report, analysis.trace, outcome.plan)
 
 
+def _patterns(exclude: Sequence[str] | str) -> tuple[str, ...]:
+    return (exclude,) if isinstance(exclude, str) else tuple(exclude)  # a string is one pattern, not its characters
+
+
+def _checked(options: Options) -> list[str]:
+    """Raise for bad options (see `methods.check_options`); log and return the warnings."""
+    check_ratio(options.ratio)
+    if options.round_to < 1:
+        raise UsageError(f"--round-to must be a positive integer, got {options.round_to}")
+    warnings = list(methods_mod.check_options(options))
+    for warning in warnings:
+        log.warning("%s", warning)
+    return warnings
+
+
 def _request(method: str, ratio: float, params: Mapping[str, Any]) -> str:
     """The report's words for what was asked, when it is not a uniform ratio."""
     if method == "layer":
@@ -209,14 +219,11 @@ def plan_only(
     params: Mapping[str, Any] | None = None,
 ) -> tuple[Analysis, Plan | None]:
     """Check the options, trace, and (for `PLAN_ONLY` methods) choose the plan; nothing is applied."""
-    check_ratio(ratio)
-    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    options = Options(method=method, ratio=ratio, round_to=round_to, exclude=exclude, seed=seed, criterion=criterion,
-                      params=dict(params or {}))
-    for warning in methods_mod.check_options(options):
-        log.warning("%s", warning)
-    analysis = analyze(model, input_shapes=input_shapes, exclude=exclude)
-    _unmatched_excludes([n.name for n in analysis.graph.nodes], exclude)
+    options = Options(method=method, ratio=ratio, round_to=round_to, exclude=_patterns(exclude), seed=seed,
+                      criterion=criterion, params=dict(params or {}))
+    _checked(options)
+    analysis = analyze(model, input_shapes=input_shapes, exclude=options.exclude)
+    _unmatched_excludes([n.name for n in analysis.graph.nodes], options.exclude)
     if method not in PLAN_ONLY:
         return analysis, None
     from .passes.score import score_groups

@@ -480,39 +480,18 @@ def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str 
     return rc.with_reconstruction(ctx, outcome, mode=mode)
 
 
-def _select_thinet(
-    ctx: Context,
-    group: Group,
-    consumers: Sequence[Consumer],
-    cov: Covariances,
-    removed: set[int],
-    free: np.ndarray,
-    n_remove: int,
-) -> np.ndarray:
+def _select_thinet(ctx: Context, group: Group, consumers: Sequence[Consumer], cov: Covariances, removed: set[int], free: np.ndarray,
+         n_remove: int) -> np.ndarray:
     return thinet_scores(_energy_matrix(ctx, group, consumers, cov, removed), free)
 
 
-def _select_cp(
-    ctx: Context,
-    group: Group,
-    consumers: Sequence[Consumer],
-    cov: Covariances,
-    removed: set[int],
-    free: np.ndarray,
-    n_remove: int,
-) -> np.ndarray:
+def _select_cp(ctx: Context, group: Group, consumers: Sequence[Consumer], cov: Covariances, removed: set[int], free: np.ndarray,
+         n_remove: int) -> np.ndarray:
     return lasso_scores(_energy_matrix(ctx, group, consumers, cov, removed), free, n_remove)
 
 
-def _select_ldrf(
-    ctx: Context,
-    group: Group,
-    consumers: Sequence[Consumer],
-    cov: Covariances,
-    removed: set[int],
-    free: np.ndarray,
-    n_remove: int,
-) -> np.ndarray:
+def _select_ldrf(ctx: Context, group: Group, consumers: Sequence[Consumer], cov: Covariances, removed: set[int], free: np.ndarray,
+         n_remove: int) -> np.ndarray:
     s = _settings(ctx, "ldrf")
     blocks = []
     for consumer in consumers:
