@@ -496,7 +496,7 @@ class BudgetSearch:
         """The plan meeting the budget by the cost model (with the offsets learned so far)."""
         return self._select(ranking, keys)
 
-    def measured_plan(self, ranking: Ranking, keys: Keys) -> tuple[Measured, list[str]]:
+    def measured_plan(self, ranking: Ranking, keys: Keys, *, quiet: bool = False) -> tuple[Measured, list[str]]:
         """The plan meeting the budget on the materialised model, within `TOLERANCE` if reachable."""
         notes: list[str] = []
         best: Measured | None = None
@@ -522,14 +522,14 @@ class BudgetSearch:
                 f"budget {self.budget.describe()} not reachable with --max-ratio {self.budget.max_ratio:g} and the "
                 f"frozen channels: reached MACs {best.macs:.3f}, params {best.params:.3f}"
             )
-            log.warning(msg)
+            log.log(logging.DEBUG if quiet else logging.WARNING, msg)
             notes.append(msg)
         elif abs(dev) > TOLERANCE:
             msg = (
                 f"budget {self.budget.describe()}: the channel steps are too coarse to land closer; "
                 f"kept MACs {best.macs:.3f}, params {best.params:.3f}"
             )
-            log.warning(msg)
+            log.log(logging.DEBUG if quiet else logging.WARNING, msg)
             notes.append(msg)
         log.info("budget %s: MACs %.4f, params %.4f kept", self.budget.describe(), best.macs, best.params)
         return best, notes
@@ -683,7 +683,7 @@ class LcpSearch:
         zeros = tuple(0.0 for _ in self.groups)
         keys = self.keys(Genome(zeros, zeros))
         ranking = Ranking.build(self.ctx.trace, keys, self.budget.max_ratio, self.ctx.options.round_to)
-        self.search.measured_plan(ranking, keys)
+        self.search.measured_plan(ranking, keys, quiet=True)  # an intermediate plan: its misses are not the result's
 
     def uniform_genome(self) -> Genome:
         """Offsets that align every group at one removal fraction: a near-uniform plan at the budget."""
