@@ -92,12 +92,15 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     batch must stay dynamic in the output. Ops that expand constants (Expand, Tile, a
     Gather that repeats rows) are never folded, so the model cannot grow.
     """
-    model = onnx.ModelProto.FromString(model.SerializeToString()) if model.ByteSize() < PROTO_LIMIT else model
+    # stale intermediate shapes must not reach the graph; detach them without copying the weights
+    saved_value_info = list(model.graph.value_info)
     del model.graph.value_info[:]
     try:
         graph = gs.import_onnx(model)
     except Exception as exc:
         raise ModelError(f"cannot import the graph: {exc}") from None
+    finally:
+        model.graph.value_info.extend(saved_value_info)
     _name_nodes(graph)
     _keep_output_names(graph)
     static = _all_inputs_static(model)
@@ -340,14 +343,26 @@ _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
 
 
 def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of everything but the initializers, field by field: the weights are never copied.
+
+    (Taking the initializers out and putting them back with `extend` would copy every one.)
+    """
     out = onnx.ModelProto()
-    saved = list(model.graph.initializer)
-    del model.graph.initializer[:]
-    try:
-        out.CopyFrom(model)
-    finally:
-        model.graph.initializer.extend(saved)
+    _copy_fields(model, out, skip="graph")
+    _copy_fields(model.graph, out.graph, skip="initializer")
     return out
+
+
+def _copy_fields(source: Any, target: Any, skip: str) -> None:
+    for descriptor, value in source.ListFields():
+        if descriptor.name == skip:
+            continue
+        if hasattr(value, "extend"):  # a repeated field (upb descriptors no longer say so themselves)
+            getattr(target, descriptor.name).extend(value)
+        elif hasattr(value, "CopyFrom"):
+            getattr(target, descriptor.name).CopyFrom(value)
+        else:
+            setattr(target, descriptor.name, value)
 
 
 def static_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Shape]) -> dict[str, Shape]:

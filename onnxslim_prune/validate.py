@@ -128,9 +128,12 @@ def agreement_feeds(
 
 def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: Feeds, inputs: str) -> Agreement:
     """Agreement of the two models' outputs over every feed (outputs joined along the batch)."""
-    before, after = session(original), session(pruned)
-    reference = [before.run(None, f) for f in feeds]
-    outputs = [after.run(None, f) for f in feeds]
+    def outputs_of(model: onnx.ModelProto) -> list[list[np.ndarray]]:
+        sess = session(model)  # one session at a time: each holds a copy of its weights
+        return [sess.run(None, f) for f in feeds]
+
+    reference = outputs_of(original)
+    outputs = outputs_of(pruned)
 
     def joined(runs: list[list[np.ndarray]]) -> list[np.ndarray]:
         return [np.concatenate([np.atleast_1d(r[i]) for r in runs]) for i in range(len(runs[0]))]
