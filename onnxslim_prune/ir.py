@@ -101,6 +101,7 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
         raise ModelError(f"cannot import the graph: {exc}") from None
     finally:
         model.graph.value_info.extend(saved_value_info)
+    _detach(graph)
     _name_nodes(graph)
     _keep_output_names(graph)
     static = _all_inputs_static(model)
@@ -118,12 +119,26 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     except Exception as exc:  # folding is an optimisation; tracing is conservative without it
         log.warning("constant folding skipped: %s", exc)
     graph.cleanup().toposort()
+    _detach(graph)  # folding turns Constant nodes into constants that still point into the caller's model
     _share_equal_constants(graph)
     if static:
         for tensor in graph.tensors().values():
             if isinstance(tensor, gs.Variable) and tensor not in graph.inputs and tensor not in graph.outputs:
                 tensor.shape = None
     return graph
+
+
+def _detach(graph: gs.Graph) -> None:
+    """Load every lazy constant (graph tensors and Constant-node attributes) into numpy.
+
+    A lazy constant is the caller's own TensorProto, and graph-surgeon's export renames it in
+    place: the input model would change. Loading costs one copy of the weights, which the
+    graph needs anyway; no serialized copy of the whole model is made.
+    """
+    constants = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    constants += [v for node in graph.nodes for v in node.attrs.values() if isinstance(v, gs.Constant)]
+    for constant in constants:
+        _ = constant.values  # the property replaces the lazy reference with the loaded array
 
 
 def _share_equal_constants(graph: gs.Graph) -> None:
@@ -138,9 +153,10 @@ def _share_equal_constants(graph: gs.Graph) -> None:
 
     by_shape: dict[tuple[str, tuple[int, ...]], list[gs.Constant]] = defaultdict(list)
     for tensor in graph.tensors().values():
-        if isinstance(tensor, gs.Constant) and tensor.outputs and np.asarray(tensor.values).size > 1:
-            values = np.asarray(tensor.values)
-            by_shape[(values.dtype.str, values.shape)].append(tensor)
+        # group by shape and dtype first; only same-shaped candidates are hashed
+        shape = tuple(int(d) for d in tensor.shape) if isinstance(tensor, gs.Constant) else ()
+        if isinstance(tensor, gs.Constant) and tensor.outputs and int(np.prod(shape)) > 1:
+            by_shape[(np.dtype(tensor.dtype).str, shape)].append(tensor)
     for candidates in by_shape.values():
         if len(candidates) < 2:
             continue

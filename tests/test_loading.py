@@ -60,7 +60,9 @@ def test_paddle_style_constant_node_weights_and_identity_chains() -> None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     onnx.checker.check_model(model, full_check=True)
+    given = model.SerializeToString()
     result = prune(model, "l1", 0.5)
+    assert model.SerializeToString() == given  # lazy constants are the caller's protos: never renamed in place
     shapes = sorted(_weights_out(result.model).values())
     assert (4, 3, 3, 3) in shapes and (4, 4, 3, 3) in shapes  # conv1 lost 4 outputs, conv2 4 inputs
     x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
@@ -91,7 +93,9 @@ def test_opset11_split_attribute_and_weight_subgraph_are_rewritten() -> None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
     onnx.checker.check_model(model, full_check=True)
+    given = model.SerializeToString()
     result = prune(model, "l1", 0.5)
+    assert model.SerializeToString() == given
     split = next(n for n in result.model.graph.node if n.op_type == "Split")
     assert list(next(a for a in split.attribute if a.name == "split").ints) == [2, 2]
     assert _weights_out(result.model)["wa"] == (2, 2, 3, 3)
