@@ -116,6 +116,7 @@ def prune(
     original = _load(model)
     ir.check_model(original, full=False, what="input model")
     shapes_in = ir.fixed_input_shapes(original, input_shapes)
+    notes.extend(_dynamic_dims_warning(original, input_shapes))
     calibration = _calibration(options, original, shapes_in, preprocess) if calib is not None else None
     working = original
     block_fraction = ratio if method == "layer" else options.params.get("blocks")
@@ -178,6 +179,16 @@ def _checked(options: Options) -> list[str]:
     for warning in warnings:
         log.warning("%s", warning)
     return warnings
+
+
+def _dynamic_dims_warning(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None) -> list[str]:
+    """Dynamic non-batch dims become 1 for tracing and validation: say so, and how to set them."""
+    out = []
+    for name, axes in ir.dynamic_non_batch_dims(model, input_shapes).items():
+        out.append(f"input {name!r} has dynamic axes {axes}: traced and validated with size 1 there; "
+                   f"give --input-shape {name}:... with real sizes")
+        log.warning("%s", out[-1])
+    return out
 
 
 def _request(method: str, ratio: float, params: Mapping[str, Any]) -> str:

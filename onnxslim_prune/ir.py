@@ -311,6 +311,24 @@ def parse_input_shapes(items: Iterable[str]) -> dict[str, Shape]:
     return dict(parse_input_shape(item) for item in items)
 
 
+def _static_dim(dim: onnx.TensorShapeProto.Dimension) -> bool:
+    """A fixed size; some exporters (Paddle) write -1 or 0 for a dynamic one."""
+    return dim.HasField("dim_value") and dim.dim_value > 0
+
+
+def dynamic_non_batch_dims(model: onnx.ModelProto, overrides: Mapping[str, Shape] | None = None) -> dict[str, list[int]]:
+    """Per graph input without an --input-shape, its dynamic axes other than the batch (they become 1)."""
+    inits = {i.name for i in model.graph.initializer}
+    out: dict[str, list[int]] = {}
+    for vi in model.graph.input:
+        if vi.name in inits or vi.name in (overrides or {}):
+            continue
+        axes = [i for i, d in enumerate(vi.type.tensor_type.shape.dim) if i > 0 and not _static_dim(d)]
+        if axes:
+            out[vi.name] = axes
+    return out
+
+
 def fixed_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, Shape] | None = None) -> dict[str, Shape]:
     """Static shapes of the real graph inputs: overrides first, then static dims, then 1."""
     overrides = dict(overrides or {})
@@ -325,13 +343,13 @@ def fixed_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, Shape] | 
             if len(shape) != len(dims):
                 raise UsageError(f"--input-shape {vi.name}: rank {len(shape)} given, the model's input has rank {len(dims)}")
             for got, dim in zip(shape, dims):
-                if dim.HasField("dim_value") and dim.dim_value != got:
+                if _static_dim(dim) and dim.dim_value != got:
                     raise UsageError(
                         f"--input-shape {vi.name}: {'x'.join(map(str, shape))} contradicts the model's static shape "
-                        f"{'x'.join(str(d.dim_value) if d.HasField('dim_value') else '?' for d in dims)}"
+                        f"{'x'.join(str(d.dim_value) if _static_dim(d) else '?' for d in dims)}"
                     )
         else:
-            shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in dims)
+            shape = tuple(d.dim_value if _static_dim(d) else 1 for d in dims)
         shapes[vi.name] = shape
     if overrides:
         raise UsageError(f"--input-shape names no model input: {', '.join(sorted(overrides))} (inputs: {', '.join(shapes)})")

@@ -135,6 +135,18 @@ def test_dynamic_dims_stay_dynamic_and_input_shape_is_used(tmp_path: Path) -> No
     assert np.max(np.abs(_run(str(out), x) - _run(model, x))) < TOL
 
 
+def test_minus_one_dims_are_dynamic_and_dynamic_spatial_dims_are_named() -> None:
+    """Paddle writes a dynamic batch as dim_value -1; unset dynamic H/W are traced at 1, and the report says so."""
+    model = _dynamic_model(np.random.default_rng(3))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[0].Clear()
+    dims[0].dim_value = -1
+    shaped = prune(model, "l1", 0.5, input_shapes={"x": (1, 3, 10, 12)})  # -1 does not contradict 1
+    assert not any("dynamic axes" in n for n in shaped.report.notes)
+    unshaped = prune(model, "l1", 0.5)
+    assert any("input 'x' has dynamic axes [2, 3]" in n and "--input-shape" in n for n in unshaped.report.notes)
+
+
 def test_external_data_in_gives_external_data_out(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     model = _dynamic_model(rng)
