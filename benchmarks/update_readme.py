@@ -33,6 +33,7 @@ SECTIONS = {
         "figures test structure, not accuracy. The last two columns are the tool's own cost: wall time and "
         "peak memory of the whole command line (load, trace, apply, validate, write)."
     ),
+    "real_models": Section(),
     "latency": Section(
         "By `python benchmarks/bench_latency.py`: onnxruntime CPU latency of each zoo model before and after "
         "`l1 --ratio 0.5`, measured in the same process with interleaved runs.",
