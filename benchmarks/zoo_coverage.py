@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import run_measured  # noqa: E402
+from measure import failure, prune_cli  # noqa: E402
 
 
 def fill(zoo: Path, filled: Path) -> None:
@@ -28,26 +28,17 @@ def fill(zoo: Path, filled: Path) -> None:
 
 
 def one(model: Path, method: str, ratio: float, timeout: int) -> dict:
-    out = model.with_suffix(".l1.onnx")
-    report = model.with_suffix(".report.json")
-    run = run_measured(
-        [sys.executable, "-m", "onnxslim_prune.cli", str(model), "-o", str(out), "--method", method,
-         "--ratio", str(ratio), "--report", str(report), "-q"],
-        timeout=timeout,
-    )
+    run, data = prune_cli(model, ["--method", method, "--ratio", str(ratio)], timeout)
     row: dict = {"model": model.stem, "seconds": round(run.seconds, 1), "peak_mib": run.peak_mib}
-    if run.timed_out or run.returncode != 0:
-        row["error"] = "timeout" if run.timed_out else (run.stderr.strip().splitlines() or ["?"])[-1][:200]
+    if data is None:
+        row["error"] = failure(run)
         return row
-    data = json.loads(report.read_text())
     row.update(
         params_before=data["before"]["params"], params_after=data["after"]["params"],
         macs_before=data["before"]["macs"], macs_after=data["after"]["macs"],
         groups=len(data["groups"]), frozen=sum(1 for g in data["groups"] if g["prunable"] == 0),
         cosine=data["agreement"]["cosine"],
     )
-    out.unlink(missing_ok=True)
-    report.unlink(missing_ok=True)
     return row
 
 
