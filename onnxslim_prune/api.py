@@ -118,6 +118,9 @@ def prune(
     shapes_in = ir.fixed_input_shapes(original, input_shapes)
     notes.extend(_dynamic_dims_warning(original, input_shapes))
     calibration = _calibration(options, original, shapes_in, preprocess) if calib is not None else None
+    evaluation = load_eval(eval_data, original, input_shapes) if eval_data is not None else None
+    # the original's accuracy needs no pruning: measured first, so bad data (labels past the classes) fails before the work
+    accuracy_before = None if evaluation is None else accuracy(original, *_eval_args(evaluation))
     working = original
     block_fraction = ratio if method == "layer" else options.params.get("blocks")
     if block_fraction:
@@ -145,23 +148,22 @@ def prune(
         pruned = ir.to_model(graph, like=working)
         if outcome.finish is not None:
             pruned = outcome.finish(pruned)
-    evaluation = load_eval(eval_data, original, input_shapes) if eval_data is not None else None
     real, real_name = _agreement_samples(evaluation, calibration)
     feeds, inputs = validate.agreement_feeds(original, analysis.input_shapes, seed, real, real_name)
-    validate.validate(original, pruned, feeds[0])
+    agreement = validate.validate(original, pruned, feeds, inputs)
     report = Report(
         method=method,
         ratio=ratio,
         before=validate.model_stats(original, analysis.input_shapes),
         after=validate.model_stats(pruned, analysis.input_shapes),
-        agreement=validate.compare(original, pruned, feeds, inputs),
+        agreement=agreement,
         groups=group_rows(analysis.trace, {g.group: g.kept for g in outcome.plan.groups}),
         seconds=0.0,
         notes=tuple(notes),
         request=_request(method, ratio, options.params),
     )
     if evaluation is not None:
-        report = _with_accuracy(report, original, pruned, evaluation)
+        report = replace(report, accuracy_before=accuracy_before, accuracy_after=accuracy(pruned, *_eval_args(evaluation)))
     report = replace(report, seconds=time.perf_counter() - started)
     return PruneResult(pruned, report, analysis.trace, outcome.plan)
 
@@ -175,20 +177,23 @@ def _checked(options: Options) -> list[str]:
     check_ratio(options.ratio)
     if options.round_to < 1:
         raise UsageError(f"--round-to must be a positive integer, got {options.round_to}")
-    warnings = list(methods_mod.check_options(options))
-    for warning in warnings:
-        log.warning("%s", warning)
-    return warnings
+    return _warned(list(methods_mod.check_options(options)))
+
+
+def _warned(messages: list[str]) -> list[str]:
+    """Log each warning; the same lines go into the report's notes."""
+    for message in messages:
+        log.warning("%s", message)
+    return messages
 
 
 def _dynamic_dims_warning(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None) -> list[str]:
     """Dynamic non-batch dims become 1 for tracing and validation: say so, and how to set them."""
-    out = []
-    for name, axes in ir.dynamic_non_batch_dims(model, input_shapes).items():
-        out.append(f"input {name!r} has dynamic axes {axes}: traced and validated with size 1 there; "
-                   f"give --input-shape {name}:... with real sizes")
-        log.warning("%s", out[-1])
-    return out
+    return _warned([
+        f"input {name!r} has dynamic axes {axes}: traced and validated with size 1 there; "
+        f"give --input-shape {name}:... with real sizes"
+        for name, axes in ir.dynamic_non_batch_dims(model, input_shapes).items()
+    ])
 
 
 def _request(method: str, ratio: float, params: Mapping[str, Any]) -> str:
@@ -207,10 +212,7 @@ def _unmatched_excludes(names: Sequence[str], patterns: Sequence[str]) -> list[s
     """A warning for each --exclude pattern that names no node (a typo protects nothing)."""
     from fnmatch import fnmatchcase
 
-    out = [f"--exclude {p!r} matches no node name" for p in patterns if not any(fnmatchcase(n, p) for n in names)]
-    for warning in out:
-        log.warning("%s", warning)
-    return out
+    return _warned([f"--exclude {p!r} matches no node name" for p in patterns if not any(fnmatchcase(n, p) for n in names)])
 
 
 #: methods whose plan needs neither data nor a search: --dry-run can show what they keep
@@ -279,6 +281,5 @@ def _agreement_samples(evaluation: EvalData | None, calibration: Any) -> tuple[d
     return None, ""
 
 
-def _with_accuracy(report: Report, original: onnx.ModelProto, pruned: onnx.ModelProto, evaluation: EvalData) -> Report:
-    args = (evaluation.images, evaluation.labels, evaluation.input_name)
-    return replace(report, accuracy_before=accuracy(original, *args), accuracy_after=accuracy(pruned, *args))
+def _eval_args(evaluation: EvalData) -> tuple[np.ndarray, np.ndarray, str]:
+    return evaluation.images, evaluation.labels, evaluation.input_name

@@ -154,11 +154,12 @@ def main(
         if model is None:
             raise UsageError("give a MODEL path (or --demo)")
         shapes = ir.parse_input_shapes(input_shape)
+        planning = _params(  # the settings that choose the plan; a dry run needs only these
+            merge_threshold=merge_threshold, merge_scale=None if merge_scale == "norm" else merge_scale,
+            target_macs=target_macs, target_params=target_params, max_ratio=max_ratio, blocks=blocks_ratio,
+        )
         if dry_run:
-            _dry_run(model, method, ratio, round_to, exclude, shapes, seed, criterion, report_path, _params(
-                merge_threshold=merge_threshold, merge_scale=None if merge_scale == "norm" else merge_scale,
-                target_macs=target_macs, target_params=target_params, max_ratio=max_ratio, blocks=blocks_ratio,
-            ))
+            _dry_run(model, method, ratio, round_to, exclude, shapes, seed, criterion, report_path, planning)
             return
         target = output or model.with_name(model.name.removesuffix(".onnx") + ".pruned.onnx")
         _check_paths(model, target, report_path)
@@ -169,11 +170,7 @@ def main(
                 criterion=criterion, calib=calib, calib_samples=calib_samples, batch_size=batch_size,
                 eval_data=eval_data, progress=progress,
                 preprocess=_preprocess(image_size, resize_mode, mean, std, scale, layout, bgr),
-                params=_params(
-                    calib_positions=calib_positions, reconstruct=reconstruct, merge_threshold=merge_threshold,
-                    merge_scale=None if merge_scale == "norm" else merge_scale,
-                    target_macs=target_macs, target_params=target_params, max_ratio=max_ratio, blocks=blocks_ratio,
-                ),
+                params={**planning, **_params(calib_positions=calib_positions, reconstruct=reconstruct)},
             )
         finally:
             close()

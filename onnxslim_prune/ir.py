@@ -128,6 +128,13 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     return graph
 
 
+def value_digest(values: np.ndarray) -> str:
+    """A hash of an array's values (not its name): equal digests, equal tensors."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
+
+
 def _detach(graph: gs.Graph) -> None:
     """Load every lazy constant (graph tensors and Constant-node attributes) into numpy.
 
@@ -149,8 +156,6 @@ def _share_equal_constants(graph: gs.Graph) -> None:
     the sharing and prune those layers alike, so the pruned model cannot hold more
     parameters than the original.
     """
-    import hashlib
-
     by_shape: dict[tuple[str, tuple[int, ...]], list[gs.Constant]] = defaultdict(list)
     for tensor in graph.tensors().values():
         # group by shape and dtype first; only same-shaped candidates are hashed
@@ -162,8 +167,7 @@ def _share_equal_constants(graph: gs.Graph) -> None:
             continue
         first: dict[str, gs.Constant] = {}
         for tensor in sorted(candidates, key=lambda t: t.name):
-            digest = hashlib.sha256(np.ascontiguousarray(tensor.values).tobytes()).hexdigest()
-            keeper = first.setdefault(digest, tensor)
+            keeper = first.setdefault(value_digest(tensor.values), tensor)
             if keeper is tensor:
                 continue
             for node in list(tensor.outputs):
@@ -178,7 +182,7 @@ def _all_inputs_static(model: onnx.ModelProto) -> bool:
         if vi.name in inits:
             continue
         dims = vi.type.tensor_type.shape.dim
-        if not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
+        if not all(is_static_dim(d) for d in dims):
             return False
     return True
 
@@ -256,7 +260,7 @@ def set_input_const(node: gs.Node, index: int, values: np.ndarray) -> None:
     values = np.ascontiguousarray(values, dtype=old.dtype)
     origin = getattr(tensor, _ORIGIN, tensor)
     copies: list[gs.Constant] = origin.__dict__.setdefault(_COPIES, [])
-    twin = next((c for c in copies if c is not tensor and c.values.shape == values.shape and np.array_equal(c.values, values)), None)
+    twin = next((c for c in copies if c is not tensor and np.array_equal(c.values, values)), None)
     if twin is not None and not _used_twice(node, tensor):
         node.inputs[index] = twin
         return
@@ -311,7 +315,7 @@ def parse_input_shapes(items: Iterable[str]) -> dict[str, Shape]:
     return dict(parse_input_shape(item) for item in items)
 
 
-def _static_dim(dim: onnx.TensorShapeProto.Dimension) -> bool:
+def is_static_dim(dim: onnx.TensorShapeProto.Dimension) -> bool:
     """A fixed size; some exporters (Paddle) write -1 or 0 for a dynamic one."""
     return dim.HasField("dim_value") and dim.dim_value > 0
 
@@ -323,7 +327,7 @@ def dynamic_non_batch_dims(model: onnx.ModelProto, overrides: Mapping[str, Shape
     for vi in model.graph.input:
         if vi.name in inits or vi.name in (overrides or {}):
             continue
-        axes = [i for i, d in enumerate(vi.type.tensor_type.shape.dim) if i > 0 and not _static_dim(d)]
+        axes = [i for i, d in enumerate(vi.type.tensor_type.shape.dim) if i > 0 and not is_static_dim(d)]
         if axes:
             out[vi.name] = axes
     return out
@@ -343,13 +347,13 @@ def fixed_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, Shape] | 
             if len(shape) != len(dims):
                 raise UsageError(f"--input-shape {vi.name}: rank {len(shape)} given, the model's input has rank {len(dims)}")
             for got, dim in zip(shape, dims):
-                if _static_dim(dim) and dim.dim_value != got:
+                if is_static_dim(dim) and dim.dim_value != got:
                     raise UsageError(
                         f"--input-shape {vi.name}: {'x'.join(map(str, shape))} contradicts the model's static shape "
-                        f"{'x'.join(str(d.dim_value) if _static_dim(d) else '?' for d in dims)}"
+                        f"{'x'.join(str(d.dim_value) if is_static_dim(d) else '?' for d in dims)}"
                     )
         else:
-            shape = tuple(d.dim_value if _static_dim(d) else 1 for d in dims)
+            shape = tuple(d.dim_value if is_static_dim(d) else 1 for d in dims)
         shapes[vi.name] = shape
     if overrides:
         raise UsageError(f"--input-shape names no model input: {', '.join(sorted(overrides))} (inputs: {', '.join(shapes)})")
@@ -500,8 +504,6 @@ def share_identical_initializers(model: onnx.ModelProto) -> None:
     Exporters alias one weight to several layers through Identity; folding makes a copy
     per alias. Where the copies are still equal after pruning, one is kept.
     """
-    import hashlib
-
     graph = model.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         return  # names may be captured by subgraphs; leave them alone
@@ -512,7 +514,7 @@ def share_identical_initializers(model: onnx.ModelProto) -> None:
         if init.name in protected or init.data_location == onnx.TensorProto.EXTERNAL:
             continue
         # the values, not the serialized proto: that holds the name (and its length)
-        key = (init.data_type, tuple(init.dims), hashlib.sha256(numpy_helper.to_array(init).tobytes()).hexdigest())
+        key = (init.data_type, tuple(init.dims), value_digest(numpy_helper.to_array(init)))
         if key in first:
             alias[init.name] = first[key]
         else:
@@ -665,7 +667,7 @@ def static_batch(model: onnx.ModelProto) -> int | None:
         if vi.name in initializers:
             continue
         dims = vi.type.tensor_type.shape.dim
-        if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value <= 0:
+        if not dims or not is_static_dim(dims[0]):
             return None
         sizes.add(dims[0].dim_value)
     return sizes.pop() if len(sizes) == 1 else None

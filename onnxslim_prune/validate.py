@@ -127,18 +127,30 @@ def agreement_feeds(
 
 
 def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: Feeds, inputs: str) -> Agreement:
-    """Agreement of the two models' outputs over every feed (outputs joined along the batch)."""
+    """Agreement of the two models' outputs over every feed (outputs joined along the batch).
+
+    Raises `ValidationError` if the pruned model does not run, changes an output's dtype, or
+    gives non-finite values where the original does not.
+    """
     def outputs_of(model: onnx.ModelProto) -> list[list[np.ndarray]]:
         sess = session(model)  # one session at a time: each holds a copy of its weights
         return [sess.run(None, f) for f in feeds]
 
     reference = outputs_of(original)
-    outputs = outputs_of(pruned)
+    try:
+        outputs = outputs_of(pruned)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ValidationError(f"pruned model does not run in onnxruntime: {str(exc).splitlines()[0]}") from None
+    expected = {o.name: o for o in original.graph.output}
+    for vi, value in zip(pruned.graph.output, outputs[0]):
+        want = onnx.helper.tensor_dtype_to_np_dtype(expected[vi.name].type.tensor_type.elem_type)
+        if value.dtype != want:
+            raise ValidationError(f"output {vi.name}: dtype {value.dtype}, expected {want}")
 
     def joined(runs: list[list[np.ndarray]]) -> list[np.ndarray]:
         return [np.concatenate([np.atleast_1d(r[i]) for r in runs]) for i in range(len(runs[0]))]
 
-    samples = sum(len(next(iter(f.values()))) for f in feeds) if feeds and feeds[0] else len(feeds)
+    samples = sum(len(next(iter(f.values()))) if f else 1 for f in feeds)
     reference_joined, outputs_joined = joined(reference), joined(outputs)
     check_finite_where_original_is(reference_joined, outputs_joined, [o.name for o in pruned.graph.output])
     return replace(agreement(reference_joined, outputs_joined), samples=samples, inputs=inputs)
@@ -163,23 +175,13 @@ def check_contract(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
             raise ValidationError(f"pruned model changed the graph {kind}s ({names})")
 
 
-def validate(
-    original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
-) -> Sequence[np.ndarray]:
-    """Full validation; returns the pruned model's outputs on `feeds`."""
+def validate(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: Feeds, inputs: str) -> Agreement:
+    """Full validation (checker, input/output contract, strict inference, onnxruntime); the
+    pruned model's agreement with the original on `feeds` (see `compare`)."""
     ir.check_model(pruned, full=True, what="pruned model")
     check_contract(original, pruned)
     ir.infer_strict(pruned)
-    try:
-        outputs = run(pruned, feeds)
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise ValidationError(f"pruned model does not run in onnxruntime: {str(exc).splitlines()[0]}") from None
-    expected = {o.name: o for o in original.graph.output}
-    for vi, value in zip(pruned.graph.output, outputs):
-        want = onnx.helper.tensor_dtype_to_np_dtype(expected[vi.name].type.tensor_type.elem_type)
-        if value.dtype != want:
-            raise ValidationError(f"output {vi.name}: dtype {value.dtype}, expected {want}")
-    return outputs
+    return compare(original, pruned, feeds, inputs)
 
 
 def agreement(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> Agreement:

@@ -14,7 +14,6 @@ raw resized pixels without scale/mean/std.
 from __future__ import annotations
 
 import math
-
 import os
 from dataclasses import dataclass
 from pathlib import Path

@@ -18,6 +18,7 @@ import onnx
 from onnx import helper
 
 from ..errors import ModelError, UsageError
+from ..ir import is_static_dim
 from ..ir import parse_input_shape  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def _model_dims(vi: onnx.ValueInfoProto) -> list[int | None] | None:
     ttype = vi.type.tensor_type
     if not ttype.HasField("shape"):
         return None
-    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in ttype.shape.dim]
+    return [d.dim_value if is_static_dim(d) else None for d in ttype.shape.dim]
 
 
 def _spec_for(vi: onnx.ValueInfoProto, override: tuple[int, ...] | None) -> InputSpec:
