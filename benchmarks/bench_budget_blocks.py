@@ -151,7 +151,7 @@ def section_c(zoo: Path, timeout: int) -> list[dict[str, Any]]:
                 entry.update(
                     macs=data["after"]["macs"] / data["before"]["macs"],
                     params=data["after"]["params"] / data["before"]["params"],
-                    cosine=data["agreement"]["cosine"],
+                    cosine=data["verdict"]["cosine"],
                     notes=[n for n in data.get("notes", []) if "budget" in n],
                 )
             else:

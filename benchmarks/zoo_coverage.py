@@ -37,7 +37,7 @@ def one(model: Path, method: str, ratio: float, timeout: int) -> dict:
         params_before=data["before"]["params"], params_after=data["after"]["params"],
         macs_before=data["before"]["macs"], macs_after=data["after"]["macs"],
         groups=len(data["groups"]), frozen=sum(1 for g in data["groups"] if g["prunable"] == 0),
-        cosine=data["agreement"]["cosine"],
+        cosine=data["verdict"]["cosine"],
     )
     return row
 

@@ -2,7 +2,7 @@
 
     result = prune("model.onnx", method="l1", ratio=0.5)
     result.model   # onnx.ModelProto, validated
-    result.report  # Report: params, MACs, agreement, groups
+    result.report  # Report: params, MACs, the verdict, groups
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -19,14 +19,18 @@ import onnx
 
 from . import ir, validate
 from .errors import CalibrationError, UsageError
-from .evaluation import EvalData, accuracy, load_eval
+from .calib.split import DEFAULT_HOLDOUT, held_out_count, split_holdout
+from .evaluation import EvalData, accuracy_of, eval_feeds, load_eval
+from .latency import measure as measure_latency
 from .passes import blocks, budget, datadriven, merge, reconstruct  # noqa: F401  (they register methods)
 from .passes import methods as methods_mod
 from .passes.apply import apply_plan
 from .passes.methods import Context, Options, get_method
 from .passes.plan import Plan, check_ratio
 from .passes.trace import Trace, trace
+from .progress import Stage, StageClock
 from .report import Report, group_rows
+from .verdict import Gates, Verdict, VerdictSource, classes_of, summarise
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,17 @@ def _export_plain(graph: Any, like: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class _Measure:
+    """The verdict's samples and the original's outputs on them (computed before any pruning work)."""
+
+    source: VerdictSource
+    feeds: validate.Feeds
+    reference: validate.Outputs
+    labels: np.ndarray | None = None
+    accuracy_before: float | None = None
+
+
 def prune(
     model: ModelLike,
     method: str = "l1",
@@ -100,9 +115,19 @@ def prune(
     params: Mapping[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
     preprocess: Any = None,
+    holdout: float = DEFAULT_HOLDOUT,
+    gates: Gates | None = None,
+    latency: bool = True,
 ) -> PruneResult:
-    """Prune `model` with `method`; the returned model is validated (see `validate`)."""
+    """Prune `model` with `method`; the returned model is validated (see `validate`) and judged (see `verdict`).
+
+    Calibration data is split (seeded) into a fit part, the only data the method sees, and a
+    held-out part (`holdout` of it) on which the verdict is measured; with `eval_data` the
+    verdict is measured there and all calibration data is fitted.
+    """
     started = time.perf_counter()
+    clock = StageClock(progress)
+    gates = gates or Gates()
     fn = get_method(method)
     options = Options(
         method=method, ratio=ratio, round_to=round_to, exclude=_patterns(exclude), input_shapes=dict(input_shapes or {}),
@@ -111,61 +136,165 @@ def prune(
     )
     exclude = options.exclude
     notes = _checked(options)
+    held_out_count(1, holdout)  # the fraction is checked before any work
     if method in methods_mod.DATA_DRIVEN and calib is None:
         raise CalibrationError(f"method {method!r} needs calibration data: pass --calib PATH (or --calib random)")
-    original = _load(model)
-    ir.check_model(original, full=False, what="input model")
-    shapes_in = ir.fixed_input_shapes(original, input_shapes)
-    notes.extend(_dynamic_dims_warning(original, input_shapes))
-    calibration = _calibration(options, original, shapes_in, preprocess) if calib is not None else None
-    evaluation = load_eval(eval_data, original, input_shapes) if eval_data is not None else None
-    # the original's accuracy needs no pruning: measured first, so bad data (labels past the classes) fails before the work
-    accuracy_before = None if evaluation is None else accuracy(original, *_eval_args(evaluation))
+    if gates.max_drop is not None and eval_data is None:
+        raise UsageError("--max-drop needs labelled --eval data (an .npz with the inputs and 'labels')")
+    with clock.stage(Stage.LOAD):
+        original = _load(model)
+        ir.check_model(original, full=False, what="input model")
+    with clock.stage(Stage.CALIBRATION):
+        evaluation = load_eval(eval_data, original, input_shapes) if eval_data is not None else None
+        calibration, shapes_in = _calibration(options, original, evaluation, preprocess)
+        fit, held = _split(calibration, evaluation, holdout, seed, original, notes)
+    with clock.stage(Stage.REFERENCE):
+        # the original's outputs need no pruning: measured first, so bad data (labels past the classes) fails before the work
+        measure = _reference(original, shapes_in, seed, evaluation, held, fit, progress)
     working = original
     block_fraction = ratio if method == "layer" else options.params.get("blocks")
-    if block_fraction:
-        from .passes.blocks import prune_blocks
+    with clock.stage(Stage.TRACE):
+        if block_fraction:
+            from .passes.blocks import prune_blocks
 
-        working, block_notes = prune_blocks(original, float(block_fraction), calibration, shapes_in, options)
-        notes.extend(block_notes)
-    analysis = analyze(working, input_shapes=input_shapes, exclude=exclude)
+            working, block_notes = prune_blocks(original, float(block_fraction), fit, shapes_in, options)
+            notes.extend(block_notes)
+        analysis = analyze(working, input_shapes=shapes_in, exclude=exclude)
     graph = analysis.graph
     notes.extend(_unmatched_excludes([n.name for n in graph.nodes], exclude))
-    ctx = Context(working, graph, analysis.trace, options, analysis.input_shapes, analysis.opset, calibration, progress)
-    outcome = fn(ctx)
-    if calibration is not None:
-        outcome = reconstruct.with_reconstruction(ctx, outcome)  # no-op with --no-reconstruct
+    ctx = Context(working, graph, analysis.trace, options, analysis.input_shapes, analysis.opset, fit, progress)
+    with clock.stage(Stage.METHOD):
+        outcome = fn(ctx)
+        if fit is not None:
+            outcome = reconstruct.with_reconstruction(ctx, outcome)  # no-op with --no-reconstruct
     notes.extend(ctx.notes)
-    notes.extend(outcome.notes)
     if not outcome.plan.groups and not outcome.overrides:
         if working is original:
-            reason = _nothing_prunable_reason(analysis.trace)
+            reason = nothing_prunable_reason(analysis.trace, original)
             log.warning("nothing was pruned: %s; the model is written unchanged", reason)
             notes.append(f"nothing was pruned: {reason}")
         pruned = working
     else:
-        apply_plan(graph, analysis.trace, outcome.plan, analysis.opset, outcome.overrides)
-        pruned = ir.to_model(graph, like=working)
+        with clock.stage(Stage.APPLY):
+            apply_plan(graph, analysis.trace, outcome.plan, analysis.opset, outcome.overrides)
+            pruned = ir.to_model(graph, like=working)
         if outcome.finish is not None:
-            pruned = outcome.finish(pruned)
-    real, real_name = _agreement_samples(evaluation, calibration)
-    feeds, inputs = validate.agreement_feeds(original, analysis.input_shapes, seed, real, real_name)
-    agreement = validate.validate(original, pruned, feeds, inputs)
+            with clock.stage(Stage.RECONSTRUCT):
+                pruned = outcome.finish(pruned)
+    notes.extend(outcome.notes)
+    with clock.stage(Stage.VALIDATE):
+        validate.check_structure(original, pruned)
+    with clock.stage(Stage.VERDICT):
+        verdict = _verdict(original, pruned, measure, fit, gates)
+    timing = None
+    if latency:
+        with clock.stage(Stage.LATENCY):
+            timing = measure_latency(original, pruned, _latency_feed(measure, original))
+    _warn_verdict(verdict)
     report = Report(
         method=method,
         ratio=ratio,
         before=validate.model_stats(original, analysis.input_shapes),
         after=validate.model_stats(pruned, analysis.input_shapes),
-        agreement=agreement,
+        verdict=verdict,
         groups=group_rows(analysis.trace, {g.group: g.kept for g in outcome.plan.groups}),
         seconds=0.0,
         notes=tuple(notes),
         request=_request(method, ratio, options.params),
+        accuracy_before=verdict.accuracy_before,
+        accuracy_after=verdict.accuracy_after,
+        settings=_settings(options, holdout, gates, eval_data, preprocess),
+        input_path=None if isinstance(model, onnx.ModelProto) else str(model),
+        latency=timing,
+        stage_seconds=dict(clock.seconds),
     )
-    if evaluation is not None:
-        report = replace(report, accuracy_before=accuracy_before, accuracy_after=accuracy(pruned, *_eval_args(evaluation)))
     report = replace(report, seconds=time.perf_counter() - started)
     return PruneResult(pruned, report, analysis.trace, outcome.plan)
+
+
+def _settings(options: Options, holdout: float, gates: Gates, eval_data: Any, preprocess: Any) -> dict[str, Any]:
+    """Every setting of the run, as plain JSON data (the report records them)."""
+    data: dict[str, Any] = asdict(options)
+    data["exclude"] = list(options.exclude)
+    data["input_shapes"] = {k: list(v) for k, v in options.input_shapes.items()}
+    data.update(holdout=holdout, eval=None if eval_data is None else str(eval_data), gates=asdict(gates))
+    if preprocess is not None and options.calib not in (None, "random") and os.path.isdir(str(options.calib)):
+        data["preprocess"] = asdict(preprocess)
+    return data
+
+
+def _split(
+    calibration: Any, evaluation: EvalData | None, holdout: float, seed: int, model: onnx.ModelProto, notes: list[str]
+) -> tuple[Any, Any]:
+    """(fit part, held-out part) of the calibration data: see `calib.split`."""
+    if calibration is None or calibration.is_random or evaluation is not None:
+        return calibration, None
+    parts = split_holdout(calibration, holdout, seed, ir.static_batch(model))
+    if parts.holdout is None:
+        notes.extend(_warned([
+            "--holdout 0: the verdict is measured on samples the method fitted to; it is optimistic and proves little "
+            "(give --eval data or a held-out fraction)"
+        ]))
+    else:
+        log.info("calibration: %d samples fitted, %d held out for the verdict", parts.fit.num_samples, parts.holdout.num_samples)
+    return parts.fit, parts.holdout
+
+
+def _reference(
+    original: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], seed: int, evaluation: EvalData | None,
+    held: Any, fit: Any, progress: Callable[[int, int], None] | None,
+) -> _Measure:
+    """The verdict's samples and the original's outputs on them."""
+    labels = None
+    if evaluation is not None:
+        source = VerdictSource.EVAL
+        feeds, labels = eval_feeds(evaluation, original)
+    elif held is not None:
+        source, feeds = VerdictSource.CALIB_HOLDOUT, validate.calibration_feeds(original, held)
+    elif fit is not None and not fit.is_random:
+        source, feeds = VerdictSource.CALIB_FIT, validate.calibration_feeds(original, fit, FITTED_SAMPLES * 2)
+    else:
+        source, feeds = VerdictSource.RANDOM, validate.random_feeds(original, shapes, seed)
+    if not feeds:
+        raise CalibrationError("no samples to measure the verdict on (a static batch larger than the data?)")
+    reference = validate.outputs_of(original, feeds, "input model", progress)
+    accuracy_before = None if labels is None else accuracy_of(reference, labels)
+    return _Measure(source, feeds, reference, labels, accuracy_before)
+
+
+#: fitted samples the verdict's companion figures are measured on (never the verdict)
+FITTED_SAMPLES = 32
+
+
+def _verdict(original: onnx.ModelProto, pruned: onnx.ModelProto, m: _Measure, fit: Any, gates: Gates) -> Verdict:
+    outputs = validate.outputs_of(pruned, m.feeds, "pruned model")
+    agreement = validate.agreement_of(original, pruned, m.reference, outputs, m.feeds)
+    accuracy_after = None if m.labels is None else accuracy_of(outputs, m.labels)
+    fitted: tuple[Any, ...] = ()
+    if m.source.held_out and fit is not None and not fit.is_random:
+        # the same figures on samples the method fitted to: the gap to the verdict shows overfitting
+        fitted = validate.compare(original, pruned, validate.calibration_feeds(original, fit, FITTED_SAMPLES))
+    shapes = {o.name: tuple(out.shape) for o, out in zip(original.graph.output, m.reference[0])}
+    return summarise(m.source, validate.feed_samples(m.feeds), agreement, accuracy_before=m.accuracy_before,
+                     accuracy_after=accuracy_after, classes=classes_of(shapes), gates=gates, fitted=fitted)
+
+
+def _warn_verdict(verdict: Verdict) -> None:
+    if verdict.degraded:
+        log.warning("the pruned model is DEGRADED on %d %s: %s", verdict.samples, verdict.source.description,
+                    "; ".join(verdict.degraded_reasons))
+    for gate in verdict.gates:
+        if not gate.passed:
+            log.warning("gate missed: %s", gate.message)
+    if verdict.gates and not verdict.held_out:
+        log.warning("the gates were checked on %s, not on held-out data", verdict.source.description)
+
+
+def _latency_feed(m: _Measure, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """One sample (one static batch) of the verdict's data: what an edge runtime runs."""
+    first = m.feeds[0]
+    keep = ir.static_batch(model) or 1
+    return {k: np.ascontiguousarray(v[:keep]) for k, v in first.items()}
 
 
 def _patterns(exclude: Sequence[str] | str) -> tuple[str, ...]:
@@ -185,15 +314,6 @@ def _warned(messages: list[str]) -> list[str]:
     for message in messages:
         log.warning("%s", message)
     return messages
-
-
-def _dynamic_dims_warning(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None) -> list[str]:
-    """Dynamic non-batch dims become 1 for tracing and validation: say so, and how to set them."""
-    return _warned([
-        f"input {name!r} has dynamic axes {axes}: traced and validated with size 1 there; "
-        f"give --input-shape {name}:... with real sizes"
-        for name, axes in ir.dynamic_non_batch_dims(model, input_shapes).items()
-    ])
 
 
 def _request(method: str, ratio: float, params: Mapping[str, Any]) -> str:
@@ -230,12 +350,15 @@ def plan_only(
     seed: int = 0,
     criterion: str = "l1",
     params: Mapping[str, Any] | None = None,
+    preprocess: Any = None,
 ) -> tuple[Analysis, Plan | None]:
     """Check the options, trace, and (for `PLAN_ONLY` methods) choose the plan; nothing is applied."""
     options = Options(method=method, ratio=ratio, round_to=round_to, exclude=_patterns(exclude), seed=seed,
                       criterion=criterion, params=dict(params or {}))
     _checked(options)
-    analysis = analyze(model, input_shapes=input_shapes, exclude=options.exclude)
+    proto = _load(model)
+    shapes = resolve_input_shapes(proto, dict(input_shapes or {}), preprocess=preprocess)
+    analysis = analyze(proto, input_shapes=shapes, exclude=options.exclude)
     _unmatched_excludes([n.name for n in analysis.graph.nodes], options.exclude)
     if method not in PLAN_ONLY:
         return analysis, None
@@ -247,7 +370,21 @@ def plan_only(
     return analysis, methods_mod.choose_plan(ctx, scores)
 
 
-def _nothing_prunable_reason(tr: Trace) -> str:
+#: ops of quantized models (QDQ and QOperator forms): their weights are not pruned yet
+QUANTIZED_OPS = frozenset({"DequantizeLinear", "QuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                           "MatMulInteger", "DynamicQuantizeLinear", "QGemm", "QLinearAdd"})
+
+
+def quantized_ops(model: onnx.ModelProto) -> list[str]:
+    """The quantized op types of `model`'s graph, if any."""
+    return sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+
+
+def nothing_prunable_reason(tr: Trace, model: onnx.ModelProto | None = None) -> str:
+    quantized = quantized_ops(model) if model is not None else []
+    if quantized:
+        return (f"the model is quantized ({', '.join(quantized)}): quantized weights are not supported yet; "
+                "prune the float model, then quantize it (onnxruntime.quantization)")
     if not tr.groups:
         return "no Conv, Gemm or MatMul with constant weights was found"
     reasons = sorted({r for g in tr.groups for r in g.reasons})
@@ -257,29 +394,55 @@ def _nothing_prunable_reason(tr: Trace) -> str:
 
 
 def _calibration(
-    options: Options, model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], preprocess: Any
-) -> Any:
+    options: Options, model: onnx.ModelProto, evaluation: EvalData | None, preprocess: Any
+) -> tuple[Any, dict[str, tuple[int, ...]]]:
+    """The calibration set (None without --calib) and the input shapes to trace with.
+
+    A dynamic non-batch dim is never traced at 1: its size comes from --input-shape, else
+    from the calibration data, else from the --eval data, else from --size (image inputs),
+    else the run stops naming the flags.
+    """
     from .calib import input_specs, load_calibration
 
-    specs = input_specs(model, shapes)
-    return load_calibration(
-        options.calib, specs, samples=options.calib_samples, seed=options.seed, preprocess=preprocess  # type: ignore[arg-type]
-    )
+    user = dict(options.input_shapes)
+    calibration = None
+    if options.calib is not None and options.calib != "random":
+        calibration = load_calibration(options.calib, input_specs(model, user), samples=options.calib_samples,
+                                       seed=options.seed, preprocess=preprocess)
+    shapes = resolve_input_shapes(model, user, calibration, evaluation, preprocess)
+    if options.calib == "random":
+        calibration = load_calibration("random", input_specs(model, shapes), samples=options.calib_samples, seed=options.seed)
+    return calibration, shapes
 
 
-def _agreement_samples(evaluation: EvalData | None, calibration: Any) -> tuple[dict[str, np.ndarray] | None, str]:
-    """Real inputs to measure agreement on: evaluation data first, else calibration data.
-
-    Calibration samples are the ones the method fitted to, so their figures are optimistic:
-    the report says so.
-    """
-    if evaluation is not None:
-        return {evaluation.input_name: evaluation.images[: validate.AGREEMENT_SAMPLES]}, "evaluation samples"
-    if calibration is not None and not calibration.is_random:
-        batch = next(calibration.iter_batches(min(validate.AGREEMENT_SAMPLES, calibration.num_samples)))
-        return batch, "calibration samples, seen while fitting: optimistic; --eval gives held-out figures"
-    return None, ""
-
-
-def _eval_args(evaluation: EvalData) -> tuple[np.ndarray, np.ndarray, str]:
-    return evaluation.images, evaluation.labels, evaluation.input_name
+def resolve_input_shapes(
+    model: onnx.ModelProto, user: Mapping[str, tuple[int, ...]], calibration: Any = None,
+    evaluation: EvalData | None = None, preprocess: Any = None,
+) -> dict[str, tuple[int, ...]]:
+    """Static shapes of the graph inputs (see `_calibration` for where dynamic dims come from)."""
+    shapes = ir.fixed_input_shapes(model, user)
+    dynamic = ir.dynamic_non_batch_dims(model, user)
+    for name, axes in dynamic.items():
+        batch = shapes[name][:1]
+        resolved: tuple[int, ...] | None = None
+        where = ""
+        if calibration is not None and name in calibration.sample_shapes:
+            resolved, where = (*batch, *calibration.sample_shapes[name]), f"calibration data {calibration.source}"
+        elif evaluation is not None and evaluation.input_name == name:
+            resolved, where = (*batch, *evaluation.images.shape[1:]), "--eval data"
+        elif preprocess is not None and getattr(preprocess, "size", None) and len(shapes[name]) == 4:
+            hw_axes = (2, 3) if preprocess.layout == "NCHW" else (1, 2)
+            if set(axes) <= set(hw_axes):
+                dims = list(shapes[name])
+                dims[hw_axes[0]], dims[hw_axes[1]] = preprocess.size
+                resolved, where = tuple(dims), "--size"
+        if resolved is None:
+            text = ["?" if i in axes else str(d) for i, d in enumerate(shapes[name])]
+            hint = " (or --size HxW for an image input)" if len(shapes[name]) == 4 else ""
+            raise UsageError(
+                f"input {name!r} has dynamic dims {'x'.join(text)}: give --input-shape {name}:{'x'.join(text).replace('?', 'N')} "
+                f"with real sizes{hint}; tracing at size 1 would prune a different network"
+            )
+        log.info("input %r: dynamic dims %s set from %s: %s", name, axes, where, "x".join(map(str, resolved)))
+        shapes[name] = resolved
+    return shapes

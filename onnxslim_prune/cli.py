@@ -7,16 +7,21 @@ nothing is written unless the pruned model validated.
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import click
 
 from . import api, ir
-from .errors import PruneError, UsageError
+from ._version import __version__
+from .calib.split import DEFAULT_HOLDOUT
+from .console import ConsoleProgress
+from .errors import GateError, PruneError, UsageError
+from .verdict import Gates
 from .report import group_rows, group_table
 
 log = logging.getLogger("onnxslim_prune")
@@ -29,31 +34,30 @@ def _sample(name: str) -> Path:
     return Path(str(resources.files("onnxslim_prune") / "sample" / name))
 
 
-def _progress_bar(enabled: bool) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
-    """A click progress bar fed by the library's (done, total) callback, one bar per stage.
+#: one line per method for --help (every registered method must have one: a test checks)
+METHOD_HELP = {
+    "l1": "smallest L1 norm of a channel's weights removed (Li et al. 2017)",
+    "l2": "smallest L2 norm removed (Li et al. 2017)",
+    "bn": "smallest BatchNorm scale |gamma| removed (Network Slimming, Liu et al. 2017)",
+    "fpgm": "channels nearest the geometric median removed (He et al. 2019)",
+    "random": "seeded random channels removed (a control)",
+    "merge": "Neuron Merging (Kim et al. 2020): prune by --criterion, merge similar neurons into kept ones; data-free",
+    "thinet": "ThiNet (Luo et al. 2017): greedy minimal next-layer change + least squares; needs --calib",
+    "cp": "Channel Pruning (He et al. 2017): LASSO selection + least squares; needs --calib",
+    "ldrf": "LDRF (Chen et al. 2019): embedding-space selection + closed-form recomposition; needs --calib",
+    "nisp": "NISP (Yu et al. 2018): final-response importance propagated back; needs --calib",
+    "mean_act": "smallest mean |activation| removed; needs --calib",
+    "apoz": "APoZ (Hu et al. 2016): most often zero activations removed; needs --calib",
+    "lcp": "layer-compensated pruning (Chin et al. 2018): a learned global ranking under a MACs target",
+    "layer": "block pruning: remove the fraction --ratio of the residual blocks",
+}
 
-    Stages (statistics, then each reconstruction pass) count from the start again with their
-    own total: a count that goes back or a new total closes the bar and opens the next one.
-    """
-    if not enabled:
-        return None, lambda: None
-    state: dict[str, Any] = {}
 
-    def close() -> None:
-        bar = state.pop("bar", None)
-        if bar is not None:
-            bar.__exit__(None, None, None)
-
-    def update(done: int, total: int) -> None:
-        if "bar" not in state or total != state["total"] or done < state["done"]:
-            close()
-            bar = click.progressbar(length=total, label="calibrating", file=sys.stderr)
-            bar.__enter__()
-            state.update(bar=bar, done=0, total=total)
-        state["bar"].update(done - state["done"])
-        state["done"] = done
-
-    return update, close
+def _methods_epilog() -> str:
+    width = max(map(len, METHOD_HELP))
+    lines = ["\b", "Methods (--method):"] + [f"  {name:<{width}}  {text}" for name, text in METHOD_HELP.items()]
+    lines += ["", "\b", "Exit codes: 0 written; 1 model or data error; 2 usage error; 3 a gate missed; 130 interrupted."]
+    return "\n".join(lines)
 
 
 class _OneLineErrors(click.Command):
@@ -66,15 +70,18 @@ class _OneLineErrors(click.Command):
         except click.exceptions.UsageError as exc:
             click.echo(f"error: {exc.format_message()}", err=True)
             sys.exit(2)
-        except click.exceptions.Abort:
-            click.echo("error: aborted", err=True)
-            sys.exit(1)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            click.echo("aborted", err=True)
+            sys.exit(130)
 
 
-@click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+               epilog=_methods_epilog())
+@click.version_option(__version__, "--version", prog_name="onnx-prune", message="%(prog)s %(version)s")
 @click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=True))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output path [default: MODEL.pruned.onnx].")
-@click.option("--method", default="l1", show_default=True, help="l1, l2, bn, fpgm, random (and the methods listed in the README).")
+@click.option("--method", default="l1", show_default=True, type=click.Choice(list(METHOD_HELP)), metavar="NAME",
+              help="Pruning method (listed below).")
 @click.option("--ratio", default=0.5, show_default=True, type=float, help="Fraction of each group's channels to remove, in [0, 1).")
 @click.option("--round-to", default=1, show_default=True, type=int, help="Keep channel counts at multiples of N.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Protect nodes whose name matches (glob); repeatable.")
@@ -100,7 +107,17 @@ class _OneLineErrors(click.Command):
 @click.option("--target-params", type=float, help="Prune until parameters fall to this fraction (global ranking).")
 @click.option("--max-ratio", default=0.9, show_default=True, type=float, help="Budgets: most any group may lose.")
 @click.option("--blocks", "blocks_ratio", type=float, help="Also remove this fraction of removable residual blocks.")
-@click.option("--eval", "eval_data", type=click.Path(path_type=Path), help=".npz with inputs and 'labels': report accuracy.")
+@click.option("--eval", "eval_data", type=click.Path(path_type=Path),
+              help=".npz with inputs (and 'labels'): the held-out verdict and accuracy; all --calib data is then fitted.")
+@click.option("--holdout", default=DEFAULT_HOLDOUT, show_default=True, type=float,
+              help="Fraction of --calib held out for the verdict (never fitted); 0 measures on fitted samples.")
+@click.option("--min-top1-agreement", type=float, metavar="F", help="Gate: held-out top-1 agreement with the original >= F.")
+@click.option("--min-cosine", type=float, metavar="F", help="Gate: cosine of the outputs with the original's >= F.")
+@click.option("--min-correlation", type=float, metavar="F",
+              help="Gate: sample-centred correlation of the outputs with the original's >= F.")
+@click.option("--max-drop", type=float, metavar="P", help="Gate: accuracy on labelled --eval data falls by at most P points.")
+@click.option("--keep-failed", is_flag=True, help="Write the model even when a gate is missed (exit code still 3).")
+@click.option("--latency/--no-latency", default=True, show_default=True, help="Measure latency before/after.")
 @click.option("--dry-run", is_flag=True, help="Print the channel groups (members, size, why frozen, MACs) and stop.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON here.")
 @click.option("--groups", "show_groups", is_flag=True, help="Print the per-group table after pruning.")
@@ -136,6 +153,13 @@ def main(
     max_ratio: float,
     blocks_ratio: float | None,
     eval_data: Path | None,
+    holdout: float,
+    min_top1_agreement: float | None,
+    min_cosine: float | None,
+    min_correlation: float | None,
+    max_drop: float | None,
+    keep_failed: bool,
+    latency: bool,
     dry_run: bool,
     report_path: Path | None,
     show_groups: bool,
@@ -143,9 +167,15 @@ def main(
     verbose: int,
     quiet: bool,
 ) -> None:
-    """Prune channels of an ONNX MODEL and write a smaller, validated model."""
+    """Prune channels of an ONNX MODEL and write a smaller, validated model.
+
+    The verdict (how closely the pruned model follows the original) is measured on samples
+    no fitting saw: --eval data, else the held-out part of --calib, else seeded random inputs
+    (which prove structure, not function). Gates turn it into an exit code for CI.
+    """
     level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    console: ConsoleProgress | None = None
     try:
         if demo:
             model = model or _sample(SAMPLE_MODEL)
@@ -154,49 +184,75 @@ def main(
         if model is None:
             raise UsageError("give a MODEL path (or --demo)")
         shapes = ir.parse_input_shapes(input_shape)
+        gates = Gates(min_top1_agreement=min_top1_agreement, min_cosine=min_cosine, min_correlation=min_correlation,
+                      max_drop=max_drop)
+        preprocess = _preprocess(image_size, resize_mode, mean, std, scale, layout, bgr)
         planning = _params(  # the settings that choose the plan; a dry run needs only these
             merge_threshold=merge_threshold, merge_scale=None if merge_scale == "norm" else merge_scale,
             target_macs=target_macs, target_params=target_params, max_ratio=max_ratio, blocks=blocks_ratio,
         )
         if dry_run:
-            _dry_run(model, method, ratio, round_to, exclude, shapes, seed, criterion, report_path, planning)
+            _dry_run(model, method, ratio, round_to, exclude, shapes, seed, criterion, report_path, planning, preprocess)
             return
         target = output or model.with_name(model.name.removesuffix(".onnx") + ".pruned.onnx")
         _check_paths(model, target, report_path)
-        progress, close = _progress_bar(not quiet and sys.stderr.isatty())
-        try:
-            result = api.prune(
-                model, method, ratio, round_to=round_to, exclude=exclude, input_shapes=shapes, seed=seed,
-                criterion=criterion, calib=calib, calib_samples=calib_samples, batch_size=batch_size,
-                eval_data=eval_data, progress=progress,
-                preprocess=_preprocess(image_size, resize_mode, mean, std, scale, layout, bgr),
-                params={**planning, **_params(calib_positions=calib_positions, reconstruct=reconstruct)},
-            )
-        finally:
-            close()
-        ir.save_model(result.model, target, external=ir.input_had_external_data(model))
+        console = None if quiet else ConsoleProgress()
+        result = api.prune(
+            model, method, ratio, round_to=round_to, exclude=exclude, input_shapes=shapes, seed=seed,
+            criterion=criterion, calib=calib, calib_samples=calib_samples, batch_size=batch_size,
+            eval_data=eval_data, progress=console, preprocess=preprocess,
+            params={**planning, **_params(calib_positions=calib_positions, reconstruct=reconstruct)},
+            holdout=holdout, gates=gates, latency=latency,
+        )
+        _closed(console)
+        console = None
+        report = result.report
+        verdict = report.verdict
+        passed = verdict is None or verdict.passed
+        if passed or keep_failed:
+            ir.save_model(result.model, target, external=ir.input_had_external_data(model))
+            report = replace(report, output_path=str(target))
         if report_path is not None:
-            _write_text(report_path, result.report.to_json())
+            _write_text(report_path, report.to_json())
         if not quiet:
-            click.echo(result.report.table(groups=show_groups))
-            click.echo(f"wrote {target}")
+            click.echo(report.table(groups=show_groups, verbose=verbose > 0))
+            click.echo(f"wrote {target}" if report.output_path else "not written: a gate was missed (--keep-failed writes it)")
+        if not passed:
+            missed = "; ".join(g.message for g in verdict.gates if not g.passed) if verdict is not None else ""
+            raise GateError(f"gate missed: {missed}")
+    except KeyboardInterrupt:
+        _closed(console)
+        click.echo("aborted", err=True)
+        sys.exit(130)
     except PruneError as exc:
+        _closed(console)
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except Exception as exc:  # a bug, not bad input: still one line unless -vv asks for the traceback
+        _closed(console)
         if verbose > 1:
             raise
         click.echo(f"error: internal error ({type(exc).__name__}: {exc}); rerun with -vv for details", err=True)
         sys.exit(1)
 
 
+def _closed(console: ConsoleProgress | None) -> None:
+    if console is not None:
+        console.close()
+    return None
+
+
 def _dry_run(model: Path, method: str, ratio: float, round_to: int, exclude: tuple[str, ...], shapes: Any, seed: int,
-             criterion: str, report_path: Path | None, params: dict[str, Any]) -> None:
+             criterion: str, report_path: Path | None, params: dict[str, Any], preprocess: Any) -> None:
     """Print every group and what the method would keep, where that needs no data; write nothing."""
     if not model.is_file():
         raise UsageError(f"{model}: {'not a file' if model.exists() else 'no such file'}")
     analysis, plan = api.plan_only(model, method, ratio, round_to=round_to, exclude=exclude, input_shapes=shapes,
-                                   seed=seed, criterion=criterion, params=params)
+                                   seed=seed, criterion=criterion, params=params, preprocess=preprocess)
+    quantized = api.quantized_ops(analysis.model)
+    if quantized:
+        click.echo(f"the model is quantized ({', '.join(quantized)}): quantized weights are not supported yet, "
+                   "so nothing would be pruned; prune the float model, then quantize it")
     rows = group_rows(analysis.trace, None if plan is None else {g.group: g.kept for g in plan.groups})
     click.echo(group_table(rows))
     frozen = sum(1 for g in analysis.trace.groups if g.is_frozen)
@@ -256,6 +312,10 @@ def _check_paths(model: Path, target: Path | None, report_path: Path | None) -> 
             raise UsageError(f"{flag} {path} is a folder; give a file name")
         if not path.resolve().parent.is_dir():
             raise UsageError(f"{path.parent}: output folder does not exist")
+        if not os.access(path.resolve().parent, os.W_OK | os.X_OK):
+            raise UsageError(f"{path.parent}: output folder is not writable")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise UsageError(f"{flag} {path} exists and is not writable")
     if target is None:
         return
     if report_path is not None and report_path.resolve() == target.resolve():
@@ -270,14 +330,18 @@ def _check_paths(model: Path, target: Path | None, report_path: Path | None) -> 
 
 
 def _write_text(path: Path, text: str) -> None:
-    import os
     import tempfile
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.resolve().parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text + "\n")
-    ir.default_permissions(Path(tmp))
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text + "\n")
+        ir.default_permissions(Path(tmp))
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    finally:  # also on Ctrl-C: no temporary file is left behind
+        Path(tmp).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,6 +1,7 @@
 """One exception hierarchy; the CLI turns each into a one-line message and an exit code.
 
-Exit codes: 2 for a usage problem (bad flag value, bad path), 1 for a model or data problem.
+Exit codes: 2 for a usage problem (bad flag value, bad path), 1 for a model or data problem,
+3 for a pruned model that missed a quality gate, 130 for an interrupted run (the CLI's).
 """
 
 from __future__ import annotations
@@ -28,3 +29,9 @@ class CalibrationError(PruneError):
 
 class ValidationError(ModelError):
     """A pruned model failed validation; it is never written."""
+
+
+class GateError(PruneError):
+    """The pruned model is valid but missed a quality gate (``--min-cosine`` ...); its report is still written."""
+
+    exit_code = 3

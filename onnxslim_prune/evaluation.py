@@ -70,26 +70,40 @@ def load_eval(
     return EvalData(spec.name, np.asarray(images, dtype=spec.dtype), labels.astype(np.int64))
 
 
-def accuracy(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray, input_name: str) -> float:
-    """Top-1 accuracy of a classifier whose first output is [N, classes].
+def eval_feeds(evaluation: EvalData, model: onnx.ModelProto) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+    """Batches of the evaluation images the model accepts, and the labels they cover.
 
     A model with a fixed batch size runs in batches of that size (a remainder that cannot
     fill one is left out of the count); otherwise in batches of `BATCH`.
     """
-    from .validate import session
-
-    sess = session(model)
-    batch = ir.static_batch(model) or BATCH
-    usable = len(labels) - len(labels) % batch if ir.static_batch(model) else len(labels)
+    static = ir.static_batch(model)
+    batch = static or BATCH
+    usable = len(evaluation.labels) - len(evaluation.labels) % batch if static else len(evaluation.labels)
     if usable == 0:
-        raise CalibrationError(f"the model needs batches of {batch}; the evaluation data has {len(labels)} samples")
+        raise CalibrationError(f"the model needs batches of {batch}; the evaluation data has {len(evaluation.labels)} samples")
+    feeds = [{evaluation.input_name: evaluation.images[start : min(start + batch, usable)]} for start in range(0, usable, batch)]
+    return feeds, evaluation.labels[:usable]
+
+
+def accuracy_of(runs: list[list[np.ndarray]], labels: np.ndarray) -> float:
+    """Top-1 accuracy of the first output of each run ([N, classes]) against `labels`."""
     correct = 0
-    for start in range(0, usable, batch):
-        logits = sess.run(None, {input_name: images[start : start + batch]})[0]
+    start = 0
+    for outputs in runs:
+        logits = outputs[0]
         if logits.ndim != 2:
             raise UsageError(f"--eval needs a classifier whose first output is [N, classes]; it has shape {logits.shape}")
-        chunk = labels[start : start + batch]
+        chunk = labels[start : start + len(logits)]
         if int(chunk.max(initial=0)) >= logits.shape[1]:
             raise CalibrationError(f"evaluation labels go up to {int(chunk.max())}, the model has {logits.shape[1]} classes")
         correct += int(np.sum(np.argmax(logits, axis=1) == chunk))
-    return correct / usable
+        start += len(logits)
+    return correct / max(start, 1)
+
+
+def accuracy(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray, input_name: str) -> float:
+    """Top-1 accuracy of a classifier whose first output is [N, classes] (batches as `eval_feeds`)."""
+    from .validate import outputs_of
+
+    feeds, used = eval_feeds(EvalData(input_name, images, labels), model)
+    return accuracy_of(outputs_of(model, feeds), used)

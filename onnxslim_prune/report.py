@@ -6,8 +6,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ._version import __version__
+from .latency import Latency
 from .passes.trace import Trace
-from .validate import Agreement, ModelStats
+from .validate import ModelStats
+from .verdict import Verdict
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class Report:
     ratio: float
     before: ModelStats
     after: ModelStats
-    agreement: Agreement | None
+    verdict: Verdict | None
     groups: tuple[GroupRow, ...]
     seconds: float
     notes: tuple[str, ...] = ()
@@ -35,6 +38,13 @@ class Report:
     accuracy_after: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     request: str = ""  # what was asked for, when not a plain ratio ("target MACs 0.5", ...)
+    settings: dict[str, Any] = field(default_factory=dict)
+    input_path: str | None = None
+    output_path: str | None = None  # None when no model was written (a missed gate)
+    latency: Latency | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    validated: bool = True  # a report exists only for a model that passed validation
+    version: str = __version__
 
     @property
     def frozen(self) -> tuple[GroupRow, ...]:
@@ -42,14 +52,16 @@ class Report:
 
     def to_json(self) -> str:
         data = asdict(self)
+        data["verdict"] = None if self.verdict is None else self.verdict.to_dict()
+        data["latency"] = None if self.latency is None else self.latency.to_dict()
         data["ratios"] = {
             "params": _ratio(self.after.params, self.before.params),
             "macs": _ratio(self.after.macs, self.before.macs),
             "file_bytes": _ratio(self.after.file_bytes, self.before.file_bytes),
         }
-        return json.dumps(data, indent=2, sort_keys=True)
+        return json.dumps(data, indent=2, sort_keys=True, default=str)
 
-    def table(self, groups: bool = False) -> str:
+    def table(self, groups: bool = False, verbose: bool = False) -> str:
         b, a = self.before, self.after
         lines = [
             f"method {self.method}, {self.request or f'ratio {self.ratio:g}'}, {self.seconds:.2f} s",
@@ -58,15 +70,12 @@ class Report:
             _row("MACs", b.macs, a.macs),
             _row("file bytes", b.file_bytes, a.file_bytes),
         ]
-        if self.agreement is not None:
-            ag = self.agreement
-            top1 = "" if ag.top1 is None else f", top-1 agreement {ag.top1:.2%}"
-            lines.append(
-                f"outputs vs original ({ag.samples} {ag.inputs}): max abs {ag.max_abs:.3g}, max rel {ag.max_rel:.3g}, "
-                f"cosine {ag.cosine:.6f}{top1}"
-            )
-        if self.accuracy_before is not None and self.accuracy_after is not None:
-            lines.append(f"accuracy: {self.accuracy_before:.2%} -> {self.accuracy_after:.2%}")
+        if self.latency is not None:
+            lat = self.latency
+            lines.append(f"{'latency ms':12}{lat.before_ms:>16.3f}{lat.after_ms:>16.3f}{lat.after_ms / lat.before_ms:>9.1%}"
+                         f"  ({lat.speedup:.2f}x faster, median of {lat.rounds} interleaved runs)")
+        if self.verdict is not None:
+            lines.extend(verdict_lines(self.verdict))
         changed = [g for g in self.groups if g.kept < g.size]
         lines.append(
             f"groups: {len(self.groups)}, pruned {len(changed)}, "
@@ -75,13 +84,41 @@ class Report:
         if groups:
             lines.append(group_table(self.groups))
         reasons = sorted({r for g in self.frozen for r in g.frozen_reasons})
+        shown = 40 if verbose or groups else 8
         if reasons:
             lines.append(f"frozen channels ({len(reasons)} reason{'' if len(reasons) == 1 else 's'}):")
-            lines.extend(f"  - {r}" for r in reasons[:40])
-            if len(reasons) > 40:
-                lines.append(f"  ... and {len(reasons) - 40} more (see --report)")
-        lines.extend(f"note: {n}" for n in self.notes)
+            lines.extend(f"  - {r}" for r in reasons[:shown])
+            if len(reasons) > shown:
+                lines.append(f"  ... and {len(reasons) - shown} more (--groups or --report)")
+        if verbose:
+            lines.extend(f"note: {n}" for n in self.notes)
+        elif self.notes:
+            lines.append(f"notes: {len(self.notes)} (-v shows them; --report keeps them)")
         return "\n".join(lines)
+
+
+def verdict_lines(v: Verdict) -> list[str]:
+    """The verdict as the table prints it: where it was measured, its figures, gates, degradation."""
+    figures = [f"cosine {v.cosine:.4f}"]
+    if v.correlation is not None:
+        figures.append(f"correlation {v.correlation:.4f}")
+    if v.top1_agreement is not None:
+        figures.append(f"top-1 agreement {v.top1_agreement:.2%}")
+    figures.append(f"max abs {v.max_abs:.3g}, max rel {v.max_rel:.3g}")
+    lines = [f"verdict on {v.samples} {v.source.description}:", "  " + ", ".join(figures)]
+    if v.accuracy_before is not None and v.accuracy_after is not None:
+        lines.append(f"  accuracy {v.accuracy_before:.2%} -> {v.accuracy_after:.2%} "
+                     f"({-(v.accuracy_drop_points or 0.0):+.2f} points)")
+    fitted = [o for o in v.fitted if o.top1 is not None] or list(v.fitted)
+    if fitted:
+        worst = min(fitted, key=lambda o: o.top1 if o.top1 is not None else o.cosine)
+        figure = f"top-1 agreement {worst.top1:.2%}" if worst.top1 is not None else f"cosine {worst.cosine:.4f}"
+        lines.append(f"  (on fitted calibration samples, not the verdict: {figure})")
+    for gate in v.gates:
+        lines.append(f"  gate {'passed' if gate.passed else 'MISSED'}: {gate.message}")
+    if v.degraded:
+        lines.append("  !!! DEGRADED: " + "; ".join(v.degraded_reasons))
+    return lines
 
 
 def _ratio(after: int, before: int) -> float:

@@ -2,23 +2,18 @@
 
 A pruned model is accepted only if it passes ``onnx.checker.check_model(full_check=True)``,
 strict shape inference, loads in onnxruntime, runs, and its graph outputs keep the
-original's names, element types and shapes (symbolic dims included). Agreement with
-the original on the same inputs is measured, not assumed:
-
-    max_abs = max |y - y0|,  max_rel = max_abs / max |y0|,
-    cosine  = <y, y0> / (|y| |y0|)   (flattened, per output),
-    top1    = mean(argmax y == argmax y0) over the last axis of a 2-D output.
-
-Agreement is measured on real samples when there are any (up to `AGREEMENT_SAMPLES` of the
-evaluation data, else of the calibration data) and otherwise on `RANDOM_FEEDS` seeded random
-inputs: a single input would make top-1 agreement a coin of one sample.
+original's names, element types and shapes (symbolic dims included) and give finite values
+wherever the original's are finite. How closely it follows the original is measured, not
+assumed, on the verdict's samples (see `verdict` for the figures and `api` for which
+samples: held-out evaluation or calibration data, else `RANDOM_SAMPLES` seeded random inputs).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -28,6 +23,7 @@ import onnxruntime as ort
 from . import ir
 from .errors import ValidationError
 from .passes.trace import node_macs
+from .verdict import AgreementAccumulator, OutputAgreement
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +33,6 @@ class ModelStats:
     params: int
     macs: int
     file_bytes: int
-
-
-@dataclass(frozen=True)
-class Agreement:
-    max_abs: float
-    max_rel: float
-    cosine: float
-    top1: float | None  # classifiers only
-    samples: int = 1  # how many input samples the figures are over
-    inputs: str = "seeded random inputs"  # where those samples came from
 
 
 def model_stats(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> ModelStats:
@@ -97,14 +83,16 @@ def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndar
     return session(model).run(None, dict(feeds))
 
 
-AGREEMENT_SAMPLES = 64
-RANDOM_FEEDS = 4
+#: seeded random samples of a data-free verdict (enough for a correlation across samples)
+RANDOM_SAMPLES = 16
 Feeds = list[dict[str, np.ndarray]]
+Outputs = list[list[np.ndarray]]
 
 
-def sample_feeds(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], limit: int = AGREEMENT_SAMPLES) -> Feeds:
+def sample_feeds(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], limit: int | None = None) -> Feeds:
     """Up to `limit` samples of `arrays` (batch first), in batches the model accepts."""
-    count = min(min(len(a) for a in arrays.values()), limit)
+    count = min(len(a) for a in arrays.values())
+    count = count if limit is None else min(count, limit)
     static = ir.static_batch(model)
     batch = static or 32
     if static:
@@ -112,55 +100,76 @@ def sample_feeds(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], limit
     return [{k: np.ascontiguousarray(a[i : i + batch]) for k, a in arrays.items()} for i in range(0, count, batch)]
 
 
-def agreement_feeds(
-    model: onnx.ModelProto,
-    shapes: Mapping[str, tuple[int, ...]],
-    seed: int,
-    real: Mapping[str, np.ndarray] | None = None,
-    real_name: str = "",
-) -> tuple[Feeds, str]:
-    """Feeds to compare outputs on, and what they are: `real` samples if given, else random ones."""
-    feeds = sample_feeds(model, real) if real else []
-    if feeds:
-        return feeds, real_name
-    return [random_inputs(model, shapes, seed + i) for i in range(RANDOM_FEEDS)], "seeded random inputs"
+def calibration_feeds(model: onnx.ModelProto, calib: Any, limit: int | None = None) -> Feeds:
+    """Batches of a `CalibrationSet` (up to `limit` samples) that the model accepts."""
+    static = ir.static_batch(model)
+    feeds: Feeds = []
+    taken = 0
+    for batch in calib.iter_batches(static or 32, drop_last=static is not None):
+        if limit is not None and taken >= limit:
+            break
+        if limit is not None and not static and taken + len(next(iter(batch.values()))) > limit:
+            batch = {k: v[: limit - taken] for k, v in batch.items()}
+        feeds.append(batch)
+        taken += len(next(iter(batch.values())))
+    return feeds
 
 
-def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: Feeds, inputs: str) -> Agreement:
-    """Agreement of the two models' outputs over every feed (outputs joined along the batch).
+def random_feeds(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], seed: int, samples: int = RANDOM_SAMPLES) -> Feeds:
+    """`samples` seeded random samples (fewer batches of a static batch size)."""
+    batch = ir.static_batch(model) or 1
+    return [random_inputs(model, shapes, seed + i) for i in range(max(1, -(-samples // batch)))]
 
-    Raises `ValidationError` if the pruned model does not run, changes an output's dtype, or
-    gives non-finite values where the original does not.
+
+def feed_samples(feeds: Feeds) -> int:
+    return sum(len(next(iter(f.values()))) if f else 1 for f in feeds)
+
+
+def outputs_of(model: onnx.ModelProto, feeds: Feeds, what: str = "model", progress: Callable[[int, int], None] | None = None) -> Outputs:
+    """Every output of `model` on every feed (one session, freed afterwards).
+
+    Raises `ValidationError` if the model does not run.
     """
-    def outputs_of(model: onnx.ModelProto) -> list[list[np.ndarray]]:
-        sess = session(model)  # one session at a time: each holds a copy of its weights
-        return [sess.run(None, f) for f in feeds]
-
-    reference = outputs_of(original)
     try:
-        outputs = outputs_of(pruned)
+        sess = session(model)
+        runs = []
+        for done, feed in enumerate(feeds, start=1):
+            runs.append(sess.run(None, feed))
+            if progress is not None:
+                progress(done, len(feeds))
+        return runs
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise ValidationError(f"pruned model does not run in onnxruntime: {str(exc).splitlines()[0]}") from None
+        raise ValidationError(f"{what} does not run in onnxruntime: {str(exc).splitlines()[0]}") from None
+
+
+def check_dtypes(original: onnx.ModelProto, pruned: onnx.ModelProto, outputs: Sequence[np.ndarray]) -> None:
     expected = {o.name: o for o in original.graph.output}
-    for vi, value in zip(pruned.graph.output, outputs[0]):
+    for vi, value in zip(pruned.graph.output, outputs):
         want = onnx.helper.tensor_dtype_to_np_dtype(expected[vi.name].type.tensor_type.elem_type)
         if value.dtype != want:
             raise ValidationError(f"output {vi.name}: dtype {value.dtype}, expected {want}")
 
-    def joined(runs: list[list[np.ndarray]]) -> list[np.ndarray]:
-        return [np.concatenate([np.atleast_1d(r[i]) for r in runs]) for i in range(len(runs[0]))]
 
-    samples = sum(len(next(iter(f.values()))) if f else 1 for f in feeds)
-    reference_joined, outputs_joined = joined(reference), joined(outputs)
-    check_finite_where_original_is(reference_joined, outputs_joined, [o.name for o in pruned.graph.output])
-    return replace(agreement(reference_joined, outputs_joined), samples=samples, inputs=inputs)
+def agreement_of(
+    original: onnx.ModelProto, pruned: onnx.ModelProto, reference: Outputs, outputs: Outputs, feeds: Feeds
+) -> tuple[OutputAgreement, ...]:
+    """Per-output agreement of `outputs` with `reference` over `feeds` (see `verdict`).
+
+    Raises `ValidationError` if an output's dtype or shape changed, or the pruned model gives
+    non-finite values where the original does not.
+    """
+    if outputs:
+        check_dtypes(original, pruned, outputs[0])
+    acc = AgreementAccumulator([o.name for o in original.graph.output])
+    for ref, out, feed in zip(reference, outputs, feeds):
+        acc.add(ref, out, feed_samples([feed]))
+    return acc.results()
 
 
-def check_finite_where_original_is(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray], names: Sequence[str]) -> None:
-    """A pruned model may not produce NaN or infinity where the original gives finite values."""
-    for name, y0, y in zip(names, reference, outputs):
-        if y0.dtype.kind == "f" and y.shape == y0.shape and np.any(np.isfinite(y0) & ~np.isfinite(y)):
-            raise ValidationError(f"pruned model gives non-finite values in output {name} where the original does not")
+def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: Feeds) -> tuple[OutputAgreement, ...]:
+    """Run both models on `feeds` (one session at a time) and measure their agreement."""
+    reference = outputs_of(original, feeds, "original model")
+    return agreement_of(original, pruned, reference, outputs_of(pruned, feeds, "pruned model"), feeds)
 
 
 def check_contract(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
@@ -175,28 +184,8 @@ def check_contract(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
             raise ValidationError(f"pruned model changed the graph {kind}s ({names})")
 
 
-def validate(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: Feeds, inputs: str) -> Agreement:
-    """Full validation (checker, input/output contract, strict inference, onnxruntime); the
-    pruned model's agreement with the original on `feeds` (see `compare`)."""
+def check_structure(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
+    """The checker (full), the input/output contract and strict shape inference; running is checked by the verdict."""
     ir.check_model(pruned, full=True, what="pruned model")
     check_contract(original, pruned)
     ir.infer_strict(pruned)
-    return compare(original, pruned, feeds, inputs)
-
-
-def agreement(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> Agreement:
-    max_abs, max_rel, cosines, top1 = 0.0, 0.0, [], []
-    for y0, y in zip(reference, outputs):
-        if y0.shape != y.shape:
-            raise ValidationError(f"output shape {y.shape} differs from the original {y0.shape}")
-        if not np.issubdtype(y0.dtype, np.floating):
-            continue
-        a, b = y0.astype(np.float64).ravel(), y.astype(np.float64).ravel()
-        diff = float(np.max(np.abs(a - b))) if a.size else 0.0
-        max_abs = max(max_abs, diff)
-        max_rel = max(max_rel, diff / max(float(np.max(np.abs(a))) if a.size else 0.0, 1e-12))
-        denom = float(np.linalg.norm(a) * np.linalg.norm(b))
-        cosines.append(float(a @ b / denom) if denom > 0 else 1.0)
-        if y0.ndim == 2 and y0.shape[1] > 1:
-            top1.append(float(np.mean(np.argmax(y0, axis=1) == np.argmax(y, axis=1))))
-    return Agreement(max_abs, max_rel, min(cosines) if cosines else 1.0, float(np.mean(top1)) if top1 else None)

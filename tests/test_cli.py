@@ -184,7 +184,7 @@ def test_report_json(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert after == sum(int(np.prod(i.dims)) for i in pruned.graph.initializer)
     assert data["ratios"]["params"] == pytest.approx(after / before)
     assert data["after"]["macs"] < data["before"]["macs"]
-    assert data["agreement"]["max_abs"] >= 0
+    assert data["verdict"]["max_abs"] >= 0 and data["verdict"]["source"] == "random" and not data["verdict"]["held_out"]
     assert [g["kept"] for g in data["groups"]] == [4, 4, 5]
     assert sha256(model_dir / "good.onnx") == digest
 
@@ -311,7 +311,10 @@ def test_settings_a_method_ignores_are_named(model_dir: Path, monkeypatch: pytes
     assert proc.returncode == 0, proc.stderr
     for piece in ("--merge-threshold and --merge-scale are used by --method merge only", "'conv9' matches no node",
                   "--reconstruct needs calibration data"):
-        assert piece in proc.stderr and piece in proc.stdout  # warned, and kept among the report's notes
+        assert piece in proc.stderr  # warned
+    assert "notes: 3 (-v shows them" in proc.stdout  # and counted among the report's notes
+    verbose = run_subprocess(["good.onnx", "-o", "out.onnx", "--merge-threshold", "0.3", "-v"], model_dir)
+    assert "note: --merge-threshold and --merge-scale are used by --method merge only" in verbose.stdout
 
 
 def test_dry_run_shows_what_a_data_free_method_keeps(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

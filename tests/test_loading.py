@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import models as M
 from onnxslim_prune import prune
+from onnxslim_prune.errors import UsageError
 from onnxslim_prune.cli import main
 
 TOL = 1e-5
@@ -135,16 +136,30 @@ def test_dynamic_dims_stay_dynamic_and_input_shape_is_used(tmp_path: Path) -> No
     assert np.max(np.abs(_run(str(out), x) - _run(model, x))) < TOL
 
 
-def test_minus_one_dims_are_dynamic_and_dynamic_spatial_dims_are_named() -> None:
-    """Paddle writes a dynamic batch as dim_value -1; unset dynamic H/W are traced at 1, and the report says so."""
+def test_minus_one_dims_are_dynamic_and_dynamic_spatial_dims_are_never_traced_at_one() -> None:
+    """Paddle writes a dynamic batch as dim_value -1; unset dynamic H/W stop the run, naming the flags."""
     model = _dynamic_model(np.random.default_rng(3))
     dims = model.graph.input[0].type.tensor_type.shape.dim
     dims[0].Clear()
     dims[0].dim_value = -1
     shaped = prune(model, "l1", 0.5, input_shapes={"x": (1, 3, 10, 12)})  # -1 does not contradict 1
-    assert not any("dynamic axes" in n for n in shaped.report.notes)
-    unshaped = prune(model, "l1", 0.5)
-    assert any("input 'x' has dynamic axes [2, 3]" in n and "--input-shape" in n for n in unshaped.report.notes)
+    assert shaped.report.before.macs == 6 * 3 * 9 * 10 * 12 + 16 * 6 * 9 * 10 * 12
+    with pytest.raises(UsageError, match=r"input 'x' has dynamic dims 1x3x\?x\?") as err:
+        prune(model, "l1", 0.5)
+    assert "--input-shape x:" in str(err.value) and "--size" in str(err.value)
+
+
+def test_dynamic_spatial_dims_come_from_size_or_calibration_data(tmp_path: Path) -> None:
+    """--size fills dynamic H/W of an image input; calibration arrays give their own sizes."""
+    from onnxslim_prune.calib import Preprocess
+
+    model = _dynamic_model(np.random.default_rng(4))
+    by_size = prune(model, "l1", 0.5, preprocess=Preprocess(size=(9, 7)))
+    assert by_size.report.before.macs == 6 * 3 * 9 * 9 * 7 + 16 * 6 * 9 * 9 * 7  # traced at 9x7, not 1x1
+    data = tmp_path / "c.npz"
+    np.savez(data, x=np.random.default_rng(5).standard_normal((12, 3, 5, 8)).astype(np.float32))
+    by_data = prune(model, "l1", 0.5, calib=data, params={"reconstruct": False})
+    assert by_data.report.before.macs == 6 * 3 * 9 * 5 * 8 + 16 * 6 * 9 * 5 * 8
 
 
 def test_external_data_in_gives_external_data_out(tmp_path: Path) -> None:
@@ -155,7 +170,7 @@ def test_external_data_in_gives_external_data_out(tmp_path: Path) -> None:
     copy.CopyFrom(model)  # onnx.save turns the tensors it writes out into references, in place
     onnx.save(copy, str(src), save_as_external_data=True, all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0)
     before = src.read_bytes(), (tmp_path / "ext.onnx.data").read_bytes()
-    res = CliRunner().invoke(main, [str(src), "-o", str(out), "--ratio", "0.5", "-q"])
+    res = CliRunner().invoke(main, [str(src), "-o", str(out), "--ratio", "0.5", "-q", "--input-shape", "x:1x3x6x6"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "ext.pruned.onnx.data").is_file()
     assert (src.read_bytes(), (tmp_path / "ext.onnx.data").read_bytes()) == before  # input untouched

@@ -254,7 +254,7 @@ def test_dead_channels_are_removed_and_outputs_kept(name: str) -> None:
     assert result.report.after.params == sum(int(np.prod(i.dims)) for i in pruned.graph.initializer
                                              if i.data_type == onnx.TensorProto.FLOAT)
     assert result.report.after.params < result.report.before.params
-    assert result.report.agreement.max_abs <= TOL
+    assert result.report.verdict.max_abs <= TOL
 
 
 def test_dead_channels_inside_a_slice_keep_the_slice_alive() -> None:

@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 import models as M
 from onnxslim_prune import prune, validate
 from onnxslim_prune.errors import CalibrationError, UsageError, ValidationError
+from onnxslim_prune.verdict import VerdictSource
 
 FMNIST = SAMPLE_LENET.parent / "fmnist_test500.npz"
 
@@ -27,32 +28,47 @@ def logits(model: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
     return sess.run(None, {"input": images})[0]
 
 
-def test_agreement_on_evaluation_samples_matches_onnxruntime() -> None:
+def test_verdict_on_evaluation_samples_matches_onnxruntime() -> None:
     result = prune(str(SAMPLE_LENET), "l1", 0.7, eval_data=FMNIST)
-    ag = result.report.agreement
-    assert ag is not None
-    assert (ag.samples, ag.inputs) == (validate.AGREEMENT_SAMPLES, "evaluation samples")
-    images = np.load(FMNIST)["input"][: validate.AGREEMENT_SAMPLES]
+    v = result.report.verdict
+    assert v is not None
+    data = np.load(FMNIST)
+    images, labels = data["input"], data["labels"]
+    assert (v.source, v.held_out, v.samples) == (VerdictSource.EVAL, True, len(images))  # every --eval sample
     before, after = logits(onnx.load(str(SAMPLE_LENET)), images), logits(result.model, images)
-    expected_top1 = float(np.mean(before.argmax(1) == after.argmax(1)))
-    assert ag.top1 == expected_top1
-    assert ag.top1 < 1.0  # 70% of the neurons gone: some predictions must change
-    np.testing.assert_allclose(ag.max_abs, np.abs(before - after).max(), rtol=1e-5)
+    assert v.top1_agreement == float(np.mean(before.argmax(1) == after.argmax(1)))
+    assert v.top1_agreement < 1.0  # 70% of the neurons gone: some predictions must change
+    np.testing.assert_allclose(v.max_abs, np.abs(before - after).max(), rtol=1e-5)
+    a, b = before.astype(np.float64).ravel(), after.astype(np.float64).ravel()
+    np.testing.assert_allclose(v.cosine, a @ b / np.linalg.norm(a) / np.linalg.norm(b), rtol=1e-9)
+    ca, cb = before - before.mean(0), after - after.mean(0)  # centred over samples
+    np.testing.assert_allclose(v.correlation, np.sum(ca * cb) / np.sqrt(np.sum(ca**2) * np.sum(cb**2)), rtol=1e-6)
+    assert v.accuracy_after == float(np.mean(after.argmax(1) == labels))
+    assert v.accuracy_before == float(np.mean(before.argmax(1) == labels))
 
 
-def test_agreement_on_calibration_samples() -> None:
+def test_verdict_on_held_out_calibration_samples() -> None:
     result = prune(str(SAMPLE_LENET), "l1", 0.3, calib=FMNIST, params={"reconstruct": False})
-    ag = result.report.agreement
-    assert ag is not None and ag.samples == validate.AGREEMENT_SAMPLES
-    assert ag.inputs.startswith("calibration samples") and "optimistic" in ag.inputs  # the fit saw them
+    v = result.report.verdict
+    assert v is not None and v.source is VerdictSource.CALIB_HOLDOUT and v.held_out
+    assert v.samples == 100  # 20% of the 500 calibration samples
+    assert v.fitted and v.fitted[0].top1 is not None  # fitted-sample figures beside it, never as the verdict
 
 
-def test_agreement_without_data_uses_several_random_feeds() -> None:
+def test_holdout_zero_measures_on_fitted_samples_and_says_so() -> None:
+    result = prune(str(SAMPLE_LENET), "l1", 0.3, calib=FMNIST, params={"reconstruct": False}, holdout=0.0)
+    v = result.report.verdict
+    assert v is not None and v.source is VerdictSource.CALIB_FIT and not v.held_out
+    assert any("--holdout 0" in n and "optimistic" in n for n in result.report.notes)
+
+
+def test_verdict_without_data_uses_seeded_random_samples() -> None:
     result = prune(M.conv_chain(dead1=[0, 1], dead2=[0, 1]), "l1", 0.25)
-    ag = result.report.agreement
-    assert ag is not None
-    assert (ag.samples, ag.inputs) == (validate.RANDOM_FEEDS, "seeded random inputs")
-    assert ag.max_abs <= 1e-5  # only the dead channels went
+    v = result.report.verdict
+    assert v is not None
+    assert (v.source, v.samples, v.held_out) == (VerdictSource.RANDOM, validate.RANDOM_SAMPLES, False)
+    assert v.max_abs <= 1e-5 and v.correlation == pytest.approx(1.0)  # only the dead channels went
+    assert "structure, not function" in result.report.table()
 
 
 def test_sample_feeds_respect_a_static_batch() -> None:
@@ -149,9 +165,9 @@ def test_a_pruned_model_that_outputs_nan_fails_validation() -> None:
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
     feeds = [{"x": np.ones((2, 3), np.float32)}]
-    assert validate.compare(model("Mul", 1.0), model("Mul", 2.0), feeds, "test").max_abs == 1.0
+    assert validate.compare(model("Mul", 1.0), model("Mul", 2.0), feeds)[0].max_abs == 1.0
     with pytest.raises(ValidationError, match="non-finite values in output y"):
-        validate.compare(model("Mul", 1.0), model("Div", 0.0), feeds, "test")
+        validate.compare(model("Mul", 1.0), model("Div", 0.0), feeds)
 
 
 def test_sample_feeds_use_every_sample_up_to_the_limit_on_a_dynamic_batch() -> None:

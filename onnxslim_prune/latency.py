@@ -1,0 +1,63 @@
+"""Latency of the original and the pruned model, measured in the same run (onnxruntime CPU).
+
+Both sessions are built with the same options and fed the same single batch. After
+`WARMUP` runs each, the two are timed in interleaved rounds (the order alternating each
+round, so neither always runs on a warmer cache or a quieter core) until `MAX_ROUNDS`
+rounds or `BUDGET_SECONDS` have passed, and at least `MIN_ROUNDS`; the figure is each
+model's median. It is a ratio in one run, not a benchmark: other load on the machine
+moves both medians alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+WARMUP = 3
+MIN_ROUNDS = 5
+MAX_ROUNDS = 50
+BUDGET_SECONDS = 3.0
+
+
+@dataclass(frozen=True)
+class Latency:
+    before_ms: float
+    after_ms: float
+    rounds: int
+    batch: int
+
+    @property
+    def speedup(self) -> float:
+        return self.before_ms / self.after_ms if self.after_ms > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"before_ms": self.before_ms, "after_ms": self.after_ms, "speedup": self.speedup,
+                "rounds": self.rounds, "batch": self.batch}
+
+
+def measure(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> Latency:
+    """Median latency of each model on `feed` (see the module docstring)."""
+    from .validate import session
+
+    sessions = (session(original), session(pruned))
+    feed = dict(feed)
+    for sess in sessions:
+        for _ in range(WARMUP):
+            sess.run(None, feed)
+    times: tuple[list[float], list[float]] = ([], [])
+    started = time.perf_counter()
+    rounds = 0
+    while rounds < MAX_ROUNDS and (rounds < MIN_ROUNDS or time.perf_counter() - started < BUDGET_SECONDS):
+        order = (0, 1) if rounds % 2 == 0 else (1, 0)
+        for which in order:
+            t0 = time.perf_counter()
+            sessions[which].run(None, feed)
+            times[which].append(time.perf_counter() - t0)
+        rounds += 1
+    batch = len(next(iter(feed.values()))) if feed else 1
+    return Latency(1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1]), rounds, batch)

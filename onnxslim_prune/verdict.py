@@ -1,0 +1,344 @@
+"""The verdict: how closely the pruned model follows the original, where it was measured, and the gates.
+
+Both models run on the same samples, batch by batch; per graph output (floating outputs only)
+the figures are accumulated in float64 without holding the outputs (``a`` the original's, ``b``
+the pruned model's, ``i`` a sample, ``j`` an element of one sample's output)::
+
+    max_abs      = max |b - a|                 max_rel = max_abs / max |a|
+    cosine       = <a, b> / (|a| |b|)          (all samples flattened)
+    correlation  = <a - mean_i a, b - mean_i b> / (|a - mean_i a| |b - mean_i b|)
+    spread       = |b - mean_i b| / |a - mean_i a|
+    top1         = mean_i [argmax_j a_i == argmax_j b_i]   (2-D outputs [N, classes] only)
+
+``cosine`` is dominated by the output's mean over samples: a classifier that outputs the
+same scores for every input can score 0.995 against the original. ``correlation`` (the
+sample-centred cosine) is 0 for a constant output and 1 when the pruned model's outputs vary
+with the input exactly as the original's do; ``spread`` says how much they vary at all.
+Sums are taken about the first batch's mean, so near-constant outputs lose no precision.
+
+A verdict is *held out* only when no fitting, selection or ranking saw its samples: ``eval``
+(``--eval`` data) or ``calib-holdout`` (the part of ``--calib`` split off before the method
+ran). ``calib-fit`` (``--holdout 0``) is optimistic; ``random`` (seeded random inputs) proves
+structure, not function. A pruned model is *degraded* when, on the verdict's samples, its
+top-1 agreement is below `TOP1_FLOOR`, its correlation below `CORRELATION_FLOOR`, its spread
+below `SPREAD_FLOOR` (outputs that no longer depend on the input), or its accuracy kept less
+than half of the original's margin over chance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from enum import Enum
+
+import numpy as np
+
+from .errors import UsageError, ValidationError
+
+#: below these the pruned model is flagged ``degraded`` (see the module docstring)
+TOP1_FLOOR = 0.5
+CORRELATION_FLOOR = 0.5
+SPREAD_FLOOR = 0.1
+#: a pruned classifier keeping less than this share of the original's accuracy margin over chance is degraded
+ACCURACY_MARGIN_FLOOR = 0.5
+
+
+class VerdictSource(str, Enum):
+    EVAL = "eval"
+    CALIB_HOLDOUT = "calib-holdout"
+    CALIB_FIT = "calib-fit"
+    RANDOM = "random"
+
+    @property
+    def held_out(self) -> bool:
+        return self in (VerdictSource.EVAL, VerdictSource.CALIB_HOLDOUT)
+
+    @property
+    def description(self) -> str:
+        return {
+            VerdictSource.EVAL: "held-out --eval samples",
+            VerdictSource.CALIB_HOLDOUT: "held-out calibration samples (never fitted)",
+            VerdictSource.CALIB_FIT: "calibration samples that were fitted to (optimistic: --holdout 0)",
+            VerdictSource.RANDOM: "seeded random inputs (structure, not function: give --calib or --eval)",
+        }[self]
+
+
+@dataclass(frozen=True)
+class OutputAgreement:
+    name: str
+    max_abs: float
+    max_rel: float
+    cosine: float
+    correlation: float | None  # None with fewer than 2 samples
+    spread: float | None
+    top1: float | None  # classifiers ([N, classes]) only
+
+
+class _OutputSums:
+    """Running sums of one output over samples (see the module docstring)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.count = 0
+        self.shift_a: np.ndarray | None = None
+        self.shift_b: np.ndarray | None = None
+        self.sum_a: np.ndarray | None = None
+        self.sum_b: np.ndarray | None = None
+        self.ab = self.aa = self.bb = 0.0  # raw products, for the cosine
+        self.cab = self.caa = self.cbb = 0.0  # products about the shift, for the correlation
+        self.max_abs = 0.0
+        self.max_ref = 0.0
+        self.top1_hits = 0
+        self.top1_count = 0
+        self.classes = True
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        if a.shape != b.shape:
+            raise ValidationError(f"output {self.name}: shape {b.shape} differs from the original {a.shape}")
+        rows_a = a.reshape(a.shape[0], -1).astype(np.float64) if a.ndim else a.reshape(1, 1).astype(np.float64)
+        rows_b = b.reshape(rows_a.shape).astype(np.float64)
+        if self.shift_a is None:
+            self.shift_a, self.shift_b = rows_a.mean(axis=0), rows_b.mean(axis=0)
+            self.sum_a, self.sum_b = np.zeros_like(self.shift_a), np.zeros_like(self.shift_b)
+        assert self.shift_b is not None and self.sum_a is not None and self.sum_b is not None
+        if rows_a.shape[1] != self.shift_a.shape[0]:
+            raise ValidationError(f"output {self.name}: per-sample size changed between batches")
+        da, db = rows_a - self.shift_a, rows_b - self.shift_b
+        self.sum_a += da.sum(axis=0)
+        self.sum_b += db.sum(axis=0)
+        self.cab += float(np.vdot(da, db))
+        self.caa += float(np.vdot(da, da))
+        self.cbb += float(np.vdot(db, db))
+        self.ab += float(np.vdot(rows_a, rows_b))
+        self.aa += float(np.vdot(rows_a, rows_a))
+        self.bb += float(np.vdot(rows_b, rows_b))
+        if rows_a.size:
+            self.max_abs = max(self.max_abs, float(np.max(np.abs(rows_a - rows_b))))
+            self.max_ref = max(self.max_ref, float(np.max(np.abs(rows_a))))
+        self.count += rows_a.shape[0]
+        self.classes = self.classes and a.ndim == 2 and a.shape[1] > 1
+        if self.classes:
+            self.top1_hits += int(np.sum(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
+            self.top1_count += a.shape[0]
+
+    def result(self) -> OutputAgreement:
+        denom = math.sqrt(self.aa * self.bb)
+        cosine = self.ab / denom if denom > 0 else (1.0 if self.aa == self.bb == 0 else 0.0)
+        correlation = spread = None
+        if self.count >= 2 and self.sum_a is not None and self.sum_b is not None:
+            n = self.count
+            # centred sums from sums about the shift: sum (d - mean d)(e - mean e) = sum d e - (sum d)(sum e) / n
+            caa = max(self.caa - float(self.sum_a @ self.sum_a) / n, 0.0)
+            cbb = max(self.cbb - float(self.sum_b @ self.sum_b) / n, 0.0)
+            cab = self.cab - float(self.sum_a @ self.sum_b) / n
+            if caa > 0:
+                spread = math.sqrt(cbb / caa)
+                correlation = cab / math.sqrt(caa * cbb) if cbb > 0 else 0.0
+        top1 = self.top1_hits / self.top1_count if self.classes and self.top1_count else None
+        return OutputAgreement(self.name, self.max_abs, self.max_abs / max(self.max_ref, 1e-12), cosine,
+                               correlation, spread, top1)
+
+
+class AgreementAccumulator:
+    """Agreement of two models' outputs, fed batch by batch (nothing but one batch is held)."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = tuple(names)
+        self._sums = [_OutputSums(n) for n in names]
+        self.samples = 0
+
+    def add(self, reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray], samples: int) -> None:
+        for sums, a, b in zip(self._sums, reference, outputs):
+            if np.issubdtype(a.dtype, np.floating):
+                if a.dtype.kind == "f" and np.any(np.isfinite(a) & ~np.isfinite(b)):
+                    raise ValidationError(
+                        f"pruned model gives non-finite values in output {sums.name} where the original does not"
+                    )
+                sums.add(a, b)
+            elif a.shape != b.shape:
+                raise ValidationError(f"output {sums.name}: shape {b.shape} differs from the original {a.shape}")
+        self.samples += samples
+
+    def results(self) -> tuple[OutputAgreement, ...]:
+        return tuple(s.result() for s in self._sums if s.count)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One quality gate: a figure of the verdict that must reach (``minimum``) or not pass a threshold."""
+
+    name: str  # the flag, e.g. "--min-cosine"
+    figure: str  # the verdict key it reads
+    threshold: float
+    minimum: bool = True  # False: the figure may not exceed the threshold (--max-drop)
+
+    def check(self, value: float | None) -> GateResult:
+        if value is None:
+            return GateResult(self.name, self.figure, self.threshold, None, False,
+                              f"{self.name} {self.threshold:g}: {self.figure} is not measured here")
+        passed = value >= self.threshold if self.minimum else value <= self.threshold
+        word = "at least" if self.minimum else "at most"
+        how = "" if passed else f", missed by {abs(value - self.threshold):.4g}"
+        return GateResult(self.name, self.figure, self.threshold, value, passed,
+                          f"{self.name} {self.threshold:g}: {self.figure} is {value:.4g} (needs {word} {self.threshold:g}){how}")
+
+
+@dataclass(frozen=True)
+class GateResult:
+    gate: str
+    figure: str
+    threshold: float
+    value: float | None
+    passed: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class Gates:
+    """The gates of one run (CLI ``--min-top1-agreement``, ``--min-cosine``, ``--min-correlation``, ``--max-drop``)."""
+
+    min_top1_agreement: float | None = None
+    min_cosine: float | None = None
+    min_correlation: float | None = None
+    max_drop: float | None = None  # accuracy points, with labelled --eval data
+
+    def __post_init__(self) -> None:
+        for flag, value, high in (("--min-top1-agreement", self.min_top1_agreement, 1.0), ("--min-cosine", self.min_cosine, 1.0),
+                                  ("--min-correlation", self.min_correlation, 1.0), ("--max-drop", self.max_drop, 100.0)):
+            if value is not None and not (math.isfinite(value) and (0.0 if flag == "--max-drop" else -1.0) <= value <= high):
+                raise UsageError(f"{flag} must be a number in [{0 if flag == '--max-drop' else -1}, {high:g}], got {value!r}")
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in (self.min_top1_agreement, self.min_cosine, self.min_correlation, self.max_drop))
+
+    def gates(self) -> tuple[Gate, ...]:
+        out = []
+        if self.min_top1_agreement is not None:
+            out.append(Gate("--min-top1-agreement", "top1_agreement", self.min_top1_agreement))
+        if self.min_cosine is not None:
+            out.append(Gate("--min-cosine", "cosine", self.min_cosine))
+        if self.min_correlation is not None:
+            out.append(Gate("--min-correlation", "correlation", self.min_correlation))
+        if self.max_drop is not None:
+            out.append(Gate("--max-drop", "accuracy_drop_points", self.max_drop, minimum=False))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a CI step gates on; the JSON keys are stable (see docs and the module docstring)."""
+
+    source: VerdictSource
+    samples: int
+    top1_agreement: float | None
+    cosine: float
+    correlation: float | None
+    spread: float | None
+    max_abs: float
+    max_rel: float
+    outputs: tuple[OutputAgreement, ...]
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    degraded_reasons: tuple[str, ...] = ()
+    gates: tuple[GateResult, ...] = ()
+    fitted: tuple[OutputAgreement, ...] = ()  # the same figures on fitted samples, when held-out ones exist: never the verdict
+
+    @property
+    def held_out(self) -> bool:
+        return self.source.held_out
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.degraded_reasons)
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    @property
+    def accuracy_drop_points(self) -> float | None:
+        if self.accuracy_before is None or self.accuracy_after is None:
+            return None
+        return 100.0 * (self.accuracy_before - self.accuracy_after)
+
+    def figure(self, key: str) -> float | None:
+        value = getattr(self, key)
+        return None if value is None else float(value)
+
+    def to_dict(self) -> dict[str, object]:
+        def output(o: OutputAgreement) -> dict[str, object]:
+            return {"name": o.name, "max_abs": o.max_abs, "max_rel": o.max_rel, "cosine": o.cosine,
+                    "correlation": o.correlation, "spread": o.spread, "top1_agreement": o.top1}
+
+        return {
+            "source": self.source.value, "held_out": self.held_out, "samples": self.samples,
+            "top1_agreement": self.top1_agreement, "cosine": self.cosine, "correlation": self.correlation,
+            "spread": self.spread, "max_abs": self.max_abs, "max_rel": self.max_rel,
+            "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
+            "accuracy_drop_points": self.accuracy_drop_points,
+            "degraded": self.degraded, "degraded_reasons": list(self.degraded_reasons),
+            "gates": [{"gate": g.gate, "figure": g.figure, "threshold": g.threshold, "value": g.value, "passed": g.passed}
+                      for g in self.gates],
+            "passed": self.passed,
+            "outputs": [output(o) for o in self.outputs],
+            "fitted_samples": [output(o) for o in self.fitted],
+        }
+
+
+def summarise(
+    source: VerdictSource,
+    samples: int,
+    outputs: Sequence[OutputAgreement],
+    *,
+    accuracy_before: float | None = None,
+    accuracy_after: float | None = None,
+    classes: int | None = None,
+    gates: Gates | None = None,
+    fitted: Sequence[OutputAgreement] = (),
+) -> Verdict:
+    """The verdict over `outputs`: the worst output decides every figure."""
+    def worst(values: Iterable[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return min(present) if present else None
+
+    verdict = Verdict(
+        source=source, samples=samples,
+        top1_agreement=worst(o.top1 for o in outputs),
+        cosine=min((o.cosine for o in outputs), default=1.0),
+        correlation=worst(o.correlation for o in outputs),
+        spread=worst(o.spread for o in outputs),
+        max_abs=max((o.max_abs for o in outputs), default=0.0),
+        max_rel=max((o.max_rel for o in outputs), default=0.0),
+        outputs=tuple(outputs), accuracy_before=accuracy_before, accuracy_after=accuracy_after,
+        fitted=tuple(fitted),
+    )
+    reasons = degraded_reasons(verdict, classes)
+    results = tuple(g.check(verdict.figure(g.figure)) for g in (gates.gates() if gates is not None else ()))
+    return replace(verdict, degraded_reasons=reasons, gates=results)
+
+
+def degraded_reasons(v: Verdict, classes: int | None) -> tuple[str, ...]:
+    """Why the pruned model no longer does the original's job, if it does not (module docstring)."""
+    reasons = []
+    if v.top1_agreement is not None and v.top1_agreement < TOP1_FLOOR:
+        reasons.append(f"top-1 agreement {v.top1_agreement:.1%} is below {TOP1_FLOOR:.0%}")
+    if v.spread is not None and v.spread < SPREAD_FLOOR:
+        reasons.append(f"outputs barely depend on the input (spread across samples {v.spread:.3g} of the original's)")
+    elif v.correlation is not None and v.correlation < CORRELATION_FLOOR:
+        reasons.append(f"outputs no longer follow the original's across samples (correlation {v.correlation:.3f})")
+    if v.accuracy_before is not None and v.accuracy_after is not None and classes:
+        chance = 1.0 / classes
+        margin = v.accuracy_before - chance
+        if margin > 0 and v.accuracy_after - chance < ACCURACY_MARGIN_FLOOR * margin:
+            reasons.append(f"accuracy fell from {v.accuracy_before:.2%} to {v.accuracy_after:.2%} (chance is {chance:.1%})")
+    return tuple(reasons)
+
+
+def classes_of(outputs: Mapping[str, tuple[int, ...]]) -> int | None:
+    """Number of classes of the first 2-D output, if any."""
+    for shape in outputs.values():
+        if len(shape) == 2 and shape[1] > 1:
+            return int(shape[1])
+    return None

@@ -1,0 +1,212 @@
+"""The verdict tells the truth: held-out samples never meet the fit, collapse is flagged, gates exit 3.
+
+Oracles: sample identity (every calibration sample carries its index in one pixel) for the
+split; a model built so that l1 keeps only dead neurons for collapse; figures recomputed
+with numpy for the accumulator.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from conftest import SAMPLE_LENET
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxslim_prune import api, prune
+from onnxslim_prune.calib import load_calibration
+from onnxslim_prune.calib import split as split_mod
+from onnxslim_prune.calib.specs import input_specs
+from onnxslim_prune.cli import main
+from onnxslim_prune.errors import UsageError
+from onnxslim_prune.verdict import AgreementAccumulator, Gates, VerdictSource, summarise
+
+FMNIST = SAMPLE_LENET.parent / "fmnist_test500.npz"
+ID_OFFSET = 1000.0
+
+
+def _tagged_calibration(tmp_path: Path, count: int = 120) -> Path:
+    """Fashion-MNIST images whose pixel (0, 0) holds ID_OFFSET + the sample's index."""
+    images = np.load(FMNIST)["input"][:count].copy()
+    images[:, 0, 0, 0] = ID_OFFSET + np.arange(count)
+    path = tmp_path / "tagged.npz"
+    np.savez(path, input=images)
+    return path
+
+
+def _ids(batch: dict[str, np.ndarray]) -> set[int]:
+    return {int(v - ID_OFFSET) for v in batch["input"][:, 0, 0, 0]}
+
+
+def test_held_out_samples_never_meet_the_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every read of the calibration source after the verdict's reference pass (selection, statistics,
+    least-squares refit) touches fit samples only; the verdict is measured on the others."""
+    import onnxslim_prune.calib as calib_pkg
+
+    reads: list[tuple[str, set[int]]] = []
+    phase = {"now": "load"}
+    real_load = calib_pkg.load_calibration
+
+    def recording_load(*args, **kwargs):  # type: ignore[no-untyped-def]
+        from dataclasses import replace
+
+        calib = real_load(*args, **kwargs)
+        inner = calib._read
+
+        def read(start: int, stop: int) -> dict[str, np.ndarray]:
+            batch = inner(start, stop)
+            reads.append((phase["now"], _ids(batch)))
+            return batch
+
+        return replace(calib, _read=read)
+
+    real_reference = api._reference
+
+    def reference(*args, **kwargs):  # type: ignore[no-untyped-def]
+        phase["now"] = "reference"
+        out = real_reference(*args, **kwargs)
+        phase["now"] = "method"
+        return out
+
+    verdict_ids: set[int] = set()
+    real_verdict = api._verdict
+
+    def verdict(original, pruned, m, fit, gates):  # type: ignore[no-untyped-def]
+        verdict_ids.update(i for feed in m.feeds for i in _ids(feed))
+        phase["now"] = "verdict"
+        return real_verdict(original, pruned, m, fit, gates)
+
+    monkeypatch.setattr(calib_pkg, "load_calibration", recording_load)
+    monkeypatch.setattr(api, "_reference", reference)
+    monkeypatch.setattr(api, "_verdict", verdict)
+    result = prune(str(SAMPLE_LENET), "thinet", 0.5, calib=_tagged_calibration(tmp_path), seed=3)
+
+    assert result.report.verdict is not None and result.report.verdict.source is VerdictSource.CALIB_HOLDOUT
+    fitted = set().union(*(ids for when, ids in reads if when == "method"))
+    held = set().union(*(ids for when, ids in reads if when == "reference"))
+    assert len(held) == 24 and held == verdict_ids  # ceil(0.2 * 120) samples, exactly the verdict's
+    assert len(fitted) == 96 and not fitted & held  # the method and the refit saw the other 96 only
+    assert fitted | held == set(range(120))
+
+
+def test_the_split_is_seeded_disjoint_and_sized() -> None:
+    calib = load_calibration(FMNIST, input_specs(onnx.load(str(SAMPLE_LENET))))
+    one, again, other = (split_mod.split_holdout(calib, 0.2, seed) for seed in (0, 0, 1))
+    assert one.holdout_indices == again.holdout_indices != other.holdout_indices
+    assert len(one.holdout_indices) == 100 and not set(one.fit_indices) & set(one.holdout_indices)
+    assert one.fit.fingerprint != calib.fingerprint != one.holdout.fingerprint  # type: ignore[union-attr]
+    whole = next(calib.iter_batches(500))["input"]
+    held = np.concatenate([b["input"] for b in one.holdout.iter_batches(7)])  # type: ignore[union-attr]
+    np.testing.assert_array_equal(held, whole[list(one.holdout_indices)])
+    assert split_mod.held_out_count(10, 0.2) == 5  # at least a few: min(8, N // 2)
+    assert split_mod.held_out_count(1000, 0.2, static_batch=3) == 201  # whole static batches
+    assert split_mod.split_holdout(calib, 0.0, 0).holdout is None
+    with pytest.raises(UsageError, match="--holdout"):
+        split_mod.held_out_count(10, 1.0)
+
+
+# ----------------------------------------------------------------------------- collapse
+
+
+def _collapsing_mlp() -> onnx.ModelProto:
+    """x[N, 8] -> Relu(Gemm 8) -> Gemm 4. Neurons 0-3 carry the signal with small weights; 4-7 have
+    large weights but a bias of -1000, so they never fire. l1 keeps 4-7: the output becomes constant."""
+    rng = np.random.default_rng(0)
+    w1 = np.concatenate([0.1 * rng.standard_normal((4, 8)), 10.0 * rng.standard_normal((4, 8))]).astype(np.float32)
+    b1 = np.array([0, 0, 0, 0, -1000, -1000, -1000, -1000], np.float32)
+    w2 = rng.standard_normal((4, 8)).astype(np.float32)
+    b2 = rng.standard_normal(4).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1)],
+        "collapse",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(v, k) for k, v in {"w1": w1, "b1": b1, "w2": w2, "b2": b2}.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_collapsed_model_is_flagged_degraded_even_on_random_inputs() -> None:
+    result = prune(_collapsing_mlp(), "l1", 0.5)
+    v = result.report.verdict
+    assert v is not None and v.source is VerdictSource.RANDOM
+    assert v.spread == pytest.approx(0.0, abs=1e-9)  # the output no longer depends on the input
+    assert v.degraded and any("barely depend on the input" in r for r in v.degraded_reasons)
+    assert "DEGRADED" in result.report.table()
+    assert json.loads(result.report.to_json())["verdict"]["degraded"] is True
+
+
+def test_constant_outputs_cannot_score_a_good_correlation() -> None:
+    """Cosine is dominated by the mean output: a constant prediction near it scores 0.99+; correlation is 0."""
+    rng = np.random.default_rng(1)
+    mean = np.array([8.0, 1.0, 0.5, 0.2])
+    original = mean + 0.3 * rng.standard_normal((64, 4))
+    constant = np.tile(mean, (64, 1))
+    acc = AgreementAccumulator(["y"])
+    acc.add([original[:40]], [constant[:40]], 40)
+    acc.add([original[40:]], [constant[40:]], 24)
+    (out,) = acc.results()
+    assert out.cosine > 0.99
+    assert out.correlation == 0.0 and out.spread == 0.0
+    verdict = summarise(VerdictSource.EVAL, 64, [out])
+    assert verdict.degraded
+    same = AgreementAccumulator(["y"])
+    same.add([original], [2 * original - mean], 64)  # follows the input, twice as strongly
+    (follows,) = same.results()
+    assert follows.correlation == pytest.approx(1.0) and follows.spread == pytest.approx(2.0)
+
+
+# ----------------------------------------------------------------------------- gates
+
+
+def test_gates_are_checked_on_the_verdict() -> None:
+    result = prune(str(SAMPLE_LENET), "l1", 0.7, eval_data=FMNIST, gates=Gates(min_top1_agreement=0.99, max_drop=50.0))
+    v = result.report.verdict
+    assert v is not None and not v.passed
+    by_gate = {g.gate: g for g in v.gates}
+    assert not by_gate["--min-top1-agreement"].passed and by_gate["--min-top1-agreement"].value == v.top1_agreement
+    assert by_gate["--max-drop"].passed and by_gate["--max-drop"].value == pytest.approx(v.accuracy_drop_points)
+
+
+def test_max_drop_needs_labelled_eval_data() -> None:
+    with pytest.raises(UsageError, match="--max-drop needs labelled --eval"):
+        prune(str(SAMPLE_LENET), "l1", 0.5, gates=Gates(max_drop=1.0))
+
+
+def test_a_missed_gate_exits_3_writes_the_report_and_no_model(tmp_path: Path) -> None:
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    args = [str(SAMPLE_LENET), "-o", str(out), "--report", str(report), "--ratio", "0.7", "--eval", str(FMNIST),
+            "--min-top1-agreement", "0.99", "--no-latency"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 3, res.output
+    assert "gate missed: --min-top1-agreement 0.99: top1_agreement is" in res.output and "missed by" in res.output
+    assert not out.exists() and not list(tmp_path.glob(".*"))
+    data = json.loads(report.read_text())
+    assert data["verdict"]["passed"] is False and data["output_path"] is None
+    assert data["verdict"]["gates"][0]["gate"] == "--min-top1-agreement"
+    kept = CliRunner().invoke(main, [*args, "--keep-failed"])
+    assert kept.exit_code == 3 and out.is_file()
+    assert json.loads(report.read_text())["output_path"] == str(out)
+    passing = CliRunner().invoke(main, [*args[:-3], "--min-top1-agreement", "0.5", "--no-latency"])
+    assert passing.exit_code == 0, passing.output
+
+
+def test_report_records_settings_version_stages_and_latency(tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    res = CliRunner().invoke(main, [str(SAMPLE_LENET), "-o", str(tmp_path / "o.onnx"), "--report", str(report), "-q"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(report.read_text())
+    from onnxslim_prune import __version__
+
+    assert data["version"] == __version__ and data["validated"] is True
+    assert data["input_path"] == str(SAMPLE_LENET) and data["output_path"] == str(tmp_path / "o.onnx")
+    assert data["settings"]["method"] == "l1" and data["settings"]["holdout"] == 0.2
+    assert {"load", "trace", "validation", "verdict", "latency"} <= set(data["stage_seconds"])
+    lat = data["latency"]
+    assert lat["before_ms"] > 0 and lat["after_ms"] > 0 and lat["rounds"] >= 5
+    assert lat["speedup"] == pytest.approx(lat["before_ms"] / lat["after_ms"])
