@@ -9,6 +9,7 @@ no kind information: any safe cast, float to float (float64 -> float32), bool/in
 from __future__ import annotations
 
 import hashlib
+import logging
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ from .specs import InputSpec
 
 LABELS_KEY = "labels"
 _HASH_CHUNK_BYTES = 1 << 24
+
+log = logging.getLogger(__name__)
 
 
 def expected_shape(spec: InputSpec) -> str:
@@ -75,6 +78,9 @@ def _match_keys(path: Path, arrays: Mapping[str, np.ndarray], inputs: Sequence[I
     """Map input name -> npz key."""
     data_keys = [k for k in arrays if k != LABELS_KEY]
     if len(inputs) == 1 and inputs[0].name not in arrays and len(data_keys) == 1:
+        # convenient for single-input models, but a wrong file would otherwise be used silently
+        log.warning("%s: no array named '%s'; assuming its only data array '%s' feeds input '%s'",
+                    path, inputs[0].name, data_keys[0], inputs[0].name)
         return {inputs[0].name: data_keys[0]}
     for spec in inputs:
         if spec.name not in arrays:

@@ -7,14 +7,16 @@ For each pixel value ``p`` (0..255) of channel ``c``::
 after resizing to ``size`` (``"stretch"``: resize both sides; ``"shorter"``: scale so the image
 covers ``size`` then center-crop). Channels are reordered to BGR on request and laid out as
 CHW (``"NCHW"``) or HWC (``"NHWC"``). Grayscale (``"L"``) or colour (``"RGB"``) decoding is
-chosen from the model input's channel count (1 or 3). Integer model inputs (e.g. uint8) get the
-raw resized pixels without scale/mean/std.
+chosen from the model input's channel count (1 or 3); ``scan_images`` reports which files are
+grey so the source can say when grey is replicated to RGB or colour reduced to grey. Integer
+model inputs (e.g. uint8) get the raw resized pixels without scale/mean/std.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -81,14 +83,78 @@ def _pil_image() -> Any:
     return Image
 
 
-def check_image(path: Path) -> None:
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the header of one readable image says, read without decoding the pixels."""
+
+    path: Path
+    mode: str  # Pillow mode: "RGB", "L", "P", "I;16", ...
+    grey: bool  # no colour information (grey modes, or a palette whose entries are all grey)
+
+
+# Pillow modes that carry no colour; "I;16*" variants are matched by prefix.
+_GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"})
+
+
+def error_reason(exc: BaseException) -> str:
+    """``Type: first line of the message`` (Pillow's type names alone say little)."""
+    lines = str(exc).strip().splitlines()
+    line = lines[0].strip() if lines else ""
+    if len(line) > 200:
+        line = line[:197] + "..."
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+def _palette_is_grey(img: Any) -> bool:
+    """True if every palette entry has R == G == B; unknown palettes count as colour."""
+    palette = getattr(img, "palette", None)
+    mode = getattr(palette, "rawmode", None) or getattr(palette, "mode", None)
+    data = getattr(palette, "palette", None)
+    if mode not in ("RGB", "RGBA") or not isinstance(data, bytes | bytearray) or not data:
+        return False
+    stride = len(mode)
+    entries = np.frombuffer(bytes(data[: len(data) // stride * stride]), np.uint8).reshape(-1, stride)
+    return bool(np.all(entries[:, 0] == entries[:, 1]) and np.all(entries[:, 1] == entries[:, 2]))
+
+
+def _is_grey(img: Any) -> bool:
+    mode = str(img.mode)
+    if mode in _GREY_MODES or mode.startswith("I;16"):
+        return True
+    return mode in ("P", "PA") and _palette_is_grey(img)
+
+
+def _read_header(image_module: Any, path: Path) -> ImageHeader:
+    with image_module.open(path) as img:
+        img.size  # noqa: B018 - forces the header to be parsed
+        return ImageHeader(path, str(img.mode), _is_grey(img))
+
+
+def check_image(path: Path) -> ImageHeader:
     """Cheap header check (no full decode) so obviously broken files fail at load time."""
-    Image = _pil_image()
+    image_module = _pil_image()
     try:
-        with Image.open(path) as img:
-            img.size  # noqa: B018 - forces the header to be parsed
+        return _read_header(image_module, path)
     except Exception as exc:  # Pillow raises several unrelated types
-        raise CalibrationError(f"cannot read image {path}: {type(exc).__name__}") from None
+        raise CalibrationError(f"cannot read image {path}: {error_reason(exc)}") from None
+
+
+def scan_images(files: Sequence[Path], wanted: int) -> tuple[list[ImageHeader], list[tuple[Path, str]]]:
+    """Headers of the first ``wanted`` readable files, and (file, reason) for each unreadable one seen.
+
+    Files after the ``wanted``-th readable one are not opened: they are not used.
+    """
+    image_module = _pil_image()  # a missing Pillow is fatal, not a per-file problem
+    readable: list[ImageHeader] = []
+    unreadable: list[tuple[Path, str]] = []
+    for path in files:
+        if len(readable) >= wanted:
+            break
+        try:
+            readable.append(_read_header(image_module, path))
+        except Exception as exc:  # Pillow raises several unrelated types
+            unreadable.append((path, error_reason(exc)))
+    return readable, unreadable
 
 
 def _resized(img: Any, size: tuple[int, int], mode: str) -> Any:
@@ -115,7 +181,7 @@ def load_image(
     except CalibrationError:
         raise
     except Exception as exc:
-        raise CalibrationError(f"cannot read image {path}: {type(exc).__name__}") from None
+        raise CalibrationError(f"cannot read image {path}: {error_reason(exc)}") from None
     if pre.channel_order == "BGR":
         pixels = pixels[:, :, ::-1]
     if np.issubdtype(dtype, np.floating):

@@ -4,6 +4,11 @@ Every source becomes a ``CalibrationSet`` that yields ``{input name: batch}`` di
 model's dtypes, in a fixed sample order, lazily batch by batch. ``fingerprint`` is a sha256
 over the data actually used (array bytes after the ``samples`` limit, image file bytes plus
 the preprocessing, or the random seed and shapes) so statistics can be cached on it.
+
+``sample_shapes`` is the real per-sample shape of the data, dynamic axes included: arrays keep
+their own size there, image folders use ``Preprocess.size``. ``resolved_input_shapes`` turns it
+into the full shape to trace the model with. Unreadable images in a folder are skipped with a
+warning (and left out of the fingerprint); the random source needs every non-batch dim fixed.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CalibrationError, UsageError
-from .arrays import fingerprint_arrays, load_npy, load_npz
-from .preprocess import Preprocess, check_image, image_files, load_image
+from .arrays import expected_shape, fingerprint_arrays, load_npy, load_npz
+from .preprocess import ImageHeader, Preprocess, image_files, load_image, scan_images
 from .specs import InputSpec, input_specs, parse_input_shape
 
 __all__ = [
@@ -30,11 +35,14 @@ __all__ = [
     "input_specs",
     "load_calibration",
     "parse_input_shape",
+    "resolved_input_shapes",
 ]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RANDOM_SAMPLES = 32
+MIN_READABLE_IMAGES = 2  # with unreadable files in the folder, fewer than this is not a calibration set
+MAX_NAMED_UNREADABLE = 5  # more unreadable files than this are summarised in one line
 Reader = Callable[[int, int], dict[str, np.ndarray]]
 
 
@@ -99,7 +107,36 @@ def _array_set(
     )
 
 
+def resolved_input_shapes(calib: CalibrationSet, specs: Sequence[InputSpec]) -> dict[str, tuple[int, ...]]:
+    """Full shape to trace each input with: its batch dim, then the calibration's per-sample shape.
+
+    The batch dim is the spec's (1 when the model leaves it dynamic); every other dim comes from
+    the data actually loaded, so a dynamic height, width or length gets the calibration's size
+    rather than a placeholder. Raises ``CalibrationError`` if ``calib`` has no data for an input
+    or data of another rank (it was loaded for other specs).
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        sample = calib.sample_shapes.get(spec.name)
+        if sample is None or len(sample) != len(spec.shape) - 1:
+            raise CalibrationError(
+                f"{calib.source}: no samples of rank {len(spec.shape) - 1} for input '{spec.name}' "
+                f"(calibration inputs: {', '.join(calib.names) or '(none)'})"
+            )
+        batch = 1 if 0 in spec.dynamic_axes else spec.shape[0]
+        shapes[spec.name] = (batch, *sample)
+    return shapes
+
+
 def _random_set(inputs: Sequence[InputSpec], samples: int | None, seed: int) -> CalibrationSet:
+    for spec in inputs:  # random data has no size of its own; tracing at the placeholder 1 is wrong
+        axes = [a for a in spec.dynamic_axes if a > 0]
+        if axes:
+            dims = "x".join("?" if a in axes else str(d) for a, d in enumerate(spec.shape))
+            raise UsageError(
+                f"input '{spec.name}' has dynamic dims at axes {', '.join(map(str, axes))}: random calibration "
+                f"needs their sizes; give --input-shape {spec.name}:{dims} with real sizes, or real --calib data"
+            )
     log.warning("calibrating on random inputs: statistics do not reflect real data; accuracy results are meaningless")
     count = DEFAULT_RANDOM_SAMPLES if samples is None else samples
 
@@ -125,7 +162,11 @@ def _random_set(inputs: Sequence[InputSpec], samples: int | None, seed: int) -> 
 
 
 def _image_geometry(folder: Path, spec: InputSpec, pre: Preprocess) -> tuple[int, tuple[int, int]]:
-    """(channels, (H, W)) of the samples to produce for a rank-4 image input."""
+    """(channels, (H, W)) of the samples to produce for a rank-4 image input.
+
+    A dynamic H or W takes ``pre.size``; a static one must equal it. Without a size, dynamic H/W
+    is a usage error: the placeholder 1 in ``spec.shape`` is not an image size.
+    """
     if len(spec.shape) != 4:
         raise CalibrationError(f"{folder}: images need a rank-4 input, '{spec.name}' has shape {spec.shape}")
     c_axis = pre.channel_axis()
@@ -139,12 +180,56 @@ def _image_geometry(folder: Path, spec: InputSpec, pre: Preprocess) -> tuple[int
     model_hw = tuple(None if a in spec.dynamic_axes else spec.shape[a] for a in hw_axes)
     if pre.size is None:
         if None in model_hw:
-            raise UsageError(f"input '{spec.name}' has dynamic height/width; give an image size")
+            example = f"1x{channels}xHxW" if pre.layout == "NCHW" else f"1xHxWx{channels}"
+            raise UsageError(
+                f"input '{spec.name}' has dynamic height/width: give --size HxW or --input-shape {spec.name}:{example}"
+            )
         return channels, (int(spec.shape[hw_axes[0]]), int(spec.shape[hw_axes[1]]))
     for want, got in zip(model_hw, pre.size):
         if want is not None and want != got:
-            raise UsageError(f"image size {pre.size} does not match input '{spec.name}' of shape {spec.shape}")
+            fix = "change --size" if None in model_hw else f"give --size {model_hw[0]}x{model_hw[1]} or leave it out"
+            raise UsageError(
+                f"image size {pre.size} does not match input '{spec.name}' of shape {expected_shape(spec)} "
+                f"({pre.layout}); {fix}"
+            )
     return channels, (int(pre.size[0]), int(pre.size[1]))
+
+
+def _readable_images(folder: Path, files: Sequence[Path], samples: int | None) -> list[ImageHeader]:
+    """Headers of the images to use: unreadable files are skipped with a warning each."""
+    wanted = len(files) if samples is None else samples
+    readable, unreadable = scan_images(files, wanted)
+    for path, reason in unreadable[:MAX_NAMED_UNREADABLE]:
+        log.warning("%s: skipping unreadable image %s: %s", folder, path.name, reason)
+    if len(unreadable) > MAX_NAMED_UNREADABLE:
+        log.warning("%s: skipped %d more unreadable images (%d in all)", folder,
+                    len(unreadable) - MAX_NAMED_UNREADABLE, len(unreadable))
+    need = min(MIN_READABLE_IMAGES, wanted)  # asking for one sample makes one enough
+    if unreadable and len(readable) < need:
+        first, reason = unreadable[0]
+        raise CalibrationError(
+            f"{folder}: {len(unreadable)} of {len(readable) + len(unreadable)} images are unreadable "
+            f"(first: {first.name}: {reason}); {len(readable)} readable left, need {need}"
+        )
+    if samples is not None and len(readable) < samples:
+        log.info("%s has %d readable images, fewer than the %d requested; using all", folder, len(readable), samples)
+    return readable
+
+
+def _warn_colour_conversion(folder: Path, headers: Sequence[ImageHeader], spec: InputSpec, channels: int) -> None:
+    """One warning per set when decoding changes the images' colour model (never per image)."""
+    if channels == 3:
+        converted = [h for h in headers if h.grey]
+        kind, assumed = "greyscale", "replicated grey to RGB"
+    else:
+        converted = [h for h in headers if not h.grey]
+        kind, assumed = "colour", "converted colour to grey"
+    if converted:
+        first = converted[0]
+        log.warning(
+            "%s: %d of %d images are %s but input '%s' has %d channel(s) (e.g. %s, mode %s): %s",
+            folder, len(converted), len(headers), kind, spec.name, channels, first.path.name, first.mode, assumed,
+        )
 
 
 def _hash_files(files: Sequence[Path], header: str) -> str:
@@ -165,12 +250,12 @@ def _image_set(
     spec = inputs[0]
     channels, size = _image_geometry(folder, spec, pre)
     pre.per_channel(channels)  # mean/std lengths are checked before any image is decoded
-    files = image_files(folder)
-    if not files:
+    listed = image_files(folder)
+    if not listed:
         raise CalibrationError(f"{folder}: no JPEG/PNG images in the folder")
-    files = files[: _limit(len(files), samples, str(folder))]
-    for path in files:
-        check_image(path)
+    headers = _readable_images(folder, listed, samples)
+    _warn_colour_conversion(folder, headers, spec, channels)
+    files = [h.path for h in headers]  # exactly the images used: read and fingerprinted
     shape = (channels, *size) if pre.layout == "NCHW" else (*size, channels)
 
     def read(start: int, stop: int) -> dict[str, np.ndarray]:

@@ -2,13 +2,15 @@
 
 ``input_specs`` reads the graph inputs that are not initializers and turns each into an
 ``InputSpec`` with a fully static shape: a user override (``--input-shape NAME:1x3x224x224``)
-wins; otherwise every symbolic or unknown dimension becomes 1. Axes that were defaulted this
-way are recorded in ``InputSpec.dynamic_axes`` so a data source may accept any size there.
+wins and fixes every dim; otherwise every symbolic or unknown dimension holds the placeholder 1
+and its axis is recorded in ``InputSpec.dynamic_axes``. A data source accepts any size on those
+axes and reports the real one (``CalibrationSet.sample_shapes``, made into trace shapes by
+``sources.resolved_input_shapes``), so the placeholder need never be traced. Overrides are binding: passing already-filled shapes (such as
+``ir.fixed_input_shapes``) as overrides erases the dynamic axes.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -21,12 +23,13 @@ from ..errors import ModelError, UsageError
 from ..ir import is_static_dim
 from ..ir import parse_input_shape  # noqa: F401  (re-exported)
 
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One model input: name, static shape (batch first) and numpy dtype."""
+    """One model input: name, static shape (batch first) and numpy dtype.
+
+    ``dynamic_axes`` are the axes the model leaves free; ``shape`` holds 1 there as a placeholder.
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -62,8 +65,7 @@ def _spec_for(vi: onnx.ValueInfoProto, override: tuple[int, ...] | None) -> Inpu
     if dims is None:
         raise UsageError(f"model input '{vi.name}' has unknown rank; pass --input-shape {vi.name}:1x...")
     dynamic = tuple(i for i, d in enumerate(dims) if d is None)
-    if any(i > 0 for i in dynamic):
-        log.warning("input '%s' has dynamic non-batch dims %s; using 1 (set --input-shape)", vi.name, dynamic)
+    # no warning here: the placeholder 1 is replaced by the data's size, and the API names what it resolved
     return InputSpec(vi.name, tuple(1 if d is None else d for d in dims), dtype, dynamic)
 
 
