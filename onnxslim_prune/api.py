@@ -185,7 +185,7 @@ def prune(
     with clock.stage(Stage.VALIDATE):
         validate.check_structure(original, pruned)
     with clock.stage(Stage.VERDICT):
-        verdict = _verdict(original, pruned, measure, fit, gates)
+        verdict = _verdict(original, pruned, measure, fit, gates, progress)
     timing = None
     if latency:
         with clock.stage(Stage.LATENCY):
@@ -266,8 +266,9 @@ def _reference(
 FITTED_SAMPLES = 32
 
 
-def _verdict(original: onnx.ModelProto, pruned: onnx.ModelProto, m: _Measure, fit: Any, gates: Gates) -> Verdict:
-    outputs = validate.outputs_of(pruned, m.feeds, "pruned model")
+def _verdict(original: onnx.ModelProto, pruned: onnx.ModelProto, m: _Measure, fit: Any, gates: Gates,
+             progress: Callable[[int, int], None] | None = None) -> Verdict:
+    outputs = validate.outputs_of(pruned, m.feeds, "pruned model", progress)
     agreement = validate.agreement_of(original, pruned, m.reference, outputs, m.feeds)
     accuracy_after = None if m.labels is None else accuracy_of(outputs, m.labels)
     fitted: tuple[Any, ...] = ()

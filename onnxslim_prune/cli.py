@@ -310,12 +310,7 @@ def _check_paths(model: Path, target: Path | None, report_path: Path | None) -> 
             raise UsageError(f"{flag} {path} is the input model's external data; choose another path")
         if path.is_dir():
             raise UsageError(f"{flag} {path} is a folder; give a file name")
-        if not path.resolve().parent.is_dir():
-            raise UsageError(f"{path.parent}: output folder does not exist")
-        if not os.access(path.resolve().parent, os.W_OK | os.X_OK):
-            raise UsageError(f"{path.parent}: output folder is not writable")
-        if path.exists() and not os.access(path, os.W_OK):
-            raise UsageError(f"{flag} {path} exists and is not writable")
+        ir.check_writable_folder(path.resolve().parent)  # before any work, not after it
     if target is None:
         return
     if report_path is not None and report_path.resolve() == target.resolve():
@@ -332,7 +327,10 @@ def _check_paths(model: Path, target: Path | None, report_path: Path | None) -> 
 def _write_text(path: Path, text: str) -> None:
     import tempfile
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text + "\n")

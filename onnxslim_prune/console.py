@@ -21,6 +21,7 @@ import click
 QUIET_SECONDS = 5.0
 LINE_SECONDS = 10.0
 HEARTBEAT_SECONDS = 30.0
+POLL_SECONDS = 1.0
 
 
 class ConsoleProgress:
@@ -90,7 +91,7 @@ class ConsoleProgress:
         self._last_line = time.monotonic()
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(1.0):
+        while not self._stop.wait(POLL_SECONDS):
             with self._lock:
                 if time.monotonic() - self._last_line >= HEARTBEAT_SECONDS:
                     count = f" ({self._done}/{self._total})" if self._total else ""

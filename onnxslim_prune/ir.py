@@ -553,12 +553,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external
     """
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise UsageError(f"{folder}: output folder does not exist")
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"{folder}: output folder is not writable")
+    check_writable_folder(folder)
     external = external or model.ByteSize() >= PROTO_LIMIT
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    fd, tmp_name = _temporary(folder, target.name)
     os.close(fd)
     tmp = Path(tmp_name)
     data_name = f"{target.name}.data"
@@ -580,6 +577,22 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external
         for leftover in (tmp, tmp_data):
             if leftover.exists():
                 leftover.unlink()
+
+
+def _temporary(folder: Path, name: str) -> tuple[int, str]:
+    try:
+        return tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise UsageError(f"{folder}: cannot write there: {exc.strerror or exc}") from None
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Raise `UsageError` unless a file can really be created in `folder` (root ignores os.access)."""
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: output folder does not exist")
+    fd, name = _temporary(folder, "write-check")
+    os.close(fd)
+    Path(name).unlink(missing_ok=True)
 
 
 def default_permissions(path: Path) -> None:

@@ -75,10 +75,10 @@ def test_held_out_samples_never_meet_the_fit(tmp_path: Path, monkeypatch: pytest
     verdict_ids: set[int] = set()
     real_verdict = api._verdict
 
-    def verdict(original, pruned, m, fit, gates):  # type: ignore[no-untyped-def]
+    def verdict(original, pruned, m, fit, gates, progress=None):  # type: ignore[no-untyped-def]
         verdict_ids.update(i for feed in m.feeds for i in _ids(feed))
         phase["now"] = "verdict"
-        return real_verdict(original, pruned, m, fit, gates)
+        return real_verdict(original, pruned, m, fit, gates, progress)
 
     monkeypatch.setattr(calib_pkg, "load_calibration", recording_load)
     monkeypatch.setattr(api, "_reference", reference)

@@ -1,0 +1,120 @@
+"""CLI behaviour seen failing for real users: unwritable outputs, Ctrl-C, quantized models, progress in CI logs, --help."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from conftest import SAMPLE_LENET
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxslim_prune import console
+from onnxslim_prune.cli import METHOD_HELP, main
+from onnxslim_prune.passes.methods import METHODS
+
+
+def test_help_lists_every_method_with_one_line() -> None:
+    assert set(METHOD_HELP) == set(METHODS)  # a new method needs its --help line
+    text = CliRunner().invoke(main, ["--help"]).output
+    for name, line in METHOD_HELP.items():
+        assert f"  {name} " in text and line.split(":")[0][:30] in " ".join(text.split())
+    assert "3 a gate missed" in text
+
+
+def test_version() -> None:
+    from onnxslim_prune import __version__
+
+    res = CliRunner().invoke(main, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"onnx-prune {__version__}"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc: a folder nobody, root included, can create files in")
+@pytest.mark.parametrize("flag", ["-o", "--report"])
+def test_an_unwritable_output_folder_is_a_usage_error_before_any_work(tmp_path: Path, flag: str) -> None:
+    target = "/proc/out.onnx" if flag == "-o" else "/proc/r.json"
+    args = [str(SAMPLE_LENET), flag, target] + (["-o", str(tmp_path / "o.onnx")] if flag == "--report" else [])
+    started = time.perf_counter()
+    res = CliRunner().invoke(main, [*args, "--method", "thinet", "--calib", "random"])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip() == "error: /proc: cannot write there: No such file or directory"
+    assert time.perf_counter() - started < 2.0  # refused before calibration, not after it
+    assert not list(tmp_path.iterdir())
+
+
+def test_ctrl_c_aborts_with_130_and_leaves_nothing(tmp_path: Path) -> None:
+    """SIGINT in the middle of a calibrated run: 'aborted', exit 130, no traceback, no temporary file."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "ONNXSLIM_PRUNE_CACHE": str(tmp_path / "cache")}
+    args = [sys.executable, "-m", "onnxslim_prune.cli", str(SAMPLE_LENET), "-o", str(tmp_path / "o.onnx"),
+            "--report", str(tmp_path / "r.json"), "--method", "ldrf", "--calib", "random", "--calib-samples", "200000"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(4.0)  # well inside the statistics pass over 200,000 samples
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "aborted" and "Traceback" not in err
+    leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert not leftovers, leftovers
+
+
+def _qdq_conv() -> onnx.ModelProto:
+    """x -> Conv(DequantizeLinear(int8 weight, per-channel scale)) -> y: a QDQ model."""
+    rng = np.random.default_rng(0)
+    w = rng.integers(-100, 100, (4, 3, 3, 3)).astype(np.int8)
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=0), helper.make_node("Conv", ["x", "w"], ["y"])],
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [numpy_helper.from_array(w, "wq"), numpy_helper.from_array(np.full(4, 0.01, np.float32), "ws"),
+         numpy_helper.from_array(np.zeros(4, np.int8), "wz")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_quantized_models_are_named_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "q.onnx"
+    onnx.save(_qdq_conv(), path)
+    dry = CliRunner().invoke(main, [str(path), "--dry-run"])
+    assert dry.exit_code == 0 and "the model is quantized (DequantizeLinear)" in dry.output
+    res = CliRunner().invoke(main, [str(path), "-o", str(tmp_path / "o.onnx"), "-v"])
+    assert res.exit_code == 0, res.output
+    assert "quantized weights are not supported yet" in res.output
+    assert "no Conv, Gemm or MatMul with constant weights" not in res.output
+
+
+def test_progress_in_a_ci_log_writes_lines_and_a_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(console, "QUIET_SECONDS", 0.0)
+    monkeypatch.setattr(console, "LINE_SECONDS", 0.0)
+    monkeypatch.setattr(console, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(console, "POLL_SECONDS", 0.01)
+    stream = io.StringIO()
+    progress = console.ConsoleProgress(stream, terminal=False)
+    progress.stage("reconstruction")
+    for done in range(1, 4):
+        progress(done, 3)
+    time.sleep(0.3)  # one long step: the heartbeat speaks
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert [line.split("] ", 1)[1] for line in lines[:3]] == [f"reconstruction: {i}/3 ({i / 3:.0%})" for i in (1, 2, 3)]
+    assert any(line.endswith("still working: reconstruction (3/3)") for line in lines[3:])
+    assert all(line.startswith("[0:00] ") for line in lines)
+
+
+def test_progress_in_a_ci_log_is_quiet_for_short_runs() -> None:
+    stream = io.StringIO()
+    progress = console.ConsoleProgress(stream, terminal=False)
+    progress.stage("statistics")
+    progress(1, 2)
+    progress(2, 2)
+    progress.close()
+    assert stream.getvalue() == ""  # a run shorter than QUIET_SECONDS prints no progress lines
