@@ -190,6 +190,12 @@ def prune(
     if latency:
         with clock.stage(Stage.LATENCY):
             timing = measure_latency(original, pruned, _latency_feed(measure, original))
+        if timing.after_ms > SLOWER_TOLERANCE * timing.before_ms:
+            notes.extend(_warned([
+                f"the pruned model is not faster here: {timing.after_ms:.3f} ms against {timing.before_ms:.3f} ms "
+                f"(median of {timing.rounds} interleaved runs, batch {timing.batch}); odd channel counts can defeat "
+                "fast kernels (try --round-to 8) and tiny inputs are dominated by per-op overhead"
+            ]))
     _warn_verdict(verdict)
     report = Report(
         method=method,
@@ -262,6 +268,8 @@ def _reference(
     return _Measure(source, feeds, reference, labels, accuracy_before)
 
 
+#: a pruned model slower than this times the original's latency is named in a warning
+SLOWER_TOLERANCE = 1.05
 #: fitted samples the verdict's companion figures are measured on (never the verdict)
 FITTED_SAMPLES = 32
 
