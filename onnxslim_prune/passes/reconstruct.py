@@ -8,15 +8,38 @@ ORIGINAL model's output of that layer, while its input is taken from the ALREADY
     X' = rows of the layer input in the pruned network      (im2col patches at P sampled
                                                               positions per image for a Conv)
     Y  = rows of the layer output in the original network  (the kept output channels)
+    W0 = the original weights sliced to the kept input and output channels: plain pruning
 
-    [W', b'] = argmin ||X' W' + 1 b'^T - Y||^2 + lam ||W'||^2
-             : W' = (S_xx + lam I)^-1 S_xy,   b' = mean(Y) - mean(X') W'
+    [W', b'] = argmin ||X' W' + 1 b'^T - Y||^2 / n + lam ||W' - W0||^2
+             : W' = (S_xx + lam I)^-1 (S_xy + lam W0),   b' = mean(Y) - mean(X') W'
 
 with the centred moments ``S_xx = X'^T X' / n - mx mx^T``, ``S_xy = X'^T Y / n - mx my^T``
 accumulated in float64 over streamed batches (``calib.GramAccumulator``; nothing but one
-batch of activations is ever held), and ``lam = ridge * trace(S_xx) / dim``. The intercept
-makes the bias exact: a Conv or Gemm without a bias gets one, a MatMul's bias is the
-constant operand of the Add that follows it (without one it is fitted through the origin).
+batch of activations is ever held). The ridge shrinks toward plain pruning, not toward zero,
+and its strength follows how well the solve is determined by its rows::
+
+    lam = alpha * trace(S_xx) / dim,    alpha = ridge + c * dim / n
+
+``dim`` is the number of input columns (kept input channels x kernel taps), ``n`` the sampled
+rows, ``ridge`` the user's base alpha (``params["ridge"]``, `DEFAULT_RIDGE`) and ``c`` =
+`DEFAULT_RIDGE_ROWS`. ``trace(S_xx) / dim`` is the mean input variance, so ``alpha`` is
+dimensionless; ``dim / n`` is the classical variance factor of a least-squares fit (the
+Bayes-optimal ridge for a Gaussian prior ``W - W0 ~ N(0, tau^2)`` is ``sigma^2 / (n tau^2)``,
+i.e. ``alpha = (dim / n) / SNR`` with SNR the ratio of the correction's output variance to the
+residual noise variance: ``c`` stands for ``1 / SNR`` and was chosen by measurement, see
+`DEFAULT_RIDGE_ROWS` and benchmarks/results/ridge.md). With plentiful rows (thousands of rows
+per unknown) ``alpha`` is about ``c * 1e-3`` and the refit is the least-squares one of before;
+with fewer rows than unknowns ``alpha > c`` and the layer stays close to plain pruning: as
+``lam -> inf``, ``W' -> W0`` exactly, and as ``lam -> 0`` it is the unregularised refit.
+
+The intercept is not penalised: ``b' = mean(Y) - mean(X') W'`` in every case, so as
+``lam -> inf`` the layer is plain pruning with its bias corrected for the mean shift of its
+output (``b' = b0 + mean(Y - X' W0 - b0)``: the mean of plain pruning's error removed). A
+Conv or Gemm without a bias gets one, a MatMul's bias is the constant operand of the Add
+that follows it (without one it is fitted through the origin: uncentred moments, ``b' = 0``,
+and then ``lam -> inf`` is plain pruning exactly). A reconstruction in which some layer has
+fewer sampled rows than unknowns (``dim`` plus the intercept) logs one warning, also returned
+as a note for the report (`rows_note`).
 
 Layers are fitted in topological order, level by level (a level holds the consumers whose
 inputs do not depend on one another), so each layer compensates the error of everything
@@ -31,9 +54,20 @@ networks), so the branch also absorbs the error of the shortcut.
 Pruning towards Accurate Lightweight Networks", AAAI 2019): the layer is decomposed into
 an embedding onto the principal subspace ``U`` (top eigenvectors of the original output
 covariance holding ``energy`` of its variance, ``W = W U U^T``); the embedding is solved
-in closed form from the surviving channels of the pruned network, ``A = argmin
-||X' A - (Y - my) U||^2``, and recomposed into the layer, ``W' = A U^T``, so no extra layer
-remains in the output model.
+in closed form from the surviving channels of the pruned network and recomposed into the
+layer, ``W' = A U^T``, so no extra layer remains in the output model. With the ridge the
+target is the recomposed embedding ``(Y - my) U U^T`` and the prior is the whole ``W0``::
+
+    W' = argmin ||X' W - (Y - my) U U^T||^2 / n + lam ||W - W0||^2 = (S_xx + lam I)^-1 (S_xy U U^T + lam W0)
+
+Since ``U^T U = I`` this splits into the embedding ``A = W' U = argmin ||X' A - (Y - my) U||^2 / n
++ lam ||A - W0 U||^2`` (the prior of the embedding: ``W0`` projected) and the minor directions
+``W' (I - U U^T) = lam (S_xx + lam I)^-1 W0 (I - U U^T)``, which go from plain pruning's to zero
+as rows grow. So ``lam -> 0`` is LDRF as before (``W_ls U U^T``) and ``lam -> inf`` is plain
+pruning ``W0`` exactly. The alternative prior ``W0 U U^T`` (``W0`` projected everywhere) was
+measured and rejected: ``U`` estimated from ``n`` rows has rank below ``n``, and projecting
+plain pruning onto it cost LeNet-300-100 at ratio 0.5 with 16 samples 16 points of test
+accuracy (58.6% against 74.8% without refit; 79.2% with this prior; benchmarks/bench_ridge.py).
 
 Depthwise and grouped convolutions, ConvTranspose and 3-D convolutions are not refitted
 (they are sliced exactly; a note says so).
@@ -45,6 +79,7 @@ import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -55,6 +90,7 @@ import scipy.linalg
 from .. import ir
 from ..calib import GramAccumulator, conv_output_size, conv_patches, expose_tensors, output_rows, sample_positions
 from ..calib import stream_tensors
+from ..calib.engine import StagedPasses, default_budget
 from ..errors import ModelError
 from .methods import Context, Outcome
 from .plan import Plan
@@ -64,8 +100,11 @@ log = logging.getLogger(__name__)
 
 #: sampled output positions per image for the Gram matrices of a Conv (``--calib-positions``)
 DEFAULT_POSITIONS = 16
-#: ridge, relative to the mean input variance (``params["ridge"]``)
+#: base ridge alpha, relative to the mean input variance (``params["ridge"]``; module docstring)
 DEFAULT_RIDGE = 1e-6
+#: ``c`` of ``alpha = ridge + c * dim / rows``: how hard a solve with few rows per unknown is
+#: pulled toward plain pruning (module docstring; measured in benchmarks/results/ridge.md)
+DEFAULT_RIDGE_ROWS = 1.0
 #: LDRF: fraction of the output variance the embedding keeps (``params["energy"]``)
 DEFAULT_ENERGY = 0.995
 #: most bytes of Gram matrices held at once while collecting selection statistics
@@ -269,9 +308,19 @@ def centred(acc: GramAccumulator) -> tuple[np.ndarray, np.ndarray | None]:
     return sxx, acc.xty / n - np.outer(mx, acc.sum_y / n)
 
 
-def ridge_lambda(sxx: np.ndarray, ridge: float) -> float:
-    scale = float(np.trace(sxx)) / max(sxx.shape[0], 1)
-    return ridge * scale if scale > 0 else ridge
+def ridge_alpha(ridge: float, dim: int, rows: int | None, per_row: float) -> float:
+    """``alpha = ridge + per_row * dim / rows`` (just ``ridge`` when `rows` is None or `per_row` 0)."""
+    if rows is None or per_row == 0.0:
+        return ridge
+    return ridge + per_row * dim / max(rows, 1)
+
+
+def ridge_lambda(sxx: np.ndarray, ridge: float, rows: int | None = None, per_row: float = 0.0) -> float:
+    """``lam = alpha * trace(S_xx) / dim`` with ``alpha`` = `ridge_alpha` (module docstring)."""
+    dim = max(sxx.shape[0], 1)
+    alpha = ridge_alpha(ridge, dim, rows, per_row)
+    scale = float(np.trace(sxx)) / dim
+    return alpha * scale if scale > 0 else alpha
 
 
 def solve_spd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -296,10 +345,15 @@ def principal_projector(cov: np.ndarray, energy: float) -> np.ndarray:
     return u @ u.T
 
 
-def fit(acc: GramAccumulator, intercept: bool, ridge: float, energy: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """``(W, b)`` minimising ``||X W + b - Y||^2 + lam ||W||^2`` (b = 0 without intercept).
+def fit(
+    acc: GramAccumulator, intercept: bool, ridge: float, energy: float | None, prior: np.ndarray | None = None,
+    per_row: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(W, b)`` minimising ``||X W + b - Y||^2 / n + lam ||W - prior||^2`` (b = 0 without intercept).
 
-    With `energy` (LDRF) the target is first projected on its principal subspace.
+    ``lam = ridge_lambda(S_xx, ridge, n, per_row)``; `prior` None shrinks toward zero. An
+    infinite ``lam`` returns `prior` itself. With `energy` (LDRF) the target is first projected
+    on its principal subspace: ``W = (S_xx + lam I)^-1 (S_xy U U^T + lam prior)``.
     """
     assert acc.xty is not None and acc.sum_y is not None
     n = max(acc.count, 1)
@@ -311,13 +365,39 @@ def fit(acc: GramAccumulator, intercept: bool, ridge: float, energy: float | Non
     else:
         sxx, sxy = acc.xtx / n, acc.xty / n
         mx = np.zeros(acc.dim_x)
-    lam = ridge_lambda(sxx, ridge)
-    w = solve_spd(sxx + lam * np.eye(sxx.shape[0]), sxy)
     if energy is not None and energy < 1.0 and acc.yty is not None and acc.full_yty:
         cov_y = acc.yty / n - (np.outer(my, my) if intercept else 0.0)
-        w = w @ principal_projector(cov_y, energy)
+        sxy = sxy @ principal_projector(cov_y, energy)  # LDRF: the target is the recomposed embedding
+    lam = ridge_lambda(sxx, ridge, acc.count, per_row)
+    if not np.isfinite(lam):
+        w = np.zeros_like(sxy) if prior is None else np.array(prior, dtype=np.float64)
+    else:
+        rhs = sxy if prior is None else sxy + lam * np.asarray(prior, dtype=np.float64)
+        w = solve_spd(sxx + lam * np.eye(sxx.shape[0]), rhs)
     b = my - mx @ w if intercept else np.zeros(w.shape[1])
     return w, b
+
+
+def unknowns(dim_x: int, intercept: bool) -> int:
+    """Unknowns per output of a refit: its input columns, plus the intercept."""
+    return dim_x + int(intercept)
+
+
+def rows_note(short: Sequence[tuple[str, int, int, bool]], total: int) -> str | None:
+    """The one warning for layers with fewer sampled rows than unknowns, or None.
+
+    `short` holds ``(node, rows, unknowns, more_positions_help)`` of those layers; `total` is
+    the number of refitted layers.
+    """
+    if not short:
+        return None
+    node, rows, count, _ = min(short, key=lambda s: (s[1] / max(s[2], 1), s[0]))
+    more = "more calibration samples" + (" or --calib-positions" if any(s[3] for s in short) else "")
+    return (
+        f"reconstruction: {len(short)} of {total} layers have fewer sampled rows than unknowns "
+        f"(worst: {rows:,} rows for {count:,} unknowns at {node}); the refit is pulled toward "
+        f"plain pruning there (give {more})"
+    )
 
 
 # ----------------------------------------------------------------------------- streaming helpers
@@ -447,6 +527,7 @@ def plan_consumers(trace: Trace, graph: gs.Graph, plan: Plan) -> tuple[list[str]
 class Settings:
     positions: int | None = DEFAULT_POSITIONS
     ridge: float = DEFAULT_RIDGE
+    ridge_rows: float = DEFAULT_RIDGE_ROWS  # c of alpha = ridge + c * dim / rows
     mode: str = "ls"  # "ls" or "ldrf"
     energy: float = DEFAULT_ENERGY
     residual_targets: bool = True
@@ -459,6 +540,7 @@ class Settings:
         return cls(
             positions=DEFAULT_POSITIONS if positions is None else int(positions),
             ridge=float(params.get("ridge", DEFAULT_RIDGE)),
+            ridge_rows=DEFAULT_RIDGE_ROWS,
             mode=mode,
             energy=float(params.get("energy", DEFAULT_ENERGY)),
             residual_targets=bool(params.get("residual_targets", True)),
@@ -480,6 +562,16 @@ class _Fit:
     level: int
 
 
+class Schedule(str, Enum):
+    """How the passes over data of a sequential refit are organised (same maths, same rows)."""
+
+    FRONTIER = "frontier"  # calib.engine: each node of each network runs once over the data
+    PREFIX = "prefix"  # every level re-runs both networks from the input (the reference)
+
+
+DEFAULT_SCHEDULE = Schedule.FRONTIER
+
+
 @dataclass(frozen=True, eq=False)
 class Reconstructor:
     """``finish`` step: refits every consumer of pruned channels, level by level (module docstring)."""
@@ -492,6 +584,7 @@ class Reconstructor:
     settings: Settings
     progress: Progress | None = None
     notes: tuple[str, ...] = field(default=())
+    schedule: Schedule = field(default_factory=lambda: DEFAULT_SCHEDULE)
 
     def __call__(self, pruned: onnx.ModelProto) -> onnx.ModelProto:
         if not self.nodes:
@@ -501,11 +594,35 @@ class Reconstructor:
         if not fits:
             return pruned
         levels = sorted({f.level for f in fits})
-        per_level = self.calibration.num_batches(self.settings.batch_size)
+        by_level = [[f for f in fits if f.level == level] for level in levels]
+        s = self.settings
+        per_level = self.calibration.num_batches(s.batch_size)
         step = progress_steps(self.progress, per_level * len(levels))
-        for level in levels:
-            todo = [f for f in fits if f.level == level]
-            self._fit_level(graph, pruned, todo, level, step)
+        # per level: the pruned network's layer inputs (and residual operands), the original's targets
+        left_names = [list(dict.fromkeys([f.layer.x for f in todo] + [f.minus for f in todo if f.minus])) for todo in by_level]
+        right_names = [list(dict.fromkeys(f.target for f in todo)) for todo in by_level]
+        engines: tuple[StagedPasses, StagedPasses] | None = None
+        try:
+            for i, (level, todo) in enumerate(zip(levels, by_level)):
+                current = ir.export_fast(ir.copy_graph(graph), pruned)  # the layers refitted so far
+                if self.schedule is Schedule.PREFIX:
+                    left = stream(current, self.calibration, left_names[i], s.batch_size)
+                    right = stream(self.original, self.calibration, right_names[i], s.batch_size)
+                else:
+                    if engines is None:
+                        budget = default_budget() // 2
+                        refits = {f.layer.node: k for k, todo_k in enumerate(by_level) for f in todo_k}
+                        engines = (
+                            StagedPasses(current, self.calibration, s.batch_size, left_names, budget=budget, label="pruned network",
+                                         changes=refits),
+                            StagedPasses(self.original, self.calibration, s.batch_size, right_names, budget=budget,
+                                         label="original network"),
+                        )
+                    left, right = engines[0].advance(left_names[i], current), engines[1].advance(right_names[i])
+                self._fit_level(graph, todo, level, left, right, step)
+        finally:
+            for engine in engines or ():
+                engine.close()
         out = ir.to_model(graph, like=pruned)
         log.info("reconstruct: refitted %d layers in %d sequential levels", len(fits), len(levels))
         return out
@@ -572,20 +689,18 @@ class Reconstructor:
     # -- one level ----------------------------------------------------------------
 
     def _fit_level(
-        self, graph: gs.Graph, like: onnx.ModelProto, fits: Sequence[_Fit], level: int, step: Callable[[], None]
+        self, graph: gs.Graph, fits: Sequence[_Fit], level: int, left: Iterator[dict[str, np.ndarray]],
+        right: Iterator[dict[str, np.ndarray]], step: Callable[[], None],
     ) -> None:
         s = self.settings
-        current = ir.export_fast(ir.copy_graph(graph), like)
         nodes = ir.node_by_name(graph)
         accs: list[RowBuffer] = []
+        priors: list[np.ndarray] = []  # W0: the layer as plain pruning left it (the ridge's prior)
         for f in fits:
             affine = read_affine(nodes[f.layer.node], f.layer.kind)
+            priors.append(affine.w)
             accs.append(RowBuffer(GramAccumulator(affine.w.shape[0], affine.w.shape[1], full_yty=s.mode == "ldrf")))
-        pruned_names = list(dict.fromkeys([f.layer.x for f in fits] + [f.minus for f in fits if f.minus]))
-        original_names = list(dict.fromkeys(f.target for f in fits))
-        left = stream(current, self.calibration, pruned_names, s.batch_size)
-        right = stream(self.original, self.calibration, original_names, s.batch_size)
-        for batch, (p, o) in enumerate(zip(left, right)):
+        for batch, (p, o) in enumerate(zip(left, right, strict=True)):
             rng = np.random.default_rng([s.seed, level, batch])
             for f, acc in zip(fits, accs):
                 x = p[f.layer.x]
@@ -597,11 +712,12 @@ class Reconstructor:
                 index = f.layer.positions(x.shape, s.positions, rng)
                 acc.add(f.layer.x_rows(x, index), f.layer.y_rows(y, index))
             step()
-        for f, buffer in zip(fits, accs):
+        for f, buffer, prior in zip(fits, accs, priors):
             gram = buffer.flush()
             if gram.count == 0:
                 continue
-            w, b = fit(gram, f.intercept, s.ridge, s.energy if s.mode == "ldrf" else None)
+            energy = s.energy if s.mode == "ldrf" else None
+            w, b = fit(gram, f.intercept, s.ridge, energy, prior=prior, per_row=s.ridge_rows)  # rows: gram.count
             write_affine(graph, nodes[f.layer.node], f.layer.kind, w, b if f.intercept else None)
 
 
@@ -613,7 +729,59 @@ def make_finish(
         raise ModelError("reconstruction needs calibration data")
     settings = settings or Settings.from_params(ctx.options.params, ctx.options.batch_size, ctx.options.seed, mode)
     nodes, notes = plan_consumers(ctx.trace, ctx.graph, plan)
+    short = short_of_rows(ctx, plan, nodes, settings)
+    note = rows_note(short, len(nodes))
+    if note is not None:
+        log.warning("%s", note)
+        notes.append(note)
     return Reconstructor(ctx.model, ctx.trace, plan, ctx.calibration, tuple(nodes), settings, ctx.progress, tuple(notes))
+
+
+def planned_rows(layer: Layer, x_shape: Sequence[int], samples: int, batch: int, positions: int | None) -> tuple[int, bool]:
+    """(rows a refit of `layer` samples from `samples` calibration samples, more positions would add rows).
+
+    `x_shape` is the traced input shape for a model batch of `batch` samples: a Conv adds
+    ``min(positions, output positions)`` rows per image, a Gemm / MatMul every row but the
+    channel axis.
+    """
+    per_batch = int(np.prod(x_shape[:-1])) if layer.kind != "conv" else 0
+    capped = False
+    if layer.kind == "conv":
+        spatial = tuple(int(d) for d in x_shape[2:])
+        out = int(np.prod(conv_output_size(spatial, layer.kernel, layer.strides, layer.conv_pads(spatial), layer.dilations)))
+        capped = positions is not None and positions < out
+        per_batch = int(x_shape[0]) * (min(positions, out) if positions is not None else out)
+    return samples * per_batch // max(batch, 1), capped
+
+
+def layer_rows(ctx: Context, layer: Layer, positions: int | None) -> tuple[int, bool] | None:
+    """`planned_rows` of `layer` over the calibration set of `ctx` (None: no data or no traced shape)."""
+    x_shape = ctx.trace.shapes.get(layer.x)
+    if ctx.calibration is None or not x_shape:
+        return None
+    batch = next((int(shape[0]) for shape in ctx.input_shapes.values() if len(shape) and int(shape[0]) > 0), 1)
+    return planned_rows(layer, x_shape, int(ctx.calibration.num_samples), batch, positions)
+
+
+def short_of_rows(ctx: Context, plan: Plan, nodes: Sequence[str], settings: Settings) -> list[tuple[str, int, int, bool]]:
+    """``(node, rows, unknowns, more positions would help)`` of the refits with fewer rows than unknowns."""
+    by_name = ir.node_by_name(ctx.graph)
+    short = []
+    for name in nodes:
+        node, kind = by_name.get(name), ctx.trace.node_kind.get(name, "")
+        layer = None if node is None else layer_of(node, kind)
+        planned = None if layer is None else layer_rows(ctx, layer, settings.positions)
+        if node is None or layer is None or planned is None:
+            continue
+        x_shape = ctx.trace.shapes[layer.x]
+        kept = kept_positions(ctx.trace, plan, layer.x)
+        channels = int(x_shape[1] if kind == "conv" else x_shape[-1])
+        dim = (channels if kept is None else kept.size) * layer.taps
+        rows, capped = planned
+        count = unknowns(dim, read_affine(node, kind).b is not None)
+        if rows < count:
+            short.append((name, rows, count, capped))
+    return short
 
 
 def wants_reconstruction(ctx: Context) -> bool:
