@@ -7,12 +7,17 @@ the caller reduces them (``stats``) and memory stays bounded by one batch.
 
 A model whose inputs have a static batch dimension ``b`` is run with batches of exactly ``b``
 (any remainder that cannot fill a batch is skipped with a warning).
+
+While a stream is open, numpy/scipy BLAS runs with one thread (``threads.blas_limited``): the
+limit covers each onnxruntime ``run`` and the caller's reduction of each batch between two
+``next()`` calls, and is released when the stream ends or is closed (see ``threads``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -21,6 +26,7 @@ import onnxruntime as ort
 from .. import ir
 from ..errors import CalibrationError, ModelError
 from .sources import CalibrationSet
+from .threads import blas_limited, stream_blas_threads
 
 log = logging.getLogger(__name__)
 
@@ -104,22 +110,34 @@ def stream_tensors(
     batch_size: int = 32,
     progress: Progress | None = None,
     providers: Sequence[str] = ("CPUExecutionProvider",),
+    blas_threads: int | Literal["default"] | None = "default",
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Yield ``{name: tensor}`` for each calibration batch; ``progress(done, total)`` after each."""
+    """Yield ``{name: tensor}`` for each calibration batch; ``progress(done, total)`` after each.
+
+    ``blas_threads``: BLAS/OpenMP threads while the stream is open (onnxruntime runs and the
+    caller's work between batches): ``"default"`` = ``threads.stream_blas_threads()`` (1, or
+    ``ONNXSLIM_PRUNE_BLAS_THREADS``), an int = that many, None = leave the libraries alone.
+    Close a stream that is abandoned early (``close()`` or ``contextlib.closing``) to release
+    the limit at once rather than when the generator is garbage-collected.
+    """
     wanted = list(dict.fromkeys(names))
     from_feed = [n for n in wanted if n in calib.names]
     fetch = [n for n in wanted if n not in calib.names]
     session = _session(expose_tensors(model, fetch), providers) if fetch else None
     size, drop_last = _batch_plan(model, calib, batch_size)
     total = calib.num_batches(size, drop_last=drop_last)
-    for done, feed in enumerate(calib.iter_batches(size, drop_last=drop_last), start=1):
-        try:
-            values = session.run(fetch, feed) if session is not None else []
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CalibrationError(f"onnxruntime failed on a batch of {calib.source}: {first}") from None
-        result = dict(zip(fetch, values))
-        result.update({n: feed[n] for n in from_feed})
-        if progress is not None:
-            progress(done, total)
-        yield {n: result[n] for n in wanted}
+    limit = stream_blas_threads() if blas_threads == "default" else blas_threads
+    if isinstance(limit, str):
+        raise ValueError(f"blas_threads must be 'default', an int or None, got {limit!r}")
+    with blas_limited(limit):  # held across every yield; released on exhaustion, error or close()
+        for done, feed in enumerate(calib.iter_batches(size, drop_last=drop_last), start=1):
+            try:
+                values = session.run(fetch, feed) if session is not None else []
+            except Exception as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise CalibrationError(f"onnxruntime failed on a batch of {calib.source}: {first}") from None
+            result = dict(zip(fetch, values))
+            result.update({n: feed[n] for n in from_feed})
+            if progress is not None:
+                progress(done, total)
+            yield {n: result[n] for n in wanted}

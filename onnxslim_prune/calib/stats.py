@@ -11,6 +11,8 @@ sums of row matrices ``X [rows, dim_x]`` / ``Y [rows, dim_y]``; ``solve_ridge(al
     min_W ||X W - Y||^2 + alpha * count * ||W||^2   <=>   (XtX + alpha*count*I) W = XtY
 
 Conv geometry helpers (``conv_patches`` and friends) live in ``patches`` and are re-exported.
+``GramAccumulator`` shifts rows before its products so that float32 products keep small
+variances under large means (its docstring says where float64 is kept and why).
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.linalg
 
-from .patches import conv_output_size, conv_patches, linear_rows, output_rows, sample_positions
+from .patches import PositionSampler, conv_output_size, conv_patches, linear_rows, output_rows, sample_positions
 
 __all__ = [
     "ChannelMoments",
     "GramAccumulator",
+    "PositionSampler",
     "conv_output_size",
     "conv_patches",
     "linear_rows",
@@ -118,42 +121,167 @@ class ChannelMoments:
         return moments
 
 
+def _plus_rank2(s: np.ndarray, a1: np.ndarray, b1: np.ndarray, a2: np.ndarray, b2: np.ndarray) -> np.ndarray:
+    """``s + a1 b1^T + a2 b2^T`` as one k=2 product and one add (two passes over a large ``s``)."""
+    got = np.stack([a1, a2], axis=1) @ np.stack([b1, b2], axis=1).T
+    got += s
+    return got
+
+
 class GramAccumulator:
-    """Streaming ``XtX``, ``XtY``, ``YtY`` and column sums for least-squares reconstruction."""
+    """Streaming ``XtX``, ``XtY``, ``YtY`` and column sums for least-squares reconstruction.
+
+    Public state (float64): ``count``, ``sum_x``, ``sum_y`` and the raw moments ``xtx``,
+    ``xty``, ``yty`` (diagonal, or full with ``full_yty``), exactly as if every row had been
+    multiplied out; ``centred()`` / ``cov_y`` give the per-row centred moments directly.
+
+    Precision. Each batch is shifted by a fixed vector before its products: ``Xs = X - shift_x``
+    (``shift_x`` = the first batch's column means, rounded to ``product_dtype``; same for Y),
+    and ``Xs^T Xs``, ``Xs^T Ys``, ``Ys^T Ys`` are computed in ``product_dtype`` and added to
+    float64 totals. With ``product_dtype=np.float32`` (sgemm / ssyrk: about half the time of
+    float64) a product's rounding is relative to the *shifted* values, so a small variance
+    under a large mean survives: without the shift, float32 ``x^T x`` of data with mean 1e3
+    and std 1e-2 keeps nothing of the variance (its rounding, ~6e-8 of mean^2, is 600x the
+    variance); with it the centred covariance matches float64 to ~1e-6 (tests/test_calib_stats).
+    Float64 is kept for what float32 cannot carry: the running totals (many batches), the
+    column sums (summed in float64 from the rows), the shift bookkeeping and everything derived
+    from them (raw moments, centring, solves), since ``xtx / n - mean mean^T`` cancels
+    ``mean^2`` down to the variance. ``product_dtype`` stays float64 by default: refits solve
+    ridge systems whose conditioning can amplify a 1e-6 covariance error; use float32 for
+    statistics that rank or select (input covariances, energy scores), or for a refit
+    whose ridge bounds the condition number. ``shift=False`` restores plain products.
+    """
 
     def __init__(
-        self, dim_x: int, dim_y: int | None = None, *, full_yty: bool = False, product_dtype: type = np.float64
+        self, dim_x: int, dim_y: int | None = None, *, full_yty: bool = False, product_dtype: type = np.float64,
+        shift: bool = True,
     ) -> None:
-        """``product_dtype=np.float32``: each batch's products in float32 (about twice as fast),
-        the running totals still in float64; for statistics that rank, not for exact solves."""
+        """``product_dtype=np.float32``: each batch's products in float32, totals in float64 (class docstring)."""
         self.dim_x, self.dim_y, self.full_yty = dim_x, dim_y, full_yty
         self.product_dtype = np.dtype(product_dtype)
+        self.shift = shift
         self.count = 0
-        self.xtx = np.zeros((dim_x, dim_x))
         self.sum_x = np.zeros(dim_x)
-        self.xty = None if dim_y is None else np.zeros((dim_x, dim_y))
-        self.sum_y = None if dim_y is None else np.zeros(dim_y)
-        self.yty = None if dim_y is None else np.zeros((dim_y, dim_y) if full_yty else dim_y)
+        self.sum_y: np.ndarray | None = None if dim_y is None else np.zeros(dim_y)
+        self.shift_x: np.ndarray | None = None  # float64 values representable in product_dtype; set by the first rows
+        self.shift_y: np.ndarray | None = None
+        self._sxx = np.zeros((dim_x, dim_x))  # product sums over shifted rows
+        self._sxy = None if dim_y is None else np.zeros((dim_x, dim_y))
+        self._syy = None if dim_y is None else np.zeros((dim_y, dim_y) if full_yty else dim_y)
+        self._derived: dict[str, np.ndarray] = {}
+
+    def _shift_of(self, rows: np.ndarray) -> np.ndarray:
+        if not self.shift:
+            return np.zeros(rows.shape[1])
+        mean = rows.mean(axis=0, dtype=np.float64)
+        return np.asarray(mean.astype(self.product_dtype).astype(np.float64))
+
+    def _shifted(self, rows: np.ndarray, shift: np.ndarray) -> np.ndarray:
+        """``rows - shift`` in ``product_dtype``, rounded once (subtracted at the wider of the two types)."""
+        if not self.shift:
+            return rows.astype(self.product_dtype, copy=False)
+        work = np.result_type(rows.dtype, self.product_dtype)
+        return np.subtract(rows, shift.astype(work), dtype=work).astype(self.product_dtype, copy=False)
 
     def update(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
         """Add rows ``x [rows, dim_x]`` and, if ``dim_y`` was given, ``y [rows, dim_y]``."""
-        xd = np.asarray(x, dtype=self.product_dtype).reshape(-1, self.dim_x)
-        self.xtx += xd.T @ xd
-        self.sum_x += xd.sum(axis=0, dtype=np.float64)
-        self.count += xd.shape[0]
+        xr = np.asarray(x).reshape(-1, self.dim_x)
+        yr = None
         if self.dim_y is None:
             if y is not None:
                 raise ValueError("GramAccumulator was built without dim_y")
+        else:
+            if y is None:
+                raise ValueError("GramAccumulator needs y rows")
+            yr = np.asarray(y).reshape(-1, self.dim_y)
+            if yr.shape[0] != xr.shape[0]:
+                raise ValueError(f"x has {xr.shape[0]} rows, y has {yr.shape[0]}")
+        if xr.shape[0] == 0:
             return
-        if y is None:
-            raise ValueError("GramAccumulator needs y rows")
-        yd = np.asarray(y, dtype=self.product_dtype).reshape(-1, self.dim_y)
-        if yd.shape[0] != xd.shape[0]:
-            raise ValueError(f"x has {xd.shape[0]} rows, y has {yd.shape[0]}")
-        assert self.xty is not None and self.sum_y is not None and self.yty is not None
-        self.xty += xd.T @ yd
-        self.sum_y += yd.sum(axis=0, dtype=np.float64)
-        self.yty += yd.T @ yd if self.full_yty else np.einsum("ij,ij->j", yd, yd)
+        if self.shift_x is None:
+            self.shift_x = self._shift_of(xr)
+        xs = self._shifted(xr, self.shift_x)
+        self._sxx += xs.T @ xs
+        self.sum_x += xr.sum(axis=0, dtype=np.float64)  # shifted sums follow: sum_x - count * shift_x
+        self.count += xr.shape[0]
+        self._derived.clear()
+        if yr is None:
+            return
+        assert self._sxy is not None and self._syy is not None and self.sum_y is not None
+        if self.shift_y is None:
+            self.shift_y = self._shift_of(yr)
+        ys = self._shifted(yr, self.shift_y)
+        self._sxy += xs.T @ ys
+        self.sum_y += yr.sum(axis=0, dtype=np.float64)
+        self._syy += ys.T @ ys if self.full_yty else np.square(ys).sum(axis=0, dtype=np.float64)
+
+    def _shifted_sums(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Column sums of the shifted rows, ``sum - count * shift`` (float64; the shift is near the mean)."""
+        sx = self.sum_x if self.shift_x is None else self.sum_x - self.count * self.shift_x
+        if self.sum_y is None:
+            return sx, None
+        return sx, (self.sum_y if self.shift_y is None else self.sum_y - self.count * self.shift_y)
+
+    def _raw(self, key: str) -> np.ndarray:
+        """``sum (s + c)(t + d)^T`` from shifted sums: ``S + c st^T + ss d^T + n c d^T`` (cached until the next update)."""
+        got = self._derived.get(key)
+        if got is not None:
+            return got
+        n = self.count
+        sx, sy = self._shifted_sums()
+        cx = np.zeros(self.dim_x) if self.shift_x is None else self.shift_x
+        if key == "xtx":
+            got = _plus_rank2(self._sxx, cx, sx + 0.5 * n * cx, sx + 0.5 * n * cx, cx)
+        else:
+            assert sy is not None and self._sxy is not None and self._syy is not None and self.dim_y is not None
+            cy = np.zeros(self.dim_y) if self.shift_y is None else self.shift_y
+            if key == "xty":
+                got = _plus_rank2(self._sxy, sx, cy, cx, sy + n * cy)
+            elif self.full_yty:
+                got = _plus_rank2(self._syy, cy, sy + 0.5 * n * cy, sy + 0.5 * n * cy, cy)
+            else:
+                got = self._syy + 2.0 * cy * sy + n * np.square(cy)
+        self._derived[key] = got
+        return got
+
+    @property
+    def xtx(self) -> np.ndarray:
+        """``X^T X`` [dim_x, dim_x] (float64)."""
+        return self._raw("xtx")
+
+    @property
+    def xty(self) -> np.ndarray | None:
+        """``X^T Y`` [dim_x, dim_y] (float64), None without ``dim_y``."""
+        return None if self.dim_y is None else self._raw("xty")
+
+    @property
+    def yty(self) -> np.ndarray | None:
+        """``Y^T Y`` [dim_y, dim_y] with ``full_yty``, else its diagonal [dim_y]; None without ``dim_y``."""
+        return None if self.dim_y is None else self._raw("yty")
+
+    def centred(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(S_xx, S_xy)``: centred second moments per row (``S_xy`` None without ``dim_y``).
+
+        ``S_xx = sum (x - mean)(x - mean)^T / n``, computed from the shifted sums (no ``mean^2``
+        cancellation), so it keeps a small variance under a large mean.
+        """
+        n = max(self.count, 1)
+        sx, sy = self._shifted_sums()
+        mx = sx / n
+        sxx = self._sxx / n - np.outer(mx, mx)
+        if self._sxy is None or sy is None:
+            return sxx, None
+        return sxx, self._sxy / n - np.outer(mx, sy / n)
+
+    @property
+    def cov_y(self) -> np.ndarray:
+        """Centred ``Y`` second moments per row: full [dim_y, dim_y] with ``full_yty``, else the variances."""
+        _, sy = self._shifted_sums()
+        if self._syy is None or sy is None:
+            raise ValueError("GramAccumulator was built without dim_y")
+        n = max(self.count, 1)
+        my = sy / n
+        return np.asarray(self._syy / n - (np.outer(my, my) if self.full_yty else np.square(my)))
 
     @property
     def mean_x(self) -> np.ndarray:

@@ -68,6 +68,7 @@ import onnx_graphsurgeon as gs
 
 from .. import ir
 from ..calib import ChannelMoments, GramAccumulator, cached, model_digest
+from ..calib.threads import blas_limited
 from ..errors import CalibrationError
 from . import reconstruct as rc
 from .methods import Context, Outcome, choose_plan, register
@@ -81,7 +82,7 @@ log = logging.getLogger(__name__)
 Covariances = Mapping[str, tuple[np.ndarray, np.ndarray]]
 
 ACTIVATIONS = frozenset(UNARY_OPS) - {"Identity", "Dropout", "Cast", "Neg", "Abs", "Not", "IsNaN", "IsInf", "Sign"}
-STATS_VERSION = "v1"
+STATS_VERSION = "v2"  # v2: vectorised position sampling (calib.patches)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -469,15 +470,16 @@ def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str 
     cov = input_covariances(ctx, layers) if layers else {}
     scores: dict[int, np.ndarray] = {}
     removed: set[int] = set()
-    for group in _source_order(ctx):
-        if group.index not in consumers:
-            continue
-        free = np.array([not f for f in group.frozen])
-        n_remove = _removal_count(ctx, group)
-        s = select(ctx, group, consumers[group.index], cov, removed, free, n_remove)
-        scores[group.index] = s
-        order = np.argsort(np.where(free, s, np.inf), kind="stable")[:n_remove]
-        removed.update(group.classes[int(i)] for i in order)
+    with blas_limited():  # thousands of small solves: one BLAS thread (calib.threads; 205 s -> 3.5 s on ResNet-56)
+        for group in _source_order(ctx):
+            if group.index not in consumers:
+                continue
+            free = np.array([not f for f in group.frozen])
+            n_remove = _removal_count(ctx, group)
+            s = select(ctx, group, consumers[group.index], cov, removed, free, n_remove)
+            scores[group.index] = s
+            order = np.argsort(np.where(free, s, np.inf), kind="stable")[:n_remove]
+            removed.update(group.classes[int(i)] for i in order)
     scores, notes = _with_fallback(ctx, scores, name)
     outcome = Outcome(choose_plan(ctx, scores), notes=tuple(notes))
     return rc.with_reconstruction(ctx, outcome, mode=mode)

@@ -91,6 +91,7 @@ from .. import ir
 from ..calib import GramAccumulator, conv_output_size, conv_patches, expose_tensors, output_rows, sample_positions
 from ..calib import stream_tensors
 from ..calib.engine import StagedPasses, default_budget
+from ..calib.threads import blas_limited
 from ..errors import ModelError
 from .methods import Context, Outcome
 from .plan import Plan
@@ -104,7 +105,7 @@ DEFAULT_POSITIONS = 16
 DEFAULT_RIDGE = 1e-6
 #: ``c`` of ``alpha = ridge + c * dim / rows``: how hard a solve with few rows per unknown is
 #: pulled toward plain pruning (module docstring; measured in benchmarks/results/ridge.md)
-DEFAULT_RIDGE_ROWS = 1.0
+DEFAULT_RIDGE_ROWS = 0.3
 #: LDRF: fraction of the output variance the embedding keeps (``params["energy"]``)
 DEFAULT_ENERGY = 0.995
 #: most bytes of Gram matrices held at once while collecting selection statistics
@@ -602,6 +603,8 @@ class Reconstructor:
         left_names = [list(dict.fromkeys([f.layer.x for f in todo] + [f.minus for f in todo if f.minus])) for todo in by_level]
         right_names = [list(dict.fromkeys(f.target for f in todo)) for todo in by_level]
         engines: tuple[StagedPasses, StagedPasses] | None = None
+        limit = blas_limited()  # sessions stay alive between levels: BLAS must not fight them (calib.threads)
+        limit.__enter__()
         try:
             for i, (level, todo) in enumerate(zip(levels, by_level)):
                 current = ir.export_fast(ir.copy_graph(graph), pruned)  # the layers refitted so far
@@ -623,6 +626,7 @@ class Reconstructor:
         finally:
             for engine in engines or ():
                 engine.close()
+            limit.__exit__(None, None, None)
         out = ir.to_model(graph, like=pruned)
         log.info("reconstruct: refitted %d layers in %d sequential levels", len(fits), len(levels))
         return out
