@@ -1,0 +1,116 @@
+"""The calibration engine's cost: a calibrated method as a ratio to one plain onnxruntime pass, in one run.
+
+    python benchmarks/bench_engine.py                     # ResNet-56 ldrf 0.5 on 2,000 images, frontier schedule
+    python benchmarks/bench_engine.py --prefix            # also the prefix schedule (every level from the input)
+
+In one process: a plain onnxruntime pass over the same calibration samples (batch 32), then
+`api.prune(..., method, ratio, calib, holdout=0)` with the statistics cache off, for each
+schedule. Reported: process CPU seconds and wall seconds of each, as ratios to the plain pass
+(CPU time is the steadier figure on a shared machine), the stage times, the largest difference
+between the schedules' refitted weights, and the test accuracy of the result on the 10,000-image
+test split. Peak memory of the CLI in a fresh process is measured separately
+(`measure.run_measured`). Results go to benchmarks/results/engine.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from fmnist import write_calibration  # noqa: E402
+from measure import run_measured  # noqa: E402
+
+MODELS = HERE.parent.parent / "shared" / "models"
+RESULTS = HERE / "results"
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="fmnist_resnet56")
+    parser.add_argument("--method", default="ldrf")
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--prefix", action="store_true", help="also run the prefix schedule (slow)")
+    args = parser.parse_args()
+
+    from onnxslim_prune import api, validate
+    from onnxslim_prune.evaluation import accuracy
+    from onnxslim_prune.passes import reconstruct
+
+    work = Path(tempfile.mkdtemp(prefix="bench_engine_"))
+    os.environ["ONNXSLIM_PRUNE_CACHE"] = "off"
+    calib = write_calibration(work / "calib.npz", args.samples)
+    test = write_calibration(work / "test.npz", 10000, "test")
+    path = MODELS / f"{args.model}.onnx"
+    model = onnx.load(str(path))
+    data = np.load(calib)["input"]
+    cpu, wall = _cpu(), time.perf_counter()
+    sess = validate.session(model)
+    for start in range(0, len(data), 32):
+        sess.run(None, {"input": data[start : start + 32]})
+    plain = {"cpu": _cpu() - cpu, "wall": time.perf_counter() - wall}
+    rows: dict[str, Any] = {"plain": plain}
+    weights = {}
+    test_data = np.load(test)
+    for schedule in [reconstruct.Schedule.FRONTIER] + ([reconstruct.Schedule.PREFIX] if args.prefix else []):
+        reconstruct.DEFAULT_SCHEDULE = schedule
+        cpu, wall = _cpu(), time.perf_counter()
+        result = api.prune(str(path), args.method, args.ratio, calib=calib, holdout=0.0, latency=False)
+        spent = {"cpu": _cpu() - cpu, "wall": time.perf_counter() - wall}
+        rows[schedule.value] = {
+            **spent, "cpu_ratio": spent["cpu"] / plain["cpu"], "wall_ratio": spent["wall"] / plain["wall"],
+            "stages": result.report.stage_seconds,
+            "test_accuracy": accuracy(result.model, test_data["input"], test_data["labels"], "input"),
+        }
+        weights[schedule.value] = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    if len(weights) == 2:
+        a, b = weights.values()
+        rows["max_weight_difference"] = max(float(np.max(np.abs(a[k] - b[k]))) for k in a if a[k].size)
+    out = work / "out.onnx"
+    run = run_measured([sys.executable, "-m", "onnxslim_prune.cli", str(path), "-o", str(out), "--method", args.method,
+                        "--ratio", str(args.ratio), "--calib", str(calib), "--holdout", "0", "--no-latency", "-q"],
+                       timeout=3600, env={**os.environ, "ONNXSLIM_PRUNE_CACHE": "off"})
+    rows["cli"] = {"seconds": run.seconds, "peak_mib": run.peak_mib, "returncode": run.returncode}
+    rows["setting"] = vars(args)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "engine.json").write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+    lines = [
+        f"{args.model} `{args.method} --ratio {args.ratio}` on {args.samples} Fashion-MNIST train images "
+        f"(holdout 0, cache off), against one plain onnxruntime pass over the same samples in the same process "
+        f"({plain['cpu']:.2f} s CPU, {plain['wall']:.2f} s wall).", "",
+        "| schedule | CPU s | CPU / plain | wall s | wall / plain | statistics + selection s | refit s | test accuracy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in ("frontier", "prefix"):
+        if name in rows:
+            r = rows[name]
+            lines.append(f"| {name} | {r['cpu']:.1f} | {r['cpu_ratio']:.1f}x | {r['wall']:.1f} | {r['wall_ratio']:.1f}x | "
+                         f"{r['stages'].get('method (scores, statistics, selection)', 0):.1f} | "
+                         f"{r['stages'].get('reconstruction', 0):.1f} | {r['test_accuracy']:.2%} |")
+    if "max_weight_difference" in rows:
+        lines.append(f"\nLargest difference between the two schedules' weights: {rows['max_weight_difference']:.2e}.")
+    lines.append(f"\nThe CLI in a fresh process: {run.seconds:.1f} s, peak RSS {run.peak_mib:.0f} MiB.")
+    (RESULTS / "engine.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))  # noqa: T201 - a benchmark's report
+
+
+if __name__ == "__main__":
+    main()
