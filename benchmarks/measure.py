@@ -73,3 +73,69 @@ def prune_cli(
 def failure(run: Measured) -> str:
     """One line saying why a measured run failed."""
     return "timeout" if run.timed_out else (run.stderr.strip().splitlines() or ["?"])[-1][:200]
+
+
+def prune_cli_keep(
+    model: Path, args: Sequence[str], out_dir: Path, timeout: float, env: dict[str, str] | None = None
+) -> tuple[Measured, dict[str, Any] | None, Path | None]:
+    """``onnx-prune MODEL ARGS`` in a fresh process, writing ``out.onnx`` and ``report.json`` into `out_dir`
+    (kept): its measurement, the report (read whatever the exit code, so a missed gate's exit 3 still has
+    one; None when none was written) and the pruned model's path (None when none was written)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out, report = out_dir / "out.onnx", out_dir / "report.json"
+    for stale in (out, report):
+        stale.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "onnxslim_prune.cli", str(model), "-o", str(out), "--report", str(report), "-q", *args]
+    run = run_measured_isolated(cmd, timeout=timeout, env=env)
+    data = json.loads(report.read_text()) if not run.timed_out and report.exists() else None
+    return run, data, out if not run.timed_out and out.exists() else None
+
+
+#: runs argv[2:] as its own child and writes "exit_code ru_maxrss_kib" of that child to argv[1]
+_TRAMPOLINE = (
+    "import os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[2:], stdout=subprocess.DEVNULL)\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "code = os.waitstatus_to_exitcode(status)\n"
+    "open(sys.argv[1], 'w').write(f'{code} {usage.ru_maxrss}')\n"
+    "sys.exit(code if code >= 0 else 1)\n"
+)
+
+
+def run_measured_isolated(cmd: Sequence[str], timeout: float, env: dict[str, str] | None = None) -> Measured:
+    """`run_measured` for a large parent: the same fields, but the peak is that of `cmd` alone.
+
+    On Linux a child's ``ru_maxrss`` starts from the high-water mark of the memory it was forked
+    (vforked) from, so `run_measured` in a process holding 2 GB reports about 2 GB for
+    ``python -c pass``. Here a small trampoline process starts `cmd` and reads its rusage: the
+    trampoline's own image is fresh after exec, so the grandchild's peak is its own. On timeout
+    the whole process group is killed.
+    """
+    with tempfile.TemporaryFile() as err, tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "rusage"
+        started = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", _TRAMPOLINE, str(result), *cmd], stdout=subprocess.DEVNULL,
+                                stderr=err, env=env, start_new_session=True)
+        killed = threading.Event()
+
+        def kill() -> None:
+            killed.set()
+            try:
+                os.killpg(proc.pid, 9)
+            except ProcessLookupError:
+                pass
+
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+        try:
+            proc.wait()
+        finally:
+            timer.cancel()
+        seconds = time.perf_counter() - started
+        err.seek(0)
+        text = err.read().decode(errors="replace")
+        code, peak_kib = proc.returncode, 0
+        if result.exists():
+            code_text, peak_text = result.read_text().split()
+            code, peak_kib = int(code_text), int(peak_text)
+    return Measured(code, round(seconds, 2), round(peak_kib / 1024, 1), text, killed.is_set())

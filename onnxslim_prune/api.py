@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -52,12 +53,19 @@ class PruneResult:
     report: Report
     trace: Trace
     plan: Plan
+    #: `model` serialized (what the verdict ran and `ir.save_model(..., serialized=)` writes); None past protobuf's limit
+    serialized: bytes | None = None
 
 
 def _load(model: ModelLike) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
     return ir.load_model(model)
+
+
+def _path_of(model: ModelLike) -> str | None:
+    """The file `model` was given as (its proto is then exactly the file: readers may read the file instead)."""
+    return None if isinstance(model, onnx.ModelProto) else os.fspath(model)
 
 
 def analyze(
@@ -67,13 +75,25 @@ def analyze(
     exclude: Sequence[str] = (),
 ) -> Analysis:
     """Load, check, normalise and trace; nothing is modified."""
-    proto = _load(model)
-    ir.check_model(proto, full=False, what="input model")
+    return _analyze(_load(model), input_shapes, exclude, path=_path_of(model))
+
+
+def _analyze(
+    proto: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None, exclude: Sequence[str], *,
+    check: bool = True, path: str | None = None,
+) -> Analysis:
+    """`analyze` of a loaded model; `check=False` when the caller has run the checker on it already."""
+    if check:
+        ir.check_model(proto, full=False, what="input model", path=path)
     shapes_in = ir.fixed_input_shapes(proto, input_shapes)
     opset = ir.opset_version(proto)
-    graph = ir.to_graph(proto)
-    folded = _export_plain(graph, proto)
-    shapes = ir.static_shapes(folded, shapes_in)
+    graph = ir.to_graph(proto, source=path)
+    # shape inference needs no weights: the folded graph's skeleton (the full export only if onnxruntime must run)
+    skeleton = ir.export_skeleton(graph, proto)
+    shapes = ir.static_shapes(skeleton, shapes_in, runnable=lambda: _export_plain(graph, proto))
+    # graph-surgeon's graph copies (constant folding, the skeleton) are reference cycles that share the weight
+    # arrays; collected now, not whenever the collector next runs, pruning cannot hold the unpruned weights twice
+    gc.collect()
     return Analysis(proto, graph, trace(graph, shapes, exclude, opset), shapes_in, opset)
 
 
@@ -96,6 +116,7 @@ class _Measure:
     reference: validate.Outputs
     labels: np.ndarray | None = None
     accuracy_before: float | None = None
+    sessions: _Sessions | None = None  # the run's onnxruntime sessions, reused by the verdict and latency
 
 
 def prune(
@@ -141,16 +162,18 @@ def prune(
         raise CalibrationError(f"method {method!r} needs calibration data: pass --calib PATH (or --calib random)")
     if gates.max_drop is not None and eval_data is None:
         raise UsageError("--max-drop needs labelled --eval data (an .npz with the inputs and 'labels')")
+    path = _path_of(model)
     with clock.stage(Stage.LOAD):
-        original = _load(model)
-        ir.check_model(original, full=False, what="input model")
+        original = _load(model)  # the one parse of the input: everything after reads this proto (or the file, in C++)
+        ir.check_model(original, full=False, what="input model", path=path)
     with clock.stage(Stage.CALIBRATION):
         evaluation = load_eval(eval_data, original, input_shapes) if eval_data is not None else None
         calibration, shapes_in = _calibration(options, original, evaluation, preprocess)
         fit, held = _split(calibration, evaluation, holdout, seed, original, notes)
+    sessions = _Sessions(original, path, keep=latency)
     with clock.stage(Stage.REFERENCE):
         # the original's outputs need no pruning: measured first, so bad data (labels past the classes) fails before the work
-        measure = _reference(original, shapes_in, seed, evaluation, held, fit, progress)
+        measure = _reference(original, shapes_in, seed, evaluation, held, fit, progress, sessions)
     working = original
     block_fraction = ratio if method == "layer" else options.params.get("blocks")
     with clock.stage(Stage.TRACE):
@@ -159,7 +182,9 @@ def prune(
 
             working, block_notes = prune_blocks(original, float(block_fraction), fit, shapes_in, options)
             notes.extend(block_notes)
-        analysis = analyze(working, input_shapes=shapes_in, exclude=exclude)
+        # the original was checked at load; a block-pruned model is checked here
+        analysis = _analyze(working, shapes_in, exclude, check=working is not original,
+                            path=path if working is original else None)
     graph = analysis.graph
     notes.extend(_unmatched_excludes([n.name for n in graph.nodes], exclude))
     ctx = Context(working, graph, analysis.trace, options, analysis.input_shapes, analysis.opset, fit, progress)
@@ -182,28 +207,38 @@ def prune(
             with clock.stage(Stage.RECONSTRUCT):
                 pruned = outcome.finish(pruned)
     notes.extend(outcome.notes)
+    traced, plan, input_shapes = analysis.trace, outcome.plan, analysis.input_shapes
+    # the graph holds a second copy of the pruned weights (the model holds the first): free it (a reference cycle)
+    # before the sessions and the bytes of the pruned model are made
+    del graph, ctx, analysis, outcome
+    gc.collect()
     with clock.stage(Stage.VALIDATE):
-        validate.check_structure(original, pruned)
+        # serialized once: the checker, onnxruntime, the file size and the written file all take these bytes
+        serialized = ir.serialize(pruned)
+        validate.check_structure(original, pruned, serialized=serialized)
+        sessions.use_pruned(pruned, serialized)
     with clock.stage(Stage.VERDICT):
         verdict = _verdict(original, pruned, measure, fit, gates, progress)
     timing = None
     if latency:
         with clock.stage(Stage.LATENCY):
-            timing = measure_latency(original, pruned, _latency_feed(measure, original))
+            timing = measure_latency(original, pruned, _latency_feed(measure, original),
+                                     sessions=(sessions.original(), sessions.pruned()))
         if timing.after_ms > SLOWER_TOLERANCE * timing.before_ms:
             notes.extend(_warned([
                 f"the pruned model is not faster here: {timing.after_ms:.3f} ms against {timing.before_ms:.3f} ms "
                 f"(median of {timing.rounds} interleaved runs, batch {timing.batch}); odd channel counts can defeat "
                 "fast kernels (try --round-to 8) and tiny inputs are dominated by per-op overhead"
             ]))
+    sessions.close()
     _warn_verdict(verdict)
     report = Report(
         method=method,
         ratio=ratio,
-        before=validate.model_stats(original, analysis.input_shapes),
-        after=validate.model_stats(pruned, analysis.input_shapes),
+        before=validate.model_stats(original, input_shapes),
+        after=validate.model_stats(pruned, input_shapes, file_bytes=None if serialized is None else len(serialized)),
         verdict=verdict,
-        groups=group_rows(analysis.trace, {g.group: g.kept for g in outcome.plan.groups}),
+        groups=group_rows(traced, {g.group: g.kept for g in plan.groups}),
         seconds=0.0,
         notes=tuple(notes),
         request=_request(method, ratio, options.params),
@@ -215,7 +250,49 @@ def prune(
         stage_seconds=dict(clock.seconds),
     )
     report = replace(report, seconds=time.perf_counter() - started)
-    return PruneResult(pruned, report, analysis.trace, outcome.plan)
+    return PruneResult(pruned, report, traced, plan, serialized)
+
+
+class _Sessions:
+    """The run's onnxruntime sessions: each model's is built once and reused.
+
+    The original's is built from its file when it was given as one (nothing serialized),
+    the pruned model's from the bytes that will be written. With `keep` (latency is
+    measured at the end) both are kept for it; otherwise the original's is freed once its
+    outputs are measured, so its weights are not held twice while pruning.
+    """
+
+    def __init__(self, original: onnx.ModelProto, path: str | None, keep: bool) -> None:
+        self._model, self._path, self._keep = original, path, keep
+        self._original: Any = None
+        self._pruned: Any = None
+        self._pruned_model: onnx.ModelProto | None = None
+        self._pruned_bytes: bytes | None = None
+
+    def original(self) -> Any:
+        if self._original is None:
+            self._original = validate.open_session(self._model, "input model", path=self._path)
+        return self._original
+
+    def use_pruned(self, model: onnx.ModelProto, serialized: bytes | None) -> None:
+        """The pruned model and its bytes (`ir.serialize`), from which its session is built."""
+        self._pruned_model, self._pruned_bytes, self._pruned = model, serialized, None
+
+    def pruned(self, model: onnx.ModelProto | None = None) -> Any:
+        if model is not None and model is not self._pruned_model:
+            self.use_pruned(model, None)
+        if self._pruned is None:
+            assert self._pruned_model is not None
+            self._pruned = validate.open_session(self._pruned_model, "pruned model", serialized=self._pruned_bytes)
+        return self._pruned
+
+    def done_with_original(self) -> None:
+        """The original's outputs are measured: free its session unless latency needs it again."""
+        if not self._keep:
+            self._original = None
+
+    def close(self) -> None:
+        self._original = self._pruned = self._pruned_model = self._pruned_bytes = None
 
 
 def _settings(options: Options, holdout: float, gates: Gates, eval_data: Any, preprocess: Any) -> dict[str, Any]:
@@ -248,7 +325,7 @@ def _split(
 
 def _reference(
     original: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], seed: int, evaluation: EvalData | None,
-    held: Any, fit: Any, progress: Callable[[int, int], None] | None,
+    held: Any, fit: Any, progress: Callable[[int, int], None] | None, sessions: _Sessions | None = None,
 ) -> _Measure:
     """The verdict's samples and the original's outputs on them."""
     labels = None
@@ -263,9 +340,13 @@ def _reference(
         source, feeds = VerdictSource.RANDOM, validate.random_feeds(original, shapes, seed)
     if not feeds:
         raise CalibrationError("no samples to measure the verdict on (a static batch larger than the data?)")
-    reference = validate.outputs_of(original, feeds, "input model", progress)
+    if sessions is None:
+        reference = validate.outputs_of(original, feeds, "input model", progress)
+    else:
+        reference = validate.outputs_of(original, feeds, "input model", progress, sess=sessions.original())
+        sessions.done_with_original()
     accuracy_before = None if labels is None else accuracy_of(reference, labels)
-    return _Measure(source, feeds, reference, labels, accuracy_before)
+    return _Measure(source, feeds, reference, labels, accuracy_before, sessions)
 
 
 #: a pruned model slower than this times the original's latency is named in a warning
@@ -276,13 +357,16 @@ FITTED_SAMPLES = 32
 
 def _verdict(original: onnx.ModelProto, pruned: onnx.ModelProto, m: _Measure, fit: Any, gates: Gates,
              progress: Callable[[int, int], None] | None = None) -> Verdict:
-    outputs = validate.outputs_of(pruned, m.feeds, "pruned model", progress)
+    sessions = m.sessions
+    pruned_session = None if sessions is None else sessions.pruned(pruned)
+    outputs = validate.outputs_of(pruned, m.feeds, "pruned model", progress, sess=pruned_session)
     agreement = validate.agreement_of(original, pruned, m.reference, outputs, m.feeds)
     accuracy_after = None if m.labels is None else accuracy_of(outputs, m.labels)
     fitted: tuple[Any, ...] = ()
     if m.source.held_out and fit is not None and not fit.is_random:
         # the same figures on samples the method fitted to: the gap to the verdict shows overfitting
-        fitted = validate.compare(original, pruned, validate.calibration_feeds(original, fit, FITTED_SAMPLES))
+        both = (None, None) if sessions is None else (sessions.original(), pruned_session)
+        fitted = validate.compare(original, pruned, validate.calibration_feeds(original, fit, FITTED_SAMPLES), both)
     shapes = {o.name: tuple(out.shape) for o, out in zip(original.graph.output, m.reference[0])}
     return summarise(m.source, validate.feed_samples(m.feeds), agreement, accuracy_before=m.accuracy_before,
                      accuracy_after=accuracy_after, classes=classes_of(shapes), gates=gates, fitted=fitted)
@@ -367,7 +451,7 @@ def plan_only(
     _checked(options)
     proto = _load(model)
     shapes = resolve_input_shapes(proto, dict(input_shapes or {}), preprocess=preprocess)
-    analysis = analyze(proto, input_shapes=shapes, exclude=options.exclude)
+    analysis = _analyze(proto, shapes, options.exclude, path=_path_of(model))
     _unmatched_excludes([n.name for n in analysis.graph.nodes], options.exclude)
     if method not in PLAN_ONLY:
         return analysis, None

@@ -195,7 +195,7 @@ def main(
             _dry_run(model, method, ratio, round_to, exclude, shapes, seed, criterion, report_path, planning, preprocess)
             return
         target = output or model.with_name(model.name.removesuffix(".onnx") + ".pruned.onnx")
-        _check_paths(model, target, report_path)
+        external = _check_paths(model, target, report_path)
         console = None if quiet else ConsoleProgress()
         result = api.prune(
             model, method, ratio, round_to=round_to, exclude=exclude, input_shapes=shapes, seed=seed,
@@ -210,7 +210,8 @@ def main(
         verdict = report.verdict
         passed = verdict is None or verdict.passed
         if passed or keep_failed:
-            ir.save_model(result.model, target, external=ir.input_had_external_data(model))
+            # the bytes the verdict ran are the bytes written: the model is not serialized again
+            ir.save_model(result.model, target, external=external.initializers, serialized=result.serialized)
             report = replace(report, output_path=str(target))
         if report_path is not None:
             _write_text(report_path, report.to_json())
@@ -295,14 +296,19 @@ def _preprocess(
     )
 
 
-def _check_paths(model: Path, target: Path | None, report_path: Path | None) -> None:
-    """Input exists; output and report are files in existing folders and never one of the input's files."""
+def _check_paths(model: Path, target: Path | None, report_path: Path | None) -> ir.ExternalData:
+    """Input exists; output and report are files in existing folders and never one of the input's files.
+
+    Returns the input's external-data references (read from the file without loading its
+    tensors: the model itself is parsed once, by `api.prune`).
+    """
     if not model.exists():
         raise UsageError(f"{model}: no such file")
     if not model.is_file():
         raise UsageError(f"{model}: not a file")
     named = [(flag, path) for flag, path in (("output", target), ("--report", report_path)) if path is not None]
-    inputs_data = ir.external_data_files(model)
+    external = ir.external_data_of(model)
+    inputs_data = external.files
     for flag, path in named:
         if path.resolve() == model.resolve():
             raise UsageError(f"{flag} {path} is the input model; choose another path")
@@ -312,7 +318,7 @@ def _check_paths(model: Path, target: Path | None, report_path: Path | None) -> 
             raise UsageError(f"{flag} {path} is a folder; give a file name")
         ir.check_writable_folder(path.resolve().parent)  # before any work, not after it
     if target is None:
-        return
+        return external
     if report_path is not None and report_path.resolve() == target.resolve():
         raise UsageError(f"--report {report_path} is the output model; choose another path")
     # the output's external data (when it has any) is written beside it as NAME.data
@@ -322,6 +328,7 @@ def _check_paths(model: Path, target: Path | None, report_path: Path | None) -> 
             f"output {target} would write its external data to {output_data.name}, a file of the input model; "
             "choose another output name"
         )
+    return external
 
 
 def _write_text(path: Path, text: str) -> None:

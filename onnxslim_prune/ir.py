@@ -11,15 +11,23 @@ Life cycle of a model here:
     ... passes read / edit `graph` through the helpers below ...
     out = to_model(graph, like=proto)   # ModelProto, stale value_info dropped, shapes re-inferred
     save_model(out, path)               # atomic write, external data when needed
+
+Large models: the weights are parsed once (`load_model`) and never serialized just to be
+measured or checked. Sizes come from the tensors' headers (`payload_bytes`,
+`serialized_size`, `exceeds_proto_limit`), shape inference and the weight-free checks run on
+a `skeleton`, and a model that is serialized anyway (for onnxruntime and the file) hands the
+same bytes to the checker (`serialize`, `check_model(serialized=...)`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +68,22 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     return model
 
 
-def check_model(model: onnx.ModelProto, *, full: bool, what: str) -> None:
-    """onnx.checker on a model of any size; `full` adds strict shape inference."""
+def check_model(
+    model: onnx.ModelProto, *, full: bool, what: str, path: str | os.PathLike[str] | None = None,
+    serialized: bytes | None = None,
+) -> None:
+    """onnx.checker on a model of any size; `full` adds strict shape inference.
+
+    `serialized` (the model's own bytes, when the caller has them) or `path` (the file the
+    model was loaded from, unchanged) spare serializing the weights again: the checker then
+    parses those (in C++) instead.
+    """
     try:
-        if model.ByteSize() < PROTO_LIMIT:
+        if serialized is not None:
+            onnx.checker.check_model(serialized, full_check=full)
+        elif path is not None and os.path.getsize(path) < PROTO_LIMIT:
+            onnx.checker.check_model(os.fspath(path), full_check=full)
+        elif not exceeds_proto_limit(model):
             onnx.checker.check_model(model, full_check=full)
         else:
             with tempfile.TemporaryDirectory() as tmp:
@@ -85,12 +105,15 @@ def opset_version(model: onnx.ModelProto) -> int:
 # ----------------------------------------------------------------------------- graph
 
 
-def to_graph(model: onnx.ModelProto) -> gs.Graph:
+def to_graph(model: onnx.ModelProto, source: str | os.PathLike[str] | None = None) -> gs.Graph:
     """Import into graph-surgeon, name every node, fold Constant nodes and weight subgraphs.
 
     Shape subgraphs are folded only when every graph input is fully static: a dynamic
     batch must stay dynamic in the output. Ops that expand constants (Expand, Tile, a
     Gather that repeats rows) are never folded, so the model cannot grow.
+
+    `source` is the file `model` was loaded from, unchanged: the initializers' arrays are
+    then read from it straight into numpy (one copy, see `_detach`).
     """
     # stale intermediate shapes must not reach the graph; detach them without copying the weights
     saved_value_info = list(model.graph.value_info)
@@ -101,7 +124,7 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
         raise ModelError(f"cannot import the graph: {exc}") from None
     finally:
         model.graph.value_info.extend(saved_value_info)
-    _detach(graph)
+    _detach(graph, _raw_data_in_file(source) if source is not None else None)
     _name_nodes(graph)
     _keep_output_names(graph)
     static = _all_inputs_static(model)
@@ -135,17 +158,94 @@ def value_digest(values: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
 
 
-def _detach(graph: gs.Graph) -> None:
+def _detach(graph: gs.Graph, in_file: RawData | None = None) -> None:
     """Load every lazy constant (graph tensors and Constant-node attributes) into numpy.
 
     A lazy constant is the caller's own TensorProto, and graph-surgeon's export renames it in
     place: the input model would change. Loading costs one copy of the weights, which the
-    graph needs anyway; no serialized copy of the whole model is made.
+    graph needs anyway; no serialized copy of the whole model is made. From the proto the
+    loader makes two (protobuf hands out a copy of the raw bytes, and the array must be
+    writable); an initializer found in `in_file` is read from the file into its array instead.
     """
-    constants = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
-    constants += [v for node in graph.nodes for v in node.attrs.values() if isinstance(v, gs.Constant)]
-    for constant in constants:
+    tensors = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    attributes = [v for node in graph.nodes for v in node.attrs.values() if isinstance(v, gs.Constant)]
+    for constant in tensors:  # initializers only: Constant-node values are not in the file's spans
+        lazy = constant._values  # noqa: SLF001 - graph-surgeon keeps no public handle on the lazy tensor
+        if in_file is not None and isinstance(lazy, gs.ir.tensor.LazyValues):
+            values = in_file.read(lazy.tensor)
+            if values is not None:
+                constant.values = values
+    for constant in tensors + attributes:
         _ = constant.values  # the property replaces the lazy reference with the loaded array
+
+
+@dataclass(frozen=True)
+class RawData:
+    """Where the main graph's initializers keep their raw data in a model file (see `_raw_data_in_file`)."""
+
+    path: str
+    #: initializer name -> (offset, length) of its raw_data bytes, its element type and dims
+    spans: Mapping[str, tuple[int, int, int, tuple[int, ...]]]
+
+    def read(self, tensor: onnx.TensorProto) -> np.ndarray | None:
+        """The tensor's values read from the file (a fresh, writable array), or None to load it from the proto."""
+        span = self.spans.get(tensor.name)
+        if span is None or tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type in _PACKED_BITS:
+            return None
+        offset, length, data_type, dims = span
+        if data_type != tensor.data_type or dims != tuple(tensor.dims):
+            return None
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        except (KeyError, TypeError, ValueError):
+            return None
+        count = _elements(tensor)
+        if dtype.hasobject or count * dtype.itemsize != length or sys.byteorder != "little":
+            return None
+        try:
+            values = np.fromfile(self.path, dtype=dtype, count=count, offset=offset)
+        except (OSError, ValueError):
+            return None
+        return values.reshape(tuple(tensor.dims)) if values.size == count else None
+
+
+def _raw_data_in_file(path: str | os.PathLike[str]) -> RawData | None:
+    """The spans of the main graph's initializers' raw data in `path` (names met twice are left out)."""
+    import mmap
+
+    spans: dict[str, tuple[int, int, int, tuple[int, ...]]] = {}
+    repeated: set[str] = set()
+    try:
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            for number, wire, a, b in _fields(buf, 0, len(buf)):
+                if number != _MODEL_GRAPH or wire != 2:
+                    continue
+                for n, w, c, d in _fields(buf, a, b):
+                    if n != _GRAPH_INITIALIZER or w != 2:
+                        continue
+                    name, span, data_type, dims = "", None, 0, []
+                    for field, kind, start, end in _fields(buf, c, d):
+                        if field == _TENSOR_NAME and kind == 2:
+                            name = bytes(buf[start:end]).decode("utf-8")
+                        elif field == _TENSOR_RAW_DATA and kind == 2:
+                            span = (start, end - start)
+                        elif field == _TENSOR_DATA_TYPE and kind == 0:
+                            data_type = start
+                        elif field == _TENSOR_DIMS and kind == 0:
+                            dims.append(start)
+                        elif field == _TENSOR_DIMS and kind == 2:  # packed
+                            at = start
+                            while at < end:
+                                dim, at = _varint(buf, at)
+                                dims.append(dim)
+                    if name in spans or name in repeated:
+                        spans.pop(name, None)
+                        repeated.add(name)
+                    elif span is not None:
+                        spans[name] = (*span, data_type, tuple(_signed(d) for d in dims))
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        return None
+    return RawData(os.fspath(path), spans)
 
 
 def _share_equal_constants(graph: gs.Graph) -> None:
@@ -366,14 +466,42 @@ def skeleton(model: onnx.ModelProto, min_elements: int = 64) -> onnx.ModelProto:
     Shape inference needs the values of small shape constants only, so this copy
     infers as the real model does while staying a few kilobytes for any model size.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(_without_initializers(model))
+    out = _without_initializers(model)
     graph = out.graph
     for init in model.graph.initializer:
         if int(np.prod(init.dims)) >= min_elements and init.data_type in _FLOAT_TYPES:
             graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
         else:
             graph.initializer.append(init)
+    return out
+
+
+def export_skeleton(graph: gs.Graph, like: onnx.ModelProto, min_elements: int = 64) -> onnx.ModelProto:
+    """`skeleton` of the graph's export, made without exporting (copying) its weights.
+
+    The same model as ``skeleton(export)`` for shape inference: every float constant of at
+    least `min_elements` elements becomes a typed graph input, the rest stay initializers;
+    opset and IR version are `like`'s. The graph itself is not modified.
+    """
+    from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
+
+    work = graph.copy()  # tensors and nodes are copied, weight arrays are shared
+    for tensor in list(work.tensors().values()):
+        if not isinstance(tensor, gs.Constant) or tensor in work.inputs:
+            continue
+        dtype = dtype_to_onnx(tensor.export_dtype)
+        if int(np.prod(tensor.shape, dtype=np.int64)) < min_elements or dtype not in _FLOAT_TYPES:
+            continue
+        stand_in = gs.Variable(tensor.name, dtype=dtype, shape=list(tensor.shape))
+        for node in list(tensor.outputs):
+            for i, t in enumerate(list(node.inputs)):
+                if t is tensor:
+                    node.inputs[i] = stand_in
+        work.inputs.append(stand_in)
+    out = gs.export_onnx(work, do_type_check=False)
+    del out.opset_import[:]
+    out.opset_import.extend(like.opset_import)
+    out.ir_version = like.ir_version
     return out
 
 
@@ -392,19 +520,31 @@ def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _copy_fields(source: Any, target: Any, skip: str) -> None:
-    for descriptor, value in source.ListFields():
-        if descriptor.name == skip:
+    """Copy every set field but `skip`, whose value is never read (reading a bytes field copies it)."""
+    for descriptor in source.DESCRIPTOR.fields:
+        name = descriptor.name
+        if name == skip:
             continue
+        value = getattr(source, name)
         if hasattr(value, "extend"):  # a repeated field (upb descriptors no longer say so themselves)
-            getattr(target, descriptor.name).extend(value)
+            if len(value):
+                getattr(target, name).extend(value)
+        elif not source.HasField(name):
+            continue
         elif hasattr(value, "CopyFrom"):
-            getattr(target, descriptor.name).CopyFrom(value)
+            getattr(target, name).CopyFrom(value)
         else:
-            setattr(target, descriptor.name, value)
+            setattr(target, name, value)
 
 
-def static_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Shape]) -> dict[str, Shape]:
-    """Every tensor's static shape for the given input shapes (strict inference, data propagation)."""
+def static_shapes(
+    model: onnx.ModelProto, input_shapes: Mapping[str, Shape], runnable: Callable[[], onnx.ModelProto] | None = None
+) -> dict[str, Shape]:
+    """Every tensor's static shape for the given input shapes (strict inference, data propagation).
+
+    Shapes inference cannot give are read off one onnxruntime run, which needs the weights:
+    when `model` is a skeleton (`export_skeleton`), `runnable` makes the full model (only then).
+    """
     skel = skeleton(model)
     for vi in skel.graph.input:
         if vi.name in input_shapes:
@@ -434,7 +574,7 @@ def static_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Shape]) -> 
         shapes[init.name] = tuple(init.dims)
     missing = [o for n in model.graph.node for o in n.output if o and o not in shapes and o in types]
     if missing:
-        shapes.update(_shapes_by_running(model, input_shapes, missing, types))
+        shapes.update(_shapes_by_running(model if runnable is None else runnable(), input_shapes, missing, types))
     return shapes
 
 
@@ -444,25 +584,28 @@ def _shapes_by_running(
     """Shapes inference could not give, read off one onnxruntime run on zero inputs."""
     import onnxruntime as ort
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, types[n], None) for n in names if n not in known)
+    known = {o.name for o in model.graph.output}
+    extra = [onnx.helper.make_tensor_value_info(n, types[n], None) for n in names if n not in known]
     feeds = {}
     inits = {i.name for i in model.graph.initializer}
     for vi in model.graph.input:
         if vi.name not in inits and vi.name in input_shapes:
             dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
             feeds[vi.name] = np.zeros(input_shapes[vi.name], dtype=dtype)
+    # the probe outputs are added to the model itself for the serialization (a copy would copy the weights)
+    count = len(model.graph.output)
+    model.graph.output.extend(extra)
     try:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         values = sess.run(names, feeds)
     except Exception as exc:  # tracing stays conservative: unknown shapes freeze
         log.warning("could not run the model to read shapes: %s", str(exc).splitlines()[0])
         return {}
+    finally:
+        del model.graph.output[count:]
     log.info("read %d tensor shapes from an onnxruntime run", len(names))
     return {n: tuple(np.shape(v)) for n, v in zip(names, values)}
 
@@ -491,6 +634,9 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     out.graph.output.extend(like.graph.output)
     del out.graph.value_info[:]
     share_identical_initializers(out)
+    if _skeleton_infers(out):  # the weights are neither serialized nor parsed back
+        out.graph.value_info.extend(_infer_skeleton(out).graph.value_info)
+        return out
     inferred = infer_strict(out)
     # inference may refine a symbolic output dim; the output contract is the original's declaration
     del inferred.graph.output[:]
@@ -508,32 +654,69 @@ def share_identical_initializers(model: onnx.ModelProto) -> None:
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         return  # names may be captured by subgraphs; leave them alone
     protected = {v.name for v in [*graph.input, *graph.output]}
-    first: dict[tuple[int, tuple[int, ...], str], str] = {}
-    alias: dict[str, str] = {}
+    # only initializers of equal type and dims can be equal: those alone are read and hashed
+    by_shape: dict[tuple[int, tuple[int, ...]], list[onnx.TensorProto]] = defaultdict(list)
     for init in graph.initializer:
-        if init.name in protected or init.data_location == onnx.TensorProto.EXTERNAL:
+        if init.name not in protected and init.data_location != onnx.TensorProto.EXTERNAL:
+            by_shape[(init.data_type, tuple(init.dims))].append(init)
+    alias: dict[str, str] = {}
+    for candidates in by_shape.values():
+        if len(candidates) < 2:
             continue
-        # the values, not the serialized proto: that holds the name (and its length)
-        key = (init.data_type, tuple(init.dims), value_digest(numpy_helper.to_array(init)))
-        if key in first:
-            alias[init.name] = first[key]
-        else:
-            first[key] = init.name
+        first: dict[str, str] = {}
+        for init in candidates:  # initializer order: the first of equal values is kept
+            # the values, not the serialized proto: that holds the name (and its length)
+            keeper = first.setdefault(value_digest(numpy_helper.to_array(init)), init.name)
+            if keeper != init.name:
+                alias[init.name] = keeper
     if not alias:
         return
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name in alias:
                 node.input[i] = alias[name]
-    kept = [init for init in graph.initializer if init.name not in alias]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    for index in reversed(range(len(graph.initializer))):  # deleted in place: the kept ones are not copied
+        if graph.initializer[index].name in alias:
+            del graph.initializer[index]
+
+
+def _skeleton_infers(model: onnx.ModelProto) -> bool:
+    """Strict inference on `skeleton(model)` finds what it finds on `model`.
+
+    Not with subgraphs (their value_info lives inside the nodes) nor with an initializer that
+    is also a graph input (the skeleton would declare it twice).
+    """
+    graph = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return False
+    inputs = {vi.name for vi in graph.input}
+    return not any(init.name in inputs for init in graph.initializer)
+
+
+def _infer_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Strict shape inference on the weight-free `skeleton` of `model` (see `_skeleton_infers`)."""
+    skel = skeleton(model)
+    if exceeds_proto_limit(skel):  # huge non-float constants: the file-based path handles any size
+        return infer_strict(model)
+    try:
+        return onnx.shape_inference.infer_shapes(skel, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"pruned model fails strict shape inference: {first}") from None
+
+
+def check_inference(model: onnx.ModelProto) -> None:
+    """Raise `ModelError` unless strict shape inference passes (on the skeleton where it can)."""
+    if _skeleton_infers(model):
+        _infer_skeleton(model)
+    else:
+        infer_strict(model)
 
 
 def infer_strict(model: onnx.ModelProto) -> onnx.ModelProto:
     """Strict shape inference on a model of any size; the result carries fresh value_info."""
     try:
-        if model.ByteSize() < PROTO_LIMIT:
+        if not exceeds_proto_limit(model):
             return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
         with tempfile.TemporaryDirectory() as tmp:
             src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
@@ -545,16 +728,25 @@ def infer_strict(model: onnx.ModelProto) -> onnx.ModelProto:
         raise ModelError(f"pruned model fails strict shape inference: {first}") from None
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external: bool = False) -> None:
+def serialize(model: onnx.ModelProto) -> bytes | None:
+    """The model's bytes, as `save_model` writes them without external data; None past protobuf's limit."""
+    return None if exceeds_proto_limit(model) else model.SerializeToString()
+
+
+def save_model(
+    model: onnx.ModelProto, path: str | os.PathLike[str], *, external: bool = False, serialized: bytes | None = None
+) -> None:
     """Write atomically: a temporary file in the same folder, then a rename.
 
     External data is written when asked (the input had it) or when the model
     exceeds protobuf's limit; its data file is named after the output.
+    `serialized` is `serialize(model)` when the caller has it already (it is then
+    written as it is, and the model is not serialized again).
     """
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     check_writable_folder(folder)
-    external = external or model.ByteSize() >= PROTO_LIMIT
+    external = external or (serialized is None and exceeds_proto_limit(model))
     fd, tmp_name = _temporary(folder, target.name)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -568,7 +760,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external
                 default_permissions(tmp_data)
                 os.replace(tmp_data, folder / data_name)
         else:
-            tmp.write_bytes(model.SerializeToString())
+            tmp.write_bytes(model.SerializeToString() if serialized is None else serialized)
         default_permissions(tmp)
         os.replace(tmp, target)
     except OSError as exc:
@@ -631,17 +823,143 @@ def uses_external_data(model: onnx.ModelProto) -> bool:
 
 def external_data_files(path: str | os.PathLike[str]) -> set[Path]:
     """The files a model's tensors keep their external data in (resolved); empty if none or unreadable."""
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:
-        return set()
+    return set(external_data_of(path).files)
+
+
+@dataclass(frozen=True)
+class ExternalData:
+    """Where a model file keeps tensor data outside itself (see `external_data_of`)."""
+
+    files: frozenset[Path]  # resolved
+    initializers: bool  # some initializer of the main graph is stored outside
+
+
+def external_data_of(path: str | os.PathLike[str]) -> ExternalData:
+    """The external-data references of a model file, read without parsing (or reading) its tensors.
+
+    The protobuf wire format is walked through a memory map: only the headers of the
+    messages on the way to each tensor (graph, nodes, attributes, subgraphs) are decoded,
+    and every tensor's data is skipped by its length, so a model of any size costs a few
+    milliseconds and no memory. A file that is not a readable model has no external data.
+    """
+    import mmap
+
     folder = Path(path).resolve().parent
-    files = set()
-    for tensor in _all_tensors(model):
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                files.add((folder / entry.value).resolve())
-    return files
+    try:
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            locations, initializers = _scan_model(buf)
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        return ExternalData(frozenset(), False)
+    return ExternalData(frozenset((folder / loc).resolve() for loc in locations), initializers)
+
+
+def _varint(buf: Any, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _fields(buf: Any, start: int, end: int) -> Iterable[tuple[int, int, int, int]]:
+    """(field number, wire type, value or start, end) of one message's fields; nothing is copied."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+            yield number, wire, value, pos
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            if pos + length > end:
+                raise ValueError("field past the end of its message")
+            yield number, wire, pos, pos + length
+            pos += length
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:  # groups are not used by ONNX
+            raise ValueError(f"unexpected wire type {wire}")
+    if pos != end:
+        raise ValueError("truncated message")
+
+
+# field numbers of onnx.proto on the way to a tensor's external data
+_MODEL_GRAPH = 7
+_GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_SPARSE_INITIALIZER = 1, 5, 15
+_NODE_ATTRIBUTE = 5
+_ATTR_T, _ATTR_G, _ATTR_TENSORS, _ATTR_GRAPHS, _ATTR_SPARSE, _ATTR_SPARSES = 5, 6, 10, 11, 22, 23
+_SPARSE_VALUES, _SPARSE_INDICES = 1, 2
+_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_NAME, _TENSOR_RAW_DATA = 1, 2, 8, 9
+_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 13, 14
+
+
+def _signed(value: int) -> int:
+    """An int64 field's varint as the signed value."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+_ENTRY_KEY, _ENTRY_VALUE = 1, 2
+
+
+def _scan_model(buf: Any) -> tuple[set[str], bool]:
+    """(external-data locations of every tensor, whether a main-graph initializer is external)."""
+    locations: set[str] = set()
+    initializers = False
+
+    def tensor(start: int, end: int) -> bool:
+        external = False
+        for number, wire, a, b in _fields(buf, start, end):
+            if number == _TENSOR_DATA_LOCATION and wire == 0:
+                external = a == onnx.TensorProto.EXTERNAL
+            elif number == _TENSOR_EXTERNAL_DATA and wire == 2:
+                key = value = None
+                for n, w, c, d in _fields(buf, a, b):
+                    if w == 2 and n in (_ENTRY_KEY, _ENTRY_VALUE):
+                        text = bytes(buf[c:d]).decode("utf-8")
+                        key, value = (text, value) if n == _ENTRY_KEY else (key, text)
+                if key == "location" and value is not None:
+                    locations.add(value)
+        return external
+
+    def sparse(start: int, end: int) -> None:
+        for number, wire, a, b in _fields(buf, start, end):
+            if wire == 2 and number in (_SPARSE_VALUES, _SPARSE_INDICES):
+                tensor(a, b)
+
+    def graph(start: int, end: int, main: bool) -> None:
+        nonlocal initializers
+        for number, wire, a, b in _fields(buf, start, end):
+            if wire != 2:
+                continue
+            if number == _GRAPH_INITIALIZER:
+                external = tensor(a, b)
+                initializers = initializers or (main and external)
+            elif number == _GRAPH_SPARSE_INITIALIZER:
+                sparse(a, b)
+            elif number == _GRAPH_NODE:
+                for n, w, c, d in _fields(buf, a, b):
+                    if n == _NODE_ATTRIBUTE and w == 2:
+                        attribute(c, d)
+
+    def attribute(start: int, end: int) -> None:
+        for number, wire, a, b in _fields(buf, start, end):
+            if wire != 2:
+                continue
+            if number in (_ATTR_T, _ATTR_TENSORS):
+                tensor(a, b)
+            elif number in (_ATTR_G, _ATTR_GRAPHS):
+                graph(a, b, main=False)
+            elif number in (_ATTR_SPARSE, _ATTR_SPARSES):
+                sparse(a, b)
+
+    for number, wire, a, b in _fields(buf, 0, len(buf)):
+        if number == _MODEL_GRAPH and wire == 2:
+            graph(a, b, main=True)
+    return locations, initializers
 
 
 def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -663,10 +981,111 @@ def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
 
 
 def input_had_external_data(path: str | os.PathLike[str]) -> bool:
+    """Some initializer of the file's main graph is stored outside it (its tensors are not read)."""
+    return external_data_of(path).initializers
+
+
+# ----------------------------------------------------------------------------- sizes
+#
+# `ModelProto.ByteSize()` serializes the whole model to count its bytes (upb has no cached
+# size): for a model of several hundred MB that is seconds and a second copy in memory. The
+# figures below come from the tensors' headers instead.
+
+#: payload bytes per element of the element types that are packed below one byte
+_PACKED_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in
+                (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2),
+                 ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6)) if hasattr(onnx.TensorProto, name)}
+#: a model whose tensor payload is this far under `PROTO_LIMIT` is under it: the rest of a
+#: graph (nodes, names, shapes) is far smaller; closer to the limit `ByteSize` decides
+SIZE_MARGIN = 2**28
+
+
+def _elements(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims, dtype=np.int64))
+
+
+def _raw_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of the raw data of a valid tensor: element count times element size (nothing is read)."""
+    bits = _PACKED_BITS.get(tensor.data_type)
+    if bits is not None:
+        return -(-_elements(tensor) * bits // 8)
     try:
-        return uses_external_data(onnx.load(str(path), load_external_data=False))
-    except Exception:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):  # an element type numpy cannot hold: read the length
+        return len(tensor.raw_data)
+    return _elements(tensor) * itemsize
+
+
+def tensor_bytes(tensor: onnx.TensorProto, *, external: bool = False) -> int:
+    """Bytes of a tensor's values as stored, counted without reading them.
+
+    Raw data: element count times element size; typed fields: their lengths times the
+    field's width; strings: their lengths. Data stored outside the file counts only with
+    `external` (its "length" entry, else the element count): the model's own bytes do not
+    hold it.
+    """
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        if not external:
+            return 0
+        length = next((e.value for e in tensor.external_data if e.key == "length"), None)
+        return int(length) if length is not None else _raw_bytes(tensor)
+    if tensor.HasField("raw_data"):
+        return _raw_bytes(tensor)
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return sum(len(v) for v in tensor.string_data)
+    return (4 * (len(tensor.float_data) + len(tensor.int32_data))
+            + 8 * (len(tensor.int64_data) + len(tensor.double_data) + len(tensor.uint64_data)))
+
+
+def payload_bytes(model: onnx.ModelProto, *, external: bool = False) -> int:
+    """Bytes of every tensor's values (initializers, sparse initializers, Constant attributes, subgraphs).
+
+    A lower estimate of the serialized size (the nodes, names and shapes come on top, a few
+    kilobytes to megabytes); with `external`, of the files a save with external data writes.
+    """
+    total = sum(tensor_bytes(t, external=external) for t in _all_tensors(model))
+    for sparse in model.graph.sparse_initializer:
+        total += tensor_bytes(sparse.values, external=external) + tensor_bytes(sparse.indices, external=external)
+    return total
+
+
+def exceeds_proto_limit(model: onnx.ModelProto) -> bool:
+    """The model's serialization would reach `PROTO_LIMIT` (ByteSize is called only near the limit)."""
+    payload = payload_bytes(model)
+    if payload < PROTO_LIMIT - SIZE_MARGIN:
         return False
+    if payload >= PROTO_LIMIT + SIZE_MARGIN:
+        return True
+    return model.ByteSize() >= PROTO_LIMIT
+
+
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def _tensor_size(tensor: onnx.TensorProto) -> int:
+    """`tensor.ByteSize()`, with its raw data counted, not serialized."""
+    if not tensor.HasField("raw_data") or _raw_bytes(tensor) < 2**16:
+        return int(tensor.ByteSize())
+    header = onnx.TensorProto()
+    _copy_fields(tensor, header, skip="raw_data")
+    length = _raw_bytes(tensor)
+    return int(header.ByteSize()) + 1 + _varint_size(length) + length  # raw_data is field 9: a 1-byte tag
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """`model.ByteSize()`, the size of the file `save_model` writes without external data,
+    computed without serializing the initializers' raw data.
+
+    Everything but the initializers is measured by protobuf itself (a few kilobytes for
+    most models); each initializer adds its header, its raw data (element count times
+    element size: a valid tensor's length) and the length prefixes. Exact for every valid
+    model (a test compares it with ByteSize); unknown fields of a newer ONNX are not counted.
+    """
+    light = _without_initializers(model)
+    bare = int(light.graph.ByteSize())
+    full = bare + sum(1 + _varint_size(size) + size for size in map(_tensor_size, model.graph.initializer))  # tag 5: 1 byte
+    return int(light.ByteSize()) - _varint_size(bare) - bare + _varint_size(full) + full
 
 
 # ----------------------------------------------------------------------------- counting

@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -40,11 +41,18 @@ class Latency:
                 "rounds": self.rounds, "batch": self.batch}
 
 
-def measure(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> Latency:
-    """Median latency of each model on `feed` (see the module docstring)."""
+def measure(
+    original: onnx.ModelProto, pruned: onnx.ModelProto, feed: Mapping[str, np.ndarray],
+    sessions: tuple[Any, Any] = (None, None),
+) -> Latency:
+    """Median latency of each model on `feed` (see the module docstring).
+
+    `sessions` are the caller's sessions of the two models (built with `validate.session`'s
+    options, as the ones made here), reused instead of building new ones.
+    """
     from .validate import session
 
-    sessions = (session(original), session(pruned))
+    sessions = (sessions[0] or session(original), sessions[1] or session(pruned))
     feed = dict(feed)
     for sess in sessions:
         for _ in range(WARMUP):

@@ -11,6 +11,7 @@ samples: held-out evaluation or calibration data, else `RANDOM_SAMPLES` seeded r
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,13 +31,27 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ModelStats:
+    """Size figures of a model.
+
+    `file_bytes` is the model's serialized size (`ModelProto.ByteSize()`): the size of the
+    file written without external data. With external data the .onnx file is smaller and
+    the rest is in its data file; the figure stays the serialized size.
+    """
+
     params: int
     macs: int
     file_bytes: int
 
 
-def model_stats(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> ModelStats:
-    """Parameters, MACs of the weighted ops at `input_shapes`, serialized size."""
+def model_stats(
+    model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]], *, file_bytes: int | None = None
+) -> ModelStats:
+    """Parameters, MACs of the weighted ops at `input_shapes`, serialized size.
+
+    `file_bytes` is the serialized size when the caller knows it (the length of the bytes it
+    wrote or ran); otherwise it is counted from the tensors' headers (`ir.serialized_size`),
+    never by serializing the model.
+    """
     shapes = ir.static_shapes(model, input_shapes)
     graph = gs.import_onnx(ir.skeleton(model))
 
@@ -44,15 +59,28 @@ def model_stats(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ..
         return shapes.get(t.name)
 
     macs = sum(node_macs(n, shape_of) for n in graph.nodes)
-    return ModelStats(ir.count_parameters(model), int(macs), int(model.ByteSize()))
+    size = ir.serialized_size(model) if file_bytes is None else file_bytes
+    return ModelStats(ir.count_parameters(model), int(macs), int(size))
 
 
-def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
+def session(
+    model: onnx.ModelProto, threads: int = 0, *, path: str | os.PathLike[str] | None = None,
+    serialized: bytes | None = None,
+) -> ort.InferenceSession:
+    """An onnxruntime CPU session of `model`.
+
+    `serialized` (the model's bytes, `ir.serialize`) or `path` (the unchanged file it was
+    loaded from) spare serializing the model: onnxruntime reads those instead.
+    """
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    if model.ByteSize() < ir.PROTO_LIMIT:
+    if serialized is not None:
+        return ort.InferenceSession(serialized, opts, providers=["CPUExecutionProvider"])
+    if path is not None:
+        return ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+    if not ir.exceeds_proto_limit(model):
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     import tempfile
     from pathlib import Path
@@ -125,13 +153,27 @@ def feed_samples(feeds: Feeds) -> int:
     return sum(len(next(iter(f.values()))) if f else 1 for f in feeds)
 
 
-def outputs_of(model: onnx.ModelProto, feeds: Feeds, what: str = "model", progress: Callable[[int, int], None] | None = None) -> Outputs:
-    """Every output of `model` on every feed (one session, freed afterwards).
+def open_session(
+    model: onnx.ModelProto, what: str = "model", *, path: str | os.PathLike[str] | None = None,
+    serialized: bytes | None = None,
+) -> ort.InferenceSession:
+    """`session`, with a failure raised as `ValidationError` (the model does not load in onnxruntime)."""
+    try:
+        return session(model, path=path, serialized=serialized)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ValidationError(f"{what} does not run in onnxruntime: {str(exc).splitlines()[0]}") from None
+
+
+def outputs_of(
+    model: onnx.ModelProto, feeds: Feeds, what: str = "model", progress: Callable[[int, int], None] | None = None,
+    *, sess: ort.InferenceSession | None = None,
+) -> Outputs:
+    """Every output of `model` on every feed (one session, freed afterwards; or `sess`, the caller's).
 
     Raises `ValidationError` if the model does not run.
     """
     try:
-        sess = session(model)
+        sess = session(model) if sess is None else sess
         runs = []
         for done, feed in enumerate(feeds, start=1):
             runs.append(sess.run(None, feed))
@@ -166,10 +208,13 @@ def agreement_of(
     return acc.results()
 
 
-def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: Feeds) -> tuple[OutputAgreement, ...]:
-    """Run both models on `feeds` (one session at a time) and measure their agreement."""
-    reference = outputs_of(original, feeds, "original model")
-    return agreement_of(original, pruned, reference, outputs_of(pruned, feeds, "pruned model"), feeds)
+def compare(
+    original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: Feeds,
+    sessions: tuple[ort.InferenceSession | None, ort.InferenceSession | None] = (None, None),
+) -> tuple[OutputAgreement, ...]:
+    """Run both models on `feeds` (one session at a time, or the caller's `sessions`) and measure their agreement."""
+    reference = outputs_of(original, feeds, "original model", sess=sessions[0])
+    return agreement_of(original, pruned, reference, outputs_of(pruned, feeds, "pruned model", sess=sessions[1]), feeds)
 
 
 def check_contract(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
@@ -184,8 +229,11 @@ def check_contract(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
             raise ValidationError(f"pruned model changed the graph {kind}s ({names})")
 
 
-def check_structure(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
-    """The checker (full), the input/output contract and strict shape inference; running is checked by the verdict."""
-    ir.check_model(pruned, full=True, what="pruned model")
+def check_structure(original: onnx.ModelProto, pruned: onnx.ModelProto, *, serialized: bytes | None = None) -> None:
+    """The checker (full), the input/output contract and strict shape inference; running is checked by the verdict.
+
+    `serialized` is `ir.serialize(pruned)` when the caller has it: the checker reads those bytes.
+    """
+    ir.check_model(pruned, full=True, what="pruned model", serialized=serialized)
     check_contract(original, pruned)
-    ir.infer_strict(pruned)
+    ir.check_inference(pruned)

@@ -95,9 +95,7 @@ class _Applier:
         elif kind == "grouped":
             ir.set_input_const(node, 1, self._grouped_weight(node, weight, in_keep, out_keep))
         else:
-            w = weight if out_keep is None else weight[out_keep]
-            w = w if in_keep is None else w[:, in_keep]
-            ir.set_input_const(node, 1, w)
+            ir.set_input_const(node, 1, _take2(weight, out_keep, in_keep))
         self.bias(node, out_keep, 0)
 
     def _grouped_weight(
@@ -121,8 +119,8 @@ class _Applier:
         in_keep, out_keep = self.keep(node.inputs[0]), self.keep(node.outputs[0])
         weight = ir.input_const(node, 1)
         assert weight is not None
-        w = weight if in_keep is None else np.take(weight, in_keep, axis=in_axis)
-        w = w if out_keep is None else np.take(w, out_keep, axis=out_axis)
+        keep0, keep1 = (in_keep, out_keep) if in_axis == 0 else (out_keep, in_keep)
+        w = _take2(weight, keep0, keep1)
         if w is not weight:
             ir.set_input_const(node, 1, w)
         self.bias(node, out_keep, -1)
@@ -235,6 +233,19 @@ class _Applier:
         new = sizes.copy()
         new.reshape(-1)[self.axis(node.outputs[0])] = keep.size
         ir.set_input_const(node, 3, new)
+
+
+def _take2(weight: np.ndarray, keep0: np.ndarray | None, keep1: np.ndarray | None) -> np.ndarray:
+    """`weight` kept at `keep0` on axis 0 and `keep1` on axis 1 (None: all), in one gather.
+
+    Both at once (`np.ix_`) makes no intermediate array: slicing a large dense weight holds
+    only it and its result, never a third, partly sliced, copy.
+    """
+    if keep0 is None:
+        return weight if keep1 is None else np.take(weight, keep1, axis=1)
+    if keep1 is None:
+        return np.take(weight, keep0, axis=0)
+    return weight[np.ix_(keep0, keep1)]
 
 
 def apply_plan(graph: gs.Graph, trace: Trace, plan: Plan, opset: int, overrides: Overrides | None = None) -> gs.Graph:

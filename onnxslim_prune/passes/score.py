@@ -15,11 +15,10 @@ Criteria (each a function of the weights only, so data-free):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from scipy.spatial.distance import cdist
 
 from .. import ir
 from ..errors import UsageError
@@ -29,11 +28,53 @@ Criterion = Callable[[Trace, gs.Graph, Group, int], np.ndarray]
 
 
 def filters(graph_nodes: Mapping[str, gs.Node], source: Source) -> np.ndarray:
-    """The source's output filters as rows: [channels, fan_in], float64."""
+    """The source's output filters as rows: [channels, fan_in], in the weight's own dtype.
+
+    A view of the weight wherever the layout allows (Conv, Gemm, MatMul): scoring copies
+    no weight; the criteria accumulate in float64 block by block (`_blocks`).
+    """
     weight = ir.input_const(graph_nodes[source.node], 1)
     assert weight is not None
-    w = np.moveaxis(np.asarray(weight, dtype=np.float64), source.axis, 0)
+    w = np.moveaxis(np.asarray(weight), source.axis, 0)
     return w.reshape(w.shape[0], -1)
+
+
+#: the most bytes of temporaries a criterion makes at once from a block of filters
+BLOCK_BYTES = 2**24
+_NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _blocks(f: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
+    """Row blocks of `f` of about `BLOCK_BYTES` (float64 blocks for element types numpy reduces poorly)."""
+    step = max(1, BLOCK_BYTES // max(1, f.shape[1] * 8))
+    for start in range(0, f.shape[0], step):
+        rows = slice(start, start + step)
+        block = f[rows]
+        yield rows, block if block.dtype in _NATIVE else block.astype(np.float64)
+
+
+def _l1_rows(f: np.ndarray) -> np.ndarray:
+    """Per row, the sum of |w| accumulated in float64 (abs is exact in any precision)."""
+    out = np.empty(f.shape[0], dtype=np.float64)
+    for rows, block in _blocks(f):
+        out[rows] = np.abs(block).sum(axis=1, dtype=np.float64)
+    return out
+
+
+def _l2_rows(f: np.ndarray) -> np.ndarray:
+    """Per row, the Euclidean norm; products and sums in float64 (einsum casts on the fly, no copy)."""
+    out = np.empty(f.shape[0], dtype=np.float64)
+    for rows, block in _blocks(f):
+        out[rows] = np.einsum("ij,ij->i", block, block, dtype=np.float64, casting="safe")
+    return np.sqrt(out)
+
+
+def _fpgm_rows(f: np.ndarray) -> np.ndarray:
+    """Per row, the summed distance to every row (cdist works in float64: one contiguous copy, shared by both sides)."""
+    from scipy.spatial.distance import cdist  # only fpgm needs scipy: not imported for every run
+
+    rows = np.ascontiguousarray(f, dtype=np.float64)
+    return cdist(rows, rows).sum(axis=1)
 
 
 def _per_class(trace: Trace, group: Group, values: Mapping[int, np.ndarray]) -> np.ndarray:
@@ -55,15 +96,15 @@ def _source_values(trace: Trace, graph: gs.Graph, group: Group, fn: Callable[[np
 
 
 def l1(trace: Trace, graph: gs.Graph, group: Group, seed: int = 0) -> np.ndarray:
-    return _source_values(trace, graph, group, lambda f: np.abs(f).sum(axis=1))
+    return _source_values(trace, graph, group, _l1_rows)
 
 
 def l2(trace: Trace, graph: gs.Graph, group: Group, seed: int = 0) -> np.ndarray:
-    return _source_values(trace, graph, group, lambda f: np.sqrt((f * f).sum(axis=1)))
+    return _source_values(trace, graph, group, _l2_rows)
 
 
 def fpgm(trace: Trace, graph: gs.Graph, group: Group, seed: int = 0) -> np.ndarray:
-    return _source_values(trace, graph, group, lambda f: cdist(f, f).sum(axis=1))
+    return _source_values(trace, graph, group, _fpgm_rows)
 
 
 def bn(trace: Trace, graph: gs.Graph, group: Group, seed: int = 0) -> np.ndarray:
