@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -76,16 +75,11 @@ def variant(label: str) -> Variant:
     return Variant(label, label, label in methods_mod.DATA_DRIVEN, True)
 
 
-def accuracy(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray, batch: int = 1000) -> float:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    hits = 0
-    for start in range(0, len(images), batch):
-        logits = session.run(None, {name: images[start : start + batch]})[0]
-        hits += int((logits.argmax(axis=1) == labels[start : start + batch]).sum())
-    return hits / len(images)
+def accuracy(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of the model's first output (the tool's own `evaluation.accuracy`, batches of 256)."""
+    from onnxslim_prune.evaluation import accuracy as tool_accuracy
+
+    return tool_accuracy(model, images, labels, model.graph.input[0].name)
 
 
 def one(model_path: Path, v: Variant, ratio: float, calib: Path, images: np.ndarray, labels: np.ndarray, batch_size: int) -> dict[str, Any]:

@@ -41,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -130,16 +129,11 @@ def label_of(row: dict[str, Any]) -> str:
     return base + ("+rowsel" if row["selection_alpha"] != "ridge" else "")
 
 
-def accuracy(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray, batch: int = 1000) -> float:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    hits = 0
-    for start in range(0, len(images), batch):
-        logits = session.run(None, {name: images[start : start + batch]})[0]
-        hits += int((logits.argmax(axis=1) == labels[start : start + batch]).sum())
-    return hits / len(images)
+def accuracy(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of the model's first output (the tool's own `evaluation.accuracy`, batches of 256)."""
+    from onnxslim_prune.evaluation import accuracy as tool_accuracy
+
+    return tool_accuracy(model, images, labels, model.graph.input[0].name)
 
 
 def one(model: str, path: Path, method: str, ratio: float, count: int, label: str, calib: Path,
