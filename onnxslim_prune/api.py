@@ -21,7 +21,7 @@ import onnx
 from . import ir, validate
 from .errors import CalibrationError, UsageError
 from .calib.split import DEFAULT_HOLDOUT, held_out_count, split_holdout
-from .evaluation import EvalData, accuracy_of, eval_feeds, load_eval
+from .evaluation import EvalData, accuracy_of, correct_of, eval_feeds, load_eval
 from .latency import measure as measure_latency
 from .passes import blocks, budget, datadriven, merge, reconstruct  # noqa: F401  (they register methods)
 from .passes import methods as methods_mod
@@ -361,7 +361,11 @@ def _verdict(original: onnx.ModelProto, pruned: onnx.ModelProto, m: _Measure, fi
     pruned_session = None if sessions is None else sessions.pruned(pruned)
     outputs = validate.outputs_of(pruned, m.feeds, "pruned model", progress, sess=pruned_session)
     agreement = validate.agreement_of(original, pruned, m.reference, outputs, m.feeds)
-    accuracy_after = None if m.labels is None else accuracy_of(outputs, m.labels)
+    accuracy_after = discordant = None
+    if m.labels is not None:
+        before, after = correct_of(m.reference, m.labels), correct_of(outputs, m.labels)
+        accuracy_after = float(after.mean()) if after.size else 0.0
+        discordant = (int(np.sum(before & ~after)), int(np.sum(after & ~before)))
     fitted: tuple[Any, ...] = ()
     if m.source.held_out and fit is not None and not fit.is_random:
         # the same figures on samples the method fitted to: the gap to the verdict shows overfitting
@@ -369,7 +373,8 @@ def _verdict(original: onnx.ModelProto, pruned: onnx.ModelProto, m: _Measure, fi
         fitted = validate.compare(original, pruned, validate.calibration_feeds(original, fit, FITTED_SAMPLES), both)
     shapes = {o.name: tuple(out.shape) for o, out in zip(original.graph.output, m.reference[0])}
     return summarise(m.source, validate.feed_samples(m.feeds), agreement, accuracy_before=m.accuracy_before,
-                     accuracy_after=accuracy_after, classes=classes_of(shapes), gates=gates, fitted=fitted)
+                     accuracy_after=accuracy_after, classes=classes_of(shapes), gates=gates, fitted=fitted,
+                     discordant=discordant)
 
 
 def _warn_verdict(verdict: Verdict) -> None:
@@ -381,6 +386,9 @@ def _warn_verdict(verdict: Verdict) -> None:
             log.warning("gate missed: %s", gate.message)
     if verdict.gates and not verdict.held_out:
         log.warning("the gates were checked on %s, not on held-out data", verdict.source.description)
+    if verdict.imprecise and verdict.source is not VerdictSource.RANDOM:
+        log.warning("the verdict rests on %d samples; 95%% intervals: %s. About %d held-out samples give +-5 points "
+                    "(--eval, or more --calib)", verdict.samples, "; ".join(verdict.imprecise), verdict.advised_samples)
 
 
 def _latency_feed(m: _Measure, model: onnx.ModelProto) -> dict[str, np.ndarray]:

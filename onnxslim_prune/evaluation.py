@@ -87,7 +87,13 @@ def eval_feeds(evaluation: EvalData, model: onnx.ModelProto) -> tuple[list[dict[
 
 def accuracy_of(runs: list[list[np.ndarray]], labels: np.ndarray) -> float:
     """Top-1 accuracy of the first output of each run ([N, classes]) against `labels`."""
-    correct = 0
+    correct = correct_of(runs, labels)
+    return float(correct.mean()) if correct.size else 0.0
+
+
+def correct_of(runs: list[list[np.ndarray]], labels: np.ndarray) -> np.ndarray:
+    """Per sample, whether the first output's argmax ([N, classes]) is its label (bool, in sample order)."""
+    hits = []
     start = 0
     for outputs in runs:
         logits = outputs[0]
@@ -96,9 +102,9 @@ def accuracy_of(runs: list[list[np.ndarray]], labels: np.ndarray) -> float:
         chunk = labels[start : start + len(logits)]
         if int(chunk.max(initial=0)) >= logits.shape[1]:
             raise CalibrationError(f"evaluation labels go up to {int(chunk.max())}, the model has {logits.shape[1]} classes")
-        correct += int(np.sum(np.argmax(logits, axis=1) == chunk))
+        hits.append(np.argmax(logits, axis=1) == chunk)
         start += len(logits)
-    return correct / max(start, 1)
+    return np.concatenate(hits) if hits else np.zeros(0, dtype=bool)
 
 
 def accuracy(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray, input_name: str) -> float:

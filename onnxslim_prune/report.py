@@ -101,14 +101,20 @@ def verdict_lines(v: Verdict) -> list[str]:
     """The verdict as the table prints it: where it was measured, its figures, gates, degradation."""
     figures = [f"cosine {v.cosine:.4f}"]
     if v.correlation is not None:
-        figures.append(f"correlation {v.correlation:.4f}")
+        ci = "" if v.correlation_interval is None else f" ({v.correlation_interval[0]:.2f} to {v.correlation_interval[1]:.2f})"
+        figures.append(f"correlation {v.correlation:.4f}{ci}")
     if v.top1_agreement is not None:
-        figures.append(f"top-1 agreement {v.top1_agreement:.2%}")
+        ci = "" if v.top1_interval is None else f" ({v.top1_interval[0]:.0%}-{v.top1_interval[1]:.0%})"
+        figures.append(f"top-1 agreement {v.top1_agreement:.2%}{ci}")
     figures.append(f"max abs {v.max_abs:.3g}, max rel {v.max_rel:.3g}")
-    lines = [f"verdict on {v.samples} {v.source.description}:", "  " + ", ".join(figures)]
+    lines = [f"verdict on {v.samples} {v.source.description} (95% intervals in brackets):", "  " + ", ".join(figures)]
     if v.accuracy_before is not None and v.accuracy_after is not None:
+        ci = "" if v.accuracy_drop_interval is None else \
+            f", drop {v.accuracy_drop_interval[0]:+.1f} to {v.accuracy_drop_interval[1]:+.1f} points at 95%"
         lines.append(f"  accuracy {v.accuracy_before:.2%} -> {v.accuracy_after:.2%} "
-                     f"({-(v.accuracy_drop_points or 0.0):+.2f} points)")
+                     f"({-(v.accuracy_drop_points or 0.0):+.2f} points{ci})")
+    if v.imprecise:
+        lines.append(f"  imprecise on {v.samples} samples: about {v.advised_samples} held-out samples give +-5 points")
     fitted = [o for o in v.fitted if o.top1 is not None] or list(v.fitted)
     if fitted:
         worst = min(fitted, key=lambda o: o.top1 if o.top1 is not None else o.cosine)

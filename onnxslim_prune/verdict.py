@@ -16,6 +16,21 @@ sample-centred cosine) is 0 for a constant output and 1 when the pruned model's 
 with the input exactly as the original's do; ``spread`` says how much they vary at all.
 Sums are taken about the first batch's mean, so near-constant outputs lose no precision.
 
+Every figure measured on ``n`` samples is an estimate; the verdict carries its 95% interval so
+that a user sees how far the figure on 8 held-out samples may be from the figure on the next
+thousand (measured in benchmarks/results/real_models.md)::
+
+    top-1 agreement   Wilson score interval of hits / n
+    correlation       Fisher z: tanh(atanh(r) -+ 1.96 / sqrt(n - 3)), each sample one observation
+                      (elements of one sample's output are not independent, so this is the
+                      conservative count)
+    accuracy drop     paired (both models on the same samples): from the discordant counts
+                      b (only the original right) and c (only the pruned right), Agresti-Min
+                      adjusted Wald: (b - c) / (n + 2) -+ 1.96 sqrt(b + c + 1 - (b - c)^2 / (n + 2)) / (n + 2)
+
+A verdict is *imprecise* when an interval is wider than `PRECISE_WIDTH` (10 points either
+side): the table says so and the log names how many samples would give +-5 points.
+
 A verdict is *held out* only when no fitting, selection or ranking saw its samples: ``eval``
 (``--eval`` data) or ``calib-holdout`` (the part of ``--calib`` split off before the method
 ran). ``calib-fit`` (``--holdout 0``) is optimistic; ``random`` (seeded random inputs) proves
@@ -42,6 +57,48 @@ CORRELATION_FLOOR = 0.5
 SPREAD_FLOOR = 0.1
 #: a pruned classifier keeping less than this share of the original's accuracy margin over chance is degraded
 ACCURACY_MARGIN_FLOOR = 0.5
+#: two-sided 95% normal quantile
+Z95 = 1.959963984540054
+#: widest 95% interval (top-1 agreement, correlation: as a fraction; accuracy drop: / 100) of a precise verdict
+PRECISE_WIDTH = 0.2
+#: half-width the log's sample-count advice aims at
+ADVISED_HALF_WIDTH = 0.05
+
+Interval = tuple[float, float]
+
+
+def wilson_interval(hits: int, n: int, z: float = Z95) -> Interval:
+    """Wilson score interval of a proportion ``hits / n`` (exact at the bounds 0 and 1, unlike Wald)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = hits / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def fisher_interval(r: float, n: int, z: float = Z95) -> Interval:
+    """Interval of a correlation over `n` samples by Fisher's z; ``(-1, 1)`` when ``n < 4``."""
+    if n < 4:
+        return (-1.0, 1.0)
+    centre = math.atanh(min(max(r, -0.999999), 0.999999))
+    half = z / math.sqrt(n - 3)
+    return (math.tanh(centre - half), math.tanh(centre + half))
+
+
+def paired_drop_interval(only_before: int, only_after: int, n: int, z: float = Z95) -> Interval:
+    """Interval of an accuracy drop (points) from paired outcomes (Agresti-Min adjusted Wald, module docstring)."""
+    m = n + 2
+    d = (only_before - only_after) / m
+    se = math.sqrt(max(only_before + only_after + 1 - (only_before - only_after) ** 2 / m, 0.0)) / m
+    return (100.0 * (d - z * se), 100.0 * (d + z * se))
+
+
+def samples_for(p: float, half_width: float = ADVISED_HALF_WIDTH, z: float = Z95) -> int:
+    """Samples a proportion near `p` needs for a 95% interval of +-`half_width` (p kept in [0.1, 0.9])."""
+    q = min(max(p, 0.1), 0.9)
+    return math.ceil(z * z * q * (1.0 - q) / (half_width * half_width))
 
 
 class VerdictSource(str, Enum):
@@ -73,6 +130,9 @@ class OutputAgreement:
     correlation: float | None  # None with fewer than 2 samples
     spread: float | None
     top1: float | None  # classifiers ([N, classes]) only
+    samples: int = 0
+    top1_interval: Interval | None = None
+    correlation_interval: Interval | None = None
 
 
 class _OutputSums:
@@ -137,7 +197,9 @@ class _OutputSums:
                 correlation = cab / math.sqrt(caa * cbb) if cbb > 0 else 0.0
         top1 = self.top1_hits / self.top1_count if self.classes and self.top1_count else None
         return OutputAgreement(self.name, self.max_abs, self.max_abs / max(self.max_ref, 1e-12), cosine,
-                               correlation, spread, top1)
+                               correlation, spread, top1, self.count,
+                               None if top1 is None else wilson_interval(self.top1_hits, self.top1_count),
+                               None if correlation is None else fisher_interval(correlation, self.count))
 
 
 class AgreementAccumulator:
@@ -244,10 +306,33 @@ class Verdict:
     degraded_reasons: tuple[str, ...] = ()
     gates: tuple[GateResult, ...] = ()
     fitted: tuple[OutputAgreement, ...] = ()  # the same figures on fitted samples, when held-out ones exist: never the verdict
+    top1_interval: Interval | None = None  # 95%, of the worst output (module docstring)
+    correlation_interval: Interval | None = None
+    accuracy_drop_interval: Interval | None = None  # points
 
     @property
     def held_out(self) -> bool:
         return self.source.held_out
+
+    @property
+    def imprecise(self) -> tuple[str, ...]:
+        """The figures whose 95% interval is wider than `PRECISE_WIDTH`, each with its interval."""
+        out = []
+        if self.top1_interval is not None and self.top1_interval[1] - self.top1_interval[0] > PRECISE_WIDTH:
+            lo, hi = self.top1_interval
+            out.append(f"top-1 agreement {lo:.0%}-{hi:.0%}")
+        if self.correlation_interval is not None and self.correlation_interval[1] - self.correlation_interval[0] > PRECISE_WIDTH:
+            lo, hi = self.correlation_interval
+            out.append(f"correlation {lo:.2f} to {hi:.2f}")
+        if self.accuracy_drop_interval is not None and self.accuracy_drop_interval[1] - self.accuracy_drop_interval[0] > 100 * PRECISE_WIDTH:
+            lo, hi = self.accuracy_drop_interval
+            out.append(f"accuracy drop {lo:+.1f} to {hi:+.1f} points")
+        return tuple(out)
+
+    @property
+    def advised_samples(self) -> int:
+        """Held-out samples that would put the top-1 agreement (or a proportion near 0.5) within +-5 points."""
+        return samples_for(self.top1_agreement if self.top1_agreement is not None else 0.5)
 
     @property
     def degraded(self) -> bool:
@@ -270,14 +355,17 @@ class Verdict:
     def to_dict(self) -> dict[str, object]:
         def output(o: OutputAgreement) -> dict[str, object]:
             return {"name": o.name, "max_abs": o.max_abs, "max_rel": o.max_rel, "cosine": o.cosine,
-                    "correlation": o.correlation, "spread": o.spread, "top1_agreement": o.top1}
+                    "correlation": o.correlation, "correlation_ci95": _pair(o.correlation_interval), "spread": o.spread,
+                    "top1_agreement": o.top1, "top1_agreement_ci95": _pair(o.top1_interval)}
 
         return {
             "source": self.source.value, "held_out": self.held_out, "samples": self.samples,
-            "top1_agreement": self.top1_agreement, "cosine": self.cosine, "correlation": self.correlation,
+            "top1_agreement": self.top1_agreement, "top1_agreement_ci95": _pair(self.top1_interval),
+            "cosine": self.cosine, "correlation": self.correlation, "correlation_ci95": _pair(self.correlation_interval),
             "spread": self.spread, "max_abs": self.max_abs, "max_rel": self.max_rel,
             "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
-            "accuracy_drop_points": self.accuracy_drop_points,
+            "accuracy_drop_points": self.accuracy_drop_points, "accuracy_drop_ci95": _pair(self.accuracy_drop_interval),
+            "imprecise": bool(self.imprecise),
             "degraded": self.degraded, "degraded_reasons": list(self.degraded_reasons),
             "gates": [{"gate": g.gate, "figure": g.figure, "threshold": g.threshold, "value": g.value, "passed": g.passed}
                       for g in self.gates],
@@ -285,6 +373,10 @@ class Verdict:
             "outputs": [output(o) for o in self.outputs],
             "fitted_samples": [output(o) for o in self.fitted],
         }
+
+
+def _pair(interval: Interval | None) -> list[float] | None:
+    return None if interval is None else [float(interval[0]), float(interval[1])]
 
 
 def summarise(
@@ -297,11 +389,20 @@ def summarise(
     classes: int | None = None,
     gates: Gates | None = None,
     fitted: Sequence[OutputAgreement] = (),
+    discordant: tuple[int, int] | None = None,
 ) -> Verdict:
-    """The verdict over `outputs`: the worst output decides every figure."""
+    """The verdict over `outputs`: the worst output decides every figure (and its interval).
+
+    `discordant`: samples only the original classified right, and only the pruned model did
+    (labelled data), for the accuracy drop's interval.
+    """
     def worst(values: Iterable[float | None]) -> float | None:
         present = [v for v in values if v is not None]
         return min(present) if present else None
+
+    def interval_of_worst(key: str, interval: str) -> Interval | None:
+        present = [o for o in outputs if getattr(o, key) is not None]
+        return getattr(min(present, key=lambda o: getattr(o, key)), interval) if present else None
 
     verdict = Verdict(
         source=source, samples=samples,
@@ -313,6 +414,9 @@ def summarise(
         max_rel=max((o.max_rel for o in outputs), default=0.0),
         outputs=tuple(outputs), accuracy_before=accuracy_before, accuracy_after=accuracy_after,
         fitted=tuple(fitted),
+        top1_interval=interval_of_worst("top1", "top1_interval"),
+        correlation_interval=interval_of_worst("correlation", "correlation_interval"),
+        accuracy_drop_interval=None if discordant is None else paired_drop_interval(*discordant, samples),
     )
     reasons = degraded_reasons(verdict, classes)
     results = tuple(g.check(verdict.figure(g.figure)) for g in (gates.gates() if gates is not None else ()))

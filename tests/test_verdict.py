@@ -210,3 +210,56 @@ def test_report_records_settings_version_stages_and_latency(tmp_path: Path) -> N
     lat = data["latency"]
     assert lat["before_ms"] > 0 and lat["after_ms"] > 0 and lat["rounds"] >= 5
     assert lat["speedup"] == pytest.approx(lat["before_ms"] / lat["after_ms"])
+
+
+def test_intervals_match_scipy_and_cover_at_their_stated_rate() -> None:
+    """Wilson equals scipy's; Fisher's z and the paired accuracy-drop interval cover the true value ~95% of 2,000 seeded draws."""
+    from scipy.stats import binomtest
+
+    from onnxslim_prune.verdict import fisher_interval, paired_drop_interval, wilson_interval
+
+    for hits, n in ((7, 8), (0, 8), (8, 8), (380, 400)):
+        ci = binomtest(hits, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert wilson_interval(hits, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
+    rng = np.random.default_rng(0)
+    rho, n, trials = 0.6, 20, 2000
+    cov = np.array([[1.0, rho], [rho, 1.0]])
+    hits = 0
+    for _ in range(trials):
+        xy = rng.multivariate_normal(np.zeros(2), cov, size=n)
+        lo, hi = fisher_interval(float(np.corrcoef(xy.T)[0, 1]), n)
+        hits += lo <= rho <= hi
+    assert 0.93 <= hits / trials <= 0.97
+    # paired outcomes: 10% only the original right, 5% only the pruned right: the true drop is 5 points
+    hits = 0
+    for _ in range(trials):
+        cells = rng.multinomial(200, [0.1, 0.05, 0.85])
+        lo, hi = paired_drop_interval(int(cells[0]), int(cells[1]), 200)
+        hits += lo <= 5.0 <= hi
+    assert 0.93 <= hits / trials <= 0.975
+
+
+def test_a_verdict_on_few_samples_is_imprecise_and_says_how_many_would_do(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """8 eval samples: every interval is in the report, the table and log say imprecise; 500 samples: top-1 within +-5 points."""
+    with np.load(FMNIST) as d:
+        few = tmp_path / "few.npz"
+        np.savez(few, input=d["input"][:8], labels=d["labels"][:8])
+    reports = {}
+    for name, data in (("few", few), ("all", FMNIST)):
+        report = tmp_path / f"{name}.json"
+        res = CliRunner().invoke(main, [str(SAMPLE_LENET), "-o", str(tmp_path / f"{name}.onnx"), "--report", str(report),
+                                        "--ratio", "0.5", "--eval", str(data), "--no-latency"])
+        assert res.exit_code == 0, res.output
+        reports[name] = (json.loads(report.read_text())["verdict"], res.output + caplog.text)
+        caplog.clear()
+    few_v, few_out = reports["few"]
+    assert few_v["samples"] == 8 and few_v["imprecise"] is True
+    lo, hi = few_v["top1_agreement_ci95"]
+    assert lo <= few_v["top1_agreement"] <= hi and hi - lo > 0.3
+    assert few_v["accuracy_drop_ci95"][0] <= few_v["accuracy_drop_points"] <= few_v["accuracy_drop_ci95"][1]
+    assert "imprecise on 8 samples" in few_out and "the verdict rests on 8 samples" in few_out
+    all_v, all_out = reports["all"]
+    lo, hi = all_v["top1_agreement_ci95"]
+    assert all_v["samples"] == 500 and hi - lo < 0.1 and lo <= all_v["top1_agreement"] <= hi
+    assert all_v["correlation_ci95"][0] <= all_v["correlation"] <= all_v["correlation_ci95"][1]
+    assert "imprecise" not in all_out
