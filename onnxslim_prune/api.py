@@ -20,6 +20,7 @@ import onnx
 
 from . import ir, validate
 from .errors import CalibrationError, UsageError
+from .calib import memory
 from .calib.split import DEFAULT_HOLDOUT, held_out_count, split_holdout
 from .evaluation import EvalData, accuracy_of, correct_of, eval_feeds, load_eval
 from .latency import measure as measure_latency
@@ -139,12 +140,14 @@ def prune(
     holdout: float = DEFAULT_HOLDOUT,
     gates: Gates | None = None,
     latency: bool = True,
+    calib_memory: int | None = None,
 ) -> PruneResult:
     """Prune `model` with `method`; the returned model is validated (see `validate`) and judged (see `verdict`).
 
     Calibration data is split (seeded) into a fit part, the only data the method sees, and a
     held-out part (`holdout` of it) on which the verdict is measured; with `eval_data` the
-    verdict is measured there and all calibration data is fitted.
+    verdict is measured there and all calibration data is fitted. `calib_memory`: bytes the
+    passes over calibration data may hold (`calib.memory`; None: a quarter of RAM).
     """
     started = time.perf_counter()
     clock = StageClock(progress)
@@ -188,7 +191,7 @@ def prune(
     graph = analysis.graph
     notes.extend(_unmatched_excludes([n.name for n in graph.nodes], exclude))
     ctx = Context(working, graph, analysis.trace, options, analysis.input_shapes, analysis.opset, fit, progress)
-    with clock.stage(Stage.METHOD):
+    with clock.stage(Stage.METHOD), memory.limited(calib_memory):
         outcome = fn(ctx)
         if fit is not None:
             outcome = reconstruct.with_reconstruction(ctx, outcome)  # no-op with --no-reconstruct
@@ -204,7 +207,7 @@ def prune(
             apply_plan(graph, analysis.trace, outcome.plan, analysis.opset, outcome.overrides)
             pruned = ir.to_model(graph, like=working)
         if outcome.finish is not None:
-            with clock.stage(Stage.RECONSTRUCT):
+            with clock.stage(Stage.RECONSTRUCT), memory.limited(calib_memory):
                 pruned = outcome.finish(pruned)
     notes.extend(outcome.notes)
     traced, plan, input_shapes = analysis.trace, outcome.plan, analysis.input_shapes
@@ -244,7 +247,7 @@ def prune(
         request=_request(method, ratio, options.params),
         accuracy_before=verdict.accuracy_before,
         accuracy_after=verdict.accuracy_after,
-        settings=_settings(options, holdout, gates, eval_data, preprocess),
+        settings={**_settings(options, holdout, gates, eval_data, preprocess), "calib_memory": calib_memory},
         input_path=None if isinstance(model, onnx.ModelProto) else str(model),
         latency=timing,
         stage_seconds=dict(clock.seconds),

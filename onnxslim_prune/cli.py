@@ -18,6 +18,7 @@ import click
 
 from . import api, ir
 from ._version import __version__
+from .calib import memory
 from .calib.split import DEFAULT_HOLDOUT
 from .console import ConsoleProgress
 from .errors import GateError, PruneError, UsageError
@@ -109,6 +110,8 @@ class _OneLineErrors(click.Command):
 @click.option("--blocks", "blocks_ratio", type=float, help="Also remove this fraction of removable residual blocks.")
 @click.option("--eval", "eval_data", type=click.Path(path_type=Path),
               help=".npz with inputs (and 'labels'): the held-out verdict and accuracy; all --calib data is then fitted.")
+@click.option("--calib-memory", metavar="SIZE",
+              help="Most memory calibration passes keep (512M, 2G, 25%); past it they spill to disk [default: 25% of RAM].")
 @click.option("--holdout", default=DEFAULT_HOLDOUT, show_default=True, type=float,
               help="Fraction of --calib held out for the verdict (never fitted); 0 measures on fitted samples.")
 @click.option("--min-top1-agreement", type=float, metavar="F", help="Gate: held-out top-1 agreement with the original >= F.")
@@ -153,6 +156,7 @@ def main(
     max_ratio: float,
     blocks_ratio: float | None,
     eval_data: Path | None,
+    calib_memory: str | None,
     holdout: float,
     min_top1_agreement: float | None,
     min_cosine: float | None,
@@ -203,6 +207,7 @@ def main(
             eval_data=eval_data, progress=console, preprocess=preprocess,
             params={**planning, **_params(calib_positions=calib_positions, reconstruct=reconstruct)},
             holdout=holdout, gates=gates, latency=latency,
+            calib_memory=None if calib_memory is None else memory.parse_size(calib_memory),
         )
         _closed(console)
         console = None

@@ -108,3 +108,36 @@ def test_the_frontier_schedule_refits_exactly_as_the_prefix_schedule(
     assert frontier.keys() == prefix.keys()
     for name in frontier:
         np.testing.assert_allclose(frontier[name], prefix[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_calib_memory_spills_the_frontier_and_leaves_the_model_byte_identical(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``--calib-memory 1K`` (every frontier batch goes to disk) writes the same bytes as the default; bad sizes are one-line errors."""
+    import logging
+
+    from click.testing import CliRunner
+
+    from onnxslim_prune.calib.memory import parse_size, physical_memory
+    from onnxslim_prune.cli import main
+
+    model = M.residual_projection()
+    onnx.save(model, tmp_path / "m.onnx")
+    spec = input_specs(model)[0]
+    np.savez(tmp_path / "c.npz", **{spec.name: np.random.default_rng(1).standard_normal((40, *spec.sample_shape)).astype(np.float32)})
+    written = {}
+    for name, extra in (("default", []), ("spilled", ["--calib-memory", "1K"])):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="onnxslim_prune.calib.engine"):
+            res = CliRunner().invoke(main, [str(tmp_path / "m.onnx"), "-o", str(tmp_path / f"{name}.onnx"), "--method", "ldrf",
+                                            "--calib", str(tmp_path / "c.npz"), "--batch-size", "8", "--no-latency", *extra],
+                                     env={"ONNXSLIM_PRUNE_CACHE": "off"})
+        assert res.exit_code == 0, res.output
+        written[name] = (tmp_path / f"{name}.onnx").read_bytes()
+        spilled = "spilled to disk past the budget" in caplog.text
+        assert spilled == (name == "spilled"), caplog.text
+    assert written["default"] == written["spilled"]
+    assert parse_size("512M") == 512 << 20 and parse_size("1.5GiB") == 3 << 29 and parse_size("4096") == 4096
+    assert parse_size("50%") == physical_memory() // 2
+    bad = CliRunner().invoke(main, [str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "c.npz"), "--calib-memory", "lots"])
+    assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "--calib-memory 'lots'" in bad.output, bad.output

@@ -21,7 +21,8 @@ later level: the caller names every such layer in ``changes`` (node -> the reque
 changes), and a node whose value a later refit changes is rerun after it, never kept from before.
 
 Memory: the frontier of N samples is held in memory while it fits ``budget`` bytes (default
-`default_budget`: a quarter of the machine's RAM, shared by the networks of a run), else each
+`default_budget`: the run's ``--calib-memory``, `calib.memory`; the refit gives each of its two
+networks half), else each
 batch's tensors are spilled to ``.npy`` files in a temporary folder that is removed when the
 passes end (also on Ctrl-C); the log says which. Batches are the calibration set's batches
 (``batch_size``, or the model's static batch with the remainder left out), read again only
@@ -31,7 +32,6 @@ where a stage consumes a graph input.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -43,22 +43,15 @@ import onnxruntime as ort
 
 from .. import ir
 from ..errors import CalibrationError, ModelError
+from .memory import calibration_budget
 from .collect import _batch_plan  # noqa: PLC2701 - the same batching as every other pass
 from .sources import CalibrationSet
 
 log = logging.getLogger(__name__)
 
-#: share of the machine's RAM that frontiers may hold before spilling to disk
-MEMORY_SHARE = 0.25
-
-
 def default_budget() -> int:
-    """Bytes of frontier kept in memory by default: `MEMORY_SHARE` of physical RAM."""
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        total = 8 << 30
-    return int(MEMORY_SHARE * total)
+    """Bytes of frontier kept in memory by default: the run's calibration budget (`calib.memory`)."""
+    return calibration_budget()
 
 
 class FrontierStore:
@@ -239,7 +232,11 @@ class StagedPasses:
         self._release()
 
     def close(self) -> None:
-        self.store.close()
+        store = self.store
+        log.info("calibration frontier (%s): %s, at most %d MB held of a %d MB budget", self.label,
+                 "spilled to disk past the budget" if store.spilled else "held in memory", store.peak_bytes >> 20,
+                 store.budget >> 20)
+        store.close()
 
     def _release(self) -> None:
         if self._stale:

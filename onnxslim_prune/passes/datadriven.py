@@ -69,6 +69,7 @@ import onnx_graphsurgeon as gs
 from .. import ir
 from ..calib import ChannelMoments, GramAccumulator, cached, model_digest
 from ..calib.threads import blas_limited
+from ..calib.memory import explicit_budget
 from ..errors import CalibrationError
 from . import reconstruct as rc
 from .methods import Context, Outcome, choose_plan, register
@@ -193,12 +194,16 @@ def _layer_key(layer: rc.Layer) -> str:
     return f"{layer.x}|{layer.kernel}|{layer.strides}|{layer.pads}|{layer.dilations}|{layer.auto_pad}"
 
 
-def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int = rc.DEFAULT_GRAM_BUDGET) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``_layer_key -> (S centred covariance [D, D], mean [D])`` of each layer's input rows.
 
     Layers sharing an input and geometry share one Gram matrix; layers are collected in
-    chunks of at most `budget` bytes of Gram matrices, one calibration pass per chunk.
+    chunks of at most `budget` bytes of Gram matrices, one calibration pass per chunk
+    (default `rc.DEFAULT_GRAM_BUDGET`, or half of an explicit ``--calib-memory``).
     """
+    if budget is None:
+        given = explicit_budget()
+        budget = rc.DEFAULT_GRAM_BUDGET if given is None else min(rc.DEFAULT_GRAM_BUDGET, given // 2)
     s = _settings(ctx)
     unique: dict[str, rc.Layer] = {}
     for layer in layers:
