@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,12 +55,27 @@ def test_ctrl_c_aborts_with_130_and_leaves_nothing(tmp_path: Path) -> None:
     """SIGINT in the middle of a calibrated run: 'aborted', exit 130, no traceback, no temporary file."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "ONNXSLIM_PRUNE_CACHE": str(tmp_path / "cache")}
     args = [sys.executable, "-m", "onnxslim_prune.cli", str(SAMPLE_LENET), "-o", str(tmp_path / "o.onnx"),
-            "--report", str(tmp_path / "r.json"), "--method", "ldrf", "--calib", "random", "--calib-samples", "200000"]
+            "--report", str(tmp_path / "r.json"), "--method", "ldrf", "--calib", "random", "--calib-samples", "200000", "-v"]
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    time.sleep(4.0)  # well inside the statistics pass over 200,000 samples
-    assert proc.poll() is None, proc.communicate()
+    lines: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:  # the work has begun once calibration is announced (imports can take seconds on a loaded machine)
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "calibrating on random inputs" in line:
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert started.wait(timeout=120), "".join(lines)
+    time.sleep(1.0)  # inside the statistics pass over 200,000 samples
+    assert proc.poll() is None, "".join(lines)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    err = "".join(lines)
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "aborted" and "Traceback" not in err
     leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]

@@ -95,6 +95,27 @@ def _write(path: Path, key_parts: Sequence[str], values: Mapping[str, np.ndarray
         log.warning("cannot write cache file %s: %s", path, exc)
 
 
+def load_entry(key_parts: Sequence[str], cache_dir: CacheDir = DEFAULT) -> dict[str, np.ndarray] | None:
+    """The cached arrays for ``key_parts``, or None (a miss, or caching disabled)."""
+    directory = resolve_cache_dir(cache_dir)
+    path = None if directory is None else cache_path(key_parts, directory)
+    if path is None or not path.exists():
+        return None
+    hit = _read(path, key_parts)
+    if hit is not None:
+        log.debug("cache hit %s", path)
+    return hit
+
+
+def store_entry(key_parts: Sequence[str], values: Mapping[str, np.ndarray], cache_dir: CacheDir = DEFAULT) -> None:
+    """Store `values` under ``key_parts`` (nothing when caching is disabled)."""
+    if _KEY_ENTRY in values:
+        raise ValueError(f"{_KEY_ENTRY!r} is reserved by the cache")
+    directory = resolve_cache_dir(cache_dir)
+    if directory is not None:
+        _write(cache_path(key_parts, directory), key_parts, values)
+
+
 def cached(
     key_parts: Sequence[str],
     compute: Callable[[], Mapping[str, np.ndarray]],
@@ -102,16 +123,9 @@ def cached(
     cache_dir: CacheDir = DEFAULT,
 ) -> dict[str, np.ndarray]:
     """Return the cached arrays for ``key_parts``, computing and storing them on a miss."""
-    directory = resolve_cache_dir(cache_dir)
-    path = None if directory is None else cache_path(key_parts, directory)
-    if path is not None and path.exists():
-        hit = _read(path, key_parts)
-        if hit is not None:
-            log.debug("cache hit %s", path)
-            return hit
+    hit = load_entry(key_parts, cache_dir)
+    if hit is not None:
+        return hit
     values = {key: np.asarray(value) for key, value in compute().items()}
-    if _KEY_ENTRY in values:
-        raise ValueError(f"{_KEY_ENTRY!r} is reserved by the cache")
-    if path is not None:
-        _write(path, key_parts, values)
+    store_entry(key_parts, values, cache_dir)
     return values

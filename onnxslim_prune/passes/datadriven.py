@@ -46,8 +46,10 @@ downstream first).
   Data-Driven Neuron Pruning Approach towards Efficient Deep Architectures", 2016: score
   ``1 - APoZ``): ``ChannelMoments`` of each group's tensors after its activation. The
   per-channel sums (``x``, ``|x|``, ``x^2``, ``x <= 0``) are reduced inside onnxruntime
-  (``moments_model``), so only ``[C]`` vectors leave the session.
+  (``calib.reduce.moments_model``), so only ``[C]`` vectors leave the session.
 
+Every statistic is a `calib.statistic.Statistic` (``ActivationMoments``, ``SampledGrams``,
+``PooledCovariance``) collected and cached by `calib.statistic.collect` under one key scheme.
 Gram statistics for selection use float32 batch products over buffered rows (totals in
 float64); the least-squares refit itself (``reconstruct``) stays in float64.
 
@@ -63,13 +65,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from .. import ir
-from ..calib import ChannelMoments, GramAccumulator, cached, model_digest
+from ..calib import ChannelMoments
 from ..calib.threads import blas_limited
 from ..calib.memory import explicit_budget
+from ..calib.statistic import ActivationMoments, PooledCovariance, RowSampler, SampledGrams, collect
 from ..errors import CalibrationError
 from . import reconstruct as rc
 from .methods import Context, Outcome, choose_plan, register
@@ -83,7 +85,6 @@ log = logging.getLogger(__name__)
 Covariances = Mapping[str, tuple[np.ndarray, np.ndarray]]
 
 ACTIVATIONS = frozenset(UNARY_OPS) - {"Identity", "Dropout", "Cast", "Neg", "Abs", "Not", "IsNaN", "IsInf", "Sign"}
-STATS_VERSION = "v2"  # v2: vectorised position sampling (calib.patches)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -96,10 +97,6 @@ def _need_calibration(ctx: Context, method: str) -> None:
 
 def _settings(ctx: Context, mode: str = "ls") -> rc.Settings:
     return rc.Settings.from_params(ctx.options.params, ctx.options.batch_size, ctx.options.seed, mode)
-
-
-def _cache_key(ctx: Context, what: str) -> list[str]:
-    return [model_digest(ctx.model), str(ctx.calibration.fingerprint), f"{STATS_VERSION}:{what}"]
 
 
 def _per_class(trace: Trace, group: Group, tensor: str, values: np.ndarray, *, mean: bool = True) -> np.ndarray:
@@ -198,8 +195,9 @@ def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | No
     """``_layer_key -> (S centred covariance [D, D], mean [D])`` of each layer's input rows.
 
     Layers sharing an input and geometry share one Gram matrix; layers are collected in
-    chunks of at most `budget` bytes of Gram matrices, one calibration pass per chunk
-    (default `rc.DEFAULT_GRAM_BUDGET`, or half of an explicit ``--calib-memory``).
+    chunks of at most `budget` bytes of Gram matrices, one `SampledGrams` statistic and one
+    calibration pass per chunk (default `rc.DEFAULT_GRAM_BUDGET`, or half of an explicit
+    ``--calib-memory``).
     """
     if budget is None:
         given = explicit_budget()
@@ -208,14 +206,28 @@ def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | No
     unique: dict[str, rc.Layer] = {}
     for layer in layers:
         unique.setdefault(_layer_key(layer), layer)
-    keys = list(unique)
-    what = f"input-cov|P={s.positions}|seed={s.seed}|bs={s.batch_size}|budget={budget}|" + "||".join(keys)
+    chunks: list[list[str]] = [[]]
+    used = 0
+    for key, layer in unique.items():
+        size = _dims(ctx, layer) ** 2 * 8
+        if chunks[-1] and used + size > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(key)
+        used += size
 
-    def compute() -> dict[str, np.ndarray]:
-        return _collect_covariances(ctx, [unique[k] for k in keys], s, budget)
+    def sampler(layer: rc.Layer) -> RowSampler:
+        return lambda x, rng: layer.x_rows(x, layer.positions(x.shape, s.positions, rng))
 
-    data = cached(_cache_key(ctx, what), compute)
-    return {k: (data[f"cov{i}"], data[f"mean{i}"]) for i, k in enumerate(keys)}
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for c, chunk in enumerate(chunks):  # one pass per chunk: only one chunk's Gram matrices are accumulated at a time
+        if not chunk:
+            continue
+        stat = SampledGrams([(k, unique[k].x, _dims(ctx, unique[k]), sampler(unique[k])) for k in chunk],
+                            seed=s.seed, chunk=c, settings=f"P={s.positions}")
+        collect(ctx.model, ctx.calibration, [stat], s.batch_size, progress=ctx.progress, subgraph=rc.subgraph_model)
+        out.update(stat.take_covariances())
+    return out
 
 
 def _dims(ctx: Context, layer: rc.Layer) -> int:
@@ -223,37 +235,6 @@ def _dims(ctx: Context, layer: rc.Layer) -> int:
     cmap = ctx.trace.maps.get(layer.x)
     channels = cmap.size if cmap is not None else (int(shape[-1 if layer.kind != "conv" else 1]) if shape else 1)
     return channels * layer.taps
-
-
-def _collect_covariances(ctx: Context, layers: Sequence[rc.Layer], s: rc.Settings, budget: int) -> dict[str, np.ndarray]:
-    chunks: list[list[int]] = [[]]
-    used = 0
-    for i, layer in enumerate(layers):
-        size = _dims(ctx, layer) ** 2 * 8
-        if chunks[-1] and used + size > budget:
-            chunks.append([])
-            used = 0
-        chunks[-1].append(i)
-        used += size
-    per_pass = ctx.calibration.num_batches(s.batch_size)
-    step = rc.progress_steps(ctx.progress, per_pass * len(chunks))
-    out: dict[str, np.ndarray] = {}
-    for c, chunk in enumerate(chunks):
-        accs = {i: rc.RowBuffer(GramAccumulator(_dims(ctx, layers[i]), product_dtype=np.float32)) for i in chunk}
-        names = list(dict.fromkeys(layers[i].x for i in chunk))
-        for batch, values in enumerate(rc.stream(ctx.model, ctx.calibration, names, s.batch_size)):
-            rng = np.random.default_rng([s.seed, c, batch])
-            for i in chunk:
-                x = values[layers[i].x]
-                accs[i].add(layers[i].x_rows(x, layers[i].positions(x.shape, s.positions, rng)))
-            step()
-        for i in chunk:
-            acc = accs[i].flush()
-            cov, _ = rc.centred(acc)
-            out[f"cov{i}"] = cov
-            out[f"mean{i}"] = acc.mean_x
-            del accs[i]
-    return out
 
 
 def _kept_outputs(ctx: Context, layer: rc.Layer, removed: set[int]) -> np.ndarray | None:
@@ -590,19 +571,9 @@ def _frl_scores(ctx: Context, tensor: str) -> np.ndarray:
     cmap = ctx.trace.maps[tensor]
     s = _settings(ctx)
 
-    def compute() -> dict[str, np.ndarray]:
-        acc = GramAccumulator(cmap.size)
-        step = rc.progress_steps(ctx.progress, ctx.calibration.num_batches(s.batch_size))
-        for values in rc.stream(ctx.model, ctx.calibration, [tensor], s.batch_size):
-            x = np.moveaxis(np.asarray(values[tensor], dtype=np.float64), cmap.axis, -1)
-            if x.ndim > 2:  # spatial / sequence positions: one row per sample (their mean)
-                x = x.reshape(x.shape[0], -1, x.shape[-1]).mean(axis=1)
-            acc.update(x.reshape(-1, cmap.size))
-            step()
-        cov, _ = rc.centred(acc)
-        return {"cov": cov}
-
-    cov = cached(_cache_key(ctx, f"frl-cov|{tensor}|bs={s.batch_size}"), compute)["cov"]
+    stat = PooledCovariance(tensor, cmap.axis, cmap.size)
+    collect(ctx.model, ctx.calibration, [stat], s.batch_size, progress=ctx.progress, subgraph=rc.subgraph_model)
+    cov = stat.covariance()
     std = np.sqrt(np.clip(np.diag(cov), 0.0, None))
     denom = np.outer(std, std)
     corr = np.divide(cov, denom, out=np.zeros_like(cov), where=denom > 0)
@@ -747,108 +718,13 @@ def _in_group(trace: Trace, group: Group, tensor: str) -> bool:
     return roots is not None and bool(np.isin(roots, np.asarray(group.classes)).any())
 
 
-def moments_model(model: onnx.ModelProto, tensors: Mapping[str, tuple[int, int]]) -> tuple[onnx.ModelProto, dict[str, list[str]]]:
-    """A copy of `model` whose outputs are per-channel reductions of `tensors` (name -> (axis, rank)).
-
-    Per tensor: ``sum x``, ``sum |x|``, ``sum x^2``, ``#(x <= 0)`` over every axis but the channel
-    axis, in float32, and ``Shape(x)`` (for the count); only these small vectors leave the
-    session, instead of whole activations.
-    """
-    from onnx import TensorProto, helper
-
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in _typed(model)}
-    after: dict[str, list[onnx.NodeProto]] = defaultdict(list)  # tensor -> its reduction nodes
-    inits: list[onnx.TensorProto] = []
-    outputs: dict[str, list[str]] = {}
-    zero = "__moments_zero"
-    inits.append(helper.make_tensor(zero, TensorProto.FLOAT, [], [0.0]))
-
-    def reduce(nodes: list[onnx.NodeProto], x: str, out: str, axes: list[int]) -> None:
-        if opset >= 13:
-            name = f"{out}__axes"
-            inits.append(helper.make_tensor(name, TensorProto.INT64, [len(axes)], axes))
-            nodes.append(helper.make_node("ReduceSum", [x, name], [out], keepdims=0))
-        else:
-            nodes.append(helper.make_node("ReduceSum", [x], [out], axes=axes, keepdims=0))
-
-    for k, (name, (axis, rank)) in enumerate(tensors.items()):
-        p = f"__moments{k}"
-        axes = [a for a in range(rank) if a != axis % rank]
-        nodes = after[name]
-        x = name
-        if types.get(name) != TensorProto.FLOAT:
-            nodes.append(helper.make_node("Cast", [name], [f"{p}_f"], to=TensorProto.FLOAT))
-            x = f"{p}_f"
-        nodes += [
-            helper.make_node("Abs", [x], [f"{p}_abs"]),
-            helper.make_node("Mul", [x, x], [f"{p}_sq"]),
-            helper.make_node("Greater", [x, zero], [f"{p}_pos"]),
-            helper.make_node("Not", [f"{p}_pos"], [f"{p}_le0"]),
-            helper.make_node("Cast", [f"{p}_le0"], [f"{p}_le0f"], to=TensorProto.FLOAT),
-            helper.make_node("Shape", [name], [f"{p}_shape"]),
-        ]
-        for src, key in ((x, "sum"), (f"{p}_abs", "sum_abs"), (f"{p}_sq", "sum_sq"), (f"{p}_le0f", "nonpos")):
-            reduce(nodes, src, f"{p}_{key}", axes)
-        outputs[name] = [f"{p}_{key}" for key in ("sum", "sum_abs", "sum_sq", "nonpos", "shape")]
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    ordered: list[onnx.NodeProto] = []
-    for node in out.graph.node:  # each reduction right after its producer: activations die early
-        ordered.append(node)
-        for t in node.output:
-            ordered.extend(after.pop(t, []))
-    del out.graph.node[:]
-    out.graph.node.extend([*[n for ns in after.values() for n in ns], *ordered])  # graph inputs first
-    out.graph.initializer.extend(inits)
-    del out.graph.output[:]
-    for name, outs in outputs.items():
-        for o in outs[:4]:
-            out.graph.output.append(helper.make_tensor_value_info(o, TensorProto.FLOAT, None))
-        out.graph.output.append(helper.make_tensor_value_info(outs[4], TensorProto.INT64, None))
-    return out, outputs
-
-
-def _typed(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    try:
-        graph = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
-    except Exception:  # inference is best effort: unknown types get a Cast to float
-        graph = model.graph
-    return [*graph.value_info, *graph.input, *graph.output]
-
-
 def activation_moments(ctx: Context, tensors: Sequence[str]) -> dict[str, ChannelMoments]:
     """``ChannelMoments`` of each tensor over the calibration set (cached), reduced inside onnxruntime."""
     s = _settings(ctx)
     names = list(dict.fromkeys(tensors))
-
-    def compute() -> dict[str, np.ndarray]:
-        spec = {n: (ctx.trace.maps[n].axis, len(ctx.trace.shapes[n])) for n in names}
-        model, outs = moments_model(ctx.model, spec)
-        fetch = [o for n in names for o in outs[n]]
-        totals = {n: {k: np.zeros(ctx.trace.maps[n].size) for k in ChannelMoments._FIELDS} for n in names}
-        counts = dict.fromkeys(names, 0)
-        step = rc.progress_steps(ctx.progress, ctx.calibration.num_batches(s.batch_size))
-        for values in rc.stream(model, ctx.calibration, fetch, s.batch_size):
-            for n in names:
-                parts = [values[o] for o in outs[n]]
-                for key, part in zip(ChannelMoments._FIELDS, parts[:4]):
-                    totals[n][key] += part.astype(np.float64)
-                shape = parts[4].astype(np.int64)
-                counts[n] += int(np.prod(shape)) // max(int(shape[spec[n][0] % len(shape)]), 1)
-            step()
-        out: dict[str, np.ndarray] = {}
-        for i, n in enumerate(names):
-            state = {**totals[n], "count": np.array(counts[n]), "channel_axis": np.array(spec[n][0])}
-            out.update({f"{i}:{k}": v for k, v in state.items()})
-        return out
-
-    data = cached(_cache_key(ctx, "moments-v2|" + "||".join(names)), compute)
-    result = {}
-    for i, n in enumerate(names):
-        prefix = f"{i}:"
-        result[n] = ChannelMoments.from_state({k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)})
-    return result
+    stat = ActivationMoments({n: (ctx.trace.maps[n].axis, len(ctx.trace.shapes[n]), ctx.trace.maps[n].size) for n in names})
+    collect(ctx.model, ctx.calibration, [stat], s.batch_size, progress=ctx.progress, subgraph=rc.subgraph_model)
+    return stat.result()
 
 
 def _activation_method(ctx: Context, name: str, value: Callable[[ChannelMoments], np.ndarray]) -> Outcome:
