@@ -141,3 +141,20 @@ def test_calib_memory_spills_the_frontier_and_leaves_the_model_byte_identical(
     assert parse_size("50%") == physical_memory() // 2
     bad = CliRunner().invoke(main, [str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "c.npz"), "--calib-memory", "lots"])
     assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "--calib-memory 'lots'" in bad.output, bad.output
+
+
+def test_a_spilled_frontier_never_reuses_a_file_name() -> None:
+    """Dropping a spilled tensor and spilling another must leave every other spilled tensor intact (names never reused)."""
+    from onnxslim_prune.calib.engine import FrontierStore
+
+    store = FrontierStore(0, "test")
+    a, b, c = (np.full((2, 3), v, dtype=np.float32) for v in (1.0, 2.0, 3.0))
+    store.put(0, {"a": a, "b": b})
+    store.drop({"a"})
+    store.put(0, {"c": c})  # with names from the count of live files this overwrote b's file
+    got = store.get(0, ["b", "c"])
+    np.testing.assert_array_equal(got["b"], b)
+    np.testing.assert_array_equal(got["c"], c)
+    store.drop({"b"})
+    np.testing.assert_array_equal(store.get(0, ["c"])["c"], c)
+    store.close()

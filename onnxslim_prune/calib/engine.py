@@ -64,6 +64,7 @@ class FrontierStore:
         self._files: dict[tuple[str, int], Path] = {}
         self._bytes = 0
         self._folder: Path | None = None
+        self._written = 0  # files ever written: names are never reused, so dropping one never deletes another's
         self.peak_bytes = 0
 
     @property
@@ -83,7 +84,8 @@ class FrontierStore:
                 self._folder = Path(tempfile.mkdtemp(prefix="onnxslim-frontier-"))
                 log.info("calibration frontier (%s): over its %d MB budget, spilling to %s",
                          self.label, self.budget >> 20, self._folder)
-            path = self._folder / f"{len(self._files)}-{batch}.npy"
+            path = self._folder / f"{self._written}-{batch}.npy"
+            self._written += 1
             np.save(path, value, allow_pickle=False)
             self._files[key] = path
 
