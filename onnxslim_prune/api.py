@@ -340,7 +340,7 @@ def _reference(
     elif fit is not None and not fit.is_random:
         source, feeds = VerdictSource.CALIB_FIT, validate.calibration_feeds(original, fit, FITTED_SAMPLES * 2)
     else:
-        source, feeds = VerdictSource.RANDOM, validate.random_feeds(original, shapes, seed)
+        source, feeds = VerdictSource.RANDOM, validate.random_feeds(original, shapes, seed, validate.random_samples_for(original))
     if not feeds:
         raise CalibrationError("no samples to measure the verdict on (a static batch larger than the data?)")
     if sessions is None:

@@ -287,3 +287,19 @@ def test_top1_headline_comes_from_softmax_outputs_when_the_model_has_them() -> N
     assert both.top1_agreement == 0.30 and both.top1_interval == (0.18, 0.46)
     assert scored.top1_agreement == 0.95 and scored.top1_interval == (0.83, 0.99)
     assert scored.correlation == 0.8  # the other figures still take the worst output
+
+
+def test_a_data_free_verdict_takes_fewer_random_samples_on_large_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """16 random samples up to the size threshold, then inversely fewer by weight bytes, never under 4."""
+    from onnxslim_prune import ir, validate
+
+    model = onnx.load(str(SAMPLE_LENET))
+    size = ir.payload_bytes(model)
+    assert validate.random_samples_for(model) == 16
+    monkeypatch.setattr(validate, "RANDOM_SAMPLES_FULL_BYTES", size // 2)
+    assert validate.random_samples_for(model) == 8
+    monkeypatch.setattr(validate, "RANDOM_SAMPLES_FULL_BYTES", size // 100)
+    assert validate.random_samples_for(model) == 4
+    result = prune(model, "l1", 0.5, latency=False)
+    assert result.report.verdict is not None
+    assert result.report.verdict.source is VerdictSource.RANDOM and result.report.verdict.samples == 4
