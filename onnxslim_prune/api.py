@@ -32,7 +32,7 @@ from .passes.plan import Plan, check_ratio
 from .passes.trace import Trace, trace
 from .progress import Stage, StageClock
 from .report import Report, group_rows
-from .verdict import Gates, Verdict, VerdictSource, classes_of, summarise
+from .verdict import Gates, Verdict, VerdictSource, class_score_outputs, classes_of, summarise
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ def _reference(
     elif fit is not None and not fit.is_random:
         source, feeds = VerdictSource.CALIB_FIT, validate.calibration_feeds(original, fit, FITTED_SAMPLES * 2)
     else:
-        source, feeds = VerdictSource.RANDOM, validate.random_feeds(original, shapes, seed)
+        source, feeds = VerdictSource.RANDOM, validate.random_feeds(original, shapes, seed, validate.random_samples_for(original))
     if not feeds:
         raise CalibrationError("no samples to measure the verdict on (a static batch larger than the data?)")
     if sessions is None:
@@ -377,7 +377,7 @@ def _verdict(original: onnx.ModelProto, pruned: onnx.ModelProto, m: _Measure, fi
     shapes = {o.name: tuple(out.shape) for o, out in zip(original.graph.output, m.reference[0])}
     return summarise(m.source, validate.feed_samples(m.feeds), agreement, accuracy_before=m.accuracy_before,
                      accuracy_after=accuracy_after, classes=classes_of(shapes), gates=gates, fitted=fitted,
-                     discordant=discordant)
+                     discordant=discordant, class_outputs=class_score_outputs(original))
 
 
 def _warn_verdict(verdict: Verdict) -> None:

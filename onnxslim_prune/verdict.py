@@ -10,6 +10,13 @@ the pruned model's, ``i`` a sample, ``j`` an element of one sample's output)::
     spread       = |b - mean_i b| / |a - mean_i a|
     top1         = mean_i [argmax_j a_i == argmax_j b_i]   (2-D outputs [N, classes] only)
 
+The verdict's headline figures are the worst output's. For top-1 agreement only outputs that
+are class scores count when the model says which they are: when some 2-D outputs come from a
+Softmax or LogSoftmax (through Identity, Reshape, Flatten, Squeeze, Unsqueeze or Cast),
+those alone decide it, and the argmax of a detector's box or landmark regression output
+(MTCNN's [N, 4] and [N, 10] beside its face/no-face softmax) is kept as detail, not headline.
+Without such outputs every 2-D output counts (logits straight from a Gemm are class scores too).
+
 ``cosine`` is dominated by the output's mean over samples: a classifier that outputs the
 same scores for every input can score 0.995 against the original. ``correlation`` (the
 sample-centred cosine) is 0 for a constant output and 1 when the pruned model's outputs vary
@@ -48,6 +55,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 import numpy as np
+import onnx
 
 from .errors import UsageError, ValidationError
 
@@ -375,6 +383,23 @@ class Verdict:
         }
 
 
+#: ops through which a Softmax output stays class scores
+_SCORE_PRESERVING = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"})
+
+
+def class_score_outputs(model: onnx.ModelProto) -> frozenset[str]:
+    """Graph outputs computed by a Softmax / LogSoftmax, possibly through shape-only ops (module docstring)."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    found = set()
+    for output in model.graph.output:
+        node = producer.get(output.name)
+        while node is not None and node.op_type in _SCORE_PRESERVING and node.input:
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
+            found.add(output.name)
+    return frozenset(found)
+
+
 def _pair(interval: Interval | None) -> list[float] | None:
     return None if interval is None else [float(interval[0]), float(interval[1])]
 
@@ -390,23 +415,28 @@ def summarise(
     gates: Gates | None = None,
     fitted: Sequence[OutputAgreement] = (),
     discordant: tuple[int, int] | None = None,
+    class_outputs: frozenset[str] = frozenset(),
 ) -> Verdict:
     """The verdict over `outputs`: the worst output decides every figure (and its interval).
 
     `discordant`: samples only the original classified right, and only the pruned model did
-    (labelled data), for the accuracy drop's interval.
+    (labelled data), for the accuracy drop's interval. `class_outputs`: outputs known to be class
+    scores (`class_score_outputs`); when any has a top-1 figure, they alone decide the headline top-1.
     """
+    scored = [o for o in outputs if o.top1 is not None and o.name in class_outputs]
+    top1_outputs = scored or [o for o in outputs if o.top1 is not None]
+
     def worst(values: Iterable[float | None]) -> float | None:
         present = [v for v in values if v is not None]
         return min(present) if present else None
 
-    def interval_of_worst(key: str, interval: str) -> Interval | None:
-        present = [o for o in outputs if getattr(o, key) is not None]
+    def interval_of_worst(key: str, interval: str, among: Sequence[OutputAgreement] = outputs) -> Interval | None:
+        present = [o for o in among if getattr(o, key) is not None]
         return getattr(min(present, key=lambda o: getattr(o, key)), interval) if present else None
 
     verdict = Verdict(
         source=source, samples=samples,
-        top1_agreement=worst(o.top1 for o in outputs),
+        top1_agreement=worst(o.top1 for o in top1_outputs),
         cosine=min((o.cosine for o in outputs), default=1.0),
         correlation=worst(o.correlation for o in outputs),
         spread=worst(o.spread for o in outputs),
@@ -414,7 +444,7 @@ def summarise(
         max_rel=max((o.max_rel for o in outputs), default=0.0),
         outputs=tuple(outputs), accuracy_before=accuracy_before, accuracy_after=accuracy_after,
         fitted=tuple(fitted),
-        top1_interval=interval_of_worst("top1", "top1_interval"),
+        top1_interval=interval_of_worst("top1", "top1_interval", top1_outputs),
         correlation_interval=interval_of_worst("correlation", "correlation_interval"),
         accuracy_drop_interval=None if discordant is None else paired_drop_interval(*discordant, samples),
     )

@@ -263,3 +263,43 @@ def test_a_verdict_on_few_samples_is_imprecise_and_says_how_many_would_do(tmp_pa
     assert all_v["samples"] == 500 and hi - lo < 0.1 and lo <= all_v["top1_agreement"] <= hi
     assert all_v["correlation_ci95"][0] <= all_v["correlation"] <= all_v["correlation_ci95"][1]
     assert "imprecise" not in all_out
+
+
+def test_top1_headline_comes_from_softmax_outputs_when_the_model_has_them() -> None:
+    """MTCNN-like: a face/no-face Softmax beside a box regression [N, 4]; the box's argmax is detail, not the headline."""
+    from onnx import parser
+
+    from onnxslim_prune.verdict import OutputAgreement, class_score_outputs
+
+    model = parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 6] x) => (float[N, 2] prob, float[N, 4] box) <float[6, 2] wp, float[6, 4] wb> {
+            logits = MatMul(x, wp)
+            soft = Softmax<axis = 1>(logits)
+            prob = Flatten<axis = 1>(soft)
+            box = MatMul(x, wb)
+        }""")
+    assert class_score_outputs(model) == frozenset({"prob"})
+    outputs = (OutputAgreement("prob", 0.1, 0.1, 0.99, 0.9, 1.0, 0.95, 40, (0.83, 0.99), None),
+               OutputAgreement("box", 0.5, 0.5, 0.9, 0.8, 1.0, 0.30, 40, (0.18, 0.46), None))
+    both = summarise(VerdictSource.EVAL, 40, outputs)
+    scored = summarise(VerdictSource.EVAL, 40, outputs, class_outputs=class_score_outputs(model))
+    assert both.top1_agreement == 0.30 and both.top1_interval == (0.18, 0.46)
+    assert scored.top1_agreement == 0.95 and scored.top1_interval == (0.83, 0.99)
+    assert scored.correlation == 0.8  # the other figures still take the worst output
+
+
+def test_a_data_free_verdict_takes_fewer_random_samples_on_large_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """16 random samples up to the size threshold, then inversely fewer by weight bytes, never under 4."""
+    from onnxslim_prune import ir, validate
+
+    model = onnx.load(str(SAMPLE_LENET))
+    size = ir.payload_bytes(model)
+    assert validate.random_samples_for(model) == 16
+    monkeypatch.setattr(validate, "RANDOM_SAMPLES_FULL_BYTES", size // 2)
+    assert validate.random_samples_for(model) == 8
+    monkeypatch.setattr(validate, "RANDOM_SAMPLES_FULL_BYTES", size // 100)
+    assert validate.random_samples_for(model) == 4
+    result = prune(model, "l1", 0.5, latency=False)
+    assert result.report.verdict is not None
+    assert result.report.verdict.source is VerdictSource.RANDOM and result.report.verdict.samples == 4
