@@ -28,7 +28,8 @@ from .passes import methods as methods_mod
 from .passes.apply import apply_plan
 from .passes.methods import Context, Options, get_method
 from .passes.plan import Plan, check_ratio
-from .passes.trace import Trace, trace
+from .channels import Trace
+from .passes.trace import trace
 from .progress import Stage, StageClock
 from .report import Report, group_rows
 from .verdict import Gates, Verdict, VerdictSource, classes_of, summarise

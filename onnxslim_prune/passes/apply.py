@@ -25,9 +25,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import ir
+from ..channels import Kind, Trace
 from ..errors import ModelError
 from .plan import Plan
-from .trace import BROADCAST_OPS, Trace, slice_positions, slice_spec
+from .trace import BROADCAST_OPS, slice_positions, slice_spec
 
 log = logging.getLogger(__name__)
 
@@ -60,39 +61,39 @@ class _Applier:
     def node(self, node: gs.Node) -> None:
         kind = self.trace.node_kind.get(node.name)
         op = node.op
-        if op == "Conv" and kind in ("conv", "depthwise", "grouped"):
+        if op == "Conv" and kind in (Kind.CONV, Kind.DEPTHWISE, Kind.GROUPED):
             self.conv(node, kind)
-        elif op == "ConvTranspose" and kind == "conv_transpose":
+        elif op == "ConvTranspose" and kind == Kind.CONV_TRANSPOSE:
             self.weight_and_bias(node, in_axis=0, out_axis=1)
-        elif op == "Gemm" and kind == "gemm":
+        elif op == "Gemm" and kind == Kind.GEMM:
             trans_b = int(ir.attr(node, "transB", 0))
             self.weight_and_bias(node, in_axis=1 if trans_b else 0, out_axis=0 if trans_b else 1)
-        elif op == "MatMul" and kind == "matmul":
+        elif op == "MatMul" and kind == Kind.MATMUL:
             self.weight_and_bias(node, in_axis=0, out_axis=1)
-        elif kind == "norm":
+        elif kind == Kind.NORM:
             self.per_channel_params(node)
-        elif op in BROADCAST_OPS or (op == "Concat" and kind != "concat"):
+        elif op in BROADCAST_OPS or (op == "Concat" and kind != Kind.CONCAT):
             self.broadcast_constants(node)
-        elif kind == "split":
+        elif kind == Kind.SPLIT:
             self.split(node)
-        elif kind == "slice":
+        elif kind == Kind.SLICE:
             self.slice(node)
-        elif kind == "reshape":
+        elif kind == Kind.RESHAPE:
             self.reshape(node)
-        elif kind == "resize":
+        elif kind == Kind.RESIZE:
             self.resize(node)
 
-    def conv(self, node: gs.Node, kind: str) -> None:
+    def conv(self, node: gs.Node, kind: Kind) -> None:
         x, y = node.inputs[0], node.outputs[0]
         in_keep, out_keep = self.keep(x), self.keep(y)
         weight = ir.input_const(node, 1)
         assert weight is not None
-        if kind == "depthwise":
+        if kind == Kind.DEPTHWISE:
             if out_keep is not None:
                 ir.set_input_const(node, 1, weight[out_keep])
             if in_keep is not None:
                 ir.set_attr(node, "group", int(in_keep.size))
-        elif kind == "grouped":
+        elif kind == Kind.GROUPED:
             ir.set_input_const(node, 1, self._grouped_weight(node, weight, in_keep, out_keep))
         else:
             ir.set_input_const(node, 1, _take2(weight, out_keep, in_keep))

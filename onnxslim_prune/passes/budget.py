@@ -57,12 +57,13 @@ import numpy as np
 import onnx
 
 from .. import ir, validate
+from ..channels import WEIGHTED_KINDS, Group, Kind, Trace
 from ..errors import UsageError
 from .materialize import materialize
 from .methods import Context, Outcome, register
 from .plan import GroupPlan, Plan, keep_every_tensor_alive
 from .score import score_groups
-from .trace import BROADCAST_OPS, Group, Trace
+from .trace import BROADCAST_OPS
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ def _float_size(value: np.ndarray | None) -> int:
     return int(value.size)
 
 
-def _node_cost(trace: Trace, node: object, kind: str | None, counted: set[str]) -> _NodeCost | None:
+def _node_cost(trace: Trace, node: object, kind: Kind | None, counted: set[str]) -> _NodeCost | None:
     import onnx_graphsurgeon as gs
 
     assert isinstance(node, gs.Node)
@@ -219,15 +220,15 @@ def _node_cost(trace: Trace, node: object, kind: str | None, counted: set[str]) 
         return None if cmap is None else cmap.atoms
 
     out = atoms(node.outputs[0]) if node.outputs else None
-    if kind in ("conv", "grouped", "gemm", "matmul", "conv_transpose", "depthwise"):
+    if kind in WEIGHTED_KINDS:
         weight = ir.input_const(node, 1) if first_use(1) else None
         bias = ir.input_const(node, 2) if ir.has_input(node, 2) and first_use(2) else None
         bias_size = _float_size(bias)
         per_out = bias_size if bias is not None and bias.ndim and out is not None and bias.shape[-1] == out.size else 0
         fixed = bias_size - per_out
-        in_atoms = None if kind == "depthwise" else atoms(node.inputs[0])
+        in_atoms = None if kind == Kind.DEPTHWISE else atoms(node.inputs[0])
         return _NodeCost(in_atoms, out, int(trace.node_macs.get(node.name, 0)), _float_size(weight) + fixed, per_out)
-    if kind == "norm":
+    if kind == Kind.NORM:
         x = atoms(node.inputs[0])
         size = sum(_float_size(ir.input_const(node, i)) for i in range(1, len(node.inputs)) if ir.has_input(node, i) and first_use(i))
         return _NodeCost(None, x, 0, 0, size)

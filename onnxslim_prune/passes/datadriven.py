@@ -67,6 +67,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .. import ir
+from ..channels import Group, Kind, Role, Trace
 from ..calib import ChannelMoments, GramAccumulator, cached, model_digest
 from ..calib.threads import blas_limited
 from ..errors import CalibrationError
@@ -74,7 +75,7 @@ from . import reconstruct as rc
 from .methods import Context, Outcome, choose_plan, register
 from .plan import kept_count
 from .score import l1
-from .trace import UNARY_OPS, Group, Trace
+from .trace import UNARY_OPS
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +173,8 @@ def group_consumers(ctx: Context) -> dict[int, list[Consumer]]:
     for group in ctx.trace.groups:
         if group.is_frozen:
             continue
-        for m in dict.fromkeys(m for m in group.members if m.role == "in"):
-            kind = ctx.trace.node_kind.get(m.node, "")
+        for m in dict.fromkeys(m for m in group.members if m.role == Role.IN):
+            kind = ctx.trace.node_kind.get(m.node)
             if kind not in rc.FITTED_KINDS or m.node not in nodes:
                 continue
             if m.node not in seen:
@@ -216,7 +217,7 @@ def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int = rc
 def _dims(ctx: Context, layer: rc.Layer) -> int:
     shape = ctx.trace.shapes.get(layer.x)
     cmap = ctx.trace.maps.get(layer.x)
-    channels = cmap.size if cmap is not None else (int(shape[-1 if layer.kind != "conv" else 1]) if shape else 1)
+    channels = cmap.size if cmap is not None else (int(shape[-1 if layer.kind != Kind.CONV else 1]) if shape else 1)
     return channels * layer.taps
 
 
@@ -620,7 +621,7 @@ def _atom_transfer(trace: Trace, into: str, source: str, values: np.ndarray) -> 
     return np.array([total.get(r, 0.0) / counts[r] for r in roots_in.tolist()])
 
 
-def _backward(node: gs.Node, kind: str, trace: Trace, out: np.ndarray) -> np.ndarray | None:
+def _backward(node: gs.Node, kind: Kind | None, trace: Trace, out: np.ndarray) -> np.ndarray | None:
     """Importance of input 0 of a weighted node or BN from the importance of its output."""
     weight = ir.input_const(node, 1)
     if node.op == "BatchNormalization":
@@ -667,7 +668,7 @@ def nisp_scores(ctx: Context) -> tuple[dict[int, np.ndarray], list[str]]:
         outs = [(t.name, importance[t.name]) for t in node.outputs if t.name in importance and t.name in trace.maps]
         if not outs:
             continue
-        kind = trace.node_kind.get(node.name, "")
+        kind = trace.node_kind.get(node.name)
         if node.name in sources or node.op == "BatchNormalization":
             x = node.inputs[0]
             if x.name not in trace.maps:
@@ -724,11 +725,11 @@ def activation_tensors(ctx: Context, group: Group) -> list[str]:
         name = node.outputs[0].name
         if name not in ctx.trace.maps:
             continue
-        if m.role == "pass" and m.op in ACTIVATIONS:
+        if m.role == Role.PASS and m.op in ACTIVATIONS:
             by_role["act"].append(name)
-        elif m.role == "norm":
+        elif m.role == Role.NORM:
             by_role["norm"].append(name)
-        elif m.role == "out":
+        elif m.role == Role.OUT:
             by_role["out"].append(name)
     for role in ("act", "norm", "out"):
         names = [n for n in dict.fromkeys(by_role[role]) if _in_group(ctx.trace, group, n)]

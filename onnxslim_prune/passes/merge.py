@@ -43,10 +43,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import ir
+from ..channels import Group, Kind, Role, Trace
 from .methods import Context, Outcome, choose_plan, register
 from .plan import Plan
 from .score import score_groups
-from .trace import Group, Trace
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ HOMOGENEOUS = frozenset(
         "Add", "Sub", "Sum", "Mul", "Div", "Resize", "Upsample",
     }
 )
-CONSUMER_KINDS = frozenset({"conv", "gemm", "matmul", "conv_transpose"})
+CONSUMER_KINDS = frozenset({Kind.CONV, Kind.GEMM, Kind.MATMUL, Kind.CONV_TRANSPOSE})
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,11 @@ class MergeStats:
     reason: str = ""
 
 
-def _consumer_axis(node: gs.Node, kind: str) -> int:
+def _consumer_axis(node: gs.Node, kind: Kind) -> int:
     """Axis of the consumer's weight that indexes its input channels."""
-    if kind == "conv":
+    if kind == Kind.CONV:
         return 1
-    if kind == "gemm":
+    if kind == Kind.GEMM:
         return 1 if int(ir.attr(node, "transB", 0)) else 0
     return 0  # matmul [K, N], conv_transpose [Cin, Cout/g, ...]
 
@@ -153,18 +153,18 @@ class _Merger:
         source_nodes = {s.node for s in self.trace.sources if s.space in set(group.spaces)}
         for member in group.members:
             node = self.nodes[member.node]
-            if member.role == "out":
+            if member.role == Role.OUT:
                 continue
-            if member.role == "in":
+            if member.role == Role.IN:
                 if self.trace.node_kind.get(member.node) not in CONSUMER_KINDS:
                     return f"{member.op} {member.node} consumes the channels in groups"
                 continue
-            if member.role == "norm":
+            if member.role == Role.NORM:
                 producer = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
                 if node.op == "BatchNormalization" and producer is not None and producer.name in source_nodes:
                     continue
                 return f"{member.op} {member.node} is not right after the layer it normalises"
-            if member.role == "depthwise":
+            if member.role == Role.DEPTHWISE:
                 return f"depthwise {member.node} consumes the channels"
             if member.op not in HOMOGENEOUS:
                 return f"{member.op} {member.node} is not positively homogeneous"
@@ -201,7 +201,7 @@ class _Merger:
         """consumer node -> class -> positions along its input channel axis."""
         out: dict[str, dict[int, np.ndarray]] = {}
         for member in group.members:
-            if member.role != "in" or member.node in out:
+            if member.role != Role.IN or member.node in out:
                 continue
             classes = self.trace.class_positions(self.nodes[member.node].inputs[0].name)
             if classes is None:

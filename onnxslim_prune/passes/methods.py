@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from ..errors import UsageError
 from .plan import Plan, uniform_plan
 from .score import CRITERIA, score_groups
-from .trace import Trace
+from ..channels import Trace
 
 
 @dataclass(frozen=True)

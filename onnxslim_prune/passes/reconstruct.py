@@ -91,6 +91,7 @@ import onnx_graphsurgeon as gs
 import scipy.linalg
 
 from .. import ir
+from ..channels import Kind, Role, Trace
 from ..calib import GramAccumulator, conv_output_size, conv_patches, expose_tensors, output_rows, sample_positions
 from ..calib import stream_tensors
 from ..calib.engine import StagedPasses, default_budget
@@ -98,7 +99,6 @@ from ..calib.threads import blas_limited
 from ..errors import ModelError
 from .methods import Context, Outcome
 from .plan import Plan
-from .trace import Trace
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ DEFAULT_ENERGY = 0.995
 DEFAULT_GRAM_BUDGET = 1 << 30
 
 Progress = Callable[[int, int], None]
-FITTED_KINDS = ("conv", "gemm", "matmul")
+FITTED_KINDS = (Kind.CONV, Kind.GEMM, Kind.MATMUL)
 
 
 # ----------------------------------------------------------------------------- layer geometry
@@ -131,7 +131,7 @@ class Layer:
     """A weighted node seen as ``Y = X W + b`` on rows: its tensors and its im2col geometry."""
 
     node: str
-    kind: str  # "conv", "gemm" or "matmul"
+    kind: Kind  # CONV, GEMM or MATMUL
     x: str  # input tensor
     y: str  # output tensor
     kernel: tuple[int, ...] = ()
@@ -143,7 +143,7 @@ class Layer:
     @property
     def taps(self) -> int:
         """Columns per input channel (kernel elements; 1 for Gemm / MatMul)."""
-        return int(np.prod(self.kernel)) if self.kind == "conv" else 1
+        return int(np.prod(self.kernel)) if self.kind == Kind.CONV else 1
 
     def conv_pads(self, spatial: Sequence[int]) -> tuple[int, ...]:
         if self.auto_pad in ("", "NOTSET"):
@@ -160,28 +160,28 @@ class Layer:
 
     def positions(self, x_shape: Sequence[int], count: int | None, rng: np.random.Generator) -> np.ndarray | None:
         """Sampled output positions ``[N, P]`` of a Conv (None: every row, Gemm / MatMul)."""
-        if self.kind != "conv":
+        if self.kind != Kind.CONV:
             return None
         spatial = tuple(int(d) for d in x_shape[2:])
         out = conv_output_size(spatial, self.kernel, self.strides, self.conv_pads(spatial), self.dilations)
         return sample_positions(int(x_shape[0]), int(np.prod(out)), count, rng)
 
     def x_rows(self, x: np.ndarray, index: np.ndarray | None) -> np.ndarray:
-        if self.kind != "conv":
+        if self.kind != Kind.CONV:
             return x.reshape(-1, x.shape[-1])
         pads = self.conv_pads(x.shape[2:])
         return conv_patches(x, self.kernel, self.strides, pads, self.dilations, positions=index)
 
     def y_rows(self, y: np.ndarray, index: np.ndarray | None) -> np.ndarray:
-        if self.kind != "conv":
+        if self.kind != Kind.CONV:
             return y.reshape(-1, y.shape[-1])
         return output_rows(y, index)
 
 
-def layer_of(node: gs.Node, kind: str) -> Layer | None:
+def layer_of(node: gs.Node, kind: Kind | None) -> Layer | None:
     """The `Layer` of a traced Conv (group 1, 1-D or 2-D), Gemm or MatMul; None if unsupported."""
     x, y = node.inputs[0], node.outputs[0]
-    if kind == "conv":
+    if kind == Kind.CONV:
         weight = ir.input_const(node, 1)
         if weight is None or weight.ndim not in (3, 4) or int(ir.attr(node, "group", 1)) != 1:
             return None
@@ -194,7 +194,7 @@ def layer_of(node: gs.Node, kind: str) -> Layer | None:
             tuple(int(d) for d in ir.attr(node, "dilations", [1] * rank)),
             str(ir.attr(node, "auto_pad", "NOTSET") or "NOTSET"),
         )
-    if kind in ("gemm", "matmul"):
+    if kind in (Kind.GEMM, Kind.MATMUL):
         return Layer(node.name, kind, x.name, y.name)
     return None
 
@@ -224,18 +224,18 @@ def _matmul_bias(node: gs.Node, n_out: int) -> tuple[gs.Node, int] | None:
     return None
 
 
-def read_affine(node: gs.Node, kind: str) -> Affine:
+def read_affine(node: gs.Node, kind: Kind) -> Affine:
     """The layer as ``Y = X W + b`` (Gemm alpha and beta folded in), float64."""
     weight = ir.input_const(node, 1)
     if weight is None:
         raise ModelError(f"{node.name}: weight is not a constant")
     w = np.asarray(weight, dtype=np.float64)
-    if kind == "conv":
+    if kind == Kind.CONV:
         matrix = w.reshape(w.shape[0], -1).T
         bias = ir.input_const(node, 2) if ir.has_input(node, 2) else None
         b = np.zeros(matrix.shape[1]) if bias is None else np.asarray(bias, dtype=np.float64).reshape(-1)
         return Affine(matrix, b, (node.name, 2))
-    if kind == "gemm":
+    if kind == Kind.GEMM:
         alpha, beta = float(ir.attr(node, "alpha", 1.0)), float(ir.attr(node, "beta", 1.0))
         matrix = alpha * (w.T if int(ir.attr(node, "transB", 0)) else w)
         n_out = matrix.shape[1]
@@ -245,7 +245,7 @@ def read_affine(node: gs.Node, kind: str) -> Affine:
         if c is None or c.size not in (1, n_out) or (c.ndim == 2 and c.shape[0] != 1):
             return Affine(matrix, None, None)
         return Affine(matrix, beta * np.broadcast_to(np.asarray(c, dtype=np.float64).reshape(-1), (n_out,)), (node.name, 2))
-    if kind == "matmul":
+    if kind == Kind.MATMUL:
         found = _matmul_bias(node, w.shape[1])
         if found is None:
             return Affine(w, None, None)
@@ -256,17 +256,17 @@ def read_affine(node: gs.Node, kind: str) -> Affine:
     raise ModelError(f"{node.name}: cannot read a {kind} layer as a matrix")
 
 
-def write_affine(graph: gs.Graph, node: gs.Node, kind: str, w: np.ndarray, b: np.ndarray | None) -> None:
+def write_affine(graph: gs.Graph, node: gs.Node, kind: Kind, w: np.ndarray, b: np.ndarray | None) -> None:
     """Store ``W [dim_x, dim_y]`` and bias ``b`` back into `node` (the inverse of `read_affine`)."""
     weight = ir.input_const(node, 1)
     assert weight is not None
     dtype = weight.dtype
-    if kind == "conv":
+    if kind == Kind.CONV:
         ir.set_input_const(node, 1, w.T.reshape((w.shape[1], *weight.shape[1:])))
         if b is not None:
             _set_or_add_bias(node, 2, b, dtype)
         return
-    if kind == "gemm":
+    if kind == Kind.GEMM:
         alpha, beta = float(ir.attr(node, "alpha", 1.0)), float(ir.attr(node, "beta", 1.0))
         matrix = w / alpha
         ir.set_input_const(node, 1, matrix.T if int(ir.attr(node, "transB", 0)) else matrix)
@@ -281,7 +281,7 @@ def write_affine(graph: gs.Graph, node: gs.Node, kind: str, w: np.ndarray, b: np
             value = value.reshape(old.shape)
         _set_or_add_bias(node, 2, value, dtype)
         return
-    if kind == "matmul":
+    if kind == Kind.MATMUL:
         ir.set_input_const(node, 1, w)
         if b is not None:
             found = _matmul_bias(node, w.shape[1])
@@ -513,9 +513,9 @@ def plan_consumers(trace: Trace, graph: gs.Graph, plan: Plan) -> tuple[list[str]
             continue
         for m in group.members:
             kind = trace.node_kind.get(m.node)
-            if m.role == "in" and kind in FITTED_KINDS:
+            if m.role == Role.IN and kind in FITTED_KINDS:
                 wanted.add(m.node)
-            elif m.role in ("in", "depthwise") and kind in ("depthwise", "grouped", "conv_transpose"):
+            elif m.role in (Role.IN, Role.DEPTHWISE) and kind in (Kind.DEPTHWISE, Kind.GROUPED, Kind.CONV_TRANSPOSE):
                 notes.append(f"reconstruct: {kind} {m.op} {m.node} is sliced, not refitted")
     nodes = ir.node_by_name(graph)
     order = [n.name for n in graph.nodes if n.name in wanted]
@@ -667,7 +667,7 @@ class Reconstructor:
                 continue
             affine = read_affine(node, kind)
             target, minus = layer.y, None
-            if kind == "matmul" and affine.bias_at is not None:
+            if kind == Kind.MATMUL and affine.bias_at is not None:
                 target = nodes[affine.bias_at[0]].outputs[0].name  # the bias Add: the target includes the bias
             elif self.settings.residual_targets and affine.b is not None:
                 target, minus = self._residual(node, outputs)
@@ -676,7 +676,7 @@ class Reconstructor:
                 deps |= above.get(minus, frozenset())
             level[name] = 1 + max((level[d] for d in deps if d in level), default=-1)
             cmap = self.trace.maps.get(layer.y)
-            axis = cmap.axis if cmap is not None else (1 if kind != "matmul" else -1)
+            axis = cmap.axis if cmap is not None else (1 if kind != Kind.MATMUL else -1)
             fits.append(_Fit(layer, kept_positions(self.trace, self.plan, layer.y), axis, target, minus,
                              affine.b is not None, level[name]))
         return fits
@@ -756,9 +756,9 @@ def planned_rows(layer: Layer, x_shape: Sequence[int], samples: int, batch: int,
     ``min(positions, output positions)`` rows per image, a Gemm / MatMul every row but the
     channel axis.
     """
-    per_batch = int(np.prod(x_shape[:-1])) if layer.kind != "conv" else 0
+    per_batch = int(np.prod(x_shape[:-1])) if layer.kind != Kind.CONV else 0
     capped = False
-    if layer.kind == "conv":
+    if layer.kind == Kind.CONV:
         spatial = tuple(int(d) for d in x_shape[2:])
         out = int(np.prod(conv_output_size(spatial, layer.kernel, layer.strides, layer.conv_pads(spatial), layer.dilations)))
         capped = positions is not None and positions < out
@@ -780,17 +780,17 @@ def short_of_rows(ctx: Context, plan: Plan, nodes: Sequence[str], settings: Sett
     by_name = ir.node_by_name(ctx.graph)
     short = []
     for name in nodes:
-        node, kind = by_name.get(name), ctx.trace.node_kind.get(name, "")
+        node, kind = by_name.get(name), ctx.trace.node_kind.get(name)
         layer = None if node is None else layer_of(node, kind)
         planned = None if layer is None else layer_rows(ctx, layer, settings.positions)
         if node is None or layer is None or planned is None:
             continue
         x_shape = ctx.trace.shapes[layer.x]
         kept = kept_positions(ctx.trace, plan, layer.x)
-        channels = int(x_shape[1] if kind == "conv" else x_shape[-1])
+        channels = int(x_shape[1] if kind == Kind.CONV else x_shape[-1])
         dim = (channels if kept is None else kept.size) * layer.taps
         rows, capped = planned
-        count = unknowns(dim, read_affine(node, kind).b is not None)
+        count = unknowns(dim, read_affine(node, layer.kind).b is not None)
         if rows < count:
             short.append((name, rows, count, capped))
     return short

@@ -32,10 +32,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import ir
+from ..channels import ChannelMap, Group, Kind, Member, Role, Shape, Source, Trace, UnionFind
 
 log = logging.getLogger(__name__)
-
-Shape = tuple[int, ...]
 
 UNARY_OPS = frozenset(
     {
@@ -63,126 +62,12 @@ WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 CHANNEL_ATTRS = {"Conv": ("group",), "ConvTranspose": ("group",), "Gemm": ("transA", "transB")}
 
 
-@dataclass(frozen=True, eq=False)
-class ChannelMap:
-    """A tensor's channel axis and, per position along it, the atom it holds."""
-
-    axis: int
-    atoms: np.ndarray
-
-    @property
-    def size(self) -> int:
-        return int(self.atoms.size)
-
-
-@dataclass(frozen=True)
-class Source:
-    """Output channels created by a weighted op: `weight` sliced along `axis`."""
-
-    node: str
-    op: str
-    weight: str
-    axis: int
-    space: int
-
-
-@dataclass(frozen=True)
-class Member:
-    """One place a group's channels live: (node, role), e.g. ("conv3", "in")."""
-
-    node: str
-    op: str
-    role: str
-
-
-@dataclass(frozen=True)
-class Group:
-    """Coupled channels: `size` classes, pruned together across all `members`."""
-
-    index: int
-    spaces: tuple[int, ...]
-    classes: tuple[int, ...]  # union-find roots, in channel order of the first space
-    frozen: tuple[bool, ...]  # per class
-    reasons: tuple[str, ...]
-    members: tuple[Member, ...]
-    block: int  # grouped conv: the kept count must be equal in each of `block` contiguous blocks
-    macs: int
-
-    @property
-    def size(self) -> int:
-        return len(self.classes)
-
-    @property
-    def prunable(self) -> int:
-        return sum(1 for f in self.frozen if not f)
-
-    @property
-    def is_frozen(self) -> bool:
-        return self.prunable == 0
-
-
-@dataclass(frozen=True, eq=False)
-class Trace:
-    """Everything later passes need, as plain data."""
-
-    groups: tuple[Group, ...]
-    maps: Mapping[str, ChannelMap]  # tensor name -> channel map
-    sources: tuple[Source, ...]
-    roots: np.ndarray  # atom -> class root
-    class_group: Mapping[int, int]  # class root -> group index
-    node_kind: Mapping[str, str]  # node name -> how it was treated ("conv", "depthwise", "grouped", ...)
-    space_atoms: Mapping[int, np.ndarray]
-    shapes: Mapping[str, Shape]
-    node_macs: Mapping[str, int]
-
-    def group_of_node(self, node: str) -> list[Group]:
-        return [g for g in self.groups if any(m.node == node for m in g.members)]
-
-    def class_positions(self, tensor: str) -> np.ndarray | None:
-        """Per position of `tensor`'s channel axis, its class root (None if untraced)."""
-        cmap = self.maps.get(tensor)
-        return None if cmap is None else self.roots[cmap.atoms]
-
-
-# ----------------------------------------------------------------------------- union-find
-
-
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-
-    def make(self, n: int) -> np.ndarray:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
-        return np.arange(start, start + n, dtype=np.int64)
-
-    def find(self, a: int) -> int:
-        parent = self.parent
-        root = a
-        while parent[root] != root:
-            root = parent[root]
-        while parent[a] != root:
-            parent[a], a = root, parent[a]
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            if ra < rb:
-                self.parent[rb] = ra
-            else:
-                self.parent[ra] = rb
-
-    def roots(self) -> np.ndarray:
-        return np.array([self.find(a) for a in range(len(self.parent))], dtype=np.int64)
-
-
 # ----------------------------------------------------------------------------- tracer
 
 
 @dataclass
 class _State:
-    uf: _UnionFind = field(default_factory=_UnionFind)
+    uf: UnionFind = field(default_factory=UnionFind)
     maps: dict[str, ChannelMap] = field(default_factory=dict)
     atom_space: list[int] = field(default_factory=list)
     space_atoms: dict[int, np.ndarray] = field(default_factory=dict)
@@ -191,7 +76,7 @@ class _State:
     frozen: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
     members: list[tuple[np.ndarray, Member]] = field(default_factory=list)
     blocks: list[tuple[np.ndarray, int]] = field(default_factory=list)
-    node_kind: dict[str, str] = field(default_factory=dict)
+    node_kind: dict[str, Kind] = field(default_factory=dict)
 
     def new_space(self, n: int, frozen_reason: str | None = None) -> tuple[int, np.ndarray]:
         atoms = self.uf.make(n)
@@ -212,7 +97,7 @@ class _State:
         for x, y in zip(a.tolist(), b.tolist()):
             self.uf.union(x, y)
 
-    def touch(self, atoms: np.ndarray, node: gs.Node, role: str) -> None:
+    def touch(self, atoms: np.ndarray, node: gs.Node, role: Role) -> None:
         if atoms.size:
             self.members.append((atoms, Member(node.name, node.op, role)))
 
@@ -290,10 +175,10 @@ class Tracer:
         """The conservative default: every traced input keeps all its channels."""
         for _, m in self.traced_inputs(node):
             self.s.freeze(m.atoms, f"{node.op} {node.name}: {reason}")
-            self.s.touch(m.atoms, node, "frozen")
-        self.s.node_kind.setdefault(node.name, "frozen")
+            self.s.touch(m.atoms, node, Role.FROZEN)
+        self.s.node_kind.setdefault(node.name, Kind.FROZEN)
 
-    def pass_through(self, node: gs.Node, cmap: ChannelMap, role: str = "pass") -> None:
+    def pass_through(self, node: gs.Node, cmap: ChannelMap, role: Role = Role.PASS) -> None:
         self.s.touch(cmap.atoms, node, role)
         out = node.outputs[0]
         self.set_map(out, cmap)
@@ -383,26 +268,26 @@ class Tracer:
         cin = cin_per_group * group
         out = node.outputs[0]
         if group == 1:
-            self.s.node_kind[node.name] = "conv"
+            self.s.node_kind[node.name] = Kind.CONV
             if x_map is not None:
-                self.s.touch(x_map.atoms, node, "in")
+                self.s.touch(x_map.atoms, node, Role.IN)
             self._new_source(node, out, 1, cout)
         elif cin_per_group == 1 and cout % group == 0:
             # depthwise: output channel j reads input channel j // multiplier only
-            self.s.node_kind[node.name] = "depthwise"
+            self.s.node_kind[node.name] = Kind.DEPTHWISE
             multiplier = cout // group
             if x_map is None:
                 _, atoms = self.s.new_space(cout, f"{node.op} {node.name}: depthwise conv on an untraced input")
                 self.set_map(out, ChannelMap(1, atoms))
                 return
-            self.s.touch(x_map.atoms, node, "depthwise")
+            self.s.touch(x_map.atoms, node, Role.DEPTHWISE)
             self.set_map(out, ChannelMap(1, np.repeat(x_map.atoms, multiplier)))
         else:
-            self.s.node_kind[node.name] = "grouped"
+            self.s.node_kind[node.name] = Kind.GROUPED
             if x_map is not None:
                 if x_map.size != cin:
                     raise _Freeze("input channel count does not match the weight")
-                self.s.touch(x_map.atoms, node, "in")
+                self.s.touch(x_map.atoms, node, Role.IN)
                 self.s.blocks.append((x_map.atoms, group))
             _, atoms = self._new_source(node, out, 1, cout)
             self.s.blocks.append((atoms, group))
@@ -419,8 +304,8 @@ class Tracer:
         if x_map is not None:
             if x_map.axis != 1:
                 raise _Freeze("input channels are not on axis 1")
-            self.s.touch(x_map.atoms, node, "in")
-        self.s.node_kind[node.name] = "conv_transpose"
+            self.s.touch(x_map.atoms, node, Role.IN)
+        self.s.node_kind[node.name] = Kind.CONV_TRANSPOSE
         self._new_source(node, node.outputs[0], 1, int(weight.shape[1]))
 
     def _gemm(self, node: gs.Node) -> None:
@@ -437,10 +322,10 @@ class Tracer:
         if x_map is not None:
             if x_map.axis != 1:
                 raise _Freeze("input features are not on axis 1")
-            self.s.touch(x_map.atoms, node, "in")
+            self.s.touch(x_map.atoms, node, Role.IN)
         trans_b = int(ir.attr(node, "transB", 0))
         n_out = int(weight.shape[0] if trans_b else weight.shape[1])
-        self.s.node_kind[node.name] = "gemm"
+        self.s.node_kind[node.name] = Kind.GEMM
         self._new_source(node, node.outputs[0], 1, n_out)
 
     def _matmul(self, node: gs.Node) -> None:
@@ -452,8 +337,8 @@ class Tracer:
         if x_map is not None:
             if x_map.axis != len(a_shape) - 1:
                 raise _Freeze("features are not on the last axis")
-            self.s.touch(x_map.atoms, node, "in")
-        self.s.node_kind[node.name] = "matmul"
+            self.s.touch(x_map.atoms, node, Role.IN)
+        self.s.node_kind[node.name] = Kind.MATMUL
         self._new_source(node, node.outputs[0], len(a_shape) - 1, int(weight.shape[1]))
 
     def _new_source(self, node: gs.Node, out: gs.Tensor, axis: int, n: int) -> tuple[int, np.ndarray]:
@@ -463,7 +348,7 @@ class Tracer:
         if node.op == "Gemm":
             w_axis = 0 if int(ir.attr(node, "transB", 0)) else 1
         self.s.sources.append(Source(node.name, node.op, weight, int(w_axis or 0), space))
-        self.s.touch(atoms, node, "out")
+        self.s.touch(atoms, node, Role.OUT)
         self.set_map(out, ChannelMap(axis, atoms))
         return space, atoms
 
@@ -480,8 +365,8 @@ class Tracer:
                 raise _Freeze("per-channel parameters are not constants")
         if node.op == "BatchNormalization" and len([o for o in node.outputs if o.outputs or o in self.graph.outputs]) > 1:
             raise _Freeze("training-mode outputs are used")
-        self.s.node_kind[node.name] = "norm"
-        self.pass_through(node, x_map, "norm")
+        self.s.node_kind[node.name] = Kind.NORM
+        self.pass_through(node, x_map, Role.NORM)
 
     def _unary(self, node: gs.Node) -> None:
         x_map = self.cmap(node.inputs[0])
@@ -539,8 +424,8 @@ class Tracer:
         sizes_index = 3 if node.op == "Resize" else None
         if sizes_index is not None and ir.has_input(node, sizes_index) and ir.input_const(node, sizes_index) is None:
             raise _Freeze("sizes are computed at run time")
-        self.s.node_kind[node.name] = "resize"
-        self.pass_through(node, x_map, "resize")
+        self.s.node_kind[node.name] = Kind.RESIZE
+        self.pass_through(node, x_map, Role.RESIZE)
 
     def _axis_op(self, node: gs.Node) -> None:
         if (traced := self.traced_with_shape(node)) is None:
@@ -610,7 +495,7 @@ class Tracer:
             index = ir.input_const(consumer, 1) if consumer.op == "Gather" else None
             if index is None or int(np.asarray(index).size) != 1 or int(np.asarray(index).ravel()[0]) % (stop - start) == position:
                 raise _Freeze("the channel count is read at run time")
-        self.s.node_kind[node.name] = "shape"
+        self.s.node_kind[node.name] = Kind.SHAPE
 
     def _size(self, node: gs.Node) -> None:
         if self.cmap(node.inputs[0]) is not None:
@@ -636,7 +521,7 @@ class Tracer:
         for i, m in traced:
             if m.size != size:
                 raise _Freeze("an operand broadcasts over the channels")
-            self.s.touch(m.atoms, node, "elementwise")
+            self.s.touch(m.atoms, node, Role.ELEMENTWISE)
             if i != traced[0][0]:
                 self.s.unite(lead.atoms, m.atoms)
         traced_ids = {i for i, _ in traced}
@@ -650,7 +535,7 @@ class Tracer:
                 continue
             if shape[own_axis] != size or not isinstance(t, gs.Constant):
                 raise _Freeze("an untraced operand has a channel dimension")
-            self.s.node_kind[node.name] = "const_operand"
+            self.s.node_kind[node.name] = Kind.CONST_OPERAND
         out_map = ChannelMap(pos, lead.atoms)
         for out in node.outputs:
             self.set_map(out, out_map)
@@ -680,9 +565,9 @@ class Tracer:
                 _, atoms = self.s.new_space(int(shape[axis]), reason)
                 parts.append(atoms)
             else:
-                self.s.touch(m.atoms, node, "concat")
+                self.s.touch(m.atoms, node, Role.CONCAT)
                 parts.append(m.atoms)
-        self.s.node_kind[node.name] = "concat"
+        self.s.node_kind[node.name] = Kind.CONCAT
         self.set_map(node.outputs[0], ChannelMap(axis, np.concatenate(parts)))
 
     def _split(self, node: gs.Node) -> None:
@@ -693,7 +578,7 @@ class Tracer:
         if axis != x_map.axis:
             for out in node.outputs:
                 self.set_map(out, x_map)
-            self.s.touch(x_map.atoms, node, "pass")
+            self.s.touch(x_map.atoms, node, Role.PASS)
             return
         sizes = [self.shape(o)[axis] for o in node.outputs if self.shape(o) is not None]  # type: ignore[index]
         if len(sizes) != len(node.outputs) or sum(sizes) != x_map.size:
@@ -704,8 +589,8 @@ class Tracer:
         for out, n in zip(node.outputs, sizes):
             self.set_map(out, ChannelMap(axis, x_map.atoms[offset : offset + n]))
             offset += n
-        self.s.touch(x_map.atoms, node, "split")
-        self.s.node_kind[node.name] = "split"
+        self.s.touch(x_map.atoms, node, Role.SPLIT)
+        self.s.node_kind[node.name] = Kind.SPLIT
 
     def _slice(self, node: gs.Node) -> None:
         if (traced := self.traced_with_shape(node)) is None:
@@ -720,8 +605,8 @@ class Tracer:
         start, end, step = spec[x_map.axis]
         if step != 1:
             raise _Freeze("strided slice of the channel axis")
-        self.s.touch(x_map.atoms, node, "slice")
-        self.s.node_kind[node.name] = "slice"
+        self.s.touch(x_map.atoms, node, Role.SLICE)
+        self.s.node_kind[node.name] = Kind.SLICE
         self.set_map(node.outputs[0], ChannelMap(x_map.axis, x_map.atoms[slice(start, end, step)]))
 
     def _reshape(self, node: gs.Node) -> None:
@@ -745,8 +630,8 @@ class Tracer:
                 raise _Freeze("a 0 in the target shape copies a channel-dependent dim")
             if int(ir.attr(node, "allowzero", 0)) and 0 in values:
                 raise _Freeze("allowzero target shape")
-        self.s.touch(x_map.atoms, node, "reshape")
-        self.s.node_kind[node.name] = node.op.lower()
+        self.s.touch(x_map.atoms, node, Role.RESHAPE)
+        self.s.node_kind[node.name] = Kind(node.op.lower())
         self.set_map(node.outputs[0], mapped)
 
     # -- result -------------------------------------------------------------------
@@ -755,7 +640,7 @@ class Tracer:
         s = self.s
         roots = s.uf.roots()
         n_spaces = len(s.space_atoms)
-        space_uf = _UnionFind()
+        space_uf = UnionFind()
         space_uf.make(n_spaces)
         atom_space = np.asarray(s.atom_space, dtype=np.int64)
         for atom, root in enumerate(roots.tolist()):
