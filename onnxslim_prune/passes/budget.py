@@ -58,10 +58,9 @@ import onnx
 
 from .. import ir, validate
 from ..channels import WEIGHTED_KINDS, Group, Kind, Trace
-from ..errors import UsageError
 from .materialize import materialize
-from .methods import Context, Outcome, register
-from .plan import GroupPlan, Plan, keep_every_tensor_alive
+from ..methods.base import CommonParams, Context, LcpParams, Outcome, get_method
+from .plan import GroupPlan, Plan, keep_every_tensor_alive, uniform_plan
 from .score import score_groups
 from .trace import BROADCAST_OPS
 
@@ -77,11 +76,7 @@ MAX_FILL_STEPS = 2000
 POLISH_ROUNDS = 20
 #: with at most this many groups, moves of two groups at once are tried too
 POLISH_PAIR_GROUPS = 24
-DEFAULT_MAX_RATIO = 0.9
-DEFAULT_LCP_ITERATIONS = 60
-DEFAULT_LCP_POPULATION = 12
-DEFAULT_LCP_TOURNAMENT = 4
-DEFAULT_LCP_SAMPLES = 256
+DEFAULT_MAX_RATIO = CommonParams.max_ratio
 #: weight of the KL divergence next to the top-1 disagreement in `output_error`
 KL_WEIGHT = 0.1
 
@@ -100,15 +95,12 @@ class Budget:
     max_ratio: float = DEFAULT_MAX_RATIO
 
     @staticmethod
-    def from_params(params: Mapping[str, object], default_macs: float | None = None) -> Budget:
-        macs = _fraction(params.get("target_macs"), "--target-macs")
-        n_params = _fraction(params.get("target_params"), "--target-params")
+    def from_params(params: CommonParams, default_macs: float | None = None) -> Budget:
+        """The budget of checked settings (`methods.base.check_options`); `default_macs` when none is set."""
+        macs, n_params = params.target_macs, params.target_params
         if macs is None and n_params is None:
-            macs = _fraction(default_macs, "--target-macs")
-        max_ratio = params.get("max_ratio")
-        max_ratio = DEFAULT_MAX_RATIO if max_ratio is None else _fraction(max_ratio, "--max-ratio")
-        assert max_ratio is not None
-        return Budget(macs, n_params, max_ratio)
+            macs = default_macs
+        return Budget(macs, n_params, params.max_ratio)
 
     def deviation(self, macs: float, params: float) -> float:
         """How far above its target the most constrained quantity is (<= 0: budget met)."""
@@ -118,18 +110,6 @@ class Budget:
     def describe(self) -> str:
         parts = [f"{name} {t:g}" for name, t in (("MACs", self.macs), ("params", self.params)) if t is not None]
         return " and ".join(parts)
-
-
-def _fraction(value: object, flag: str) -> float | None:
-    if value is None:
-        return None
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise UsageError(f"{flag} must be a number in (0, 1], got {value!r}") from None
-    if math.isnan(number) or not 0.0 < number <= 1.0:
-        raise UsageError(f"{flag} must be in (0, 1], got {value}")
-    return number
 
 
 # ----------------------------------------------------------------------------- cost model
@@ -538,13 +518,23 @@ class BudgetSearch:
 
 def global_plan_with_notes(ctx: Context, scores: Mapping[int, np.ndarray], budget: Budget | None = None) -> tuple[Plan, list[str]]:
     """`global_plan`, also returning notes for the report (an unreachable budget, ...)."""
-    budget = budget or Budget.from_params(ctx.options.params)
+    budget = budget or Budget.from_params(ctx.params)
     keys = normalised_scores(ctx.trace, scores)
     ranking = Ranking.build(ctx.trace, keys, budget.max_ratio, ctx.options.round_to)
     search = BudgetSearch(ctx, budget)
     best, notes = search.measured_plan(ranking, keys)
     notes.insert(0, f"global budget {budget.describe()}: kept MACs {best.macs:.3f}, params {best.params:.3f}")
     return best.plan, notes
+
+
+def choose_plan(ctx: Context, scores: Mapping[int, np.ndarray]) -> Plan:
+    """Uniform ratio per group, or a global ranking under --target-macs / --target-params."""
+    params = ctx.params
+    if params.target_macs is not None or params.target_params is not None:
+        plan, notes = global_plan_with_notes(ctx, scores)
+        ctx.notes.extend(notes)
+        return plan
+    return uniform_plan(ctx.trace, scores, ctx.options.ratio, ctx.options.round_to)
 
 
 def global_plan(ctx: Context, scores: Mapping[int, np.ndarray]) -> Plan:
@@ -771,16 +761,15 @@ class LcpSearch:
         return best.genome, best.error
 
 
-@register("lcp")
 def lcp(ctx: Context) -> Outcome:
     """Layer-compensated pruning: a global ranking with per-group affine compensation, evolved."""
     started = time.perf_counter()
-    params = ctx.options.params
-    budget = Budget.from_params(params, default_macs=1.0 - ctx.options.ratio)
-    iterations = _positive_int(params.get("lcp_iterations"), DEFAULT_LCP_ITERATIONS, "lcp_iterations")
-    population = _positive_int(params.get("lcp_population"), DEFAULT_LCP_POPULATION, "lcp_population")
-    tournament = _positive_int(params.get("lcp_tournament"), DEFAULT_LCP_TOURNAMENT, "lcp_tournament")
-    samples = _positive_int(params.get("lcp_samples"), DEFAULT_LCP_SAMPLES, "lcp_samples")
+    params = ctx.params
+    assert isinstance(params, LcpParams)
+    default_macs = get_method(ctx.options.method).default_macs
+    budget = Budget.from_params(params, default_macs=None if default_macs is None else default_macs(ctx.options.ratio))
+    iterations, population = params.lcp_iterations, params.lcp_population
+    tournament, samples = params.lcp_tournament, params.lcp_samples
     scores = score_groups(ctx.trace, ctx.graph, ctx.options.criterion, ctx.options.seed)
     notes: list[str] = []
     if not scores:
@@ -807,14 +796,3 @@ def lcp(ctx: Context) -> Outcome:
     )
     return Outcome(final.plan, notes=tuple(notes))
 
-
-def _positive_int(value: object, default: int, name: str) -> int:
-    if value is None:
-        return default
-    try:
-        number = int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        raise UsageError(f"{name} must be a positive integer, got {value!r}") from None
-    if number < 1:
-        raise UsageError(f"{name} must be a positive integer, got {value}")
-    return number

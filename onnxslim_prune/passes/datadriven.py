@@ -72,7 +72,8 @@ from ..calib import ChannelMoments, GramAccumulator, cached, model_digest
 from ..calib.threads import blas_limited
 from ..errors import CalibrationError
 from . import reconstruct as rc
-from .methods import Context, Outcome, choose_plan, register
+from ..methods.base import Context, Outcome
+from .budget import choose_plan
 from .plan import kept_count
 from .score import l1
 from .trace import UNARY_OPS
@@ -95,7 +96,7 @@ def _need_calibration(ctx: Context, method: str) -> None:
 
 
 def _settings(ctx: Context, mode: str = "ls") -> rc.Settings:
-    return rc.Settings.from_params(ctx.options.params, ctx.options.batch_size, ctx.options.seed, mode)
+    return rc.Settings.from_params(ctx.params, ctx.options.batch_size, ctx.options.seed, mode)
 
 
 def _cache_key(ctx: Context, what: str) -> list[str]:
@@ -537,19 +538,16 @@ def _select_ldrf(ctx: Context, group: Group, consumers: Sequence[Consumer], cov:
     return ls_forward_scores(blocks, group.size, free, alphas)
 
 
-@register("thinet", data_driven=True)
 def thinet(ctx: Context) -> Outcome:
     """ThiNet (Luo et al., ICCV 2017): greedy minimal next-layer change, then least squares."""
     return _reconstruction_method(ctx, "thinet", _select_thinet)
 
 
-@register("cp", data_driven=True)
 def cp(ctx: Context) -> Outcome:
     """Channel Pruning (He, Zhang, Sun, ICCV 2017): LASSO channel selection, then least squares."""
     return _reconstruction_method(ctx, "cp", _select_cp)
 
 
-@register("ldrf", data_driven=True)
 def ldrf(ctx: Context) -> Outcome:
     """LDRF (Chen et al., AAAI 2019): embedding-space selection, closed-form recomposition."""
     return _reconstruction_method(ctx, "ldrf", _select_ldrf, mode="ldrf")
@@ -702,7 +700,6 @@ def nisp_scores(ctx: Context) -> tuple[dict[int, np.ndarray], list[str]]:
     return scores, []
 
 
-@register("nisp", data_driven=True)
 def nisp(ctx: Context) -> Outcome:
     """NISP (Yu et al., CVPR 2018): Inf-FS on the final response layer, propagated back by |W|."""
     _need_calibration(ctx, "nisp")
@@ -862,13 +859,11 @@ def _activation_method(ctx: Context, name: str, value: Callable[[ChannelMoments]
     return Outcome(choose_plan(ctx, scores), notes=tuple(notes))
 
 
-@register("mean_act", data_driven=True)
 def mean_act(ctx: Context) -> Outcome:
     """Mean |activation| of each channel after its activation (low = removed first)."""
     return _activation_method(ctx, "mean_act", lambda m: m.mean_abs)
 
 
-@register("apoz", data_driven=True)
 def apoz(ctx: Context) -> Outcome:
     """APoZ (Hu et al. 2016): channels whose activations are most often zero are removed first."""
     return _activation_method(ctx, "apoz", lambda m: 1.0 - m.apoz)

@@ -44,9 +44,8 @@ import onnx_graphsurgeon as gs
 
 from .. import ir
 from ..channels import Group, Kind, Role, Trace
-from .methods import Context, Outcome, choose_plan, register
+from ..methods.base import Context, MergeParams, Outcome
 from .plan import Plan
-from .score import score_groups
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +88,10 @@ class _Merger:
         self.nodes = ir.node_by_name(ctx.graph)
         self.weights: dict[tuple[str, int], np.ndarray] = {}
         self.keep_atoms = plan.atom_keep(self.trace)
-        self.threshold = ctx.options.params.get("merge_threshold")
-        self.projection = ctx.options.params.get("merge_scale", "norm") == "projection"
+        params = ctx.params
+        assert isinstance(params, MergeParams)
+        self.threshold = params.merge_threshold
+        self.projection = params.merge_scale == "projection"
 
     # -- weights ---------------------------------------------------------------
 
@@ -293,14 +294,6 @@ def merge_outcome(ctx: Context, plan: Plan) -> Outcome:
         if len(fallbacks) > 20:
             notes.append(f"  ... and {len(fallbacks) - 20} more")
     return Outcome(plan, merger.overrides(), tuple(notes))
-
-
-@register("merge")
-def merge(ctx: Context) -> Outcome:
-    """Neuron Merging: select by --criterion (default l1), then merge (see module docstring)."""
-    criterion = ctx.options.criterion  # one of MERGE_CRITERIA (methods.check_options)
-    scores = score_groups(ctx.trace, ctx.graph, criterion, ctx.options.seed)
-    return merge_outcome(ctx, choose_plan(ctx, scores))
 
 
 def merge_stats_summary(stats: Mapping[int, MergeStats]) -> str:

@@ -80,7 +80,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
@@ -97,7 +97,7 @@ from ..calib import stream_tensors
 from ..calib.engine import StagedPasses, default_budget
 from ..calib.threads import blas_limited
 from ..errors import ModelError
-from .methods import Context, Outcome
+from ..methods.base import CommonParams, Context, Outcome
 from .plan import Plan
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ log = logging.getLogger(__name__)
 #: sampled output positions per image for the Gram matrices of a Conv (``--calib-positions``)
 DEFAULT_POSITIONS = 16
 #: base ridge alpha, relative to the mean input variance (``params["ridge"]``; module docstring)
-DEFAULT_RIDGE = 1e-6
+DEFAULT_RIDGE = CommonParams.ridge
 #: ``c`` of ``alpha = ridge + c * dim / rows``: how hard a solve with few rows per unknown is
 #: pulled toward plain pruning (module docstring). Measured (benchmarks/results/ridge.md, ratio
 #: 0.5, 16 to 2,000 samples, ldrf and thinet): 0.3 and 1 are a flat optimum (ResNet-56 within 0.15
@@ -115,7 +115,7 @@ DEFAULT_RIDGE = 1e-6
 #: is 92.60% (92.57% before).
 DEFAULT_RIDGE_ROWS = 0.3
 #: LDRF: fraction of the output variance the embedding keeps (``params["energy"]``)
-DEFAULT_ENERGY = 0.995
+DEFAULT_ENERGY = CommonParams.energy
 #: most bytes of Gram matrices held at once while collecting selection statistics
 DEFAULT_GRAM_BUDGET = 1 << 30
 
@@ -544,15 +544,15 @@ class Settings:
     seed: int = 0
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any], batch_size: int, seed: int, mode: str = "ls") -> Settings:
-        positions = params.get("calib_positions")
+    def from_params(cls, params: CommonParams, batch_size: int, seed: int, mode: str = "ls") -> Settings:
+        positions = params.calib_positions
         return cls(
             positions=DEFAULT_POSITIONS if positions is None else int(positions),
-            ridge=float(params.get("ridge", DEFAULT_RIDGE)),
+            ridge=float(params.ridge),
             ridge_rows=DEFAULT_RIDGE_ROWS,
             mode=mode,
-            energy=float(params.get("energy", DEFAULT_ENERGY)),
-            residual_targets=bool(params.get("residual_targets", True)),
+            energy=float(params.energy),
+            residual_targets=bool(params.residual_targets),
             batch_size=batch_size,
             seed=seed,
         )
@@ -739,7 +739,7 @@ def make_finish(
     """The finish step refitting the consumers of `plan`'s pruned channels (see module docstring)."""
     if ctx.calibration is None:
         raise ModelError("reconstruction needs calibration data")
-    settings = settings or Settings.from_params(ctx.options.params, ctx.options.batch_size, ctx.options.seed, mode)
+    settings = settings or Settings.from_params(ctx.params, ctx.options.batch_size, ctx.options.seed, mode)
     nodes, notes = plan_consumers(ctx.trace, ctx.graph, plan)
     short = short_of_rows(ctx, plan, nodes, settings)
     note = rows_note(short, len(nodes))
@@ -798,7 +798,7 @@ def short_of_rows(ctx: Context, plan: Plan, nodes: Sequence[str], settings: Sett
 
 def wants_reconstruction(ctx: Context) -> bool:
     """Calibration data is present and ``--no-reconstruct`` was not given."""
-    return ctx.calibration is not None and ctx.options.params.get("reconstruct") is not False
+    return ctx.calibration is not None and ctx.params.reconstruct is not False
 
 
 def with_reconstruction(ctx: Context, outcome: Outcome, *, mode: str = "ls") -> Outcome:
