@@ -37,6 +37,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .. import ir, validate
+from ..graph import edit
 from ..calib import expose_tensors
 from ..errors import UsageError
 from .budget import OutputError, evaluation_feeds
@@ -191,11 +192,11 @@ def _rewire(graph: gs.Graph, choices: Mapping[str, tuple[ResidualBlock, np.ndarr
         node = nodes[name]
         x = tensors[block.shortcut]
         if mean is None:
-            ir.rewire_node(node, "Identity", [x])
+            edit.rewire_node(node, "Identity", [x])
         else:
             dtype = ir.tensor_dtype(x) or np.dtype(np.float32)
-            const = ir.make_constant(f"{name}__branch_mean", mean.astype(dtype))
-            ir.rewire_node(node, "Add", [x, const])
+            const = edit.make_constant(f"{name}__branch_mean", mean.astype(dtype))
+            edit.rewire_node(node, "Add", [x, const])
 
 
 def score_blocks(

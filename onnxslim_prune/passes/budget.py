@@ -55,14 +55,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from .. import ir, validate
-from ..channels import WEIGHTED_KINDS, Group, Kind, Trace
+from ..channels import Group, Trace
+from ..ops import lookup
+from ..ops.registry import MAX_OPSET, NodeCost
 from .materialize import materialize
 from ..methods.base import CommonParams, Context, LcpParams, Outcome, get_method
 from .plan import GroupPlan, Plan, keep_every_tensor_alive, uniform_plan
 from .score import score_groups
-from .trace import BROADCAST_OPS
 
 log = logging.getLogger(__name__)
 
@@ -116,33 +118,22 @@ class Budget:
 
 
 @dataclass(frozen=True, eq=False)
-class _NodeCost:
-    in_atoms: np.ndarray | None  # channel atoms of the input whose kept fraction scales the cost
-    out_atoms: np.ndarray | None
-    macs: int  # scaled by f_in * f_out
-    params_both: int  # scaled by f_in * f_out (weights)
-    params_out: int  # scaled by f_out only (bias, BN, constant operands)
-
-
-@dataclass(frozen=True, eq=False)
 class CostModel:
     """Kept MACs and parameters of a plan, computed from the trace (see the module docstring)."""
 
     trace: Trace
-    nodes: tuple[_NodeCost, ...]
+    nodes: tuple[NodeCost, ...]
     macs: int  # of the modelled nodes, unpruned
     params: int
 
     @staticmethod
-    def build(trace: Trace, graph: object) -> CostModel:
-        import onnx_graphsurgeon as gs
-
-        assert isinstance(graph, gs.Graph)
-        costs: list[_NodeCost] = []
-        counted: set[str] = set()  # a tensor shared by several nodes holds its parameters once
+    def build(trace: Trace, graph: gs.Graph) -> CostModel:
+        """Each node's cost, as its op rule counts it (`OpRule.cost`)."""
+        costs: list[NodeCost] = []
+        reader = _CostReader(trace)
         for node in graph.nodes:
-            kind = trace.node_kind.get(node.name)
-            cost = _node_cost(trace, node, kind, counted)
+            rule = lookup(None, node.op, MAX_OPSET)  # the cost of an op does not depend on its opset
+            cost = None if rule is None else rule.cost(reader, node, trace.node_kind.get(node.name))
             if cost is not None:
                 costs.append(cost)
         return CostModel(
@@ -175,56 +166,24 @@ class CostModel:
         return macs, params
 
 
-def _float_size(value: np.ndarray | None) -> int:
-    if value is None or not np.issubdtype(value.dtype, np.floating):
-        return 0
-    return int(value.size)
+class _CostReader:
+    """The `ops.registry.CostContext` of one build: a tensor shared by several nodes holds its parameters once."""
 
+    def __init__(self, trace: Trace) -> None:
+        self.trace = trace
+        self.counted: set[str] = set()
 
-def _node_cost(trace: Trace, node: object, kind: Kind | None, counted: set[str]) -> _NodeCost | None:
-    import onnx_graphsurgeon as gs
-
-    assert isinstance(node, gs.Node)
-    maps = trace.maps
-
-    def first_use(index: int) -> bool:
-        """True the first time the constant input `index` is seen (its parameters count there)."""
-        name = node.inputs[index].name if index < len(node.inputs) else ""
-        if not name or name in counted:
-            return False
-        counted.add(name)
-        return True
-
-    def atoms(tensor: gs.Tensor) -> np.ndarray | None:
-        cmap = maps.get(tensor.name) if tensor.name else None
+    def atoms(self, tensor: gs.Tensor) -> np.ndarray | None:
+        cmap = self.trace.maps.get(tensor.name) if tensor.name else None
         return None if cmap is None else cmap.atoms
 
-    out = atoms(node.outputs[0]) if node.outputs else None
-    if kind in WEIGHTED_KINDS:
-        weight = ir.input_const(node, 1) if first_use(1) else None
-        bias = ir.input_const(node, 2) if ir.has_input(node, 2) and first_use(2) else None
-        bias_size = _float_size(bias)
-        per_out = bias_size if bias is not None and bias.ndim and out is not None and bias.shape[-1] == out.size else 0
-        fixed = bias_size - per_out
-        in_atoms = None if kind == Kind.DEPTHWISE else atoms(node.inputs[0])
-        return _NodeCost(in_atoms, out, int(trace.node_macs.get(node.name, 0)), _float_size(weight) + fixed, per_out)
-    if kind == Kind.NORM:
-        x = atoms(node.inputs[0])
-        size = sum(_float_size(ir.input_const(node, i)) for i in range(1, len(node.inputs)) if ir.has_input(node, i) and first_use(i))
-        return _NodeCost(None, x, 0, 0, size)
-    if node.op in BROADCAST_OPS and out is not None:
-        cmap = maps[node.outputs[0].name]
-        rank = len(trace.shapes.get(node.outputs[0].name, ()))
-        total = 0
-        for i, t in enumerate(node.inputs):
-            value = ir.const_value(t)
-            if value is None or not t.name or not np.issubdtype(value.dtype, np.floating) or not first_use(i):
-                continue
-            own = cmap.axis - (rank - value.ndim)
-            if own >= 0 and value.shape[own] == cmap.size and cmap.size > 1:
-                total += int(value.size)
-        return _NodeCost(None, out, 0, 0, total) if total else None
-    return None
+    def first_use(self, node: gs.Node, index: int) -> bool:
+        """True the first time the constant input `index` is seen (its parameters count there)."""
+        name = node.inputs[index].name if index < len(node.inputs) else ""
+        if not name or name in self.counted:
+            return False
+        self.counted.add(name)
+        return True
 
 
 # ----------------------------------------------------------------------------- ranking

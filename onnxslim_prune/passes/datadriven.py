@@ -76,7 +76,7 @@ from ..methods.base import Context, Outcome
 from .budget import choose_plan
 from .plan import kept_count
 from .score import l1
-from .trace import UNARY_OPS
+from ..ops.elementwise import UNARY_OPS
 
 log = logging.getLogger(__name__)
 

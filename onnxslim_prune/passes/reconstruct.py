@@ -91,6 +91,7 @@ import onnx_graphsurgeon as gs
 import scipy.linalg
 
 from .. import ir
+from ..graph import edit
 from ..channels import Kind, Role, Trace
 from ..calib import GramAccumulator, conv_output_size, conv_patches, expose_tensors, output_rows, sample_positions
 from ..calib import stream_tensors
@@ -262,18 +263,18 @@ def write_affine(graph: gs.Graph, node: gs.Node, kind: Kind, w: np.ndarray, b: n
     assert weight is not None
     dtype = weight.dtype
     if kind == Kind.CONV:
-        ir.set_input_const(node, 1, w.T.reshape((w.shape[1], *weight.shape[1:])))
+        edit.set_input_const(node, 1, w.T.reshape((w.shape[1], *weight.shape[1:])))
         if b is not None:
             _set_or_add_bias(node, 2, b, dtype)
         return
     if kind == Kind.GEMM:
         alpha, beta = float(ir.attr(node, "alpha", 1.0)), float(ir.attr(node, "beta", 1.0))
         matrix = w / alpha
-        ir.set_input_const(node, 1, matrix.T if int(ir.attr(node, "transB", 0)) else matrix)
+        edit.set_input_const(node, 1, matrix.T if int(ir.attr(node, "transB", 0)) else matrix)
         if b is None:
             return
         if not ir.has_input(node, 2) or beta == 0.0:
-            ir.set_attr(node, "beta", 1.0)
+            edit.set_attr(node, "beta", 1.0)
             beta = 1.0
         old = ir.input_const(node, 2) if ir.has_input(node, 2) else None
         value = b / beta
@@ -282,7 +283,7 @@ def write_affine(graph: gs.Graph, node: gs.Node, kind: Kind, w: np.ndarray, b: n
         _set_or_add_bias(node, 2, value, dtype)
         return
     if kind == Kind.MATMUL:
-        ir.set_input_const(node, 1, w)
+        edit.set_input_const(node, 1, w)
         if b is not None:
             found = _matmul_bias(node, w.shape[1])
             if found is None:
@@ -290,18 +291,16 @@ def write_affine(graph: gs.Graph, node: gs.Node, kind: Kind, w: np.ndarray, b: n
             add, index = found
             old = ir.input_const(add, index)
             assert old is not None
-            ir.set_input_const(add, index, b.reshape(old.shape))
+            edit.set_input_const(add, index, b.reshape(old.shape))
         return
     raise ModelError(f"{node.name}: cannot write a {kind} layer")
 
 
 def _set_or_add_bias(node: gs.Node, index: int, values: np.ndarray, dtype: np.dtype) -> None:
     if ir.has_input(node, index):
-        ir.set_input_const(node, index, values)
+        edit.set_input_const(node, index, values)
         return
-    while len(node.inputs) < index:
-        node.inputs.append(gs.Variable.empty())
-    node.inputs.append(ir.make_constant(f"{node.inputs[1].name}__bias", np.asarray(values, dtype=dtype)))
+    edit.append_input(node, edit.make_constant(f"{node.inputs[1].name}__bias", np.asarray(values, dtype=dtype)), index)
 
 
 # ----------------------------------------------------------------------------- solving
