@@ -7,6 +7,8 @@ from it; `api` and the CLI know no method names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..passes import datadriven, merge
 from ..passes.budget import choose_plan, lcp
 from ..passes.plan import Plan
@@ -52,14 +54,14 @@ register(MethodSpec(
     params=MergeParams, importance=criterion_scores(None), planner=choose_plan, compensation=merge.merge_outcome,
     plan_only=True, criteria=MERGE_CRITERIA,
 ))
-for _name, _run, _help in (
+_DATA_DRIVEN: tuple[tuple[str, Callable[[Context], Outcome], str], ...] = (
     ("thinet", datadriven.thinet, "ThiNet (Luo et al. 2017): greedy minimal next-layer change + least squares"),
     ("cp", datadriven.cp, "Channel Pruning (He et al. 2017): LASSO selection + least squares"),
     ("ldrf", datadriven.ldrf, "LDRF (Chen et al. 2019): embedding-space selection + closed-form recomposition"),
     ("nisp", datadriven.nisp, "NISP (Yu et al. 2018): final-response importance propagated back"),
-    ("mean_act", datadriven.mean_act, "smallest mean |activation| removed"),
-    ("apoz", datadriven.apoz, "APoZ (Hu et al. 2016): most often zero activations removed"),
-):
+    *((stat.name, stat, stat.help) for stat in datadriven.STATISTICS),
+)
+for _name, _run, _help in _DATA_DRIVEN:
     register(MethodSpec(_name, f"{_help}; needs --calib", run=_run, needs_data=True))
 register(MethodSpec(
     "lcp", "layer-compensated pruning (Chin et al. 2018): a learned global ranking under a MACs target",

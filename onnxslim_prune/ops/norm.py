@@ -8,6 +8,7 @@ normalise over a range of axes: channels pass when that range does not hold them
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import ir
@@ -53,6 +54,16 @@ class PerChannelNormRule(OpRule):
             float_size(ir.input_const(node, i)) for i in range(1, len(node.inputs)) if ir.has_input(node, i) and c.first_use(node, i)
         )
         return NodeCost(None, x, 0, 0, size)
+
+    def backprop(self, node: gs.Node, out: np.ndarray) -> np.ndarray | None:
+        """BN: ``s_in = s_out |gamma| / sqrt(var + eps)`` (unchanged when a parameter is not constant)."""
+        if node.op != "BatchNormalization":
+            return None
+        gamma, var = ir.input_const(node, 1), ir.input_const(node, 4)
+        if gamma is None or var is None:
+            return out
+        eps = float(ir.attr(node, "epsilon", 1e-5))
+        return out * np.abs(gamma.astype(np.float64)) / np.sqrt(var.astype(np.float64) + eps)
 
 
 class AxisNormRule(OpRule):

@@ -7,7 +7,8 @@ A rule is registered by ``(domain, op_type, opset range)`` and answers, for its 
 * ``apply``: how the node is rewritten once the plan is known (slice weights, recount
   attributes and shape constants), through `graph.edit`;
 * ``cost``: which parameters scale with kept channels (the budgets' cost model);
-* ``macs``: multiply-accumulates of the node (weighted ops only).
+* ``macs``: multiply-accumulates of the node (weighted ops only);
+* ``backprop``: NISP's step from output importance to input importance (weighted ops, BN).
 
 Rules see the tracer, the applier and the cost model through the small protocols below,
 so this package imports none of the passes that drive it. The tracer, `passes.apply` and
@@ -118,6 +119,10 @@ class OpRule:
     def macs(self, node: gs.Node, shape_of: ShapeOf) -> int:
         """Multiply-accumulates of `node` (default: 0, only weighted ops count)."""
         return 0
+
+    def backprop(self, node: gs.Node, out: np.ndarray) -> np.ndarray | None:
+        """NISP's backward step: per-channel importance of input 0 from that of the output (default: none)."""
+        return None
 
 
 _RULES: dict[tuple[str, str], list[OpRule]] = {}

@@ -176,6 +176,26 @@ class ConvRule(_ConvMacs):
             edit.set_input_const(node, 1, take2(weight, out_keep, in_keep))
         slice_bias(a, node, out_keep, 0)
 
+    def backprop(self, node: gs.Node, out: np.ndarray) -> np.ndarray | None:
+        """``s_in = |A_g|^T s_out`` per group g, with ``A = sum_k |W|`` over the kernel ``[C_out, C_in/g]``."""
+        w = _abs_weight(node)
+        if w is None:
+            return None
+        a = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)
+        group = int(ir.attr(node, "group", 1))
+        cout, per_in = a.shape
+        per_out = cout // group
+        result = np.zeros(per_in * group)
+        for g in range(group):
+            rows = slice(g * per_out, (g + 1) * per_out)
+            result[g * per_in : (g + 1) * per_in] += a[rows].T @ out[rows]
+        return result
+
+
+def _abs_weight(node: gs.Node) -> np.ndarray | None:
+    weight = ir.input_const(node, 1)
+    return None if weight is None else np.abs(np.asarray(weight, dtype=np.float64))
+
 
 def _grouped_weight(node: gs.Node, weight: np.ndarray, in_keep: np.ndarray | None, out_keep: np.ndarray | None) -> np.ndarray:
     """Row o of the kept weight holds the kept inputs of o's own group, renumbered within the group."""
@@ -220,6 +240,11 @@ class ConvTransposeRule(_ConvMacs):
         if kind in self.kinds:
             slice_weight_and_bias(a, node, in_axis=0)
 
+    def backprop(self, node: gs.Node, out: np.ndarray) -> np.ndarray | None:
+        """``s_in = A s_out`` with ``A = sum_k |W|`` over the kernel ``[C_in, C_out]``."""
+        w = _abs_weight(node)
+        return None if w is None else w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2) @ out
+
 
 class GemmRule(_DenseMacs):
     """Gemm with transA 0: weight ``[K, N]``, or ``[N, K]`` with transB."""
@@ -251,6 +276,13 @@ class GemmRule(_DenseMacs):
         if kind in self.kinds:
             slice_weight_and_bias(a, node, in_axis=1 if int(ir.attr(node, "transB", 0)) else 0)
 
+    def backprop(self, node: gs.Node, out: np.ndarray) -> np.ndarray | None:
+        """``s_in = |W_[K,N]| s_out``."""
+        w = _abs_weight(node)
+        if w is None:
+            return None
+        return (w.T if int(ir.attr(node, "transB", 0)) else w) @ out
+
 
 class MatMulRule(_DenseMacs):
     """MatMul by a constant 2-D weight ``[K, N]``: features on the last axis."""
@@ -274,6 +306,11 @@ class MatMulRule(_DenseMacs):
     def apply(self, a: ApplyContext, node: gs.Node, kind: Kind | None) -> None:
         if kind in self.kinds:
             slice_weight_and_bias(a, node, in_axis=0)
+
+    def backprop(self, node: gs.Node, out: np.ndarray) -> np.ndarray | None:
+        """``s_in = |W_[K,N]| s_out``."""
+        w = _abs_weight(node)
+        return None if w is None else w @ out
 
 
 register(ConvRule())

@@ -76,7 +76,9 @@ from ..methods.base import Context, Outcome
 from .budget import choose_plan
 from .plan import kept_count
 from .score import l1
+from ..ops import lookup
 from ..ops.elementwise import UNARY_OPS
+from ..ops.registry import MAX_OPSET
 
 log = logging.getLogger(__name__)
 
@@ -619,38 +621,6 @@ def _atom_transfer(trace: Trace, into: str, source: str, values: np.ndarray) -> 
     return np.array([total.get(r, 0.0) / counts[r] for r in roots_in.tolist()])
 
 
-def _backward(node: gs.Node, kind: Kind | None, trace: Trace, out: np.ndarray) -> np.ndarray | None:
-    """Importance of input 0 of a weighted node or BN from the importance of its output."""
-    weight = ir.input_const(node, 1)
-    if node.op == "BatchNormalization":
-        gamma, var = weight, ir.input_const(node, 4)
-        if gamma is None or var is None:
-            return out
-        eps = float(ir.attr(node, "epsilon", 1e-5))
-        return out * np.abs(gamma.astype(np.float64)) / np.sqrt(var.astype(np.float64) + eps)
-    if weight is None:
-        return None
-    w = np.abs(np.asarray(weight, dtype=np.float64))
-    if node.op == "Conv":
-        a = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)  # [Cout, Cin/g]
-        group = int(ir.attr(node, "group", 1))
-        cout, per_in = a.shape
-        per_out = cout // group
-        result = np.zeros(per_in * group)
-        for g in range(group):
-            rows = slice(g * per_out, (g + 1) * per_out)
-            result[g * per_in : (g + 1) * per_in] += a[rows].T @ out[rows]
-        return result
-    if node.op == "ConvTranspose":
-        return w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2) @ out
-    if node.op == "Gemm":
-        k_by_n = w.T if int(ir.attr(node, "transB", 0)) else w
-        return k_by_n @ out
-    if node.op == "MatMul":
-        return w @ out
-    return None
-
-
 def nisp_scores(ctx: Context) -> tuple[dict[int, np.ndarray], list[str]]:
     """Per group, the NISP importance of each class (module docstring)."""
     found = _final_response(ctx)
@@ -666,12 +636,12 @@ def nisp_scores(ctx: Context) -> tuple[dict[int, np.ndarray], list[str]]:
         outs = [(t.name, importance[t.name]) for t in node.outputs if t.name in importance and t.name in trace.maps]
         if not outs:
             continue
-        kind = trace.node_kind.get(node.name)
         if node.name in sources or node.op == "BatchNormalization":
             x = node.inputs[0]
             if x.name not in trace.maps:
                 continue
-            value = _backward(node, kind, trace, outs[0][1])
+            rule = lookup(None, node.op, MAX_OPSET)  # the op rule's backward step (`OpRule.backprop`)
+            value = None if rule is None else rule.backprop(node, outs[0][1])
             if value is not None and value.size == trace.maps[x.name].size:
                 importance[x.name] = importance.get(x.name, 0.0) + value
             continue
@@ -859,11 +829,26 @@ def _activation_method(ctx: Context, name: str, value: Callable[[ChannelMoments]
     return Outcome(choose_plan(ctx, scores), notes=tuple(notes))
 
 
-def mean_act(ctx: Context) -> Outcome:
-    """Mean |activation| of each channel after its activation (low = removed first)."""
-    return _activation_method(ctx, "mean_act", lambda m: m.mean_abs)
+@dataclass(frozen=True)
+class Statistic:
+    """A per-channel importance read from the activations' streamed moments (higher = kept longer).
+
+    `score` maps a tensor's `ChannelMoments` (mean, mean |v|, mean v^2, fraction <= 0 per
+    channel) to one value per channel; the tensors are each group's activations
+    (`activation_tensors`), the classes take the mean over their positions, and the plan is
+    `choose_plan`'s. Registered as a data-driven method of its own name (`methods.builtin`).
+    """
+
+    name: str
+    help: str
+    score: Callable[[ChannelMoments], np.ndarray]
+
+    def __call__(self, ctx: Context) -> Outcome:
+        return _activation_method(ctx, self.name, self.score)
 
 
-def apoz(ctx: Context) -> Outcome:
-    """APoZ (Hu et al. 2016): channels whose activations are most often zero are removed first."""
-    return _activation_method(ctx, "apoz", lambda m: 1.0 - m.apoz)
+#: mean |activation| of each channel after its activation (low = removed first)
+MEAN_ACT = Statistic("mean_act", "smallest mean |activation| removed", lambda m: m.mean_abs)
+#: APoZ (Hu et al. 2016): channels whose activations are most often zero are removed first
+APOZ = Statistic("apoz", "APoZ (Hu et al. 2016): most often zero activations removed", lambda m: 1.0 - m.apoz)
+STATISTICS = (MEAN_ACT, APOZ)
