@@ -32,7 +32,8 @@ sys.path.insert(0, str(HERE))
 from fmnist import load_split, write_calibration  # noqa: E402
 
 from onnxslim_prune import api  # noqa: E402
-from onnxslim_prune.passes import methods as methods_mod  # noqa: E402
+from onnxslim_prune.methods import builtin  # noqa: E402,F401  (fills the registry)
+from onnxslim_prune.methods.base import METHODS  # noqa: E402
 
 log = logging.getLogger("bench_accuracy")
 
@@ -72,7 +73,7 @@ def variant(label: str) -> Variant:
     if label in SETTINGS_VARIANTS:
         method, params = SETTINGS_VARIANTS[label]
         return Variant(label, method, False, True, params)
-    return Variant(label, label, label in methods_mod.DATA_DRIVEN, True)
+    return Variant(label, label, label in METHODS and METHODS[label].needs_data, True)
 
 
 def accuracy(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray) -> float:
@@ -190,7 +191,7 @@ def main() -> None:
 
     models = ["fmnist_lenet300"] if args.quick else args.models.split(",")
     labels_list = args.methods.split(",") if args.methods else list(QUICK_METHODS if args.quick else ALL_METHODS)
-    labels_list = [m for m in labels_list if variant(m).method in methods_mod.METHODS or m == "l1+reconstruct"]
+    labels_list = [m for m in labels_list if variant(m).method in METHODS or m == "l1+reconstruct"]
     ablation = [f"{m} (no refit)" for m in ABLATIONS if m in labels_list]
     ratios = [float(r) for r in args.ratios.split(",")]
     calib = write_calibration(args.calib, args.calib_count)

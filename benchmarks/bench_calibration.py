@@ -81,7 +81,7 @@ def child(mode: str, model_path: Path, source: str, count: int, batch_size: int)
     from onnxslim_prune import api
     from onnxslim_prune.calib import input_specs, load_calibration
     from onnxslim_prune.passes import datadriven
-    from onnxslim_prune.passes.methods import Context, Options
+    from onnxslim_prune.methods.base import Context, Options
 
     analysis = api.analyze(model_path)
     specs = input_specs(analysis.model, analysis.input_shapes)

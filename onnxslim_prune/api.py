@@ -24,12 +24,13 @@ from .calib import memory
 from .calib.split import DEFAULT_HOLDOUT, held_out_count, split_holdout
 from .evaluation import EvalData, accuracy_of, correct_of, eval_feeds, load_eval
 from .latency import measure as measure_latency
-from .passes import blocks, budget, datadriven, merge, reconstruct  # noqa: F401  (they register methods)
-from .passes import methods as methods_mod
+from .methods import builtin  # noqa: F401  (fills the method registry)
+from .methods.base import Context, MethodSpec, Options, check_options, get_method
+from .passes import reconstruct
 from .passes.apply import apply_plan
-from .passes.methods import Context, Options, get_method
 from .passes.plan import Plan, check_ratio
-from .passes.trace import Trace, trace
+from .channels import Trace
+from .passes.trace import trace
 from .progress import Stage, StageClock
 from .report import Report, group_rows
 from .verdict import Gates, Verdict, VerdictSource, class_score_outputs, classes_of, summarise
@@ -152,7 +153,7 @@ def prune(
     started = time.perf_counter()
     clock = StageClock(progress)
     gates = gates or Gates()
-    fn = get_method(method)
+    spec = get_method(method)
     options = Options(
         method=method, ratio=ratio, round_to=round_to, exclude=_patterns(exclude), input_shapes=dict(input_shapes or {}),
         seed=seed, criterion=criterion, calib=None if calib is None else str(calib), calib_samples=calib_samples,
@@ -161,7 +162,7 @@ def prune(
     exclude = options.exclude
     notes = _checked(options)
     held_out_count(1, holdout)  # the fraction is checked before any work
-    if method in methods_mod.DATA_DRIVEN and calib is None:
+    if spec.needs_data and calib is None:
         raise CalibrationError(f"method {method!r} needs calibration data: pass --calib PATH (or --calib random)")
     if gates.max_drop is not None and eval_data is None:
         raise UsageError("--max-drop needs labelled --eval data (an .npz with the inputs and 'labels')")
@@ -178,7 +179,7 @@ def prune(
         # the original's outputs need no pruning: measured first, so bad data (labels past the classes) fails before the work
         measure = _reference(original, shapes_in, seed, evaluation, held, fit, progress, sessions)
     working = original
-    block_fraction = ratio if method == "layer" else options.params.get("blocks")
+    block_fraction = spec.blocks_to_remove(options)
     with clock.stage(Stage.TRACE):
         if block_fraction:
             from .passes.blocks import prune_blocks
@@ -192,7 +193,7 @@ def prune(
     notes.extend(_unmatched_excludes([n.name for n in graph.nodes], exclude))
     ctx = Context(working, graph, analysis.trace, options, analysis.input_shapes, analysis.opset, fit, progress)
     with clock.stage(Stage.METHOD), memory.limited(calib_memory):
-        outcome = fn(ctx)
+        outcome = spec(ctx)
         if fit is not None:
             outcome = reconstruct.with_reconstruction(ctx, outcome)  # no-op with --no-reconstruct
     notes.extend(ctx.notes)
@@ -244,7 +245,7 @@ def prune(
         groups=group_rows(traced, {g.group: g.kept for g in plan.groups}),
         seconds=0.0,
         notes=tuple(notes),
-        request=_request(method, ratio, options.params),
+        request=_request(spec, options),
         accuracy_before=verdict.accuracy_before,
         accuracy_after=verdict.accuracy_after,
         settings={**_settings(options, holdout, gates, eval_data, preprocess), "calib_memory": calib_memory},
@@ -410,7 +411,7 @@ def _checked(options: Options) -> list[str]:
     check_ratio(options.ratio)
     if options.round_to < 1:
         raise UsageError(f"--round-to must be a positive integer, got {options.round_to}")
-    return _warned(list(methods_mod.check_options(options)))
+    return _warned(list(check_options(options)))
 
 
 def _warned(messages: list[str]) -> list[str]:
@@ -420,16 +421,17 @@ def _warned(messages: list[str]) -> list[str]:
     return messages
 
 
-def _request(method: str, ratio: float, params: Mapping[str, Any]) -> str:
+def _request(spec: MethodSpec, options: Options) -> str:
     """The report's words for what was asked, when it is not a uniform ratio."""
-    if method == "layer":
-        return f"residual blocks removed: fraction {ratio:g}"
+    if spec.request is not None:
+        return spec.request(options)
+    params = options.params
     targets = [f"{name} {params[key]:g}" for key, name in (("target_macs", "MACs"), ("target_params", "params"))
                if params.get(key) is not None]
-    if method == "lcp" and not targets:
-        targets = [f"MACs {1.0 - ratio:g}"]
+    if spec.default_macs is not None and not targets:
+        targets = [f"MACs {spec.default_macs(options.ratio):g}"]
     also = f", residual blocks {params['blocks']:g}" if params.get("blocks") else ""
-    return f"target {' and '.join(targets)}{also}" if targets else (f"ratio {ratio:g}{also}" if also else "")
+    return f"target {' and '.join(targets)}{also}" if targets else (f"ratio {options.ratio:g}{also}" if also else "")
 
 
 def _unmatched_excludes(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
@@ -437,10 +439,6 @@ def _unmatched_excludes(names: Sequence[str], patterns: Sequence[str]) -> list[s
     from fnmatch import fnmatchcase
 
     return _warned([f"--exclude {p!r} matches no node name" for p in patterns if not any(fnmatchcase(n, p) for n in names)])
-
-
-#: methods whose plan needs neither data nor a search: --dry-run can show what they keep
-PLAN_ONLY = ("l1", "l2", "bn", "fpgm", "random", "merge")
 
 
 def plan_only(
@@ -456,7 +454,7 @@ def plan_only(
     params: Mapping[str, Any] | None = None,
     preprocess: Any = None,
 ) -> tuple[Analysis, Plan | None]:
-    """Check the options, trace, and (for `PLAN_ONLY` methods) choose the plan; nothing is applied."""
+    """Check the options, trace, and (for a `MethodSpec.plan_only` method) choose the plan; nothing is applied."""
     options = Options(method=method, ratio=ratio, round_to=round_to, exclude=_patterns(exclude), seed=seed,
                       criterion=criterion, params=dict(params or {}))
     _checked(options)
@@ -464,14 +462,11 @@ def plan_only(
     shapes = resolve_input_shapes(proto, dict(input_shapes or {}), preprocess=preprocess)
     analysis = _analyze(proto, shapes, options.exclude, path=_path_of(model))
     _unmatched_excludes([n.name for n in analysis.graph.nodes], options.exclude)
-    if method not in PLAN_ONLY:
+    spec = get_method(method)
+    if not spec.plan_only:
         return analysis, None
-    from .passes.score import score_groups
-
     ctx = Context(analysis.model, analysis.graph, analysis.trace, options, analysis.input_shapes, analysis.opset)
-    score_criterion = criterion if method == "merge" else method
-    scores = score_groups(analysis.trace, analysis.graph, score_criterion, seed)
-    return analysis, methods_mod.choose_plan(ctx, scores)
+    return analysis, spec.plan(ctx)
 
 
 #: ops of quantized models (QDQ and QOperator forms): their weights are not pruned yet

@@ -12,6 +12,8 @@ import sys
 from importlib import resources
 from pathlib import Path
 from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import fields
 from typing import Any
 
 import click
@@ -22,6 +24,8 @@ from .calib import memory
 from .calib.split import DEFAULT_HOLDOUT
 from .console import ConsoleProgress
 from .errors import GateError, PruneError, UsageError
+from .methods import builtin  # noqa: F401  (fills the method registry)
+from .methods.base import METHODS, CommonParams, Setting, all_settings
 from .verdict import Gates
 from .report import group_rows, group_table
 
@@ -35,28 +39,47 @@ def _sample(name: str) -> Path:
     return Path(str(resources.files("onnxslim_prune") / "sample" / name))
 
 
-#: one line per method for --help (every registered method must have one: a test checks)
-METHOD_HELP = {
-    "l1": "smallest L1 norm of a channel's weights removed (Li et al. 2017)",
-    "l2": "smallest L2 norm removed (Li et al. 2017)",
-    "bn": "smallest BatchNorm scale |gamma| removed (Network Slimming, Liu et al. 2017)",
-    "fpgm": "channels nearest the geometric median removed (He et al. 2019)",
-    "random": "seeded random channels removed (a control)",
-    "merge": "Neuron Merging (Kim et al. 2020): prune by --criterion, merge similar neurons into kept ones; data-free",
-    "thinet": "ThiNet (Luo et al. 2017): greedy minimal next-layer change + least squares; needs --calib",
-    "cp": "Channel Pruning (He et al. 2017): LASSO selection + least squares; needs --calib",
-    "ldrf": "LDRF (Chen et al. 2019): embedding-space selection + closed-form recomposition; needs --calib",
-    "nisp": "NISP (Yu et al. 2018): final-response importance propagated back; needs --calib",
-    "mean_act": "smallest mean |activation| removed; needs --calib",
-    "apoz": "APoZ (Hu et al. 2016): most often zero activations removed; needs --calib",
-    "lcp": "layer-compensated pruning (Chin et al. 2018): a learned global ranking under a MACs target",
-    "layer": "block pruning: remove the fraction --ratio of the residual blocks",
-}
+def _setting_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """One click option per method setting that has a flag (`methods.base.Setting`), from the Params fields."""
+    for key, spec in reversed(list(_cli_settings().items())):
+        assert spec.flag is not None
+        field = _FIELDS[key]
+        if spec.switch:
+            option = click.option(f"{spec.flag}/--no-{spec.flag[2:]}", key, default=None, help=spec.help)
+        elif spec.choices:
+            option = click.option(spec.flag, key, type=click.Choice(list(spec.choices)), default=field.default,
+                                  show_default=True, help=spec.help)
+        elif spec.recorded:
+            option = click.option(spec.flag, key, default=field.default, show_default=True, type=type(field.default),
+                                  help=spec.help)
+        else:
+            option = click.option(spec.flag, key, type=spec.cli_type, default=None, help=spec.help)
+        command = option(command)
+    return command
+
+
+def _cli_settings() -> dict[str, Setting]:
+    return {k: s for k, s in all_settings().items() if s.flag}
+
+
+_PARAMS: list[type[CommonParams]] = [CommonParams, *(m.params for m in METHODS.values())]
+_FIELDS = {f.name: f for params in _PARAMS for f in fields(params)}
+
+
+def _given_settings(values: Mapping[str, Any], *, planning_only: bool = False) -> dict[str, Any]:
+    """Method settings given on the command line (unset ones, and spelled-out defaults, are left to the method)."""
+    out = {}
+    for key, spec in _cli_settings().items():
+        value = values.get(key)
+        if value is None or (spec.omit is not None and value == spec.omit) or (planning_only and not spec.planning):
+            continue
+        out[key] = value
+    return out
 
 
 def _methods_epilog() -> str:
-    width = max(map(len, METHOD_HELP))
-    lines = ["\b", "Methods (--method):"] + [f"  {name:<{width}}  {text}" for name, text in METHOD_HELP.items()]
+    width = max(map(len, METHODS))
+    lines = ["\b", "Methods (--method):"] + [f"  {m.name:<{width}}  {m.help}" for m in METHODS.values()]
     lines += ["", "\b", "Exit codes: 0 written; 1 model or data error; 2 usage error; 3 a gate missed; 130 interrupted."]
     return "\n".join(lines)
 
@@ -81,7 +104,7 @@ class _OneLineErrors(click.Command):
 @click.version_option(__version__, "--version", prog_name="onnx-prune", message="%(prog)s %(version)s")
 @click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=True))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output path [default: MODEL.pruned.onnx].")
-@click.option("--method", default="l1", show_default=True, type=click.Choice(list(METHOD_HELP)), metavar="NAME",
+@click.option("--method", default="l1", show_default=True, type=click.Choice(list(METHODS)), metavar="NAME",
               help="Pruning method (listed below).")
 @click.option("--ratio", default=0.5, show_default=True, type=float, help="Fraction of each group's channels to remove, in [0, 1).")
 @click.option("--round-to", default=1, show_default=True, type=int, help="Keep channel counts at multiples of N.")
@@ -92,7 +115,6 @@ class _OneLineErrors(click.Command):
 @click.option("--calib", metavar="PATH|random", help="Calibration data: .npz/.npy, an image folder, or 'random'.")
 @click.option("--calib-samples", type=int, help="Use the first N calibration samples.")
 @click.option("--batch-size", default=32, show_default=True, type=int, help="Calibration batch size.")
-@click.option("--calib-positions", default=None, type=int, help="Spatial positions sampled per image for Gram matrices.")
 @click.option("--size", "image_size", metavar="HxW", help="Image folders: resize to HxW [default: the model's].")
 @click.option("--resize", "resize_mode", type=click.Choice(["stretch", "shorter"]), default="stretch", show_default=True)
 @click.option("--mean", metavar="M[,M,M]", help="Image folders: per-channel mean (after --scale).")
@@ -100,14 +122,7 @@ class _OneLineErrors(click.Command):
 @click.option("--scale", default=1 / 255, show_default=True, type=float, help="Image folders: pixel scale.")
 @click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True)
 @click.option("--bgr", is_flag=True, help="Image folders: feed BGR instead of RGB.")
-@click.option("--reconstruct/--no-reconstruct", default=None, help="Least-squares refit of consumers [default: on with --calib].")
-@click.option("--merge-threshold", type=float, help="merge: minimum cosine similarity [default: 0.45 dense, 0.1 conv].")
-@click.option("--merge-scale", type=click.Choice(["norm", "projection"]), default="norm", show_default=True,
-              help="merge: scale of a merged neuron, the paper's norm ratio or the least-squares projection.")
-@click.option("--target-macs", type=float, help="Prune until MACs fall to this fraction (global ranking).")
-@click.option("--target-params", type=float, help="Prune until parameters fall to this fraction (global ranking).")
-@click.option("--max-ratio", default=0.9, show_default=True, type=float, help="Budgets: most any group may lose.")
-@click.option("--blocks", "blocks_ratio", type=float, help="Also remove this fraction of removable residual blocks.")
+@_setting_options
 @click.option("--eval", "eval_data", type=click.Path(path_type=Path),
               help=".npz with inputs (and 'labels'): the held-out verdict and accuracy; all --calib data is then fitted.")
 @click.option("--calib-memory", metavar="SIZE",
@@ -140,7 +155,6 @@ def main(
     calib: str | None,
     calib_samples: int | None,
     batch_size: int,
-    calib_positions: int | None,
     image_size: str | None,
     resize_mode: str,
     mean: str | None,
@@ -148,13 +162,6 @@ def main(
     scale: float,
     layout: str,
     bgr: bool,
-    reconstruct: bool | None,
-    merge_threshold: float | None,
-    merge_scale: str,
-    target_macs: float | None,
-    target_params: float | None,
-    max_ratio: float,
-    blocks_ratio: float | None,
     eval_data: Path | None,
     calib_memory: str | None,
     holdout: float,
@@ -170,6 +177,7 @@ def main(
     demo: bool,
     verbose: int,
     quiet: bool,
+    **settings: Any,
 ) -> None:
     """Prune channels of an ONNX MODEL and write a smaller, validated model.
 
@@ -191,12 +199,9 @@ def main(
         gates = Gates(min_top1_agreement=min_top1_agreement, min_cosine=min_cosine, min_correlation=min_correlation,
                       max_drop=max_drop)
         preprocess = _preprocess(image_size, resize_mode, mean, std, scale, layout, bgr)
-        planning = _params(  # the settings that choose the plan; a dry run needs only these
-            merge_threshold=merge_threshold, merge_scale=None if merge_scale == "norm" else merge_scale,
-            target_macs=target_macs, target_params=target_params, max_ratio=max_ratio, blocks=blocks_ratio,
-        )
-        if dry_run:
-            _dry_run(model, method, ratio, round_to, exclude, shapes, seed, criterion, report_path, planning, preprocess)
+        if dry_run:  # only the settings that choose the plan
+            _dry_run(model, method, ratio, round_to, exclude, shapes, seed, criterion, report_path,
+                     _given_settings(settings, planning_only=True), preprocess)
             return
         target = output or model.with_name(model.name.removesuffix(".onnx") + ".pruned.onnx")
         external = _check_paths(model, target, report_path)
@@ -205,7 +210,7 @@ def main(
             model, method, ratio, round_to=round_to, exclude=exclude, input_shapes=shapes, seed=seed,
             criterion=criterion, calib=calib, calib_samples=calib_samples, batch_size=batch_size,
             eval_data=eval_data, progress=console, preprocess=preprocess,
-            params={**planning, **_params(calib_positions=calib_positions, reconstruct=reconstruct)},
+            params=_given_settings(settings),
             holdout=holdout, gates=gates, latency=latency,
             calib_memory=None if calib_memory is None else memory.parse_size(calib_memory),
         )
@@ -267,11 +272,6 @@ def _dry_run(model: Path, method: str, ratio: float, round_to: int, exclude: tup
         click.echo(f"kept counts: --method {method} chooses them from data or a search; run without --dry-run")
     if report_path is not None:
         log.warning("--dry-run writes nothing: --report %s is ignored", report_path)
-
-
-def _params(**values: Any) -> dict[str, Any]:
-    """Method settings given on the command line (unset ones are left to the method's default)."""
-    return {k: v for k, v in values.items() if v is not None}
 
 
 def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:

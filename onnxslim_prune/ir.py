@@ -1,14 +1,15 @@
-"""Graph access: the one module that reads and edits initializers, attributes and shapes.
+"""Graph access: loading, normalising, reading initializers, attributes and shapes, exporting.
 
-Everything else in the package goes through these functions, so the IR library
-(onnx-graphsurgeon today) can be swapped without touching the passes.
+Everything else in the package reads graphs through these functions and writes them through
+`graph.edit` (the only writer of nodes and tensors), so the IR library (onnx-graphsurgeon
+today) can be swapped without touching the passes.
 
 Life cycle of a model here:
 
     proto = load_model(path)            # onnx.ModelProto, external data loaded, errors mapped
     graph = to_graph(proto)             # gs.Graph, Constant nodes and constant subgraphs folded
     shapes = static_shapes(graph, ...)  # name -> static shape, from strict inference on a skeleton
-    ... passes read / edit `graph` through the helpers below ...
+    ... passes read `graph` through the helpers below and edit it through `graph.edit` ...
     out = to_model(graph, like=proto)   # ModelProto, stale value_info dropped, shapes re-inferred
     save_model(out, path)               # atomic write, external data when needed
 
@@ -340,49 +341,6 @@ def has_input(node: gs.Node, index: int) -> bool:
 
 def attr(node: gs.Node, name: str, default: Any = None) -> Any:
     return node.attrs.get(name, default)
-
-
-def set_attr(node: gs.Node, name: str, value: Any) -> None:
-    node.attrs[name] = value
-
-
-def set_input_const(node: gs.Node, index: int, values: np.ndarray) -> None:
-    """Replace the constant feeding `node.inputs[index]`, never touching other consumers.
-
-    A constant shared with another node is copied under a fresh name first, so that
-    slicing it for one consumer cannot corrupt the other. Consumers that end up with
-    the same values (nodes sharing a weight are pruned alike) share one copy again.
-    """
-    tensor = node.inputs[index]
-    if not isinstance(tensor, gs.Constant):
-        raise ModelError(f"{node.name}: input {index} is not a constant")
-    old = np.asarray(tensor.values)
-    values = np.ascontiguousarray(values, dtype=old.dtype)
-    origin = getattr(tensor, _ORIGIN, tensor)
-    copies: list[gs.Constant] = origin.__dict__.setdefault(_COPIES, [])
-    twin = next((c for c in copies if c is not tensor and np.array_equal(c.values, values)), None)
-    if twin is not None and not _used_twice(node, tensor):
-        node.inputs[index] = twin
-        return
-    if len(tensor.outputs) > 1 or _used_twice(node, tensor):
-        fresh = gs.Constant(_fresh_name(tensor.name, node), values)
-        setattr(fresh, _ORIGIN, origin)
-        copies.append(fresh)
-        node.inputs[index] = fresh
-        return
-    tensor.values = values
-
-
-#: attribute names: the constant a copy was sliced from, and the copies of a constant
-_ORIGIN, _COPIES = "_onnxslim_origin", "_onnxslim_copies"
-
-
-def _used_twice(node: gs.Node, tensor: gs.Tensor) -> bool:
-    return sum(1 for t in node.inputs if t is tensor) > 1
-
-
-def _fresh_name(base: str, node: gs.Node) -> str:
-    return f"{base}__{node.name}"
 
 
 def tensor_dtype(tensor: gs.Tensor) -> np.dtype | None:
@@ -1123,24 +1081,7 @@ def to_array(tensor: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(tensor)
 
 
-# ----------------------------------------------------------------------------- structural edits
-
-
-def rewire_node(node: gs.Node, op: str, inputs: list[gs.Tensor], attrs: Mapping[str, Any] | None = None) -> None:
-    """Turn `node` into `op(inputs)` in place; its outputs (and their names) stay.
-
-    Block pruning uses it to replace `Add(x, f(x))` by `Identity(x)` or `Add(x, mean)`;
-    the dead branch is then removed by `cleanup` on export.
-    """
-    node.op = op
-    node.inputs.clear()
-    node.inputs.extend(inputs)
-    node.attrs.clear()
-    node.attrs.update(dict(attrs or {}))
-
-
-def make_constant(name: str, values: np.ndarray) -> gs.Constant:
-    return gs.Constant(name, np.ascontiguousarray(values))
+# ----------------------------------------------------------------------------- copies and export
 
 
 def copy_graph(graph: gs.Graph) -> gs.Graph:

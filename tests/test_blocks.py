@@ -11,7 +11,7 @@ from onnxslim_prune import ir, validate
 from onnxslim_prune.api import prune
 from onnxslim_prune.errors import UsageError
 from onnxslim_prune.passes.blocks import find_blocks, prune_blocks
-from onnxslim_prune.passes.methods import Options
+from onnxslim_prune.methods.base import Options
 
 C = 8
 

@@ -113,7 +113,7 @@ def test_max_ratio_respected_per_group() -> None:
 
 def _notes(model, params):  # type: ignore[no-untyped-def]
     from onnxslim_prune.passes.budget import global_plan_with_notes
-    from onnxslim_prune.passes.methods import Context, Options
+    from onnxslim_prune.methods.base import Context, Options
 
     a = analyze(model)
     options = Options(params=params)

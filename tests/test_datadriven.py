@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxslim_prune import api
 from onnxslim_prune.errors import CalibrationError
 from onnxslim_prune.passes import datadriven
-from onnxslim_prune.passes.methods import DATA_DRIVEN
+from onnxslim_prune.methods.base import get_method
 
 SAMPLE = Path(api.__file__).resolve().parent / "sample"
 LENET = SAMPLE / "lenet300.onnx"
@@ -196,7 +196,7 @@ def test_nisp_propagates_through_batchnorm_and_flatten(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_prunes_lenet_into_a_valid_model(method: str) -> None:
-    assert method in DATA_DRIVEN
+    assert get_method(method).needs_data
     result = api.prune(LENET, method, 0.5, calib=FMNIST)  # validated by api.prune
     assert result.report.after.params < 0.6 * result.report.before.params
     assert accuracy(result.model) > 0.7
@@ -235,7 +235,7 @@ def test_statistics_are_cached(_private_cache: Path) -> None:
 
 def test_in_graph_moments_match_numpy_channel_moments() -> None:
     from onnxslim_prune.calib import ChannelMoments, input_specs, load_calibration, stream_tensors
-    from onnxslim_prune.passes.methods import Context, Options
+    from onnxslim_prune.methods.base import Context, Options
 
     analysis = api.analyze(LENET)
     calib = load_calibration(str(FMNIST), input_specs(analysis.model, analysis.input_shapes), samples=100)

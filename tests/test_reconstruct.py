@@ -27,8 +27,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim_prune import api
-from onnxslim_prune.passes import methods, reconstruct
-from onnxslim_prune.passes.methods import Context, Outcome
+from onnxslim_prune.methods import base as methods
+from onnxslim_prune.methods.base import Context, MethodSpec, Outcome
+from onnxslim_prune.passes import reconstruct
+from onnxslim_prune.passes.budget import choose_plan
 from onnxslim_prune.passes.plan import GroupPlan, Plan
 from onnxslim_prune.passes.score import score_groups
 
@@ -88,7 +90,7 @@ def register(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str, Callabl
     """Register a temporary method (removed after the test)."""
 
     def add(name: str, fn: Callable[[Context], Outcome]) -> str:
-        monkeypatch.setitem(methods.METHODS, name, fn)
+        monkeypatch.setitem(methods.METHODS, name, MethodSpec(name, "a test method", run=fn))
         return name
 
     yield add
@@ -489,7 +491,7 @@ def test_short_of_rows_is_one_warning_per_reconstruction(tmp_path: Path, registe
     model = mlp3()
 
     def method(ctx: Context) -> Outcome:
-        return reconstruct.with_reconstruction(ctx, Outcome(methods.choose_plan(ctx, score_groups(ctx.trace, ctx.graph, "l1"))))
+        return reconstruct.with_reconstruction(ctx, Outcome(choose_plan(ctx, score_groups(ctx.trace, ctx.graph, "l1"))))
 
     name = register("_m", method)
     x = np.random.default_rng(17).standard_normal((10, 12)).astype(np.float32)
@@ -536,7 +538,7 @@ def test_lenet_reconstruction_beats_plain_pruning_on_the_same_selection(register
     for name, rebuilt in (("_plain", False), ("_fit", True)):
 
         def method(ctx: Context, rebuilt: bool = rebuilt) -> Outcome:
-            outcome = Outcome(methods.choose_plan(ctx, score_groups(ctx.trace, ctx.graph, "l1")))
+            outcome = Outcome(choose_plan(ctx, score_groups(ctx.trace, ctx.graph, "l1")))
             return reconstruct.with_reconstruction(ctx, outcome) if rebuilt else outcome
 
         result = api.prune(LENET, register(name, method), 0.7, calib=FMNIST, params={"reconstruct": rebuilt})
@@ -550,7 +552,7 @@ def test_reconstruction_respects_no_reconstruct_and_is_not_applied_twice(registe
     seen: list[Outcome] = []
 
     def method(ctx: Context) -> Outcome:
-        outcome = Outcome(methods.choose_plan(ctx, score_groups(ctx.trace, ctx.graph, "l1")))
+        outcome = Outcome(choose_plan(ctx, score_groups(ctx.trace, ctx.graph, "l1")))
         once = reconstruct.with_reconstruction(ctx, outcome)
         twice = reconstruct.with_reconstruction(ctx, once)
         seen.extend([outcome, once, twice])
@@ -572,7 +574,7 @@ def test_a_method_finish_runs_before_the_refit(register) -> None:
         return model
 
     def method(ctx: Context) -> Outcome:
-        plan = methods.choose_plan(ctx, score_groups(ctx.trace, ctx.graph, "l1"))
+        plan = choose_plan(ctx, score_groups(ctx.trace, ctx.graph, "l1"))
         return reconstruct.with_reconstruction(ctx, Outcome(plan, finish=first))
 
     api.prune(LENET, register("_m", method), 0.5, calib=FMNIST)

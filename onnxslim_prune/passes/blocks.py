@@ -37,17 +37,17 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .. import ir, validate
+from ..graph import edit
 from ..calib import expose_tensors
 from ..errors import UsageError
 from .budget import OutputError, evaluation_feeds
-from .methods import Context, Options, Outcome, register
-from .plan import Plan
+from ..methods.base import BLOCK_CRITERIA, CommonParams, Options, get_method
 from .trace import node_macs
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BLOCK_SAMPLES = 128
-CRITERIA = ("output", "norm")
+DEFAULT_BLOCK_SAMPLES = CommonParams.block_samples
+CRITERIA = BLOCK_CRITERIA
 
 
 @dataclass(frozen=True)
@@ -192,11 +192,11 @@ def _rewire(graph: gs.Graph, choices: Mapping[str, tuple[ResidualBlock, np.ndarr
         node = nodes[name]
         x = tensors[block.shortcut]
         if mean is None:
-            ir.rewire_node(node, "Identity", [x])
+            edit.rewire_node(node, "Identity", [x])
         else:
             dtype = ir.tensor_dtype(x) or np.dtype(np.float32)
-            const = ir.make_constant(f"{name}__branch_mean", mean.astype(dtype))
-            ir.rewire_node(node, "Add", [x, const])
+            const = edit.make_constant(f"{name}__branch_mean", mean.astype(dtype))
+            edit.rewire_node(node, "Add", [x, const])
 
 
 def score_blocks(
@@ -255,13 +255,8 @@ def prune_blocks(
     """Remove `fraction` of the removable residual blocks; returns the new model and notes."""
     if math.isnan(fraction) or not 0.0 <= fraction <= 1.0:
         raise UsageError(f"--blocks must be in [0, 1], got {fraction}")
-    params = options.params
-    criterion = str(params.get("block_criterion") or "output")
-    if criterion not in CRITERIA:
-        raise UsageError(f"block_criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
-    samples = int(params.get("block_samples") or DEFAULT_BLOCK_SAMPLES)
-    if samples < 1:
-        raise UsageError(f"block_samples must be positive, got {samples}")
+    params = get_method(options.method).params.parse(options.params)  # checked by `methods.base.check_options`
+    criterion, samples = params.block_criterion, params.block_samples
     graph = ir.to_graph(model)
     shapes = ir.static_shapes(model, input_shapes)
     blocks = find_blocks(graph, shapes)
@@ -315,9 +310,3 @@ def _choose_replacements(
         if value <= current:
             choices, current = trial, value
     return choices
-
-
-@register("layer")
-def layer(ctx: Context) -> Outcome:
-    """Block pruning happens before tracing (see `prune_blocks`); no channel is removed here."""
-    return Outcome(Plan(()))

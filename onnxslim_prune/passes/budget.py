@@ -55,14 +55,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from .. import ir, validate
-from ..errors import UsageError
+from ..channels import Group, Trace
+from ..ops import lookup
+from ..ops.registry import MAX_OPSET, NodeCost
 from .materialize import materialize
-from .methods import Context, Outcome, register
-from .plan import GroupPlan, Plan, keep_every_tensor_alive
+from ..methods.base import CommonParams, Context, LcpParams, Outcome, get_method
+from .plan import GroupPlan, Plan, keep_every_tensor_alive, uniform_plan
 from .score import score_groups
-from .trace import BROADCAST_OPS, Group, Trace
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +78,7 @@ MAX_FILL_STEPS = 2000
 POLISH_ROUNDS = 20
 #: with at most this many groups, moves of two groups at once are tried too
 POLISH_PAIR_GROUPS = 24
-DEFAULT_MAX_RATIO = 0.9
-DEFAULT_LCP_ITERATIONS = 60
-DEFAULT_LCP_POPULATION = 12
-DEFAULT_LCP_TOURNAMENT = 4
-DEFAULT_LCP_SAMPLES = 256
+DEFAULT_MAX_RATIO = CommonParams.max_ratio
 #: weight of the KL divergence next to the top-1 disagreement in `output_error`
 KL_WEIGHT = 0.1
 
@@ -99,15 +97,12 @@ class Budget:
     max_ratio: float = DEFAULT_MAX_RATIO
 
     @staticmethod
-    def from_params(params: Mapping[str, object], default_macs: float | None = None) -> Budget:
-        macs = _fraction(params.get("target_macs"), "--target-macs")
-        n_params = _fraction(params.get("target_params"), "--target-params")
+    def from_params(params: CommonParams, default_macs: float | None = None) -> Budget:
+        """The budget of checked settings (`methods.base.check_options`); `default_macs` when none is set."""
+        macs, n_params = params.target_macs, params.target_params
         if macs is None and n_params is None:
-            macs = _fraction(default_macs, "--target-macs")
-        max_ratio = params.get("max_ratio")
-        max_ratio = DEFAULT_MAX_RATIO if max_ratio is None else _fraction(max_ratio, "--max-ratio")
-        assert max_ratio is not None
-        return Budget(macs, n_params, max_ratio)
+            macs = default_macs
+        return Budget(macs, n_params, params.max_ratio)
 
     def deviation(self, macs: float, params: float) -> float:
         """How far above its target the most constrained quantity is (<= 0: budget met)."""
@@ -119,28 +114,7 @@ class Budget:
         return " and ".join(parts)
 
 
-def _fraction(value: object, flag: str) -> float | None:
-    if value is None:
-        return None
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise UsageError(f"{flag} must be a number in (0, 1], got {value!r}") from None
-    if math.isnan(number) or not 0.0 < number <= 1.0:
-        raise UsageError(f"{flag} must be in (0, 1], got {value}")
-    return number
-
-
 # ----------------------------------------------------------------------------- cost model
-
-
-@dataclass(frozen=True, eq=False)
-class _NodeCost:
-    in_atoms: np.ndarray | None  # channel atoms of the input whose kept fraction scales the cost
-    out_atoms: np.ndarray | None
-    macs: int  # scaled by f_in * f_out
-    params_both: int  # scaled by f_in * f_out (weights)
-    params_out: int  # scaled by f_out only (bias, BN, constant operands)
 
 
 @dataclass(frozen=True, eq=False)
@@ -148,20 +122,18 @@ class CostModel:
     """Kept MACs and parameters of a plan, computed from the trace (see the module docstring)."""
 
     trace: Trace
-    nodes: tuple[_NodeCost, ...]
+    nodes: tuple[NodeCost, ...]
     macs: int  # of the modelled nodes, unpruned
     params: int
 
     @staticmethod
-    def build(trace: Trace, graph: object) -> CostModel:
-        import onnx_graphsurgeon as gs
-
-        assert isinstance(graph, gs.Graph)
-        costs: list[_NodeCost] = []
-        counted: set[str] = set()  # a tensor shared by several nodes holds its parameters once
+    def build(trace: Trace, graph: gs.Graph) -> CostModel:
+        """Each node's cost, as its op rule counts it (`OpRule.cost`)."""
+        costs: list[NodeCost] = []
+        reader = _CostReader(trace)
         for node in graph.nodes:
-            kind = trace.node_kind.get(node.name)
-            cost = _node_cost(trace, node, kind, counted)
+            rule = lookup(None, node.op, MAX_OPSET)  # the cost of an op does not depend on its opset
+            cost = None if rule is None else rule.cost(reader, node, trace.node_kind.get(node.name))
             if cost is not None:
                 costs.append(cost)
         return CostModel(
@@ -194,56 +166,24 @@ class CostModel:
         return macs, params
 
 
-def _float_size(value: np.ndarray | None) -> int:
-    if value is None or not np.issubdtype(value.dtype, np.floating):
-        return 0
-    return int(value.size)
+class _CostReader:
+    """The `ops.registry.CostContext` of one build: a tensor shared by several nodes holds its parameters once."""
 
+    def __init__(self, trace: Trace) -> None:
+        self.trace = trace
+        self.counted: set[str] = set()
 
-def _node_cost(trace: Trace, node: object, kind: str | None, counted: set[str]) -> _NodeCost | None:
-    import onnx_graphsurgeon as gs
-
-    assert isinstance(node, gs.Node)
-    maps = trace.maps
-
-    def first_use(index: int) -> bool:
-        """True the first time the constant input `index` is seen (its parameters count there)."""
-        name = node.inputs[index].name if index < len(node.inputs) else ""
-        if not name or name in counted:
-            return False
-        counted.add(name)
-        return True
-
-    def atoms(tensor: gs.Tensor) -> np.ndarray | None:
-        cmap = maps.get(tensor.name) if tensor.name else None
+    def atoms(self, tensor: gs.Tensor) -> np.ndarray | None:
+        cmap = self.trace.maps.get(tensor.name) if tensor.name else None
         return None if cmap is None else cmap.atoms
 
-    out = atoms(node.outputs[0]) if node.outputs else None
-    if kind in ("conv", "grouped", "gemm", "matmul", "conv_transpose", "depthwise"):
-        weight = ir.input_const(node, 1) if first_use(1) else None
-        bias = ir.input_const(node, 2) if ir.has_input(node, 2) and first_use(2) else None
-        bias_size = _float_size(bias)
-        per_out = bias_size if bias is not None and bias.ndim and out is not None and bias.shape[-1] == out.size else 0
-        fixed = bias_size - per_out
-        in_atoms = None if kind == "depthwise" else atoms(node.inputs[0])
-        return _NodeCost(in_atoms, out, int(trace.node_macs.get(node.name, 0)), _float_size(weight) + fixed, per_out)
-    if kind == "norm":
-        x = atoms(node.inputs[0])
-        size = sum(_float_size(ir.input_const(node, i)) for i in range(1, len(node.inputs)) if ir.has_input(node, i) and first_use(i))
-        return _NodeCost(None, x, 0, 0, size)
-    if node.op in BROADCAST_OPS and out is not None:
-        cmap = maps[node.outputs[0].name]
-        rank = len(trace.shapes.get(node.outputs[0].name, ()))
-        total = 0
-        for i, t in enumerate(node.inputs):
-            value = ir.const_value(t)
-            if value is None or not t.name or not np.issubdtype(value.dtype, np.floating) or not first_use(i):
-                continue
-            own = cmap.axis - (rank - value.ndim)
-            if own >= 0 and value.shape[own] == cmap.size and cmap.size > 1:
-                total += int(value.size)
-        return _NodeCost(None, out, 0, 0, total) if total else None
-    return None
+    def first_use(self, node: gs.Node, index: int) -> bool:
+        """True the first time the constant input `index` is seen (its parameters count there)."""
+        name = node.inputs[index].name if index < len(node.inputs) else ""
+        if not name or name in self.counted:
+            return False
+        self.counted.add(name)
+        return True
 
 
 # ----------------------------------------------------------------------------- ranking
@@ -537,13 +477,23 @@ class BudgetSearch:
 
 def global_plan_with_notes(ctx: Context, scores: Mapping[int, np.ndarray], budget: Budget | None = None) -> tuple[Plan, list[str]]:
     """`global_plan`, also returning notes for the report (an unreachable budget, ...)."""
-    budget = budget or Budget.from_params(ctx.options.params)
+    budget = budget or Budget.from_params(ctx.params)
     keys = normalised_scores(ctx.trace, scores)
     ranking = Ranking.build(ctx.trace, keys, budget.max_ratio, ctx.options.round_to)
     search = BudgetSearch(ctx, budget)
     best, notes = search.measured_plan(ranking, keys)
     notes.insert(0, f"global budget {budget.describe()}: kept MACs {best.macs:.3f}, params {best.params:.3f}")
     return best.plan, notes
+
+
+def choose_plan(ctx: Context, scores: Mapping[int, np.ndarray]) -> Plan:
+    """Uniform ratio per group, or a global ranking under --target-macs / --target-params."""
+    params = ctx.params
+    if params.target_macs is not None or params.target_params is not None:
+        plan, notes = global_plan_with_notes(ctx, scores)
+        ctx.notes.extend(notes)
+        return plan
+    return uniform_plan(ctx.trace, scores, ctx.options.ratio, ctx.options.round_to)
 
 
 def global_plan(ctx: Context, scores: Mapping[int, np.ndarray]) -> Plan:
@@ -770,16 +720,15 @@ class LcpSearch:
         return best.genome, best.error
 
 
-@register("lcp")
 def lcp(ctx: Context) -> Outcome:
     """Layer-compensated pruning: a global ranking with per-group affine compensation, evolved."""
     started = time.perf_counter()
-    params = ctx.options.params
-    budget = Budget.from_params(params, default_macs=1.0 - ctx.options.ratio)
-    iterations = _positive_int(params.get("lcp_iterations"), DEFAULT_LCP_ITERATIONS, "lcp_iterations")
-    population = _positive_int(params.get("lcp_population"), DEFAULT_LCP_POPULATION, "lcp_population")
-    tournament = _positive_int(params.get("lcp_tournament"), DEFAULT_LCP_TOURNAMENT, "lcp_tournament")
-    samples = _positive_int(params.get("lcp_samples"), DEFAULT_LCP_SAMPLES, "lcp_samples")
+    params = ctx.params
+    assert isinstance(params, LcpParams)
+    default_macs = get_method(ctx.options.method).default_macs
+    budget = Budget.from_params(params, default_macs=None if default_macs is None else default_macs(ctx.options.ratio))
+    iterations, population = params.lcp_iterations, params.lcp_population
+    tournament, samples = params.lcp_tournament, params.lcp_samples
     scores = score_groups(ctx.trace, ctx.graph, ctx.options.criterion, ctx.options.seed)
     notes: list[str] = []
     if not scores:
@@ -806,14 +755,3 @@ def lcp(ctx: Context) -> Outcome:
     )
     return Outcome(final.plan, notes=tuple(notes))
 
-
-def _positive_int(value: object, default: int, name: str) -> int:
-    if value is None:
-        return default
-    try:
-        number = int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        raise UsageError(f"{name} must be a positive integer, got {value!r}") from None
-    if number < 1:
-        raise UsageError(f"{name} must be a positive integer, got {value}")
-    return number

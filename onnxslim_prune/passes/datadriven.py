@@ -68,16 +68,20 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import ir
+from ..channels import Group, Kind, Role, Trace
 from ..calib import ChannelMoments
 from ..calib.threads import blas_limited
 from ..calib.memory import explicit_budget
 from ..calib.statistic import ActivationMoments, PooledCovariance, RowSampler, SampledGrams, collect
 from ..errors import CalibrationError
 from . import reconstruct as rc
-from .methods import Context, Outcome, choose_plan, register
+from ..methods.base import Context, Outcome
+from .budget import choose_plan
 from .plan import kept_count
 from .score import l1
-from .trace import UNARY_OPS, Group, Trace
+from ..ops import lookup
+from ..ops.elementwise import UNARY_OPS
+from ..ops.registry import MAX_OPSET
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +100,7 @@ def _need_calibration(ctx: Context, method: str) -> None:
 
 
 def _settings(ctx: Context, mode: str = "ls") -> rc.Settings:
-    return rc.Settings.from_params(ctx.options.params, ctx.options.batch_size, ctx.options.seed, mode)
+    return rc.Settings.from_params(ctx.params, ctx.options.batch_size, ctx.options.seed, mode)
 
 
 def _per_class(trace: Trace, group: Group, tensor: str, values: np.ndarray, *, mean: bool = True) -> np.ndarray:
@@ -170,8 +174,8 @@ def group_consumers(ctx: Context) -> dict[int, list[Consumer]]:
     for group in ctx.trace.groups:
         if group.is_frozen:
             continue
-        for m in dict.fromkeys(m for m in group.members if m.role == "in"):
-            kind = ctx.trace.node_kind.get(m.node, "")
+        for m in dict.fromkeys(m for m in group.members if m.role == Role.IN):
+            kind = ctx.trace.node_kind.get(m.node)
             if kind not in rc.FITTED_KINDS or m.node not in nodes:
                 continue
             if m.node not in seen:
@@ -233,7 +237,7 @@ def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | No
 def _dims(ctx: Context, layer: rc.Layer) -> int:
     shape = ctx.trace.shapes.get(layer.x)
     cmap = ctx.trace.maps.get(layer.x)
-    channels = cmap.size if cmap is not None else (int(shape[-1 if layer.kind != "conv" else 1]) if shape else 1)
+    channels = cmap.size if cmap is not None else (int(shape[-1 if layer.kind != Kind.CONV else 1]) if shape else 1)
     return channels * layer.taps
 
 
@@ -522,19 +526,16 @@ def _select_ldrf(ctx: Context, group: Group, consumers: Sequence[Consumer], cov:
     return ls_forward_scores(blocks, group.size, free, alphas)
 
 
-@register("thinet", data_driven=True)
 def thinet(ctx: Context) -> Outcome:
     """ThiNet (Luo et al., ICCV 2017): greedy minimal next-layer change, then least squares."""
     return _reconstruction_method(ctx, "thinet", _select_thinet)
 
 
-@register("cp", data_driven=True)
 def cp(ctx: Context) -> Outcome:
     """Channel Pruning (He, Zhang, Sun, ICCV 2017): LASSO channel selection, then least squares."""
     return _reconstruction_method(ctx, "cp", _select_cp)
 
 
-@register("ldrf", data_driven=True)
 def ldrf(ctx: Context) -> Outcome:
     """LDRF (Chen et al., AAAI 2019): embedding-space selection, closed-form recomposition."""
     return _reconstruction_method(ctx, "ldrf", _select_ldrf, mode="ldrf")
@@ -596,38 +597,6 @@ def _atom_transfer(trace: Trace, into: str, source: str, values: np.ndarray) -> 
     return np.array([total.get(r, 0.0) / counts[r] for r in roots_in.tolist()])
 
 
-def _backward(node: gs.Node, kind: str, trace: Trace, out: np.ndarray) -> np.ndarray | None:
-    """Importance of input 0 of a weighted node or BN from the importance of its output."""
-    weight = ir.input_const(node, 1)
-    if node.op == "BatchNormalization":
-        gamma, var = weight, ir.input_const(node, 4)
-        if gamma is None or var is None:
-            return out
-        eps = float(ir.attr(node, "epsilon", 1e-5))
-        return out * np.abs(gamma.astype(np.float64)) / np.sqrt(var.astype(np.float64) + eps)
-    if weight is None:
-        return None
-    w = np.abs(np.asarray(weight, dtype=np.float64))
-    if node.op == "Conv":
-        a = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)  # [Cout, Cin/g]
-        group = int(ir.attr(node, "group", 1))
-        cout, per_in = a.shape
-        per_out = cout // group
-        result = np.zeros(per_in * group)
-        for g in range(group):
-            rows = slice(g * per_out, (g + 1) * per_out)
-            result[g * per_in : (g + 1) * per_in] += a[rows].T @ out[rows]
-        return result
-    if node.op == "ConvTranspose":
-        return w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2) @ out
-    if node.op == "Gemm":
-        k_by_n = w.T if int(ir.attr(node, "transB", 0)) else w
-        return k_by_n @ out
-    if node.op == "MatMul":
-        return w @ out
-    return None
-
-
 def nisp_scores(ctx: Context) -> tuple[dict[int, np.ndarray], list[str]]:
     """Per group, the NISP importance of each class (module docstring)."""
     found = _final_response(ctx)
@@ -643,12 +612,12 @@ def nisp_scores(ctx: Context) -> tuple[dict[int, np.ndarray], list[str]]:
         outs = [(t.name, importance[t.name]) for t in node.outputs if t.name in importance and t.name in trace.maps]
         if not outs:
             continue
-        kind = trace.node_kind.get(node.name, "")
         if node.name in sources or node.op == "BatchNormalization":
             x = node.inputs[0]
             if x.name not in trace.maps:
                 continue
-            value = _backward(node, kind, trace, outs[0][1])
+            rule = lookup(None, node.op, MAX_OPSET)  # the op rule's backward step (`OpRule.backprop`)
+            value = None if rule is None else rule.backprop(node, outs[0][1])
             if value is not None and value.size == trace.maps[x.name].size:
                 importance[x.name] = importance.get(x.name, 0.0) + value
             continue
@@ -677,7 +646,6 @@ def nisp_scores(ctx: Context) -> tuple[dict[int, np.ndarray], list[str]]:
     return scores, []
 
 
-@register("nisp", data_driven=True)
 def nisp(ctx: Context) -> Outcome:
     """NISP (Yu et al., CVPR 2018): Inf-FS on the final response layer, propagated back by |W|."""
     _need_calibration(ctx, "nisp")
@@ -700,11 +668,11 @@ def activation_tensors(ctx: Context, group: Group) -> list[str]:
         name = node.outputs[0].name
         if name not in ctx.trace.maps:
             continue
-        if m.role == "pass" and m.op in ACTIVATIONS:
+        if m.role == Role.PASS and m.op in ACTIVATIONS:
             by_role["act"].append(name)
-        elif m.role == "norm":
+        elif m.role == Role.NORM:
             by_role["norm"].append(name)
-        elif m.role == "out":
+        elif m.role == Role.OUT:
             by_role["out"].append(name)
     for role in ("act", "norm", "out"):
         names = [n for n in dict.fromkeys(by_role[role]) if _in_group(ctx.trace, group, n)]
@@ -742,13 +710,26 @@ def _activation_method(ctx: Context, name: str, value: Callable[[ChannelMoments]
     return Outcome(choose_plan(ctx, scores), notes=tuple(notes))
 
 
-@register("mean_act", data_driven=True)
-def mean_act(ctx: Context) -> Outcome:
-    """Mean |activation| of each channel after its activation (low = removed first)."""
-    return _activation_method(ctx, "mean_act", lambda m: m.mean_abs)
+@dataclass(frozen=True)
+class ActivationCriterion:
+    """A per-channel importance read from the activations' streamed moments (higher = kept longer).
+
+    `score` maps a tensor's `ChannelMoments` (mean, mean |v|, mean v^2, fraction <= 0 per
+    channel) to one value per channel; the tensors are each group's activations
+    (`activation_tensors`), the classes take the mean over their positions, and the plan is
+    `choose_plan`'s. Registered as a data-driven method of its own name (`methods.builtin`).
+    """
+
+    name: str
+    help: str
+    score: Callable[[ChannelMoments], np.ndarray]
+
+    def __call__(self, ctx: Context) -> Outcome:
+        return _activation_method(ctx, self.name, self.score)
 
 
-@register("apoz", data_driven=True)
-def apoz(ctx: Context) -> Outcome:
-    """APoZ (Hu et al. 2016): channels whose activations are most often zero are removed first."""
-    return _activation_method(ctx, "apoz", lambda m: 1.0 - m.apoz)
+#: mean |activation| of each channel after its activation (low = removed first)
+MEAN_ACT = ActivationCriterion("mean_act", "smallest mean |activation| removed", lambda m: m.mean_abs)
+#: APoZ (Hu et al. 2016): channels whose activations are most often zero are removed first
+APOZ = ActivationCriterion("apoz", "APoZ (Hu et al. 2016): most often zero activations removed", lambda m: 1.0 - m.apoz)
+ACTIVATION_CRITERIA = (MEAN_ACT, APOZ)

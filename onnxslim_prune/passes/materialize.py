@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from .. import ir
 from .apply import apply_plan
 from .plan import Plan
-from .trace import Trace
+from ..channels import Trace
 
 
 def materialize(

@@ -43,10 +43,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import ir
-from .methods import Context, Outcome, choose_plan, register
+from ..channels import Group, Kind, Role, Trace
+from ..methods.base import Context, MergeParams, Outcome
 from .plan import Plan
-from .score import score_groups
-from .trace import Group, Trace
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,7 @@ HOMOGENEOUS = frozenset(
         "Add", "Sub", "Sum", "Mul", "Div", "Resize", "Upsample",
     }
 )
-CONSUMER_KINDS = frozenset({"conv", "gemm", "matmul", "conv_transpose"})
+CONSUMER_KINDS = frozenset({Kind.CONV, Kind.GEMM, Kind.MATMUL, Kind.CONV_TRANSPOSE})
 
 
 @dataclass(frozen=True)
@@ -72,11 +71,11 @@ class MergeStats:
     reason: str = ""
 
 
-def _consumer_axis(node: gs.Node, kind: str) -> int:
+def _consumer_axis(node: gs.Node, kind: Kind) -> int:
     """Axis of the consumer's weight that indexes its input channels."""
-    if kind == "conv":
+    if kind == Kind.CONV:
         return 1
-    if kind == "gemm":
+    if kind == Kind.GEMM:
         return 1 if int(ir.attr(node, "transB", 0)) else 0
     return 0  # matmul [K, N], conv_transpose [Cin, Cout/g, ...]
 
@@ -89,8 +88,10 @@ class _Merger:
         self.nodes = ir.node_by_name(ctx.graph)
         self.weights: dict[tuple[str, int], np.ndarray] = {}
         self.keep_atoms = plan.atom_keep(self.trace)
-        self.threshold = ctx.options.params.get("merge_threshold")
-        self.projection = ctx.options.params.get("merge_scale", "norm") == "projection"
+        params = ctx.params
+        assert isinstance(params, MergeParams)
+        self.threshold = params.merge_threshold
+        self.projection = params.merge_scale == "projection"
 
     # -- weights ---------------------------------------------------------------
 
@@ -153,18 +154,18 @@ class _Merger:
         source_nodes = {s.node for s in self.trace.sources if s.space in set(group.spaces)}
         for member in group.members:
             node = self.nodes[member.node]
-            if member.role == "out":
+            if member.role == Role.OUT:
                 continue
-            if member.role == "in":
+            if member.role == Role.IN:
                 if self.trace.node_kind.get(member.node) not in CONSUMER_KINDS:
                     return f"{member.op} {member.node} consumes the channels in groups"
                 continue
-            if member.role == "norm":
+            if member.role == Role.NORM:
                 producer = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
                 if node.op == "BatchNormalization" and producer is not None and producer.name in source_nodes:
                     continue
                 return f"{member.op} {member.node} is not right after the layer it normalises"
-            if member.role == "depthwise":
+            if member.role == Role.DEPTHWISE:
                 return f"depthwise {member.node} consumes the channels"
             if member.op not in HOMOGENEOUS:
                 return f"{member.op} {member.node} is not positively homogeneous"
@@ -201,7 +202,7 @@ class _Merger:
         """consumer node -> class -> positions along its input channel axis."""
         out: dict[str, dict[int, np.ndarray]] = {}
         for member in group.members:
-            if member.role != "in" or member.node in out:
+            if member.role != Role.IN or member.node in out:
                 continue
             classes = self.trace.class_positions(self.nodes[member.node].inputs[0].name)
             if classes is None:
@@ -293,14 +294,6 @@ def merge_outcome(ctx: Context, plan: Plan) -> Outcome:
         if len(fallbacks) > 20:
             notes.append(f"  ... and {len(fallbacks) - 20} more")
     return Outcome(plan, merger.overrides(), tuple(notes))
-
-
-@register("merge")
-def merge(ctx: Context) -> Outcome:
-    """Neuron Merging: select by --criterion (default l1), then merge (see module docstring)."""
-    criterion = ctx.options.criterion  # one of MERGE_CRITERIA (methods.check_options)
-    scores = score_groups(ctx.trace, ctx.graph, criterion, ctx.options.seed)
-    return merge_outcome(ctx, choose_plan(ctx, scores))
 
 
 def merge_stats_summary(stats: Mapping[int, MergeStats]) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UsageError
-from .trace import Group, Trace
+from ..channels import Group, Trace
 
 
 @dataclass(frozen=True)

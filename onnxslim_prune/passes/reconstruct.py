@@ -80,7 +80,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
@@ -91,21 +91,22 @@ import onnx_graphsurgeon as gs
 import scipy.linalg
 
 from .. import ir
+from ..graph import edit
+from ..channels import Kind, Role, Trace
 from ..calib import GramAccumulator, conv_output_size, conv_patches, expose_tensors, output_rows, sample_positions
 from ..calib import stream_tensors
 from ..calib.engine import StagedPasses, default_budget
 from ..calib.threads import blas_limited
 from ..errors import ModelError
-from .methods import Context, Outcome
+from ..methods.base import CommonParams, Context, Outcome
 from .plan import Plan
-from .trace import Trace
 
 log = logging.getLogger(__name__)
 
 #: sampled output positions per image for the Gram matrices of a Conv (``--calib-positions``)
 DEFAULT_POSITIONS = 16
 #: base ridge alpha, relative to the mean input variance (``params["ridge"]``; module docstring)
-DEFAULT_RIDGE = 1e-6
+DEFAULT_RIDGE = CommonParams.ridge
 #: ``c`` of ``alpha = ridge + c * dim / rows``: how hard a solve with few rows per unknown is
 #: pulled toward plain pruning (module docstring). Measured (benchmarks/results/ridge.md, ratio
 #: 0.5, 16 to 2,000 samples, ldrf and thinet): 0.3 and 1 are a flat optimum (ResNet-56 within 0.15
@@ -115,12 +116,12 @@ DEFAULT_RIDGE = 1e-6
 #: is 92.60% (92.57% before).
 DEFAULT_RIDGE_ROWS = 0.3
 #: LDRF: fraction of the output variance the embedding keeps (``params["energy"]``)
-DEFAULT_ENERGY = 0.995
+DEFAULT_ENERGY = CommonParams.energy
 #: most bytes of Gram matrices held at once while collecting selection statistics
 DEFAULT_GRAM_BUDGET = 1 << 30
 
 Progress = Callable[[int, int], None]
-FITTED_KINDS = ("conv", "gemm", "matmul")
+FITTED_KINDS = (Kind.CONV, Kind.GEMM, Kind.MATMUL)
 
 
 # ----------------------------------------------------------------------------- layer geometry
@@ -131,7 +132,7 @@ class Layer:
     """A weighted node seen as ``Y = X W + b`` on rows: its tensors and its im2col geometry."""
 
     node: str
-    kind: str  # "conv", "gemm" or "matmul"
+    kind: Kind  # CONV, GEMM or MATMUL
     x: str  # input tensor
     y: str  # output tensor
     kernel: tuple[int, ...] = ()
@@ -143,7 +144,7 @@ class Layer:
     @property
     def taps(self) -> int:
         """Columns per input channel (kernel elements; 1 for Gemm / MatMul)."""
-        return int(np.prod(self.kernel)) if self.kind == "conv" else 1
+        return int(np.prod(self.kernel)) if self.kind == Kind.CONV else 1
 
     def conv_pads(self, spatial: Sequence[int]) -> tuple[int, ...]:
         if self.auto_pad in ("", "NOTSET"):
@@ -160,28 +161,28 @@ class Layer:
 
     def positions(self, x_shape: Sequence[int], count: int | None, rng: np.random.Generator) -> np.ndarray | None:
         """Sampled output positions ``[N, P]`` of a Conv (None: every row, Gemm / MatMul)."""
-        if self.kind != "conv":
+        if self.kind != Kind.CONV:
             return None
         spatial = tuple(int(d) for d in x_shape[2:])
         out = conv_output_size(spatial, self.kernel, self.strides, self.conv_pads(spatial), self.dilations)
         return sample_positions(int(x_shape[0]), int(np.prod(out)), count, rng)
 
     def x_rows(self, x: np.ndarray, index: np.ndarray | None) -> np.ndarray:
-        if self.kind != "conv":
+        if self.kind != Kind.CONV:
             return x.reshape(-1, x.shape[-1])
         pads = self.conv_pads(x.shape[2:])
         return conv_patches(x, self.kernel, self.strides, pads, self.dilations, positions=index)
 
     def y_rows(self, y: np.ndarray, index: np.ndarray | None) -> np.ndarray:
-        if self.kind != "conv":
+        if self.kind != Kind.CONV:
             return y.reshape(-1, y.shape[-1])
         return output_rows(y, index)
 
 
-def layer_of(node: gs.Node, kind: str) -> Layer | None:
+def layer_of(node: gs.Node, kind: Kind | None) -> Layer | None:
     """The `Layer` of a traced Conv (group 1, 1-D or 2-D), Gemm or MatMul; None if unsupported."""
     x, y = node.inputs[0], node.outputs[0]
-    if kind == "conv":
+    if kind == Kind.CONV:
         weight = ir.input_const(node, 1)
         if weight is None or weight.ndim not in (3, 4) or int(ir.attr(node, "group", 1)) != 1:
             return None
@@ -194,7 +195,7 @@ def layer_of(node: gs.Node, kind: str) -> Layer | None:
             tuple(int(d) for d in ir.attr(node, "dilations", [1] * rank)),
             str(ir.attr(node, "auto_pad", "NOTSET") or "NOTSET"),
         )
-    if kind in ("gemm", "matmul"):
+    if kind in (Kind.GEMM, Kind.MATMUL):
         return Layer(node.name, kind, x.name, y.name)
     return None
 
@@ -224,18 +225,18 @@ def _matmul_bias(node: gs.Node, n_out: int) -> tuple[gs.Node, int] | None:
     return None
 
 
-def read_affine(node: gs.Node, kind: str) -> Affine:
+def read_affine(node: gs.Node, kind: Kind) -> Affine:
     """The layer as ``Y = X W + b`` (Gemm alpha and beta folded in), float64."""
     weight = ir.input_const(node, 1)
     if weight is None:
         raise ModelError(f"{node.name}: weight is not a constant")
     w = np.asarray(weight, dtype=np.float64)
-    if kind == "conv":
+    if kind == Kind.CONV:
         matrix = w.reshape(w.shape[0], -1).T
         bias = ir.input_const(node, 2) if ir.has_input(node, 2) else None
         b = np.zeros(matrix.shape[1]) if bias is None else np.asarray(bias, dtype=np.float64).reshape(-1)
         return Affine(matrix, b, (node.name, 2))
-    if kind == "gemm":
+    if kind == Kind.GEMM:
         alpha, beta = float(ir.attr(node, "alpha", 1.0)), float(ir.attr(node, "beta", 1.0))
         matrix = alpha * (w.T if int(ir.attr(node, "transB", 0)) else w)
         n_out = matrix.shape[1]
@@ -245,7 +246,7 @@ def read_affine(node: gs.Node, kind: str) -> Affine:
         if c is None or c.size not in (1, n_out) or (c.ndim == 2 and c.shape[0] != 1):
             return Affine(matrix, None, None)
         return Affine(matrix, beta * np.broadcast_to(np.asarray(c, dtype=np.float64).reshape(-1), (n_out,)), (node.name, 2))
-    if kind == "matmul":
+    if kind == Kind.MATMUL:
         found = _matmul_bias(node, w.shape[1])
         if found is None:
             return Affine(w, None, None)
@@ -256,24 +257,24 @@ def read_affine(node: gs.Node, kind: str) -> Affine:
     raise ModelError(f"{node.name}: cannot read a {kind} layer as a matrix")
 
 
-def write_affine(graph: gs.Graph, node: gs.Node, kind: str, w: np.ndarray, b: np.ndarray | None) -> None:
+def write_affine(graph: gs.Graph, node: gs.Node, kind: Kind, w: np.ndarray, b: np.ndarray | None) -> None:
     """Store ``W [dim_x, dim_y]`` and bias ``b`` back into `node` (the inverse of `read_affine`)."""
     weight = ir.input_const(node, 1)
     assert weight is not None
     dtype = weight.dtype
-    if kind == "conv":
-        ir.set_input_const(node, 1, w.T.reshape((w.shape[1], *weight.shape[1:])))
+    if kind == Kind.CONV:
+        edit.set_input_const(node, 1, w.T.reshape((w.shape[1], *weight.shape[1:])))
         if b is not None:
             _set_or_add_bias(node, 2, b, dtype)
         return
-    if kind == "gemm":
+    if kind == Kind.GEMM:
         alpha, beta = float(ir.attr(node, "alpha", 1.0)), float(ir.attr(node, "beta", 1.0))
         matrix = w / alpha
-        ir.set_input_const(node, 1, matrix.T if int(ir.attr(node, "transB", 0)) else matrix)
+        edit.set_input_const(node, 1, matrix.T if int(ir.attr(node, "transB", 0)) else matrix)
         if b is None:
             return
         if not ir.has_input(node, 2) or beta == 0.0:
-            ir.set_attr(node, "beta", 1.0)
+            edit.set_attr(node, "beta", 1.0)
             beta = 1.0
         old = ir.input_const(node, 2) if ir.has_input(node, 2) else None
         value = b / beta
@@ -281,8 +282,8 @@ def write_affine(graph: gs.Graph, node: gs.Node, kind: str, w: np.ndarray, b: np
             value = value.reshape(old.shape)
         _set_or_add_bias(node, 2, value, dtype)
         return
-    if kind == "matmul":
-        ir.set_input_const(node, 1, w)
+    if kind == Kind.MATMUL:
+        edit.set_input_const(node, 1, w)
         if b is not None:
             found = _matmul_bias(node, w.shape[1])
             if found is None:
@@ -290,18 +291,16 @@ def write_affine(graph: gs.Graph, node: gs.Node, kind: str, w: np.ndarray, b: np
             add, index = found
             old = ir.input_const(add, index)
             assert old is not None
-            ir.set_input_const(add, index, b.reshape(old.shape))
+            edit.set_input_const(add, index, b.reshape(old.shape))
         return
     raise ModelError(f"{node.name}: cannot write a {kind} layer")
 
 
 def _set_or_add_bias(node: gs.Node, index: int, values: np.ndarray, dtype: np.dtype) -> None:
     if ir.has_input(node, index):
-        ir.set_input_const(node, index, values)
+        edit.set_input_const(node, index, values)
         return
-    while len(node.inputs) < index:
-        node.inputs.append(gs.Variable.empty())
-    node.inputs.append(ir.make_constant(f"{node.inputs[1].name}__bias", np.asarray(values, dtype=dtype)))
+    edit.append_input(node, edit.make_constant(f"{node.inputs[1].name}__bias", np.asarray(values, dtype=dtype)), index)
 
 
 # ----------------------------------------------------------------------------- solving
@@ -513,9 +512,9 @@ def plan_consumers(trace: Trace, graph: gs.Graph, plan: Plan) -> tuple[list[str]
             continue
         for m in group.members:
             kind = trace.node_kind.get(m.node)
-            if m.role == "in" and kind in FITTED_KINDS:
+            if m.role == Role.IN and kind in FITTED_KINDS:
                 wanted.add(m.node)
-            elif m.role in ("in", "depthwise") and kind in ("depthwise", "grouped", "conv_transpose"):
+            elif m.role in (Role.IN, Role.DEPTHWISE) and kind in (Kind.DEPTHWISE, Kind.GROUPED, Kind.CONV_TRANSPOSE):
                 notes.append(f"reconstruct: {kind} {m.op} {m.node} is sliced, not refitted")
     nodes = ir.node_by_name(graph)
     order = [n.name for n in graph.nodes if n.name in wanted]
@@ -544,15 +543,15 @@ class Settings:
     seed: int = 0
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any], batch_size: int, seed: int, mode: str = "ls") -> Settings:
-        positions = params.get("calib_positions")
+    def from_params(cls, params: CommonParams, batch_size: int, seed: int, mode: str = "ls") -> Settings:
+        positions = params.calib_positions
         return cls(
             positions=DEFAULT_POSITIONS if positions is None else int(positions),
-            ridge=float(params.get("ridge", DEFAULT_RIDGE)),
+            ridge=float(params.ridge),
             ridge_rows=DEFAULT_RIDGE_ROWS,
             mode=mode,
-            energy=float(params.get("energy", DEFAULT_ENERGY)),
-            residual_targets=bool(params.get("residual_targets", True)),
+            energy=float(params.energy),
+            residual_targets=bool(params.residual_targets),
             batch_size=batch_size,
             seed=seed,
         )
@@ -667,7 +666,7 @@ class Reconstructor:
                 continue
             affine = read_affine(node, kind)
             target, minus = layer.y, None
-            if kind == "matmul" and affine.bias_at is not None:
+            if kind == Kind.MATMUL and affine.bias_at is not None:
                 target = nodes[affine.bias_at[0]].outputs[0].name  # the bias Add: the target includes the bias
             elif self.settings.residual_targets and affine.b is not None:
                 target, minus = self._residual(node, outputs)
@@ -676,7 +675,7 @@ class Reconstructor:
                 deps |= above.get(minus, frozenset())
             level[name] = 1 + max((level[d] for d in deps if d in level), default=-1)
             cmap = self.trace.maps.get(layer.y)
-            axis = cmap.axis if cmap is not None else (1 if kind != "matmul" else -1)
+            axis = cmap.axis if cmap is not None else (1 if kind != Kind.MATMUL else -1)
             fits.append(_Fit(layer, kept_positions(self.trace, self.plan, layer.y), axis, target, minus,
                              affine.b is not None, level[name]))
         return fits
@@ -739,7 +738,7 @@ def make_finish(
     """The finish step refitting the consumers of `plan`'s pruned channels (see module docstring)."""
     if ctx.calibration is None:
         raise ModelError("reconstruction needs calibration data")
-    settings = settings or Settings.from_params(ctx.options.params, ctx.options.batch_size, ctx.options.seed, mode)
+    settings = settings or Settings.from_params(ctx.params, ctx.options.batch_size, ctx.options.seed, mode)
     nodes, notes = plan_consumers(ctx.trace, ctx.graph, plan)
     short = short_of_rows(ctx, plan, nodes, settings)
     note = rows_note(short, len(nodes))
@@ -756,9 +755,9 @@ def planned_rows(layer: Layer, x_shape: Sequence[int], samples: int, batch: int,
     ``min(positions, output positions)`` rows per image, a Gemm / MatMul every row but the
     channel axis.
     """
-    per_batch = int(np.prod(x_shape[:-1])) if layer.kind != "conv" else 0
+    per_batch = int(np.prod(x_shape[:-1])) if layer.kind != Kind.CONV else 0
     capped = False
-    if layer.kind == "conv":
+    if layer.kind == Kind.CONV:
         spatial = tuple(int(d) for d in x_shape[2:])
         out = int(np.prod(conv_output_size(spatial, layer.kernel, layer.strides, layer.conv_pads(spatial), layer.dilations)))
         capped = positions is not None and positions < out
@@ -780,17 +779,17 @@ def short_of_rows(ctx: Context, plan: Plan, nodes: Sequence[str], settings: Sett
     by_name = ir.node_by_name(ctx.graph)
     short = []
     for name in nodes:
-        node, kind = by_name.get(name), ctx.trace.node_kind.get(name, "")
+        node, kind = by_name.get(name), ctx.trace.node_kind.get(name)
         layer = None if node is None else layer_of(node, kind)
         planned = None if layer is None else layer_rows(ctx, layer, settings.positions)
         if node is None or layer is None or planned is None:
             continue
         x_shape = ctx.trace.shapes[layer.x]
         kept = kept_positions(ctx.trace, plan, layer.x)
-        channels = int(x_shape[1] if kind == "conv" else x_shape[-1])
+        channels = int(x_shape[1] if kind == Kind.CONV else x_shape[-1])
         dim = (channels if kept is None else kept.size) * layer.taps
         rows, capped = planned
-        count = unknowns(dim, read_affine(node, kind).b is not None)
+        count = unknowns(dim, read_affine(node, layer.kind).b is not None)
         if rows < count:
             short.append((name, rows, count, capped))
     return short
@@ -798,7 +797,7 @@ def short_of_rows(ctx: Context, plan: Plan, nodes: Sequence[str], settings: Sett
 
 def wants_reconstruction(ctx: Context) -> bool:
     """Calibration data is present and ``--no-reconstruct`` was not given."""
-    return ctx.calibration is not None and ctx.options.params.get("reconstruct") is not False
+    return ctx.calibration is not None and ctx.params.reconstruct is not False
 
 
 def with_reconstruction(ctx: Context, outcome: Outcome, *, mode: str = "ls") -> Outcome:

@@ -21,8 +21,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import ir
+from ..channels import Group, Role, Source, Trace
 from ..errors import UsageError
-from .trace import Group, Source, Trace
 
 Criterion = Callable[[Trace, gs.Graph, Group, int], np.ndarray]
 
@@ -113,7 +113,7 @@ def bn(trace: Trace, graph: gs.Graph, group: Group, seed: int = 0) -> np.ndarray
     out = np.zeros(len(group.classes), dtype=np.float64)
     found = False
     for member in group.members:
-        if member.op != "BatchNormalization" or member.role != "norm":
+        if member.op != "BatchNormalization" or member.role != Role.NORM:
             continue
         node = nodes[member.node]
         gamma = ir.input_const(node, 1)

@@ -1,0 +1,1 @@
+"""The graph layer: `edit` is the only module that writes nodes and tensors."""

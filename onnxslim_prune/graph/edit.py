@@ -1,0 +1,101 @@
+"""Every write to a graph's nodes and tensors goes through here.
+
+Passes and op rules read a `gs.Graph` freely (through `ir`'s readers) but change it only with
+these functions, so the invariants of an edit hold in one place: a constant shared with
+another node is copied before it is changed (`set_input_const`), consumers that end up with
+equal values share one copy again, and shapes made stale by pruning are dropped
+(`forget_inner_shapes`) to be re-inferred on export. Loading and normalisation
+(`ir.to_graph`) build the graph; everything after it edits here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..errors import ModelError
+
+#: attribute names: the constant a copy was sliced from, and the copies of a constant
+_ORIGIN, _COPIES = "_onnxslim_origin", "_onnxslim_copies"
+
+
+def set_attr(node: gs.Node, name: str, value: Any) -> None:
+    node.attrs[name] = value
+
+
+def remove_attrs(node: gs.Node, *names: str) -> None:
+    for name in names:
+        node.attrs.pop(name, None)
+
+
+def set_input_const(node: gs.Node, index: int, values: np.ndarray) -> None:
+    """Replace the constant feeding `node.inputs[index]`, never touching other consumers.
+
+    A constant shared with another node is copied under a fresh name first, so that
+    slicing it for one consumer cannot corrupt the other. Consumers that end up with
+    the same values (nodes sharing a weight are pruned alike) share one copy again.
+    """
+    tensor = node.inputs[index]
+    if not isinstance(tensor, gs.Constant):
+        raise ModelError(f"{node.name}: input {index} is not a constant")
+    old = np.asarray(tensor.values)
+    values = np.ascontiguousarray(values, dtype=old.dtype)
+    origin = getattr(tensor, _ORIGIN, tensor)
+    copies: list[gs.Constant] = origin.__dict__.setdefault(_COPIES, [])
+    twin = next((c for c in copies if c is not tensor and np.array_equal(c.values, values)), None)
+    if twin is not None and not _used_twice(node, tensor):
+        node.inputs[index] = twin
+        return
+    if len(tensor.outputs) > 1 or _used_twice(node, tensor):
+        fresh = gs.Constant(_fresh_name(tensor.name, node), values)
+        setattr(fresh, _ORIGIN, origin)
+        copies.append(fresh)
+        node.inputs[index] = fresh
+        return
+    tensor.values = values
+
+
+def replace_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
+    node.inputs[index] = tensor
+
+
+def append_input(node: gs.Node, tensor: gs.Tensor, position: int = 0) -> None:
+    """Append `tensor` as the last input, after empty optional inputs up to `position` if there are fewer."""
+    while len(node.inputs) < position:
+        node.inputs.append(gs.Variable.empty())
+    node.inputs.append(tensor)
+
+
+def _used_twice(node: gs.Node, tensor: gs.Tensor) -> bool:
+    return sum(1 for t in node.inputs if t is tensor) > 1
+
+
+def _fresh_name(base: str, node: gs.Node) -> str:
+    return f"{base}__{node.name}"
+
+
+def make_constant(name: str, values: np.ndarray) -> gs.Constant:
+    return gs.Constant(name, np.ascontiguousarray(values))
+
+
+def rewire_node(node: gs.Node, op: str, inputs: list[gs.Tensor], attrs: Mapping[str, Any] | None = None) -> None:
+    """Turn `node` into `op(inputs)` in place; its outputs (and their names) stay.
+
+    Block pruning uses it to replace `Add(x, f(x))` by `Identity(x)` or `Add(x, mean)`;
+    the dead branch is then removed by `cleanup` on export.
+    """
+    node.op = op
+    node.inputs.clear()
+    node.inputs.extend(inputs)
+    node.attrs.clear()
+    node.attrs.update(dict(attrs or {}))
+
+
+def forget_inner_shapes(graph: gs.Graph) -> None:
+    """Drop the shapes of inner tensors (stale after pruning; re-inferred on export)."""
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and tensor not in graph.outputs and tensor not in graph.inputs:
+            tensor.shape = None

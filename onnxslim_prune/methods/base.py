@@ -1,0 +1,321 @@
+"""What a method is: a `MethodSpec` with typed, validated settings (`Params`), in one registry.
+
+A method turns an analysed model into an `Outcome`: what to remove (`plan`), full-size
+constants to substitute before slicing (`overrides`, e.g. merged outgoing weights), and
+an optional `finish` step run on the pruned model (e.g. least-squares reconstruction).
+
+Settings. Every setting a method reads is a field of a frozen `Params` dataclass, written
+once with its type, default, check and (where the CLI offers it) flag and help line
+(`setting`). `CommonParams` holds those every method honours (budgets, blocks,
+reconstruction); a method adds its own in a subclass (`MergeParams`, `LcpParams`). The
+user's settings stay a plain mapping in `Options.params` (what the report records);
+`parse_params` checks them once, in one message style, and `Context.params` gives the
+typed object the method reads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..channels import Trace
+from ..errors import UsageError
+from ..passes.plan import Plan
+
+Scores = Mapping[int, np.ndarray]
+Check = Callable[[str, Any], None]
+
+
+# ----------------------------------------------------------------------------- checks (one message style)
+
+
+def number(low: float, high: float, *, low_open: bool = False, integer: bool = False) -> Check:
+    """A check: a finite number (an integer with `integer`) in [low, high] (or (low, high])."""
+
+    def check(key: str, value: Any) -> None:
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{key} must be a number, got {value!r}") from None
+        inside = (x > low if low_open else x >= low) and x <= high
+        if not math.isfinite(x) or not inside or (integer and x != int(x)):
+            kind = "an integer" if integer else "a number"
+            raise UsageError(f"{key} must be {kind} in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}")
+
+    return check
+
+
+def choice(*choices: Any) -> Check:
+    """A check: one of `choices`."""
+
+    def check(key: str, value: Any) -> None:
+        if value not in choices:
+            bad_choice(key, value, choices)
+
+    return check
+
+
+def bad_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
+    raise UsageError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+#: how residual blocks are ranked (`passes.blocks`)
+BLOCK_CRITERIA = ("output", "norm")
+FRACTION = number(0.0, 1.0, low_open=True)
+BOOL = choice(True, False)
+POSITIVE_INT = number(1, math.inf, integer=True)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one `Params` field is given (CLI flag, help) and checked."""
+
+    check: Check
+    flag: str | None = None  # the CLI option; None: API only (``params={...}``)
+    help: str = ""
+    #: the CLI passes the value even when the user left it at its default (so the report records it)
+    recorded: bool = False
+    #: a value the CLI leaves out (the default spelled out); never recorded
+    omit: Any = None
+    #: the setting changes which channels are removed (a dry run passes it on)
+    planning: bool = True
+    #: CLI: a --name/--no-name flag pair with no default (None: the method decides)
+    switch: bool = False
+    choices: tuple[str, ...] = ()
+    cli_type: type | None = None  # click's type when the field's default does not tell it
+
+    def name(self, key: str) -> str:
+        """The name in messages: the flag, else the key."""
+        return self.flag or key
+
+
+def setting(default: Any, check: Check, **how: Any) -> Any:
+    """A `Params` field: its default, written once, and its `Setting`."""
+    return field(default=default, metadata={"setting": Setting(check, **how)})
+
+
+P = TypeVar("P", bound="CommonParams")
+
+
+@dataclass(frozen=True)
+class CommonParams:
+    """Settings every method honours. Field order is the order the CLI passes (and the report records) them."""
+
+    target_macs: float | None = setting(None, FRACTION, flag="--target-macs", cli_type=float,
+                                        help="Prune until MACs fall to this fraction (global ranking).")
+    target_params: float | None = setting(None, FRACTION, flag="--target-params", cli_type=float,
+                                          help="Prune until parameters fall to this fraction (global ranking).")
+    max_ratio: float = setting(0.9, FRACTION, flag="--max-ratio", recorded=True, help="Budgets: most any group may lose.")
+    blocks: float | None = setting(None, number(0.0, 1.0), flag="--blocks", cli_type=float,
+                                   help="Also remove this fraction of removable residual blocks.")
+    calib_positions: int | None = setting(None, POSITIVE_INT, flag="--calib-positions", planning=False, cli_type=int,
+                                          help="Spatial positions sampled per image for Gram matrices.")
+    reconstruct: bool | None = setting(None, BOOL, flag="--reconstruct", switch=True, planning=False,
+                                       help="Least-squares refit of consumers [default: on with --calib].")
+    #: base ridge alpha of the refit, relative to the mean input variance (`passes.reconstruct` docstring)
+    ridge: float = setting(1e-6, number(0.0, math.inf))
+    #: LDRF: fraction of the output variance the embedding keeps
+    energy: float = setting(0.995, FRACTION)
+    residual_targets: bool = setting(True, BOOL)
+    block_criterion: str = setting("output", choice(*BLOCK_CRITERIA))
+    block_samples: int = setting(128, POSITIVE_INT)
+
+    @classmethod
+    def parse(cls: type[P], values: Mapping[str, Any]) -> P:
+        """The typed settings of `values` (keys of other methods are left out; None means the default)."""
+        own = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in own and v is not None})
+
+
+#: Neuron Merging's selection criteria and scales (see `passes.merge`)
+MERGE_CRITERIA = ("l1", "l2", "fpgm")
+MERGE_SCALES = ("norm", "projection")
+
+
+@dataclass(frozen=True)
+class MergeParams(CommonParams):
+    merge_threshold: float | None = setting(None, number(0.0, 1.0), flag="--merge-threshold", cli_type=float,
+                                            help="merge: minimum cosine similarity [default: 0.45 dense, 0.1 conv].")
+    merge_scale: str = setting("norm", choice(*MERGE_SCALES), flag="--merge-scale", choices=MERGE_SCALES, omit="norm",
+                               help="merge: scale of a merged neuron, the paper's norm ratio or the least-squares projection.")
+
+
+@dataclass(frozen=True)
+class LcpParams(CommonParams):
+    lcp_iterations: int = setting(60, POSITIVE_INT)
+    lcp_population: int = setting(12, POSITIVE_INT)
+    lcp_samples: int = setting(256, POSITIVE_INT)
+    lcp_tournament: int = setting(4, POSITIVE_INT)
+
+
+def settings_of(params: type[CommonParams]) -> dict[str, Setting]:
+    """field name -> `Setting` of a `Params` class, in field order."""
+    return {f.name: f.metadata["setting"] for f in fields(params)}
+
+
+# ----------------------------------------------------------------------------- what a method sees and returns
+
+
+@dataclass(frozen=True)
+class Options:
+    method: str = "l1"
+    ratio: float = 0.5
+    round_to: int = 1
+    exclude: tuple[str, ...] = ()
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    seed: int = 0
+    criterion: str = "l1"
+    calib: str | None = None
+    calib_samples: int | None = None
+    batch_size: int = 32
+    params: Mapping[str, Any] = field(default_factory=dict)  # the user's settings, as given (see `parse_params`)
+
+
+@dataclass
+class Context:
+    model: onnx.ModelProto  # the original, untouched
+    graph: gs.Graph  # the working graph, rewritten by apply
+    trace: Trace
+    options: Options
+    input_shapes: Mapping[str, tuple[int, ...]]
+    opset: int
+    calibration: Any = None  # calib.CalibrationSet when --calib was given
+    progress: Callable[[int, int], None] | None = None
+    notes: list[str] = field(default_factory=list)  # shared steps (budgets) report here
+
+    @property
+    def params(self) -> CommonParams:
+        """The method's typed settings (`MethodSpec.params` of `options.method`)."""
+        spec = METHODS.get(self.options.method)
+        return (spec.params if spec is not None else CommonParams).parse(self.options.params)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    plan: Plan
+    overrides: Mapping[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    finish: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None
+    needs_calibration: bool = False
+
+
+Importance = Callable[[Context], Scores]
+Planner = Callable[[Context, Scores], Plan]
+Compensation = Callable[[Context, Plan], Outcome]
+
+
+def no_compensation(ctx: Context, plan: Plan) -> Outcome:
+    return Outcome(plan)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One pruning method: everything `api`, the CLI and `--help` need to know of it.
+
+    A method is either the composition ``compensation(ctx, planner(ctx, importance(ctx)))``
+    or, for one that interleaves selection and fitting, its own `run`. `plan_only` methods
+    (importance and planner need neither data nor a search) show their plan in a dry run.
+    """
+
+    name: str
+    help: str  # the one line of `--help`
+    params: type[CommonParams] = CommonParams
+    importance: Importance | None = None
+    planner: Planner | None = None
+    compensation: Compensation = no_compensation
+    run: Callable[[Context], Outcome] | None = None
+    needs_data: bool = False
+    plan_only: bool = False
+    #: the --criterion values it takes (empty: it ignores --criterion; None: any criterion)
+    criteria: tuple[str, ...] | None = ()
+    #: the fraction of residual blocks removed before tracing (default: the `blocks` setting)
+    block_fraction: Callable[[Options], float | None] | None = None
+    #: the MACs target when no budget is given (LCP: 1 - ratio); None: a uniform ratio
+    default_macs: Callable[[float], float] | None = None
+    #: the report's words for what was asked, when neither a budget nor --blocks says it
+    request: Callable[[Options], str] | None = None
+    #: warnings of settings this method ignores, beyond those derived from `params`
+    ignored: Callable[[Options], list[str]] | None = None
+
+    def __call__(self, ctx: Context) -> Outcome:
+        if self.run is not None:
+            return self.run(ctx)
+        return self.compensation(ctx, self.plan(ctx))
+
+    def plan(self, ctx: Context) -> Plan:
+        """The plan of importance + planner (what a dry run shows)."""
+        assert self.importance is not None and self.planner is not None, f"{self.name} has no plan of its own"
+        return self.planner(ctx, self.importance(ctx))
+
+    def blocks_to_remove(self, options: Options) -> float | None:
+        if self.block_fraction is not None:
+            return self.block_fraction(options)
+        return self.params.parse(options.params).blocks
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    METHODS[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UsageError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}") from None
+
+
+def all_settings() -> dict[str, Setting]:
+    """Every setting of every registered method (common ones first, then each method's own)."""
+    out = settings_of(CommonParams)
+    for spec in METHODS.values():
+        out.update(settings_of(spec.params))
+    return out
+
+
+# ----------------------------------------------------------------------------- validation, once
+
+
+def check_options(options: Options) -> tuple[str, ...]:
+    """Raise `UsageError` for a bad value or an unknown setting; warn of settings the method ignores."""
+    spec = get_method(options.method)
+    if isinstance(options.seed, bool) or not isinstance(options.seed, (int, np.integer)) or options.seed < 0:
+        raise UsageError(f"--seed must be a non-negative integer, got {options.seed!r}")
+    if options.batch_size < 1:
+        raise UsageError(f"--batch-size must be a positive integer, got {options.batch_size}")
+    if options.calib_samples is not None and options.calib_samples < 1:
+        raise UsageError(f"--calib-samples must be a positive integer, got {options.calib_samples}")
+    known = all_settings()
+    unknown = sorted(set(options.params) - set(known))
+    if unknown:
+        raise UsageError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    for key, value in options.params.items():
+        if value is not None:
+            known[key].check(known[key].name(key), value)
+    params, method = options.params, options.method
+    if spec.criteria and options.criterion not in spec.criteria:
+        bad_choice(f"--criterion (with --method {method})", options.criterion, spec.criteria)
+    warnings = []
+    takers = [s.name for s in METHODS.values() if s.criteria != ()]
+    if options.criterion != "l1" and spec.criteria == ():
+        warnings.append(f"--criterion is used by --method {' and '.join(takers)} only; {method} ignores it")
+    own = settings_of(spec.params)
+    for other in METHODS.values():  # flags of another method's own settings
+        extra = {k: s for k, s in settings_of(other.params).items() if k not in own and s.flag}
+        if other is not spec and any(params.get(k) is not None for k in extra):
+            flags = " and ".join(s.flag for s in extra.values() if s.flag)
+            warnings.append(f"{flags} are used by --method {other.name} only; {method} ignores them")
+    if params.get("reconstruct") and options.calib is None:
+        warnings.append("--reconstruct needs calibration data (--calib); nothing is refitted")
+    if spec.ignored is not None:
+        warnings.extend(spec.ignored(options))
+    return tuple(warnings)

@@ -1,0 +1,116 @@
+"""Normalisations: per-channel (BatchNormalization, InstanceNormalization) and over other axes.
+
+Per-channel: ``y_c = gamma_c (x_c - mu_c) / sqrt(var_c + eps) + beta_c`` holds channel ``c`` in
+every 1-D parameter, so the parameters are sliced to the kept channels, ``p' = p[keep]``, and
+count ``f_out`` of their entries in the cost model. LayerNormalization and Softmax-like ops
+normalise over a range of axes: channels pass when that range does not hold them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .. import ir
+from ..graph import edit
+from ..channels import Kind, Role
+from .registry import ApplyContext, CostContext, Freeze, NodeCost, OpRule, TraceContext, float_size, register
+
+
+class PerChannelNormRule(OpRule):
+    ops = ("BatchNormalization", "InstanceNormalization")
+
+    def trace(self, t: TraceContext, node: gs.Node) -> None:
+        x_map = t.cmap(node.inputs[0])
+        if x_map is None:
+            return
+        if x_map.axis != 1:
+            raise Freeze("channels are not on axis 1")
+        for i in range(1, len(node.inputs)):
+            if ir.has_input(node, i) and ir.input_const(node, i) is None:
+                raise Freeze("per-channel parameters are not constants")
+        if node.op == "BatchNormalization" and len([o for o in node.outputs if o.outputs or t.is_graph_output(o)]) > 1:
+            raise Freeze("training-mode outputs are used")
+        t.set_kind(node, Kind.NORM)
+        t.pass_through(node, x_map, Role.NORM)
+
+    def apply(self, a: ApplyContext, node: gs.Node, kind: Kind | None) -> None:
+        """``p' = p[keep]`` for every 1-D constant parameter."""
+        if kind != Kind.NORM:
+            return
+        keep = a.keep(node.inputs[0])
+        if keep is None:
+            return
+        for i in range(1, len(node.inputs)):
+            value = ir.input_const(node, i)
+            if value is not None and value.ndim == 1:
+                edit.set_input_const(node, i, value[keep])
+
+    def cost(self, c: CostContext, node: gs.Node, kind: Kind | None) -> NodeCost | None:
+        if kind != Kind.NORM:
+            return None
+        x = c.atoms(node.inputs[0])
+        size = sum(
+            float_size(ir.input_const(node, i)) for i in range(1, len(node.inputs)) if ir.has_input(node, i) and c.first_use(node, i)
+        )
+        return NodeCost(None, x, 0, 0, size)
+
+    def backprop(self, node: gs.Node, out: np.ndarray) -> np.ndarray | None:
+        """BN: ``s_in = s_out |gamma| / sqrt(var + eps)`` (unchanged when a parameter is not constant)."""
+        if node.op != "BatchNormalization":
+            return None
+        gamma, var = ir.input_const(node, 1), ir.input_const(node, 4)
+        if gamma is None or var is None:
+            return out
+        eps = float(ir.attr(node, "epsilon", 1e-5))
+        return out * np.abs(gamma.astype(np.float64)) / np.sqrt(var.astype(np.float64) + eps)
+
+
+class AxisNormRule(OpRule):
+    """Softmax / LogSoftmax / Hardmax from opset 13: normalise along `axis` only."""
+
+    ops = ("Softmax", "LogSoftmax", "Hardmax")
+    opsets = (13, 10_000)
+
+    def trace(self, t: TraceContext, node: gs.Node) -> None:
+        if (traced := t.traced_with_shape(node)) is None:
+            return
+        x_map, shape = traced
+        if int(ir.attr(node, "axis", -1)) % len(shape) == x_map.axis:
+            raise Freeze("normalises across channels")
+        t.pass_through(node, x_map)
+
+
+class FlattenedAxisNormRule(OpRule):
+    """Softmax / LogSoftmax / Hardmax before opset 13: normalise over the flattened axes from `axis` (default 1) on."""
+
+    ops = ("Softmax", "LogSoftmax", "Hardmax")
+    opsets = (0, 12)
+
+    def trace(self, t: TraceContext, node: gs.Node) -> None:
+        if (traced := t.traced_with_shape(node)) is None:
+            return
+        x_map, shape = traced
+        if x_map.axis >= int(ir.attr(node, "axis", 1)) % len(shape):
+            raise Freeze("normalises across channels")
+        t.pass_through(node, x_map)
+
+
+class LayerNormRule(OpRule):
+    """LayerNormalization normalises over the axes from `axis` on: channels before them pass."""
+
+    ops = ("LayerNormalization",)
+
+    def trace(self, t: TraceContext, node: gs.Node) -> None:
+        if (traced := t.traced_with_shape(node)) is None:
+            return
+        x_map, shape = traced
+        if x_map.axis >= int(ir.attr(node, "axis", -1)) % len(shape):
+            raise Freeze("normalises across channels")
+        t.pass_through(node, x_map)
+
+
+register(PerChannelNormRule())
+register(AxisNormRule())
+register(FlattenedAxisNormRule())
+register(LayerNormRule())

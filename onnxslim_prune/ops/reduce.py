@@ -1,0 +1,71 @@
+"""Reductions and pooling: channels pass when the reduced axes do not hold them.
+
+Reduce* over axes ``A`` (attribute, or input 1 from opset 18): channels on axis ``c`` pass if
+``c not in A``; without `keepdims` they move to ``c - |{a in A : a < c}|``. Pooling reduces
+spatial windows of NCHW tensors: channels on axis 1 pass; SpaceToDepth / DepthToSpace move
+data between channels and space and freeze.
+"""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from .. import ir
+from ..channels import ChannelMap
+from .registry import Freeze, OpRule, TraceContext, register
+
+REDUCE_OPS = frozenset(
+    {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+     "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"}
+)
+SPATIAL_OPS = frozenset(
+    {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool", "MaxRoiPool",
+     "SpaceToDepth", "DepthToSpace"}
+)
+
+
+class ReduceRule(OpRule):
+    ops = tuple(sorted(REDUCE_OPS))
+
+    def trace(self, t: TraceContext, node: gs.Node) -> None:
+        if (traced := t.traced_with_shape(node)) is None:
+            return
+        x_map, shape = traced
+        rank = len(shape)
+        axes = ir.attr(node, "axes")
+        if axes is None and ir.has_input(node, 1):
+            value = ir.input_const(node, 1)
+            if value is None:
+                raise Freeze("axes are computed at run time")
+            axes = value.ravel().tolist()
+        if not axes:
+            if int(ir.attr(node, "noop_with_empty_axes", 0)):
+                t.pass_through(node, x_map)
+                return
+            raise Freeze("reduces over all axes")
+        axes = sorted(int(a) % rank for a in axes)
+        if x_map.axis in axes:
+            raise Freeze("reduces across channels")
+        keep = int(ir.attr(node, "keepdims", 1))
+        axis = x_map.axis if keep else x_map.axis - sum(1 for a in axes if a < x_map.axis)
+        t.pass_through(node, ChannelMap(axis, x_map.atoms))
+
+
+class PoolRule(OpRule):
+    ops = tuple(sorted(SPATIAL_OPS))
+
+    def trace(self, t: TraceContext, node: gs.Node) -> None:
+        x_map = t.cmap(node.inputs[0])
+        if x_map is None:
+            return
+        if node.op in ("SpaceToDepth", "DepthToSpace"):
+            raise Freeze("moves data between channels and space")
+        if x_map.axis != 1:
+            raise Freeze("channels are not on axis 1")
+        if len(node.outputs) > 1 and node.outputs[1].outputs:
+            raise Freeze("pooling indices are used")
+        t.pass_through(node, x_map)
+
+
+register(ReduceRule())
+register(PoolRule())

@@ -1,0 +1,319 @@
+"""Weighted ops with a constant weight: Conv, ConvTranspose, Gemm, MatMul.
+
+Each is a *source* (its output channels are a new space of prunable atoms) and a *consumer*
+(its input channels follow the producer's). With ``keep_in`` / ``keep_out`` the kept input and
+output positions, the rewrite is
+
+* Conv ``W[keep_out][:, keep_in]``, bias ``b[keep_out]``; grouped: per group, its own kept
+  inputs; depthwise (``C_in/g = 1``): ``W[keep_out]`` and ``group = |keep_in|``;
+* ConvTranspose ``W[keep_in][:, keep_out]``; Gemm ``W[keep_out][:, keep_in]`` (transB) or
+  ``W[keep_in][:, keep_out]``; MatMul ``W[keep_in][:, keep_out]`` on ``(K, N)``.
+
+Cost: ``M f_in f_out`` MACs and ``|W| f_in f_out + |b| f_out`` parameters (depthwise:
+``M f_out``). MACs: ``|W| * prod(spatial) * N`` for a Conv (spatial of the output;
+ConvTranspose: of the input), ``prod(out) * K`` for Gemm / MatMul.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .. import ir
+from ..graph import edit
+from ..channels import ChannelMap, Kind, Role
+from ..errors import ModelError
+from .registry import ApplyContext, CostContext, Freeze, NodeCost, OpRule, ShapeOf, TraceContext, float_size, register
+
+WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+#: the attributes that change which weight entries a channel indexes (strides, pads and dilations do not)
+CHANNEL_ATTRS = {"Conv": ("group",), "ConvTranspose": ("group",), "Gemm": ("transA", "transB")}
+
+
+def take2(weight: np.ndarray, keep0: np.ndarray | None, keep1: np.ndarray | None) -> np.ndarray:
+    """`weight` kept at `keep0` on axis 0 and `keep1` on axis 1 (None: all), in one gather.
+
+    Both at once (`np.ix_`) makes no intermediate array: slicing a large dense weight holds
+    only it and its result, never a third, partly sliced, copy.
+    """
+    if keep0 is None:
+        return weight if keep1 is None else np.take(weight, keep1, axis=1)
+    if keep1 is None:
+        return np.take(weight, keep0, axis=0)
+    return weight[np.ix_(keep0, keep1)]
+
+
+def slice_bias(a: ApplyContext, node: gs.Node, out_keep: np.ndarray | None, axis: int) -> None:
+    """``b' = b[keep_out]`` when the bias holds one entry per output channel."""
+    if out_keep is None or not ir.has_input(node, 2):
+        return
+    bias = ir.input_const(node, 2)
+    assert bias is not None
+    size = a.original_size(node.outputs[0])
+    if bias.ndim and bias.shape[axis] == size and size > 1:
+        edit.set_input_const(node, 2, np.take(bias, out_keep, axis=axis))
+
+
+def slice_weight_and_bias(a: ApplyContext, node: gs.Node, in_axis: int) -> None:
+    """A dense 2-D-indexed weight: its input channels on `in_axis` (0 or 1), its outputs on the other."""
+    in_keep, out_keep = a.keep(node.inputs[0]), a.keep(node.outputs[0])
+    weight = ir.input_const(node, 1)
+    assert weight is not None
+    keep0, keep1 = (in_keep, out_keep) if in_axis == 0 else (out_keep, in_keep)
+    w = take2(weight, keep0, keep1)
+    if w is not weight:
+        edit.set_input_const(node, 1, w)
+    slice_bias(a, node, out_keep, -1)
+
+
+def weighted_cost(c: CostContext, node: gs.Node, kind: Kind | None) -> NodeCost:
+    out = c.atoms(node.outputs[0]) if node.outputs else None
+    weight = ir.input_const(node, 1) if c.first_use(node, 1) else None
+    bias = ir.input_const(node, 2) if ir.has_input(node, 2) and c.first_use(node, 2) else None
+    bias_size = float_size(bias)
+    per_out = bias_size if bias is not None and bias.ndim and out is not None and bias.shape[-1] == out.size else 0
+    fixed = bias_size - per_out
+    in_atoms = None if kind == Kind.DEPTHWISE else c.atoms(node.inputs[0])
+    return NodeCost(in_atoms, out, int(c.trace.node_macs.get(node.name, 0)), float_size(weight) + fixed, per_out)
+
+
+class WeightedRule(OpRule):
+    """Shared by the four: the cost model and a guard on MACs over odd shapes."""
+
+    kinds: frozenset[Kind] = frozenset()
+
+    def cost(self, c: CostContext, node: gs.Node, kind: Kind | None) -> NodeCost | None:
+        return weighted_cost(c, node, kind) if kind in self.kinds else None
+
+    def macs(self, node: gs.Node, shape_of: ShapeOf) -> int:
+        try:
+            return self.count_macs(node, shape_of)
+        except (IndexError, TypeError, ValueError):
+            return 0
+
+    def count_macs(self, node: gs.Node, shape_of: ShapeOf) -> int:
+        return 0
+
+
+class _ConvMacs(WeightedRule):
+    def count_macs(self, node: gs.Node, shape_of: ShapeOf) -> int:
+        """``|W| * prod(spatial) * N``, spatial of the output (Conv) or of the input (ConvTranspose)."""
+        weight = shape_of(node.inputs[1])
+        spatial = shape_of(node.outputs[0] if node.op == "Conv" else node.inputs[0])
+        if weight is None or spatial is None:
+            return 0
+        return int(np.prod(weight, dtype=np.int64) * np.prod(spatial[2:], dtype=np.int64) * spatial[0])
+
+
+class _DenseMacs(WeightedRule):
+    def count_macs(self, node: gs.Node, shape_of: ShapeOf) -> int:
+        """``prod(out) * K``, K the reduced dim of the first operand."""
+        a, out = shape_of(node.inputs[0]), shape_of(node.outputs[0])
+        if a is None or out is None:
+            return 0
+        k = a[0] if node.op == "Gemm" and int(node.attrs.get("transA", 0)) else a[-1]
+        return int(np.prod(out, dtype=np.int64) * k)
+
+
+class ConvRule(_ConvMacs):
+    """Conv of any `group`: plain (group 1), depthwise (``C_in/g = 1``, output j reads input ``j // m``) or grouped."""
+
+    ops = ("Conv",)
+    kinds = frozenset({Kind.CONV, Kind.DEPTHWISE, Kind.GROUPED})
+
+    def trace(self, t: TraceContext, node: gs.Node) -> None:
+        weight = ir.input_const(node, 1)
+        x_map = t.cmap(node.inputs[0])
+        if weight is None:
+            raise Freeze("weight is not a constant")
+        if ir.has_input(node, 2) and ir.input_const(node, 2) is None:
+            raise Freeze("bias is not a constant")
+        if x_map is not None and x_map.axis != 1:
+            raise Freeze("input channels are not on axis 1")
+        group = int(ir.attr(node, "group", 1))
+        cout, cin_per_group = int(weight.shape[0]), int(weight.shape[1])
+        cin = cin_per_group * group
+        out = node.outputs[0]
+        if group == 1:
+            t.set_kind(node, Kind.CONV)
+            if x_map is not None:
+                t.touch(x_map.atoms, node, Role.IN)
+            t.new_source(node, out, 1, cout, 0)
+        elif cin_per_group == 1 and cout % group == 0:
+            t.set_kind(node, Kind.DEPTHWISE)
+            multiplier = cout // group
+            if x_map is None:
+                _, atoms = t.new_space(cout, f"{node.op} {node.name}: depthwise conv on an untraced input")
+                t.set_map(out, ChannelMap(1, atoms))
+                return
+            t.touch(x_map.atoms, node, Role.DEPTHWISE)
+            t.set_map(out, ChannelMap(1, np.repeat(x_map.atoms, multiplier)))
+        else:
+            t.set_kind(node, Kind.GROUPED)
+            if x_map is not None:
+                if x_map.size != cin:
+                    raise Freeze("input channel count does not match the weight")
+                t.touch(x_map.atoms, node, Role.IN)
+                t.add_block(x_map.atoms, group)
+            _, atoms = t.new_source(node, out, 1, cout, 0)
+            t.add_block(atoms, group)
+
+    def apply(self, a: ApplyContext, node: gs.Node, kind: Kind | None) -> None:
+        if kind not in self.kinds:
+            return
+        x, y = node.inputs[0], node.outputs[0]
+        in_keep, out_keep = a.keep(x), a.keep(y)
+        weight = ir.input_const(node, 1)
+        assert weight is not None
+        if kind == Kind.DEPTHWISE:
+            if out_keep is not None:
+                edit.set_input_const(node, 1, weight[out_keep])
+            if in_keep is not None:
+                edit.set_attr(node, "group", int(in_keep.size))
+        elif kind == Kind.GROUPED:
+            edit.set_input_const(node, 1, _grouped_weight(node, weight, in_keep, out_keep))
+        else:
+            edit.set_input_const(node, 1, take2(weight, out_keep, in_keep))
+        slice_bias(a, node, out_keep, 0)
+
+    def backprop(self, node: gs.Node, out: np.ndarray) -> np.ndarray | None:
+        """``s_in = |A_g|^T s_out`` per group g, with ``A = sum_k |W|`` over the kernel ``[C_out, C_in/g]``."""
+        w = _abs_weight(node)
+        if w is None:
+            return None
+        a = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)
+        group = int(ir.attr(node, "group", 1))
+        cout, per_in = a.shape
+        per_out = cout // group
+        result = np.zeros(per_in * group)
+        for g in range(group):
+            rows = slice(g * per_out, (g + 1) * per_out)
+            result[g * per_in : (g + 1) * per_in] += a[rows].T @ out[rows]
+        return result
+
+
+def _abs_weight(node: gs.Node) -> np.ndarray | None:
+    weight = ir.input_const(node, 1)
+    return None if weight is None else np.abs(np.asarray(weight, dtype=np.float64))
+
+
+def _grouped_weight(node: gs.Node, weight: np.ndarray, in_keep: np.ndarray | None, out_keep: np.ndarray | None) -> np.ndarray:
+    """Row o of the kept weight holds the kept inputs of o's own group, renumbered within the group."""
+    group = int(ir.attr(node, "group", 1))
+    cout, per_in = weight.shape[0], weight.shape[1]
+    per_out = cout // group
+    in_keep = np.arange(per_in * group) if in_keep is None else in_keep
+    out_keep = np.arange(cout) if out_keep is None else out_keep
+    local = [in_keep[(in_keep >= g * per_in) & (in_keep < (g + 1) * per_in)] - g * per_in for g in range(group)]
+    if len({loc.size for loc in local}) != 1:
+        raise ModelError(f"{node.name}: uneven input channels per group after pruning")
+    rows = [weight[o][local[o // per_out]] for o in out_keep.tolist()]
+    kept_per_group = np.bincount(out_keep // per_out, minlength=group)
+    if len(set(kept_per_group.tolist())) != 1:
+        raise ModelError(f"{node.name}: uneven output channels per group after pruning")
+    return np.stack(rows)
+
+
+class ConvTransposeRule(_ConvMacs):
+    """ConvTranspose with group 1: weight ``[C_in, C_out, k...]``."""
+
+    ops = ("ConvTranspose",)
+    kinds = frozenset({Kind.CONV_TRANSPOSE})
+
+    def trace(self, t: TraceContext, node: gs.Node) -> None:
+        weight = ir.input_const(node, 1)
+        x_map = t.cmap(node.inputs[0])
+        if weight is None:
+            raise Freeze("weight is not a constant")
+        if int(ir.attr(node, "group", 1)) != 1:
+            raise Freeze("grouped ConvTranspose")
+        if ir.has_input(node, 2) and ir.input_const(node, 2) is None:
+            raise Freeze("bias is not a constant")
+        if x_map is not None:
+            if x_map.axis != 1:
+                raise Freeze("input channels are not on axis 1")
+            t.touch(x_map.atoms, node, Role.IN)
+        t.set_kind(node, Kind.CONV_TRANSPOSE)
+        t.new_source(node, node.outputs[0], 1, int(weight.shape[1]), 1)
+
+    def apply(self, a: ApplyContext, node: gs.Node, kind: Kind | None) -> None:
+        if kind in self.kinds:
+            slice_weight_and_bias(a, node, in_axis=0)
+
+    def backprop(self, node: gs.Node, out: np.ndarray) -> np.ndarray | None:
+        """``s_in = A s_out`` with ``A = sum_k |W|`` over the kernel ``[C_in, C_out]``."""
+        w = _abs_weight(node)
+        return None if w is None else w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2) @ out
+
+
+class GemmRule(_DenseMacs):
+    """Gemm with transA 0: weight ``[K, N]``, or ``[N, K]`` with transB."""
+
+    ops = ("Gemm",)
+    kinds = frozenset({Kind.GEMM})
+
+    def trace(self, t: TraceContext, node: gs.Node) -> None:
+        weight = ir.input_const(node, 1)
+        if weight is None:
+            raise Freeze("weight is not a constant")
+        if int(ir.attr(node, "transA", 0)):
+            raise Freeze("transA=1")
+        if ir.has_input(node, 2):
+            bias = ir.input_const(node, 2)
+            if bias is None:
+                raise Freeze("bias is not a constant")
+        x_map = t.cmap(node.inputs[0])
+        if x_map is not None:
+            if x_map.axis != 1:
+                raise Freeze("input features are not on axis 1")
+            t.touch(x_map.atoms, node, Role.IN)
+        trans_b = int(ir.attr(node, "transB", 0))
+        n_out = int(weight.shape[0] if trans_b else weight.shape[1])
+        t.set_kind(node, Kind.GEMM)
+        t.new_source(node, node.outputs[0], 1, n_out, 0 if trans_b else 1)
+
+    def apply(self, a: ApplyContext, node: gs.Node, kind: Kind | None) -> None:
+        if kind in self.kinds:
+            slice_weight_and_bias(a, node, in_axis=1 if int(ir.attr(node, "transB", 0)) else 0)
+
+    def backprop(self, node: gs.Node, out: np.ndarray) -> np.ndarray | None:
+        """``s_in = |W_[K,N]| s_out``."""
+        w = _abs_weight(node)
+        if w is None:
+            return None
+        return (w.T if int(ir.attr(node, "transB", 0)) else w) @ out
+
+
+class MatMulRule(_DenseMacs):
+    """MatMul by a constant 2-D weight ``[K, N]``: features on the last axis."""
+
+    ops = ("MatMul",)
+    kinds = frozenset({Kind.MATMUL})
+
+    def trace(self, t: TraceContext, node: gs.Node) -> None:
+        weight = ir.input_const(node, 1)
+        a_shape = t.shape(node.inputs[0])
+        if weight is None or weight.ndim != 2 or a_shape is None:
+            raise Freeze("second operand is not a constant 2-D weight")
+        x_map = t.cmap(node.inputs[0])
+        if x_map is not None:
+            if x_map.axis != len(a_shape) - 1:
+                raise Freeze("features are not on the last axis")
+            t.touch(x_map.atoms, node, Role.IN)
+        t.set_kind(node, Kind.MATMUL)
+        t.new_source(node, node.outputs[0], len(a_shape) - 1, int(weight.shape[1]), 1)
+
+    def apply(self, a: ApplyContext, node: gs.Node, kind: Kind | None) -> None:
+        if kind in self.kinds:
+            slice_weight_and_bias(a, node, in_axis=0)
+
+    def backprop(self, node: gs.Node, out: np.ndarray) -> np.ndarray | None:
+        """``s_in = |W_[K,N]| s_out``."""
+        w = _abs_weight(node)
+        return None if w is None else w @ out
+
+
+register(ConvRule())
+register(ConvTransposeRule())
+register(GemmRule())
+register(MatMulRule())
