@@ -81,6 +81,16 @@ class AxisNormRule(OpRule):
         t.pass_through(node, x_map)
 
 
+def _trace_axes_from(t: TraceContext, node: gs.Node, default_axis: int) -> None:
+    """Normalised over every axis from `axis` on: channels pass when they lie before it."""
+    if (traced := t.traced_with_shape(node)) is None:
+        return
+    x_map, shape = traced
+    if x_map.axis >= int(ir.attr(node, "axis", default_axis)) % len(shape):
+        raise Freeze("normalises across channels")
+    t.pass_through(node, x_map)
+
+
 class FlattenedAxisNormRule(OpRule):
     """Softmax / LogSoftmax / Hardmax before opset 13: normalise over the flattened axes from `axis` (default 1) on."""
 
@@ -88,26 +98,16 @@ class FlattenedAxisNormRule(OpRule):
     opsets = (0, 12)
 
     def trace(self, t: TraceContext, node: gs.Node) -> None:
-        if (traced := t.traced_with_shape(node)) is None:
-            return
-        x_map, shape = traced
-        if x_map.axis >= int(ir.attr(node, "axis", 1)) % len(shape):
-            raise Freeze("normalises across channels")
-        t.pass_through(node, x_map)
+        _trace_axes_from(t, node, 1)
 
 
 class LayerNormRule(OpRule):
-    """LayerNormalization normalises over the axes from `axis` on: channels before them pass."""
+    """LayerNormalization normalises over the axes from `axis` (default -1) on."""
 
     ops = ("LayerNormalization",)
 
     def trace(self, t: TraceContext, node: gs.Node) -> None:
-        if (traced := t.traced_with_shape(node)) is None:
-            return
-        x_map, shape = traced
-        if x_map.axis >= int(ir.attr(node, "axis", -1)) % len(shape):
-            raise Freeze("normalises across channels")
-        t.pass_through(node, x_map)
+        _trace_axes_from(t, node, -1)
 
 
 register(PerChannelNormRule())
