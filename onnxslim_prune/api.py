@@ -22,7 +22,7 @@ from . import ir, validate
 from .errors import CalibrationError, UsageError
 from .calib import memory
 from .calib.split import DEFAULT_HOLDOUT, held_out_count, split_holdout
-from .evaluation import EvalData, accuracy_of, correct_of, eval_feeds, load_eval
+from .evaluation import EvalData, accuracy_from, correct_of, eval_feeds, load_eval
 from .latency import measure as measure_latency
 from .methods import builtin  # noqa: F401  (fills the method registry)
 from .methods.base import Context, MethodSpec, Options, check_options, get_method
@@ -117,7 +117,7 @@ class _Measure:
     feeds: validate.Feeds
     reference: validate.Outputs
     labels: np.ndarray | None = None
-    accuracy_before: float | None = None
+    correct_before: np.ndarray | None = None  # per sample, whether the original classifies it right (labelled data)
     sessions: _Sessions | None = None  # the run's onnxruntime sessions, reused by the verdict and latency
 
 
@@ -349,8 +349,8 @@ def _reference(
     else:
         reference = validate.outputs_of(original, feeds, "input model", progress, sess=sessions.original())
         sessions.done_with_original()
-    accuracy_before = None if labels is None else accuracy_of(reference, labels)
-    return _Measure(source, feeds, reference, labels, accuracy_before, sessions)
+    correct_before = None if labels is None else correct_of(reference, labels)  # checks the labels before the work
+    return _Measure(source, feeds, reference, labels, correct_before, sessions)
 
 
 #: a pruned model slower than this times the original's latency is named in a warning
@@ -366,9 +366,9 @@ def _verdict(original: onnx.ModelProto, pruned: onnx.ModelProto, m: _Measure, fi
     outputs = validate.outputs_of(pruned, m.feeds, "pruned model", progress, sess=pruned_session)
     agreement = validate.agreement_of(original, pruned, m.reference, outputs, m.feeds)
     accuracy_after = discordant = None
-    if m.labels is not None:
-        before, after = correct_of(m.reference, m.labels), correct_of(outputs, m.labels)
-        accuracy_after = float(after.mean()) if after.size else 0.0
+    if m.correct_before is not None and m.labels is not None:
+        before, after = m.correct_before, correct_of(outputs, m.labels)
+        accuracy_after = accuracy_from(after)
         discordant = (int(np.sum(before & ~after)), int(np.sum(after & ~before)))
     fitted: tuple[Any, ...] = ()
     if m.source.held_out and fit is not None and not fit.is_random:
@@ -376,7 +376,8 @@ def _verdict(original: onnx.ModelProto, pruned: onnx.ModelProto, m: _Measure, fi
         both = (None, None) if sessions is None else (sessions.original(), pruned_session)
         fitted = validate.compare(original, pruned, validate.calibration_feeds(original, fit, FITTED_SAMPLES), both)
     shapes = {o.name: tuple(out.shape) for o, out in zip(original.graph.output, m.reference[0])}
-    return summarise(m.source, validate.feed_samples(m.feeds), agreement, accuracy_before=m.accuracy_before,
+    accuracy_before = None if m.correct_before is None else accuracy_from(m.correct_before)
+    return summarise(m.source, validate.feed_samples(m.feeds), agreement, accuracy_before=accuracy_before,
                      accuracy_after=accuracy_after, classes=classes_of(shapes), gates=gates, fitted=fitted,
                      discordant=discordant, class_outputs=class_score_outputs(original))
 

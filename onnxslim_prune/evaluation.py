@@ -87,7 +87,11 @@ def eval_feeds(evaluation: EvalData, model: onnx.ModelProto) -> tuple[list[dict[
 
 def accuracy_of(runs: list[list[np.ndarray]], labels: np.ndarray) -> float:
     """Top-1 accuracy of the first output of each run ([N, classes]) against `labels`."""
-    correct = correct_of(runs, labels)
+    return accuracy_from(correct_of(runs, labels))
+
+
+def accuracy_from(correct: np.ndarray) -> float:
+    """The share of True in per-sample outcomes (`correct_of`); 0 for no samples."""
     return float(correct.mean()) if correct.size else 0.0
 
 

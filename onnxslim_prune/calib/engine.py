@@ -21,7 +21,7 @@ later level: the caller names every such layer in ``changes`` (node -> the reque
 changes), and a node whose value a later refit changes is rerun after it, never kept from before.
 
 Memory: the frontier of N samples is held in memory while it fits ``budget`` bytes (default
-`default_budget`: the run's ``--calib-memory``, `calib.memory`; the refit gives each of its two
+`calib.memory.calibration_budget`: the run's ``--calib-memory``, `calib.memory`; the refit gives each of its two
 networks half), else each
 batch's tensors are spilled to ``.npy`` files in a temporary folder that is removed when the
 passes end (also on Ctrl-C); the log says which. Batches are the calibration set's batches
@@ -48,11 +48,6 @@ from .collect import _batch_plan  # noqa: PLC2701 - the same batching as every o
 from .sources import CalibrationSet
 
 log = logging.getLogger(__name__)
-
-def default_budget() -> int:
-    """Bytes of frontier kept in memory by default: the run's calibration budget (`calib.memory`)."""
-    return calibration_budget()
-
 
 class FrontierStore:
     """Per-batch tensors, in memory up to ``budget`` bytes, beyond it in ``.npy`` files."""
@@ -157,7 +152,7 @@ class StagedPasses:
         self.label = label
         self.size, self.drop_last = _batch_plan(model, calib, batch_size)
         self.batches = calib.num_batches(self.size, drop_last=self.drop_last)
-        self.store = FrontierStore(default_budget() if budget is None else budget, label)
+        self.store = FrontierStore(calibration_budget() if budget is None else budget, label)
         self._step = 0
         graph = model.graph
         self._initializers = {t.name for t in graph.initializer}

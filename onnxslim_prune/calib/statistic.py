@@ -179,12 +179,12 @@ class ActivationMoments(Statistic):
             shape = parts[4].astype(np.int64)
             self._counts[n] += int(np.prod(shape)) // max(int(shape[axis % len(shape)]), 1)
 
+    def _state_of(self, name: str) -> dict[str, np.ndarray]:
+        """One tensor's totals in `ChannelMoments.state` form."""
+        return {**self._totals[name], "count": np.array(self._counts[name]), "channel_axis": np.array(self.spec[name][0])}
+
     def state(self) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        for i, (n, (axis, _r, _c)) in enumerate(self.spec.items()):
-            state = {**self._totals[n], "count": np.array(self._counts[n]), "channel_axis": np.array(axis)}
-            out.update({f"{i}:{k}": v for k, v in state.items()})
-        return out
+        return {f"{i}:{k}": v for i, n in enumerate(self.spec) for k, v in self._state_of(n).items()}
 
     def load(self, state: Mapping[str, np.ndarray]) -> None:
         for i, n in enumerate(self.spec):
@@ -201,12 +201,7 @@ class ActivationMoments(Statistic):
             self._counts[n] += other._counts[n]
 
     def result(self) -> dict[str, ChannelMoments]:
-        state = self.state()
-        out = {}
-        for i, n in enumerate(self.spec):
-            prefix = f"{i}:"
-            out[n] = ChannelMoments.from_state({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-        return out
+        return {n: ChannelMoments.from_state(self._state_of(n)) for n in self.spec}
 
 
 #: rows of one layer from one batch of its input and the batch's generator (sampled positions)
@@ -231,14 +226,9 @@ class SampledGrams(Statistic):
         """`layers`: (key, input tensor, row width D, rows sampler); `settings`: what else shapes the rows."""
         self.layers = list(layers)
         self.seed, self.chunk, self._settings = seed, chunk, settings
-        self._accs: list[GramAccumulator] = []
-        self._pending: list[list[np.ndarray]] = []
-        self._sums: dict[str, np.ndarray] | None = None  # loaded or merged totals
-        self._reset()
-
-    def _reset(self) -> None:
         self._accs = [GramAccumulator(dim, product_dtype=np.float32) for _k, _x, dim, _r in self.layers]
-        self._pending = [[] for _ in self.layers]
+        self._pending: list[list[np.ndarray]] = [[] for _ in self.layers]
+        self._sums: dict[str, np.ndarray] | None = None  # finished, loaded or merged totals
 
     @property
     def tensors(self) -> tuple[str, ...]:
@@ -271,17 +261,14 @@ class SampledGrams(Statistic):
         self._accs = []
         for i, acc in enumerate(accs):  # one layer at a time: its accumulator is freed before the next total is made
             assert acc is not None
-            sums[f"xtx{i}"], sums[f"sum{i}"], sums[f"count{i}"] = acc.xtx, acc.sum_x, np.array(acc.count)
+            sums.update(_totals(acc, str(i)))
             accs[i] = acc = None
         self._sums = sums
 
     def state(self) -> dict[str, np.ndarray]:
         if self._sums is not None:
             return self._sums
-        out = {}
-        for i, acc in enumerate(self._accs):
-            out[f"xtx{i}"], out[f"sum{i}"], out[f"count{i}"] = acc.xtx, acc.sum_x, np.array(acc.count)
-        return out
+        return {k: v for i, acc in enumerate(self._accs) for k, v in _totals(acc, str(i)).items()}
 
     def load(self, state: Mapping[str, np.ndarray]) -> None:
         self._sums = {k: np.asarray(v) for k, v in state.items()}
@@ -328,7 +315,7 @@ class PooledCovariance(Statistic):
     def state(self) -> dict[str, np.ndarray]:
         if self._sums is not None:
             return dict(self._sums)
-        return {"xtx": self._acc.xtx, "sum": self._acc.sum_x, "count": np.array(self._acc.count)}
+        return _totals(self._acc)
 
     def load(self, state: Mapping[str, np.ndarray]) -> None:
         self._sums = {k: np.asarray(v) for k, v in state.items()}
@@ -336,6 +323,11 @@ class PooledCovariance(Statistic):
     def covariance(self) -> np.ndarray:
         state = self.state()
         return _centred(state["xtx"], state["sum"], int(state["count"]))[0]
+
+
+def _totals(acc: GramAccumulator, suffix: str = "") -> dict[str, np.ndarray]:
+    """The sums a Gram statistic keeps of `acc`: ``xtx``, ``sum`` (of rows), ``count``, each name + `suffix`."""
+    return {f"xtx{suffix}": acc.xtx, f"sum{suffix}": acc.sum_x, f"count{suffix}": np.array(acc.count)}
 
 
 def _centred(xtx: np.ndarray, total: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:

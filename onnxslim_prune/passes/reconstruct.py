@@ -95,7 +95,8 @@ from ..graph import edit
 from ..channels import Kind, Role, Trace
 from ..calib import GramAccumulator, conv_output_size, conv_patches, expose_tensors, output_rows, sample_positions
 from ..calib import stream_tensors
-from ..calib.engine import StagedPasses, default_budget
+from ..calib.engine import StagedPasses
+from ..calib.memory import calibration_budget
 from ..calib.threads import blas_limited
 from ..errors import ModelError
 from ..methods.base import CommonParams, Context, Outcome
@@ -620,7 +621,7 @@ class Reconstructor:
                     right = stream(self.original, self.calibration, right_names[i], s.batch_size)
                 else:
                     if engines is None:
-                        budget = default_budget() // 2
+                        budget = calibration_budget() // 2
                         refits = {f.layer.node: k for k, todo_k in enumerate(by_level) for f in todo_k}
                         engines = (
                             StagedPasses(current, self.calibration, s.batch_size, left_names, budget=budget, label="pruned network",
