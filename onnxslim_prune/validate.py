@@ -87,7 +87,7 @@ def session(
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        ir._save_external(model, path)  # noqa: SLF001 - same package
+        ir.save_external(model, path)
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -14,12 +14,14 @@ from typing import Any
 import models as M
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
 from onnxslim_prune import api, cli, ir, validate
 from onnxslim_prune.passes import score
+from onnxslim_prune.graph import io as graph_io
 
 
 def weighty(seed: int = 0) -> onnx.ModelProto:
@@ -149,11 +151,11 @@ def test_the_proto_limit_check_uses_bytesize_only_near_the_limit(monkeypatch: py
     calls: list[int] = []
     real = onnx.ModelProto.ByteSize
     monkeypatch.setattr(onnx.ModelProto, "ByteSize", lambda self: calls.append(1) or real(self))
-    monkeypatch.setattr(ir, "SIZE_MARGIN", 1000)
+    monkeypatch.setattr(graph_io, "SIZE_MARGIN", 1000)
     for limit, expected, asks in ((payload * 4, False, 0), (payload // 4, True, 0), (payload + 500, True, 1),
                                   (model.ByteSize() + 1, False, 1)):
         calls.clear()
-        monkeypatch.setattr(ir, "PROTO_LIMIT", limit)
+        monkeypatch.setattr(graph_io, "PROTO_LIMIT", limit)
         assert ir.exceeds_proto_limit(model) is expected
         assert len(calls) == asks
 
@@ -226,12 +228,12 @@ def test_initializers_read_from_the_file_equal_the_protos(big_file: Path) -> Non
     """`to_graph(source=path)` reads the initializers' raw data from the file, one copy: the same arrays."""
     model = onnx.load(str(big_file))
     from_file, from_proto = ir.to_graph(model, source=big_file), ir.to_graph(onnx.load(str(big_file)))
-    a = {t.name: t.values for t in from_file.tensors().values() if isinstance(t, ir.gs.Constant)}
-    b = {t.name: t.values for t in from_proto.tensors().values() if isinstance(t, ir.gs.Constant)}
+    a = {t.name: t.values for t in from_file.tensors().values() if isinstance(t, gs.Constant)}
+    b = {t.name: t.values for t in from_proto.tensors().values() if isinstance(t, gs.Constant)}
     assert a.keys() == b.keys() and a
     for name in a:
         assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name])
         assert a[name].flags.writeable
-    spans = ir._raw_data_in_file(big_file)
+    spans = ir.raw_data_in_file(big_file)
     assert spans is not None and set(spans.spans) == {t.name for t in model.graph.initializer}
     assert model == onnx.load(str(big_file))  # the input model is untouched

@@ -1,0 +1,573 @@
+"""Model files: loading, checking, atomic saving, external data, and sizes read from the tensors' headers.
+
+Large models: the weights are parsed once (`load_model`) and never serialized just to be measured or
+checked. Sizes come from the tensors' headers (`payload_bytes`, `serialized_size`, `exceeds_proto_limit`), and
+a model that is serialized anyway (for onnxruntime and the file) hands the same bytes to the checker
+(`serialize`, `check_model(serialized=...)`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..errors import ModelError, UsageError
+
+#: protobuf cannot serialise a message of 2 GiB or more; stay clear of it.
+PROTO_LIMIT = 2**31 - 2**24
+#: initializers at least this large go to an external file when external data is written.
+EXTERNAL_THRESHOLD = 1024
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Read an ONNX file with its external data; map every failure to one clear line."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{p}: no such file")
+    if not p.is_file():
+        raise UsageError(f"{p}: not a file")
+    try:
+        model = onnx.load(str(p), load_external_data=True)
+    except Exception as exc:  # protobuf raises DecodeError, external data raises OSError/ValueError
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{p}: not a readable ONNX model (truncated or not ONNX): {msg}") from None
+    if model.ir_version <= 0 or not model.graph.node or not model.opset_import:
+        raise ModelError(f"{p}: not an ONNX model (no graph, no opset or no IR version)")
+    return model
+
+
+def check_model(
+    model: onnx.ModelProto, *, full: bool, what: str, path: str | os.PathLike[str] | None = None,
+    serialized: bytes | None = None,
+) -> None:
+    """onnx.checker on a model of any size; `full` adds strict shape inference.
+
+    `serialized` (the model's own bytes, when the caller has them) or `path` (the file the
+    model was loaded from, unchanged) spare serializing the weights again: the checker then
+    parses those (in C++) instead.
+    """
+    try:
+        if serialized is not None:
+            onnx.checker.check_model(serialized, full_check=full)
+        elif path is not None and os.path.getsize(path) < PROTO_LIMIT:
+            onnx.checker.check_model(os.fspath(path), full_check=full)
+        elif not exceeds_proto_limit(model):
+            onnx.checker.check_model(model, full_check=full)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "model.onnx"
+                save_external(model, path)
+                onnx.checker.check_model(str(path), full_check=full)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{what} fails the ONNX checker: {first}") from None
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 1
+
+
+# ----------------------------------------------------------------------------- graph
+
+
+@dataclass(frozen=True)
+class RawData:
+    """Where the main graph's initializers keep their raw data in a model file (see `raw_data_in_file`)."""
+
+    path: str
+    #: initializer name -> (offset, length) of its raw_data bytes, its element type and dims
+    spans: Mapping[str, tuple[int, int, int, tuple[int, ...]]]
+
+    def read(self, tensor: onnx.TensorProto) -> np.ndarray | None:
+        """The tensor's values read from the file (a fresh, writable array), or None to load it from the proto."""
+        span = self.spans.get(tensor.name)
+        if span is None or tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type in _PACKED_BITS:
+            return None
+        offset, length, data_type, dims = span
+        if data_type != tensor.data_type or dims != tuple(tensor.dims):
+            return None
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        except (KeyError, TypeError, ValueError):
+            return None
+        count = _elements(tensor)
+        if dtype.hasobject or count * dtype.itemsize != length or sys.byteorder != "little":
+            return None
+        try:
+            values = np.fromfile(self.path, dtype=dtype, count=count, offset=offset)
+        except (OSError, ValueError):
+            return None
+        return values.reshape(tuple(tensor.dims)) if values.size == count else None
+
+
+def raw_data_in_file(path: str | os.PathLike[str]) -> RawData | None:
+    """The spans of the main graph's initializers' raw data in `path` (names met twice are left out)."""
+    import mmap
+
+    spans: dict[str, tuple[int, int, int, tuple[int, ...]]] = {}
+    repeated: set[str] = set()
+    try:
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            for number, wire, a, b in _fields(buf, 0, len(buf)):
+                if number != _MODEL_GRAPH or wire != 2:
+                    continue
+                for n, w, c, d in _fields(buf, a, b):
+                    if n != _GRAPH_INITIALIZER or w != 2:
+                        continue
+                    name, span, data_type, dims = "", None, 0, []
+                    for field, kind, start, end in _fields(buf, c, d):
+                        if field == _TENSOR_NAME and kind == 2:
+                            name = bytes(buf[start:end]).decode("utf-8")
+                        elif field == _TENSOR_RAW_DATA and kind == 2:
+                            span = (start, end - start)
+                        elif field == _TENSOR_DATA_TYPE and kind == 0:
+                            data_type = start
+                        elif field == _TENSOR_DIMS and kind == 0:
+                            dims.append(start)
+                        elif field == _TENSOR_DIMS and kind == 2:  # packed
+                            at = start
+                            while at < end:
+                                dim, at = _varint(buf, at)
+                                dims.append(dim)
+                    if name in spans or name in repeated:
+                        spans.pop(name, None)
+                        repeated.add(name)
+                    elif span is not None:
+                        spans[name] = (*span, data_type, tuple(_signed(d) for d in dims))
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        return None
+    return RawData(os.fspath(path), spans)
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of everything but the initializers, field by field: the weights are never copied.
+
+    (Taking the initializers out and putting them back with `extend` would copy every one.)
+    """
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip="graph")
+    _copy_fields(model.graph, out.graph, skip="initializer")
+    return out
+
+
+def _copy_fields(source: Any, target: Any, skip: str) -> None:
+    """Copy every set field but `skip`, whose value is never read (reading a bytes field copies it)."""
+    for descriptor in source.DESCRIPTOR.fields:
+        name = descriptor.name
+        if name == skip:
+            continue
+        value = getattr(source, name)
+        if hasattr(value, "extend"):  # a repeated field (upb descriptors no longer say so themselves)
+            if len(value):
+                getattr(target, name).extend(value)
+        elif not source.HasField(name):
+            continue
+        elif hasattr(value, "CopyFrom"):
+            getattr(target, name).CopyFrom(value)
+        else:
+            setattr(target, name, value)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def serialize(model: onnx.ModelProto) -> bytes | None:
+    """The model's bytes, as `save_model` writes them without external data; None past protobuf's limit."""
+    return None if exceeds_proto_limit(model) else model.SerializeToString()
+
+
+def save_model(
+    model: onnx.ModelProto, path: str | os.PathLike[str], *, external: bool = False, serialized: bytes | None = None
+) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename.
+
+    External data is written when asked (the input had it) or when the model
+    exceeds protobuf's limit; its data file is named after the output.
+    `serialized` is `serialize(model)` when the caller has it already (it is then
+    written as it is, and the model is not serialized again).
+    """
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    check_writable_folder(folder)
+    external = external or (serialized is None and exceeds_proto_limit(model))
+    fd, tmp_name = _temporary(folder, target.name)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    data_name = f"{target.name}.data"
+    tmp_data = folder / f".{data_name}.tmp"
+    try:
+        if external:
+            save_external(model, tmp, location=tmp_data.name)
+            if tmp_data.exists():  # absent when every tensor is under the threshold
+                _rename_external_location(tmp, tmp_data.name, data_name)
+                default_permissions(tmp_data)
+                os.replace(tmp_data, folder / data_name)
+        else:
+            tmp.write_bytes(model.SerializeToString() if serialized is None else serialized)
+        default_permissions(tmp)
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise UsageError(f"{target}: cannot write: {exc.strerror or exc}") from None
+    finally:
+        for leftover in (tmp, tmp_data):
+            if leftover.exists():
+                leftover.unlink()
+
+
+def _temporary(folder: Path, name: str) -> tuple[int, str]:
+    try:
+        return tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise UsageError(f"{folder}: cannot write there: {exc.strerror or exc}") from None
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Raise `UsageError` unless a file can really be created in `folder` (root ignores os.access)."""
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: output folder does not exist")
+    fd, name = _temporary(folder, "write-check")
+    os.close(fd)
+    Path(name).unlink(missing_ok=True)
+
+
+def default_permissions(path: Path) -> None:
+    """mkstemp creates 0600 files; a written model gets the usual 0666 & ~umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def save_external(model: onnx.ModelProto, path: Path, location: str | None = None) -> None:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save_model(
+        copy,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location or f"{path.name}.data",
+        size_threshold=EXTERNAL_THRESHOLD,
+    )
+
+
+def _rename_external_location(path: Path, old: str, new: str) -> None:
+    """Point the external-data references of a just-written file at the final data file name."""
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in onnx.external_data_helper._get_all_tensors(model):  # noqa: SLF001 - stable helper
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == old:
+                entry.value = new
+    path.write_bytes(model.SerializeToString())
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
+
+
+def external_data_files(path: str | os.PathLike[str]) -> set[Path]:
+    """The files a model's tensors keep their external data in (resolved); empty if none or unreadable."""
+    return set(external_data_of(path).files)
+
+
+@dataclass(frozen=True)
+class ExternalData:
+    """Where a model file keeps tensor data outside itself (see `external_data_of`)."""
+
+    files: frozenset[Path]  # resolved
+    initializers: bool  # some initializer of the main graph is stored outside
+
+
+def external_data_of(path: str | os.PathLike[str]) -> ExternalData:
+    """The external-data references of a model file, read without parsing (or reading) its tensors.
+
+    The protobuf wire format is walked through a memory map: only the headers of the
+    messages on the way to each tensor (graph, nodes, attributes, subgraphs) are decoded,
+    and every tensor's data is skipped by its length, so a model of any size costs a few
+    milliseconds and no memory. A file that is not a readable model has no external data.
+    """
+    import mmap
+
+    folder = Path(path).resolve().parent
+    try:
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            locations, initializers = _scan_model(buf)
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        return ExternalData(frozenset(), False)
+    return ExternalData(frozenset((folder / loc).resolve() for loc in locations), initializers)
+
+
+def _varint(buf: Any, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _fields(buf: Any, start: int, end: int) -> Iterable[tuple[int, int, int, int]]:
+    """(field number, wire type, value or start, end) of one message's fields; nothing is copied."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+            yield number, wire, value, pos
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            if pos + length > end:
+                raise ValueError("field past the end of its message")
+            yield number, wire, pos, pos + length
+            pos += length
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:  # groups are not used by ONNX
+            raise ValueError(f"unexpected wire type {wire}")
+    if pos != end:
+        raise ValueError("truncated message")
+
+
+# field numbers of onnx.proto on the way to a tensor's external data
+_MODEL_GRAPH = 7
+_GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_SPARSE_INITIALIZER = 1, 5, 15
+_NODE_ATTRIBUTE = 5
+_ATTR_T, _ATTR_G, _ATTR_TENSORS, _ATTR_GRAPHS, _ATTR_SPARSE, _ATTR_SPARSES = 5, 6, 10, 11, 22, 23
+_SPARSE_VALUES, _SPARSE_INDICES = 1, 2
+_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_NAME, _TENSOR_RAW_DATA = 1, 2, 8, 9
+_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 13, 14
+
+
+def _signed(value: int) -> int:
+    """An int64 field's varint as the signed value."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+_ENTRY_KEY, _ENTRY_VALUE = 1, 2
+
+
+def _scan_model(buf: Any) -> tuple[set[str], bool]:
+    """(external-data locations of every tensor, whether a main-graph initializer is external)."""
+    locations: set[str] = set()
+    initializers = False
+
+    def tensor(start: int, end: int) -> bool:
+        external = False
+        for number, wire, a, b in _fields(buf, start, end):
+            if number == _TENSOR_DATA_LOCATION and wire == 0:
+                external = a == onnx.TensorProto.EXTERNAL
+            elif number == _TENSOR_EXTERNAL_DATA and wire == 2:
+                key = value = None
+                for n, w, c, d in _fields(buf, a, b):
+                    if w == 2 and n in (_ENTRY_KEY, _ENTRY_VALUE):
+                        text = bytes(buf[c:d]).decode("utf-8")
+                        key, value = (text, value) if n == _ENTRY_KEY else (key, text)
+                if key == "location" and value is not None:
+                    locations.add(value)
+        return external
+
+    def sparse(start: int, end: int) -> None:
+        for number, wire, a, b in _fields(buf, start, end):
+            if wire == 2 and number in (_SPARSE_VALUES, _SPARSE_INDICES):
+                tensor(a, b)
+
+    def graph(start: int, end: int, main: bool) -> None:
+        nonlocal initializers
+        for number, wire, a, b in _fields(buf, start, end):
+            if wire != 2:
+                continue
+            if number == _GRAPH_INITIALIZER:
+                external = tensor(a, b)
+                initializers = initializers or (main and external)
+            elif number == _GRAPH_SPARSE_INITIALIZER:
+                sparse(a, b)
+            elif number == _GRAPH_NODE:
+                for n, w, c, d in _fields(buf, a, b):
+                    if n == _NODE_ATTRIBUTE and w == 2:
+                        attribute(c, d)
+
+    def attribute(start: int, end: int) -> None:
+        for number, wire, a, b in _fields(buf, start, end):
+            if wire != 2:
+                continue
+            if number in (_ATTR_T, _ATTR_TENSORS):
+                tensor(a, b)
+            elif number in (_ATTR_G, _ATTR_GRAPHS):
+                graph(a, b, main=False)
+            elif number in (_ATTR_SPARSE, _ATTR_SPARSES):
+                sparse(a, b)
+
+    for number, wire, a, b in _fields(buf, 0, len(buf)):
+        if number == _MODEL_GRAPH and wire == 2:
+            graph(a, b, main=True)
+    return locations, initializers
+
+
+def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Initializers and tensor attributes (Constant values), subgraphs included."""
+    out: list[onnx.TensorProto] = []
+
+    def walk(graph: onnx.GraphProto) -> None:
+        out.extend(graph.initializer)
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.TENSOR:
+                    out.append(attribute.t)
+                out.extend(attribute.tensors)
+                for sub in [attribute.g, *attribute.graphs] if attribute.HasField("g") else attribute.graphs:
+                    walk(sub)
+
+    walk(model.graph)
+    return out
+
+
+def input_had_external_data(path: str | os.PathLike[str]) -> bool:
+    """Some initializer of the file's main graph is stored outside it (its tensors are not read)."""
+    return external_data_of(path).initializers
+
+
+# ----------------------------------------------------------------------------- sizes
+#
+# `ModelProto.ByteSize()` serializes the whole model to count its bytes (upb has no cached
+# size): for a model of several hundred MB that is seconds and a second copy in memory. The
+# figures below come from the tensors' headers instead.
+
+#: payload bytes per element of the element types that are packed below one byte
+_PACKED_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in
+                (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2),
+                 ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6)) if hasattr(onnx.TensorProto, name)}
+#: a model whose tensor payload is this far under `PROTO_LIMIT` is under it: the rest of a
+#: graph (nodes, names, shapes) is far smaller; closer to the limit `ByteSize` decides
+SIZE_MARGIN = 2**28
+
+
+def _elements(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims, dtype=np.int64))
+
+
+def _raw_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of the raw data of a valid tensor: element count times element size (nothing is read)."""
+    bits = _PACKED_BITS.get(tensor.data_type)
+    if bits is not None:
+        return -(-_elements(tensor) * bits // 8)
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):  # an element type numpy cannot hold: read the length
+        return len(tensor.raw_data)
+    return _elements(tensor) * itemsize
+
+
+def tensor_bytes(tensor: onnx.TensorProto, *, external: bool = False) -> int:
+    """Bytes of a tensor's values as stored, counted without reading them.
+
+    Raw data: element count times element size; typed fields: their lengths times the
+    field's width; strings: their lengths. Data stored outside the file counts only with
+    `external` (its "length" entry, else the element count): the model's own bytes do not
+    hold it.
+    """
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        if not external:
+            return 0
+        length = next((e.value for e in tensor.external_data if e.key == "length"), None)
+        return int(length) if length is not None else _raw_bytes(tensor)
+    if tensor.HasField("raw_data"):
+        return _raw_bytes(tensor)
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return sum(len(v) for v in tensor.string_data)
+    return (4 * (len(tensor.float_data) + len(tensor.int32_data))
+            + 8 * (len(tensor.int64_data) + len(tensor.double_data) + len(tensor.uint64_data)))
+
+
+def payload_bytes(model: onnx.ModelProto, *, external: bool = False) -> int:
+    """Bytes of every tensor's values (initializers, sparse initializers, Constant attributes, subgraphs).
+
+    A lower estimate of the serialized size (the nodes, names and shapes come on top, a few
+    kilobytes to megabytes); with `external`, of the files a save with external data writes.
+    """
+    total = sum(tensor_bytes(t, external=external) for t in _all_tensors(model))
+    for sparse in model.graph.sparse_initializer:
+        total += tensor_bytes(sparse.values, external=external) + tensor_bytes(sparse.indices, external=external)
+    return total
+
+
+def exceeds_proto_limit(model: onnx.ModelProto) -> bool:
+    """The model's serialization would reach `PROTO_LIMIT` (ByteSize is called only near the limit)."""
+    payload = payload_bytes(model)
+    if payload < PROTO_LIMIT - SIZE_MARGIN:
+        return False
+    if payload >= PROTO_LIMIT + SIZE_MARGIN:
+        return True
+    return model.ByteSize() >= PROTO_LIMIT
+
+
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def _tensor_size(tensor: onnx.TensorProto) -> int:
+    """`tensor.ByteSize()`, with its raw data counted, not serialized."""
+    if not tensor.HasField("raw_data") or _raw_bytes(tensor) < 2**16:
+        return int(tensor.ByteSize())
+    header = onnx.TensorProto()
+    _copy_fields(tensor, header, skip="raw_data")
+    length = _raw_bytes(tensor)
+    return int(header.ByteSize()) + 1 + _varint_size(length) + length  # raw_data is field 9: a 1-byte tag
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """`model.ByteSize()`, the size of the file `save_model` writes without external data,
+    computed without serializing the initializers' raw data.
+
+    Everything but the initializers is measured by protobuf itself (a few kilobytes for
+    most models); each initializer adds its header, its raw data (element count times
+    element size: a valid tensor's length) and the length prefixes. Exact for every valid
+    model (a test compares it with ByteSize); unknown fields of a newer ONNX are not counted.
+    """
+    light = without_initializers(model)
+    bare = int(light.graph.ByteSize())
+    full = bare + sum(1 + _varint_size(size) + size for size in map(_tensor_size, model.graph.initializer))  # tag 5: 1 byte
+    return int(light.ByteSize()) - _varint_size(bare) - bare + _varint_size(full) + full
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    """Float initializer elements (shape constants and indices are not parameters)."""
+    total = 0
+    for init in model.graph.initializer:
+        if init.data_type in FLOAT_TYPES:
+            total += int(np.prod(init.dims, dtype=np.int64))
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_type in FLOAT_TYPES:
+                    total += int(np.prod(a.t.dims, dtype=np.int64))
+    return total
+
+
+# ----------------------------------------------------------------------------- copies and export
+
+

@@ -1,0 +1,349 @@
+"""Static shapes: input-shape parsing, strict inference on a weight-free skeleton, and export with fresh shapes.
+
+A `skeleton` turns large float initializers into typed graph inputs, so inference (which needs only small
+shape constants) costs kilobytes for a model of any size. `to_model` drops stale value_info and re-infers.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from ..errors import ModelError, UsageError
+from .io import FLOAT_TYPES, exceeds_proto_limit, save_external, without_initializers
+from .read import value_digest
+
+log = logging.getLogger(__name__)
+
+Shape = tuple[int, ...]
+
+
+def parse_input_shape(text: str) -> tuple[str, Shape]:
+    """Parse ``NAME:1x3x224x224`` (the last ``:`` separates, so ``input:0:1x3`` works)."""
+    name, sep, dims = text.rpartition(":")
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape or any(d <= 0 for d in shape):
+        raise UsageError(f"bad --input-shape {text!r}: expected NAME:DxDx... with positive integers")
+    return name, shape
+
+
+def parse_input_shapes(items: Iterable[str]) -> dict[str, Shape]:
+    """Repeated `--input-shape` items into a mapping."""
+    return dict(parse_input_shape(item) for item in items)
+
+
+def is_static_dim(dim: onnx.TensorShapeProto.Dimension) -> bool:
+    """A fixed size; some exporters (Paddle) write -1 or 0 for a dynamic one."""
+    return dim.HasField("dim_value") and dim.dim_value > 0
+
+
+def dynamic_non_batch_dims(model: onnx.ModelProto, overrides: Mapping[str, Shape] | None = None) -> dict[str, list[int]]:
+    """Per graph input without an --input-shape, its dynamic axes other than the batch (they become 1)."""
+    inits = {i.name for i in model.graph.initializer}
+    out: dict[str, list[int]] = {}
+    for vi in model.graph.input:
+        if vi.name in inits or vi.name in (overrides or {}):
+            continue
+        axes = [i for i, d in enumerate(vi.type.tensor_type.shape.dim) if i > 0 and not is_static_dim(d)]
+        if axes:
+            out[vi.name] = axes
+    return out
+
+
+def fixed_input_shapes(model: onnx.ModelProto, overrides: Mapping[str, Shape] | None = None) -> dict[str, Shape]:
+    """Static shapes of the real graph inputs: overrides first, then static dims, then 1."""
+    overrides = dict(overrides or {})
+    inits = {i.name for i in model.graph.initializer}
+    shapes: dict[str, Shape] = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name in overrides:
+            shape = overrides.pop(vi.name)
+            if len(shape) != len(dims):
+                raise UsageError(f"--input-shape {vi.name}: rank {len(shape)} given, the model's input has rank {len(dims)}")
+            for got, dim in zip(shape, dims):
+                if is_static_dim(dim) and dim.dim_value != got:
+                    raise UsageError(
+                        f"--input-shape {vi.name}: {'x'.join(map(str, shape))} contradicts the model's static shape "
+                        f"{'x'.join(str(d.dim_value) if is_static_dim(d) else '?' for d in dims)}"
+                    )
+        else:
+            shape = tuple(d.dim_value if is_static_dim(d) else 1 for d in dims)
+        shapes[vi.name] = shape
+    if overrides:
+        raise UsageError(f"--input-shape names no model input: {', '.join(sorted(overrides))} (inputs: {', '.join(shapes)})")
+    return shapes
+
+
+def static_batch(model: onnx.ModelProto) -> int | None:
+    """The fixed batch size of the runtime inputs, or None if any of them is dynamic."""
+    initializers = {t.name for t in model.graph.initializer}
+    sizes = set()
+    for vi in model.graph.input:
+        if vi.name in initializers:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if not dims or not is_static_dim(dims[0]):
+            return None
+        sizes.add(dims[0].dim_value)
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def skeleton(model: onnx.ModelProto, min_elements: int = 64) -> onnx.ModelProto:
+    """A weight-free copy: large initializers become typed graph inputs.
+
+    Shape inference needs the values of small shape constants only, so this copy
+    infers as the real model does while staying a few kilobytes for any model size.
+    """
+    out = without_initializers(model)
+    graph = out.graph
+    for init in model.graph.initializer:
+        if int(np.prod(init.dims)) >= min_elements and init.data_type in FLOAT_TYPES:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            graph.initializer.append(init)
+    return out
+
+
+def export_skeleton(graph: gs.Graph, like: onnx.ModelProto, min_elements: int = 64) -> onnx.ModelProto:
+    """`skeleton` of the graph's export, made without exporting (copying) its weights.
+
+    The same model as ``skeleton(export)`` for shape inference: every float constant of at
+    least `min_elements` elements becomes a typed graph input, the rest stay initializers;
+    opset and IR version are `like`'s. The graph itself is not modified.
+    """
+    from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
+
+    work = graph.copy()  # tensors and nodes are copied, weight arrays are shared
+    for tensor in list(work.tensors().values()):
+        if not isinstance(tensor, gs.Constant) or tensor in work.inputs:
+            continue
+        dtype = dtype_to_onnx(tensor.export_dtype)
+        if int(np.prod(tensor.shape, dtype=np.int64)) < min_elements or dtype not in FLOAT_TYPES:
+            continue
+        stand_in = gs.Variable(tensor.name, dtype=dtype, shape=list(tensor.shape))
+        for node in list(tensor.outputs):
+            for i, t in enumerate(list(node.inputs)):
+                if t is tensor:
+                    node.inputs[i] = stand_in
+        work.inputs.append(stand_in)
+    out = gs.export_onnx(work, do_type_check=False)
+    del out.opset_import[:]
+    out.opset_import.extend(like.opset_import)
+    out.ir_version = like.ir_version
+    return out
+
+
+def static_shapes(
+    model: onnx.ModelProto, input_shapes: Mapping[str, Shape], runnable: Callable[[], onnx.ModelProto] | None = None
+) -> dict[str, Shape]:
+    """Every tensor's static shape for the given input shapes (strict inference, data propagation).
+
+    Shapes inference cannot give are read off one onnxruntime run, which needs the weights:
+    when `model` is a skeleton (`export_skeleton`), `runnable` makes the full model (only then).
+    """
+    skel = skeleton(model)
+    for vi in skel.graph.input:
+        if vi.name in input_shapes:
+            dims = vi.type.tensor_type.shape.dim
+            for dim, value in zip(dims, input_shapes[vi.name]):
+                dim.Clear()
+                dim.dim_value = value
+    del skel.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skel, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        log.warning("strict shape inference failed (%s); retrying leniently", str(exc).splitlines()[0])
+        inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
+    shapes: dict[str, Shape] = {}
+    types: dict[str, int] = {}
+    graph = inferred.graph
+    for vi in [*graph.input, *graph.value_info, *graph.output]:
+        tt = vi.type.tensor_type
+        if tt.elem_type:
+            types[vi.name] = tt.elem_type
+        if not tt.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+        if all(d >= 0 for d in dims):
+            shapes[vi.name] = tuple(dims)
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    missing = [o for n in model.graph.node for o in n.output if o and o not in shapes and o in types]
+    if missing:
+        shapes.update(_shapes_by_running(model if runnable is None else runnable(), input_shapes, missing, types))
+    return shapes
+
+
+def _shapes_by_running(
+    model: onnx.ModelProto, input_shapes: Mapping[str, Shape], names: list[str], types: Mapping[str, int]
+) -> dict[str, Shape]:
+    """Shapes inference could not give, read off one onnxruntime run on zero inputs."""
+    import onnxruntime as ort
+
+    known = {o.name for o in model.graph.output}
+    extra = [onnx.helper.make_tensor_value_info(n, types[n], None) for n in names if n not in known]
+    feeds = {}
+    inits = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name not in inits and vi.name in input_shapes:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+            feeds[vi.name] = np.zeros(input_shapes[vi.name], dtype=dtype)
+    # the probe outputs are added to the model itself for the serialization (a copy would copy the weights)
+    count = len(model.graph.output)
+    model.graph.output.extend(extra)
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        values = sess.run(names, feeds)
+    except Exception as exc:  # tracing stays conservative: unknown shapes freeze
+        log.warning("could not run the model to read shapes: %s", str(exc).splitlines()[0])
+        return {}
+    finally:
+        del model.graph.output[count:]
+    log.info("read %d tensor shapes from an onnxruntime run", len(names))
+    return {n: tuple(np.shape(v)) for n, v in zip(names, values)}
+
+
+def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export, restore the original's metadata and output contract, drop stale shapes, re-infer."""
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph, do_type_check=True)
+    out.ir_version = like.ir_version
+    out.producer_name = like.producer_name
+    out.producer_version = like.producer_version
+    out.domain = like.domain
+    out.model_version = like.model_version
+    out.doc_string = like.doc_string
+    del out.opset_import[:]
+    out.opset_import.extend(like.opset_import)
+    del out.metadata_props[:]
+    out.metadata_props.extend(like.metadata_props)
+    # Graph inputs and outputs keep exactly the original's names, types and (symbolic) shapes.
+    del out.graph.input[:]
+    out.graph.input.extend(vi for vi in like.graph.input if vi.name not in {i.name for i in like.graph.initializer})
+    del out.graph.output[:]
+    out.graph.output.extend(like.graph.output)
+    del out.graph.value_info[:]
+    share_identical_initializers(out)
+    if _skeleton_infers(out):  # the weights are neither serialized nor parsed back
+        out.graph.value_info.extend(_infer_skeleton(out).graph.value_info)
+        return out
+    inferred = infer_strict(out)
+    # inference may refine a symbolic output dim; the output contract is the original's declaration
+    del inferred.graph.output[:]
+    inferred.graph.output.extend(like.graph.output)
+    return inferred
+
+
+def share_identical_initializers(model: onnx.ModelProto) -> None:
+    """Let nodes share one copy of byte-identical initializers.
+
+    Exporters alias one weight to several layers through Identity; folding makes a copy
+    per alias. Where the copies are still equal after pruning, one is kept.
+    """
+    graph = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return  # names may be captured by subgraphs; leave them alone
+    protected = {v.name for v in [*graph.input, *graph.output]}
+    # only initializers of equal type and dims can be equal: those alone are read and hashed
+    by_shape: dict[tuple[int, tuple[int, ...]], list[onnx.TensorProto]] = defaultdict(list)
+    for init in graph.initializer:
+        if init.name not in protected and init.data_location != onnx.TensorProto.EXTERNAL:
+            by_shape[(init.data_type, tuple(init.dims))].append(init)
+    alias: dict[str, str] = {}
+    for candidates in by_shape.values():
+        if len(candidates) < 2:
+            continue
+        first: dict[str, str] = {}
+        for init in candidates:  # initializer order: the first of equal values is kept
+            # the values, not the serialized proto: that holds the name (and its length)
+            keeper = first.setdefault(value_digest(numpy_helper.to_array(init)), init.name)
+            if keeper != init.name:
+                alias[init.name] = keeper
+    if not alias:
+        return
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    for index in reversed(range(len(graph.initializer))):  # deleted in place: the kept ones are not copied
+        if graph.initializer[index].name in alias:
+            del graph.initializer[index]
+
+
+def _skeleton_infers(model: onnx.ModelProto) -> bool:
+    """Strict inference on `skeleton(model)` finds what it finds on `model`.
+
+    Not with subgraphs (their value_info lives inside the nodes) nor with an initializer that
+    is also a graph input (the skeleton would declare it twice).
+    """
+    graph = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return False
+    inputs = {vi.name for vi in graph.input}
+    return not any(init.name in inputs for init in graph.initializer)
+
+
+def _infer_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Strict shape inference on the weight-free `skeleton` of `model` (see `_skeleton_infers`)."""
+    skel = skeleton(model)
+    if exceeds_proto_limit(skel):  # huge non-float constants: the file-based path handles any size
+        return infer_strict(model)
+    try:
+        return onnx.shape_inference.infer_shapes(skel, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"pruned model fails strict shape inference: {first}") from None
+
+
+def check_inference(model: onnx.ModelProto) -> None:
+    """Raise `ModelError` unless strict shape inference passes (on the skeleton where it can)."""
+    if _skeleton_infers(model):
+        _infer_skeleton(model)
+    else:
+        infer_strict(model)
+
+
+def infer_strict(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Strict shape inference on a model of any size; the result carries fresh value_info."""
+    try:
+        if not exceeds_proto_limit(model):
+            return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+            save_external(model, src)
+            onnx.shape_inference.infer_shapes_path(str(src), str(dst), check_type=True, strict_mode=True, data_prop=True)
+            return onnx.load(str(dst), load_external_data=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"pruned model fails strict shape inference: {first}") from None
+
+
+def export_fast(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export without re-inference or checks: for scoring candidate plans, never for output."""
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph, do_type_check=False)
+    del out.opset_import[:]
+    out.opset_import.extend(like.opset_import)
+    out.ir_version = like.ir_version
+    del out.graph.output[:]
+    out.graph.output.extend(like.graph.output)
+    del out.graph.value_info[:]
+    return out
+
