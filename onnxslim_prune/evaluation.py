@@ -7,26 +7,32 @@ values) and the labels against the images and, once the model has run, against i
 number of classes: every bad file is one clear error naming it.
 
     accuracy = mean(argmax(model(x_i)) == label_i)
+
+Output error (`output_error`, `OutputError`): how far a candidate's outputs are from the original's on a few
+fixed batches (`evaluation_feeds`), the fitness the searches (layer-compensated pruning, block pruning) minimise.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from . import ir
+from . import ir, validate
 from .calib.arrays import check_cast, check_finite, check_shape
 from .calib.specs import input_specs
 from .errors import CalibrationError, UsageError
 
 IMAGE_KEYS = ("images", "x")
 BATCH = 256
+#: weight of the KL divergence next to the top-1 disagreement in `output_error`
+KL_WEIGHT = 0.1
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,3 +123,77 @@ def accuracy(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray, inp
 
     feeds, used = eval_feeds(EvalData(input_name, images, labels), model)
     return accuracy_of(outputs_of(model, feeds), used)
+
+
+def output_error(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> float:
+    """Mean over float outputs of the error of `outputs` against `reference` (0: identical).
+
+    A classifier's [N, C>1] output: the top-1 disagreement with the reference plus
+    ``KL_WEIGHT * KL(softmax(y0) || softmax(y))`` (the KL term orders candidates that flip no
+    prediction; alone it would reward a collapsed model for flat, uninformed outputs).
+    Any other output: the relative squared error ``|y - y0|^2 / |y0|^2``.
+    """
+    errors: list[float] = []
+    for y0, y in zip(reference, outputs):
+        if not np.issubdtype(y0.dtype, np.floating):
+            continue
+        a, b = y0.astype(np.float64), y.astype(np.float64)
+        if a.ndim == 2 and a.shape[1] > 1:
+            la = a - a.max(axis=1, keepdims=True)
+            la -= np.log(np.exp(la).sum(axis=1, keepdims=True))
+            lb = b - b.max(axis=1, keepdims=True)
+            lb -= np.log(np.exp(lb).sum(axis=1, keepdims=True))
+            kl = float(np.mean(np.sum(np.exp(la) * (la - lb), axis=1)))
+            flips = float(np.mean(np.argmax(a, axis=1) != np.argmax(b, axis=1)))
+            errors.append(flips + KL_WEIGHT * kl)
+        else:
+            denom = float(np.sum(a * a))
+            errors.append(float(np.sum((a - b) ** 2) / denom) if denom > 0 else float(np.sum((a - b) ** 2)))
+    return float(np.mean(errors)) if errors else 0.0
+
+
+def evaluation_feeds(
+    model: onnx.ModelProto,
+    calibration: object,
+    input_shapes: Mapping[str, tuple[int, ...]],
+    *,
+    samples: int,
+    batch_size: int,
+    seed: int,
+) -> tuple[list[dict[str, np.ndarray]], bool]:
+    """A few batches to compare models on: calibration data, or seeded random inputs.
+
+    Returns the feeds and whether they are random (data-free). A model with a static
+    batch dimension gets batches of exactly that size.
+    """
+    static = ir.static_batch(model)
+    size = static or max(1, min(batch_size, samples))
+    feeds: list[dict[str, np.ndarray]] = []
+    if calibration is not None and not getattr(calibration, "is_random", False):
+        taken = 0
+        for batch in calibration.iter_batches(size, drop_last=static is not None):  # type: ignore[attr-defined]
+            feeds.append(batch)
+            taken += len(next(iter(batch.values())))
+            if taken >= samples:
+                break
+        if feeds:
+            return feeds, False
+    count = max(1, math.ceil(min(samples, 64) / size))
+    shapes = {name: (size, *shape[1:]) if shape else shape for name, shape in input_shapes.items()}
+    for i in range(count):
+        feeds.append(validate.random_inputs(model, shapes, seed + i))
+    return feeds, True
+
+
+class OutputError:
+    """Output error of candidate models against the original on fixed feeds."""
+
+    def __init__(self, original: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> None:
+        self.feeds = feeds
+        sess = validate.session(original)
+        self.reference = [sess.run(None, feed) for feed in feeds]
+
+    def __call__(self, model: onnx.ModelProto) -> float:
+        sess = validate.session(model)
+        errors = [output_error(ref, sess.run(None, feed)) for ref, feed in zip(self.reference, self.feeds)]
+        return float(np.mean(errors))

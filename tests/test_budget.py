@@ -14,7 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxslim_prune import validate
 from onnxslim_prune.api import analyze, prune
 from onnxslim_prune.errors import UsageError
-from onnxslim_prune.passes.budget import CostModel, output_error
+from onnxslim_prune.evaluation import output_error
+from onnxslim_prune.passes.budget import CostModel
 from onnxslim_prune.passes.plan import uniform_plan
 from onnxslim_prune.passes.score import score_groups
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..passes import datadriven, merge
-from ..passes.budget import choose_plan, lcp
+from ..passes.budget import choose_plan
+from .lcp import lcp
 from ..passes.plan import Plan
 from ..passes.score import CRITERIA, score_groups
 from .base import MERGE_CRITERIA, Context, Importance, LcpParams, MergeParams, MethodSpec, Options, Outcome, Scores, register

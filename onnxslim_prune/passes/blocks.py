@@ -40,7 +40,7 @@ from .. import ir, validate
 from ..graph import edit
 from ..calib import expose_tensors
 from ..errors import UsageError
-from .budget import OutputError, evaluation_feeds
+from ..evaluation import OutputError, evaluation_feeds
 from ..methods.base import BLOCK_CRITERIA, CommonParams, Options, get_method
 from .trace import node_macs
 

@@ -1,4 +1,4 @@
-"""Global budgets (--target-macs / --target-params) and layer-compensated pruning (Chin et al. 2018).
+"""Global budgets (--target-macs / --target-params): one ranking of every group's channels, a cost model, a search.
 
 Global budget. Every prunable class ``c`` of group ``g`` gets a normalised score
 
@@ -28,43 +28,27 @@ The prefix length is found by bisection on this model; the plan is then material
 measured with `validate.model_stats`, and the bisection is repeated with the measured
 offset until the achieved fraction is within ``TOLERANCE`` of ``F``.
 
-Layer-compensated pruning (Chin, Ding, Zhang, Marculescu, "Layer-Compensated Pruning for
-Resource-Constrained Convolutional Neural Networks", 2018). The global order is taken on
-
-    k_c = a_g * s'_c + b_g
-
-with one affine compensation ``(a_g > 0, b_g)`` per group, learned by regularised evolution
-(Real et al., "Regularized Evolution for Image Classifier Architecture Search", AAAI 2019):
-seeds (the plain ranking, offsets that reproduce a uniform ratio, and the latter with
-coupled groups such as residual streams ranked later), then children of the best of ``S``
-random members (tournament), one or two mutated genes each, and aging (the oldest member
-dies). The fitness of a genome is the output error of the pruned model against the
-original on a few calibration batches (for a classifier the top-1 disagreement plus
-0.1 * KL of the softmax outputs, else the relative squared error; see `output_error`),
-with the budget met for every candidate. The best genome ever evaluated is kept.
+Layer-compensated pruning, which searches per-group offsets of this ranking, is `methods.lcp`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .. import ir, validate
+from .. import validate
 from ..channels import Group, Trace
 from ..ops import lookup
 from ..ops.registry import MAX_OPSET, NodeCost
 from .materialize import materialize
-from ..methods.base import CommonParams, Context, LcpParams, Outcome, get_method
+from ..methods.base import CommonParams, Context
 from .plan import GroupPlan, Plan, keep_every_tensor_alive, uniform_plan
-from .score import score_groups
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +63,6 @@ POLISH_ROUNDS = 20
 #: with at most this many groups, moves of two groups at once are tried too
 POLISH_PAIR_GROUPS = 24
 DEFAULT_MAX_RATIO = CommonParams.max_ratio
-#: weight of the KL divergence next to the top-1 disagreement in `output_error`
-KL_WEIGHT = 0.1
 
 Keys = Mapping[int, np.ndarray]
 
@@ -500,258 +482,3 @@ def global_plan(ctx: Context, scores: Mapping[int, np.ndarray]) -> Plan:
     """Remove the globally lowest normalised classes until --target-macs / --target-params is met."""
     plan, _ = global_plan_with_notes(ctx, scores)
     return plan
-
-
-# ----------------------------------------------------------------------------- output error
-
-
-def output_error(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> float:
-    """Mean over float outputs of the error of `outputs` against `reference` (0: identical).
-
-    A classifier's [N, C>1] output: the top-1 disagreement with the reference plus
-    ``KL_WEIGHT * KL(softmax(y0) || softmax(y))`` (the KL term orders candidates that flip no
-    prediction; alone it would reward a collapsed model for flat, uninformed outputs).
-    Any other output: the relative squared error ``|y - y0|^2 / |y0|^2``.
-    """
-    errors: list[float] = []
-    for y0, y in zip(reference, outputs):
-        if not np.issubdtype(y0.dtype, np.floating):
-            continue
-        a, b = y0.astype(np.float64), y.astype(np.float64)
-        if a.ndim == 2 and a.shape[1] > 1:
-            la = a - a.max(axis=1, keepdims=True)
-            la -= np.log(np.exp(la).sum(axis=1, keepdims=True))
-            lb = b - b.max(axis=1, keepdims=True)
-            lb -= np.log(np.exp(lb).sum(axis=1, keepdims=True))
-            kl = float(np.mean(np.sum(np.exp(la) * (la - lb), axis=1)))
-            flips = float(np.mean(np.argmax(a, axis=1) != np.argmax(b, axis=1)))
-            errors.append(flips + KL_WEIGHT * kl)
-        else:
-            denom = float(np.sum(a * a))
-            errors.append(float(np.sum((a - b) ** 2) / denom) if denom > 0 else float(np.sum((a - b) ** 2)))
-    return float(np.mean(errors)) if errors else 0.0
-
-
-def evaluation_feeds(
-    model: onnx.ModelProto,
-    calibration: object,
-    input_shapes: Mapping[str, tuple[int, ...]],
-    *,
-    samples: int,
-    batch_size: int,
-    seed: int,
-) -> tuple[list[dict[str, np.ndarray]], bool]:
-    """A few batches to compare models on: calibration data, or seeded random inputs.
-
-    Returns the feeds and whether they are random (data-free). A model with a static
-    batch dimension gets batches of exactly that size.
-    """
-    static = ir.static_batch(model)
-    size = static or max(1, min(batch_size, samples))
-    feeds: list[dict[str, np.ndarray]] = []
-    if calibration is not None and not getattr(calibration, "is_random", False):
-        taken = 0
-        for batch in calibration.iter_batches(size, drop_last=static is not None):  # type: ignore[attr-defined]
-            feeds.append(batch)
-            taken += len(next(iter(batch.values())))
-            if taken >= samples:
-                break
-        if feeds:
-            return feeds, False
-    count = max(1, math.ceil(min(samples, 64) / size))
-    shapes = {name: (size, *shape[1:]) if shape else shape for name, shape in input_shapes.items()}
-    for i in range(count):
-        feeds.append(validate.random_inputs(model, shapes, seed + i))
-    return feeds, True
-
-
-class OutputError:
-    """Output error of candidate models against the original on fixed feeds."""
-
-    def __init__(self, original: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> None:
-        self.feeds = feeds
-        sess = validate.session(original)
-        self.reference = [sess.run(None, feed) for feed in feeds]
-
-    def __call__(self, model: onnx.ModelProto) -> float:
-        sess = validate.session(model)
-        errors = [output_error(ref, sess.run(None, feed)) for ref, feed in zip(self.reference, self.feeds)]
-        return float(np.mean(errors))
-
-
-# ----------------------------------------------------------------------------- LCP
-
-
-@dataclass(frozen=True)
-class Genome:
-    """Per-group compensation: key = exp(log_a) * s' + b, over `LcpSearch.groups` in order."""
-
-    log_a: tuple[float, ...]
-    b: tuple[float, ...]
-
-
-@dataclass(frozen=True)
-class _Member:
-    genome: Genome
-    error: float
-
-
-class LcpSearch:
-    """Regularised evolution of per-group affine compensations (see the module docstring)."""
-
-    def __init__(self, ctx: Context, budget: Budget, scores: Mapping[int, np.ndarray], error: Callable[[onnx.ModelProto], float]) -> None:
-        self.ctx = ctx
-        self.budget = budget
-        self.base = normalised_scores(ctx.trace, scores)
-        self.groups = tuple(sorted(self.base))
-        self.search = BudgetSearch(ctx, budget)
-        self.error = error
-        self.cache: dict[frozenset[int], float] = {}
-        self.evaluations = 0
-
-    def keys(self, genome: Genome) -> dict[int, np.ndarray]:
-        return {g: math.exp(a) * self.base[g] + b for g, a, b in zip(self.groups, genome.log_a, genome.b)}
-
-    def plan(self, genome: Genome) -> Plan:
-        keys = self.keys(genome)
-        ranking = Ranking.build(self.ctx.trace, keys, self.budget.max_ratio, self.ctx.options.round_to)
-        return self.search.modelled_plan(ranking, keys).plan
-
-    def fitness(self, genome: Genome) -> float:
-        plan = self.plan(genome)
-        key = plan.pruned_classes
-        if key not in self.cache:
-            ctx = self.ctx
-            model = materialize(ctx.graph, ctx.model, ctx.trace, plan, ctx.opset)
-            value = self.error(model)
-            self.cache[key] = value if math.isfinite(value) else math.inf
-            self.evaluations += 1
-        return self.cache[key]
-
-    def calibrate(self) -> None:
-        """Learn the cost model's offset from one measured plan (the uncompensated ranking)."""
-        zeros = tuple(0.0 for _ in self.groups)
-        keys = self.keys(Genome(zeros, zeros))
-        ranking = Ranking.build(self.ctx.trace, keys, self.budget.max_ratio, self.ctx.options.round_to)
-        self.search.measured_plan(ranking, keys, quiet=True)  # an intermediate plan: its misses are not the result's
-
-    def uniform_genome(self) -> Genome:
-        """Offsets that align every group at one removal fraction: a near-uniform plan at the budget."""
-        trace = self.ctx.trace
-        lo, hi = 0.0, 1.0
-        for _ in range(20):
-            r = (lo + hi) / 2
-            genome = self._aligned(r)
-            keys = self.keys(genome)
-            ranking = Ranking.build(trace, keys, self.budget.max_ratio, self.ctx.options.round_to)
-            plan = ranking.plan(trace, {g: int((o.keys < 0).sum()) for g, o in ranking.orders.items()}, keys)
-            macs, params = self.search.modelled(plan)
-            if self.budget.deviation(macs, params) <= 0:
-                hi = r
-            else:
-                lo = r
-        return self._aligned(hi)
-
-    def protect_coupled(self, genome: Genome, offset: float = 1.0) -> Genome:
-        """`genome` with coupled groups (several sources, e.g. a residual stream) ranked later:
-        one of their classes is a channel of every member layer at once."""
-        groups = {g.index: g for g in self.ctx.trace.groups}
-        b = tuple(v + (offset if len(groups[g].spaces) > 1 else 0.0) for g, v in zip(self.groups, genome.b))
-        return Genome(genome.log_a, b)
-
-    def _aligned(self, r: float) -> Genome:
-        b: list[float] = []
-        groups = {g.index: g for g in self.ctx.trace.groups}
-        for g in self.groups:
-            s = self.base[g]
-            free = s[~np.asarray(groups[g].frozen)]
-            ordered = np.sort(free)
-            n = int(math.floor(r * groups[g].size + 1e-9))
-            if n <= 0:
-                b.append(-(ordered[0] - 1e-6) if ordered.size else 0.0)
-            elif n >= ordered.size:
-                b.append(-(ordered[-1] + 1e-6))
-            else:
-                b.append(-0.5 * (ordered[n - 1] + ordered[n]))
-        return Genome(tuple(0.0 for _ in self.groups), tuple(b))
-
-    def mutate(self, genome: Genome, rng: np.random.Generator) -> Genome:
-        log_a, b = list(genome.log_a), list(genome.b)
-        for _ in range(1 + int(rng.integers(0, 2))):
-            i = int(rng.integers(0, len(self.groups)))
-            if rng.random() < 0.5:
-                log_a[i] += float(rng.normal(0.0, 0.3))
-            else:
-                b[i] += float(rng.normal(0.0, 0.15))
-        return Genome(tuple(log_a), tuple(b))
-
-    def run(self, iterations: int, population: int, tournament: int, seed: int) -> tuple[Genome, float]:
-        rng = np.random.default_rng([seed, 2018])
-        zeros = tuple(0.0 for _ in self.groups)
-        uniform = self.uniform_genome()
-        seeds = [Genome(zeros, zeros), uniform, self.protect_coupled(uniform)]
-        members: deque[_Member] = deque()
-        best: _Member | None = None
-        done = 0
-
-        def add(genome: Genome) -> None:
-            nonlocal best, done
-            member = _Member(genome, self.fitness(genome))
-            members.append(member)
-            if best is None or member.error < best.error:
-                best = member
-            done += 1
-            if self.ctx.progress is not None:
-                self.ctx.progress(done, iterations)
-
-        for genome in seeds[: max(1, iterations)]:
-            add(genome)
-        while len(members) < min(population, iterations):
-            parent = seeds[len(members) % len(seeds)]
-            add(self.mutate(parent, rng))
-        while done < iterations:
-            size = min(tournament, len(members))
-            picks = rng.choice(len(members), size=size, replace=False)
-            winner = min((members[int(i)] for i in picks), key=lambda m: m.error)
-            add(self.mutate(winner.genome, rng))
-            if len(members) > population:
-                members.popleft()  # aging: the oldest dies, however good
-        assert best is not None
-        return best.genome, best.error
-
-
-def lcp(ctx: Context) -> Outcome:
-    """Layer-compensated pruning: a global ranking with per-group affine compensation, evolved."""
-    started = time.perf_counter()
-    params = ctx.params
-    assert isinstance(params, LcpParams)
-    default_macs = get_method(ctx.options.method).default_macs
-    budget = Budget.from_params(params, default_macs=None if default_macs is None else default_macs(ctx.options.ratio))
-    iterations, population = params.lcp_iterations, params.lcp_population
-    tournament, samples = params.lcp_tournament, params.lcp_samples
-    scores = score_groups(ctx.trace, ctx.graph, ctx.options.criterion, ctx.options.seed)
-    notes: list[str] = []
-    if not scores:
-        return Outcome(Plan(()), notes=("lcp: no prunable group",))
-    feeds, random_data = evaluation_feeds(
-        ctx.model, ctx.calibration, ctx.input_shapes, samples=samples, batch_size=ctx.options.batch_size,
-        seed=ctx.options.seed,
-    )
-    if random_data:
-        msg = "lcp: no calibration data; the output error was measured on seeded random inputs (data-free)"
-        log.warning(msg)
-        notes.append(msg)
-    search = LcpSearch(ctx, budget, scores, OutputError(ctx.model, feeds))
-    search.calibrate()
-    genome, error = search.run(iterations, population, tournament, ctx.options.seed)
-    keys = search.keys(genome)
-    ranking = Ranking.build(ctx.trace, keys, budget.max_ratio, ctx.options.round_to)
-    final, budget_notes = search.search.measured_plan(ranking, keys)
-    notes.extend(budget_notes)
-    seconds = time.perf_counter() - started
-    notes.append(
-        f"lcp: {iterations} iterations ({search.evaluations} distinct plans evaluated) in {seconds:.1f} s; "
-        f"output error {max(error, 0.0):.4g}; kept MACs {final.macs:.3f}, params {final.params:.3f}"  # KL rounds below 0
-    )
-    return Outcome(final.plan, notes=tuple(notes))
-
