@@ -59,7 +59,12 @@ def set_input_const(node: gs.Node, index: int, values: np.ndarray) -> None:
 
 
 def replace_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
-    node.inputs[index] = tensor
+    node.inputs[index] = tensor  # graph-surgeon's input lists update both ends
+
+
+def load_values(constant: gs.Constant, values: np.ndarray) -> None:
+    """Give a lazily loaded constant its values, read elsewhere (the same values: nothing changes)."""
+    constant.values = values
 
 
 def append_input(node: gs.Node, tensor: gs.Tensor, position: int = 0) -> None:

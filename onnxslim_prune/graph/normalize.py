@@ -13,6 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import ModelError
+from . import edit
 from .io import RawData, raw_data_in_file
 from .read import const_value, value_digest
 from .shapes import fixed_input_shapes, is_static_dim, static_shapes
@@ -81,7 +82,7 @@ def _detach(graph: gs.Graph, in_file: RawData | None = None) -> None:
         if in_file is not None and isinstance(lazy, gs.ir.tensor.LazyValues):
             values = in_file.read(lazy.tensor)
             if values is not None:
-                constant.values = values
+                edit.load_values(constant, values)
     for constant in tensors + attributes:
         _ = constant.values  # the property replaces the lazy reference with the loaded array
 
@@ -111,7 +112,7 @@ def _share_equal_constants(graph: gs.Graph) -> None:
             for node in list(tensor.outputs):
                 for i, t in enumerate(list(node.inputs)):
                     if t is tensor:
-                        node.inputs[i] = keeper  # graph-surgeon's input lists update both ends
+                        edit.replace_input(node, i, keeper)
 
 
 def _all_inputs_static(model: onnx.ModelProto) -> bool:

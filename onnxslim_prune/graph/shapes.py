@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from ..errors import ModelError, UsageError
+from . import edit
 from .io import FLOAT_TYPES, exceeds_proto_limit, save_external, without_initializers
 from .read import value_digest
 
@@ -138,7 +139,7 @@ def export_skeleton(graph: gs.Graph, like: onnx.ModelProto, min_elements: int = 
         for node in list(tensor.outputs):
             for i, t in enumerate(list(node.inputs)):
                 if t is tensor:
-                    node.inputs[i] = stand_in
+                    edit.replace_input(node, i, stand_in)
         work.inputs.append(stand_in)
     out = gs.export_onnx(work, do_type_check=False)
     del out.opset_import[:]

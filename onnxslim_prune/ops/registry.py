@@ -8,7 +8,10 @@ A rule is registered by ``(domain, op_type, opset range)`` and answers, for its 
   attributes and shape constants), through `graph.edit`;
 * ``cost``: which parameters scale with kept channels (the budgets' cost model);
 * ``macs``: multiply-accumulates of the node (weighted ops only);
-* ``backprop``: NISP's step from output importance to input importance (weighted ops, BN).
+* ``backprop``: NISP's step from output importance to input importance (weighted ops, BN);
+* ``read_affine`` / ``write_affine``: the node as ``Y = X W + b`` on rows, and back (the ops the
+  least-squares refit and Neuron Merging can adjust: Conv with group 1, Gemm, MatMul);
+  ``weight_in_axis``: the weight axis that indexes the input channels.
 
 Rules see the tracer, the applier and the cost model through the small protocols below,
 so this package imports none of the passes that drive it. The tracer, `passes.apply` and
@@ -97,6 +100,19 @@ class CostContext(Protocol):
 ShapeOf = Callable[[gs.Tensor], Shape | None]
 
 
+@dataclass(frozen=True, eq=False)
+class Affine:
+    """A weighted node as ``Y = X W + b``: ``W [dim_x, dim_y]``, bias ``b [dim_y]`` (float64).
+
+    ``b`` is None when the layer has no adjustable bias; ``bias_at`` is the (node, input index)
+    holding the bias, when it exists.
+    """
+
+    w: np.ndarray
+    b: np.ndarray | None
+    bias_at: tuple[str, int] | None
+
+
 class OpRule:
     """The channel semantics of a family of ops; subclasses override what their ops need."""
 
@@ -123,6 +139,18 @@ class OpRule:
     def backprop(self, node: gs.Node, out: np.ndarray) -> np.ndarray | None:
         """NISP's backward step: per-channel importance of input 0 from that of the output (default: none)."""
         return None
+
+    def read_affine(self, node: gs.Node, kind: Kind | None) -> Affine | None:
+        """The node as ``Y = X W + b`` (default: None, not an affine layer the refit can adjust)."""
+        return None
+
+    def write_affine(self, node: gs.Node, kind: Kind | None, w: np.ndarray, b: np.ndarray | None) -> None:
+        """Store ``W`` and ``b`` back (the inverse of `read_affine`; ``b`` None leaves the bias)."""
+        raise NotImplementedError(f"{node.name}: {node.op} has no affine form")
+
+    def weight_in_axis(self, node: gs.Node, kind: Kind | None) -> int:
+        """The axis of input 1 (the weight) that indexes the input channels (default: 0)."""
+        return 0
 
 
 _RULES: dict[tuple[str, str], list[OpRule]] = {}

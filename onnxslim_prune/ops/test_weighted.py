@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+
+from .. import ir, validate
+from ..calib import conv_patches
 from ..channels import Kind, Role
+from . import lookup
+from .registry import OpRule
 from .testing import assert_same_outputs, attribute, group_of, initializer, parse, prune_l1, trace_of, weights, zeroed
 
 OPSET13 = '<ir_version: 8, opset_import: ["" : 13]>'
@@ -72,3 +81,52 @@ def test_conv_transpose_slices_its_output_axis() -> None:
     result = prune_l1(model)
     assert initializer(result.model, "wt").shape == (3, 2, 2, 2)
     assert_same_outputs(model, result.model)
+
+
+def _affine_case(text: str, **ws: np.ndarray) -> tuple[onnx.ModelProto, gs.Graph, gs.Node, OpRule]:
+    model = parse(text, **ws)
+    graph = ir.to_graph(model)
+    node = graph.nodes[0]
+    rule = lookup(node.domain, node.op, 13)
+    assert rule is not None
+    return model, graph, node, rule
+
+
+@pytest.mark.parametrize("kind, text, ws", [
+    (Kind.CONV, """g (float[2,3,5,5] x) => (float[2,4,3,3] y) { y = Conv (x, w, b) }""",
+     {"w": weights(4, 3, 3, 3), "b": weights(4, seed=1)}),
+    (Kind.GEMM, """g (float[2,6] x) => (float[2,4] y) { y = Gemm <transB = 1, alpha = 0.5, beta = 2.0> (x, w, b) }""",
+     {"w": weights(4, 6), "b": weights(4, seed=1)}),
+    (Kind.MATMUL, """g (float[2,6] x) => (float[2,4] y) { m = MatMul (x, w)  y = Add (m, b) }""",
+     {"w": weights(6, 4), "b": weights(4, seed=1)}),
+])
+def test_the_affine_form_reproduces_the_layer_and_writes_back(kind: Kind, text: str, ws: dict[str, np.ndarray]) -> None:
+    """``Y = X W + b`` on rows (im2col for a Conv) equals onnxruntime's output to 1e-5; writing W' = 2W, b' = b + 1 back
+    gives the layer ``2 X W + b + 1``."""
+    model, graph, node, rule = _affine_case(f"{OPSET13}\n{text}", **ws)
+    affine = rule.read_affine(node, kind)
+    assert affine is not None and affine.b is not None and affine.w.shape[1] == 4
+    x = np.random.default_rng(0).standard_normal(tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim))
+    x = x.astype(np.float32)
+    rows = conv_patches(x, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1)) if kind == Kind.CONV else x
+
+    def layer_rows(m: onnx.ModelProto) -> np.ndarray:
+        y = validate.session(m).run(None, {"x": x})[0]
+        return y.transpose(0, 2, 3, 1).reshape(-1, 4) if kind == Kind.CONV else y
+
+    np.testing.assert_allclose(rows @ affine.w + affine.b, layer_rows(model), rtol=1e-5, atol=1e-5)
+    rule.write_affine(node, kind, 2 * affine.w, affine.b + 1)
+    np.testing.assert_allclose(layer_rows(ir.to_model(graph, like=model)), 2 * (rows @ affine.w) + affine.b + 1,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_conv_has_no_affine_form_and_gemm_indexes_inputs_by_trans_b() -> None:
+    _, _, conv, rule = _affine_case(f"""{OPSET13}
+    g (float[1,4,5,5] x) => (float[1,4,5,5] y) {{ y = Conv <group = 2> (x, w) }}""", w=weights(4, 2, 1, 1))
+    assert rule.read_affine(conv, Kind.GROUPED) is None
+    assert rule.weight_in_axis(conv, Kind.GROUPED) == 1
+    _, _, gemm, rule = _affine_case(f"""{OPSET13}
+    g (float[2,6] x) => (float[2,4] y) {{ y = Gemm <transB = 1> (x, w) }}""", w=weights(4, 6))
+    assert rule.weight_in_axis(gemm, Kind.GEMM) == 1
+    affine = rule.read_affine(gemm, Kind.GEMM)
+    assert affine is not None and affine.b is not None and not affine.b.any()  # no C: a zero bias the refit may set

@@ -9,6 +9,11 @@ output positions, the rewrite is
 * ConvTranspose ``W[keep_in][:, keep_out]``; Gemm ``W[keep_out][:, keep_in]`` (transB) or
   ``W[keep_in][:, keep_out]``; MatMul ``W[keep_in][:, keep_out]`` on ``(K, N)``.
 
+Affine form (for the least-squares refit and Neuron Merging), ``Y = X W + b`` on rows: a Conv with
+group 1 ``W = reshape(weight, [C_out, -1])^T`` on im2col rows (``C_in * k`` columns); Gemm ``W = alpha *
+weight`` (transposed with transB), ``b = beta * C``; MatMul ``W = weight`` and ``b`` the constant operand of
+a following per-output Add. Writing back inverts these (a missing bias input is added).
+
 Cost: ``M f_in f_out`` MACs and ``|W| f_in f_out + |b| f_out`` parameters (depthwise:
 ``M f_out``). MACs: ``|W| * prod(spatial) * N`` for a Conv (spatial of the output;
 ConvTranspose: of the input), ``prod(out) * K`` for Gemm / MatMul.
@@ -23,7 +28,9 @@ from .. import ir
 from ..graph import edit
 from ..channels import ChannelMap, Kind, Role
 from ..errors import ModelError
-from .registry import ApplyContext, CostContext, Freeze, NodeCost, OpRule, ShapeOf, TraceContext, float_size, register
+from .registry import (
+    Affine, ApplyContext, CostContext, Freeze, NodeCost, OpRule, ShapeOf, TraceContext, float_size, register,
+)
 
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 #: the attributes that change which weight entries a channel indexes (strides, pads and dilations do not)
@@ -75,6 +82,33 @@ def weighted_cost(c: CostContext, node: gs.Node, kind: Kind | None) -> NodeCost:
     fixed = bias_size - per_out
     in_atoms = None if kind == Kind.DEPTHWISE else c.atoms(node.inputs[0])
     return NodeCost(in_atoms, out, int(c.trace.node_macs.get(node.name, 0)), float_size(weight) + fixed, per_out)
+
+
+def _set_or_add_bias(node: gs.Node, index: int, values: np.ndarray, dtype: np.dtype) -> None:
+    if ir.has_input(node, index):
+        edit.set_input_const(node, index, values)
+        return
+    edit.append_input(node, edit.make_constant(f"{node.inputs[1].name}__bias", np.asarray(values, dtype=dtype)), index)
+
+
+def _weight64(node: gs.Node) -> np.ndarray:
+    weight = ir.input_const(node, 1)
+    if weight is None:
+        raise ModelError(f"{node.name}: weight is not a constant")
+    return np.asarray(weight, dtype=np.float64)
+
+
+def _matmul_bias(node: gs.Node, n_out: int) -> tuple[gs.Node, int] | None:
+    """The Add right after a MatMul whose constant operand is a per-output bias."""
+    y = node.outputs[0]
+    if len(y.outputs) != 1 or y.outputs[0].op != "Add":
+        return None
+    add = y.outputs[0]
+    for index, t in enumerate(add.inputs):
+        value = ir.const_value(t)
+        if t is not y and value is not None and value.size == n_out and value.shape[-1] == n_out:
+            return add, index
+    return None
 
 
 class WeightedRule(OpRule):
@@ -191,6 +225,26 @@ class ConvRule(_ConvMacs):
             result[g * per_in : (g + 1) * per_in] += a[rows].T @ out[rows]
         return result
 
+    def read_affine(self, node: gs.Node, kind: Kind | None) -> Affine | None:
+        """``W = reshape(weight, [C_out, C_in * k])^T``, ``b`` the bias (zeros when absent); group 1 only."""
+        if kind != Kind.CONV:
+            return None
+        w = _weight64(node)
+        matrix = w.reshape(w.shape[0], -1).T
+        bias = ir.input_const(node, 2) if ir.has_input(node, 2) else None
+        b = np.zeros(matrix.shape[1]) if bias is None else np.asarray(bias, dtype=np.float64).reshape(-1)
+        return Affine(matrix, b, (node.name, 2))
+
+    def write_affine(self, node: gs.Node, kind: Kind | None, w: np.ndarray, b: np.ndarray | None) -> None:
+        weight = ir.input_const(node, 1)
+        assert weight is not None
+        edit.set_input_const(node, 1, w.T.reshape((w.shape[1], *weight.shape[1:])))
+        if b is not None:
+            _set_or_add_bias(node, 2, b, weight.dtype)
+
+    def weight_in_axis(self, node: gs.Node, kind: Kind | None) -> int:
+        return 1
+
 
 def _abs_weight(node: gs.Node) -> np.ndarray | None:
     weight = ir.input_const(node, 1)
@@ -283,6 +337,41 @@ class GemmRule(_DenseMacs):
             return None
         return (w.T if int(ir.attr(node, "transB", 0)) else w) @ out
 
+    def read_affine(self, node: gs.Node, kind: Kind | None) -> Affine | None:
+        """``W = alpha * weight`` (``weight^T`` with transB), ``b = beta * C``; no ``b`` when C is not per output."""
+        if kind != Kind.GEMM:
+            return None
+        w = _weight64(node)
+        alpha, beta = float(ir.attr(node, "alpha", 1.0)), float(ir.attr(node, "beta", 1.0))
+        matrix = alpha * (w.T if int(ir.attr(node, "transB", 0)) else w)
+        n_out = matrix.shape[1]
+        if not ir.has_input(node, 2):
+            return Affine(matrix, np.zeros(n_out), (node.name, 2))
+        c = ir.input_const(node, 2)
+        if c is None or c.size not in (1, n_out) or (c.ndim == 2 and c.shape[0] != 1):
+            return Affine(matrix, None, None)
+        return Affine(matrix, beta * np.broadcast_to(np.asarray(c, dtype=np.float64).reshape(-1), (n_out,)), (node.name, 2))
+
+    def write_affine(self, node: gs.Node, kind: Kind | None, w: np.ndarray, b: np.ndarray | None) -> None:
+        weight = ir.input_const(node, 1)
+        assert weight is not None
+        alpha, beta = float(ir.attr(node, "alpha", 1.0)), float(ir.attr(node, "beta", 1.0))
+        matrix = w / alpha
+        edit.set_input_const(node, 1, matrix.T if int(ir.attr(node, "transB", 0)) else matrix)
+        if b is None:
+            return
+        if not ir.has_input(node, 2) or beta == 0.0:
+            edit.set_attr(node, "beta", 1.0)
+            beta = 1.0
+        old = ir.input_const(node, 2) if ir.has_input(node, 2) else None
+        value = b / beta
+        if old is not None and old.size == b.size:
+            value = value.reshape(old.shape)
+        _set_or_add_bias(node, 2, value, weight.dtype)
+
+    def weight_in_axis(self, node: gs.Node, kind: Kind | None) -> int:
+        return 1 if int(ir.attr(node, "transB", 0)) else 0
+
 
 class MatMulRule(_DenseMacs):
     """MatMul by a constant 2-D weight ``[K, N]``: features on the last axis."""
@@ -311,6 +400,31 @@ class MatMulRule(_DenseMacs):
         """``s_in = |W_[K,N]| s_out``."""
         w = _abs_weight(node)
         return None if w is None else w @ out
+
+    def read_affine(self, node: gs.Node, kind: Kind | None) -> Affine | None:
+        """``W = weight [K, N]``, ``b`` the constant operand of a following per-output Add (else no ``b``)."""
+        if kind != Kind.MATMUL:
+            return None
+        w = _weight64(node)
+        found = _matmul_bias(node, w.shape[1])
+        if found is None:
+            return Affine(w, None, None)
+        add, index = found
+        bias = ir.input_const(add, index)
+        assert bias is not None
+        return Affine(w, np.asarray(bias, dtype=np.float64).reshape(-1), (add.name, index))
+
+    def write_affine(self, node: gs.Node, kind: Kind | None, w: np.ndarray, b: np.ndarray | None) -> None:
+        edit.set_input_const(node, 1, w)
+        if b is None:
+            return
+        found = _matmul_bias(node, w.shape[1])
+        if found is None:
+            raise ModelError(f"{node.name}: the bias Add disappeared")
+        add, index = found
+        old = ir.input_const(add, index)
+        assert old is not None
+        edit.set_input_const(add, index, b.reshape(old.shape))
 
 
 register(ConvRule())

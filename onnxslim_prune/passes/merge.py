@@ -45,6 +45,8 @@ import onnx_graphsurgeon as gs
 from .. import ir
 from ..channels import Group, Kind, Role, Trace
 from ..methods.base import Context, MergeParams, Outcome
+from ..ops import lookup
+from ..ops.registry import MAX_OPSET
 from .plan import Plan
 
 log = logging.getLogger(__name__)
@@ -72,12 +74,9 @@ class MergeStats:
 
 
 def _consumer_axis(node: gs.Node, kind: Kind) -> int:
-    """Axis of the consumer's weight that indexes its input channels."""
-    if kind == Kind.CONV:
-        return 1
-    if kind == Kind.GEMM:
-        return 1 if int(ir.attr(node, "transB", 0)) else 0
-    return 0  # matmul [K, N], conv_transpose [Cin, Cout/g, ...]
+    """Axis of the consumer's weight that indexes its input channels (its op rule's `weight_in_axis`)."""
+    rule = lookup(node.domain, node.op, MAX_OPSET)
+    return 0 if rule is None else rule.weight_in_axis(node, kind)
 
 
 class _Merger:

@@ -91,7 +91,6 @@ import onnx_graphsurgeon as gs
 import scipy.linalg
 
 from .. import ir
-from ..graph import edit
 from ..channels import Kind, Role, Trace
 from ..calib import GramAccumulator, conv_output_size, conv_patches, expose_tensors, output_rows, sample_positions
 from ..calib import stream_tensors
@@ -100,6 +99,8 @@ from ..calib.memory import calibration_budget
 from ..calib.threads import blas_limited
 from ..errors import ModelError
 from ..methods.base import CommonParams, Context, Outcome
+from ..ops import lookup
+from ..ops.registry import MAX_OPSET, Affine
 from .plan import Plan
 
 log = logging.getLogger(__name__)
@@ -204,104 +205,21 @@ def layer_of(node: gs.Node, kind: Kind | None) -> Layer | None:
 # ----------------------------------------------------------------------------- weights as matrices
 
 
-@dataclass(frozen=True, eq=False)
-class Affine:
-    """``W [dim_x, dim_y]`` and bias ``b [dim_y]`` (None: the layer has no adjustable bias)."""
-
-    w: np.ndarray
-    b: np.ndarray | None
-    bias_at: tuple[str, int] | None  # (node, input index) holding the bias, when it exists
-
-
-def _matmul_bias(node: gs.Node, n_out: int) -> tuple[gs.Node, int] | None:
-    """The Add right after a MatMul whose constant operand is a per-output bias."""
-    y = node.outputs[0]
-    if len(y.outputs) != 1 or y.outputs[0].op != "Add":
-        return None
-    add = y.outputs[0]
-    for index, t in enumerate(add.inputs):
-        value = ir.const_value(t)
-        if t is not y and value is not None and value.size == n_out and value.shape[-1] == n_out:
-            return add, index
-    return None
-
-
 def read_affine(node: gs.Node, kind: Kind) -> Affine:
-    """The layer as ``Y = X W + b`` (Gemm alpha and beta folded in), float64."""
-    weight = ir.input_const(node, 1)
-    if weight is None:
-        raise ModelError(f"{node.name}: weight is not a constant")
-    w = np.asarray(weight, dtype=np.float64)
-    if kind == Kind.CONV:
-        matrix = w.reshape(w.shape[0], -1).T
-        bias = ir.input_const(node, 2) if ir.has_input(node, 2) else None
-        b = np.zeros(matrix.shape[1]) if bias is None else np.asarray(bias, dtype=np.float64).reshape(-1)
-        return Affine(matrix, b, (node.name, 2))
-    if kind == Kind.GEMM:
-        alpha, beta = float(ir.attr(node, "alpha", 1.0)), float(ir.attr(node, "beta", 1.0))
-        matrix = alpha * (w.T if int(ir.attr(node, "transB", 0)) else w)
-        n_out = matrix.shape[1]
-        if not ir.has_input(node, 2):
-            return Affine(matrix, np.zeros(n_out), (node.name, 2))
-        c = ir.input_const(node, 2)
-        if c is None or c.size not in (1, n_out) or (c.ndim == 2 and c.shape[0] != 1):
-            return Affine(matrix, None, None)
-        return Affine(matrix, beta * np.broadcast_to(np.asarray(c, dtype=np.float64).reshape(-1), (n_out,)), (node.name, 2))
-    if kind == Kind.MATMUL:
-        found = _matmul_bias(node, w.shape[1])
-        if found is None:
-            return Affine(w, None, None)
-        add, index = found
-        bias = ir.input_const(add, index)
-        assert bias is not None
-        return Affine(w, np.asarray(bias, dtype=np.float64).reshape(-1), (add.name, index))
-    raise ModelError(f"{node.name}: cannot read a {kind} layer as a matrix")
+    """The layer as ``Y = X W + b`` (its op rule's `read_affine`; Gemm alpha and beta folded in), float64."""
+    rule = lookup(node.domain, node.op, MAX_OPSET)  # the affine form of an op does not depend on its opset
+    affine = None if rule is None else rule.read_affine(node, kind)
+    if affine is None:
+        raise ModelError(f"{node.name}: cannot read a {kind} layer as a matrix")
+    return affine
 
 
 def write_affine(graph: gs.Graph, node: gs.Node, kind: Kind, w: np.ndarray, b: np.ndarray | None) -> None:
     """Store ``W [dim_x, dim_y]`` and bias ``b`` back into `node` (the inverse of `read_affine`)."""
-    weight = ir.input_const(node, 1)
-    assert weight is not None
-    dtype = weight.dtype
-    if kind == Kind.CONV:
-        edit.set_input_const(node, 1, w.T.reshape((w.shape[1], *weight.shape[1:])))
-        if b is not None:
-            _set_or_add_bias(node, 2, b, dtype)
-        return
-    if kind == Kind.GEMM:
-        alpha, beta = float(ir.attr(node, "alpha", 1.0)), float(ir.attr(node, "beta", 1.0))
-        matrix = w / alpha
-        edit.set_input_const(node, 1, matrix.T if int(ir.attr(node, "transB", 0)) else matrix)
-        if b is None:
-            return
-        if not ir.has_input(node, 2) or beta == 0.0:
-            edit.set_attr(node, "beta", 1.0)
-            beta = 1.0
-        old = ir.input_const(node, 2) if ir.has_input(node, 2) else None
-        value = b / beta
-        if old is not None and old.size == b.size:
-            value = value.reshape(old.shape)
-        _set_or_add_bias(node, 2, value, dtype)
-        return
-    if kind == Kind.MATMUL:
-        edit.set_input_const(node, 1, w)
-        if b is not None:
-            found = _matmul_bias(node, w.shape[1])
-            if found is None:
-                raise ModelError(f"{node.name}: the bias Add disappeared")
-            add, index = found
-            old = ir.input_const(add, index)
-            assert old is not None
-            edit.set_input_const(add, index, b.reshape(old.shape))
-        return
-    raise ModelError(f"{node.name}: cannot write a {kind} layer")
-
-
-def _set_or_add_bias(node: gs.Node, index: int, values: np.ndarray, dtype: np.dtype) -> None:
-    if ir.has_input(node, index):
-        edit.set_input_const(node, index, values)
-        return
-    edit.append_input(node, edit.make_constant(f"{node.inputs[1].name}__bias", np.asarray(values, dtype=dtype)), index)
+    rule = lookup(node.domain, node.op, MAX_OPSET)  # the affine form of an op does not depend on its opset
+    if rule is None:
+        raise ModelError(f"{node.name}: cannot write a {kind} layer")
+    rule.write_affine(node, kind, w, b)
 
 
 # ----------------------------------------------------------------------------- solving
