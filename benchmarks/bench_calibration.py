@@ -80,7 +80,7 @@ def child(mode: str, model_path: Path, source: str, count: int, batch_size: int)
 
     from onnxslim_prune import api
     from onnxslim_prune.calib import input_specs, load_calibration
-    from onnxslim_prune.passes import datadriven
+    from onnxslim_prune.passes import activation, datadriven
     from onnxslim_prune.methods.base import Context, Options
 
     analysis = api.analyze(model_path)
@@ -105,9 +105,9 @@ def child(mode: str, model_path: Path, source: str, count: int, batch_size: int)
             session.run(None, feed)
         seconds = time.perf_counter() - started
     elif mode == "moments":
-        tensors = [t for g in analysis.trace.groups if not g.is_frozen for t in datadriven.activation_tensors(ctx, g)]
+        tensors = [t for g in analysis.trace.groups if not g.is_frozen for t in activation.activation_tensors(ctx, g)]
         started = time.perf_counter()
-        moments = datadriven.activation_moments(ctx, tensors)
+        moments = activation.activation_moments(ctx, tensors)
         seconds = time.perf_counter() - started
         detail = {"tensors": len(moments)}
     elif mode == "stream":

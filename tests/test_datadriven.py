@@ -1,4 +1,4 @@
-"""Data-driven selection (`passes.datadriven`): ThiNet, CP, LDRF, NISP, mean_act, APoZ.
+"""Data-driven selection (`passes.datadriven`, `passes.nisp`, `passes.activation`): ThiNet, CP, LDRF, NISP, mean_act, APoZ.
 
 Oracles: selection rules on hand-made Gram statistics (a channel carrying no output energy
 goes first; of two identical channels LDRF keeps one); NISP and the activation criteria
@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim_prune import api
 from onnxslim_prune.errors import CalibrationError
-from onnxslim_prune.passes import datadriven
+from onnxslim_prune.passes import activation, datadriven, nisp
 from onnxslim_prune.methods.base import get_method
 
 SAMPLE = Path(api.__file__).resolve().parent / "sample"
@@ -138,7 +138,7 @@ def test_inf_fs_prefers_spread_out_uncorrelated_features() -> None:
     std = np.array([1.0, 1.0, 1.0, 0.5])
     corr = np.eye(4)
     corr[0, 1] = corr[1, 0] = 0.99  # 0 and 1 are redundant
-    scores = datadriven.inf_fs(std, corr)
+    scores = nisp.inf_fs(std, corr)
     assert int(np.argmax(scores)) == 2
     assert scores[0] < scores[2] and scores[1] < scores[2]
     # the paper's pairwise term max(std_i, std_j): a low-variance feature still pairs strongly
@@ -241,9 +241,9 @@ def test_in_graph_moments_match_numpy_channel_moments() -> None:
     calib = load_calibration(str(FMNIST), input_specs(analysis.model, analysis.input_shapes), samples=100)
     ctx = Context(analysis.model, analysis.graph, analysis.trace, Options(batch_size=32), analysis.input_shapes,
                   analysis.opset, calib)
-    tensors = [t for g in analysis.trace.groups if not g.is_frozen for t in datadriven.activation_tensors(ctx, g)]
+    tensors = [t for g in analysis.trace.groups if not g.is_frozen for t in activation.activation_tensors(ctx, g)]
     assert tensors
-    got = datadriven.activation_moments(ctx, tensors)
+    got = activation.activation_moments(ctx, tensors)
     want = {t: ChannelMoments(1) for t in tensors}
     for batch in stream_tensors(analysis.model, calib, tensors, batch_size=32):
         for t in tensors:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..passes import datadriven, merge
+from ..passes import activation, datadriven, merge, nisp
 from ..passes.budget import choose_plan
 from .lcp import lcp
 from ..passes.plan import Plan
@@ -59,8 +59,8 @@ _DATA_DRIVEN: tuple[tuple[str, Callable[[Context], Outcome], str], ...] = (
     ("thinet", datadriven.thinet, "ThiNet (Luo et al. 2017): greedy minimal next-layer change + least squares"),
     ("cp", datadriven.cp, "Channel Pruning (He et al. 2017): LASSO selection + least squares"),
     ("ldrf", datadriven.ldrf, "LDRF (Chen et al. 2019): embedding-space selection + closed-form recomposition"),
-    ("nisp", datadriven.nisp, "NISP (Yu et al. 2018): final-response importance propagated back"),
-    *((stat.name, stat, stat.help) for stat in datadriven.ACTIVATION_CRITERIA),
+    ("nisp", nisp.nisp, "NISP (Yu et al. 2018): final-response importance propagated back"),
+    *((stat.name, stat, stat.help) for stat in activation.ACTIVATION_CRITERIA),
 )
 for _name, _run, _help in _DATA_DRIVEN:
     register(MethodSpec(_name, f"{_help}; needs --calib", run=_run, needs_data=True))

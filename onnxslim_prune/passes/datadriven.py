@@ -1,4 +1,4 @@
-"""Data-driven channel selection: ThiNet, Channel Pruning (LASSO), LDRF, NISP, activation criteria.
+"""Data-driven channel selection by reconstruction: ThiNet, Channel Pruning (LASSO), LDRF, and the helpers the data-driven methods share.
 
 All statistics come from calibration data streamed through the ORIGINAL model (one batch
 in memory at a time) and are cached on disk (``calib.cached``, keyed by the model digest and
@@ -33,20 +33,7 @@ downstream first).
   (forward selection, block Gram-Schmidt updates); the embedding is then solved from the
   surviving channels of the pruned network and recomposed into the consumer
   (``reconstruct`` with ``mode="ldrf"``).
-* ``nisp`` (Yu et al., "NISP: Pruning Networks using Neuron Importance Score Propagation",
-  CVPR 2018): the final response layer (the input of the last weighted node) is ranked by
-  Inf-FS (Roffo, Melzi, Cristani, ICCV 2015): ``A = a sigma + (1 - a)(1 - |rho|)`` with
-  ``sigma_ij = max(std_i, std_j) / max std`` and ``rho`` the (streamed, Pearson) correlation,
-  ``S = (I - r A)^-1 - I`` with ``r = 0.9 / rho(A)``, score ``s_i = sum_j S_ij``; scores are
-  propagated backwards ``s_in = |W|^T s_out`` through Conv / Gemm / MatMul, scaled by
-  ``|gamma| / sqrt(var + eps)`` through BatchNormalization, and carried unchanged through
-  pooling, activations, Add, Concat, Split, Slice, Flatten and Reshape (by channel class);
-  a class's score is the sum over the group's sources of their output importance.
-* ``mean_act`` (mean ``|activation|``) and ``apoz`` (Hu et al., "Network Trimming: A
-  Data-Driven Neuron Pruning Approach towards Efficient Deep Architectures", 2016: score
-  ``1 - APoZ``): ``ChannelMoments`` of each group's tensors after its activation. The
-  per-channel sums (``x``, ``|x|``, ``x^2``, ``x <= 0``) are reduced inside onnxruntime
-  (``calib.reduce.moments_model``), so only ``[C]`` vectors leave the session.
+NISP is `passes.nisp`, the activation criteria (``mean_act``, ``apoz``) `passes.activation`.
 
 Every statistic is a `calib.statistic.Statistic` (``ActivationMoments``, ``SampledGrams``,
 ``PooledCovariance``) collected and cached by `calib.statistic.collect` under one key scheme.
@@ -65,45 +52,38 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from .. import ir
 from ..channels import Group, Kind, Role, Trace
-from ..calib import ChannelMoments
 from ..calib.threads import blas_limited
 from ..calib.memory import explicit_budget
-from ..calib.statistic import ActivationMoments, PooledCovariance, RowSampler, SampledGrams, collect
+from ..calib.statistic import RowSampler, SampledGrams, collect
 from ..errors import CalibrationError
 from . import reconstruct as rc
 from ..methods.base import Context, Outcome
 from .budget import choose_plan
 from .plan import kept_count
 from .score import l1
-from ..ops import lookup
-from ..ops.elementwise import UNARY_OPS
-from ..ops.registry import MAX_OPSET
 
 log = logging.getLogger(__name__)
 
 #: layer name -> (input covariance, input mean) of a consumer
 Covariances = Mapping[str, tuple[np.ndarray, np.ndarray]]
 
-ACTIVATIONS = frozenset(UNARY_OPS) - {"Identity", "Dropout", "Cast", "Neg", "Abs", "Not", "IsNaN", "IsInf", "Sign"}
-
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _need_calibration(ctx: Context, method: str) -> None:
+def need_calibration(ctx: Context, method: str) -> None:
     if ctx.calibration is None:
         raise CalibrationError(f"method {method!r} needs calibration data: pass --calib PATH (or --calib random)")
 
 
-def _settings(ctx: Context, mode: str = "ls") -> rc.Settings:
+def settings(ctx: Context, mode: str = "ls") -> rc.Settings:
     return rc.Settings.from_params(ctx.params, ctx.options.batch_size, ctx.options.seed, mode)
 
 
-def _per_class(trace: Trace, group: Group, tensor: str, values: np.ndarray, *, mean: bool = True) -> np.ndarray:
+def per_class(trace: Trace, group: Group, tensor: str, values: np.ndarray, *, mean: bool = True) -> np.ndarray:
     """Mean (or sum) of per-position `values` of `tensor` over the positions of each class of `group`."""
     roots = trace.class_positions(tensor)
     assert roots is not None
@@ -120,7 +100,7 @@ def _per_class(trace: Trace, group: Group, tensor: str, values: np.ndarray, *, m
     return np.divide(total, count, out=np.zeros_like(total), where=count > 0)
 
 
-def _with_fallback(ctx: Context, scores: dict[int, np.ndarray], name: str) -> tuple[dict[int, np.ndarray], list[str]]:
+def with_fallback(ctx: Context, scores: dict[int, np.ndarray], name: str) -> tuple[dict[int, np.ndarray], list[str]]:
     """l1 scores for prunable groups the criterion could not score."""
     notes = []
     for group in ctx.trace.groups:
@@ -133,7 +113,7 @@ def _with_fallback(ctx: Context, scores: dict[int, np.ndarray], name: str) -> tu
     return scores, notes
 
 
-def _removal_count(ctx: Context, group: Group) -> int:
+def removal_count(ctx: Context, group: Group) -> int:
     """Classes the uniform ratio removes from `group` (as ``plan.uniform_plan`` counts them)."""
     keep = kept_count(group.size, ctx.options.ratio, ctx.options.round_to)
     n_remove = min(group.size - keep, group.prunable)
@@ -206,7 +186,7 @@ def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | No
     if budget is None:
         given = explicit_budget()
         budget = rc.DEFAULT_GRAM_BUDGET if given is None else min(rc.DEFAULT_GRAM_BUDGET, given // 2)
-    s = _settings(ctx)
+    s = settings(ctx)
     unique: dict[str, rc.Layer] = {}
     for layer in layers:
         unique.setdefault(_layer_key(layer), layer)
@@ -454,7 +434,7 @@ Selector = Callable[[Context, Group, Sequence[Consumer], Mapping[str, tuple[np.n
 
 
 def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str = "ls") -> Outcome:
-    _need_calibration(ctx, name)
+    need_calibration(ctx, name)
     consumers = group_consumers(ctx)
     layers = [c.layer for cs in consumers.values() for c in cs]
     cov = input_covariances(ctx, layers) if layers else {}
@@ -465,12 +445,12 @@ def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str 
             if group.index not in consumers:
                 continue
             free = np.array([not f for f in group.frozen])
-            n_remove = _removal_count(ctx, group)
+            n_remove = removal_count(ctx, group)
             s = select(ctx, group, consumers[group.index], cov, removed, free, n_remove)
             scores[group.index] = s
             order = np.argsort(np.where(free, s, np.inf), kind="stable")[:n_remove]
             removed.update(group.classes[int(i)] for i in order)
-    scores, notes = _with_fallback(ctx, scores, name)
+    scores, notes = with_fallback(ctx, scores, name)
     outcome = Outcome(choose_plan(ctx, scores), notes=tuple(notes))
     return rc.with_reconstruction(ctx, outcome, mode=mode)
 
@@ -501,7 +481,7 @@ def _selection_alpha(ctx: Context, layer: rc.Layer, dim: int, s: rc.Settings) ->
 
 def _select_ldrf(ctx: Context, group: Group, consumers: Sequence[Consumer], cov: Covariances, removed: set[int], free: np.ndarray,
          n_remove: int) -> np.ndarray:
-    s = _settings(ctx, "ldrf")
+    s = settings(ctx, "ldrf")
     blocks = []
     alphas = []
     for consumer in consumers:
@@ -539,197 +519,3 @@ def cp(ctx: Context) -> Outcome:
 def ldrf(ctx: Context) -> Outcome:
     """LDRF (Chen et al., AAAI 2019): embedding-space selection, closed-form recomposition."""
     return _reconstruction_method(ctx, "ldrf", _select_ldrf, mode="ldrf")
-
-
-# ----------------------------------------------------------------------------- NISP
-
-
-def _final_response(ctx: Context) -> tuple[str, str] | None:
-    """(tensor, node) of the final response layer: the traced input of the last weighted node."""
-    weighted = {s.node for s in ctx.trace.sources}
-    for node in reversed(list(ctx.graph.nodes)):
-        if node.name in weighted and node.inputs and ctx.trace.maps.get(node.inputs[0].name) is not None:
-            return node.inputs[0].name, node.name
-    return None
-
-
-def inf_fs(std: np.ndarray, corr: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Inf-FS feature scores (Roffo et al., ICCV 2015) from per-feature std and correlation."""
-    top = float(std.max(initial=0.0))
-    s = std / top if top > 0 else np.zeros_like(std)
-    sigma = np.maximum.outer(s, s)
-    a = alpha * sigma + (1.0 - alpha) * (1.0 - np.abs(corr))
-    radius = float(np.max(np.abs(np.linalg.eigvals(a)))) if a.size else 0.0
-    if radius <= 0:
-        return np.zeros(std.size)
-    r = 0.9 / radius
-    n = a.shape[0]
-    s_mat = np.linalg.inv(np.eye(n) - r * a) - np.eye(n)
-    return s_mat.sum(axis=1)
-
-
-def _frl_scores(ctx: Context, tensor: str) -> np.ndarray:
-    cmap = ctx.trace.maps[tensor]
-    s = _settings(ctx)
-
-    stat = PooledCovariance(tensor, cmap.axis, cmap.size)
-    collect(ctx.model, ctx.calibration, [stat], s.batch_size, progress=ctx.progress, subgraph=rc.subgraph_model)
-    cov = stat.covariance()
-    std = np.sqrt(np.clip(np.diag(cov), 0.0, None))
-    denom = np.outer(std, std)
-    corr = np.divide(cov, denom, out=np.zeros_like(cov), where=denom > 0)
-    return inf_fs(std, corr)
-
-
-def _atom_transfer(trace: Trace, into: str, source: str, values: np.ndarray) -> np.ndarray:
-    """Importance of `source` positions moved onto `into` positions by channel class."""
-    roots_in = trace.class_positions(into)
-    roots_out = trace.class_positions(source)
-    assert roots_in is not None and roots_out is not None
-    if roots_in.size == roots_out.size and np.array_equal(roots_in, roots_out):
-        return values
-    total: dict[int, float] = defaultdict(float)
-    for r, v in zip(roots_out.tolist(), values.tolist()):
-        total[r] += v
-    counts: dict[int, int] = defaultdict(int)
-    for r in roots_in.tolist():
-        counts[r] += 1
-    return np.array([total.get(r, 0.0) / counts[r] for r in roots_in.tolist()])
-
-
-def nisp_scores(ctx: Context) -> tuple[dict[int, np.ndarray], list[str]]:
-    """Per group, the NISP importance of each class (module docstring)."""
-    found = _final_response(ctx)
-    if found is None:
-        return {}, ["nisp: no final response layer was found"]
-    frl, frl_node = found
-    trace = ctx.trace
-    importance: dict[str, np.ndarray] = {frl: _frl_scores(ctx, frl)}
-    sources = {s.node for s in trace.sources}
-    for node in reversed(list(ctx.graph.nodes)):
-        if node.name == frl_node:
-            continue
-        outs = [(t.name, importance[t.name]) for t in node.outputs if t.name in importance and t.name in trace.maps]
-        if not outs:
-            continue
-        if node.name in sources or node.op == "BatchNormalization":
-            x = node.inputs[0]
-            if x.name not in trace.maps:
-                continue
-            rule = lookup(None, node.op, MAX_OPSET)  # the op rule's backward step (`OpRule.backprop`)
-            value = None if rule is None else rule.backprop(node, outs[0][1])
-            if value is not None and value.size == trace.maps[x.name].size:
-                importance[x.name] = importance.get(x.name, 0.0) + value
-            continue
-        for t in node.inputs:
-            if isinstance(t, gs.Constant) or t.name not in trace.maps:
-                continue
-            for name, value in outs:
-                moved = _atom_transfer(trace, t.name, name, value)
-                importance[t.name] = importance.get(t.name, 0.0) + moved
-    nodes = ir.node_by_name(ctx.graph)
-    scores: dict[int, np.ndarray] = {}
-    for group in trace.groups:
-        if group.is_frozen:
-            continue
-        total = np.zeros(group.size)
-        seen = False
-        for source in trace.sources:
-            if source.space not in group.spaces:
-                continue
-            y = nodes[source.node].outputs[0].name
-            if y in importance:
-                seen = True
-                total += _per_class(trace, group, y, importance[y], mean=False)
-        if seen and np.any(total > 0):
-            scores[group.index] = total
-    return scores, []
-
-
-def nisp(ctx: Context) -> Outcome:
-    """NISP (Yu et al., CVPR 2018): Inf-FS on the final response layer, propagated back by |W|."""
-    _need_calibration(ctx, "nisp")
-    scores, notes = nisp_scores(ctx)
-    scores, more = _with_fallback(ctx, scores, "nisp")
-    return Outcome(choose_plan(ctx, scores), notes=tuple(notes + more))
-
-
-# ----------------------------------------------------------------------------- activation criteria
-
-
-def activation_tensors(ctx: Context, group: Group) -> list[str]:
-    """The group's tensors after an activation (else after a norm, else the source outputs)."""
-    nodes = ir.node_by_name(ctx.graph)
-    by_role: dict[str, list[str]] = {"act": [], "norm": [], "out": []}
-    for m in group.members:
-        node = nodes.get(m.node)
-        if node is None or not node.outputs:
-            continue
-        name = node.outputs[0].name
-        if name not in ctx.trace.maps:
-            continue
-        if m.role == Role.PASS and m.op in ACTIVATIONS:
-            by_role["act"].append(name)
-        elif m.role == Role.NORM:
-            by_role["norm"].append(name)
-        elif m.role == Role.OUT:
-            by_role["out"].append(name)
-    for role in ("act", "norm", "out"):
-        names = [n for n in dict.fromkeys(by_role[role]) if _in_group(ctx.trace, group, n)]
-        if names:
-            return names
-    return []
-
-
-def _in_group(trace: Trace, group: Group, tensor: str) -> bool:
-    roots = trace.class_positions(tensor)
-    return roots is not None and bool(np.isin(roots, np.asarray(group.classes)).any())
-
-
-def activation_moments(ctx: Context, tensors: Sequence[str]) -> dict[str, ChannelMoments]:
-    """``ChannelMoments`` of each tensor over the calibration set (cached), reduced inside onnxruntime."""
-    s = _settings(ctx)
-    names = list(dict.fromkeys(tensors))
-    stat = ActivationMoments({n: (ctx.trace.maps[n].axis, len(ctx.trace.shapes[n]), ctx.trace.maps[n].size) for n in names})
-    collect(ctx.model, ctx.calibration, [stat], s.batch_size, progress=ctx.progress, subgraph=rc.subgraph_model)
-    return stat.result()
-
-
-def _activation_method(ctx: Context, name: str, value: Callable[[ChannelMoments], np.ndarray]) -> Outcome:
-    _need_calibration(ctx, name)
-    per_group = {g.index: activation_tensors(ctx, g) for g in ctx.trace.groups if not g.is_frozen}
-    per_group = {k: v for k, v in per_group.items() if v}
-    moments = activation_moments(ctx, [t for ts in per_group.values() for t in ts]) if per_group else {}
-    scores: dict[int, np.ndarray] = {}
-    for group in ctx.trace.groups:
-        if group.index not in per_group:
-            continue
-        parts = [_per_class(ctx.trace, group, t, value(moments[t])) for t in per_group[group.index]]
-        scores[group.index] = np.mean(parts, axis=0)
-    scores, notes = _with_fallback(ctx, scores, name)
-    return Outcome(choose_plan(ctx, scores), notes=tuple(notes))
-
-
-@dataclass(frozen=True)
-class ActivationCriterion:
-    """A per-channel importance read from the activations' streamed moments (higher = kept longer).
-
-    `score` maps a tensor's `ChannelMoments` (mean, mean |v|, mean v^2, fraction <= 0 per
-    channel) to one value per channel; the tensors are each group's activations
-    (`activation_tensors`), the classes take the mean over their positions, and the plan is
-    `choose_plan`'s. Registered as a data-driven method of its own name (`methods.builtin`).
-    """
-
-    name: str
-    help: str
-    score: Callable[[ChannelMoments], np.ndarray]
-
-    def __call__(self, ctx: Context) -> Outcome:
-        return _activation_method(ctx, self.name, self.score)
-
-
-#: mean |activation| of each channel after its activation (low = removed first)
-MEAN_ACT = ActivationCriterion("mean_act", "smallest mean |activation| removed", lambda m: m.mean_abs)
-#: APoZ (Hu et al. 2016): channels whose activations are most often zero are removed first
-APOZ = ActivationCriterion("apoz", "APoZ (Hu et al. 2016): most often zero activations removed", lambda m: 1.0 - m.apoz)
-ACTIVATION_CRITERIA = (MEAN_ACT, APOZ)
