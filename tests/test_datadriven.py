@@ -270,3 +270,34 @@ def test_buffered_float32_gram_matches_float64() -> None:
     assert acc.count == exact.count == 1000
     np.testing.assert_allclose(acc.xtx, exact.xtx, rtol=1e-5)
     np.testing.assert_allclose(acc.sum_x, exact.sum_x, rtol=1e-9)
+
+
+def test_selection_statistics_split_over_passes_when_a_batch_of_inputs_exceeds_the_budget(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """LeNet's three Gemm inputs at batch 32 take 100.4 KB, 38.4 KB and 12.8 KB; an exposure budget of 110 KB
+    splits them over two passes. Gemm rows are every row (no sampled positions), so the covariances equal the
+    one-pass ones to 1e-9."""
+    import logging
+
+    from onnxslim_prune.calib import input_specs, load_calibration
+    from onnxslim_prune.methods.base import Context, Options
+    from onnxslim_prune.passes import reconstruct as rc
+
+    analysis = api.analyze(LENET)
+    calib = load_calibration(str(FMNIST), input_specs(analysis.model, analysis.input_shapes), samples=64)
+    ctx = Context(analysis.model, analysis.graph, analysis.trace, Options(batch_size=32), analysis.input_shapes,
+                  analysis.opset, calib)
+    nodes = {n.name: n for n in analysis.graph.nodes}
+    layers = [layer for name, kind in analysis.trace.node_kind.items()
+              if (layer := rc.layer_of(nodes[name], kind)) is not None]
+    assert len(layers) == 3
+    one_pass = datadriven.input_covariances(ctx, layers)
+    monkeypatch.setattr(rc, "DEFAULT_EXPOSED_BUDGET", 110_000)
+    with caplog.at_level(logging.INFO, logger="onnxslim_prune.passes.datadriven"):
+        split = datadriven.input_covariances(ctx, layers)
+    assert "3 layers in 2 passes" in caplog.text
+    assert split.keys() == one_pass.keys()
+    for key, (cov, mean) in one_pass.items():
+        np.testing.assert_allclose(split[key][0], cov, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(split[key][1], mean, rtol=1e-9, atol=1e-9)

@@ -179,26 +179,36 @@ def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | No
     """``_layer_key -> (S centred covariance [D, D], mean [D])`` of each layer's input rows.
 
     Layers sharing an input and geometry share one Gram matrix; layers are collected in
-    chunks of at most `budget` bytes of Gram matrices, one `SampledGrams` statistic and one
-    calibration pass per chunk (default `rc.DEFAULT_GRAM_BUDGET`, or half of an explicit
-    ``--calib-memory``).
+    chunks of at most `budget` bytes of Gram matrices (default `rc.DEFAULT_GRAM_BUDGET`, or half of
+    an explicit ``--calib-memory``) whose inputs take at most `rc.DEFAULT_EXPOSED_BUDGET` bytes per
+    batch (or a quarter of an explicit ``--calib-memory``; onnxruntime holds every exposed tensor of a
+    batch at once, so all of a deep network's inputs at a large batch would dominate the peak), one
+    `SampledGrams` statistic and one calibration pass per chunk.
     """
+    given = explicit_budget()
     if budget is None:
-        given = explicit_budget()
         budget = rc.DEFAULT_GRAM_BUDGET if given is None else min(rc.DEFAULT_GRAM_BUDGET, given // 2)
+    exposed_budget = rc.DEFAULT_EXPOSED_BUDGET if given is None else min(rc.DEFAULT_EXPOSED_BUDGET, given // 4)
     s = settings(ctx)
     unique: dict[str, rc.Layer] = {}
     for layer in layers:
         unique.setdefault(_layer_key(layer), layer)
     chunks: list[list[str]] = [[]]
     used = 0
+    exposed: set[str] = set()
     for key, layer in unique.items():
         size = _dims(ctx, layer) ** 2 * 8
-        if chunks[-1] and used + size > budget:
+        batch_bytes = _batch_bytes(ctx, exposed | {layer.x}, s.batch_size)
+        if chunks[-1] and (used + size > budget or batch_bytes > exposed_budget):
             chunks.append([])
             used = 0
+            exposed = set()
         chunks[-1].append(key)
         used += size
+        exposed.add(layer.x)
+    if len(chunks) > 1:
+        log.info("selection statistics: %d layers in %d passes (Gram matrices within %d MiB, one batch's inputs "
+                 "within %d MiB)", len(unique), len(chunks), budget >> 20, exposed_budget >> 20)
 
     def sampler(layer: rc.Layer) -> RowSampler:
         return lambda x, rng: layer.x_rows(x, layer.positions(x.shape, s.positions, rng))
@@ -212,6 +222,16 @@ def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | No
         collect(ctx.model, ctx.calibration, [stat], s.batch_size, progress=ctx.progress, subgraph=rc.subgraph_model)
         out.update(stat.take_covariances())
     return out
+
+
+def _batch_bytes(ctx: Context, tensors: set[str], batch_size: int) -> int:
+    """Bytes of one batch of `tensors` (float32 where the dtype is not known; unknown shapes count 0)."""
+    total = 0
+    for name in tensors:
+        shape = ctx.trace.shapes.get(name)
+        if shape:
+            total += batch_size * int(np.prod(shape[1:], dtype=np.int64)) * 4
+    return total
 
 
 def _dims(ctx: Context, layer: rc.Layer) -> int:

@@ -121,6 +121,8 @@ DEFAULT_RIDGE_ROWS = 0.3
 DEFAULT_ENERGY = CommonParams.energy
 #: most bytes of Gram matrices held at once while collecting selection statistics
 DEFAULT_GRAM_BUDGET = 1 << 30
+#: most bytes of one batch's exposed layer inputs in one selection statistics pass
+DEFAULT_EXPOSED_BUDGET = 128 << 20
 
 Progress = Callable[[int, int], None]
 FITTED_KINDS = (Kind.CONV, Kind.GEMM, Kind.MATMUL)
