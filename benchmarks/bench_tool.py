@@ -151,7 +151,7 @@ def _calibration_table(rows: list[dict[str, Any]]) -> list[str]:
 
 def _large_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
-        "# Large models: the tool against loading and running the model once",
+        "## Large models: the tool against loading and running the model once",
         "",
         "`onnx-prune MODEL --ratio 0.5` (l1, data-free: the verdict runs 16 seeded random samples through both "
         "models) on zoo models with seeded random weights, with and without latency. Baseline, measured in the "

@@ -1,6 +1,7 @@
 """Copy the benchmark results into the README between their markers.
 
-    python benchmarks/update_readme.py
+    python benchmarks/update_readme.py              # every section
+    python benchmarks/update_readme.py tool         # only the named sections
 
 Each section `<!-- NAME -->` ... `<!-- /NAME -->` of README.md is replaced by the text of
 benchmarks/results/NAME.md (its first heading dropped), so the README's figures are
@@ -69,10 +70,14 @@ def body(name: str) -> str:
     return "\n\n".join(part for part in (section.intro, images, text) if part)
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    unknown = sorted(set(argv) - set(SECTIONS))
+    if unknown:
+        print(f"unknown sections: {', '.join(unknown)} (known: {', '.join(SECTIONS)})", file=sys.stderr)
+        return 2
     readme = ROOT / "README.md"
     text = readme.read_text()
-    for name in SECTIONS:
+    for name in argv or list(SECTIONS):
         pattern = re.compile(rf"<!-- {name} -->.*?<!-- /{name} -->", re.S)
         if not (RESULTS / f"{name}.md").exists() or not pattern.search(text):
             print(f"skipped {name}")
@@ -83,4 +88,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
