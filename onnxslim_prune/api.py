@@ -130,7 +130,7 @@ def prune(
     exclude: Sequence[str] = (),
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
     seed: int = 0,
-    criterion: str = "l1",
+    criterion: str | None = None,
     calib: str | os.PathLike[str] | None = None,
     calib_samples: int | None = None,
     batch_size: int = 32,
@@ -156,7 +156,7 @@ def prune(
     spec = get_method(method)
     options = Options(
         method=method, ratio=ratio, round_to=round_to, exclude=_patterns(exclude), input_shapes=dict(input_shapes or {}),
-        seed=seed, criterion=criterion, calib=None if calib is None else str(calib), calib_samples=calib_samples,
+        seed=seed, criterion=criterion or spec.default_criterion, calib=None if calib is None else str(calib), calib_samples=calib_samples,
         batch_size=batch_size, params=dict(params or {}),
     )
     exclude = options.exclude
@@ -451,13 +451,13 @@ def plan_only(
     exclude: Sequence[str] = (),
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
     seed: int = 0,
-    criterion: str = "l1",
+    criterion: str | None = None,
     params: Mapping[str, Any] | None = None,
     preprocess: Any = None,
 ) -> tuple[Analysis, Plan | None]:
     """Check the options, trace, and (for a `MethodSpec.plan_only` method) choose the plan; nothing is applied."""
     options = Options(method=method, ratio=ratio, round_to=round_to, exclude=_patterns(exclude), seed=seed,
-                      criterion=criterion, params=dict(params or {}))
+                      criterion=criterion or get_method(method).default_criterion, params=dict(params or {}))
     _checked(options)
     proto = _load(model)
     shapes = resolve_input_shapes(proto, dict(input_shapes or {}), preprocess=preprocess)

@@ -110,7 +110,7 @@ class _OneLineErrors(click.Command):
 @click.option("--round-to", default=1, show_default=True, type=int, help="Keep channel counts at multiples of N.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Protect nodes whose name matches (glob); repeatable.")
 @click.option("--input-shape", multiple=True, metavar="NAME:1x3x224x224", help="Fix a dynamic input shape; repeatable.")
-@click.option("--criterion", default="l1", show_default=True, help="Selection criterion of methods that take one.")
+@click.option("--criterion", default=None, help="Selection criterion of methods that take one [default: l1; merge: l1_bias].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for random choices and validation inputs.")
 @click.option("--calib", metavar="PATH|random", help="Calibration data: .npz/.npy, an image folder, or 'random'.")
 @click.option("--calib-samples", type=int, help="Use the first N calibration samples.")
@@ -150,7 +150,7 @@ def main(
     round_to: int,
     exclude: tuple[str, ...],
     input_shape: tuple[str, ...],
-    criterion: str,
+    criterion: str | None,
     seed: int,
     calib: str | None,
     calib_samples: int | None,
@@ -254,7 +254,7 @@ def _closed(console: ConsoleProgress | None) -> None:
 
 
 def _dry_run(model: Path, method: str, ratio: float, round_to: int, exclude: tuple[str, ...], shapes: Any, seed: int,
-             criterion: str, report_path: Path | None, params: dict[str, Any], preprocess: Any) -> None:
+             criterion: str | None, report_path: Path | None, params: dict[str, Any], preprocess: Any) -> None:
     """Print every group and what the method would keep, where that needs no data; write nothing."""
     if not model.is_file():
         raise UsageError(f"{model}: {'not a file' if model.exists() else 'no such file'}")

@@ -251,3 +251,29 @@ def test_unknown_merge_scale_is_a_usage_error() -> None:
     )
     with pytest.raises(UsageError, match="merge-scale"):
         prune(model, method="merge", ratio=0.5, params={"merge_scale": "cubic"})
+
+
+def test_merge_ranks_by_weights_and_bias_by_default_as_the_authors_code() -> None:
+    """Hidden neuron 0 has tiny weights (|w|_1 = 0.8) and a large bias (5); neuron 1 has larger weights (|w|_1 = 4)
+    and no bias. `l1` removes neuron 0, `l1_bias` (|w|_1 + |b| = 5.8 against 4) removes neuron 1; merge without
+    --criterion follows the authors' ranking, and with --criterion l1 the weights alone."""
+    from onnxslim_prune import api
+
+    rng = np.random.default_rng(0)
+    w1 = np.ones((4, 4), dtype=np.float32)  # [in, hidden]
+    w1[:, 0], w1[:, 1] = 0.2, 1.0
+    w1[:, 2:] = 3.0
+    b1 = np.array([5.0, 0.0, 0.0, 0.0], dtype=np.float32)
+    w2 = rng.standard_normal((4, 3)).astype(np.float32)
+    model = _model(
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Gemm", ["r", "w2"], ["y"])],
+        {"w1": w1, "b1": b1, "w2": w2}, [2, 4], [2, 3])
+    removed = {}
+    for criterion in (None, "l1", "l1_bias"):
+        analysis, plan = api.plan_only(model, "merge", 0.25, criterion=criterion)
+        assert plan is not None and len(plan.groups) == 1
+        removed[criterion] = plan.groups[0].pruned
+    assert removed["l1"] == (0,) and removed["l1_bias"] == (1,) and removed[None] == (1,)
+    result = prune(model, "l1_bias", 0.25)  # also a data-free method of its own
+    assert numpy_helper.to_array(next(i for i in result.model.graph.initializer if i.name == "w1")).shape == (4, 3)

@@ -134,7 +134,7 @@ class CommonParams:
 
 
 #: Neuron Merging's selection criteria and scales (see `passes.merge`)
-MERGE_CRITERIA = ("l1", "l2", "fpgm")
+MERGE_CRITERIA = ("l1", "l1_bias", "l2", "fpgm")
 MERGE_SCALES = ("norm", "projection")
 
 
@@ -234,6 +234,8 @@ class MethodSpec:
     plan_only: bool = False
     #: the --criterion values it takes (empty: it ignores --criterion; None: any criterion)
     criteria: tuple[str, ...] | None = ()
+    #: the criterion used when --criterion is not given (methods that take one)
+    default_criterion: str = "l1"
     #: the fraction of residual blocks removed before tracing (default: the `blocks` setting)
     block_fraction: Callable[[Options], float | None] | None = None
     #: the MACs target when no budget is given (LCP: 1 - ratio); None: a uniform ratio

@@ -18,6 +18,7 @@ from .base import MERGE_CRITERIA, Context, Importance, LcpParams, MergeParams, M
 
 CRITERION_HELP = {
     "l1": "smallest L1 norm of a channel's weights removed (Li et al. 2017)",
+    "l1_bias": "smallest L1 norm of weights and bias removed (the Neuron Merging authors' ranking)",
     "l2": "smallest L2 norm removed (Li et al. 2017)",
     "bn": "smallest BatchNorm scale |gamma| removed (Network Slimming, Liu et al. 2017)",
     "fpgm": "channels nearest the geometric median removed (He et al. 2019)",
@@ -51,9 +52,9 @@ for _name, _help in CRITERION_HELP.items():
     register(MethodSpec(_name, _help, importance=criterion_scores(_name), planner=choose_plan, plan_only=True))
 
 register(MethodSpec(
-    "merge", "Neuron Merging (Kim et al. 2020): prune by --criterion, merge similar neurons into kept ones; data-free",
+    "merge", "Neuron Merging (Kim et al. 2020): prune by --criterion (default l1_bias, the authors' ranking), merge similar neurons into kept ones; data-free",
     params=MergeParams, importance=criterion_scores(None), planner=choose_plan, compensation=merge.merge_outcome,
-    plan_only=True, criteria=MERGE_CRITERIA,
+    plan_only=True, criteria=MERGE_CRITERIA, default_criterion="l1_bias",
 ))
 _DATA_DRIVEN: tuple[tuple[str, Callable[[Context], Outcome], str], ...] = (
     ("thinet", datadriven.thinet, "ThiNet (Luo et al. 2017): greedy minimal next-layer change + least squares"),

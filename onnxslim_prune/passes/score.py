@@ -21,8 +21,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import ir
-from ..channels import Group, Role, Source, Trace
+from ..channels import Group, Kind, Role, Source, Trace
 from ..errors import UsageError
+from ..ops import lookup
+from ..ops.registry import MAX_OPSET
 
 Criterion = Callable[[Trace, gs.Graph, Group, int], np.ndarray]
 
@@ -99,6 +101,32 @@ def l1(trace: Trace, graph: gs.Graph, group: Group, seed: int = 0) -> np.ndarray
     return _source_values(trace, graph, group, _l1_rows)
 
 
+def _bias(node: gs.Node, kind: Kind | None, rows: int) -> np.ndarray | None:
+    """Per output channel, the layer's bias (its op rule's affine form, else input 2), or None."""
+    rule = lookup(node.domain, node.op, MAX_OPSET)
+    affine = None if rule is None else rule.read_affine(node, kind)
+    if affine is not None and affine.b is not None and affine.b.size == rows:
+        return affine.b
+    bias = ir.input_const(node, 2) if node.op in ("Conv", "ConvTranspose") and ir.has_input(node, 2) else None
+    return None if bias is None or bias.size != rows else np.asarray(bias, dtype=np.float64).reshape(-1)
+
+
+def l1_bias(trace: Trace, graph: gs.Graph, group: Group, seed: int = 0) -> np.ndarray:
+    """``sum |w| + |b|``: the l1 norm of a neuron's incoming weights *and* bias, the ranking of the Neuron
+    Merging authors' code (Kim et al. 2020); `l1` ranks by the weights alone."""
+    nodes = ir.node_by_name(graph)
+    spaces = set(group.spaces)
+    values = {}
+    for source in trace.sources:
+        if source.space not in spaces:
+            continue
+        node = nodes[source.node]
+        norms = _l1_rows(filters(nodes, source))
+        bias = _bias(node, trace.node_kind.get(source.node), norms.size)
+        values[source.space] = norms if bias is None else norms + np.abs(bias)
+    return _per_class(trace, group, values)
+
+
 def l2(trace: Trace, graph: gs.Graph, group: Group, seed: int = 0) -> np.ndarray:
     return _source_values(trace, graph, group, _l2_rows)
 
@@ -131,7 +159,7 @@ def random(trace: Trace, graph: gs.Graph, group: Group, seed: int = 0) -> np.nda
     return np.random.default_rng([seed, group.index]).random(len(group.classes))
 
 
-CRITERIA: dict[str, Criterion] = {"l1": l1, "l2": l2, "bn": bn, "fpgm": fpgm, "random": random}
+CRITERIA: dict[str, Criterion] = {"l1": l1, "l1_bias": l1_bias, "l2": l2, "bn": bn, "fpgm": fpgm, "random": random}
 
 
 def criterion(name: str) -> Criterion:
