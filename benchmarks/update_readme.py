@@ -44,6 +44,7 @@ SECTIONS = {
     "calibration": Section(),
     "accuracy": Section(pictures=("accuracy_*.png",)),
     "anchors": Section(pictures=("anchors.png",)),
+    "nm_ranking": Section(),
     "merge": Section(),
     "peers": Section(
         "Full tables: [benchmarks/results/peers.md](benchmarks/results/peers.md), by `python benchmarks/peers.py`.",
