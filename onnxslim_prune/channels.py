@@ -49,6 +49,10 @@ class Kind(_StrEnum):
     FLATTEN = "flatten"
     SQUEEZE = "squeeze"
     UNSQUEEZE = "unsqueeze"
+    # attention (ops.attention)
+    BATCH_MATMUL = "batch_matmul"  # a MatMul between two activations (scores, context)
+    EMBEDDING = "embedding"  # a Gather of rows of a constant table: the table's last axis is a space
+    EXPAND = "expand"
 
 
 #: kinds of a weighted op with its own weight to slice (a source and a consumer)
@@ -69,6 +73,7 @@ class Role(_StrEnum):
     SLICE = "slice"
     RESHAPE = "reshape"
     RESIZE = "resize"
+    HEADS = "heads"  # channels on a batch axis of a MatMul between activations (attention heads)
     FROZEN = "frozen"  # an op the tracer does not understand: its channels stay
 
 

@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 from .. import ir
 from ..channels import ChannelMap, Kind, Role, Shape
 from ..graph import edit
+from . import attention
 from .elementwise import slice_constant_operands, trace_broadcast
 from .registry import ApplyContext, Freeze, OpRule, TraceContext, register
 
@@ -225,19 +226,19 @@ class ReshapeRule(OpRule):
         if in_shape is None or out_shape is None:
             raise Freeze("unknown shape")
         mapped = reshape_channel_map(in_shape, out_shape, x_map)
+        heads = None
+        if mapped is None and node.op == "Reshape":
+            heads = attention.head_split_map(in_shape, out_shape, x_map)  # channels split into [..., H, D]
+            mapped = heads[0] if heads is not None else None
         if mapped is None:
             raise Freeze("splits or scatters the channel axis")
         if node.op == "Reshape":
+            attention.check_target(t, node, mapped.axis, x_map.axis)
             target = ir.input_const(node, 1)
-            if target is None:
-                raise Freeze("target shape is computed at run time")
-            values = target.ravel().tolist()
-            if mapped.axis >= len(values):
-                raise Freeze("target shape does not match the inferred shape")
-            if values[mapped.axis] == 0 and mapped.axis != x_map.axis:
-                raise Freeze("a 0 in the target shape copies a channel-dependent dim")
-            if int(ir.attr(node, "allowzero", 0)) and 0 in values:
+            if int(ir.attr(node, "allowzero", 0)) and (target is None or 0 in target.ravel().tolist()):
                 raise Freeze("allowzero target shape")
+        for head in heads[1] if heads is not None else ():
+            t.unite(head[:1].repeat(head.size), head)
         t.touch(x_map.atoms, node, Role.RESHAPE)
         t.set_kind(node, Kind(node.op.lower()))
         t.set_map(node.outputs[0], mapped)
@@ -250,14 +251,7 @@ class ReshapeRule(OpRule):
         keep = a.keep(out)
         if keep is None or node.op != "Reshape":
             return
-        target = ir.input_const(node, 1)
-        assert target is not None
-        axis = a.axis(out)
-        if int(target.ravel()[axis]) in (-1, 0):
-            return
-        new = target.copy()
-        new.reshape(-1)[axis] = keep.size
-        edit.set_input_const(node, 1, new)
+        attention.set_target_entry(a, node, a.axis(out), int(keep.size))
 
 
 class TransposeRule(OpRule):
