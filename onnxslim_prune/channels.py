@@ -53,6 +53,8 @@ class Kind(_StrEnum):
     BATCH_MATMUL = "batch_matmul"  # a MatMul between two activations (scores, context)
     EMBEDDING = "embedding"  # a Gather of rows of a constant table: the table's last axis is a space
     EXPAND = "expand"
+    LAYER_NORM = "layer_norm"  # LayerNormalization over the channel axis: gamma and beta sliced
+    CHANNEL_MEAN = "channel_mean"  # ReduceMean over the channel axis (a decomposed LayerNorm / RMSNorm)
 
 
 #: kinds of a weighted op with its own weight to slice (a source and a consumer)

@@ -179,3 +179,151 @@ def test_matmul_with_channels_on_one_batch_operand_only_freezes() -> None:
     }""", wq=weights(8, 8), split=np.array([1, 4, 2, 4]))
     group = group_of(trace_of(model), "MatMul_0", Role.OUT)
     assert group.is_frozen and any("untraced operand has a channel dimension" in r for r in group.reasons)
+
+
+# ----------------------------------------------------------------------------- FFN and the hidden size
+
+
+def test_swiglu_neurons_prune_exactly() -> None:
+    """Llama's gated MLP: gate and up projections coupled by the Mul, then down; hidden size kept by the graph I/O."""
+    zero = (0, 2, 5)
+    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,4,8] x) => (float[1,4,8] y) {
+      gt = MatMul (x, wg)
+      sg = Sigmoid (gt)
+      si = Mul (gt, sg)
+      up = MatMul (x, wu)
+      m = Mul (si, up)
+      d = MatMul (m, wd)
+      y = Add (x, d)
+    }""", wg=zeroed(weights(8, 6), zero, axis=1), wu=zeroed(weights(8, 6, seed=1), zero, axis=1), wd=weights(6, 8, seed=2))
+    group = group_of(trace_of(model), "MatMul_0", Role.OUT)
+    assert {m.node for m in group.members if m.role == Role.OUT} == {"MatMul_0", "MatMul_3"} and group.size == 6
+    result = prune_l1(model)
+    assert initializer(result.model, "wg").shape == (8, 3) and initializer(result.model, "wd").shape == (3, 8)
+    assert_same_outputs(model, result.model)
+
+
+def _layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps) * gamma + beta
+
+
+def _run_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, feeds)[0])
+
+
+def test_hidden_size_through_embedding_layernorm_and_residual() -> None:
+    """The residual stream: embedding table columns, position embedding, LayerNorm, residual Add, consumers' rows.
+
+    LayerNorm then normalises over the kept channels (the documented rule): the pruned model equals
+    numpy's computation with every hidden-sized tensor sliced to the kept channels.
+    """
+    zero = (1, 3, 5, 7)
+    w = {"emb": weights(10, 8), "pos": weights(1, 4, 8, seed=1), "g1": weights(8, seed=2), "b1": weights(8, seed=3),
+         "w1": weights(8, 6, seed=4), "w2": zeroed(weights(6, 8, seed=5), zero, axis=1), "wout": weights(8, 3, seed=6)}
+    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
+    g (int64[1,4] ids) => (float[1,4,3] y) {
+      e = Gather (emb, ids)
+      h = Add (e, pos)
+      n = LayerNormalization <axis = -1> (h, g1, b1)
+      f = MatMul (n, w1)
+      a = Relu (f)
+      d = MatMul (a, w2)
+      r = Add (h, d)
+      y = MatMul (r, wout)
+    }""", **w)
+    trace = trace_of(model)
+    hidden = group_of(trace, "Gather_0", Role.OUT)
+    assert trace.node_kind["Gather_0"] == Kind.EMBEDDING and trace.node_kind["LayerNormalization_2"] == Kind.LAYER_NORM
+    assert hidden.size == 8 and {m.node for m in hidden.members if m.role == Role.OUT} == {"Gather_0", "MatMul_5"}
+    result = prune_l1(model)
+    kept = [c for c in range(8) if c not in zero]
+    assert initializer(result.model, "emb").shape == (10, 4) and initializer(result.model, "pos").shape == (1, 4, 4)
+    assert initializer(result.model, "g1").shape == (4,) and initializer(result.model, "wout").shape == (4, 3)
+    ids = np.array([[3, 0, 9, 4]], dtype=np.int64)
+    s = {k: v[..., kept] if k in ("emb", "pos", "g1", "b1", "w2") else v for k, v in w.items()}
+    s["w1"], s["wout"] = w["w1"][kept], w["wout"][kept]
+    h = s["emb"][ids] + s["pos"]
+    n = _layer_norm(h, s["g1"], s["b1"])
+    f = np.maximum(n @ s["w1"], 0)  # the FFN group is pruned too: its zero-scored half goes, numpy keeps it all
+    ffn_keep = result.plan.for_group(group_of(trace, "MatMul_3", Role.OUT).index)
+    assert ffn_keep is not None and ffn_keep.kept == 3
+    pruned = _run_feeds(result.model, {"ids": ids})
+    ffn = [i for i, c in enumerate(group_of(trace, "MatMul_3", Role.OUT).classes) if c not in ffn_keep.pruned]
+    expected = (h + f[..., ffn] @ s["w2"][ffn]) @ s["wout"]
+    np.testing.assert_allclose(pruned, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_rmsnorm_as_exporters_decompose_it_passes_the_hidden_size() -> None:
+    """Pow, ReduceMean over the channels, Add eps, Sqrt, Reciprocal, Mul, Mul gamma: the mean runs over the kept channels."""
+    zero = (0, 6)
+    w = {"wa": zeroed(weights(8, 8), zero, axis=1), "gamma": weights(8, seed=1), "wb": weights(8, 3, seed=2),
+         "two": np.array(2.0), "eps": np.array(1e-6)}
+    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,4,8] x) => (float[1,4,3] y) {
+      h = MatMul (x, wa)
+      p = Pow (h, two)
+      ms = ReduceMean <axes = [-1]> (p)
+      ae = Add (ms, eps)
+      sq = Sqrt (ae)
+      inv = Reciprocal (sq)
+      nn = Mul (h, inv)
+      n = Mul (nn, gamma)
+      y = MatMul (n, wb)
+    }""", **w)
+    trace = trace_of(model)
+    assert trace.node_kind["ReduceMean_2"] == Kind.CHANNEL_MEAN
+    result = prune_l1(model, ratio=0.25)
+    kept = [c for c in range(8) if c not in zero]
+    assert initializer(result.model, "wa").shape == (8, 6) and initializer(result.model, "gamma").shape == (6,)
+    x = np.random.default_rng(0).standard_normal((1, 4, 8)).astype(np.float32)
+    h = x @ w["wa"][:, kept]
+    expected = h / np.sqrt((h**2).mean(-1, keepdims=True) + 1e-6) * w["gamma"][kept] @ w["wb"][kept]
+    np.testing.assert_allclose(_run_feeds(result.model, {"x": x}), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_class_token_and_a_dynamic_flatten_follow_the_hidden_size() -> None:
+    """timm's ViT stem with a dynamic batch: Conv, Shape/Slice/Concat/Reshape (flatten(2)), Transpose, Concat with an
+    expanded class token, position embedding; a channel-count read into the attention's merge shape is pinned.
+
+    The class token and the filters of the removed channels are zero, so the outputs are unchanged.
+    """
+    zero = (1, 2)
+    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[B,1,4,4] x) => (float[B,5,2] y) {
+      c = Conv <strides = [2, 2], kernel_shape = [2, 2]> (x, wc)
+      sh = Shape (c)
+      sl = Slice (sh, s0, s2, s0)
+      tg = Concat <axis = 0> (sl, minus1)
+      f = Reshape (c, tg)
+      t = Transpose <perm = [0, 2, 1]> (f)
+      sh2 = Shape (t)
+      b = Gather <axis = 0> (sh2, i0)
+      bu = Unsqueeze (b, s0)
+      ex = Concat <axis = 0> (bu, minus1, minus1)
+      one = ConstantOfShape <value = int64[1] {1}> (three)
+      neg = Mul (one, minus1)
+      eq = Equal (ex, neg)
+      es = Where (eq, one, ex)
+      ct = Expand (cls, es)
+      tok = Concat <axis = 1> (ct, t)
+      h = Add (tok, pos)
+      hc = Gather <axis = 0> (sh2, i2)
+      hu = Unsqueeze (hc, s0)
+      five = Constant <value = int64[1] {5}> ()
+      mt = Concat <axis = 0> (bu, five, hu)
+      hr = Reshape (h, mt)
+      y = MatMul (hr, wo)
+    }""", wc=zeroed(weights(4, 1, 2, 2), zero), s0=np.array([0]), s2=np.array([2]), minus1=np.array([-1]),
+        i0=np.array(0), i2=np.array(2), three=np.array([3]), cls=zeroed(weights(1, 1, 4, seed=1), zero, axis=2),
+        pos=zeroed(weights(1, 5, 4, seed=2), zero, axis=2), wo=weights(4, 2, seed=3))
+    group = group_of(trace_of(model), "Conv_0", Role.OUT)
+    assert group.size == 4 and group.prunable == 4
+    result = prune_l1(model)
+    assert initializer(result.model, "cls").shape == (1, 1, 2) and initializer(result.model, "wo").shape == (2, 2)
+    x = np.random.default_rng(0).standard_normal((3, 1, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(_run_feeds(result.model, {"x": x}), _run_feeds(model, {"x": x}), rtol=1e-5, atol=1e-5)
