@@ -79,6 +79,24 @@ class Role(_StrEnum):
     FROZEN = "frozen"  # an op the tracer does not understand: its channels stay
 
 
+class Part(_StrEnum):
+    """What a group is in a transformer (`transformer_part`): the unit of ``--heads`` / ``--ffn`` / ``--hidden``."""
+
+    HEADS = "heads"  # attention heads: channels on a batch axis of a MatMul between activations
+    HIDDEN = "hidden"  # the residual stream: through a LayerNorm / RMSNorm or an embedding table
+    FFN = "ffn"  # every other group (FFN neurons; all groups of a network without attention)
+
+
+def transformer_part(node_kind: Mapping[str, Kind], group: Group) -> Part:
+    """The `Part` of `group`, from its members' roles and kinds."""
+    if any(m.role == Role.HEADS for m in group.members):
+        return Part.HEADS
+    hidden = (Kind.LAYER_NORM, Kind.CHANNEL_MEAN, Kind.EMBEDDING)
+    if any(node_kind.get(m.node) in hidden for m in group.members):
+        return Part.HIDDEN
+    return Part.FFN
+
+
 @dataclass(frozen=True, eq=False)
 class ChannelMap:
     """A tensor's channel axis and, per position along it, the atom it holds."""

@@ -327,3 +327,33 @@ def test_class_token_and_a_dynamic_flatten_follow_the_hidden_size() -> None:
     assert initializer(result.model, "cls").shape == (1, 1, 2) and initializer(result.model, "wo").shape == (2, 2)
     x = np.random.default_rng(0).standard_normal((3, 1, 4, 4)).astype(np.float32)
     np.testing.assert_allclose(_run_feeds(result.model, {"x": x}), _run_feeds(model, {"x": x}), rtol=1e-5, atol=1e-5)
+
+
+def test_heads_ffn_and_hidden_take_their_own_ratios() -> None:
+    """``--heads 0 --hidden 0``: only the FFN loses its half; the parts are told apart by their members."""
+    from .. import api
+    from ..channels import Part, transformer_part
+
+    w = {"emb": weights(10, 8), "pos": weights(1, 4, 8, seed=1), "g1": weights(8, seed=2), "b1": weights(8, seed=3),
+         "w1": weights(8, 6, seed=4), "w2": weights(6, 8, seed=5), "wout": weights(8, 3, seed=6)}
+    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
+    g (int64[1,4] ids) => (float[1,4,3] y) {
+      e = Gather (emb, ids)
+      h = Add (e, pos)
+      n = LayerNormalization <axis = -1> (h, g1, b1)
+      f = MatMul (n, w1)
+      a = Relu (f)
+      d = MatMul (a, w2)
+      r = Add (h, d)
+      y = MatMul (r, wout)
+    }""", **w)
+    trace = trace_of(model)
+    parts = {transformer_part(trace.node_kind, g) for g in trace.groups if not g.is_frozen}
+    assert parts == {Part.HIDDEN, Part.FFN}
+    result = api.prune(model, "l1", 0.5, latency=False, params={"hidden": 0.0})
+    assert initializer(result.model, "emb").shape == (10, 8) and initializer(result.model, "w1").shape == (8, 3)
+    heads = parse(_attention_text(), wq=weights(8, 8), bq=weights(8, seed=1), wk=weights(8, 8, seed=2),
+                  wv=weights(8, 8, seed=3), wo=weights(8, 8, seed=4), split=np.array([1, 4, 4, 2]),
+                  merge=np.array([1, 4, 8]), scale=np.array(0.7), mask=weights(1, 1, 1, 4, seed=5))
+    kept = api.prune(heads, "l1", 0.5, latency=False, params={"heads": 0.25})
+    assert initializer(kept.model, "wq").shape == (8, 6)  # 1 of 4 heads

@@ -68,7 +68,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import ir
-from ..channels import Group, Kind, Role, Trace
+from ..channels import Group, Kind, Role, Trace, transformer_part
 from ..calib import ChannelMoments
 from ..calib.threads import blas_limited
 from ..calib.memory import explicit_budget
@@ -135,7 +135,10 @@ def _with_fallback(ctx: Context, scores: dict[int, np.ndarray], name: str) -> tu
 
 def _removal_count(ctx: Context, group: Group) -> int:
     """Classes the uniform ratio removes from `group` (as ``plan.uniform_plan`` counts them)."""
-    keep = kept_count(group.size, ctx.options.ratio, ctx.options.round_to)
+    ratio = ctx.params.part_ratio(transformer_part(ctx.trace.node_kind, group), ctx.options.ratio)
+    if ratio <= 0:
+        return 0
+    keep = kept_count(group.size, ratio, ctx.options.round_to)
     n_remove = min(group.size - keep, group.prunable)
     if group.block > 1:
         n_remove -= n_remove % group.block
