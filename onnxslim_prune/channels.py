@@ -49,6 +49,12 @@ class Kind(_StrEnum):
     FLATTEN = "flatten"
     SQUEEZE = "squeeze"
     UNSQUEEZE = "unsqueeze"
+    # attention (ops.attention)
+    BATCH_MATMUL = "batch_matmul"  # a MatMul between two activations (scores, context)
+    EMBEDDING = "embedding"  # a Gather of rows of a constant table: the table's last axis is a space
+    EXPAND = "expand"
+    LAYER_NORM = "layer_norm"  # LayerNormalization over the channel axis: gamma and beta sliced
+    CHANNEL_MEAN = "channel_mean"  # ReduceMean over the channel axis (a decomposed LayerNorm / RMSNorm)
 
 
 #: kinds of a weighted op with its own weight to slice (a source and a consumer)
@@ -69,7 +75,26 @@ class Role(_StrEnum):
     SLICE = "slice"
     RESHAPE = "reshape"
     RESIZE = "resize"
+    HEADS = "heads"  # channels on a batch axis of a MatMul between activations (attention heads)
     FROZEN = "frozen"  # an op the tracer does not understand: its channels stay
+
+
+class Part(_StrEnum):
+    """What a group is in a transformer (`transformer_part`): the unit of ``--heads`` / ``--ffn`` / ``--hidden``."""
+
+    HEADS = "heads"  # attention heads: channels on a batch axis of a MatMul between activations
+    HIDDEN = "hidden"  # the residual stream: through a LayerNorm / RMSNorm or an embedding table
+    FFN = "ffn"  # every other group (FFN neurons; all groups of a network without attention)
+
+
+def transformer_part(node_kind: Mapping[str, Kind], group: Group) -> Part:
+    """The `Part` of `group`, from its members' roles and kinds."""
+    if any(m.role == Role.HEADS for m in group.members):
+        return Part.HEADS
+    hidden = (Kind.LAYER_NORM, Kind.CHANNEL_MEAN, Kind.EMBEDDING)
+    if any(node_kind.get(m.node) in hidden for m in group.members):
+        return Part.HIDDEN
+    return Part.FFN
 
 
 @dataclass(frozen=True, eq=False)

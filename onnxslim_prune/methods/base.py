@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..channels import Trace
+from ..channels import Part, Trace
 from ..errors import UsageError
 from ..passes.plan import Plan
 
@@ -70,6 +70,15 @@ BLOCK_CRITERIA = ("output", "norm")
 FRACTION = number(0.0, 1.0, low_open=True)
 BOOL = choice(True, False)
 POSITIVE_INT = number(1, math.inf, integer=True)
+
+
+def _ratio(key: str, value: Any) -> None:
+    number(0.0, 1.0)(key, value)
+    if float(value) >= 1.0:
+        raise UsageError(f"{key} must be a number in [0, 1), got {value!r}")
+
+
+RATIO = _ratio
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,17 @@ class CommonParams:
     residual_targets: bool = setting(True, BOOL)
     block_criterion: str = setting("output", choice(*BLOCK_CRITERIA))
     block_samples: int = setting(128, POSITIVE_INT)
+    heads: float | None = setting(None, RATIO, flag="--heads", cli_type=float,
+                                  help="Transformers: fraction of each layer's attention heads removed [default: --ratio].")
+    ffn: float | None = setting(None, RATIO, flag="--ffn", cli_type=float,
+                                help="Transformers: fraction of FFN neurons (every other group) removed [default: --ratio].")
+    hidden: float | None = setting(None, RATIO, flag="--hidden", cli_type=float,
+                                   help="Transformers: fraction of the hidden size removed [default: --ratio].")
+
+    def part_ratio(self, part: Part, ratio: float) -> float:
+        """The uniform ratio of a group of `part`: its own setting, else `ratio` (--ratio)."""
+        own = {Part.HEADS: self.heads, Part.FFN: self.ffn, Part.HIDDEN: self.hidden}[part]
+        return ratio if own is None else own
 
     @classmethod
     def parse(cls: type[P], values: Mapping[str, Any]) -> P:

@@ -19,7 +19,8 @@ import onnx_graphsurgeon as gs
 from .. import ir
 from ..channels import ChannelMap, Kind, Role, Shape
 from ..graph import edit
-from .elementwise import slice_constant_operands, trace_broadcast
+from . import attention
+from .elementwise import trace_broadcast
 from .registry import ApplyContext, Freeze, OpRule, TraceContext, register
 
 RESHAPE_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
@@ -88,27 +89,47 @@ class ConcatRule(OpRule):
         rank = len(shapes[0])  # type: ignore[arg-type]
         axis = int(ir.attr(node, "axis")) % rank
         if any(m.axis != axis for _, m in traced):
-            if any(m.axis != traced[0][1].axis for _, m in traced) or len(traced) != len(node.inputs):
+            lead = traced[0][1]
+            if any(m.axis != lead.axis for _, m in traced):
                 raise Freeze("concatenates along an axis other than the channels")
+            untraced = [i for i in range(len(node.inputs)) if i not in dict(traced)]
+            if any(not attention.constant_like(node.inputs[i], lead.axis, rank, lead.size) for i in untraced):
+                raise Freeze("concatenates along an axis other than the channels")
+            if untraced:  # class tokens: constants (or an Expand of one) sliced on apply
+                for _, m in traced:
+                    t.touch(m.atoms, node, Role.CONCAT)
+                    t.unite(lead.atoms, m.atoms)
+                t.set_kind(node, Kind.CONST_OPERAND)
+                t.set_map(node.outputs[0], ChannelMap(lead.axis, lead.atoms))
+                return
             trace_broadcast(t, node)  # same channels in every operand: unite them
             return
         parts: list[np.ndarray] = []
         for x, shape in zip(node.inputs, shapes):
-            m = t.cmap(x)
-            if m is None:
+            operand = t.cmap(x)
+            if operand is None:
                 assert shape is not None
                 reason = f"Concat {node.name}: operand {x.name} is not produced by a prunable layer"
                 _, atoms = t.new_space(int(shape[axis]), reason)
                 parts.append(atoms)
             else:
-                t.touch(m.atoms, node, Role.CONCAT)
-                parts.append(m.atoms)
+                t.touch(operand.atoms, node, Role.CONCAT)
+                parts.append(operand.atoms)
         t.set_kind(node, Kind.CONCAT)
         t.set_map(node.outputs[0], ChannelMap(axis, np.concatenate(parts)))
 
     def apply(self, a: ApplyContext, node: gs.Node, kind: Kind | None) -> None:
-        if kind != Kind.CONCAT:  # along another axis: constant operands hold the channels
-            slice_constant_operands(a, node)
+        if kind == Kind.CONCAT:
+            return
+        out = node.outputs[0]
+        keep = a.keep(out)
+        if keep is None:
+            return
+        # along another axis: constant operands (and Expands of one) hold the channels
+        rank, axis, size = len(a.trace.shapes[out.name]), a.axis(out), a.original_size(out)
+        for i, x in enumerate(node.inputs):
+            if a.trace.maps.get(x.name) is None and attention.constant_like(x, axis, rank, size):
+                attention.slice_constant_like(a, node, i, axis, rank, keep)
 
 
 def _kept_count(a: ApplyContext, tensor: gs.Tensor) -> int:
@@ -225,19 +246,19 @@ class ReshapeRule(OpRule):
         if in_shape is None or out_shape is None:
             raise Freeze("unknown shape")
         mapped = reshape_channel_map(in_shape, out_shape, x_map)
+        heads = None
+        if mapped is None and node.op == "Reshape":
+            heads = attention.head_split_map(in_shape, out_shape, x_map)  # channels split into [..., H, D]
+            mapped = heads[0] if heads is not None else None
         if mapped is None:
             raise Freeze("splits or scatters the channel axis")
         if node.op == "Reshape":
+            attention.check_target(t, node, mapped.axis, x_map.axis)
             target = ir.input_const(node, 1)
-            if target is None:
-                raise Freeze("target shape is computed at run time")
-            values = target.ravel().tolist()
-            if mapped.axis >= len(values):
-                raise Freeze("target shape does not match the inferred shape")
-            if values[mapped.axis] == 0 and mapped.axis != x_map.axis:
-                raise Freeze("a 0 in the target shape copies a channel-dependent dim")
-            if int(ir.attr(node, "allowzero", 0)) and 0 in values:
+            if int(ir.attr(node, "allowzero", 0)) and (target is None or 0 in target.ravel().tolist()):
                 raise Freeze("allowzero target shape")
+        for head in heads[1] if heads is not None else ():
+            t.unite(head[:1].repeat(head.size), head)
         t.touch(x_map.atoms, node, Role.RESHAPE)
         t.set_kind(node, Kind(node.op.lower()))
         t.set_map(node.outputs[0], mapped)
@@ -250,14 +271,7 @@ class ReshapeRule(OpRule):
         keep = a.keep(out)
         if keep is None or node.op != "Reshape":
             return
-        target = ir.input_const(node, 1)
-        assert target is not None
-        axis = a.axis(out)
-        if int(target.ravel()[axis]) in (-1, 0):
-            return
-        new = target.copy()
-        new.reshape(-1)[axis] = keep.size
-        edit.set_input_const(node, 1, new)
+        attention.set_target_entry(a, node, a.axis(out), int(keep.size))
 
 
 class TransposeRule(OpRule):
@@ -349,10 +363,39 @@ class ShapeRule(OpRule):
             return
         position = x_map.axis - start
         for consumer in node.outputs[0].outputs:
+            if start == 0 and attention.feeds_own_reshape(consumer, node.inputs[0], x_map.axis):
+                continue  # x.flatten(k): the Reshape of x reads its own (kept) channel count
             index = ir.input_const(consumer, 1) if consumer.op == "Gather" else None
-            if index is None or int(np.asarray(index).size) != 1 or int(np.asarray(index).ravel()[0]) % (stop - start) == position:
+            if index is None or int(np.asarray(index).size) != 1:
+                raise Freeze("the channel count is read at run time")
+            if int(np.asarray(index).ravel()[0]) % (stop - start) == position and not _reads_into_shapes(consumer):
                 raise Freeze("the channel count is read at run time")
         t.set_kind(node, Kind.SHAPE)
+
+    def apply(self, a: ApplyContext, node: gs.Node, kind: Kind | None) -> None:
+        """A Gather of the channel count keeps the original's value, a constant (its shape consumers are recounted)."""
+        x = node.inputs[0]
+        if kind != Kind.SHAPE or a.keep(x) is None:
+            return
+        rank = len(a.trace.shapes[x.name])
+        start = int(ir.attr(node, "start", 0)) % rank if ir.attr(node, "start") is not None else 0
+        for consumer in list(node.outputs[0].outputs):
+            index = ir.input_const(consumer, 1) if consumer.op == "Gather" else None
+            if index is not None and index.size == 1 and int(index.ravel()[0]) % rank + start == a.axis(x):
+                value = np.full(index.shape, a.original_size(x), dtype=np.int64)
+                edit.rewire_node(consumer, "Identity", [gs.Constant(f"{consumer.name}__count", value)])  # 0-d stays 0-d
+
+
+def _reads_into_shapes(gather: gs.Node) -> bool:
+    """The channel count read by `gather` only builds shapes (Unsqueeze into a Concat into Reshape / Expand targets)."""
+    for unsqueeze in gather.outputs[0].outputs:
+        if unsqueeze.op != "Unsqueeze":
+            return False
+        for concat in unsqueeze.outputs[0].outputs:
+            if concat.op != "Concat" or any(user.op not in ("Reshape", "Expand") or user.inputs[1] is not concat.outputs[0]
+                                            for user in concat.outputs[0].outputs):
+                return False
+    return True
 
 
 class SizeRule(OpRule):

@@ -102,12 +102,54 @@ class FlattenedAxisNormRule(OpRule):
 
 
 class LayerNormRule(OpRule):
-    """LayerNormalization normalises over the axes from `axis` (default -1) on."""
+    """LayerNormalization (and RMSNorm: onnxruntime's SimplifiedLayerNormalization, ai.onnx RMSNormalization)
+    normalises over the axes from `axis` (default -1) on.
 
-    ops = ("LayerNormalization",)
+    Channels before `axis` pass. Channels on the one normalised axis (the hidden size of a
+    transformer, channels last) pass too, with ``gamma`` and ``beta`` sliced to the kept
+    channels; the statistics are then taken over the kept channels, an approximation
+    (`ops.attention` module docstring, "hidden size").
+    """
+
+    ops = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")  # the last two: RMSNorm, scale only
 
     def trace(self, t: TraceContext, node: gs.Node) -> None:
-        _trace_axes_from(t, node, -1)
+        if (traced := t.traced_with_shape(node)) is None:
+            return
+        x_map, shape = traced
+        start = int(ir.attr(node, "axis", -1)) % len(shape)
+        if x_map.axis < start:
+            t.pass_through(node, x_map)
+            return
+        if start != len(shape) - 1:
+            raise Freeze("normalises across channels and other axes")
+        for i in (1, 2):
+            value = ir.input_const(node, i) if ir.has_input(node, i) else np.ones(1)
+            if value is None or (value.size != 1 and value.shape != (x_map.size,)):
+                raise Freeze("scale or bias is not a per-channel constant")
+        if any(o.outputs or t.is_graph_output(o) for o in node.outputs[1:]):
+            raise Freeze("the mean or inverse deviation output is used")
+        t.set_kind(node, Kind.LAYER_NORM)
+        t.pass_through(node, x_map, Role.NORM)
+
+    def apply(self, a: ApplyContext, node: gs.Node, kind: Kind | None) -> None:
+        """``gamma' = gamma[keep]``, ``beta' = beta[keep]``."""
+        if kind != Kind.LAYER_NORM:
+            return
+        keep = a.keep(node.inputs[0])
+        if keep is None:
+            return
+        size = a.original_size(node.inputs[0])
+        for i in (1, 2):
+            value = ir.input_const(node, i) if ir.has_input(node, i) else None
+            if value is not None and value.shape == (size,):
+                edit.set_input_const(node, i, value[keep])
+
+    def cost(self, c: CostContext, node: gs.Node, kind: Kind | None) -> NodeCost | None:
+        if kind != Kind.LAYER_NORM:
+            return None
+        size = sum(float_size(ir.input_const(node, i)) for i in (1, 2) if ir.has_input(node, i) and c.first_use(node, i))
+        return NodeCost(None, c.atoms(node.inputs[0]), 0, 0, size)
 
 
 register(PerChannelNormRule())

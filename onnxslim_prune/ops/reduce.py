@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from .. import ir
-from ..channels import ChannelMap
+from ..channels import ChannelMap, Kind, Role
 from .registry import Freeze, OpRule, TraceContext, register
 
 REDUCE_OPS = frozenset(
@@ -44,9 +44,14 @@ class ReduceRule(OpRule):
                 return
             raise Freeze("reduces over all axes")
         axes = sorted(int(a) % rank for a in axes)
-        if x_map.axis in axes:
-            raise Freeze("reduces across channels")
         keep = int(ir.attr(node, "keepdims", 1))
+        if x_map.axis in axes:
+            if node.op == "ReduceMean" and axes == [rank - 1] == [x_map.axis] and keep:
+                # a decomposed LayerNorm / RMSNorm over the hidden size: the output has no channels
+                t.touch(x_map.atoms, node, Role.NORM)
+                t.set_kind(node, Kind.CHANNEL_MEAN)
+                return
+            raise Freeze("reduces across channels")
         axis = x_map.axis if keep else x_map.axis - sum(1 for a in axes if a < x_map.axis)
         t.pass_through(node, ChannelMap(axis, x_map.atoms))
 

@@ -28,6 +28,7 @@ from .. import ir
 from ..graph import edit
 from ..channels import ChannelMap, Kind, Role
 from ..errors import ModelError
+from . import attention
 from .registry import (
     Affine, ApplyContext, CostContext, Freeze, NodeCost, OpRule, ShapeOf, TraceContext, float_size, register,
 )
@@ -382,6 +383,9 @@ class MatMulRule(_DenseMacs):
     def trace(self, t: TraceContext, node: gs.Node) -> None:
         weight = ir.input_const(node, 1)
         a_shape = t.shape(node.inputs[0])
+        if weight is None and ir.const_value(node.inputs[0]) is None:
+            attention.trace_activation_matmul(t, node)  # between two activations (attention scores, context)
+            return
         if weight is None or weight.ndim != 2 or a_shape is None:
             raise Freeze("second operand is not a constant 2-D weight")
         x_map = t.cmap(node.inputs[0])
@@ -395,6 +399,11 @@ class MatMulRule(_DenseMacs):
     def apply(self, a: ApplyContext, node: gs.Node, kind: Kind | None) -> None:
         if kind in self.kinds:
             slice_weight_and_bias(a, node, in_axis=0)
+
+    def cost(self, c: CostContext, node: gs.Node, kind: Kind | None) -> NodeCost | None:
+        if kind == Kind.BATCH_MATMUL:
+            return attention.batch_matmul_cost(c, node)
+        return super().cost(c, node, kind)
 
     def backprop(self, node: gs.Node, out: np.ndarray) -> np.ndarray | None:
         """``s_in = |W_[K,N]| s_out``."""

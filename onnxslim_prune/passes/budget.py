@@ -43,7 +43,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .. import validate
-from ..channels import Group, Trace
+from ..channels import Group, Trace, transformer_part
 from ..ops import lookup
 from ..ops.registry import MAX_OPSET, NodeCost
 from .materialize import materialize
@@ -475,7 +475,15 @@ def choose_plan(ctx: Context, scores: Mapping[int, np.ndarray]) -> Plan:
         plan, notes = global_plan_with_notes(ctx, scores)
         ctx.notes.extend(notes)
         return plan
-    return uniform_plan(ctx.trace, scores, ctx.options.ratio, ctx.options.round_to)
+    return uniform_plan(ctx.trace, scores, ctx.options.ratio, ctx.options.round_to, group_ratios(ctx))
+
+
+def group_ratios(ctx: Context) -> dict[int, float] | None:
+    """Per group, the ratio of its transformer part (``--heads`` / ``--ffn`` / ``--hidden``); None when none is set."""
+    params = ctx.params
+    if params.heads is None and params.ffn is None and params.hidden is None:
+        return None
+    return {g.index: params.part_ratio(transformer_part(ctx.trace.node_kind, g), ctx.options.ratio) for g in ctx.trace.groups}
 
 
 def global_plan(ctx: Context, scores: Mapping[int, np.ndarray]) -> Plan:

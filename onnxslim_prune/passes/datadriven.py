@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import ir
-from ..channels import Group, Kind, Role, Trace
+from ..channels import Group, Kind, Role, Trace, transformer_part
 from ..calib.threads import blas_limited
 from ..calib.memory import explicit_budget
 from ..calib.statistic import RowSampler, SampledGrams, collect
@@ -115,7 +115,10 @@ def with_fallback(ctx: Context, scores: dict[int, np.ndarray], name: str) -> tup
 
 def removal_count(ctx: Context, group: Group) -> int:
     """Classes the uniform ratio removes from `group` (as ``plan.uniform_plan`` counts them)."""
-    keep = kept_count(group.size, ctx.options.ratio, ctx.options.round_to)
+    ratio = ctx.params.part_ratio(transformer_part(ctx.trace.node_kind, group), ctx.options.ratio)
+    if ratio <= 0:
+        return 0
+    keep = kept_count(group.size, ratio, ctx.options.round_to)
     n_remove = min(group.size - keep, group.prunable)
     if group.block > 1:
         n_remove -= n_remove % group.block

@@ -91,14 +91,19 @@ def select_lowest(group: Group, scores: np.ndarray, n_remove: int) -> tuple[int,
 
 
 def uniform_plan(
-    trace: Trace, scores: Mapping[int, np.ndarray], ratio: float, round_to: int = 1
+    trace: Trace, scores: Mapping[int, np.ndarray], ratio: float, round_to: int = 1,
+    group_ratios: Mapping[int, float] | None = None,
 ) -> Plan:
+    """`group_ratios` (group index -> ratio) overrides `ratio` per group (``--heads`` / ``--ffn`` / ``--hidden``)."""
     check_ratio(ratio)
     plans = []
     for group in trace.groups:
         if group.is_frozen or group.index not in scores:
             continue
-        keep = kept_count(group.size, ratio, round_to, group.block)
+        own = ratio if group_ratios is None else group_ratios.get(group.index, ratio)
+        if own <= 0:
+            continue
+        keep = kept_count(group.size, own, round_to, group.block)
         n_remove = min(group.size - keep, group.prunable)
         while n_remove > 0 and ((group.size - n_remove) % round_to or n_remove % group.block):
             n_remove -= 1  # frozen classes capped the removal: keep the roundings valid

@@ -1,0 +1,359 @@
+"""Attention heads as exporters write them: separate and fused projections, a run-time target, GQA; exact oracles.
+
+Each model zeroes the Q, K and V slices of some heads (the smallest L1 norms, so `l1` removes
+exactly them); a head whose V slice is zero outputs zero, so the pruned model computes the
+original's outputs (to 1e-5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..channels import Kind, Role
+from .testing import assert_same_outputs, group_of, initializer, parse, prune_l1, trace_of, weights, zeroed
+
+#: heads 1 and 3 of 4 (head_dim 2) of an 8-channel projection
+ZERO_HEADS = (2, 3, 6, 7)
+
+
+def _attention_text(extra: str = "") -> str:
+    return """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,4,8] x) => (float[1,4,8] y) {
+      q0 = MatMul (x, wq)
+      q = Add (q0, bq)
+      k = MatMul (x, wk)
+      v = MatMul (x, wv)
+      qh = Reshape (q, split)
+      kh = Reshape (k, split)
+      vh = Reshape (v, split)
+      qt = Transpose <perm = [0, 2, 1, 3]> (qh)
+      kt = Transpose <perm = [0, 2, 3, 1]> (kh)
+      vt = Transpose <perm = [0, 2, 1, 3]> (vh)
+      s = MatMul (qt, kt)
+      sc = Mul (s, scale)
+      sm = Add (sc, mask)
+      p = Softmax <axis = -1> (sm)
+      o = MatMul (p, vt)
+      ot = Transpose <perm = [0, 2, 1, 3]> (o)
+      om = Reshape (ot, merge)
+      y = MatMul (om, wo)
+    }""" + extra
+
+
+def test_heads_of_separate_projections_prune_whole() -> None:
+    model = parse(
+        _attention_text(),
+        wq=zeroed(weights(8, 8), ZERO_HEADS, axis=1), bq=zeroed(weights(8, seed=1), ZERO_HEADS),
+        wk=zeroed(weights(8, 8, seed=2), ZERO_HEADS, axis=1), wv=zeroed(weights(8, 8, seed=3), ZERO_HEADS, axis=1),
+        wo=weights(8, 8, seed=4), split=np.array([1, 4, 4, 2]), merge=np.array([1, 4, 8]), scale=np.array(0.7),
+        mask=weights(1, 1, 1, 4, seed=5),
+    )
+    trace = trace_of(model)
+    group = group_of(trace, "MatMul_0", Role.OUT)
+    assert group.size == 4  # one class per head, holding its Q, K and V channels
+    assert {m.node for m in group.members if m.role == Role.OUT} == {"MatMul_0", "MatMul_2", "MatMul_3"}
+    assert {(m.node, m.role) for m in group.members} >= {("MatMul_10", Role.HEADS), ("MatMul_14", Role.HEADS),
+                                                         ("MatMul_17", Role.IN)}
+    assert trace.node_kind["MatMul_10"] == Kind.BATCH_MATMUL
+    result = prune_l1(model)
+    for name in ("wq", "wk", "wv"):
+        assert initializer(result.model, name).shape == (8, 4)
+    assert initializer(result.model, "wo").shape == (4, 8)
+    assert initializer(result.model, "split").tolist() == [1, 4, 2, 2]  # the head count follows
+    assert initializer(result.model, "merge").tolist() == [1, 4, 4]
+    assert_same_outputs(model, result.model)
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"x": x})[0])
+
+
+def test_fused_qkv_with_a_dynamic_batch_rewrites_the_concat_built_targets() -> None:
+    """timm's layout: one qkv weight, Reshape [B, N, 3, H, D] built by a Concat at run time, Gather per part."""
+    fused = [g * 8 + c for g in range(3) for c in ZERO_HEADS]
+    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[B,4,8] x) => (float[B,4,8] y) {
+      qkv = MatMul (x, wqkv)
+      sh = Shape (x)
+      b = Gather <axis = 0> (sh, i0)
+      bu = Unsqueeze (b, ax0)
+      t5 = Concat <axis = 0> (bu, n4, three, heads, dim)
+      r = Reshape (qkv, t5)
+      tr = Transpose <perm = [2, 0, 3, 1, 4]> (r)
+      q = Gather <axis = 0> (tr, i0)
+      k = Gather <axis = 0> (tr, i1)
+      v = Gather <axis = 0> (tr, i2)
+      kt = Transpose <perm = [0, 1, 3, 2]> (k)
+      s = MatMul (q, kt)
+      p = Softmax <axis = -1> (s)
+      o = MatMul (p, v)
+      ot = Transpose <perm = [0, 2, 1, 3]> (o)
+      c = Gather <axis = 0> (sh, i2)
+      cu = Unsqueeze (c, ax0)
+      t3 = Concat <axis = 0> (bu, n4, cu)
+      om = Reshape (ot, t3)
+      y = MatMul (om, wo)
+    }""", wqkv=zeroed(weights(8, 24), tuple(fused), axis=1), wo=weights(8, 8, seed=1), i0=np.array(0),
+        i1=np.array(1), i2=np.array(2), ax0=np.array([0]), n4=np.array([4]), three=np.array([3]), heads=np.array([4]),
+        dim=np.array([2]))
+    group = group_of(trace_of(model), "MatMul_0", Role.OUT)
+    assert group.size == 4 and group.prunable == 4
+    result = prune_l1(model)
+    assert initializer(result.model, "wqkv").shape == (8, 12) and initializer(result.model, "wo").shape == (4, 8)
+    x = np.random.default_rng(0).standard_normal((3, 4, 8)).astype(np.float32)  # another batch than traced
+    np.testing.assert_allclose(_run(result.model, x), _run(model, x), rtol=1e-5, atol=1e-5)
+    shapes = {t.name: numpy_helper.to_array(t).tolist() for t in result.model.graph.initializer}
+    assert [2] in shapes.values() and [4] in shapes.values()  # 2 heads kept; the merged width 2 x 2 = 4
+
+
+def test_grouped_query_attention_prunes_a_kv_head_with_its_query_heads() -> None:
+    """Llama's repeat_kv (Unsqueeze, Expand, Reshape): K/V head j serves query heads 2j, 2j + 1."""
+    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,4,8] x) => (float[1,4,8] y) {
+      q = MatMul (x, wq)
+      k = MatMul (x, wk)
+      v = MatMul (x, wv)
+      qh = Reshape (q, split_q)
+      kh = Reshape (k, split_kv)
+      vh = Reshape (v, split_kv)
+      qt = Transpose <perm = [0, 2, 1, 3]> (qh)
+      kt = Transpose <perm = [0, 2, 1, 3]> (kh)
+      vt = Transpose <perm = [0, 2, 1, 3]> (vh)
+      ku = Unsqueeze (kt, ax2)
+      vu = Unsqueeze (vt, ax2)
+      ke = Expand (ku, rep)
+      ve = Expand (vu, rep)
+      kr = Reshape (ke, heads4)
+      vr = Reshape (ve, heads4)
+      ktt = Transpose <perm = [0, 1, 3, 2]> (kr)
+      s = MatMul (qt, ktt)
+      p = Softmax <axis = -1> (s)
+      o = MatMul (p, vr)
+      ot = Transpose <perm = [0, 2, 1, 3]> (o)
+      om = Reshape (ot, merge)
+      y = MatMul (om, wo)
+    }""", wq=zeroed(weights(8, 8), (4, 5, 6, 7), axis=1), wk=zeroed(weights(8, 4, seed=1), (2, 3), axis=1),
+        wv=zeroed(weights(8, 4, seed=2), (2, 3), axis=1), wo=weights(8, 8, seed=3), split_q=np.array([1, 4, 4, 2]),
+        split_kv=np.array([1, 4, 2, 2]), ax2=np.array([2]), rep=np.array([1, 2, 2, 4, 2]),
+        heads4=np.array([1, 4, 4, 2]), merge=np.array([1, 4, 8]))
+    trace = trace_of(model)
+    group = group_of(trace, "MatMul_0", Role.OUT)
+    assert group.size == 2  # one class per GQA group: a K/V head and its two query heads
+    assert trace.node_kind["Expand_11"] == Kind.EXPAND
+    result = prune_l1(model)
+    assert initializer(result.model, "wq").shape == (8, 4) and initializer(result.model, "wk").shape == (8, 2)
+    assert initializer(result.model, "rep").tolist() == [1, 1, 2, 4, 2]
+    shapes = [numpy_helper.to_array(t).tolist() for t in result.model.graph.initializer]
+    assert [1, 4, 2, 2] in shapes and [1, 2, 4, 2] in shapes  # the query split and the repeated K/V heads
+    assert_same_outputs(model, result.model)
+
+
+def test_matmul_between_activations_on_the_contracted_axis_unites_both_operands() -> None:
+    """``(x Wa) @ (x Wb)^T``: the contracted channels of both projections are one class each."""
+    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,4,6] x) => (float[1,4,4] y) {
+      a = MatMul (x, wa)
+      b = MatMul (x, wb)
+      bt = Transpose <perm = [0, 2, 1]> (b)
+      y = MatMul (a, bt)
+    }""", wa=zeroed(weights(6, 8), (1, 4, 5, 6), axis=1), wb=zeroed(weights(6, 8, seed=1), (1, 4, 5, 6), axis=1))
+    group = group_of(trace_of(model), "MatMul_0", Role.OUT)
+    assert group.size == 8 and {m.node for m in group.members if m.role == Role.OUT} == {"MatMul_0", "MatMul_1"}
+    result = prune_l1(model)
+    assert initializer(result.model, "wa").shape == (6, 4) and initializer(result.model, "wb").shape == (6, 4)
+    assert_same_outputs(model, result.model)
+
+
+def test_matmul_with_channels_on_one_batch_operand_only_freezes() -> None:
+    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,4,8] x, float[1,2,4,4] z) => (float[1,2,4,4] y) {
+      q = MatMul (x, wq)
+      qh = Reshape (q, split)
+      qt = Transpose <perm = [0, 2, 1, 3]> (qh)
+      y = MatMul (z, qt)
+    }""", wq=weights(8, 8), split=np.array([1, 4, 2, 4]))
+    group = group_of(trace_of(model), "MatMul_0", Role.OUT)
+    assert group.is_frozen and any("untraced operand has a channel dimension" in r for r in group.reasons)
+
+
+# ----------------------------------------------------------------------------- FFN and the hidden size
+
+
+def test_swiglu_neurons_prune_exactly() -> None:
+    """Llama's gated MLP: gate and up projections coupled by the Mul, then down; hidden size kept by the graph I/O."""
+    zero = (0, 2, 5)
+    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,4,8] x) => (float[1,4,8] y) {
+      gt = MatMul (x, wg)
+      sg = Sigmoid (gt)
+      si = Mul (gt, sg)
+      up = MatMul (x, wu)
+      m = Mul (si, up)
+      d = MatMul (m, wd)
+      y = Add (x, d)
+    }""", wg=zeroed(weights(8, 6), zero, axis=1), wu=zeroed(weights(8, 6, seed=1), zero, axis=1), wd=weights(6, 8, seed=2))
+    group = group_of(trace_of(model), "MatMul_0", Role.OUT)
+    assert {m.node for m in group.members if m.role == Role.OUT} == {"MatMul_0", "MatMul_3"} and group.size == 6
+    result = prune_l1(model)
+    assert initializer(result.model, "wg").shape == (8, 3) and initializer(result.model, "wd").shape == (3, 8)
+    assert_same_outputs(model, result.model)
+
+
+def _layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps) * gamma + beta
+
+
+def _run_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, feeds)[0])
+
+
+def test_hidden_size_through_embedding_layernorm_and_residual() -> None:
+    """The residual stream: embedding table columns, position embedding, LayerNorm, residual Add, consumers' rows.
+
+    LayerNorm then normalises over the kept channels (the documented rule): the pruned model equals
+    numpy's computation with every hidden-sized tensor sliced to the kept channels.
+    """
+    zero = (1, 3, 5, 7)
+    w = {"emb": weights(10, 8), "pos": weights(1, 4, 8, seed=1), "g1": weights(8, seed=2), "b1": weights(8, seed=3),
+         "w1": weights(8, 6, seed=4), "w2": zeroed(weights(6, 8, seed=5), zero, axis=1), "wout": weights(8, 3, seed=6)}
+    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
+    g (int64[1,4] ids) => (float[1,4,3] y) {
+      e = Gather (emb, ids)
+      h = Add (e, pos)
+      n = LayerNormalization <axis = -1> (h, g1, b1)
+      f = MatMul (n, w1)
+      a = Relu (f)
+      d = MatMul (a, w2)
+      r = Add (h, d)
+      y = MatMul (r, wout)
+    }""", **w)
+    trace = trace_of(model)
+    hidden = group_of(trace, "Gather_0", Role.OUT)
+    assert trace.node_kind["Gather_0"] == Kind.EMBEDDING and trace.node_kind["LayerNormalization_2"] == Kind.LAYER_NORM
+    assert hidden.size == 8 and {m.node for m in hidden.members if m.role == Role.OUT} == {"Gather_0", "MatMul_5"}
+    result = prune_l1(model)
+    kept = [c for c in range(8) if c not in zero]
+    assert initializer(result.model, "emb").shape == (10, 4) and initializer(result.model, "pos").shape == (1, 4, 4)
+    assert initializer(result.model, "g1").shape == (4,) and initializer(result.model, "wout").shape == (4, 3)
+    ids = np.array([[3, 0, 9, 4]], dtype=np.int64)
+    s = {k: v[..., kept] if k in ("emb", "pos", "g1", "b1", "w2") else v for k, v in w.items()}
+    s["w1"], s["wout"] = w["w1"][kept], w["wout"][kept]
+    h = s["emb"][ids] + s["pos"]
+    n = _layer_norm(h, s["g1"], s["b1"])
+    f = np.maximum(n @ s["w1"], 0)  # the FFN group is pruned too: its zero-scored half goes, numpy keeps it all
+    ffn_keep = result.plan.for_group(group_of(trace, "MatMul_3", Role.OUT).index)
+    assert ffn_keep is not None and ffn_keep.kept == 3
+    pruned = _run_feeds(result.model, {"ids": ids})
+    ffn = [i for i, c in enumerate(group_of(trace, "MatMul_3", Role.OUT).classes) if c not in ffn_keep.pruned]
+    expected = (h + f[..., ffn] @ s["w2"][ffn]) @ s["wout"]
+    np.testing.assert_allclose(pruned, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_rmsnorm_as_exporters_decompose_it_passes_the_hidden_size() -> None:
+    """Pow, ReduceMean over the channels, Add eps, Sqrt, Reciprocal, Mul, Mul gamma: the mean runs over the kept channels."""
+    zero = (0, 6)
+    w = {"wa": zeroed(weights(8, 8), zero, axis=1), "gamma": weights(8, seed=1), "wb": weights(8, 3, seed=2),
+         "two": np.array(2.0), "eps": np.array(1e-6)}
+    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,4,8] x) => (float[1,4,3] y) {
+      h = MatMul (x, wa)
+      p = Pow (h, two)
+      ms = ReduceMean <axes = [-1]> (p)
+      ae = Add (ms, eps)
+      sq = Sqrt (ae)
+      inv = Reciprocal (sq)
+      nn = Mul (h, inv)
+      n = Mul (nn, gamma)
+      y = MatMul (n, wb)
+    }""", **w)
+    trace = trace_of(model)
+    assert trace.node_kind["ReduceMean_2"] == Kind.CHANNEL_MEAN
+    result = prune_l1(model, ratio=0.25)
+    kept = [c for c in range(8) if c not in zero]
+    assert initializer(result.model, "wa").shape == (8, 6) and initializer(result.model, "gamma").shape == (6,)
+    x = np.random.default_rng(0).standard_normal((1, 4, 8)).astype(np.float32)
+    h = x @ w["wa"][:, kept]
+    expected = h / np.sqrt((h**2).mean(-1, keepdims=True) + 1e-6) * w["gamma"][kept] @ w["wb"][kept]
+    np.testing.assert_allclose(_run_feeds(result.model, {"x": x}), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_class_token_and_a_dynamic_flatten_follow_the_hidden_size() -> None:
+    """timm's ViT stem with a dynamic batch: Conv, Shape/Slice/Concat/Reshape (flatten(2)), Transpose, Concat with an
+    expanded class token, position embedding; a channel-count read into the attention's merge shape is pinned.
+
+    The class token and the filters of the removed channels are zero, so the outputs are unchanged.
+    """
+    zero = (1, 2)
+    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[B,1,4,4] x) => (float[B,5,2] y) {
+      c = Conv <strides = [2, 2], kernel_shape = [2, 2]> (x, wc)
+      sh = Shape (c)
+      sl = Slice (sh, s0, s2, s0)
+      tg = Concat <axis = 0> (sl, minus1)
+      f = Reshape (c, tg)
+      t = Transpose <perm = [0, 2, 1]> (f)
+      sh2 = Shape (t)
+      b = Gather <axis = 0> (sh2, i0)
+      bu = Unsqueeze (b, s0)
+      ex = Concat <axis = 0> (bu, minus1, minus1)
+      one = ConstantOfShape <value = int64[1] {1}> (three)
+      neg = Mul (one, minus1)
+      eq = Equal (ex, neg)
+      es = Where (eq, one, ex)
+      ct = Expand (cls, es)
+      tok = Concat <axis = 1> (ct, t)
+      h = Add (tok, pos)
+      hc = Gather <axis = 0> (sh2, i2)
+      hu = Unsqueeze (hc, s0)
+      five = Constant <value = int64[1] {5}> ()
+      mt = Concat <axis = 0> (bu, five, hu)
+      hr = Reshape (h, mt)
+      y = MatMul (hr, wo)
+    }""", wc=zeroed(weights(4, 1, 2, 2), zero), s0=np.array([0]), s2=np.array([2]), minus1=np.array([-1]),
+        i0=np.array(0), i2=np.array(2), three=np.array([3]), cls=zeroed(weights(1, 1, 4, seed=1), zero, axis=2),
+        pos=zeroed(weights(1, 5, 4, seed=2), zero, axis=2), wo=weights(4, 2, seed=3))
+    group = group_of(trace_of(model), "Conv_0", Role.OUT)
+    assert group.size == 4 and group.prunable == 4
+    result = prune_l1(model)
+    assert initializer(result.model, "cls").shape == (1, 1, 2) and initializer(result.model, "wo").shape == (2, 2)
+    x = np.random.default_rng(0).standard_normal((3, 1, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(_run_feeds(result.model, {"x": x}), _run_feeds(model, {"x": x}), rtol=1e-5, atol=1e-5)
+
+
+def test_heads_ffn_and_hidden_take_their_own_ratios() -> None:
+    """``--heads 0 --hidden 0``: only the FFN loses its half; the parts are told apart by their members."""
+    from .. import api
+    from ..channels import Part, transformer_part
+
+    w = {"emb": weights(10, 8), "pos": weights(1, 4, 8, seed=1), "g1": weights(8, seed=2), "b1": weights(8, seed=3),
+         "w1": weights(8, 6, seed=4), "w2": weights(6, 8, seed=5), "wout": weights(8, 3, seed=6)}
+    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
+    g (int64[1,4] ids) => (float[1,4,3] y) {
+      e = Gather (emb, ids)
+      h = Add (e, pos)
+      n = LayerNormalization <axis = -1> (h, g1, b1)
+      f = MatMul (n, w1)
+      a = Relu (f)
+      d = MatMul (a, w2)
+      r = Add (h, d)
+      y = MatMul (r, wout)
+    }""", **w)
+    trace = trace_of(model)
+    parts = {transformer_part(trace.node_kind, g) for g in trace.groups if not g.is_frozen}
+    assert parts == {Part.HIDDEN, Part.FFN}
+    result = api.prune(model, "l1", 0.5, latency=False, params={"hidden": 0.0})
+    assert initializer(result.model, "emb").shape == (10, 8) and initializer(result.model, "w1").shape == (8, 3)
+    heads = parse(_attention_text(), wq=weights(8, 8), bq=weights(8, seed=1), wk=weights(8, 8, seed=2),
+                  wv=weights(8, 8, seed=3), wo=weights(8, 8, seed=4), split=np.array([1, 4, 4, 2]),
+                  merge=np.array([1, 4, 8]), scale=np.array(0.7), mask=weights(1, 1, 1, 4, seed=5))
+    kept = api.prune(heads, "l1", 0.5, latency=False, params={"heads": 0.25})
+    assert initializer(kept.model, "wq").shape == (8, 6)  # 1 of 4 heads
