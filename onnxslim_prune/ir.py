@@ -144,6 +144,9 @@ def to_graph(model: onnx.ModelProto, source: str | os.PathLike[str] | None = Non
         log.warning("constant folding skipped: %s", exc)
     graph.cleanup().toposort()
     _detach(graph)  # folding turns Constant nodes into constants that still point into the caller's model
+    from .graph import qdq
+
+    qdq.fold_weights(graph)  # QDQ weights are float constants while pruning, quantized again on export
     _share_equal_constants(graph)
     if static:
         for tensor in graph.tensors().values():
@@ -575,6 +578,9 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export, restore the original's metadata and output contract, drop stale shapes, re-infer."""
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=True)
+    from .graph import qdq
+
+    qdq.export(out, (t for t in graph.tensors().values() if isinstance(t, gs.Constant)))
     out.ir_version = like.ir_version
     out.producer_name = like.producer_name
     out.producer_version = like.producer_version

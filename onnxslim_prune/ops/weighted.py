@@ -23,6 +23,7 @@ from .. import ir
 from ..graph import edit
 from ..channels import ChannelMap, Kind, Role
 from ..errors import ModelError
+from .quant import constant_reason, not_constant
 from .registry import ApplyContext, CostContext, Freeze, NodeCost, OpRule, ShapeOf, TraceContext, float_size, register
 
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -125,9 +126,9 @@ class ConvRule(_ConvMacs):
         weight = ir.input_const(node, 1)
         x_map = t.cmap(node.inputs[0])
         if weight is None:
-            raise Freeze("weight is not a constant")
+            return not_constant(t, node, "weight is not a constant")
         if ir.has_input(node, 2) and ir.input_const(node, 2) is None:
-            raise Freeze("bias is not a constant")
+            raise Freeze(constant_reason(node.inputs[2], "bias is not a constant"))
         if x_map is not None and x_map.axis != 1:
             raise Freeze("input channels are not on axis 1")
         group = int(ir.attr(node, "group", 1))
@@ -224,11 +225,11 @@ class ConvTransposeRule(_ConvMacs):
         weight = ir.input_const(node, 1)
         x_map = t.cmap(node.inputs[0])
         if weight is None:
-            raise Freeze("weight is not a constant")
+            return not_constant(t, node, "weight is not a constant")
         if int(ir.attr(node, "group", 1)) != 1:
             raise Freeze("grouped ConvTranspose")
         if ir.has_input(node, 2) and ir.input_const(node, 2) is None:
-            raise Freeze("bias is not a constant")
+            raise Freeze(constant_reason(node.inputs[2], "bias is not a constant"))
         if x_map is not None:
             if x_map.axis != 1:
                 raise Freeze("input channels are not on axis 1")
@@ -255,13 +256,13 @@ class GemmRule(_DenseMacs):
     def trace(self, t: TraceContext, node: gs.Node) -> None:
         weight = ir.input_const(node, 1)
         if weight is None:
-            raise Freeze("weight is not a constant")
+            return not_constant(t, node, "weight is not a constant")
         if int(ir.attr(node, "transA", 0)):
             raise Freeze("transA=1")
         if ir.has_input(node, 2):
             bias = ir.input_const(node, 2)
             if bias is None:
-                raise Freeze("bias is not a constant")
+                raise Freeze(constant_reason(node.inputs[2], "bias is not a constant"))
         x_map = t.cmap(node.inputs[0])
         if x_map is not None:
             if x_map.axis != 1:
@@ -293,7 +294,9 @@ class MatMulRule(_DenseMacs):
     def trace(self, t: TraceContext, node: gs.Node) -> None:
         weight = ir.input_const(node, 1)
         a_shape = t.shape(node.inputs[0])
-        if weight is None or weight.ndim != 2 or a_shape is None:
+        if weight is None:
+            return not_constant(t, node, "second operand is not a constant 2-D weight", features_last=True)
+        if weight.ndim != 2 or a_shape is None:
             raise Freeze("second operand is not a constant 2-D weight")
         x_map = t.cmap(node.inputs[0])
         if x_map is not None:
