@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from . import ir, validate
+from .graph import qdq
 from .errors import CalibrationError, UsageError
 from .calib import memory
 from .calib.split import DEFAULT_HOLDOUT, held_out_count, split_holdout
@@ -211,6 +212,7 @@ def prune(
             with clock.stage(Stage.RECONSTRUCT), memory.limited(calib_memory):
                 pruned = outcome.finish(pruned)
     notes.extend(outcome.notes)
+    notes.extend(qdq.report_notes(original, pruned))
     traced, plan, input_shapes = analysis.trace, outcome.plan, analysis.input_shapes
     # the graph holds a second copy of the pruned weights (the model holds the first): free it (a reference cycle)
     # before the sessions and the bytes of the pruned model are made

@@ -47,7 +47,7 @@ def set_input_const(node: gs.Node, index: int, values: np.ndarray) -> None:
 
     scheme = qdq.scheme_of(tensor)
     if scheme is not None:
-        values, scheme = qdq.requantize(scheme, old, values)
+        values, scheme = qdq.rewrite(scheme, old, values)
     origin = getattr(tensor, _ORIGIN, tensor)
     copies: list[gs.Constant] = origin.__dict__.setdefault(_COPIES, [])
     twin = next((c for c in copies if c is not tensor and np.array_equal(c.values, values)

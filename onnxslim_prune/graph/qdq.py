@@ -22,6 +22,12 @@ always equals what the quantized model computes:
   with that product of the current scales (`export`), so a recomputed weight scale stays
   consistent with the bias.
 
+A float weight stored in another float type and cast on load (``Cast(w_bf16, to=FLOAT)``, fp16
+storage with fp32 compute) folds the same way to a constant of the cast's type with a `Stored`
+scheme: each write rounds the new values through the storage type (so the float view is what
+the model computes), and export stores them in that type again with the Cast (`keeps_storage`
+keeps graph-surgeon's folding from turning them into float32 weights).
+
 On export (`export`) each such initializer is replaced by its quantized tensor, scale and zero
 point and a DequantizeLinear producing the same name. Not folded (the weight stays a variable
 and the op that reads it freezes, with the reason from `unfolded_reason`): block quantization
@@ -58,18 +64,53 @@ class Scheme:
     limit: int  # max |q - zero_point| the model uses (the range a recomputed scale maps to)
     names: tuple[str, str, str]  # the original quantized tensor, scale and zero point ("" when omitted)
 
-    def same(self, other: Scheme) -> bool:
-        return (self.axis == other.axis and np.array_equal(self.q, other.q) and np.array_equal(self.scale, other.scale)
+    def same(self, other: Scheme | Stored) -> bool:
+        return (isinstance(other, Scheme) and self.axis == other.axis and np.array_equal(self.q, other.q) and np.array_equal(self.scale, other.scale)
                 and _equal_or_none(self.zero_point, other.zero_point))
+
+
+@dataclass(frozen=True, eq=False)
+class Stored:
+    """A float weight stored as `storage` (an ONNX element type) and cast to the constant's dtype on load."""
+
+    storage: int
+    name: str  # the original stored initializer
+
+    def same(self, other: Scheme | Stored) -> bool:
+        return isinstance(other, Stored) and self.storage == other.storage
 
 
 def _equal_or_none(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
 
 
-def scheme_of(tensor: gs.Tensor) -> Scheme | None:
+def scheme_of(tensor: gs.Tensor) -> Scheme | Stored | None:
     value = getattr(tensor, SCHEME_ATTR, None)
-    return value if isinstance(value, Scheme) else None
+    return value if isinstance(value, (Scheme, Stored)) else None
+
+
+#: float element types a weight may be stored in and computed in
+_FLOAT_ONNX = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+_COMPUTE_ONNX = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
+def _stored_type(tensor: gs.Tensor) -> int | None:
+    """The ONNX float type a constant is stored in, else None."""
+    if not isinstance(tensor, gs.Constant):
+        return None
+    try:
+        dtype = int(onnx.helper.np_dtype_to_tensor_dtype(np.dtype(tensor.export_dtype)))
+    except (TypeError, KeyError, ValueError):
+        dtype = int(tensor.export_dtype) if isinstance(tensor.export_dtype, int) else -1
+    return dtype if dtype in _FLOAT_ONNX else None
+
+
+def keeps_storage(node: gs.Node) -> bool:
+    """A Cast of a float constant to another float type: a stored weight, folded by `fold_weights`, not by graph-surgeon."""
+    if node.op != "Cast" or not node.inputs:
+        return False
+    storage = _stored_type(node.inputs[0])
+    return storage is not None and int(node.attrs.get("to", 0)) in _COMPUTE_ONNX and int(node.attrs["to"]) != storage
 
 
 def unfolded_reason(tensor: gs.Tensor) -> str | None:
@@ -137,7 +178,15 @@ def fold_weights(graph: gs.Graph) -> int:
     folded = 0
     outputs = set(id(t) for t in graph.outputs)
     for node in list(graph.nodes):
-        if node.op != "DequantizeLinear" or not node.outputs or id(node.outputs[0]) in outputs:
+        if not node.outputs or id(node.outputs[0]) in outputs:
+            continue
+        if keeps_storage(node):
+            stored = node.inputs[0]
+            target = onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"]))
+            _replace(node.outputs[0], np.asarray(stored.values).astype(target), Stored(_stored_type(stored) or 0, stored.name))
+            folded += 1
+            continue
+        if node.op != "DequantizeLinear":
             continue
         present = [t for t in node.inputs if t.name]
         values = [_const(t) for t in present]
@@ -162,16 +211,32 @@ def fold_weights(graph: gs.Graph) -> int:
         scheme = Scheme(q=q, scale=scale, zero_point=zero_point, axis=axis, symmetric=symmetric,
                         limit=max(int(np.abs(shift).max()) if shift.size else 1, 1),
                         names=(names[0], names[1], names[2]))
-        const = gs.Constant(out.name, dequantize(q, scale, zero_point, axis))
-        setattr(const, SCHEME_ATTR, scheme)
-        for consumer in list(out.outputs):
-            for i, t in enumerate(list(consumer.inputs)):
-                if t is out:
-                    edit.replace_input(consumer, i, const)
+        _replace(out, dequantize(q, scale, zero_point, axis), scheme)
         folded += 1
     if folded:
         graph.cleanup()
     return folded
+
+
+def _replace(out: gs.Tensor, values: np.ndarray, scheme: Scheme | Stored) -> None:
+    """Every consumer of `out` reads a constant of `values` (same name) carrying `scheme` instead."""
+    const = gs.Constant(out.name, values)
+    setattr(const, SCHEME_ATTR, scheme)
+    for consumer in list(out.outputs):
+        for i, t in enumerate(list(consumer.inputs)):
+            if t is out:
+                edit.replace_input(consumer, i, const)
+
+
+def _storage_np(storage: int) -> np.dtype:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(storage))
+
+
+def rewrite(scheme: Scheme | Stored, old: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, Scheme | Stored]:
+    """The exact values and scheme of `values` written over a folded constant (see `requantize`)."""
+    if isinstance(scheme, Stored):
+        return np.asarray(values).astype(_storage_np(scheme.storage)).astype(old.dtype), scheme
+    return requantize(scheme, old, values)
 
 
 def requantize(scheme: Scheme, old: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, Scheme]:
@@ -289,17 +354,24 @@ def _bias_schemes(model: onnx.ModelProto, schemes: dict[str, Scheme]) -> None:
 
 def export(model: onnx.ModelProto, constants: Iterable[gs.Constant]) -> None:
     """Store every folded constant of `constants` quantized again, with its DequantizeLinear (in place)."""
-    schemes = {c.name: s for c in constants if (s := scheme_of(c)) is not None}
-    if not schemes:
+    found = {c.name: s for c in constants if (s := scheme_of(c)) is not None}
+    if not found:
         return
     graph = model.graph
-    present = {t.name for t in graph.initializer}
-    schemes = {n: s for n, s in schemes.items() if n in present}
+    present = {t.name: t for t in graph.initializer}
+    schemes = {n: s for n, s in found.items() if n in present and isinstance(s, Scheme)}
+    stored = {n: s for n, s in found.items() if n in present and isinstance(s, Stored)}
     _bias_schemes(model, schemes)
-    taken = present | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
-    kept = [t for t in graph.initializer if t.name not in schemes]
+    taken = set(present) | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    kept = [t for t in graph.initializer if t.name not in schemes and t.name not in stored]
     added: list[onnx.TensorProto] = []
     nodes: list[onnx.NodeProto] = []
+    for name in sorted(stored):
+        cast, value = stored[name], numpy_helper.to_array(present[name])
+        stored_name = _unique(cast.name or f"{name}_stored", taken)
+        added.append(numpy_helper.from_array(value.astype(_storage_np(cast.storage)), stored_name))
+        nodes.append(onnx.helper.make_node("Cast", [stored_name], [name], name=_unique(f"{name}_Cast", taken),
+                                           to=int(present[name].data_type)))
     for name in sorted(schemes):
         s = schemes[name]
         base = [n or f"{name}_{part}" for n, part in zip(s.names, ("quantized", "scale", "zero_point"))]
@@ -311,10 +383,38 @@ def export(model: onnx.ModelProto, constants: Iterable[gs.Constant]) -> None:
             z_name = _unique(base[2], taken)
             added.append(numpy_helper.from_array(np.array(s.zero_point, order="C"), z_name))
             inputs.append(z_name)
-        attrs = {"axis": s.axis} if s.axis is not None else {}
-        nodes.append(onnx.helper.make_node("DequantizeLinear", inputs, [name], name=_unique(f"{name}_DequantizeLinear", taken), **attrs))
+        node = onnx.helper.make_node("DequantizeLinear", inputs, [name], name=_unique(f"{name}_DequantizeLinear", taken))
+        if s.axis is not None:
+            node.attribute.append(onnx.helper.make_attribute("axis", s.axis))
+        nodes.append(node)
     del graph.initializer[:]
     graph.initializer.extend(kept + added)
     rest = list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes + rest)
+
+
+def report_notes(original: onnx.ModelProto, pruned: onnx.ModelProto) -> list[str]:
+    """What the report says of a quantized model's weights: how many channels got a recomputed scale."""
+    def weight_dqs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+        inits = {t.name for t in model.graph.initializer}
+        return [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input and n.input[0] in inits
+                and len(n.input) > 1 and n.input[1] in inits]
+
+    before = weight_dqs(original)
+    if not before:
+        return []
+    old = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
+    new = {t.name: t for t in pruned.graph.initializer}
+    known = {v.item() for n in before for v in np.asarray(old[n.input[1]]).reshape(-1)}
+    changed = total = 0
+    for node in weight_dqs(pruned):
+        scales = numpy_helper.to_array(new[node.input[1]]).reshape(-1)
+        total += scales.size
+        changed += sum(1 for v in scales.tolist() if v not in known)
+    note = (f"quantized weights (QDQ, {len(before)} DequantizeLinear of constants): pruned on their dequantized "
+            "values and stored quantized again with the model's scheme")
+    if changed:
+        note += (f"; {changed} of {total} channel scales were recomputed (channels changed by compensation, "
+                 "re-quantized from their new values)")
+    return [note]

@@ -29,7 +29,7 @@ def _quantize(w: np.ndarray, dtype: type, axis: int | None) -> tuple[np.ndarray,
     if axis is None:
         bound = np.abs(w).max(keepdims=False)
         scale = np.asarray(bound / 127 if bound > 0 else 0.01, np.float32)
-        zero = np.asarray(middle, dtype)
+        zero: np.ndarray = np.asarray(middle, dtype)
         q = np.clip(np.rint(w / scale) + middle, info.min, info.max).astype(dtype)
         return q, scale, zero
     moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
@@ -43,15 +43,16 @@ def _quantize(w: np.ndarray, dtype: type, axis: int | None) -> tuple[np.ndarray,
 
 def _dq_weight(name: str, w: np.ndarray, dtype: type, axis: int | None) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     q, scale, zero = _quantize(w, dtype, axis)
-    attrs = {} if axis is None else {"axis": axis}
-    node = helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"], [name], **attrs)
+    node = helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"], [name])
+    if axis is not None:
+        node.attribute.append(helper.make_attribute("axis", axis))
     return node, [numpy_helper.from_array(q, f"{name}_q"), numpy_helper.from_array(scale, f"{name}_s"),
                   numpy_helper.from_array(zero, f"{name}_z")]
 
 
 def _qdq_pair(x: str, out: str, dtype: type) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """A per-tensor activation QuantizeLinear / DequantizeLinear pair."""
-    zero = np.asarray(0 if np.iinfo(dtype).min < 0 else 128, dtype)
+    zero: np.ndarray = np.asarray(0 if np.iinfo(dtype).min < 0 else 128, dtype)
     nodes = [helper.make_node("QuantizeLinear", [x, f"{out}_s", f"{out}_z"], [f"{out}_q"]),
              helper.make_node("DequantizeLinear", [f"{out}_q", f"{out}_s", f"{out}_z"], [out])]
     return nodes, [numpy_helper.from_array(np.asarray(0.05, np.float32), f"{out}_s"), numpy_helper.from_array(zero, f"{out}_z")]
@@ -255,3 +256,128 @@ def test_qoperator_conv_integer_freezes_with_a_reason() -> None:
     assert len(trace.groups) >= 1 and all(g.is_frozen for g in trace.groups)
     assert any("ConvInteger" in r and "QOperator" in r for g in trace.groups for r in g.reasons)
     assert "QOperator" in api.nothing_prunable_reason(trace, model)
+
+
+def test_report_counts_int8_weights() -> None:
+    model = qdq_conv(np.int8, 13)
+    result = api.prune(model, "l1", 0.5, latency=False)
+    every = sum(v.size for v in _inits(model).values())  # each initializer here is a weight, bias or quantization parameter
+    assert result.report.before.params == every
+    assert result.report.after.params == sum(v.size for v in _inits(result.model).values())
+    assert any("stored quantized again" in n for n in result.report.notes)
+
+
+def _dequantized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The float model computing the same: each weight's DequantizeLinear replaced by its float values."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = _inits(model)
+    keep = []
+    for node in out.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            s = inits[node.input[1]]
+            per = None if s.ndim == 0 else axis
+            value = qdq.dequantize(inits[node.input[0]], s, inits[node.input[2]] if len(node.input) > 2 else None, per)
+            out.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        else:
+            keep.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    return out
+
+
+def test_merge_on_a_qdq_model_requantizes_the_merged_weights() -> None:
+    """Neuron Merging computes on the dequantized weights; merged channels get recomputed scales (the note says so)."""
+    w1, w2 = weights(6, 3, 3, 3), weights(4, 6, 3, 3, seed=1)
+    w1[3] = 0.9 * w1[0]  # a near-duplicate neuron: merged into channel 0
+    n1, i1 = _dq_weight("w1", w1, np.int8, 0)
+    n2, i2 = _dq_weight("w2", w2, np.int8, 0)
+    nodes = [n1, n2, helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    model = _model(nodes, [*i1, *i2], [1, 3, 8, 8], [1, 4, 8, 8], 13)
+    quantized = api.prune(model, "merge", 0.34, latency=False)
+    floating = api.prune(_dequantized(model), "merge", 0.34, latency=False)
+    out = _inits(quantized.model)
+    assert out["w2_q"].dtype == np.int8 and out["w2_q"].shape == (4, 4, 3, 3)
+    assert not np.isin(out["w2_s"], _inits(model)["w2_s"]).all()  # merged rows: new scales
+    assert any("recomputed" in n for n in quantized.report.notes)
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    (a,), (b,) = _run(floating.model, feeds), _run(quantized.model, feeds)
+    # the re-quantized merged weights differ from the float merge by at most half a step per weight
+    assert np.abs(a - b).max() <= 0.02 * np.abs(a).max()
+
+
+def test_least_squares_refit_on_a_qdq_model_stays_quantized() -> None:
+    """LDRF's refit computes in float on the dequantized weights; the refitted weights are stored quantized again."""
+    model = qdq_conv(np.int8, 13)
+    result = api.prune(model, "ldrf", 0.5, calib="random", latency=False)
+    floating = api.prune(_dequantized(model), "ldrf", 0.5, calib="random", latency=False)
+    out = _inits(result.model)
+    assert out["w1_q"].dtype == np.int8 and out["w1_q"].shape[0] == 2 and out["w2_q"].dtype == np.int8
+    assert _ops(result.model).count("DequantizeLinear") == _ops(model).count("DequantizeLinear")
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    (a,), (b,) = _run(floating.model, feeds), _run(result.model, feeds)
+    assert np.abs(a - b).max() <= 0.02 * np.abs(a).max()  # re-quantization: within a step of the float refit
+
+
+# ----------------------------------------------------------------------------- fp16 and bf16
+
+
+def half_conv(dtype: Any, *, keep_io: bool, stored: bool = False) -> onnx.ModelProto:
+    """Two convs with fp16 / bf16 weights; `keep_io`: float32 graph input/output through Casts; `stored`: weights
+    stored in `dtype` and cast to float32 (compute in float32, the form a bf16 model takes on onnxruntime's CPU)."""
+    code = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.BFLOAT16
+    w1, b1, w2 = zeroed(weights(4, 3, 3, 3), (1, 2)), zeroed(weights(4, seed=2), (1, 2)), weights(5, 4, 3, 3, seed=1)
+    inits = [numpy_helper.from_array(v.astype(dtype), n) for n, v in (("w1", w1), ("b1", b1), ("w2", w2))]
+    nodes: list[onnx.NodeProto] = []
+    names = ["w1", "b1", "w2"]
+    if stored:
+        nodes += [helper.make_node("Cast", [n], [f"{n}f"], to=TensorProto.FLOAT) for n in names]
+        names = [f"{n}f" for n in names]
+    x, y = "x", "y"
+    if keep_io and not stored:
+        nodes.append(helper.make_node("Cast", ["x"], ["xh"], to=code))
+        x, y = "xh", "yh"
+    nodes += [helper.make_node("Conv", [x, names[0], names[1]], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["r"]),
+              helper.make_node("Conv", ["r", names[2]], [y], pads=[1, 1, 1, 1])]
+    if keep_io and not stored:
+        nodes.append(helper.make_node("Cast", ["yh"], ["y"], to=TensorProto.FLOAT))
+    io = TensorProto.FLOAT if keep_io or stored else code
+    graph = helper.make_graph(nodes, "half", [helper.make_tensor_value_info("x", io, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", io, [1, 5, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("keep_io", [False, True])
+def test_fp16_conv_keeps_its_dtype_and_prunes_exactly(keep_io: bool) -> None:
+    model = half_conv(np.float16, keep_io=keep_io)
+    result = api.prune(model, "l1", 0.5, latency=False)
+    out = {t.name: t for t in result.model.graph.initializer}
+    assert {t.data_type for t in out.values()} == {TensorProto.FLOAT16}
+    assert tuple(out["w1"].dims) == (2, 3, 3, 3) and tuple(out["w2"].dims) == (5, 2, 3, 3)
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32 if keep_io else np.float16)
+    (a,), (b,) = _run(model, {"x": x}), _run(result.model, {"x": x})
+    rtol, atol = output_tolerance(np.dtype(np.float16))
+    np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, "bfloat16"])
+def test_weights_stored_in_half_precision_stay_so(dtype: Any) -> None:
+    """bf16: onnxruntime's CPU has no bf16 Conv, so the bf16 model is the Cast-wrapped form (bf16 storage, fp32 compute)."""
+    import ml_dtypes
+
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
+    model = half_conv(np_dtype, keep_io=False, stored=True)
+    result = api.prune(model, "l1", 0.5, latency=False)
+    code = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.BFLOAT16
+    out = {t.name: t for t in result.model.graph.initializer}
+    assert {t.data_type for t in out.values()} == {code}
+    assert tuple(out["w1"].dims) == (2, 3, 3, 3) and tuple(out["w2"].dims) == (5, 2, 3, 3)
+    assert _ops(result.model).count("Cast") == 3
+    assert result.report.after.file_bytes < result.report.before.file_bytes
+    rtol, atol = output_tolerance(np.dtype(np_dtype))
+    assert_same(model, result.model, [1, 3, 8, 8])  # float32 compute on the same bf16 / fp16 values: float32 exact
+    assert (rtol, atol) >= (1e-2, 1e-2)
