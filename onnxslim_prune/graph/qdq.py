@@ -214,8 +214,28 @@ def fold_weights(graph: gs.Graph) -> int:
         _replace(out, dequantize(q, scale, zero_point, axis), scheme)
         folded += 1
     if folded:
+        _alias_identities(graph, outputs)
         graph.cleanup()
     return folded
+
+
+def _alias_identities(graph: gs.Graph, outputs: set[int]) -> None:
+    """Identity of a folded constant (an exporter's alias of a shared weight) reads the constant itself.
+
+    Graph-surgeon folds such aliases of plain constants; these it saw as an Identity of a
+    DequantizeLinear or Cast, which it does not fold. Consumers then share one constant object,
+    so the tracer prunes them alike.
+    """
+    for node in list(graph.nodes):
+        if node.op != "Identity" or not node.inputs or not node.outputs or id(node.outputs[0]) in outputs:
+            continue
+        source = node.inputs[0]
+        if isinstance(source, gs.Constant) and scheme_of(source) is not None:
+            out = node.outputs[0]
+            for consumer in list(out.outputs):
+                for i, t in enumerate(list(consumer.inputs)):
+                    if t is out:
+                        edit.replace_input(consumer, i, source)
 
 
 def _replace(out: gs.Tensor, values: np.ndarray, scheme: Scheme | Stored) -> None:

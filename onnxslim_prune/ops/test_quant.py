@@ -381,3 +381,18 @@ def test_weights_stored_in_half_precision_stay_so(dtype: Any) -> None:
     rtol, atol = output_tolerance(np.dtype(np_dtype))
     assert_same(model, result.model, [1, 3, 8, 8])  # float32 compute on the same bf16 / fp16 values: float32 exact
     assert (rtol, atol) >= (1e-2, 1e-2)
+
+
+def test_an_identity_alias_of_a_folded_weight_is_the_weight() -> None:
+    """Exporters alias shared weights through Identity; of a Cast or DequantizeLinear graph-surgeon leaves it unfolded."""
+    model = half_conv(np.float16, keep_io=False, stored=True)
+    for node in model.graph.node:
+        if node.op_type == "Conv" and "b1f" in node.input:
+            node.input[2] = "b1alias"
+    model.graph.node.insert(3, helper.make_node("Identity", ["b1f"], ["b1alias"]))
+    onnx.checker.check_model(model, full_check=True)
+    trace = api.analyze(model).trace
+    assert not any("not a constant" in r for g in trace.groups for r in g.reasons)
+    result = api.prune(model, "l1", 0.5, latency=False)
+    assert tuple(next(t for t in result.model.graph.initializer if t.name == "b1").dims) == (2,)
+    assert_same(model, result.model, [1, 3, 8, 8])
