@@ -174,8 +174,11 @@ def test_per_channel_activation_quantization_is_sliced() -> None:
     assert_same(model, result.model, [1, 3, 8, 8])
 
 
-def test_onnxruntime_quantize_static_model_prunes_with_an_int32_bias() -> None:
-    """A model quantized by onnxruntime (QDQ, per-channel int8 weights, int32 biases) prunes its zero channels exactly."""
+def _ort_quantized(qoperator: bool = False) -> onnx.ModelProto:
+    """Conv -> Relu -> Conv (channels 0 and 4 of the first zero) quantized by onnxruntime's quantize_static."""
+    import tempfile
+    from pathlib import Path
+
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     w1, b1 = zeroed(weights(6, 3, 3, 3), (0, 4)), zeroed(weights(6, seed=3), (0, 4))
@@ -193,20 +196,33 @@ def test_onnxruntime_quantize_static_model_prunes_with_an_int32_bias() -> None:
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.items, None)
 
-    import tempfile
-    from pathlib import Path
-
     with tempfile.TemporaryDirectory() as folder:
         src, dst = Path(folder) / "f.onnx", Path(folder) / "q.onnx"
         onnx.save(float_model, src)
-        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
-        model = onnx.load(dst)
+        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QOperator if qoperator else QuantFormat.QDQ,
+                        per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+        return onnx.load(dst)
+
+
+def test_onnxruntime_quantize_static_model_prunes_with_an_int32_bias() -> None:
+    """A model quantized by onnxruntime (QDQ, per-channel int8 weights, int32 biases) prunes its zero channels exactly."""
+    model = _ort_quantized()
     result = api.prune(model, "l1", 0.34, latency=False)
     groups = [g for g in result.plan.groups]
     assert groups and sum(g.size - g.kept for g in groups) == 2
     biases = {k: v for k, v in _inits(result.model).items() if v.dtype == np.int32}
     assert biases["b1_quantized"].shape == (4,) and biases["b2_quantized"].shape == (4,)
+    assert_same(model, result.model, [1, 3, 8, 8])
+
+
+def test_onnxruntime_qoperator_model_is_frozen_with_the_reason() -> None:
+    model = _ort_quantized(qoperator=True)
+    assert "QLinearConv" in _ops(model)
+    trace = api.analyze(model).trace
+    assert trace.groups and all(g.is_frozen for g in trace.groups)
+    assert any("QLinearConv" in r and "QOperator" in r for g in trace.groups for r in g.reasons)
+    result = api.prune(model, "l1", 0.5, latency=False)
+    assert any("QOperator" in n for n in result.report.notes)
     assert_same(model, result.model, [1, 3, 8, 8])
 
 
