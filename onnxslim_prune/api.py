@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from . import ir, validate
+from .graph import qdq
 from .errors import CalibrationError, UsageError
 from .calib import memory
 from .calib.split import DEFAULT_HOLDOUT, held_out_count, split_holdout
@@ -211,6 +212,7 @@ def prune(
             with clock.stage(Stage.RECONSTRUCT), memory.limited(calib_memory):
                 pruned = outcome.finish(pruned)
     notes.extend(outcome.notes)
+    notes.extend(qdq.report_notes(original, pruned))
     traced, plan, input_shapes = analysis.trace, outcome.plan, analysis.input_shapes
     # the graph holds a second copy of the pruned weights (the model holds the first): free it (a reference cycle)
     # before the sessions and the bytes of the pruned model are made
@@ -470,21 +472,21 @@ def plan_only(
     return analysis, spec.plan(ctx)
 
 
-#: ops of quantized models (QDQ and QOperator forms): their weights are not pruned yet
-QUANTIZED_OPS = frozenset({"DequantizeLinear", "QuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
-                           "MatMulInteger", "DynamicQuantizeLinear", "QGemm", "QLinearAdd"})
+#: QOperator ops of quantized models: not pruned (`ops.quant`; QDQ weights are, see `graph.qdq`)
+QUANTIZED_OPS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear",
+                           "QGemm", "QLinearAdd", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"})
 
 
 def quantized_ops(model: onnx.ModelProto) -> list[str]:
-    """The quantized op types of `model`'s graph, if any."""
+    """The QOperator op types of `model`'s graph, if any."""
     return sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
 
 
 def nothing_prunable_reason(tr: Trace, model: onnx.ModelProto | None = None) -> str:
     quantized = quantized_ops(model) if model is not None else []
-    if quantized:
-        return (f"the model is quantized ({', '.join(quantized)}): quantized weights are not supported yet; "
-                "prune the float model, then quantize it (onnxruntime.quantization)")
+    if quantized and not any(not g.is_frozen for g in tr.groups):
+        return (f"the model is quantized in QOperator form ({', '.join(quantized)}), which is not pruned: quantize "
+                "with QuantFormat.QDQ (its weights are pruned), or prune the float model and quantize it afterwards")
     if not tr.groups:
         return "no Conv, Gemm or MatMul with constant weights was found"
     reasons = sorted({r for g in tr.groups for r in g.reasons})

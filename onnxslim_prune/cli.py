@@ -262,8 +262,8 @@ def _dry_run(model: Path, method: str, ratio: float, round_to: int, exclude: tup
                                    seed=seed, criterion=criterion, params=params, preprocess=preprocess)
     quantized = api.quantized_ops(analysis.model)
     if quantized:
-        click.echo(f"the model is quantized ({', '.join(quantized)}): quantized weights are not supported yet, "
-                   "so nothing would be pruned; prune the float model, then quantize it")
+        click.echo(f"the model is quantized in QOperator form ({', '.join(quantized)}), which is not pruned: quantize "
+                   "with QuantFormat.QDQ, or prune the float model and quantize it afterwards")
     rows = group_rows(analysis.trace, None if plan is None else {g.group: g.kept for g in plan.groups})
     click.echo(group_table(rows))
     frozen = sum(1 for g in analysis.trace.groups if g.is_frozen)

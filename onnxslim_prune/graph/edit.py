@@ -43,19 +43,33 @@ def set_input_const(node: gs.Node, index: int, values: np.ndarray) -> None:
         raise ModelError(f"{node.name}: input {index} is not a constant")
     old = np.asarray(tensor.values)
     values = np.ascontiguousarray(values, dtype=old.dtype)
+    from . import qdq  # a folded QDQ weight: the new values are re-quantized (graph.qdq)
+
+    scheme = qdq.scheme_of(tensor)
+    if scheme is not None:
+        values, scheme = qdq.rewrite(scheme, old, values)
     origin = getattr(tensor, _ORIGIN, tensor)
     copies: list[gs.Constant] = origin.__dict__.setdefault(_COPIES, [])
-    twin = next((c for c in copies if c is not tensor and np.array_equal(c.values, values)), None)
+    twin = next((c for c in copies if c is not tensor and np.array_equal(c.values, values)
+                 and _same_scheme(qdq.scheme_of(c), scheme)), None)
     if twin is not None and not _used_twice(node, tensor):
         node.inputs[index] = twin
         return
     if len(tensor.outputs) > 1 or _used_twice(node, tensor):
         fresh = gs.Constant(_fresh_name(tensor.name, node), values)
         setattr(fresh, _ORIGIN, origin)
+        if scheme is not None:
+            setattr(fresh, qdq.SCHEME_ATTR, scheme)
         copies.append(fresh)
         node.inputs[index] = fresh
         return
     tensor.values = values
+    if scheme is not None:
+        setattr(tensor, qdq.SCHEME_ATTR, scheme)
+
+
+def _same_scheme(a: Any, b: Any) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and a.same(b))
 
 
 def replace_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:

@@ -554,16 +554,34 @@ def serialized_size(model: onnx.ModelProto) -> int:
 # ----------------------------------------------------------------------------- counting
 
 
+#: integer element types that only weights use (shape constants and indices are int64 / int32)
+_WEIGHT_INT_TYPES = {getattr(onnx.TensorProto, name) for name in ("INT8", "UINT8", "INT16", "UINT16", "INT4", "UINT4")
+                     if hasattr(onnx.TensorProto, name)}
+
+
+def _quantized_inputs(model: onnx.ModelProto) -> set[str]:
+    """Tensors a DequantizeLinear dequantizes and QLinearConv's int32 bias: quantized weights of any integer type."""
+    names = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input}
+    names |= {n.input[8] for n in model.graph.node if n.op_type == "QLinearConv" and len(n.input) > 8}
+    return names
+
+
 def count_parameters(model: onnx.ModelProto) -> int:
-    """Float initializer elements (shape constants and indices are not parameters)."""
+    """Weight elements of every dtype: float initializers, quantized ((u)int8, (u)int4, (u)int16) ones and
+    any tensor a DequantizeLinear reads (an int32 bias); shape constants and indices are not parameters."""
+    quantized = _quantized_inputs(model)
+
+    def counts(t: onnx.TensorProto, name: str) -> bool:
+        return t.data_type in FLOAT_TYPES or t.data_type in _WEIGHT_INT_TYPES or name in quantized
+
     total = 0
     for init in model.graph.initializer:
-        if init.data_type in FLOAT_TYPES:
+        if counts(init, init.name):
             total += int(np.prod(init.dims, dtype=np.int64))
     for node in model.graph.node:
         if node.op_type == "Constant":
             for a in node.attribute:
-                if a.name == "value" and a.t.data_type in FLOAT_TYPES:
+                if a.name == "value" and counts(a.t, node.output[0] if node.output else ""):
                     total += int(np.prod(a.t.dims, dtype=np.int64))
     return total
 

@@ -53,11 +53,14 @@ def to_graph(model: onnx.ModelProto, source: str | os.PathLike[str] | None = Non
     ort.set_default_logger_severity(3)  # graph-surgeon folds with onnxruntime; its warnings are noise here
     gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
     try:
-        graph.fold_constants(fold_shapes=static, error_ok=True, should_exclude_node=_expands)
+        graph.fold_constants(fold_shapes=static, error_ok=True, should_exclude_node=_not_folded)
     except Exception as exc:  # folding is an optimisation; tracing is conservative without it
         log.warning("constant folding skipped: %s", exc)
     graph.cleanup().toposort()
     _detach(graph)  # folding turns Constant nodes into constants that still point into the caller's model
+    from . import qdq
+
+    qdq.fold_weights(graph)  # QDQ weights are float constants while pruning, quantized again on export
     _share_equal_constants(graph)
     if static:
         for tensor in graph.tensors().values():
@@ -124,6 +127,13 @@ def _all_inputs_static(model: onnx.ModelProto) -> bool:
         if not all(is_static_dim(d) for d in dims):
             return False
     return True
+
+
+def _not_folded(node: gs.Node) -> bool:
+    """Nodes graph-surgeon must not fold: expanding ones, and stored weights' Casts (`graph.qdq` folds those)."""
+    from . import qdq
+
+    return _expands(node) or qdq.keeps_storage(node)
 
 
 def _expands(node: gs.Node) -> bool:

@@ -225,6 +225,9 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export, restore the original's metadata and output contract, drop stale shapes, re-infer."""
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=True)
+    from . import qdq
+
+    qdq.export(out, (t for t in graph.tensors().values() if isinstance(t, gs.Constant)))
     out.ir_version = like.ir_version
     out.producer_name = like.producer_name
     out.producer_version = like.producer_version

@@ -25,10 +25,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import ir
-from ..graph import edit
+from ..graph import edit, qdq
 from ..channels import ChannelMap, Kind, Role
 from ..errors import ModelError
 from . import attention
+from .quant import constant_reason, not_constant
 from .registry import (
     Affine, ApplyContext, CostContext, Freeze, NodeCost, OpRule, ShapeOf, TraceContext, float_size, register,
 )
@@ -160,9 +161,9 @@ class ConvRule(_ConvMacs):
         weight = ir.input_const(node, 1)
         x_map = t.cmap(node.inputs[0])
         if weight is None:
-            raise Freeze("weight is not a constant")
+            return not_constant(t, node, "weight is not a constant")
         if ir.has_input(node, 2) and ir.input_const(node, 2) is None:
-            raise Freeze("bias is not a constant")
+            raise Freeze(constant_reason(node.inputs[2], "bias is not a constant"))
         if x_map is not None and x_map.axis != 1:
             raise Freeze("input channels are not on axis 1")
         group = int(ir.attr(node, "group", 1))
@@ -279,11 +280,11 @@ class ConvTransposeRule(_ConvMacs):
         weight = ir.input_const(node, 1)
         x_map = t.cmap(node.inputs[0])
         if weight is None:
-            raise Freeze("weight is not a constant")
+            return not_constant(t, node, "weight is not a constant")
         if int(ir.attr(node, "group", 1)) != 1:
             raise Freeze("grouped ConvTranspose")
         if ir.has_input(node, 2) and ir.input_const(node, 2) is None:
-            raise Freeze("bias is not a constant")
+            raise Freeze(constant_reason(node.inputs[2], "bias is not a constant"))
         if x_map is not None:
             if x_map.axis != 1:
                 raise Freeze("input channels are not on axis 1")
@@ -310,13 +311,13 @@ class GemmRule(_DenseMacs):
     def trace(self, t: TraceContext, node: gs.Node) -> None:
         weight = ir.input_const(node, 1)
         if weight is None:
-            raise Freeze("weight is not a constant")
+            return not_constant(t, node, "weight is not a constant")
         if int(ir.attr(node, "transA", 0)):
             raise Freeze("transA=1")
         if ir.has_input(node, 2):
             bias = ir.input_const(node, 2)
             if bias is None:
-                raise Freeze("bias is not a constant")
+                raise Freeze(constant_reason(node.inputs[2], "bias is not a constant"))
         x_map = t.cmap(node.inputs[0])
         if x_map is not None:
             if x_map.axis != 1:
@@ -383,10 +384,13 @@ class MatMulRule(_DenseMacs):
     def trace(self, t: TraceContext, node: gs.Node) -> None:
         weight = ir.input_const(node, 1)
         a_shape = t.shape(node.inputs[0])
-        if weight is None and ir.const_value(node.inputs[0]) is None:
+        unfolded = qdq.unfolded_reason(node.inputs[1]) is not None  # a quantized weight that could not be folded
+        if weight is None and not unfolded and ir.const_value(node.inputs[0]) is None:
             attention.trace_activation_matmul(t, node)  # between two activations (attention scores, context)
             return
-        if weight is None or weight.ndim != 2 or a_shape is None:
+        if weight is None:
+            return not_constant(t, node, "second operand is not a constant 2-D weight", features_last=True)
+        if weight.ndim != 2 or a_shape is None:
             raise Freeze("second operand is not a constant 2-D weight")
         x_map = t.cmap(node.inputs[0])
         if x_map is not None:

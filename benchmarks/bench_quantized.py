@@ -1,0 +1,216 @@
+"""Quantized and half-precision models: which order loses less, and the zoo in QDQ and fp16 form.
+
+    python benchmarks/bench_quantized.py fmnist --out benchmarks/results/quantized_fmnist.md
+    python benchmarks/bench_quantized.py zoo --zoo ../shared/zoo --filled /tmp/zoo --out benchmarks/results/quantized_zoo.md
+
+fmnist: each Fashion-MNIST model is quantized with onnxruntime's ``quantize_static`` (QDQ, per-channel
+int8 weights, uint8 activations, 256 seeded training images), then, for each method at 0.5,
+(a) the QDQ model is pruned (calibration: the first 2,000 training images), (b) the float model is
+pruned and the result quantized the same way. Test accuracy on the 10,000 test images.
+
+zoo: every zoo model filled with seeded random weights is converted to QDQ (``quantize_static`` on 8
+seeded random inputs, per-channel int8) and to fp16 storage (every float32 initializer of 16+
+elements stored as float16 and cast to float32 on load: the form that runs for every op), then
+pruned with l1 at 0.5 by the CLI: valid or not, and the pruned file's size over the input's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fmnist import load_split, write_calibration  # noqa: E402
+from measure import failure, prune_cli_keep  # noqa: E402
+
+MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+
+
+def quantize(src: Path, dst: Path, inputs: list[dict[str, np.ndarray]]) -> None:
+    """onnxruntime's QDQ static quantization: per-channel int8 weights, uint8 activations."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(inputs)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.items, None)
+
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+
+
+def accuracy(path: Path, images: np.ndarray, labels: np.ndarray) -> float:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    hits = 0
+    for start in range(0, len(images), 500):
+        logits = sess.run(None, {name: images[start : start + 500]})[0]
+        hits += int((logits.argmax(axis=1) == labels[start : start + 500]).sum())
+    return hits / len(images)
+
+
+def fmnist(out: Path, models: list[str], methods: list[str]) -> None:
+    test_x, test_y = load_split("test")
+    train_x, _ = load_split("train")
+    pick = np.random.default_rng(0).choice(len(train_x), 256, replace=False)
+    calib_inputs = [{"input": train_x[i : i + 1]} for i in sorted(pick.tolist())]
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        calib = write_calibration(folder / "calib.npz", 2000)
+        for name in models:
+            src = MODELS / f"{name}.onnx"
+            qdq = folder / f"{name}_qdq.onnx"
+            quantize(src, qdq, calib_inputs)
+            row: dict[str, Any] = {"model": name, "float": accuracy(src, test_x, test_y), "qdq": accuracy(qdq, test_x, test_y),
+                                   "bytes_float": src.stat().st_size, "bytes_qdq": qdq.stat().st_size}
+            for method in methods:
+                args = ["--method", method, "--ratio", "0.5", "--no-latency"]
+                if method != "l1":
+                    args += ["--calib", str(calib)]
+                started = time.perf_counter()
+                run, report, pruned = prune_cli_keep(qdq, args, folder / f"{name}_{method}_q", 1800)
+                row[f"{method}_q_then_prune"] = None if pruned is None else accuracy(pruned, test_x, test_y)
+                row[f"{method}_q_then_prune_s"] = round(time.perf_counter() - started, 1)
+                row[f"{method}_q_then_prune_bytes"] = None if pruned is None else pruned.stat().st_size
+                if report is None:
+                    row[f"{method}_error"] = failure(run)
+                run, report, pruned = prune_cli_keep(src, args, folder / f"{name}_{method}_f", 1800)
+                if pruned is not None:
+                    requant = folder / f"{name}_{method}_pq.onnx"
+                    quantize(pruned, requant, calib_inputs)
+                    row[f"{method}_prune_then_q"] = accuracy(requant, test_x, test_y)
+                    row[f"{method}_prune_float"] = accuracy(pruned, test_x, test_y)
+                    row[f"{method}_prune_then_q_bytes"] = requant.stat().st_size
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    lines = ["| model | method | float | QDQ | float pruned | prune, then quantize | quantize, then prune | QDQ pruned bytes / QDQ bytes |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        for m in methods:
+            qp, pq = r.get(f"{m}_q_then_prune"), r.get(f"{m}_prune_then_q")
+            size = r.get(f"{m}_q_then_prune_bytes")
+            ratio = "" if size is None else f"{size / r['bytes_qdq']:.2f}"
+            lines.append(f"| {r['model']} | {m} 0.5 | {r['float']:.2%} | {r['qdq']:.2%} | {_pct(r.get(f'{m}_prune_float'))} | "
+                         f"{_pct(pq)} | {_pct(qp)} | {ratio} |")
+    out.write_text("\n".join(lines) + "\n")
+
+
+def _pct(value: float | None) -> str:
+    return "error" if value is None else f"{value:.2%}"
+
+
+def to_fp16_storage(model: onnx.ModelProto, min_elements: int = 16) -> onnx.ModelProto:
+    """Every float32 initializer of `min_elements`+ elements stored as float16 and cast back to float32 on load."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    casts = []
+    for init in out.graph.initializer:
+        if init.data_type == TensorProto.FLOAT and int(np.prod(init.dims)) >= min_elements:
+            value = numpy_helper.to_array(init)
+            stored = f"{init.name}_fp16"
+            casts.append(helper.make_node("Cast", [stored], [init.name], to=TensorProto.FLOAT, name=f"{init.name}_cast"))
+            init.CopyFrom(numpy_helper.from_array(value.astype(np.float16), stored))
+    nodes = list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(casts + nodes)
+    return out
+
+
+def zoo(zoo_dir: Path, filled: Path, out: Path, only: list[str]) -> None:
+    from zoo_coverage import fill
+
+    fill(zoo_dir, filled)
+    rows: list[dict[str, Any]] = []
+    models = sorted((p for p in filled.glob("*.onnx") if not p.name.startswith(("hf_", "hfdyn_"))),
+                    key=lambda p: (p.stat().st_size, p.name))  # small first
+    if only:
+        models = [p for p in models if p.stem in only]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for path in models:
+            model = onnx.load(path)
+            dims = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+            rng = np.random.default_rng(0)
+            row: dict[str, Any] = {"model": path.stem}
+            forms: dict[str, Path] = {}
+            qdq = folder / f"{path.stem}_qdq.onnx"
+            try:
+                quantize(path, qdq, [{model.graph.input[0].name: rng.standard_normal(dims).astype(np.float32)} for _ in range(8)])
+                forms["qdq"] = qdq
+            except Exception as exc:  # noqa: BLE001 - a model onnxruntime cannot quantize is a row, not a stop
+                row["qdq_error"] = f"quantize_static: {str(exc).splitlines()[0][:120]}"
+            fp16 = folder / f"{path.stem}_fp16.onnx"
+            onnx.save(to_fp16_storage(model), fp16)
+            forms["fp16"] = fp16
+            del model
+            for form, src in forms.items():
+                run, report, pruned = prune_cli_keep(src, ["--method", "l1", "--ratio", "0.5", "--no-latency"], folder / form, 900)
+                if report is None or pruned is None:
+                    row[f"{form}_error"] = failure(run)
+                    continue
+                row[f"{form}_ratio"] = round(pruned.stat().st_size / src.stat().st_size, 3)
+                row[f"{form}_params"] = (report["before"]["params"], report["after"]["params"])
+                row[f"{form}_s"] = run.seconds
+                pruned.unlink()
+            for p in forms.values():
+                p.unlink(missing_ok=True)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            _zoo_table(rows, out)  # after every model: a long run stopped early keeps its rows
+
+
+def _zoo_table(rows: list[dict[str, Any]], out: Path) -> None:
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    lines = ["| model | QDQ l1 0.5 | QDQ size after / before | fp16 l1 0.5 | fp16 size after / before |", "|---|---|---:|---|---:|"]
+    for r in rows:
+        cells = []
+        for form in ("qdq", "fp16"):
+            if f"{form}_ratio" in r:
+                cells += ["valid", f"{r[f'{form}_ratio']:.2f}"]
+            else:
+                cells += [f"error: {r.get(f'{form}_error', '?')}", ""]
+        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    for form in ("qdq", "fp16"):
+        ok = [r[f"{form}_ratio"] for r in rows if f"{form}_ratio" in r]
+        if ok:
+            lines.append(f"\n{form}: {len(ok)}/{len(rows)} valid; size ratio median {np.median(ok):.2f}, "
+                         f"at most {max(ok):.2f}; {sum(1 for v in ok if v <= 0.75)} at least 25% smaller")
+    out.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    f = sub.add_parser("fmnist")
+    f.add_argument("--out", type=Path, default=Path("benchmarks/results/quantized_fmnist.md"))
+    f.add_argument("--models", nargs="*", default=["fmnist_resnet56", "fmnist_vgg_slim_bn"])
+    f.add_argument("--methods", nargs="*", default=["l1", "ldrf"])
+    z = sub.add_parser("zoo")
+    z.add_argument("--zoo", type=Path, default=Path("../shared/zoo"))
+    z.add_argument("--filled", type=Path, default=Path("/tmp/zoo"))
+    z.add_argument("--out", type=Path, default=Path("benchmarks/results/quantized_zoo.md"))
+    z.add_argument("--only", nargs="*", default=[])
+    args = parser.parse_args()
+    if args.what == "fmnist":
+        fmnist(args.out, args.models, args.methods)
+    else:
+        zoo(args.zoo, args.filled, args.out, args.only)
+
+
+if __name__ == "__main__":
+    main()
