@@ -134,8 +134,10 @@ def _with_fallback(ctx: Context, scores: dict[int, np.ndarray], name: str) -> tu
 
 
 def _removal_count(ctx: Context, group: Group) -> int:
-    """Classes the uniform ratio removes from `group` (as ``plan.uniform_plan`` counts them)."""
-    keep = kept_count(group.size, ctx.options.ratio, ctx.options.round_to)
+    """Classes the uniform ratio (or the group's `group_ratios` share) removes from `group` (as ``plan.uniform_plan``)."""
+    allocation = ctx.params.group_ratios
+    ratio = ctx.options.ratio if allocation is None else dict(allocation).get(group.index, 0.0)
+    keep = kept_count(group.size, ratio, ctx.options.round_to)
     n_remove = min(group.size - keep, group.prunable)
     if group.block > 1:
         n_remove -= n_remove % group.block
@@ -466,6 +468,9 @@ def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str 
                 continue
             free = np.array([not f for f in group.frozen])
             n_remove = _removal_count(ctx, group)
+            if n_remove == 0 and ctx.params.group_ratios is not None:
+                scores[group.index] = np.zeros(group.size)  # an allocation keeps this group whole: no selection
+                continue
             s = select(ctx, group, consumers[group.index], cov, removed, free, n_remove)
             scores[group.index] = s
             order = np.argsort(np.where(free, s, np.inf), kind="stable")[:n_remove]

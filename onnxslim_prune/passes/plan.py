@@ -91,14 +91,17 @@ def select_lowest(group: Group, scores: np.ndarray, n_remove: int) -> tuple[int,
 
 
 def uniform_plan(
-    trace: Trace, scores: Mapping[int, np.ndarray], ratio: float, round_to: int = 1
+    trace: Trace, scores: Mapping[int, np.ndarray], ratio: float, round_to: int = 1,
+    per_group: Mapping[int, float] | None = None,
 ) -> Plan:
+    """`ratio` of every group, or with `per_group` that group's own fraction (unlisted groups: none removed)."""
     check_ratio(ratio)
     plans = []
     for group in trace.groups:
         if group.is_frozen or group.index not in scores:
             continue
-        keep = kept_count(group.size, ratio, round_to, group.block)
+        share = ratio if per_group is None else per_group.get(group.index, 0.0)
+        keep = kept_count(group.size, share, round_to, group.block)
         n_remove = min(group.size - keep, group.prunable)
         while n_remove > 0 and ((group.size - n_remove) % round_to or n_remove % group.block):
             n_remove -= 1  # frozen classes capped the removal: keep the roundings valid
