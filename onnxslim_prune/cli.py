@@ -258,7 +258,7 @@ def main(
         console = None
         if searched is not None and not quiet:
             if searched.sensitivity and show_sensitivity:
-                click.echo(search_mod.sensitivity_table(searched.sensitivity))
+                click.echo(search_mod.sensitivity_table(searched.sensitivity, searched.data_free))
             click.echo(search_mod.probe_table(searched))
         if searched is not None and plot_path is not None:
             planning_plot.plot(plot_path, searched.sensitivity, searched.probes, searched.settings.objective, searched.chosen)
@@ -306,7 +306,7 @@ def _sensitivity_only(model: Path, method: str, kwargs: dict[str, Any], settings
     if plot_path is not None:
         planning_plot.check_available()
     prober = search_mod.Prober(ir.load_model(model), method, kwargs, progress=console)
-    proxy = kwargs.get("calib") in (None, "random") and kwargs.get("eval_data") is None
+    proxy = prober.data_free
     outcome = search_mod.run_sensitivity(prober, settings, int(kwargs["round_to"]), proxy)
     _closed(console)
     if report_path is not None:

@@ -26,7 +26,7 @@ from onnxslim_prune.errors import UsageError
 from onnxslim_prune.planning.parts import VerdictPart, part_indices
 from onnxslim_prune.planning.search import (
     Prober, SearchSettings, SensitivityRow, allocation_at, greedy_steps, probe_table, run_search,
-    run_sensitivity, sorted_rows,
+    run_sensitivity, sensitivity_table, sorted_rows,
 )
 from onnxslim_prune.verdict import Gates
 
@@ -251,3 +251,13 @@ def test_cli_gated_search_is_deterministic_and_reports_the_probes(tmp_path: Path
     res = CliRunner().invoke(main, [str(src), "--calib", str(calib), "--holdout", "0.5", "--ratio", "0.5",
                                     "--min-correlation", "0.9999", "--no-latency", "-o", str(tmp_path / "x.onnx")])
     assert res.exit_code == 3 and "search (" not in res.output
+
+
+def test_data_free_sensitivity_is_a_labelled_proxy_on_seeded_inputs(tmp_path: Path) -> None:
+    model, _ = _branches(tmp_path)
+    prober = Prober(model, "l1", {"latency": False})
+    outcome = run_sensitivity(prober, SearchSettings(ratios=(0.5,)), 1, proxy=prober.data_free)
+    assert prober.data_free and outcome.report["proxy"]
+    rows = sorted_rows(outcome.rows)
+    assert [r.node for r in rows] == ["c1", "c2"] and rows[0].damage < 1e-9 < 1e-3 < rows[1].damage
+    assert "data-free proxy" in sensitivity_table(outcome.rows, True)

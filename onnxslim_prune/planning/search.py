@@ -225,6 +225,11 @@ class Prober:
         self.seconds += seconds
 
     @property
+    def data_free(self) -> bool:
+        """No calibration or --eval data: probes are measured on seeded random inputs (a proxy)."""
+        return self.kwargs.get("calib") in (None, "random") and self.kwargs.get("eval_data") is None
+
+    @property
     def mean_seconds(self) -> float:
         return self.seconds / self.count if self.count else 0.0
 
@@ -427,6 +432,7 @@ class SearchOutcome:
     settings: SearchSettings
     notes: tuple[str, ...] = field(default=())
     seconds: float = 0.0  # of the probes (the final run's own seconds are in its report)
+    data_free: bool = False  # probes measured on seeded random inputs
 
 
 def pareto(probes: Sequence[Probe], objective: Objective) -> set[int]:
@@ -489,7 +495,7 @@ def search(prober: Prober, trace: Trace, settings: SearchSettings, round_to: int
     prober.stage(f"search: the chosen model, judged on the final half ({len(probes)} probes done)", len(probes), len(probes))
     result = prober.run(params, VerdictPart.FINAL, latency=prober.latency)
     outcome = SearchOutcome(result, tuple(probes), rows, None if chosen is None else chosen.index, settings, tuple(notes),
-                            prober.seconds)
+                            prober.seconds, prober.data_free)
     return replace(outcome, result=_with_search_report(outcome))
 
 
@@ -580,7 +586,7 @@ def _with_search_report(outcome: SearchOutcome) -> Any:
         "selection": "probes measured on the selection half of the held-out samples; the verdict on the final half",
     }
     if outcome.sensitivity:
-        extra["sensitivity"] = sensitivity_dict(outcome.sensitivity, outcome.settings)
+        extra["sensitivity"] = sensitivity_dict(outcome.sensitivity, outcome.settings, outcome.data_free)
     chosen = next((p for p in outcome.probes if p.index == outcome.chosen), None)
     request = f"searched: smallest of {len(outcome.probes)} probes within the gate" if chosen is not None \
         else f"searched: none of {len(outcome.probes)} probes kept the gate, unchanged"
