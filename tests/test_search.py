@@ -211,7 +211,8 @@ def test_cli_sensitivity_table_report_and_plot(tmp_path: Path) -> None:
     src = tmp_path / "m.onnx"
     onnx.save(model, src)
     report = tmp_path / "s.json"
-    args = [str(src), "--calib", str(calib), "--holdout", "0.5", "--no-reconstruct", "--sensitivity", "--report", str(report)]
+    args = [str(src), "--calib", str(calib), "--holdout", "0.5", "--no-reconstruct", "--sensitivity", "--report", str(report),
+            "--sensitivity-ratios", "0.5"]
     plot = tmp_path / "s.png"
     plotting = True
     try:
@@ -224,7 +225,7 @@ def test_cli_sensitivity_table_report_and_plot(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "sensitivity (each group cut alone" in res.output and "no model written" in res.output
     data = json.loads(report.read_text())["sensitivity"]
-    assert len(data["rows"]) == 6 and data["rows"][0]["node"] == "c1"
+    assert len(data["rows"]) == 2 and data["rows"][0]["node"] == "c1" and data["ratios"] == [0.5]
     assert not (tmp_path / "m.pruned.onnx").exists()
     if plotting:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -238,8 +239,8 @@ def test_cli_gated_search_is_deterministic_and_reports_the_probes(tmp_path: Path
     for i in range(2):
         out, report = tmp_path / f"o{i}.onnx", tmp_path / f"r{i}.json"
         res = CliRunner().invoke(main, [str(src), "--calib", str(calib), "--holdout", "0.5", "--no-reconstruct",
-                                        "--min-correlation", "0.9999", "--search-margin", "0", "--max-probes", "4",
-                                        "--sensitivity-ratios", "0.5,0.75", "--no-latency", "-o", str(out),
+                                        "--min-correlation", "0.9999", "--search-margin", "0", "--max-probes", "3",
+                                        "--sensitivity-ratios", "0.75", "--no-latency", "-o", str(out),
                                         "--report", str(report)])
         assert res.exit_code == 0, res.output
         assert "search (sensitivity allocation" in res.output and "searched: smallest of" in res.output
