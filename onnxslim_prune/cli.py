@@ -142,7 +142,8 @@ class _OneLineErrors(click.Command):
 @click.option("--sensitivity-ratios", default="0.25,0.5,0.75", show_default=True, metavar="R,R,...",
               help="Ratios each group is cut at alone (sensitivity and the search's profile).")
 @click.option("--allocation", type=click.Choice([a.value for a in Allocation]), default=Allocation.SENSITIVITY.value,
-              show_default=True, help="Search: per-group allocation, greedy over the sensitivity profile or the global ranking.")
+              show_default=True, help="Search: per-group allocation, greedy over the sensitivity profile or the global ranking; given "
+              "with --target-*, the sensitivity allocation meets the target.")
 @click.option("--objective", type=click.Choice([o.value for o in Objective]), default=Objective.MACS.value,
               show_default=True, help="Search: what is made smallest within the gate.")
 @click.option("--max-probes", default=DEFAULT_MAX_PROBES, show_default=True, type=int,
@@ -240,12 +241,17 @@ def main(
         search_settings = SearchSettings(_floats(sensitivity_ratios, "--sensitivity-ratios") or (), max_probes,
                                          Allocation(allocation), Objective(objective), search_margin)
         searching = gates.any and _searches(kwargs["params"]) and search_mod.searchable(method)
+        targeted = _targets_with_profile(kwargs["params"]) and search_mod.searchable(method)
         searched = None
-        if show_sensitivity and not searching:
+        if show_sensitivity and not searching and not targeted:
             _sensitivity_only(model, method, kwargs, search_settings, console, report_path, plot_path, quiet)
             _closed(console)
             return
-        if searching:
+        if targeted:
+            prober = search_mod.Prober(ir.load_model(model), method, kwargs, progress=console, margin=search_settings.margin)
+            searched = search_mod.run_targeted(prober, search_settings, round_to)
+            result = searched.result
+        elif searching:
             if plot_path is not None:
                 planning_plot.check_available()
             prober = search_mod.Prober(ir.load_model(model), method, kwargs, progress=console, margin=search_settings.margin)
@@ -298,6 +304,14 @@ def _searches(params: Mapping[str, Any]) -> bool:
     source = click.get_current_context().get_parameter_source("ratio")
     given = source is not None and source is not click.core.ParameterSource.DEFAULT
     return not given and params.get("target_macs") is None and params.get("target_params") is None
+
+
+def _targets_with_profile(params: Mapping[str, Any]) -> bool:
+    """--target-macs / --target-params with an explicit --allocation sensitivity: the greedy allocation meets it."""
+    source = click.get_current_context().get_parameter_source("allocation")
+    given = source is not None and source is not click.core.ParameterSource.DEFAULT
+    wants = click.get_current_context().params.get("allocation") == Allocation.SENSITIVITY.value
+    return given and wants and (params.get("target_macs") is not None or params.get("target_params") is not None)
 
 
 def _sensitivity_only(model: Path, method: str, kwargs: dict[str, Any], settings: SearchSettings, console: Any,

@@ -26,7 +26,7 @@ from onnxslim_prune.errors import UsageError
 from onnxslim_prune.planning.parts import VerdictPart, part_indices
 from onnxslim_prune.planning.search import (
     Prober, SearchSettings, SensitivityRow, allocation_at, greedy_steps, probe_table, run_search,
-    run_sensitivity, sensitivity_table, sorted_rows,
+    run_sensitivity, run_targeted, sensitivity_table, sorted_rows,
 )
 from onnxslim_prune.verdict import Gates
 
@@ -262,3 +262,15 @@ def test_data_free_sensitivity_is_a_labelled_proxy_on_seeded_inputs(tmp_path: Pa
     rows = sorted_rows(outcome.rows)
     assert [r.node for r in rows] == ["c1", "c2"] and rows[0].damage < 1e-9 < 1e-3 < rows[1].damage
     assert "data-free proxy" in sensitivity_table(outcome.rows, True)
+
+
+def test_a_macs_target_with_the_sensitivity_allocation_cuts_the_dead_group_first(tmp_path: Path) -> None:
+    """c1 (4 dead filters), c2 (6 live), c3 (10 -> 5): cutting 3 of c1 keeps 1 - (3*27 + 3*90) * 64 / 46080 = 0.7 of the MACs."""
+    model, calib = _branches(tmp_path)
+    kwargs = dict(calib=str(calib), holdout=0.5, params={"reconstruct": False, "target_macs": 0.75}, latency=False)
+    outcome = run_targeted(Prober(model, "l1", kwargs), SETTINGS, 1)
+    report = outcome.result.report
+    assert report.after.macs / report.before.macs == pytest.approx(0.7)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in outcome.result.model.graph.initializer}
+    assert inits["c1.w"].shape[0] == 1 and inits["c2.w"].shape[0] == 6
+    assert "sensitivity allocation" in report.request and report.verdict is not None and report.verdict.correlation > 0.99999

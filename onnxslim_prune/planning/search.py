@@ -193,6 +193,8 @@ class Prober:
         self.model, self.method = model, method
         self.kwargs = dict(prune_kwargs)
         self.params = dict(self.kwargs.pop("params", None) or {})
+        #: --target-macs / --target-params of the run: probes allocate per group, so they never pass them on
+        self.targets = {k: self.params.pop(k) for k in ("target_macs", "target_params") if self.params.get(k) is not None}
         self.latency = bool(self.kwargs.pop("latency", True))
         self.progress = progress
         self.count = 0
@@ -659,3 +661,84 @@ def run_search(prober: Prober, settings: SearchSettings, round_to: int, gates: G
     trace = baseline(prober)
     rows = sensitivity(prober, trace, settings, round_to) if with_sensitivity else None
     return search(prober, trace, settings, round_to, gates, rows)
+
+
+# ----------------------------------------------------------------------------- a budget with the same allocation
+
+
+class AllocationCost:
+    """Kept MACs and parameters of an allocation: its plan materialised (the cost depends on the counts only)."""
+
+    def __init__(self, prober: Prober, trace: Trace, round_to: int) -> None:
+        from .. import api, validate
+
+        user = dict(prober.kwargs.get("input_shapes") or {})
+        shapes = api.resolve_input_shapes(prober.model, user, preprocess=prober.kwargs.get("preprocess"))
+        self.analysis = api.analyze(prober.model, input_shapes=shapes, exclude=prober.kwargs.get("exclude") or ())
+        if [g.size for g in self.analysis.trace.groups] != [g.size for g in trace.groups]:
+            raise UsageError("the traced groups differ from the pipeline's (dynamic shapes?): give --input-shape")
+        self.round_to = round_to
+        self.before = validate.model_stats(prober.model, self.analysis.input_shapes)
+
+    def kept(self, allocation: Allocation_) -> tuple[float, float]:
+        import numpy as np
+
+        from .. import validate
+        from ..passes.materialize import materialize
+        from ..passes.plan import uniform_plan
+
+        a = self.analysis
+        scores = {g.index: np.zeros(g.size) for g in a.trace.groups if not g.is_frozen}
+        plan = uniform_plan(a.trace, scores, 0.0, self.round_to, dict(allocation))
+        stats = validate.model_stats(materialize(a.graph, a.model, a.trace, plan, a.opset), a.input_shapes)
+        return stats.macs / max(self.before.macs, 1), stats.params / max(self.before.params, 1)
+
+
+def run_targeted(prober: Prober, settings: SearchSettings, round_to: int) -> SearchOutcome:
+    """--target-macs / --target-params with the sensitivity allocation: the shortest greedy prefix meeting the target.
+
+    The profile is measured on the selection half, the written model judged on the final half (as a search's).
+    """
+    check_searchable(prober.method, prober.params)
+    if not prober.targets:
+        raise UsageError("run_targeted needs --target-macs or --target-params")
+    trace = baseline(prober)
+    rows = sensitivity(prober, trace, settings, round_to)
+    objective = Objective.MACS if "target_macs" in prober.targets else Objective.PARAMS
+    steps = greedy_steps(rows, objective)
+    cost = AllocationCost(prober, trace, round_to)
+
+    def meets(k: int) -> bool:
+        macs, params = cost.kept(allocation_at(steps, k))
+        return all(kept <= prober.targets[key] + 1e-9 for key, kept in (("target_macs", macs), ("target_params", params))
+                   if key in prober.targets)
+
+    notes: list[str] = []
+    lo, hi = 0, len(steps)  # invariant: k = lo misses (unless 0 meets), k = hi meets (checked)
+    if meets(0):
+        hi = 0
+    elif not meets(hi):
+        message = (f"target {prober.targets} is not reachable with the profile's ratios (at most "
+                   f"{max(settings.ratios):g} of a group): every step is taken")
+        log.warning("%s", message)
+        notes.append(message)
+    else:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if meets(mid):
+                hi = mid
+            else:
+                lo = mid
+    allocation = allocation_at(steps, hi)
+    prober.stage(f"target: {hi}/{len(steps)} greedy steps, judged on the final half", 1, 1)
+    result = prober.run({"group_ratios": allocation}, VerdictPart.FINAL, latency=prober.latency)
+    macs, params = cost.kept(allocation)
+    probe = Probe(1, f"steps {hi}/{len(steps)}", {"group_ratios": allocation},
+                  Measurement.of(result, 0.0, prober.margin))
+    outcome = SearchOutcome(result, (probe,), rows, 1, settings, tuple(notes), prober.seconds, prober.data_free)
+    outcome = replace(outcome, result=_with_search_report(outcome))
+    report = outcome.result.report
+    words = " and ".join(f"{k[7:]} {v:g}" for k, v in prober.targets.items())
+    report = replace(report, request=f"target {words}, sensitivity allocation ({hi}/{len(steps)} greedy steps; "
+                                     f"MACs {macs:.3f}, params {params:.3f})")
+    return replace(outcome, result=replace(outcome.result, report=report))
