@@ -74,6 +74,12 @@ def main() -> None:
     parser.add_argument("--max-drop", type=float, default=1.0)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
     parser.add_argument("--curve-points", type=int, default=5)
+    parser.add_argument("--parts", nargs="+", default=["searched", "uniform", "allocation"],
+                        choices=["searched", "uniform", "allocation", "ranking", "margin"],
+                        help="ranking: --target-macs (the global ranking) at the MACs of the allocation rows already in "
+                             "search.json (run after the others)")
+    parser.add_argument("--margin", type=float, default=0.0,
+                        help="margin part: rerun the search with this --search-margin on the profile already measured")
     parser.add_argument("--work", type=Path, default=Path("/tmp/onnxslim_bench/search"))
     parser.add_argument("--results", type=Path, default=HERE / "results")
     args = parser.parse_args()
@@ -83,6 +89,14 @@ def main() -> None:
     state: dict[str, Any] = json.loads(out_json.read_text()) if out_json.exists() else {}
     for name in args.models:
         path = MODELS / f"{name}.onnx"
+        if args.parts in (["ranking"], ["margin"]):
+            if args.parts == ["ranking"]:
+                ranking_rows(name, path, state[name], calib, evaluation, xt, yt, args.method)
+            else:
+                margin_row(name, path, state[name], calib, evaluation, xt, yt, args.margin)
+            out_json.write_text(json.dumps(state, indent=1, sort_keys=True))
+            plot(name, state[name], args.results / f"search_{name}.png")
+            continue
         original = ir.load_model(path)
         before = __import__("onnxslim_prune.validate", fromlist=["model_stats"]).model_stats(original, {"input": (1, 1, 28, 28)})
         rows: list[dict[str, Any]] = [{"kind": "original", "label": "original", "macs_kept": 1.0, "params_kept": 1.0,
@@ -113,10 +127,7 @@ def main() -> None:
                                {"eval_drop": result.report.verdict.accuracy_drop_points if result.report.verdict else None}))
             log.info("%s uniform %g: %s", name, ratio, rows[-1])
         # the searched allocation as a curve: prefixes of the greedy order of the same profile
-        profile = [SensitivityRow(r["group"], r["node"], r["size"], r["ratio"], r["removed"], r["macs_saved"],
-                                  r["params_saved"], r["damage"] if r["damage"] is not None else float("inf"),
-                                  r["top1_agreement"], r["accuracy_drop"], r["correlation"], r["failed"])
-                   for r in report["extra"].get("sensitivity", {}).get("rows", [])]
+        profile = profile_of({"sensitivity": report["extra"].get("sensitivity")})
         steps = greedy_steps(profile, Objective.MACS)
         for k in np.unique(np.linspace(len(steps) // 4, len(steps), args.curve_points).astype(int)).tolist():
             started = time.perf_counter()
@@ -132,6 +143,52 @@ def main() -> None:
     (args.results / "search.md").write_text(markdown(state))
 
 
+def profile_of(entry: dict[str, Any]) -> list[SensitivityRow]:
+    return [SensitivityRow(r["group"], r["node"], r["size"], r["ratio"], r["removed"], r["macs_saved"], r["params_saved"],
+                           r["damage"] if r["damage"] is not None else float("inf"), r["top1_agreement"],
+                           r["accuracy_drop"], r["correlation"], r["failed"])
+            for r in (entry.get("sensitivity") or {}).get("rows", [])]
+
+
+def margin_row(name: str, path: Path, entry: dict[str, Any], calib: Path, evaluation: Path, xt: np.ndarray,
+               yt: np.ndarray, margin: float) -> None:
+    """The same search (same profile, the API's `search` with the rows given) at another --search-margin."""
+    from onnxslim_prune.planning.search import Prober, SearchSettings, baseline, search
+    from onnxslim_prune.verdict import Gates
+
+    original = ir.load_model(path)
+    before = __import__("onnxslim_prune.validate", fromlist=["model_stats"]).model_stats(original, {"input": (1, 1, 28, 28)})
+    gates = Gates(max_drop=entry["max_drop"])
+    prober = Prober(original, entry["method"], {"calib": str(calib), "eval_data": str(evaluation), "gates": gates,
+                                                "latency": False}, margin=margin)
+    started = time.perf_counter()
+    outcome = search(prober, baseline(prober), SearchSettings(margin=margin), 1, gates, tuple(profile_of(entry)))
+    verdict = outcome.result.report.verdict
+    label = f"--max-drop {entry['max_drop']:g} --search-margin {margin:g}"
+    entry["rows"] = [r for r in entry["rows"] if r["label"] != label]
+    entry["rows"].append(row_of("searched", label, outcome.result.model, before, xt, yt, time.perf_counter() - started, {
+        "exit_code": 0 if verdict.passed else 3, "probes": len(outcome.probes), "sensitivity_probes": 0,
+        "final_half_drop": verdict.accuracy_drop_points, "final_half_samples": verdict.samples,
+        "final_half_drop_ci95": list(verdict.accuracy_drop_interval or ()), "request": outcome.result.report.request}))
+    entry.setdefault("probes_by_margin", {})[f"{margin:g}"] = [p.to_dict() for p in outcome.probes]
+    log.info("%s margin %g: %s", name, margin, entry["rows"][-1])
+
+
+def ranking_rows(name: str, path: Path, entry: dict[str, Any], calib: Path, evaluation: Path, xt: np.ndarray,
+                 yt: np.ndarray, method: str) -> None:
+    """The global normalised ranking (--target-macs) at the MACs the searched allocation kept."""
+    original = ir.load_model(path)
+    before = __import__("onnxslim_prune.validate", fromlist=["model_stats"]).model_stats(original, {"input": (1, 1, 28, 28)})
+    entry["rows"] = [r for r in entry["rows"] if r["kind"] != "ranking"]
+    targets = sorted({round(r["macs_kept"], 3) for r in entry["rows"] if r["kind"] in ("allocation", "searched")})
+    for target in targets:
+        started = time.perf_counter()
+        result = api.prune(path, method, calib=calib, eval_data=evaluation, latency=False, params={"target_macs": target})
+        entry["rows"].append(row_of("ranking", f"--target-macs {target:g}", result.model, before, xt, yt,
+                                    time.perf_counter() - started))
+        log.info("%s ranking %g: %s", name, target, entry["rows"][-1])
+
+
 def plot(name: str, entry: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -142,14 +199,14 @@ def plot(name: str, entry: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     base = next(r for r in rows if r["kind"] == "original")["test_accuracy"]
     for kind, style, label in (("uniform", "o-", f"uniform ratio ({entry['method']})"),
-                               ("allocation", "s-", f"searched allocation ({entry['method']}, greedy prefixes)")):
+                               ("allocation", "s-", f"searched allocation ({entry['method']}, greedy prefixes)"),
+                               ("ranking", "^--", f"global ranking --target-macs ({entry['method']})")):
         pts = sorted((r["macs_kept"], r["test_accuracy"]) for r in rows if r["kind"] == kind)
         if pts:
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, label=label, markersize=4)
-    for r in rows:
-        if r["kind"] == "searched":
-            ax.scatter([r["macs_kept"]], [100 * r["test_accuracy"]], marker="*", s=160, c="black", zorder=5,
-                       label=f"written by the search ({r['label']})")
+    for r, colour in zip([r for r in rows if r["kind"] == "searched"], ("black", "tab:purple", "tab:brown")):
+        ax.scatter([r["macs_kept"]], [100 * r["test_accuracy"]], marker="*", s=160, c=colour, zorder=5,
+                   label=f"written by the search ({r['label']})")
     ax.axhline(100 * base, color="grey", linewidth=0.8, linestyle=":", label="original")
     ax.axhline(100 * base - entry["max_drop"], color="red", linewidth=0.8, linestyle="--", label=f"original - {entry['max_drop']:g} points")
     ax.set_xlabel("fraction of MACs kept")
