@@ -32,6 +32,7 @@ from .passes.apply import apply_plan
 from .passes.plan import Plan, check_ratio
 from .channels import Trace
 from .passes.trace import trace
+from .planning.parts import VerdictPart
 from .progress import Stage, StageClock
 from .report import Report, group_rows
 from .verdict import Gates, Verdict, VerdictSource, class_score_outputs, classes_of, summarise
@@ -143,13 +144,17 @@ def prune(
     gates: Gates | None = None,
     latency: bool = True,
     calib_memory: int | None = None,
+    verdict_part: VerdictPart = VerdictPart.ALL,
+    reference_memo: dict[VerdictPart, Any] | None = None,
 ) -> PruneResult:
     """Prune `model` with `method`; the returned model is validated (see `validate`) and judged (see `verdict`).
 
     Calibration data is split (seeded) into a fit part, the only data the method sees, and a
     held-out part (`holdout` of it) on which the verdict is measured; with `eval_data` the
     verdict is measured there and all calibration data is fitted. `calib_memory`: bytes the
-    passes over calibration data may hold (`calib.memory`; None: a quarter of RAM).
+    passes over calibration data may hold (`calib.memory`; None: a quarter of RAM). `verdict_part`:
+    the half of the held-out samples a search's probe (or its final model) is measured on (`planning.parts`);
+    `reference_memo`: the original's outputs per part, kept by a search across its probes (same model and data).
     """
     started = time.perf_counter()
     clock = StageClock(progress)
@@ -175,10 +180,17 @@ def prune(
         evaluation = load_eval(eval_data, original, input_shapes) if eval_data is not None else None
         calibration, shapes_in = _calibration(options, original, evaluation, preprocess)
         fit, held = _split(calibration, evaluation, holdout, seed, original, notes)
+        if verdict_part is not VerdictPart.ALL:
+            evaluation, held = _search_part(evaluation, held, fit, verdict_part, seed, original)
     sessions = _Sessions(original, path, keep=latency)
     with clock.stage(Stage.REFERENCE):
         # the original's outputs need no pruning: measured first, so bad data (labels past the classes) fails before the work
-        measure = _reference(original, shapes_in, seed, evaluation, held, fit, progress, sessions)
+        if reference_memo is not None and verdict_part in reference_memo:
+            measure = replace(reference_memo[verdict_part], sessions=sessions)
+        else:
+            measure = _reference(original, shapes_in, seed + verdict_part.seed_offset, evaluation, held, fit, progress, sessions)
+            if reference_memo is not None:
+                reference_memo[verdict_part] = replace(measure, sessions=None)
     working = original
     block_fraction = spec.blocks_to_remove(options)
     with clock.stage(Stage.TRACE):
@@ -250,7 +262,8 @@ def prune(
         request=_request(spec, options),
         accuracy_before=verdict.accuracy_before,
         accuracy_after=verdict.accuracy_after,
-        settings={**_settings(options, holdout, gates, eval_data, preprocess), "calib_memory": calib_memory},
+        settings={**_settings(options, holdout, gates, eval_data, preprocess), "calib_memory": calib_memory,
+                  **({} if verdict_part is VerdictPart.ALL else {"verdict_part": verdict_part.value})},
         input_path=None if isinstance(model, onnx.ModelProto) else str(model),
         latency=timing,
         stage_seconds=dict(clock.seconds),
@@ -327,6 +340,20 @@ def _split(
     else:
         log.info("calibration: %d samples fitted, %d held out for the verdict", parts.fit.num_samples, parts.holdout.num_samples)
     return parts.fit, parts.holdout
+
+
+def _search_part(
+    evaluation: EvalData | None, held: Any, fit: Any, part: VerdictPart, seed: int, model: onnx.ModelProto
+) -> tuple[EvalData | None, Any]:
+    """The search's half of the held-out samples (`planning.parts`); a search needs held-out data."""
+    from .planning.parts import eval_part, held_part
+
+    if evaluation is None and held is None and fit is not None and not fit.is_random:
+        raise UsageError("a search needs held-out samples: give --eval data or a --holdout above 0")
+    static = ir.static_batch(model)
+    if evaluation is not None:
+        return eval_part(evaluation, part, seed, static), held
+    return evaluation, held_part(held, part, seed, static)
 
 
 def _reference(

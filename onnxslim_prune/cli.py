@@ -26,6 +26,9 @@ from .console import ConsoleProgress
 from .errors import GateError, PruneError, UsageError
 from .methods import builtin  # noqa: F401  (fills the method registry)
 from .methods.base import METHODS, CommonParams, Setting, all_settings
+from .planning import plot as planning_plot
+from .planning import search as search_mod
+from .planning.search import DEFAULT_MARGIN, DEFAULT_MAX_PROBES, Allocation, Objective, SearchSettings
 from .verdict import Gates
 from .report import group_rows, group_table
 
@@ -134,6 +137,21 @@ class _OneLineErrors(click.Command):
 @click.option("--min-correlation", type=float, metavar="F",
               help="Gate: sample-centred correlation of the outputs with the original's >= F.")
 @click.option("--max-drop", type=float, metavar="P", help="Gate: accuracy on labelled --eval data falls by at most P points.")
+@click.option("--sensitivity", "show_sensitivity", is_flag=True,
+              help="Cut each group alone at --sensitivity-ratios and print the table (with a gate: also the search's profile).")
+@click.option("--sensitivity-ratios", default="0.25,0.5,0.75", show_default=True, metavar="R,R,...",
+              help="Ratios each group is cut at alone (sensitivity and the search's profile).")
+@click.option("--allocation", type=click.Choice([a.value for a in Allocation]), default=Allocation.SENSITIVITY.value,
+              show_default=True, help="Search: per-group allocation, greedy over the sensitivity profile or the global ranking; given "
+              "with --target-*, the sensitivity allocation meets the target.")
+@click.option("--objective", type=click.Choice([o.value for o in Objective]), default=Objective.MACS.value,
+              show_default=True, help="Search: what is made smallest within the gate.")
+@click.option("--max-probes", default=DEFAULT_MAX_PROBES, show_default=True, type=int,
+              help="Search: most probes of the bisection (the sensitivity probes come on top).")
+@click.option("--search-margin", default=DEFAULT_MARGIN, show_default=True, type=float, metavar="Z",
+              help="Search: a probe passes when each gate holds with Z standard errors of its figure to spare.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path),
+              help="Write a PNG of the sensitivity profile and the search's probes (needs matplotlib: the [plot] extra).")
 @click.option("--keep-failed", is_flag=True, help="Write the model even when a gate is missed (exit code still 3).")
 @click.option("--latency/--no-latency", default=True, show_default=True, help="Measure latency before/after.")
 @click.option("--dry-run", is_flag=True, help="Print the channel groups (members, size, why frozen, MACs) and stop.")
@@ -169,6 +187,13 @@ def main(
     min_cosine: float | None,
     min_correlation: float | None,
     max_drop: float | None,
+    show_sensitivity: bool,
+    sensitivity_ratios: str,
+    allocation: str,
+    objective: str,
+    max_probes: int,
+    search_margin: float,
+    plot_path: Path | None,
     keep_failed: bool,
     latency: bool,
     dry_run: bool,
@@ -206,16 +231,43 @@ def main(
         target = output or model.with_name(model.name.removesuffix(".onnx") + ".pruned.onnx")
         external = _check_paths(model, target, report_path)
         console = None if quiet else ConsoleProgress()
-        result = api.prune(
-            model, method, ratio, round_to=round_to, exclude=exclude, input_shapes=shapes, seed=seed,
+        kwargs: dict[str, Any] = dict(
+            ratio=ratio, round_to=round_to, exclude=exclude, input_shapes=shapes, seed=seed,
             criterion=criterion, calib=calib, calib_samples=calib_samples, batch_size=batch_size,
-            eval_data=eval_data, progress=console, preprocess=preprocess,
-            params=_given_settings(settings),
+            eval_data=eval_data, preprocess=preprocess, params=_given_settings(settings),
             holdout=holdout, gates=gates, latency=latency,
             calib_memory=None if calib_memory is None else memory.parse_size(calib_memory),
         )
+        search_settings = SearchSettings(_floats(sensitivity_ratios, "--sensitivity-ratios") or (), max_probes,
+                                         Allocation(allocation), Objective(objective), search_margin)
+        searching = gates.any and _searches(kwargs["params"]) and search_mod.searchable(method)
+        targeted = _targets_with_profile(kwargs["params"]) and search_mod.searchable(method)
+        searched = None
+        if show_sensitivity and not searching and not targeted:
+            _sensitivity_only(model, method, kwargs, search_settings, console, report_path, plot_path, quiet)
+            _closed(console)
+            return
+        if targeted:
+            prober = search_mod.Prober(ir.load_model(model), method, kwargs, progress=console, margin=search_settings.margin)
+            searched = search_mod.run_targeted(prober, search_settings, round_to)
+            result = searched.result
+        elif searching:
+            if plot_path is not None:
+                planning_plot.check_available()
+            prober = search_mod.Prober(ir.load_model(model), method, kwargs, progress=console, margin=search_settings.margin)
+            searched = search_mod.run_search(prober, search_settings, round_to, gates, with_sensitivity=show_sensitivity
+                                             or search_settings.allocation is Allocation.SENSITIVITY)
+            result = searched.result
+        else:
+            result = api.prune(model, method, progress=console, **kwargs)
         _closed(console)
         console = None
+        if searched is not None and not quiet:
+            if searched.sensitivity and show_sensitivity:
+                click.echo(search_mod.sensitivity_table(searched.sensitivity, searched.data_free))
+            click.echo(search_mod.probe_table(searched))
+        if searched is not None and plot_path is not None:
+            planning_plot.plot(plot_path, searched.sensitivity, searched.probes, searched.settings.objective, searched.chosen)
         report = result.report
         verdict = report.verdict
         passed = verdict is None or verdict.passed
@@ -245,6 +297,42 @@ def main(
             raise
         click.echo(f"error: internal error ({type(exc).__name__}: {exc}); rerun with -vv for details", err=True)
         sys.exit(1)
+
+
+def _searches(params: Mapping[str, Any]) -> bool:
+    """A gate without --ratio or a --target-* asks for the smallest model within it."""
+    source = click.get_current_context().get_parameter_source("ratio")
+    given = source is not None and source is not click.core.ParameterSource.DEFAULT
+    return not given and params.get("target_macs") is None and params.get("target_params") is None
+
+
+def _targets_with_profile(params: Mapping[str, Any]) -> bool:
+    """--target-macs / --target-params with an explicit --allocation sensitivity: the greedy allocation meets it."""
+    source = click.get_current_context().get_parameter_source("allocation")
+    given = source is not None and source is not click.core.ParameterSource.DEFAULT
+    wants = click.get_current_context().params.get("allocation") == Allocation.SENSITIVITY.value
+    return given and wants and (params.get("target_macs") is not None or params.get("target_params") is not None)
+
+
+def _sensitivity_only(model: Path, method: str, kwargs: dict[str, Any], settings: SearchSettings, console: Any,
+                      report_path: Path | None, plot_path: Path | None, quiet: bool) -> None:
+    """--sensitivity without a gate: the table, the report and the plot; no model is written."""
+    if plot_path is not None:
+        planning_plot.check_available()
+    prober = search_mod.Prober(ir.load_model(model), method, kwargs, progress=console)
+    proxy = prober.data_free
+    outcome = search_mod.run_sensitivity(prober, settings, int(kwargs["round_to"]), proxy)
+    _closed(console)
+    if report_path is not None:
+        import json
+
+        _write_text(report_path, json.dumps({"method": method, "input_path": str(model), "sensitivity": outcome.report},
+                                            indent=2, sort_keys=True))
+    if plot_path is not None:
+        planning_plot.plot(plot_path, outcome.rows, (), settings.objective, None)
+    if not quiet:
+        click.echo(search_mod.sensitivity_table(outcome.rows, proxy))
+        click.echo("no model written: --sensitivity without a gate only measures (add --max-drop or --min-* to search)")
 
 
 def _closed(console: ConsoleProgress | None) -> None:

@@ -81,6 +81,16 @@ def _ratio(key: str, value: Any) -> None:
 RATIO = _ratio
 
 
+def group_fractions(key: str, value: Any) -> None:
+    """A check: ``((group index, fraction removed in [0, 1)), ...)``, each group once."""
+    try:
+        pairs = [(int(g), float(r)) for g, r in value]
+    except (TypeError, ValueError):
+        raise UsageError(f"{key} must be pairs (group index, fraction), got {value!r}") from None
+    if len({g for g, _ in pairs}) != len(pairs) or any(g < 0 or not 0.0 <= r < 1.0 for g, r in pairs):
+        raise UsageError(f"{key} needs distinct group indices >= 0 and fractions in [0, 1), got {value!r}")
+
+
 @dataclass(frozen=True)
 class Setting:
     """How one `Params` field is given (CLI flag, help) and checked."""
@@ -127,6 +137,9 @@ class CommonParams:
                                           help="Spatial positions sampled per image for Gram matrices.")
     reconstruct: bool | None = setting(None, BOOL, flag="--reconstruct", switch=True, planning=False,
                                        help="Least-squares refit of consumers [default: on with --calib].")
+    #: a per-group allocation ``((group, fraction removed), ...)``, unlisted groups kept whole, in place of
+    #: the uniform --ratio (the gated search of `planning.search` sets it; API only)
+    group_ratios: tuple[tuple[int, float], ...] | None = setting(None, group_fractions)
     #: base ridge alpha of the refit, relative to the mean input variance (`passes.reconstruct` docstring)
     ridge: float = setting(1e-6, number(0.0, math.inf))
     #: LDRF: fraction of the output variance the embedding keeps

@@ -469,13 +469,14 @@ def global_plan_with_notes(ctx: Context, scores: Mapping[int, np.ndarray], budge
 
 
 def choose_plan(ctx: Context, scores: Mapping[int, np.ndarray]) -> Plan:
-    """Uniform ratio per group, or a global ranking under --target-macs / --target-params."""
+    """Uniform ratio per group (or the per-group `group_ratios`), or a global ranking under --target-macs / --target-params."""
     params = ctx.params
     if params.target_macs is not None or params.target_params is not None:
         plan, notes = global_plan_with_notes(ctx, scores)
         ctx.notes.extend(notes)
         return plan
-    return uniform_plan(ctx.trace, scores, ctx.options.ratio, ctx.options.round_to, group_ratios(ctx))
+    per_group = dict(params.group_ratios) if params.group_ratios is not None else group_ratios(ctx)
+    return uniform_plan(ctx.trace, scores, ctx.options.ratio, ctx.options.round_to, per_group)
 
 
 def group_ratios(ctx: Context) -> dict[int, float] | None:

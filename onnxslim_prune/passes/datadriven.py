@@ -114,8 +114,13 @@ def with_fallback(ctx: Context, scores: dict[int, np.ndarray], name: str) -> tup
 
 
 def removal_count(ctx: Context, group: Group) -> int:
-    """Classes the uniform ratio removes from `group` (as ``plan.uniform_plan`` counts them)."""
-    ratio = ctx.params.part_ratio(transformer_part(ctx.trace.node_kind, group), ctx.options.ratio)
+    """Classes the uniform ratio (its transformer part's, or the group's `group_ratios` share) removes from `group`
+    (as ``plan.uniform_plan`` counts them)."""
+    allocation = ctx.params.group_ratios
+    if allocation is not None:
+        ratio = dict(allocation).get(group.index, 0.0)
+    else:
+        ratio = ctx.params.part_ratio(transformer_part(ctx.trace.node_kind, group), ctx.options.ratio)
     if ratio <= 0:
         return 0
     keep = kept_count(group.size, ratio, ctx.options.round_to)
@@ -469,6 +474,9 @@ def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str 
                 continue
             free = np.array([not f for f in group.frozen])
             n_remove = removal_count(ctx, group)
+            if n_remove == 0 and ctx.params.group_ratios is not None:
+                scores[group.index] = np.zeros(group.size)  # an allocation keeps this group whole: no selection
+                continue
             s = select(ctx, group, consumers[group.index], cov, removed, free, n_remove)
             scores[group.index] = s
             order = np.argsort(np.where(free, s, np.inf), kind="stable")[:n_remove]

@@ -94,13 +94,14 @@ def uniform_plan(
     trace: Trace, scores: Mapping[int, np.ndarray], ratio: float, round_to: int = 1,
     group_ratios: Mapping[int, float] | None = None,
 ) -> Plan:
-    """`group_ratios` (group index -> ratio) overrides `ratio` per group (``--heads`` / ``--ffn`` / ``--hidden``)."""
+    """`ratio` of every group, or with `group_ratios` (group index -> ratio: ``--heads`` / ``--ffn`` / ``--hidden``, or a
+    searched allocation) that group's own fraction (unlisted groups: none removed)."""
     check_ratio(ratio)
     plans = []
     for group in trace.groups:
         if group.is_frozen or group.index not in scores:
             continue
-        own = ratio if group_ratios is None else group_ratios.get(group.index, ratio)
+        own = ratio if group_ratios is None else group_ratios.get(group.index, 0.0)
         if own <= 0:
             continue
         keep = kept_count(group.size, own, round_to, group.block)

@@ -1,0 +1,744 @@
+"""Sensitivity, non-uniform allocation, and the smallest model that keeps the gate.
+
+Every candidate is one full run of the pipeline (`api.prune`: the method's selection, its
+compensation, validation, the verdict) with a per-group allocation (the ``group_ratios``
+setting) in place of the uniform ratio: a *probe*. Probes are measured on the selection half
+of the held-out samples, the written model on the final half (`planning.parts`); calibration
+statistics of the original model are cached on disk (`calib.cache`), so the method's
+statistics are collected by the first probe and read back by the others.
+
+Damage. A probe's verdict gives one continuous figure of how far it is from the original,
+
+    damage = (1 - top-1 agreement) + (1 - correlation)    (the worst output's; a non-classifier: 1 - correlation)
+
+(``correlation`` is the sample-centred cosine of the outputs: `verdict`). It orders probes that
+flip the same number of predictions, which the gate figures alone (a count of flips, an
+accuracy drop of a few samples) cannot.
+
+Sensitivity (``--sensitivity``). Each prunable group ``g`` alone is cut at each ratio ``r``
+(default 0.25, 0.5, 0.75) with the method's compensation: the table gives the MACs and
+parameters saved (fractions of the original), the damage, the top-1 agreement and the accuracy
+drop (with labelled ``--eval`` data), sorted by cost-effectiveness ``saved MACs / damage``.
+Data-free runs (no ``--calib``) measure on seeded random inputs: a proxy, labelled as such.
+
+Allocation (`Allocation.SENSITIVITY`, the default): a greedy knapsack over the profile. Per
+group, the points ``(saved_g(r), damage_g(r))`` with the origin (damage made non-decreasing in
+``r``) are reduced to their lower convex hull; each hull edge is a *step* of slope
+``Δdamage / Δsaved``. All groups' steps in one order of increasing slope (ties: group, then
+ratio) make one global budget: its first ``k`` steps allocate to each group the ratio of its
+last step taken. This minimises the summed single-group damages for the MACs (or parameters)
+saved, exactly on the hull (the classic Lagrangian relaxation), and never cuts a group that
+its profile shows to be fragile before a robust one; the damages are assumed additive, which
+the probes then test. `Allocation.RANKING`: the global normalised ranking of
+`passes.budget` (one order of every channel, scores divided by their group's mean) under a
+bisected ``--target-macs``: no sensitivity probes, but it ranks channels, not their effect on
+the output, and can empty a residual stream whose channels all score alike.
+
+Search. The global budget (``k`` steps, or the target fraction) is bisected: a probe that
+passes every gate moves the lower end, one that misses moves the upper, for at most
+``max_probes`` probes. The written model is the smallest probe (by the objective) that passed
+on the selection half; its verdict, and the exit code, come from the final half. The report
+lists every probe (the Pareto table: MACs kept, parameters kept, verdict), the profile, and
+the final verdict; when no probe passes, the original is written unchanged with a warning
+("nothing can be removed within the gate without fine-tuning").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any
+
+import onnx
+
+from ..channels import Group, Role, Trace
+from ..errors import UsageError, ValidationError
+from ..passes.plan import kept_count
+from ..progress import StageListener
+from ..verdict import Z95, Gates, Verdict
+from .parts import VerdictPart
+
+log = logging.getLogger(__name__)
+
+#: the ratios each group is cut at alone (``--sensitivity-ratios``)
+DEFAULT_RATIOS = (0.25, 0.5, 0.75)
+#: probes of the bisection (``--max-probes``); the sensitivity probes come on top
+DEFAULT_MAX_PROBES = 10
+#: the ranking search stops when the bisected target fraction is known to this width
+TARGET_RESOLUTION = 0.01
+#: standard errors a probe's gate figures must spare (``--search-margin``)
+DEFAULT_MARGIN = 1.0
+#: a sensitivity table or search expected to take longer than this says so before it starts (a warning)
+LONG_SECONDS = 30.0
+#: damage below this counts as none in the cost-effectiveness ratio
+DAMAGE_FLOOR = 1e-6
+
+Allocation_ = tuple[tuple[int, float], ...]
+
+
+class Allocation(str, Enum):
+    """How the global budget is spread over the groups (module docstring)."""
+
+    SENSITIVITY = "sensitivity"
+    RANKING = "ranking"
+
+
+class Objective(str, Enum):
+    """What the search makes smallest."""
+
+    MACS = "macs"
+    PARAMS = "params"
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How a sensitivity table or a gated search is run."""
+
+    ratios: tuple[float, ...] = DEFAULT_RATIOS
+    max_probes: int = DEFAULT_MAX_PROBES
+    allocation: Allocation = Allocation.SENSITIVITY
+    objective: Objective = Objective.MACS
+    #: a probe passes only when every gate holds with this many standard errors of its figure to spare (the
+    #: smallest of many probes that pass on the selection half is partly the luckiest; the final half judges it)
+    margin: float = DEFAULT_MARGIN
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.margin) and self.margin >= 0):
+            raise UsageError(f"--search-margin must be a number >= 0, got {self.margin!r}")
+        if not self.ratios or any(not 0.0 < r < 1.0 for r in self.ratios) or list(self.ratios) != sorted(set(self.ratios)):
+            raise UsageError(f"--sensitivity-ratios must be increasing fractions in (0, 1), got {self.ratios!r}")
+        if self.max_probes < 1:
+            raise UsageError(f"--max-probes must be a positive integer, got {self.max_probes}")
+
+
+# ----------------------------------------------------------------------------- one probe
+
+
+def standard_error(verdict: Verdict, figure: str) -> float:
+    """One standard error of a gate's figure, from the verdict's 95% interval (0 when it has none: cosine)."""
+    interval = {"accuracy_drop_points": verdict.accuracy_drop_interval, "top1_agreement": verdict.top1_interval,
+                "correlation": verdict.correlation_interval}.get(figure)
+    return 0.0 if interval is None else (interval[1] - interval[0]) / (2.0 * Z95)
+
+
+def passes_with_margin(verdict: Verdict, margin: float) -> bool:
+    """Every gate passes with `margin` standard errors to spare (`SearchSettings.margin`)."""
+    for gate in verdict.gates:
+        if not gate.passed or gate.value is None:
+            return False
+        spare = margin * standard_error(verdict, gate.figure)
+        minimum = gate.figure != "accuracy_drop_points"
+        if (gate.value - spare < gate.threshold) if minimum else (gate.value + spare > gate.threshold):
+            return False
+    return True
+
+
+def damage_of(verdict: Verdict) -> float:
+    """The continuous distance of a probe from the original (module docstring)."""
+    correlation = verdict.correlation if verdict.correlation is not None else verdict.cosine
+    damage = 1.0 - correlation
+    if verdict.top1_agreement is not None:
+        damage += 1.0 - verdict.top1_agreement
+    return max(float(damage), 0.0)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A probe's figures on the selection half (or the final model's on the final half)."""
+
+    macs: float  # fraction of the original kept
+    params: float
+    passed: bool
+    damage: float
+    top1_agreement: float | None
+    correlation: float | None
+    accuracy_drop: float | None  # points
+    samples: int
+    seconds: float
+    latency_ratio: float | None = None  # pruned / original, when measured
+    failed: str | None = None  # why the probe produced no valid model
+
+    @staticmethod
+    def of(result: Any, seconds: float, margin: float = 0.0) -> Measurement:
+        report = result.report
+        verdict = report.verdict
+        assert verdict is not None
+        timing = report.latency
+        return Measurement(
+            macs=report.after.macs / max(report.before.macs, 1), params=report.after.params / max(report.before.params, 1),
+            passed=passes_with_margin(verdict, margin), damage=damage_of(verdict), top1_agreement=verdict.top1_agreement,
+            correlation=verdict.correlation, accuracy_drop=verdict.accuracy_drop_points, samples=verdict.samples,
+            seconds=seconds, latency_ratio=None if timing is None else timing.after_ms / max(timing.before_ms, 1e-12),
+        )
+
+    @staticmethod
+    def invalid(reason: str, seconds: float) -> Measurement:
+        return Measurement(1.0, 1.0, False, math.inf, None, None, None, 0, seconds, failed=reason)
+
+    def kept(self, objective: Objective) -> float:
+        return self.macs if objective is Objective.MACS else self.params
+
+
+class Prober:
+    """Runs the pipeline once per candidate: `api.prune` with the run's settings and an allocation."""
+
+    def __init__(self, model: onnx.ModelProto, method: str, prune_kwargs: Mapping[str, Any],
+                 progress: Callable[[int, int], None] | None = None, margin: float = DEFAULT_MARGIN) -> None:
+        self.margin = margin
+        self.model, self.method = model, method
+        self.kwargs = dict(prune_kwargs)
+        self.params = dict(self.kwargs.pop("params", None) or {})
+        #: --target-macs / --target-params of the run: probes allocate per group, so they never pass them on
+        self.targets = {k: self.params.pop(k) for k in ("target_macs", "target_params") if self.params.get(k) is not None}
+        self.latency = bool(self.kwargs.pop("latency", True))
+        self.progress = progress
+        self.count = 0
+        self.seconds = 0.0
+        self.memo: dict[VerdictPart, Any] = {}  # the original's outputs per half, measured once
+
+    def run(self, params: Mapping[str, Any], part: VerdictPart, *, latency: bool = False) -> Any:
+        from .. import api
+
+        return api.prune(self.model, self.method, params={**self.params, **params}, verdict_part=part,
+                         latency=latency, reference_memo=self.memo, **self.kwargs)
+
+    def probe(self, params: Mapping[str, Any]) -> tuple[Measurement, Any]:
+        """One probe on the selection half; a probe whose model fails validation is a miss, never written."""
+        started = time.perf_counter()
+        with _quiet():
+            try:
+                result = self.run(params, VerdictPart.SELECTION)
+            except ValidationError as exc:
+                seconds = time.perf_counter() - started
+                self._count(seconds)
+                log.warning("probe %d produced no valid model: %s", self.count, exc)
+                return Measurement.invalid(str(exc), seconds), None
+        seconds = time.perf_counter() - started
+        self._count(seconds)
+        return Measurement.of(result, seconds, self.margin), result
+
+    def _count(self, seconds: float) -> None:
+        self.count += 1
+        self.seconds += seconds
+
+    @property
+    def data_free(self) -> bool:
+        """No calibration or --eval data: probes are measured on seeded random inputs (a proxy)."""
+        return self.kwargs.get("calib") in (None, "random") and self.kwargs.get("eval_data") is None
+
+    @property
+    def mean_seconds(self) -> float:
+        return self.seconds / self.count if self.count else 0.0
+
+    def stage(self, text: str, done: int, total: int) -> None:
+        """Progress: which probe is being measured (the CLI's bar, else the log)."""
+        listener = self.progress
+        if isinstance(listener, StageListener):
+            listener.stage(text)
+        elif listener is None:
+            log.info("%s", text)
+        if listener is not None:
+            listener(done, total)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """A probe's own warnings (gate missed, degraded, nothing pruned) stay in its notes: the search reports probes."""
+    logger = logging.getLogger("onnxslim_prune")
+    level = logger.level
+    logger.setLevel(max(logging.ERROR, level))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+# ----------------------------------------------------------------------------- sensitivity
+
+
+@dataclass(frozen=True)
+class SensitivityRow:
+    group: int
+    node: str  # the group's first producing node
+    size: int
+    ratio: float
+    removed: int
+    macs_saved: float  # fraction of the original
+    params_saved: float
+    damage: float
+    top1_agreement: float | None
+    accuracy_drop: float | None
+    correlation: float | None
+    failed: str | None = None
+
+    def saved(self, objective: Objective) -> float:
+        return self.macs_saved if objective is Objective.MACS else self.params_saved
+
+    @property
+    def efficiency(self) -> float:
+        """MACs saved per unit of damage (higher: cut it first)."""
+        return self.macs_saved / max(self.damage, DAMAGE_FLOOR)
+
+
+def removed_count(group: Group, ratio: float, round_to: int) -> int:
+    """Classes a ratio removes from `group` (`passes.plan.uniform_plan`'s count before the tensor check)."""
+    keep = kept_count(group.size, ratio, round_to, group.block)
+    n_remove = min(group.size - keep, group.prunable)
+    while n_remove > 0 and ((group.size - n_remove) % round_to or n_remove % max(group.block, 1)):
+        n_remove -= 1
+    return n_remove
+
+
+def _producer(trace: Trace, group: Group) -> str:
+    out = [m.node for m in group.members if m.role == Role.OUT]
+    return (out or [m.node for m in group.members] or ["?"])[0]
+
+
+def sensitivity(prober: Prober, trace: Trace, settings: SearchSettings, round_to: int) -> tuple[SensitivityRow, ...]:
+    """Each prunable group cut alone at each ratio (module docstring); probes whose count repeats are skipped."""
+    jobs: list[tuple[Group, float, int]] = []
+    for group in trace.groups:
+        if group.is_frozen:
+            continue
+        last = 0
+        for ratio in settings.ratios:
+            n = removed_count(group, ratio, round_to)
+            if n > last:
+                jobs.append((group, ratio, n))
+                last = n
+    rows: list[SensitivityRow] = []
+    started = time.perf_counter()
+    for i, (group, ratio, n) in enumerate(jobs):
+        prober.stage(f"sensitivity: probe {i + 1}/{len(jobs)} (group {group.index} at {ratio:g})", i, len(jobs))
+        m, _ = prober.probe({"group_ratios": ((group.index, ratio),)})
+        if i == 0 and len(jobs) > 1:
+            level = logging.WARNING if m.seconds * len(jobs) > LONG_SECONDS else logging.INFO
+            log.log(level, "sensitivity: %d probes, about %.0f s each: about %s more", len(jobs), m.seconds,
+                    _duration(m.seconds * (len(jobs) - 1)))
+        rows.append(SensitivityRow(group.index, _producer(trace, group), group.size, ratio, n, 1.0 - m.macs,
+                                   1.0 - m.params, m.damage, m.top1_agreement, m.accuracy_drop, m.correlation, m.failed))
+    if jobs:
+        prober.stage(f"sensitivity: {len(jobs)} probes in {_duration(time.perf_counter() - started)}", len(jobs), len(jobs))
+    return tuple(rows)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def sorted_rows(rows: Sequence[SensitivityRow]) -> list[SensitivityRow]:
+    """Most cost-effective first (saved MACs per damage), then group and ratio."""
+    return sorted(rows, key=lambda r: (-r.efficiency, r.group, r.ratio))
+
+
+def sensitivity_table(rows: Sequence[SensitivityRow], proxy: bool = False) -> str:
+    title = "sensitivity (each group cut alone" + ("; data-free proxy: output error on seeded random inputs" if proxy else "") + \
+        "; damage = (1 - top-1 agreement) + (1 - correlation), sorted by MACs saved per damage):"
+    lines = [title, f"{'group':>5} {'node':<24} {'size':>5} {'ratio':>5} {'cut':>4} {'MACs saved':>10} {'params saved':>12} "
+                    f"{'damage':>8} {'top-1':>7} {'acc drop':>8}"]
+    for r in sorted_rows(rows):
+        top1 = "-" if r.top1_agreement is None else f"{r.top1_agreement:.2%}"
+        drop = "-" if r.accuracy_drop is None else f"{r.accuracy_drop:+.2f}"
+        damage = "invalid" if r.failed else f"{r.damage:.4f}"
+        lines.append(f"{r.group:>5} {r.node[:24]:<24} {r.size:>5} {r.ratio:>5.2f} {r.removed:>4} {r.macs_saved:>10.2%} "
+                     f"{r.params_saved:>12.2%} {damage:>8} {top1:>7} {drop:>8}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- allocation
+
+
+@dataclass(frozen=True)
+class Step:
+    """One edge of a group's hull: cut `group` to `ratio`, saving `saved` more for `damage` more."""
+
+    group: int
+    ratio: float
+    saved: float
+    damage: float
+
+    @property
+    def slope(self) -> float:
+        return self.damage / self.saved if self.saved > 0 else math.inf
+
+
+def greedy_steps(rows: Sequence[SensitivityRow], objective: Objective = Objective.MACS) -> tuple[Step, ...]:
+    """Every group's lower-hull steps in one order of increasing damage per saving (module docstring)."""
+    by_group: dict[int, list[SensitivityRow]] = {}
+    for r in rows:
+        if r.failed is None and math.isfinite(r.damage):
+            by_group.setdefault(r.group, []).append(r)
+    steps: list[Step] = []
+    for group, grows in sorted(by_group.items()):
+        points = [(0.0, 0.0, 0.0)]  # (saved, damage, ratio)
+        worst = 0.0
+        for r in sorted(grows, key=lambda r: r.ratio):
+            worst = max(worst, r.damage)
+            points.append((r.saved(objective), worst, r.ratio))
+        hull: list[tuple[float, float, float]] = []
+        for p in sorted(points, key=lambda p: (p[0], p[1])):
+            if hull and p[0] <= hull[-1][0]:
+                continue  # saves no more than a point already on the hull (its damage is no lower)
+            while len(hull) >= 2 and _cross(hull[-2], hull[-1], p) <= 0:
+                hull.pop()
+            hull.append(p)
+        for a, b in zip(hull, hull[1:]):
+            steps.append(Step(group, b[2], b[0] - a[0], b[1] - a[1]))
+    return tuple(sorted(steps, key=lambda s: (s.slope, s.group, s.ratio)))
+
+
+def _cross(o: tuple[float, float, float], a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
+    """> 0 when o -> a -> b turns left (the lower hull keeps left turns)."""
+    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+
+def allocation_at(steps: Sequence[Step], k: int) -> Allocation_:
+    """The per-group ratios of the first `k` steps (each group at the ratio of its last step taken)."""
+    out: dict[int, float] = {}
+    for s in steps[:k]:
+        out[s.group] = s.ratio
+    return tuple(sorted(out.items()))
+
+
+# ----------------------------------------------------------------------------- search
+
+
+@dataclass(frozen=True)
+class Probe:
+    index: int
+    budget: str  # which point of the global budget ("steps 12/40", "target MACs 0.41")
+    params: Mapping[str, Any]  # the settings that made it (group_ratios or target_macs/target_params)
+    measurement: Measurement
+
+    def to_dict(self) -> dict[str, Any]:
+        m = self.measurement
+        return {"index": self.index, "budget": self.budget, "macs_kept": m.macs, "params_kept": m.params,
+                "passed": m.passed, "damage": m.damage if math.isfinite(m.damage) else None,
+                "top1_agreement": m.top1_agreement, "correlation": m.correlation, "accuracy_drop": m.accuracy_drop,
+                "samples": m.samples, "seconds": m.seconds, "failed": m.failed,
+                "group_ratios": [list(p) for p in self.params.get("group_ratios", ())] or None,
+                "target": {k: v for k, v in self.params.items() if k.startswith("target_")} or None}
+
+
+@dataclass(frozen=True, eq=False)
+class SearchOutcome:
+    result: Any  # api.PruneResult: the written model, its verdict on the final half
+    probes: tuple[Probe, ...]
+    sensitivity: tuple[SensitivityRow, ...]
+    chosen: int | None  # index of the written probe; None: none passed, the original is written
+    settings: SearchSettings
+    notes: tuple[str, ...] = field(default=())
+    seconds: float = 0.0  # of the probes (the final run's own seconds are in its report)
+    data_free: bool = False  # probes measured on seeded random inputs
+
+
+def pareto(probes: Sequence[Probe], objective: Objective) -> set[int]:
+    """Indices of passing probes no other passing probe beats on both size and damage."""
+    passing = [p for p in probes if p.measurement.passed]
+    out = set()
+    for p in passing:
+        a = p.measurement
+        if not any((b.measurement.kept(objective) <= a.kept(objective) and b.measurement.damage <= a.damage)
+                   and (b.measurement.kept(objective), b.measurement.damage) != (a.kept(objective), a.damage)
+                   for b in passing):
+            out.add(p.index)
+    return out
+
+
+def probe_table(outcome: SearchOutcome) -> str:
+    objective = outcome.settings.objective
+    front = pareto(outcome.probes, objective)
+    lines = [f"search ({outcome.settings.allocation.value} allocation, {len(outcome.probes)} probes on the selection half; "
+             "* Pareto, > written):",
+             f"{'':2}{'probe':>5} {'budget':<20} {'MACs kept':>9} {'params kept':>11} {'damage':>8} {'top-1':>7} "
+             f"{'acc drop':>8}  verdict"]
+    for p in sorted(outcome.probes, key=lambda p: p.measurement.kept(objective)):
+        m = p.measurement
+        mark = (">" if p.index == outcome.chosen else " ") + ("*" if p.index in front else " ")
+        top1 = "-" if m.top1_agreement is None else f"{m.top1_agreement:.2%}"
+        drop = "-" if m.accuracy_drop is None else f"{m.accuracy_drop:+.2f}"
+        damage = "-" if not math.isfinite(m.damage) else f"{m.damage:.4f}"
+        word = "invalid" if m.failed else ("passed" if m.passed else "missed")
+        lines.append(f"{mark}{p.index:>5} {p.budget[:20]:<20} {m.macs:>9.1%} {m.params:>11.1%} {damage:>8} {top1:>7} {drop:>8}  {word}")
+    return "\n".join(lines)
+
+
+def search(prober: Prober, trace: Trace, settings: SearchSettings, round_to: int, gates: Gates,
+           sensitivity_rows: tuple[SensitivityRow, ...] | None = None) -> SearchOutcome:
+    """The smallest probe that passes `gates` on the selection half, rerun and judged on the final half."""
+    if not gates.any:
+        raise UsageError("a search needs a gate: --max-drop, --min-top1-agreement, --min-cosine or --min-correlation")
+    rows: tuple[SensitivityRow, ...] = ()
+    probes: list[Probe] = []
+    if settings.allocation is Allocation.SENSITIVITY:
+        rows = sensitivity_rows if sensitivity_rows is not None else sensitivity(prober, trace, settings, round_to)
+        _bisect_steps(prober, greedy_steps(rows, settings.objective), settings, probes, trace, round_to)
+    else:
+        if sensitivity_rows is not None:
+            rows = sensitivity_rows
+        _bisect_target(prober, settings, probes)
+    passing = [p for p in probes if p.measurement.passed]
+    notes: list[str] = []
+    chosen = min(passing, key=lambda p: (p.measurement.kept(settings.objective), p.measurement.damage, p.index)) \
+        if passing else None
+    if chosen is None:
+        message = ("no probe kept the gate on the selection half: nothing can be removed within it without fine-tuning; "
+                   "the model is written unchanged")
+        log.warning("%s", message)
+        notes.append(message)
+        params: Mapping[str, Any] = {"group_ratios": ()}
+    else:
+        params = chosen.params
+    prober.stage(f"search: the chosen model, judged on the final half ({len(probes)} probes done)", len(probes), len(probes))
+    result = prober.run(params, VerdictPart.FINAL, latency=prober.latency)
+    outcome = SearchOutcome(result, tuple(probes), rows, None if chosen is None else chosen.index, settings, tuple(notes),
+                            prober.seconds, prober.data_free)
+    return replace(outcome, result=_with_search_report(outcome))
+
+
+def _bisect_steps(prober: Prober, steps: Sequence[Step], settings: SearchSettings, probes: list[Probe],
+                  trace: Trace | None = None, round_to: int = 1) -> None:
+    """Bisection over the prefix length of the greedy order: k = 0 is the original (passes), k = len + 1 past the end."""
+    lo, hi = 0, len(steps) + 1
+    budget = _budget_probes(len(steps) + 1)
+    total = min(settings.max_probes, budget + 2)
+    log.log(logging.WARNING if prober.mean_seconds * total > LONG_SECONDS else logging.INFO,
+            "search: %d greedy steps, at most %d probes%s", len(steps), total,
+                f", about {_duration(prober.mean_seconds * total)}" if prober.count else "")
+    seen: dict[Allocation_, Measurement] = {}
+    while hi - lo > 1 and len(probes) < settings.max_probes:
+        mid = (lo + hi) // 2
+        allocation = allocation_at(steps, mid)
+        prober.stage(f"search: probe {len(probes) + 1}/{total} ({mid}/{len(steps)} steps)", len(probes), total)
+        if allocation in seen:
+            m = seen[allocation]
+        else:
+            m, _ = prober.probe({"group_ratios": allocation})
+            seen[allocation] = m
+            probes.append(Probe(len(probes) + 1, f"steps {mid}/{len(steps)}", {"group_ratios": allocation}, m))
+        if m.passed:
+            lo = mid
+        else:
+            hi = mid
+    if hi == lo + 1 and hi <= len(steps) and trace is not None:
+        _refine(prober, trace, steps, lo, settings, probes, round_to)
+
+
+def _refine(prober: Prober, trace: Trace, steps: Sequence[Step], lo: int, settings: SearchSettings, probes: list[Probe],
+            round_to: int) -> None:
+    """With probes left, bisect the channel count of the first step that missed (between its two ratios)."""
+    step = steps[lo]
+    base = dict(allocation_at(steps, lo))
+    group = trace.groups[step.group]
+    low = removed_count(group, base.get(step.group, 0.0), round_to)
+    high = removed_count(group, step.ratio, round_to)
+    unit = max(group.block, 1) * max(round_to, 1) if round_to > 1 else max(group.block, 1)
+    while high - low > unit and len(probes) < settings.max_probes:
+        n = removed_count(group, ((low + high) // 2) / group.size, round_to)
+        if n <= low or n >= high:
+            break
+        ratio = n / group.size
+        allocation = tuple(sorted({**base, step.group: ratio}.items()))
+        prober.stage(f"search: probe {len(probes) + 1}/{settings.max_probes} (group {step.group}: {n} of {group.size})",
+                     len(probes), settings.max_probes)
+        m, _ = prober.probe({"group_ratios": allocation})
+        probes.append(Probe(len(probes) + 1, f"steps {lo}/{len(steps)} + g{step.group} {n}/{group.size}",
+                            {"group_ratios": allocation}, m))
+        if m.passed:
+            low = n
+            base[step.group] = ratio
+        else:
+            high = n
+
+
+def _budget_probes(n: int) -> int:
+    return max(1, math.ceil(math.log2(max(n, 2))))
+
+
+def _bisect_target(prober: Prober, settings: SearchSettings, probes: list[Probe]) -> None:
+    """Bisection over the target fraction of the global ranking (`passes.budget`)."""
+    key = "target_macs" if settings.objective is Objective.MACS else "target_params"
+    lo, hi = 1.0, 0.0  # lo: kept fraction known to pass (the original); hi: assumed to miss
+    total = min(settings.max_probes, _budget_probes(int(1 / TARGET_RESOLUTION)))
+    while lo - hi > TARGET_RESOLUTION and len(probes) < settings.max_probes:
+        mid = round((lo + hi) / 2, 4)
+        prober.stage(f"search: probe {len(probes) + 1}/{total} (target {key[7:]} {mid:g})", len(probes), total)
+        m, _ = prober.probe({key: mid})
+        probes.append(Probe(len(probes) + 1, f"target {key[7:]} {mid:g}", {key: mid}, m))
+        if m.passed:
+            lo = mid
+        else:
+            hi = mid
+
+
+def _with_search_report(outcome: SearchOutcome) -> Any:
+    """The final result with the probes, the profile and the search's notes in its report."""
+    result = outcome.result
+    report = result.report
+    extra = dict(report.extra)
+    extra["search"] = {
+        "allocation": outcome.settings.allocation.value, "objective": outcome.settings.objective.value,
+        "max_probes": outcome.settings.max_probes, "probes": [p.to_dict() for p in outcome.probes],
+        "pareto": sorted(pareto(outcome.probes, outcome.settings.objective)), "chosen": outcome.chosen,
+        "selection": "probes measured on the selection half of the held-out samples; the verdict on the final half",
+    }
+    if outcome.sensitivity:
+        extra["sensitivity"] = sensitivity_dict(outcome.sensitivity, outcome.settings, outcome.data_free)
+    chosen = next((p for p in outcome.probes if p.index == outcome.chosen), None)
+    request = f"searched: smallest of {len(outcome.probes)} probes within the gate" if chosen is not None \
+        else f"searched: none of {len(outcome.probes)} probes kept the gate, unchanged"
+    if chosen is not None:
+        request += f" ({chosen.budget})"
+    report = replace(report, extra=extra, request=request, notes=tuple(report.notes) + outcome.notes,
+                     seconds=report.seconds + outcome.seconds)
+    return replace(result, report=report)
+
+
+def sensitivity_dict(rows: Sequence[SensitivityRow], settings: SearchSettings, proxy: bool = False) -> dict[str, Any]:
+    return {
+        "ratios": list(settings.ratios), "proxy": proxy,
+        "damage": "(1 - top-1 agreement) + (1 - correlation) of the worst output, on the selection half",
+        "rows": [{"group": r.group, "node": r.node, "size": r.size, "ratio": r.ratio, "removed": r.removed,
+                  "macs_saved": r.macs_saved, "params_saved": r.params_saved,
+                  "damage": r.damage if math.isfinite(r.damage) else None, "top1_agreement": r.top1_agreement,
+                  "accuracy_drop": r.accuracy_drop, "correlation": r.correlation, "failed": r.failed,
+                  "efficiency": r.efficiency if math.isfinite(r.efficiency) else None}
+                 for r in sorted_rows(rows)],
+    }
+
+
+# ----------------------------------------------------------------------------- entry
+
+
+@dataclass(frozen=True, eq=False)
+class SensitivityOutcome:
+    rows: tuple[SensitivityRow, ...]
+    proxy: bool
+    report: dict[str, Any]
+
+
+def searchable(method: str) -> bool:
+    """Whether `method` plans through the per-group planner (a search can allocate its channels)."""
+    from ..methods.base import get_method
+
+    spec = get_method(method)
+    return spec.default_macs is None and spec.block_fraction is None
+
+
+def check_searchable(method: str, params: Mapping[str, Any]) -> None:
+    """A search allocates channels per group: the method's plan must go through the per-group planner."""
+    if not searchable(method):
+        raise UsageError(f"--method {method} chooses its own allocation; a search or --sensitivity takes a channel method "
+                         "(l1, l2, bn, fpgm, random, merge, thinet, cp, ldrf, nisp, mean_act, apoz)")
+    if params.get("blocks"):
+        raise UsageError("--blocks with a search or --sensitivity is not supported: prune the blocks first, then search")
+    if params.get("group_ratios") is not None:
+        raise UsageError("group_ratios is the search's own setting")
+
+
+def baseline(prober: Prober) -> Trace:
+    """The trace of the model the channel stage sees, from a probe that removes nothing."""
+    with _quiet():
+        result = prober.run({"group_ratios": ()}, VerdictPart.SELECTION)
+    return result.trace
+
+
+def run_sensitivity(prober: Prober, settings: SearchSettings, round_to: int, proxy: bool) -> SensitivityOutcome:
+    check_searchable(prober.method, prober.params)
+    trace = baseline(prober)
+    rows = sensitivity(prober, trace, settings, round_to)
+    return SensitivityOutcome(rows, proxy, sensitivity_dict(rows, settings, proxy))
+
+
+def run_search(prober: Prober, settings: SearchSettings, round_to: int, gates: Gates, *, with_sensitivity: bool) -> SearchOutcome:
+    """The gated search; with `with_sensitivity` the profile is measured (and reported) even for the ranking allocation."""
+    check_searchable(prober.method, prober.params)
+    trace = baseline(prober)
+    rows = sensitivity(prober, trace, settings, round_to) if with_sensitivity else None
+    return search(prober, trace, settings, round_to, gates, rows)
+
+
+# ----------------------------------------------------------------------------- a budget with the same allocation
+
+
+class AllocationCost:
+    """Kept MACs and parameters of an allocation: its plan materialised (the cost depends on the counts only)."""
+
+    def __init__(self, prober: Prober, trace: Trace, round_to: int) -> None:
+        from .. import api, validate
+
+        user = dict(prober.kwargs.get("input_shapes") or {})
+        shapes = api.resolve_input_shapes(prober.model, user, preprocess=prober.kwargs.get("preprocess"))
+        self.analysis = api.analyze(prober.model, input_shapes=shapes, exclude=prober.kwargs.get("exclude") or ())
+        if [g.size for g in self.analysis.trace.groups] != [g.size for g in trace.groups]:
+            raise UsageError("the traced groups differ from the pipeline's (dynamic shapes?): give --input-shape")
+        self.round_to = round_to
+        self.before = validate.model_stats(prober.model, self.analysis.input_shapes)
+
+    def kept(self, allocation: Allocation_) -> tuple[float, float]:
+        import numpy as np
+
+        from .. import validate
+        from ..passes.materialize import materialize
+        from ..passes.plan import uniform_plan
+
+        a = self.analysis
+        scores = {g.index: np.zeros(g.size) for g in a.trace.groups if not g.is_frozen}
+        plan = uniform_plan(a.trace, scores, 0.0, self.round_to, dict(allocation))
+        stats = validate.model_stats(materialize(a.graph, a.model, a.trace, plan, a.opset), a.input_shapes)
+        return stats.macs / max(self.before.macs, 1), stats.params / max(self.before.params, 1)
+
+
+def run_targeted(prober: Prober, settings: SearchSettings, round_to: int) -> SearchOutcome:
+    """--target-macs / --target-params with the sensitivity allocation: the shortest greedy prefix meeting the target.
+
+    The profile is measured on the selection half, the written model judged on the final half (as a search's).
+    """
+    check_searchable(prober.method, prober.params)
+    if not prober.targets:
+        raise UsageError("run_targeted needs --target-macs or --target-params")
+    trace = baseline(prober)
+    rows = sensitivity(prober, trace, settings, round_to)
+    objective = Objective.MACS if "target_macs" in prober.targets else Objective.PARAMS
+    steps = greedy_steps(rows, objective)
+    cost = AllocationCost(prober, trace, round_to)
+
+    def meets(k: int) -> bool:
+        macs, params = cost.kept(allocation_at(steps, k))
+        return all(kept <= prober.targets[key] + 1e-9 for key, kept in (("target_macs", macs), ("target_params", params))
+                   if key in prober.targets)
+
+    notes: list[str] = []
+    lo, hi = 0, len(steps)  # invariant: k = lo misses (unless 0 meets), k = hi meets (checked)
+    if meets(0):
+        hi = 0
+    elif not meets(hi):
+        message = (f"target {prober.targets} is not reachable with the profile's ratios (at most "
+                   f"{max(settings.ratios):g} of a group): every step is taken")
+        log.warning("%s", message)
+        notes.append(message)
+    else:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if meets(mid):
+                hi = mid
+            else:
+                lo = mid
+    allocation = allocation_at(steps, hi)
+    prober.stage(f"target: {hi}/{len(steps)} greedy steps, judged on the final half", 1, 1)
+    result = prober.run({"group_ratios": allocation}, VerdictPart.FINAL, latency=prober.latency)
+    macs, params = cost.kept(allocation)
+    probe = Probe(1, f"steps {hi}/{len(steps)}", {"group_ratios": allocation},
+                  Measurement.of(result, 0.0, prober.margin))
+    outcome = SearchOutcome(result, (probe,), rows, 1, settings, tuple(notes), prober.seconds, prober.data_free)
+    outcome = replace(outcome, result=_with_search_report(outcome))
+    report = outcome.result.report
+    words = " and ".join(f"{k[7:]} {v:g}" for k, v in prober.targets.items())
+    report = replace(report, request=f"target {words}, sensitivity allocation ({hi}/{len(steps)} greedy steps; "
+                                     f"MACs {macs:.3f}, params {params:.3f})")
+    return replace(outcome, result=replace(outcome.result, report=report))

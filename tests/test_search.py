@@ -1,0 +1,276 @@
+"""Sensitivity, the greedy allocation and the gated search (`planning.search`, `planning.parts`).
+
+Oracles: a model whose first branch is dead (all its filters zero: removing its channels changes
+nothing) beside one that matters; sample identity (a pixel holds each calibration sample's index)
+for the three-way split fit / selection / final; the hull and the greedy order recomputed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from conftest import SAMPLE_LENET
+
+import models
+from onnxslim_prune import api
+from onnxslim_prune.calib import load_calibration
+from onnxslim_prune.calib import split as split_mod
+from onnxslim_prune.calib.specs import input_specs
+from onnxslim_prune.cli import main
+from onnxslim_prune.errors import UsageError
+from onnxslim_prune.planning.parts import VerdictPart, part_indices
+from onnxslim_prune.planning.search import (
+    Prober, SearchSettings, SensitivityRow, allocation_at, greedy_steps, probe_table, run_search,
+    run_sensitivity, run_targeted, sensitivity_table, sorted_rows,
+)
+from onnxslim_prune.verdict import Gates
+
+FMNIST = SAMPLE_LENET.parent / "fmnist_test500.npz"
+ID_OFFSET = 1000.0
+
+
+def _row(group: int, ratio: float, saved: float, damage: float) -> SensitivityRow:
+    return SensitivityRow(group, f"n{group}", 8, ratio, int(8 * ratio), saved, saved, damage, None, None, None)
+
+
+def test_parts_are_seeded_disjoint_and_cover() -> None:
+    sel, fin = (part_indices(25, p, 3) for p in (VerdictPart.SELECTION, VerdictPart.FINAL))
+    assert len(sel) == 13 and len(fin) == 12 and not set(sel) & set(fin) and set(sel) | set(fin) == set(range(25))
+    assert np.array_equal(sel, part_indices(25, VerdictPart.SELECTION, 3))
+    assert not np.array_equal(sel, part_indices(25, VerdictPart.SELECTION, 4))
+    assert len(part_indices(25, VerdictPart.SELECTION, 3, static_batch=4)) == 16  # rounded to the static batch
+    assert np.array_equal(part_indices(5, VerdictPart.ALL, 0), np.arange(5))
+
+
+def test_greedy_steps_take_each_groups_hull_in_slope_order() -> None:
+    rows = [
+        # group 0: free up to 0.5, then costly; the 0.25 point lies on the hull's first edge and is dropped
+        _row(0, 0.25, 0.10, 0.0), _row(0, 0.5, 0.20, 0.0), _row(0, 0.75, 0.30, 0.5),
+        # group 1: 0.25 is above the chord from 0 to 0.5 (not convex): the hull skips it
+        _row(1, 0.25, 0.05, 0.04), _row(1, 0.5, 0.10, 0.05), _row(1, 0.75, 0.15, 0.06),
+    ]
+    steps = greedy_steps(rows)
+    assert [(s.group, s.ratio) for s in steps] == [(0, 0.5), (1, 0.75), (0, 0.75)]
+    assert steps[0].slope == 0.0 and steps[1].slope == pytest.approx(0.06 / 0.15) and steps[2].slope == pytest.approx(5.0)
+    assert allocation_at(steps, 0) == () and allocation_at(steps, 2) == ((0, 0.5), (1, 0.75))
+    assert allocation_at(steps, 3) == ((0, 0.75), (1, 0.75))
+    # a damage that falls with the ratio is noise: made non-decreasing before the hull
+    noisy = greedy_steps([_row(2, 0.25, 0.1, 0.3), _row(2, 0.5, 0.2, 0.1)])
+    assert [(s.ratio, s.damage) for s in noisy] == [(0.5, 0.3)]
+    assert [r.group for r in sorted_rows(rows)][:2] == [0, 0]  # zero damage: most cost-effective
+
+
+# ----------------------------------------------------------------------------- a dead branch beside a live one
+
+
+def _branches(tmp_path: Path) -> tuple[onnx.ModelProto, Path]:
+    """x -> c1 (4 filters, all zero) -> Relu; x -> c2 (6 live filters) -> Relu; Concat -> c3; 48 seeded inputs."""
+    model = models.concat_branches(dead1=range(4), seed=1)
+    x = np.random.default_rng(0).standard_normal((48, 3, 8, 8)).astype(np.float32)
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=x)
+    return model, path
+
+
+def _prober(model: onnx.ModelProto, calib: Path, gates: Gates) -> Prober:
+    kwargs = dict(calib=str(calib), holdout=0.5, gates=gates, params={"reconstruct": False}, latency=False)
+    return Prober(model, "l1", kwargs, margin=0.0)
+
+
+SETTINGS = SearchSettings(ratios=(0.25, 0.5, 0.75), max_probes=6, margin=0.0)
+
+
+def _group_of(result: api.PruneResult, node: str) -> int:
+    return next(g.index for g in result.trace.groups if any(m.node == node for m in g.members) and not g.is_frozen)
+
+
+def test_sensitivity_ranks_the_dead_group_first(tmp_path: Path) -> None:
+    model, calib = _branches(tmp_path)
+    outcome = run_sensitivity(_prober(model, calib, Gates()), SETTINGS, 1, proxy=False)
+    rows = sorted_rows(outcome.rows)
+    assert len(rows) == 6  # 2 groups x 3 ratios (4 and 6 channels: 1/2/3 and 1/3/4 removed)
+    assert [r.node for r in rows[:3]] == ["c1"] * 3 and sorted(r.removed for r in rows if r.node == "c1") == [1, 2, 3]
+    assert all(r.damage < 1e-9 for r in rows[:3])  # dead channels: outputs unchanged (reconstruction off)
+    live = [r for r in rows if r.node == "c2"]
+    assert [r.removed for r in sorted(live, key=lambda r: r.ratio)] == [1, 3, 4]
+    assert all(r.damage > 1e-3 for r in live) and all(r.macs_saved > 0 for r in rows)
+    assert outcome.report["rows"][0]["node"] == "c1" and not outcome.report["proxy"]
+
+
+def test_the_gated_search_removes_the_dead_group_and_keeps_the_live_one(tmp_path: Path) -> None:
+    model, calib = _branches(tmp_path)
+    prober = _prober(model, calib, Gates(min_correlation=0.9999))
+    outcome = run_search(prober, SETTINGS, 1, Gates(min_correlation=0.9999), with_sensitivity=True)
+    result = outcome.result
+    shapes = {i.name: i for i in result.model.graph.initializer}
+    assert onnx.numpy_helper.to_array(shapes["c1.w"]).shape[0] == 1  # 3 of 4 dead filters removed (one must stay)
+    assert onnx.numpy_helper.to_array(shapes["c2.w"]).shape[0] == 6  # the live branch is whole
+    feed = {"x": np.random.default_rng(5).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    assert np.allclose(models.run(model, feed)[0], models.run(result.model, feed)[0], atol=1e-5)
+    passing = [p for p in outcome.probes if p.measurement.passed]
+    chosen = next(p for p in outcome.probes if p.index == outcome.chosen)
+    assert chosen.measurement.macs == min(p.measurement.macs for p in passing)  # the smallest passing probe
+    assert any(not p.measurement.passed for p in outcome.probes)  # the live group was tried and missed
+    assert result.report.verdict is not None and result.report.verdict.passed
+    assert result.report.settings["verdict_part"] == "final"
+    search = result.report.extra["search"]
+    assert len(search["probes"]) == len(outcome.probes) and search["chosen"] == chosen.index
+    table = probe_table(outcome)
+    assert len(table.splitlines()) == 2 + len(outcome.probes) and ">" in table
+    assert json.loads(result.report.to_json())["extra"]["sensitivity"]["rows"][0]["node"] == "c1"
+
+
+def test_a_search_needs_a_gate_and_a_channel_method(tmp_path: Path) -> None:
+    model, calib = _branches(tmp_path)
+    with pytest.raises(UsageError, match="needs a gate"):
+        run_search(_prober(model, calib, Gates()), SETTINGS, 1, Gates(), with_sensitivity=False)
+    prober = Prober(model, "lcp", {"calib": str(calib)})
+    with pytest.raises(UsageError, match="chooses its own allocation"):
+        run_search(prober, SETTINGS, 1, Gates(min_cosine=0.9), with_sensitivity=False)
+    with pytest.raises(UsageError, match="sensitivity-ratios"):
+        SearchSettings(ratios=(0.5, 0.25))
+
+
+# ----------------------------------------------------------------------------- the truth: three parts never meet
+
+
+def _ids(batch: dict[str, np.ndarray]) -> set[int]:
+    return {int(v - ID_OFFSET) for v in batch["input"][:, 0, 0, 0]}
+
+
+def test_probes_and_the_final_verdict_see_disjoint_held_out_halves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fitting reads fit samples only; every probe is judged on the selection half, the written model on the other."""
+    import onnxslim_prune.calib as calib_pkg
+
+    images = np.load(FMNIST)["input"][:120].copy()
+    images[:, 0, 0, 0] = ID_OFFSET + np.arange(120)
+    path = tmp_path / "tagged.npz"
+    np.savez(path, input=images)
+    reads: list[tuple[str, set[int]]] = []
+    phase = {"now": "load"}
+    real_load = calib_pkg.load_calibration
+
+    def recording_load(*args, **kwargs):  # type: ignore[no-untyped-def]
+        from dataclasses import replace
+
+        calib = real_load(*args, **kwargs)
+        inner = calib._read
+
+        def read(start: int, stop: int) -> dict[str, np.ndarray]:
+            batch = inner(start, stop)
+            reads.append((phase["now"], _ids(batch)))
+            return batch
+
+        return replace(calib, _read=read)
+
+    real_reference, real_verdict = api._reference, api._verdict
+    verdicts: list[set[int]] = []
+
+    def reference(*args, **kwargs):  # type: ignore[no-untyped-def]
+        phase["now"] = "reference"
+        out = real_reference(*args, **kwargs)
+        phase["now"] = "method"
+        return out
+
+    def verdict(original, pruned, m, fit, gates, progress=None):  # type: ignore[no-untyped-def]
+        verdicts.append(set().union(*(_ids(feed) for feed in m.feeds)))
+        phase["now"] = "verdict"
+        out = real_verdict(original, pruned, m, fit, gates, progress)
+        phase["now"] = "load"
+        return out
+
+    monkeypatch.setattr(calib_pkg, "load_calibration", recording_load)
+    monkeypatch.setattr(api, "_reference", reference)
+    monkeypatch.setattr(api, "_verdict", verdict)
+    gates = Gates(min_top1_agreement=0.9)
+    prober = Prober(onnx.load(str(SAMPLE_LENET)), "l1", {"calib": str(path), "seed": 3, "gates": gates, "latency": False},
+                    margin=0.0)
+    outcome = run_search(prober, SearchSettings(ratios=(0.5,), max_probes=2, margin=0.0), 1, gates, with_sensitivity=False)
+
+    calib = load_calibration(path, input_specs(onnx.load(str(SAMPLE_LENET))))
+    held = set(split_mod.split_holdout(calib, 0.2, 3).holdout_indices)
+    *probes, final = verdicts
+    assert len(probes) == 1 + 2 + len(outcome.probes)  # the baseline, 2 sensitivity probes (2 groups at 0.5), the search
+    selection = probes[0]
+    assert all(v == selection for v in probes) and len(selection) == 12 and len(final) == 12
+    assert selection | final == held and not selection & final
+    fitted = set().union(*(ids for when, ids in reads if when in ("method", "verdict")))
+    assert fitted and not fitted & held  # selection, statistics, refit and the fitted companion figures: fit samples only
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_sensitivity_table_report_and_plot(tmp_path: Path) -> None:
+    model, calib = _branches(tmp_path)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    report = tmp_path / "s.json"
+    args = [str(src), "--calib", str(calib), "--holdout", "0.5", "--no-reconstruct", "--sensitivity", "--report", str(report),
+            "--sensitivity-ratios", "0.5"]
+    plot = tmp_path / "s.png"
+    plotting = True
+    try:
+        import matplotlib  # noqa: F401
+
+        args += ["--plot", str(plot)]
+    except ImportError:
+        plotting = False
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "sensitivity (each group cut alone" in res.output and "no model written" in res.output
+    data = json.loads(report.read_text())["sensitivity"]
+    assert len(data["rows"]) == 2 and data["rows"][0]["node"] == "c1" and data["ratios"] == [0.5]
+    assert not (tmp_path / "m.pruned.onnx").exists()
+    if plotting:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_gated_search_is_deterministic_and_reports_the_probes(tmp_path: Path) -> None:
+    model, calib = _branches(tmp_path)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    outs = []
+    for i in range(2):
+        out, report = tmp_path / f"o{i}.onnx", tmp_path / f"r{i}.json"
+        res = CliRunner().invoke(main, [str(src), "--calib", str(calib), "--holdout", "0.5", "--no-reconstruct",
+                                        "--min-correlation", "0.9999", "--search-margin", "0", "--max-probes", "3",
+                                        "--sensitivity-ratios", "0.75", "--no-latency", "-o", str(out),
+                                        "--report", str(report)])
+        assert res.exit_code == 0, res.output
+        assert "search (sensitivity allocation" in res.output and "searched: smallest of" in res.output
+        outs.append(out.read_bytes())
+        search = json.loads(report.read_text())["extra"]["search"]
+        assert search["chosen"] is not None and all("macs_kept" in p for p in search["probes"])
+    assert outs[0] == outs[1]
+    # an explicit --ratio is a plain gated run, not a search
+    res = CliRunner().invoke(main, [str(src), "--calib", str(calib), "--holdout", "0.5", "--ratio", "0.5",
+                                    "--min-correlation", "0.9999", "--no-latency", "-o", str(tmp_path / "x.onnx")])
+    assert res.exit_code == 3 and "search (" not in res.output
+
+
+def test_data_free_sensitivity_is_a_labelled_proxy_on_seeded_inputs(tmp_path: Path) -> None:
+    model, _ = _branches(tmp_path)
+    prober = Prober(model, "l1", {"latency": False})
+    outcome = run_sensitivity(prober, SearchSettings(ratios=(0.5,)), 1, proxy=prober.data_free)
+    assert prober.data_free and outcome.report["proxy"]
+    rows = sorted_rows(outcome.rows)
+    assert [r.node for r in rows] == ["c1", "c2"] and rows[0].damage < 1e-9 < 1e-3 < rows[1].damage
+    assert "data-free proxy" in sensitivity_table(outcome.rows, True)
+
+
+def test_a_macs_target_with_the_sensitivity_allocation_cuts_the_dead_group_first(tmp_path: Path) -> None:
+    """c1 (4 dead filters), c2 (6 live), c3 (10 -> 5): cutting 3 of c1 keeps 1 - (3*27 + 3*90) * 64 / 46080 = 0.7 of the MACs."""
+    model, calib = _branches(tmp_path)
+    kwargs = dict(calib=str(calib), holdout=0.5, params={"reconstruct": False, "target_macs": 0.75}, latency=False)
+    outcome = run_targeted(Prober(model, "l1", kwargs), SETTINGS, 1)
+    report = outcome.result.report
+    assert report.after.macs / report.before.macs == pytest.approx(0.7)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in outcome.result.model.graph.initializer}
+    assert inits["c1.w"].shape[0] == 1 and inits["c2.w"].shape[0] == 6
+    assert "sensitivity allocation" in report.request and report.verdict is not None and report.verdict.correlation > 0.99999
