@@ -15,6 +15,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from conftest import SAMPLE_LENET
+from tagged import record_reads, tagged_calibration
 
 import models
 from onnxslim_prune import api
@@ -31,7 +32,6 @@ from onnxslim_prune.planning.search import (
 from onnxslim_prune.verdict import Gates
 
 FMNIST = SAMPLE_LENET.parent / "fmnist_test500.npz"
-ID_OFFSET = 1000.0
 
 
 def _row(group: int, ratio: float, saved: float, damage: float) -> SensitivityRow:
@@ -139,54 +139,10 @@ def test_a_search_needs_a_gate_and_a_channel_method(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- the truth: three parts never meet
 
 
-def _ids(batch: dict[str, np.ndarray]) -> set[int]:
-    return {int(v - ID_OFFSET) for v in batch["input"][:, 0, 0, 0]}
-
-
 def test_probes_and_the_final_verdict_see_disjoint_held_out_halves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fitting reads fit samples only; every probe is judged on the selection half, the written model on the other."""
-    import onnxslim_prune.calib as calib_pkg
-
-    images = np.load(FMNIST)["input"][:120].copy()
-    images[:, 0, 0, 0] = ID_OFFSET + np.arange(120)
-    path = tmp_path / "tagged.npz"
-    np.savez(path, input=images)
-    reads: list[tuple[str, set[int]]] = []
-    phase = {"now": "load"}
-    real_load = calib_pkg.load_calibration
-
-    def recording_load(*args, **kwargs):  # type: ignore[no-untyped-def]
-        from dataclasses import replace
-
-        calib = real_load(*args, **kwargs)
-        inner = calib._read
-
-        def read(start: int, stop: int) -> dict[str, np.ndarray]:
-            batch = inner(start, stop)
-            reads.append((phase["now"], _ids(batch)))
-            return batch
-
-        return replace(calib, _read=read)
-
-    real_reference, real_verdict = api._reference, api._verdict
-    verdicts: list[set[int]] = []
-
-    def reference(*args, **kwargs):  # type: ignore[no-untyped-def]
-        phase["now"] = "reference"
-        out = real_reference(*args, **kwargs)
-        phase["now"] = "method"
-        return out
-
-    def verdict(original, pruned, m, fit, gates, progress=None):  # type: ignore[no-untyped-def]
-        verdicts.append(set().union(*(_ids(feed) for feed in m.feeds)))
-        phase["now"] = "verdict"
-        out = real_verdict(original, pruned, m, fit, gates, progress)
-        phase["now"] = "load"
-        return out
-
-    monkeypatch.setattr(calib_pkg, "load_calibration", recording_load)
-    monkeypatch.setattr(api, "_reference", reference)
-    monkeypatch.setattr(api, "_verdict", verdict)
+    path = tagged_calibration(FMNIST, tmp_path)
+    seen = record_reads(monkeypatch)
     gates = Gates(min_top1_agreement=0.9)
     prober = Prober(onnx.load(str(SAMPLE_LENET)), "l1", {"calib": str(path), "seed": 3, "gates": gates, "latency": False},
                     margin=0.0)
@@ -194,12 +150,12 @@ def test_probes_and_the_final_verdict_see_disjoint_held_out_halves(tmp_path: Pat
 
     calib = load_calibration(path, input_specs(onnx.load(str(SAMPLE_LENET))))
     held = set(split_mod.split_holdout(calib, 0.2, 3).holdout_indices)
-    *probes, final = verdicts
+    *probes, final = seen.verdicts
     assert len(probes) == 1 + 2 + len(outcome.probes)  # the baseline, 2 sensitivity probes (2 groups at 0.5), the search
     selection = probes[0]
     assert all(v == selection for v in probes) and len(selection) == 12 and len(final) == 12
     assert selection | final == held and not selection & final
-    fitted = set().union(*(ids for when, ids in reads if when in ("method", "verdict")))
+    fitted = seen.seen("method", "verdict")
     assert fitted and not fitted & held  # selection, statistics, refit and the fitted companion figures: fit samples only
 
 

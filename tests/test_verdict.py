@@ -15,9 +15,10 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from conftest import SAMPLE_LENET
+from tagged import record_reads, tagged_calibration
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxslim_prune import api, prune
+from onnxslim_prune import prune
 from onnxslim_prune.calib import load_calibration
 from onnxslim_prune.calib import split as split_mod
 from onnxslim_prune.calib.specs import input_specs
@@ -26,69 +27,17 @@ from onnxslim_prune.errors import UsageError
 from onnxslim_prune.verdict import AgreementAccumulator, Gates, VerdictSource, summarise
 
 FMNIST = SAMPLE_LENET.parent / "fmnist_test500.npz"
-ID_OFFSET = 1000.0
-
-
-def _tagged_calibration(tmp_path: Path, count: int = 120) -> Path:
-    """Fashion-MNIST images whose pixel (0, 0) holds ID_OFFSET + the sample's index."""
-    images = np.load(FMNIST)["input"][:count].copy()
-    images[:, 0, 0, 0] = ID_OFFSET + np.arange(count)
-    path = tmp_path / "tagged.npz"
-    np.savez(path, input=images)
-    return path
-
-
-def _ids(batch: dict[str, np.ndarray]) -> set[int]:
-    return {int(v - ID_OFFSET) for v in batch["input"][:, 0, 0, 0]}
 
 
 def test_held_out_samples_never_meet_the_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every read of the calibration source after the verdict's reference pass (selection, statistics,
     least-squares refit) touches fit samples only; the verdict is measured on the others."""
-    import onnxslim_prune.calib as calib_pkg
-
-    reads: list[tuple[str, set[int]]] = []
-    phase = {"now": "load"}
-    real_load = calib_pkg.load_calibration
-
-    def recording_load(*args, **kwargs):  # type: ignore[no-untyped-def]
-        from dataclasses import replace
-
-        calib = real_load(*args, **kwargs)
-        inner = calib._read
-
-        def read(start: int, stop: int) -> dict[str, np.ndarray]:
-            batch = inner(start, stop)
-            reads.append((phase["now"], _ids(batch)))
-            return batch
-
-        return replace(calib, _read=read)
-
-    real_reference = api._reference
-
-    def reference(*args, **kwargs):  # type: ignore[no-untyped-def]
-        phase["now"] = "reference"
-        out = real_reference(*args, **kwargs)
-        phase["now"] = "method"
-        return out
-
-    verdict_ids: set[int] = set()
-    real_verdict = api._verdict
-
-    def verdict(original, pruned, m, fit, gates, progress=None):  # type: ignore[no-untyped-def]
-        verdict_ids.update(i for feed in m.feeds for i in _ids(feed))
-        phase["now"] = "verdict"
-        return real_verdict(original, pruned, m, fit, gates, progress)
-
-    monkeypatch.setattr(calib_pkg, "load_calibration", recording_load)
-    monkeypatch.setattr(api, "_reference", reference)
-    monkeypatch.setattr(api, "_verdict", verdict)
-    result = prune(str(SAMPLE_LENET), "thinet", 0.5, calib=_tagged_calibration(tmp_path), seed=3)
+    seen = record_reads(monkeypatch)
+    result = prune(str(SAMPLE_LENET), "thinet", 0.5, calib=tagged_calibration(FMNIST, tmp_path), seed=3)
 
     assert result.report.verdict is not None and result.report.verdict.source is VerdictSource.CALIB_HOLDOUT
-    fitted = set().union(*(ids for when, ids in reads if when == "method"))
-    held = set().union(*(ids for when, ids in reads if when == "reference"))
-    assert len(held) == 24 and held == verdict_ids  # ceil(0.2 * 120) samples, exactly the verdict's
+    fitted, held = seen.seen("method"), seen.seen("reference")
+    assert len(held) == 24 and held == set().union(*seen.verdicts)  # ceil(0.2 * 120) samples, exactly the verdict's
     assert len(fitted) == 96 and not fitted & held  # the method and the refit saw the other 96 only
     assert fitted | held == set(range(120))
 
