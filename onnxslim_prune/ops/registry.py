@@ -177,6 +177,11 @@ def lookup(domain: str | None, op: str, opset: int) -> OpRule | None:
     return None
 
 
+def rule_of(node: gs.Node) -> OpRule | None:
+    """The rule of `node` for hooks whose meaning does not depend on the opset (affine form, weight axes)."""
+    return lookup(node.domain, node.op, MAX_OPSET)
+
+
 def registered_ops(domain: str = DEFAULT_DOMAIN) -> Mapping[str, Iterable[OpRule]]:
     """op type -> its rules (for documentation and tests)."""
     return {op: rules for (d, op), rules in _RULES.items() if d == domain}

@@ -45,8 +45,7 @@ import onnx_graphsurgeon as gs
 from .. import ir
 from ..channels import Group, Kind, Role, Trace
 from ..methods.base import Context, MergeParams, Outcome
-from ..ops import lookup
-from ..ops.registry import MAX_OPSET
+from ..ops.registry import rule_of
 from .plan import Plan
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ class MergeStats:
 
 def _consumer_axis(node: gs.Node, kind: Kind) -> int:
     """Axis of the consumer's weight that indexes its input channels (its op rule's `weight_in_axis`)."""
-    rule = lookup(node.domain, node.op, MAX_OPSET)
+    rule = rule_of(node)
     return 0 if rule is None else rule.weight_in_axis(node, kind)
 
 

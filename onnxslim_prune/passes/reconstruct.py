@@ -99,8 +99,7 @@ from ..calib.memory import calibration_budget
 from ..calib.threads import blas_limited
 from ..errors import ModelError
 from ..methods.base import CommonParams, Context, Outcome
-from ..ops import lookup
-from ..ops.registry import MAX_OPSET, Affine
+from ..ops.registry import Affine, rule_of
 from .plan import Plan
 
 log = logging.getLogger(__name__)
@@ -209,7 +208,7 @@ def layer_of(node: gs.Node, kind: Kind | None) -> Layer | None:
 
 def read_affine(node: gs.Node, kind: Kind) -> Affine:
     """The layer as ``Y = X W + b`` (its op rule's `read_affine`; Gemm alpha and beta folded in), float64."""
-    rule = lookup(node.domain, node.op, MAX_OPSET)  # the affine form of an op does not depend on its opset
+    rule = rule_of(node)
     affine = None if rule is None else rule.read_affine(node, kind)
     if affine is None:
         raise ModelError(f"{node.name}: cannot read a {kind} layer as a matrix")
@@ -218,7 +217,7 @@ def read_affine(node: gs.Node, kind: Kind) -> Affine:
 
 def write_affine(graph: gs.Graph, node: gs.Node, kind: Kind, w: np.ndarray, b: np.ndarray | None) -> None:
     """Store ``W [dim_x, dim_y]`` and bias ``b`` back into `node` (the inverse of `read_affine`)."""
-    rule = lookup(node.domain, node.op, MAX_OPSET)  # the affine form of an op does not depend on its opset
+    rule = rule_of(node)
     if rule is None:
         raise ModelError(f"{node.name}: cannot write a {kind} layer")
     rule.write_affine(node, kind, w, b)

@@ -23,8 +23,7 @@ import onnx_graphsurgeon as gs
 from .. import ir
 from ..channels import Group, Kind, Role, Source, Trace
 from ..errors import UsageError
-from ..ops import lookup
-from ..ops.registry import MAX_OPSET
+from ..ops.registry import rule_of
 
 Criterion = Callable[[Trace, gs.Graph, Group, int], np.ndarray]
 
@@ -103,7 +102,7 @@ def l1(trace: Trace, graph: gs.Graph, group: Group, seed: int = 0) -> np.ndarray
 
 def _bias(node: gs.Node, kind: Kind | None, rows: int) -> np.ndarray | None:
     """Per output channel, the layer's bias (its op rule's affine form, else input 2), or None."""
-    rule = lookup(node.domain, node.op, MAX_OPSET)
+    rule = rule_of(node)
     affine = None if rule is None else rule.read_affine(node, kind)
     if affine is not None and affine.b is not None and affine.b.size == rows:
         return affine.b
