@@ -1,11 +1,16 @@
-"""Copy the benchmark results into the README between their markers.
+"""Regenerate every figure and table of the documentation from the committed results, in one command.
 
-    python benchmarks/update_readme.py              # every section
-    python benchmarks/update_readme.py tool         # only the named sections
+    python benchmarks/update_readme.py
 
-Each section `<!-- NAME -->` ... `<!-- /NAME -->` of README.md is replaced by the text of
-benchmarks/results/NAME.md (its first heading dropped), so the README's figures are
-always the ones the benchmarks produced.
+- `docs/benchmarks.md`: every table of `benchmarks/results/NAME.md`, in the chapters below, with its plots and
+  the command that made it (a result file that does not exist yet is left out);
+- the README's "At a glance" (`<!-- glance -->` markers): headline figures computed from the results' JSON
+  by `benchmarks/glance.py`;
+- `docs/ops.md`, `docs/methods.md`, `docs/cli.md`: from the op-rule registry, the methods and the click command
+  (`benchmarks/update_docs.py`).
+
+Nothing between the markers or in the generated pages is edited by hand; the prose pages of docs/ (usage, ci,
+search, quantized, limits) are.
 """
 
 from __future__ import annotations
@@ -15,77 +20,128 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+DOCS = ROOT / "docs"
+sys.path.insert(0, str(HERE))
+
+import glance  # noqa: E402
+import update_docs  # noqa: E402
 
 
 @dataclass(frozen=True)
 class Section:
+    name: str  # benchmarks/results/NAME.md
+    title: str
+    script: str  # the benchmark that writes it
     intro: str = ""
     pictures: tuple[str, ...] = ()  # glob patterns under benchmarks/results, shown after the intro
-    start_at: str = ""  # copy from this heading on (the rest stays in the linked file)
 
 
-SECTIONS = {
-    "zoo_coverage": Section(
-        "Every model of `../shared/zoo` (41 torchvision/timm architectures with seeded random weights from "
-        "`fill.py`) pruned with `l1 --ratio 0.5` and validated as above, by `python benchmarks/zoo_coverage.py`. "
-        "Frozen = groups with no prunable channel (the classifier output is always one). Random weights: these "
-        "figures test structure, not accuracy. The last two columns are the tool's own cost: wall time and "
-        "peak memory of the whole command line (load, trace, apply, validate, write)."
-    ),
-    "real_models": Section(),
-    "latency": Section(
-        "By `python benchmarks/bench_latency.py`: onnxruntime CPU latency of each zoo model before and after "
-        "`l1 --ratio 0.5`, measured in the same process with interleaved runs.",
-        ("latency.png",),
-    ),
-    "tool": Section(),
-    "calibration": Section(),
-    "accuracy": Section(pictures=("accuracy_*.png",)),
-    "anchors": Section(pictures=("anchors.png",)),
-    "nm_ranking": Section(),
-    "merge": Section(),
-    "peers": Section(
-        "Full tables: [benchmarks/results/peers.md](benchmarks/results/peers.md), by `python benchmarks/peers.py`.",
-        ("peers.png",),
-        "## Where a peer is better",
-    ),
-    "peers_zoo": Section(),
-    "budget_blocks": Section(),
-}
+@dataclass(frozen=True)
+class Chapter:
+    title: str
+    sections: tuple[Section, ...]
 
 
-def body(name: str) -> str:
-    section = SECTIONS[name]
-    text = (RESULTS / f"{name}.md").read_text().strip()
-    if section.start_at and section.start_at in text:
-        text = text[text.index(section.start_at):]
-    lines = text.splitlines()
+ZOO = "Seeded random weights (`../shared/zoo/fill.py`): these figures test structure and speed, not accuracy."
+
+CHAPTERS = (
+    Chapter("Coverage", (
+        Section("zoo_coverage", "Coverage of the zoo", "zoo_coverage.py",
+                "Every model of `../shared/zoo` pruned with `l1 --ratio 0.5` and validated (full checker, strict shape "
+                "inference, an onnxruntime run, the original's output names, dtypes and shapes). Frozen = groups with no "
+                "prunable channel (the classifier output is always one). The tool's own cost: wall time and peak memory "
+                "of the whole command line. " + ZOO),
+        Section("transformers", "Transformers of the zoo", "transformers.py", ZOO),
+        Section("quantized_zoo", "Quantized and fp16 zoo", "bench_quantized.py", ZOO),
+        Section("peers_zoo", "onnxsim on the zoo", "peers_zoo.py"),
+        Section("peers_transformers", "Peers on transformers", "peers_transformers.py"),
+        Section("budget_blocks", "Budgets, layer-compensated pruning, block pruning", "bench_budget_blocks.py"),
+    )),
+    Chapter("Accuracy", (
+        Section("accuracy", "Accuracy without fine-tuning", "bench_accuracy.py", pictures=("accuracy_*.png",)),
+        Section("search", "The gated search", "bench_search.py", pictures=("search_*.png",)),
+        Section("transformers_vit", "The Fashion-MNIST ViT", "transformers.py", pictures=("transformers_vit*.png",)),
+        Section("quantized_fmnist", "Quantized models", "bench_quantized.py"),
+        Section("ridge", "Ridge of the refit", "bench_ridge.py"),
+        Section("peers", "Peers on Fashion-MNIST", "peers.py", pictures=("peers.png",)),
+    )),
+    Chapter("Neuron Merging", (
+        Section("anchors", "The paper's anchors", "peers.py", pictures=("anchors.png",)),
+        Section("nm_ranking", "The authors' ranking", "bench_nm_ranking.py"),
+        Section("merge", "Partners and the paper's VGG setting", "bench_merge.py"),
+    )),
+    Chapter("Does the verdict tell the truth?", (
+        Section("verdict", "Does the held-out verdict agree with unseen data", "bench_verdict.py"),
+        Section("real_models", "Trained models from PyPI packages", "bench_real_models.py"),
+        Section("real_search", "The gated search on the PyPI models", "bench_real_search.py"),
+    )),
+    Chapter("Speed", (
+        Section("latency", "Latency of the pruned zoo", "bench_latency.py", ZOO, ("latency.png",)),
+        Section("latency_search", "Latency-targeted search", "bench_latency_search.py", ZOO),
+        Section("round_to", "Channel multiples that matter", "bench_round_to.py"),
+        Section("tool", "Speed and memory of the tool", "bench_tool.py"),
+        Section("calibration", "Cost of calibration statistics", "bench_calibration.py"),
+        Section("engine", "The calibration engine", "bench_engine.py"),
+        Section("engine_tv_resnet50", "The calibration engine on ResNet-50", "bench_engine.py"),
+    )),
+    Chapter("Same command, same bytes", (
+        Section("identical_zoo", "The zoo against a revision", "check_identical.py"),
+        Section("identical_fmnist", "Fashion-MNIST against a revision", "check_identical.py"),
+        Section("identical_methods", "Every method against a revision", "check_identical.py"),
+    )),
+)
+
+
+def body(section: Section) -> str:
+    """The result file without its title, its headings two levels down, its plots first."""
+    lines = (RESULTS / f"{section.name}.md").read_text().strip().splitlines()
     if lines and lines[0].startswith("# "):
         lines = lines[1:]
-    text = "\n".join(lines).strip()
-    text = re.sub(r"^## ", "#### ", text, flags=re.M)
+    text = re.sub(r"^(#{2,3}) ", lambda m: "#" * (len(m.group(1)) + 2) + " ", "\n".join(lines).strip(), flags=re.M)
     pictures = [p for pattern in section.pictures for p in sorted(RESULTS.glob(pattern))]
-    images = "\n".join(f"![{p.stem}](benchmarks/results/{p.name})" for p in pictures)
-    return "\n\n".join(part for part in (section.intro, images, text) if part)
+    images = "\n".join(f"![{p.stem}](../benchmarks/results/{p.name})" for p in pictures)
+    source = (f"Full results: [{section.name}.md](../benchmarks/results/{section.name}.md) (and `.json`), written by "
+              f"`python benchmarks/{section.script}`.")
+    return "\n\n".join(part for part in (section.intro, source, images, text) if part)
+
+
+def benchmarks_page() -> str:
+    present = [(c, [s for s in c.sections if (RESULTS / f"{s.name}.md").exists()]) for c in CHAPTERS]
+    present = [(c, s) for c, s in present if s]
+    lines = ["# Benchmarks", "",
+             "Generated by `python benchmarks/update_readme.py` from `benchmarks/results/` (which `python "
+             "benchmarks/run_all.py` writes); nothing here is edited by hand. Every accuracy figure is on data the tool "
+             "never saw: the Fashion-MNIST test split, or photos outside its calibration folder. Timings are from a "
+             "2-core machine, as ratios within one run where they compare.", ""]
+    for chapter, sections in present:
+        lines.append(f"- [{chapter.title}](#{glance.slug(chapter.title)}): "
+                     + ", ".join(f"[{s.title}](#{glance.slug(s.title)})" for s in sections))
+    for chapter, sections in present:
+        lines += ["", f"## {chapter.title}"]
+        for section in sections:
+            lines += ["", f"### {section.title}", "", body(section)]
+    return "\n".join(lines) + "\n"
+
+
+def replace_marked(text: str, name: str, content: str) -> str:
+    pattern = re.compile(rf"<!-- {name} -->.*?<!-- /{name} -->", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"README.md has no <!-- {name} --> markers")
+    return pattern.sub(lambda _m: f"<!-- {name} -->\n{content}\n<!-- /{name} -->", text)
 
 
 def main(argv: list[str]) -> int:
-    unknown = sorted(set(argv) - set(SECTIONS))
-    if unknown:
-        print(f"unknown sections: {', '.join(unknown)} (known: {', '.join(SECTIONS)})", file=sys.stderr)
+    if argv:
+        print("usage: python benchmarks/update_readme.py (no arguments: everything is regenerated)", file=sys.stderr)
         return 2
+    DOCS.mkdir(exist_ok=True)
+    (DOCS / "benchmarks.md").write_text(benchmarks_page())
     readme = ROOT / "README.md"
-    text = readme.read_text()
-    for name in argv or list(SECTIONS):
-        pattern = re.compile(rf"<!-- {name} -->.*?<!-- /{name} -->", re.S)
-        if not (RESULTS / f"{name}.md").exists() or not pattern.search(text):
-            print(f"skipped {name}")
-            continue
-        text = pattern.sub(lambda _m, n=name: f"<!-- {n} -->\n{body(n)}\n<!-- /{n} -->", text)
-    readme.write_text(text)
-    return 0
+    readme.write_text(replace_marked(readme.read_text(), "glance", glance.glance()))
+    return update_docs.main()
 
 
 if __name__ == "__main__":

@@ -119,11 +119,13 @@ class _OneLineErrors(click.Command):
 @click.option("--calib-samples", type=int, help="Use the first N calibration samples.")
 @click.option("--batch-size", default=32, show_default=True, type=int, help="Calibration batch size.")
 @click.option("--size", "image_size", metavar="HxW", help="Image folders: resize to HxW [default: the model's].")
-@click.option("--resize", "resize_mode", type=click.Choice(["stretch", "shorter"]), default="stretch", show_default=True)
+@click.option("--resize", "resize_mode", type=click.Choice(["stretch", "shorter"]), default="stretch", show_default=True,
+              help="Image folders: stretch to --size, or scale the shorter side and crop the centre.")
 @click.option("--mean", metavar="M[,M,M]", help="Image folders: per-channel mean (after --scale).")
 @click.option("--std", metavar="S[,S,S]", help="Image folders: per-channel std (after --scale).")
 @click.option("--scale", default=1 / 255, show_default=True, type=float, help="Image folders: pixel scale.")
-@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True)
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True,
+              help="Image folders: the model input's layout.")
 @click.option("--bgr", is_flag=True, help="Image folders: feed BGR instead of RGB.")
 @_setting_options
 @click.option("--eval", "eval_data", type=click.Path(path_type=Path),
