@@ -12,10 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench_nm_ranking import AUTHORS_CODE
 
-#: Kim et al.'s own code on ../shared/models/fmnist_lenet300_nm.onnx (../shared/README.md): merge at 50/60/70/80%
-AUTHORS_MERGE = {0.5: 88.06, 0.6: 84.51, 0.7: 80.25, 0.8: 57.53}
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def slug(title: str) -> str:
@@ -118,10 +117,10 @@ def merge() -> str | None:
     if not rows:
         return None
     nm = {r["ratio"]: r for r in rows if r["model"] == "fmnist_lenet300_nm"}
-    if not all(k in nm for k in AUTHORS_MERGE):
+    if not all(k in nm for k in AUTHORS_CODE):
         return None
-    ours = " / ".join(f"{nm[k]['merge/l1_bias']:.2f}" for k in AUTHORS_MERGE)
-    theirs = " / ".join(f"{v:.2f}" for v in AUTHORS_MERGE.values())
+    ours = " / ".join(f"{nm[k]['merge/l1_bias']:.2f}" for k in AUTHORS_CODE)
+    theirs = " / ".join(f"{merge:.2f}" for _prune, merge in AUTHORS_CODE.values())
     return (f"**Neuron Merging**, data-free, on a LeNet-300-100 trained with the authors' recipe, 50/60/70/80% of neurons "
             f"removed: {ours}% test accuracy, against {theirs}% from the authors' own code on the same weights "
             f"({link('anchors', 'The authors ranking')}).")
