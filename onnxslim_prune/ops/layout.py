@@ -77,6 +77,10 @@ def slice_positions(size: int, start: int, end: int, step: int) -> np.ndarray:
 
 
 class ConcatRule(OpRule):
+    """On the channel axis ``y = [x_1; ...; x_n]``: the output's channels are the operands' in order, so a kept channel
+    of operand i keeps its offset within it (offsets recount on apply); an operand no prunable layer produced adds
+    frozen channels. On another axis the operands are united, and constant operands (class tokens) are sliced."""
+
     ops = ("Concat",)
 
     def trace(self, t: TraceContext, node: gs.Node) -> None:
@@ -138,6 +142,9 @@ def _kept_count(a: ApplyContext, tensor: gs.Tensor) -> int:
 
 
 class SplitRule(OpRule):
+    """On the channel axis output k holds channels ``[o_k, o_k + s_k)`` of the input; its size becomes the count kept
+    in that range (the `split` input from opset 13, the attribute before). On another axis the channels pass."""
+
     ops = ("Split",)
 
     def trace(self, t: TraceContext, node: gs.Node) -> None:
@@ -179,6 +186,10 @@ class SplitRule(OpRule):
 
 
 class SliceRule(OpRule):
+    """On the channel axis (step 1) ``y = x[start:end]``: the bounds recount over the kept channels, so the slice
+    still covers exactly the kept ones of its range; a strided slice or run-time bounds freeze. On other axes the
+    channels pass."""
+
     ops = ("Slice",)
 
     def trace(self, t: TraceContext, node: gs.Node) -> None:
@@ -236,6 +247,10 @@ class SliceRule(OpRule):
 
 
 class ReshapeRule(OpRule):
+    """A reshape that merges the channel axis with others (``[N, C, H, W] -> [N, C*H*W]``) keeps each channel as a
+    block of ``H*W`` positions; one that splits it into ``[..., heads, head_dim]`` keeps whole heads. The target's
+    entry at the channel axis becomes the kept count; splits that scatter channels freeze."""
+
     ops = tuple(sorted(RESHAPE_OPS))
 
     def trace(self, t: TraceContext, node: gs.Node) -> None:
@@ -399,6 +414,8 @@ def _reads_into_shapes(gather: gs.Node) -> bool:
 
 
 class SizeRule(OpRule):
+    """``Size(x)`` counts the channels at run time, so a traced input freezes them."""
+
     ops = ("Size",)
 
     def trace(self, t: TraceContext, node: gs.Node) -> None:

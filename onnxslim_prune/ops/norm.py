@@ -18,6 +18,9 @@ from .registry import ApplyContext, CostContext, Freeze, NodeCost, OpRule, Trace
 
 
 class PerChannelNormRule(OpRule):
+    """``y_c = gamma_c (x_c - mu_c) / sqrt(var_c + eps) + beta_c``: every parameter is per channel on axis 1, so a
+    channel passes and its parameters are sliced with it (exact)."""
+
     ops = ("BatchNormalization", "InstanceNormalization")
 
     def trace(self, t: TraceContext, node: gs.Node) -> None:

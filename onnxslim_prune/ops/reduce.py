@@ -25,6 +25,10 @@ SPATIAL_OPS = frozenset(
 
 
 class ReduceRule(OpRule):
+    """A reduction over other axes passes the channels (the axis renumbered when `keepdims` is 0); one over the
+    channels freezes them, except a ReduceMean over the last, channels-last axis: a decomposed LayerNorm / RMSNorm,
+    whose statistics are then taken over the kept channels."""
+
     ops = tuple(sorted(REDUCE_OPS))
 
     def trace(self, t: TraceContext, node: gs.Node) -> None:
@@ -57,6 +61,9 @@ class ReduceRule(OpRule):
 
 
 class PoolRule(OpRule):
+    """Pooling works per channel on axis 1 (``y_c = pool(x_c)``), so channels pass; SpaceToDepth / DepthToSpace move
+    data between channels and space and freeze, as do used pooling indices."""
+
     ops = tuple(sorted(SPATIAL_OPS))
 
     def trace(self, t: TraceContext, node: gs.Node) -> None:
