@@ -148,15 +148,22 @@ class CommonParams:
     block_criterion: str = setting("output", choice(*BLOCK_CRITERIA))
     block_samples: int = setting(128, POSITIVE_INT)
     heads: float | None = setting(None, RATIO, flag="--heads", cli_type=float,
-                                  help="Transformers: fraction of each layer's attention heads removed [default: --ratio].")
+                                  help="Transformers: fraction of each layer's attention heads removed [default: --ratio]; "
+                                       "with --target-*: the most they may lose.")
     ffn: float | None = setting(None, RATIO, flag="--ffn", cli_type=float,
-                                help="Transformers: fraction of FFN neurons (every other group) removed [default: --ratio].")
+                                help="Transformers: fraction of FFN neurons (every other group) removed [default: --ratio]; "
+                                     "with --target-*: the most they may lose.")
     hidden: float | None = setting(None, RATIO, flag="--hidden", cli_type=float,
-                                   help="Transformers: fraction of the hidden size removed [default: --ratio].")
+                                   help="Transformers: fraction of the hidden size removed [default: --ratio]; with --target-*: "
+                                        "the most it may lose.")
+
+    def part_setting(self, part: Part) -> float | None:
+        """``--heads`` / ``--ffn`` / ``--hidden`` of a group of `part`, None when not given."""
+        return {Part.HEADS: self.heads, Part.FFN: self.ffn, Part.HIDDEN: self.hidden}[part]
 
     def part_ratio(self, part: Part, ratio: float) -> float:
         """The uniform ratio of a group of `part`: its own setting, else `ratio` (--ratio)."""
-        own = {Part.HEADS: self.heads, Part.FFN: self.ffn, Part.HIDDEN: self.hidden}[part]
+        own = self.part_setting(part)
         return ratio if own is None else own
 
     @classmethod

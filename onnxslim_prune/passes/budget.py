@@ -200,13 +200,16 @@ class Ranking:
     round_to: int
 
     @staticmethod
-    def build(trace: Trace, keys: Keys, max_ratio: float, round_to: int = 1) -> Ranking:
+    def build(trace: Trace, keys: Keys, max_ratio: float, round_to: int = 1,
+              caps: Mapping[int, float] | None = None) -> Ranking:
+        """`caps`: group index -> the most that group may lose, below `max_ratio` (``--heads`` / ``--ffn`` / ``--hidden``)."""
         orders: dict[int, _GroupOrder] = {}
         entries: list[tuple[np.ndarray, int]] = []
         for group in trace.groups:
             if group.is_frozen or group.index not in keys:
                 continue
-            order = _group_order(group, np.asarray(keys[group.index], dtype=np.float64), max_ratio)
+            cap = min(max_ratio, (caps or {}).get(group.index, max_ratio))
+            order = _group_order(group, np.asarray(keys[group.index], dtype=np.float64), cap)
             if order.keys.size:
                 orders[group.index] = order
                 entries.append((order.keys, group.index))
@@ -461,7 +464,7 @@ def global_plan_with_notes(ctx: Context, scores: Mapping[int, np.ndarray], budge
     """`global_plan`, also returning notes for the report (an unreachable budget, ...)."""
     budget = budget or Budget.from_params(ctx.params)
     keys = normalised_scores(ctx.trace, scores)
-    ranking = Ranking.build(ctx.trace, keys, budget.max_ratio, ctx.options.round_to)
+    ranking = Ranking.build(ctx.trace, keys, budget.max_ratio, ctx.options.round_to, part_caps(ctx))
     search = BudgetSearch(ctx, budget)
     best, notes = search.measured_plan(ranking, keys)
     notes.insert(0, f"global budget {budget.describe()}: kept MACs {best.macs:.3f}, params {best.params:.3f}")
@@ -485,6 +488,17 @@ def group_ratios(ctx: Context) -> dict[int, float] | None:
     if params.heads is None and params.ffn is None and params.hidden is None:
         return None
     return {g.index: params.part_ratio(transformer_part(ctx.trace.node_kind, g), ctx.options.ratio) for g in ctx.trace.groups}
+
+
+def part_caps(ctx: Context) -> dict[int, float]:
+    """Under a budget, an explicit ``--heads`` / ``--ffn`` / ``--hidden`` is the most each group of that part may lose
+    (``--heads 0``: heads kept whole while the rest meets the target)."""
+    caps: dict[int, float] = {}
+    for group in ctx.trace.groups:
+        cap = ctx.params.part_setting(transformer_part(ctx.trace.node_kind, group))
+        if cap is not None:
+            caps[group.index] = cap
+    return caps
 
 
 def global_plan(ctx: Context, scores: Mapping[int, np.ndarray]) -> Plan:
