@@ -56,11 +56,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-dir", type=Path, default=HERE.parents[1] / "shared" / "models")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "nm_ranking")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     images, labels = load_split("test")
     rows = []
-    for name, ratios in MODELS.items():
+    for name in args.models:
+        ratios = MODELS[name]
         model = onnx.load(str(args.models_dir / f"{name}.onnx"))
         base = accuracy(model, images, labels)
         for ratio in ratios:

@@ -12,7 +12,7 @@ docs/ from the committed benchmarks/results.
 
 --quick: LeNet-300-100 only for the Fashion-MNIST benchmarks, three zoo models (tv_resnet18, tv_mobilenet_v2,
 tv_squeezenet1_1), two ratios (0.5, 0.8), fewer timing repeats; the steps that take hours or fetch packages
-(transformers, ridge, calibration, engine, real models) are left out. Its results go to a scratch folder, never
+(transformers, ridge, calibration, engine, merge, real models) are left out. Its results go to a scratch folder, never
 over the committed full results.
 
 Needs the `bench` extra; peers.py also wants torch, torch-pruning and onnxsim (without them it skips those tools
@@ -94,8 +94,9 @@ def steps(results: Path, zoo: Path, filled: Path, scratch: Path, qsrc: Path, qfi
         Step("bench_calibration", "bench_calibration.py", ("--out", f"{r}/calibration",), None),
         Step("bench_engine", "bench_engine.py", (), None),
         Step("bench_tool", "bench_tool.py", ("--out", f"{r}/tool",), (*fm, "--large", "", "--out", f"{r}/tool")),
-        Step("bench_merge", "bench_merge.py", ("--out", f"{r}/merge",), ("--out", f"{r}/merge")),
-        Step("bench_nm_ranking", "bench_nm_ranking.py", ("--out", f"{r}/nm_ranking",), ("--out", f"{r}/nm_ranking")),
+        Step("bench_merge", "bench_merge.py", ("--out", f"{r}/merge",), None),
+        Step("bench_nm_ranking", "bench_nm_ranking.py", ("--out", f"{r}/nm_ranking",),
+             ("--models", "fmnist_lenet300_nm", "--out", f"{r}/nm_ranking")),
         Step("bench_verdict", "bench_verdict.py", ("--out", f"{r}/verdict",),
              (*fm, "--methods", "l1", "--ratios", "0.5", "--configs", "a", "--out", f"{r}/verdict")),
         Step("bench_real_models", "bench_real_models.py", ("--out", f"{r}/real_models",), None),
