@@ -182,53 +182,31 @@ def test_lcp_data_free_deterministic_default_target() -> None:
         prune(small_model(), "lcp", 0.5, params={"lcp_iterations": 0})
 
 
+
 def test_part_settings_cap_their_groups_under_a_budget() -> None:
-    """``--target-macs 0.6 --heads 0``: the attention heads stay whole and the FFN and hidden size meet the target."""
+    """``--target-macs F --heads 0``: the attention heads stay whole and the FFN meets the target; ``--ffn 0.5``
+    caps the FFN at half where the ranking alone would take more."""
+    from onnxslim_prune.ops.test_attention import _attention_text
     from onnxslim_prune.ops.testing import initializer, parse, weights
 
-    w = {"emb": weights(10, 16), "g1": weights(16, seed=2), "b1": weights(16, seed=3),
-         "wq": weights(16, 16, seed=4), "wk": weights(16, 16, seed=5), "wv": weights(16, 16, seed=6),
-         "wo": weights(16, 16, seed=7), "w1": weights(16, 32, seed=8), "w2": weights(32, 16, seed=9),
-         "wout": weights(16, 3, seed=10), "split": np.array([1, 4, 4, 4]), "merge": np.array([1, 4, 16]),
-         "scale": np.array(0.5, dtype=np.float32)}
-    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
-    g (int64[1,4] ids) => (float[1,4,3] y) {
-      e = Gather (emb, ids)
-      n = LayerNormalization <axis = -1> (e, g1, b1)
-      q = MatMul (n, wq)
-      k = MatMul (n, wk)
-      v = MatMul (n, wv)
-      qh = Reshape (q, split)
-      kh = Reshape (k, split)
-      vh = Reshape (v, split)
-      qt = Transpose <perm = [0, 2, 1, 3]> (qh)
-      kt = Transpose <perm = [0, 2, 3, 1]> (kh)
-      vt = Transpose <perm = [0, 2, 1, 3]> (vh)
-      s = MatMul (qt, kt)
-      sc = Mul (s, scale)
-      p = Softmax <axis = -1> (sc)
-      o = MatMul (p, vt)
-      ot = Transpose <perm = [0, 2, 1, 3]> (o)
-      om = Reshape (ot, merge)
-      a = MatMul (om, wo)
-      h = Add (e, a)
-      f = MatMul (h, w1)
-      r = Relu (f)
-      d = MatMul (r, w2)
-      h2 = Add (h, d)
-      y = MatMul (h2, wout)
-    }""", **w)
+    text = _attention_text().replace("y = MatMul (om, wo)", "a = MatMul (om, wo)\n f = MatMul (a, w1)\n"
+                                     " r = Relu (f)\n y = MatMul (r, w2)")
+    model = parse(text, wq=weights(8, 8), bq=weights(8, seed=1), wk=weights(8, 8, seed=2), wv=weights(8, 8, seed=3),
+                  wo=weights(8, 8, seed=4), w1=weights(8, 32, seed=8), w2=weights(32, 8, seed=9),
+                  split=np.array([1, 4, 4, 2]), merge=np.array([1, 4, 8]), scale=np.array(0.7),
+                  mask=weights(1, 1, 1, 4, seed=5))
+    x = np.random.default_rng(0).standard_normal((1, 4, 8)).astype(np.float32)
+
+    def macs_kept(result: object) -> float:
+        return result.report.after.macs / result.report.before.macs  # type: ignore[attr-defined]
+
     free = prune(model, "l1", latency=False, params={"target_macs": 0.4})
-    assert initializer(free.model, "wq").shape[1] < 16  # without the cap the ranking takes heads too
-    capped = prune(model, "l1", latency=False, params={"target_macs": 0.6, "heads": 0.0, "hidden": 0.0})
-    assert initializer(capped.model, "wq").shape == (16, 16) and initializer(capped.model, "emb").shape == (10, 16)
-    assert initializer(capped.model, "w1").shape[1] < 32
-    assert capped.report.after.macs / capped.report.before.macs == pytest.approx(0.6, abs=TOL)
-    free_small = prune(model, "l1", latency=False, params={"target_macs": 0.2})
-    capped_half = prune(model, "l1", latency=False, params={"target_macs": 0.2, "ffn": 0.5})
-    assert initializer(capped_half.model, "w1").shape[1] == 16  # the FFN loses at most half
-    assert initializer(free_small.model, "w1").shape[1] < 16
-    assert capped_half.report.after.macs / capped_half.report.before.macs == pytest.approx(0.2, abs=TOL)
-    ids = np.array([[1, 2, 3, 4]], dtype=np.int64)
-    for result in (free, capped, free_small, capped_half):
-        validate.run(result.model, {"ids": ids})
+    assert initializer(free.model, "wq").shape[1] < 8  # without a cap the ranking takes heads too
+    capped = prune(model, "l1", latency=False, params={"target_macs": 0.4, "heads": 0.0})
+    assert initializer(capped.model, "wq").shape == (8, 8) and initializer(capped.model, "w1").shape[1] < 32
+    capped_half = prune(model, "l1", latency=False, params={"target_macs": 0.4, "ffn": 0.5})
+    assert initializer(free.model, "w1").shape[1] < 16
+    assert initializer(capped_half.model, "w1").shape == (4, 16)  # both FFN groups lose exactly their half
+    for result in (free, capped, capped_half):
+        assert macs_kept(result) == pytest.approx(0.4, abs=TOL)
+        assert validate.run(result.model, {"x": x})[0].shape == (1, 4, 8)
