@@ -64,6 +64,9 @@ ZOO_OURS = (
     ("onnxslim-prune l1 0.5", ["--method", "l1", "--ratio", "0.5"]),
     ("onnxslim-prune l1 heads 0.5 ffn 0.5 hidden 0", ["--method", "l1", "--ratio", "0.5", "--heads", "0.5",
                                                       "--ffn", "0.5", "--hidden", "0"]),
+    # FFN neurons only: the part onnxsim's channel pruning takes, for a like-for-like comparison with it
+    ("onnxslim-prune l1 ffn 0.5 (heads 0, hidden 0)", ["--method", "l1", "--ratio", "0.5", "--heads", "0",
+                                                        "--ffn", "0.5", "--hidden", "0"]),
 )
 # (label, mode) of onnxsim on the zoo: heads on the file as exported; after its own simplify (whose
 # fusion passes make the fused attention its head pruning matches first); then also its channel pruning
@@ -429,7 +432,8 @@ def measure_model(original: onnx.ModelProto, pruned: onnx.ModelProto, shapes: di
 # part 1: the zoo
 # ============================================================================================
 
-def zoo(filled: Path, work: Path, timeout: float, only: list[str] | None) -> list[dict[str, Any]]:
+def zoo(filled: Path, work: Path, timeout: float, only: list[str] | None, tools: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every zoo model through every tool (`tools`: only these labels)."""
     from onnxslim_prune import ir
 
     rows: list[dict[str, Any]] = []
@@ -441,6 +445,8 @@ def zoo(filled: Path, work: Path, timeout: float, only: list[str] | None) -> lis
         shapes = ir.fixed_input_shapes(original)
         reference = run_with_softmax(original, [seeded_feeds(original, shapes, s) for s in AGREEMENT_SEEDS])
         for label, mode in ZOO_ONNXSIM:
+            if tools and label not in tools:
+                continue
             dst = work / f"{name}.onnxsim.onnx"
             row = {"model": name, "tool": label, **run_onnxsim(src, dst, mode, SPARSITY, timeout)}
             if "error" not in row:
@@ -448,6 +454,8 @@ def zoo(filled: Path, work: Path, timeout: float, only: list[str] | None) -> lis
             rows.append(row)
             log.info("%s", json.dumps(row))
         for label, args in ZOO_OURS:
+            if tools and label not in tools:
+                continue
             ours, out = run_ours(src, work / f"{name}.ours", args, timeout)
             row = {"model": name, "tool": label, **ours}
             if out is not None:
@@ -528,8 +536,9 @@ def vit(work: Path, torch_python: Path | None, timeout: float) -> dict[str, Any]
             state["twin"], state["torch_versions"] = data["twin"], data["versions"]
             state["torch_seconds"] = round(time.perf_counter() - started, 1)
             for run in data["runs"]:
-                row = {"tool": "torch-pruning", "method": f"{run['importance']} {run['setting']}",
-                       "setting": f"pruning_ratio {run['ratio']:g}, head_pruning_ratio {run['head_ratio']:g}", **run}
+                row = {"tool": "torch-pruning", "method": f"{run['importance']} {run['setting']}", **run,
+                       "config": f"pruning_ratio {run['ratio']:g}, head_pruning_ratio {run['head_ratio']:g}",
+                       "prune_seconds": run.get("seconds")}
                 if "error" not in run:
                     row.update(vit_measure(onnx.load(str(work / run["file"])), before, images, labels))
                 state["rows"].append(row)
@@ -550,7 +559,7 @@ def vit(work: Path, torch_python: Path | None, timeout: float) -> dict[str, Any]
             args = ["--method", method, "--target-macs", f"{point:.4f}", *extra]
             ours, out = run_ours(VIT, work / "vit.ours", args, timeout)
             row = {"tool": "onnxslim-prune", "method": method + (" --calib" if extra else ""),
-                   "setting": f"--target-macs {point:.4f}", "target": point, **ours}
+                   "config": f"--target-macs {point:.4f}", "target": point, **ours}
             if out is not None:
                 row.update(vit_measure(onnx.load(str(out)), before, images, labels))
             state["rows"].append(row)
@@ -560,12 +569,42 @@ def vit(work: Path, torch_python: Path | None, timeout: float) -> dict[str, Any]
         for sparsity in (0.25, 0.5):
             dst = work / "vit.onnxsim.onnx"
             sim = run_onnxsim(VIT, dst, mode, sparsity, timeout)
-            row = {"tool": "onnxsim", "method": mode, "setting": f"sparsity {sparsity:g}", **sim}
+            row = {"tool": "onnxsim", "method": mode, "config": f"sparsity {sparsity:g}", **sim}
             if "error" not in sim:
                 row.update(vit_measure(onnx.load(str(dst)), before, images, labels))
             state["rows"].append(row)
             log.info("%s", json.dumps(row))
     return state
+
+
+def vit_parity(work: Path, state: dict[str, Any], timeout: float) -> None:
+    """onnxslim-prune at exactly the per-part ratios of each matched Torch-Pruning point (uniform per layer,
+    no global ranking): the same structure, so the figures compare the choice of channels and the refit."""
+    from fmnist import load_split
+
+    from onnxslim_prune import validate
+
+    images, labels = load_split("test")
+    calib = work / "calib.npz"
+    if not calib.exists():
+        x, y = load_split("train", 2000)
+        np.savez(calib, input=x, labels=y)
+    original = onnx.load(str(VIT))
+    before = validate.model_stats(original, {"input": (1, 1, 28, 28)})
+    state["rows"] = [r for r in state["rows"] if r["tool"] != "onnxslim-prune (same parts)"]
+    points = {(r["setting"], r["ratio"], r["head_ratio"]) for r in state["rows"]
+              if r["tool"] == "torch-pruning" and r.get("matched")}
+    for setting, ratio, head_ratio in sorted(points):
+        hidden = ratio if setting == "heads+mlp+hidden" else 0.0
+        parts = ["--ratio", f"{ratio:g}", "--heads", f"{head_ratio:g}", "--ffn", f"{ratio:g}", "--hidden", f"{hidden:g}"]
+        for method, extra in (("l1", []), ("l1", ["--calib", str(calib)]), ("ldrf", ["--calib", str(calib)])):
+            ours, out = run_ours(VIT, work / "vit.ours", ["--method", method, *parts, *extra], timeout)
+            row = {"tool": "onnxslim-prune (same parts)", "method": method + (" --calib" if extra else ""),
+                   "config": " ".join(parts[2:]), "same_as": [setting, ratio, head_ratio], **ours}
+            if out is not None:
+                row.update(vit_measure(onnx.load(str(out)), before, images, labels))
+            state["rows"].append(row)
+            log.info("%s", json.dumps(row))
 
 
 # ============================================================================================
@@ -629,18 +668,24 @@ def vit_markdown(state: dict[str, Any]) -> list[str]:
     for why in state.get("skipped", {}).items():
         lines += [f"Skipped {why[0]}: {why[1]}", ""]
     lines += ["### At matched MACs", "",
-              "Torch-Pruning's points nearest 50% and 60% of the MACs (per importance and setting); onnxslim-prune "
-              "with `--target-macs` set to exactly the MACs kept there.", "",
+              ("Torch-Pruning's points nearest 50% and 60% of the MACs (per importance and setting); beside them "
+               "onnxslim-prune with `--target-macs` set to exactly the MACs kept there (its global ranking decides "
+               "which parts lose what), and `onnxslim-prune (same parts)`: the same per-part ratios as the "
+               "Torch-Pruning point (`--heads`, `--ffn`, `--hidden`), so the same structure. `l1` uses no data; "
+               "`--calib` adds the least-squares refit (l1) or is the method's own data (ldrf): train[:2000], no "
+               "labels. Torch-Pruning's `taylor` uses those images with their labels."), "",
               "| MACs target | tool | method | setting | MACs kept | params kept | test accuracy | s (process) | s (prune call) |",
               "|---:|---|---|---|---:|---:|---:|---:|---:|"]
     rows = [r for r in state["rows"] if "error" not in r]
     for target in MAC_TARGETS:
         theirs = [r for r in rows if target in r.get("matched", [])]
         points = sorted({round(r["macs_kept"], 4) for r in theirs})
+        structs = {(r["setting"], r["ratio"], r["head_ratio"]) for r in theirs}
         ours = [r for r in rows if r["tool"] == "onnxslim-prune" and r.get("target") in points]
-        for r in sorted(theirs + ours, key=lambda r: (round(r["macs_kept"], 2), r["tool"], r["method"])):
-            lines.append(f"| {target:.0%} | {r['tool']} | {r['method']} | {r['setting']} | {r['macs_kept']:.1%} | "
-                         f"{r['params_kept']:.1%} | {r['accuracy']:.2%} | {fmt(r.get('seconds'), '.1f')} | "
+        same = [r for r in rows if r["tool"] == "onnxslim-prune (same parts)" and tuple(r["same_as"]) in structs]
+        for r in sorted(theirs + ours + same, key=lambda r: (round(r["macs_kept"], 2), r["tool"], r["method"])):
+            lines.append(f"| {target:.0%} | {r['tool']} | {r['method']} | {r['config']} | {r['macs_kept']:.1%} | "
+                         f"{r['params_kept']:.1%} | {r['accuracy']:.2%} | {fmt(r.get('seconds') if r['tool'] != 'torch-pruning' else None, '.1f')} | "
                          f"{fmt(r.get('prune_seconds'), '.2f')} |")
     lines += ["", "### onnxsim on the same file", "",
               "| method | setting | valid | MACs kept | params kept | test accuracy | s (process) | s (prune call) |",
@@ -649,9 +694,9 @@ def vit_markdown(state: dict[str, Any]) -> list[str]:
         if r["tool"] != "onnxsim":
             continue
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['setting']} | error: {r['error']} | | | | | |")
+            lines.append(f"| {r['method']} | {r['config']} | error: {r['error']} | | | | | |")
             continue
-        lines.append(f"| {r['method']} | {r['setting']} | {'yes' if r['valid'] else 'no'} | {r['macs_kept']:.1%} | "
+        lines.append(f"| {r['method']} | {r['config']} | {'yes' if r['valid'] else 'no'} | {r['macs_kept']:.1%} | "
                      f"{r['params_kept']:.1%} | {r['accuracy']:.2%} | {r['seconds']:.1f} | {fmt(r.get('prune_seconds'), '.2f')} |")
     tp = [r for r in state["rows"] if r["tool"] == "torch-pruning"]
     if tp:
@@ -706,39 +751,53 @@ def markdown(state: dict[str, Any]) -> str:
 def better(state: dict[str, Any]) -> list[str]:
     """Where a peer beats onnxslim-prune, read off the rows."""
     out = ["## Where a peer is better", ""]
-    zrows = [r for r in state.get("zoo", []) if r.get("valid")]
+    zrows = [r for r in state.get("zoo", []) if "error" not in r]
+    by = {(r["model"], r["tool"]): r for r in zrows}
+    first, ffn_only = ZOO_OURS[0][0], ZOO_OURS[-1][0]
     for tool, _ in ZOO_ONNXSIM:
-        faster, agree = [], []
-        for r in zrows:
-            if r["tool"] != tool:
-                continue
-            for label, _ in ZOO_OURS:
-                o = next((x for x in zrows if x["tool"] == label and x["model"] == r["model"]), None)
-                if o is None:
-                    continue
-                if r.get("prune_seconds", 1e9) < o.get("prune_seconds", 0) and label == ZOO_OURS[0][0]:
-                    faster.append(r["model"])
-                if r["heads"] == o["heads"] and r["cosine"] > o["cosine"] + 1e-4:
-                    agree.append(f"{r['model']} vs `{label}` ({r['cosine']:.4f} vs {o['cosine']:.4f})")
-        out.append(f"- **{tool}** on the zoo: faster prune call than `{ZOO_OURS[0][0]}` on {len(faster)} models"
-                   + (f" ({', '.join(faster)})" if faster else "")
-                   + f"; closer to the original's outputs at the same heads kept on {len(agree)}"
-                   + (f": {'; '.join(agree)}" if agree else "") + ".")
+        mine = [r for r in zrows if r["tool"] == tool]
+        if not mine:
+            continue
+        faster = [r["model"] for r in mine if (o := by.get((r["model"], first))) and "prune_seconds" in o
+                  and r.get("prune_seconds", 1e9) < o["prune_seconds"]]
+        heads = [r["model"] for r in mine if r.get("valid") and r["heads"] < r["heads_before"]]
+        line = (f"- **{tool}**: faster prune call than `{first}` on {len(faster)}/{len(mine)} models; heads removed on "
+                f"{len(heads)}/{len(mine)}; valid on {sum(1 for r in mine if r.get('valid'))}/{len(mine)}")
+        if tool.endswith("channels 0.5"):
+            closer = []
+            for r in mine:
+                o = by.get((r["model"], ffn_only))
+                if r.get("valid") and o and o.get("valid") and r["params_kept"] < 0.99 \
+                        and r["cosine"] > o["cosine"] + 1e-4:
+                    closer.append(f"{r['model']} ({r['cosine']:.4f} at {r['params_kept']:.1%} params vs "
+                                  f"{o['cosine']:.4f} at {o['params_kept']:.1%})")
+            line += (f"; closer to the original's outputs than `{ffn_only}` (the same part pruned) on {len(closer)}"
+                     + (f": {'; '.join(closer)}" if closer else ""))
+        out.append(line + ".")
     vstate = state.get("vit", {})
     vrows = [r for r in vstate.get("rows", []) if "error" not in r]
-    wins = []
+    wins, total = [], 0
     for r in vrows:
         if r["tool"] != "torch-pruning" or not r.get("matched"):
             continue
         point = round(r["macs_kept"], 4)
         ours = [o for o in vrows if o["tool"] == "onnxslim-prune" and o.get("target") == point]
-        if ours:
-            best = max(ours, key=lambda o: o["accuracy"])
-            if r["accuracy"] > best["accuracy"] + 0.001:
-                wins.append(f"{r['method']} at {r['macs_kept']:.1%} MACs ({r['accuracy']:.2%} vs {best['accuracy']:.2%})")
-    if vrows:
-        out.append(f"- **torch-pruning** on the ViT, against this tool's best method at the same MACs: more accurate at "
-                   f"{len(wins)} points" + (f": {'; '.join(wins)}" if wins else "") + ".")
+        if not ours:
+            continue
+        total += 1
+        best = max(ours, key=lambda o: o["accuracy"])
+        if r["accuracy"] > best["accuracy"] + 0.001:
+            wins.append(f"{r['method']} at {r['macs_kept']:.1%} MACs ({r['accuracy']:.2%} vs {best['accuracy']:.2%} "
+                        f"for {best['method']})")
+    if total:
+        out.append(f"- **torch-pruning** on the ViT, against this tool's best method at the same MACs target: more "
+                   f"accurate at {len(wins)} of {total} matched points" + (f": {'; '.join(wins)}" if wins else "") + ".")
+        tp_fast = [r for r in vrows if r["tool"] == "torch-pruning" and r.get("matched")]
+        ours_fast = [r for r in vrows if r["tool"] == "onnxslim-prune" and "prune_seconds" in r]
+        if tp_fast and ours_fast:
+            out.append(f"- Prune call on the ViT: Torch-Pruning median {np.median([r['seconds'] for r in tp_fast]):.2f} s "
+                       f"(Taylor includes its gradient pass), onnxslim-prune median "
+                       f"{np.median([r['prune_seconds'] for r in ours_fast]):.2f} s (with validation and the verdict).")
     return out + [""]
 
 
@@ -753,6 +812,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="zoo,vit")
     ap.add_argument("--only", nargs="*", help="zoo models to run")
+    ap.add_argument("--tools", nargs="*", help="zoo: only these tool labels, the other rows of the json kept")
     ap.add_argument("--filled", type=Path, default=Path("/tmp/zoo"), help="zoo models filled by fill.py")
     ap.add_argument("--torch-python", type=Path, default=None, help="an interpreter with torch and torch_pruning")
     ap.add_argument("--out", type=Path, default=OUT, help="writes OUT.json and OUT.md")
@@ -768,16 +828,24 @@ def main() -> int:
     parts = a.parts.split(",")
     state: dict[str, Any] = json.loads(json_path.read_text()) if json_path.exists() else {}
     state["versions"] = versions()
-    state["command"] = "python benchmarks/peers_transformers.py" + (f" --parts {a.parts}" if a.parts != "zoo,vit" else "")
+    state["command"] = "python benchmarks/peers_transformers.py"  # partial runs (--parts, --tools) add to its json
     work = a.keep or Path(tempfile.mkdtemp(prefix="peers_tf_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         if "zoo" in parts:
-            state["zoo"] = zoo(a.filled, work, a.timeout, a.only)
+            rows = zoo(a.filled, work, a.timeout, a.only, a.tools)
+            if a.tools or a.only:  # a partial run replaces only what it measured
+                done = {(r["model"], r["tool"]) for r in rows}
+                rows = [r for r in state.get("zoo", []) if (r["model"], r["tool"]) not in done] + rows
+                order = {t: i for i, t in enumerate([t for t, _ in ZOO_ONNXSIM] + [t for t, _ in ZOO_OURS])}
+                rows.sort(key=lambda r: (ZOO_MODELS.index(r["model"]), order.get(r["tool"], 99)))
+            state["zoo"] = rows
             a.out.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(state, indent=1) + "\n")
         if "vit" in parts:
             state["vit"] = vit(work, find_torch_python(a.torch_python), a.timeout)
+        if "vit" in parts or "vit-parity" in parts:
+            vit_parity(work, state["vit"], a.timeout)
     finally:
         if a.keep is None:
             shutil.rmtree(work, ignore_errors=True)
