@@ -776,28 +776,34 @@ def better(state: dict[str, Any]) -> list[str]:
         out.append(line + ".")
     vstate = state.get("vit", {})
     vrows = [r for r in vstate.get("rows", []) if "error" not in r]
-    wins, total = [], 0
-    for r in vrows:
-        if r["tool"] != "torch-pruning" or not r.get("matched"):
-            continue
-        point = round(r["macs_kept"], 4)
-        ours = [o for o in vrows if o["tool"] == "onnxslim-prune" and o.get("target") == point]
-        if not ours:
-            continue
-        total += 1
-        best = max(ours, key=lambda o: o["accuracy"])
-        if r["accuracy"] > best["accuracy"] + 0.001:
-            wins.append(f"{r['method']} at {r['macs_kept']:.1%} MACs ({r['accuracy']:.2%} vs {best['accuracy']:.2%} "
-                        f"for {best['method']})")
-    if total:
-        out.append(f"- **torch-pruning** on the ViT, against this tool's best method at the same MACs target: more "
-                   f"accurate at {len(wins)} of {total} matched points" + (f": {'; '.join(wins)}" if wins else "") + ".")
-        tp_fast = [r for r in vrows if r["tool"] == "torch-pruning" and r.get("matched")]
-        ours_fast = [r for r in vrows if r["tool"] == "onnxslim-prune" and "prune_seconds" in r]
-        if tp_fast and ours_fast:
-            out.append(f"- Prune call on the ViT: Torch-Pruning median {np.median([r['seconds'] for r in tp_fast]):.2f} s "
-                       f"(Taylor includes its gradient pass), onnxslim-prune median "
-                       f"{np.median([r['prune_seconds'] for r in ours_fast]):.2f} s (with validation and the verdict).")
+    for data, imps in ((False, ("l1", "l2")), (True, ("taylor",))):
+        wins, total = [], 0
+        for r in vrows:
+            if r["tool"] != "torch-pruning" or not r.get("matched") or r["importance"] not in imps:
+                continue
+            point, struct = round(r["macs_kept"], 4), [r["setting"], r["ratio"], r["head_ratio"]]
+            ours = [o for o in vrows if ("--calib" in o["method"]) == data and (
+                (o["tool"] == "onnxslim-prune" and o.get("target") == point)
+                or (o["tool"] == "onnxslim-prune (same parts)" and o.get("same_as") == struct))]
+            if not ours:
+                continue
+            total += 1
+            best = max(ours, key=lambda o: o["accuracy"])
+            if r["accuracy"] > best["accuracy"] + 0.001:
+                wins.append(f"{r['method']} {r['accuracy']:.2%} vs {best['accuracy']:.2%} ({best['tool']} "
+                            f"{best['method']}, {best['config']}) at {r['macs_kept']:.1%} MACs")
+        if total:
+            kind = ("with data (Taylor: train[:2000] with labels; this tool's l1/ldrf --calib: the same images, no labels)"
+                    if data else "without data (Torch-Pruning l1/l2 against this tool's l1, no --calib)")
+            out.append(f"- **torch-pruning** on the ViT {kind}, against this tool's best at the same MACs or the same "
+                       f"parts: more accurate at {len(wins)} of {total} matched points"
+                       + (f": {'; '.join(wins)}" if wins else "") + ".")
+    tp_fast = [r for r in vrows if r["tool"] == "torch-pruning" and r.get("matched") and r["importance"] != "taylor"]
+    ours_fast = [r for r in vrows if r["tool"].startswith("onnxslim-prune") and r["method"] == "l1" and "prune_seconds" in r]
+    if tp_fast and ours_fast:
+        out.append(f"- Prune call on the ViT, data-free: Torch-Pruning median {np.median([r['prune_seconds'] for r in tp_fast]):.2f} s "
+                   f"(no validation), onnxslim-prune l1 median {np.median([r['prune_seconds'] for r in ours_fast]):.2f} s "
+                   "(load, trace, prune, checker, strict shape inference, an onnxruntime run, the verdict).")
     return out + [""]
 
 
