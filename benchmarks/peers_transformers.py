@@ -608,6 +608,69 @@ def vit_parity(work: Path, state: dict[str, Any], timeout: float) -> None:
             log.info("%s", json.dumps(row))
 
 
+def kept_heads(original: onnx.ModelProto, pruned: onnx.ModelProto, block: int, head_dim: int = 16) -> list[int]:
+    """The heads of `block` whose qkv weight columns survive in `pruned` (matched column by column)."""
+    def weight(model: onnx.ModelProto, node_name: str) -> np.ndarray:
+        inits = {t.name: t for t in model.graph.initializer}
+        node = next(n for n in model.graph.node if n.name == node_name)
+        return onnx.numpy_helper.to_array(inits[node.input[1]])
+
+    name = f"/blocks/blocks.{block}/attn/qkv/MatMul"
+    full, cut = weight(original, name), weight(pruned, name)
+    width = full.shape[1] // 3
+    cols = [int(np.argmin(np.abs(full - cut[:, [j]]).sum(0))) for j in range(cut.shape[1])]
+    return sorted({c % width // head_dim for c in cols})
+
+
+def vit_heads(work: Path, state: dict[str, Any], timeout: float) -> None:
+    """Which two of each layer's four heads each tool keeps at heads 0.5, against every choice measured alone.
+
+    This tool's l1 at ``--heads 0.5 --ffn 0 --hidden 0`` and Torch-Pruning's l1 export at head_pruning_ratio 0.5
+    (its heads group holds qkv and proj only, so the MLP ratio does not change the head choice); each pair of
+    heads kept in one layer, the others intact, is scored on train[10000:12000] (neither the calibration images
+    nor the test split: a diagnosis, not an accuracy figure). Heads are removed by zeroing their rows of the
+    output projection, which is exact."""
+    from fmnist import load_split
+
+    tp_file = work / "tp_l1_heads-mlp_0.5_0.5.onnx"
+    if not tp_file.exists():
+        log.warning("vit-heads: %s missing (run --parts vit with --keep)", tp_file)
+        return
+    x, y = load_split("train", 12000)
+    x, y = x[10000:], y[10000:]
+    original = onnx.load(str(VIT))
+    ours, out = run_ours(VIT, work / "vit.heads", ["--method", "l1", "--heads", "0.5", "--ffn", "0", "--hidden", "0"],
+                         timeout)
+    if out is None:
+        state["heads_diagnosis"] = {"error": ours.get("error")}
+        return
+    mine, theirs = onnx.load(str(out)), onnx.load(str(tp_file))
+    inits = {t.name: t for t in original.graph.initializer}
+    blocks = []
+    for b in range(4):
+        qkv = next(n for n in original.graph.node if n.name == f"/blocks/blocks.{b}/attn/qkv/MatMul")
+        proj = next(n for n in original.graph.node if n.name == f"/blocks/blocks.{b}/attn/proj/MatMul")
+        w_qkv, w_proj = (onnx.numpy_helper.to_array(inits[n.input[1]]) for n in (qkv, proj))
+        producer = [float(sum(np.abs(w_qkv[:, i * 64 + h * 16:i * 64 + (h + 1) * 16]).sum() for i in range(3)))
+                    for h in range(4)]
+        consumer = [float(np.abs(w_proj[h * 16:(h + 1) * 16]).sum()) for h in range(4)]
+        pairs = {}
+        for keep in [(i, j) for i in range(4) for j in range(i + 1, 4)]:
+            probe = onnx.ModelProto()
+            probe.CopyFrom(original)
+            w = w_proj.copy()
+            for h in set(range(4)) - set(keep):
+                w[h * 16:(h + 1) * 16] = 0.0
+            target = next(t for t in probe.graph.initializer if t.name == proj.input[1])
+            target.CopyFrom(onnx.numpy_helper.from_array(w, target.name))
+            pairs[f"{keep[0]},{keep[1]}"] = accuracy(probe, x, y)
+        blocks.append({"block": b, "ours": kept_heads(original, mine, b), "torch_pruning": kept_heads(original, theirs, b),
+                       "l1_qkv": producer, "l1_proj": consumer, "pairs": pairs})
+    state["heads_diagnosis"] = {"blocks": blocks, "ours_accuracy_test": accuracy(mine, *load_split("test")),
+                                "original_heldout": accuracy(original, x, y)}
+    log.info("%s", json.dumps(state["heads_diagnosis"]))
+
+
 # ============================================================================================
 # markdown
 # ============================================================================================
@@ -703,6 +766,25 @@ def vit_markdown(state: dict[str, Any]) -> list[str]:
             continue
         lines.append(f"| {r['method']} | {r['config']} | {'yes' if r['valid'] else 'no'} | {r['macs_kept']:.1%} | "
                      f"{r['params_kept']:.1%} | {r['accuracy']:.2%} | {r['seconds']:.1f} | {fmt(r.get('prune_seconds'), '.2f')} |")
+    diag = state.get("heads_diagnosis", {})
+    if diag.get("blocks"):
+        lines += ["", "### Which heads: this tool's l1 against Torch-Pruning's l1 at heads 0.5", "",
+                  ("Each layer has 4 heads and keeps 2. 'kept alone' is the accuracy with only that layer cut to those "
+                   "two heads, on train[10000:12000] (not calibration, not test: a diagnosis). This tool's `l1` ranks a "
+                   "head by the L1 norm of its Q, K and V weight columns (the producers); Torch-Pruning's "
+                   "`GroupMagnitudeImportance(p=1)` also counts the output projection's rows of the head (the consumer). "
+                   f"Original on these images: {diag['original_heldout']:.2%}."), "",
+                  "| block | this tool keeps (kept alone) | Torch-Pruning keeps (kept alone) | best pair (kept alone) | "
+                  "L1 of Q,K,V per head | L1 of proj rows per head |",
+                  "|---:|---|---|---|---|---|"]
+        for blk in diag["blocks"]:
+            pairs = blk["pairs"]
+            best = max(pairs, key=lambda k: pairs[k])
+            o, t = ",".join(map(str, blk["ours"])), ",".join(map(str, blk["torch_pruning"]))
+            lines.append(f"| {blk['block']} | {o} ({pairs.get(o, float('nan')):.2%}) | {t} ({pairs.get(t, float('nan')):.2%}) | "
+                         f"{best} ({pairs[best]:.2%}) | {' / '.join(f'{v:.1f}' for v in blk['l1_qkv'])} | "
+                         f"{' / '.join(f'{v:.1f}' for v in blk['l1_proj'])} |")
+        lines.append("")
     tp = [r for r in state["rows"] if r["tool"] == "torch-pruning"]
     if tp:
         lines += ["", "### Every Torch-Pruning run", "",
@@ -920,6 +1002,8 @@ def main() -> int:
             state["vit"] = vit(work, find_torch_python(a.torch_python), a.timeout)
         if "vit" in parts or "vit-parity" in parts:
             vit_parity(work, state["vit"], a.timeout)
+        if "vit" in parts or "vit-heads" in parts:
+            vit_heads(work, state["vit"], a.timeout)
     finally:
         if a.keep is None:
             shutil.rmtree(work, ignore_errors=True)
