@@ -64,6 +64,33 @@ def transformers() -> str | None:
             f"of their parameters ({link('zoo', 'Coverage of the zoo')}).")
 
 
+def transformer_peers() -> str | None:
+    data = _load("peers_transformers")
+    if not data:
+        return None
+    sim = [r for r in data["zoo"] if r["tool"].startswith("onnxsim") and r.get("valid")]
+    sim_models = {r["model"] for r in data["zoo"] if r["tool"].startswith("onnxsim")}
+    sim_heads = {r["model"] for r in sim if r.get("heads") is not None and r["heads"] < r["heads_before"]}
+    band = [r for r in data["vit"]["rows"] if 0.58 <= r["macs_kept"] <= 0.62 and r.get("accuracy") is not None]
+
+    def best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+        return max(rows, key=lambda r: r["accuracy"], default=None)
+
+    tp = best([r for r in band if r["tool"] == "torch-pruning"])
+    tp_free = best([r for r in band if r["tool"] == "torch-pruning" and r["importance"] != "taylor"])
+    ours = best([r for r in band if r["tool"].startswith("onnxslim-prune") and "--calib" in r["method"]])
+    ours_free = best([r for r in band if r["tool"].startswith("onnxslim-prune") and "--calib" not in r["method"]])
+    if not (tp and tp_free and ours and ours_free):
+        return None
+    heads = (f"removes no head in any of the {len(sim_models)} zoo transformers" if not sim_heads
+             else f"removes heads in {len(sim_heads)} of {len(sim_models)} zoo transformers")
+    return (f"**Transformer peers**: onnxsim 0.8.1's head pruning {heads}; on the Fashion-MNIST ViT ({_pct(data['vit']['baseline'])}) at about 60% "
+            f"of the MACs, Torch-Pruning 1.5.2 keeps {_pct(tp['accuracy'])} at best ({tp['importance']}) and this tool "
+            f"{_pct(ours['accuracy'])} (`{ours['method']}`: l1 selection, least-squares refit); without data Torch-Pruning is better "
+            f"({_pct(tp_free['accuracy'])} against {_pct(ours_free['accuracy'])}) "
+            f"({link('peers', 'Peers on transformers')}).")
+
+
 def speed() -> str | None:
     rows = _load("latency")
     if not rows:
@@ -166,7 +193,7 @@ def real_models() -> str | None:
             f"much ({link('PyPI models', 'Trained models from PyPI packages')}, [limits](docs/limits.md)).")
 
 
-HEADLINES: tuple[Callable[[], str | None], ...] = (coverage, transformers, speed, accuracy, search, merge, quantized,
+HEADLINES: tuple[Callable[[], str | None], ...] = (coverage, transformers, transformer_peers, speed, accuracy, search, merge, quantized,
                                                    verdict, real_models)
 PICTURES = (("accuracy_fmnist_resnet56.png", "Accuracy without fine-tuning"),
             ("search_fmnist_resnet56.png", "The gated search"))

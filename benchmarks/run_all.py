@@ -103,6 +103,8 @@ def steps(results: Path, zoo: Path, filled: Path, scratch: Path, qsrc: Path, qfi
         Step("peers", "peers.py", ("--out", r), ("--quick", "--out", r)),
         Step("peers_zoo", "peers_zoo.py", ("--filled", str(filled), "--out", f"{r}/peers_zoo"),
              ("--filled", str(filled), "--only", *q, "--ours", f"{r}/zoo_coverage.json", "--out", f"{r}/peers_zoo")),
+        Step("peers_transformers", "peers_transformers.py", ("--filled", str(filled), "--out", f"{r}/peers_transformers"),
+             None),
         Step("plots", "plots.py", ("--results", r), ("--results", r)),
         Step("update_readme", "update_readme.py", (), ()),
     )
