@@ -357,3 +357,32 @@ def test_heads_ffn_and_hidden_take_their_own_ratios() -> None:
                   merge=np.array([1, 4, 8]), scale=np.array(0.7), mask=weights(1, 1, 1, 4, seed=5))
     kept = api.prune(heads, "l1", 0.5, latency=False, params={"heads": 0.25})
     assert initializer(kept.model, "wq").shape == (8, 6)  # 1 of 4 heads
+
+
+def test_l1_scores_a_head_with_its_output_projection_rows() -> None:
+    """The issue's oracle: heads 1 and 3 have zero V columns and zero output-projection rows, so they contribute
+    nothing, though their Q and K are the largest. ``l1`` counts every weight a head owns (Q, K, V columns and its
+    rows of the output projection) and removes exactly them; Q, K and V alone would remove two others."""
+    from .. import api
+    from ..passes.score import l1
+
+    # every weight of magnitude 1 (random signs), so the scores are exact: a kept head owns 3 x 16 producer weights
+    # and 16 output-projection weights (64); heads 1 and 3 own 2 x 16 x 1.75 = 56 in Q and K and nothing else
+    signs = [np.sign(weights(8, 8, seed=s)).astype(np.float32) for s in range(4)]
+    big = np.ones(8, dtype=np.float32)
+    big[list(ZERO_HEADS)] = 1.75
+    wo = signs[3].copy()
+    wo[list(ZERO_HEADS), :] = 0.0
+    model = parse(
+        _attention_text(),
+        wq=signs[0] * big, bq=weights(8, seed=1), wk=signs[1] * big, wv=zeroed(signs[2], ZERO_HEADS, axis=1), wo=wo,
+        split=np.array([1, 4, 4, 2]), merge=np.array([1, 4, 8]), scale=np.array(0.7), mask=weights(1, 1, 1, 4, seed=5),
+    )
+    analysis = api.analyze(model)
+    group = group_of(analysis.trace, "MatMul_0", Role.OUT)
+    qkv_only = sum(np.abs(initializer(model, n)).reshape(8, 4, 2).sum(axis=(0, 2)) for n in ("wq", "wk", "wv"))
+    assert qkv_only.tolist() == [48, 56, 48, 56]  # the producers' weights alone would keep heads 1 and 3
+    assert l1(analysis.trace, analysis.graph, group).tolist() == [64, 56, 64, 56]
+    result = prune_l1(model)
+    assert initializer(result.model, "wq").shape == (8, 4) and initializer(result.model, "wo").shape == (4, 8)
+    assert_same_outputs(model, result.model)

@@ -4,7 +4,10 @@ Criteria (each a function of the weights only, so data-free):
 
 * ``l1`` / ``l2`` (Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017):
   the norm of each output filter, ``s_c = sum_sources ||W_source[c]||_p``. A class that
-  several sources feed (a residual group) sums its filters' norms.
+  several sources feed (a residual group) sums its filters' norms. An attention head is
+  scored by every weight it owns: its Q, K and V columns and its rows of the output
+  projection, ``s_h = sum_sources ||W_source[h]||_p + sum_consumers ||W_out[h, :]||_p``
+  (a head's output-projection rows decide how much it contributes).
 * ``bn`` (Liu et al., "Network Slimming", ICCV 2017): ``s_c = sum |gamma_c|`` over the
   BatchNormalization nodes of the group; groups without BN fall back to ``l1``.
 * ``fpgm`` (He et al., "Filter Pruning via Geometric Median", CVPR 2019): the summed
@@ -21,7 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import ir
-from ..channels import Group, Kind, Role, Source, Trace
+from ..channels import Group, Kind, Part, Role, Source, Trace, transformer_part
 from ..errors import UsageError
 from ..ops.registry import rule_of
 
@@ -93,7 +96,30 @@ def _source_values(trace: Trace, graph: gs.Graph, group: Group, fn: Callable[[np
     nodes = ir.node_by_name(graph)
     spaces = set(group.spaces)
     values = {s.space: fn(filters(nodes, s)) for s in trace.sources if s.space in spaces}
-    return _per_class(trace, group, values)
+    scores = _per_class(trace, group, values)
+    if transformer_part(trace.node_kind, group) is Part.HEADS:
+        scores += _consumer_values(trace, nodes, group, fn)
+    return scores
+
+
+def _consumer_values(trace: Trace, nodes: Mapping[str, gs.Node], group: Group,
+                     fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Per class, `fn` of the rows a dense consumer's weight holds for it (a head's rows of the output projection)."""
+    index = {c: i for i, c in enumerate(group.classes)}
+    out = np.zeros(len(group.classes), dtype=np.float64)
+    for member in group.members:
+        node = nodes[member.node]
+        kind = trace.node_kind.get(member.node)
+        rule = rule_of(node)
+        weight = ir.input_const(node, 1) if member.role == Role.IN and kind in (Kind.MATMUL, Kind.GEMM) else None
+        positions = trace.class_positions(node.inputs[0].name)
+        if rule is None or weight is None or positions is None:
+            continue
+        rows = np.moveaxis(np.asarray(weight), rule.weight_in_axis(node, kind), 0)
+        for root, v in zip(positions.tolist(), fn(rows.reshape(rows.shape[0], -1)).tolist()):
+            if root in index:
+                out[index[root]] += v
+    return out
 
 
 def l1(trace: Trace, graph: gs.Graph, group: Group, seed: int = 0) -> np.ndarray:
