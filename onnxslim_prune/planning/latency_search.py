@@ -19,8 +19,9 @@ Search (``--target-latency F``). ``r`` falls with ``s`` but is noisy and not lin
 multiples, per-op overhead), so the budget is bracketed between a probe that is too slow
 (``r > F``; at first the original, ``s = 0, r = 1``) and one that meets the target, and the next
 ``s`` is the linear interpolation of the two towards the aim ``F (1 - TOLERANCE / 2)``, kept at
-least a tenth of the bracket from its ends (a safeguarded bisection: it never does worse than
-halving the bracket by more than 9:1). Before a fast probe exists the line through the original and the
+least a tenth of the bracket from its ends; after two probes on the same side of the target the
+next one halves the bracket instead (the Illinois-like guard against a stalling end: latency is a
+staircase in the channel counts). Before a fast probe exists the line through the original and the
 slow probe is extrapolated (first probe: ``s = 1 - F``). It stops when a probe meets the target
 within ``TOLERANCE`` below it, when the bracket is narrower than ``RESOLUTION``, or after
 ``--max-probes`` probes. The written model is the probe that met the target with the most MACs
@@ -54,7 +55,7 @@ from ..latency import measure as measure_latency
 from ..verdict import Gates
 from .parts import VerdictPart
 from .search import (
-    LONG_SECONDS, Allocation, Measurement, Objective, Probe, Prober, SearchOutcome, SearchSettings, Step, _duration,
+    LONG_SECONDS, Allocation, Measurement, Objective, Probe, Prober, SearchOutcome, SearchSettings, SensitivityRow, Step, _duration,
     _quiet, _with_search_report, allocation_at, baseline, check_searchable, greedy_steps, sensitivity,
 )
 
@@ -247,8 +248,12 @@ class _Walk:
         return point
 
 
-def _next_share(slow: Point | None, fast: Point | None, aim: float, most: float) -> float:
-    """The safeguarded interpolation of the module docstring (slow: r > F at `slow.share`; fast: r <= F)."""
+def _next_share(slow: Point | None, fast: Point | None, aim: float, most: float, halve: bool = False) -> float:
+    """The safeguarded interpolation of the module docstring (slow: r > F at `slow.share`; fast: r <= F).
+
+    `halve`: the last two probes fell on the same side of the target, so the interpolation is stalling
+    at one end (latency is a staircase in the channel counts): this step halves the bracket instead.
+    """
     s0, r0 = (0.0, 1.0) if slow is None else (slow.share, slow.ratio)
     if fast is None:
         if s0 <= 0:
@@ -258,6 +263,8 @@ def _next_share(slow: Point | None, fast: Point | None, aim: float, most: float)
         return min(max(guess, s0 + 0.05), most)
     s1, r1 = fast.share, fast.ratio
     width = s1 - s0
+    if halve:
+        return s0 + width / 2
     guess = s0 + (r0 - aim) * width / (r0 - r1) if r0 - r1 > 1e-9 else s0 + width / 2
     return min(max(guess, s0 + 0.1 * width), s1 - 0.1 * width)
 
@@ -268,6 +275,7 @@ def _toward_target(walk: _Walk, settings: LatencySettings) -> None:
     most = walk.budget.most
     slow: Point | None = None
     fast: Point | None = None
+    sides: list[bool] = []  # whether each valid probe met the target
     while walk.left > 0:
         if fast is not None and fast.ratio >= target * (1.0 - settings.tolerance):
             return  # within the tolerance below the target
@@ -276,12 +284,14 @@ def _toward_target(walk: _Walk, settings: LatencySettings) -> None:
             return
         if fast is None and low >= most - 1e-9:
             return  # the allocation cannot remove more
-        point = walk.probe(_next_share(slow, fast, aim, most), "target")
+        halve = len(sides) >= 2 and sides[-1] == sides[-2]
+        point = walk.probe(_next_share(slow, fast, aim, most, halve), "target")
         if not point.valid:
             most = point.share - RESOLUTION  # the budget is capped below an invalid probe
             if fast is not None and fast.share > most:
                 return
             continue
+        sides.append(point.ratio <= target)
         if point.ratio <= target:
             if fast is None or point.share < fast.share:
                 fast = point
@@ -330,7 +340,7 @@ def run_latency_search(prober: Prober, settings: SearchSettings, round_to: int, 
         raise UsageError("--objective latency needs --target-latency F or a gate (--max-drop, --min-*)")
     settings = replace(settings, objective=Objective.LATENCY)
     trace = baseline(prober)
-    rows = ()
+    rows: tuple[SensitivityRow, ...] = ()
     if settings.allocation is Allocation.SENSITIVITY:
         rows = sensitivity(prober, trace, settings, round_to)
         budget = Budget(Allocation.SENSITIVITY, greedy_steps(rows, Objective.MACS))
