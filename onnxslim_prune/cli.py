@@ -257,7 +257,7 @@ def main(
             searching = targeted = False
         elif target_latency is not None:
             raise UsageError("--target-latency is the latency objective's: add --objective latency")
-        if show_sensitivity and not searching and not targeted:
+        if show_sensitivity and not searching and not targeted and not by_latency:
             _sensitivity_only(model, method, kwargs, search_settings, console, report_path, plot_path, quiet)
             _closed(console)
             return

@@ -153,7 +153,7 @@ def test_round_to_auto_is_the_isa_block_and_deterministic() -> None:
 
 
 def _cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, meter: MacsMeter, *extra: str) -> tuple[Any, Path, dict[str, Any]]:
-    monkeypatch.setattr(latency_search, "InterleavedMeter", lambda prober, threads: meter)
+    monkeypatch.setattr(latency_search, "InterleavedMeter", lambda prober, threads, clock: meter)
     source, out, rep = tmp_path / "m.onnx", tmp_path / "m.pruned.onnx", tmp_path / "r.json"
     onnx.save(models.wide_chain(c=32, seed=3), source)
     result = CliRunner().invoke(main, [str(source), "-o", str(out), "--report", str(rep), "-q", *extra])
@@ -201,3 +201,24 @@ def test_cli_rejects_mixed_budgets(tmp_path: Path) -> None:
     assert (r1.exit_code, r2.exit_code, r3.exit_code) == (2, 2, 2)
     assert "--objective latency" in r1.output and "drop --ratio" in r2.output and "auto" in r3.output
     assert not (tmp_path / "m.pruned.onnx").exists()
+
+
+def test_with_data_the_budget_walks_the_sensitivity_profile(tmp_path: Path) -> None:
+    """Calibration data: the greedy order of the profile; the dead branch (free to cut) is its first step."""
+    model = models.concat_branches(dead1=range(4), seed=1)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((48, 3, 8, 8)).astype(np.float32))
+    prober = Prober(model, "l1", dict(calib=str(calib), holdout=0.5, params={"reconstruct": False}, latency=False),
+                    margin=0.0)
+    settings = SearchSettings(ratios=(0.25, 0.5, 0.75), max_probes=6, margin=0.0)
+    outcome = run_latency_search(prober, settings, 1, Gates(), LatencySettings(0.8), meter=MacsMeter())
+    assert len(outcome.search.sensitivity) == 6  # 2 groups x 3 ratios, measured once
+    assert all(p.probe.budget.startswith("steps ") for p in outcome.points)
+    assert all("group_ratios" in p.probe.params for p in outcome.points)
+    chosen = next(p for p in outcome.points if p.probe.index == outcome.search.chosen)
+    assert chosen.ratio <= 0.8 and outcome.result.report.extra["latency_search"]["budget"] == "sensitivity"
+    written = outcome.result.model
+    assert _kept(written, "c1.w") == 1  # the dead branch first: 3 of its 4 filters (one must stay)
+    feed = models.inputs_for(model, seed=5)
+    assert np.isfinite(models.run(written, feed)[0]).all()
+    assert models.run(written, feed)[0].shape == models.run(model, feed)[0].shape

@@ -12,8 +12,9 @@ with the allocation of the gated search (`planning.search`):
 Each probe is one `api.prune` run (validated like any output: a probe that fails validation is
 skipped, never written) followed by a latency measurement of the probe against the original:
 interleaved rounds, median of each, one sample of the calibration shapes (`latency.measure`), with
-``intra_op_num_threads = 1`` by default so the figure is of the kernels and load from other processes
-disturbs it less. ``r(s)`` = pruned / original latency.
+``intra_op_num_threads = 1`` and each run timed by the CPU time of the calling thread (`Clock`): the
+kernels' time, which other processes on the machine do not inflate as they do wall time (`Clock.WALL`
+is the alternative for a quiet machine). ``r(s)`` = pruned / original latency.
 
 Search (``--target-latency F``). ``r`` falls with ``s`` but is noisy and not linear (channel
 multiples, per-op overhead), so the budget is bracketed between a probe that is too slow
@@ -46,6 +47,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from typing import Any
 
 
@@ -70,6 +72,21 @@ MAX_SHARE = 0.95
 #: intra-op threads of the latency sessions (1: the kernels' time, less disturbed by other processes)
 DEFAULT_THREADS = 1
 
+
+
+class Clock(str, Enum):
+    """What times each run of a latency measurement."""
+
+    #: CPU time of the calling thread (`time.thread_time`): with one intra-op thread the whole run, and not the
+    #: time other processes hold the core (on a loaded 2-core machine wall-clock ratios of one pair swung 0.58-0.79
+    #: between repeats, CPU-time ratios 0.655-0.666)
+    THREAD_CPU = "thread-cpu"
+    WALL = "wall"  # `time.perf_counter`: what a user waits for; needs a quiet machine
+
+    def function(self) -> Callable[[], float]:
+        return time.thread_time if self is Clock.THREAD_CPU else time.perf_counter
+
+
 #: measures a probe against the original: the probe's result -> `Latency` (injected by tests: no timing)
 Meter = Callable[[Any], Latency]
 
@@ -81,12 +98,15 @@ class LatencySettings:
     target: float | None = None
     threads: int = DEFAULT_THREADS
     tolerance: float = TOLERANCE
+    clock: Clock = Clock.THREAD_CPU
 
     def __post_init__(self) -> None:
         if self.target is not None and not (math.isfinite(self.target) and 0.0 < self.target < 1.0):
             raise UsageError(f"--target-latency must be a fraction in (0, 1) of the original's latency, got {self.target!r}")
         if self.threads < 0:
             raise UsageError(f"latency threads must be >= 0, got {self.threads}")
+        if self.clock is Clock.THREAD_CPU and self.threads != 1:
+            raise UsageError("the thread CPU clock times single-threaded sessions only: threads=1, or Clock.WALL")
         if not 0.0 < self.tolerance < 1.0:
             raise UsageError(f"the latency tolerance must be in (0, 1), got {self.tolerance}")
 
@@ -98,8 +118,8 @@ class LatencySettings:
 class InterleavedMeter:
     """`latency.measure` of a probe against the original: one session of the original reused, `threads` intra-op threads."""
 
-    def __init__(self, prober: Prober, threads: int = DEFAULT_THREADS) -> None:
-        self.prober, self.threads = prober, threads
+    def __init__(self, prober: Prober, threads: int = DEFAULT_THREADS, clock: Clock = Clock.THREAD_CPU) -> None:
+        self.prober, self.threads, self.clock = prober, threads, clock
         self._original: Any = None
         self._feed: dict[str, Any] | None = None
 
@@ -120,7 +140,8 @@ class InterleavedMeter:
         if self._original is None:
             self._original = validate.session(self.prober.model, self.threads)
         pruned = validate.session(result.model, self.threads, serialized=result.serialized)
-        return measure_latency(self.prober.model, result.model, self.feed(), sessions=(self._original, pruned))
+        return measure_latency(self.prober.model, result.model, self.feed(), sessions=(self._original, pruned),
+                               clock=self.clock.function())
 
 
 # ----------------------------------------------------------------------------- the budget
@@ -215,8 +236,8 @@ class _Walk:
     def probe(self, share: float, phase: str) -> Point:
         params = self.budget.params(share)
         key = repr(sorted(params.items()))
-        if key in self.seen:
-            return self.seen[key]
+        if key in self.seen:  # a share that makes an earlier probe's model (a discrete budget): no new probe
+            return replace(self.seen[key], share=share)
         index = len(self.points) + 1
         label = self.budget.label(share)
         self.prober.stage(f"latency: probe {index}/{self.max_probes} ({phase}, {label}): pruning and measuring",
@@ -346,7 +367,7 @@ def run_latency_search(prober: Prober, settings: SearchSettings, round_to: int, 
         budget = Budget(Allocation.SENSITIVITY, greedy_steps(rows, Objective.MACS))
     else:
         budget = Budget(Allocation.RANKING)
-    meter = meter or InterleavedMeter(prober, latency.threads)
+    meter = meter or InterleavedMeter(prober, latency.threads, latency.clock)
     walk = _Walk(prober, budget, meter, settings.max_probes)
     if latency.target is not None:
         _toward_target(walk, latency)
@@ -385,6 +406,7 @@ def run_latency_search(prober: Prober, settings: SearchSettings, round_to: int, 
     extra = dict(report.extra)
     extra["latency_search"] = {
         "target": latency.target, "aim": latency.aim, "tolerance": latency.tolerance, "threads": latency.threads,
+        "clock": latency.clock.value,
         "budget": budget.allocation.value, "final_ratio": ratio, "slower": slower,
         "measure": "interleaved rounds, median of each (latency.measure), one sample of the verdict data's shapes",
         "points": [{"probe": p.probe.index, "share": p.share, "latency_ratio": p.ratio if math.isfinite(p.ratio) else None,
