@@ -6,7 +6,7 @@ One layer per model, batch 1, channels ``c`` in and out (a pruned layer loses ch
 sides): Conv 3x3 and Conv 1x1 on 28x28 (NCHW), depthwise Conv 3x3 on 28x28, and MatMul of 196
 tokens by ``c x c``. For each base (64, 128, 256) every ``c`` from ``base - 16`` to ``base`` is timed
 (onnxruntime default session, ``intra_op_num_threads = 1``; the models of one base are timed in
-interleaved rounds, median per model). For a multiple ``m`` the *penalty* of a count ``c`` that is
+interleaved rounds by the calling thread's CPU time, median per model). For a multiple ``m`` the *penalty* of a count ``c`` that is
 not a multiple of ``m`` is ``time(c) / time(ceil_m(c))``: above 1, keeping the next multiple (more
 channels) is faster than keeping ``c``. Writes ``results/round_to.md`` and ``results/round_to.json``.
 """
@@ -85,9 +85,9 @@ def time_counts(build: Callable[[int], bytes], counts: list[int], rounds: int) -
     for r in range(rounds):
         order = counts[r % len(counts):] + counts[:r % len(counts)]
         for c in order:
-            t0 = time.perf_counter()
+            t0 = time.thread_time()  # the calling thread's CPU time: the whole run with one intra-op thread
             sessions[c].run(None, feeds[c])
-            times[c].append(time.perf_counter() - t0)
+            times[c].append(time.thread_time() - t0)
     return {c: 1e3 * statistics.median(v) for c, v in times.items()}
 
 
@@ -161,7 +161,8 @@ def main() -> None:
         "Command: `OMP_NUM_THREADS=1 python benchmarks/bench_round_to.py`. One layer per model at batch 1, `c` channels in "
         f"and out: Conv 3x3 / Conv 1x1 / depthwise Conv 3x3 on {SPATIAL}x{SPATIAL}, MatMul of {TOKENS} tokens by c x c; every "
         "c from base-16 to base for bases 64, 128, 256; onnxruntime CPU, default graph optimisations, one intra-op thread; "
-        f"the models of one base timed in {args.rounds} interleaved rounds, median each (the machine is shared with other jobs: "
+        f"the models of one base timed in {args.rounds} interleaved rounds, median each, by the calling thread's CPU time "
+        "(`time.thread_time`; the machine is shared with other jobs, which inflate wall time but hardly CPU time, and "
         "interleaving moves all counts alike). The *penalty* of a count c that is not a multiple of m is "
         "time(c) / time(next multiple of m): above 1 means keeping more channels (the multiple) is faster.", "",
         f"onnxruntime {ort.__version__}, {platform.machine()}; ISA flags {', '.join(payload['isa_flags']) or 'none'}; "
