@@ -27,10 +27,12 @@ from .errors import GateError, PruneError, UsageError
 from .methods import builtin  # noqa: F401  (fills the method registry)
 from .methods.base import METHODS, CommonParams, Setting, all_settings
 from .planning import plot as planning_plot
+from .planning import latency_search
 from .planning import search as search_mod
 from .planning.search import DEFAULT_MARGIN, DEFAULT_MAX_PROBES, Allocation, Objective, SearchSettings
 from .verdict import Gates
 from .report import group_rows, group_table
+from .roundto import RoundTo, RoundToParam, RoundToValue, resolve
 
 log = logging.getLogger("onnxslim_prune")
 
@@ -110,7 +112,9 @@ class _OneLineErrors(click.Command):
 @click.option("--method", default="l1", show_default=True, type=click.Choice(list(METHODS)), metavar="NAME",
               help="Pruning method (listed below).")
 @click.option("--ratio", default=0.5, show_default=True, type=float, help="Fraction of each group's channels to remove, in [0, 1).")
-@click.option("--round-to", default=1, show_default=True, type=int, help="Keep channel counts at multiples of N.")
+@click.option("--round-to", "round_to_value", default=None, type=RoundToParam(),
+              help="Keep channel counts at multiples of N; auto: the CPU kernels' channel block (16 with AVX-512, 8 with AVX2) "
+              "[default: 1; auto with --objective latency].")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Protect nodes whose name matches (glob); repeatable.")
 @click.option("--input-shape", multiple=True, metavar="NAME:1x3x224x224", help="Fix a dynamic input shape; repeatable.")
 @click.option("--criterion", default=None, help="Selection criterion of methods that take one [default: l1; merge: l1_bias].")
@@ -148,6 +152,8 @@ class _OneLineErrors(click.Command):
               "with --target-*, the sensitivity allocation meets the target.")
 @click.option("--objective", type=click.Choice([o.value for o in Objective]), default=Objective.MACS.value,
               show_default=True, help="Search: what is made smallest within the gate.")
+@click.option("--target-latency", type=float, metavar="F",
+              help="--objective latency: the written model's measured latency <= F x the original's (same run, interleaved).")
 @click.option("--max-probes", default=DEFAULT_MAX_PROBES, show_default=True, type=int,
               help="Search: most probes of the bisection (the sensitivity probes come on top).")
 @click.option("--search-margin", default=DEFAULT_MARGIN, show_default=True, type=float, metavar="Z",
@@ -167,7 +173,7 @@ def main(
     output: Path | None,
     method: str,
     ratio: float,
-    round_to: int,
+    round_to_value: RoundToValue | None,
     exclude: tuple[str, ...],
     input_shape: tuple[str, ...],
     criterion: str | None,
@@ -193,6 +199,7 @@ def main(
     sensitivity_ratios: str,
     allocation: str,
     objective: str,
+    target_latency: float | None,
     max_probes: int,
     search_margin: float,
     plot_path: Path | None,
@@ -226,6 +233,8 @@ def main(
         gates = Gates(min_top1_agreement=min_top1_agreement, min_cosine=min_cosine, min_correlation=min_correlation,
                       max_drop=max_drop)
         preprocess = _preprocess(image_size, resize_mode, mean, std, scale, layout, bgr)
+        by_latency = Objective(objective) is Objective.LATENCY
+        round_to = resolve(round_to_value if round_to_value is not None else RoundTo.AUTO if by_latency else 1)
         if dry_run:  # only the settings that choose the plan
             _dry_run(model, method, ratio, round_to, exclude, shapes, seed, criterion, report_path,
                      _given_settings(settings, planning_only=True), preprocess)
@@ -244,8 +253,13 @@ def main(
                                          Allocation(allocation), Objective(objective), search_margin)
         searching = gates.any and _searches(kwargs["params"]) and search_mod.searchable(method)
         targeted = _targets_with_profile(kwargs["params"]) and search_mod.searchable(method)
-        searched = None
-        if show_sensitivity and not searching and not targeted:
+        searched = timed = None
+        if by_latency:
+            _check_latency_request(kwargs["params"], method, target_latency)
+            searching = targeted = False
+        elif target_latency is not None:
+            raise UsageError("--target-latency is the latency objective's: add --objective latency")
+        if show_sensitivity and not searching and not targeted and not by_latency:
             _sensitivity_only(model, method, kwargs, search_settings, console, report_path, plot_path, quiet)
             _closed(console)
             return
@@ -260,6 +274,14 @@ def main(
             searched = search_mod.run_search(prober, search_settings, round_to, gates, with_sensitivity=show_sensitivity
                                              or search_settings.allocation is Allocation.SENSITIVITY)
             result = searched.result
+        elif by_latency:
+            prober = search_mod.Prober(ir.load_model(model), method, kwargs, progress=console, margin=search_settings.margin)
+            if prober.data_free and click.get_current_context().get_parameter_source("allocation") is \
+                    click.core.ParameterSource.DEFAULT:  # no data: the global ranking, not a profile on random inputs
+                search_settings = replace(search_settings, allocation=Allocation.RANKING)
+            timed = latency_search.run_latency_search(prober, search_settings, round_to, gates,
+                                                      latency_search.LatencySettings(target_latency))
+            searched, result = timed.search, timed.result
         else:
             result = api.prune(model, method, progress=console, **kwargs)
         _closed(console)
@@ -267,12 +289,13 @@ def main(
         if searched is not None and not quiet:
             if searched.sensitivity and show_sensitivity:
                 click.echo(search_mod.sensitivity_table(searched.sensitivity, searched.data_free))
-            click.echo(search_mod.probe_table(searched))
+            click.echo(search_mod.probe_table(searched) if timed is None else latency_search.latency_table(timed))
         if searched is not None and plot_path is not None:
             planning_plot.plot(plot_path, searched.sensitivity, searched.probes, searched.settings.objective, searched.chosen)
         report = result.report
         verdict = report.verdict
-        passed = verdict is None or verdict.passed
+        slower = timed is not None and timed.slower  # never written silently: a missed gate
+        passed = (verdict is None or verdict.passed) and not slower
         if passed or keep_failed:
             # the bytes the verdict ran are the bytes written: the model is not serialized again
             ir.save_model(result.model, target, external=external.initializers, serialized=result.serialized)
@@ -284,6 +307,8 @@ def main(
             click.echo(f"wrote {target}" if report.output_path else "not written: a gate was missed (--keep-failed writes it)")
         if not passed:
             missed = "; ".join(g.message for g in verdict.gates if not g.passed) if verdict is not None else ""
+            if slower:
+                missed = "; ".join([m for m in (missed, "the model is slower than the original") if m])
             raise GateError(f"gate missed: {missed}")
     except KeyboardInterrupt:
         _closed(console)
@@ -306,6 +331,17 @@ def _searches(params: Mapping[str, Any]) -> bool:
     source = click.get_current_context().get_parameter_source("ratio")
     given = source is not None and source is not click.core.ParameterSource.DEFAULT
     return not given and params.get("target_macs") is None and params.get("target_params") is None
+
+
+def _check_latency_request(params: Mapping[str, Any], method: str, target: float | None) -> None:
+    """--objective latency chooses the allocation: no --ratio or --target-macs/params beside it."""
+    source = click.get_current_context().get_parameter_source("ratio")
+    if source is not None and source is not click.core.ParameterSource.DEFAULT:
+        raise UsageError("--objective latency chooses the ratios: drop --ratio")
+    if params.get("target_macs") is not None or params.get("target_params") is not None:
+        raise UsageError("--objective latency takes --target-latency, not --target-macs/--target-params")
+    if not search_mod.searchable(method):
+        search_mod.check_searchable(method, params)
 
 
 def _targets_with_profile(params: Mapping[str, Any]) -> bool:

@@ -50,7 +50,7 @@ def plot(path: Path, rows: Sequence[Any], probes: Sequence[Any], objective: Any,
             ax.set_title("sensitivity per group")
             ax.legend(fontsize=6, ncol=2)
         else:
-            word = "MACs" if getattr(objective, "value", objective) == "macs" else "params"
+            word = {"macs": "MACs", "latency": "latency"}.get(getattr(objective, "value", objective), "params")
             for passed, colour, label in ((True, "tab:green", "passed"), (False, "tab:red", "missed")):
                 pts = [p for p in probes if p.measurement.passed == passed and math.isfinite(p.measurement.damage)]
                 ax.scatter([p.measurement.kept(objective) for p in pts], [p.measurement.damage for p in pts], c=colour,

@@ -93,6 +93,7 @@ class Objective(str, Enum):
 
     MACS = "macs"
     PARAMS = "params"
+    LATENCY = "latency"  # measured onnxruntime latency (`planning.latency_search`)
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,8 @@ class Measurement:
         return Measurement(1.0, 1.0, False, math.inf, None, None, None, 0, seconds, failed=reason)
 
     def kept(self, objective: Objective) -> float:
+        if objective is Objective.LATENCY:
+            return math.inf if self.latency_ratio is None else self.latency_ratio
         return self.macs if objective is Objective.MACS else self.params
 
 
@@ -422,7 +425,8 @@ class Probe:
                 "top1_agreement": m.top1_agreement, "correlation": m.correlation, "accuracy_drop": m.accuracy_drop,
                 "samples": m.samples, "seconds": m.seconds, "failed": m.failed,
                 "group_ratios": [list(p) for p in self.params.get("group_ratios", ())] or None,
-                "target": {k: v for k, v in self.params.items() if k.startswith("target_")} or None}
+                "target": {k: v for k, v in self.params.items() if k.startswith("target_")} or None,
+                **({} if m.latency_ratio is None else {"latency_ratio": m.latency_ratio})}
 
 
 @dataclass(frozen=True, eq=False)
