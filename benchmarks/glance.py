@@ -101,6 +101,19 @@ def speed() -> str | None:
             f"{len(plain)} zoo models, both models timed interleaved in one run ({link('latency', 'Latency of the pruned zoo')}).")
 
 
+def latency_search() -> str | None:
+    data = _load("latency_search")
+    if not data:
+        return None
+    rows = data["rows"]
+    ratios = [r["remeasured"]["ratio"] for r in rows]
+    within = sum(1 for r in rows if r["within"] and r["faster"])
+    return (f"**A latency target**: `--objective latency --target-latency {data['target']:g}` lands {within} of "
+            f"{len(rows)} zoo CNNs within {100 * data['within']:.0f}% of the target, re-measured afterwards at "
+            f"{min(ratios):.2f}–{max(ratios):.2f} of the original's single-thread CPU time, with channel counts rounded "
+            f"to the CPU's kernel block (`--round-to auto`) ({link('latency search', 'Latency-targeted search')}).")
+
+
 def _accuracy(rows: list[dict[str, Any]], model: str, method: str, ratio: float) -> dict[str, Any] | None:
     return next((r for r in rows if r["model"] == model and r["method"] == method and r["ratio"] == ratio), None)
 
@@ -193,7 +206,8 @@ def real_models() -> str | None:
             f"much ({link('PyPI models', 'Trained models from PyPI packages')}, [limits](docs/limits.md)).")
 
 
-HEADLINES: tuple[Callable[[], str | None], ...] = (coverage, transformers, transformer_peers, speed, accuracy, search, merge, quantized,
+HEADLINES: tuple[Callable[[], str | None], ...] = (coverage, transformers, transformer_peers, speed,
+                                                   latency_search, accuracy, search, merge, quantized,
                                                    verdict, real_models)
 PICTURES = (("accuracy_fmnist_resnet56.png", "Accuracy without fine-tuning"),
             ("search_fmnist_resnet56.png", "The gated search"))
