@@ -12,6 +12,8 @@ Families:
 * ``l1 + refit``: the l1 plan, then the least-squares refit of every pruned layer's consumers (``--calib``);
 * ``ldrf``: LDRF selection + refit; ``contrib`` / ``obs``: the calibrated output-contribution importances
   of `passes.contribution` (a label-free stand-in for Kwon et al. 2022's Fisher, and its OBS form) + refit;
+  ``kwon``: ``contrib`` with one global cost-equal ranking of heads and FFN neurons (the same MACs as
+  the per-part ratios, distributed by ``contrib / cost``) + refit;
 * ``sensitivity``: ``--target-macs F --allocation sensitivity`` (per-group ratios from the sensitivity
   profile measured on --eval); ``search``: the gated search ``--max-drop 1`` (no ratio given).
 
@@ -89,6 +91,7 @@ def configs() -> list[Config]:
         out.append(Config("ldrf", "ldrf", ratio, params, calib=True))
         out.append(Config("contrib", "contrib", ratio, params, calib=True))
         out.append(Config("obs", "obs", ratio, params, calib=True))
+        out.append(Config("kwon", "kwon", ratio, params, calib=True))
     for method in ("ldrf", "contrib"):
         out.append(Config("sensitivity", method, 0.5, cli=("--target-macs", "0.6", "--allocation", "sensitivity")))
         out.append(Config("search", method, 0.5, cli=("--max-drop", "1")))

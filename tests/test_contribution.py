@@ -76,3 +76,18 @@ def test_layernorm_refit_recovers_gamma_beta_and_lowers_the_error_of_a_pruned_hi
     error_sliced = float(np.mean((_outputs(pruned, {"x": x}) - target) ** 2))
     error_fixed = float(np.mean((_outputs(fixed, {"x": x}) - target) ** 2))
     assert error_fixed < 0.9 * error_sliced, (error_sliced, error_fixed)  # measured 0.0497 -> 0.0419
+
+
+def test_kwon_spends_the_uniform_macs_and_removes_the_dead_unit_first(tmp_path: Path) -> None:
+    """The global contrib/cost order starts with the unit that has no outgoing weight; MACs about the uniform cut's."""
+    calib = tmp_path / "mlp.npz"
+    np.savez(calib, x=np.random.default_rng(1).standard_normal((256, 6)).astype(np.float32))
+    model = mlp(dead_out=5)
+    result = api.prune(model, "kwon", 0.25, calib=calib, latency=False)
+    uniform = api.prune(model, "contrib", 0.25, calib=calib, latency=False)
+    assert 5 in first_group_pruned(result)
+    removed = result.report.before.macs - result.report.after.macs
+    # the budget is ratio x MACs per group; the uniform cut rounds counts down (here 33 vs 31 of 103 MACs)
+    assert 0 < removed <= 1.1 * (uniform.report.before.macs - uniform.report.after.macs)
+    probe = np.random.default_rng(2).standard_normal((16, 6)).astype(np.float32)
+    assert np.isfinite(_outputs(result.model, {"x": probe})).all()

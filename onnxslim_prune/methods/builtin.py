@@ -63,6 +63,7 @@ _DATA_DRIVEN: tuple[tuple[str, Callable[[Context], Outcome], str], ...] = (
     ("nisp", nisp.nisp, "NISP (Yu et al. 2018): final-response importance propagated back"),
     *((stat.name, stat, stat.help) for stat in activation.ACTIVATION_CRITERIA),
     ("contrib", contribution.contrib, "output-contribution importance (a label-free stand-in for Kwon et al. 2022's Fisher) + least squares"),
+    ("kwon", contribution.kwon, "contrib with one global cost-equal ranking of heads and FFN neurons (after Kwon et al. 2022's mask search) + least squares"),
     ("obs", contribution.obs, "error left after refitting the other inputs (OBS block form) + least squares"),
 )
 for _name, _run, _help in _DATA_DRIVEN:
