@@ -50,6 +50,18 @@ MODEL = HERE.parents[1] / "shared" / "models" / "fmnist_vit.onnx"
 TARGET = 0.8482  # the issue's target: within 1 point of the original's 85.82%
 SHAPES = {"input": (1, 1, 28, 28)}
 log = logging.getLogger("bench_vit")
+FINDINGS = """Findings (this run). The target is missed: the best model at <= 60.5% of the MACs is `contrib --ratio 0.625
+--heads 0 --hidden 0.25 --calib` at 59.6% MACs, 84.07% test top-1, 0.75 points below 84.82% (ldrf 83.92%, l1 + refit
+83.46%; at 63.5% MACs contrib reaches 84.64%, at 67.4% 84.96%, above the target). Keeping every head and cutting a
+quarter of the hidden size and 5/8 of the FFN is the best split found; cutting heads costs more than its MACs
+(`--heads 0.25 --hidden 0.125`: 83.29-83.68% at 58.2%). The global contrib/cost ranking (`kwon`) is worse than
+per-layer uniform ratios at equal MACs (82.96% vs 84.07%), so the residual-stream energy does not rank heads
+against neurons well here; two steps do not help (84.04%). The LayerNorm refit alone lifts data-free l1 by up to
+3.8 points (59.06% -> 62.86% at 58.2%) but lowers it in other rows (68.30% -> 65.92% at 67.4%); after the
+consumers' least-squares refit it has nothing left to add, since a per-channel affine change after a LayerNorm is
+what that refit absorbs. `--target-macs 0.6 --allocation sensitivity` overshoots to 46.7% / 51.6% MACs (81.22% /
+81.38%), and the gated search at `--max-drop 1` stops at 86-87% MACs (85.68%): its probes are judged on 1,000
+--eval images, whose 95% interval on the drop is about +-0.9 points, so a 1-point gate leaves no room."""
 
 
 @dataclass(frozen=True)
@@ -168,7 +180,10 @@ def write(rows: list[dict[str, Any]], base: float, out: Path, command: str) -> N
              "Calibration (every selection statistic and refit) is TRAIN[:2000]; the sensitivity allocation and the "
              "gated search measure on --eval TRAIN[2000:4000]; top-1 is on the 10,000 TEST images no step saw. "
              "`l1 + LN refit` refits only the pruned LayerNorms' gamma / beta (`passes.lnrefit`); `contrib` / `obs` are the "
-             "calibrated output-contribution importances of `passes.contribution`, followed by the least-squares refit. "
+             "calibrated output-contribution importances of `passes.contribution`, followed by the least-squares refit; "
+             "`kwon` ranks heads and FFN neurons of all layers in one contrib/cost order at the MACs of the per-part ratios; "
+             "`x2` prunes in two steps (the second on the refitted model); `sensitivity` is `--target-macs 0.6 --allocation "
+             "sensitivity` and `search` the gated search `--max-drop 1` (both measured on --eval). "
              "Rows are sorted by MACs kept; bold: at most 60.5% MACs and the best top-1 there.", "",
              f"    {command}", "",
              f"Original: {base:.2%} test top-1.", "",
@@ -188,6 +203,7 @@ def write(rows: list[dict[str, Any]], base: float, out: Path, command: str) -> N
         low, high = (("", "", "") if t is None else (f"{t['top1']:.2%}", f"{t['macs']:.1%}",
                                                       f"{100 * (t['top1'] - TARGET):+.2f}") for t in tops)
         lines.append(f"| {family} | {low[0]} | {low[1]} | {low[2]} | {high[0]} | {high[1]} |")
+    lines += ["", FINDINGS]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -199,16 +215,18 @@ def write(rows: list[dict[str, Any]], base: float, out: Path, command: str) -> N
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for family in dict.fromkeys(r["family"] for r in rows):
-        pts = sorted((r["macs"], r["top1"]) for r in rows if r["family"] == family)
-        ax.plot([100 * p[0] for p in pts], [100 * p[1] for p in pts], "o-" if len(pts) > 2 else "s", label=family,
-                markersize=4, linewidth=0.8)
+        pts = sorted((100 * r["macs"], 100 * r["top1"]) for r in rows if r["family"] == family)
+        front = [p for p in pts if not any(q[0] <= p[0] and q[1] > p[1] for q in pts)]  # best top-1 at <= MACs
+        (line,) = ax.plot([p[0] for p in front], [p[1] for p in front], "-", linewidth=0.8, label=family)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", markersize=3.5, color=line.get_color())
     ax.axhline(100 * TARGET, color="red", linewidth=0.8, linestyle="--", label="target (original - 1 point)")
     ax.axhline(100 * base, color="black", linewidth=0.8, label="original")
     ax.axvline(60, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("MACs kept (%)")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_ylim(max(50.0, 100 * min(r["top1"] for r in rows) - 1), 100 * base + 0.5)
-    ax.set_title("Fashion-MNIST ViT, no fine-tuning")
+    ax.set_ylim(76.0, 100 * base + 0.5)
+    ax.set_title("Fashion-MNIST ViT, no fine-tuning (lines: best at <= MACs; l1 without refit is below 70%)",
+                 fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
