@@ -251,16 +251,20 @@ class PackedAttentionRule(OpRule):
     domain = MS
 
     @staticmethod
-    def sizes(node: gs.Node) -> tuple[int, int, int] | None:
-        weight = ir.input_const(node, 1)
-        if weight is None or weight.ndim != 2:
+    def sizes(node: gs.Node, weight_shape: tuple[int, ...] | None = None) -> tuple[int, int, int] | None:
+        """``(q, k, v)`` widths of the packed weight (its constant, or `weight_shape` where only shapes are known)."""
+        if weight_shape is None:
+            weight = ir.input_const(node, 1)
+            weight_shape = None if weight is None else tuple(int(d) for d in weight.shape)
+        if weight_shape is None or len(weight_shape) != 2:
             return None
+        width = int(weight_shape[1])
         given = ir.attr(node, "qkv_hidden_sizes")
         if given:
             sizes = tuple(int(s) for s in given)
-            return (sizes[0], sizes[1], sizes[2]) if len(sizes) == 3 and sum(sizes) == weight.shape[1] else None
-        third = int(weight.shape[1]) // 3
-        return (third, third, third) if 3 * third == weight.shape[1] else None
+            return (sizes[0], sizes[1], sizes[2]) if len(sizes) == 3 and sum(sizes) == width else None
+        third = width // 3
+        return (third, third, third) if 3 * third == width else None
 
     def trace(self, t: TraceContext, node: gs.Node) -> None:
         x_map = t.cmap(node.inputs[0])
@@ -332,7 +336,7 @@ class PackedAttentionRule(OpRule):
         _slice_head_operands(a, node, Layout(0, 0, 0, (), (), head_bias=(5,)), kept)
 
     def macs(self, node: gs.Node, shape_of: ShapeOf) -> int:
-        sizes = self.sizes(node)
+        sizes = self.sizes(node, shape_of(node.inputs[1]))
         shape = shape_of(node.inputs[0])
         if sizes is None or shape is None or len(shape) != 3:
             return 0

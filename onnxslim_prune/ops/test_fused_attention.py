@@ -70,6 +70,8 @@ def test_packed_qkv_attention_prunes_heads_through_its_weight() -> None:
     assert initializer(result.model, "ab").shape == (1, 2, 4, 4)  # the attention bias keeps its kept heads
     assert initializer(result.model, "wo").shape == (4, 8)
     assert _attribute(result.model, "Attention", "num_heads") == 2
+    # MACs: packed projection 4 x 8 x 24, scores and context 4 x 4 x (8 + 8), output projection 4 x 8 x 8; halved
+    assert (result.report.before.macs, result.report.after.macs) == (1280, 640)
     assert_same_outputs(model, result.model)
 
 
@@ -102,6 +104,8 @@ def test_multi_head_attention_prunes_heads_of_its_projections() -> None:
     assert initializer(result.model, "b").shape == (12,) and initializer(result.model, "ab").shape == (1, 2, 4, 4)
     assert initializer(result.model, "wo").shape == (4, 8)
     assert _attribute(result.model, "MultiHeadAttention", "num_heads") == 2
+    # MACs: four 4 x 8 x 8 projections and the op's 4 x 4 x (8 + 8); halved
+    assert (result.report.before.macs, result.report.after.macs) == (1280, 640)
     assert_same_outputs(model, result.model)
 
 
