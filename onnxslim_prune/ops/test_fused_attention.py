@@ -40,9 +40,9 @@ def _model(nodes: list[onnx.NodeProto], inputs: list[tuple[str, list[int]]], out
 
 def _width(nodes: list[onnx.NodeProto], inits: dict[str, np.ndarray]) -> int:
     """The fused op's output width: the V hidden size (packed: a third of the weight) times n_rep."""
-    if "wv" not in inits:
-        return int(inits["w"].shape[1]) // 3
-    return int(inits["wq"].shape[1])
+    if "wv" in inits:
+        return int(inits["wq"].shape[1])
+    return int(inits["w" if "w" in inits else "wq"].shape[1]) // 3  # packed: in the op's weight, or in the query
 
 
 def _attribute(model: onnx.ModelProto, op: str, name: str) -> object:
@@ -148,6 +148,24 @@ def test_a_kv_cache_graph_output_or_input_freezes_the_heads() -> None:
     assert group.is_frozen and any("past K/V cache" in r for r in group.reasons)
     result = prune_l1(model)
     assert initializer(result.model, "wq").shape == (8, 8)  # the heads stay; the graph inputs keep their shapes
+
+
+def test_a_run_time_mask_with_a_head_axis_or_packed_qkv_freezes_with_its_reason() -> None:
+    model = _separate("MultiHeadAttention", {"num_heads": 4}, 8, 8, (), (), ["", "", "ab"])
+    model.graph.input.append(helper.make_tensor_value_info("ab", TensorProto.FLOAT, [1, 4, 4, 4]))
+    group = group_of(trace_of(model), "q", Role.OUT)
+    assert group.is_frozen and any("head axis and is not a constant" in r for r in group.reasons)
+    packed = _model([helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"),
+                     helper.make_node("GroupQueryAttention", ["q", "", "", "", "", "sl", "tl"], ["a", "pk", "pv"],
+                                      domain=MS, num_heads=2, kv_num_heads=2, name="att"),
+                     helper.make_node("MatMul", ["a", "wo"], ["y"], name="proj")],
+                    [("x", [1, 4, 16])], ["y"], {"wq": weights(16, 96), "wo": weights(32, 16, seed=1),
+                                                 "sl": np.array([3], np.int32), "tl": np.array(4, np.int32)})
+    group = group_of(trace_of(packed), "q", Role.OUT)
+    assert group.size == 96 and group.is_frozen and any("packed QKV" in r for r in group.reasons)
+    result = prune_l1(model)
+    assert initializer(result.model, "wq").shape == (8, 8)  # the heads stay
+    assert_same_outputs(model, result.model)
 
 
 def test_onnx_attention_23_prunes_grouped_heads_and_recounts_both_attributes() -> None:
