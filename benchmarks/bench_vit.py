@@ -54,9 +54,10 @@ FINDINGS = """Findings (this run). The target is missed: the best model at <= 60
 --heads 0 --hidden 0.25 --calib` at 59.6% MACs, 84.07% test top-1, 0.75 points below 84.82% (ldrf 83.92%, l1 + refit
 83.46%; at 63.5% MACs contrib reaches 84.64%, at 67.4% 84.96%, above the target). Keeping every head and cutting a
 quarter of the hidden size and 5/8 of the FFN is the best split found; cutting heads costs more than its MACs
-(`--heads 0.25 --hidden 0.125`: 83.29-83.68% at 58.2%). The global contrib/cost ranking (`kwon`) is worse than
-per-layer uniform ratios at equal MACs (82.96% vs 84.07%), so the residual-stream energy does not rank heads
-against neurons well here; two steps do not help (84.04%). The LayerNorm refit alone lifts data-free l1 by up to
+(`--heads 0.25 --hidden 0.125`: 83.29-83.68% at 58.2%). The global contrib/cost ranking (`kwon`) does not beat
+per-layer uniform ratios: across the FFN layers (`--heads 0`) 84.01% against contrib's 84.07% at 59.6%, and with
+heads competing (`--heads 0.25 --hidden 0.125`) 82.87% at 59.0% against 83.29% at 58.2%; the residual-stream
+energy does not rank heads against neurons well here. Two steps do not help (contrib 84.04% at 59.6%). The LayerNorm refit alone lifts data-free l1 by up to
 3.8 points (59.06% -> 62.86% at 58.2%) but lowers it in other rows (68.30% -> 65.92% at 67.4%); after the
 consumers' least-squares refit it has nothing left to add, since a per-channel affine change after a LayerNorm is
 what that refit absorbs. `--target-macs 0.6 --allocation sensitivity` overshoots to 46.7% / 51.6% MACs (81.22% /
@@ -181,7 +182,8 @@ def write(rows: list[dict[str, Any]], base: float, out: Path, command: str) -> N
              "gated search measure on --eval TRAIN[2000:4000]; top-1 is on the 10,000 TEST images no step saw. "
              "`l1 + LN refit` refits only the pruned LayerNorms' gamma / beta (`passes.lnrefit`); `contrib` / `obs` are the "
              "calibrated output-contribution importances of `passes.contribution`, followed by the least-squares refit; "
-             "`kwon` ranks heads and FFN neurons of all layers in one contrib/cost order at the MACs of the per-part ratios; "
+             "`kwon` ranks heads and FFN neurons of all layers in one contrib/cost order at the MACs of the per-part ratios "
+             "(a part given 0 stays whole); "
              "`x2` prunes in two steps (the second on the refitted model); `sensitivity` is `--target-macs 0.6 --allocation "
              "sensitivity` and `search` the gated search `--max-drop 1` (both measured on --eval). "
              "Rows are sorted by MACs kept; bold: at most 60.5% MACs and the best top-1 there.", "",

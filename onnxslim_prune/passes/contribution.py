@@ -21,7 +21,8 @@ class's share of its group's MACs); both kinds write into the same residual stre
 output projections, so their ``contrib`` scores are in the same units and are *not* normalised per
 group (as the global budget does). Classes are removed from the lowest until the MACs the per-part
 ratios (``--heads`` / ``--ffn`` / ``--ratio``) would remove are spent, each group losing at most
-``--max-ratio``; the hidden-size groups keep their ``--hidden`` ratio. The result is a per-group
+``--max-ratio``; the hidden-size groups keep their ``--hidden`` ratio, and a part given 0 (``--heads 0``)
+stays whole (the neurons of all layers then compete among themselves). The result is a per-group
 allocation (``group_ratios``), selected by ``contrib`` and refitted.
 
 Both are exact for one class removed from one consumer (``obs`` up to the ridge); removing several classes
@@ -100,7 +101,7 @@ def kwon_allocation(ctx: Context) -> dict[int, float]:
     consumers = group_consumers(ctx)
     cov = input_covariances(ctx, [c.layer for cs in consumers.values() for c in cs])
     pool = [g for g in trace.groups if not g.is_frozen and g.index in consumers and g.macs > 0
-            and transformer_part(trace.node_kind, g) in (Part.HEADS, Part.FFN)]
+            and transformer_part(trace.node_kind, g) in (Part.HEADS, Part.FFN) and ratios.get(g.index, 0.0) > 0]
     budget = sum(ratios.get(g.index, 0.0) * g.macs for g in pool)
     candidates: list[tuple[float, int, float]] = []
     for g in pool:
