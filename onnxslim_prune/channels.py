@@ -55,6 +55,7 @@ class Kind(_StrEnum):
     EXPAND = "expand"
     LAYER_NORM = "layer_norm"  # LayerNormalization over the channel axis: gamma and beta sliced
     CHANNEL_MEAN = "channel_mean"  # ReduceMean over the channel axis (a decomposed LayerNorm / RMSNorm)
+    FUSED_ATTENTION = "fused_attention"  # a fused attention op: heads through its attributes (ops.fused_attention)
 
 
 #: kinds of a weighted op with its own weight to slice (a source and a consumer)

@@ -183,6 +183,10 @@ def static_shapes(
             shapes[vi.name] = tuple(dims)
     for init in model.graph.initializer:
         shapes[init.name] = tuple(init.dims)
+    for node in model.graph.node:  # a contrib op onnx cannot infer: its outputs typed like its first input
+        if node.domain not in ("", "ai.onnx") and node.input and node.input[0] in types:
+            for o in filter(None, node.output):
+                types.setdefault(o, types[node.input[0]])
     missing = [o for n in model.graph.node for o in n.output if o and o not in shapes and o in types]
     if missing:
         shapes.update(_shapes_by_running(model if runnable is None else runnable(), input_shapes, missing, types))

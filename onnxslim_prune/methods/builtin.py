@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..passes import activation, datadriven, merge, nisp
+from ..passes import activation, contribution, datadriven, merge, nisp
 from ..passes.budget import choose_plan
 from .lcp import lcp
 from ..passes.plan import Plan
@@ -62,6 +62,9 @@ _DATA_DRIVEN: tuple[tuple[str, Callable[[Context], Outcome], str], ...] = (
     ("ldrf", datadriven.ldrf, "LDRF (Chen et al. 2019): embedding-space selection + closed-form recomposition"),
     ("nisp", nisp.nisp, "NISP (Yu et al. 2018): final-response importance propagated back"),
     *((stat.name, stat, stat.help) for stat in activation.ACTIVATION_CRITERIA),
+    ("contrib", contribution.contrib, "output-contribution importance (a label-free stand-in for Kwon et al. 2022's Fisher) + least squares"),
+    ("kwon", contribution.kwon, "contrib with one global cost-equal ranking of heads and FFN neurons (after Kwon et al. 2022's mask search) + least squares"),
+    ("obs", contribution.obs, "error left after refitting the other inputs (OBS block form) + least squares"),
 )
 for _name, _run, _help in _DATA_DRIVEN:
     register(MethodSpec(_name, f"{_help}; needs --calib", run=_run, needs_data=True))

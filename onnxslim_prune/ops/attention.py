@@ -519,8 +519,9 @@ def slice_constant_like(a: ApplyContext, node: gs.Node, index: int, axis: int, r
 class FusedAttentionRule(OpRule):
     """Fused attention and normalisation ops (onnxruntime's contrib ops, ai.onnx Attention from opset 23).
 
-    Their heads live in packed weights and a `num_heads` attribute, their hidden size in fused
-    residual / normalisation kernels: not traced yet, so their channels freeze with this reason.
+    Packed-sequence attention, fused residual / normalisation kernels and rotary ops: not traced yet,
+    so their channels freeze with this reason (Attention, MultiHeadAttention, GroupQueryAttention
+    and ai.onnx Attention have their rules in `ops.fused_attention`).
     """
 
     def __init__(self, domain: str, ops: tuple[str, ...], opsets: tuple[int, int] = (0, 10_000)) -> None:
@@ -531,10 +532,10 @@ class FusedAttentionRule(OpRule):
             raise Freeze("fused attention / normalisation op: heads and hidden size are not pruned through it yet")
 
 
-register(FusedAttentionRule("com.microsoft", (
-    "Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention", "PackedMultiHeadAttention",
+register(FusedAttentionRule("com.microsoft", (  # Attention, MultiHeadAttention, GroupQueryAttention: ops.fused_attention
+    "PackedAttention", "PackedMultiHeadAttention",
     "DecoderMaskedMultiHeadAttention", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
     "EmbedLayerNormalization", "RotaryEmbedding")))
-register(FusedAttentionRule("", ("Attention", "RotaryEmbedding"), (23, 10_000)))
+register(FusedAttentionRule("", ("RotaryEmbedding",), (23, 10_000)))  # Attention: ops.fused_attention
 register(GatherRule())
 register(ExpandRule())

@@ -45,7 +45,7 @@ import onnx_graphsurgeon as gs
 from .. import validate
 from ..channels import Group, Trace, transformer_part
 from ..ops import lookup
-from ..ops.registry import MAX_OPSET, NodeCost
+from ..ops.registry import MAX_OPSET, NodeCost, rule_of
 from .materialize import materialize
 from ..methods.base import CommonParams, Context
 from .plan import GroupPlan, Plan, keep_every_tensor_alive, uniform_plan
@@ -114,7 +114,7 @@ class CostModel:
         costs: list[NodeCost] = []
         reader = _CostReader(trace)
         for node in graph.nodes:
-            rule = lookup(None, node.op, MAX_OPSET)  # the cost of an op does not depend on its opset
+            rule = rule_of(node) or lookup(None, node.op, MAX_OPSET)  # the cost of an op does not depend on its opset
             cost = None if rule is None else rule.cost(reader, node, trace.node_kind.get(node.name))
             if cost is not None:
                 costs.append(cost)

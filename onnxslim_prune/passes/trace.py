@@ -33,7 +33,7 @@ import onnx_graphsurgeon as gs
 
 from ..channels import ChannelMap, Group, Kind, Member, Role, Shape, Source, Trace, UnionFind
 from ..ops import lookup
-from ..ops.registry import MAX_OPSET, Freeze, ShapeOf
+from ..ops.registry import MAX_OPSET, Freeze, ShapeOf, rule_of
 from ..ops.weighted import CHANNEL_ATTRS, WEIGHTED_OPS
 
 log = logging.getLogger(__name__)
@@ -329,7 +329,8 @@ def _block_constraint(
 
 def node_macs(node: gs.Node, shape_of: ShapeOf) -> int:
     """Multiply-accumulates of a node, by its op rule (only weighted ops count; see `ops.weighted`)."""
-    rule = lookup(None, node.op, MAX_OPSET)
+    # its own domain's rule first (a contrib op), else the default domain's of that name
+    rule = rule_of(node) or lookup(None, node.op, MAX_OPSET)
     return 0 if rule is None else rule.macs(node, shape_of)
 
 
