@@ -230,3 +230,16 @@ def test_a_macs_target_with_the_sensitivity_allocation_cuts_the_dead_group_first
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in outcome.result.model.graph.initializer}
     assert inits["c1.w"].shape[0] == 1 and inits["c2.w"].shape[0] == 6
     assert "sensitivity allocation" in report.request and report.verdict is not None and report.verdict.correlation > 0.99999
+
+
+def test_a_macs_target_cuts_the_last_step_only_as_far_as_it_needs(tmp_path: Path) -> None:
+    """c1's hull is one step to 0.75 (3 dead filters, each 0.1 of the MACs): --target-macs 0.85 takes 2 of them
+    (0.8 kept), not the step's 3 (0.7), so the target is met with the most kept."""
+    model, calib = _branches(tmp_path)
+    kwargs = dict(calib=str(calib), holdout=0.5, params={"reconstruct": False, "target_macs": 0.85}, latency=False)
+    outcome = run_targeted(Prober(model, "l1", kwargs), SETTINGS, 1)
+    report = outcome.result.report
+    assert report.after.macs / report.before.macs == pytest.approx(0.8)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in outcome.result.model.graph.initializer}
+    assert inits["c1.w"].shape[0] == 2 and inits["c2.w"].shape[0] == 6
+    assert report.verdict is not None and report.verdict.correlation > 0.99999

@@ -698,6 +698,33 @@ class AllocationCost:
         return stats.macs / max(self.before.macs, 1), stats.params / max(self.before.params, 1)
 
 
+#: bisection steps of the last greedy step's ratio (a group's channel count is found to 1/2**8 of the step)
+REFINE_STEPS = 8
+
+
+def _refined_last_step(steps: Sequence[Step], k: int, meets: Callable[[Allocation_], bool]) -> Allocation_:
+    """The first `k` steps, with the group of the last one cut only as far as the target needs.
+
+    One hull step can move a group from 0.25 to 0.5 of its channels, so the shortest prefix that meets a target
+    may overshoot it by that group's whole step; the ratio of that last step is bisected between the group's
+    previous ratio (which misses) and the step's (which meets) so the target is met with the most kept.
+    """
+    last = steps[k - 1]
+    before = dict(allocation_at(steps, k - 1))
+    low, high = before.get(last.group, 0.0), last.ratio
+
+    def at(ratio: float) -> Allocation_:
+        return tuple(sorted({**before, last.group: ratio}.items()))
+
+    for _ in range(REFINE_STEPS):
+        mid = (low + high) / 2
+        if meets(at(mid)):
+            high = mid
+        else:
+            low = mid
+    return at(high)
+
+
 def run_targeted(prober: Prober, settings: SearchSettings, round_to: int) -> SearchOutcome:
     """--target-macs / --target-params with the sensitivity allocation: the shortest greedy prefix meeting the target.
 
@@ -712,10 +739,13 @@ def run_targeted(prober: Prober, settings: SearchSettings, round_to: int) -> Sea
     steps = greedy_steps(rows, objective)
     cost = AllocationCost(prober, trace, round_to)
 
-    def meets(k: int) -> bool:
-        macs, params = cost.kept(allocation_at(steps, k))
+    def meets_allocation(allocation: Allocation_) -> bool:
+        macs, params = cost.kept(allocation)
         return all(kept <= prober.targets[key] + 1e-9 for key, kept in (("target_macs", macs), ("target_params", params))
                    if key in prober.targets)
+
+    def meets(k: int) -> bool:
+        return meets_allocation(allocation_at(steps, k))
 
     notes: list[str] = []
     lo, hi = 0, len(steps)  # invariant: k = lo misses (unless 0 meets), k = hi meets (checked)
@@ -733,7 +763,7 @@ def run_targeted(prober: Prober, settings: SearchSettings, round_to: int) -> Sea
                 hi = mid
             else:
                 lo = mid
-    allocation = allocation_at(steps, hi)
+    allocation = _refined_last_step(steps, hi, meets_allocation) if 0 < hi and meets(hi) else allocation_at(steps, hi)
     prober.stage(f"target: {hi}/{len(steps)} greedy steps, judged on the final half", 1, 1)
     result = prober.run({"group_ratios": allocation}, VerdictPart.FINAL, latency=prober.latency)
     macs, params = cost.kept(allocation)
