@@ -87,6 +87,7 @@ def steps(results: Path, zoo: Path, filled: Path, scratch: Path, qsrc: Path, qfi
              ("--quick", "--ratios", QUICK_RATIOS, "--out", f"{r}/accuracy")),
         Step("bench_search", "bench_search.py", ("--models", "fmnist_resnet56", "fmnist_vgg_slim_bn", "--results", r),
              (*fm, "--parts", "searched", "--work", str(scratch / "search"), "--results", r)),
+        Step("bench_vit", "bench_vit.py", ("--out", f"{r}/transformers_vit"), None),
         Step("bench_quantized_fmnist", "bench_quantized.py", ("fmnist", "--out", f"{r}/quantized_fmnist.md"),
              ("fmnist", *fm, "--methods", "l1", "--out", f"{r}/quantized_fmnist.md")),
         Step("bench_budget_blocks", "bench_budget_blocks.py", ("--shared", str(SHARED), "--zoo", str(filled),

@@ -63,7 +63,7 @@ CHAPTERS = (
     Chapter("Accuracy", (
         Section("accuracy", "Accuracy without fine-tuning", "bench_accuracy.py", pictures=("accuracy_*.png",)),
         Section("search", "The gated search", "bench_search.py", pictures=("search_*.png",)),
-        Section("transformers_vit", "The Fashion-MNIST ViT", "transformers.py", pictures=("transformers_vit*.png",)),
+        Section("transformers_vit", "The Fashion-MNIST ViT", "bench_vit.py", pictures=("transformers_vit*.png",)),
         Section("quantized_fmnist", "Quantized models", "bench_quantized.py"),
         Section("ridge", "Ridge of the refit", "bench_ridge.py"),
         Section("peers", "Peers on Fashion-MNIST", "peers.py", pictures=("peers.png",)),
