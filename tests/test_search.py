@@ -26,7 +26,7 @@ from onnxslim_prune.cli import main
 from onnxslim_prune.errors import UsageError
 from onnxslim_prune.planning.parts import VerdictPart, part_indices
 from onnxslim_prune.planning.search import (
-    Prober, SearchSettings, SensitivityRow, allocation_at, greedy_steps, probe_table, run_search,
+    Prober, SearchSettings, SensitivityRow, allocation_at, greedy_steps, passes_with_margin, probe_table, run_search,
     run_sensitivity, run_targeted, sensitivity_table, sorted_rows,
 )
 from onnxslim_prune.verdict import Gates
@@ -243,3 +243,17 @@ def test_a_macs_target_cuts_the_last_step_only_as_far_as_it_needs(tmp_path: Path
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in outcome.result.model.graph.initializer}
     assert inits["c1.w"].shape[0] == 2 and inits["c2.w"].shape[0] == 6
     assert report.verdict is not None and report.verdict.correlation > 0.99999
+
+
+def test_a_degraded_probe_never_passes_whatever_its_gates_say(tmp_path: Path) -> None:
+    """A gate on one figure must not let a probe through whose other outputs collapsed: `degraded` fails it."""
+    import dataclasses
+
+    model, calib = _branches(tmp_path)
+    result = api.prune(model, "l1", 0.5, calib=str(calib), holdout=0.5, gates=Gates(min_correlation=0.0),
+                       params={"reconstruct": False}, latency=False)
+    verdict = result.report.verdict
+    assert verdict is not None and verdict.gates and all(g.passed for g in verdict.gates)
+    assert passes_with_margin(verdict, 0.0)
+    collapsed = dataclasses.replace(verdict, degraded_reasons=("outputs no longer follow the original's",))
+    assert collapsed.passed and not passes_with_margin(collapsed, 0.0)

@@ -128,7 +128,11 @@ def standard_error(verdict: Verdict, figure: str) -> float:
 
 
 def passes_with_margin(verdict: Verdict, margin: float) -> bool:
-    """Every gate passes with `margin` standard errors to spare (`SearchSettings.margin`)."""
+    """Every gate passes with `margin` standard errors to spare (`SearchSettings.margin`), and the probe is not
+    flagged `degraded`: a gate on one figure (top-1 of the class scores) must not let a probe through whose other
+    outputs have collapsed (a detector's box regression)."""
+    if verdict.degraded:
+        return False
     for gate in verdict.gates:
         if not gate.passed or gate.value is None:
             return False
