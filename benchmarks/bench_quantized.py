@@ -1,7 +1,8 @@
 """Quantized and half-precision models: which order loses less, and the zoo in QDQ and fp16 form.
 
     python benchmarks/bench_quantized.py fmnist --out benchmarks/results/quantized_fmnist.md
-    python benchmarks/bench_quantized.py zoo --zoo ../shared/zoo --filled /tmp/zoo --out benchmarks/results/quantized_zoo.md
+    python benchmarks/bench_quantized.py zoo --zoo ../shared/zoo --filled /tmp/zoo --out benchmarks/results/quantized_zoo.md \
+        --work benchmarks/work/zoo_forms
 
 fmnist: each Fashion-MNIST model is quantized with onnxruntime's ``quantize_static`` (QDQ, per-channel
 int8 weights, uint8 activations, 256 seeded training images), then, for each method at 0.5,
@@ -9,9 +10,10 @@ int8 weights, uint8 activations, 256 seeded training images), then, for each met
 pruned and the result quantized the same way. Test accuracy on the 10,000 test images.
 
 zoo: every zoo model filled with seeded random weights is converted to QDQ (``quantize_static`` on 8
-seeded random inputs, per-channel int8) and to fp16 storage (every float32 initializer of 16+
+seeded random inputs, per-channel int8; token ids in [0, 100) and masks of ones for text models) and to fp16 storage (every float32 initializer of 16+
 elements stored as float16 and cast to float32 on load: the form that runs for every op), then
-pruned with l1 at 0.5 by the CLI: valid or not, and the pruned file's size over the input's.
+pruned with l1 at 0.5 by the CLI: valid or not, and the pruned file's size over the input's. The forms
+are cached in --work (made once; zoo_coverage.py reads the same cache).
 """
 
 from __future__ import annotations
@@ -131,33 +133,80 @@ def to_fp16_storage(model: onnx.ModelProto, min_elements: int = 16) -> onnx.Mode
     return out
 
 
-def zoo(zoo_dir: Path, filled: Path, out: Path, only: list[str]) -> None:
+def seeded_feeds(model: onnx.ModelProto, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """`count` seeded inputs of every graph input: standard normal floats, token ids in [0, 100), masks of ones."""
+    rng = np.random.default_rng(seed)
+    inits = {i.name for i in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        specs.append((vi.name, dtype, [d.dim_value or 1 for d in vi.type.tensor_type.shape.dim]))
+    feeds = []
+    for _ in range(count):
+        feed: dict[str, np.ndarray] = {}
+        for name, dtype, dims in specs:
+            if np.issubdtype(dtype, np.floating):
+                feed[name] = rng.standard_normal(dims).astype(dtype)
+            elif "mask" in name:
+                feed[name] = np.ones(dims, dtype=dtype)
+            else:
+                feed[name] = rng.integers(0, 100, dims).astype(dtype)
+        feeds.append(feed)
+    return feeds
+
+
+FORMS = ("qdq", "fp16")
+
+
+def zoo_forms(path: Path, work: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """The QDQ (``quantize_static`` on 8 seeded inputs) and fp16-storage forms of `path`, cached in `work`.
+
+    A form is made once (kept while newer than its source); a model onnxruntime cannot quantize is
+    remembered as ``<stem>_qdq.error`` with its one-line reason. Returns the forms made and the errors.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    made: dict[str, Path] = {}
+    errors: dict[str, str] = {}
+    model: onnx.ModelProto | None = None
+    for form in FORMS:
+        dst, err = work / f"{path.stem}_{form}.onnx", work / f"{path.stem}_{form}.error"
+        fresh = path.stat().st_mtime
+        if dst.exists() and dst.stat().st_mtime >= fresh:
+            made[form] = dst
+            continue
+        if err.exists() and err.stat().st_mtime >= fresh:
+            errors[form] = err.read_text().strip()
+            continue
+        model = model or onnx.load(path)
+        try:
+            if form == "qdq":
+                quantize(path, dst, seeded_feeds(model, 8))
+            else:
+                onnx.save(to_fp16_storage(model), dst)
+            made[form] = dst
+        except Exception as exc:  # noqa: BLE001 - a model onnxruntime cannot quantize is a row, not a stop
+            errors[form] = f"{'quantize_static' if form == 'qdq' else 'fp16'}: {str(exc).splitlines()[0][:120]}"
+            err.write_text(errors[form] + "\n")
+            dst.unlink(missing_ok=True)
+    return made, errors
+
+
+def zoo(zoo_dir: Path, filled: Path, out: Path, only: list[str], work: Path) -> None:
     from zoo_coverage import fill
 
     fill(zoo_dir, filled)
     rows: list[dict[str, Any]] = []
-    models = sorted((p for p in filled.glob("*.onnx") if not p.name.startswith(("hf_", "hfdyn_"))),
-                    key=lambda p: (p.stat().st_size, p.name))  # small first
+    models = sorted(filled.glob("*.onnx"), key=lambda p: (p.stat().st_size, p.name))  # small first
     if only:
         models = [p for p in models if p.stem in only]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for path in models:
-            model = onnx.load(path)
-            dims = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
-            rng = np.random.default_rng(0)
             row: dict[str, Any] = {"model": path.stem}
-            forms: dict[str, Path] = {}
-            qdq = folder / f"{path.stem}_qdq.onnx"
-            try:
-                quantize(path, qdq, [{model.graph.input[0].name: rng.standard_normal(dims).astype(np.float32)} for _ in range(8)])
-                forms["qdq"] = qdq
-            except Exception as exc:  # noqa: BLE001 - a model onnxruntime cannot quantize is a row, not a stop
-                row["qdq_error"] = f"quantize_static: {str(exc).splitlines()[0][:120]}"
-            fp16 = folder / f"{path.stem}_fp16.onnx"
-            onnx.save(to_fp16_storage(model), fp16)
-            forms["fp16"] = fp16
-            del model
+            forms, errors = zoo_forms(path, work)
+            row.update({f"{form}_error": e for form, e in errors.items()})
             for form, src in forms.items():
                 run, report, pruned = prune_cli_keep(src, ["--method", "l1", "--ratio", "0.5", "--no-latency"], folder / form, 900)
                 if report is None or pruned is None:
@@ -167,8 +216,6 @@ def zoo(zoo_dir: Path, filled: Path, out: Path, only: list[str]) -> None:
                 row[f"{form}_params"] = (report["before"]["params"], report["after"]["params"])
                 row[f"{form}_s"] = run.seconds
                 pruned.unlink()
-            for p in forms.values():
-                p.unlink(missing_ok=True)
             rows.append(row)
             print(json.dumps(row), flush=True)
             _zoo_table(rows, out)  # after every model: a long run stopped early keeps its rows
@@ -205,11 +252,12 @@ def main() -> None:
     z.add_argument("--filled", type=Path, default=Path("/tmp/zoo"))
     z.add_argument("--out", type=Path, default=Path("benchmarks/results/quantized_zoo.md"))
     z.add_argument("--only", nargs="*", default=[])
+    z.add_argument("--work", type=Path, default=Path("benchmarks/work/zoo_forms"), help="cache of the QDQ and fp16 forms")
     args = parser.parse_args()
     if args.what == "fmnist":
         fmnist(args.out, args.models, args.methods)
     else:
-        zoo(args.zoo, args.filled, args.out, args.only)
+        zoo(args.zoo, args.filled, args.out, args.only, args.work)
 
 
 if __name__ == "__main__":
