@@ -74,7 +74,7 @@ def one(model: Path, method: str, ratio: float, timeout: int, work: Path | None 
             row[f"{form}_error"] = failure(run)
             continue
         row[f"{form}_file_kept"] = data["ratios"]["file_bytes"]
-        row[f"{form}_params_kept"] = data["ratios"]["params"]
+        row[f"{form}_params"] = (data["before"]["params"], data["after"]["params"])
     return row
 
 
