@@ -1,17 +1,21 @@
 """Quantized and half-precision models: which order loses less, and the zoo in QDQ and fp16 form.
 
     python benchmarks/bench_quantized.py fmnist --out benchmarks/results/quantized_fmnist.md
-    python benchmarks/bench_quantized.py zoo --zoo ../shared/zoo --filled /tmp/zoo --out benchmarks/results/quantized_zoo.md
+    python benchmarks/bench_quantized.py zoo --zoo ../shared/zoo --filled /tmp/zoo --out benchmarks/results/quantized_zoo.md \
+        --work benchmarks/work/zoo_forms
 
 fmnist: each Fashion-MNIST model is quantized with onnxruntime's ``quantize_static`` (QDQ, per-channel
-int8 weights, uint8 activations, 256 seeded training images), then, for each method at 0.5,
-(a) the QDQ model is pruned (calibration: the first 2,000 training images), (b) the float model is
-pruned and the result quantized the same way. Test accuracy on the 10,000 test images.
+int8 weights, uint8 activations, 256 seeded training images), then, for each method (l1 and ldrf at
+0.5, and the gated search ``ldrf --max-drop 1`` with --eval = training images 2000-4000, bounded by
+--search-extra), (a) the QDQ model is pruned (calibration: the first 2,000 training images), (b) the
+float model is pruned and the result quantized the same way. Test accuracy on the 10,000 test
+images. Rows of models not run are kept from the previous JSON (--methods merges into them).
 
 zoo: every zoo model filled with seeded random weights is converted to QDQ (``quantize_static`` on 8
-seeded random inputs, per-channel int8) and to fp16 storage (every float32 initializer of 16+
+seeded random inputs, per-channel int8; token ids in [0, 100) and masks of ones for text models) and to fp16 storage (every float32 initializer of 16+
 elements stored as float16 and cast to float32 on load: the form that runs for every op), then
-pruned with l1 at 0.5 by the CLI: valid or not, and the pruned file's size over the input's.
+pruned with l1 at 0.5 by the CLI: valid or not, and the pruned file's size over the input's. The forms
+are cached in --work (made once; zoo_coverage.py reads the same cache).
 """
 
 from __future__ import annotations
@@ -62,52 +66,99 @@ def accuracy(path: Path, images: np.ndarray, labels: np.ndarray) -> float:
     return hits / len(images)
 
 
-def fmnist(out: Path, models: list[str], methods: list[str]) -> None:
+#: the gated search of bench_search.py (ldrf, --max-drop 1, probes on --eval), bounded for a shared machine
+SEARCH = "search"
+SEARCH_ARGS = ("--method", "ldrf", "--max-drop", "1", "--keep-failed")
+
+
+def _args(method: str, calib: Path, evaluation: Path, search_extra: list[str]) -> list[str]:
+    if method == SEARCH:
+        return [*SEARCH_ARGS, "--calib", str(calib), "--eval", str(evaluation), "--no-latency", *search_extra]
+    args = ["--method", method, "--ratio", "0.5", "--no-latency"]
+    return args + (["--calib", str(calib)] if method != "l1" else [])
+
+
+def fmnist(out: Path, models: list[str], methods: list[str], work: Path, search_extra: list[str]) -> None:
     test_x, test_y = load_split("test")
-    train_x, _ = load_split("train")
+    train_x, train_y = load_split("train")
     pick = np.random.default_rng(0).choice(len(train_x), 256, replace=False)
     calib_inputs = [{"input": train_x[i : i + 1]} for i in sorted(pick.tolist())]
+    previous = {r["model"]: r for r in json.loads(out.with_suffix(".json").read_text())} if out.with_suffix(".json").exists() else {}
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        calib = write_calibration(folder / "calib.npz", 2000)
-        for name in models:
-            src = MODELS / f"{name}.onnx"
-            qdq = folder / f"{name}_qdq.onnx"
-            quantize(src, qdq, calib_inputs)
-            row: dict[str, Any] = {"model": name, "float": accuracy(src, test_x, test_y), "qdq": accuracy(qdq, test_x, test_y),
-                                   "bytes_float": src.stat().st_size, "bytes_qdq": qdq.stat().st_size}
-            for method in methods:
-                args = ["--method", method, "--ratio", "0.5", "--no-latency"]
-                if method != "l1":
-                    args += ["--calib", str(calib)]
-                started = time.perf_counter()
-                run, report, pruned = prune_cli_keep(qdq, args, folder / f"{name}_{method}_q", 1800)
-                row[f"{method}_q_then_prune"] = None if pruned is None else accuracy(pruned, test_x, test_y)
-                row[f"{method}_q_then_prune_s"] = round(time.perf_counter() - started, 1)
-                row[f"{method}_q_then_prune_bytes"] = None if pruned is None else pruned.stat().st_size
-                if report is None:
-                    row[f"{method}_error"] = failure(run)
-                run, report, pruned = prune_cli_keep(src, args, folder / f"{name}_{method}_f", 1800)
-                if pruned is not None:
-                    requant = folder / f"{name}_{method}_pq.onnx"
-                    quantize(pruned, requant, calib_inputs)
-                    row[f"{method}_prune_then_q"] = accuracy(requant, test_x, test_y)
-                    row[f"{method}_prune_float"] = accuracy(pruned, test_x, test_y)
-                    row[f"{method}_prune_then_q_bytes"] = requant.stat().st_size
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
-    lines = ["| model | method | float | QDQ | float pruned | prune, then quantize | quantize, then prune | QDQ pruned bytes / QDQ bytes |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    folder = work
+    folder.mkdir(parents=True, exist_ok=True)
+    calib = write_calibration(folder / "calib.npz", 2000)
+    evaluation = folder / "eval_train2000_4000.npz"
+    if not evaluation.exists():
+        np.savez(evaluation, input=train_x[2000:4000], labels=train_y[2000:4000])
+    for name in models:
+        src = MODELS / f"{name}.onnx"
+        qdq = folder / f"{name}_qdq.onnx"
+        quantize(src, qdq, calib_inputs)
+        row: dict[str, Any] = {**previous.get(name, {}), "model": name, "float": accuracy(src, test_x, test_y),
+                               "qdq": accuracy(qdq, test_x, test_y), "bytes_float": src.stat().st_size, "bytes_qdq": qdq.stat().st_size}
+        for method in methods:
+            args = _args(method, calib, evaluation, search_extra)
+            started = time.perf_counter()
+            run, report, pruned = prune_cli_keep(qdq, args, folder / f"{name}_{method}_q", 7200)
+            row[f"{method}_q_then_prune"] = None if pruned is None else accuracy(pruned, test_x, test_y)
+            row[f"{method}_q_then_prune_s"] = round(time.perf_counter() - started, 1)
+            row[f"{method}_q_then_prune_bytes"] = None if pruned is None else pruned.stat().st_size
+            row[f"{method}_q_then_prune_macs"] = None if report is None else report["ratios"]["macs"]
+            row[f"{method}_q_then_prune_exit"] = run.returncode
+            if report is None:
+                row[f"{method}_error"] = failure(run)
+            elif method == SEARCH:
+                row[f"{method}_q_then_prune_probes"] = len(report["extra"]["search"]["probes"])
+            started = time.perf_counter()
+            run, report, pruned = prune_cli_keep(src, args, folder / f"{name}_{method}_f", 7200)
+            row[f"{method}_prune_float_s"] = round(time.perf_counter() - started, 1)
+            row[f"{method}_prune_float_exit"] = run.returncode
+            if pruned is not None and report is not None:
+                requant = folder / f"{name}_{method}_pq.onnx"
+                quantize(pruned, requant, calib_inputs)
+                row[f"{method}_prune_then_q"] = accuracy(requant, test_x, test_y)
+                row[f"{method}_prune_float"] = accuracy(pruned, test_x, test_y)
+                row[f"{method}_prune_then_q_bytes"] = requant.stat().st_size
+                row[f"{method}_prune_float_macs"] = report["ratios"]["macs"]
+                if method == SEARCH:
+                    row[f"{method}_prune_float_probes"] = len(report["extra"]["search"]["probes"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        done = rows + [old for n, old in previous.items() if n not in {r["model"] for r in rows}]
+        out.with_suffix(".json").write_text(json.dumps(done, indent=1) + "\n")  # after every model: a stopped run keeps its rows
+        out.write_text(_fmnist_table(done, search_extra) + "\n")
+
+
+def _fmnist_table(rows: list[dict[str, Any]], search_extra: list[str]) -> str:
+    lines = ["# Fashion-MNIST models quantized (QDQ int8): prune then quantize, or quantize then prune", "",
+             "Each model is quantized with onnxruntime's `quantize_static` (QDQ, per-channel int8 weights, uint8 "
+             "activations, 256 seeded training images). Methods: `l1` and `ldrf` at `--ratio 0.5`, and the gated search "
+             f"(`{' '.join(SEARCH_ARGS)}`{' ' + ' '.join(search_extra) if search_extra else ''}: calibration TRAIN[:2000], "
+             "`--eval` TRAIN[2000:4000], as bench_search.py but bounded) run (a) on the QDQ model, (b) on the float model, "
+             "whose result is then quantized the same way. Accuracy on the 10,000 TEST images, which neither the pruning "
+             "nor the quantization saw. MACs kept from the tool's report; a search's exit 3 means its final-half gate "
+             "was missed (the model is kept with --keep-failed).", "",
+             "    python benchmarks/bench_quantized.py fmnist --methods l1 ldrf search --out benchmarks/results/quantized_fmnist.md", "",
+             "| model | method | float | QDQ | float pruned | prune, then quantize | quantize, then prune | MACs kept (float / QDQ run) "
+             "| QDQ pruned bytes / QDQ bytes | s (float / QDQ run) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        for m in methods:
+        for m in ("l1", "ldrf", SEARCH):
+            if f"{m}_q_then_prune" not in r and f"{m}_prune_then_q" not in r:
+                continue
             qp, pq = r.get(f"{m}_q_then_prune"), r.get(f"{m}_prune_then_q")
             size = r.get(f"{m}_q_then_prune_bytes")
             ratio = "" if size is None else f"{size / r['bytes_qdq']:.2f}"
-            lines.append(f"| {r['model']} | {m} 0.5 | {r['float']:.2%} | {r['qdq']:.2%} | {_pct(r.get(f'{m}_prune_float'))} | "
-                         f"{_pct(pq)} | {_pct(qp)} | {ratio} |")
-    out.write_text("\n".join(lines) + "\n")
+            fm, qm = r.get(f"{m}_prune_float_macs"), r.get(f"{m}_q_then_prune_macs")
+            macs = "" if fm is None and qm is None else f"{_pct(fm)} / {_pct(qm)}"
+            label = "search, ldrf --max-drop 1" if m == SEARCH else f"{m} 0.5"
+            if m == SEARCH:
+                label += f" (exit {r.get(f'{m}_prune_float_exit')} / {r.get(f'{m}_q_then_prune_exit')})"
+            secs = f"{r.get(f'{m}_prune_float_s', '')} / {r.get(f'{m}_q_then_prune_s', '')}"
+            lines.append(f"| {r['model']} | {label} | {r['float']:.2%} | {r['qdq']:.2%} | {_pct(r.get(f'{m}_prune_float'))} | "
+                         f"{_pct(pq)} | {_pct(qp)} | {macs} | {ratio} | {secs} |")
+    return "\n".join(lines)
 
 
 def _pct(value: float | None) -> str:
@@ -131,33 +182,80 @@ def to_fp16_storage(model: onnx.ModelProto, min_elements: int = 16) -> onnx.Mode
     return out
 
 
-def zoo(zoo_dir: Path, filled: Path, out: Path, only: list[str]) -> None:
+def seeded_feeds(model: onnx.ModelProto, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """`count` seeded inputs of every graph input: standard normal floats, token ids in [0, 100), masks of ones."""
+    rng = np.random.default_rng(seed)
+    inits = {i.name for i in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        specs.append((vi.name, dtype, [d.dim_value or 1 for d in vi.type.tensor_type.shape.dim]))
+    feeds = []
+    for _ in range(count):
+        feed: dict[str, np.ndarray] = {}
+        for name, dtype, dims in specs:
+            if np.issubdtype(dtype, np.floating):
+                feed[name] = rng.standard_normal(dims).astype(dtype)
+            elif "mask" in name:
+                feed[name] = np.ones(dims, dtype=dtype)
+            else:
+                feed[name] = rng.integers(0, 100, dims).astype(dtype)
+        feeds.append(feed)
+    return feeds
+
+
+FORMS = ("qdq", "fp16")
+
+
+def zoo_forms(path: Path, work: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """The QDQ (``quantize_static`` on 8 seeded inputs) and fp16-storage forms of `path`, cached in `work`.
+
+    A form is made once (kept while newer than its source); a model onnxruntime cannot quantize is
+    remembered as ``<stem>_qdq.error`` with its one-line reason. Returns the forms made and the errors.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    made: dict[str, Path] = {}
+    errors: dict[str, str] = {}
+    model: onnx.ModelProto | None = None
+    for form in FORMS:
+        dst, err = work / f"{path.stem}_{form}.onnx", work / f"{path.stem}_{form}.error"
+        fresh = path.stat().st_mtime
+        if dst.exists() and dst.stat().st_mtime >= fresh:
+            made[form] = dst
+            continue
+        if err.exists() and err.stat().st_mtime >= fresh:
+            errors[form] = err.read_text().strip()
+            continue
+        model = model or onnx.load(path)
+        try:
+            if form == "qdq":
+                quantize(path, dst, seeded_feeds(model, 8))
+            else:
+                onnx.save(to_fp16_storage(model), dst)
+            made[form] = dst
+        except Exception as exc:  # noqa: BLE001 - a model onnxruntime cannot quantize is a row, not a stop
+            errors[form] = f"{'quantize_static' if form == 'qdq' else 'fp16'}: {str(exc).splitlines()[0][:120]}"
+            err.write_text(errors[form] + "\n")
+            dst.unlink(missing_ok=True)
+    return made, errors
+
+
+def zoo(zoo_dir: Path, filled: Path, out: Path, only: list[str], work: Path) -> None:
     from zoo_coverage import fill
 
     fill(zoo_dir, filled)
     rows: list[dict[str, Any]] = []
-    models = sorted((p for p in filled.glob("*.onnx") if not p.name.startswith(("hf_", "hfdyn_"))),
-                    key=lambda p: (p.stat().st_size, p.name))  # small first
+    models = sorted(filled.glob("*.onnx"), key=lambda p: (p.stat().st_size, p.name))  # small first
     if only:
         models = [p for p in models if p.stem in only]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for path in models:
-            model = onnx.load(path)
-            dims = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
-            rng = np.random.default_rng(0)
             row: dict[str, Any] = {"model": path.stem}
-            forms: dict[str, Path] = {}
-            qdq = folder / f"{path.stem}_qdq.onnx"
-            try:
-                quantize(path, qdq, [{model.graph.input[0].name: rng.standard_normal(dims).astype(np.float32)} for _ in range(8)])
-                forms["qdq"] = qdq
-            except Exception as exc:  # noqa: BLE001 - a model onnxruntime cannot quantize is a row, not a stop
-                row["qdq_error"] = f"quantize_static: {str(exc).splitlines()[0][:120]}"
-            fp16 = folder / f"{path.stem}_fp16.onnx"
-            onnx.save(to_fp16_storage(model), fp16)
-            forms["fp16"] = fp16
-            del model
+            forms, errors = zoo_forms(path, work)
+            row.update({f"{form}_error": e for form, e in errors.items()})
             for form, src in forms.items():
                 run, report, pruned = prune_cli_keep(src, ["--method", "l1", "--ratio", "0.5", "--no-latency"], folder / form, 900)
                 if report is None or pruned is None:
@@ -167,16 +265,65 @@ def zoo(zoo_dir: Path, filled: Path, out: Path, only: list[str]) -> None:
                 row[f"{form}_params"] = (report["before"]["params"], report["after"]["params"])
                 row[f"{form}_s"] = run.seconds
                 pruned.unlink()
-            for p in forms.values():
-                p.unlink(missing_ok=True)
             rows.append(row)
             print(json.dumps(row), flush=True)
             _zoo_table(rows, out)  # after every model: a long run stopped early keeps its rows
 
 
-def _zoo_table(rows: list[dict[str, Any]], out: Path) -> None:
+#: why 7 of 41 QDQ zoo models barely shrank before (file kept at l1 0.5 then: deit 0.97, levit 0.99, densenet121
+#: 1.00, repvgg 0.80, convmixer 1.00, convnext 0.89, swin 0.86), each fixed in graph/qdq.py or ops
+FINDINGS = """## Why 7 QDQ models barely shrank, and the fixes
+
+Before (file kept at l1 0.5): deit 0.97, levit 0.99, densenet121 1.00, repvgg 0.80, convmixer 1.00, convnext 0.89,
+swin 0.86. Three forms of `quantize_static`'s output left weights as non-constants, so the ops reading them froze:
+
+* **QuantizeLinear of a constant** (deit, levit, convmixer, convnext, swin): the bias of a MatMul + Add layer, and
+  an exporter's Identity alias of a shared initializer, are quantized like activations, `DQ(Q(float constant))`;
+  the DequantizeLinear's input was not a constant, so each Add / BatchNormalization froze ("an untraced operand
+  has a channel dimension", "per-channel parameters are not constants"). Fix (`graph/qdq.py`
+  `_fold_constant_quantize`): the Q of a constant folds to the integers it computes (round half to even,
+  saturated, per tensor or per axis), and the pair is a weight like any other; export writes those integers.
+* **a [1] scale with a scalar zero point** (densenet121, repvgg, levit, swin, convmixer): onnxruntime's int32 bias
+  of a BatchNormalization / Add; rejected as "not per-tensor or per-axis". Fix: one scale of any shape is per tensor.
+* **an Identity alias between a folded DequantizeLinear and a QuantizeLinear** (densenet121: BN parameters shared
+  across layers): the alias was resolved only after the one folding pass. Fix: passes repeat until nothing folds.
+* **a class token behind an activation Q/DQ pair** (deit): the Concat with `Expand(cls_token)` no longer saw the
+  constant. Fix (`ops/quant.through_activation_qdq`, used by `ops/attention.constant_like`): per-tensor pairs are
+  looked through.
+
+Tests beside the rules (zero-channel oracles, outputs unchanged to float32 tolerance): `ops/test_quant.py`
+`test_a_quantized_constant_bias_of_an_add_prunes_with_its_matmul` (opsets 13, 21),
+`test_shared_batchnorm_parameters_behind_identity_aliases_prune`, and `ops/test_attention.py`
+`test_class_token_and_a_dynamic_flatten_follow_the_hidden_size[True]`; each fails before the fix.
+"""
+
+
+def from_coverage(coverage: Path, out: Path) -> None:
+    """The zoo table from zoo_coverage.py's JSON (the same forms and runs: one run of the zoo, not two)."""
+    rows: list[dict[str, Any]] = []
+    for r in json.loads(coverage.read_text()):
+        row: dict[str, Any] = {"model": r["model"]}
+        for form in FORMS:
+            if f"{form}_file_kept" in r:
+                row[f"{form}_ratio"] = round(r[f"{form}_file_kept"], 3)
+                row[f"{form}_params"] = r.get(f"{form}_params")
+                row[f"{form}_s"] = r.get(f"{form}_seconds")
+            elif f"{form}_error" in r:
+                row[f"{form}_error"] = r[f"{form}_error"]
+        rows.append(row)
+    _zoo_table(rows, out, f"zoo_coverage.py (its JSON: {coverage.name})")
+
+
+def _zoo_table(rows: list[dict[str, Any]], out: Path, source: str = "") -> None:
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
-    lines = ["| model | QDQ l1 0.5 | QDQ size after / before | fp16 l1 0.5 | fp16 size after / before |", "|---|---|---:|---|---:|"]
+    lines = ["# The zoo in QDQ int8 and fp16 form, pruned with l1 0.5", "",
+             "Every zoo model (seeded random weights) as QDQ int8 (`quantize_static`, per-channel int8 weights, 8 seeded "
+             "inputs) and as fp16 storage, pruned with `l1 --ratio 0.5 --no-latency` and validated (full checker, strict "
+             "shape inference, onnxruntime). Size = the pruned model's serialized size over its input's."
+             + (f" Rows from {source}." if source else ""), "",
+             "    python benchmarks/zoo_coverage.py --work benchmarks/work/zoo_forms   # the runs",
+             "    python benchmarks/bench_quantized.py zoo --from-coverage benchmarks/results/zoo_coverage.json", "",
+             "| model | QDQ l1 0.5 | QDQ size after / before | fp16 l1 0.5 | fp16 size after / before |", "|---|---|---:|---|---:|"]
     for r in rows:
         cells = []
         for form in ("qdq", "fp16"):
@@ -190,7 +337,7 @@ def _zoo_table(rows: list[dict[str, Any]], out: Path) -> None:
         if ok:
             lines.append(f"\n{form}: {len(ok)}/{len(rows)} valid; size ratio median {np.median(ok):.2f}, "
                          f"at most {max(ok):.2f}; {sum(1 for v in ok if v <= 0.75)} at least 25% smaller")
-    out.write_text("\n".join(lines) + "\n")
+    out.write_text("\n".join(lines) + "\n\n" + FINDINGS)
 
 
 def main() -> None:
@@ -199,17 +346,25 @@ def main() -> None:
     f = sub.add_parser("fmnist")
     f.add_argument("--out", type=Path, default=Path("benchmarks/results/quantized_fmnist.md"))
     f.add_argument("--models", nargs="*", default=["fmnist_resnet56", "fmnist_vgg_slim_bn"])
-    f.add_argument("--methods", nargs="*", default=["l1", "ldrf"])
+    f.add_argument("--methods", nargs="*", default=["l1", "ldrf", SEARCH])
+    f.add_argument("--work", type=Path, default=Path("benchmarks/work/quantized_fmnist"))
+    f.add_argument("--search-extra", default="--sensitivity-ratios 0.5 --max-probes 6",
+                   help="flags added to the search's command line (bounds its probes)")
     z = sub.add_parser("zoo")
     z.add_argument("--zoo", type=Path, default=Path("../shared/zoo"))
     z.add_argument("--filled", type=Path, default=Path("/tmp/zoo"))
     z.add_argument("--out", type=Path, default=Path("benchmarks/results/quantized_zoo.md"))
     z.add_argument("--only", nargs="*", default=[])
+    z.add_argument("--work", type=Path, default=Path("benchmarks/work/zoo_forms"), help="cache of the QDQ and fp16 forms")
+    z.add_argument("--from-coverage", type=Path, help="write the table from zoo_coverage.py's JSON instead of running")
     args = parser.parse_args()
     if args.what == "fmnist":
-        fmnist(args.out, args.models, args.methods)
+        fmnist(args.out, args.models, args.methods, args.work, args.search_extra.split())
     else:
-        zoo(args.zoo, args.filled, args.out, args.only)
+        if args.from_coverage:
+            from_coverage(args.from_coverage, args.out)
+        else:
+            zoo(args.zoo, args.filled, args.out, args.only, args.work)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ._version import __version__
+from .channels import Part, transformer_part
 from .latency import Latency
 from .passes.trace import Trace
 from .validate import ModelStats
@@ -22,6 +23,7 @@ class GroupRow:
     macs: int
     members: tuple[str, ...]
     frozen_reasons: tuple[str, ...]
+    part: Part = Part.FFN  # what the group is in a transformer (heads / hidden / ffn; ffn for every other group)
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,8 @@ def group_rows(trace: Trace, kept: dict[int, int] | None = None) -> tuple[GroupR
     rows = []
     for g in trace.groups:
         members = tuple(dict.fromkeys(f"{m.node}:{m.role}" for m in g.members))
-        rows.append(GroupRow(g.index, g.size, kept.get(g.index, g.size), g.prunable, g.macs, members, g.reasons))
+        rows.append(GroupRow(g.index, g.size, kept.get(g.index, g.size), g.prunable, g.macs, members, g.reasons,
+                             transformer_part(trace.node_kind, g)))
     return tuple(rows)
 
 

@@ -28,6 +28,11 @@ scheme: each write rounds the new values through the storage type (so the float 
 the model computes), and export stores them in that type again with the Cast (`keeps_storage`
 keeps graph-surgeon's folding from turning them into float32 weights).
 
+A ``QuantizeLinear`` of a float constant (onnxruntime's ``quantize_static`` quantizes the bias of an
+``Add`` like an activation) is folded first to the integer constant it computes, so the pair is a
+weight like any other; export writes that integer tensor and its DequantizeLinear (the Q node is gone,
+the values are the same). One scale stored as ``[1]`` with a scalar zero point is per tensor.
+
 On export (`export`) each such initializer is replaced by its quantized tensor, scale and zero
 point and a DequantizeLinear producing the same name. Not folded (the weight stays a variable
 and the op that reads it freezes, with the reason from `unfolded_reason`): block quantization
@@ -138,7 +143,7 @@ def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, 
     if zero_point is not None:
         shift = shift - _broadcast(zero_point.astype(np.int64), axis, q.ndim)
     out = shift.astype(np.float32) * _broadcast(scale.astype(np.float32), axis, q.ndim)
-    return out.astype(scale.dtype)
+    return np.asarray(out).astype(scale.dtype)  # an array also for a 0-d q (a scalar bias)
 
 
 def _quantize(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, dtype: np.dtype,
@@ -174,17 +179,36 @@ def _const(tensor: gs.Tensor) -> np.ndarray | None:
 
 
 def fold_weights(graph: gs.Graph) -> int:
-    """Replace every all-constant DequantizeLinear by a float constant with its `Scheme`; returns how many."""
-    folded = 0
+    """Replace every all-constant DequantizeLinear by a float constant with its `Scheme`; returns how many.
+
+    Passes repeat, with Identity aliases of folded constants resolved between them, until nothing more
+    folds: an exporter's Identity alias of a shared weight may sit between a folded DequantizeLinear and a
+    QuantizeLinear (DenseNet's shared BatchNormalization parameters in onnxruntime's QDQ form).
+    """
+    total = 0
     outputs = set(id(t) for t in graph.outputs)
+    while folded := _fold_pass(graph, outputs):
+        total += folded
+        _alias_identities(graph, outputs)
+    if total:
+        graph.cleanup()
+    return total
+
+
+def _fold_pass(graph: gs.Graph, outputs: set[int]) -> int:
+    """One pass of `fold_weights` over the nodes still read by something; returns how many folded."""
+    folded = 0
     for node in list(graph.nodes):
-        if not node.outputs or id(node.outputs[0]) in outputs:
+        if not node.outputs or id(node.outputs[0]) in outputs or not node.outputs[0].outputs:
             continue
         if keeps_storage(node):
             stored = node.inputs[0]
             target = onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"]))
             _replace(node.outputs[0], np.asarray(stored.values).astype(target), Stored(_stored_type(stored) or 0, stored.name))
             folded += 1
+            continue
+        if node.op == "QuantizeLinear":
+            folded += _fold_constant_quantize(node)
             continue
         if node.op != "DequantizeLinear":
             continue
@@ -195,6 +219,9 @@ def fold_weights(graph: gs.Graph) -> int:
         q, scale = values[0], values[1]
         zero_point = values[2] if len(values) > 2 else None
         assert q is not None and scale is not None
+        if scale.size == 1 and (zero_point is None or zero_point.size == 1):
+            # one scale stored as [1] with a scalar zero point (onnxruntime's int32 bias of BatchNormalization): per tensor
+            scale, zero_point = scale.reshape(()), None if zero_point is None else zero_point.reshape(())
         out = node.outputs[0]
         reason = _unsupported(node, q, scale, zero_point)
         if reason is not None:
@@ -213,10 +240,48 @@ def fold_weights(graph: gs.Graph) -> int:
                         names=(names[0], names[1], names[2]))
         _replace(out, dequantize(q, scale, zero_point, axis), scheme)
         folded += 1
-    if folded:
-        _alias_identities(graph, outputs)
-        graph.cleanup()
     return folded
+
+
+def _fold_constant_quantize(node: gs.Node) -> int:
+    """``QuantizeLinear`` of a float constant (``quantize_static`` quantizes a bias added by an ``Add`` like an
+    activation): replaced by the integer constant it computes, so the DequantizeLinear after it folds to a weight.
+
+    ``q = saturate(round_half_even(x / scale) + zero_point)``, in float32 as onnxruntime computes it, per tensor
+    or per channel along `axis`. Not folded (left as an activation pair): block quantization, an `output_dtype`
+    without a zero point, a non-float constant, or a scale that is not per tensor / per axis. Returns 1 if folded.
+    """
+    present = [t for t in node.inputs if t.name]
+    values = [_const(t) for t in present]
+    if len(present) < 2 or any(v is None for v in values) or not node.outputs:
+        return 0
+    x, scale = values[0], values[1]
+    zero_point = values[2] if len(values) > 2 else None
+    assert x is not None and scale is not None
+    if (x.dtype.kind != "f" or scale.dtype.type not in FLOAT_SCALES or int(node.attrs.get("block_size", 0) or 0)
+            or (zero_point is None and int(node.attrs.get("output_dtype", 0) or 0))):
+        return 0
+    dtype = np.dtype(np.uint8) if zero_point is None else zero_point.dtype
+    if dtype.type not in QUANT_TYPES or (zero_point is not None and zero_point.size != scale.size):
+        return 0
+    axis: int | None = None
+    if scale.size > 1:
+        axis = int(node.attrs.get("axis", 1))
+        if scale.ndim != 1 or not -x.ndim <= axis < x.ndim or x.shape[axis] != scale.size:
+            return 0
+        axis %= x.ndim
+    s = _broadcast(scale.astype(np.float32), axis, x.ndim)
+    q = np.rint(x.astype(np.float32) / s).astype(np.float64)
+    if zero_point is not None:
+        q = q + _broadcast(zero_point.astype(np.float64), axis, x.ndim)
+    info = np.iinfo(dtype)
+    out = node.outputs[0]
+    const = gs.Constant(out.name, np.asarray(np.clip(q, info.min, info.max)).astype(dtype))
+    for consumer in list(out.outputs):
+        for i, t in enumerate(list(consumer.inputs)):
+            if t is out:
+                edit.replace_input(consumer, i, const)
+    return 1
 
 
 def _alias_identities(graph: gs.Graph, outputs: set[int]) -> None:

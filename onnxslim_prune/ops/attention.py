@@ -66,6 +66,7 @@ import onnx_graphsurgeon as gs
 from .. import ir
 from ..channels import ChannelMap, Kind, Role, Shape
 from ..graph import edit
+from .quant import through_activation_qdq
 from .registry import ApplyContext, CostContext, Freeze, NodeCost, OpRule, TraceContext, register
 
 
@@ -435,8 +436,10 @@ def _target_rank_of(node: gs.Node, rank: int) -> int:
 def constant_like(tensor: gs.Tensor, axis: int, rank: int, size: int) -> bool:
     """A constant holding `size` channels on `axis` (rank `rank`, right-aligned), or an Expand of one (a class token).
 
-    The Expand's shape must not broadcast that axis at run time: a constant entry of 1 or `size`.
+    The Expand's shape must not broadcast that axis at run time: a constant entry of 1 or `size`. A per-tensor
+    activation Q/DQ pair after the Expand (a QDQ model) is looked through.
     """
+    tensor = through_activation_qdq(tensor)
     value = ir.const_value(tensor)
     if value is not None:
         own = axis - (rank - value.ndim)
@@ -498,9 +501,10 @@ def _keeps_dim(shape: gs.Tensor, entry: int) -> bool:
 
 def slice_constant_like(a: ApplyContext, node: gs.Node, index: int, axis: int, rank: int, keep: np.ndarray) -> None:
     """`constant_like` operand `index` of `node` sliced to `keep` on `axis` (an Expand's data and shape entry)."""
-    tensor = node.inputs[index]
+    tensor = through_activation_qdq(node.inputs[index])
     value = ir.const_value(tensor)
     if value is not None:
+        assert tensor is node.inputs[index]  # a constant's Q/DQ pair is folded on load (`graph.qdq`)
         edit.set_input_const(node, index, np.take(value, keep, axis=axis - (rank - value.ndim)))
         return
     expand = tensor.inputs[0]

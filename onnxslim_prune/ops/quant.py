@@ -53,6 +53,28 @@ def output_tolerance(dtype: np.dtype, step: float = 0.0) -> tuple[float, float]:
     return rtol, atol + step
 
 
+def through_activation_qdq(tensor: gs.Tensor) -> gs.Tensor:
+    """The tensor a per-tensor activation pair ``DequantizeLinear(QuantizeLinear(x))`` reads (`tensor` itself if none).
+
+    ``quantize_static`` puts such a pair on every activation, also on a class token's Expand: the pair
+    only rounds values and keeps the shape, so a rule looking for the token's constant looks through it.
+    """
+    dq = _per_tensor_producer(tensor, "DequantizeLinear")
+    q = None if dq is None else _per_tensor_producer(dq.inputs[0], "QuantizeLinear")
+    return tensor if q is None else q.inputs[0]
+
+
+def _per_tensor_producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
+    producers = tensor.inputs if isinstance(tensor, gs.Variable) else []
+    if len(producers) != 1 or producers[0].op != op:
+        return None
+    node = producers[0]
+    scale = ir.input_const(node, 1)
+    if scale is None or scale.size != 1 or (ir.has_input(node, 2) and ir.input_const(node, 2) is None):
+        return None
+    return node
+
+
 def constant_reason(tensor: gs.Tensor, fallback: str) -> str:
     """Why `tensor` (a weight or bias input) is not a constant: a quantized one says why it was not folded."""
     return qdq.unfolded_reason(tensor) or fallback

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import numpy_helper
 
 from ..channels import Kind, Role
@@ -286,13 +287,21 @@ def test_rmsnorm_as_exporters_decompose_it_passes_the_hidden_size() -> None:
     np.testing.assert_allclose(_run_feeds(result.model, {"x": x}), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_class_token_and_a_dynamic_flatten_follow_the_hidden_size() -> None:
+@pytest.mark.parametrize("qdq", [False, True])
+def test_class_token_and_a_dynamic_flatten_follow_the_hidden_size(qdq: bool) -> None:
     """timm's ViT stem with a dynamic batch: Conv, Shape/Slice/Concat/Reshape (flatten(2)), Transpose, Concat with an
     expanded class token, position embedding; a channel-count read into the attention's merge shape is pinned.
+    `qdq`: the expanded token passes an activation QuantizeLinear / DequantizeLinear pair (onnxruntime's QDQ form).
 
-    The class token and the filters of the removed channels are zero, so the outputs are unchanged.
+    The class token and the filters of the removed channels are zero (they quantize to the zero point), so the
+    outputs are unchanged.
     """
     zero = (1, 2)
+    pair = """qs = Constant <value = float {0.02}> ()
+      qz = Constant <value = uint8 {128}> ()
+      ctq = QuantizeLinear (ct, qs, qz)
+      ctd = DequantizeLinear (ctq, qs, qz)
+      tok = Concat <axis = 1> (ctd, t)""" if qdq else "tok = Concat <axis = 1> (ct, t)"
     model = parse("""<ir_version: 8, opset_import: ["" : 17]>
     g (float[B,1,4,4] x) => (float[B,5,2] y) {
       c = Conv <strides = [2, 2], kernel_shape = [2, 2]> (x, wc)
@@ -310,7 +319,7 @@ def test_class_token_and_a_dynamic_flatten_follow_the_hidden_size() -> None:
       eq = Equal (ex, neg)
       es = Where (eq, one, ex)
       ct = Expand (cls, es)
-      tok = Concat <axis = 1> (ct, t)
+      """ + pair + """
       h = Add (tok, pos)
       hc = Gather <axis = 0> (sh2, i2)
       hu = Unsqueeze (hc, s0)

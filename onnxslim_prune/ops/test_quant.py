@@ -412,3 +412,72 @@ def test_an_identity_alias_of_a_folded_weight_is_the_weight() -> None:
     result = api.prune(model, "l1", 0.5, latency=False)
     assert tuple(next(t for t in result.model.graph.initializer if t.name == "b1").dims) == (2,)
     assert_same(model, result.model, [1, 3, 8, 8])
+
+
+def _q_of_constant(name: str, value: np.ndarray, scale: float, zero: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """``DQ(Q(value))`` of a float constant with a uint8 per-tensor scale: how ``quantize_static`` quantizes an Add's bias."""
+    nodes = [helper.make_node("QuantizeLinear", [f"{name}_f", f"{name}_s", f"{name}_z"], [f"{name}_q"]),
+             helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"], [name])]
+    return nodes, [numpy_helper.from_array(value, f"{name}_f"), numpy_helper.from_array(np.asarray(scale, np.float32), f"{name}_s"),
+                   numpy_helper.from_array(np.asarray(zero, np.uint8), f"{name}_z")]
+
+
+@pytest.mark.parametrize("opset", [13, 21])
+def test_a_quantized_constant_bias_of_an_add_prunes_with_its_matmul(opset: int) -> None:
+    """MatMul + Add(DQ(Q(b))), a bias quantized like an activation: the Q of a constant folds, the bias is sliced."""
+    w1, w2 = zeroed(weights(6, 8), (0, 5, 6), axis=1), weights(8, 3, seed=1)
+    b1 = zeroed(weights(8, seed=2), (0, 5, 6))
+    n1, i1 = _dq_weight("w1", w1, np.int8, 1)
+    n2, i2 = _dq_weight("w2", w2, np.int8, 1)
+    nb, ib = _q_of_constant("b1", b1, 0.02, 128)
+    p1, j1 = _qdq_pair("x", "xd", np.uint8)
+    nodes = [n1, n2, *nb, *p1, helper.make_node("MatMul", ["xd", "w1"], ["m"]), helper.make_node("Add", ["m", "b1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    model = _model(nodes, [*i1, *i2, *ib, *j1], [2, 6], [2, 3], opset)
+    assert [g.size for g in api.analyze(model).trace.groups if not g.is_frozen] == [8]  # was frozen: Add's bias not constant
+    result = api.prune(model, "l1", 0.375, latency=False)
+    out = _inits(result.model)
+    assert out["w1_q"].shape == (6, 5) and out["w2_q"].shape == (5, 3)
+    bias = next(v for k, v in out.items() if k.startswith("b1") and v.dtype == np.uint8 and v.ndim == 1)
+    assert bias.shape == (5,)
+    assert "QuantizeLinear" not in [n.op_type for n in result.model.graph.node if n.input[0] == "b1_f"]
+    assert_same(model, result.model, [2, 6])  # the stored integers are Q(b) exactly: float32 tolerance
+
+
+def test_shared_batchnorm_parameters_behind_identity_aliases_prune() -> None:
+    """DenseNet in onnxruntime's QDQ form: BN parameters are Identity aliases of other BNs' dequantized ones, a
+    gamma is re-quantized (Q of an alias), and an int32 beta has a [1] scale with a scalar zero point."""
+    w1, w2, w3 = zeroed(weights(4, 3, 3, 3), (1, 2)), zeroed(weights(4, 4, 1, 1, seed=1), (1, 2)), weights(5, 4, 1, 1, seed=2)
+    gamma = np.abs(weights(4, seed=3)) + 0.5
+    beta = zeroed(weights(4, seed=4), (1, 2))
+    nodes, inits = [], []
+    for name, w in (("w1", w1), ("w2", w2), ("w3", w3)):
+        n, i = _dq_weight(name, w, np.int8, 0)
+        nodes.append(n)
+        inits += i
+    g_q, g_s, g_z = _quantize(gamma, np.uint8, None)
+    beta_scale = np.asarray([0.001], np.float32)
+    inits += [numpy_helper.from_array(g_q, "g_q"), numpy_helper.from_array(g_s, "g_s"), numpy_helper.from_array(g_z, "g_z"),
+              numpy_helper.from_array(np.rint(beta / beta_scale).astype(np.int32), "b_q"), numpy_helper.from_array(beta_scale, "b_s"),
+              numpy_helper.from_array(np.asarray(0, np.int32), "b_z"),
+              numpy_helper.from_array(np.asarray(0.01, np.float32), "g2_s"), numpy_helper.from_array(np.asarray(0, np.uint8), "g2_z")]
+    nodes += [helper.make_node("DequantizeLinear", ["g_q", "g_s", "g_z"], ["gamma"]),
+              helper.make_node("DequantizeLinear", ["b_q", "b_s", "b_z"], ["beta"]),
+              helper.make_node("Identity", ["beta"], ["mean"]), helper.make_node("Identity", ["gamma"], ["var"]),
+              helper.make_node("Identity", ["gamma"], ["gamma_alias"]),
+              helper.make_node("QuantizeLinear", ["gamma_alias", "g2_s", "g2_z"], ["g2_q"]),
+              helper.make_node("DequantizeLinear", ["g2_q", "g2_s", "g2_z"], ["gamma2"]),
+              helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+              helper.make_node("BatchNormalization", ["c1", "gamma", "beta", "mean", "var"], ["n1"]),
+              helper.make_node("Relu", ["n1"], ["r1"]), helper.make_node("Conv", ["r1", "w2"], ["c2"]),
+              helper.make_node("BatchNormalization", ["c2", "gamma2", "beta", "mean", "var"], ["n2"]),
+              helper.make_node("Relu", ["n2"], ["r2"]), helper.make_node("Conv", ["r2", "w3"], ["y"])]
+    model = _model(nodes, inits, [1, 3, 8, 8], [1, 5, 8, 8], 13)
+    trace = api.analyze(model).trace
+    assert not any("not constants" in r for g in trace.groups for r in g.reasons)
+    result = api.prune(model, "l1", 0.5, latency=False)
+    assert sorted(g.kept for g in result.plan.groups if g.size == 4) == [2, 2]
+    shapes = [tuple(numpy_helper.to_array(t).shape) for t in result.model.graph.initializer]
+    assert (2, 3, 3, 3) in shapes and (2, 2, 1, 1) in shapes and (5, 2, 1, 1) in shapes
+    assert _ops(result.model).count("BatchNormalization") == 2
+    assert_same(model, result.model, [1, 3, 8, 8])
