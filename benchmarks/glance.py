@@ -43,12 +43,18 @@ def coverage() -> str | None:
     rows = zoo["rows"] if isinstance(zoo, dict) else zoo
     cnn = [r for r in rows if not str(r["model"]).startswith(("hf_", "hfdyn_"))]
     shrunk = sum(1 for r in cnn if r["params_after"] <= 0.75 * r["params_before"])
+    forms = [r for r in rows if "qdq_file_kept" in r]
+    qdq = sum(1 for r in forms if r.get("qdq_file_kept") is not None and r["qdq_file_kept"] <= 0.75)
+    fp16 = sum(1 for r in forms if r.get("fp16_file_kept") is not None and r["fp16_file_kept"] <= 0.75)
     text = (f"**Coverage**: {len(cnn)} torchvision/timm CNN architectures prune with `l1 --ratio 0.5` into models that "
             f"pass the full checker, strict shape inference and an onnxruntime run; {shrunk} of {len(cnn)} lose at least "
             f"a quarter of their parameters ({link('zoo', 'Coverage of the zoo')})")
     if onnxsim:
         valid = sum(1 for r in onnxsim if r["valid"])
         text += f"; onnxsim 0.8.1's structured pruning gives a valid model for {valid} of them ({link('onnxsim', 'onnxsim on the zoo')})"
+    if forms:
+        text += (f". As QDQ int8 and as fp16 models, {qdq} and {fp16} of all {len(forms)} zoo models (transformers "
+                 f"included) prune to valid files at least 25% smaller")
     return text + "."
 
 

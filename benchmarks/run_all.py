@@ -73,11 +73,12 @@ def steps(results: Path, zoo: Path, filled: Path, scratch: Path, qsrc: Path, qfi
     fm = ("--models", "fmnist_lenet300")
     return (
         Step("zoo_coverage", "zoo_coverage.py", ("--zoo", str(zoo), "--filled", str(filled), "--out", f"{r}/zoo_coverage.md"),
-             ("--zoo", str(qsrc), "--filled", str(filled), "--only", *q, "--out", f"{r}/zoo_coverage.md")),
+             ("--zoo", str(qsrc), "--filled", str(filled), "--only", *q, "--no-forms", "--out", f"{r}/zoo_coverage.md")),
         Step("transformers", "transformers.py", ("--out", f"{r}/transformers.md"), None),
-        Step("bench_quantized_zoo", "bench_quantized.py", ("zoo", "--zoo", str(zoo), "--filled", str(filled),
+        Step("bench_quantized_zoo", "bench_quantized.py", ("zoo", "--from-coverage", f"{r}/zoo_coverage.json",
                                                            "--out", f"{r}/quantized_zoo.md"),
-             ("zoo", "--zoo", str(zoo), "--filled", str(filled), "--only", *q[:1], "--out", f"{r}/quantized_zoo.md")),
+             ("zoo", "--zoo", str(zoo), "--filled", str(filled), "--only", "tv_squeezenet1_1",
+              "--work", str(scratch / "zoo_forms"), "--out", f"{r}/quantized_zoo.md")),
         Step("bench_latency", "bench_latency.py", ("--zoo", str(zoo), "--filled", str(filled), "--out", r),
              ("--zoo", str(zoo), "--filled", str(filled), "--models", *q, "--repeats", "7", "--out", r)),
         Step("bench_latency_search", "bench_latency_search.py", ("--out", r),
@@ -104,6 +105,7 @@ def steps(results: Path, zoo: Path, filled: Path, scratch: Path, qsrc: Path, qfi
         Step("bench_verdict", "bench_verdict.py", ("--out", f"{r}/verdict",),
              (*fm, "--methods", "l1", "--ratios", "0.5", "--configs", "a", "--out", f"{r}/verdict")),
         Step("bench_real_models", "bench_real_models.py", ("--out", f"{r}/real_models",), None),
+        Step("bench_real_search", "bench_real_search.py", ("--out", f"{r}/real_search",), None),
         Step("peers", "peers.py", ("--out", r), ("--quick", "--out", r)),
         Step("peers_zoo", "peers_zoo.py", ("--filled", str(filled), "--out", f"{r}/peers_zoo"),
              ("--filled", str(filled), "--only", *q, "--ours", f"{r}/zoo_coverage.json", "--out", f"{r}/peers_zoo")),

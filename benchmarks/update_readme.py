@@ -49,11 +49,7 @@ ZOO = "Seeded random weights (`../shared/zoo/fill.py`): these figures test struc
 
 CHAPTERS = (
     Chapter("Coverage", (
-        Section("zoo_coverage", "Coverage of the zoo", "zoo_coverage.py",
-                "Every model of `../shared/zoo` pruned with `l1 --ratio 0.5` and validated (full checker, strict shape "
-                "inference, an onnxruntime run, the original's output names, dtypes and shapes). Frozen = groups with no "
-                "prunable channel (the classifier output is always one). The tool's own cost: wall time and peak memory "
-                "of the whole command line. " + ZOO),
+        Section("zoo_coverage", "Coverage of the zoo", "zoo_coverage.py"),
         Section("transformers", "Transformers of the zoo", "transformers.py", ZOO),
         Section("quantized_zoo", "Quantized and fp16 zoo", "bench_quantized.py", ZOO),
         Section("peers_zoo", "onnxsim on the zoo", "peers_zoo.py"),
