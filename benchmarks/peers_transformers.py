@@ -771,8 +771,9 @@ def vit_markdown(state: dict[str, Any]) -> list[str]:
         lines += ["", "### Which heads: this tool's l1 against Torch-Pruning's l1 at heads 0.5", "",
                   ("Each layer has 4 heads and keeps 2. 'kept alone' is the accuracy with only that layer cut to those "
                    "two heads, on train[10000:12000] (not calibration, not test: a diagnosis). This tool's `l1` ranks a "
-                   "head by the L1 norm of its Q, K and V weight columns (the producers); Torch-Pruning's "
-                   "`GroupMagnitudeImportance(p=1)` also counts the output projection's rows of the head (the consumer). "
+                   "head by the L1 norm of every weight it owns: its Q, K and V columns (the producers) and its rows of "
+                   "the output projection (the consumer), as Torch-Pruning's `GroupMagnitudeImportance(p=1)` does "
+                   "(before, Q, K and V alone: a worse pair in block 1). "
                    f"Original on these images: {diag['original_heldout']:.2%}."), "",
                   "| block | this tool keeps (kept alone) | Torch-Pruning keeps (kept alone) | best pair (kept alone) | "
                   "L1 of Q,K,V per head | L1 of proj rows per head |",
