@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from fmnist import load_split  # noqa: E402
+from fmnist import load_split, search_split  # noqa: E402
 
 from onnxslim_prune import api, ir  # noqa: E402
 from onnxslim_prune.evaluation import accuracy  # noqa: E402
@@ -46,12 +46,7 @@ log = logging.getLogger("bench_search")
 
 
 def data(work: Path) -> tuple[Path, Path, np.ndarray, np.ndarray]:
-    work.mkdir(parents=True, exist_ok=True)
-    calib, evaluation = work / "fmnist_train2000.npz", work / "fmnist_train2000_4000.npz"
-    if not calib.exists() or not evaluation.exists():
-        x, y = load_split("train", 4000)
-        np.savez(calib, input=x[:2000], labels=y[:2000])
-        np.savez(evaluation, input=x[2000:], labels=y[2000:])
+    calib, evaluation = search_split(work)
     xt, yt = load_split("test")
     return calib, evaluation, xt, yt
 

@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from fmnist import load_split  # noqa: E402
+from fmnist import load_split, search_split  # noqa: E402
 
 from onnxslim_prune import api, ir  # noqa: E402
 from onnxslim_prune.evaluation import accuracy  # noqa: E402
@@ -122,16 +122,6 @@ def configs() -> list[Config]:
         out.append(Config("sensitivity", method, 0.5, cli=("--target-macs", "0.6", "--allocation", "sensitivity")))
         out.append(Config("search", method, 0.5, cli=("--max-drop", "1")))
     return out
-
-
-def data(work: Path) -> tuple[Path, Path]:
-    work.mkdir(parents=True, exist_ok=True)
-    calib, evaluation = work / "fmnist_train2000.npz", work / "fmnist_train2000_4000.npz"
-    if not calib.exists() or not evaluation.exists():
-        x, y = load_split("train", 4000)
-        np.savez(calib, input=x[:2000], labels=y[:2000])
-        np.savez(evaluation, input=x[2000:], labels=y[2000:])
-    return calib, evaluation
 
 
 def ln_keep(result: api.PruneResult) -> dict[str, np.ndarray]:
@@ -242,7 +232,7 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", default=None, help="families to run (default: all)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    calib, evaluation = data(args.work)
+    calib, evaluation = search_split(args.work)
     xt, yt = load_split("test")
     base = accuracy(ir.load_model(MODEL), xt, yt, "input")
     store = args.out.with_suffix(".json")

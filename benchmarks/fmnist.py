@@ -66,3 +66,14 @@ def write_calibration(path: str | Path, count: int = 2000, split: Literal["train
         np.savez(target, input=x, labels=y)
         log.info("wrote %s (%d %s images)", target, len(x), split)
     return target
+
+
+def search_split(work: Path) -> tuple[Path, Path]:
+    """The search benchmarks' data: calibration TRAIN[:2000] and --eval TRAIN[2000:4000] (`input`, `labels`)."""
+    work.mkdir(parents=True, exist_ok=True)
+    calib, evaluation = work / "fmnist_train2000.npz", work / "fmnist_train2000_4000.npz"
+    if not calib.exists() or not evaluation.exists():
+        x, y = load_split("train", 4000)
+        np.savez(calib, input=x[:2000], labels=y[:2000])
+        np.savez(evaluation, input=x[2000:], labels=y[2000:])
+    return calib, evaluation
