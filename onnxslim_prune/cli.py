@@ -6,8 +6,8 @@ nothing is written unless the pruned model validated.
 
 from __future__ import annotations
 
+import itertools
 import logging
-import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -23,6 +23,7 @@ from ._version import __version__
 from .calib import memory
 from .calib.split import DEFAULT_HOLDOUT
 from .console import ConsoleProgress
+from .atomic import Outputs
 from .errors import GateError, PruneError, UsageError
 from .methods import builtin  # noqa: F401  (fills the method registry)
 from .methods.base import METHODS, CommonParams, Setting, all_settings
@@ -31,7 +32,7 @@ from .planning import latency_search
 from .planning import search as search_mod
 from .planning.search import DEFAULT_MARGIN, DEFAULT_MAX_PROBES, Allocation, Objective, SearchSettings
 from .verdict import Gates
-from .report import group_rows, group_table
+from .report import REPORT_SCHEMA, group_rows, group_table
 from .roundto import RoundTo, RoundToParam, RoundToValue, resolve
 
 log = logging.getLogger("onnxslim_prune")
@@ -223,6 +224,7 @@ def main(
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
     console: ConsoleProgress | None = None
     try:
+        _check_conflicts(model)
         if demo:
             model = model or _sample(SAMPLE_MODEL)
             eval_data = eval_data or _sample(SAMPLE_EVAL)
@@ -236,11 +238,13 @@ def main(
         by_latency = Objective(objective) is Objective.LATENCY
         round_to = resolve(round_to_value if round_to_value is not None else RoundTo.AUTO if by_latency else 1)
         if dry_run:  # only the settings that choose the plan
-            _dry_run(model, method, ratio, round_to, exclude, shapes, seed, criterion, report_path,
+            _warn_ignored("--dry-run only traces and plans; it writes and measures nothing", _RUN_ONLY + tuple(
+                k for k in settings if k not in _given_settings(settings, planning_only=True)))
+            _dry_run(model, method, ratio, round_to, exclude, shapes, seed, criterion,
                      _given_settings(settings, planning_only=True), preprocess)
             return
         target = output or model.with_name(model.name.removesuffix(".onnx") + ".pruned.onnx")
-        external = _check_paths(model, target, report_path)
+        external = _check_paths(model, target, report_path, plot_path)
         console = None if quiet else ConsoleProgress()
         kwargs: dict[str, Any] = dict(
             ratio=ratio, round_to=round_to, exclude=exclude, input_shapes=shapes, seed=seed,
@@ -259,7 +263,9 @@ def main(
             searching = targeted = False
         elif target_latency is not None:
             raise UsageError("--target-latency is the latency objective's: add --objective latency")
-        if show_sensitivity and not searching and not targeted and not by_latency:
+        measuring = show_sensitivity and not searching and not targeted and not by_latency
+        _check_mode(method, gates, kwargs["params"], searching or targeted or by_latency, measuring, plot_path)
+        if measuring:
             _sensitivity_only(model, method, kwargs, search_settings, console, report_path, plot_path, quiet)
             _closed(console)
             return
@@ -290,18 +296,23 @@ def main(
             if searched.sensitivity and show_sensitivity:
                 click.echo(search_mod.sensitivity_table(searched.sensitivity, searched.data_free))
             click.echo(search_mod.probe_table(searched) if timed is None else latency_search.latency_table(timed))
-        if searched is not None and plot_path is not None:
-            planning_plot.plot(plot_path, searched.sensitivity, searched.probes, searched.settings.objective, searched.chosen)
         report = result.report
         verdict = report.verdict
         slower = timed is not None and timed.slower  # never written silently: a missed gate
         passed = (verdict is None or verdict.passed) and not slower
-        if passed or keep_failed:
-            # the bytes the verdict ran are the bytes written: the model is not serialized again
-            ir.save_model(result.model, target, external=external.initializers, serialized=result.serialized)
+        written = passed or keep_failed
+        if written:
             report = replace(report, output_path=str(target))
-        if report_path is not None:
-            _write_text(report_path, report.to_json())
+        with Outputs() as outputs:  # model, its data, report and plot: all written or none
+            if written:
+                # the bytes the verdict ran are the bytes written: the model is not serialized again
+                ir.stage_model(outputs, result.model, target, external=external.initializers, serialized=result.serialized)
+            if report_path is not None:
+                outputs.add_text(report_path, report.to_json() + "\n")
+            if searched is not None and plot_path is not None:
+                outputs.add_bytes(plot_path, planning_plot.render(searched.sensitivity, searched.probes,
+                                                                  searched.settings.objective, searched.chosen))
+            outputs.commit()
         if not quiet:
             click.echo(report.table(groups=show_groups, verbose=verbose > 0))
             click.echo(f"wrote {target}" if report.output_path else "not written: a gate was missed (--keep-failed writes it)")
@@ -324,6 +335,72 @@ def main(
             raise
         click.echo(f"error: internal error ({type(exc).__name__}: {exc}); rerun with -vv for details", err=True)
         sys.exit(1)
+
+
+#: options only a run that prunes uses (a dry run ignores them)
+_RUN_ONLY = ("output", "calib", "calib_samples", "batch_size", "eval_data", "calib_memory", "holdout", "min_top1_agreement",
+             "min_cosine", "min_correlation", "max_drop", "sensitivity_ratios", "allocation", "target_latency",
+             "max_probes", "search_margin", "plot_path", "keep_failed", "latency", "report_path", "show_groups")
+#: options only a search or --sensitivity uses
+_SEARCH_ONLY = ("sensitivity_ratios", "allocation", "max_probes", "search_margin")
+#: options only a run that writes a model uses (--sensitivity without a gate only measures)
+_MODEL_ONLY = ("output", "ratio", "target_macs", "target_params", "keep_failed", "show_groups")
+
+
+def _given(names: tuple[str, ...] | list[str]) -> list[str]:
+    """The flags of the options among `names` given on the command line (or by environment), as the user spells them."""
+    ctx = click.get_current_context()
+    flags = {p.name: max(p.opts, key=len) for p in ctx.command.params if isinstance(p, click.Option)}
+    given = []
+    for name in names:
+        source = ctx.get_parameter_source(name)
+        if source in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT):
+            given.append(flags.get(name, name))
+    return given
+
+
+def _warn_ignored(why: str, names: tuple[str, ...] | list[str]) -> None:
+    """One warning naming every given option a mode does not use (never dropped silently)."""
+    flags = _given(names)
+    if flags:
+        log.warning("%s: %s %s ignored", why, ", ".join(flags), "is" if len(flags) == 1 else "are")
+
+
+def _check_conflicts(model: Path | None) -> None:
+    """Options that contradict each other are a usage error, before any work (docs/usage.md)."""
+    ctx = click.get_current_context()
+    values = ctx.params
+    if values.get("demo") and model is not None:
+        raise UsageError(f"--demo prunes the bundled sample model: drop {model} or --demo")
+    if values.get("quiet") and values.get("verbose"):
+        raise UsageError("-q/--quiet and -v/--verbose contradict each other: give one")
+    if values.get("dry_run") and values.get("show_sensitivity"):
+        raise UsageError("--dry-run only plans and --sensitivity measures the model: give one")
+    budgets = _given(["target_macs", "target_params"])
+    if budgets and _given(["ratio"]):
+        raise UsageError(f"--ratio and {' and '.join(budgets)} are two budgets: give --ratio or the target")
+
+
+def _check_mode(method: str, gates: Gates, params: Mapping[str, Any], searches: bool, measuring: bool,
+                plot_path: Path | None) -> None:
+    """Once the mode is known (search, --sensitivity alone, or one prune): its conflicts and ignored options."""
+    if plot_path is not None and not searches and not measuring:
+        raise UsageError("--plot draws the sensitivity profile and the search's probes: add --sensitivity or a gate "
+                         "without --ratio (a search)")
+    if measuring:
+        if gates.any:  # --ratio or a --target-* with a gate and --sensitivity: which one was meant is unclear
+            raise UsageError("--sensitivity with a gate searches, but " + " and ".join(
+                _given(["ratio", "target_macs", "target_params"]) or ["the budget"])
+                + " fixes the budget: drop it to search, or drop --sensitivity")
+        _warn_ignored("--sensitivity without a gate only measures and writes no model", _MODEL_ONLY)
+        return
+    if not searches:
+        _warn_ignored("no search or --sensitivity runs", _SEARCH_ONLY)
+        if gates.any and _searches(params) and not search_mod.searchable(method):
+            log.warning("--method %s chooses its own allocation, so a gate without --ratio does not search: "
+                        "pruning at --ratio %g and checking the gate", method, click.get_current_context().params["ratio"])
+    if not gates.any and Objective(click.get_current_context().params["objective"]) is not Objective.LATENCY:
+        _warn_ignored("no gate is given, so every validated model is written", ["keep_failed"])
 
 
 def _searches(params: Mapping[str, Any]) -> bool:
@@ -361,13 +438,15 @@ def _sensitivity_only(model: Path, method: str, kwargs: dict[str, Any], settings
     proxy = prober.data_free
     outcome = search_mod.run_sensitivity(prober, settings, int(kwargs["round_to"]), proxy)
     _closed(console)
-    if report_path is not None:
-        import json
+    with Outputs() as outputs:
+        if report_path is not None:
+            import json
 
-        _write_text(report_path, json.dumps({"method": method, "input_path": str(model), "sensitivity": outcome.report},
-                                            indent=2, sort_keys=True))
-    if plot_path is not None:
-        planning_plot.plot(plot_path, outcome.rows, (), settings.objective, None)
+            data = {"schema": REPORT_SCHEMA, "method": method, "input_path": str(model), "sensitivity": outcome.report}
+            outputs.add_text(report_path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        if plot_path is not None:
+            outputs.add_bytes(plot_path, planning_plot.render(outcome.rows, (), settings.objective, None))
+        outputs.commit()
     if not quiet:
         click.echo(search_mod.sensitivity_table(outcome.rows, proxy))
         click.echo("no model written: --sensitivity without a gate only measures (add --max-drop or --min-* to search)")
@@ -380,7 +459,7 @@ def _closed(console: ConsoleProgress | None) -> None:
 
 
 def _dry_run(model: Path, method: str, ratio: float, round_to: int, exclude: tuple[str, ...], shapes: Any, seed: int,
-             criterion: str | None, report_path: Path | None, params: dict[str, Any], preprocess: Any) -> None:
+             criterion: str | None, params: dict[str, Any], preprocess: Any) -> None:
     """Print every group and what the method would keep, where that needs no data; write nothing."""
     if not model.is_file():
         raise UsageError(f"{model}: {'not a file' if model.exists() else 'no such file'}")
@@ -396,8 +475,6 @@ def _dry_run(model: Path, method: str, ratio: float, round_to: int, exclude: tup
     click.echo(f"{len(analysis.trace.groups)} groups, {frozen} fully frozen")
     if plan is None:
         click.echo(f"kept counts: --method {method} chooses them from data or a search; run without --dry-run")
-    if report_path is not None:
-        log.warning("--dry-run writes nothing: --report %s is ignored", report_path)
 
 
 def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
@@ -427,7 +504,7 @@ def _preprocess(
     )
 
 
-def _check_paths(model: Path, target: Path | None, report_path: Path | None) -> ir.ExternalData:
+def _check_paths(model: Path, target: Path | None, report_path: Path | None, plot_path: Path | None = None) -> ir.ExternalData:
     """Input exists; output and report are files in existing folders and never one of the input's files.
 
     Returns the input's external-data references (read from the file without loading its
@@ -437,7 +514,8 @@ def _check_paths(model: Path, target: Path | None, report_path: Path | None) -> 
         raise UsageError(f"{model}: no such file")
     if not model.is_file():
         raise UsageError(f"{model}: not a file")
-    named = [(flag, path) for flag, path in (("output", target), ("--report", report_path)) if path is not None]
+    named = [(flag, path) for flag, path in (("output", target), ("--report", report_path), ("--plot", plot_path))
+             if path is not None]
     external = ir.external_data_of(model)
     inputs_data = external.files
     for flag, path in named:
@@ -448,36 +526,22 @@ def _check_paths(model: Path, target: Path | None, report_path: Path | None) -> 
         if path.is_dir():
             raise UsageError(f"{flag} {path} is a folder; give a file name")
         ir.check_writable_folder(path.resolve().parent)  # before any work, not after it
+    for (first, path), (flag, other) in itertools.combinations(named, 2):
+        if path.resolve() == other.resolve():
+            raise UsageError(f"{flag} {other} is the {'output model' if first == 'output' else 'report'}; choose another path")
     if target is None:
         return external
-    if report_path is not None and report_path.resolve() == target.resolve():
-        raise UsageError(f"--report {report_path} is the output model; choose another path")
     # the output's external data (when it has any) is written beside it as NAME.data
     output_data = target.resolve().with_name(target.name + ".data")
+    for flag, path in named[1:]:
+        if path.resolve() == output_data:
+            raise UsageError(f"{flag} {path} is the output model's external data file; choose another path")
     if output_data in inputs_data or output_data == model.resolve():
         raise UsageError(
             f"output {target} would write its external data to {output_data.name}, a file of the input model; "
             "choose another output name"
         )
     return external
-
-
-def _write_text(path: Path, text: str) -> None:
-    import tempfile
-
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text + "\n")
-        ir.default_permissions(Path(tmp))
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    finally:  # also on Ctrl-C: no temporary file is left behind
-        Path(tmp).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from . import ir, validate
-from .calib.arrays import check_cast, check_finite, check_shape
+from .calib.arrays import check_cast, check_finite, check_shape, pickled_error
 from .calib.specs import input_specs
 from .errors import CalibrationError, UsageError
 
@@ -61,7 +61,7 @@ def load_eval(
                 raise CalibrationError(f"{p}: needs arrays {spec.name!r} (or 'images') and 'labels'; found {data.files}")
             images, labels = data[key], data["labels"]
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise CalibrationError(f"{p}: cannot read evaluation data: {type(exc).__name__}") from None
+        raise pickled_error(p) or CalibrationError(f"{p}: cannot read evaluation data: {type(exc).__name__}") from None
     where = f"{p}: '{key}'"
     check_shape(images, spec, where)
     check_cast(images, spec.dtype, where)

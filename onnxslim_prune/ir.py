@@ -15,6 +15,7 @@ touches `graph/` alone. Life cycle of a model:
 
 from __future__ import annotations
 
+from .atomic import Outputs, default_permissions
 from .graph.io import (
     EXTERNAL_THRESHOLD,
     ExternalData,
@@ -25,7 +26,6 @@ from .graph.io import (
     check_model,
     check_writable_folder,
     count_parameters,
-    default_permissions,
     exceeds_proto_limit,
     external_data_files,
     external_data_of,
@@ -37,6 +37,7 @@ from .graph.io import (
     save_external,
     save_model,
     serialize,
+    stage_model,
     serialized_size,
     tensor_bytes,
     uses_external_data,
@@ -111,6 +112,8 @@ __all__ = [
     "raw_data_in_file",
     "save_external",
     "save_model",
+    "stage_model",
+    "Outputs",
     "serialize",
     "serialized_size",
     "share_identical_initializers",

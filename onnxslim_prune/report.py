@@ -13,6 +13,9 @@ from .passes.trace import Trace
 from .validate import ModelStats
 from .verdict import Verdict
 
+#: the report JSON's layout version (its `schema` key): raised when a key is renamed or removed, or its meaning changes
+REPORT_SCHEMA = 1
+
 
 @dataclass(frozen=True)
 class GroupRow:
@@ -47,6 +50,7 @@ class Report:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     validated: bool = True  # a report exists only for a model that passed validation
     version: str = __version__
+    schema: int = REPORT_SCHEMA
 
     @property
     def frozen(self) -> tuple[GroupRow, ...]:

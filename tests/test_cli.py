@@ -330,9 +330,9 @@ def test_dry_run_shows_what_a_data_free_method_keeps(model_dir: Path, monkeypatc
 
 def test_report_names_a_budget_not_an_unused_ratio(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(model_dir)
-    result = invoke(["good.onnx", "-o", "out.onnx", "--target-macs", "0.6", "--ratio", "0.1"])
+    result = invoke(["good.onnx", "-o", "out.onnx", "--target-macs", "0.6"])
     assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines()[0].startswith("method l1, target MACs 0.6,")
+    assert result.stdout.splitlines()[0].startswith("method l1, target MACs 0.6,")  # not the default ratio 0.5
 
 
 def test_api_exclude_as_a_string_is_one_pattern() -> None:

@@ -13,6 +13,7 @@ import logging
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -66,12 +67,44 @@ def check_finite(arr: np.ndarray, where: str) -> None:
         raise CalibrationError(f"{where} has {bad} non-finite value(s) (NaN or infinity)")
 
 
+def pickled_error(path: Path) -> CalibrationError | None:
+    """The error for a .npz/.npy file holding object arrays (numpy refuses them: allow_pickle stays off); else None."""
+    if not holds_objects(path):
+        return None
+    return CalibrationError(f"{path}: holds Python objects (pickled); not loaded for safety: save plain arrays")
+
+
+def holds_objects(path: Path) -> bool:
+    """Whether some array of a .npy file or .npz archive has an object dtype, read from the headers only."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                for name in archive.namelist():
+                    if name.endswith(".npy"):
+                        with archive.open(name) as member:
+                            if _object_header(member):
+                                return True
+            return False
+        with open(path, "rb") as handle:
+            return _object_header(handle)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return False
+
+
+def _object_header(handle: Any) -> bool:
+    version = np.lib.format.read_magic(handle)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    _, _, dtype = read(handle)
+    return bool(np.dtype(dtype).hasobject)
+
+
 def _open_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CalibrationError(f"cannot read {path}: {type(exc).__name__} (expected a numpy .npz archive)") from None
+        raise pickled_error(path) or CalibrationError(
+            f"cannot read {path}: {type(exc).__name__} (expected a numpy .npz archive)") from None
 
 
 def _match_keys(path: Path, arrays: Mapping[str, np.ndarray], inputs: Sequence[InputSpec]) -> dict[str, str]:
@@ -126,7 +159,8 @@ def load_npy(path: Path, inputs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise CalibrationError(f"cannot read {path}: {type(exc).__name__} (expected a numpy .npy array)") from None
+        raise pickled_error(path) or CalibrationError(
+            f"cannot read {path}: {type(exc).__name__} (expected a numpy .npy array)") from None
     return _validated(path, {inputs[0].name: arr}, inputs)
 
 

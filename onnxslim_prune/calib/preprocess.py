@@ -130,6 +130,17 @@ def _read_header(image_module: Any, path: Path) -> ImageHeader:
         return ImageHeader(path, str(img.mode), _is_grey(img))
 
 
+def _check_decodes(image_module: Any, path: Path) -> None:
+    """Decode every byte of the image, so a truncated or corrupt body fails here (and is skipped) like a bad header.
+
+    A JPEG is decoded at its smallest draft scale (1/8), which still reads the whole entropy-coded body;
+    Pillow's LOAD_TRUNCATED_IMAGES is left as it is (off by default): a truncated file raises.
+    """
+    with image_module.open(path) as img:
+        img.draft(None, (1, 1))  # a no-op for formats without draft decoding
+        img.load()
+
+
 def check_image(path: Path) -> ImageHeader:
     """Cheap header check (no full decode) so obviously broken files fail at load time."""
     image_module = _pil_image()
@@ -142,7 +153,8 @@ def check_image(path: Path) -> ImageHeader:
 def scan_images(files: Sequence[Path], wanted: int) -> tuple[list[ImageHeader], list[tuple[Path, str]]]:
     """Headers of the first ``wanted`` readable files, and (file, reason) for each unreadable one seen.
 
-    Files after the ``wanted``-th readable one are not opened: they are not used.
+    Readable means decodable to the end: a file whose header parses but whose pixels are truncated
+    is unreadable. Files after the ``wanted``-th readable one are not opened: they are not used.
     """
     image_module = _pil_image()  # a missing Pillow is fatal, not a per-file problem
     readable: list[ImageHeader] = []
@@ -151,7 +163,9 @@ def scan_images(files: Sequence[Path], wanted: int) -> tuple[list[ImageHeader], 
         if len(readable) >= wanted:
             break
         try:
-            readable.append(_read_header(image_module, path))
+            header = _read_header(image_module, path)
+            _check_decodes(image_module, path)
+            readable.append(header)
         except Exception as exc:  # Pillow raises several unrelated types
             unreadable.append((path, error_reason(exc)))
     return readable, unreadable
@@ -176,6 +190,7 @@ def load_image(
     Image = _pil_image()
     try:
         with Image.open(path) as img:
+            img.load()  # decoding fails here, inside the try, not lazily in a later call
             img = _resized(img.convert("L" if channels == 1 else "RGB"), size, pre.resize)
             pixels = np.asarray(img, dtype=np.uint8).reshape(size[0], size[1], channels)
     except CalibrationError:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from ..atomic import Outputs, cannot_write, temporary
 from ..errors import ModelError, UsageError
 
 #: protobuf cannot serialise a message of 2 GiB or more; stay clear of it.
@@ -42,8 +43,12 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     except Exception as exc:  # protobuf raises DecodeError, external data raises OSError/ValueError
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(f"{p}: not a readable ONNX model (truncated or not ONNX): {msg}") from None
-    if model.ir_version <= 0 or not model.graph.node or not model.opset_import:
-        raise ModelError(f"{p}: not an ONNX model (no graph, no opset or no IR version)")
+    missing = [what for what, absent in (("IR version", model.ir_version <= 0), ("graph", not model.HasField("graph")),
+                                         ("opset", not model.opset_import)) if absent]
+    if missing:
+        raise ModelError(f"{p}: not an ONNX model (no {', no '.join(missing)})")
+    if not model.graph.node:
+        raise ModelError(f"{p}: the graph has no nodes: nothing to prune")
     return model
 
 
@@ -199,62 +204,44 @@ def serialize(model: onnx.ModelProto) -> bytes | None:
 def save_model(
     model: onnx.ModelProto, path: str | os.PathLike[str], *, external: bool = False, serialized: bytes | None = None
 ) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename.
+    """Write atomically (`atomic.Outputs`): the model and its external data file, both or neither."""
+    with Outputs() as outputs:
+        stage_model(outputs, model, Path(path), external=external, serialized=serialized)
+        outputs.commit()
 
-    External data is written when asked (the input had it) or when the model
-    exceeds protobuf's limit; its data file is named after the output.
-    `serialized` is `serialize(model)` when the caller has it already (it is then
-    written as it is, and the model is not serialized again).
+
+def stage_model(
+    outputs: Outputs, model: onnx.ModelProto, target: Path, *, external: bool = False, serialized: bytes | None = None
+) -> None:
+    """Write the model into temporaries of `outputs`, committed with the run's other files.
+
+    External data is written when asked (the input had it) or when the model exceeds
+    protobuf's limit; its data file is named after the output (NAME.data) and staged before
+    the model, so it is renamed first. `serialized` is `serialize(model)` when the caller has
+    it already (it is then written as it is, and the model is not serialized again).
     """
-    target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     check_writable_folder(folder)
     external = external or (serialized is None and exceeds_proto_limit(model))
-    fd, tmp_name = _temporary(folder, target.name)
-    os.close(fd)
-    tmp = Path(tmp_name)
     data_name = f"{target.name}.data"
-    tmp_data = folder / f".{data_name}.tmp"
     try:
         if external:
-            save_external(model, tmp, location=tmp_data.name)
-            if tmp_data.exists():  # absent when every tensor is under the threshold
-                _rename_external_location(tmp, tmp_data.name, data_name)
-                default_permissions(tmp_data)
-                os.replace(tmp_data, folder / data_name)
+            tmp_data = outputs.stage(folder / data_name)
+            tmp = outputs.stage(target)
+            if not _write_external(model, tmp, tmp_data, data_name):  # every tensor under the threshold
+                outputs.drop(folder / data_name)
         else:
+            tmp = outputs.stage(target)
             tmp.write_bytes(model.SerializeToString() if serialized is None else serialized)
-        default_permissions(tmp)
-        os.replace(tmp, target)
     except OSError as exc:
-        raise UsageError(f"{target}: cannot write: {exc.strerror or exc}") from None
-    finally:
-        for leftover in (tmp, tmp_data):
-            if leftover.exists():
-                leftover.unlink()
-
-
-def _temporary(folder: Path, name: str) -> tuple[int, str]:
-    try:
-        return tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise UsageError(f"{folder}: cannot write there: {exc.strerror or exc}") from None
+        raise cannot_write(target, exc) from None
 
 
 def check_writable_folder(folder: Path) -> None:
     """Raise `UsageError` unless a file can really be created in `folder` (root ignores os.access)."""
     if not folder.is_dir():
         raise UsageError(f"{folder}: output folder does not exist")
-    fd, name = _temporary(folder, "write-check")
-    os.close(fd)
-    Path(name).unlink(missing_ok=True)
-
-
-def default_permissions(path: Path) -> None:
-    """mkstemp creates 0600 files; a written model gets the usual 0666 & ~umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    temporary(folder, "write-check").unlink(missing_ok=True)
 
 
 def save_external(model: onnx.ModelProto, path: Path, location: str | None = None) -> None:
@@ -270,14 +257,29 @@ def save_external(model: onnx.ModelProto, path: Path, location: str | None = Non
     )
 
 
-def _rename_external_location(path: Path, old: str, new: str) -> None:
-    """Point the external-data references of a just-written file at the final data file name."""
-    model = onnx.load(str(path), load_external_data=False)
-    for tensor in onnx.external_data_helper._get_all_tensors(model):  # noqa: SLF001 - stable helper
-        for entry in tensor.external_data:
-            if entry.key == "location" and entry.value == old:
-                entry.value = new
-    path.write_bytes(model.SerializeToString())
+def _write_external(model: onnx.ModelProto, path: Path, data_path: Path, location: str) -> int:
+    """Write the model to `path` with its large initializers in `data_path`, referenced as `location`.
+
+    The layout of `onnx.save_model(save_as_external_data=True, all_tensors_to_one_file=True)`, written
+    here because onnx refuses a data file that exists (checked against the working folder, not the
+    model's) and names the file it writes after `location`: the data goes to this run's own temporary
+    under the final name's reference. Returns how many tensors went to the data file.
+    """
+    from onnx.external_data_helper import _get_initializer_tensors, set_external_data  # noqa: PLC2701
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    count = 0
+    with open(data_path, "wb") as data:
+        for tensor in _get_initializer_tensors(copy):
+            if tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= EXTERNAL_THRESHOLD:
+                offset = data.tell()
+                data.write(tensor.raw_data)
+                set_external_data(tensor, location, offset, data.tell() - offset)
+                tensor.ClearField("raw_data")
+                count += 1
+    path.write_bytes(copy.SerializeToString())
+    return count
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:

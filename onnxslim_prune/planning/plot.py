@@ -3,6 +3,7 @@ search's probes (damage against the fraction kept, passed and missed). matplotli
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,16 @@ def check_available() -> None:
 
 
 def plot(path: Path, rows: Sequence[Any], probes: Sequence[Any], objective: Any, chosen: int | None) -> None:
-    """Write the figure (one panel per part that has data)."""
+    """Write the figure to `path` (atomically; `render` gives its bytes to write with other outputs)."""
+    from ..atomic import Outputs
+
+    with Outputs() as outputs:
+        outputs.add_bytes(path, render(rows, probes, objective, chosen))
+        outputs.commit()
+
+
+def render(rows: Sequence[Any], probes: Sequence[Any], objective: Any, chosen: int | None) -> bytes:
+    """The figure as PNG bytes (one panel per part that has data)."""
     check_available()
     import matplotlib
 
@@ -64,5 +74,7 @@ def plot(path: Path, rows: Sequence[Any], probes: Sequence[Any], objective: Any,
             ax.set_title("search probes")
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    return buffer.getvalue()
