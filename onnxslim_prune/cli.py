@@ -226,7 +226,7 @@ def main(
     try:
         _check_conflicts(model)
         if demo:
-            model = model or _sample(SAMPLE_MODEL)
+            model = _sample(SAMPLE_MODEL)
             eval_data = eval_data or _sample(SAMPLE_EVAL)
             output = output or Path.cwd() / "lenet300.pruned.onnx"
         if model is None:
@@ -398,7 +398,7 @@ def _check_mode(method: str, gates: Gates, params: Mapping[str, Any], searches: 
         _warn_ignored("no search or --sensitivity runs", _SEARCH_ONLY)
         if gates.any and _searches(params) and not search_mod.searchable(method):
             log.warning("--method %s chooses its own allocation, so a gate without --ratio does not search: "
-                        "pruning at --ratio %g and checking the gate", method, click.get_current_context().params["ratio"])
+                        "it prunes with the default --ratio %g and checks the gate", method, click.get_current_context().params["ratio"])
     if not gates.any and Objective(click.get_current_context().params["objective"]) is not Objective.LATENCY:
         _warn_ignored("no gate is given, so every validated model is written", ["keep_failed"])
 

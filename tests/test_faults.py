@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -186,9 +187,16 @@ def test_data_file_is_renamed_before_the_model_and_files_are_synced(tmp_path: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
 
 
-def test_concurrent_runs_writing_one_output_all_succeed_and_stay_consistent(tmp_path: Path) -> None:
+def test_concurrent_runs_writing_one_output_all_succeed_and_stay_consistent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """12 writers of one model + data pair: none fails, no temporary is left, the pair comes from one writer."""
-    models = [M.conv_chain(seed=k) for k in range(12)]
+    real = os.replace
+
+    def slow_replace(src: Any, dst: Any) -> None:  # widens the window between the data's rename and the model's
+        real(src, dst)
+        time.sleep(0.01)
+
+    monkeypatch.setattr(atomic.os, "replace", slow_replace)
+    models = [M.conv_chain(c1=32, c2=32, seed=k) for k in range(12)]  # 9 KiB conv2: a real data file
     target = tmp_path / "out.onnx"
     errors: list[BaseException] = []
     start = threading.Barrier(len(models))
@@ -207,6 +215,8 @@ def test_concurrent_runs_writing_one_output_all_succeed_and_stay_consistent(tmp_
         t.join()
     assert not errors, errors
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"]
+    stored = {i.name: i for i in onnx.load(str(target), load_external_data=False).graph.initializer}
+    assert stored["conv2.w"].data_location == TensorProto.EXTERNAL
     written = onnx.load(str(target))
     check_full(written)
     weights = {i.name: numpy_helper.to_array(i) for i in written.graph.initializer}
