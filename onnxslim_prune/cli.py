@@ -238,11 +238,13 @@ def main(
         by_latency = Objective(objective) is Objective.LATENCY
         round_to = resolve(round_to_value if round_to_value is not None else RoundTo.AUTO if by_latency else 1)
         if dry_run:  # only the settings that choose the plan
-            _warn_ignored("--dry-run only traces and plans; it writes and measures nothing", _RUN_ONLY + tuple(
+            _warn_ignored("--dry-run only traces and plans; it writes and measures nothing", _RUN_ONLY + _PIXELS + tuple(
                 k for k in settings if k not in _given_settings(settings, planning_only=True)))
             _dry_run(model, method, ratio, round_to, exclude, shapes, seed, criterion,
                      _given_settings(settings, planning_only=True), preprocess)
             return
+        if calib is None or not Path(calib).is_dir():
+            _warn_ignored("--calib is not an image folder", _PIXELS)
         target = output or model.with_name(model.name.removesuffix(".onnx") + ".pruned.onnx")
         external = _check_paths(model, target, report_path, plot_path)
         console = None if quiet else ConsoleProgress()
@@ -341,6 +343,8 @@ def main(
 _RUN_ONLY = ("output", "calib", "calib_samples", "batch_size", "eval_data", "calib_memory", "holdout", "min_top1_agreement",
              "min_cosine", "min_correlation", "max_drop", "sensitivity_ratios", "allocation", "target_latency",
              "max_probes", "search_margin", "plot_path", "keep_failed", "latency", "report_path", "show_groups")
+#: image-folder options that only change pixel values (--size and --layout also size dynamic inputs)
+_PIXELS = ("resize_mode", "mean", "std", "scale", "bgr")
 #: options only a search or --sensitivity uses
 _SEARCH_ONLY = ("sensitivity_ratios", "allocation", "max_probes", "search_margin")
 #: options only a run that writes a model uses (--sensitivity without a gate only measures)

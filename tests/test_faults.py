@@ -277,9 +277,10 @@ def test_ignored_options_are_named_in_a_warning(folder: Path, caplog: pytest.Log
     assert "3 groups" in dry.stdout and snapshot(folder) == before
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        plain = invoke(["good.onnx", "-o", "out.onnx", "--max-probes", "3", "--keep-failed", "--no-latency", "-q"])
+        plain = invoke(["good.onnx", "-o", "out.onnx", "--max-probes", "3", "--keep-failed", "--mean", "0.5", "--no-latency"])
     assert plain.exit_code == 0, plain.output
     assert "no search or --sensitivity runs: --max-probes is ignored" in caplog.text
+    assert "--calib is not an image folder: --mean is ignored" in caplog.text
     assert "no gate is given, so every validated model is written: --keep-failed is ignored" in caplog.text
     assert_pruned_exactly(folder / "out.onnx")
 
