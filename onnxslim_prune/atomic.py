@@ -74,10 +74,6 @@ class Outputs:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.discard()  # committed temporaries are gone already; anything else is removed, also on Ctrl-C
 
-    @property
-    def staged(self) -> tuple[Staged, ...]:
-        return tuple(self._staged)
-
     def stage(self, target: Path) -> Path:
         """A new temporary for `target` (written by the caller), committed with the others."""
         target = Path(target)
@@ -145,7 +141,7 @@ class Outputs:
 
 
 def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDWR)  # our own file; Windows syncs only a writable descriptor
     try:
         os.fsync(fd)
     finally:
