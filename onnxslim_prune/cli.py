@@ -1,7 +1,9 @@
 """`onnx-prune`: a thin click layer over `onnxslim_prune.api`.
 
 Every `PruneError` becomes one line on stderr and its exit code (2 usage, 1 model/data);
-nothing is written unless the pruned model validated.
+nothing is written unless the pruned model validated, and then the model, its external data,
+the report and the plot are written together or not at all (`atomic.Outputs`). Options that
+contradict each other are usage errors; options the run does not use are named in a warning.
 """
 
 from __future__ import annotations
