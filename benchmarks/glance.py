@@ -228,7 +228,39 @@ def real_models() -> str | None:
             f"much ({link('PyPI models', 'Trained models from PyPI packages')}, [limits](docs/limits.md)).")
 
 
-HEADLINES: tuple[Callable[[], str | None], ...] = (coverage, transformers, vit, transformer_peers, speed,
+#: the suite's targets (issue "Quality on real trained models"): model -> (MACs at most, figure, at least / at most, text)
+SUITE_TARGETS = {
+    "lite1": (0.75, "top1_agreement", 0.80, "EfficientNet-Lite1 (ImageNet) at <= 75% of the MACs: top-1 agreement {v} on "
+              "600 unseen photo-like images ({m}, {macs} MACs; target 80%)"),
+    "minilm": (0.60, "nn_agreement", 0.60, "all-MiniLM-L6-v2 at <= 60% of the MACs: nearest-neighbour agreement {v}, "
+               "embedding cosine {c} on 500 unseen sentences ({m}, {macs} MACs; targets 60% and 0.93)"),
+    "smollm2": (0.80, "perplexity_ratio", 1.6, "SmolLM2-135M at <= 80% of the MACs: perplexity {v} the original's on 400 "
+                "unseen text windows ({m}, {macs} MACs; target 1.6x)"),
+}
+
+
+def real_suite() -> str | None:
+    """The best row of each model of the real-model suite within its MACs target."""
+    data = _load("real_suite")
+    if not data:
+        return None
+    parts = []
+    for model, (macs, key, _target, text) in SUITE_TARGETS.items():
+        rows = [r for r in data["rows"] if r["model"] == model and r.get(key) is not None and not r.get("extra")
+                and r.get("macs_kept") is not None and r["macs_kept"] <= macs + 0.005]
+        if not rows:
+            continue
+        best = (max if key != "perplexity_ratio" else min)(rows, key=lambda r: r[key])
+        value = f"{best[key]:.2f}x" if key == "perplexity_ratio" else _pct(best[key])
+        parts.append(text.format(v=value, c=f"{best.get('cosine', 0):.3f}", m=f"`{best['method']}`",
+                                 macs=_pct(best["macs_kept"])))
+    if not parts:
+        return None
+    return (f"**Real trained models, no fine-tuning** ({link('suite', 'Trained models on realistic data')}): "
+            + "; ".join(parts) + ".")
+
+
+HEADLINES: tuple[Callable[[], str | None], ...] = (real_suite, coverage, transformers, vit, transformer_peers, speed,
                                                    latency_search, accuracy, search, merge, quantized,
                                                    verdict, real_models)
 PICTURES = (("accuracy_fmnist_resnet56.png", "Accuracy without fine-tuning"),

@@ -104,6 +104,7 @@ def steps(results: Path, zoo: Path, filled: Path, scratch: Path, qsrc: Path, qfi
              ("--models", "fmnist_lenet300_nm", "--out", f"{r}/nm_ranking")),
         Step("bench_verdict", "bench_verdict.py", ("--out", f"{r}/verdict",),
              (*fm, "--methods", "l1", "--ratios", "0.5", "--configs", "a", "--out", f"{r}/verdict")),
+        Step("real_suite", "real_suite.py", ("--results", r), None),
         Step("bench_real_models", "bench_real_models.py", ("--out", f"{r}/real_models",), None),
         Step("bench_real_search", "bench_real_search.py", ("--out", f"{r}/real_search",), None),
         Step("peers", "peers.py", ("--out", r), ("--quick", "--out", r)),

@@ -48,6 +48,12 @@ class Chapter:
 ZOO = "Seeded random weights (`../shared/zoo/fill.py`): these figures test structure and speed, not accuracy."
 
 CHAPTERS = (
+    Chapter("The real-model suite", (
+        Section("real_suite", "Trained models on realistic data", "real_suite.py",
+                "The yardstick: EfficientNet-Lite1 (ImageNet) on photo-like images, all-MiniLM-L6-v2 and SmolLM2-135M on "
+                "English text, every figure measured by the benchmark on an eval split the tool never saw.",
+                ("real_suite_*.png",)),
+    )),
     Chapter("Coverage", (
         Section("zoo_coverage", "Coverage of the zoo", "zoo_coverage.py"),
         Section("transformers", "Transformers of the zoo", "transformers.py", ZOO),
