@@ -49,6 +49,8 @@ class Analysis:
     trace: Trace
     input_shapes: Mapping[str, tuple[int, ...]]
     opset: int
+    #: what normalising did that a user should know (run-time shape reads folded)
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,14 +93,15 @@ def _analyze(
         ir.check_model(proto, full=False, what="input model", path=path)
     shapes_in = ir.fixed_input_shapes(proto, input_shapes)
     opset = ir.opset_version(proto)
-    graph = ir.to_graph(proto, source=path)
+    notes: list[str] = []
+    graph = ir.to_graph(proto, source=path, input_shapes=shapes_in, notes=notes)
     # shape inference needs no weights: the folded graph's skeleton (the full export only if onnxruntime must run)
     skeleton = ir.export_skeleton(graph, proto)
     shapes = ir.static_shapes(skeleton, shapes_in, runnable=lambda: _export_plain(graph, proto))
     # graph-surgeon's graph copies (constant folding, the skeleton) are reference cycles that share the weight
     # arrays; collected now, not whenever the collector next runs, pruning cannot hold the unpruned weights twice
     gc.collect()
-    return Analysis(proto, graph, trace(graph, shapes, exclude, opset), shapes_in, opset)
+    return Analysis(proto, graph, trace(graph, shapes, exclude, opset), shapes_in, opset, tuple(notes))
 
 
 def _export_plain(graph: Any, like: onnx.ModelProto) -> onnx.ModelProto:
@@ -203,6 +206,7 @@ def prune(
         analysis = _analyze(working, shapes_in, exclude, check=working is not original,
                             path=path if working is original else None)
     graph = analysis.graph
+    notes.extend(analysis.notes)
     notes.extend(_unmatched_excludes([n.name for n in graph.nodes], exclude))
     ctx = Context(working, graph, analysis.trace, options, analysis.input_shapes, analysis.opset, fit, progress)
     with clock.stage(Stage.METHOD), memory.limited(calib_memory):

@@ -476,6 +476,8 @@ def _dry_run(model: Path, method: str, ratio: float, round_to: int, exclude: tup
         click.echo(f"the model is quantized in QOperator form ({', '.join(quantized)}), which is not pruned: quantize "
                    "with QuantFormat.QDQ, or prune the float model and quantize it afterwards")
     rows = group_rows(analysis.trace, None if plan is None else {g.group: g.kept for g in plan.groups})
+    for note in analysis.notes:
+        click.echo(f"note: {note}")
     click.echo(group_table(rows))
     frozen = sum(1 for g in analysis.trace.groups if g.is_frozen)
     click.echo(f"{len(analysis.trace.groups)} groups, {frozen} fully frozen")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -16,15 +17,19 @@ from ..errors import ModelError
 from . import edit
 from .io import RawData, raw_data_in_file
 from .read import const_value, value_digest
-from .shapes import fixed_input_shapes, is_static_dim, static_shapes
+from .shapes import Shape, dynamic_non_batch_dims, fixed_input_shapes, is_static_dim, shape_invariant_dims, static_shapes
 
 log = logging.getLogger(__name__)
 
-def to_graph(model: onnx.ModelProto, source: str | os.PathLike[str] | None = None) -> gs.Graph:
+def to_graph(model: onnx.ModelProto, source: str | os.PathLike[str] | None = None,
+             input_shapes: Mapping[str, Shape] | None = None, notes: list[str] | None = None) -> gs.Graph:
     """Import into graph-surgeon, name every node, fold Constant nodes and weight subgraphs.
 
-    Shape subgraphs are folded only when every graph input is fully static: a dynamic
-    batch must stay dynamic in the output. Ops that expand constants (Expand, Tile, a
+    Shape subgraphs are folded when every graph input is fully static. With dynamic dims other
+    than the batch and `input_shapes` to trace at, only the run-time reads of dims that do not
+    depend on the inputs (`shapes.shape_invariant_dims`: head counts and sizes of a dynamic
+    transformer export) are folded: the batch and sequence stay dynamic in the output; `notes`
+    gets a line saying how many. Ops that expand constants (Expand, Tile, a
     Gather that repeats rows) are never folded, so the model cannot grow.
 
     `source` is the file `model` was loaded from, unchanged: the initializers' arrays are
@@ -43,26 +48,36 @@ def to_graph(model: onnx.ModelProto, source: str | os.PathLike[str] | None = Non
     _name_nodes(graph)
     _keep_output_names(graph)
     static = _all_inputs_static(model)
+    known: Mapping[str, tuple[int | None, ...]] = {}
     if static:
-        shapes = static_shapes(model, fixed_input_shapes(model))
-        for tensor in graph.tensors().values():
-            if isinstance(tensor, gs.Variable) and tensor.name in shapes:
-                tensor.shape = list(shapes[tensor.name])
+        known = static_shapes(model, fixed_input_shapes(model))
+    elif input_shapes and dynamic_non_batch_dims(model):
+        known = shape_invariant_dims(model, input_shapes)
+    fold_shapes = bool(known)
+    reads_before = sum(1 for n in graph.nodes if n.op == "Shape")
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and tensor.name in known and (static or tensor not in (*graph.inputs, *graph.outputs)):
+            tensor.shape = list(known[tensor.name])
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)  # graph-surgeon folds with onnxruntime; its warnings are noise here
     gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
     try:
-        graph.fold_constants(fold_shapes=static, error_ok=True, should_exclude_node=_not_folded)
+        graph.fold_constants(fold_shapes=fold_shapes, error_ok=True, should_exclude_node=_not_folded)
     except Exception as exc:  # folding is an optimisation; tracing is conservative without it
         log.warning("constant folding skipped: %s", exc)
     graph.cleanup().toposort()
+    folded = reads_before - sum(1 for n in graph.nodes if n.op == "Shape")
+    if folded and not static and notes is not None:
+        notes.append(f"{folded} run-time shape read{'s' if folded > 1 else ''} of fixed dims (head counts, head sizes) "
+                     "folded at the traced input shapes; the batch and sequence stay dynamic")
+        log.info("%s", notes[-1])
     _detach(graph)  # folding turns Constant nodes into constants that still point into the caller's model
     from . import qdq
 
     qdq.fold_weights(graph)  # QDQ weights are float constants while pruning, quantized again on export
     _share_equal_constants(graph)
-    if static:
+    if fold_shapes:
         for tensor in graph.tensors().values():
             if isinstance(tensor, gs.Variable) and tensor not in graph.inputs and tensor not in graph.outputs:
                 tensor.shape = None

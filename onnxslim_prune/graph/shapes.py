@@ -156,31 +156,8 @@ def static_shapes(
     Shapes inference cannot give are read off one onnxruntime run, which needs the weights:
     when `model` is a skeleton (`export_skeleton`), `runnable` makes the full model (only then).
     """
-    skel = skeleton(model)
-    for vi in skel.graph.input:
-        if vi.name in input_shapes:
-            dims = vi.type.tensor_type.shape.dim
-            for dim, value in zip(dims, input_shapes[vi.name]):
-                dim.Clear()
-                dim.dim_value = value
-    del skel.graph.value_info[:]
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skel, check_type=True, strict_mode=True, data_prop=True)
-    except Exception as exc:
-        log.warning("strict shape inference failed (%s); retrying leniently", str(exc).splitlines()[0])
-        inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
-    shapes: dict[str, Shape] = {}
-    types: dict[str, int] = {}
-    graph = inferred.graph
-    for vi in [*graph.input, *graph.value_info, *graph.output]:
-        tt = vi.type.tensor_type
-        if tt.elem_type:
-            types[vi.name] = tt.elem_type
-        if not tt.HasField("shape"):
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
-        if all(d >= 0 for d in dims):
-            shapes[vi.name] = tuple(dims)
+    inferred, types = _inferred_dims(skeleton(model), input_shapes)
+    shapes: dict[str, Shape] = {name: dims for name, dims in inferred.items() if all(d >= 0 for d in dims)}
     for init in model.graph.initializer:
         shapes[init.name] = tuple(init.dims)
     for node in model.graph.node:  # a contrib op onnx cannot infer: its outputs typed like its first input
@@ -191,6 +168,67 @@ def static_shapes(
     if missing:
         shapes.update(_shapes_by_running(model if runnable is None else runnable(), input_shapes, missing, types))
     return shapes
+
+
+def _inferred_dims(skel: onnx.ModelProto, input_shapes: Mapping[str, Shape], *, quiet: bool = False
+                   ) -> tuple[dict[str, Shape], dict[str, int]]:
+    """Strict inference (data propagation) of a skeleton at `input_shapes`: every tensor's dims (-1 where unknown)
+    and element types. `skel` is changed (its inputs fixed)."""
+    for vi in skel.graph.input:
+        if vi.name in input_shapes:
+            dims = vi.type.tensor_type.shape.dim
+            for dim, value in zip(dims, input_shapes[vi.name]):
+                dim.Clear()
+                dim.dim_value = value
+    del skel.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skel, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        if not quiet:
+            log.warning("strict shape inference failed (%s); retrying leniently", str(exc).splitlines()[0])
+        inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
+    shapes: dict[str, Shape] = {}
+    types: dict[str, int] = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        tt = vi.type.tensor_type
+        if tt.elem_type:
+            types[vi.name] = tt.elem_type
+        if tt.HasField("shape"):
+            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim)
+    return shapes, types
+
+
+def shape_invariant_dims(model: onnx.ModelProto, input_shapes: Mapping[str, Shape]) -> dict[str, tuple[int | None, ...]]:
+    """Per tensor, the dims that do not depend on the dynamic input dims (None where they do, or are unknown).
+
+    Inferred twice: at `input_shapes`, and with every dynamic dim of the model's inputs moved by one
+    (``d -> d - 1``, or ``d + 1`` below 3: equal dims stay equal). A dim equal in both and not
+    symbolically tied to an input's named dim is a property of the network (a head count, a head
+    size), which a dynamic export reads at run time with ``Gather(Shape(x), i)``; `normalize.to_graph`
+    folds those reads, so the graph's head splits look like a static export's. Empty when a probe
+    cannot be inferred.
+    """
+    inits = {i.name for i in model.graph.initializer}
+    dynamic = {vi.name: [i for i, d in enumerate(vi.type.tensor_type.shape.dim) if not is_static_dim(d)]
+               for vi in model.graph.input if vi.name not in inits}
+    moved = {name: tuple(_moved(d) if i in dynamic.get(name, ()) else d for i, d in enumerate(shape))
+             for name, shape in input_shapes.items()}
+    try:
+        first, _ = _inferred_dims(skeleton(model), input_shapes, quiet=True)
+        second, _ = _inferred_dims(skeleton(model), moved, quiet=True)
+    except Exception as exc:  # an optimisation only: the dynamic reads then freeze, as before
+        log.info("no shape-invariant dims: %s", str(exc).splitlines()[0])
+        return {}
+    out: dict[str, tuple[int | None, ...]] = {}
+    for name, a in first.items():
+        b = second.get(name)
+        if b is not None and len(b) == len(a):
+            out[name] = tuple(x if x >= 0 and x == y else None for x, y in zip(a, b))
+    return out
+
+
+def _moved(d: int) -> int:
+    return d - 1 if d > 2 else d + 1
 
 
 def _shapes_by_running(

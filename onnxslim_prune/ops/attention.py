@@ -102,13 +102,12 @@ def target_entry(node: gs.Node, axis: int) -> tuple[gs.Node, int] | None:
     """The Concat that builds a Reshape / Expand shape at run time, and its input holding entry `axis`.
 
     Every Concat input must be one-element (a constant or an unsqueezed scalar) so that input
-    ``i`` is entry ``i``; None otherwise.
+    ``i`` is entry ``i``; None otherwise. torch's ``expand`` wraps the Concat in
+    ``Where(Equal(s, -1), ones, s)`` over ``Reshape(s, [-1])``: looked through (a kept count is never -1).
     """
-    shape = node.inputs[1]
-    producers = shape.inputs if isinstance(shape, gs.Variable) else []
-    if len(producers) != 1 or producers[0].op != "Concat":
+    concat = _producer(_through_expand_defaults(node.inputs[1]), "Concat")
+    if concat is None:
         return None
-    concat = producers[0]
     entries = []
     for x in concat.inputs:
         value = ir.const_value(x)
@@ -121,6 +120,28 @@ def target_entry(node: gs.Node, axis: int) -> tuple[gs.Node, int] | None:
     if axis >= len(entries):
         return None
     return concat, axis
+
+
+def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
+    producers = tensor.inputs if isinstance(tensor, gs.Variable) else []
+    return producers[0] if len(producers) == 1 and producers[0].op == op else None
+
+
+def _through_expand_defaults(shape: gs.Tensor) -> gs.Tensor:
+    """The 1-D shape under ``Where(Equal(s, c), const, s)`` and ``Reshape(s, [-1])`` (as torch exports ``expand``)."""
+    where = _producer(shape, "Where")
+    if where is not None:
+        equal = _producer(where.inputs[0], "Equal")
+        s = where.inputs[2]
+        if equal is None or ir.const_value(where.inputs[1]) is None or equal.inputs[0] is not s \
+                or ir.const_value(equal.inputs[1]) is None:
+            return shape
+        shape = s
+    flat = _producer(shape, "Reshape")
+    while flat is not None and _flat(flat):
+        shape = flat.inputs[0]
+        flat = _producer(shape, "Reshape")
+    return shape
 
 
 def _one_element(tensor: gs.Tensor) -> bool:

@@ -395,3 +395,101 @@ def test_l1_scores_a_head_with_its_output_projection_rows() -> None:
     result = prune_l1(model)
     assert initializer(result.model, "wq").shape == (8, 4) and initializer(result.model, "wo").shape == (4, 8)
     assert_same_outputs(model, result.model)
+
+
+def _dynamic_llama_block(wq: np.ndarray, wk: np.ndarray, wv: np.ndarray, wo: np.ndarray) -> onnx.ModelProto:
+    """A Llama attention block as the TorchScript exporter writes it with a dynamic batch and sequence: 4 query heads
+    and 2 K/V heads of size 4; the Reshape targets, RoPE's half-size slices and repeat_kv's Expand / Reshape shapes
+    are all read off the tensors at run time (``Gather(Shape(t), i)``); cos / sin cut from cached tables by S."""
+    rope = ""
+    for t in ("q", "k"):
+        rope += f"""
+      {t}s = Shape ({t}t)
+      {t}d = Gather <axis = 0> ({t}s, i3)
+      {t}half = Div ({t}d, two)
+      {t}hu = Unsqueeze ({t}half, ax0)
+      {t}1 = Slice ({t}t, zero, {t}hu, ax3)
+      {t}2 = Slice ({t}t, {t}hu, big, ax3)
+      {t}n = Neg ({t}2)
+      {t}rot = Concat <axis = -1> ({t}n, {t}1)
+      {t}c = Mul ({t}t, cos)
+      {t}r = Mul ({t}rot, sin)
+      {t}e = Add ({t}c, {t}r)"""
+    repeat = ""
+    for t, src in (("rk", "ke"), ("rv", "vt")):
+        repeat += f"""
+      {t}sh = Shape ({src})
+      {t}b = Gather <axis = 0> ({t}sh, i0)
+      {t}h = Gather <axis = 0> ({t}sh, i1)
+      {t}n2 = Gather <axis = 0> ({t}sh, i2)
+      {t}d2 = Gather <axis = 0> ({t}sh, i3)
+      {t}bu = Unsqueeze ({t}b, ax0)
+      {t}huu = Unsqueeze ({t}h, ax0)
+      {t}nu = Unsqueeze ({t}n2, ax0)
+      {t}du = Unsqueeze ({t}d2, ax0)
+      {t}5 = Concat <axis = 0> ({t}bu, {t}huu, rep, {t}nu, {t}du)
+      {t}5f = Reshape ({t}5, m1)
+      {t}eq = Equal ({t}5f, neg5)
+      {t}5w = Where ({t}eq, ones5, {t}5f)
+      {t}u = Unsqueeze ({src}, ax2)
+      {t}x = Expand ({t}u, {t}5w)
+      {t}hm = Mul ({t}h, two)
+      {t}hmu = Unsqueeze ({t}hm, ax0)
+      {t}4 = Concat <axis = 0> ({t}bu, {t}hmu, {t}nu, {t}du)
+      {t}rep4 = Reshape ({t}x, {t}4)"""
+    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[B,S,8] x) => (float[B,S,8] y) {
+      sh = Shape (x)
+      b = Gather <axis = 0> (sh, i0)
+      n = Gather <axis = 0> (sh, i1)
+      bu = Unsqueeze (b, ax0)
+      nu = Unsqueeze (n, ax0)
+      split = Concat <axis = 0> (bu, nu, m1, four)
+      q = MatMul (x, wq)
+      k = MatMul (x, wk)
+      v = MatMul (x, wv)
+      qh = Reshape (q, split)
+      kh = Reshape (k, split)
+      vh = Reshape (v, split)
+      qt = Transpose <perm = [0, 2, 1, 3]> (qh)
+      kt = Transpose <perm = [0, 2, 1, 3]> (kh)
+      vt = Transpose <perm = [0, 2, 1, 3]> (vh)
+      cos = Slice (cos_table, zero, nu, zero)
+      sin = Slice (sin_table, zero, nu, zero)""" + rope + repeat + """
+      ktt = Transpose <perm = [0, 1, 3, 2]> (rkrep4)
+      s = MatMul (qe, ktt)
+      p = Softmax <axis = -1> (s)
+      o = MatMul (p, rvrep4)
+      ot = Transpose <perm = [0, 2, 1, 3]> (o)
+      merge = Concat <axis = 0> (bu, nu, width)
+      om = Reshape (ot, merge)
+      y = MatMul (om, wo)
+    }""", wq=wq, wk=wk, wv=wv, wo=wo, i0=np.array(0), i1=np.array(1), i2=np.array(2), i3=np.array(3),
+        two=np.array(2), ax0=np.array([0]), ax2=np.array([2]), ax3=np.array([3]), zero=np.array([0]),
+        big=np.array([1 << 30]), m1=np.array([-1]), four=np.array([4]), rep=np.array([2]), neg5=np.full(5, -1),
+        ones5=np.ones(5, dtype=np.int64), width=np.array([16]), cos_table=np.cos(weights(32, 4, seed=9)),
+        sin_table=np.sin(weights(32, 4, seed=9)))
+    return model
+
+
+def test_dynamic_llama_export_prunes_a_gqa_group_when_the_shape_is_known() -> None:
+    """RoPE and repeat_kv read head sizes and counts at run time: traced at a known shape, those reads of fixed dims
+    fold, a K/V head prunes with its query heads, and the model stays dynamic (exact on another batch and length)."""
+    model = _dynamic_llama_block(
+        wq=zeroed(weights(8, 16), tuple(range(8, 16)), axis=1), wk=zeroed(weights(8, 8, seed=1), (4, 5, 6, 7), axis=1),
+        wv=zeroed(weights(8, 8, seed=2), (4, 5, 6, 7), axis=1), wo=zeroed(weights(16, 8, seed=3), tuple(range(8, 16))))
+    from .. import api
+
+    analysis = api.analyze(model, input_shapes={"x": (1, 6, 8)})
+    group = group_of(analysis.trace, "MatMul_6", Role.OUT)  # q_proj
+    assert group.size == 2 and group.prunable == 2  # a class per GQA group: K/V head j with query heads 2j, 2j + 1
+    assert any("run-time shape reads" in n for n in analysis.notes)  # said in the dry-run and the report
+    result = api.prune(model, "l1", 0.5, input_shapes={"x": (1, 6, 8)}, latency=False)
+    assert initializer(result.model, "wq").shape == (8, 8) and initializer(result.model, "wk").shape == (8, 4)
+    assert initializer(result.model, "wo").shape == (8, 8)
+    dims = [d.dim_param or d.dim_value for d in result.model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["B", "S", 8]
+    assert any(n.op_type == "Shape" for n in result.model.graph.node)  # batch and length are still read at run time
+    x = np.random.default_rng(0).standard_normal((3, 5, 8)).astype(np.float32)  # not the traced shape
+    np.testing.assert_allclose(_run(result.model, x), _run(model, x), rtol=1e-5, atol=1e-5)
+
