@@ -82,6 +82,19 @@ def test_the_cap_evicts_the_least_recently_used_entries(tmp_path: Path) -> None:
     assert cache_info(settings) == C.CacheInfo(cache, 4, 4 * size, settings.max_bytes, True)
 
 
+def test_rewriting_an_entry_does_not_count_it_twice(tmp_path: Path) -> None:
+    size = _entry_size(tmp_path)
+    cache = tmp_path / "cache"
+    with C.using(CacheSettings(directory=cache, max_bytes=int(4.5 * size))):
+        for i in range(4):
+            C.store_entry(_key(i), _values(i))
+            _age(cache, i, 400 - 100 * i)
+        C.store_entry(_key(3), {"v": np.full(N, 33.0)})  # a corrupt entry being replaced, say
+        hit = C.load_entry(_key(3))
+    assert _remaining(cache) == {0, 1, 2, 3} and _total(cache) == 4 * size
+    assert hit is not None and float(hit["v"][0]) == 33.0
+
+
 def test_a_read_refreshes_recency(tmp_path: Path) -> None:
     size = _entry_size(tmp_path)
     cache = tmp_path / "cache"
@@ -149,11 +162,12 @@ def test_a_stale_temp_file_is_swept_a_fresh_one_and_foreign_files_are_kept(tmp_p
     cache.mkdir()
     stem = C.cache_path(_key(1), cache).stem
     stale, fresh, foreign = cache / f".{stem}.dead1234.tmp", cache / f".{stem}.live5678.tmp", cache / "notes.txt"
-    for path in (stale, fresh, foreign):
+    older_version = cache / f"{stem}k2j_3abc.tmp"  # the temp name before the cap
+    for path in (stale, fresh, foreign, older_version):
         path.write_bytes(b"x" * 100)
     old = time.time() - C.STALE_TEMP_SECONDS - 60
-    os.utime(stale, (old, old))
-    os.utime(foreign, (old, old))
+    for path in (stale, foreign, older_version):
+        os.utime(path, (old, old))
     with C.using(CacheSettings(directory=cache, max_bytes=1 << 20)):
         C.store_entry(_key(1), _values(1))
     assert sorted(p.name for p in cache.iterdir()) == sorted([fresh.name, foreign.name, f"{stem}.npz"])

@@ -60,7 +60,8 @@ STALE_TEMP_SECONDS: Final = 3600
 _KEY_ENTRY: Final = "__cache_key__"
 _DISABLED: Final = {"", "0", "off", "none", "false"}
 _ENTRY_NAME: Final = re.compile(r"[0-9a-f]{64}\.npz")
-_TEMP_NAME: Final = re.compile(r"\.[0-9a-f]{64}\..*\.tmp")
+# ".<entry stem>.<random>.tmp"; without the dots, the temp files of versions before the cap
+_TEMP_NAME: Final = re.compile(r"\.?[0-9a-f]{64}\.?[a-z0-9_]+\.tmp")
 _UNITS: Final = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -234,8 +235,11 @@ def _remove(path: Path) -> bool:
         return False
 
 
-def _sweep(directory: Path, max_bytes: int, incoming: int = 0) -> None:
-    """Delete stale temp files, then the least recently used entries until `incoming` more bytes fit in `max_bytes`."""
+def _sweep(directory: Path, max_bytes: int, incoming: int = 0, replacing: str = "") -> None:
+    """Delete stale temp files, then the least recently used entries until `incoming` more bytes fit in `max_bytes`.
+
+    `replacing`: the entry the incoming one overwrites (it does not count).
+    """
     now = time.time()
     try:
         names = os.listdir(directory)
@@ -249,7 +253,7 @@ def _sweep(directory: Path, max_bytes: int, incoming: int = 0) -> None:
                 continue
             if stale and _remove(directory / name):
                 log.debug("removed stale cache temp file %s", name)
-    entries = _entries(directory)
+    entries = [e for e in _entries(directory) if e[1] != replacing]
     total = sum(size for _t, _n, size in entries) + incoming
     for _mtime, name, size in entries:
         if total <= max_bytes:
@@ -275,7 +279,7 @@ def _write(path: Path, key_parts: Sequence[str], values: Mapping[str, np.ndarray
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _sweep(path.parent, max_bytes, incoming=size)
+        _sweep(path.parent, max_bytes, incoming=size, replacing=path.name)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
             np.savez(handle, **arrays)
