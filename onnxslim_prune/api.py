@@ -21,6 +21,7 @@ import onnx
 from . import ir, validate
 from .graph import qdq
 from .errors import CalibrationError, UsageError
+from .calib import cache as calib_cache
 from .calib import memory
 from .calib.split import DEFAULT_HOLDOUT, held_out_count, split_holdout
 from .evaluation import EvalData, accuracy_from, correct_of, eval_feeds, load_eval
@@ -147,6 +148,7 @@ def prune(
     gates: Gates | None = None,
     latency: bool = True,
     calib_memory: int | None = None,
+    cache: calib_cache.CacheSettings | None = None,
     verdict_part: VerdictPart = VerdictPart.ALL,
     reference_memo: dict[VerdictPart, Any] | None = None,
 ) -> PruneResult:
@@ -155,7 +157,8 @@ def prune(
     Calibration data is split (seeded) into a fit part, the only data the method sees, and a
     held-out part (`holdout` of it) on which the verdict is measured; with `eval_data` the
     verdict is measured there and all calibration data is fitted. `calib_memory`: bytes the
-    passes over calibration data may hold (`calib.memory`; None: a quarter of RAM). `verdict_part`:
+    passes over calibration data may hold (`calib.memory`; None: a quarter of RAM). `cache`: where and how
+    much of the statistics cache (`calib.cache`; None: the current settings, by default the platform's folder). `verdict_part`:
     the half of the held-out samples a search's probe (or its final model) is measured on (`planning.parts`);
     `reference_memo`: the original's outputs per part, kept by a search across its probes (same model and data).
     """
@@ -209,7 +212,7 @@ def prune(
     notes.extend(analysis.notes)
     notes.extend(_unmatched_excludes([n.name for n in graph.nodes], exclude))
     ctx = Context(working, graph, analysis.trace, options, analysis.input_shapes, analysis.opset, fit, progress)
-    with clock.stage(Stage.METHOD), memory.limited(calib_memory):
+    with clock.stage(Stage.METHOD), memory.limited(calib_memory), calib_cache.using(cache):
         outcome = spec(ctx)
         if fit is not None:
             outcome = reconstruct.with_reconstruction(ctx, outcome)  # no-op with --no-reconstruct
@@ -225,7 +228,7 @@ def prune(
             apply_plan(graph, analysis.trace, outcome.plan, analysis.opset, outcome.overrides)
             pruned = ir.to_model(graph, like=working)
         if outcome.finish is not None:
-            with clock.stage(Stage.RECONSTRUCT), memory.limited(calib_memory):
+            with clock.stage(Stage.RECONSTRUCT), memory.limited(calib_memory), calib_cache.using(cache):
                 pruned = outcome.finish(pruned)
     notes.extend(outcome.notes)
     notes.extend(qdq.report_notes(original, pruned))

@@ -22,6 +22,7 @@ import click
 
 from . import api, ir
 from ._version import __version__
+from .calib import cache as calib_cache
 from .calib import memory
 from .calib.split import DEFAULT_HOLDOUT
 from .console import ConsoleProgress
@@ -139,6 +140,12 @@ class _OneLineErrors(click.Command):
               help=".npz with inputs (and 'labels'): the held-out verdict and accuracy; all --calib data is then fitted.")
 @click.option("--calib-memory", metavar="SIZE",
               help="Most memory calibration passes keep (512M, 2G, 25%); past it they spill to disk [default: 25% of RAM].")
+@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder of the calibration statistics cache [default: $ONNXSLIM_PRUNE_CACHE, else the platform's user cache folder].")
+@click.option("--cache-size", metavar="SIZE",
+              help="Most disk the statistics cache takes (500M, 2G); the least recently used entries go first [default: 2G].")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the statistics cache.")
+@click.option("--clear-cache", is_flag=True, help="Empty the statistics cache, print what was freed and exit (no MODEL).")
 @click.option("--holdout", default=DEFAULT_HOLDOUT, show_default=True, type=float,
               help="Fraction of --calib held out for the verdict (never fitted); 0 measures on fitted samples.")
 @click.option("--min-top1-agreement", type=float, metavar="F", help="Gate: held-out top-1 agreement with the original >= F.")
@@ -193,6 +200,10 @@ def main(
     bgr: bool,
     eval_data: Path | None,
     calib_memory: str | None,
+    cache_dir: Path | None,
+    cache_size: str | None,
+    no_cache: bool,
+    clear_cache: bool,
     holdout: float,
     min_top1_agreement: float | None,
     min_cosine: float | None,
@@ -227,6 +238,10 @@ def main(
     console: ConsoleProgress | None = None
     try:
         _check_conflicts(model)
+        cache = _cache_settings(cache_dir, cache_size, no_cache)
+        if clear_cache:
+            _clear_cache(cache, model is not None or demo, no_cache, quiet)
+            return
         if demo:
             model = _sample(SAMPLE_MODEL)
             eval_data = eval_data or _sample(SAMPLE_EVAL)
@@ -255,7 +270,7 @@ def main(
             criterion=criterion, calib=calib, calib_samples=calib_samples, batch_size=batch_size,
             eval_data=eval_data, preprocess=preprocess, params=_given_settings(settings),
             holdout=holdout, gates=gates, latency=latency,
-            calib_memory=None if calib_memory is None else memory.parse_size(calib_memory),
+            calib_memory=None if calib_memory is None else memory.parse_size(calib_memory), cache=cache,
         )
         search_settings = SearchSettings(_floats(sensitivity_ratios, "--sensitivity-ratios") or (), max_probes,
                                          Allocation(allocation), Objective(objective), search_margin)
@@ -456,6 +471,24 @@ def _sensitivity_only(model: Path, method: str, kwargs: dict[str, Any], settings
     if not quiet:
         click.echo(search_mod.sensitivity_table(outcome.rows, proxy))
         click.echo("no model written: --sensitivity without a gate only measures (add --max-drop or --min-* to search)")
+
+
+def _cache_settings(directory: Path | None, size: str | None, disabled: bool) -> calib_cache.CacheSettings:
+    if disabled and (directory is not None or size is not None):
+        raise UsageError(f"--no-cache conflicts with {'--cache-dir' if directory is not None else '--cache-size'}: give one")
+    max_bytes = calib_cache.DEFAULT_MAX_BYTES if size is None else calib_cache.parse_cache_size(size)
+    return calib_cache.CacheSettings(directory=directory, enabled=not disabled, max_bytes=max_bytes)
+
+
+def _clear_cache(cache: calib_cache.CacheSettings, with_model: bool, disabled: bool, quiet: bool) -> None:
+    """--clear-cache: a command of its own (no model is read)."""
+    if with_model:
+        raise UsageError("--clear-cache takes no MODEL: clear the cache, then run the model")
+    if disabled:
+        raise UsageError("--clear-cache conflicts with --no-cache: give one")
+    freed = calib_cache.clear_cache(cache)
+    if not quiet:
+        click.echo(f"cleared {freed.entries} cache entries ({calib_cache.human_bytes(freed.bytes)}) from {freed.directory}")
 
 
 def _closed(console: ConsoleProgress | None) -> None:

@@ -559,6 +559,7 @@ def test_cache_directory_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("ONNXSLIM_PRUNE_CACHE", "off")
     assert resolve_cache_dir() is None
     monkeypatch.delenv("ONNXSLIM_PRUNE_CACHE")
-    assert resolve_cache_dir() == Path.home() / ".cache" / "onnxslim-prune"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert resolve_cache_dir() == tmp_path / "xdg" / "onnxslim-prune"
     assert model_digest(conv_relu_gemm()) == model_digest(conv_relu_gemm().SerializeToString())
     assert model_digest(conv_relu_gemm(seed=1)) != model_digest(conv_relu_gemm())

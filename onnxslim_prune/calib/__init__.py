@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .cache import cache_path, cached, model_digest, resolve_cache_dir
+from .cache import CacheInfo, CacheSettings, cache_info, cache_path, cached, clear_cache, model_digest, resolve_cache_dir
 from .collect import expose_tensors, stream_tensors
 from .patches import conv_output_size, conv_patches, linear_rows, output_rows, sample_positions
 from .preprocess import Preprocess
@@ -12,13 +12,17 @@ from .stats import ChannelMoments, GramAccumulator
 
 __all__ = [
     "DEFAULT_RANDOM_SAMPLES",
+    "CacheInfo",
+    "CacheSettings",
     "CalibrationSet",
     "ChannelMoments",
     "GramAccumulator",
     "InputSpec",
     "Preprocess",
+    "cache_info",
     "cache_path",
     "cached",
+    "clear_cache",
     "conv_output_size",
     "conv_patches",
     "expose_tensors",
