@@ -248,7 +248,7 @@ def prune(
         with clock.stage(Stage.LATENCY):
             sessions.close()  # the verdict's sessions (all threads) are freed before the timed ones are built
             timing = _timed(original, path, pruned, serialized, _latency_feed(measure, original))
-        verdict = with_speed_gates(verdict, timing, gates)
+        verdict = with_speed_gates(verdict, timing, gates, unchanged=pruned is original)
     sessions.close()
     _warn_verdict(verdict)
     report = Report(

@@ -94,19 +94,27 @@ def median_interval(values: list[float], z: float = 1.959963984540054) -> tuple[
     return (ordered[k - 1], ordered[n - k])
 
 
-def speed_gates(timing: Latency | None, gates: Gates) -> tuple[GateResult, ...]:
-    """The speed gates of a measurement (module docstring); none without one (the speed is then unknown)."""
+def speed_gates(timing: Latency | None, gates: Gates, *, unchanged: bool = False) -> tuple[GateResult, ...]:
+    """The speed gates of a measurement (module docstring); none without one (the speed is then unknown).
+
+    `unchanged`: the written model is the original (nothing was pruned): it is not slower than itself, whatever
+    the noise of its measurement says.
+    """
     if timing is None:
         return ()
     ratio = timing.ratio
     interval = "" if timing.ratio_interval is None else \
         f", 95% interval {timing.ratio_interval[0]:.3f}-{timing.ratio_interval[1]:.3f}"
-    slower = timing.slower
-    how = (f"the pruned model takes {ratio:.3f}x the original's time (median of {timing.rounds} interleaved runs"
-           f"{interval}; slower means above {1 + SLOWER_TOLERANCE:g} with the interval above 1)")
-    if slower:
-        how += "; odd channel counts defeat the CPU's blocked kernels (keep --round-to auto) and tiny models are " \
-               "dominated by per-op overhead"
+    slower = timing.slower and not unchanged
+    how = (f"takes {ratio:.3f}x the original's time (median of {timing.rounds} interleaved runs{interval}; slower "
+           f"means above {1 + SLOWER_TOLERANCE:g} with the interval above 1)")
+    if unchanged:
+        how = "the model is the original, unchanged (nothing was pruned)"
+    elif slower:
+        how = (f"the pruned model is slower than the original: it {how}; odd channel counts defeat the CPU's blocked "
+               "kernels (keep --round-to auto) and tiny models are dominated by per-op overhead")
+    else:
+        how = f"the pruned model {how}"
     out = [GateResult(NOT_SLOWER, "latency_ratio", 1.0 + SLOWER_TOLERANCE, ratio, not slower, f"{NOT_SLOWER}: {how}")]
     if gates.min_speedup is not None:
         speedup = timing.speedup
@@ -118,10 +126,10 @@ def speed_gates(timing: Latency | None, gates: Gates) -> tuple[GateResult, ...]:
     return tuple(out)
 
 
-def with_speed_gates(verdict: Verdict, timing: Latency | None, gates: Gates) -> Verdict:
-    """`verdict` with its speed gates replaced by those of `timing`."""
+def with_speed_gates(verdict: Verdict, timing: Latency | None, gates: Gates, *, unchanged: bool = False) -> Verdict:
+    """`verdict` with its speed gates replaced by those of `timing` (see `speed_gates`)."""
     kept = tuple(g for g in verdict.gates if g.figure not in SPEED_FIGURES)
-    return replace(verdict, gates=kept + speed_gates(timing, gates))
+    return replace(verdict, gates=kept + speed_gates(timing, gates, unchanged=unchanged))
 
 
 def measure(

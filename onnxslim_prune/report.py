@@ -8,7 +8,7 @@ from typing import Any
 
 from ._version import __version__
 from .channels import Part, transformer_part
-from .latency import Latency
+from .latency import NOT_SLOWER, Latency
 from .roundto import Rounding
 from .passes.trace import Trace
 from .validate import ModelStats
@@ -55,7 +55,8 @@ class Report:
         """``faster``, ``not slower`` (within the tolerance or the noise), ``slower``, or ``unknown`` (not measured)."""
         if self.latency is None:
             return "unknown"
-        if self.latency.slower:
+        gates = () if self.verdict is None else self.verdict.gates
+        if any(g.gate == NOT_SLOWER and not g.passed for g in gates) or (not gates and self.latency.slower):
             return "slower"
         return "faster" if self.latency.ratio < 1.0 else "not slower"
 

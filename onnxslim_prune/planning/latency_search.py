@@ -388,7 +388,7 @@ def run_latency_search(prober: Prober, settings: SearchSettings, round_to: int |
     result = prober.run(params, VerdictPart.FINAL)
     final = meter(result)
     ratio = final.after_ms / max(final.before_ms, 1e-12)
-    slower = final.slower  # the not-slower gate's rule (`latency.speed_gates`)
+    slower = chosen is not None and final.slower  # the not-slower gate's rule (`latency.speed_gates`)
     if slower:
         message = (f"the written model is SLOWER than the original here: {final.after_ms:.3f} ms against "
                    f"{final.before_ms:.3f} ms (median of {final.rounds} interleaved runs)")
@@ -401,7 +401,8 @@ def run_latency_search(prober: Prober, settings: SearchSettings, round_to: int |
         notes.append(message)
     verdict = result.report.verdict
     result = replace(result, report=replace(result.report, latency=final,
-                                            verdict=None if verdict is None else with_speed_gates(verdict, final, gates)))
+                                            verdict=None if verdict is None else
+                                            with_speed_gates(verdict, final, gates, unchanged=chosen is None)))
     probes = tuple(p.probe for p in walk.points)
     outcome = SearchOutcome(result, probes, rows, None if chosen is None else chosen.probe.index, settings,
                             tuple(notes), prober.seconds, prober.data_free)
