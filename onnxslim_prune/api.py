@@ -167,7 +167,7 @@ def prune(
     gates = gates or Gates()
     spec = get_method(method)
     options = Options(
-        method=method, ratio=ratio, round_to=round_to, exclude=_patterns(exclude), input_shapes=dict(input_shapes or {}),
+        method=method, ratio=ratio, round_to=Rounding.of(round_to), exclude=_patterns(exclude), input_shapes=dict(input_shapes or {}),
         seed=seed, criterion=criterion or spec.default_criterion, calib=None if calib is None else str(calib), calib_samples=calib_samples,
         batch_size=batch_size, params=dict(params or {}),
     )
@@ -498,7 +498,7 @@ def plan_only(
     preprocess: Any = None,
 ) -> tuple[Analysis, Plan | None]:
     """Check the options, trace, and (for a `MethodSpec.plan_only` method) choose the plan; nothing is applied."""
-    options = Options(method=method, ratio=ratio, round_to=round_to, exclude=_patterns(exclude), seed=seed,
+    options = Options(method=method, ratio=ratio, round_to=Rounding.of(round_to), exclude=_patterns(exclude), seed=seed,
                       criterion=criterion or get_method(method).default_criterion, params=dict(params or {}))
     _checked(options)
     proto = _load(model)

@@ -71,7 +71,7 @@ class Report:
             counts[str(g.multiple)] = counts.get(str(g.multiple), 0) + 1
         why = (f"per group, the largest power of two dividing its original channel count, at most the CPU's kernel block "
                f"{block}: never breaking a multiple the original had") if auto else \
-            ("no rounding" if block == 1 else f"every group's kept count, or the whole group")
+            ("no rounding" if block == 1 else "every group's kept count, or the whole group")
         return {"round_to": f"auto ({block})" if auto else str(block), "why": why, "pruned_groups_by_multiple": counts}
 
     @property
