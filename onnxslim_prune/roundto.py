@@ -83,10 +83,6 @@ class Rounding:
             return auto()
         return Rounding(value)
 
-    @property
-    def off(self) -> bool:
-        return self.multiple == 1
-
     def channel_multiple(self, channels: int) -> int:
         """The multiple a group of `channels` channels keeps (a fixed rounding: `multiple` classes)."""
         return math.gcd(channels, self.multiple) if self.adaptive else self.multiple

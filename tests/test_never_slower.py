@@ -114,9 +114,11 @@ def test_a_target_macs_budget_lands_near_its_target_with_auto_rounding() -> None
 
 
 def test_the_median_interval_is_the_sign_test_order_statistics() -> None:
-    assert median_interval([1.0] * 5) is None  # too few rounds for a 95% interval
-    values = [float(v) for v in range(1, 31)]  # n = 30: k = floor((30 - 1.96 sqrt 30) / 2) = 9
-    assert median_interval(values) == (9.0, 22.0)
+    values = [float(v) for v in range(1, 31)]  # n = 30: 2 P(Bin(30, 1/2) <= 9) = 0.043, <= 10: 0.099
+    assert median_interval(values) == (10.0, 21.0)
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0]) == (1.0, 5.0)  # 5 rounds: the extremes (93.8%)
+    assert median_interval([float(v) for v in range(1, 9)]) == (1.0, 8.0)  # 8: 2 P(X <= 1) = 0.07 > 0.05
+    assert median_interval([]) is None
 
 
 def _fake(ratio: float, interval: tuple[float, float] | None) -> Any:
