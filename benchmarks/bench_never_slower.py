@@ -84,7 +84,14 @@ def main() -> int:
     ap.add_argument("--no-compare", action="store_true", help="skip the --round-to 1 --keep-failed contrast")
     ap.add_argument("--quick", action="store_true", help=f"{', '.join(QUICK_MODELS)} at 0.7 only, no contrast")
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--render", action="store_true", help="rewrite never_slower.md from never_slower.json, run nothing")
     a = ap.parse_args()
+    if a.render:
+        data = json.loads((a.out / "never_slower.json").read_text())
+        text = table(data["rows"], data["meta"], any("round_to_1" in r for r in data["rows"]))
+        (a.out / "never_slower.md").write_text(text)
+        print(text)
+        return 0
     names = a.models or (list(QUICK_MODELS) if a.quick else ["efficientnet_lite1", *ZOO_MODELS])
     targets = [0.7] if a.quick else a.targets
     compare = not (a.no_compare or a.quick)
@@ -123,6 +130,12 @@ def _ratio(run: dict[str, Any]) -> float | None:
     return None if re is None else float(re["ratio"])
 
 
+def _worst(rows: list[dict[str, Any]], key: str) -> str:
+    ratios = [_ratio(r[key]) for r in rows if key in r]
+    present = [x for x in ratios if x is not None]
+    return f" (the slowest {max(present):.2f}x)" if present else ""
+
+
 def _rounding(run: dict[str, Any]) -> str:
     r = run.get("rounding") or {}
     counts = r.get("pruned_groups_by_multiple") or {}
@@ -153,9 +166,19 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any], compare: bool) -> st
         "weights (structure and speed only). Measured on the shared 2-core machine under other jobs' load.",
         "",
         f"**{len(ok)} of {len(rows)}** runs with default flags wrote a model at most 1.00x the original's time"
-        + (f" ({len(refused)} refused by the not-slower gate)" if refused else "") + ".",
+        + (f" ({len(refused)} refused by the not-slower gate)" if refused else "") + _worst(rows, "default") + ".",
         "",
     ]
+    aa = [r["aa_ratio"] for r in rows]
+    if aa:
+        lines += [f"A/A (the original against itself): {min(aa):.3f}x to {max(aa):.3f}x.", ""]
+    if compare:
+        off = [r["round_to_1"] for r in rows if "error" not in r["round_to_1"]]
+        slower = [o for o in off if (_ratio(o) or 0.0) > 1.0]
+        gated = [o for o in slower if o["exit"] == 3]
+        lines += [f"With `--round-to 1` (the old default) and `--keep-failed`: {len(slower)} of {len(off)} written models "
+                  f"were slower than the original{_worst(rows, 'round_to_1')}; the not-slower gate refused {len(gated)} of "
+                  "them (exit 3); the others were within its tolerance or the noise.", ""]
     head = "| model | target MACs | MACs kept | rounding: pruned groups x multiple | default: written / original | A/A |"
     rule = "|---|---:|---:|---|---:|---:|"
     if compare:
