@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from onnxslim_prune import api, roundto
+from onnxslim_prune.channels import Group
 from onnxslim_prune.cli import main
 from onnxslim_prune.latency import SLOWER_TOLERANCE, Latency, median_interval
 from onnxslim_prune.ops.testing import assert_same_outputs, initializer, parse, weights, zeroed
@@ -88,6 +90,18 @@ def test_a_multiple_the_original_had_is_never_broken(block: int) -> None:
     assert Rounding(8, adaptive=True).channel_multiple(32) == 8
     # not a multiple of the block: the original's own alignment, nothing forced (3 and 10 stay free to prune)
     assert [Rounding(16, adaptive=True).channel_multiple(c) for c in (3, 10, 1000)] == [1, 2, 8]
+
+
+def test_auto_counts_channels_so_heads_of_a_block_multiple_prune_one_by_one() -> None:
+    # 4 heads: of 16 channels each (64 channels), any head count keeps a multiple of 16 channels; of 2 channels
+    # each (8 channels, so 8-aligned), heads go 4 at a time: all or none
+    heads = Group(0, (0,), (0, 1, 2, 3), (False,) * 4, (), (), 1, 0)
+    wide = SimpleNamespace(space_atoms={0: np.arange(64)})
+    narrow = SimpleNamespace(space_atoms={0: np.arange(8)})
+    auto16 = Rounding(16, adaptive=True)
+    assert auto16.classes(heads, wide) == 1 and auto16.classes(heads, narrow) == 4  # type: ignore[arg-type]
+    assert Rounding(16).classes(heads, wide) == 16  # type: ignore[arg-type]  # a fixed N counts classes, as before
+    assert kept_count(4, 0.5, auto16.classes(heads, wide)) == 2  # type: ignore[arg-type]
 
 
 def test_auto_is_the_cpu_block_with_a_floor_of_8(monkeypatch: pytest.MonkeyPatch) -> None:
