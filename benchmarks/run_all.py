@@ -84,6 +84,8 @@ def steps(results: Path, zoo: Path, filled: Path, scratch: Path, qsrc: Path, qfi
         Step("bench_latency_search", "bench_latency_search.py", ("--out", r),
              ("--models", "tv_squeezenet1_1", "--work", str(scratch / "latency_search"), "--out", r)),
         Step("bench_round_to", "bench_round_to.py", ("--out", r), None),
+        Step("bench_never_slower", "bench_never_slower.py", ("--filled", str(filled), "--out", r),
+             ("--filled", str(filled), "--quick", "--out", r)),
         Step("bench_accuracy", "bench_accuracy.py", ("--out", f"{r}/accuracy"),
              ("--quick", "--ratios", QUICK_RATIOS, "--out", f"{r}/accuracy")),
         Step("bench_search", "bench_search.py", ("--models", "fmnist_resnet56", "fmnist_vgg_slim_bn", "--results", r),

@@ -84,6 +84,7 @@ CHAPTERS = (
         Section("latency", "Latency of the pruned zoo", "bench_latency.py", ZOO, ("latency.png",)),
         Section("latency_search", "Latency-targeted search", "bench_latency_search.py", ZOO),
         Section("round_to", "Channel multiples that matter", "bench_round_to.py"),
+        Section("never_slower", "Never slower with default flags", "bench_never_slower.py", ZOO),
         Section("tool", "Speed and memory of the tool", "bench_tool.py"),
         Section("calibration", "Cost of calibration statistics", "bench_calibration.py"),
         Section("engine", "The calibration engine", "bench_engine.py"),

@@ -36,7 +36,7 @@ from .planning import search as search_mod
 from .planning.search import DEFAULT_MARGIN, DEFAULT_MAX_PROBES, Allocation, Objective, SearchSettings
 from .verdict import Gates
 from .report import REPORT_SCHEMA, group_rows, group_table
-from .roundto import RoundTo, RoundToParam, RoundToValue, resolve
+from .roundto import Rounding, RoundTo, RoundToParam, RoundToValue, resolve
 
 log = logging.getLogger("onnxslim_prune")
 
@@ -116,9 +116,9 @@ class _OneLineErrors(click.Command):
 @click.option("--method", default="l1", show_default=True, type=click.Choice(list(METHODS)), metavar="NAME",
               help="Pruning method (listed below).")
 @click.option("--ratio", default=0.5, show_default=True, type=float, help="Fraction of each group's channels to remove, in [0, 1).")
-@click.option("--round-to", "round_to_value", default=None, type=RoundToParam(),
-              help="Keep channel counts at multiples of N; auto: the CPU kernels' channel block (16 with AVX-512, 8 with AVX2) "
-              "[default: 1; auto with --objective latency].")
+@click.option("--round-to", "round_to_value", default=RoundTo.AUTO.value, show_default=True, type=RoundToParam(),
+              help="Keep channel counts at multiples of N (1: no rounding); auto: per group the original's alignment, up to "
+              "the CPU kernels' channel block (16 with AVX-512, 8 with AVX2), so the pruned model is not slower.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Protect nodes whose name matches (glob); repeatable.")
 @click.option("--input-shape", multiple=True, metavar="NAME:1x3x224x224", help="Fix a dynamic input shape; repeatable.")
 @click.option("--criterion", default=None, help="Selection criterion of methods that take one [default: l1; merge: l1_bias].")
@@ -153,6 +153,9 @@ class _OneLineErrors(click.Command):
 @click.option("--min-correlation", type=float, metavar="F",
               help="Gate: sample-centred correlation of the outputs with the original's >= F.")
 @click.option("--max-drop", type=float, metavar="P", help="Gate: accuracy on labelled --eval data falls by at most P points.")
+@click.option("--min-speedup", type=float, metavar="F",
+              help="Gate: the written model's measured speedup (original / pruned latency, same run) >= F. Always on: not "
+              "slower than the original (3% tolerance, beyond the noise).")
 @click.option("--sensitivity", "show_sensitivity", is_flag=True,
               help="Cut each group alone at --sensitivity-ratios and print the table (with a gate: also the search's profile).")
 @click.option("--sensitivity-ratios", default="0.25,0.5,0.75", show_default=True, metavar="R,R,...",
@@ -171,7 +174,8 @@ class _OneLineErrors(click.Command):
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path),
               help="Write a PNG of the sensitivity profile and the search's probes (needs matplotlib: the [plot] extra).")
 @click.option("--keep-failed", is_flag=True, help="Write the model even when a gate is missed (exit code still 3).")
-@click.option("--latency/--no-latency", default=True, show_default=True, help="Measure latency before/after.")
+@click.option("--latency/--no-latency", default=True, show_default=True,
+              help="Time the written model against the original (the speed gates); --no-latency: the speed is unknown.")
 @click.option("--dry-run", is_flag=True, help="Print the channel groups (members, size, why frozen, MACs) and stop.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON here.")
 @click.option("--groups", "show_groups", is_flag=True, help="Print the per-group table after pruning.")
@@ -183,7 +187,7 @@ def main(
     output: Path | None,
     method: str,
     ratio: float,
-    round_to_value: RoundToValue | None,
+    round_to_value: RoundToValue,
     exclude: tuple[str, ...],
     input_shape: tuple[str, ...],
     criterion: str | None,
@@ -209,6 +213,7 @@ def main(
     min_cosine: float | None,
     min_correlation: float | None,
     max_drop: float | None,
+    min_speedup: float | None,
     show_sensitivity: bool,
     sensitivity_ratios: str,
     allocation: str,
@@ -250,10 +255,12 @@ def main(
             raise UsageError("give a MODEL path (or --demo)")
         shapes = ir.parse_input_shapes(input_shape)
         gates = Gates(min_top1_agreement=min_top1_agreement, min_cosine=min_cosine, min_correlation=min_correlation,
-                      max_drop=max_drop)
+                      max_drop=max_drop, min_speedup=min_speedup)
+        if min_speedup is not None and not latency:
+            raise UsageError("--min-speedup needs the latency measurement: drop --no-latency")
         preprocess = _preprocess(image_size, resize_mode, mean, std, scale, layout, bgr)
         by_latency = Objective(objective) is Objective.LATENCY
-        round_to = resolve(round_to_value if round_to_value is not None else RoundTo.AUTO if by_latency else 1)
+        round_to = resolve(round_to_value)
         if dry_run:  # only the settings that choose the plan
             _warn_ignored("--dry-run only traces and plans; it writes and measures nothing", _RUN_ONLY + _PIXELS + tuple(
                 k for k in settings if k not in _given_settings(settings, planning_only=True)))
@@ -317,8 +324,7 @@ def main(
             click.echo(search_mod.probe_table(searched) if timed is None else latency_search.latency_table(timed))
         report = result.report
         verdict = report.verdict
-        slower = timed is not None and timed.slower  # never written silently: a missed gate
-        passed = (verdict is None or verdict.passed) and not slower
+        passed = verdict is None or verdict.passed  # the speed gates are among the verdict's (`latency.speed_gates`)
         written = passed or keep_failed
         if written:
             report = replace(report, output_path=str(target))
@@ -337,8 +343,6 @@ def main(
             click.echo(f"wrote {target}" if report.output_path else "not written: a gate was missed (--keep-failed writes it)")
         if not passed:
             missed = "; ".join(g.message for g in verdict.gates if not g.passed) if verdict is not None else ""
-            if slower:
-                missed = "; ".join([m for m in (missed, "the model is slower than the original") if m])
             raise GateError(f"gate missed: {missed}")
     except KeyboardInterrupt:
         _closed(console)
@@ -457,7 +461,7 @@ def _sensitivity_only(model: Path, method: str, kwargs: dict[str, Any], settings
         planning_plot.check_available()
     prober = search_mod.Prober(ir.load_model(model), method, kwargs, progress=console)
     proxy = prober.data_free
-    outcome = search_mod.run_sensitivity(prober, settings, int(kwargs["round_to"]), proxy)
+    outcome = search_mod.run_sensitivity(prober, settings, kwargs["round_to"], proxy)
     _closed(console)
     with Outputs() as outputs:
         if report_path is not None:
@@ -497,7 +501,7 @@ def _closed(console: ConsoleProgress | None) -> None:
     return None
 
 
-def _dry_run(model: Path, method: str, ratio: float, round_to: int, exclude: tuple[str, ...], shapes: Any, seed: int,
+def _dry_run(model: Path, method: str, ratio: float, round_to: Rounding, exclude: tuple[str, ...], shapes: Any, seed: int,
              criterion: str | None, params: dict[str, Any], preprocess: Any) -> None:
     """Print every group and what the method would keep, where that needs no data; write nothing."""
     if not model.is_file():
@@ -508,7 +512,7 @@ def _dry_run(model: Path, method: str, ratio: float, round_to: int, exclude: tup
     if quantized:
         click.echo(f"the model is quantized in QOperator form ({', '.join(quantized)}), which is not pruned: quantize "
                    "with QuantFormat.QDQ, or prune the float model and quantize it afterwards")
-    rows = group_rows(analysis.trace, None if plan is None else {g.group: g.kept for g in plan.groups})
+    rows = group_rows(analysis.trace, None if plan is None else {g.group: g.kept for g in plan.groups}, round_to)
     for note in analysis.notes:
         click.echo(f"note: {note}")
     click.echo(group_table(rows))

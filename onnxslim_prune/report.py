@@ -8,7 +8,8 @@ from typing import Any
 
 from ._version import __version__
 from .channels import Part, transformer_part
-from .latency import Latency
+from .latency import NOT_SLOWER, Latency
+from .roundto import Rounding
 from .passes.trace import Trace
 from .validate import ModelStats
 from .verdict import Verdict
@@ -27,6 +28,7 @@ class GroupRow:
     members: tuple[str, ...]
     frozen_reasons: tuple[str, ...]
     part: Part = Part.FFN  # what the group is in a transformer (heads / hidden / ffn; ffn for every other group)
+    multiple: int = 1  # the kept count of classes is a multiple of this (`roundto.Rounding.classes`), or the whole group
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,30 @@ class Report:
     schema: int = REPORT_SCHEMA
 
     @property
+    def speed(self) -> str:
+        """``faster``, ``not slower`` (within the tolerance or the noise), ``slower``, or ``unknown`` (not measured)."""
+        if self.latency is None:
+            return "unknown"
+        gates = () if self.verdict is None else self.verdict.gates
+        if any(g.gate == NOT_SLOWER and not g.passed for g in gates) or (not gates and self.latency.slower):
+            return "slower"
+        return "faster" if self.latency.ratio < 1.0 else "not slower"
+
+    @property
+    def rounding(self) -> dict[str, Any]:
+        """What the kept counts were rounded to and why: the setting, and how many pruned groups kept each multiple."""
+        auto = bool(self.settings.get("round_to_auto"))
+        block = int(self.settings.get("round_to", 1))
+        pruned = [g for g in self.groups if g.kept < g.size]
+        counts: dict[str, int] = {}
+        for g in sorted(pruned, key=lambda g: -g.multiple):
+            counts[str(g.multiple)] = counts.get(str(g.multiple), 0) + 1
+        why = (f"per group, the largest power of two dividing its original channel count, at most the CPU's kernel block "
+               f"{block}: never breaking a multiple the original had") if auto else \
+            ("no rounding" if block == 1 else "every group's kept count, or the whole group")
+        return {"round_to": f"auto ({block})" if auto else str(block), "why": why, "pruned_groups_by_multiple": counts}
+
+    @property
     def frozen(self) -> tuple[GroupRow, ...]:
         return tuple(g for g in self.groups if g.frozen_reasons)
 
@@ -60,6 +86,8 @@ class Report:
         data = asdict(self)
         data["verdict"] = None if self.verdict is None else self.verdict.to_dict()
         data["latency"] = None if self.latency is None else self.latency.to_dict()
+        data["speed"] = self.speed
+        data["rounding"] = self.rounding
         data["ratios"] = {
             "params": _ratio(self.after.params, self.before.params),
             "macs": _ratio(self.after.macs, self.before.macs),
@@ -78,8 +106,14 @@ class Report:
         ]
         if self.latency is not None:
             lat = self.latency
-            lines.append(f"{'latency ms':12}{lat.before_ms:>16.3f}{lat.after_ms:>16.3f}{lat.after_ms / lat.before_ms:>9.1%}"
-                         f"  ({lat.speedup:.2f}x faster, median of {lat.rounds} interleaved runs)")
+            ci = "" if lat.ratio_interval is None else f", 95% {lat.ratio_interval[0]:.1%}-{lat.ratio_interval[1]:.1%}"
+            threads = "single-thread CPU time, " if lat.threads == 1 and lat.clock == "thread-cpu" else ""
+            lines.append(f"{'latency ms':12}{lat.before_ms:>16.3f}{lat.after_ms:>16.3f}{lat.ratio:>9.1%}"
+                         f"  ({lat.speedup:.2f}x: {self.speed}; {threads}median of {lat.rounds} interleaved runs{ci})")
+        else:
+            lines.append(f"{'latency':12}  not measured (--no-latency): whether the model is slower is unknown, "
+                         "the not-slower gate was not checked")
+        lines.append(_rounding_line(self.rounding))
         if self.verdict is not None:
             lines.extend(verdict_lines(self.verdict))
         changed = [g for g in self.groups if g.kept < g.size]
@@ -101,6 +135,12 @@ class Report:
         elif self.notes:
             lines.append(f"notes: {len(self.notes)} (-v shows them; --report keeps them)")
         return "\n".join(lines)
+
+
+def _rounding_line(r: dict[str, Any]) -> str:
+    counts = r["pruned_groups_by_multiple"]
+    kept = ", ".join(f"{n} group{'' if n == 1 else 's'} x{m}" for m, n in counts.items()) or "no group pruned"
+    return f"rounding: {r['round_to']}: {r['why']}; pruned groups keep multiples of: {kept}"
 
 
 def verdict_lines(v: Verdict) -> list[str]:
@@ -141,23 +181,24 @@ def _row(name: str, before: int, after: int) -> str:
     return f"{name:12}{before:>16,}{after:>16,}{_ratio(after, before):>9.1%}"
 
 
-def group_rows(trace: Trace, kept: dict[int, int] | None = None) -> tuple[GroupRow, ...]:
+def group_rows(trace: Trace, kept: dict[int, int] | None = None, rounding: int | Rounding = 1) -> tuple[GroupRow, ...]:
     kept = kept or {}
+    rounding = Rounding.of(rounding)
     rows = []
     for g in trace.groups:
         members = tuple(dict.fromkeys(f"{m.node}:{m.role}" for m in g.members))
         rows.append(GroupRow(g.index, g.size, kept.get(g.index, g.size), g.prunable, g.macs, members, g.reasons,
-                             transformer_part(trace.node_kind, g)))
+                             transformer_part(trace.node_kind, g), rounding.classes(g, trace)))
     return tuple(rows)
 
 
 def group_table(rows: tuple[GroupRow, ...]) -> str:
-    out = [f"{'group':>5} {'size':>6} {'kept':>6} {'prunable':>8} {'MACs':>14}  members / frozen because"]
+    out = [f"{'group':>5} {'size':>6} {'kept':>6} {'mult':>5} {'prunable':>8} {'MACs':>14}  members / frozen because"]
     for r in rows:
         members = ", ".join(r.members[:6]) + (f", ... (+{len(r.members) - 6})" if len(r.members) > 6 else "")
-        out.append(f"{r.index:>5} {r.size:>6} {r.kept:>6} {r.prunable:>8} {r.macs:>14,}  {members}")
+        out.append(f"{r.index:>5} {r.size:>6} {r.kept:>6} {r.multiple:>5} {r.prunable:>8} {r.macs:>14,}  {members}")
         for reason in r.frozen_reasons[:3]:
-            out.append(f"{'':>44}frozen: {reason}")
+            out.append(f"{'':>50}frozen: {reason}")
         if len(r.frozen_reasons) > 3:
-            out.append(f"{'':>44}frozen: ... (+{len(r.frozen_reasons) - 3} more)")
+            out.append(f"{'':>50}frozen: ... (+{len(r.frozen_reasons) - 3} more)")
     return "\n".join(out)

@@ -266,18 +266,27 @@ class GateResult:
 
 @dataclass(frozen=True)
 class Gates:
-    """The gates of one run (CLI ``--min-top1-agreement``, ``--min-cosine``, ``--min-correlation``, ``--max-drop``)."""
+    """The gates of one run (CLI ``--min-top1-agreement``, ``--min-cosine``, ``--min-correlation``, ``--max-drop``,
+    ``--min-speedup``).
+
+    The first four read the verdict's figures (`gates`; `any` says whether one is set: a search aims at them);
+    ``min_speedup`` and the not-slower gate, always on, read the latency measured after the verdict
+    (`latency.speed_gates`): they judge the written model and start no search.
+    """
 
     min_top1_agreement: float | None = None
     min_cosine: float | None = None
     min_correlation: float | None = None
     max_drop: float | None = None  # accuracy points, with labelled --eval data
+    min_speedup: float | None = None  # original / pruned median latency, measured in the same run
 
     def __post_init__(self) -> None:
         for flag, value, high in (("--min-top1-agreement", self.min_top1_agreement, 1.0), ("--min-cosine", self.min_cosine, 1.0),
                                   ("--min-correlation", self.min_correlation, 1.0), ("--max-drop", self.max_drop, 100.0)):
             if value is not None and not (math.isfinite(value) and (0.0 if flag == "--max-drop" else -1.0) <= value <= high):
                 raise UsageError(f"{flag} must be a number in [{0 if flag == '--max-drop' else -1}, {high:g}], got {value!r}")
+        if self.min_speedup is not None and not (math.isfinite(self.min_speedup) and self.min_speedup > 0):
+            raise UsageError(f"--min-speedup must be a positive number, got {self.min_speedup!r}")
 
     @property
     def any(self) -> bool:

@@ -147,7 +147,7 @@ def test_report_path_that_is_a_folder_is_refused(model_dir: Path, monkeypatch: p
 def test_prune_writes_a_valid_smaller_model(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(model_dir)
     digest = sha256(model_dir / "good.onnx")
-    result = invoke(["good.onnx", "-o", "out.onnx", "--method", "l1", "--ratio", "0.5"])
+    result = invoke(["good.onnx", "-o", "out.onnx", "--method", "l1", "--ratio", "0.5", "--round-to", "1"])
     assert result.exit_code == 0, result.output
     assert "wrote" in result.stdout and "params" in result.stdout
     assert sha256(model_dir / "good.onnx") == digest
@@ -174,7 +174,7 @@ def test_default_output_name(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -
 def test_report_json(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(model_dir)
     digest = sha256(model_dir / "good.onnx")
-    result = invoke(["good.onnx", "-o", "out.onnx", "--report", "r.json", "--ratio", "0.5"])
+    result = invoke(["good.onnx", "-o", "out.onnx", "--report", "r.json", "--ratio", "0.5", "--round-to", "1"])
     assert result.exit_code == 0, result.output
     data = json.loads((model_dir / "r.json").read_text())
     assert data["method"] == "l1" and data["ratio"] == 0.5
@@ -250,8 +250,9 @@ def test_demo_writes_into_the_current_folder(tmp_path: Path, monkeypatch: pytest
     written = tmp_path / "lenet300.pruned.onnx"
     pruned = onnx.load(str(written))
     check_full(pruned)
-    assert M.initializer(pruned, "f1.weight").shape == (150, 784)
-    assert M.initializer(pruned, "f2.weight").shape == (50, 150)
+    # --round-to auto: 300 and 100 neurons are multiples of 4 (not 8), so 150 and 50 round up to 152 and 52
+    assert M.initializer(pruned, "f1.weight").shape == (152, 784)
+    assert M.initializer(pruned, "f2.weight").shape == (52, 152)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet300.pruned.onnx"]
 
 
@@ -308,7 +309,7 @@ def test_input_external_data_is_never_overwritten(tmp_path: Path, monkeypatch: p
 def test_settings_a_method_ignores_are_named(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # --no-latency: on a loaded machine the latency note ("not faster here") would make it 4 notes
     proc = run_subprocess(["good.onnx", "-o", "out.onnx", "--merge-threshold", "0.3", "--exclude", "conv9", "--reconstruct",
-                           "--no-latency"], model_dir)
+                           "--no-latency", "--round-to", "1"], model_dir)
     assert proc.returncode == 0, proc.stderr
     for piece in ("--merge-threshold and --merge-scale are used by --method merge only", "'conv9' matches no node",
                   "--reconstruct needs calibration data"):
@@ -320,7 +321,7 @@ def test_settings_a_method_ignores_are_named(model_dir: Path, monkeypatch: pytes
 
 def test_dry_run_shows_what_a_data_free_method_keeps(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(model_dir)
-    result = invoke(["good.onnx", "--dry-run", "--ratio", "0.5"])
+    result = invoke(["good.onnx", "--dry-run", "--ratio", "0.5", "--round-to", "1"])
     assert result.exit_code == 0, result.output
     rows = [line.split() for line in result.stdout.splitlines() if line.split() and line.split()[0].isdigit() and "groups," not in line]
     assert [(int(r[1]), int(r[2])) for r in rows] == [(8, 4), (8, 4), (5, 5)]  # size, kept

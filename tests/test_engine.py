@@ -130,7 +130,8 @@ def test_calib_memory_spills_the_frontier_and_leaves_the_model_byte_identical(
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="onnxslim_prune.calib.engine"):
             res = CliRunner().invoke(main, [str(tmp_path / "m.onnx"), "-o", str(tmp_path / f"{name}.onnx"), "--method", "ldrf",
-                                            "--calib", str(tmp_path / "c.npz"), "--batch-size", "8", "--no-latency", *extra],
+                                            "--calib", str(tmp_path / "c.npz"), "--batch-size", "8", "--no-latency", "--round-to", "1",
+                                            *extra],
                                      env={"ONNXSLIM_PRUNE_CACHE": "off"})
         assert res.exit_code == 0, res.output
         written[name] = (tmp_path / f"{name}.onnx").read_bytes()

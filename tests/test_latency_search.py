@@ -143,8 +143,9 @@ def test_round_to_auto_is_the_isa_block_and_deterministic() -> None:
     assert isa_multiple(frozenset({"sse4_1", "avx", "avx2"}), "x86_64") == 8
     assert isa_multiple(frozenset({"fp", "asimd"}), "aarch64") == 4
     assert isa_multiple(frozenset(), "riscv64") == 1
-    assert roundto.resolve(RoundTo.AUTO) == roundto.resolve(RoundTo.AUTO) == isa_multiple()
-    assert roundto.resolve(8) == 8
+    block = max(isa_multiple(), roundto.AUTO_FLOOR)
+    assert roundto.resolve(RoundTo.AUTO) == roundto.resolve(RoundTo.AUTO) == roundto.Rounding(block, adaptive=True)
+    assert roundto.resolve(8) == roundto.Rounding(8)
     with pytest.raises(UsageError):
         roundto.resolve(0)
     param = RoundToParam()
@@ -163,8 +164,9 @@ def _cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, meter: MacsMeter, *ext
 def test_cli_latency_objective_rounds_to_auto_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     result, out, report = _cli(tmp_path, monkeypatch, MacsMeter(), "--objective", "latency", "--target-latency", "0.6")
     assert result.exit_code == 0, result.output
-    block = isa_multiple()
-    assert report["settings"]["round_to"] == block and report["extra"]["latency_search"]["target"] == 0.6
+    block = max(isa_multiple(), roundto.AUTO_FLOOR)  # the 32 channels keep multiples of the whole block
+    assert report["settings"]["round_to"] == block and report["settings"]["round_to_auto"]
+    assert report["extra"]["latency_search"]["target"] == 0.6
     written = onnx.load(out)
     for name in ("conv1.w", "conv2.w"):
         kept = _kept(written, name)
@@ -172,12 +174,17 @@ def test_cli_latency_objective_rounds_to_auto_by_default(tmp_path: Path, monkeyp
     assert report["extra"]["latency_search"]["final_ratio"] <= 1.0
     y = models.run(written, models.inputs_for(written, seed=0))[0]
     assert y.shape == (1, 5) and np.all(np.isfinite(y))
-    # a plain run keeps --round-to 1 unless told (the committed tables and byte-identity proofs rest on it)
+    # a plain run rounds to auto too (issue 21: never slower); --round-to 1 turns it off
     plain = CliRunner().invoke(main, [str(tmp_path / "m.onnx"), "-o", str(tmp_path / "p.onnx"), "--report",
                                       str(tmp_path / "p.json"), "--ratio", "0.3", "--no-latency", "-q"])
     assert plain.exit_code == 0, plain.output
-    assert json.loads((tmp_path / "p.json").read_text())["settings"]["round_to"] == 1
-    assert _kept(onnx.load(tmp_path / "p.onnx"), "conv1.w") == 32 - 9
+    assert json.loads((tmp_path / "p.json").read_text())["settings"]["round_to"] == block
+    assert _kept(onnx.load(tmp_path / "p.onnx"), "conv1.w") % block == 0
+    off = CliRunner().invoke(main, [str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "--report",
+                                    str(tmp_path / "o.json"), "--ratio", "0.3", "--no-latency", "-q", "--round-to", "1"])
+    assert off.exit_code == 0, off.output
+    assert json.loads((tmp_path / "o.json").read_text())["settings"]["round_to"] == 1
+    assert _kept(onnx.load(tmp_path / "o.onnx"), "conv1.w") == 32 - 9
 
 
 def test_cli_slower_than_the_original_is_a_missed_gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -168,7 +168,7 @@ def test_cli_sensitivity_table_report_and_plot(tmp_path: Path) -> None:
     onnx.save(model, src)
     report = tmp_path / "s.json"
     args = [str(src), "--calib", str(calib), "--holdout", "0.5", "--no-reconstruct", "--sensitivity", "--report", str(report),
-            "--sensitivity-ratios", "0.5"]
+            "--sensitivity-ratios", "0.5", "--round-to", "1"]  # 8-channel groups: auto would keep them whole
     plot = tmp_path / "s.png"
     plotting = True
     try:
@@ -196,7 +196,7 @@ def test_cli_gated_search_is_deterministic_and_reports_the_probes(tmp_path: Path
         out, report = tmp_path / f"o{i}.onnx", tmp_path / f"r{i}.json"
         res = CliRunner().invoke(main, [str(src), "--calib", str(calib), "--holdout", "0.5", "--no-reconstruct",
                                         "--min-correlation", "0.9999", "--search-margin", "0", "--max-probes", "3",
-                                        "--sensitivity-ratios", "0.75", "--no-latency", "-o", str(out),
+                                        "--sensitivity-ratios", "0.75", "--no-latency", "--round-to", "1", "-o", str(out),
                                         "--report", str(report)])
         assert res.exit_code == 0, res.output
         assert "search (sensitivity allocation" in res.output and "searched: smallest of" in res.output

@@ -27,6 +27,7 @@ import onnx_graphsurgeon as gs
 from ..channels import Part, Trace
 from ..errors import UsageError
 from ..passes.plan import Plan
+from ..roundto import Rounding
 
 Scores = Mapping[int, np.ndarray]
 Check = Callable[[str, Any], None]
@@ -206,7 +207,7 @@ def settings_of(params: type[CommonParams]) -> dict[str, Setting]:
 class Options:
     method: str = "l1"
     ratio: float = 0.5
-    round_to: int = 1
+    round_to: Rounding = Rounding()  # an int given here is `Rounding(n)`
     exclude: tuple[str, ...] = ()
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     seed: int = 0
@@ -215,6 +216,9 @@ class Options:
     calib_samples: int | None = None
     batch_size: int = 32
     params: Mapping[str, Any] = field(default_factory=dict)  # the user's settings, as given (see `parse_params`)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "round_to", Rounding.of(self.round_to))
 
 
 @dataclass

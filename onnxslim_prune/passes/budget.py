@@ -14,7 +14,9 @@ block-pruned one when --blocks is given too):
 subject to: no group loses more than ``max_ratio`` of its classes (at least one stays),
 frozen classes stay, a grouped conv's group loses the same count from every block (a
 removal "unit" is one class from each block, scored by the blocks' mean), the kept count
-is rounded up to a multiple of ``round_to``, and every traced tensor keeps a channel
+is rounded up to the group's multiple (``round_to``: `roundto.Rounding.classes`; the removal is
+rounded down, so a prefix of the order never removes a partial multiple, and the bisection, the
+fill and the polish below see the rounded costs), and every traced tensor keeps a channel
 (`plan.keep_every_tensor_alive`).
 
 Cost model. For a weighted node with ``M`` MACs, weight size ``W`` and bias size ``B``
@@ -48,6 +50,7 @@ from ..ops import lookup
 from ..ops.registry import MAX_OPSET, NodeCost, rule_of
 from .materialize import materialize
 from ..methods.base import CommonParams, Context
+from ..roundto import Rounding
 from .plan import GroupPlan, Plan, keep_every_tensor_alive, uniform_plan
 
 log = logging.getLogger(__name__)
@@ -197,12 +200,15 @@ class Ranking:
 
     orders: Mapping[int, _GroupOrder]
     steps: np.ndarray
-    round_to: int
+    round_to: Rounding
+    multiples: Mapping[int, int]  # group index -> the multiple its kept class count keeps
 
     @staticmethod
-    def build(trace: Trace, keys: Keys, max_ratio: float, round_to: int = 1,
+    def build(trace: Trace, keys: Keys, max_ratio: float, round_to: int | Rounding = 1,
               caps: Mapping[int, float] | None = None) -> Ranking:
         """`caps`: group index -> the most that group may lose, below `max_ratio` (``--heads`` / ``--ffn`` / ``--hidden``)."""
+        rounding = Rounding.of(round_to)
+        multiples = {g.index: rounding.classes(g, trace) for g in trace.groups if not g.is_frozen}
         orders: dict[int, _GroupOrder] = {}
         entries: list[tuple[np.ndarray, int]] = []
         for group in trace.groups:
@@ -214,12 +220,12 @@ class Ranking:
                 orders[group.index] = order
                 entries.append((order.keys, group.index))
         if not entries:
-            return Ranking(orders, np.zeros(0, dtype=np.int64), round_to)
+            return Ranking(orders, np.zeros(0, dtype=np.int64), rounding, multiples)
         all_keys = np.concatenate([k for k, _ in entries])
         groups = np.concatenate([np.full(k.size, g, dtype=np.int64) for k, g in entries])
         ranks = np.concatenate([np.arange(k.size) for k, _ in entries])
         steps = groups[np.lexsort((ranks, groups, all_keys))]
-        return Ranking(orders, steps, round_to)
+        return Ranking(orders, steps, rounding, multiples)
 
     @property
     def length(self) -> int:
@@ -234,13 +240,13 @@ class Ranking:
         """Remove `counts[g]` units of each group (round_to applied, every tensor kept alive)."""
         groups: list[GroupPlan] = []
         for index, order in self.orders.items():
-            n_units = _rounded_units(order.group, counts.get(index, 0), self.round_to)
+            n_units = _rounded_units(order.group, counts.get(index, 0), self.multiples[index])
             if n_units <= 0:
                 continue
             removed = order.units[:n_units].ravel()
             pruned = tuple(order.group.classes[int(i)] for i in sorted(removed.tolist()))
             groups.append(GroupPlan(index, order.group.size, pruned))
-        return keep_every_tensor_alive(trace, Plan(tuple(groups)), keys)
+        return keep_every_tensor_alive(trace, Plan(tuple(groups)), keys, self.round_to)
 
 
 def _group_order(group: Group, keys: np.ndarray, max_ratio: float) -> _GroupOrder:
@@ -260,10 +266,10 @@ def _group_order(group: Group, keys: np.ndarray, max_ratio: float) -> _GroupOrde
     return _GroupOrder(group, units, unit_keys)
 
 
-def _rounded_units(group: Group, n_units: int, round_to: int) -> int:
-    """Fewest-removal adjustment so the kept count is a multiple of `round_to`."""
+def _rounded_units(group: Group, n_units: int, multiple: int) -> int:
+    """Fewest-removal adjustment so the kept count is a multiple of `multiple`."""
     block = max(1, group.block)
-    while n_units > 0 and round_to > 1 and (group.size - n_units * block) % round_to:
+    while n_units > 0 and multiple > 1 and (group.size - n_units * block) % multiple:
         n_units -= 1
     return n_units
 
@@ -409,8 +415,8 @@ class BudgetSearch:
             order = ranking.orders[g]
             limit = len(order.units)
             n = out.get(g, 0)
-            now = _rounded_units(order.group, n, ranking.round_to)
-            while 0 <= n <= limit and _rounded_units(order.group, n, ranking.round_to) == now:
+            now = _rounded_units(order.group, n, ranking.multiples[g])
+            while 0 <= n <= limit and _rounded_units(order.group, n, ranking.multiples[g]) == now:
                 n += direction
             if not 0 <= n <= limit:
                 return None

@@ -62,7 +62,8 @@ from ..errors import CalibrationError
 from . import reconstruct as rc
 from ..methods.base import Context, Outcome
 from .budget import choose_plan
-from .plan import kept_count
+from .plan import removed_count
+from ..roundto import Rounding
 from .score import l1
 
 log = logging.getLogger(__name__)
@@ -123,11 +124,7 @@ def removal_count(ctx: Context, group: Group) -> int:
         ratio = ctx.params.part_ratio(transformer_part(ctx.trace.node_kind, group), ctx.options.ratio)
     if ratio <= 0:
         return 0
-    keep = kept_count(group.size, ratio, ctx.options.round_to)
-    n_remove = min(group.size - keep, group.prunable)
-    if group.block > 1:
-        n_remove -= n_remove % group.block
-    return max(n_remove, 0)
+    return removed_count(group, ratio, Rounding.of(ctx.options.round_to).classes(group, ctx.trace))
 
 
 def _source_order(ctx: Context) -> list[Group]:

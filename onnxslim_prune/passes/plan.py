@@ -2,7 +2,8 @@
 
 Uniform ratio: a group of ``n`` classes loses ``floor(r * n)`` of them, the lowest
 scored among its unfrozen classes; at least one class stays, ``round_to`` rounds the
-kept count up to a multiple, and a grouped-conv group removes the same count from
+kept count up to the group's multiple (`roundto.Rounding.classes`: fixed with ``--round-to N``,
+per group with ``auto``), and a grouped-conv group removes the same count from
 each of its blocks. Finally every traced tensor keeps at least one channel (a Split
 or Slice output could otherwise lose all of its channels): the best class of such a
 tensor is restored.
@@ -18,6 +19,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..channels import Group, Trace
+from ..roundto import Rounding
 
 
 @dataclass(frozen=True)
@@ -90,13 +92,23 @@ def select_lowest(group: Group, scores: np.ndarray, n_remove: int) -> tuple[int,
     return tuple(group.classes[int(i)] for i in ranked[:n_remove])
 
 
+def removed_count(group: Group, ratio: float, multiple: int) -> int:
+    """Classes `ratio` removes from `group` whose kept count must be a multiple of `multiple` (before the tensor check)."""
+    keep = kept_count(group.size, ratio, multiple, group.block)
+    n_remove = min(group.size - keep, group.prunable)
+    while n_remove > 0 and ((group.size - n_remove) % multiple or n_remove % max(group.block, 1)):
+        n_remove -= 1  # frozen classes capped the removal: keep the roundings valid
+    return n_remove
+
+
 def uniform_plan(
-    trace: Trace, scores: Mapping[int, np.ndarray], ratio: float, round_to: int = 1,
+    trace: Trace, scores: Mapping[int, np.ndarray], ratio: float, round_to: int | Rounding = 1,
     group_ratios: Mapping[int, float] | None = None,
 ) -> Plan:
     """`ratio` of every group, or with `group_ratios` (group index -> ratio: ``--heads`` / ``--ffn`` / ``--hidden``, or a
     searched allocation) that group's own fraction (unlisted groups: none removed)."""
     check_ratio(ratio)
+    rounding = Rounding.of(round_to)
     plans = []
     for group in trace.groups:
         if group.is_frozen or group.index not in scores:
@@ -104,25 +116,23 @@ def uniform_plan(
         own = ratio if group_ratios is None else group_ratios.get(group.index, 0.0)
         if own <= 0:
             continue
-        keep = kept_count(group.size, own, round_to, group.block)
-        n_remove = min(group.size - keep, group.prunable)
-        while n_remove > 0 and ((group.size - n_remove) % round_to or n_remove % group.block):
-            n_remove -= 1  # frozen classes capped the removal: keep the roundings valid
+        n_remove = removed_count(group, own, rounding.classes(group, trace))
         pruned = select_lowest(group, scores[group.index], n_remove)
         if pruned:
             plans.append(GroupPlan(group.index, group.size, pruned))
-    return keep_every_tensor_alive(trace, Plan(tuple(plans)), scores, round_to)
+    return keep_every_tensor_alive(trace, Plan(tuple(plans)), scores, rounding)
 
 
 def keep_every_tensor_alive(
-    trace: Trace, plan: Plan, scores: Mapping[int, np.ndarray], round_to: int = 1
+    trace: Trace, plan: Plan, scores: Mapping[int, np.ndarray], round_to: int | Rounding = 1
 ) -> Plan:
     """Restore the best class of any traced tensor that would lose all of its channels.
 
     A group that had a class restored then gets more of its best pruned classes back
-    until its kept count is a multiple of `round_to`; a grouped-conv group (whose blocks
+    until its kept count is a multiple of its `round_to` multiple; a grouped-conv group (whose blocks
     must stay even) gets all of them back.
     """
+    rounding = Rounding.of(round_to)
     pruned = set(plan.pruned_classes)
     if not pruned:
         return plan
@@ -147,7 +157,8 @@ def keep_every_tensor_alive(
             if trace.groups[gp.group].block > 1:
                 still = []
             still.sort(key=lambda c: rank.get(c, 0.0))
-            while still and (gp.size - len(still)) % round_to:
+            multiple = rounding.classes(trace.groups[gp.group], trace)
+            while still and (gp.size - len(still)) % multiple:
                 still.pop()  # restore the best-scored
         if still:
             groups.append(GroupPlan(gp.group, gp.size, tuple(still)))

@@ -35,9 +35,10 @@ is bisected below it and the fastest passing probe is written with a warning tha
 out of reach within the gate.
 
 Never slower. The written model is measured once more against the original in the same run
-(the report's latency). When it is slower than the original, `LatencyOutcome.slower` is set and the
-CLI treats it as a missed gate (exit 3, not written without ``--keep-failed``); when no probe is
-faster than the original, the original is written unchanged with a warning.
+(the report's latency) and the speed gates of every run are checked on that measurement
+(`latency.speed_gates`: not slower, ``--min-speedup``): a missed one is a missed gate (exit 3, not
+written without ``--keep-failed``). When no probe is faster than the original, the original is
+written unchanged with a warning.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ from typing import Any
 
 
 from ..errors import UsageError, ValidationError
-from ..latency import Latency
+from ..roundto import Rounding
+from ..latency import Latency, with_speed_gates
 from ..latency import measure as measure_latency
 from ..verdict import Gates
 from .parts import VerdictPart
@@ -141,7 +143,7 @@ class InterleavedMeter:
             self._original = validate.session(self.prober.model, self.threads)
         pruned = validate.session(result.model, self.threads, serialized=result.serialized)
         return measure_latency(self.prober.model, result.model, self.feed(), sessions=(self._original, pruned),
-                               clock=self.clock.function())
+                               clock=self.clock.function(), threads=self.threads)
 
 
 # ----------------------------------------------------------------------------- the budget
@@ -353,7 +355,7 @@ def _choose(points: Sequence[Point], settings: LatencySettings, gated: bool) -> 
     return best, notes
 
 
-def run_latency_search(prober: Prober, settings: SearchSettings, round_to: int, gates: Gates,
+def run_latency_search(prober: Prober, settings: SearchSettings, round_to: int | Rounding, gates: Gates,
                        latency: LatencySettings, meter: Meter | None = None) -> LatencyOutcome:
     """The latency objective (module docstring); `meter` replaces the measurement (tests)."""
     check_searchable(prober.method, prober.params)
@@ -386,7 +388,7 @@ def run_latency_search(prober: Prober, settings: SearchSettings, round_to: int, 
     result = prober.run(params, VerdictPart.FINAL)
     final = meter(result)
     ratio = final.after_ms / max(final.before_ms, 1e-12)
-    slower = chosen is not None and ratio > 1.0
+    slower = chosen is not None and final.slower  # the not-slower gate's rule (`latency.speed_gates`)
     if slower:
         message = (f"the written model is SLOWER than the original here: {final.after_ms:.3f} ms against "
                    f"{final.before_ms:.3f} ms (median of {final.rounds} interleaved runs)")
@@ -397,7 +399,10 @@ def run_latency_search(prober: Prober, settings: SearchSettings, round_to: int, 
                    f"{latency.target:g} (it measured {chosen.ratio:.3f} as a probe: noise of a loaded machine?)")
         log.warning("%s", message)
         notes.append(message)
-    result = replace(result, report=replace(result.report, latency=final))
+    verdict = result.report.verdict
+    result = replace(result, report=replace(result.report, latency=final,
+                                            verdict=None if verdict is None else
+                                            with_speed_gates(verdict, final, gates, unchanged=chosen is None)))
     probes = tuple(p.probe for p in walk.points)
     outcome = SearchOutcome(result, probes, rows, None if chosen is None else chosen.probe.index, settings,
                             tuple(notes), prober.seconds, prober.data_free)

@@ -58,7 +58,8 @@ import onnx
 
 from ..channels import Group, Role, Trace
 from ..errors import UsageError, ValidationError
-from ..passes.plan import kept_count
+from ..passes.plan import removed_count
+from ..roundto import Rounding
 from ..progress import StageListener
 from ..verdict import Z95, Gates, Verdict
 from .parts import VerdictPart
@@ -292,21 +293,12 @@ class SensitivityRow:
         return self.macs_saved / max(self.damage, DAMAGE_FLOOR)
 
 
-def removed_count(group: Group, ratio: float, round_to: int) -> int:
-    """Classes a ratio removes from `group` (`passes.plan.uniform_plan`'s count before the tensor check)."""
-    keep = kept_count(group.size, ratio, round_to, group.block)
-    n_remove = min(group.size - keep, group.prunable)
-    while n_remove > 0 and ((group.size - n_remove) % round_to or n_remove % max(group.block, 1)):
-        n_remove -= 1
-    return n_remove
-
-
 def _producer(trace: Trace, group: Group) -> str:
     out = [m.node for m in group.members if m.role == Role.OUT]
     return (out or [m.node for m in group.members] or ["?"])[0]
 
 
-def sensitivity(prober: Prober, trace: Trace, settings: SearchSettings, round_to: int) -> tuple[SensitivityRow, ...]:
+def sensitivity(prober: Prober, trace: Trace, settings: SearchSettings, round_to: int | Rounding) -> tuple[SensitivityRow, ...]:
     """Each prunable group cut alone at each ratio (module docstring); probes whose count repeats are skipped."""
     jobs: list[tuple[Group, float, int]] = []
     for group in trace.groups:
@@ -314,7 +306,7 @@ def sensitivity(prober: Prober, trace: Trace, settings: SearchSettings, round_to
             continue
         last = 0
         for ratio in settings.ratios:
-            n = removed_count(group, ratio, round_to)
+            n = removed_count(group, ratio, Rounding.of(round_to).classes(group, trace))
             if n > last:
                 jobs.append((group, ratio, n))
                 last = n
@@ -476,7 +468,7 @@ def probe_table(outcome: SearchOutcome) -> str:
     return "\n".join(lines)
 
 
-def search(prober: Prober, trace: Trace, settings: SearchSettings, round_to: int, gates: Gates,
+def search(prober: Prober, trace: Trace, settings: SearchSettings, round_to: int | Rounding, gates: Gates,
            sensitivity_rows: tuple[SensitivityRow, ...] | None = None) -> SearchOutcome:
     """The smallest probe that passes `gates` on the selection half, rerun and judged on the final half."""
     if not gates.any:
@@ -510,7 +502,7 @@ def search(prober: Prober, trace: Trace, settings: SearchSettings, round_to: int
 
 
 def _bisect_steps(prober: Prober, steps: Sequence[Step], settings: SearchSettings, probes: list[Probe],
-                  trace: Trace | None = None, round_to: int = 1) -> None:
+                  trace: Trace | None = None, round_to: int | Rounding = 1) -> None:
     """Bisection over the prefix length of the greedy order: k = 0 is the original (passes), k = len + 1 past the end."""
     lo, hi = 0, len(steps) + 1
     budget = _budget_probes(len(steps) + 1)
@@ -538,16 +530,17 @@ def _bisect_steps(prober: Prober, steps: Sequence[Step], settings: SearchSetting
 
 
 def _refine(prober: Prober, trace: Trace, steps: Sequence[Step], lo: int, settings: SearchSettings, probes: list[Probe],
-            round_to: int) -> None:
+            round_to: int | Rounding) -> None:
     """With probes left, bisect the channel count of the first step that missed (between its two ratios)."""
     step = steps[lo]
     base = dict(allocation_at(steps, lo))
     group = trace.groups[step.group]
-    low = removed_count(group, base.get(step.group, 0.0), round_to)
-    high = removed_count(group, step.ratio, round_to)
-    unit = max(group.block, 1) * max(round_to, 1) if round_to > 1 else max(group.block, 1)
+    multiple = Rounding.of(round_to).classes(group, trace)
+    low = removed_count(group, base.get(step.group, 0.0), multiple)
+    high = removed_count(group, step.ratio, multiple)
+    unit = max(group.block, 1) * multiple
     while high - low > unit and len(probes) < settings.max_probes:
-        n = removed_count(group, ((low + high) // 2) / group.size, round_to)
+        n = removed_count(group, ((low + high) // 2) / group.size, multiple)
         if n <= low or n >= high:
             break
         ratio = n / group.size
@@ -656,14 +649,14 @@ def baseline(prober: Prober) -> Trace:
     return result.trace
 
 
-def run_sensitivity(prober: Prober, settings: SearchSettings, round_to: int, proxy: bool) -> SensitivityOutcome:
+def run_sensitivity(prober: Prober, settings: SearchSettings, round_to: int | Rounding, proxy: bool) -> SensitivityOutcome:
     check_searchable(prober.method, prober.params)
     trace = baseline(prober)
     rows = sensitivity(prober, trace, settings, round_to)
     return SensitivityOutcome(rows, proxy, sensitivity_dict(rows, settings, proxy))
 
 
-def run_search(prober: Prober, settings: SearchSettings, round_to: int, gates: Gates, *, with_sensitivity: bool) -> SearchOutcome:
+def run_search(prober: Prober, settings: SearchSettings, round_to: int | Rounding, gates: Gates, *, with_sensitivity: bool) -> SearchOutcome:
     """The gated search; with `with_sensitivity` the profile is measured (and reported) even for the ranking allocation."""
     check_searchable(prober.method, prober.params)
     trace = baseline(prober)
@@ -677,7 +670,7 @@ def run_search(prober: Prober, settings: SearchSettings, round_to: int, gates: G
 class AllocationCost:
     """Kept MACs and parameters of an allocation: its plan materialised (the cost depends on the counts only)."""
 
-    def __init__(self, prober: Prober, trace: Trace, round_to: int) -> None:
+    def __init__(self, prober: Prober, trace: Trace, round_to: int | Rounding) -> None:
         from .. import api, validate
 
         user = dict(prober.kwargs.get("input_shapes") or {})
@@ -729,7 +722,7 @@ def _refined_last_step(steps: Sequence[Step], k: int, meets: Callable[[Allocatio
     return at(high)
 
 
-def run_targeted(prober: Prober, settings: SearchSettings, round_to: int) -> SearchOutcome:
+def run_targeted(prober: Prober, settings: SearchSettings, round_to: int | Rounding) -> SearchOutcome:
     """--target-macs / --target-params with the sensitivity allocation: the shortest greedy prefix meeting the target.
 
     The profile is measured on the selection half, the written model judged on the final half (as a search's).
