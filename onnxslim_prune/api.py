@@ -38,7 +38,8 @@ from .planning.parts import VerdictPart
 from .progress import Stage, StageClock
 from .report import Report, group_rows
 from .roundto import Rounding, RoundTo
-from .verdict import Gates, Verdict, VerdictSource, class_score_outputs, classes_of, summarise
+from .verdict import (FUNCTION_UNKNOWN, Gates, Verdict, VerdictSource, check_gates_have_data, class_score_outputs,
+                      classes_of, summarise)
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +185,16 @@ def prune(
         raise CalibrationError(f"method {method!r} needs calibration data: pass --calib PATH (or --calib random)")
     if gates.max_drop is not None and eval_data is None:
         raise UsageError("--max-drop needs labelled --eval data (an .npz with the inputs and 'labels')")
+    check_gates_have_data(gates, calib, eval_data)  # no random figure can pass a gate: refused before any work
     path = _path_of(model)
     with clock.stage(Stage.LOAD):
         original = _load(model)  # the one parse of the input: everything after reads this proto (or the file, in C++)
         ir.check_model(original, full=False, what="input model", path=path)
     with clock.stage(Stage.CALIBRATION):
         evaluation = load_eval(eval_data, original, input_shapes) if eval_data is not None else None
+        if evaluation is not None and evaluation.labels is None and gates.max_drop is not None:
+            raise UsageError(f"--max-drop needs labelled --eval data: {eval_data} has no 'labels' "
+                             "(--min-top1-agreement and --min-correlation need none)")
         calibration, shapes_in = _calibration(options, original, evaluation, preprocess)
         fit, held = _split(calibration, evaluation, holdout, seed, original, notes)
         if verdict_part is not VerdictPart.ALL:
@@ -434,6 +439,9 @@ def _verdict(original: onnx.ModelProto, pruned: onnx.ModelProto, m: _Measure, fi
 
 
 def _warn_verdict(verdict: Verdict) -> None:
+    if not verdict.function_known:
+        log.warning("%s: %d seeded samples prove that the pruned model runs, not that it still works "
+                    "(give --calib or --eval data for a verdict)", FUNCTION_UNKNOWN, verdict.samples)
     if verdict.degraded:
         log.warning("the pruned model is DEGRADED on %d %s: %s", verdict.samples, verdict.source.description,
                     "; ".join(verdict.degraded_reasons))

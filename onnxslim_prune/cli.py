@@ -34,7 +34,7 @@ from .planning import plot as planning_plot
 from .planning import latency_search
 from .planning import search as search_mod
 from .planning.search import DEFAULT_MARGIN, DEFAULT_MAX_PROBES, Allocation, Objective, SearchSettings
-from .verdict import Gates
+from .verdict import Gates, check_gates_have_data
 from .report import REPORT_SCHEMA, group_rows, group_table
 from .roundto import Rounding, RoundTo, RoundToParam, RoundToValue, resolve
 
@@ -137,7 +137,7 @@ class _OneLineErrors(click.Command):
 @click.option("--bgr", is_flag=True, help="Image folders: feed BGR instead of RGB.")
 @_setting_options
 @click.option("--eval", "eval_data", type=click.Path(path_type=Path),
-              help=".npz with inputs (and 'labels'): the held-out verdict and accuracy; all --calib data is then fitted.")
+              help=".npz with inputs (and 'labels' for accuracy): the held-out verdict; all --calib data is then fitted.")
 @click.option("--calib-memory", metavar="SIZE",
               help="Most memory calibration passes keep (512M, 2G, 25%); past it they spill to disk [default: 25% of RAM].")
 @click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False),
@@ -236,7 +236,8 @@ def main(
 
     The verdict (how closely the pruned model follows the original) is measured on samples
     no fitting saw: --eval data, else the held-out part of --calib, else seeded random inputs
-    (which prove structure, not function). Gates turn it into an exit code for CI.
+    (which prove structure, not function: the verdict then says function unknown). Gates turn it
+    into an exit code for CI; they need real samples (--calib or --eval).
     """
     level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
@@ -258,6 +259,8 @@ def main(
                       max_drop=max_drop, min_speedup=min_speedup)
         if min_speedup is not None and not latency:
             raise UsageError("--min-speedup needs the latency measurement: drop --no-latency")
+        if not dry_run:
+            check_gates_have_data(gates, calib, eval_data)
         preprocess = _preprocess(image_size, resize_mode, mean, std, scale, layout, bgr)
         by_latency = Objective(objective) is Objective.LATENCY
         round_to = resolve(round_to_value)
@@ -324,7 +327,8 @@ def main(
             click.echo(search_mod.probe_table(searched) if timed is None else latency_search.latency_table(timed))
         report = result.report
         verdict = report.verdict
-        passed = verdict is None or verdict.passed  # the speed gates are among the verdict's (`latency.speed_gates`)
+        # the speed gates are among the verdict's (`latency.speed_gates`); None: function unknown, nothing missed
+        passed = verdict is None or verdict.passed is not False
         written = passed or keep_failed
         if written:
             report = replace(report, output_path=str(target))

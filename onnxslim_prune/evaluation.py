@@ -1,7 +1,9 @@
-"""Labelled evaluation data (``--eval``) and top-1 accuracy of a classifier.
+"""Evaluation data (``--eval``) and top-1 accuracy of a classifier.
 
-An ``.npz`` holds the model's single input under its name (or ``images`` / ``x``) and
-``labels``: one non-negative integer class per sample. The images are checked like
+An ``.npz`` holds the model's single input under its name (or ``images`` / ``x``) and, optionally,
+``labels``: one non-negative integer class per sample. Without labels the data still gives a
+held-out verdict (agreement with the original: the ``--min-top1-agreement`` / ``--min-correlation``
+gates), but no accuracy (``--max-drop`` needs labels). The images are checked like
 calibration arrays (shape against the model input, a dtype that casts safely, finite
 values) and the labels against the images and, once the model has run, against its
 number of classes: every bad file is one clear error naming it.
@@ -39,7 +41,11 @@ KL_WEIGHT = 0.1
 class EvalData:
     input_name: str
     images: np.ndarray
-    labels: np.ndarray  # int64 [N]
+    labels: np.ndarray | None  # int64 [N]; None: unlabelled (agreement, no accuracy)
+
+    @property
+    def count(self) -> int:
+        return len(self.images)
 
 
 def load_eval(
@@ -50,22 +56,26 @@ def load_eval(
         raise UsageError(f"{p}: no such evaluation file")
     specs = input_specs(model, input_shapes)
     if len(specs) != 1:
-        raise UsageError(f"--eval needs a single-input classifier; the model has inputs {', '.join(s.name for s in specs)}")
+        raise UsageError(f"--eval takes a single-input model; the model has inputs {', '.join(s.name for s in specs)} "
+                         "(give the samples as --calib: its held-out part is the verdict)")
     spec = specs[0]
     if not zipfile.is_zipfile(p):
-        raise CalibrationError(f"{p}: --eval takes an .npz with arrays {spec.name!r} (or 'images') and 'labels'")
+        raise CalibrationError(f"{p}: --eval takes an .npz with arrays {spec.name!r} (or 'images') and optional 'labels'")
     try:
         with np.load(p, allow_pickle=False) as data:
             key = next((k for k in (spec.name, *IMAGE_KEYS) if k in data.files), None)
-            if key is None or "labels" not in data.files:
-                raise CalibrationError(f"{p}: needs arrays {spec.name!r} (or 'images') and 'labels'; found {data.files}")
-            images, labels = data[key], data["labels"]
+            if key is None:
+                raise CalibrationError(f"{p}: needs an array {spec.name!r} (or 'images'), and 'labels' for accuracy; "
+                                       f"found {data.files}")
+            images, labels = data[key], (data["labels"] if "labels" in data.files else None)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise pickled_error(p) or CalibrationError(f"{p}: cannot read evaluation data: {type(exc).__name__}") from None
     where = f"{p}: '{key}'"
     check_shape(images, spec, where)
     check_cast(images, spec.dtype, where)
     check_finite(images, where)
+    if labels is None:
+        return EvalData(spec.name, np.asarray(images, dtype=spec.dtype), None)
     if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != len(images):
         raise CalibrationError(
             f"{p}: 'labels' must be {len(images)} integer class indices (shape ({len(images)},)); "
@@ -76,19 +86,20 @@ def load_eval(
     return EvalData(spec.name, np.asarray(images, dtype=spec.dtype), labels.astype(np.int64))
 
 
-def eval_feeds(evaluation: EvalData, model: onnx.ModelProto) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
-    """Batches of the evaluation images the model accepts, and the labels they cover.
+def eval_feeds(evaluation: EvalData, model: onnx.ModelProto) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
+    """Batches of the evaluation images the model accepts, and the labels they cover (None: unlabelled).
 
     A model with a fixed batch size runs in batches of that size (a remainder that cannot
     fill one is left out of the count); otherwise in batches of `BATCH`.
     """
     static = ir.static_batch(model)
     batch = static or BATCH
-    usable = len(evaluation.labels) - len(evaluation.labels) % batch if static else len(evaluation.labels)
+    count = evaluation.count
+    usable = count - count % batch if static else count
     if usable == 0:
-        raise CalibrationError(f"the model needs batches of {batch}; the evaluation data has {len(evaluation.labels)} samples")
+        raise CalibrationError(f"the model needs batches of {batch}; the evaluation data has {count} samples")
     feeds = [{evaluation.input_name: evaluation.images[start : min(start + batch, usable)]} for start in range(0, usable, batch)]
-    return feeds, evaluation.labels[:usable]
+    return feeds, None if evaluation.labels is None else evaluation.labels[:usable]
 
 
 def accuracy_of(runs: list[list[np.ndarray]], labels: np.ndarray) -> float:
@@ -122,6 +133,7 @@ def accuracy(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray, inp
     from .validate import outputs_of
 
     feeds, used = eval_feeds(EvalData(input_name, images, labels), model)
+    assert used is not None
     return accuracy_of(outputs_of(model, feeds), used)
 
 

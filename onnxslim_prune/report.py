@@ -12,7 +12,7 @@ from .latency import NOT_SLOWER, Latency
 from .roundto import Rounding
 from .passes.trace import Trace
 from .validate import ModelStats
-from .verdict import Verdict
+from .verdict import FUNCTION_UNKNOWN, Verdict
 
 #: the report JSON's layout version (its `schema` key): raised when a key is renamed or removed, or its meaning changes
 REPORT_SCHEMA = 1
@@ -153,6 +153,11 @@ def verdict_lines(v: Verdict) -> list[str]:
         ci = "" if v.top1_interval is None else f" ({v.top1_interval[0]:.0%}-{v.top1_interval[1]:.0%})"
         figures.append(f"top-1 agreement {v.top1_agreement:.2%}{ci}")
     figures.append(f"max abs {v.max_abs:.3g}, max rel {v.max_rel:.3g}")
+    if not v.function_known:  # the figures are structure evidence, never the headline
+        lines = [f"verdict: {FUNCTION_UNKNOWN}, which prove structure, not function ({v.samples} seeded samples; "
+                 "give --calib or --eval to know whether the pruned model still works)",
+                 "  structure check, not a measure of function: " + ", ".join(figures)]
+        return lines + _gate_lines(v)
     lines = [f"verdict on {v.samples} {v.source.description} (95% intervals in brackets):", "  " + ", ".join(figures)]
     if v.accuracy_before is not None and v.accuracy_after is not None:
         ci = "" if v.accuracy_drop_interval is None else \
@@ -166,8 +171,12 @@ def verdict_lines(v: Verdict) -> list[str]:
         worst = min(fitted, key=lambda o: o.top1 if o.top1 is not None else o.cosine)
         figure = f"top-1 agreement {worst.top1:.2%}" if worst.top1 is not None else f"cosine {worst.cosine:.4f}"
         lines.append(f"  (on fitted calibration samples, not the verdict: {figure})")
-    for gate in v.gates:
-        lines.append(f"  gate {'passed' if gate.passed else 'MISSED'}: {gate.message}")
+    return lines + _gate_lines(v)
+
+
+def _gate_lines(v: Verdict) -> list[str]:
+    """Each gate (the speed gates too: they hold whatever the inputs), then the degradation."""
+    lines = [f"  gate {'passed' if gate.passed else 'MISSED'}: {gate.message}" for gate in v.gates]
     if v.degraded:
         lines.append("  !!! DEGRADED: " + "; ".join(v.degraded_reasons))
     return lines

@@ -91,20 +91,92 @@ def session(
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def random_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
-    """Seeded inputs: standard normal for floats, zeros for integers and booleans."""
+def random_inputs(
+    model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], seed: int, token_ids: Mapping[str, int] | None = None,
+) -> dict[str, np.ndarray]:
+    """Seeded inputs: standard normal for floats, zeros for integers and booleans.
+
+    `token_ids` (`token_id_inputs`): integer inputs drawn uniformly in ``[0, vocabulary)`` instead,
+    from their own generator so the float inputs stay the same draws.
+    """
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
-    for vi in model.graph.input:
+    for index, vi in enumerate(model.graph.input):
         if vi.name not in shapes:
             continue
         dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
         shape = shapes[vi.name]
         if np.issubdtype(dtype, np.floating):
             out[vi.name] = rng.standard_normal(shape).astype(dtype)
+        elif token_ids and vi.name in token_ids:
+            ids = np.random.default_rng([seed, index, 0x1D5]).integers(0, token_ids[vi.name], size=shape)
+            out[vi.name] = ids.astype(dtype)
         else:
             out[vi.name] = np.zeros(shape, dtype=dtype)
     return out
+
+
+#: ops an id tensor passes through unchanged on its way to an embedding's Gather
+_ID_PRESERVING = frozenset({"Cast", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+#: ops between an embedding table's initializer and its Gather (fp16 / QDQ tables)
+_TABLE_PRESERVING = frozenset({"Cast", "Identity", "DequantizeLinear"})
+
+
+def token_id_inputs(model: onnx.ModelProto) -> dict[str, int]:
+    """Integer graph inputs that index an embedding table (a Gather on a constant), with the smallest vocabulary.
+
+    An id past the vocabulary is an onnxruntime error, and all-zero ids make every sample the same
+    (no correlation across samples): random ids in range exercise the structure. They are not text:
+    the verdict on them is structure only (`verdict`).
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    producer: dict[str, onnx.NodeProto] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+        for name in node.output:
+            producer[name] = node
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+
+    def table_shape(name: str) -> tuple[int, ...] | None:
+        for _ in range(4):
+            if name in dims:
+                return dims[name]
+            node = producer.get(name)
+            if node is None:
+                return None
+            if node.op_type == "Constant":
+                value = next((a.t for a in node.attribute if a.name == "value"), None)
+                return None if value is None else tuple(value.dims)
+            if node.op_type not in _TABLE_PRESERVING or not node.input:
+                return None
+            name = node.input[0]
+        return None
+
+    found: dict[str, int] = {}
+    initializers = set(dims)
+    for vi in model.graph.input:
+        elem = vi.type.tensor_type.elem_type
+        if vi.name in initializers or elem not in (onnx.TensorProto.INT32, onnx.TensorProto.INT64):
+            continue
+        vocab: list[int] = []
+        frontier, seen = [vi.name], {vi.name}
+        while frontier:
+            name = frontier.pop()
+            for node in consumers.get(name, []):
+                if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name:
+                    shape = table_shape(node.input[0])
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    if shape and -len(shape) <= axis < len(shape) and shape[axis] > 0:
+                        vocab.append(int(shape[axis]))
+                elif node.op_type in _ID_PRESERVING and node.input and node.input[0] == name:
+                    for out in node.output:
+                        if out not in seen:
+                            seen.add(out)
+                            frontier.append(out)
+        if vocab:
+            found[vi.name] = min(vocab)
+    return found
 
 
 def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -162,9 +234,13 @@ def calibration_feeds(model: onnx.ModelProto, calib: Any, limit: int | None = No
 
 
 def random_feeds(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], seed: int, samples: int = RANDOM_SAMPLES) -> Feeds:
-    """`samples` seeded random samples (fewer batches of a static batch size)."""
+    """`samples` seeded random samples (fewer batches of a static batch size); token ids within each vocabulary.
+
+    Only the data-free verdict takes these: they prove structure, not function (`verdict`).
+    """
     batch = ir.static_batch(model) or 1
-    return [random_inputs(model, shapes, seed + i) for i in range(max(1, -(-samples // batch)))]
+    ids = token_id_inputs(model)
+    return [random_inputs(model, shapes, seed + i, ids) for i in range(max(1, -(-samples // batch)))]
 
 
 def feed_samples(feeds: Feeds) -> int:

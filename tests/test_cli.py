@@ -184,7 +184,10 @@ def test_report_json(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert after == sum(int(np.prod(i.dims)) for i in pruned.graph.initializer)
     assert data["ratios"]["params"] == pytest.approx(after / before)
     assert data["after"]["macs"] < data["before"]["macs"]
-    assert data["verdict"]["max_abs"] >= 0 and data["verdict"]["source"] == "random" and not data["verdict"]["held_out"]
+    verdict = data["verdict"]
+    assert verdict["source"] == "random" and not verdict["held_out"] and not verdict["function_known"]
+    assert verdict["passed"] is None and verdict["max_abs"] is None  # random inputs: no headline figure, no pass
+    assert verdict["random_inputs"]["max_abs"] >= 0 and verdict["random_inputs"]["samples"] == verdict["samples"]
     assert [g["kept"] for g in data["groups"]] == [4, 4, 5]
     assert sha256(model_dir / "good.onnx") == digest
 

@@ -60,11 +60,12 @@ def part_indices(total: int, part: VerdictPart, seed: int, static_batch: int | N
 
 
 def eval_part(evaluation: EvalData, part: VerdictPart, seed: int, static_batch: int | None = None) -> EvalData:
-    """The `part` of labelled evaluation data."""
+    """The `part` of evaluation data (labelled or not)."""
     if part is VerdictPart.ALL:
         return evaluation
-    index = part_indices(len(evaluation.labels), part, seed, static_batch)
-    return EvalData(evaluation.input_name, evaluation.images[index], evaluation.labels[index])
+    index = part_indices(evaluation.count, part, seed, static_batch)
+    labels = None if evaluation.labels is None else evaluation.labels[index]
+    return EvalData(evaluation.input_name, evaluation.images[index], labels)
 
 
 def held_part(held: Any, part: VerdictPart, seed: int, static_batch: int | None = None) -> Any:
