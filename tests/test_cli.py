@@ -346,3 +346,76 @@ def test_api_exclude_as_a_string_is_one_pattern() -> None:
     as_list = prune(M.conv_chain(), "l1", 0.5, exclude=["conv1"])
     assert as_string.model.SerializeToString() == as_list.model.SerializeToString()
     assert as_string.report.after.params < as_string.report.before.params  # not every node protected
+
+
+# ----------------------------------------------------------------------------- the verdict without real data
+
+NO_DATA_GATES = {
+    "ratio_and_gate": ["--ratio", "0.5", "--min-cosine", "-1"],
+    "search": ["--min-correlation", "0.5"],
+    "random_calib": ["--calib", "random", "--ratio", "0.3", "--min-top1-agreement", "0.5"],
+    "latency_search": ["--objective", "latency", "--target-latency", "0.6", "--min-correlation", "0.9"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(NO_DATA_GATES))
+def test_a_gate_without_real_samples_is_refused_before_any_work(
+    case: str, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onnxslim_prune import api, cli
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("work started")
+
+    monkeypatch.chdir(model_dir)
+    monkeypatch.setattr(api, "prune", no_work)
+    monkeypatch.setattr(cli.ir, "load_model", no_work)
+    before = snapshot(model_dir)
+    result = invoke(["good.onnx", "-o", "out.onnx", "--report", "r.json", *NO_DATA_GATES[case]])
+    assert "gates need real samples: --calib or --eval" in assert_clean_error(result, 2)
+    assert snapshot(model_dir) == before
+
+
+def test_a_data_free_run_exits_0_and_says_function_unknown(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.chdir(model_dir)
+    result = invoke(["good.onnx", "-o", "out.onnx", "--report", "r.json", "--no-latency"])
+    assert result.exit_code == 0, result.output
+    assert "verdict: function unknown: measured on random inputs" in result.stdout
+    assert "function unknown: measured on random inputs" in caplog.text  # the log says it too
+    check_full(onnx.load(str(model_dir / "out.onnx")))
+    assert json.loads((model_dir / "r.json").read_text())["verdict"]["passed"] is None
+
+
+def _unlabelled_eval(model_dir: Path) -> tuple[Path, np.ndarray]:
+    x = np.random.default_rng(7).standard_normal((40, 3, 8, 8)).astype(np.float32)
+    path = model_dir / "eval.npz"
+    np.savez(path, x=x)
+    return path, x
+
+
+def test_unlabelled_eval_with_an_agreement_gate(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exit 0; the report's top-1 agreement is numpy's argmax comparison of both models on the 40 samples (exact)."""
+    monkeypatch.chdir(model_dir)
+    _, x = _unlabelled_eval(model_dir)
+    result = invoke(["good.onnx", "-o", "out.onnx", "--report", "r.json", "--eval", "eval.npz", "--ratio", "0.25",
+                     "--min-top1-agreement", "0.2", "--no-latency"])
+    assert result.exit_code == 0, result.output
+    verdict = json.loads((model_dir / "r.json").read_text())["verdict"]
+    assert verdict["source"] == "eval" and verdict["held_out"] and verdict["samples"] == 40
+    assert verdict["accuracy_before"] is None and verdict["accuracy_drop_points"] is None
+    original, pruned = onnx.load(str(model_dir / "good.onnx")), onnx.load(str(model_dir / "out.onnx"))
+    a = np.concatenate([M.run(original, {"x": x[i : i + 1]})[0] for i in range(40)])
+    b = np.concatenate([M.run(pruned, {"x": x[i : i + 1]})[0] for i in range(40)])
+    assert verdict["top1_agreement"] == float(np.mean(a.argmax(1) == b.argmax(1)))
+    assert verdict["gates"][0]["value"] == verdict["top1_agreement"] and verdict["passed"] is True
+
+
+def test_max_drop_with_unlabelled_eval_is_one_line_exit_2(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(model_dir)
+    _unlabelled_eval(model_dir)
+    before = snapshot(model_dir)
+    result = invoke(["good.onnx", "-o", "out.onnx", "--report", "r.json", "--eval", "eval.npz", "--max-drop", "1"])
+    assert "--max-drop needs labelled --eval data: eval.npz has no 'labels'" in assert_clean_error(result, 2)
+    assert snapshot(model_dir) == before

@@ -88,11 +88,15 @@ def test_probes_bisect_the_budget_towards_the_target() -> None:
     assert np.allclose(models.run(written, feed)[0], models.run(again, feed)[0], atol=1e-6)
 
 
-def test_a_gate_writes_the_fastest_model_that_passes() -> None:
+def test_a_gate_writes_the_fastest_model_that_passes(tmp_path: Path) -> None:
     model = models.conv_chain(dead1=range(16), c1=32, c2=32, seed=2)
     gates = Gates(min_correlation=0.9999)
     settings = SearchSettings(max_probes=10, allocation=Allocation.RANKING, margin=0.0)
-    outcome = run_latency_search(_prober(model, gates), settings, 1, gates, LatencySettings(0.2), meter=MacsMeter())
+    calib = tmp_path / "calib.npz"  # a gate needs real samples (random inputs cannot pass one): 24 held out
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((48, 3, 8, 8)).astype(np.float32))
+    prober = Prober(model, "l1", dict(latency=False, gates=gates, calib=str(calib), holdout=0.5,
+                                      params={"reconstruct": False}), margin=0.0)
+    outcome = run_latency_search(prober, settings, 1, gates, LatencySettings(0.2), meter=MacsMeter())
     passing = [p for p in outcome.points if p.passed]
     assert passing and any(not p.passed for p in outcome.points)  # the target is out of reach within the gate
     chosen = next(p for p in outcome.points if p.probe.index == outcome.search.chosen)

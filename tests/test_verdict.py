@@ -252,3 +252,146 @@ def test_a_data_free_verdict_takes_fewer_random_samples_on_large_models(monkeypa
     result = prune(model, "l1", 0.5, latency=False)
     assert result.report.verdict is not None
     assert result.report.verdict.source is VerdictSource.RANDOM and result.report.verdict.samples == 4
+
+
+# ----------------------------------------------------------------------------- random inputs: function unknown
+
+
+def _negated(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with its single output negated (same name, dtype and shape): cosine -1 with the original."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    name = out.graph.output[0].name
+    for node in out.graph.node:
+        node.output[:] = [f"{o}_pre" if o == name else o for o in node.output]
+    out.graph.node.append(helper.make_node("Neg", [f"{name}_pre"], [name]))
+    return out
+
+
+def test_a_random_input_verdict_is_never_passed_and_keeps_its_figures_aside() -> None:
+    """Data-free: passed is None (JSON null), the headline keys are null, the figures are structure evidence; numbers:
+    the structure cosine is numpy's over the same seeded random samples (1e-9)."""
+    from onnxslim_prune import validate
+
+    model = onnx.load(str(SAMPLE_LENET))
+    result = prune(model, "l1", 0.5, latency=False)
+    v = result.report.verdict
+    assert v is not None and v.source is VerdictSource.RANDOM and not v.function_known and v.passed is None
+    feeds = validate.random_feeds(model, {"input": (1, 1, 28, 28)}, 0, v.samples)
+    a = np.concatenate([validate.outputs_of(model, feeds)[i][0] for i in range(len(feeds))]).astype(np.float64)
+    b = np.concatenate([validate.outputs_of(result.model, feeds)[i][0] for i in range(len(feeds))]).astype(np.float64)
+    cosine = float(np.vdot(a, b) / np.sqrt(np.vdot(a, a) * np.vdot(b, b)))
+    assert v.cosine == pytest.approx(cosine, abs=1e-9)
+    data = json.loads(result.report.to_json())["verdict"]
+    assert data["passed"] is None and data["function_known"] is False and data["outputs"] == []
+    assert all(data[k] is None for k in ("cosine", "correlation", "top1_agreement", "spread", "max_abs", "imprecise"))
+    assert data["random_inputs"]["cosine"] == pytest.approx(cosine, abs=1e-9) and data["random_inputs"]["samples"] == 16
+    table = result.report.table()
+    assert "function unknown: measured on random inputs" in table and "gate" not in table
+    # no random figure can pass a gate: refused before any work, whatever the threshold
+    for calib in (None, "random"):
+        with pytest.raises(UsageError, match="gates need real samples"):
+            prune(model, "l1", 0.5, calib=calib, gates=Gates(min_cosine=-1.0))
+    with pytest.raises(UsageError, match="gates need real samples"):
+        summarise(VerdictSource.RANDOM, 16, v.outputs, gates=Gates(min_correlation=0.0))
+    held = prune(model, "l1", 0.5, eval_data=FMNIST, latency=False).report.verdict
+    assert held is not None and held.function_known and held.passed is True  # real data, no gate: nothing missed
+
+
+def test_negated_outputs_are_degraded_on_random_inputs() -> None:
+    """A model whose outputs are negated: cosine and correlation -1 on the seeded random samples, so degraded."""
+    from onnxslim_prune import validate
+
+    model = _collapsing_mlp()
+    negated = _negated(model)
+    feeds = validate.random_feeds(model, {"x": (1, 8)}, 0)
+    agreement = validate.agreement_of(model, negated, validate.outputs_of(model, feeds), validate.outputs_of(negated, feeds),
+                                      feeds)
+    v = summarise(VerdictSource.RANDOM, validate.feed_samples(feeds), agreement)
+    assert v.cosine == pytest.approx(-1.0, abs=1e-12) and v.correlation == pytest.approx(-1.0, abs=1e-12)
+    assert v.degraded and any("cosine -1.000" in r for r in v.degraded_reasons) and v.passed is None
+    assert json.loads(json.dumps(v.to_dict()))["degraded"] is True
+
+
+def test_a_near_zero_cosine_is_degraded_where_no_correlation_is_measured() -> None:
+    """One sample (no correlation across samples, as with all-equal token ids): the cosine floor alone decides."""
+    a = np.array([[3.0, 0.0, 1.0, 0.0]])
+    near_zero = np.array([[0.0, 2.0, 0.1, 1.0]])  # <a, b> = 0.1: cosine 0.1 / (sqrt(10) sqrt(5.01)) = 0.0141
+    close = np.array([[2.9, 0.2, 1.1, 0.0]])
+    for b, degraded in ((near_zero, True), (close, False)):
+        acc = AgreementAccumulator(["y"])
+        acc.add([a], [b], 1)
+        (out,) = acc.results()
+        expected = float(np.vdot(a, b) / np.sqrt(np.vdot(a, a) * np.vdot(b, b)))
+        assert out.cosine == pytest.approx(expected, abs=1e-12) and out.correlation is None
+        for source in (VerdictSource.RANDOM, VerdictSource.EVAL):
+            assert summarise(source, 1, [out]).degraded is degraded
+    assert expected > 0.99
+
+
+def test_token_ids_are_drawn_within_every_embedding_vocabulary() -> None:
+    """ids -> Gather(word table [11, 4]) and -> Cast -> Gather(fp16 position table [7, 4] via Cast): ids in [0, 7);
+    a mask that indexes nothing stays zeros; float inputs are the same draws as without ids. Numbers: the data-free
+    verdict of an l1 prune runs on them, and its correlation across samples exists (the samples differ)."""
+    from onnx import parser
+
+    from onnxslim_prune import validate
+
+    rng = np.random.default_rng(0)
+    model = parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N, 5] ids, int64[N, 5] mask, float[N, 4] bias) => (float[N, 3] y) {
+            word = Gather<axis = 0>(table, ids)
+            ids32 = Cast<to = 6>(ids)
+            pos16 = Cast<to = 10>(positions)
+            pos32 = Cast<to = 1>(pos16)
+            pos = Gather<axis = 0>(pos32, ids32)
+            maskf = Cast<to = 1>(mask)
+            both = Add(word, pos)
+            axes = Constant<value = int64[1] {1}>()
+            mean = ReduceMean<axes = [1], keepdims = 0>(both)
+            h = Add(mean, bias)
+            hidden = MatMul(h, w1)
+            act = Relu(hidden)
+            y0 = MatMul(act, w2)
+            msum = ReduceSum<keepdims = 0>(maskf, axes)
+            m2 = Unsqueeze(msum, axes)
+            y = Add(y0, m2)
+        }""")
+    weights = {"table": rng.standard_normal((11, 4)), "positions": rng.standard_normal((7, 4)),
+               "w1": rng.standard_normal((4, 16)), "w2": rng.standard_normal((16, 3))}
+    model.graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items())
+    onnx.checker.check_model(model, full_check=True)
+    assert validate.token_id_inputs(model) == {"ids": 7}
+    shapes = {"ids": (1, 5), "mask": (1, 5), "bias": (1, 4)}
+    feeds = validate.random_feeds(model, shapes, 3, 16)
+    ids = np.concatenate([f["ids"] for f in feeds])
+    assert ids.dtype == np.int64 and ids.min() >= 0 and ids.max() == 6 and len(np.unique(ids)) == 7
+    assert all(not f["mask"].any() for f in feeds)
+    assert all(np.array_equal(f["bias"], validate.random_inputs(model, shapes, 3 + i)["bias"]) for i, f in enumerate(feeds))
+    result = prune(model, "l1", 0.25, input_shapes={"ids": (1, 5), "mask": (1, 5), "bias": (1, 4)}, latency=False)
+    v = result.report.verdict
+    assert v is not None and v.source is VerdictSource.RANDOM and v.correlation is not None and v.passed is None
+    assert validate.outputs_of(result.model, feeds)[0][0].shape == (1, 3)
+
+
+def test_unlabelled_eval_gives_a_held_out_verdict_with_agreement_and_no_accuracy(tmp_path: Path) -> None:
+    """--eval without 'labels': source eval, held out, top-1 agreement equals numpy's argmax comparison on the
+    same 500 samples; no accuracy; an agreement gate is checked; --max-drop is refused."""
+    from onnxslim_prune import validate
+
+    with np.load(FMNIST) as d:
+        images = d["input"]
+    path = tmp_path / "unlabelled.npz"
+    np.savez(path, input=images)
+    model = onnx.load(str(SAMPLE_LENET))
+    result = prune(model, "l1", 0.5, eval_data=path, gates=Gates(min_top1_agreement=0.5), latency=False)
+    v = result.report.verdict
+    assert v is not None and v.source is VerdictSource.EVAL and v.held_out and v.samples == 500
+    before = validate.run(model, {"input": images})[0]
+    after = validate.run(result.model, {"input": images})[0]
+    assert v.top1_agreement == float(np.mean(before.argmax(1) == after.argmax(1)))
+    assert v.accuracy_before is None and v.accuracy_drop_points is None and v.passed is True
+    assert [(g.gate, g.value) for g in v.gates] == [("--min-top1-agreement", v.top1_agreement)]
+    with pytest.raises(UsageError, match="--max-drop needs labelled --eval data: .* has no 'labels'"):
+        prune(model, "l1", 0.5, eval_data=path, gates=Gates(max_drop=1.0))
