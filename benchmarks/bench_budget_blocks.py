@@ -35,6 +35,8 @@ import onnx
 from onnxslim_prune import evaluation
 from onnxslim_prune.api import prune
 
+from measure import verdict_cosine
+
 CALIB_SAMPLES = 2000
 BLOCK_COUNTS = (0, 3, 6, 9, 13)
 MACS_TARGETS = (0.8, 0.5, 0.3)
@@ -151,7 +153,7 @@ def section_c(zoo: Path, timeout: int) -> list[dict[str, Any]]:
                 entry.update(
                     macs=data["after"]["macs"] / data["before"]["macs"],
                     params=data["after"]["params"] / data["before"]["params"],
-                    cosine=data["verdict"]["cosine"],
+                    cosine=verdict_cosine(data["verdict"]),
                     notes=[n for n in data.get("notes", []) if "budget" in n],
                 )
             else:

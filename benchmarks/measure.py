@@ -139,3 +139,11 @@ def run_measured_isolated(cmd: Sequence[str], timeout: float, env: dict[str, str
             code_text, peak_text = result.read_text().split()
             code, peak_kib = int(code_text), int(peak_text)
     return Measured(code, round(seconds, 2), round(peak_kib / 1024, 1), text, killed.is_set())
+
+
+def verdict_cosine(verdict: dict[str, Any]) -> float | None:
+    """The report's output cosine; a data-free run keeps it under ``random_inputs`` (structure evidence only)."""
+    if verdict.get("cosine") is not None:
+        return float(verdict["cosine"])
+    structure = verdict.get("random_inputs") or {}
+    return None if structure.get("cosine") is None else float(structure["cosine"])

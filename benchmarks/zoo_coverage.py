@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quantized import FORMS, zoo_forms  # noqa: E402
-from measure import failure, prune_cli  # noqa: E402
+from measure import failure, prune_cli, verdict_cosine  # noqa: E402
 
 #: the zoo's transformer / attention models (the second table)
 TRANSFORMERS = ("hf_", "hfdyn_", "deit", "swin", "levit", "mobilevit", "efficientformer")
@@ -60,7 +60,7 @@ def one(model: Path, method: str, ratio: float, timeout: int, work: Path | None 
             params_before=data["before"]["params"], params_after=data["after"]["params"],
             macs_before=data["before"]["macs"], macs_after=data["after"]["macs"],
             groups=len(data["groups"]), frozen=sum(1 for g in data["groups"] if g["prunable"] == 0),
-            cosine=data["verdict"]["cosine"], parts=parts_kept(data["groups"]),
+            cosine=verdict_cosine(data["verdict"]), parts=parts_kept(data["groups"]),
         )
     if work is None:
         return row

@@ -29,7 +29,7 @@ within ``TOLERANCE`` below it, when the bracket is narrower than ``RESOLUTION``,
 kept.
 
 Gates. With ``--max-drop`` / ``--min-*`` a probe must also pass the gate (on the selection half,
-as in the gated search). Without a target the search is the gate's bisection over ``s`` and writes
+as in the gated search; gates need real samples, `verdict.check_gates_have_data`). Without a target the search is the gate's bisection over ``s`` and writes
 the *fastest* probe that passes; with a target, when the probe meeting it misses the gate, the gate
 is bisected below it and the fastest passing probe is written with a warning that the target is
 out of reach within the gate.

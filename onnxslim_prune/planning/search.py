@@ -19,7 +19,8 @@ Sensitivity (``--sensitivity``). Each prunable group ``g`` alone is cut at each 
 (default 0.25, 0.5, 0.75) with the method's compensation: the table gives the MACs and
 parameters saved (fractions of the original), the damage, the top-1 agreement and the accuracy
 drop (with labelled ``--eval`` data), sorted by cost-effectiveness ``saved MACs / damage``.
-Data-free runs (no ``--calib``) measure on seeded random inputs: a proxy, labelled as such.
+Data-free runs (no ``--calib``) measure on seeded random inputs: a proxy, labelled as such. A search
+(a gate) needs real samples: a gate without them is a usage error before any probe (`verdict`).
 
 Allocation (`Allocation.SENSITIVITY`, the default): a greedy knapsack over the profile. Per
 group, the points ``(saved_g(r), damage_g(r))`` with the origin (damage made non-decreasing in
