@@ -15,7 +15,7 @@ from .validate import ModelStats
 from .verdict import FUNCTION_UNKNOWN, Verdict
 
 #: the report JSON's layout version (its `schema` key): raised when a key is renamed or removed, or its meaning changes
-REPORT_SCHEMA = 1
+REPORT_SCHEMA = 2  # 2: a verdict on random inputs has null figures and `passed` (`random_inputs` holds them)
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,7 @@ def test_model_with_external_data_and_report_are_written_together(folder: Path) 
     assert M.initializer(pruned, "conv2.w").shape == (16, 16, 3, 3)
     assert M.max_abs_diff(wide, pruned) < TOL
     report = json.loads((folder / "r.json").read_text())
-    assert report["output_path"] == "out.onnx" and report["schema"] == REPORT_SCHEMA == 1
+    assert report["output_path"] == "out.onnx" and report["schema"] == REPORT_SCHEMA == 2
 
 
 def test_ctrl_c_between_the_renames_restores_the_previous_files(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
