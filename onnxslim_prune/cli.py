@@ -259,8 +259,6 @@ def main(
                       max_drop=max_drop, min_speedup=min_speedup)
         if min_speedup is not None and not latency:
             raise UsageError("--min-speedup needs the latency measurement: drop --no-latency")
-        if not dry_run:
-            check_gates_have_data(gates, calib, eval_data)
         preprocess = _preprocess(image_size, resize_mode, mean, std, scale, layout, bgr)
         by_latency = Objective(objective) is Objective.LATENCY
         round_to = resolve(round_to_value)
@@ -294,6 +292,7 @@ def main(
             raise UsageError("--target-latency is the latency objective's: add --objective latency")
         measuring = show_sensitivity and not searching and not targeted and not by_latency
         _check_mode(method, gates, kwargs["params"], searching or targeted or by_latency, measuring, plot_path)
+        check_gates_have_data(gates, calib, eval_data)  # before any work: no random figure can pass a gate
         if measuring:
             _sensitivity_only(model, method, kwargs, search_settings, console, report_path, plot_path, quiet)
             _closed(console)
