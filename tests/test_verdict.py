@@ -287,7 +287,7 @@ def test_a_random_input_verdict_is_never_passed_and_keeps_its_figures_aside() ->
     assert all(data[k] is None for k in ("cosine", "correlation", "top1_agreement", "spread", "max_abs", "imprecise"))
     assert data["random_inputs"]["cosine"] == pytest.approx(cosine, abs=1e-9) and data["random_inputs"]["samples"] == 16
     table = result.report.table()
-    assert "function unknown: measured on random inputs" in table and "gate" not in table
+    assert "function unknown: measured on random inputs" in table and "gate passed" not in table
     # no random figure can pass a gate: refused before any work, whatever the threshold
     for calib in (None, "random"):
         with pytest.raises(UsageError, match="gates need real samples"):
@@ -296,6 +296,24 @@ def test_a_random_input_verdict_is_never_passed_and_keeps_its_figures_aside() ->
         summarise(VerdictSource.RANDOM, 16, v.outputs, gates=Gates(min_correlation=0.0))
     held = prune(model, "l1", 0.5, eval_data=FMNIST, latency=False).report.verdict
     assert held is not None and held.function_known and held.passed is True  # real data, no gate: nothing missed
+
+
+def test_a_missed_speed_gate_fails_a_random_input_verdict() -> None:
+    """Speed is measured whatever the inputs: on random inputs a slower model is passed False (exit 3), a faster
+    one None (function unknown), never True; the table lists the speed gate beside 'function unknown'."""
+    from onnxslim_prune.latency import Latency, with_speed_gates
+    from onnxslim_prune.report import verdict_lines
+
+    acc = AgreementAccumulator(["y"])
+    acc.add([np.eye(4)], [np.eye(4)], 4)
+    v = summarise(VerdictSource.RANDOM, 4, acc.results())
+    slower = with_speed_gates(v, Latency(10.0, 20.0, 30, 1, (1.9, 2.1)), Gates(min_speedup=1.5))
+    faster = with_speed_gates(v, Latency(10.0, 5.0, 30, 1, (0.45, 0.55)), Gates(min_speedup=1.5))
+    assert [g.passed for g in slower.gates] == [False, False] and slower.passed is False
+    assert [g.passed for g in faster.gates] == [True, True] and faster.passed is None
+    assert faster.gates[1].value == pytest.approx(2.0) and json.loads(json.dumps(faster.to_dict()))["passed"] is None
+    lines = verdict_lines(slower)
+    assert "function unknown" in lines[0] and sum("gate MISSED" in line for line in lines) == 2
 
 
 def test_negated_outputs_are_degraded_on_random_inputs() -> None:
