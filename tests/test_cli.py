@@ -419,3 +419,23 @@ def test_max_drop_with_unlabelled_eval_is_one_line_exit_2(model_dir: Path, monke
     result = invoke(["good.onnx", "-o", "out.onnx", "--report", "r.json", "--eval", "eval.npz", "--max-drop", "1"])
     assert "--max-drop needs labelled --eval data: eval.npz has no 'labels'" in assert_clean_error(result, 2)
     assert snapshot(model_dir) == before
+
+
+@pytest.mark.parametrize("ratio, code", [(0.5, 0), (2.0, 3)])
+def test_a_speed_gate_needs_no_real_samples(
+    ratio: float, code: int, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--min-speedup is measured whatever the inputs: accepted without data; a miss is exit 3 (passed false), a pass
+    leaves the data-free verdict's passed null. Timing is faked (pruned = `ratio` x the original's 10 ms)."""
+    from onnxslim_prune import api
+    from onnxslim_prune.latency import Latency
+
+    monkeypatch.chdir(model_dir)
+    monkeypatch.setattr(api, "_timed", lambda *a, **k: Latency(10.0, 10.0 * ratio, 30, 1, (ratio, ratio), "thread-cpu", 1))
+    result = invoke(["good.onnx", "-o", "out.onnx", "--report", "r.json", "--round-to", "1", "--min-speedup", "1.5"])
+    assert result.exit_code == code, result.output
+    verdict = json.loads((model_dir / "r.json").read_text())["verdict"]
+    speed = next(g for g in verdict["gates"] if g["gate"] == "--min-speedup")
+    assert speed["value"] == pytest.approx(1.0 / ratio) and speed["passed"] is (code == 0)
+    assert verdict["passed"] is (None if code == 0 else False) and verdict["source"] == "random"
+    assert (model_dir / "out.onnx").exists() is (code == 0)
