@@ -46,6 +46,7 @@ import onnx
 import platformdirs
 
 from ..errors import UsageError
+from . import memory
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,6 @@ _DISABLED: Final = {"", "0", "off", "none", "false"}
 _ENTRY_NAME: Final = re.compile(r"[0-9a-f]{64}\.npz")
 # ".<entry stem>.<random>.tmp"; without the dots, the temp files of versions before the cap
 _TEMP_NAME: Final = re.compile(r"\.?[0-9a-f]{64}\.?[a-z0-9_]+\.tmp")
-_UNITS: Final = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 @dataclass(frozen=True)
@@ -114,13 +114,7 @@ def current_settings() -> CacheSettings:
 
 def parse_cache_size(text: str) -> int:
     """Bytes of ``2G``, ``500M``, ``1.5GB``, ``300MiB`` or ``4096`` (``--cache-size``)."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", text.strip(), flags=re.IGNORECASE)
-    if not match:
-        raise UsageError(f"--cache-size {text!r}: give bytes with an optional K/M/G/T suffix (500M, 2G)")
-    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    if size <= 0:
-        raise UsageError(f"--cache-size {text!r} must be positive (--no-cache disables the cache)")
-    return size
+    return memory.byte_size(text, "--cache-size", "(500M, 2G)", " (--no-cache disables the cache)")
 
 
 def human_bytes(size: int) -> str:

@@ -44,12 +44,17 @@ def parse_size(text: str) -> int:
         if not 0.0 < share <= 1.0:
             raise UsageError(f"--calib-memory {text!r}: a share of RAM must be in (0%, 100%]")
         return int(share * physical_memory())
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", value, flags=re.IGNORECASE)
+    return byte_size(text, "--calib-memory", "(512M, 2G) or a share of RAM (25%)")
+
+
+def byte_size(text: str, flag: str, examples: str, if_zero: str = "") -> int:
+    """Bytes of ``512M``, ``2G``, ``1.5GB``, ``300MiB`` or ``4096`` given to `flag`; one-line usage errors."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", text.strip(), flags=re.IGNORECASE)
     if not match:
-        raise UsageError(f"--calib-memory {text!r}: give bytes with an optional K/M/G/T suffix (512M, 2G) or a share of RAM (25%)")
+        raise UsageError(f"{flag} {text!r}: give bytes with an optional K/M/G/T suffix {examples}")
     size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
     if size <= 0:
-        raise UsageError(f"--calib-memory {text!r} must be positive")
+        raise UsageError(f"{flag} {text!r} must be positive{if_zero}")
     return size
 
 
