@@ -15,11 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
 
 from ..errors import UsageError
+
+log = logging.getLogger(__name__)
 
 #: share of the machine's RAM that calibration passes may hold by default
 MEMORY_SHARE = 0.25
@@ -72,3 +79,51 @@ def limited(budget: int | None) -> Iterator[None]:
         yield
     finally:
         _budget.reset(token)
+
+
+@dataclass(frozen=True)
+class SampleCost:
+    """Bytes one sample costs when a model runs (estimates from static shapes at batch 1).
+
+    `working`: the activations onnxruntime holds at once, taken as the largest inputs plus
+    outputs of one node (the buffers it reads and writes are live together; its planner
+    reuses the rest); `outputs`: the graph outputs of one sample.
+    """
+
+    working: int
+    outputs: int
+
+    def samples_within(self, budget: int, *, factor: float = 1.0) -> int:
+        """Most samples whose `working` + `outputs` (times `factor`) fit `budget` (at least 1)."""
+        per = max(1, int((self.working + self.outputs) * factor))
+        return max(1, budget // per)
+
+
+def sample_cost(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> SampleCost | None:
+    """`SampleCost` of `model` with its inputs at `input_shapes` (batch set to 1); None when shapes are unknown.
+
+    Shapes come from `ir.static_shapes` (inference on the weight-free skeleton; what inference
+    cannot give, from one run at batch 1, as tracing does); element sizes from the graph's
+    types, 4 bytes where none is stated.
+    """
+    from .. import ir
+
+    single = {name: (1, *shape[1:]) for name, shape in input_shapes.items() if shape}
+    try:
+        shapes = ir.static_shapes(model, single)
+    except Exception as exc:  # an estimate only: without shapes the caller keeps its batches
+        log.debug("no per-sample cost: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+    weights = {i.name for i in model.graph.initializer}
+    itemsize = {vi.name: onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).itemsize
+                for vi in (*model.graph.input, *model.graph.output, *model.graph.value_info)
+                if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
+
+    def size(name: str) -> int:
+        shape = shapes.get(name) if name and name not in weights else None
+        return 0 if shape is None else int(np.prod(shape, dtype=np.int64)) * itemsize.get(name, 4)
+
+    working = max((sum(size(t) for t in {*n.input, *n.output}) for n in model.graph.node), default=0)
+    if working == 0:
+        return None
+    return SampleCost(working, sum(size(o.name) for o in model.graph.output))
