@@ -225,7 +225,10 @@ class StagedPasses:
                     raise CalibrationError(f"onnxruntime failed on a batch of {self.calib.source}: {first}") from None
                 values.update(zip(computed, outputs))
             self.store.put(batch, {t: values[t] for t in fresh})
-            yield {t: values[t] for t in wanted}
+            out = {t: values[t] for t in wanted}
+            del values, feed  # the consumer's dict is the only reference left: it frees the batch when done
+            yield out
+            del out
         self._release()
 
     def close(self) -> None:

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 #: share of the machine's RAM that calibration passes may hold by default
 MEMORY_SHARE = 0.25
+#: the staged refit's two frontiers (`calib.engine`) each take 1 / FRONTIER_SHARE of the budget
+FRONTIER_SHARE = 4
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _budget: contextvars.ContextVar[int | None] = contextvars.ContextVar("calibration_memory", default=None)
 
