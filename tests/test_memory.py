@@ -174,3 +174,50 @@ def test_sample_cost_is_the_largest_node_and_the_outputs() -> None:
     # 4x8x8: the larger node decides; the output is 4x8x8
     assert cost == SampleCost(working=max(3 + 4, 4 + 4) * 64 * 4, outputs=4 * 64 * 4)
     assert cost.samples_within(10 * (2048 + 1024)) == 10 and cost.samples_within(1) == 1
+
+
+def test_stage_runs_take_a_few_samples_at_a_time_with_the_same_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxslim_prune.calib import load_calibration, stream_tensors
+    from onnxslim_prune.calib import collect as collect_module
+    from onnxslim_prune.calib.engine import StagedPasses
+    from onnxslim_prune.calib.memory import limited
+    from onnxslim_prune.calib.specs import input_specs
+    from tests import models as M
+
+    model = M.residual_projection()
+    for vi in (*model.graph.input, *model.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_param = "N"
+    spec = input_specs(model)[0]
+    np.savez(tmp_path / "c.npz", **{spec.name: np.random.default_rng(0).standard_normal((20, *spec.sample_shape)).astype(np.float32)})
+    calib = load_calibration(tmp_path / "c.npz", input_specs(model))
+    outs = [n.output[0] for n in model.graph.node]
+    schedule = [[outs[1]], [outs[-2], model.graph.output[0].name]]
+    full = list(stream_tensors(model, calib, [t for w in schedule for t in w], batch_size=8))
+    cost = sample_cost(model, {spec.name: (1, *spec.sample_shape)})
+    assert cost is not None
+    fed: list[int] = []
+    real = collect_module.run_chunked
+
+    def recording(session: Any, names: Any, feed: dict[str, np.ndarray], most: int | None, samples: int) -> Any:
+        class Counting:
+            def run(self, n: Any, f: dict[str, np.ndarray]) -> Any:
+                fed.append(len(next(iter(f.values()))))
+                return session.run(n, f)
+
+        return real(Counting(), names, feed, most, samples)  # type: ignore[arg-type]
+
+    import onnxslim_prune.calib.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "run_chunked", recording)
+    # a budget whose 1/8 holds three samples of the model's largest node and outputs
+    with limited(3 * (cost.working + cost.outputs) * 8):
+        passes = StagedPasses(model, calib, 8, schedule, budget=1 << 20)
+        got = [list(passes.advance(w)) for w in schedule]
+        passes.close()
+    # structure: batches of 8 (the statistics' batching is unchanged) computed 3 samples at a time
+    assert max(fed) == 3 and sorted(set(fed)) == [1, 2, 3]  # 8 = 3 + 3 + 2, 4 = 3 + 1
+    for wanted, batches in zip(schedule, got):
+        assert [len(b[wanted[0]]) for b in batches] == [8, 8, 4]
+        for batch, values in enumerate(batches):
+            for name in wanted:
+                np.testing.assert_allclose(values[name], full[batch][name], rtol=1e-6, atol=1e-6)

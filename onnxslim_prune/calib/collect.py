@@ -102,6 +102,44 @@ def _batch_plan(model: onnx.ModelProto, calib: CalibrationSet, batch_size: int) 
 _SAID: set[tuple[str, int]] = set()
 
 
+def run_chunked(
+    session: ort.InferenceSession, names: Sequence[str], feed: dict[str, np.ndarray], most: int | None, samples: int
+) -> list[np.ndarray]:
+    """``session.run(names, feed)`` on at most `most` samples at a time, outputs joined along the batch.
+
+    onnxruntime's arena grows to one run's activations: EfficientNet-Lite1 at 240x240 takes about
+    11 MB a sample, so a batch of 32 costs 350 MB whatever the budget. A batch of `samples` is split
+    only when every fed array has those samples first and each output keeps them first (else, or
+    when a part fails, the batch runs whole: a graph that folds the batch into other dims is never
+    split): samples do not meet in an inference graph, so the values are those of one run.
+    """
+    if most is None or samples <= most or not feed or any(v.ndim == 0 or len(v) != samples for v in feed.values()):
+        return session.run(list(names), feed)
+    parts = []
+    try:
+        for start in range(0, samples, most):
+            part = session.run(list(names), {k: v[start : start + most] for k, v in feed.items()})
+            if not all(o.ndim and len(o) == min(most, samples - start) for o in part):
+                return session.run(list(names), feed)
+            parts.append(part)
+    except Exception:  # noqa: BLE001 - a graph that cannot take a part of the batch runs it whole
+        return session.run(list(names), feed)
+    return [np.concatenate([part[i] for part in parts]) for i in range(len(names))]
+
+
+def chunk_samples(model: onnx.ModelProto, calib: CalibrationSet, share: int) -> int | None:
+    """Samples one onnxruntime run of `model` may take within 1 / `share` of the budget (None: no limit known).
+
+    A static batch is never split (its graph may fold the batch into shapes).
+    """
+    from .memory import calibration_budget, sample_cost
+
+    if ir.static_batch(model) is not None:
+        return None
+    cost = sample_cost(model, {name: (1, *shape) for name, shape in calib.sample_shapes.items()})
+    return None if cost is None else cost.samples_within(calibration_budget() // share)
+
+
 def stream_tensors(
     model: onnx.ModelProto,
     calib: CalibrationSet,

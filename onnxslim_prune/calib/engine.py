@@ -45,6 +45,8 @@ from .. import ir
 from ..errors import CalibrationError, ModelError
 from .memory import calibration_budget
 from .collect import _batch_plan  # noqa: PLC2701 - the same batching as every other pass
+from .collect import chunk_samples, run_chunked
+from .memory import RUN_SHARE
 from .sources import CalibrationSet
 
 log = logging.getLogger(__name__)
@@ -153,6 +155,8 @@ class StagedPasses:
         self.size, self.drop_last = _batch_plan(model, calib, batch_size)
         self.batches = calib.num_batches(self.size, drop_last=self.drop_last)
         self.store = FrontierStore(calibration_budget() if budget is None else budget, label)
+        # samples one stage runs at once: its arena within 1 / RUN_SHARE of the budget (whole-model estimate)
+        self._chunk = chunk_samples(model, calib, RUN_SHARE)
         self._step = 0
         graph = model.graph
         self._initializers = {t.name for t in graph.initializer}
@@ -219,7 +223,8 @@ class StagedPasses:
             values.update({k: v for k, v in feed.items() if k in reads or k in direct})
             if session is not None:
                 try:
-                    outputs = session.run(computed, {t: values[t] for t in reads})
+                    samples = min(self.size, self.calib.num_samples - batch * self.size)
+                    outputs = run_chunked(session, computed, {t: values[t] for t in reads}, self._chunk, samples)
                 except Exception as exc:  # onnxruntime raises its own types
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                     raise CalibrationError(f"onnxruntime failed on a batch of {self.calib.source}: {first}") from None

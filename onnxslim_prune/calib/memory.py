@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 MEMORY_SHARE = 0.25
 #: the staged refit's two frontiers (`calib.engine`) each take 1 / FRONTIER_SHARE of the budget
 FRONTIER_SHARE = 4
+#: one onnxruntime run of a calibration pass (its arena: activations of the samples it takes) within 1 / RUN_SHARE
+RUN_SHARE = 8
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _budget: contextvars.ContextVar[int | None] = contextvars.ContextVar("calibration_memory", default=None)
 
