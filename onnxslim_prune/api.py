@@ -23,7 +23,7 @@ from .graph import qdq
 from .errors import CalibrationError, UsageError
 from .calib import memory
 from .calib.split import DEFAULT_HOLDOUT, held_out_count, split_holdout
-from .evaluation import EvalData, accuracy_from, correct_of, eval_feeds, load_eval
+from .evaluation import EvalData, accuracy_from, correct_of, eval_feeds, load_eval, release_pages
 from .latency import measure as measure_latency
 from .methods import builtin  # noqa: F401  (fills the method registry)
 from .methods.base import Context, MethodSpec, Options, check_options, get_method
@@ -386,6 +386,8 @@ def _reference(
         done += validate.feed_samples([feed])
         reference.add(outputs)
         del outputs
+        for array in feed.values():
+            release_pages(array)
         if progress is not None:
             progress(index, len(feeds))
     own.done_with_original()
@@ -445,6 +447,8 @@ def _verdict(original: onnx.ModelProto, pruned: onnx.ModelProto, m: _Measure, fi
             hits.append(correct_of([outputs], m.labels[done : done + count]))
             done += count
         del outputs
+        for array in feed.values():
+            release_pages(array)
         if progress is not None:
             progress(index, len(m.feeds))
     agreement = acc.results()

@@ -221,3 +221,40 @@ def test_stage_runs_take_a_few_samples_at_a_time_with_the_same_values(tmp_path: 
         for batch, values in enumerate(batches):
             for name in wanted:
                 np.testing.assert_allclose(values[name], full[batch][name], rtol=1e-6, atol=1e-6)
+
+
+def _mapped_rss_kib(path: Path) -> int | None:
+    """Resident KiB of this process's mappings of `path` (Linux /proc/self/smaps; None elsewhere)."""
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return None
+    total, inside = 0, False
+    for line in lines:
+        if "-" in line.split(" ")[0] and len(line.split()) >= 5:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_eval_images_are_read_from_the_file_batch_by_batch(tmp_path: Path, compressed: bool) -> None:
+    from onnxslim_prune.evaluation import eval_feeds, load_eval, release_pages
+
+    model = classifier()
+    x = np.random.default_rng(3).standard_normal((600, 16)).astype(np.float32)
+    path = tmp_path / "eval.npz"
+    (np.savez_compressed if compressed else np.savez)(path, x=x, labels=np.arange(600) % 10)
+    data = load_eval(path, model)
+    # an uncompressed member is mapped, not loaded (a compressed one cannot be: it is read whole, as before)
+    assert isinstance(data.images, np.memmap) is (not compressed)
+    np.testing.assert_array_equal(np.asarray(data.images), x)
+    feeds, labels = eval_feeds(data, model)
+    assert [len(f["x"]) for f in feeds] == [256, 256, 88]
+    np.testing.assert_array_equal(np.concatenate([f["x"] for f in feeds]), x)
+    if not compressed:
+        np.testing.assert_array_equal(run(model, feeds[0])[0], run(model, {"x": x[:256]})[0])
+        release_pages(feeds[0]["x"])
+        resident = _mapped_rss_kib(path)
+        assert resident is None or resident == 0  # no page of the images stays resident after a batch
