@@ -210,6 +210,9 @@ def write(rows: list[dict[str, Any]], floors: dict[str, float], out: Path) -> No
         lines.append(f"| {r['case']} | {r['label']} | {r['samples'] or 'data-free'} | {r['budget']} | {floor:.0f} | "
                      f"{bound:.0f} | {r['peak_mib']:.0f} | {ok} | {r['seconds']:.0f} | {_fmt(r['verdict_samples'], 'd')} | "
                      f"{_fmt(r['top1_agreement'], '.4f')} | {_fmt(r['cosine'], '.6f')} |")
+    notes = [f"- {r['case']} ({r['label']}, {r['samples'] or 'data-free'}): {r['note']}" for r in rows if r.get("note")]
+    if notes:
+        lines += ["", *notes]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

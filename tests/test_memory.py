@@ -258,3 +258,18 @@ def test_eval_images_are_read_from_the_file_batch_by_batch(tmp_path: Path, compr
         release_pages(feeds[0]["x"])
         resident = _mapped_rss_kib(path)
         assert resident is None or resident == 0  # no page of the images stays resident after a batch
+
+
+def test_a_cut_model_is_streamed_without_another_copy_of_its_weights() -> None:
+    from onnxslim_prune.calib import expose_tensors
+    from onnxslim_prune.passes.reconstruct import subgraph_model
+
+    model = classifier()
+    before = model.SerializeToString()
+    cut = subgraph_model(model, ["h"])  # a copy holding only what computes h (w1, b1)
+    assert [o.name for o in cut.graph.output] == ["h"] and {t.name for t in cut.graph.initializer} == {"w1", "b1"}
+    assert expose_tensors(cut, ["h"]) is cut  # its outputs are the names already: no copy for the session
+    assert subgraph_model(model, ["y"]) is not model and model.SerializeToString() == before  # never cut in place
+    x = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+    expected = x @ onnx.numpy_helper.to_array(model.graph.initializer[0]).T + onnx.numpy_helper.to_array(model.graph.initializer[1])
+    np.testing.assert_allclose(run(cut, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)

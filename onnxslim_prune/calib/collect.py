@@ -52,11 +52,14 @@ def _produced(model: onnx.ModelProto) -> set[str]:
 
 
 def expose_tensors(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """Copy of ``model`` with the named node outputs added as graph outputs (originals kept)."""
+    """Copy of ``model`` with the named node outputs added as graph outputs (originals kept); `model` itself
+    when they are all graph outputs already (the caller must not modify the result)."""
     produced = _produced(model)
     missing = [n for n in names if n not in produced]
     if missing:
         raise ModelError(f"tensor(s) not produced by any node of the model: {', '.join(missing)}")
+    if {vi.name for vi in model.graph.output} >= set(names):
+        return model  # nothing to add: a copy would only copy the weights (a cut model's are its outputs already)
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     present = {vi.name for vi in exposed.graph.output}

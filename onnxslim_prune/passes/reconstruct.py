@@ -368,6 +368,9 @@ def subgraph_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPr
     """A copy of `model` computing only `names` (as its graph outputs); inputs are kept."""
     wanted = list(dict.fromkeys(names))
     exposed = expose_tensors(model, wanted)
+    if exposed is model:  # cut below: never the caller's model
+        exposed = onnx.ModelProto()
+        exposed.CopyFrom(model)
     graph = exposed.graph
     outputs = {vi.name: vi for vi in graph.output}
     del graph.output[:]
