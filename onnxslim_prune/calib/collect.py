@@ -37,7 +37,8 @@ def _known_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     """Tensor types from the graph's value_info, inputs and outputs, with shape inference if possible."""
     graph = model.graph
     try:
-        graph = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+        # on the weight-free skeleton: inferring the model itself serializes and returns two copies of its weights
+        graph = onnx.shape_inference.infer_shapes(ir.skeleton(model), strict_mode=False).graph
     except Exception as exc:  # inference is best effort (custom ops, >2 GB models, ...)
         log.debug("shape inference failed (%s); using existing value_info only", exc)
     return {
