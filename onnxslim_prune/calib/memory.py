@@ -1,14 +1,20 @@
-"""How much memory the passes over calibration data may hold (``--calib-memory``).
+"""How much memory a run may hold beyond the model's own floor (``--calib-memory``).
 
-One budget per run, in bytes, for what calibration passes keep between batches: the
-frontier of the staged refit (`calib.engine`: beyond the budget, batches spill to ``.npy``
-files) and the Gram matrices collected together for a selection (`passes.datadriven`:
-beyond the budget, the layers are split over more passes). onnxruntime's own arena and one
-batch's activations are not counted: they do not grow with the number of samples.
+One budget per run, in bytes, shared out so that the peak stays near the floor (the loaded
+model and one onnxruntime session of it) plus the budget, at any calibration or --eval size:
 
-The default is `MEMORY_SHARE` of physical RAM. The budget is a run-scoped setting held in a
-context variable (`limited`), like a ``decimal`` context: the API sets it around one
-``prune`` call, and code deep in a pass reads it without every signature carrying it.
+- the staged refit's two frontiers (`calib.engine`) take 1 / `FRONTIER_SHARE` each, beyond it
+  their batches spill to ``.npy`` files; the other half is for one batch's tensors;
+- one onnxruntime run of a calibration pass takes 1 / `RUN_SHARE`: a batch whose activations
+  (`sample_cost`) would not fit runs a few samples at a time (`calib.collect.run_chunked`);
+- the selection statistics (`passes.datadriven`) keep their Gram matrices within half, one
+  batch's exposed tensors within a quarter;
+- the verdict's batches take half, the original's outputs held for it an eighth (`api`).
+
+The default is `MEMORY_SHARE` of physical RAM: a quarter, 4 GB on a 16 GB machine. The budget
+is a run-scoped setting held in a context variable (`limited`), like a ``decimal`` context: the
+API sets it around one ``prune`` call, and code deep in a pass reads it without every
+signature carrying it.
 """
 
 from __future__ import annotations
