@@ -163,7 +163,8 @@ def build_eval(path: Path) -> Path:
 
 
 def measure(case: Case, samples: int | None, label: str, library: Path, cap_mib: float, timeout: float) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONPATH=str(library))
+    # no statistics cache: a run must compute what it holds, not load it from an earlier run's entries
+    env = dict(os.environ, PYTHONPATH=str(library), ONNXSLIM_PRUNE_CACHE="off")
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         cmd = [sys.executable, "-m", "onnxslim_prune.cli", str(case.model), "-o", str(Path(tmp) / "out.onnx"),
