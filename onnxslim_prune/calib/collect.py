@@ -167,6 +167,7 @@ def stream_tensors(
     fetch = [n for n in wanted if n not in calib.names]
     session = _session(expose_tensors(model, fetch), providers) if fetch else None
     size, drop_last = _batch_plan(model, calib, batch_size)
+    del model  # the session holds its own weights: the proto is not kept for the pass
     total = calib.num_batches(size, drop_last=drop_last)
     limit = stream_blas_threads() if blas_threads == "default" else blas_threads
     if isinstance(limit, str):

@@ -128,9 +128,13 @@ def collect(
         passes.insert(0, (cut(model, names), names, shared))
     per_pass = calibration.num_batches(batch_size)
     done, total = 0, per_pass * len(passes)
-    for graph, names, stats in passes:
-        # stream_tensors limits BLAS to one thread while onnxruntime runs (calib.threads)
-        for batch, values in enumerate(stream_tensors(graph, calibration, list(names), batch_size=batch_size)):
+    while passes:
+        graph, names, stats = passes.pop(0)
+        # stream_tensors limits BLAS to one thread while onnxruntime runs (calib.threads); once its session is
+        # made, nothing holds the cut model (a copy of the weights it reads) while the pass runs
+        stream = stream_tensors(graph, calibration, list(names), batch_size=batch_size)
+        del graph
+        for batch, values in enumerate(stream):
             for stat in stats:
                 stat.update(values, batch)
             done += 1
