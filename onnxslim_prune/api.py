@@ -461,7 +461,9 @@ def _verdict(original: onnx.ModelProto, pruned: onnx.ModelProto, m: _Measure, fi
     if m.source.held_out and fit is not None and not fit.is_random:
         # the same figures on samples the method fitted to: the gap to the verdict shows overfitting
         both = (sessions.original(), pruned_session)
-        fitted = validate.compare(original, pruned, validate.calibration_feeds(original, fit, FITTED_SAMPLES), both)
+        feeds = validate.calibration_feeds(original, fit, FITTED_SAMPLES)
+        feeds = _bounded_batches(feeds, original, {k: v.shape for k, v in feeds[0].items()}) if feeds else feeds
+        fitted = validate.compare(original, pruned, feeds, both)
     shapes = {o.name: shape for o, shape in zip(original.graph.output, m.reference.first_shapes)}
     accuracy_before = None if m.correct_before is None else accuracy_from(m.correct_before)
     return summarise(m.source, validate.feed_samples(m.feeds), agreement, accuracy_before=accuracy_before,

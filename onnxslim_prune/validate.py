@@ -319,9 +319,19 @@ def compare(
     original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: Feeds,
     sessions: tuple[ort.InferenceSession | None, ort.InferenceSession | None] = (None, None),
 ) -> tuple[OutputAgreement, ...]:
-    """Run both models on `feeds` (one session at a time, or the caller's `sessions`) and measure their agreement."""
-    reference = outputs_of(original, feeds, "original model", sess=sessions[0])
-    return agreement_of(original, pruned, reference, outputs_of(pruned, feeds, "pruned model", sess=sessions[1]), feeds)
+    """Run both models on `feeds` (one session at a time, or the caller's `sessions`) and measure their agreement.
+
+    With both sessions given, batch by batch: one batch of each model's outputs is held at a time.
+    """
+    first, second = sessions
+    if first is None or second is None:
+        reference = outputs_of(original, feeds, "original model", sess=first)
+        return agreement_of(original, pruned, reference, outputs_of(pruned, feeds, "pruned model", sess=second), feeds)
+    acc = AgreementOf(original, pruned)
+    for feed in feeds:
+        acc.add(outputs_of(original, [feed], "original model", sess=first, shrink=True)[0],
+                outputs_of(pruned, [feed], "pruned model", sess=second, shrink=True)[0], feed)
+    return acc.results()
 
 
 def check_contract(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:

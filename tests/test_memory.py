@@ -104,6 +104,11 @@ def test_a_tiny_budget_holds_no_reference_batch_and_splits_the_verdict_batches(
         assert v.correlation == pytest.approx(expected["correlation"], abs=TOLERANCE)
         assert v.top1_agreement == pytest.approx(expected["top1"], abs=TOLERANCE)
         assert v.max_abs == pytest.approx(expected["max_abs"], abs=1e-6)
+    # the companion figures on fitted samples (streamed in batches of 8 under the tiny budget) are the same too
+    for a, b in zip(tiny.report.verdict.fitted, roomy.report.verdict.fitted, strict=True):
+        assert (a.samples, a.top1) == (b.samples, b.top1) and a.cosine == pytest.approx(b.cosine, abs=TOLERANCE)
+        assert a.correlation == pytest.approx(b.correlation, abs=TOLERANCE)
+    assert len(tiny.report.verdict.fitted) == 1
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(tiny.model.graph.initializer[0]),
                                   onnx.numpy_helper.to_array(roomy.model.graph.initializer[0]))
     if labelled:
