@@ -109,18 +109,50 @@ class SampleCost:
         return max(1, budget // per)
 
 
+#: weights up to which `sample_cost` may run the model once for the shapes inference misses (a larger
+#: model's session would cost more than the estimate saves; its known shapes are used as they are)
+RUN_FOR_SHAPES_BYTES = 256 << 20
+
+
+def _inferred_shapes(model: onnx.ModelProto, single: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Static shapes lenient inference gives on the weight-free skeleton (no run)."""
+    from .. import ir
+
+    skel = ir.skeleton(model)
+    for vi in skel.graph.input:
+        if vi.name in single:
+            dims = vi.type.tensor_type.shape.dim
+            for dim, value in zip(dims, single[vi.name]):
+                dim.Clear()
+                dim.dim_value = int(value)
+    del skel.graph.value_info[:]
+    graph = onnx.shape_inference.infer_shapes(skel, data_prop=True).graph
+    shapes: dict[str, tuple[int, ...]] = {}
+    for vi in (*graph.input, *graph.value_info, *graph.output):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+            if all(d >= 0 for d in dims):
+                shapes[vi.name] = tuple(dims)
+    return shapes
+
+
 def sample_cost(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> SampleCost | None:
     """`SampleCost` of `model` with its inputs at `input_shapes` (batch set to 1); None when shapes are unknown.
 
-    Shapes come from `ir.static_shapes` (inference on the weight-free skeleton; what inference
-    cannot give, from one run at batch 1, as tracing does); element sizes from the graph's
-    types, 4 bytes where none is stated.
+    Shapes come from inference on the weight-free skeleton; what it cannot give, from one run at
+    batch 1 (`ir.static_shapes`, as tracing does) for models within `RUN_FOR_SHAPES_BYTES`
+    (EfficientNet's padding is computed from Shape ops at run time); element sizes from the
+    graph's types, 4 bytes where none is stated.
     """
     from .. import ir
 
     single = {name: (1, *shape[1:]) for name, shape in input_shapes.items() if shape}
     try:
-        shapes = ir.static_shapes(model, single)
+        shapes = _inferred_shapes(model, single)
+        produced = [o for n in model.graph.node for o in n.output if o]
+        if any(o not in shapes for o in produced) and ir.payload_bytes(model) <= RUN_FOR_SHAPES_BYTES:
+            shapes = ir.static_shapes(model, single)  # what inference misses, from one run (a small model only)
     except Exception as exc:  # an estimate only: without shapes the caller keeps its batches
         log.debug("no per-sample cost: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None
