@@ -12,7 +12,7 @@ docs/ from the committed benchmarks/results.
 
 --quick: LeNet-300-100 only for the Fashion-MNIST benchmarks, three zoo models (tv_resnet18, tv_mobilenet_v2,
 tv_squeezenet1_1), two ratios (0.5, 0.8), fewer timing repeats; the steps that take hours or fetch packages
-(transformers, ridge, calibration, engine, merge, real models) are left out. Its results go to a scratch folder, never
+(transformers, ridge, calibration, engine, merge, real models and their memory) are left out. Its results go to a scratch folder, never
 over the committed full results.
 
 Needs the `bench` extra; peers.py also wants torch, torch-pruning and onnxsim (without them it skips those tools
@@ -109,6 +109,7 @@ def steps(results: Path, zoo: Path, filled: Path, scratch: Path, qsrc: Path, qfi
         Step("real_suite", "real_suite.py", ("--results", r), None),
         Step("bench_real_models", "bench_real_models.py", ("--out", f"{r}/real_models",), None),
         Step("bench_real_search", "bench_real_search.py", ("--out", f"{r}/real_search",), None),
+        Step("bench_real_memory", "bench_real_memory.py", ("--out", f"{r}/real_memory",), None),
         Step("peers", "peers.py", ("--out", r), ("--quick", "--out", r)),
         Step("peers_zoo", "peers_zoo.py", ("--filled", str(filled), "--out", f"{r}/peers_zoo"),
              ("--filled", str(filled), "--only", *q, "--ours", f"{r}/zoo_coverage.json", "--out", f"{r}/peers_zoo")),

@@ -89,6 +89,7 @@ CHAPTERS = (
         Section("calibration", "Cost of calibration statistics", "bench_calibration.py"),
         Section("engine", "The calibration engine", "bench_engine.py"),
         Section("engine_tv_resnet50", "The calibration engine on ResNet-50", "bench_engine.py"),
+        Section("real_memory", "Peak memory against --calib-memory", "bench_real_memory.py"),
     )),
     Chapter("Same command, same bytes", (
         Section("identical_zoo", "The zoo against a revision", "check_identical.py"),

@@ -24,7 +24,7 @@ from .errors import CalibrationError, UsageError
 from .calib import cache as calib_cache
 from .calib import memory
 from .calib.split import DEFAULT_HOLDOUT, held_out_count, split_holdout
-from .evaluation import EvalData, accuracy_from, correct_of, eval_feeds, load_eval
+from .evaluation import EvalData, accuracy_from, correct_of, eval_feeds, load_eval, release_pages
 from .latency import SPEED_FIGURES, Latency, with_speed_gates
 from .latency import measure as measure_latency
 from .methods import builtin  # noqa: F401  (fills the method registry)
@@ -124,7 +124,7 @@ class _Measure:
 
     source: VerdictSource
     feeds: validate.Feeds
-    reference: validate.Outputs
+    reference: validate.HeldOutputs
     labels: np.ndarray | None = None
     correct_before: np.ndarray | None = None  # per sample, whether the original classifies it right (labelled data)
     sessions: _Sessions | None = None  # the run's onnxruntime sessions, reused by the verdict and latency
@@ -200,7 +200,7 @@ def prune(
         if verdict_part is not VerdictPart.ALL:
             evaluation, held = _search_part(evaluation, held, fit, verdict_part, seed, original)
     sessions = _Sessions(original, path, keep=latency)
-    with clock.stage(Stage.REFERENCE):
+    with clock.stage(Stage.REFERENCE), memory.limited(calib_memory):
         # the original's outputs need no pruning: measured first, so bad data (labels past the classes) fails before the work
         if reference_memo is not None and verdict_part in reference_memo:
             measure = replace(reference_memo[verdict_part], sessions=sessions)
@@ -253,7 +253,7 @@ def prune(
         serialized = ir.serialize(pruned)
         validate.check_structure(original, pruned, serialized=serialized)
         sessions.use_pruned(pruned, serialized)
-    with clock.stage(Stage.VERDICT):
+    with clock.stage(Stage.VERDICT), memory.limited(calib_memory):
         verdict = _verdict(original, pruned, measure, fit, gates, progress)
     timing = None
     if latency:
@@ -402,14 +402,56 @@ def _reference(
         source, feeds = VerdictSource.RANDOM, validate.random_feeds(original, shapes, seed, validate.random_samples_for(original))
     if not feeds:
         raise CalibrationError("no samples to measure the verdict on (a static batch larger than the data?)")
-    if sessions is None:
-        reference = validate.outputs_of(original, feeds, "input model", progress)
-    else:
-        reference = validate.outputs_of(original, feeds, "input model", progress, sess=sessions.original())
-        sessions.done_with_original()
-    correct_before = None if labels is None else correct_of(reference, labels)  # checks the labels before the work
+    feeds = _bounded_batches(feeds, original, shapes)
+    # held while they fit a share of the budget: the method's passes run while they are held
+    reference = validate.HeldOutputs(memory.calibration_budget() // REFERENCE_SHARE)
+    hits: list[np.ndarray] = []
+    done = 0
+    own = sessions if sessions is not None else _Sessions(original, None, keep=False)
+    for index, feed in enumerate(feeds, start=1):
+        outputs = validate.outputs_of(original, [feed], "input model", sess=own.original(), shrink=True)[0]
+        if labels is not None:  # checks the labels before the work
+            hits.append(correct_of([outputs], labels[done : done + validate.feed_samples([feed])]))
+        done += validate.feed_samples([feed])
+        reference.add(outputs)
+        del outputs
+        for array in feed.values():
+            release_pages(array)
+        if progress is not None:
+            progress(index, len(feeds))
+    own.done_with_original()
+    if reference.kept < len(reference):
+        log.info("verdict: the original's outputs on %d of %d batches are held (%d MiB); the rest are recomputed "
+                 "when the verdict reads them", reference.kept, len(reference), reference.nbytes >> 20)
+    correct_before = None if labels is None else np.concatenate(hits)
     return _Measure(source, feeds, reference, labels, correct_before, sessions)
 
+
+def _bounded_batches(feeds: validate.Feeds, model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> validate.Feeds:
+    """`feeds` split so that one batch's activations and outputs fit `VERDICT_BATCH_SHARE` of the budget.
+
+    Only a dynamic batch is split, and only when a batch is over the share (EfficientNet-Lite1's
+    --eval batches of 256 hold about 3 GB in onnxruntime, a language model's 32 windows 0.8 GB of
+    logits): within the share the batches, and so the verdict's numbers, are unchanged.
+    """
+    if ir.static_batch(model) is not None:
+        return feeds
+    largest = max(validate.feed_samples([f]) for f in feeds)
+    cost = memory.sample_cost(model, shapes)
+    if cost is None:
+        return feeds
+    most = cost.samples_within(memory.calibration_budget() // VERDICT_BATCH_SHARE)
+    if most >= largest:
+        return feeds
+    log.info("verdict: batches of %d samples (about %d MiB a sample, within %d MiB)", most,
+             (cost.working + cost.outputs) >> 20, memory.calibration_budget() // VERDICT_BATCH_SHARE >> 20)
+    return validate.rebatched(feeds, most)
+
+
+#: the verdict's batches take at most this share of the budget (1 / share) ...
+VERDICT_BATCH_SHARE = 2
+#: ... and the original's outputs held for it at most this one (the rest are recomputed)
+REFERENCE_SHARE = 8
 
 #: fitted samples the verdict's companion figures are measured on (never the verdict)
 FITTED_SAMPLES = 32
@@ -417,21 +459,38 @@ FITTED_SAMPLES = 32
 
 def _verdict(original: onnx.ModelProto, pruned: onnx.ModelProto, m: _Measure, fit: Any, gates: Gates,
              progress: Callable[[int, int], None] | None = None) -> Verdict:
-    sessions = m.sessions
-    pruned_session = None if sessions is None else sessions.pruned(pruned)
-    outputs = validate.outputs_of(pruned, m.feeds, "pruned model", progress, sess=pruned_session)
-    agreement = validate.agreement_of(original, pruned, m.reference, outputs, m.feeds)
+    sessions = m.sessions if m.sessions is not None else _Sessions(original, None, keep=False)
+    pruned_session = sessions.pruned(pruned)
+    # one batch of each model's outputs at a time: the original's are held (`HeldOutputs`) or recomputed
+    acc = validate.AgreementOf(original, pruned)
+    hits: list[np.ndarray] = []
+    done = 0
+    for index, feed in enumerate(m.feeds, start=1):
+        outputs = validate.outputs_of(pruned, [feed], "pruned model", sess=pruned_session, shrink=True)[0]
+        acc.add(m.reference.get(index - 1, feed, sessions.original), outputs, feed)
+        if m.labels is not None:
+            count = validate.feed_samples([feed])
+            hits.append(correct_of([outputs], m.labels[done : done + count]))
+            done += count
+        del outputs
+        for array in feed.values():
+            release_pages(array)
+        if progress is not None:
+            progress(index, len(m.feeds))
+    agreement = acc.results()
     accuracy_after = discordant = None
     if m.correct_before is not None and m.labels is not None:
-        before, after = m.correct_before, correct_of(outputs, m.labels)
+        before, after = m.correct_before, np.concatenate(hits) if hits else np.zeros(0, dtype=bool)
         accuracy_after = accuracy_from(after)
         discordant = (int(np.sum(before & ~after)), int(np.sum(after & ~before)))
     fitted: tuple[Any, ...] = ()
     if m.source.held_out and fit is not None and not fit.is_random:
         # the same figures on samples the method fitted to: the gap to the verdict shows overfitting
-        both = (None, None) if sessions is None else (sessions.original(), pruned_session)
-        fitted = validate.compare(original, pruned, validate.calibration_feeds(original, fit, FITTED_SAMPLES), both)
-    shapes = {o.name: tuple(out.shape) for o, out in zip(original.graph.output, m.reference[0])}
+        both = (sessions.original(), pruned_session)
+        feeds = validate.calibration_feeds(original, fit, FITTED_SAMPLES)
+        feeds = _bounded_batches(feeds, original, {k: v.shape for k, v in feeds[0].items()}) if feeds else feeds
+        fitted = validate.compare(original, pruned, feeds, both)
+    shapes = {o.name: shape for o, shape in zip(original.graph.output, m.reference.first_shapes)}
     accuracy_before = None if m.correct_before is None else accuracy_from(m.correct_before)
     return summarise(m.source, validate.feed_samples(m.feeds), agreement, accuracy_before=accuracy_before,
                      accuracy_after=accuracy_after, classes=classes_of(shapes), gates=gates, fitted=fitted,

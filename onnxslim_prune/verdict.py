@@ -179,14 +179,26 @@ class _OutputSums:
     def add(self, a: np.ndarray, b: np.ndarray) -> None:
         if a.shape != b.shape:
             raise ValidationError(f"output {self.name}: shape {b.shape} differs from the original {a.shape}")
-        rows_a = a.reshape(a.shape[0], -1).astype(np.float64) if a.ndim else a.reshape(1, 1).astype(np.float64)
-        rows_b = b.reshape(rows_a.shape).astype(np.float64)
+        flat_a = a.reshape(a.shape[0], -1) if a.ndim else a.reshape(1, 1)
+        flat_b = b.reshape(flat_a.shape)
         if self.shift_a is None:
-            self.shift_a, self.shift_b = rows_a.mean(axis=0), rows_b.mean(axis=0)
+            self.shift_a, self.shift_b = _row_mean(flat_a), _row_mean(flat_b)
             self.sum_a, self.sum_b = np.zeros_like(self.shift_a), np.zeros_like(self.shift_b)
         assert self.shift_b is not None and self.sum_a is not None and self.sum_b is not None
-        if rows_a.shape[1] != self.shift_a.shape[0]:
+        if flat_a.shape[1] != self.shift_a.shape[0]:
             raise ValidationError(f"output {self.name}: per-sample size changed between batches")
+        # float64 copies of a few rows at a time: a whole batch of a language model's logits would be 1.6 GB each
+        step = _rows_per_chunk(flat_a.shape[1])
+        for start in range(0, flat_a.shape[0], step):
+            self._add_rows(flat_a[start : start + step].astype(np.float64), flat_b[start : start + step].astype(np.float64))
+        self.count += flat_a.shape[0]
+        self.classes = self.classes and a.ndim == 2 and a.shape[1] > 1
+        if self.classes:
+            self.top1_hits += int(np.sum(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
+            self.top1_count += a.shape[0]
+
+    def _add_rows(self, rows_a: np.ndarray, rows_b: np.ndarray) -> None:
+        assert self.shift_a is not None and self.shift_b is not None and self.sum_a is not None and self.sum_b is not None
         da, db = rows_a - self.shift_a, rows_b - self.shift_b
         self.sum_a += da.sum(axis=0)
         self.sum_b += db.sum(axis=0)
@@ -199,11 +211,6 @@ class _OutputSums:
         if rows_a.size:
             self.max_abs = max(self.max_abs, float(np.max(np.abs(rows_a - rows_b))))
             self.max_ref = max(self.max_ref, float(np.max(np.abs(rows_a))))
-        self.count += rows_a.shape[0]
-        self.classes = self.classes and a.ndim == 2 and a.shape[1] > 1
-        if self.classes:
-            self.top1_hits += int(np.sum(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
-            self.top1_count += a.shape[0]
 
     def result(self) -> OutputAgreement:
         denom = math.sqrt(self.aa * self.bb)
@@ -223,6 +230,25 @@ class _OutputSums:
                                correlation, spread, top1, self.count,
                                None if top1 is None else wilson_interval(self.top1_hits, self.top1_count),
                                None if correlation is None else fisher_interval(correlation, self.count))
+
+
+#: bytes of float64 rows of one output the accumulator converts at a time (one batch below it: the whole batch)
+CHUNK_BYTES = 64 << 20
+
+
+def _rows_per_chunk(row_size: int) -> int:
+    return max(1, CHUNK_BYTES // max(1, 8 * row_size))
+
+
+def _row_mean(rows: np.ndarray) -> np.ndarray:
+    """Mean over rows in float64, `_rows_per_chunk` rows at a time (a batch within one chunk: exactly ``mean``)."""
+    step = _rows_per_chunk(rows.shape[1])
+    if rows.shape[0] <= step:
+        return rows.astype(np.float64).mean(axis=0)
+    total = np.zeros(rows.shape[1])
+    for start in range(0, rows.shape[0], step):
+        total += rows[start : start + step].astype(np.float64).sum(axis=0)
+    return total / rows.shape[0]
 
 
 class AgreementAccumulator:

@@ -37,7 +37,8 @@ def _known_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     """Tensor types from the graph's value_info, inputs and outputs, with shape inference if possible."""
     graph = model.graph
     try:
-        graph = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+        # on the weight-free skeleton: inferring the model itself serializes and returns two copies of its weights
+        graph = onnx.shape_inference.infer_shapes(ir.skeleton(model), strict_mode=False).graph
     except Exception as exc:  # inference is best effort (custom ops, >2 GB models, ...)
         log.debug("shape inference failed (%s); using existing value_info only", exc)
     return {
@@ -52,11 +53,14 @@ def _produced(model: onnx.ModelProto) -> set[str]:
 
 
 def expose_tensors(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """Copy of ``model`` with the named node outputs added as graph outputs (originals kept)."""
+    """Copy of ``model`` with the named node outputs added as graph outputs (originals kept); `model` itself
+    when they are all graph outputs already (the caller must not modify the result)."""
     produced = _produced(model)
     missing = [n for n in names if n not in produced]
     if missing:
         raise ModelError(f"tensor(s) not produced by any node of the model: {', '.join(missing)}")
+    if {vi.name for vi in model.graph.output} >= set(names):
+        return model  # nothing to add: a copy would only copy the weights (a cut model's are its outputs already)
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     present = {vi.name for vi in exposed.graph.output}
@@ -102,6 +106,44 @@ def _batch_plan(model: onnx.ModelProto, calib: CalibrationSet, batch_size: int) 
 _SAID: set[tuple[str, int]] = set()
 
 
+def run_chunked(
+    session: ort.InferenceSession, names: Sequence[str], feed: dict[str, np.ndarray], most: int | None, samples: int
+) -> list[np.ndarray]:
+    """``session.run(names, feed)`` on at most `most` samples at a time, outputs joined along the batch.
+
+    onnxruntime's arena grows to one run's activations: EfficientNet-Lite1 at 240x240 takes about
+    11 MB a sample, so a batch of 32 costs 350 MB whatever the budget. A batch of `samples` is split
+    only when every fed array has those samples first and each output keeps them first (else, or
+    when a part fails, the batch runs whole: a graph that folds the batch into other dims is never
+    split): samples do not meet in an inference graph, so the values are those of one run.
+    """
+    if most is None or samples <= most or not feed or any(v.ndim == 0 or len(v) != samples for v in feed.values()):
+        return session.run(list(names), feed)
+    parts = []
+    try:
+        for start in range(0, samples, most):
+            part = session.run(list(names), {k: v[start : start + most] for k, v in feed.items()})
+            if not all(o.ndim and len(o) == min(most, samples - start) for o in part):
+                return session.run(list(names), feed)
+            parts.append(part)
+    except Exception:  # noqa: BLE001 - a graph that cannot take a part of the batch runs it whole
+        return session.run(list(names), feed)
+    return [np.concatenate([part[i] for part in parts]) for i in range(len(names))]
+
+
+def chunk_samples(model: onnx.ModelProto, calib: CalibrationSet, share: int) -> int | None:
+    """Samples one onnxruntime run of `model` may take within 1 / `share` of the budget (None: no limit known).
+
+    A static batch is never split (its graph may fold the batch into shapes).
+    """
+    from .memory import calibration_budget, sample_cost
+
+    if ir.static_batch(model) is not None:
+        return None
+    cost = sample_cost(model, {name: (1, *shape) for name, shape in calib.sample_shapes.items()})
+    return None if cost is None else cost.samples_within(calibration_budget() // share)
+
+
 def stream_tensors(
     model: onnx.ModelProto,
     calib: CalibrationSet,
@@ -125,6 +167,7 @@ def stream_tensors(
     fetch = [n for n in wanted if n not in calib.names]
     session = _session(expose_tensors(model, fetch), providers) if fetch else None
     size, drop_last = _batch_plan(model, calib, batch_size)
+    del model  # the session holds its own weights: the proto is not kept for the pass
     total = calib.num_batches(size, drop_last=drop_last)
     limit = stream_blas_threads() if blas_threads == "default" else blas_threads
     if isinstance(limit, str):

@@ -22,11 +22,12 @@ changes), and a node whose value a later refit changes is rerun after it, never 
 
 Memory: the frontier of N samples is held in memory while it fits ``budget`` bytes (default
 `calib.memory.calibration_budget`: the run's ``--calib-memory``, `calib.memory`; the refit gives each of its two
-networks half), else each
+networks a quarter), else each
 batch's tensors are spilled to ``.npy`` files in a temporary folder that is removed when the
 passes end (also on Ctrl-C); the log says which. Batches are the calibration set's batches
 (``batch_size``, or the model's static batch with the remainder left out), read again only
-where a stage consumes a graph input.
+where a stage consumes a graph input; onnxruntime runs a batch a few samples at a time when
+its activations would pass ``1 / RUN_SHARE`` of the budget (`collect.run_chunked`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from .. import ir
 from ..errors import CalibrationError, ModelError
 from .memory import calibration_budget
 from .collect import _batch_plan  # noqa: PLC2701 - the same batching as every other pass
+from .collect import chunk_samples, run_chunked
+from .memory import RUN_SHARE
 from .sources import CalibrationSet
 
 log = logging.getLogger(__name__)
@@ -153,6 +156,8 @@ class StagedPasses:
         self.size, self.drop_last = _batch_plan(model, calib, batch_size)
         self.batches = calib.num_batches(self.size, drop_last=self.drop_last)
         self.store = FrontierStore(calibration_budget() if budget is None else budget, label)
+        # samples one stage runs at once: its arena within 1 / RUN_SHARE of the budget (whole-model estimate)
+        self._chunk = chunk_samples(model, calib, RUN_SHARE)
         self._step = 0
         graph = model.graph
         self._initializers = {t.name for t in graph.initializer}
@@ -219,13 +224,17 @@ class StagedPasses:
             values.update({k: v for k, v in feed.items() if k in reads or k in direct})
             if session is not None:
                 try:
-                    outputs = session.run(computed, {t: values[t] for t in reads})
+                    samples = min(self.size, self.calib.num_samples - batch * self.size)
+                    outputs = run_chunked(session, computed, {t: values[t] for t in reads}, self._chunk, samples)
                 except Exception as exc:  # onnxruntime raises its own types
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                     raise CalibrationError(f"onnxruntime failed on a batch of {self.calib.source}: {first}") from None
                 values.update(zip(computed, outputs))
             self.store.put(batch, {t: values[t] for t in fresh})
-            yield {t: values[t] for t in wanted}
+            out = {t: values[t] for t in wanted}
+            del values, feed  # the consumer's dict is the only reference left: it frees the batch when done
+            yield out
+            del out
         self._release()
 
     def close(self) -> None:

@@ -1,28 +1,45 @@
-"""How much memory the passes over calibration data may hold (``--calib-memory``).
+"""How much memory a run may hold beyond the model's own floor (``--calib-memory``).
 
-One budget per run, in bytes, for what calibration passes keep between batches: the
-frontier of the staged refit (`calib.engine`: beyond the budget, batches spill to ``.npy``
-files) and the Gram matrices collected together for a selection (`passes.datadriven`:
-beyond the budget, the layers are split over more passes). onnxruntime's own arena and one
-batch's activations are not counted: they do not grow with the number of samples.
+One budget per run, in bytes, shared out so that the peak stays near the floor (the loaded
+model and one onnxruntime session of it) plus the budget, at any calibration or --eval size:
 
-The default is `MEMORY_SHARE` of physical RAM. The budget is a run-scoped setting held in a
-context variable (`limited`), like a ``decimal`` context: the API sets it around one
-``prune`` call, and code deep in a pass reads it without every signature carrying it.
+- the staged refit's two frontiers (`calib.engine`) take 1 / `FRONTIER_SHARE` each, beyond it
+  their batches spill to ``.npy`` files; the other half is for one batch's tensors;
+- one onnxruntime run of a calibration pass takes 1 / `RUN_SHARE`: a batch whose activations
+  (`sample_cost`) would not fit runs a few samples at a time (`calib.collect.run_chunked`);
+- the selection statistics (`passes.datadriven`) keep their Gram matrices within half, one
+  batch's exposed tensors within a quarter;
+- the verdict's batches take half, the original's outputs held for it an eighth (`api`).
+
+The default is `MEMORY_SHARE` of physical RAM: a quarter, 4 GB on a 16 GB machine. The budget
+is a run-scoped setting held in a context variable (`limited`), like a ``decimal`` context: the
+API sets it around one ``prune`` call, and code deep in a pass reads it without every
+signature carrying it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
 
 from ..errors import UsageError
 
+log = logging.getLogger(__name__)
+
 #: share of the machine's RAM that calibration passes may hold by default
 MEMORY_SHARE = 0.25
+#: the staged refit's two frontiers (`calib.engine`) each take 1 / FRONTIER_SHARE of the budget
+FRONTIER_SHARE = 4
+#: one onnxruntime run of a calibration pass (its arena: activations of the samples it takes) within 1 / RUN_SHARE
+RUN_SHARE = 8
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _budget: contextvars.ContextVar[int | None] = contextvars.ContextVar("calibration_memory", default=None)
 
@@ -77,3 +94,83 @@ def limited(budget: int | None) -> Iterator[None]:
         yield
     finally:
         _budget.reset(token)
+
+
+@dataclass(frozen=True)
+class SampleCost:
+    """Bytes one sample costs when a model runs (estimates from static shapes at batch 1).
+
+    `working`: the activations onnxruntime holds at once, taken as the largest inputs plus
+    outputs of one node (the buffers it reads and writes are live together; its planner
+    reuses the rest); `outputs`: the graph outputs of one sample.
+    """
+
+    working: int
+    outputs: int
+
+    def samples_within(self, budget: int, *, factor: float = 1.0) -> int:
+        """Most samples whose `working` + `outputs` (times `factor`) fit `budget` (at least 1)."""
+        per = max(1, int((self.working + self.outputs) * factor))
+        return max(1, budget // per)
+
+
+#: weights up to which `sample_cost` may run the model once for the shapes inference misses (a larger
+#: model's session would cost more than the estimate saves; its known shapes are used as they are)
+RUN_FOR_SHAPES_BYTES = 256 << 20
+
+
+def _inferred_shapes(model: onnx.ModelProto, single: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Static shapes lenient inference gives on the weight-free skeleton (no run)."""
+    from .. import ir
+
+    skel = ir.skeleton(model)
+    for vi in skel.graph.input:
+        if vi.name in single:
+            dims = vi.type.tensor_type.shape.dim
+            for dim, value in zip(dims, single[vi.name]):
+                dim.Clear()
+                dim.dim_value = int(value)
+    del skel.graph.value_info[:]
+    graph = onnx.shape_inference.infer_shapes(skel, data_prop=True).graph
+    shapes: dict[str, tuple[int, ...]] = {}
+    for vi in (*graph.input, *graph.value_info, *graph.output):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+            if all(d >= 0 for d in dims):
+                shapes[vi.name] = tuple(dims)
+    return shapes
+
+
+def sample_cost(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> SampleCost | None:
+    """`SampleCost` of `model` with its inputs at `input_shapes` (batch set to 1); None when shapes are unknown.
+
+    Shapes come from inference on the weight-free skeleton; what it cannot give, from one run at
+    batch 1 (`ir.static_shapes`, as tracing does) for models within `RUN_FOR_SHAPES_BYTES`
+    (EfficientNet's padding is computed from Shape ops at run time); element sizes from the
+    graph's types, 4 bytes where none is stated.
+    """
+    from .. import ir
+
+    single = {name: (1, *shape[1:]) for name, shape in input_shapes.items() if shape}
+    try:
+        shapes = _inferred_shapes(model, single)
+        produced = [o for n in model.graph.node for o in n.output if o]
+        if any(o not in shapes for o in produced) and ir.payload_bytes(model) <= RUN_FOR_SHAPES_BYTES:
+            shapes = ir.static_shapes(model, single)  # what inference misses, from one run (a small model only)
+    except Exception as exc:  # an estimate only: without shapes the caller keeps its batches
+        log.debug("no per-sample cost: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+    weights = {i.name for i in model.graph.initializer}
+    itemsize = {vi.name: onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).itemsize
+                for vi in (*model.graph.input, *model.graph.output, *model.graph.value_info)
+                if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
+
+    def size(name: str) -> int:
+        shape = shapes.get(name) if name and name not in weights else None
+        return 0 if shape is None else int(np.prod(shape, dtype=np.int64)) * itemsize.get(name, 4)
+
+    working = max((sum(size(t) for t in {*n.input, *n.output}) for n in model.graph.node), default=0)
+    if working == 0:
+        return None
+    return SampleCost(working, sum(size(o.name) for o in model.graph.output))

@@ -127,10 +127,14 @@ def collect(
         names = tuple(dict.fromkeys(t for s in shared for t in s.tensors))
         passes.insert(0, (cut(model, names), names, shared))
     per_pass = calibration.num_batches(batch_size)
-    done, total = 0, per_pass * len(passes)
-    for graph, names, stats in passes:
-        # stream_tensors limits BLAS to one thread while onnxruntime runs (calib.threads)
-        for batch, values in enumerate(stream_tensors(graph, calibration, list(names), batch_size=batch_size)):
+    done, total, count = 0, per_pass * len(passes), len(passes)
+    while passes:
+        graph, names, stats = passes.pop(0)
+        # stream_tensors limits BLAS to one thread while onnxruntime runs (calib.threads); once its session is
+        # made, nothing holds the cut model (a copy of the weights it reads) while the pass runs
+        stream = stream_tensors(graph, calibration, list(names), batch_size=batch_size)
+        del graph
+        for batch, values in enumerate(stream):
             for stat in stats:
                 stat.update(values, batch)
             done += 1
@@ -140,7 +144,7 @@ def collect(
             stat.finish()
             store_entry(cache_key(model_id, calibration, batch_size, stat), stat.state(), cache_dir)
     if missing:
-        log.debug("collected %d statistics in %d passes (%d cached)", len(missing), len(passes), len(statistics) - len(missing))
+        log.debug("collected %d statistics in %d passes (%d cached)", len(missing), count, len(statistics) - len(missing))
 
 
 class ActivationMoments(Statistic):

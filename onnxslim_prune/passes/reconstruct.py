@@ -95,7 +95,7 @@ from ..channels import Kind, Role, Trace
 from ..calib import GramAccumulator, conv_output_size, conv_patches, expose_tensors, output_rows, sample_positions
 from ..calib import stream_tensors
 from ..calib.engine import StagedPasses
-from ..calib.memory import calibration_budget
+from ..calib.memory import FRONTIER_SHARE, calibration_budget
 from ..calib.threads import blas_limited
 from ..errors import ModelError
 from ..methods.base import CommonParams, Context, Outcome
@@ -368,6 +368,9 @@ def subgraph_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPr
     """A copy of `model` computing only `names` (as its graph outputs); inputs are kept."""
     wanted = list(dict.fromkeys(names))
     exposed = expose_tensors(model, wanted)
+    if exposed is model:  # cut below: never the caller's model
+        exposed = onnx.ModelProto()
+        exposed.CopyFrom(model)
     graph = exposed.graph
     outputs = {vi.name: vi for vi in graph.output}
     del graph.output[:]
@@ -540,7 +543,9 @@ class Reconstructor:
                     right = stream(self.original, self.calibration, right_names[i], s.batch_size)
                 else:
                     if engines is None:
-                        budget = calibration_budget() // 2
+                        # both frontiers together take half the budget: the other half is one batch's
+                        # tensors of each network and onnxruntime's arenas, which no frontier sees
+                        budget = calibration_budget() // FRONTIER_SHARE
                         refits = {f.layer.node: k for k, todo_k in enumerate(by_level) for f in todo_k}
                         engines = (
                             StagedPasses(current, self.calibration, s.batch_size, left_names, budget=budget, label="pruned network",
@@ -642,6 +647,7 @@ class Reconstructor:
                     y = y.astype(np.float64) - p[f.minus]
                 index = f.layer.positions(x.shape, s.positions, rng)
                 acc.add(f.layer.x_rows(x, index), f.layer.y_rows(y, index))
+            del p, o, x, y  # this batch's tensors go before the engines compute the next
             step()
         for f, buffer, prior in zip(fits, accs, priors):
             gram = buffer.flush()

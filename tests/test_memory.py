@@ -1,0 +1,280 @@
+"""Memory bounded at any calibration size: the verdict streams, its batches fit the budget.
+
+Each test proves the bounded behaviour structurally (how many of the original's output batches
+are held, how many samples one batch holds, how many float64 rows are converted at once) and
+that the numbers equal the unstreamed computation (numpy on both models' outputs over the same
+samples, float64) within the stated tolerance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+
+from onnxslim_prune import api, validate, verdict
+from onnxslim_prune.calib.memory import SampleCost, sample_cost
+from tests.models import run
+
+#: the verdict's float64 sums against numpy's on the same outputs
+TOLERANCE = 1e-9
+
+CLASSIFIER = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 16] x) => (float[N, 10] y) {
+  h = Gemm <transB: int = 1> (x, w1, b1)
+  r = Relu (h)
+  y = Gemm <transB: int = 1> (r, w2, b2)
+}"""
+
+
+def classifier(seed: int = 0) -> onnx.ModelProto:
+    """x[N,16] -> Gemm(16->24) -> Relu -> Gemm(24->10): a dynamic-batch classifier."""
+    rng = np.random.default_rng(seed)
+    model = onnx.parser.parse_model(CLASSIFIER)
+    for name, shape in (("w1", (24, 16)), ("b1", (24,)), ("w2", (10, 24)), ("b2", (10,))):
+        value = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+        model.graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def direct_figures(original: onnx.ModelProto, pruned: onnx.ModelProto, x: np.ndarray) -> dict[str, float]:
+    """The verdict's definitions computed at once on all samples (module docstring of `verdict`)."""
+    a = run(original, {"x": x})[0].astype(np.float64)
+    b = run(pruned, {"x": x})[0].astype(np.float64)
+    ca, cb = a - a.mean(axis=0), b - b.mean(axis=0)
+    return {
+        "cosine": float(np.vdot(a, b) / np.sqrt(np.vdot(a, a) * np.vdot(b, b))),
+        "correlation": float(np.vdot(ca, cb) / np.sqrt(np.vdot(ca, ca) * np.vdot(cb, cb))),
+        "top1": float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1))),
+        "max_abs": float(np.max(np.abs(a - b))),
+    }
+
+
+def capture_measure(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Record the `_Measure` every verdict is computed from."""
+    seen: list[Any] = []
+    real = api._verdict
+
+    def recording(original: Any, pruned: Any, m: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(m)
+        return real(original, pruned, m, *args, **kwargs)
+
+    monkeypatch.setattr(api, "_verdict", recording)
+    return seen
+
+
+@pytest.mark.parametrize("labelled", [False, True], ids=["calib-holdout", "eval"])
+def test_a_tiny_budget_holds_no_reference_batch_and_splits_the_verdict_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, labelled: bool
+) -> None:
+    model = classifier()
+    rng = np.random.default_rng(1)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=rng.standard_normal((200, 16)).astype(np.float32))
+    eval_path = None
+    if labelled:
+        eval_path = tmp_path / "eval.npz"
+        x_eval = rng.standard_normal((90, 16)).astype(np.float32)
+        np.savez(eval_path, x=x_eval, labels=np.argmax(run(model, {"x": x_eval})[0], axis=1) % 10)
+    seen = capture_measure(monkeypatch)
+    kwargs: dict[str, Any] = dict(method="l1", ratio=0.5, calib=calib, eval_data=eval_path, latency=False)
+    tiny = api.prune(model, calib_memory=4096, **kwargs)
+    roomy = api.prune(model, **kwargs)
+    streamed, whole = seen
+    # structure: with 4096 bytes a batch holds at most 2048 / (working 192: the Relu reads and writes 24 floats,
+    # + outputs 40 bytes a sample) = 8 samples, and of the reference outputs ([8, 10] float32: 320 bytes a batch)
+    # one full batch fits 1/8 of the budget (512 bytes): the others are recomputed by the verdict
+    assert max(validate.feed_samples([f]) for f in streamed.feeds) == 8
+    assert len(streamed.reference) == len(streamed.feeds) > 4
+    assert 320 <= streamed.reference.nbytes <= 512 and streamed.reference.kept <= 2
+    assert whole.reference.kept == len(whole.feeds) and max(validate.feed_samples([f]) for f in whole.feeds) > 8
+    # the same samples in the same order, the same figures
+    x = np.concatenate([f["x"] for f in streamed.feeds])
+    np.testing.assert_array_equal(x, np.concatenate([f["x"] for f in whole.feeds]))
+    expected = direct_figures(model, tiny.model, x)
+    for result in (tiny, roomy):
+        v = result.report.verdict
+        assert v.samples == len(x) == (90 if labelled else 40)
+        assert v.cosine == pytest.approx(expected["cosine"], abs=TOLERANCE)
+        assert v.correlation == pytest.approx(expected["correlation"], abs=TOLERANCE)
+        assert v.top1_agreement == pytest.approx(expected["top1"], abs=TOLERANCE)
+        assert v.max_abs == pytest.approx(expected["max_abs"], abs=1e-6)
+    # the companion figures on fitted samples (streamed in batches of 8 under the tiny budget) are the same too
+    for a, b in zip(tiny.report.verdict.fitted, roomy.report.verdict.fitted, strict=True):
+        assert (a.samples, a.top1) == (b.samples, b.top1) and a.cosine == pytest.approx(b.cosine, abs=TOLERANCE)
+        assert a.correlation == pytest.approx(b.correlation, abs=TOLERANCE)
+    assert len(tiny.report.verdict.fitted) == 1
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(tiny.model.graph.initializer[0]),
+                                  onnx.numpy_helper.to_array(roomy.model.graph.initializer[0]))
+    if labelled:
+        assert tiny.report.verdict.accuracy_before == roomy.report.verdict.accuracy_before == 1.0
+        assert tiny.report.verdict.accuracy_after == roomy.report.verdict.accuracy_after == pytest.approx(
+            float(np.mean(np.argmax(run(tiny.model, {"x": x})[0], axis=1) == np.argmax(run(model, {"x": x})[0], axis=1)))
+        )
+
+
+def test_held_outputs_keep_what_fits_and_recompute_the_rest_exactly() -> None:
+    model = classifier()
+    feeds = [{"x": np.random.default_rng(i).standard_normal((8, 16)).astype(np.float32)} for i in range(5)]
+    sess = validate.session(model)
+    held = validate.HeldOutputs(budget=2 * 8 * 10 * 4)  # room for two batches of [8, 10] float32
+    for feed in feeds:
+        held.add(sess.run(None, feed))
+    assert (len(held), held.kept, held.nbytes) == (5, 2, 640)
+    calls: list[int] = []
+
+    def opened() -> Any:
+        calls.append(1)
+        return sess
+
+    for i, feed in enumerate(feeds):
+        np.testing.assert_array_equal(held.get(i, feed, opened)[0], run(model, feed)[0])
+    assert len(calls) == 3  # only the batches not held ran again
+
+
+def test_the_accumulator_converts_a_few_rows_at_a_time_with_the_same_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    a = [rng.standard_normal((12, 3, 7)).astype(np.float32) for _ in range(3)]
+    b = [x + 0.3 * rng.standard_normal(x.shape).astype(np.float32) for x in a]
+
+    def figures() -> verdict.OutputAgreement:
+        acc = verdict.AgreementAccumulator(["y"])
+        for x, y in zip(a, b):
+            acc.add([x], [y], len(x))
+        return acc.results()[0]
+
+    whole = figures()
+    converted: list[int] = []
+    real = verdict._OutputSums._add_rows
+
+    def counting(self: Any, rows_a: np.ndarray, rows_b: np.ndarray) -> None:
+        converted.append(rows_a.shape[0])
+        real(self, rows_a, rows_b)
+
+    monkeypatch.setattr(verdict, "CHUNK_BYTES", 8 * 21 * 5)  # five rows of 21 float64 values
+    monkeypatch.setattr(verdict._OutputSums, "_add_rows", counting)
+    chunked = figures()
+    assert max(converted) == 5 and sum(converted) == 36
+    for field in ("cosine", "correlation", "spread", "max_abs", "max_rel"):
+        assert getattr(chunked, field) == pytest.approx(getattr(whole, field), abs=TOLERANCE)
+    ra, rb = (np.concatenate(v).reshape(36, -1).astype(np.float64) for v in (a, b))
+    ca, cb = ra - ra.mean(axis=0), rb - rb.mean(axis=0)
+    assert chunked.correlation == pytest.approx(np.vdot(ca, cb) / np.sqrt(np.vdot(ca, ca) * np.vdot(cb, cb)), abs=TOLERANCE)
+
+
+def test_sample_cost_is_the_largest_node_and_the_outputs() -> None:
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 3, 8, 8] x) => (float[N, 4, 8, 8] y) {
+      h = Conv <pads: ints = [1, 1, 1, 1]> (x, w)
+      y = Relu (h)
+    }""")
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w"))
+    cost = sample_cost(model, {"x": (1, 3, 8, 8)})
+    # the Conv reads 3x8x8 and writes 4x8x8 float32 (its weight is not an activation), the Relu reads and writes
+    # 4x8x8: the larger node decides; the output is 4x8x8
+    assert cost == SampleCost(working=max(3 + 4, 4 + 4) * 64 * 4, outputs=4 * 64 * 4)
+    assert cost.samples_within(10 * (2048 + 1024)) == 10 and cost.samples_within(1) == 1
+
+
+def test_stage_runs_take_a_few_samples_at_a_time_with_the_same_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxslim_prune.calib import load_calibration, stream_tensors
+    from onnxslim_prune.calib import collect as collect_module
+    from onnxslim_prune.calib.engine import StagedPasses
+    from onnxslim_prune.calib.memory import limited
+    from onnxslim_prune.calib.specs import input_specs
+    from tests import models as M
+
+    model = M.residual_projection()
+    for vi in (*model.graph.input, *model.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_param = "N"
+    spec = input_specs(model)[0]
+    np.savez(tmp_path / "c.npz", **{spec.name: np.random.default_rng(0).standard_normal((20, *spec.sample_shape)).astype(np.float32)})
+    calib = load_calibration(tmp_path / "c.npz", input_specs(model))
+    outs = [n.output[0] for n in model.graph.node]
+    schedule = [[outs[1]], [outs[-2], model.graph.output[0].name]]
+    full = list(stream_tensors(model, calib, [t for w in schedule for t in w], batch_size=8))
+    cost = sample_cost(model, {spec.name: (1, *spec.sample_shape)})
+    assert cost is not None
+    fed: list[int] = []
+    real = collect_module.run_chunked
+
+    def recording(session: Any, names: Any, feed: dict[str, np.ndarray], most: int | None, samples: int) -> Any:
+        class Counting:
+            def run(self, n: Any, f: dict[str, np.ndarray]) -> Any:
+                fed.append(len(next(iter(f.values()))))
+                return session.run(n, f)
+
+        return real(Counting(), names, feed, most, samples)  # type: ignore[arg-type]
+
+    import onnxslim_prune.calib.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "run_chunked", recording)
+    # a budget whose 1/8 holds three samples of the model's largest node and outputs
+    with limited(3 * (cost.working + cost.outputs) * 8):
+        passes = StagedPasses(model, calib, 8, schedule, budget=1 << 20)
+        got = [list(passes.advance(w)) for w in schedule]
+        passes.close()
+    # structure: batches of 8 (the statistics' batching is unchanged) computed 3 samples at a time
+    assert max(fed) == 3 and sorted(set(fed)) == [1, 2, 3]  # 8 = 3 + 3 + 2, 4 = 3 + 1
+    for wanted, batches in zip(schedule, got):
+        assert [len(b[wanted[0]]) for b in batches] == [8, 8, 4]
+        for batch, values in enumerate(batches):
+            for name in wanted:
+                np.testing.assert_allclose(values[name], full[batch][name], rtol=1e-6, atol=1e-6)
+
+
+def _mapped_rss_kib(path: Path) -> int | None:
+    """Resident KiB of this process's mappings of `path` (Linux /proc/self/smaps; None elsewhere)."""
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return None
+    total, inside = 0, False
+    for line in lines:
+        if "-" in line.split(" ")[0] and len(line.split()) >= 5:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_eval_images_are_read_from_the_file_batch_by_batch(tmp_path: Path, compressed: bool) -> None:
+    from onnxslim_prune.evaluation import eval_feeds, load_eval, release_pages
+
+    model = classifier()
+    x = np.random.default_rng(3).standard_normal((600, 16)).astype(np.float32)
+    path = tmp_path / "eval.npz"
+    (np.savez_compressed if compressed else np.savez)(path, x=x, labels=np.arange(600) % 10)
+    data = load_eval(path, model)
+    # an uncompressed member is mapped, not loaded (a compressed one cannot be: it is read whole, as before)
+    assert isinstance(data.images, np.memmap) is (not compressed)
+    np.testing.assert_array_equal(np.asarray(data.images), x)
+    feeds, labels = eval_feeds(data, model)
+    assert [len(f["x"]) for f in feeds] == [256, 256, 88]
+    np.testing.assert_array_equal(np.concatenate([f["x"] for f in feeds]), x)
+    if not compressed:
+        np.testing.assert_array_equal(run(model, feeds[0])[0], run(model, {"x": x[:256]})[0])
+        release_pages(feeds[0]["x"])
+        resident = _mapped_rss_kib(path)
+        assert resident is None or resident == 0  # no page of the images stays resident after a batch
+
+
+def test_a_cut_model_is_streamed_without_another_copy_of_its_weights() -> None:
+    from onnxslim_prune.calib import expose_tensors
+    from onnxslim_prune.passes.reconstruct import subgraph_model
+
+    model = classifier()
+    before = model.SerializeToString()
+    cut = subgraph_model(model, ["h"])  # a copy holding only what computes h (w1, b1)
+    assert [o.name for o in cut.graph.output] == ["h"] and {t.name for t in cut.graph.initializer} == {"w1", "b1"}
+    assert expose_tensors(cut, ["h"]) is cut  # its outputs are the names already: no copy for the session
+    assert subgraph_model(model, ["y"]) is not model and model.SerializeToString() == before  # never cut in place
+    x = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+    expected = x @ onnx.numpy_helper.to_array(model.graph.initializer[0]).T + onnx.numpy_helper.to_array(model.graph.initializer[1])
+    np.testing.assert_allclose(run(cut, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
