@@ -260,7 +260,23 @@ def real_suite() -> str | None:
             + "; ".join(parts) + ".")
 
 
-HEADLINES: tuple[Callable[[], str | None], ...] = (real_suite, coverage, transformers, vit, transformer_peers, speed,
+def never_slower() -> str | None:
+    data = _load("never_slower")
+    if not data:
+        return None
+    rows = [r for r in data["rows"] if r.get("default", {}).get("remeasured")]
+    ok = [r for r in rows if r["default"]["remeasured"]["ratio"] <= 1.0]
+    worst = max(r["default"]["remeasured"]["ratio"] for r in rows)
+    old = [r["round_to_1"]["remeasured"]["ratio"] for r in rows if r.get("round_to_1", {}).get("remeasured")]
+    models = len({r["model"] for r in rows})
+    return (f"**Never slower by default**: at `--target-macs 0.85` and `0.7` with default flags, {len(ok)} of {len(rows)} "
+            f"written models ({models} models: EfficientNet-Lite1 and zoo CNNs) take at most the original's single-thread CPU "
+            f"time (the slowest {worst:.2f}x), channel counts kept at the CPU's kernel block; without rounding "
+            f"{sum(1 for x in old if x > 1.0)} of {len(old)} were slower (up to {max(old):.2f}x), and a slower model is now a "
+            f"missed gate ({link('never slower', 'Never slower with default flags')}).")
+
+
+HEADLINES: tuple[Callable[[], str | None], ...] = (real_suite, never_slower, coverage, transformers, vit, transformer_peers, speed,
                                                    latency_search, accuracy, search, merge, quantized,
                                                    verdict, real_models)
 PICTURES = (("accuracy_fmnist_resnet56.png", "Accuracy without fine-tuning"),

@@ -264,7 +264,7 @@ def one_run(spec: Model, model: Path, method: str, target: float, extra: Sequenc
     log.info("%s: onnx-prune %s", spec.name, " ".join(flags))
     run, report, pruned = prune_cli_keep(model, flags, out_dir, timeout=args.timeout)
     row: dict[str, Any] = {"model": spec.name, "method": method, "target": target, "extra": list(extra),
-                           "seconds": run.seconds, "peak_mib": run.peak_mib, "exit": run.returncode}
+                           "seconds": run.seconds, "peak_mib": run.peak_mib, "exit": run.returncode, "commit": _commit()}
     if report is not None:
         row["method_used"] = report.get("method")
         row["macs_kept"] = (report.get("ratios") or {}).get("macs")
@@ -332,7 +332,8 @@ def markdown(rows: list[dict[str, Any]], originals: dict[str, Any], meta: dict[s
         "saw (`benchmarks/real_suite.py`). *speed*: the original's single-thread CPU time over the pruned model's on one "
         "sample, interleaved (above 1 = faster). *time* and *peak*: the tool's own wall time and peak RSS. *verdict*: the "
         "tool's own figure on its held-out part of the calibration data.", "",
-        f"Machine {meta['machine']}, onnxruntime {meta['onnxruntime']}, commit {meta['commit']}.", "",
+        f"Machine {meta['machine']}, onnxruntime {meta['onnxruntime']}; each row names the commit it ran (rows accumulate "
+        "across runs: a row is replaced only by a rerun of the same model, method, target and flags).", "",
     ]
     for name in MODELS:
         mine = [r for r in rows if r["model"] == name]
@@ -341,8 +342,8 @@ def markdown(rows: list[dict[str, Any]], originals: dict[str, Any], meta: dict[s
         orig = originals.get(name) or {}
         extra = f" (original perplexity {orig['perplexity']:.1f})" if "perplexity" in orig else ""
         lines += [f"## {name}{extra}", "",
-                  f"| method | target MACs | MACs kept | params kept | {HEADERS[name]} | speed | verdict | time s | peak MiB | exit |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  f"| method | target MACs | MACs kept | params kept | {HEADERS[name]} | speed | verdict | time s | peak MiB | exit | commit |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in mine:
             v = r.get("verdict") or {}
             said = "; ".join(f"{k} {v[k]:.3f}" for k in ("top1_agreement", "cosine", "correlation") if isinstance(v.get(k), float))
@@ -352,7 +353,7 @@ def markdown(rows: list[dict[str, Any]], originals: dict[str, Any], meta: dict[s
             label += "".join(f" {e}" for e in r.get("extra", []))
             figure = _figure_cells(r) if "error" not in r else f"failed: {r['error']} |"
             lines.append(f"| {label} | {r['target']:.2f} | {_pct(r.get('macs_kept'))} | {_pct(r.get('params_kept'))} | {figure} | "
-                         f"{_num(r.get('speed'), 2)} | {said} | {r['seconds']:.0f} | {r['peak_mib']:.0f} | {r['exit']} |")
+                         f"{_num(r.get('speed'), 2)} | {said} | {r['seconds']:.0f} | {r['peak_mib']:.0f} | {r['exit']} | {r.get('commit', '?')} |")
         lines.append("")
         lines.append(f"![{name}](real_suite_{name}.png)")
         lines.append("")
