@@ -51,6 +51,13 @@ def _age(directory: Path, i: int, seconds: float) -> None:
     os.utime(C.cache_path(_key(i), directory), (when, when))
 
 
+def _store_four_aged(directory: Path) -> None:
+    """Entries 0..3 in the current cache (`C.using`), last used 400, 300, 200 and 100 seconds ago: 0 is the oldest."""
+    for i in range(4):
+        C.store_entry(_key(i), _values(i))
+        _age(directory, i, 400 - 100 * i)
+
+
 def _remaining(directory: Path) -> set[int]:
     present = {p.name for p in directory.glob("*.npz")}
     return {i for i in range(10) if C.cache_path(_key(i), directory).name in present}
@@ -65,9 +72,7 @@ def test_the_cap_evicts_the_least_recently_used_entries(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     settings = CacheSettings(directory=cache, max_bytes=int(4.5 * size))  # room for 4 entries
     with C.using(settings):
-        for i in range(4):
-            C.store_entry(_key(i), _values(i))
-            _age(cache, i, 400 - 100 * i)  # 0 is the oldest
+        _store_four_aged(cache)
         assert _remaining(cache) == {0, 1, 2, 3} and _total(cache) == 4 * size
         C.store_entry(_key(4), _values(4))
         assert _remaining(cache) == {1, 2, 3, 4}
@@ -86,9 +91,7 @@ def test_rewriting_an_entry_does_not_count_it_twice(tmp_path: Path) -> None:
     size = _entry_size(tmp_path)
     cache = tmp_path / "cache"
     with C.using(CacheSettings(directory=cache, max_bytes=int(4.5 * size))):
-        for i in range(4):
-            C.store_entry(_key(i), _values(i))
-            _age(cache, i, 400 - 100 * i)
+        _store_four_aged(cache)
         C.store_entry(_key(3), {"v": np.full(N, 33.0)})  # a corrupt entry being replaced, say
         hit = C.load_entry(_key(3))
     assert _remaining(cache) == {0, 1, 2, 3} and _total(cache) == 4 * size
@@ -99,9 +102,7 @@ def test_a_read_refreshes_recency(tmp_path: Path) -> None:
     size = _entry_size(tmp_path)
     cache = tmp_path / "cache"
     with C.using(CacheSettings(directory=cache, max_bytes=int(4.5 * size))):
-        for i in range(4):
-            C.store_entry(_key(i), _values(i))
-            _age(cache, i, 400 - 100 * i)
+        _store_four_aged(cache)
         before = C.cache_path(_key(0), cache).stat().st_mtime
         hit = C.load_entry(_key(0))  # the oldest, now the most recently used
         assert hit is not None and float(hit["v"][0]) == 0.0
