@@ -127,7 +127,7 @@ class _Measure:
     reference: validate.HeldOutputs
     labels: np.ndarray | None = None
     correct_before: np.ndarray | None = None  # per sample, whether the original classifies it right (labelled data)
-    sessions: _Sessions | None = None  # the run's onnxruntime sessions, reused by the verdict and latency
+    sessions: _Sessions | None = None  # the run's onnxruntime sessions, reused by the verdict
 
 
 def prune(
@@ -199,7 +199,7 @@ def prune(
         fit, held = _split(calibration, evaluation, holdout, seed, original, notes)
         if verdict_part is not VerdictPart.ALL:
             evaluation, held = _search_part(evaluation, held, fit, verdict_part, seed, original)
-    sessions = _Sessions(original, path, keep=latency)
+    sessions = _Sessions(original, path)
     with clock.stage(Stage.REFERENCE), memory.limited(calib_memory):
         # the original's outputs need no pruning: measured first, so bad data (labels past the classes) fails before the work
         if reference_memo is not None and verdict_part in reference_memo:
@@ -289,13 +289,14 @@ class _Sessions:
     """The run's onnxruntime sessions: each model's is built once and reused.
 
     The original's is built from its file when it was given as one (nothing serialized),
-    the pruned model's from the bytes that will be written. With `keep` (latency is
-    measured at the end) both are kept for it; otherwise the original's is freed once its
-    outputs are measured, so its weights are not held twice while pruning.
+    the pruned model's from the bytes that will be written. The original's is freed once its
+    outputs are measured, so its weights are not held twice while pruning; the verdict builds
+    it again only when it must recompute outputs it did not hold (`validate.HeldOutputs`). The
+    speed measurement times sessions of its own (`_timed`).
     """
 
-    def __init__(self, original: onnx.ModelProto, path: str | None, keep: bool) -> None:
-        self._model, self._path, self._keep = original, path, keep
+    def __init__(self, original: onnx.ModelProto, path: str | None) -> None:
+        self._model, self._path = original, path
         self._original: Any = None
         self._pruned: Any = None
         self._pruned_model: onnx.ModelProto | None = None
@@ -319,9 +320,8 @@ class _Sessions:
         return self._pruned
 
     def done_with_original(self) -> None:
-        """The original's outputs are measured: free its session unless latency needs it again."""
-        if not self._keep:
-            self._original = None
+        """The original's outputs are measured: free its session."""
+        self._original = None
 
     def close(self) -> None:
         self._original = self._pruned = self._pruned_model = self._pruned_bytes = None
@@ -407,7 +407,7 @@ def _reference(
     reference = validate.HeldOutputs(memory.calibration_budget() // REFERENCE_SHARE)
     hits: list[np.ndarray] = []
     done = 0
-    own = sessions if sessions is not None else _Sessions(original, None, keep=False)
+    own = sessions if sessions is not None else _Sessions(original, None)
     for index, feed in enumerate(feeds, start=1):
         outputs = validate.outputs_of(original, [feed], "input model", sess=own.original(), shrink=True)[0]
         if labels is not None:  # checks the labels before the work
@@ -459,7 +459,7 @@ FITTED_SAMPLES = 32
 
 def _verdict(original: onnx.ModelProto, pruned: onnx.ModelProto, m: _Measure, fit: Any, gates: Gates,
              progress: Callable[[int, int], None] | None = None) -> Verdict:
-    sessions = m.sessions if m.sessions is not None else _Sessions(original, None, keep=False)
+    sessions = m.sessions if m.sessions is not None else _Sessions(original, None)
     pruned_session = sessions.pruned(pruned)
     # one batch of each model's outputs at a time: the original's are held (`HeldOutputs`) or recomputed
     acc = validate.AgreementOf(original, pruned)
