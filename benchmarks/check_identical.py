@@ -39,6 +39,9 @@ ZOO = REPO.parent / "shared" / "zoo"
 DEFAULT_MODELS = ("tv_vgg16", "tv_resnet50", "tv_mobilenet_v2", "hf_bert", str(REPO.parent / "shared" / "models" / "fmnist_resnet56.onnx"))
 #: report keys that measure the run, not its result
 VOLATILE = ("seconds", "stage_seconds", "latency", "input_path", "output_path", "version")
+#: verdict gates whose value is a timing (`onnxslim_prune.latency.SPEED_FIGURES`; not imported: the runs import the
+#: package from the revisions they compare, never this process)
+SPEED_FIGURES = ("latency_ratio", "speedup")
 
 
 def model_path(name: str, filled: Path) -> Path:
@@ -69,6 +72,10 @@ def stable_report(path: Path) -> dict[str, Any] | None:
     for key in VOLATILE:
         data.pop(key, None)
     data.get("settings", {}).pop("paths", None)
+    verdict = data.get("verdict") or {}
+    if "gates" in verdict:  # the speed gates' values are timings (their pass / miss is the run's, kept)
+        verdict["gates"] = [{**g, "value": None} if g.get("figure") in SPEED_FIGURES else g
+                            for g in verdict["gates"]]
     return data
 
 
