@@ -329,7 +329,7 @@ class HeldOutputs:
 def shrinking() -> ort.RunOptions:
     """Run options that give onnxruntime's arena back after the run.
 
-    A session kept for later (the original's, for the latency measurement) otherwise holds
+    A session kept for later (the pruned model's across the verdict's batches) otherwise holds
     the arena its largest batch grew: EfficientNet-Lite1 at 240x240 about 11 MB a sample,
     2.9 GB after a batch of 256. The shrink costs the next run its allocations, so timed runs
     never use it.
