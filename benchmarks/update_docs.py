@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from onnxslim_prune.methods import builtin  # noqa: E402,F401  (fills the method registry)
 from onnxslim_prune.methods.base import METHODS, CommonParams, settings_of  # noqa: E402
+from onnxslim_prune.methods.defaults import DATA_DRIVEN_DEFAULTS  # noqa: E402
 from onnxslim_prune.ops import registry  # noqa: E402
 from onnxslim_prune.ops.registry import MAX_OPSET, OpRule  # noqa: E402
 
@@ -90,6 +91,11 @@ def methods_page() -> str:
         "Each method is one `MethodSpec`: its `--help` line (with the paper it follows), whether it needs "
         "calibration data (`--calib`), whether `--dry-run` can show its plan, and its own settings. The settings "
         "every method shares (ratio, budgets, gates, calibration) are in `onnx-prune --help`.",
+        "",
+        "**Without `--method`** a run uses `l1` when it has no calibration data, and with `--calib` the method that "
+        "measured best on the real-model suite ([benchmarks.md](benchmarks.md)) for the model's kind, and says which: "
+        + ", ".join(f"`{name}` for {kind.described}" for kind, name in DATA_DRIVEN_DEFAULTS.items())
+        + " (`onnxslim_prune/methods/defaults.py`).",
         "",
         "| method | what it does | needs `--calib` | dry run shows the plan | `--criterion` |",
         "|---|---|:-:|:-:|---|",

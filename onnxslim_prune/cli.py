@@ -19,6 +19,7 @@ from dataclasses import fields
 from typing import Any
 
 import click
+import onnx
 
 from . import api, ir
 from ._version import __version__
@@ -29,6 +30,7 @@ from .console import ConsoleProgress
 from .atomic import Outputs
 from .errors import GateError, PruneError, UsageError
 from .methods import builtin  # noqa: F401  (fills the method registry)
+from .methods.defaults import DefaultMethod, default_method
 from .methods.base import METHODS, CommonParams, Setting, all_settings
 from .planning import plot as planning_plot
 from .planning import latency_search
@@ -113,8 +115,9 @@ class _OneLineErrors(click.Command):
 @click.version_option(__version__, "--version", prog_name="onnx-prune", message="%(prog)s %(version)s")
 @click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=True))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output path [default: MODEL.pruned.onnx].")
-@click.option("--method", default="l1", show_default=True, type=click.Choice(list(METHODS)), metavar="NAME",
-              help="Pruning method (listed below).")
+@click.option("--method", "method_choice", default=None, type=click.Choice(list(METHODS)), metavar="NAME",
+              help="Pruning method (listed below) [default: l1; with --calib the best measured for the model's kind: "
+                   "obs for transformers, thinet otherwise].")
 @click.option("--ratio", default=0.5, show_default=True, type=float, help="Fraction of each group's channels to remove, in [0, 1).")
 @click.option("--round-to", "round_to_value", default=RoundTo.AUTO.value, show_default=True, type=RoundToParam(),
               help="Keep channel counts at multiples of N (1: no rounding); auto: per group the original's alignment, up to "
@@ -185,7 +188,7 @@ class _OneLineErrors(click.Command):
 def main(
     model: Path | None,
     output: Path | None,
-    method: str,
+    method_choice: str | None,
     ratio: float,
     round_to_value: RoundToValue,
     exclude: tuple[str, ...],
@@ -255,6 +258,8 @@ def main(
         if model is None:
             raise UsageError("give a MODEL path (or --demo)")
         shapes = ir.parse_input_shapes(input_shape)
+        chosen = None if method_choice else _default_method(model, calib)
+        method: str = method_choice or (chosen.name if chosen else "")
         gates = Gates(min_top1_agreement=min_top1_agreement, min_cosine=min_cosine, min_correlation=min_correlation,
                       max_drop=max_drop, min_speedup=min_speedup)
         if min_speedup is not None and not latency:
@@ -293,6 +298,8 @@ def main(
         measuring = show_sensitivity and not searching and not targeted and not by_latency
         _check_mode(method, gates, kwargs["params"], searching or targeted or by_latency, measuring, plot_path)
         check_gates_have_data(gates, calib, eval_data)  # before any work: no random figure can pass a gate
+        if chosen is not None and calib is not None and not quiet:
+            click.echo(f"method: {chosen.name} ({chosen.reason}; --method to choose another)", err=True)
         if measuring:
             _sensitivity_only(model, method, kwargs, search_settings, console, report_path, plot_path, quiet)
             _closed(console)
@@ -392,6 +399,17 @@ def _warn_ignored(why: str, names: tuple[str, ...] | list[str]) -> None:
     flags = _given(names)
     if flags:
         log.warning("%s: %s %s ignored", why, ", ".join(flags), "is" if len(flags) == 1 else "are")
+
+
+def _default_method(model: Path, calib: str | None) -> DefaultMethod:
+    """The method of a run without --method (`methods.defaults`)."""
+    if calib is None:
+        return default_method(onnx.ModelProto(), with_data=False)
+    try:  # a second parse of an embedded-weights file (external data is not read); the run's load is the first
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception:  # noqa: BLE001  (the run's own load gives the clear error)
+        proto = onnx.ModelProto()
+    return default_method(proto, with_data=True)
 
 
 def _check_conflicts(model: Path | None) -> None:
