@@ -138,6 +138,14 @@ class CommonParams:
                                           help="Spatial positions sampled per image for Gram matrices.")
     reconstruct: bool | None = setting(None, BOOL, flag="--reconstruct", switch=True, planning=False,
                                        help="Least-squares refit of consumers [default: on with --calib].")
+    error_correction: bool | None = setting(None, BOOL, flag="--error-correction", switch=True, planning=False,
+                                            help="The refit also fits every linear layer downstream of a cut, in order, "
+                                                 "so later layers correct earlier cuts [default: on].")
+    #: error correction: most linear layers past a consumer that are refitted (None: all downstream; 0: consumers only)
+    correction_horizon: int | None = setting(None, number(0, math.inf, integer=True), planning=False)
+    bias_correction: bool | None = setting(None, BOOL, flag="--bias-correction", switch=True, planning=False,
+                                           help="Layers the refit cannot solve (depthwise, grouped, transposed, 3-D convs) "
+                                                "get their output mean restored through the bias [default: on].")
     #: a per-group allocation ``((group, fraction removed), ...)``, unlisted groups kept whole, in place of
     #: the uniform --ratio (the gated search of `planning.search` sets it; API only)
     group_ratios: tuple[tuple[int, float], ...] | None = setting(None, group_fractions)

@@ -98,6 +98,7 @@ from ..calib.engine import StagedPasses
 from ..calib.memory import FRONTIER_SHARE, calibration_budget
 from ..calib.threads import blas_limited
 from ..errors import ModelError
+from ..graph import edit
 from ..methods.base import CommonParams, Context, Outcome
 from ..ops.registry import Affine, rule_of
 from .plan import Plan
@@ -122,6 +123,12 @@ DEFAULT_ENERGY = CommonParams.energy
 DEFAULT_GRAM_BUDGET = 1 << 30
 #: most bytes of one batch's exposed layer inputs in one selection statistics pass
 DEFAULT_EXPOSED_BUDGET = 128 << 20
+#: refit the linear layers downstream of the consumers too (``--error-correction``; module docstring)
+DEFAULT_ERROR_CORRECTION = False
+#: restore the output mean of layers the refit cannot solve through their bias (``--bias-correction``)
+DEFAULT_BIAS_CORRECTION = True
+#: kinds whose output mean can be restored through a per-channel bias (axis 1) when they are not refitted
+MEAN_KINDS = (Kind.CONV, Kind.DEPTHWISE, Kind.GROUPED, Kind.CONV_TRANSPOSE)
 
 Progress = Callable[[int, int], None]
 FITTED_KINDS = (Kind.CONV, Kind.GEMM, Kind.MATMUL)
@@ -427,9 +434,15 @@ def kept_positions(trace: Trace, plan: Plan, tensor: str) -> np.ndarray | None:
 
 def plan_consumers(trace: Trace, graph: gs.Graph, plan: Plan) -> tuple[list[str], list[str]]:
     """(nodes to refit in graph order, notes on consumers that are not refitted)."""
+    refit, sliced = _consumers(trace, graph, plan)
+    return refit, list(dict.fromkeys(note for _, note in sliced))
+
+
+def _consumers(trace: Trace, graph: gs.Graph, plan: Plan) -> tuple[list[str], list[tuple[str, str]]]:
+    """(consumers to refit in graph order, [(consumer sliced not refitted, why)])."""
     pruned_groups = {g.group for g in plan.groups if g.pruned}
     wanted: set[str] = set()
-    notes: list[str] = []
+    sliced: list[tuple[str, str]] = []
     for group in trace.groups:
         if group.index not in pruned_groups:
             continue
@@ -438,17 +451,112 @@ def plan_consumers(trace: Trace, graph: gs.Graph, plan: Plan) -> tuple[list[str]
             if m.role == Role.IN and kind in FITTED_KINDS:
                 wanted.add(m.node)
             elif m.role in (Role.IN, Role.DEPTHWISE) and kind in (Kind.DEPTHWISE, Kind.GROUPED, Kind.CONV_TRANSPOSE):
-                notes.append(f"reconstruct: {kind} {m.op} {m.node} is sliced, not refitted")
+                sliced.append((m.node, f"reconstruct: {kind} {m.op} {m.node} is sliced, not refitted"))
     nodes = ir.node_by_name(graph)
     order = [n.name for n in graph.nodes if n.name in wanted]
     refit = []
     for name in order:
         node = nodes[name]
         if layer_of(node, trace.node_kind[name]) is None:
-            notes.append(f"reconstruct: {node.op} {name} (not a 1-D/2-D group-1 conv) is sliced, not refitted")
+            sliced.append((name, f"reconstruct: {node.op} {name} (not a 1-D/2-D group-1 conv) is sliced, not refitted"))
         else:
             refit.append(name)
-    return refit, list(dict.fromkeys(notes))
+    return refit, sliced
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What one reconstruction changes, each list in graph order."""
+
+    refit: tuple[str, ...]  # least-squares refits
+    consumers: frozenset[str]  # the refits that read pruned channels (the rest: error correction)
+    mean: tuple[str, ...] = ()  # bias-only: the output mean restored (`MeanShift`)
+    notes: tuple[str, ...] = ()
+
+
+def _shared_weight(node: gs.Node) -> bool:
+    """The weight constant feeds another node too (a tied embedding): a refit would copy it."""
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    return isinstance(weight, gs.Constant) and len(weight.outputs) > 1
+
+
+def _affine_or_none(node: gs.Node, kind: Kind) -> Affine | None:
+    rule = rule_of(node)
+    return None if rule is None else rule.read_affine(node, kind)
+
+
+def _can_shift_mean(node: gs.Node, kind: Kind | None) -> bool:
+    """A Conv-family node with a constant weight: its output channels on axis 1, an optional bias input 2."""
+    if kind not in MEAN_KINDS or ir.input_const(node, 1) is None:
+        return False
+    return not ir.has_input(node, 2) or ir.input_const(node, 2) is not None
+
+
+def downstream_layers(
+    trace: Trace, graph: gs.Graph, plan: Plan, consumers: Sequence[str], horizon: int | None = None
+) -> tuple[list[str], list[str]]:
+    """(linear layers to refit, Conv-family layers to mean-correct) downstream of the pruned channels, graph order.
+
+    A tensor is *changed* when it is computed from a node that reads pruned channels (any
+    member of a pruned group but its sources: consumers, normalisations, elementwise ops);
+    a weighted node whose input is changed is downstream. Its depth is the number of weighted
+    layers from a consumer (0) along the shortest path; `horizon` keeps depths up to it.
+    Consumers themselves are not repeated; layers whose weight is shared (tied) are left alone.
+    """
+    pruned_groups = {g.group for g in plan.groups if g.pruned}
+    seeds = {m.node for g in trace.groups if g.index in pruned_groups for m in g.members if m.role != Role.OUT}
+    fitted = set(consumers)
+    distance: dict[str, int] = {}  # changed tensor -> weighted layers between it and the nearest cut
+    refit: list[str] = []
+    mean: list[str] = []
+    for node in graph.nodes:
+        reach = [distance[t.name] for t in node.inputs if t.name in distance]
+        kind = trace.node_kind.get(node.name)
+        weighted = kind in FITTED_KINDS or kind in MEAN_KINDS
+        depth = min(reach) + 1 if reach and weighted else None  # this layer's own depth past the cuts
+        if node.name in fitted or node.name in seeds:
+            out: int | None = 0  # a cut: what it computes differs from the original's
+        else:
+            out = depth if depth is not None else (min(reach) if reach else None)
+        if out is not None:
+            for t in node.outputs:
+                distance[t.name] = out
+        if node.name in fitted or depth is None or (horizon is not None and depth > horizon):
+            continue
+        if _shared_weight(node):
+            continue
+        assert kind is not None
+        if layer_of(node, kind) is not None and _affine_or_none(node, kind) is not None:
+            refit.append(node.name)
+        elif _can_shift_mean(node, kind):
+            mean.append(node.name)
+    return refit, mean
+
+
+def reconstruction_targets(trace: Trace, graph: gs.Graph, plan: Plan, settings: Settings) -> Targets:
+    """The consumers to refit, with error correction the layers downstream, with bias correction the rest."""
+    refit, sliced = _consumers(trace, graph, plan)
+    consumers = frozenset(refit)
+    nodes = ir.node_by_name(graph)
+    mean: list[str] = []
+    notes: list[str] = []
+    for name, note in sliced:
+        node, kind = nodes.get(name), trace.node_kind.get(name)
+        # a depthwise conv loses no input of an output it keeps: nothing to restore
+        if settings.bias_correction and node is not None and kind != Kind.DEPTHWISE and _can_shift_mean(node, kind):
+            mean.append(name)
+            notes.append(f"reconstruct: {kind} {node.op} {name} is sliced, not refitted; its output mean is restored by its bias")
+        else:
+            notes.append(note)
+    if settings.error_correction:
+        extra, extra_mean = downstream_layers(trace, graph, plan, refit, settings.horizon)
+        refit += extra
+        mean += [n for n in extra_mean if n not in mean] if settings.bias_correction else []
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    return Targets(
+        tuple(sorted(set(refit), key=order.__getitem__)), consumers,
+        tuple(sorted(set(mean), key=order.__getitem__)), tuple(dict.fromkeys(notes)),
+    )
 
 
 # ----------------------------------------------------------------------------- the finish step
@@ -464,10 +572,17 @@ class Settings:
     residual_targets: bool = True
     batch_size: int = 32
     seed: int = 0
+    #: also refit the linear layers downstream of the consumers (`downstream_layers`)
+    error_correction: bool = False
+    #: most linear layers past a consumer that error correction refits (None: all downstream)
+    horizon: int | None = None
+    #: layers that cannot be refitted get their output mean restored through the bias (`MeanShift`)
+    bias_correction: bool = False
 
     @classmethod
     def from_params(cls, params: CommonParams, batch_size: int, seed: int, mode: str = "ls") -> Settings:
         positions = params.calib_positions
+        correction = params.error_correction
         return cls(
             positions=DEFAULT_POSITIONS if positions is None else int(positions),
             ridge=float(params.ridge),
@@ -477,6 +592,9 @@ class Settings:
             residual_targets=bool(params.residual_targets),
             batch_size=batch_size,
             seed=seed,
+            error_correction=DEFAULT_ERROR_CORRECTION if correction is None else bool(correction),
+            horizon=None if params.correction_horizon is None else int(params.correction_horizon),
+            bias_correction=DEFAULT_BIAS_CORRECTION if params.bias_correction is None else bool(params.bias_correction),
         )
 
 
@@ -491,6 +609,13 @@ class _Fit:
     minus: str | None  # pruned tensor subtracted from the target (the Add's other operand)
     intercept: bool
     level: int
+    project: bool = True  # LDRF's projection applies (a consumer; error-correction refits are plain least squares)
+    shift: bool = False  # bias only: the output mean restored (`shift_bias`), no rows are fitted
+
+    @property
+    def reads(self) -> str:
+        """The pruned network's tensor this fit reads: the layer input, or its output for a mean shift."""
+        return self.layer.y if self.shift else self.layer.x
 
 
 class Schedule(str, Enum):
@@ -516,9 +641,13 @@ class Reconstructor:
     progress: Progress | None = None
     notes: tuple[str, ...] = field(default=())
     schedule: Schedule = field(default_factory=lambda: DEFAULT_SCHEDULE)
+    #: the refits that read pruned channels (LDRF's projection applies to them); None: every node in `nodes`
+    consumers: frozenset[str] | None = None
+    #: layers whose output mean is restored through their bias (not refitted)
+    mean: tuple[str, ...] = ()
 
     def __call__(self, pruned: onnx.ModelProto) -> onnx.ModelProto:
-        if not self.nodes:
+        if not self.nodes and not self.mean:
             return pruned
         graph = ir.to_graph(pruned)
         fits = self._schedule(graph)
@@ -530,7 +659,7 @@ class Reconstructor:
         per_level = self.calibration.num_batches(s.batch_size)
         step = progress_steps(self.progress, per_level * len(levels))
         # per level: the pruned network's layer inputs (and residual operands), the original's targets
-        left_names = [list(dict.fromkeys([f.layer.x for f in todo] + [f.minus for f in todo if f.minus])) for todo in by_level]
+        left_names = [list(dict.fromkeys([f.reads for f in todo] + [f.minus for f in todo if f.minus])) for todo in by_level]
         right_names = [list(dict.fromkeys(f.target for f in todo)) for todo in by_level]
         engines: tuple[StagedPasses, StagedPasses] | None = None
         limit = blas_limited()  # sessions stay alive between levels: BLAS must not fight them (calib.threads)
@@ -560,15 +689,18 @@ class Reconstructor:
                 engine.close()
             limit.__exit__(None, None, None)
         out = ir.to_model(graph, like=pruned)
-        log.info("reconstruct: refitted %d layers in %d sequential levels", len(fits), len(levels))
+        shifted = sum(f.shift for f in fits)
+        log.info("reconstruct: refitted %d layers%s in %d sequential levels", len(fits) - shifted,
+                 f" and restored the output mean of {shifted}" if shifted else "", len(levels))
         return out
 
     # -- scheduling -------------------------------------------------------------
 
     def _schedule(self, graph: gs.Graph) -> list[_Fit]:
         nodes = ir.node_by_name(graph)
-        names = [n for n in self.nodes if n in nodes]
+        names = [n for n in (*self.nodes, *self.mean) if n in nodes]
         fit_set = set(names)
+        shifts = set(self.mean)
         # consumer ancestors of every tensor, in the pruned graph
         above: dict[str, frozenset[str]] = {}
         for node in graph.nodes:
@@ -586,6 +718,12 @@ class Reconstructor:
         for name in [n.name for n in graph.nodes if n.name in fit_set]:
             node = nodes[name]
             kind = self.trace.node_kind[name]
+            if name in shifts:
+                x, y = node.inputs[0].name, node.outputs[0].name
+                level[name] = 1 + max((level[d] for d in above.get(x, frozenset()) if d in level), default=-1)
+                fits.append(_Fit(Layer(name, kind, x, y), kept_positions(self.trace, self.plan, y), 1, y, None, True,
+                                 level[name], project=False, shift=True))
+                continue
             layer = layer_of(node, kind)
             if layer is None:
                 continue
@@ -602,7 +740,7 @@ class Reconstructor:
             cmap = self.trace.maps.get(layer.y)
             axis = cmap.axis if cmap is not None else (1 if kind != Kind.MATMUL else -1)
             fits.append(_Fit(layer, kept_positions(self.trace, self.plan, layer.y), axis, target, minus,
-                             affine.b is not None, level[name]))
+                             affine.b is not None, level[name], project=self.consumers is None or name in self.consumers))
         return fits
 
     def _residual(self, node: gs.Node, graph_outputs: set[str]) -> tuple[str, str | None]:
@@ -630,32 +768,77 @@ class Reconstructor:
     ) -> None:
         s = self.settings
         nodes = ir.node_by_name(graph)
-        accs: list[RowBuffer] = []
-        priors: list[np.ndarray] = []  # W0: the layer as plain pruning left it (the ridge's prior)
+        accs: list[RowBuffer | MeanShift] = []
+        priors: list[np.ndarray | None] = []  # W0: the layer as plain pruning left it (the ridge's prior)
         for f in fits:
+            if f.shift:
+                accs.append(MeanShift(f.axis))
+                priors.append(None)
+                continue
             affine = read_affine(nodes[f.layer.node], f.layer.kind)
             priors.append(affine.w)
-            accs.append(RowBuffer(GramAccumulator(affine.w.shape[0], affine.w.shape[1], full_yty=s.mode == "ldrf")))
+            ldrf = s.mode == "ldrf" and f.project
+            accs.append(RowBuffer(GramAccumulator(affine.w.shape[0], affine.w.shape[1], full_yty=ldrf)))
         for batch, (p, o) in enumerate(zip(left, right, strict=True)):
             rng = np.random.default_rng([s.seed, level, batch])
             for f, acc in zip(fits, accs):
-                x = p[f.layer.x]
+                x = p[f.reads]
                 y = o[f.target]
                 if f.out_keep is not None:
                     y = np.take(y, f.out_keep, axis=f.axis)
                 if f.minus is not None:
                     y = y.astype(np.float64) - p[f.minus]
+                if isinstance(acc, MeanShift):
+                    acc.add(y, x)
+                    continue
                 index = f.layer.positions(x.shape, s.positions, rng)
                 acc.add(f.layer.x_rows(x, index), f.layer.y_rows(y, index))
             del p, o, x, y  # this batch's tensors go before the engines compute the next
             step()
-        for f, buffer, prior in zip(fits, accs, priors):
-            gram = buffer.flush()
+        for f, acc, prior in zip(fits, accs, priors):
+            node = nodes[f.layer.node]
+            if isinstance(acc, MeanShift):
+                if acc.count:
+                    shift_bias(node, acc.shift())
+                continue
+            gram = acc.flush()
             if gram.count == 0:
                 continue
-            energy = s.energy if s.mode == "ldrf" else None
+            energy = s.energy if s.mode == "ldrf" and f.project else None
             w, b = fit(gram, f.intercept, s.ridge, energy, prior=prior, per_row=s.ridge_rows)  # rows: gram.count
-            write_affine(graph, nodes[f.layer.node], f.layer.kind, w, b if f.intercept else None)
+            write_affine(graph, node, f.layer.kind, w, b if f.intercept else None)
+
+
+class MeanShift:
+    """Per-channel mean of ``target - output`` over every other axis, streamed (float64 totals)."""
+
+    def __init__(self, axis: int) -> None:
+        self.axis = axis
+        self.total: np.ndarray | None = None
+        self.count = 0
+
+    def add(self, target: np.ndarray, output: np.ndarray) -> None:
+        diff = np.moveaxis(np.asarray(target, dtype=np.float64) - output, self.axis, 0)
+        diff = diff.reshape(diff.shape[0], -1)
+        total = diff.sum(axis=1)
+        self.total = total if self.total is None else self.total + total
+        self.count += diff.shape[1]
+
+    def shift(self) -> np.ndarray:
+        assert self.total is not None
+        return self.total / max(self.count, 1)
+
+
+def shift_bias(node: gs.Node, delta: np.ndarray) -> None:
+    """Add `delta` (one value per output channel) to the bias of a Conv / ConvTranspose, adding a bias if it has none."""
+    weight = ir.input_const(node, 1)
+    assert weight is not None
+    if ir.has_input(node, 2):
+        bias = ir.input_const(node, 2)
+        assert bias is not None
+        edit.set_input_const(node, 2, (bias.astype(np.float64) + delta.reshape(bias.shape)).astype(bias.dtype))
+        return
+    edit.append_input(node, edit.make_constant(f"{node.name}__bias", delta.astype(weight.dtype)), 2)
 
 
 def make_finish(
@@ -665,13 +848,18 @@ def make_finish(
     if ctx.calibration is None:
         raise ModelError("reconstruction needs calibration data")
     settings = settings or Settings.from_params(ctx.params, ctx.options.batch_size, ctx.options.seed, mode)
-    nodes, notes = plan_consumers(ctx.trace, ctx.graph, plan)
+    targets = reconstruction_targets(ctx.trace, ctx.graph, plan, settings)
+    nodes, notes = list(targets.refit), list(targets.notes)
+    if settings.error_correction and len(nodes) > len(targets.consumers):
+        log.info("reconstruct: error correction refits %d layers downstream of the %d consumers",
+                 len(nodes) - len(targets.consumers), len(targets.consumers))
     short = short_of_rows(ctx, plan, nodes, settings)
     note = rows_note(short, len(nodes))
     if note is not None:
         log.warning("%s", note)
         notes.append(note)
-    return Reconstructor(ctx.model, ctx.trace, plan, ctx.calibration, tuple(nodes), settings, ctx.progress, tuple(notes))
+    return Reconstructor(ctx.model, ctx.trace, plan, ctx.calibration, tuple(nodes), settings, ctx.progress, tuple(notes),
+                         consumers=targets.consumers, mean=targets.mean)
 
 
 def planned_rows(layer: Layer, x_shape: Sequence[int], samples: int, batch: int, positions: int | None) -> tuple[int, bool]:
