@@ -66,6 +66,8 @@ def bad_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
     raise UsageError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
+#: what the refit solves (`passes.reconstruct`): least squares, or the bias only (the output mean)
+REFITS = ("ls", "mean")
 #: how residual blocks are ranked (`passes.blocks`)
 BLOCK_CRITERIA = ("output", "norm")
 FRACTION = number(0.0, 1.0, low_open=True)
@@ -141,6 +143,9 @@ class CommonParams:
     error_correction: bool | None = setting(None, BOOL, flag="--error-correction", switch=True, planning=False,
                                             help="The refit also fits every linear layer downstream of a cut, in order, "
                                                  "so later layers correct earlier cuts [default: on].")
+    refit: str = setting("ls", choice(*REFITS), flag="--refit", choices=REFITS, omit="ls", planning=False,
+                         help="What the refit changes: ls, weights and bias by least squares; mean, the bias only, "
+                              "so each refitted layer keeps its output mean (FLAP-style bias compensation).")
     #: error correction: most linear layers past a consumer that are refitted (None: all downstream; 0: consumers only)
     correction_horizon: int | None = setting(None, number(0, math.inf, integer=True), planning=False)
     bias_correction: bool | None = setting(None, BOOL, flag="--bias-correction", switch=True, planning=False,

@@ -72,8 +72,36 @@ plain pruning onto it cost LeNet-300-100 at ratio 0.5 with 16 samples 16 points 
 accuracy (58.6% against 74.8% without refit, at c = 1; this prior: 79.2% at c = 1, 80.3% at
 the default c; benchmarks/bench_ridge.py).
 
-Depthwise and grouped convolutions, ConvTranspose and 3-D convolutions are not refitted
-(they are sliced exactly; a note says so).
+Error correction (``--error-correction``, `downstream_layers`): the layers fitted are not only
+the consumers of pruned channels but every linear layer downstream of a cut (a Conv with
+``group=1``, a Gemm, a MatMul with a constant weight whose input is computed from a node
+reading pruned channels), each refitted the same way, on the pruned network's own inputs
+against the original's outputs (all its output channels, or those its group keeps), level by
+level in topological order. A later layer thus absorbs what the refits before it could not
+undo (a nonlinearity between two cuts, a cut the consumer could not explain), as in the
+sequential layer-wise reconstruction of SparseGPT / SlimGPT / OSSCAR. A layer with nothing
+pruned before it reproduces its own weights (the ridge pulls toward them and the residual is
+zero), so only downstream layers are fitted. ``correction_horizon`` keeps those at most that many
+weighted layers past a consumer (0: the consumers only, the refit without error correction).
+LDRF's projection applies to the consumers only: a downstream layer keeps all its output
+channels, and is fitted by plain least squares. A weight shared with another node (tied
+embeddings) is left alone: a refit would copy it.
+
+Bias correction (``--bias-correction``, `MeanShift`, after FLAP, An et al. 2024, "Fluctuation-based
+Adaptive Structured Pruning for Large Language Models"): a layer the refit cannot solve (a grouped
+conv or a ConvTranspose losing input channels; with error correction also every depthwise,
+grouped, transposed or 3-D conv downstream of a cut) keeps its weights and gets
+``b' = b + mean(Y_original - Y_pruned)`` per output channel, the mean over every calibration sample
+and position, so its output mean on the calibration data is the original's. FLAP adds
+``W_removed E[x_removed]``; that is this shift when nothing before the layer changed, and here the
+shift also carries the error of the layers before it. A depthwise conv that only loses channels
+loses no input of an output it keeps and is left as it is.
+
+The OBS weight update of the kept weights when a channel is removed (``delta W_K = -[S^-1]_KJ
+([S^-1]_JJ)^-1 W_J``) is the refit of a consumer on the original network's inputs: least squares of
+the kept columns against ``X W`` is ``S_KK^-1 S_K. W``, which is ``W_K + delta W_K``. The refit here
+(pruned inputs, original outputs, ridge toward plain pruning) contains it, and the ``obs`` method
+(`passes.contribution`) scores each channel by the error that update leaves.
 """
 
 from __future__ import annotations
@@ -578,6 +606,8 @@ class Settings:
     horizon: int | None = None
     #: layers that cannot be refitted get their output mean restored through the bias (`MeanShift`)
     bias_correction: bool = False
+    #: ``--refit mean``: the bias only (``lam = inf``: plain pruning with the output mean restored)
+    mean_only: bool = False
 
     @classmethod
     def from_params(cls, params: CommonParams, batch_size: int, seed: int, mode: str = "ls") -> Settings:
@@ -595,6 +625,7 @@ class Settings:
             error_correction=DEFAULT_ERROR_CORRECTION if correction is None else bool(correction),
             horizon=None if params.correction_horizon is None else int(params.correction_horizon),
             bias_correction=DEFAULT_BIAS_CORRECTION if params.bias_correction is None else bool(params.bias_correction),
+            mean_only=params.refit == "mean",
         )
 
 
@@ -805,7 +836,8 @@ class Reconstructor:
             if gram.count == 0:
                 continue
             energy = s.energy if s.mode == "ldrf" and f.project else None
-            w, b = fit(gram, f.intercept, s.ridge, energy, prior=prior, per_row=s.ridge_rows)  # rows: gram.count
+            ridge = np.inf if s.mean_only else s.ridge  # an infinite ridge keeps W0 and moves the bias only
+            w, b = fit(gram, f.intercept, ridge, energy, prior=prior, per_row=s.ridge_rows)  # rows: gram.count
             write_affine(graph, node, f.layer.kind, w, b if f.intercept else None)
 
 
