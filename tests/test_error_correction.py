@@ -272,3 +272,46 @@ def test_mean_refit_keeps_the_weights_and_restores_the_output_mean(tmp_path: Pat
     plain_gap = np.abs(run(plain.model, images).mean(axis=0) - reference.mean(axis=0)).max()
     assert gap < 1e-4 * scale, (gap, scale)
     assert plain_gap > 0.01 * scale, (plain_gap, scale)
+
+
+def test_error_correction_through_residual_blocks_takes_the_residual_targets(tmp_path: Path, register) -> None:
+    """Two residual MLP blocks without normalisation, ``h = e + MLP_a(e)``, ``g = h + MLP_b(h)``, ``y = g Wo``; half of
+    MLP_a's hidden neurons cut. The consumer-only refit leaves h off; error correction refits MLP_b and Wo, and
+    MLP_b's second MatMul (bias Add into the residual Add) fits ``g_original - h_pruned``, absorbing h's error.
+    Held-out squared error (measured 2.79 / 1.89 / 1.39): error correction at most 75% of the consumer-only
+    refit's, the residual target at most 90% of error correction without it. The embedding m0 is untouched."""
+    rng = np.random.default_rng(0)
+    d, hidden = 8, 16
+    w = {"w0": rng.standard_normal((d, d)) * 0.5, "b0": rng.standard_normal(d) * 0.2, "wo": rng.standard_normal((d, 5)) * 0.5,
+         "wa": rng.standard_normal((d, 12)) * 0.5, "ba": rng.standard_normal(12) * 0.2,
+         "wb": rng.standard_normal((12, d)) * 0.4, "bb": rng.standard_normal(d) * 0.1,
+         "wc": rng.standard_normal((d, hidden)) * 0.5, "bc": rng.standard_normal(hidden) * 0.2,
+         "wd": rng.standard_normal((hidden, d)) * 0.4, "bd": rng.standard_normal(d) * 0.1}
+
+    def node(op: str, inputs: list[str], output: str, name: str) -> onnx.NodeProto:
+        return helper.make_node(op, inputs, [output], name=name)
+
+    nodes = [node("MatMul", ["x", "w0"], "e0", "m0"), node("Add", ["e0", "b0"], "e", "a0"),
+             node("MatMul", ["e", "wa"], "a", "ma"), node("Add", ["a", "ba"], "a1", "aa"), node("Relu", ["a1"], "ar", "ra"),
+             node("MatMul", ["ar", "wb"], "b", "mb"), node("Add", ["b", "bb"], "b1", "ab"), node("Add", ["b1", "e"], "h", "res1"),
+             node("MatMul", ["h", "wc"], "c", "mc"), node("Add", ["c", "bc"], "c1", "ac"), node("Relu", ["c1"], "cr", "rc"),
+             node("MatMul", ["cr", "wd"], "dd", "md"), node("Add", ["dd", "bd"], "d1", "ad"), node("Add", ["d1", "h"], "g", "res2"),
+             node("MatMul", ["g", "wo"], "y", "mo")]
+    model = make_model(nodes, ("x", ["N", 4, d]), ("y", ["N", 4, 5]), w)
+    x = rng.standard_normal((256, 4, d)).astype(np.float32)
+    held = rng.standard_normal((256, 4, d)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    reference = run(model, held)
+    errors, models = {}, {}
+    for label, params in (("consumers", {"error_correction": False}),
+                          ("no residual", {"error_correction": True, "residual_targets": False}),
+                          ("corrected", {"error_correction": True})):
+        result = prune(model, register("_res", cut("ma", tuple(range(0, 12, 2)))), tmp_path / "c.npz", **params)
+        errors[label] = float(np.mean((run(result.model, held) - reference) ** 2))
+        models[label] = result.model
+    assert errors["corrected"] < 0.75 * errors["consumers"], errors
+    assert errors["corrected"] < 0.9 * errors["no residual"], errors
+    for label, result in models.items():
+        np.testing.assert_array_equal(node_input(result, "m0", 1), w["w0"].astype(np.float32))
+        changed = np.abs(node_input(result, "md", 1) - w["wd"]).max() > 1e-3
+        assert changed == (label != "consumers")
