@@ -85,12 +85,16 @@ zero), so only downstream layers are fitted. ``correction_horizon`` keeps those 
 weighted layers past a consumer (0: the consumers only, the refit without error correction).
 LDRF's projection applies to the consumers only: a downstream layer keeps all its output
 channels, and is fitted by plain least squares. A weight shared with another node (tied
-embeddings) is left alone: a refit would copy it.
+embeddings) is left alone: a refit would copy it. A depthwise conv downstream of a cut (one
+output per input channel) is refitted channel by channel (`ChannelGrams`): output channel ``c``
+from the taps of its own input channel, ``k + 1`` unknowns each, the same ridge toward its
+weights with ``dim = k``. With error correction a MatMul whose bias Add feeds a residual Add takes
+the residual target too (post-LN transformers), as a Conv or Gemm with a bias always does.
 
 Bias correction (``--bias-correction``, `MeanShift`, after FLAP, An et al. 2024, "Fluctuation-based
 Adaptive Structured Pruning for Large Language Models"): a layer the refit cannot solve (a grouped
-conv or a ConvTranspose losing input channels; with error correction also every depthwise,
-grouped, transposed or 3-D conv downstream of a cut) keeps its weights and gets
+conv or a ConvTranspose losing input channels; with error correction also every grouped,
+transposed or 3-D conv downstream of a cut) keeps its weights and gets
 ``b' = b + mean(Y_original - Y_pruned)`` per output channel, the mean over every calibration sample
 and position, so its output mean on the calibration data is the original's. FLAP adds
 ``W_removed E[x_removed]``; that is this shift when nothing before the layer changed, and here the
@@ -182,7 +186,12 @@ class Layer:
     @property
     def taps(self) -> int:
         """Columns per input channel (kernel elements; 1 for Gemm / MatMul)."""
-        return int(np.prod(self.kernel)) if self.kind == Kind.CONV else 1
+        return int(np.prod(self.kernel)) if self.spatial else 1
+
+    @property
+    def spatial(self) -> bool:
+        """Rows are sampled positions of an image (a Conv, plain or depthwise)."""
+        return self.kind in (Kind.CONV, Kind.DEPTHWISE)
 
     def conv_pads(self, spatial: Sequence[int]) -> tuple[int, ...]:
         if self.auto_pad in ("", "NOTSET"):
@@ -199,43 +208,62 @@ class Layer:
 
     def positions(self, x_shape: Sequence[int], count: int | None, rng: np.random.Generator) -> np.ndarray | None:
         """Sampled output positions ``[N, P]`` of a Conv (None: every row, Gemm / MatMul)."""
-        if self.kind != Kind.CONV:
+        if not self.spatial:
             return None
         spatial = tuple(int(d) for d in x_shape[2:])
         out = conv_output_size(spatial, self.kernel, self.strides, self.conv_pads(spatial), self.dilations)
         return sample_positions(int(x_shape[0]), int(np.prod(out)), count, rng)
 
     def x_rows(self, x: np.ndarray, index: np.ndarray | None) -> np.ndarray:
-        if self.kind != Kind.CONV:
+        if not self.spatial:
             return x.reshape(-1, x.shape[-1])
         pads = self.conv_pads(x.shape[2:])
         return conv_patches(x, self.kernel, self.strides, pads, self.dilations, positions=index)
 
     def y_rows(self, y: np.ndarray, index: np.ndarray | None) -> np.ndarray:
-        if self.kind != Kind.CONV:
+        if not self.spatial:
             return y.reshape(-1, y.shape[-1])
         return output_rows(y, index)
 
 
 def layer_of(node: gs.Node, kind: Kind | None) -> Layer | None:
-    """The `Layer` of a traced Conv (group 1, 1-D or 2-D), Gemm or MatMul; None if unsupported."""
+    """The `Layer` of a traced Conv (group 1, 1-D or 2-D), Gemm or MatMul; None if unsupported.
+
+    A depthwise Conv with one output per input channel (`depthwise_layer_of`) is a `Layer` too, for
+    its per-channel refit, but not here: `layer_of` is the dense ``Y = X W + b`` the refit solves.
+    """
     x, y = node.inputs[0], node.outputs[0]
     if kind == Kind.CONV:
         weight = ir.input_const(node, 1)
         if weight is None or weight.ndim not in (3, 4) or int(ir.attr(node, "group", 1)) != 1:
             return None
-        rank = weight.ndim - 2
-        kernel = tuple(int(k) for k in weight.shape[2:])
-        return Layer(
-            node.name, kind, x.name, y.name, kernel,
-            tuple(int(s) for s in ir.attr(node, "strides", [1] * rank)),
-            tuple(int(p) for p in ir.attr(node, "pads", [0] * (2 * rank))),
-            tuple(int(d) for d in ir.attr(node, "dilations", [1] * rank)),
-            str(ir.attr(node, "auto_pad", "NOTSET") or "NOTSET"),
-        )
+        return _conv_layer(node, kind, weight)
     if kind in (Kind.GEMM, Kind.MATMUL):
         return Layer(node.name, kind, x.name, y.name)
     return None
+
+
+def _conv_layer(node: gs.Node, kind: Kind, weight: np.ndarray) -> Layer:
+    rank = weight.ndim - 2
+    return Layer(
+        node.name, kind, node.inputs[0].name, node.outputs[0].name, tuple(int(k) for k in weight.shape[2:]),
+        tuple(int(s) for s in ir.attr(node, "strides", [1] * rank)),
+        tuple(int(p) for p in ir.attr(node, "pads", [0] * (2 * rank))),
+        tuple(int(d) for d in ir.attr(node, "dilations", [1] * rank)),
+        str(ir.attr(node, "auto_pad", "NOTSET") or "NOTSET"),
+    )
+
+
+def depthwise_layer_of(node: gs.Node, kind: Kind | None) -> Layer | None:
+    """The `Layer` of a 1-D / 2-D depthwise Conv with one output per input channel (weight ``[C, 1, k...]``)."""
+    weight = ir.input_const(node, 1)
+    if kind != Kind.DEPTHWISE or weight is None or weight.ndim not in (3, 4) or int(weight.shape[1]) != 1:
+        return None
+    if int(ir.attr(node, "group", 1)) != int(weight.shape[0]):
+        return None
+    if ir.has_input(node, 2) and ir.input_const(node, 2) is None:
+        return None
+    return _conv_layer(node, kind, weight)
 
 
 # ----------------------------------------------------------------------------- weights as matrices
@@ -500,6 +528,7 @@ class Targets:
     consumers: frozenset[str]  # the refits that read pruned channels (the rest: error correction)
     mean: tuple[str, ...] = ()  # bias-only: the output mean restored (`MeanShift`)
     notes: tuple[str, ...] = ()
+    depthwise: tuple[str, ...] = ()  # depthwise convs refitted channel by channel (`ChannelGrams`)
 
 
 def _shared_weight(node: gs.Node) -> bool:
@@ -522,8 +551,9 @@ def _can_shift_mean(node: gs.Node, kind: Kind | None) -> bool:
 
 def downstream_layers(
     trace: Trace, graph: gs.Graph, plan: Plan, consumers: Sequence[str], horizon: int | None = None
-) -> tuple[list[str], list[str]]:
-    """(linear layers to refit, Conv-family layers to mean-correct) downstream of the pruned channels, graph order.
+) -> tuple[list[str], list[str], list[str]]:
+    """(linear layers to refit, depthwise convs to refit per channel, other Conv-family layers to mean-correct)
+    downstream of the pruned channels, each in graph order.
 
     A tensor is *changed* when it is computed from a node that reads pruned channels (any
     member of a pruned group but its sources: consumers, normalisations, elementwise ops);
@@ -536,6 +566,7 @@ def downstream_layers(
     fitted = set(consumers)
     distance: dict[str, int] = {}  # changed tensor -> weighted layers between it and the nearest cut
     refit: list[str] = []
+    depthwise: list[str] = []
     mean: list[str] = []
     for node in graph.nodes:
         reach = [distance[t.name] for t in node.inputs if t.name in distance]
@@ -556,9 +587,11 @@ def downstream_layers(
         assert kind is not None
         if layer_of(node, kind) is not None and _affine_or_none(node, kind) is not None:
             refit.append(node.name)
+        elif depthwise_layer_of(node, kind) is not None:
+            depthwise.append(node.name)
         elif _can_shift_mean(node, kind):
             mean.append(node.name)
-    return refit, mean
+    return refit, depthwise, mean
 
 
 def reconstruction_targets(trace: Trace, graph: gs.Graph, plan: Plan, settings: Settings) -> Targets:
@@ -576,14 +609,16 @@ def reconstruction_targets(trace: Trace, graph: gs.Graph, plan: Plan, settings: 
             notes.append(f"reconstruct: {kind} {node.op} {name} is sliced, not refitted; its output mean is restored by its bias")
         else:
             notes.append(note)
+    depthwise: list[str] = []
     if settings.error_correction:
-        extra, extra_mean = downstream_layers(trace, graph, plan, refit, settings.horizon)
+        extra, depthwise, extra_mean = downstream_layers(trace, graph, plan, refit, settings.horizon)
         refit += extra
         mean += [n for n in extra_mean if n not in mean] if settings.bias_correction else []
     order = {n.name: i for i, n in enumerate(graph.nodes)}
     return Targets(
         tuple(sorted(set(refit), key=order.__getitem__)), consumers,
         tuple(sorted(set(mean), key=order.__getitem__)), tuple(dict.fromkeys(notes)),
+        tuple(sorted(set(depthwise), key=order.__getitem__)),
     )
 
 
@@ -642,6 +677,7 @@ class _Fit:
     level: int
     project: bool = True  # LDRF's projection applies (a consumer; error-correction refits are plain least squares)
     shift: bool = False  # bias only: the output mean restored (`shift_bias`), no rows are fitted
+    depthwise: bool = False  # a depthwise conv refitted channel by channel (`ChannelGrams`)
 
     @property
     def reads(self) -> str:
@@ -676,9 +712,11 @@ class Reconstructor:
     consumers: frozenset[str] | None = None
     #: layers whose output mean is restored through their bias (not refitted)
     mean: tuple[str, ...] = ()
+    #: depthwise convs refitted channel by channel
+    depthwise: tuple[str, ...] = ()
 
     def __call__(self, pruned: onnx.ModelProto) -> onnx.ModelProto:
-        if not self.nodes and not self.mean:
+        if not self.nodes and not self.mean and not self.depthwise:
             return pruned
         graph = ir.to_graph(pruned)
         fits = self._schedule(graph)
@@ -720,18 +758,19 @@ class Reconstructor:
                 engine.close()
             limit.__exit__(None, None, None)
         out = ir.to_model(graph, like=pruned)
-        shifted = sum(f.shift for f in fits)
-        log.info("reconstruct: refitted %d layers%s in %d sequential levels", len(fits) - shifted,
-                 f" and restored the output mean of {shifted}" if shifted else "", len(levels))
+        shifted, channelwise = sum(f.shift for f in fits), sum(f.depthwise for f in fits)
+        log.info("reconstruct: refitted %d layers%s%s in %d sequential levels", len(fits) - shifted - channelwise,
+                 f", {channelwise} depthwise channel by channel" if channelwise else "",
+                 f", restored the output mean of {shifted}" if shifted else "", len(levels))
         return out
 
     # -- scheduling -------------------------------------------------------------
 
     def _schedule(self, graph: gs.Graph) -> list[_Fit]:
         nodes = ir.node_by_name(graph)
-        names = [n for n in (*self.nodes, *self.mean) if n in nodes]
+        names = [n for n in (*self.nodes, *self.mean, *self.depthwise) if n in nodes]
         fit_set = set(names)
-        shifts = set(self.mean)
+        shifts, depthwise = set(self.mean), set(self.depthwise)
         # consumer ancestors of every tensor, in the pruned graph
         above: dict[str, frozenset[str]] = {}
         for node in graph.nodes:
@@ -754,6 +793,14 @@ class Reconstructor:
                 level[name] = 1 + max((level[d] for d in above.get(x, frozenset()) if d in level), default=-1)
                 fits.append(_Fit(Layer(name, kind, x, y), kept_positions(self.trace, self.plan, y), 1, y, None, True,
                                  level[name], project=False, shift=True))
+                continue
+            if name in depthwise:
+                dw = depthwise_layer_of(node, kind)
+                if dw is None:
+                    continue
+                level[name] = 1 + max((level[d] for d in above.get(dw.x, frozenset()) if d in level), default=-1)
+                fits.append(_Fit(dw, kept_positions(self.trace, self.plan, dw.y), 1, dw.y, None, True, level[name],
+                                 project=False, depthwise=True))
                 continue
             layer = layer_of(node, kind)
             if layer is None:
@@ -804,12 +851,19 @@ class Reconstructor:
     ) -> None:
         s = self.settings
         nodes = ir.node_by_name(graph)
-        accs: list[RowBuffer | MeanShift] = []
+        accs: list[RowBuffer | MeanShift | ChannelGrams] = []
         priors: list[np.ndarray | None] = []  # W0: the layer as plain pruning left it (the ridge's prior)
         for f in fits:
             if f.shift:
                 accs.append(MeanShift(f.axis))
                 priors.append(None)
+                continue
+            if f.depthwise:
+                weight = ir.input_const(nodes[f.layer.node], 1)
+                assert weight is not None
+                taps = np.asarray(weight, dtype=np.float64).reshape(weight.shape[0], -1)
+                accs.append(ChannelGrams(taps.shape[0], taps.shape[1]))
+                priors.append(taps)
                 continue
             affine = read_affine(nodes[f.layer.node], f.layer.kind)
             priors.append(affine.w)
@@ -831,19 +885,86 @@ class Reconstructor:
                 acc.add(f.layer.x_rows(x, index), f.layer.y_rows(y, index))
             del p, o, x, y  # this batch's tensors go before the engines compute the next
             step()
-        for f, acc, prior in zip(fits, accs, priors):
+        for f, acc, w0 in zip(fits, accs, priors):
             node = nodes[f.layer.node]
             if isinstance(acc, MeanShift):
                 if acc.count:
                     shift_bias(node, acc.shift())
+                continue
+            if isinstance(acc, ChannelGrams):
+                if acc.count:
+                    assert w0 is not None
+                    ridge = np.inf if s.mean_only else s.ridge
+                    write_depthwise(node, *acc.fit(w0, ridge, s.ridge_rows))
                 continue
             gram = acc.flush()
             if gram.count == 0:
                 continue
             energy = s.energy if s.mode == "ldrf" and f.project else None
             ridge = np.inf if s.mean_only else s.ridge  # an infinite ridge keeps W0 and moves the bias only
-            w, b = fit(gram, f.intercept, ridge, energy, prior=prior, per_row=s.ridge_rows)  # rows: gram.count
+            w, b = fit(gram, f.intercept, ridge, energy, prior=w0, per_row=s.ridge_rows)  # rows: gram.count
             write_affine(graph, node, f.layer.kind, w, b if f.intercept else None)
+
+
+class ChannelGrams:
+    """Per-channel moments of a depthwise layer: output channel ``c`` is fitted from the taps of input channel ``c``.
+
+    Rows are shifted by the first batch's means before their products (float64), as in
+    ``calib.GramAccumulator``, so a small variance under a large mean survives the centring.
+    """
+
+    def __init__(self, channels: int, taps: int) -> None:
+        self.channels, self.taps, self.count = channels, taps, 0
+        self.shift_x = np.zeros((channels, taps))
+        self.shift_y = np.zeros(channels)
+        self.sum_x = np.zeros((channels, taps))
+        self.sum_y = np.zeros(channels)
+        self.xtx = np.zeros((channels, taps, taps))
+        self.xty = np.zeros((channels, taps))
+
+    def add(self, x_rows: np.ndarray, y_rows: np.ndarray) -> None:
+        x = np.asarray(x_rows, dtype=np.float64).reshape(-1, self.channels, self.taps)
+        y = np.asarray(y_rows, dtype=np.float64).reshape(-1, self.channels)
+        if not x.shape[0]:
+            return
+        if self.count == 0:
+            self.shift_x, self.shift_y = x.mean(axis=0), y.mean(axis=0)
+        x, y = x - self.shift_x, y - self.shift_y
+        self.count += x.shape[0]
+        self.sum_x += x.sum(axis=0)
+        self.sum_y += y.sum(axis=0)
+        self.xtx += np.einsum("rck,rcl->ckl", x, x, optimize=True)
+        self.xty += np.einsum("rck,rc->ck", x, y, optimize=True)
+
+    def fit(self, prior: np.ndarray, ridge: float, per_row: float) -> tuple[np.ndarray, np.ndarray]:
+        """``(W [C, taps], b [C])``: per channel, the ridge refit toward `prior` of the module docstring."""
+        n = max(self.count, 1)
+        mx, my = self.sum_x / n, self.sum_y / n
+        sxx = self.xtx / n - np.einsum("ck,cl->ckl", mx, mx)
+        sxy = self.xty / n - mx * my[:, None]
+        alpha = ridge_alpha(ridge, self.taps, self.count, per_row)
+        scale = np.einsum("ckk->c", sxx) / self.taps
+        lam = np.where(scale > 0, alpha * scale, alpha)
+        if not np.isfinite(alpha):
+            w = np.array(prior, dtype=np.float64)
+        else:
+            eye = np.eye(self.taps)[None] * lam[:, None, None]
+            w = np.linalg.solve(sxx + eye, (sxy + lam[:, None] * prior)[..., None])[..., 0]
+        b = (my + self.shift_y) - np.einsum("ck,ck->c", mx + self.shift_x, w)
+        return w, b
+
+
+def write_depthwise(node: gs.Node, w: np.ndarray, b: np.ndarray) -> None:
+    """Store a depthwise refit: weight ``[C, 1, k...]`` from ``W [C, taps]``, and the bias (added if absent)."""
+    weight = ir.input_const(node, 1)
+    assert weight is not None
+    edit.set_input_const(node, 1, w.reshape(weight.shape))
+    if ir.has_input(node, 2):
+        bias = ir.input_const(node, 2)
+        assert bias is not None
+        edit.set_input_const(node, 2, b.reshape(bias.shape))
+    else:
+        edit.append_input(node, edit.make_constant(f"{node.name}__bias", b.astype(weight.dtype)), 2)
 
 
 class MeanShift:
@@ -896,7 +1017,7 @@ def make_finish(
         log.warning("%s", note)
         notes.append(note)
     return Reconstructor(ctx.model, ctx.trace, plan, ctx.calibration, tuple(nodes), settings, ctx.progress, tuple(notes),
-                         consumers=targets.consumers, mean=targets.mean)
+                         consumers=targets.consumers, mean=targets.mean, depthwise=targets.depthwise)
 
 
 def planned_rows(layer: Layer, x_shape: Sequence[int], samples: int, batch: int, positions: int | None) -> tuple[int, bool]:
