@@ -146,8 +146,10 @@ class CommonParams:
     refit: str = setting("ls", choice(*REFITS), flag="--refit", choices=REFITS, omit="ls", planning=False,
                          help="What the refit changes: ls, weights and bias by least squares; mean, the bias only, "
                               "so each refitted layer keeps its output mean (FLAP-style bias compensation).")
-    #: error correction: most linear layers past a consumer that are refitted (None: all downstream; 0: consumers only)
-    correction_horizon: int | None = setting(None, number(0, math.inf, integer=True), planning=False)
+    correction_horizon: int | None = setting(None, number(0, math.inf, integer=True), flag="--correction-horizon",
+                                             planning=False, cli_type=int,
+                                             help="Error correction: refit at most this many layers past a consumer "
+                                                  "[default: every layer downstream].")
     bias_correction: bool | None = setting(None, BOOL, flag="--bias-correction", switch=True, planning=False,
                                            help="Layers the refit cannot solve (depthwise, grouped, transposed, 3-D convs) "
                                                 "get their output mean restored through the bias [default: on].")
