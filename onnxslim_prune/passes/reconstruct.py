@@ -159,6 +159,9 @@ DEFAULT_EXPOSED_BUDGET = 128 << 20
 DEFAULT_ERROR_CORRECTION = False
 #: restore the output mean of layers the refit cannot solve through their bias (``--bias-correction``)
 DEFAULT_BIAS_CORRECTION = True
+#: error correction leaves a downstream layer with more outputs than this alone (a vocabulary projection:
+#: its Gram products cost rows x inputs x outputs, and its targets are the widest tensors of the model)
+MAX_CORRECTION_OUTPUTS = 16384
 #: kinds whose output mean can be restored through a per-channel bias (axis 1) when they are not refitted
 MEAN_KINDS = (Kind.CONV, Kind.DEPTHWISE, Kind.GROUPED, Kind.CONV_TRANSPOSE)
 
@@ -559,7 +562,8 @@ def downstream_layers(
     member of a pruned group but its sources: consumers, normalisations, elementwise ops);
     a weighted node whose input is changed is downstream. Its depth is the number of weighted
     layers from a consumer (0) along the shortest path; `horizon` keeps depths up to it.
-    Consumers themselves are not repeated; layers whose weight is shared (tied) are left alone.
+    Consumers themselves are not repeated; layers whose weight is shared (tied) or with more than
+    `MAX_CORRECTION_OUTPUTS` outputs are left alone.
     """
     pruned_groups = {g.group for g in plan.groups if g.pruned}
     seeds = {m.node for g in trace.groups if g.index in pruned_groups for m in g.members if m.role != Role.OUT}
@@ -585,8 +589,10 @@ def downstream_layers(
         if _shared_weight(node):
             continue
         assert kind is not None
-        if layer_of(node, kind) is not None and _affine_or_none(node, kind) is not None:
-            refit.append(node.name)
+        affine = _affine_or_none(node, kind) if layer_of(node, kind) is not None else None
+        if affine is not None:
+            if affine.w.shape[1] <= MAX_CORRECTION_OUTPUTS:
+                refit.append(node.name)
         elif depthwise_layer_of(node, kind) is not None:
             depthwise.append(node.name)
         elif _can_shift_mean(node, kind):
