@@ -322,3 +322,27 @@ def test_error_correction_through_residual_blocks_takes_the_residual_targets(tmp
         np.testing.assert_array_equal(node_input(result, "m0", 1), w["w0"].astype(np.float32))
         changed = np.abs(node_input(result, "md", 1) - w["wd"]).max() > 1e-3
         assert changed == (label != "consumers")
+
+
+def test_channel_lines_recover_a_per_channel_affine_map_of_a_normalisation() -> None:
+    """A LayerNorm refit: the pruned output ``y' = gamma z + beta`` and a target ``y = a z + b`` per channel give back
+    ``(a, b)`` (plenty of rows: the ridge is negligible); a channel with ``gamma = 0`` keeps its parameters; RMSNorm
+    (no beta) fits the scale through the origin."""
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((4000, 5))
+    gamma, beta = np.array([1.0, 0.5, 0.0, 2.0, -1.0]), np.array([0.1, 0.0, 0.3, -0.2, 0.5])
+    a, b = np.array([1.2, 0.4, 7.0, 1.9, -0.8]), np.array([0.0, 0.2, 9.0, -0.1, 0.4])
+    lines = reconstruct.ChannelLines(gamma, beta)
+    for rows in np.array_split(np.arange(4000), 3):  # streamed in batches
+        lines.add((a * z[rows] + b)[:, None, :], (gamma * z[rows] + beta)[:, None, :])
+    fitted_a, fitted_b = lines.fit(1e-6, reconstruct.DEFAULT_RIDGE_ROWS)
+    assert fitted_b is not None
+    live = gamma != 0
+    np.testing.assert_allclose(fitted_a[live], a[live], rtol=1e-3)
+    np.testing.assert_allclose(fitted_b[live], b[live], atol=1e-3)
+    assert fitted_a[2] == gamma[2] and fitted_b[2] == beta[2]
+    rms = reconstruct.ChannelLines(gamma, None)
+    rms.add(a * z, gamma * z)
+    scale, none = rms.fit(1e-6, reconstruct.DEFAULT_RIDGE_ROWS)
+    assert none is None
+    np.testing.assert_allclose(scale[live], a[live], rtol=1e-3)

@@ -89,7 +89,11 @@ embeddings) is left alone: a refit would copy it. A depthwise conv downstream of
 output per input channel) is refitted channel by channel (`ChannelGrams`): output channel ``c``
 from the taps of its own input channel, ``k + 1`` unknowns each, the same ridge toward its
 weights with ``dim = k``. With error correction a MatMul whose bias Add feeds a residual Add takes
-the residual target too (post-LN transformers), as a Conv or Gemm with a bias always does.
+the residual target too (post-LN transformers), as a Conv or Gemm with a bias always does, and a
+LayerNorm / RMSNorm downstream of a cut gets its scale and bias refitted channel by channel
+(`ChannelLines`: the line from its pruned normalised value to the original's output); the linear
+layers after a norm absorb such a per-channel change anyway, so this matters where a norm's
+output is a graph output (a sentence encoder's last hidden state).
 
 Bias correction (``--bias-correction``, `MeanShift`, after FLAP, An et al. 2024, "Fluctuation-based
 Adaptive Structured Pruning for Large Language Models"): a layer the refit cannot solve (a grouped
@@ -532,6 +536,7 @@ class Targets:
     mean: tuple[str, ...] = ()  # bias-only: the output mean restored (`MeanShift`)
     notes: tuple[str, ...] = ()
     depthwise: tuple[str, ...] = ()  # depthwise convs refitted channel by channel (`ChannelGrams`)
+    norms: tuple[str, ...] = ()  # normalisations refitted channel by channel (`ChannelLines`)
 
 
 def _shared_weight(node: gs.Node) -> bool:
@@ -554,9 +559,9 @@ def _can_shift_mean(node: gs.Node, kind: Kind | None) -> bool:
 
 def downstream_layers(
     trace: Trace, graph: gs.Graph, plan: Plan, consumers: Sequence[str], horizon: int | None = None
-) -> tuple[list[str], list[str], list[str]]:
-    """(linear layers to refit, depthwise convs to refit per channel, other Conv-family layers to mean-correct)
-    downstream of the pruned channels, each in graph order.
+) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(linear layers to refit, depthwise convs to refit per channel, other Conv-family layers to mean-correct,
+    normalisations to refit per channel) downstream of the pruned channels, each in graph order.
 
     A tensor is *changed* when it is computed from a node that reads pruned channels (any
     member of a pruned group but its sources: consumers, normalisations, elementwise ops);
@@ -572,9 +577,12 @@ def downstream_layers(
     refit: list[str] = []
     depthwise: list[str] = []
     mean: list[str] = []
+    norms: list[str] = []
     for node in graph.nodes:
         reach = [distance[t.name] for t in node.inputs if t.name in distance]
         kind = trace.node_kind.get(node.name)
+        if reach and norm_parameters(node, kind) is not None and (horizon is None or min(reach) < horizon):
+            norms.append(node.name)
         weighted = kind in FITTED_KINDS or kind in MEAN_KINDS
         depth = min(reach) + 1 if reach and weighted else None  # this layer's own depth past the cuts
         if node.name in fitted or node.name in seeds:
@@ -597,7 +605,7 @@ def downstream_layers(
             depthwise.append(node.name)
         elif _can_shift_mean(node, kind):
             mean.append(node.name)
-    return refit, depthwise, mean
+    return refit, depthwise, mean, norms
 
 
 def reconstruction_targets(trace: Trace, graph: gs.Graph, plan: Plan, settings: Settings) -> Targets:
@@ -616,15 +624,16 @@ def reconstruction_targets(trace: Trace, graph: gs.Graph, plan: Plan, settings: 
         else:
             notes.append(note)
     depthwise: list[str] = []
+    norms: list[str] = []
     if settings.error_correction:
-        extra, depthwise, extra_mean = downstream_layers(trace, graph, plan, refit, settings.horizon)
+        extra, depthwise, extra_mean, norms = downstream_layers(trace, graph, plan, refit, settings.horizon)
         refit += extra
         mean += [n for n in extra_mean if n not in mean] if settings.bias_correction else []
     order = {n.name: i for i, n in enumerate(graph.nodes)}
     return Targets(
         tuple(sorted(set(refit), key=order.__getitem__)), consumers,
         tuple(sorted(set(mean), key=order.__getitem__)), tuple(dict.fromkeys(notes)),
-        tuple(sorted(set(depthwise), key=order.__getitem__)),
+        tuple(sorted(set(depthwise), key=order.__getitem__)), tuple(sorted(set(norms), key=order.__getitem__)),
     )
 
 
@@ -684,11 +693,12 @@ class _Fit:
     project: bool = True  # LDRF's projection applies (a consumer; error-correction refits are plain least squares)
     shift: bool = False  # bias only: the output mean restored (`shift_bias`), no rows are fitted
     depthwise: bool = False  # a depthwise conv refitted channel by channel (`ChannelGrams`)
+    norm: bool = False  # a normalisation's scale and bias refitted channel by channel (`ChannelLines`)
 
     @property
     def reads(self) -> str:
-        """The pruned network's tensor this fit reads: the layer input, or its output for a mean shift."""
-        return self.layer.y if self.shift else self.layer.x
+        """The pruned network's tensor this fit reads: the layer input, or its output (mean shift, normalisation)."""
+        return self.layer.y if self.shift or self.norm else self.layer.x
 
 
 class Schedule(str, Enum):
@@ -720,9 +730,11 @@ class Reconstructor:
     mean: tuple[str, ...] = ()
     #: depthwise convs refitted channel by channel
     depthwise: tuple[str, ...] = ()
+    #: normalisations whose scale and bias are refitted channel by channel
+    norms: tuple[str, ...] = ()
 
     def __call__(self, pruned: onnx.ModelProto) -> onnx.ModelProto:
-        if not self.nodes and not self.mean and not self.depthwise:
+        if not self.nodes and not self.mean and not self.depthwise and not self.norms:
             return pruned
         graph = ir.to_graph(pruned)
         fits = self._schedule(graph)
@@ -764,9 +776,10 @@ class Reconstructor:
                 engine.close()
             limit.__exit__(None, None, None)
         out = ir.to_model(graph, like=pruned)
-        shifted, channelwise = sum(f.shift for f in fits), sum(f.depthwise for f in fits)
-        log.info("reconstruct: refitted %d layers%s%s in %d sequential levels", len(fits) - shifted - channelwise,
+        shifted, channelwise, norms = sum(f.shift for f in fits), sum(f.depthwise for f in fits), sum(f.norm for f in fits)
+        log.info("reconstruct: refitted %d layers%s%s%s in %d sequential levels", len(fits) - shifted - channelwise - norms,
                  f", {channelwise} depthwise channel by channel" if channelwise else "",
+                 f", {norms} normalisations" if norms else "",
                  f", restored the output mean of {shifted}" if shifted else "", len(levels))
         return out
 
@@ -774,9 +787,9 @@ class Reconstructor:
 
     def _schedule(self, graph: gs.Graph) -> list[_Fit]:
         nodes = ir.node_by_name(graph)
-        names = [n for n in (*self.nodes, *self.mean, *self.depthwise) if n in nodes]
+        names = [n for n in (*self.nodes, *self.mean, *self.depthwise, *self.norms) if n in nodes]
         fit_set = set(names)
-        shifts, depthwise = set(self.mean), set(self.depthwise)
+        shifts, depthwise, norms = set(self.mean), set(self.depthwise), set(self.norms)
         # consumer ancestors of every tensor, in the pruned graph
         above: dict[str, frozenset[str]] = {}
         for node in graph.nodes:
@@ -799,6 +812,12 @@ class Reconstructor:
                 level[name] = 1 + max((level[d] for d in above.get(x, frozenset()) if d in level), default=-1)
                 fits.append(_Fit(Layer(name, kind, x, y), kept_positions(self.trace, self.plan, y), 1, y, None, True,
                                  level[name], project=False, shift=True))
+                continue
+            if name in norms:
+                x, y = node.inputs[0].name, node.outputs[0].name
+                level[name] = 1 + max((level[d] for d in above.get(x, frozenset()) if d in level), default=-1)
+                fits.append(_Fit(Layer(name, kind, x, y), kept_positions(self.trace, self.plan, y), -1, y, None, True,
+                                 level[name], project=False, norm=True))
                 continue
             if name in depthwise:
                 dw = depthwise_layer_of(node, kind)
@@ -857,11 +876,17 @@ class Reconstructor:
     ) -> None:
         s = self.settings
         nodes = ir.node_by_name(graph)
-        accs: list[RowBuffer | MeanShift | ChannelGrams] = []
+        accs: list[RowBuffer | MeanShift | ChannelGrams | ChannelLines] = []
         priors: list[np.ndarray | None] = []  # W0: the layer as plain pruning left it (the ridge's prior)
         for f in fits:
             if f.shift:
                 accs.append(MeanShift(f.axis))
+                priors.append(None)
+                continue
+            if f.norm:
+                params = norm_parameters(nodes[f.layer.node], f.layer.kind)
+                assert params is not None
+                accs.append(ChannelLines(*params))
                 priors.append(None)
                 continue
             if f.depthwise:
@@ -884,7 +909,7 @@ class Reconstructor:
                     y = np.take(y, f.out_keep, axis=f.axis)
                 if f.minus is not None:
                     y = y.astype(np.float64) - p[f.minus]
-                if isinstance(acc, MeanShift):
+                if isinstance(acc, (MeanShift, ChannelLines)):
                     acc.add(y, x)
                     continue
                 index = f.layer.positions(x.shape, s.positions, rng)
@@ -896,6 +921,10 @@ class Reconstructor:
             if isinstance(acc, MeanShift):
                 if acc.count:
                     shift_bias(node, acc.shift())
+                continue
+            if isinstance(acc, ChannelLines):
+                if acc.count:
+                    write_norm(node, *acc.fit(np.inf if s.mean_only else s.ridge, s.ridge_rows))
                 continue
             if isinstance(acc, ChannelGrams):
                 if acc.count:
@@ -973,6 +1002,82 @@ def write_depthwise(node: gs.Node, w: np.ndarray, b: np.ndarray) -> None:
         edit.append_input(node, edit.make_constant(f"{node.name}__bias", b.astype(weight.dtype)), 2)
 
 
+class ChannelLines:
+    """Per channel of a normalisation's output, the line from the pruned normalised value to the original output.
+
+    The pruned output is ``y'_c = gamma_c z'_c + beta_c``; ``z'_c`` is recovered from it (channels with
+    ``gamma_c = 0`` keep their parameters) and ``y_c ~ a_c z'_c + b_c`` is fitted by least squares with
+    the refit's ridge toward ``(gamma_c, beta_c)`` (``dim = 1``). Without an intercept (RMSNorm) the
+    line goes through the origin and only the scale is fitted.
+    """
+
+    def __init__(self, gamma: np.ndarray, beta: np.ndarray | None) -> None:
+        self.gamma, self.beta = np.asarray(gamma, dtype=np.float64), None if beta is None else np.asarray(beta, dtype=np.float64)
+        self.live = np.abs(self.gamma) > 1e-12
+        size = self.gamma.size
+        self.count = 0
+        self.sz, self.sy, self.szz, self.szy = np.zeros(size), np.zeros(size), np.zeros(size), np.zeros(size)
+
+    def add(self, target: np.ndarray, output: np.ndarray) -> None:
+        size = self.gamma.size
+        y = np.asarray(target, dtype=np.float64).reshape(-1, size)
+        z = np.asarray(output, dtype=np.float64).reshape(-1, size) - (0.0 if self.beta is None else self.beta)
+        z = np.divide(z, self.gamma, out=np.zeros_like(z), where=self.live)
+        self.count += y.shape[0]
+        self.sz += z.sum(axis=0)
+        self.sy += y.sum(axis=0)
+        self.szz += np.einsum("rc,rc->c", z, z)
+        self.szy += np.einsum("rc,rc->c", z, y)
+
+    def fit(self, ridge: float, per_row: float) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(gamma', beta')`` (beta' None without an intercept)."""
+        n = max(self.count, 1)
+        intercept = self.beta is not None
+        mz, my = (self.sz / n, self.sy / n) if intercept else (np.zeros_like(self.sz), np.zeros_like(self.sy))
+        var = self.szz / n - mz * mz
+        cov = self.szy / n - mz * my
+        alpha = ridge_alpha(ridge, 1, self.count, per_row)
+        if not np.isfinite(alpha):
+            a = self.gamma.copy()
+        else:
+            lam = np.where(var > 0, alpha * var, alpha)
+            a = (cov + lam * self.gamma) / (var + lam)
+        a = np.where(self.live, a, self.gamma)
+        if not intercept:
+            return a, None
+        assert self.beta is not None
+        return a, np.where(self.live, my - a * mz, self.beta)
+
+
+def norm_parameters(node: gs.Node, kind: Kind | None) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """``(gamma, beta)`` of a normalisation over the last axis with per-channel constants (beta None: RMSNorm),
+    or None when it cannot be refitted channel by channel."""
+    if kind != Kind.LAYER_NORM or int(ir.attr(node, "axis", -1)) != -1:
+        return None
+    gamma = ir.input_const(node, 1) if ir.has_input(node, 1) else None
+    if gamma is None or gamma.ndim != 1 or gamma.size < 2:
+        return None
+    if node.op != "LayerNormalization":
+        return (gamma, None) if not ir.has_input(node, 2) else None
+    beta = ir.input_const(node, 2) if ir.has_input(node, 2) else np.zeros(gamma.shape, dtype=gamma.dtype)
+    if beta is None or beta.shape != gamma.shape:
+        return None
+    return gamma, beta
+
+
+def write_norm(node: gs.Node, gamma: np.ndarray, beta: np.ndarray | None) -> None:
+    """Store a normalisation's refitted scale and bias (a LayerNormalization without a bias gains one)."""
+    old = ir.input_const(node, 1)
+    assert old is not None
+    edit.set_input_const(node, 1, gamma.reshape(old.shape))
+    if beta is None:
+        return
+    if ir.has_input(node, 2):
+        edit.set_input_const(node, 2, beta.reshape(old.shape))
+    else:
+        edit.append_input(node, edit.make_constant(f"{node.name}__bias", beta.astype(old.dtype).reshape(old.shape)), 2)
+
+
 class MeanShift:
     """Per-channel mean of ``target - output`` over every other axis, streamed (float64 totals)."""
 
@@ -1023,7 +1128,7 @@ def make_finish(
         log.warning("%s", note)
         notes.append(note)
     return Reconstructor(ctx.model, ctx.trace, plan, ctx.calibration, tuple(nodes), settings, ctx.progress, tuple(notes),
-                         consumers=targets.consumers, mean=targets.mean, depthwise=targets.depthwise)
+                         consumers=targets.consumers, mean=targets.mean, depthwise=targets.depthwise, norms=targets.norms)
 
 
 def planned_rows(layer: Layer, x_shape: Sequence[int], samples: int, batch: int, positions: int | None) -> tuple[int, bool]:
