@@ -160,7 +160,7 @@ DEFAULT_GRAM_BUDGET = 1 << 30
 #: most bytes of one batch's exposed layer inputs in one selection statistics pass
 DEFAULT_EXPOSED_BUDGET = 128 << 20
 #: refit the linear layers downstream of the consumers too (``--error-correction``; module docstring)
-DEFAULT_ERROR_CORRECTION = False
+DEFAULT_ERROR_CORRECTION = True
 #: restore the output mean of layers the refit cannot solve through their bias (``--bias-correction``)
 DEFAULT_BIAS_CORRECTION = True
 #: error correction leaves a downstream layer with more outputs than this alone (a vocabulary projection:
