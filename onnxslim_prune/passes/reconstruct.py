@@ -834,7 +834,7 @@ class Reconstructor:
             target, minus = layer.y, None
             if kind == Kind.MATMUL and affine.bias_at is not None:
                 target = nodes[affine.bias_at[0]].outputs[0].name  # the bias Add: the target includes the bias
-                if self.settings.error_correction and self.settings.residual_targets:
+                if self.settings.error_correction and self.settings.horizon != 0 and self.settings.residual_targets:
                     # the bias Add feeds a residual Add: the branch also absorbs the error of the stream
                     through, other = self._residual(nodes[affine.bias_at[0]], outputs)
                     if other is not None:
