@@ -66,6 +66,8 @@ def bad_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
     raise UsageError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
+#: what the refit solves (`passes.reconstruct`): least squares, or the bias only (the output mean)
+REFITS = ("ls", "mean")
 #: how residual blocks are ranked (`passes.blocks`)
 BLOCK_CRITERIA = ("output", "norm")
 FRACTION = number(0.0, 1.0, low_open=True)
@@ -138,6 +140,19 @@ class CommonParams:
                                           help="Spatial positions sampled per image for Gram matrices.")
     reconstruct: bool | None = setting(None, BOOL, flag="--reconstruct", switch=True, planning=False,
                                        help="Least-squares refit of consumers [default: on with --calib].")
+    error_correction: bool | None = setting(None, BOOL, flag="--error-correction", switch=True, planning=False,
+                                            help="The refit also fits every linear layer downstream of a cut, in order, "
+                                                 "so later layers correct earlier cuts [default: on].")
+    refit: str = setting("ls", choice(*REFITS), flag="--refit", choices=REFITS, omit="ls", planning=False,
+                         help="What the refit changes: ls, weights and bias by least squares; mean, the bias only, "
+                              "so each refitted layer keeps its output mean (FLAP-style bias compensation).")
+    correction_horizon: int | None = setting(None, number(0, math.inf, integer=True), flag="--correction-horizon",
+                                             planning=False, cli_type=int,
+                                             help="Error correction: refit at most this many layers past a consumer "
+                                                  "[default: every layer downstream].")
+    bias_correction: bool | None = setting(None, BOOL, flag="--bias-correction", switch=True, planning=False,
+                                           help="Layers the refit cannot solve (depthwise, grouped, transposed, 3-D convs) "
+                                                "get their output mean restored through the bias [default: on].")
     #: a per-group allocation ``((group, fraction removed), ...)``, unlisted groups kept whole, in place of
     #: the uniform --ratio (the gated search of `planning.search` sets it; API only)
     group_ratios: tuple[tuple[int, float], ...] | None = setting(None, group_fractions)

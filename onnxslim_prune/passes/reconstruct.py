@@ -72,8 +72,44 @@ plain pruning onto it cost LeNet-300-100 at ratio 0.5 with 16 samples 16 points 
 accuracy (58.6% against 74.8% without refit, at c = 1; this prior: 79.2% at c = 1, 80.3% at
 the default c; benchmarks/bench_ridge.py).
 
-Depthwise and grouped convolutions, ConvTranspose and 3-D convolutions are not refitted
-(they are sliced exactly; a note says so).
+Error correction (``--error-correction``, `downstream_layers`): the layers fitted are not only
+the consumers of pruned channels but every linear layer downstream of a cut (a Conv with
+``group=1``, a Gemm, a MatMul with a constant weight whose input is computed from a node
+reading pruned channels), each refitted the same way, on the pruned network's own inputs
+against the original's outputs (all its output channels, or those its group keeps), level by
+level in topological order. A later layer thus absorbs what the refits before it could not
+undo (a nonlinearity between two cuts, a cut the consumer could not explain), as in the
+sequential layer-wise reconstruction of SparseGPT / SlimGPT / OSSCAR. A layer with nothing
+pruned before it reproduces its own weights (the ridge pulls toward them and the residual is
+zero), so only downstream layers are fitted. ``correction_horizon`` keeps those at most that many
+weighted layers past a consumer (0: the consumers only, the refit without error correction).
+LDRF's projection applies to the consumers only: a downstream layer keeps all its output
+channels, and is fitted by plain least squares. A weight shared with another node (tied
+embeddings) is left alone: a refit would copy it. A depthwise conv downstream of a cut (one
+output per input channel) is refitted channel by channel (`ChannelGrams`): output channel ``c``
+from the taps of its own input channel, ``k + 1`` unknowns each, the same ridge toward its
+weights with ``dim = k``. With error correction a MatMul whose bias Add feeds a residual Add takes
+the residual target too (post-LN transformers), as a Conv or Gemm with a bias always does, and a
+LayerNorm / RMSNorm downstream of a cut gets its scale and bias refitted channel by channel
+(`ChannelLines`: the line from its pruned normalised value to the original's output); the linear
+layers after a norm absorb such a per-channel change anyway, so this matters where a norm's
+output is a graph output (a sentence encoder's last hidden state).
+
+Bias correction (``--bias-correction``, `MeanShift`, after FLAP, An et al. 2024, "Fluctuation-based
+Adaptive Structured Pruning for Large Language Models"): a layer the refit cannot solve (a grouped
+conv or a ConvTranspose losing input channels; with error correction also every grouped,
+transposed or 3-D conv downstream of a cut) keeps its weights and gets
+``b' = b + mean(Y_original - Y_pruned)`` per output channel, the mean over every calibration sample
+and position, so its output mean on the calibration data is the original's. FLAP adds
+``W_removed E[x_removed]``; that is this shift when nothing before the layer changed, and here the
+shift also carries the error of the layers before it. A depthwise conv that only loses channels
+loses no input of an output it keeps and is left as it is.
+
+The OBS weight update of the kept weights when a channel is removed (``delta W_K = -[S^-1]_KJ
+([S^-1]_JJ)^-1 W_J``) is the refit of a consumer on the original network's inputs: least squares of
+the kept columns against ``X W`` is ``S_KK^-1 S_K. W``, which is ``W_K + delta W_K``. The refit here
+(pruned inputs, original outputs, ridge toward plain pruning) contains it, and the ``obs`` method
+(`passes.contribution`) scores each channel by the error that update leaves.
 """
 
 from __future__ import annotations
@@ -98,6 +134,7 @@ from ..calib.engine import StagedPasses
 from ..calib.memory import FRONTIER_SHARE, calibration_budget
 from ..calib.threads import blas_limited
 from ..errors import ModelError
+from ..graph import edit
 from ..methods.base import CommonParams, Context, Outcome
 from ..ops.registry import Affine, rule_of
 from .plan import Plan
@@ -122,6 +159,15 @@ DEFAULT_ENERGY = CommonParams.energy
 DEFAULT_GRAM_BUDGET = 1 << 30
 #: most bytes of one batch's exposed layer inputs in one selection statistics pass
 DEFAULT_EXPOSED_BUDGET = 128 << 20
+#: refit the linear layers downstream of the consumers too (``--error-correction``; module docstring)
+DEFAULT_ERROR_CORRECTION = True
+#: restore the output mean of layers the refit cannot solve through their bias (``--bias-correction``)
+DEFAULT_BIAS_CORRECTION = True
+#: error correction leaves a downstream layer with more outputs than this alone (a vocabulary projection:
+#: its Gram products cost rows x inputs x outputs, and its targets are the widest tensors of the model)
+MAX_CORRECTION_OUTPUTS = 16384
+#: kinds whose output mean can be restored through a per-channel bias (axis 1) when they are not refitted
+MEAN_KINDS = (Kind.CONV, Kind.DEPTHWISE, Kind.GROUPED, Kind.CONV_TRANSPOSE)
 
 Progress = Callable[[int, int], None]
 FITTED_KINDS = (Kind.CONV, Kind.GEMM, Kind.MATMUL)
@@ -147,7 +193,12 @@ class Layer:
     @property
     def taps(self) -> int:
         """Columns per input channel (kernel elements; 1 for Gemm / MatMul)."""
-        return int(np.prod(self.kernel)) if self.kind == Kind.CONV else 1
+        return int(np.prod(self.kernel)) if self.spatial else 1
+
+    @property
+    def spatial(self) -> bool:
+        """Rows are sampled positions of an image (a Conv, plain or depthwise)."""
+        return self.kind in (Kind.CONV, Kind.DEPTHWISE)
 
     def conv_pads(self, spatial: Sequence[int]) -> tuple[int, ...]:
         if self.auto_pad in ("", "NOTSET"):
@@ -164,43 +215,62 @@ class Layer:
 
     def positions(self, x_shape: Sequence[int], count: int | None, rng: np.random.Generator) -> np.ndarray | None:
         """Sampled output positions ``[N, P]`` of a Conv (None: every row, Gemm / MatMul)."""
-        if self.kind != Kind.CONV:
+        if not self.spatial:
             return None
         spatial = tuple(int(d) for d in x_shape[2:])
         out = conv_output_size(spatial, self.kernel, self.strides, self.conv_pads(spatial), self.dilations)
         return sample_positions(int(x_shape[0]), int(np.prod(out)), count, rng)
 
     def x_rows(self, x: np.ndarray, index: np.ndarray | None) -> np.ndarray:
-        if self.kind != Kind.CONV:
+        if not self.spatial:
             return x.reshape(-1, x.shape[-1])
         pads = self.conv_pads(x.shape[2:])
         return conv_patches(x, self.kernel, self.strides, pads, self.dilations, positions=index)
 
     def y_rows(self, y: np.ndarray, index: np.ndarray | None) -> np.ndarray:
-        if self.kind != Kind.CONV:
+        if not self.spatial:
             return y.reshape(-1, y.shape[-1])
         return output_rows(y, index)
 
 
 def layer_of(node: gs.Node, kind: Kind | None) -> Layer | None:
-    """The `Layer` of a traced Conv (group 1, 1-D or 2-D), Gemm or MatMul; None if unsupported."""
+    """The `Layer` of a traced Conv (group 1, 1-D or 2-D), Gemm or MatMul; None if unsupported.
+
+    A depthwise Conv with one output per input channel (`depthwise_layer_of`) is a `Layer` too, for
+    its per-channel refit, but not here: `layer_of` is the dense ``Y = X W + b`` the refit solves.
+    """
     x, y = node.inputs[0], node.outputs[0]
     if kind == Kind.CONV:
         weight = ir.input_const(node, 1)
         if weight is None or weight.ndim not in (3, 4) or int(ir.attr(node, "group", 1)) != 1:
             return None
-        rank = weight.ndim - 2
-        kernel = tuple(int(k) for k in weight.shape[2:])
-        return Layer(
-            node.name, kind, x.name, y.name, kernel,
-            tuple(int(s) for s in ir.attr(node, "strides", [1] * rank)),
-            tuple(int(p) for p in ir.attr(node, "pads", [0] * (2 * rank))),
-            tuple(int(d) for d in ir.attr(node, "dilations", [1] * rank)),
-            str(ir.attr(node, "auto_pad", "NOTSET") or "NOTSET"),
-        )
+        return _conv_layer(node, kind, weight)
     if kind in (Kind.GEMM, Kind.MATMUL):
         return Layer(node.name, kind, x.name, y.name)
     return None
+
+
+def _conv_layer(node: gs.Node, kind: Kind, weight: np.ndarray) -> Layer:
+    rank = weight.ndim - 2
+    return Layer(
+        node.name, kind, node.inputs[0].name, node.outputs[0].name, tuple(int(k) for k in weight.shape[2:]),
+        tuple(int(s) for s in ir.attr(node, "strides", [1] * rank)),
+        tuple(int(p) for p in ir.attr(node, "pads", [0] * (2 * rank))),
+        tuple(int(d) for d in ir.attr(node, "dilations", [1] * rank)),
+        str(ir.attr(node, "auto_pad", "NOTSET") or "NOTSET"),
+    )
+
+
+def depthwise_layer_of(node: gs.Node, kind: Kind | None) -> Layer | None:
+    """The `Layer` of a 1-D / 2-D depthwise Conv with one output per input channel (weight ``[C, 1, k...]``)."""
+    weight = ir.input_const(node, 1)
+    if kind != Kind.DEPTHWISE or weight is None or weight.ndim not in (3, 4) or int(weight.shape[1]) != 1:
+        return None
+    if int(ir.attr(node, "group", 1)) != int(weight.shape[0]):
+        return None
+    if ir.has_input(node, 2) and ir.input_const(node, 2) is None:
+        return None
+    return _conv_layer(node, kind, weight)
 
 
 # ----------------------------------------------------------------------------- weights as matrices
@@ -427,9 +497,15 @@ def kept_positions(trace: Trace, plan: Plan, tensor: str) -> np.ndarray | None:
 
 def plan_consumers(trace: Trace, graph: gs.Graph, plan: Plan) -> tuple[list[str], list[str]]:
     """(nodes to refit in graph order, notes on consumers that are not refitted)."""
+    refit, sliced = _consumers(trace, graph, plan)
+    return refit, list(dict.fromkeys(note for _, note in sliced))
+
+
+def _consumers(trace: Trace, graph: gs.Graph, plan: Plan) -> tuple[list[str], list[tuple[str, str]]]:
+    """(consumers to refit in graph order, [(consumer sliced not refitted, why)])."""
     pruned_groups = {g.group for g in plan.groups if g.pruned}
     wanted: set[str] = set()
-    notes: list[str] = []
+    sliced: list[tuple[str, str]] = []
     for group in trace.groups:
         if group.index not in pruned_groups:
             continue
@@ -438,17 +514,127 @@ def plan_consumers(trace: Trace, graph: gs.Graph, plan: Plan) -> tuple[list[str]
             if m.role == Role.IN and kind in FITTED_KINDS:
                 wanted.add(m.node)
             elif m.role in (Role.IN, Role.DEPTHWISE) and kind in (Kind.DEPTHWISE, Kind.GROUPED, Kind.CONV_TRANSPOSE):
-                notes.append(f"reconstruct: {kind} {m.op} {m.node} is sliced, not refitted")
+                sliced.append((m.node, f"reconstruct: {kind} {m.op} {m.node} is sliced, not refitted"))
     nodes = ir.node_by_name(graph)
     order = [n.name for n in graph.nodes if n.name in wanted]
     refit = []
     for name in order:
         node = nodes[name]
         if layer_of(node, trace.node_kind[name]) is None:
-            notes.append(f"reconstruct: {node.op} {name} (not a 1-D/2-D group-1 conv) is sliced, not refitted")
+            sliced.append((name, f"reconstruct: {node.op} {name} (not a 1-D/2-D group-1 conv) is sliced, not refitted"))
         else:
             refit.append(name)
-    return refit, list(dict.fromkeys(notes))
+    return refit, sliced
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What one reconstruction changes, each list in graph order."""
+
+    refit: tuple[str, ...]  # least-squares refits
+    consumers: frozenset[str]  # the refits that read pruned channels (the rest: error correction)
+    mean: tuple[str, ...] = ()  # bias-only: the output mean restored (`MeanShift`)
+    notes: tuple[str, ...] = ()
+    depthwise: tuple[str, ...] = ()  # depthwise convs refitted channel by channel (`ChannelGrams`)
+    norms: tuple[str, ...] = ()  # normalisations refitted channel by channel (`ChannelLines`)
+
+
+def _shared_weight(node: gs.Node) -> bool:
+    """The weight constant feeds another node too (a tied embedding): a refit would copy it."""
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    return isinstance(weight, gs.Constant) and len(weight.outputs) > 1
+
+
+def _affine_or_none(node: gs.Node, kind: Kind) -> Affine | None:
+    rule = rule_of(node)
+    return None if rule is None else rule.read_affine(node, kind)
+
+
+def _can_shift_mean(node: gs.Node, kind: Kind | None) -> bool:
+    """A Conv-family node with a constant weight: its output channels on axis 1, an optional bias input 2."""
+    if kind not in MEAN_KINDS or ir.input_const(node, 1) is None:
+        return False
+    return not ir.has_input(node, 2) or ir.input_const(node, 2) is not None
+
+
+def downstream_layers(
+    trace: Trace, graph: gs.Graph, plan: Plan, consumers: Sequence[str], horizon: int | None = None
+) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(linear layers to refit, depthwise convs to refit per channel, other Conv-family layers to mean-correct,
+    normalisations to refit per channel) downstream of the pruned channels, each in graph order.
+
+    A tensor is *changed* when it is computed from a node that reads pruned channels (any
+    member of a pruned group but its sources: consumers, normalisations, elementwise ops);
+    a weighted node whose input is changed is downstream. Its depth is the number of weighted
+    layers from a consumer (0) along the shortest path; `horizon` keeps depths up to it.
+    Consumers themselves are not repeated; layers whose weight is shared (tied) or with more than
+    `MAX_CORRECTION_OUTPUTS` outputs are left alone.
+    """
+    pruned_groups = {g.group for g in plan.groups if g.pruned}
+    seeds = {m.node for g in trace.groups if g.index in pruned_groups for m in g.members if m.role != Role.OUT}
+    fitted = set(consumers)
+    distance: dict[str, int] = {}  # changed tensor -> weighted layers between it and the nearest cut
+    refit: list[str] = []
+    depthwise: list[str] = []
+    mean: list[str] = []
+    norms: list[str] = []
+    for node in graph.nodes:
+        reach = [distance[t.name] for t in node.inputs if t.name in distance]
+        kind = trace.node_kind.get(node.name)
+        if reach and norm_parameters(node, kind) is not None and (horizon is None or min(reach) < horizon):
+            norms.append(node.name)
+        weighted = kind in FITTED_KINDS or kind in MEAN_KINDS
+        depth = min(reach) + 1 if reach and weighted else None  # this layer's own depth past the cuts
+        if node.name in fitted or node.name in seeds:
+            out: int | None = 0  # a cut: what it computes differs from the original's
+        else:
+            out = depth if depth is not None else (min(reach) if reach else None)
+        if out is not None:
+            for t in node.outputs:
+                distance[t.name] = out
+        if node.name in fitted or depth is None or (horizon is not None and depth > horizon):
+            continue
+        if _shared_weight(node):
+            continue
+        assert kind is not None
+        affine = _affine_or_none(node, kind) if layer_of(node, kind) is not None else None
+        if affine is not None:
+            if affine.w.shape[1] <= MAX_CORRECTION_OUTPUTS:
+                refit.append(node.name)
+        elif depthwise_layer_of(node, kind) is not None:
+            depthwise.append(node.name)
+        elif _can_shift_mean(node, kind):
+            mean.append(node.name)
+    return refit, depthwise, mean, norms
+
+
+def reconstruction_targets(trace: Trace, graph: gs.Graph, plan: Plan, settings: Settings) -> Targets:
+    """The consumers to refit, with error correction the layers downstream, with bias correction the rest."""
+    refit, sliced = _consumers(trace, graph, plan)
+    consumers = frozenset(refit)
+    nodes = ir.node_by_name(graph)
+    mean: list[str] = []
+    notes: list[str] = []
+    for name, note in sliced:
+        node, kind = nodes.get(name), trace.node_kind.get(name)
+        # a depthwise conv loses no input of an output it keeps: nothing to restore
+        if settings.bias_correction and node is not None and kind != Kind.DEPTHWISE and _can_shift_mean(node, kind):
+            mean.append(name)
+            notes.append(f"reconstruct: {kind} {node.op} {name} is sliced, not refitted; its output mean is restored by its bias")
+        else:
+            notes.append(note)
+    depthwise: list[str] = []
+    norms: list[str] = []
+    if settings.error_correction:
+        extra, depthwise, extra_mean, norms = downstream_layers(trace, graph, plan, refit, settings.horizon)
+        refit += extra
+        mean += [n for n in extra_mean if n not in mean] if settings.bias_correction else []
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    return Targets(
+        tuple(sorted(set(refit), key=order.__getitem__)), consumers,
+        tuple(sorted(set(mean), key=order.__getitem__)), tuple(dict.fromkeys(notes)),
+        tuple(sorted(set(depthwise), key=order.__getitem__)), tuple(sorted(set(norms), key=order.__getitem__)),
+    )
 
 
 # ----------------------------------------------------------------------------- the finish step
@@ -464,10 +650,19 @@ class Settings:
     residual_targets: bool = True
     batch_size: int = 32
     seed: int = 0
+    #: also refit the linear layers downstream of the consumers (`downstream_layers`)
+    error_correction: bool = False
+    #: most linear layers past a consumer that error correction refits (None: all downstream)
+    horizon: int | None = None
+    #: layers that cannot be refitted get their output mean restored through the bias (`MeanShift`)
+    bias_correction: bool = False
+    #: ``--refit mean``: the bias only (``lam = inf``: plain pruning with the output mean restored)
+    mean_only: bool = False
 
     @classmethod
     def from_params(cls, params: CommonParams, batch_size: int, seed: int, mode: str = "ls") -> Settings:
         positions = params.calib_positions
+        correction = params.error_correction
         return cls(
             positions=DEFAULT_POSITIONS if positions is None else int(positions),
             ridge=float(params.ridge),
@@ -477,6 +672,10 @@ class Settings:
             residual_targets=bool(params.residual_targets),
             batch_size=batch_size,
             seed=seed,
+            error_correction=DEFAULT_ERROR_CORRECTION if correction is None else bool(correction),
+            horizon=None if params.correction_horizon is None else int(params.correction_horizon),
+            bias_correction=DEFAULT_BIAS_CORRECTION if params.bias_correction is None else bool(params.bias_correction),
+            mean_only=params.refit == "mean",
         )
 
 
@@ -491,6 +690,15 @@ class _Fit:
     minus: str | None  # pruned tensor subtracted from the target (the Add's other operand)
     intercept: bool
     level: int
+    project: bool = True  # LDRF's projection applies (a consumer; error-correction refits are plain least squares)
+    shift: bool = False  # bias only: the output mean restored (`shift_bias`), no rows are fitted
+    depthwise: bool = False  # a depthwise conv refitted channel by channel (`ChannelGrams`)
+    norm: bool = False  # a normalisation's scale and bias refitted channel by channel (`ChannelLines`)
+
+    @property
+    def reads(self) -> str:
+        """The pruned network's tensor this fit reads: the layer input, or its output (mean shift, normalisation)."""
+        return self.layer.y if self.shift or self.norm else self.layer.x
 
 
 class Schedule(str, Enum):
@@ -516,9 +724,17 @@ class Reconstructor:
     progress: Progress | None = None
     notes: tuple[str, ...] = field(default=())
     schedule: Schedule = field(default_factory=lambda: DEFAULT_SCHEDULE)
+    #: the refits that read pruned channels (LDRF's projection applies to them); None: every node in `nodes`
+    consumers: frozenset[str] | None = None
+    #: layers whose output mean is restored through their bias (not refitted)
+    mean: tuple[str, ...] = ()
+    #: depthwise convs refitted channel by channel
+    depthwise: tuple[str, ...] = ()
+    #: normalisations whose scale and bias are refitted channel by channel
+    norms: tuple[str, ...] = ()
 
     def __call__(self, pruned: onnx.ModelProto) -> onnx.ModelProto:
-        if not self.nodes:
+        if not self.nodes and not self.mean and not self.depthwise and not self.norms:
             return pruned
         graph = ir.to_graph(pruned)
         fits = self._schedule(graph)
@@ -530,7 +746,7 @@ class Reconstructor:
         per_level = self.calibration.num_batches(s.batch_size)
         step = progress_steps(self.progress, per_level * len(levels))
         # per level: the pruned network's layer inputs (and residual operands), the original's targets
-        left_names = [list(dict.fromkeys([f.layer.x for f in todo] + [f.minus for f in todo if f.minus])) for todo in by_level]
+        left_names = [list(dict.fromkeys([f.reads for f in todo] + [f.minus for f in todo if f.minus])) for todo in by_level]
         right_names = [list(dict.fromkeys(f.target for f in todo)) for todo in by_level]
         engines: tuple[StagedPasses, StagedPasses] | None = None
         limit = blas_limited()  # sessions stay alive between levels: BLAS must not fight them (calib.threads)
@@ -560,15 +776,20 @@ class Reconstructor:
                 engine.close()
             limit.__exit__(None, None, None)
         out = ir.to_model(graph, like=pruned)
-        log.info("reconstruct: refitted %d layers in %d sequential levels", len(fits), len(levels))
+        shifted, channelwise, norms = sum(f.shift for f in fits), sum(f.depthwise for f in fits), sum(f.norm for f in fits)
+        log.info("reconstruct: refitted %d layers%s%s%s in %d sequential levels", len(fits) - shifted - channelwise - norms,
+                 f", {channelwise} depthwise channel by channel" if channelwise else "",
+                 f", {norms} normalisations" if norms else "",
+                 f", restored the output mean of {shifted}" if shifted else "", len(levels))
         return out
 
     # -- scheduling -------------------------------------------------------------
 
     def _schedule(self, graph: gs.Graph) -> list[_Fit]:
         nodes = ir.node_by_name(graph)
-        names = [n for n in self.nodes if n in nodes]
+        names = [n for n in (*self.nodes, *self.mean, *self.depthwise, *self.norms) if n in nodes]
         fit_set = set(names)
+        shifts, depthwise, norms = set(self.mean), set(self.depthwise), set(self.norms)
         # consumer ancestors of every tensor, in the pruned graph
         above: dict[str, frozenset[str]] = {}
         for node in graph.nodes:
@@ -586,6 +807,26 @@ class Reconstructor:
         for name in [n.name for n in graph.nodes if n.name in fit_set]:
             node = nodes[name]
             kind = self.trace.node_kind[name]
+            if name in shifts:
+                x, y = node.inputs[0].name, node.outputs[0].name
+                level[name] = 1 + max((level[d] for d in above.get(x, frozenset()) if d in level), default=-1)
+                fits.append(_Fit(Layer(name, kind, x, y), kept_positions(self.trace, self.plan, y), 1, y, None, True,
+                                 level[name], project=False, shift=True))
+                continue
+            if name in norms:
+                x, y = node.inputs[0].name, node.outputs[0].name
+                level[name] = 1 + max((level[d] for d in above.get(x, frozenset()) if d in level), default=-1)
+                fits.append(_Fit(Layer(name, kind, x, y), kept_positions(self.trace, self.plan, y), -1, y, None, True,
+                                 level[name], project=False, norm=True))
+                continue
+            if name in depthwise:
+                dw = depthwise_layer_of(node, kind)
+                if dw is None:
+                    continue
+                level[name] = 1 + max((level[d] for d in above.get(dw.x, frozenset()) if d in level), default=-1)
+                fits.append(_Fit(dw, kept_positions(self.trace, self.plan, dw.y), 1, dw.y, None, True, level[name],
+                                 project=False, depthwise=True))
+                continue
             layer = layer_of(node, kind)
             if layer is None:
                 continue
@@ -593,6 +834,11 @@ class Reconstructor:
             target, minus = layer.y, None
             if kind == Kind.MATMUL and affine.bias_at is not None:
                 target = nodes[affine.bias_at[0]].outputs[0].name  # the bias Add: the target includes the bias
+                if self.settings.error_correction and self.settings.horizon != 0 and self.settings.residual_targets:
+                    # the bias Add feeds a residual Add: the branch also absorbs the error of the stream
+                    through, other = self._residual(nodes[affine.bias_at[0]], outputs)
+                    if other is not None:
+                        target, minus = through, other
             elif self.settings.residual_targets and affine.b is not None:
                 target, minus = self._residual(node, outputs)
             deps = set(above.get(layer.x, frozenset()))
@@ -602,7 +848,7 @@ class Reconstructor:
             cmap = self.trace.maps.get(layer.y)
             axis = cmap.axis if cmap is not None else (1 if kind != Kind.MATMUL else -1)
             fits.append(_Fit(layer, kept_positions(self.trace, self.plan, layer.y), axis, target, minus,
-                             affine.b is not None, level[name]))
+                             affine.b is not None, level[name], project=self.consumers is None or name in self.consumers))
         return fits
 
     def _residual(self, node: gs.Node, graph_outputs: set[str]) -> tuple[str, str | None]:
@@ -630,32 +876,238 @@ class Reconstructor:
     ) -> None:
         s = self.settings
         nodes = ir.node_by_name(graph)
-        accs: list[RowBuffer] = []
-        priors: list[np.ndarray] = []  # W0: the layer as plain pruning left it (the ridge's prior)
+        accs: list[RowBuffer | MeanShift | ChannelGrams | ChannelLines] = []
+        priors: list[np.ndarray | None] = []  # W0: the layer as plain pruning left it (the ridge's prior)
         for f in fits:
+            if f.shift:
+                accs.append(MeanShift(f.axis))
+                priors.append(None)
+                continue
+            if f.norm:
+                params = norm_parameters(nodes[f.layer.node], f.layer.kind)
+                assert params is not None
+                accs.append(ChannelLines(*params))
+                priors.append(None)
+                continue
+            if f.depthwise:
+                weight = ir.input_const(nodes[f.layer.node], 1)
+                assert weight is not None
+                taps = np.asarray(weight, dtype=np.float64).reshape(weight.shape[0], -1)
+                accs.append(ChannelGrams(taps.shape[0], taps.shape[1]))
+                priors.append(taps)
+                continue
             affine = read_affine(nodes[f.layer.node], f.layer.kind)
             priors.append(affine.w)
-            accs.append(RowBuffer(GramAccumulator(affine.w.shape[0], affine.w.shape[1], full_yty=s.mode == "ldrf")))
+            ldrf = s.mode == "ldrf" and f.project
+            accs.append(RowBuffer(GramAccumulator(affine.w.shape[0], affine.w.shape[1], full_yty=ldrf)))
         for batch, (p, o) in enumerate(zip(left, right, strict=True)):
             rng = np.random.default_rng([s.seed, level, batch])
             for f, acc in zip(fits, accs):
-                x = p[f.layer.x]
+                x = p[f.reads]
                 y = o[f.target]
                 if f.out_keep is not None:
                     y = np.take(y, f.out_keep, axis=f.axis)
                 if f.minus is not None:
                     y = y.astype(np.float64) - p[f.minus]
+                if isinstance(acc, (MeanShift, ChannelLines)):
+                    acc.add(y, x)
+                    continue
                 index = f.layer.positions(x.shape, s.positions, rng)
                 acc.add(f.layer.x_rows(x, index), f.layer.y_rows(y, index))
             del p, o, x, y  # this batch's tensors go before the engines compute the next
             step()
-        for f, buffer, prior in zip(fits, accs, priors):
-            gram = buffer.flush()
+        for f, acc, w0 in zip(fits, accs, priors):
+            node = nodes[f.layer.node]
+            if isinstance(acc, MeanShift):
+                if acc.count:
+                    shift_bias(node, acc.shift())
+                continue
+            if isinstance(acc, ChannelLines):
+                if acc.count:
+                    write_norm(node, *acc.fit(np.inf if s.mean_only else s.ridge, s.ridge_rows))
+                continue
+            if isinstance(acc, ChannelGrams):
+                if acc.count:
+                    assert w0 is not None
+                    ridge = np.inf if s.mean_only else s.ridge
+                    write_depthwise(node, *acc.fit(w0, ridge, s.ridge_rows))
+                continue
+            gram = acc.flush()
             if gram.count == 0:
                 continue
-            energy = s.energy if s.mode == "ldrf" else None
-            w, b = fit(gram, f.intercept, s.ridge, energy, prior=prior, per_row=s.ridge_rows)  # rows: gram.count
-            write_affine(graph, nodes[f.layer.node], f.layer.kind, w, b if f.intercept else None)
+            energy = s.energy if s.mode == "ldrf" and f.project else None
+            ridge = np.inf if s.mean_only else s.ridge  # an infinite ridge keeps W0 and moves the bias only
+            w, b = fit(gram, f.intercept, ridge, energy, prior=w0, per_row=s.ridge_rows)  # rows: gram.count
+            write_affine(graph, node, f.layer.kind, w, b if f.intercept else None)
+
+
+class ChannelGrams:
+    """Per-channel moments of a depthwise layer: output channel ``c`` is fitted from the taps of input channel ``c``.
+
+    Rows are shifted by the first batch's means before their products (float64), as in
+    ``calib.GramAccumulator``, so a small variance under a large mean survives the centring.
+    """
+
+    def __init__(self, channels: int, taps: int) -> None:
+        self.channels, self.taps, self.count = channels, taps, 0
+        self.shift_x = np.zeros((channels, taps))
+        self.shift_y = np.zeros(channels)
+        self.sum_x = np.zeros((channels, taps))
+        self.sum_y = np.zeros(channels)
+        self.xtx = np.zeros((channels, taps, taps))
+        self.xty = np.zeros((channels, taps))
+
+    def add(self, x_rows: np.ndarray, y_rows: np.ndarray) -> None:
+        x = np.asarray(x_rows, dtype=np.float64).reshape(-1, self.channels, self.taps)
+        y = np.asarray(y_rows, dtype=np.float64).reshape(-1, self.channels)
+        if not x.shape[0]:
+            return
+        if self.count == 0:
+            self.shift_x, self.shift_y = x.mean(axis=0), y.mean(axis=0)
+        x, y = x - self.shift_x, y - self.shift_y
+        self.count += x.shape[0]
+        self.sum_x += x.sum(axis=0)
+        self.sum_y += y.sum(axis=0)
+        self.xtx += np.einsum("rck,rcl->ckl", x, x, optimize=True)
+        self.xty += np.einsum("rck,rc->ck", x, y, optimize=True)
+
+    def fit(self, prior: np.ndarray, ridge: float, per_row: float) -> tuple[np.ndarray, np.ndarray]:
+        """``(W [C, taps], b [C])``: per channel, the ridge refit toward `prior` of the module docstring."""
+        n = max(self.count, 1)
+        mx, my = self.sum_x / n, self.sum_y / n
+        sxx = self.xtx / n - np.einsum("ck,cl->ckl", mx, mx)
+        sxy = self.xty / n - mx * my[:, None]
+        alpha = ridge_alpha(ridge, self.taps, self.count, per_row)
+        scale = np.einsum("ckk->c", sxx) / self.taps
+        lam = np.where(scale > 0, alpha * scale, alpha)
+        if not np.isfinite(alpha):
+            w = np.array(prior, dtype=np.float64)
+        else:
+            eye = np.eye(self.taps)[None] * lam[:, None, None]
+            w = np.linalg.solve(sxx + eye, (sxy + lam[:, None] * prior)[..., None])[..., 0]
+        b = (my + self.shift_y) - np.einsum("ck,ck->c", mx + self.shift_x, w)
+        return w, b
+
+
+def write_depthwise(node: gs.Node, w: np.ndarray, b: np.ndarray) -> None:
+    """Store a depthwise refit: weight ``[C, 1, k...]`` from ``W [C, taps]``, and the bias (added if absent)."""
+    weight = ir.input_const(node, 1)
+    assert weight is not None
+    edit.set_input_const(node, 1, w.reshape(weight.shape))
+    if ir.has_input(node, 2):
+        bias = ir.input_const(node, 2)
+        assert bias is not None
+        edit.set_input_const(node, 2, b.reshape(bias.shape))
+    else:
+        edit.append_input(node, edit.make_constant(f"{node.name}__bias", b.astype(weight.dtype)), 2)
+
+
+class ChannelLines:
+    """Per channel of a normalisation's output, the line from the pruned normalised value to the original output.
+
+    The pruned output is ``y'_c = gamma_c z'_c + beta_c``; ``z'_c`` is recovered from it (channels with
+    ``gamma_c = 0`` keep their parameters) and ``y_c ~ a_c z'_c + b_c`` is fitted by least squares with
+    the refit's ridge toward ``(gamma_c, beta_c)`` (``dim = 1``). Without an intercept (RMSNorm) the
+    line goes through the origin and only the scale is fitted.
+    """
+
+    def __init__(self, gamma: np.ndarray, beta: np.ndarray | None) -> None:
+        self.gamma, self.beta = np.asarray(gamma, dtype=np.float64), None if beta is None else np.asarray(beta, dtype=np.float64)
+        self.live = np.abs(self.gamma) > 1e-12
+        size = self.gamma.size
+        self.count = 0
+        self.sz, self.sy, self.szz, self.szy = np.zeros(size), np.zeros(size), np.zeros(size), np.zeros(size)
+
+    def add(self, target: np.ndarray, output: np.ndarray) -> None:
+        size = self.gamma.size
+        y = np.asarray(target, dtype=np.float64).reshape(-1, size)
+        z = np.asarray(output, dtype=np.float64).reshape(-1, size) - (0.0 if self.beta is None else self.beta)
+        z = np.divide(z, self.gamma, out=np.zeros_like(z), where=self.live)
+        self.count += y.shape[0]
+        self.sz += z.sum(axis=0)
+        self.sy += y.sum(axis=0)
+        self.szz += np.einsum("rc,rc->c", z, z)
+        self.szy += np.einsum("rc,rc->c", z, y)
+
+    def fit(self, ridge: float, per_row: float) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(gamma', beta')`` (beta' None without an intercept)."""
+        n = max(self.count, 1)
+        intercept = self.beta is not None
+        mz, my = (self.sz / n, self.sy / n) if intercept else (np.zeros_like(self.sz), np.zeros_like(self.sy))
+        var = self.szz / n - mz * mz
+        cov = self.szy / n - mz * my
+        alpha = ridge_alpha(ridge, 1, self.count, per_row)
+        if not np.isfinite(alpha):
+            a = self.gamma.copy()
+        else:
+            lam = np.where(var > 0, alpha * var, alpha)
+            a = (cov + lam * self.gamma) / (var + lam)
+        a = np.where(self.live, a, self.gamma)
+        if not intercept:
+            return a, None
+        assert self.beta is not None
+        return a, np.where(self.live, my - a * mz, self.beta)
+
+
+def norm_parameters(node: gs.Node, kind: Kind | None) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """``(gamma, beta)`` of a normalisation over the last axis with per-channel constants (beta None: RMSNorm),
+    or None when it cannot be refitted channel by channel."""
+    if kind != Kind.LAYER_NORM or int(ir.attr(node, "axis", -1)) != -1:
+        return None
+    gamma = ir.input_const(node, 1) if ir.has_input(node, 1) else None
+    if gamma is None or gamma.ndim != 1 or gamma.size < 2:
+        return None
+    if node.op != "LayerNormalization":
+        return (gamma, None) if not ir.has_input(node, 2) else None
+    beta = ir.input_const(node, 2) if ir.has_input(node, 2) else np.zeros(gamma.shape, dtype=gamma.dtype)
+    if beta is None or beta.shape != gamma.shape:
+        return None
+    return gamma, beta
+
+
+def write_norm(node: gs.Node, gamma: np.ndarray, beta: np.ndarray | None) -> None:
+    """Store a normalisation's refitted scale and bias (a LayerNormalization without a bias gains one)."""
+    old = ir.input_const(node, 1)
+    assert old is not None
+    edit.set_input_const(node, 1, gamma.reshape(old.shape))
+    if beta is None:
+        return
+    if ir.has_input(node, 2):
+        edit.set_input_const(node, 2, beta.reshape(old.shape))
+    else:
+        edit.append_input(node, edit.make_constant(f"{node.name}__bias", beta.astype(old.dtype).reshape(old.shape)), 2)
+
+
+class MeanShift:
+    """Per-channel mean of ``target - output`` over every other axis, streamed (float64 totals)."""
+
+    def __init__(self, axis: int) -> None:
+        self.axis = axis
+        self.total: np.ndarray | None = None
+        self.count = 0
+
+    def add(self, target: np.ndarray, output: np.ndarray) -> None:
+        diff = np.moveaxis(np.asarray(target, dtype=np.float64) - output, self.axis, 0)
+        diff = diff.reshape(diff.shape[0], -1)
+        total = diff.sum(axis=1)
+        self.total = total if self.total is None else self.total + total
+        self.count += diff.shape[1]
+
+    def shift(self) -> np.ndarray:
+        assert self.total is not None
+        return self.total / max(self.count, 1)
+
+
+def shift_bias(node: gs.Node, delta: np.ndarray) -> None:
+    """Add `delta` (one value per output channel) to the bias of a Conv / ConvTranspose, adding a bias if it has none."""
+    weight = ir.input_const(node, 1)
+    assert weight is not None
+    if ir.has_input(node, 2):
+        bias = ir.input_const(node, 2)
+        assert bias is not None
+        edit.set_input_const(node, 2, (bias.astype(np.float64) + delta.reshape(bias.shape)).astype(bias.dtype))
+        return
+    edit.append_input(node, edit.make_constant(f"{node.name}__bias", delta.astype(weight.dtype)), 2)
 
 
 def make_finish(
@@ -665,13 +1117,18 @@ def make_finish(
     if ctx.calibration is None:
         raise ModelError("reconstruction needs calibration data")
     settings = settings or Settings.from_params(ctx.params, ctx.options.batch_size, ctx.options.seed, mode)
-    nodes, notes = plan_consumers(ctx.trace, ctx.graph, plan)
+    targets = reconstruction_targets(ctx.trace, ctx.graph, plan, settings)
+    nodes, notes = list(targets.refit), list(targets.notes)
+    if settings.error_correction and len(nodes) > len(targets.consumers):
+        log.info("reconstruct: error correction refits %d layers downstream of the %d consumers",
+                 len(nodes) - len(targets.consumers), len(targets.consumers))
     short = short_of_rows(ctx, plan, nodes, settings)
     note = rows_note(short, len(nodes))
     if note is not None:
         log.warning("%s", note)
         notes.append(note)
-    return Reconstructor(ctx.model, ctx.trace, plan, ctx.calibration, tuple(nodes), settings, ctx.progress, tuple(notes))
+    return Reconstructor(ctx.model, ctx.trace, plan, ctx.calibration, tuple(nodes), settings, ctx.progress, tuple(notes),
+                         consumers=targets.consumers, mean=targets.mean, depthwise=targets.depthwise, norms=targets.norms)
 
 
 def planned_rows(layer: Layer, x_shape: Sequence[int], samples: int, batch: int, positions: int | None) -> tuple[int, bool]:
