@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from typing import Any, TypeVar
 
 import numpy as np
@@ -64,6 +65,15 @@ def choice(*choices: Any) -> Check:
 
 def bad_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
     raise UsageError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+class BudgetAllocation(str, Enum):
+    """How a budget (``--target-macs`` / ``--target-params``) is shared among the groups (`passes.budget`)."""
+
+    #: one global order of per-group normalised scores (`budget.Ranking`)
+    RANKING = "ranking"
+    #: least total predicted reconstruction damage per MAC saved (`budget.damage_plan`; data-driven methods)
+    DAMAGE = "damage"
 
 
 #: how residual blocks are ranked (`passes.blocks`)
@@ -132,6 +142,14 @@ class CommonParams:
     target_params: float | None = setting(None, FRACTION, flag="--target-params", cli_type=float,
                                           help="Prune until parameters fall to this fraction (global ranking).")
     max_ratio: float = setting(0.9, FRACTION, flag="--max-ratio", recorded=True, help="Budgets: most any group may lose.")
+    budget_allocation: str | None = setting(
+        None, choice(*(a.value for a in BudgetAllocation)), flag="--budget-allocation",
+        choices=tuple(a.value for a in BudgetAllocation),
+        help="Budgets: share them by predicted reconstruction damage per MAC saved, or by the global normalised "
+             "ranking [default: damage for thinet, cp, ldrf, contrib, obs; ranking otherwise].")
+    min_width: float = setting(0.125, number(0.0, 1.0), flag="--min-width", cli_type=float,
+                               help="Budgets by damage: least fraction of a group's channels kept, unless removing "
+                                    "more costs no predicted damage [default: 0.125].")
     blocks: float | None = setting(None, number(0.0, 1.0), flag="--blocks", cli_type=float,
                                    help="Also remove this fraction of removable residual blocks.")
     calib_positions: int | None = setting(None, POSITIVE_INT, flag="--calib-positions", planning=False, cli_type=int,
@@ -157,6 +175,10 @@ class CommonParams:
     hidden: float | None = setting(None, RATIO, flag="--hidden", cli_type=float,
                                    help="Transformers: fraction of the hidden size removed [default: --ratio]; with --target-*: "
                                         "the most it may lose.")
+
+    def allocation(self, default: BudgetAllocation) -> BudgetAllocation:
+        """``--budget-allocation`` as given, else `default` (the method's)."""
+        return default if self.budget_allocation is None else BudgetAllocation(self.budget_allocation)
 
     def part_setting(self, part: Part) -> float | None:
         """``--heads`` / ``--ffn`` / ``--hidden`` of a group of `part`, None when not given."""

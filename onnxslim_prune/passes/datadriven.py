@@ -52,6 +52,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 
 from .. import ir
 from ..channels import Group, Kind, Role, Trace, transformer_part
@@ -60,8 +61,8 @@ from ..calib.memory import explicit_budget
 from ..calib.statistic import RowSampler, SampledGrams, collect
 from ..errors import CalibrationError
 from . import reconstruct as rc
-from ..methods.base import Context, Outcome
-from .budget import choose_plan
+from ..methods.base import BudgetAllocation, Context, Outcome
+from .budget import GroupDamage, _group_order, choose_plan, damage_plan_with_notes
 from .plan import removed_count
 from ..roundto import Rounding
 from .score import l1
@@ -479,8 +480,93 @@ def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str 
             order = np.argsort(np.where(free, s, np.inf), kind="stable")[:n_remove]
             removed.update(group.classes[int(i)] for i in order)
     scores, notes = with_fallback(ctx, scores, name)
-    outcome = Outcome(choose_plan(ctx, scores), notes=tuple(notes))
-    return rc.with_reconstruction(ctx, outcome, mode=mode)
+    if by_damage(ctx):
+        with blas_limited():
+            table = damage_table(ctx, scores, consumers, cov)
+        plan, budget_notes = damage_plan_with_notes(ctx, table, scores)
+        ctx.notes.extend(budget_notes)
+    else:
+        plan = choose_plan(ctx, scores)
+    return rc.with_reconstruction(ctx, Outcome(plan, notes=tuple(notes)), mode=mode)
+
+
+# ----------------------------------------------------------------------------- predicted damage
+
+
+def by_damage(ctx: Context) -> bool:
+    """A budget shared by predicted damage: ``--target-macs`` / ``--target-params`` with ``--budget-allocation damage``
+    (the default of the reconstruction methods), and no per-group allocation given."""
+    params = ctx.params
+    budget = params.target_macs is not None or params.target_params is not None
+    return budget and params.group_ratios is None and params.allocation(BudgetAllocation.DAMAGE) is BudgetAllocation.DAMAGE
+
+
+def refit_residuals(s: np.ndarray, w: np.ndarray, columns: Sequence[np.ndarray], lam: float) -> np.ndarray:
+    """The output error ``||X W - X_K A*||^2 / n`` left by the least-squares refit ``A*`` of a layer ``Y = X W``
+    from the columns ``K`` still there, when the column sets `columns` are removed one after another: ``[m + 1]``,
+    entry ``k`` after the first ``k`` sets (0 first).
+
+    With ``S`` the centred input covariance (the refit's intercept absorbs the mean) and ``P = (S + lam I)^-1``, the
+    error of removing the columns ``R`` is ``tr(W_R^T (P_RR)^-1 W_R)`` (Optimal Brain Surgeon's block form; exact
+    least squares as ``lam -> 0``). With the Cholesky factor ``P_GG = L L^T`` of the removable columns in removal
+    order, ``P_RR`` of every prefix ``R`` is a leading block, and ``(P_RR)^-1 = L_RR^-T L_RR^-1``; the rows of
+    ``Z = L^-1 W_G`` do not depend on the columns after them, so the error of each prefix is the sum of the squared
+    rows of ``Z`` up to it: every width from one factorisation.
+    """
+    dim = s.shape[0]
+    ends = np.cumsum([0, *(c.size for c in columns)])
+    if ends[-1] == 0:
+        return np.zeros(len(columns) + 1)
+    scale = float(np.trace(s)) / max(dim, 1)
+    lam = max(lam, 1e-12 * scale, 1e-30)
+    p = rc.solve_spd(s + lam * np.eye(dim), np.eye(dim))
+    cols = np.concatenate(columns)
+    pgg = (p[np.ix_(cols, cols)] + p[np.ix_(cols, cols)].T) / 2
+    try:
+        factor = scipy.linalg.cholesky(pgg, lower=True, check_finite=False)
+    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+        jitter = 1e-10 * float(np.trace(pgg)) / cols.size
+        factor = scipy.linalg.cholesky(pgg + jitter * np.eye(cols.size), lower=True, check_finite=False)
+    z = scipy.linalg.solve_triangular(factor, w[cols], lower=True, check_finite=False)
+    cumulative = np.concatenate([[0.0], np.cumsum(np.einsum("ij,ij->i", z, z))])
+    return np.asarray(cumulative[ends])
+
+
+def damage_table(ctx: Context, scores: Mapping[int, np.ndarray], consumers: Mapping[int, Sequence[Consumer]],
+                 cov: Covariances) -> dict[int, GroupDamage]:
+    """Per prunable group with refitted consumers, the predicted damage of every width (`budget.GroupDamage`).
+
+    The group's free classes go in the order of `scores` (lowest first; one class per block of a grouped conv);
+    removing the first ``k``, each consumer ``C`` loses the output error its least-squares refit cannot recover
+    (`refit_residuals`, from the input covariances the selection already holds, ridge as the selection's), divided
+    by its output energy ``tr(W^T S W)``; a group's damage is the sum over its consumers. Relative errors make
+    layers of different scale comparable; groups are counted one at a time (their interactions through the
+    refit of a consumer that reads several groups are left out).
+    """
+    s_ = settings(ctx)
+    out: dict[int, GroupDamage] = {}
+    for group in ctx.trace.groups:
+        if group.is_frozen or group.index not in consumers or group.index not in scores:
+            continue
+        order = _group_order(group, np.asarray(scores[group.index], dtype=np.float64), 1.0)
+        if not order.units.size:
+            continue
+        flat = order.units.ravel()
+        damage = np.zeros(len(order.units) + 1)
+        for consumer in consumers[group.index]:
+            full, _ = cov[_layer_key(consumer.layer)]
+            energy = float(np.einsum("ij,ij->", consumer.w, full @ consumer.w))
+            if energy <= 0:
+                continue
+            cols, cls = _class_map(group, consumer.column_roots)
+            by_class = {int(k): cols[cls == k] for k in np.unique(cls).tolist()}
+            empty = np.zeros(0, dtype=np.int64)
+            columns = [by_class.get(int(k), empty) for k in flat.tolist()]
+            lam = rc.ridge_lambda(full, _selection_alpha(ctx, consumer.layer, full.shape[0], s_))
+            per_class = refit_residuals(full, consumer.w, columns, lam) / energy
+            damage += per_class[:: max(1, group.block)]
+        out[group.index] = GroupDamage(group.index, order.units, damage)
+    return out
 
 
 def _select_thinet(ctx: Context, group: Group, consumers: Sequence[Consumer], cov: Covariances, removed: set[int], free: np.ndarray,
