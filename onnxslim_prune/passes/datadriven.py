@@ -58,7 +58,7 @@ from .. import ir
 from ..channels import Group, Kind, Role, Trace, transformer_part
 from ..calib.threads import blas_limited
 from ..calib.memory import explicit_budget
-from ..calib.statistic import RowSampler, SampledGrams, collect
+from ..calib.statistic import ActivationMoments, RowSampler, SampledGrams, collect
 from ..errors import CalibrationError
 from . import reconstruct as rc
 from ..methods.base import BudgetAllocation, Context, Outcome
@@ -481,8 +481,9 @@ def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str 
             removed.update(group.classes[int(i)] for i in order)
     scores, notes = with_fallback(ctx, scores, name)
     if by_damage(ctx):
+        scales = sink_energies(ctx, [c.layer for cs in consumers.values() for c in cs])
         with blas_limited():
-            table = damage_table(ctx, scores, consumers, cov)
+            table = damage_table(ctx, scores, consumers, cov, scales)
         plan, budget_notes = damage_plan_with_notes(ctx, table, scores)
         ctx.notes.extend(budget_notes)
     else:
@@ -532,18 +533,62 @@ def refit_residuals(s: np.ndarray, w: np.ndarray, columns: Sequence[np.ndarray],
     return np.asarray(cumulative[ends])
 
 
+#: ops a layer's error passes through unchanged in kind on its way to a residual Add (a bias, a folded scale)
+_TO_SINK = ("Add", "Sub", "Mul", "Div", "BatchNormalization", "Identity", "Cast", "Reshape", "Transpose")
+#: most such ops followed
+_SINK_STEPS = 4
+
+
+def sink_tensor(ctx: Context, layer: rc.Layer) -> str | None:
+    """The residual sum a layer's output is added into (``x + f(x)``), past biases and constant scales; None when
+    there is none within `_SINK_STEPS` ops (the layer's own output is then its scale)."""
+    nodes = ir.node_by_name(ctx.graph)
+    node = nodes.get(layer.node)
+    tensor = node.outputs[0] if node is not None else None
+    for _ in range(_SINK_STEPS):
+        if tensor is None or len(tensor.outputs) != 1:
+            return None
+        nxt = tensor.outputs[0]
+        others = [t for t in nxt.inputs if t is not tensor and t.name]
+        if nxt.op not in _TO_SINK:
+            return None
+        if nxt.op == "Add" and len(others) == 1 and ir.const_value(others[0]) is None:
+            name = str(nxt.outputs[0].name)
+            return name if name in ctx.trace.maps and name in ctx.trace.shapes else None
+        if nxt.op in ("Add", "Sub", "Mul", "Div") and any(ir.const_value(t) is None for t in others):
+            return None
+        tensor = nxt.outputs[0]
+    return None
+
+
+def sink_energies(ctx: Context, layers: Sequence[rc.Layer]) -> dict[str, float]:
+    """layer node -> the total variance (summed over channels) of its `sink_tensor`, from one cached pass of
+    channel moments."""
+    sinks = {layer.node: t for layer in layers if (t := sink_tensor(ctx, layer)) is not None}
+    if not sinks:
+        return {}
+    names = list(dict.fromkeys(sinks.values()))
+    stat = ActivationMoments({n: (ctx.trace.maps[n].axis, len(ctx.trace.shapes[n]), ctx.trace.maps[n].size) for n in names})
+    collect(ctx.model, ctx.calibration, [stat], settings(ctx).batch_size, progress=ctx.progress, subgraph=rc.subgraph_model)
+    moments = stat.result()
+    return {node: float(np.sum(moments[t].var)) for node, t in sinks.items()}
+
+
 def damage_table(ctx: Context, scores: Mapping[int, np.ndarray], consumers: Mapping[int, Sequence[Consumer]],
-                 cov: Covariances) -> dict[int, GroupDamage]:
+                 cov: Covariances, scales: Mapping[str, float] | None = None) -> dict[int, GroupDamage]:
     """Per prunable group with refitted consumers, the predicted damage of every width (`budget.GroupDamage`).
 
     The group's free classes go in the order of `scores` (lowest first; one class per block of a grouped conv);
     removing the first ``k``, each consumer ``C`` loses the output error its least-squares refit cannot recover
     (`refit_residuals`, from the input covariances the selection already holds, ridge as the selection's), divided
-    by its output energy ``tr(W^T S W)``; a group's damage is the sum over its consumers. Relative errors make
-    layers of different scale comparable; groups are counted one at a time (their interactions through the
-    refit of a consumer that reads several groups are left out).
+    by the energy of what that error lands in: `scales` (layer node -> the variance of the residual sum its output
+    is added into, `sink_energies`) or else its own output energy ``tr(W^T S W)``; a group's damage is the sum
+    over its consumers. Relative errors make layers of different scale comparable (the residual stream is what
+    the next layers read, through a normalisation); groups are counted one at a time (their interactions through
+    the refit of a consumer that reads several groups are left out).
     """
     s_ = settings(ctx)
+    scales = scales or {}
     out: dict[int, GroupDamage] = {}
     for group in ctx.trace.groups:
         if group.is_frozen or group.index not in consumers or group.index not in scores:
@@ -556,6 +601,7 @@ def damage_table(ctx: Context, scores: Mapping[int, np.ndarray], consumers: Mapp
         for consumer in consumers[group.index]:
             full, _ = cov[_layer_key(consumer.layer)]
             energy = float(np.einsum("ij,ij->", consumer.w, full @ consumer.w))
+            energy = max(energy, scales.get(consumer.layer.node, 0.0))
             if energy <= 0:
                 continue
             cols, cls = _class_map(group, consumer.column_roots)
