@@ -56,6 +56,30 @@ def test_closed_form_residual_equals_the_least_squares_refit_at_every_width() ->
     assert np.all(np.diff(got) >= -1e-9)
 
 
+def test_with_a_ridge_the_residual_is_the_refits_objective() -> None:
+    """The refit pulls ``W_K`` toward plain pruning with ``lam``: the predicted error is its minimum objective
+    ``||X_R W_R - X_K D||^2 / n + lam ||D||^2``, solved directly here, to 1e-8 relative; a huge ``lam`` gives plain
+    pruning's error ``tr(W_R^T S_RR W_R)``."""
+    rng = np.random.default_rng(1)
+    n, dim = 300, 10
+    x = rng.standard_normal((n, dim)) @ rng.standard_normal((dim, dim))
+    w = rng.standard_normal((dim, 4))
+    s = np.cov(x, rowvar=False, bias=True)
+    columns = [np.array([k]) for k in rng.permutation(dim)]
+    lam = 0.3 * float(np.trace(s)) / dim
+    got = datadriven.refit_residuals(s, w, columns, lam)
+    for k in range(1, dim):
+        r = np.concatenate(columns[:k])
+        keep = np.setdiff1d(np.arange(dim), r)
+        d = np.linalg.solve(s[np.ix_(keep, keep)] + lam * np.eye(keep.size), s[np.ix_(keep, r)] @ w[r])
+        want = np.trace(w[r].T @ s[np.ix_(r, r)] @ w[r]) - 2 * np.trace(d.T @ s[np.ix_(keep, r)] @ w[r]) \
+            + np.trace(d.T @ s[np.ix_(keep, keep)] @ d) + lam * np.sum(d * d)
+        assert got[k] == pytest.approx(want, rel=1e-8)
+    plain = datadriven.refit_residuals(s, w, columns, 1e5 * float(np.trace(s)))
+    r = np.concatenate(columns[:3])
+    assert plain[3] == pytest.approx(np.trace(w[r].T @ s[np.ix_(r, r)] @ w[r]), rel=1e-4)
+
+
 def two_branches(zero_branch: bool = True, seed: int = 0) -> onnx.ModelProto:
     """y = fcA2(relu(fcA(x))) + fcB2(relu(fcB(x))); x [N, 6], both hidden layers 16 wide, y [N, 3].
 

@@ -181,8 +181,10 @@ def _layer_key(layer: rc.Layer) -> str:
     return f"{layer.x}|{layer.kernel}|{layer.strides}|{layer.pads}|{layer.dilations}|{layer.auto_pad}"
 
 
-def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``_layer_key -> (S centred covariance [D, D], mean [D])`` of each layer's input rows.
+def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | None = None,
+                      rows: dict[str, int] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``_layer_key -> (S centred covariance [D, D], mean [D])`` of each layer's input rows (`rows`, when given,
+    receives ``_layer_key ->`` the rows summed).
 
     Layers sharing an input and geometry share one Gram matrix; layers are collected in
     chunks of at most `budget` bytes of Gram matrices (default `rc.DEFAULT_GRAM_BUDGET`, or half of
@@ -227,6 +229,8 @@ def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | No
                             seed=s.seed, chunk=c, settings=f"P={s.positions}")
         collect(ctx.model, ctx.calibration, [stat], s.batch_size, progress=ctx.progress, subgraph=rc.subgraph_model)
         out.update(stat.take_covariances())
+        if rows is not None:
+            rows.update(stat.rows)
     return out
 
 
@@ -463,7 +467,8 @@ def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str 
     need_calibration(ctx, name)
     consumers = group_consumers(ctx)
     layers = [c.layer for cs in consumers.values() for c in cs]
-    cov = input_covariances(ctx, layers) if layers else {}
+    rows: dict[str, int] = {}
+    cov = input_covariances(ctx, layers, rows=rows) if layers else {}
     scores: dict[int, np.ndarray] = {}
     removed: set[int] = set()
     with blas_limited():  # thousands of small solves: one BLAS thread (calib.threads; 205 s -> 3.5 s on ResNet-56)
@@ -483,7 +488,7 @@ def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str 
     if by_damage(ctx):
         scales = sink_energies(ctx, [c.layer for cs in consumers.values() for c in cs])
         with blas_limited():
-            table = damage_table(ctx, scores, consumers, cov, scales)
+            table = damage_table(ctx, scores, consumers, cov, scales, rows)
         plan, budget_notes = damage_plan_with_notes(ctx, table, scores)
         ctx.notes.extend(budget_notes)
     else:
@@ -503,24 +508,26 @@ def by_damage(ctx: Context) -> bool:
 
 
 def refit_residuals(s: np.ndarray, w: np.ndarray, columns: Sequence[np.ndarray], lam: float) -> np.ndarray:
-    """The output error ``||X W - X_K A*||^2 / n`` left by the least-squares refit ``A*`` of a layer ``Y = X W``
-    from the columns ``K`` still there, when the column sets `columns` are removed one after another: ``[m + 1]``,
-    entry ``k`` after the first ``k`` sets (0 first).
+    """The error left by the refit of a layer ``Y = X W`` from the columns ``K`` still there, when the column sets
+    `columns` are removed one after another: ``[m + 1]``, entry ``k`` after the first ``k`` sets (0 first).
 
-    With ``S`` the centred input covariance (the refit's intercept absorbs the mean) and ``P = (S + lam I)^-1``, the
-    error of removing the columns ``R`` is ``tr(W_R^T (P_RR)^-1 W_R)`` (Optimal Brain Surgeon's block form; exact
-    least squares as ``lam -> 0``). With the Cholesky factor ``P_GG = L L^T`` of the removable columns in removal
-    order, ``P_RR`` of every prefix ``R`` is a leading block, and ``(P_RR)^-1 = L_RR^-T L_RR^-1``; the rows of
-    ``Z = L^-1 W_G`` do not depend on the columns after them, so the error of each prefix is the sum of the squared
-    rows of ``Z`` up to it: every width from one factorisation.
+    The refit (`reconstruct`) is ``W'_K = W_K + D`` with ``D = argmin ||X_R W_R - X_K D||^2 / n + lam ||D||^2`` (the
+    ridge pulls toward plain pruning); the error counted is that minimum, ``tr(W_R^T (S_RR - S_RK (S_KK + lam I)^-1
+    S_KR) W_R)``: the least-squares residual as ``lam -> 0``, plain pruning's error as ``lam -> inf``, and never
+    below the refit's output error (it includes the penalty). ``S`` is the centred input covariance (the refit's
+    intercept absorbs the mean). With ``P = (S + lam I)^-1`` it is ``tr(W_R^T (P_RR)^-1 W_R) - lam ||W_R||^2``
+    (Optimal Brain Surgeon's block form). With the Cholesky factor ``P_GG = L L^T`` of the removable columns in
+    removal order, ``P_RR`` of every prefix ``R`` is a leading block and ``(P_RR)^-1 = L_RR^-T L_RR^-1``; the rows
+    of ``Z = L^-1 W_G`` do not depend on the columns after them, so each prefix's error is a sum of squared rows
+    of ``Z`` (and of ``W_G``) up to it: every width from one factorisation.
     """
     dim = s.shape[0]
     ends = np.cumsum([0, *(c.size for c in columns)])
     if ends[-1] == 0:
         return np.zeros(len(columns) + 1)
     scale = float(np.trace(s)) / max(dim, 1)
-    lam = max(lam, 1e-12 * scale, 1e-30)
-    p = rc.solve_spd(s + lam * np.eye(dim), np.eye(dim))
+    shift = max(lam, 1e-12 * scale, 1e-30)  # lam = 0 (exact least squares) still needs an invertible S
+    p = rc.solve_spd(s + shift * np.eye(dim), np.eye(dim))
     cols = np.concatenate(columns)
     pgg = (p[np.ix_(cols, cols)] + p[np.ix_(cols, cols)].T) / 2
     try:
@@ -529,8 +536,9 @@ def refit_residuals(s: np.ndarray, w: np.ndarray, columns: Sequence[np.ndarray],
         jitter = 1e-10 * float(np.trace(pgg)) / cols.size
         factor = scipy.linalg.cholesky(pgg + jitter * np.eye(cols.size), lower=True, check_finite=False)
     z = scipy.linalg.solve_triangular(factor, w[cols], lower=True, check_finite=False)
-    cumulative = np.concatenate([[0.0], np.cumsum(np.einsum("ij,ij->i", z, z))])
-    return np.asarray(cumulative[ends])
+    per_row = np.einsum("ij,ij->i", z, z) - shift * np.einsum("ij,ij->i", w[cols], w[cols])
+    cumulative = np.concatenate([[0.0], np.cumsum(per_row)])
+    return np.asarray(np.maximum(cumulative[ends], 0.0))
 
 
 #: ops a layer's error passes through unchanged in kind on its way to a residual Add (a bias, a folded scale)
@@ -575,7 +583,8 @@ def sink_energies(ctx: Context, layers: Sequence[rc.Layer]) -> dict[str, float]:
 
 
 def damage_table(ctx: Context, scores: Mapping[int, np.ndarray], consumers: Mapping[int, Sequence[Consumer]],
-                 cov: Covariances, scales: Mapping[str, float] | None = None) -> dict[int, GroupDamage]:
+                 cov: Covariances, scales: Mapping[str, float] | None = None,
+                 rows: Mapping[str, int] | None = None) -> dict[int, GroupDamage]:
     """Per prunable group with refitted consumers, the predicted damage of every width (`budget.GroupDamage`).
 
     The group's free classes go in the order of `scores` (lowest first; one class per block of a grouped conv);
@@ -608,7 +617,8 @@ def damage_table(ctx: Context, scores: Mapping[int, np.ndarray], consumers: Mapp
             by_class = {int(k): cols[cls == k] for k in np.unique(cls).tolist()}
             empty = np.zeros(0, dtype=np.int64)
             columns = [by_class.get(int(k), empty) for k in flat.tolist()]
-            lam = rc.ridge_lambda(full, _selection_alpha(ctx, consumer.layer, full.shape[0], s_))
+            n = (rows or {}).get(_layer_key(consumer.layer))
+            lam = rc.ridge_lambda(full, s_.ridge, n, s_.ridge_rows if n else 0.0)
             per_class = refit_residuals(full, consumer.w, columns, lam) / energy
             damage += per_class[:: max(1, group.block)]
         out[group.index] = GroupDamage(group.index, order.units, damage)
