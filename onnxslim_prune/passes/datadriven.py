@@ -52,6 +52,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_graphsurgeon as gs
 import scipy.linalg
 
 from .. import ir
@@ -486,7 +487,7 @@ def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str 
             removed.update(group.classes[int(i)] for i in order)
     scores, notes = with_fallback(ctx, scores, name)
     if by_damage(ctx):
-        scales = sink_energies(ctx, [c.layer for cs in consumers.values() for c in cs])
+        scales = sink_scales(ctx, [c.layer for cs in consumers.values() for c in cs])
         with blas_limited():
             table = damage_table(ctx, scores, consumers, cov, scales, rows)
         plan, budget_notes = damage_plan_with_notes(ctx, table, scores)
@@ -547,7 +548,16 @@ _TO_SINK = ("Add", "Sub", "Mul", "Div", "BatchNormalization", "Identity", "Cast"
 _SINK_STEPS = 4
 
 
-def sink_tensor(ctx: Context, layer: rc.Layer) -> str | None:
+@dataclass(frozen=True, eq=False)
+class Sink:
+    """Where a layer's error lands: the residual sum its output is added into, and the per-channel weight of an
+    error there (the squared scale of the LayerNormalization that reads the sum; None: all 1)."""
+
+    tensor: str
+    weights: np.ndarray | None
+
+
+def sink_of(ctx: Context, layer: rc.Layer) -> Sink | None:
     """The residual sum a layer's output is added into (``x + f(x)``), past biases and constant scales; None when
     there is none within `_SINK_STEPS` ops (the layer's own output is then its scale)."""
     nodes = ir.node_by_name(ctx.graph)
@@ -561,29 +571,48 @@ def sink_tensor(ctx: Context, layer: rc.Layer) -> str | None:
         if nxt.op not in _TO_SINK:
             return None
         if nxt.op == "Add" and len(others) == 1 and ir.const_value(others[0]) is None:
-            name = str(nxt.outputs[0].name)
-            return name if name in ctx.trace.maps and name in ctx.trace.shapes else None
+            out = nxt.outputs[0]
+            name = str(out.name)
+            if name not in ctx.trace.maps or name not in ctx.trace.shapes:
+                return None
+            return Sink(name, _norm_weights(out, ctx.trace.maps[name].size))
         if nxt.op in ("Add", "Sub", "Mul", "Div") and any(ir.const_value(t) is None for t in others):
             return None
         tensor = nxt.outputs[0]
     return None
 
 
-def sink_energies(ctx: Context, layers: Sequence[rc.Layer]) -> dict[str, float]:
-    """layer node -> the total variance (summed over channels) of its `sink_tensor`, from one cached pass of
-    channel moments."""
-    sinks = {layer.node: t for layer in layers if (t := sink_tensor(ctx, layer)) is not None}
+def _norm_weights(tensor: gs.Tensor, channels: int) -> np.ndarray | None:
+    """``gamma^2`` of a LayerNormalization over the last axis that alone reads `tensor` (an error ``e_c`` before it
+    becomes ``gamma_c e_c / sigma`` after it; ``sigma`` cancels in a relative error)."""
+    if len(tensor.outputs) != 1 or tensor.outputs[0].op != "LayerNormalization":
+        return None
+    norm = tensor.outputs[0]
+    gamma = ir.input_const(norm, 1)
+    if int(ir.attr(norm, "axis", -1)) not in (-1, len(tensor.shape or ()) - 1) or gamma is None or gamma.size != channels:
+        return None
+    return np.square(np.asarray(gamma, dtype=np.float64).ravel())
+
+
+def sink_scales(ctx: Context, layers: Sequence[rc.Layer]) -> dict[str, tuple[float, np.ndarray | None]]:
+    """layer node -> (the weighted total variance ``sum_c w_c var_c`` of its `Sink`, the weights), from one cached
+    pass of channel moments."""
+    sinks = {layer.node: sink for layer in layers if (sink := sink_of(ctx, layer)) is not None}
     if not sinks:
         return {}
-    names = list(dict.fromkeys(sinks.values()))
+    names = list(dict.fromkeys(sink.tensor for sink in sinks.values()))
     stat = ActivationMoments({n: (ctx.trace.maps[n].axis, len(ctx.trace.shapes[n]), ctx.trace.maps[n].size) for n in names})
     collect(ctx.model, ctx.calibration, [stat], settings(ctx).batch_size, progress=ctx.progress, subgraph=rc.subgraph_model)
     moments = stat.result()
-    return {node: float(np.sum(moments[t].var)) for node, t in sinks.items()}
+    out: dict[str, tuple[float, np.ndarray | None]] = {}
+    for node, sink in sinks.items():
+        var = moments[sink.tensor].var
+        out[node] = (float(np.sum(var if sink.weights is None else sink.weights * var)), sink.weights)
+    return out
 
 
 def damage_table(ctx: Context, scores: Mapping[int, np.ndarray], consumers: Mapping[int, Sequence[Consumer]],
-                 cov: Covariances, scales: Mapping[str, float] | None = None,
+                 cov: Covariances, scales: Mapping[str, tuple[float, np.ndarray | None]] | None = None,
                  rows: Mapping[str, int] | None = None) -> dict[int, GroupDamage]:
     """Per prunable group with refitted consumers, the predicted damage of every width (`budget.GroupDamage`).
 
@@ -591,7 +620,8 @@ def damage_table(ctx: Context, scores: Mapping[int, np.ndarray], consumers: Mapp
     removing the first ``k``, each consumer ``C`` loses the output error its least-squares refit cannot recover
     (`refit_residuals`, from the input covariances the selection already holds, ridge as the selection's), divided
     by the energy of what that error lands in: `scales` (layer node -> the variance of the residual sum its output
-    is added into, `sink_energies`) or else its own output energy ``tr(W^T S W)``; a group's damage is the sum
+    is added into and the weights of its channels, `sink_scales`) or else its own output energy ``tr(W^T S W)``;
+    a group's damage is the sum
     over its consumers. Relative errors make layers of different scale comparable (the residual stream is what
     the next layers read, through a normalisation); groups are counted one at a time (their interactions through
     the refit of a consumer that reads several groups are left out).
@@ -609,8 +639,11 @@ def damage_table(ctx: Context, scores: Mapping[int, np.ndarray], consumers: Mapp
         damage = np.zeros(len(order.units) + 1)
         for consumer in consumers[group.index]:
             full, _ = cov[_layer_key(consumer.layer)]
-            energy = float(np.einsum("ij,ij->", consumer.w, full @ consumer.w))
-            energy = max(energy, scales.get(consumer.layer.node, 0.0))
+            w = consumer.w
+            sink_energy, weights = scales.get(consumer.layer.node, (0.0, None))
+            if weights is not None and weights.size == w.shape[1]:
+                w = w * np.sqrt(weights)  # the error as the normalisation after the sum weighs it
+            energy = max(float(np.einsum("ij,ij->", w, full @ w)), sink_energy)
             if energy <= 0:
                 continue
             cols, cls = _class_map(group, consumer.column_roots)
@@ -619,7 +652,7 @@ def damage_table(ctx: Context, scores: Mapping[int, np.ndarray], consumers: Mapp
             columns = [by_class.get(int(k), empty) for k in flat.tolist()]
             n = (rows or {}).get(_layer_key(consumer.layer))
             lam = rc.ridge_lambda(full, s_.ridge, n, s_.ridge_rows if n else 0.0)
-            per_class = refit_residuals(full, consumer.w, columns, lam) / energy
+            per_class = refit_residuals(full, w, columns, lam) / energy
             damage += per_class[:: max(1, group.block)]
         out[group.index] = GroupDamage(group.index, order.units, damage)
     return out
