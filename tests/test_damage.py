@@ -222,3 +222,60 @@ def test_hull_slopes_are_the_lower_convex_hull() -> None:
     slopes = hull_slopes(saved, damage)
     np.testing.assert_allclose(slopes, [1.4 / 3] * 3 + [8.6])
     assert np.all(np.diff(slopes) >= 0)
+
+
+def residual_block() -> onnx.ModelProto:
+    """e = x W0, h = e + relu(e W1) W2 (x [N, 8], 12 hidden units), y = LayerNormalization(h; gamma, beta)."""
+    rng = np.random.default_rng(4)
+    weights = {"w0": rng.standard_normal((8, 8)), "w1": rng.standard_normal((8, 12)), "w2": rng.standard_normal((12, 8)) * 0.5,
+               "gamma": rng.uniform(0.2, 2.0, 8), "beta": rng.standard_normal(8) * 0.1}
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["e"], name="embed"),
+        helper.make_node("MatMul", ["e", "w1"], ["a"], name="up"),
+        helper.make_node("Relu", ["a"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["f"], name="down"),
+        helper.make_node("Add", ["e", "f"], ["h"], name="residual"),
+        helper.make_node("LayerNormalization", ["h", "gamma", "beta"], ["y"], name="norm", axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes, "residual_block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [numpy_helper.from_array(np.asarray(v, dtype=np.float32), k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_an_error_into_a_layernorm_is_weighed_by_its_scale_relative_to_the_sum(tmp_path: Path) -> None:
+    """The down projection's error lands in h = x + f, read by a LayerNormalization: the damage at every width is
+    the gamma^2-weighted least-squares residual of refitting `down` from the kept hidden units (onnxruntime
+    activations), over the gamma^2-weighted variance of h, to 1e-4."""
+    model = residual_block()
+    path = tmp_path / "x.npz"
+    x = np.random.default_rng(6).standard_normal((400, 8)).astype(np.float32)
+    np.savez(path, x=x)
+    analysis = api.analyze(model)
+    calib = load_calibration(str(path), input_specs(analysis.model, analysis.input_shapes))
+    ctx = Context(analysis.model, analysis.graph, analysis.trace, Options(method="thinet", params={"target_macs": 0.5}),
+                  analysis.input_shapes, analysis.opset, calib)
+    consumers = datadriven.group_consumers(ctx)
+    group = next(g for g in analysis.trace.groups if any(m.node == "up" and m.role == "out" for m in g.members))
+    (down,) = consumers[group.index]
+    sink = datadriven.sink_of(ctx, down.layer)
+    gamma = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "gamma")).astype(np.float64)
+    assert sink is not None and sink.tensor == "h" and sink.weights is not None
+    np.testing.assert_allclose(sink.weights, gamma**2, rtol=1e-6)
+    cov = datadriven.input_covariances(ctx, [down.layer])
+    scales = datadriven.sink_scales(ctx, [down.layer])
+    scores = {group.index: np.arange(12, dtype=np.float64)}
+    table = datadriven.damage_table(ctx, scores, consumers, cov, scales)[group.index]
+
+    hidden, h = run(model, x, "r"), run(model, x, "h")
+    w = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w2")).astype(np.float64) * gamma
+    energy = float(np.sum(gamma**2 * h.var(axis=0)))
+    position = [group.classes.index(int(r)) for r in analysis.trace.class_positions("r").tolist()]
+    for k in range(12):
+        keep = np.flatnonzero([p >= k for p in position])
+        assert table.damage[k] == pytest.approx(lstsq_residual(hidden, w, keep) / energy, abs=1e-4), k

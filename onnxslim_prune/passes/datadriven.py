@@ -643,7 +643,7 @@ def damage_table(ctx: Context, scores: Mapping[int, np.ndarray], consumers: Mapp
             sink_energy, weights = scales.get(consumer.layer.node, (0.0, None))
             if weights is not None and weights.size == w.shape[1]:
                 w = w * np.sqrt(weights)  # the error as the normalisation after the sum weighs it
-            energy = max(float(np.einsum("ij,ij->", w, full @ w)), sink_energy)
+            energy = sink_energy if sink_energy > 0 else float(np.einsum("ij,ij->", w, full @ w))
             if energy <= 0:
                 continue
             cols, cls = _class_map(group, consumer.column_roots)
