@@ -138,9 +138,9 @@ class CommonParams:
     """Settings every method honours. Field order is the order the CLI passes (and the report records) them."""
 
     target_macs: float | None = setting(None, FRACTION, flag="--target-macs", cli_type=float,
-                                        help="Prune until MACs fall to this fraction (global ranking).")
+                                        help="Prune until MACs fall to this fraction (shared among groups by --budget-allocation).")
     target_params: float | None = setting(None, FRACTION, flag="--target-params", cli_type=float,
-                                          help="Prune until parameters fall to this fraction (global ranking).")
+                                          help="Prune until parameters fall to this fraction (shared by --budget-allocation).")
     max_ratio: float = setting(0.9, FRACTION, flag="--max-ratio", recorded=True, help="Budgets: most any group may lose.")
     budget_allocation: str | None = setting(
         None, choice(*(a.value for a in BudgetAllocation)), flag="--budget-allocation",
