@@ -151,7 +151,7 @@ def main() -> int:
     ap.add_argument("--rev", default="HEAD", help="git revision of the reference package [HEAD]")
     ap.add_argument("--models", default=",".join(DEFAULT_MODELS), help="zoo names or .onnx paths, comma-separated; 'all'")
     ap.add_argument("--method", default="l1", help="comma-separated: one row per model and method")
-    ap.add_argument("--ratio", default="0.5")
+    ap.add_argument("--ratio", default="0.5", help="'none': no --ratio (for a budget given in --extra)")
     ap.add_argument("--extra", default="--no-latency", help="more CLI arguments, one string (e.g. '--calib x.npz')")
     ap.add_argument("--tree", type=Path, default=REPO,
                     help="the package root to check against the revision [the working tree]")
@@ -171,7 +171,8 @@ def main() -> int:
         for name in names:
             model = model_path(name, a.filled)
             for method in a.method.split(","):
-                args = ["--method", method, "--ratio", a.ratio, *a.extra.split()]
+                ratio = [] if a.ratio.lower() == "none" else ["--ratio", a.ratio]
+                args = ["--method", method, *ratio, *a.extra.split()]
                 row = check(model, args, ref_root, a.tree, Path(tmp) / "runs" / f"{model.stem}.{method}", a.timeout)
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -233,6 +233,8 @@ class SampledGrams(Statistic):
         self._accs = [GramAccumulator(dim, product_dtype=np.float32) for _k, _x, dim, _r in self.layers]
         self._pending: list[list[np.ndarray]] = [[] for _ in self.layers]
         self._sums: dict[str, np.ndarray] | None = None  # finished, loaded or merged totals
+        #: layer key -> rows summed (filled by `take_covariances`)
+        self.rows: dict[str, int] = {}
 
     @property
     def tensors(self) -> tuple[str, ...]:
@@ -285,7 +287,8 @@ class SampledGrams(Statistic):
         self._sums = {}
         out = {}
         for i, (key, _x, _d, _r) in enumerate(self.layers):
-            out[key] = _centred(state.pop(f"xtx{i}"), state.pop(f"sum{i}"), int(state.pop(f"count{i}")))
+            self.rows[key] = int(state.pop(f"count{i}"))
+            out[key] = _centred(state.pop(f"xtx{i}"), state.pop(f"sum{i}"), self.rows[key])
         return out
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from typing import Any, TypeVar
 
 import numpy as np
@@ -68,6 +69,17 @@ def bad_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
 
 #: what the refit solves (`passes.reconstruct`): least squares, or the bias only (the output mean)
 REFITS = ("ls", "mean")
+
+
+class BudgetAllocation(str, Enum):
+    """How a budget (``--target-macs`` / ``--target-params``) is shared among the groups (`passes.budget`)."""
+
+    #: one global order of per-group normalised scores (`budget.Ranking`)
+    RANKING = "ranking"
+    #: least total predicted reconstruction damage per MAC saved (`budget.damage_plan`; data-driven methods)
+    DAMAGE = "damage"
+
+
 #: how residual blocks are ranked (`passes.blocks`)
 BLOCK_CRITERIA = ("output", "norm")
 FRACTION = number(0.0, 1.0, low_open=True)
@@ -130,10 +142,18 @@ class CommonParams:
     """Settings every method honours. Field order is the order the CLI passes (and the report records) them."""
 
     target_macs: float | None = setting(None, FRACTION, flag="--target-macs", cli_type=float,
-                                        help="Prune until MACs fall to this fraction (global ranking).")
+                                        help="Prune until MACs fall to this fraction (shared among groups by --budget-allocation).")
     target_params: float | None = setting(None, FRACTION, flag="--target-params", cli_type=float,
-                                          help="Prune until parameters fall to this fraction (global ranking).")
+                                          help="Prune until parameters fall to this fraction (shared by --budget-allocation).")
     max_ratio: float = setting(0.9, FRACTION, flag="--max-ratio", recorded=True, help="Budgets: most any group may lose.")
+    budget_allocation: str | None = setting(
+        None, choice(*(a.value for a in BudgetAllocation)), flag="--budget-allocation",
+        choices=tuple(a.value for a in BudgetAllocation),
+        help="Budgets: share them by predicted reconstruction damage per MAC saved, or by the global normalised "
+             "ranking [default: damage for thinet, cp, ldrf, contrib, obs; ranking otherwise].")
+    min_width: float = setting(0.125, number(0.0, 1.0), flag="--min-width", cli_type=float,
+                               help="Budgets by damage: least fraction of a group's channels kept, unless removing "
+                                    "more costs no predicted damage [default: 0.125].")
     blocks: float | None = setting(None, number(0.0, 1.0), flag="--blocks", cli_type=float,
                                    help="Also remove this fraction of removable residual blocks.")
     calib_positions: int | None = setting(None, POSITIVE_INT, flag="--calib-positions", planning=False, cli_type=int,
@@ -172,6 +192,10 @@ class CommonParams:
     hidden: float | None = setting(None, RATIO, flag="--hidden", cli_type=float,
                                    help="Transformers: fraction of the hidden size removed [default: --ratio]; with --target-*: "
                                         "the most it may lose.")
+
+    def allocation(self, default: BudgetAllocation) -> BudgetAllocation:
+        """``--budget-allocation`` as given, else `default` (the method's)."""
+        return default if self.budget_allocation is None else BudgetAllocation(self.budget_allocation)
 
     def part_setting(self, part: Part) -> float | None:
         """``--heads`` / ``--ffn`` / ``--hidden`` of a group of `part`, None when not given."""

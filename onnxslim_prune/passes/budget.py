@@ -31,6 +31,20 @@ measured with `validate.model_stats`, and the bisection is repeated with the mea
 offset until the achieved fraction is within ``TOLERANCE`` of ``F``.
 
 Layer-compensated pruning, which searches per-group offsets of this ranking, is `methods.lcp`.
+
+Allocation by damage (``--budget-allocation damage``, the default of the reconstruction methods). The
+normalised ranking compares a class with its own group's mean, so a group whose scores are spread
+out loses up to ``max_ratio`` of its classes whatever that costs. Instead, each group ``g`` comes with
+the damage ``D_g(k)`` its consumers are predicted to suffer when the first ``k`` classes of its removal
+order go (`datadriven.damage_table`: the least-squares refit's residual, relative to the consumers'
+output energy), and the allocation minimises ``sum_g D_g(k_g)`` subject to the budget: on each group's
+curve of (cost saved, damage) at the kept counts the rounding allows, the slopes of the lower convex
+hull are the marginal damage per MAC saved; steps of all groups are taken in increasing slope (the
+greedy knapsack, optimal at the hull's vertices) through the same bisection and measured correction as
+the ranking. A group keeps at least ``min_width`` of its classes (``--min-width``) unless going further
+costs no predicted damage (all-zero channels: `NEGLIGIBLE_DAMAGE`), and never loses more than
+``max_ratio``. The costs of two groups meeting in one node interact (``f_in f_out``); the curves count
+each group alone, the measured search corrects the total.
 """
 
 from __future__ import annotations
@@ -49,7 +63,7 @@ from ..channels import Group, Trace, transformer_part
 from ..ops import lookup
 from ..ops.registry import MAX_OPSET, NodeCost, rule_of
 from .materialize import materialize
-from ..methods.base import CommonParams, Context
+from ..methods.base import BudgetAllocation, CommonParams, Context
 from ..roundto import Rounding
 from .plan import GroupPlan, Plan, keep_every_tensor_alive, uniform_plan
 
@@ -66,6 +80,8 @@ POLISH_ROUNDS = 20
 #: with at most this many groups, moves of two groups at once are tried too
 POLISH_PAIR_GROUPS = 24
 DEFAULT_MAX_RATIO = CommonParams.max_ratio
+#: predicted damage (relative to the consumers' output energy) at or below which a group may go under --min-width
+NEGLIGIBLE_DAMAGE = 1e-6
 
 Keys = Mapping[int, np.ndarray]
 
@@ -219,13 +235,21 @@ class Ranking:
             if order.keys.size:
                 orders[group.index] = order
                 entries.append((order.keys, group.index))
-        if not entries:
-            return Ranking(orders, np.zeros(0, dtype=np.int64), rounding, multiples)
-        all_keys = np.concatenate([k for k, _ in entries])
-        groups = np.concatenate([np.full(k.size, g, dtype=np.int64) for k, g in entries])
-        ranks = np.concatenate([np.arange(k.size) for k, _ in entries])
-        steps = groups[np.lexsort((ranks, groups, all_keys))]
-        return Ranking(orders, steps, rounding, multiples)
+        return Ranking(orders, _steps(entries), rounding, multiples)
+
+    @staticmethod
+    def of_units(trace: Trace, units: Mapping[int, tuple[np.ndarray, np.ndarray]], round_to: int | Rounding = 1) -> Ranking:
+        """A ranking of given per-group removal orders: group index -> (units ``[n, block]`` in removal order, the
+        global key of each unit, non-decreasing along the order)."""
+        rounding = Rounding.of(round_to)
+        multiples = {g.index: rounding.classes(g, trace) for g in trace.groups if not g.is_frozen}
+        orders: dict[int, _GroupOrder] = {}
+        entries: list[tuple[np.ndarray, int]] = []
+        for index, (group_units, keys) in units.items():
+            if len(group_units):
+                orders[index] = _GroupOrder(trace.groups[index], np.asarray(group_units), np.asarray(keys, dtype=np.float64))
+                entries.append((orders[index].keys, index))
+        return Ranking(orders, _steps(entries), rounding, multiples)
 
     @property
     def length(self) -> int:
@@ -247,6 +271,16 @@ class Ranking:
             pruned = tuple(order.group.classes[int(i)] for i in sorted(removed.tolist()))
             groups.append(GroupPlan(index, order.group.size, pruned))
         return keep_every_tensor_alive(trace, Plan(tuple(groups)), keys, self.round_to)
+
+
+def _steps(entries: list[tuple[np.ndarray, int]]) -> np.ndarray:
+    """The global order of (unit keys, group) entries: by key, then group index, then position in the group."""
+    if not entries:
+        return np.zeros(0, dtype=np.int64)
+    all_keys = np.concatenate([k for k, _ in entries])
+    groups = np.concatenate([np.full(k.size, g, dtype=np.int64) for k, g in entries])
+    ranks = np.concatenate([np.arange(k.size) for k, _ in entries])
+    return groups[np.lexsort((ranks, groups, all_keys))]
 
 
 def _group_order(group: Group, keys: np.ndarray, max_ratio: float) -> _GroupOrder:
@@ -482,6 +516,9 @@ def choose_plan(ctx: Context, scores: Mapping[int, np.ndarray]) -> Plan:
     params = ctx.params
     if params.target_macs is not None or params.target_params is not None:
         plan, notes = global_plan_with_notes(ctx, scores)
+        if params.budget_allocation == BudgetAllocation.DAMAGE.value:
+            notes.append("--budget-allocation damage needs the statistics of a reconstruction method (thinet, cp, ldrf, "
+                         "contrib, obs) and no per-group allocation: the budget is shared by the global ranking")
         ctx.notes.extend(notes)
         return plan
     per_group = dict(params.group_ratios) if params.group_ratios is not None else group_ratios(ctx)
@@ -511,3 +548,103 @@ def global_plan(ctx: Context, scores: Mapping[int, np.ndarray]) -> Plan:
     """Remove the globally lowest normalised classes until --target-macs / --target-params is met."""
     plan, _ = global_plan_with_notes(ctx, scores)
     return plan
+
+
+# ----------------------------------------------------------------------------- allocation by predicted damage
+
+
+@dataclass(frozen=True, eq=False)
+class GroupDamage:
+    """The predicted damage of removing each prefix of one group's removal order (`datadriven.damage_table`).
+
+    ``units[i]``: the class positions (in ``group.classes``) the i-th step removes, one per block of a grouped
+    conv; ``damage[k]``: the damage when the first ``k`` units are removed (``damage[0] = 0``), in the common unit
+    of `datadriven.damage_table` (the consumers' output error left after their least-squares refit, relative to
+    their output energy), so that groups compare.
+    """
+
+    group: int
+    units: np.ndarray  # [n, block]
+    damage: np.ndarray  # [n + 1]
+
+
+def allowed_units(group: Group, table: GroupDamage, max_ratio: float, min_width: float, cap: float | None = None) -> int:
+    """Units of `table` a budget may remove: at most `max_ratio` (and the part's `cap`) of each block, and no more
+    than leaves `min_width` of it, unless the damage of going further is negligible (`NEGLIGIBLE_DAMAGE`)."""
+    per_block = group.size // max(1, group.block)
+    n = min(len(table.units), per_block - 1, int(math.floor(min(max_ratio, cap if cap is not None else 1.0) * per_block + 1e-9)))
+    floor_units = per_block - int(math.ceil(min_width * per_block - 1e-9))
+    harmless = int(np.flatnonzero(table.damage[: n + 1] <= NEGLIGIBLE_DAMAGE).max(initial=0))
+    return max(0, min(n, max(floor_units, harmless)))
+
+
+def hull_slopes(saved: np.ndarray, damage: np.ndarray) -> np.ndarray:
+    """Per step ``1..n`` of a curve ``(saved[k], damage[k])`` (``k = 0..n``, saved increasing): the slope of the
+    lower convex hull over the segment the step lies in (non-decreasing in ``k``).
+
+    Taking steps across groups in order of these slopes is the greedy solution of the knapsack "least total damage
+    for the cost saved", exact at the hull's vertices (the LP relaxation's optimum).
+    """
+    hull = [0]
+    for k in range(1, saved.size):
+        while len(hull) >= 2 and _slope(saved, damage, hull[-2], hull[-1]) >= _slope(saved, damage, hull[-1], k):
+            hull.pop()
+        hull.append(k)
+    slopes = np.zeros(saved.size - 1)
+    for a, b in zip(hull, hull[1:]):
+        slopes[a:b] = _slope(saved, damage, a, b)
+    return slopes
+
+
+def _slope(saved: np.ndarray, damage: np.ndarray, a: int, b: int) -> float:
+    return float(damage[b] - damage[a]) / max(float(saved[b] - saved[a]), 1e-30)
+
+
+def damage_plan_with_notes(
+    ctx: Context, damage: Mapping[int, GroupDamage], scores: Keys, budget: Budget | None = None
+) -> tuple[Plan, list[str]]:
+    """The plan meeting the budget with the least total predicted damage (module section "allocation by damage").
+
+    Per group, the kept counts allowed by the rounding multiple (`_rounded_units`), `allowed_units` and the part
+    caps are the points of its curve (MACs, or parameters with only ``--target-params``, saved by the cost model
+    against predicted damage); each step of the group's removal order gets the slope of the curve's lower convex
+    hull there, and one global order of those slopes goes through the same search as the ranking (`BudgetSearch`:
+    cost model, bisection, measured correction). Groups without a damage table stay whole.
+    """
+    budget = budget or Budget.from_params(ctx.params)
+    trace = ctx.trace
+    rounding = Rounding.of(ctx.options.round_to)
+    caps = part_caps(ctx)
+    search = BudgetSearch(ctx, budget)
+    which = 0 if budget.macs is not None else 1
+    units: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for index, table in damage.items():
+        group = trace.groups[index]
+        multiple = rounding.classes(group, trace)
+        n = allowed_units(group, table, budget.max_ratio, ctx.params.min_width, caps.get(index))
+        points = [k for k in range(n + 1) if _rounded_units(group, k, multiple) == k]
+        if len(points) < 2:
+            continue
+        saved = np.array([search.cost.savings(_prefix_plan(group, table.units[:k]))[which] for k in points])
+        slopes = hull_slopes(saved, table.damage[points])
+        keys = np.repeat(slopes, np.diff(points))
+        units[index] = (table.units[: points[-1]], keys)
+    ranking = Ranking.of_units(trace, units, rounding)
+    best, notes = search.measured_plan(ranking, scores)
+    widths = {gp.group: gp.kept for gp in best.plan.groups}
+    predicted = sum(float(damage[g].damage[min((trace.groups[g].size - k) // max(1, trace.groups[g].block),
+                                               damage[g].damage.size - 1)]) for g, k in widths.items() if g in damage)
+    log.info("damage allocation: kept widths %s; predicted damage %.4g",
+             {g: f"{k}/{trace.groups[g].size}" for g, k in sorted(widths.items())}, predicted)
+    narrow = sorted(widths.items(), key=lambda gk: gk[1] / trace.groups[gk[0]].size)[:5]
+    notes.insert(0, f"global budget {budget.describe()} by predicted damage: kept MACs {best.macs:.3f}, params "
+                    f"{best.params:.3f}; narrowest groups {', '.join(f'{g}: {k}/{trace.groups[g].size}' for g, k in narrow)}")
+    skipped = [g.index for g in trace.groups if not g.is_frozen and g.index not in damage]
+    if skipped:
+        notes.append(f"damage allocation: {len(skipped)} prunable group(s) without a refitted consumer kept whole")
+    return best.plan, notes
+
+
+def _prefix_plan(group: Group, removed: np.ndarray) -> Plan:
+    pruned = tuple(group.classes[int(i)] for i in sorted(removed.ravel().tolist()))
+    return Plan((GroupPlan(group.index, group.size, pruned),) if pruned else ())

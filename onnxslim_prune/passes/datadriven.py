@@ -52,16 +52,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_graphsurgeon as gs
+import scipy.linalg
 
 from .. import ir
 from ..channels import Group, Kind, Role, Trace, transformer_part
 from ..calib.threads import blas_limited
 from ..calib.memory import explicit_budget
-from ..calib.statistic import RowSampler, SampledGrams, collect
+from ..calib.statistic import ActivationMoments, RowSampler, SampledGrams, collect
 from ..errors import CalibrationError
 from . import reconstruct as rc
-from ..methods.base import Context, Outcome
-from .budget import choose_plan
+from ..methods.base import BudgetAllocation, Context, Outcome
+from .budget import GroupDamage, _group_order, choose_plan, damage_plan_with_notes
 from .plan import removed_count
 from ..roundto import Rounding
 from .score import l1
@@ -180,8 +182,10 @@ def _layer_key(layer: rc.Layer) -> str:
     return f"{layer.x}|{layer.kernel}|{layer.strides}|{layer.pads}|{layer.dilations}|{layer.auto_pad}"
 
 
-def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``_layer_key -> (S centred covariance [D, D], mean [D])`` of each layer's input rows.
+def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | None = None,
+                      rows: dict[str, int] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``_layer_key -> (S centred covariance [D, D], mean [D])`` of each layer's input rows (`rows`, when given,
+    receives ``_layer_key ->`` the rows summed).
 
     Layers sharing an input and geometry share one Gram matrix; layers are collected in
     chunks of at most `budget` bytes of Gram matrices (default `rc.DEFAULT_GRAM_BUDGET`, or half of
@@ -226,6 +230,8 @@ def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | No
                             seed=s.seed, chunk=c, settings=f"P={s.positions}")
         collect(ctx.model, ctx.calibration, [stat], s.batch_size, progress=ctx.progress, subgraph=rc.subgraph_model)
         out.update(stat.take_covariances())
+        if rows is not None:
+            rows.update(stat.rows)
     return out
 
 
@@ -462,7 +468,8 @@ def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str 
     need_calibration(ctx, name)
     consumers = group_consumers(ctx)
     layers = [c.layer for cs in consumers.values() for c in cs]
-    cov = input_covariances(ctx, layers) if layers else {}
+    rows: dict[str, int] = {}
+    cov = input_covariances(ctx, layers, rows=rows) if layers else {}
     scores: dict[int, np.ndarray] = {}
     removed: set[int] = set()
     with blas_limited():  # thousands of small solves: one BLAS thread (calib.threads; 205 s -> 3.5 s on ResNet-56)
@@ -479,8 +486,176 @@ def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str 
             order = np.argsort(np.where(free, s, np.inf), kind="stable")[:n_remove]
             removed.update(group.classes[int(i)] for i in order)
     scores, notes = with_fallback(ctx, scores, name)
-    outcome = Outcome(choose_plan(ctx, scores), notes=tuple(notes))
-    return rc.with_reconstruction(ctx, outcome, mode=mode)
+    if by_damage(ctx):
+        scales = sink_scales(ctx, [c.layer for cs in consumers.values() for c in cs])
+        with blas_limited():
+            table = damage_table(ctx, scores, consumers, cov, scales, rows)
+        plan, budget_notes = damage_plan_with_notes(ctx, table, scores)
+        ctx.notes.extend(budget_notes)
+    else:
+        plan = choose_plan(ctx, scores)
+    return rc.with_reconstruction(ctx, Outcome(plan, notes=tuple(notes)), mode=mode)
+
+
+# ----------------------------------------------------------------------------- predicted damage
+
+
+def by_damage(ctx: Context) -> bool:
+    """A budget shared by predicted damage: ``--target-macs`` / ``--target-params`` with ``--budget-allocation damage``
+    (the default of the reconstruction methods), and no per-group allocation given."""
+    params = ctx.params
+    budget = params.target_macs is not None or params.target_params is not None
+    return budget and params.group_ratios is None and params.allocation(BudgetAllocation.DAMAGE) is BudgetAllocation.DAMAGE
+
+
+def refit_residuals(s: np.ndarray, w: np.ndarray, columns: Sequence[np.ndarray], lam: float) -> np.ndarray:
+    """The error left by the refit of a layer ``Y = X W`` from the columns ``K`` still there, when the column sets
+    `columns` are removed one after another: ``[m + 1]``, entry ``k`` after the first ``k`` sets (0 first).
+
+    The refit (`reconstruct`) is ``W'_K = W_K + D`` with ``D = argmin ||X_R W_R - X_K D||^2 / n + lam ||D||^2`` (the
+    ridge pulls toward plain pruning); the error counted is that minimum, ``tr(W_R^T (S_RR - S_RK (S_KK + lam I)^-1
+    S_KR) W_R)``: the least-squares residual as ``lam -> 0``, plain pruning's error as ``lam -> inf``, and never
+    below the refit's output error (it includes the penalty). ``S`` is the centred input covariance (the refit's
+    intercept absorbs the mean). With ``P = (S + lam I)^-1`` it is ``tr(W_R^T (P_RR)^-1 W_R) - lam ||W_R||^2``
+    (Optimal Brain Surgeon's block form). With the Cholesky factor ``P_GG = L L^T`` of the removable columns in
+    removal order, ``P_RR`` of every prefix ``R`` is a leading block and ``(P_RR)^-1 = L_RR^-T L_RR^-1``; the rows
+    of ``Z = L^-1 W_G`` do not depend on the columns after them, so each prefix's error is a sum of squared rows
+    of ``Z`` (and of ``W_G``) up to it: every width from one factorisation.
+    """
+    dim = s.shape[0]
+    ends = np.cumsum([0, *(c.size for c in columns)])
+    if ends[-1] == 0:
+        return np.zeros(len(columns) + 1)
+    scale = float(np.trace(s)) / max(dim, 1)
+    shift = max(lam, 1e-12 * scale, 1e-30)  # lam = 0 (exact least squares) still needs an invertible S
+    p = rc.solve_spd(s + shift * np.eye(dim), np.eye(dim))
+    cols = np.concatenate(columns)
+    pgg = (p[np.ix_(cols, cols)] + p[np.ix_(cols, cols)].T) / 2
+    try:
+        factor = scipy.linalg.cholesky(pgg, lower=True, check_finite=False)
+    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+        jitter = 1e-10 * float(np.trace(pgg)) / cols.size
+        factor = scipy.linalg.cholesky(pgg + jitter * np.eye(cols.size), lower=True, check_finite=False)
+    z = scipy.linalg.solve_triangular(factor, w[cols], lower=True, check_finite=False)
+    per_row = np.einsum("ij,ij->i", z, z) - shift * np.einsum("ij,ij->i", w[cols], w[cols])
+    cumulative = np.concatenate([[0.0], np.cumsum(per_row)])
+    return np.asarray(np.maximum(cumulative[ends], 0.0))
+
+
+#: ops a layer's error passes through unchanged in kind on its way to a residual Add (a bias, a folded scale)
+_TO_SINK = ("Add", "Sub", "Mul", "Div", "BatchNormalization", "Identity", "Cast", "Reshape", "Transpose")
+#: most such ops followed
+_SINK_STEPS = 4
+
+
+@dataclass(frozen=True, eq=False)
+class Sink:
+    """Where a layer's error lands: the residual sum its output is added into, and the per-channel weight of an
+    error there (the squared scale of the LayerNormalization that reads the sum; None: all 1)."""
+
+    tensor: str
+    weights: np.ndarray | None
+
+
+def sink_of(ctx: Context, layer: rc.Layer) -> Sink | None:
+    """The residual sum a layer's output is added into (``x + f(x)``), past biases and constant scales; None when
+    there is none within `_SINK_STEPS` ops (the layer's own output is then its scale)."""
+    nodes = ir.node_by_name(ctx.graph)
+    node = nodes.get(layer.node)
+    tensor = node.outputs[0] if node is not None else None
+    for _ in range(_SINK_STEPS):
+        if tensor is None or len(tensor.outputs) != 1:
+            return None
+        nxt = tensor.outputs[0]
+        others = [t for t in nxt.inputs if t is not tensor and t.name]
+        if nxt.op not in _TO_SINK:
+            return None
+        if nxt.op == "Add" and len(others) == 1 and ir.const_value(others[0]) is None:
+            out = nxt.outputs[0]
+            name = str(out.name)
+            if name not in ctx.trace.maps or name not in ctx.trace.shapes:
+                return None
+            return Sink(name, _norm_weights(out, ctx.trace.maps[name].size))
+        if nxt.op in ("Add", "Sub", "Mul", "Div") and any(ir.const_value(t) is None for t in others):
+            return None
+        tensor = nxt.outputs[0]
+    return None
+
+
+def _norm_weights(tensor: gs.Tensor, channels: int) -> np.ndarray | None:
+    """``gamma^2`` of a LayerNormalization over the last axis that alone reads `tensor` (an error ``e_c`` before it
+    becomes ``gamma_c e_c / sigma`` after it; ``sigma`` cancels in a relative error)."""
+    if len(tensor.outputs) != 1 or tensor.outputs[0].op != "LayerNormalization":
+        return None
+    norm = tensor.outputs[0]
+    gamma = ir.input_const(norm, 1)
+    if int(ir.attr(norm, "axis", -1)) not in (-1, len(tensor.shape or ()) - 1) or gamma is None or gamma.size != channels:
+        return None
+    return np.square(np.asarray(gamma, dtype=np.float64).ravel())
+
+
+def sink_scales(ctx: Context, layers: Sequence[rc.Layer]) -> dict[str, tuple[float, np.ndarray | None]]:
+    """layer node -> (the weighted total variance ``sum_c w_c var_c`` of its `Sink`, the weights), from one cached
+    pass of channel moments."""
+    sinks = {layer.node: sink for layer in layers if (sink := sink_of(ctx, layer)) is not None}
+    if not sinks:
+        return {}
+    names = list(dict.fromkeys(sink.tensor for sink in sinks.values()))
+    stat = ActivationMoments({n: (ctx.trace.maps[n].axis, len(ctx.trace.shapes[n]), ctx.trace.maps[n].size) for n in names})
+    collect(ctx.model, ctx.calibration, [stat], settings(ctx).batch_size, progress=ctx.progress, subgraph=rc.subgraph_model)
+    moments = stat.result()
+    out: dict[str, tuple[float, np.ndarray | None]] = {}
+    for node, sink in sinks.items():
+        var = moments[sink.tensor].var
+        out[node] = (float(np.sum(var if sink.weights is None else sink.weights * var)), sink.weights)
+    return out
+
+
+def damage_table(ctx: Context, scores: Mapping[int, np.ndarray], consumers: Mapping[int, Sequence[Consumer]],
+                 cov: Covariances, scales: Mapping[str, tuple[float, np.ndarray | None]] | None = None,
+                 rows: Mapping[str, int] | None = None) -> dict[int, GroupDamage]:
+    """Per prunable group with refitted consumers, the predicted damage of every width (`budget.GroupDamage`).
+
+    The group's free classes go in the order of `scores` (lowest first; one class per block of a grouped conv);
+    removing the first ``k``, each consumer ``C`` loses the output error its least-squares refit cannot recover
+    (`refit_residuals`, from the input covariances the selection already holds, ridge as the selection's), divided
+    by the energy of what that error lands in: `scales` (layer node -> the variance of the residual sum its output
+    is added into and the weights of its channels, `sink_scales`) or else its own output energy ``tr(W^T S W)``;
+    a group's damage is the sum
+    over its consumers. Relative errors make layers of different scale comparable (the residual stream is what
+    the next layers read, through a normalisation); groups are counted one at a time (their interactions through
+    the refit of a consumer that reads several groups are left out).
+    """
+    s_ = settings(ctx)
+    scales = scales or {}
+    out: dict[int, GroupDamage] = {}
+    for group in ctx.trace.groups:
+        if group.is_frozen or group.index not in consumers or group.index not in scores:
+            continue
+        order = _group_order(group, np.asarray(scores[group.index], dtype=np.float64), 1.0)
+        if not order.units.size:
+            continue
+        flat = order.units.ravel()
+        damage = np.zeros(len(order.units) + 1)
+        for consumer in consumers[group.index]:
+            full, _ = cov[_layer_key(consumer.layer)]
+            w = consumer.w
+            sink_energy, weights = scales.get(consumer.layer.node, (0.0, None))
+            if weights is not None and weights.size == w.shape[1]:
+                w = w * np.sqrt(weights)  # the error as the normalisation after the sum weighs it
+            energy = sink_energy if sink_energy > 0 else float(np.einsum("ij,ij->", w, full @ w))
+            if energy <= 0:
+                continue
+            cols, cls = _class_map(group, consumer.column_roots)
+            by_class = {int(k): cols[cls == k] for k in np.unique(cls).tolist()}
+            empty = np.zeros(0, dtype=np.int64)
+            columns = [by_class.get(int(k), empty) for k in flat.tolist()]
+            n = (rows or {}).get(_layer_key(consumer.layer))
+            lam = rc.ridge_lambda(full, s_.ridge, n, s_.ridge_rows if n else 0.0)
+            per_class = refit_residuals(full, w, columns, lam) / energy
+            damage += per_class[:: max(1, group.block)]
+        out[group.index] = GroupDamage(group.index, order.units, damage)
+    return out
 
 
 def _select_thinet(ctx: Context, group: Group, consumers: Sequence[Consumer], cov: Covariances, removed: set[int], free: np.ndarray,
