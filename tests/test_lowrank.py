@@ -104,13 +104,13 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("refit", [True, False])
-def test_an_exactly_rank_r_layer_is_split_exactly(tmp_path: Path, case: str, refit: bool) -> None:
+@pytest.mark.parametrize(("refit", "metric"), [(True, "energy"), (False, "energy"), (False, "channel")])
+def test_an_exactly_rank_r_layer_is_split_exactly(tmp_path: Path, case: str, refit: bool, metric: str) -> None:
     build, shape, d, o = CASES[case]
     model = build()
     x = np.random.default_rng(7).standard_normal(shape).astype(np.float32) + 0.5
     planned = 8 * (d + o) / (d * o)  # the rank-8 split's share of the layer's MACs (the model's only MACs)
-    result = prune(model, x, tmp_path, target=planned + 0.01, reconstruct=refit)
+    result = prune(model, x, tmp_path, target=planned + 0.01, reconstruct=refit, lowrank_metric=metric)
     out = result.model
     onnx.checker.check_model(out, full_check=True)
     assert [(i.name, i.type) for i in out.graph.input] == [(i.name, i.type) for i in model.graph.input]
@@ -189,7 +189,7 @@ def test_whitening_form_is_the_projection_form() -> None:
     s = x.T @ x / 400
     values, vectors = np.linalg.eigh(w.T @ s @ w)
     order = np.argsort(values)[::-1]
-    cand = lowrank.Candidate(rc.Layer("n", Kind.GEMM, "x", "y"), w, None, np.zeros(20), values[order],
+    cand = lowrank.Candidate(rc.Layer("n", Kind.GEMM, "x", "y"), w, None, np.zeros(20), np.ones(12), values[order],
                              vectors[:, order], 1, 1, 1, 6)
     d = lowrank.decomposition(cand, 5)
     lower = np.linalg.cholesky(s)

@@ -14,7 +14,7 @@ from ..passes.budget import choose_plan
 from .lcp import lcp
 from ..passes.plan import Plan
 from ..passes.score import CRITERIA, score_groups
-from .base import MERGE_CRITERIA, Context, Importance, LcpParams, MergeParams, MethodSpec, Options, Outcome, Scores, register
+from .base import MERGE_CRITERIA, Context, Importance, LcpParams, LowRankParams, MergeParams, MethodSpec, Options, Outcome, Scores, register
 
 CRITERION_HELP = {
     "l1": "smallest L1 norm of a channel's weights removed (Li et al. 2017)",
@@ -71,7 +71,7 @@ for _name, _run, _help in _DATA_DRIVEN:
 register(MethodSpec(
     "lowrank", "activation-aware low-rank decomposition (LDRF's, as in ASVD, SVD-LLM, BALF): each Conv/Gemm/MatMul split in "
                "two through the principal subspace of its outputs, ranks by least damage per MAC saved; needs --calib",
-    run=lowrank.lowrank, needs_data=True, default_macs=lambda ratio: 1.0 - ratio, ignored=lowrank.ignored,
+    params=LowRankParams, run=lowrank.lowrank, needs_data=True, default_macs=lambda ratio: 1.0 - ratio, ignored=lowrank.ignored,
 ))
 register(MethodSpec(
     "lcp", "layer-compensated pruning (Chin et al. 2018): a learned global ranking under a MACs target",

@@ -54,6 +54,7 @@ import heapq
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from fnmatch import fnmatchcase
 
 import numpy as np
@@ -64,7 +65,7 @@ from .. import ir, validate
 from ..channels import Kind
 from ..calib.threads import blas_limited
 from ..graph import edit, qdq
-from ..methods.base import Context, Options, Outcome
+from ..methods.base import Context, LowRankParams, Options, Outcome
 from ..roundto import Rounding
 from . import reconstruct as rc
 from .datadriven import input_covariances, layer_covariance, need_calibration
@@ -84,6 +85,7 @@ class Candidate:
     w: np.ndarray  # [D, O], float64
     bias: np.ndarray | None  # [O]; None: no per-output bias (uncentred statistics)
     mean: np.ndarray  # [D] input mean (zeros with uncentred statistics)
+    scale: np.ndarray  # [O] output channel scales the spectrum is measured in (`OutputMetric`)
     values: np.ndarray  # eigenvalues of the output covariance, descending, >= 0
     vectors: np.ndarray  # [O, first]: the eigenvectors of the ranks that may be chosen
     macs: int  # undecomposed
@@ -171,7 +173,25 @@ def _weighted_nodes(ctx: Context) -> list[tuple[gs.Node, rc.Layer]]:
     return out
 
 
-def candidates(ctx: Context, rounding: Rounding, max_ratio: float) -> list[Candidate]:
+class OutputMetric(str, Enum):
+    """The norm a layer's output error is measured (and minimised) in."""
+
+    #: ``||E||^2``: the output covariance as it is (the discarded eigenvalue energy)
+    ENERGY = "energy"
+    #: ``||E D^-1||^2`` with ``D`` the output channels' standard deviations: every channel counts alike, so a few
+    #: high-variance channels (the outlier dimensions of a transformer's residual stream) do not own the subspace
+    CHANNEL = "channel"
+
+
+def output_scale(c: np.ndarray, metric: OutputMetric) -> np.ndarray:
+    """Per output channel, the scale `metric` divides it by (ones for `OutputMetric.ENERGY`)."""
+    if metric is OutputMetric.ENERGY:
+        return np.ones(c.shape[0])
+    std = np.sqrt(np.clip(np.diag(c), 0.0, None))
+    return np.maximum(std, 1e-6 * max(float(std.max(initial=0.0)), 1e-30))
+
+
+def candidates(ctx: Context, rounding: Rounding, max_ratio: float, metric: OutputMetric = OutputMetric.ENERGY) -> list[Candidate]:
     """Every layer that can save MACs by decomposition, with the spectrum of its calibrated outputs."""
     multiple = rank_multiple(rounding)
     found: list[tuple[gs.Node, rc.Layer, rc.Affine, int]] = []
@@ -196,10 +216,12 @@ def candidates(ctx: Context, rounding: Rounding, max_ratio: float) -> list[Candi
                 s, mean = s + np.outer(mean, mean), np.zeros_like(mean)
             w = affine.w
             c = w.T @ s @ w
+            scale = output_scale(c, metric)
+            c = c / np.outer(scale, scale)
             values, vectors = np.linalg.eigh((c + c.T) / 2)
             values, vectors = values[::-1].clip(min=0.0), vectors[:, ::-1]
             d, o = w.shape
-            out.append(Candidate(layer, w, affine.b, np.asarray(mean, dtype=np.float64), values,
+            out.append(Candidate(layer, w, affine.b, np.asarray(mean, dtype=np.float64), scale, values,
                                  np.ascontiguousarray(vectors[:, :first]), int(np.prod(ctx.trace.shapes[layer.y],
                                  dtype=np.int64)) // o * d * o, multiple, least_rank(d, o, multiple, max_ratio), first))
     return out
@@ -234,14 +256,15 @@ def allocate(cands: Sequence[Candidate], needed: float) -> dict[int, int]:
 
 
 def decomposition(cand: Candidate, rank: int) -> Decomposition:
-    """The factors of `cand` at `rank` (module docstring)."""
+    """The factors of `cand` at `rank` (module docstring): ``A = W D^-1 U_r``, ``B = U_r^T D`` (``D = diag(scale)``)."""
     u = cand.vectors[:, :rank]
-    a = cand.w @ u
+    a = (cand.w / cand.scale) @ u
+    b = u.T * cand.scale
     bias = None
     if cand.bias is not None:
         through = cand.mean @ cand.w
-        bias = cand.bias + through - (through @ u) @ u.T
-    return Decomposition(cand.layer.node, cand.layer.kind, a, np.ascontiguousarray(u.T), bias, cand.damage(rank))
+        bias = cand.bias + through - ((through / cand.scale) @ u) @ b
+    return Decomposition(cand.layer.node, cand.layer.kind, a, np.ascontiguousarray(b), bias, cand.damage(rank))
 
 
 # ----------------------------------------------------------------------------- rewriting
@@ -305,10 +328,11 @@ def lowrank(ctx: Context) -> Outcome:
     """Activation-aware low-rank decomposition to the MACs target (module docstring)."""
     need_calibration(ctx, "lowrank")
     params = ctx.params
+    assert isinstance(params, LowRankParams)
     target = params.target_macs if params.target_macs is not None else 1.0 - ctx.options.ratio
     rounding = Rounding.of(ctx.options.round_to)
     total = validate.model_stats(ctx.model, ctx.input_shapes).macs
-    cands = candidates(ctx, rounding, params.max_ratio)
+    cands = candidates(ctx, rounding, params.max_ratio, OutputMetric(params.lowrank_metric))
     needed = total * (1.0 - target) - TOLERANCE * total
     ranks = allocate(cands, needed)
     decompositions = tuple(decomposition(cands[i], r) for i, r in sorted(ranks.items()))
