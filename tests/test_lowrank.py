@@ -203,3 +203,22 @@ def test_first_rank_is_the_largest_aligned_rank_that_saves_macs(d: int, o: int, 
     assert lowrank.first_rank(d, o, multiple) == first
     if first:
         assert first * (d + o) < d * o <= (first + multiple) * (d + o)
+
+
+def candidate(values: list[float], d: int, o: int, macs: int, multiple: int = 8) -> lowrank.Candidate:
+    spectrum = np.asarray(values + [0.0] * (o - len(values)))
+    return lowrank.Candidate(rc.Layer("n", Kind.GEMM, "x", "y"), np.zeros((d, o)), None, np.zeros(d), np.ones(o), spectrum,
+                             np.eye(o), macs, multiple, multiple, lowrank.first_rank(d, o, multiple))
+
+
+def test_allocation_takes_the_least_damage_per_mac_first() -> None:
+    """Two 64x64 layers (first rank 24): a flat spectrum (every step costs) and one of rank 8 (free down to 8).
+    The free layer is cut first; past its least rank, the flat one."""
+    flat = candidate([1.0] * 64, 64, 64, 64 * 64)
+    sharp = candidate([1.0] * 8, 64, 64, 64 * 64)
+    cands = [flat, sharp]
+    ranks = lowrank.allocate(cands, needed=sharp.macs - sharp.macs_at(8))
+    assert ranks == {1: 8}  # the free layer alone meets it, the flat one is untouched
+    ranks = lowrank.allocate(cands, needed=sharp.macs - sharp.macs_at(8) + 1)
+    assert ranks == {1: 8, 0: 24}  # one more MAC: the sharp layer is at its least rank, the flat one takes its first step
+    assert flat.damage(24) == pytest.approx(40 / 64) and sharp.damage(8) == 0.0
