@@ -228,7 +228,7 @@ def prune(
         if fit is not None:
             outcome = reconstruct.with_reconstruction(ctx, outcome)  # no-op with --no-reconstruct
     notes.extend(ctx.notes)
-    if not outcome.plan.groups and not outcome.overrides:
+    if not outcome.plan.groups and not outcome.overrides and outcome.finish is None:
         if working is original:
             reason = nothing_prunable_reason(analysis.trace, original)
             log.warning("nothing was pruned: %s; the model is written unchanged", reason)

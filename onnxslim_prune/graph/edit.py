@@ -113,6 +113,36 @@ def rewire_node(node: gs.Node, op: str, inputs: list[gs.Tensor], attrs: Mapping[
     node.attrs.update(dict(attrs or {}))
 
 
+def fresh_name(graph: gs.Graph, base: str) -> str:
+    """`base`, or `base` with the least numeric suffix, naming no node or tensor of `graph` yet."""
+    taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
+def make_variable(name: str, dtype: Any) -> gs.Variable:
+    """A new intermediate tensor (its shape is inferred on export)."""
+    return gs.Variable(name, dtype=np.dtype(dtype))
+
+
+def insert_node_before(
+    graph: gs.Graph, anchor: gs.Node, op: str, name: str, inputs: list[gs.Tensor], outputs: list[gs.Tensor],
+    attrs: Mapping[str, Any] | None = None,
+) -> gs.Node:
+    """Add the node ``op(inputs) -> outputs`` to `graph`, just before `anchor` (export sorts the graph anyway).
+
+    Low-rank decomposition (`passes.lowrank`) splits a layer in two: the new first layer is
+    inserted here and `anchor` becomes the second, reading the new layer's output.
+    """
+    node = gs.Node(op=op, name=name, attrs=dict(attrs or {}), inputs=list(inputs), outputs=list(outputs))
+    position = next(i for i, n in enumerate(graph.nodes) if n is anchor)
+    graph.nodes.insert(position, node)
+    return node
+
+
 def forget_inner_shapes(graph: gs.Graph) -> None:
     """Drop the shapes of inner tensors (stale after pruning; re-inferred on export)."""
     for tensor in graph.tensors().values():

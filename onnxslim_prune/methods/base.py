@@ -234,6 +234,17 @@ class LcpParams(CommonParams):
     lcp_tournament: int = setting(4, POSITIVE_INT)
 
 
+#: the norms `passes.lowrank` measures a layer's output error in (`passes.lowrank.OutputMetric`)
+LOWRANK_METRICS = ("energy", "channel")
+
+
+@dataclass(frozen=True)
+class LowRankParams(CommonParams):
+    lowrank_metric: str = setting("energy", choice(*LOWRANK_METRICS), flag="--lowrank-metric", choices=LOWRANK_METRICS,
+                                  omit="energy", help="lowrank: the output error's norm, the outputs' energy or every "
+                                                      "channel alike (standardised).")
+
+
 def settings_of(params: type[CommonParams]) -> dict[str, Setting]:
     """field name -> `Setting` of a `Params` class, in field order."""
     return {f.name: f.metadata["setting"] for f in fields(params)}

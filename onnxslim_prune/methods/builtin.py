@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..passes import activation, contribution, datadriven, merge, nisp
+from ..passes import activation, contribution, datadriven, lowrank, merge, nisp
 from ..passes.budget import choose_plan
 from .lcp import lcp
 from ..passes.plan import Plan
 from ..passes.score import CRITERIA, score_groups
-from .base import MERGE_CRITERIA, Context, Importance, LcpParams, MergeParams, MethodSpec, Options, Outcome, Scores, register
+from .base import MERGE_CRITERIA, Context, Importance, LcpParams, LowRankParams, MergeParams, MethodSpec, Options, Outcome, Scores, register
 
 CRITERION_HELP = {
     "l1": "smallest L1 norm of a channel's weights removed (Li et al. 2017)",
@@ -68,6 +68,11 @@ _DATA_DRIVEN: tuple[tuple[str, Callable[[Context], Outcome], str], ...] = (
 )
 for _name, _run, _help in _DATA_DRIVEN:
     register(MethodSpec(_name, f"{_help}; needs --calib", run=_run, needs_data=True))
+register(MethodSpec(
+    "lowrank", "activation-aware low-rank decomposition (LDRF's, as in ASVD, SVD-LLM, BALF): each Conv/Gemm/MatMul split in "
+               "two through the principal subspace of its outputs, ranks by least damage per MAC saved; needs --calib",
+    params=LowRankParams, run=lowrank.lowrank, needs_data=True, default_macs=lambda ratio: 1.0 - ratio, ignored=lowrank.ignored,
+))
 register(MethodSpec(
     "lcp", "layer-compensated pruning (Chin et al. 2018): a learned global ranking under a MACs target",
     params=LcpParams, run=lcp, criteria=None, default_macs=lambda ratio: 1.0 - ratio,

@@ -182,6 +182,11 @@ def _layer_key(layer: rc.Layer) -> str:
     return f"{layer.x}|{layer.kernel}|{layer.strides}|{layer.pads}|{layer.dilations}|{layer.auto_pad}"
 
 
+def layer_covariance(cov: Covariances, layer: rc.Layer) -> tuple[np.ndarray, np.ndarray]:
+    """`layer`'s ``(S, mean)`` in the result of `input_covariances` (layers of one input and geometry share it)."""
+    return cov[_layer_key(layer)]
+
+
 def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | None = None,
                       rows: dict[str, int] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``_layer_key -> (S centred covariance [D, D], mean [D])`` of each layer's input rows (`rows`, when given,
