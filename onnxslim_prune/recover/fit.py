@@ -1,0 +1,315 @@
+"""The recovery loop: stream each block's activations, take Adam steps on its weights, keep them if the guard agrees.
+
+See the package docstring for what is minimised and how it is guarded. This module needs torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from ..calib.engine import StagedPasses
+from ..calib.memory import calibration_budget
+from ..calib.sources import CalibrationSet
+from . import RecoverSettings
+from .blocks import Block, find_blocks
+from .torchblock import TorchBlock, Unsupported, check_supported
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+#: fraction of the fit samples kept aside to judge each block (at least `MIN_GUARD`, at most `MAX_GUARD`)
+GUARD_FRACTION = 0.2
+MIN_GUARD = 4
+MAX_GUARD = 256
+#: fewest samples a block is fitted on
+MIN_TRAIN = 4
+#: shares of the calibration budget: each network's frontier, and the samples one block holds
+FRONTIER_SHARE = 4
+DATA_SHARE = 4
+#: torch threads: one (the same bytes on any machine; on a shared 2-core machine two threads made small steps 20x slower)
+THREADS = 1
+#: guard checkpoints per block (the best one is kept)
+CHECKPOINTS = 4
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    block: Block
+    status: str  # "kept", "rejected", "skipped"
+    reason: str = ""
+    steps: int = 0
+    seconds: float = 0.0
+    before: float = math.nan  # guard error with the closed-form weights
+    after: float = math.nan  # guard error with the best recovered weights
+    train_samples: int = 0
+    guard_samples: int = 0
+
+
+@dataclass(frozen=True)
+class Recovery:
+    model: onnx.ModelProto
+    results: tuple[BlockResult, ...]
+    notes: tuple[str, ...]
+
+
+@contextmanager
+def _torch_state(seed: int) -> Iterator[None]:
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(max(1, min(THREADS, os.cpu_count() or 1)))
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: CalibrationSet, settings: RecoverSettings,
+            progress: Progress | None = None) -> Recovery:
+    """Recover `pruned`'s blocks in place of their closed-form weights (only initializers change); see the package."""
+    blocks = find_blocks(original, pruned)
+    names = [n.name for n in pruned.graph.node]
+    if not blocks:
+        return Recovery(pruned, (), ("recover: no block differs from the original; nothing to recover",))
+    if len(set(names)) != len(names) or not all(names):
+        return Recovery(pruned, (), ("recover: skipped, the pruned graph's nodes are not uniquely named",))
+    nodes = {n.name: n for n in pruned.graph.node}
+    planned: list[Block] = []
+    for block in blocks:
+        if block.skip is None:
+            try:
+                check_supported([nodes[n] for n in block.nodes])
+            except Unsupported as exc:
+                block = _skipped(block, f"not convertible to torch: {exc}")
+        planned.append(block)
+    original_outputs = {o for n in original.graph.node for o in n.output} | {o.name for o in original.graph.input}
+    planned = [b if b.skip is not None or set(b.outputs) <= original_outputs
+               else _skipped(b, "the original computes no tensor of its output") for b in planned]
+
+    budget = calibration_budget()
+    mine = StagedPasses(pruned, fit, settings.batch_size, [b.inputs for b in planned], budget=budget // FRONTIER_SHARE,
+                        label="recovered network", changes={n: b.index for b in planned for n in b.nodes})
+    theirs = StagedPasses(original, fit, settings.batch_size, [b.outputs for b in planned],
+                          budget=budget // FRONTIER_SHARE, label="original network")
+    total = mine.batches * mine.size if mine.drop_last else fit.num_samples
+    guard, train_order = _split(total, settings.seed)
+    results: list[BlockResult] = []
+    started = time.perf_counter()
+    try:
+        with _torch_state(settings.seed):
+            for block in planned:
+                left = max(settings.seconds - (time.perf_counter() - started), 0.0)
+                share = left / (len(planned) - block.index)
+                result = _one_block(block, nodes, pruned, mine, theirs, guard, train_order, settings, share,
+                                    budget // DATA_SHARE)
+                results.append(result)
+                _log(result)
+                if progress is not None:
+                    progress(block.index + 1, len(planned))
+    finally:
+        mine.close()
+        theirs.close()
+    return Recovery(pruned, tuple(results), _notes(results, time.perf_counter() - started))
+
+
+def _skipped(block: Block, reason: str) -> Block:
+    from dataclasses import replace
+
+    return replace(block, skip=reason)
+
+
+def _split(total: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(guard positions, the rest in the seeded order training takes them) among the fit samples."""
+    perm = np.random.default_rng([seed, 0x2EC0]).permutation(total)
+    count = min(MAX_GUARD, max(MIN_GUARD, math.ceil(GUARD_FRACTION * total)))
+    count = min(count, total // 2)
+    return np.sort(perm[:count]), perm[count:]
+
+
+def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.ModelProto, mine: StagedPasses,
+               theirs: StagedPasses, guard: np.ndarray, train_order: np.ndarray, settings: RecoverSettings,
+               seconds: float, data_budget: int) -> BlockResult:
+    # both streams advance for every planned block (the engine's schedule), also for one that is skipped
+    inputs = mine.advance(block.inputs, model)
+    targets = theirs.advance(block.outputs)
+    if block.skip is not None:
+        for _ in zip(inputs, targets):
+            pass
+        return BlockResult(block, "skipped", block.skip)
+    held = _collect(inputs, targets, block, guard, train_order, data_budget)
+    if isinstance(held, str):
+        return BlockResult(block, "skipped", held)
+    x_train, y_train, x_guard, y_guard, shared = held
+    inits = {t.name: t for t in model.graph.initializer}
+    used = {t for n in block.nodes for t in nodes[n].input if t in inits}
+    values = {name: numpy_helper.to_array(inits[name]) for name in used}
+    scale = [float(torch.mean((y.double() - y.double().mean()) ** 2)) or 1.0 for y in y_train]
+    started = time.perf_counter()
+    try:
+        net = TorchBlock([nodes[n] for n in block.nodes], values, block.trainable, block.inputs, block.outputs)
+        before = _error(net, x_guard, y_guard, shared, block, scale, settings.batch)
+    except (Unsupported, RuntimeError, ValueError, IndexError, TypeError) as exc:  # torch reports shape errors so
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return BlockResult(block, "skipped", f"not run by torch: {first}")
+    if not math.isfinite(before):
+        return BlockResult(block, "skipped", "the closed-form block's error is not finite")
+    best, best_values = before, None
+    optimiser = torch.optim.Adam(list(net.weights), lr=settings.lr)
+    n_train = x_train[0].shape[0] if x_train else y_train[0].shape[0]
+    generator = torch.Generator().manual_seed(settings.seed + 7919 * block.index)
+    checkpoints = {max(1, round(settings.steps * (k + 1) / CHECKPOINTS)) for k in range(CHECKPOINTS)}
+    steps = 0
+    for step in range(1, settings.steps + 1):
+        if time.perf_counter() - started > seconds and step > 1:
+            break
+        for group in optimiser.param_groups:  # cosine decay to zero
+            group["lr"] = settings.lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / settings.steps))
+        pick = torch.randint(0, n_train, (min(settings.batch, n_train),), generator=generator)
+        loss = _loss(net, [x[pick] for x in x_train], [y[pick] for y in y_train], shared, block, scale)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        steps = step
+        if step in checkpoints:
+            now = _error(net, x_guard, y_guard, shared, block, scale, settings.batch)
+            if now < best:
+                best, best_values = now, net.values()
+    if steps not in checkpoints and steps:
+        now = _error(net, x_guard, y_guard, shared, block, scale, settings.batch)
+        if now < best:
+            best, best_values = now, net.values()
+    spent = time.perf_counter() - started
+    common = dict(steps=steps, seconds=spent, before=before, after=best, train_samples=n_train,
+                  guard_samples=y_guard[0].shape[0])
+    if best_values is None:
+        return BlockResult(block, "rejected", "the guard samples' error did not improve", **common)  # type: ignore[arg-type]
+    for name, value in best_values.items():
+        inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+    return BlockResult(block, "kept", **common)  # type: ignore[arg-type]
+
+
+Held = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], dict[str, torch.Tensor]]
+
+
+def _collect(inputs: Iterator[dict[str, np.ndarray]], targets: Iterator[dict[str, np.ndarray]], block: Block,
+             guard: np.ndarray, train_order: np.ndarray, budget: int) -> Held | str:
+    """The block's inputs and the original's outputs on the guard samples and the training samples that fit."""
+    guard_set = set(guard.tolist())
+    train_set: set[int] | None = None
+    batched: set[str] = set()
+    shared: dict[str, np.ndarray] = {}
+    parts: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    done = 0
+    for feed, want in zip(inputs, targets):
+        count = next(iter(want.values())).shape[0]
+        if train_set is None:
+            for name, value in feed.items():
+                if value.ndim and value.shape[0] == count:
+                    batched.add(name)
+                else:
+                    shared[name] = value
+            per_sample = sum(v.nbytes for k, v in feed.items() if k in batched) + sum(v.nbytes for v in want.values())
+            per_sample = max(1, per_sample // max(count, 1))
+            room = max(0, budget // per_sample - len(guard_set))
+            chosen = train_order[:room]
+            train_set = set(chosen.tolist())
+            if room < len(train_order):
+                log.info("recover: %s: %d of %d fit samples held within %d MiB", block.label, len(chosen),
+                         len(train_order), budget >> 20)
+        if any(not v.ndim or v.shape[0] != count for v in want.values()):
+            return "the original's output at its end has no batch axis"
+        positions = np.arange(done, done + count)
+        in_guard = np.array([p in guard_set for p in positions])
+        in_train = np.array([p in train_set for p in positions])
+        for name, value in [*feed.items(), *(("\0" + k, v) for k, v in want.items())]:
+            if name in shared:
+                continue
+            g, t = parts.setdefault(name, ([], []))
+            if in_guard.any():
+                g.append(np.ascontiguousarray(value[in_guard]))
+            if in_train.any():
+                t.append(np.ascontiguousarray(value[in_train]))
+        done += count
+    if train_set is None:
+        return "no calibration batch reached it"
+    x_train = [_cat(parts[n][1]) for n in block.inputs if n in batched]
+    y_train = [_cat(parts["\0" + n][1]) for n in block.outputs]
+    x_guard = [_cat(parts[n][0]) for n in block.inputs if n in batched]
+    y_guard = [_cat(parts["\0" + n][0]) for n in block.outputs]
+    if not y_train or y_train[0].shape[0] < MIN_TRAIN or y_guard[0].shape[0] == 0:
+        return f"too few samples fit the memory budget ({0 if not y_train else y_train[0].shape[0]})"
+    return (x_train, y_train, x_guard, y_guard, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in shared.items()})
+
+
+def _cat(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate(arrays) if len(arrays) != 1 else arrays[0])
+
+
+def _run(net: TorchBlock, xs: Sequence[torch.Tensor], shared: dict[str, torch.Tensor], block: Block) -> list[torch.Tensor]:
+    it = iter(xs)
+    args = [shared[name] if name in shared else next(it) for name in block.inputs]
+    return net(*args)
+
+
+def _loss(net: TorchBlock, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], shared: dict[str, torch.Tensor],
+          block: Block, scale: Sequence[float]) -> torch.Tensor:
+    outs = _run(net, xs, shared, block)
+    total = torch.zeros((), dtype=torch.float32)
+    for out, y, s in zip(outs, ys, scale):
+        if tuple(out.shape) != tuple(y.shape):
+            raise Unsupported(f"output shape {tuple(out.shape)} differs from the original's {tuple(y.shape)}")
+        total = total + ((out.float() - y.float()) ** 2).mean() / s
+    return total
+
+
+def _error(net: TorchBlock, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], shared: dict[str, torch.Tensor],
+           block: Block, scale: Sequence[float], batch: int) -> float:
+    """The normalised squared error on held samples (batch by batch, no gradients)."""
+    n = ys[0].shape[0]
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, n, batch):
+            part = slice(start, start + batch)
+            count = min(batch, n - start)
+            total += float(_loss(net, [x[part] for x in xs], [y[part] for y in ys], shared, block, scale)) * count
+    return total / max(n, 1)
+
+
+def _log(result: BlockResult) -> None:
+    if result.status == "skipped":
+        log.info("recover: %s: skipped, %s", result.block.label, result.reason)
+        return
+    log.info("recover: %s: %d steps in %.1f s on %d samples, guard error %.4g -> %.4g on %d samples: %s",
+             result.block.label, result.steps, result.seconds, result.train_samples, result.before, result.after,
+             result.guard_samples, result.status)
+
+
+def _notes(results: Sequence[BlockResult], seconds: float) -> tuple[str, ...]:
+    kept = [r for r in results if r.status == "kept"]
+    tried = [r for r in results if r.status != "skipped"]
+    notes = [f"recover: {len(kept)} of {len(results)} blocks kept recovered weights in {seconds:.0f} s"
+             + (f" (guard error {_mean(r.before for r in kept):.4g} -> {_mean(r.after for r in kept):.4g} on average)"
+                if kept else "")
+             + (f"; {len(tried) - len(kept)} rejected by the guard" if len(tried) > len(kept) else "")]
+    for r in results:
+        if r.status == "skipped":
+            notes.append(f"recover: {r.block.label} keeps its closed-form weights: {r.reason}")
+    return tuple(notes)
+
+
+def _mean(values: Iterator[float] | Sequence[float]) -> float:
+    items = list(values)
+    return sum(items) / max(len(items), 1)
