@@ -68,11 +68,24 @@ class Block:
         return f"block {self.index} ({first} .. {last}, {len(self.nodes)} nodes)"
 
 
+#: element types of weights (a changed int64 initializer is a shape or an index, not a weight)
+WEIGHT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                          onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8})
+
+
 def changed_initializers(original: onnx.ModelProto, pruned: onnx.ModelProto) -> set[str]:
-    """Initializers of `pruned` that are missing from `original` or differ from it in shape, type or bytes."""
+    """Weight initializers of `pruned` that differ from `original`'s constant of that name (an initializer or a
+    Constant node's value, which normalising turns into initializers) in shape, type or bytes, or that it lacks."""
     before = {t.name: t for t in original.graph.initializer}
+    for node in original.graph.node:
+        if node.op_type == "Constant" and node.output and node.output[0] not in before:
+            value = next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+            if value is not None:
+                before[node.output[0]] = value
     changed = set()
     for tensor in pruned.graph.initializer:
+        if tensor.data_type not in WEIGHT_TYPES:
+            continue
         old = before.get(tensor.name)
         if old is None or list(old.dims) != list(tensor.dims) or old.data_type != tensor.data_type:
             changed.add(tensor.name)
