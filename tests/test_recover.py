@@ -78,7 +78,7 @@ def test_a_block_that_can_represent_the_original_recovers_it(tmp_path: Path) -> 
     result = recover(original, pruned, calib, RecoverSettings(steps=600, lr=5e-2, batch=64, seed=0))
 
     (block,) = result.results
-    assert block.status == "kept" and set(block.block.trainable) == {"A", "B"}
+    assert block.status.value == "kept" and set(block.block.trainable) == {"A", "B"}
     assert [n.name for n in result.model.graph.node] == ["mm1", "relu", "mm2"]
     after = np.sqrt(np.mean((_outputs(result.model, x) - want) ** 2)) / np.sqrt(np.mean(want ** 2))
     assert before > 0.5 and after < 0.01, (before, after)
@@ -99,7 +99,7 @@ def test_weights_are_rejected_when_the_guard_error_does_not_improve(tmp_path: Pa
     result = recover(original, pruned, _calibration(tmp_path, original), RecoverSettings(steps=40, lr=1e-2, seed=0))
 
     (block,) = result.results
-    assert block.status == "rejected" and block.after >= block.before
+    assert block.status.value == "rejected" and block.after >= block.before
     assert block.before < 1e-10  # exact up to float rounding
     assert [t.SerializeToString() for t in result.model.graph.initializer] == before
     assert any("rejected by the guard" in n for n in result.notes)

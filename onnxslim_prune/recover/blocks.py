@@ -152,7 +152,7 @@ def find_blocks(original: onnx.ModelProto, pruned: onnx.ModelProto, *, min_layer
             layers = 0
     bounds.append(end)
 
-    blocks = []
+    blocks: list[Block] = []
     for start, stop in zip(bounds, bounds[1:]):
         if stop <= start:
             continue

@@ -11,7 +11,8 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from enum import Enum
 
 import numpy as np
 import onnx
@@ -44,10 +45,16 @@ THREADS = 1
 CHECKPOINTS = 4
 
 
+class Status(str, Enum):
+    KEPT = "kept"  # the recovered weights were written
+    REJECTED = "rejected"  # trained, but the guard error did not fall: closed-form weights kept
+    SKIPPED = "skipped"  # not trained (`BlockResult.reason`)
+
+
 @dataclass(frozen=True)
 class BlockResult:
     block: Block
-    status: str  # "kept", "rejected", "skipped"
+    status: Status
     reason: str = ""
     steps: int = 0
     seconds: float = 0.0
@@ -126,8 +133,6 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
 
 
 def _skipped(block: Block, reason: str) -> Block:
-    from dataclasses import replace
-
     return replace(block, skip=reason)
 
 
@@ -148,10 +153,10 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
     if block.skip is not None:
         for _ in zip(inputs, targets):
             pass
-        return BlockResult(block, "skipped", block.skip)
+        return BlockResult(block, Status.SKIPPED, block.skip)
     held = _collect(inputs, targets, block, guard, train_order, data_budget)
     if isinstance(held, str):
-        return BlockResult(block, "skipped", held)
+        return BlockResult(block, Status.SKIPPED, held)
     x_train, y_train, x_guard, y_guard, shared = held
     inits = {t.name: t for t in model.graph.initializer}
     used = {t for n in block.nodes for t in nodes[n].input if t in inits}
@@ -163,9 +168,9 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
         before = _error(net, x_guard, y_guard, shared, block, scale, settings.batch)
     except (Unsupported, RuntimeError, ValueError, IndexError, TypeError) as exc:  # torch reports shape errors so
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return BlockResult(block, "skipped", f"not run by torch: {first}")
+        return BlockResult(block, Status.SKIPPED, f"not run by torch: {first}")
     if not math.isfinite(before):
-        return BlockResult(block, "skipped", "the closed-form block's error is not finite")
+        return BlockResult(block, Status.SKIPPED, "the closed-form block's error is not finite")
     best, best_values = before, None
     optimiser = torch.optim.Adam(list(net.weights), lr=settings.lr)
     n_train = x_train[0].shape[0] if x_train else y_train[0].shape[0]
@@ -192,13 +197,12 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
         if now < best:
             best, best_values = now, net.values()
     spent = time.perf_counter() - started
-    common = dict(steps=steps, seconds=spent, before=before, after=best, train_samples=n_train,
-                  guard_samples=y_guard[0].shape[0])
+    result = BlockResult(block, Status.KEPT, "", steps, spent, before, best, n_train, int(y_guard[0].shape[0]))
     if best_values is None:
-        return BlockResult(block, "rejected", "the guard samples' error did not improve", **common)  # type: ignore[arg-type]
+        return replace(result, status=Status.REJECTED, reason="the guard samples' error did not improve")
     for name, value in best_values.items():
         inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
-    return BlockResult(block, "kept", **common)  # type: ignore[arg-type]
+    return result
 
 
 Held = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], dict[str, torch.Tensor]]
@@ -289,23 +293,23 @@ def _error(net: TorchBlock, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tenso
 
 
 def _log(result: BlockResult) -> None:
-    if result.status == "skipped":
+    if result.status is Status.SKIPPED:
         log.info("recover: %s: skipped, %s", result.block.label, result.reason)
         return
     log.info("recover: %s: %d steps in %.1f s on %d samples, guard error %.4g -> %.4g on %d samples: %s",
              result.block.label, result.steps, result.seconds, result.train_samples, result.before, result.after,
-             result.guard_samples, result.status)
+             result.guard_samples, result.status.value)
 
 
 def _notes(results: Sequence[BlockResult], seconds: float) -> tuple[str, ...]:
-    kept = [r for r in results if r.status == "kept"]
-    tried = [r for r in results if r.status != "skipped"]
+    kept = [r for r in results if r.status is Status.KEPT]
+    tried = [r for r in results if r.status is not Status.SKIPPED]
     notes = [f"recover: {len(kept)} of {len(results)} blocks kept recovered weights in {seconds:.0f} s"
              + (f" (guard error {_mean(r.before for r in kept):.4g} -> {_mean(r.after for r in kept):.4g} on average)"
                 if kept else "")
              + (f"; {len(tried) - len(kept)} rejected by the guard" if len(tried) > len(kept) else "")]
     for r in results:
-        if r.status == "skipped":
+        if r.status is Status.SKIPPED:
             notes.append(f"recover: {r.block.label} keeps its closed-form weights: {r.reason}")
     return tuple(notes)
 
