@@ -244,7 +244,8 @@ def prune(
                 pruned = outcome.finish(pruned)
     if recovering is not None and pruned is not working and fit is not None:
         with clock.stage(Stage.RECOVER), memory.limited(calib_memory):
-            pruned, recovered = recover.run(original, pruned, fit, recovering, progress)
+            pruned, recovered = recover.run(original, pruned, fit, recovering, progress,
+                                            recover.kept_channels(analysis.trace, outcome.plan))
         notes.extend(recovered)
     notes.extend(outcome.notes)
     notes.extend(qdq.report_notes(original, pruned))

@@ -26,13 +26,16 @@ module imports without it, and `require_torch` turns its absence into one usage 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import onnx
 
+from ..channels import Trace
 from ..errors import UsageError
+from ..passes.plan import Plan
 
 #: what to install for --recover
 INSTALL_HINT = "pip install 'onnxslim-prune[recover]'"
@@ -40,7 +43,7 @@ INSTALL_HINT = "pip install 'onnxslim-prune[recover]'"
 #: Adam steps per block (``--recover-steps``)
 DEFAULT_STEPS = 200
 #: Adam's learning rate at the first step (``--recover-lr``; cosine-decayed to zero)
-DEFAULT_LR = 1e-4
+DEFAULT_LR = 1e-3
 #: seconds all blocks may take together (``--recover-time``); each block gets its share of what is left
 DEFAULT_SECONDS = 1800.0
 #: samples per gradient step
@@ -89,14 +92,31 @@ def requested(params: Any, *, calib: str | None, seed: int, batch_size: int) -> 
                            seed=seed, batch_size=batch_size)
 
 
+#: tensor name -> (channel axis, the original's positions the pruned tensor keeps)
+Kept = Mapping[str, tuple[int, np.ndarray]]
+
+
+def kept_channels(trace: Trace, plan: Plan) -> Kept:
+    """Where a traced tensor lost channels, which of the original's it keeps (the original's block outputs are
+    compared on those: a pruned residual stream is matched channel for channel)."""
+    keep = plan.atom_keep(trace)
+    out: dict[str, tuple[int, np.ndarray]] = {}
+    for name, cmap in trace.maps.items():
+        mask = keep[cmap.atoms]
+        if not mask.all():
+            out[name] = (cmap.axis, np.flatnonzero(mask))
+    return out
+
+
 def run(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Any, settings: RecoverSettings,
-        progress: Callable[[int, int], None] | None = None) -> tuple[onnx.ModelProto, tuple[str, ...]]:
+        progress: Callable[[int, int], None] | None = None, kept: Kept | None = None,
+        ) -> tuple[onnx.ModelProto, tuple[str, ...]]:
     """Recover `pruned`'s blocks (`fit.recover`); returns the model (its initializers changed) and the report's notes."""
     from .fit import recover
 
-    result = recover(original, pruned, fit, settings, progress)
+    result = recover(original, pruned, fit, settings, progress, kept or {})
     return result.model, result.notes
 
 
-__all__ = ["DEFAULT_LR", "DEFAULT_SECONDS", "DEFAULT_STEPS", "INSTALL_HINT", "RecoverSettings", "require_torch",
+__all__ = ["Kept", "kept_channels", "DEFAULT_LR", "DEFAULT_SECONDS", "DEFAULT_STEPS", "INSTALL_HINT", "RecoverSettings", "require_torch",
            "requested", "run", "torch_available"]

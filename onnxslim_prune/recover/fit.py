@@ -22,7 +22,7 @@ from onnx import numpy_helper
 from ..calib.engine import StagedPasses
 from ..calib.memory import calibration_budget
 from ..calib.sources import CalibrationSet
-from . import RecoverSettings
+from . import Kept, RecoverSettings
 from .blocks import Block, find_blocks
 from .torchblock import TorchBlock, Unsupported, check_supported
 
@@ -85,8 +85,11 @@ def _torch_state(seed: int) -> Iterator[None]:
 
 
 def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: CalibrationSet, settings: RecoverSettings,
-            progress: Progress | None = None) -> Recovery:
-    """Recover `pruned`'s blocks in place of their closed-form weights (only initializers change); see the package."""
+            progress: Progress | None = None, kept: Kept | None = None) -> Recovery:
+    """Recover `pruned`'s blocks in place of their closed-form weights (only initializers change); see the package.
+
+    `kept`: the channels a pruned tensor keeps of the original's (`kept_channels`): the original's block outputs
+    are compared on those."""
     blocks = find_blocks(original, pruned)
     names = [n.name for n in pruned.graph.node]
     if not blocks:
@@ -121,7 +124,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
                 left = max(settings.seconds - (time.perf_counter() - started), 0.0)
                 share = left / (len(planned) - block.index)
                 result = _one_block(block, nodes, pruned, mine, theirs, guard, train_order, settings, share,
-                                    budget // DATA_SHARE)
+                                    budget // DATA_SHARE, kept or {})
                 results.append(result)
                 _log(result)
                 if progress is not None:
@@ -146,10 +149,10 @@ def _split(total: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.ModelProto, mine: StagedPasses,
                theirs: StagedPasses, guard: np.ndarray, train_order: np.ndarray, settings: RecoverSettings,
-               seconds: float, data_budget: int) -> BlockResult:
+               seconds: float, data_budget: int, kept: Kept) -> BlockResult:
     # both streams advance for every planned block (the engine's schedule), also for one that is skipped
     inputs = mine.advance(block.inputs, model)
-    targets = theirs.advance(block.outputs)
+    targets = (_kept_only(batch, kept) for batch in theirs.advance(block.outputs))
     if block.skip is not None:
         for _ in zip(inputs, targets):
             pass
@@ -203,6 +206,12 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
     for name, value in best_values.items():
         inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
     return result
+
+
+def _kept_only(batch: dict[str, np.ndarray], kept: Kept) -> dict[str, np.ndarray]:
+    """The original's outputs on the channels the pruned network keeps."""
+    return {name: np.take(value, kept[name][1], axis=kept[name][0]) if name in kept else value
+            for name, value in batch.items()}
 
 
 Held = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], dict[str, torch.Tensor]]
