@@ -242,10 +242,11 @@ def prune(
         if outcome.finish is not None:
             with clock.stage(Stage.RECONSTRUCT), memory.limited(calib_memory), calib_cache.using(cache):
                 pruned = outcome.finish(pruned)
+    extra: dict[str, Any] = {}
     if recovering is not None and pruned is not working and fit is not None:
         with clock.stage(Stage.RECOVER), memory.limited(calib_memory):
-            pruned, recovered = recover.run(original, pruned, fit, recovering, progress,
-                                            recover.kept_channels(analysis.trace, outcome.plan))
+            pruned, recovered, extra = recover.run(original, pruned, fit, recovering, progress,
+                                                   recover.kept_channels(analysis.trace, outcome.plan))
         notes.extend(recovered)
     notes.extend(outcome.notes)
     notes.extend(qdq.report_notes(original, pruned))
@@ -286,6 +287,7 @@ def prune(
         input_path=None if isinstance(model, onnx.ModelProto) else str(model),
         latency=timing,
         stage_seconds=dict(clock.seconds),
+        extra=extra,
     )
     report = replace(report, seconds=time.perf_counter() - started)
     return PruneResult(pruned, report, traced, plan, serialized)

@@ -110,12 +110,13 @@ def kept_channels(trace: Trace, plan: Plan) -> Kept:
 
 def run(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Any, settings: RecoverSettings,
         progress: Callable[[int, int], None] | None = None, kept: Kept | None = None,
-        ) -> tuple[onnx.ModelProto, tuple[str, ...]]:
-    """Recover `pruned`'s blocks (`fit.recover`); returns the model (its initializers changed) and the report's notes."""
+        ) -> tuple[onnx.ModelProto, tuple[str, ...], dict[str, Any]]:
+    """Recover `pruned`'s blocks (`fit.recover`): the model (its initializers changed), the report's notes and its
+    ``extra`` entry (``{"recover": {"seconds": ..., "blocks": [...]}}``)."""
     from .fit import recover
 
     result = recover(original, pruned, fit, settings, progress, kept or {})
-    return result.model, result.notes
+    return result.model, result.notes, {"recover": result.record()}
 
 
 __all__ = ["Kept", "kept_channels", "DEFAULT_LR", "DEFAULT_SECONDS", "DEFAULT_STEPS", "INSTALL_HINT", "RecoverSettings", "require_torch",

@@ -23,7 +23,7 @@ from ..calib.engine import StagedPasses
 from ..calib.memory import calibration_budget
 from ..calib.sources import CalibrationSet
 from . import Kept, RecoverSettings
-from .blocks import Block, find_blocks
+from .blocks import Block, block_costs, find_blocks
 from .torchblock import TorchBlock, Unsupported, check_supported
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,27 @@ class BlockResult:
     guard_samples: int = 0
 
 
+    def row(self) -> dict[str, object]:
+        """The report's record of the block (``extra.recover.blocks``)."""
+        b = self.block
+        return {"block": b.index, "first": b.nodes[0], "last": b.nodes[-1], "nodes": len(b.nodes),
+                "weights": len(b.trainable), "status": self.status.value, "reason": self.reason or None,
+                "steps": self.steps, "seconds": round(self.seconds, 2),
+                "guard_error_before": None if math.isnan(self.before) else self.before,
+                "guard_error_after": None if math.isnan(self.after) else self.after,
+                "train_samples": self.train_samples, "guard_samples": self.guard_samples}
+
+
 @dataclass(frozen=True)
 class Recovery:
     model: onnx.ModelProto
     results: tuple[BlockResult, ...]
     notes: tuple[str, ...]
+    seconds: float = 0.0
+
+    def record(self) -> dict[str, object]:
+        """``extra.recover`` of the report: the seconds and every block's `BlockResult.row`."""
+        return {"seconds": round(self.seconds, 1), "blocks": [r.row() for r in self.results]}
 
 
 @contextmanager
@@ -117,12 +133,15 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
     total = mine.batches * mine.size if mine.drop_last else fit.num_samples
     guard, train_order = _split(total, settings.seed)
     results: list[BlockResult] = []
+    # each block's share of the time left is its share of the estimated cost left (early CNN blocks, at high
+    # resolution, take ten times longer per step than late ones)
+    costs = [0.0 if b.skip else c for b, c in zip(planned, block_costs(pruned, planned, fit.sample_shapes))]
     started = time.perf_counter()
     try:
         with _torch_state(settings.seed):
             for block in planned:
                 left = max(settings.seconds - (time.perf_counter() - started), 0.0)
-                share = left / (len(planned) - block.index)
+                share = left * costs[block.index] / max(sum(costs[block.index:]), 1e-9)
                 result = _one_block(block, nodes, pruned, mine, theirs, guard, train_order, settings, share,
                                     budget // DATA_SHARE, kept or {})
                 results.append(result)
@@ -132,7 +151,8 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
     finally:
         mine.close()
         theirs.close()
-    return Recovery(pruned, tuple(results), _notes(results, time.perf_counter() - started))
+    spent = time.perf_counter() - started
+    return Recovery(pruned, tuple(results), _notes(results, spent), spent)
 
 
 def _skipped(block: Block, reason: str) -> Block:
