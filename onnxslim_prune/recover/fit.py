@@ -41,6 +41,9 @@ FRONTIER_SHARE = 4
 DATA_SHARE = 4
 #: torch threads: one (the same bytes on any machine; on a shared 2-core machine two threads made small steps 20x slower)
 THREADS = 1
+#: a block whose compared outputs take more than this per sample is not fitted (SmolLM2's logits: 24 MiB for a
+#: window of 128 tokens, where its trainable weight is one RMSNorm scale)
+MAX_OUTPUT_BYTES = 8 << 20
 #: guard checkpoints per block (the best one is kept)
 CHECKPOINTS = 4
 
@@ -254,6 +257,9 @@ def _collect(inputs: Iterator[dict[str, np.ndarray]], targets: Iterator[dict[str
                     batched.add(name)
                 else:
                     shared[name] = value
+            out_bytes = sum(v.nbytes for v in want.values()) // max(count, 1)
+            if out_bytes > MAX_OUTPUT_BYTES:
+                return f"its output is {out_bytes >> 20} MiB a sample (a language model's logits): too costly to fit"
             per_sample = sum(v.nbytes for k, v in feed.items() if k in batched) + sum(v.nbytes for v in want.values())
             per_sample = max(1, per_sample // max(count, 1))
             room = max(0, budget // per_sample - len(guard_set))
