@@ -129,12 +129,20 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
                else _skipped(b, "the original computes no tensor of its output") for b in planned]
 
     budget = calibration_budget()
-    mine = StagedPasses(pruned, fit, settings.batch_size, [b.inputs for b in planned], budget=budget // FRONTIER_SHARE,
+    # the passes run in batches of a gradient step's size: shape tensors a block reads from outside (a Reshape
+    # target computed from a Shape of the batch, as exporters write attention) then hold the step's batch size too
+    mine = StagedPasses(pruned, fit, settings.batch, [b.inputs for b in planned], budget=budget // FRONTIER_SHARE,
                         label="recovered network", changes={n: b.index for b in planned for n in b.nodes})
-    theirs = StagedPasses(original, fit, settings.batch_size, [b.outputs for b in planned],
+    theirs = StagedPasses(original, fit, settings.batch, [b.outputs for b in planned],
                           budget=budget // FRONTIER_SHARE, label="original network")
+    settings = replace(settings, batch=mine.size)  # a static batch, or fewer samples than a step
     total = mine.batches * mine.size if mine.drop_last else fit.num_samples
-    guard, train_order = _split(total, settings.seed)
+    if total < 2 * mine.size:
+        mine.close()
+        theirs.close()
+        return Recovery(pruned, (), (f"recover: skipped, {total} fit samples are too few for steps of {mine.size} "
+                                     "and a guard part",))
+    guard, train_order = _split(total, settings.seed, mine.size)
     results: list[BlockResult] = []
     # each block's share of the time left is its share of the estimated cost left (early CNN blocks, at high
     # resolution, take ten times longer per step than late ones)
@@ -162,11 +170,12 @@ def _skipped(block: Block, reason: str) -> Block:
     return replace(block, skip=reason)
 
 
-def _split(total: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(guard positions, the rest in the seeded order training takes them) among the fit samples."""
+def _split(total: int, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """(guard positions, the rest in the seeded order training takes them) among the fit samples; the guard is
+    whole steps (it is evaluated `step` samples at a time)."""
     perm = np.random.default_rng([seed, 0x2EC0]).permutation(total)
-    count = min(MAX_GUARD, max(MIN_GUARD, math.ceil(GUARD_FRACTION * total)))
-    count = min(count, total // 2)
+    count = min(MAX_GUARD, max(MIN_GUARD, math.ceil(GUARD_FRACTION * total)), total // 2)
+    count = max(step, count // step * step)
     return np.sort(perm[:count]), perm[count:]
 
 
@@ -208,7 +217,7 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
             break
         for group in optimiser.param_groups:  # cosine decay to zero
             group["lr"] = settings.lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / settings.steps))
-        pick = torch.randint(0, n_train, (min(settings.batch, n_train),), generator=generator)
+        pick = torch.randint(0, n_train, (settings.batch,), generator=generator)
         loss = _loss(net, [x[pick] for x in x_train], [y[pick] for y in y_train], shared, block, scale)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
