@@ -105,11 +105,16 @@ def test_weights_are_rejected_when_the_guard_error_does_not_improve(tmp_path: Pa
     assert any("rejected by the guard" in n for n in result.notes)
 
 
-def _residual_mlp(seed: int = 0) -> onnx.ModelProto:
-    """x [N, 16] -> two residual blocks ``h + W2 relu(W1 h + b1) + b2`` -> a Gemm head [N, 10]."""
+def _residual_mlp(seed: int = 0, stem: bool = False) -> onnx.ModelProto:
+    """x [N, 16] -> (a MatMul stem, 16 -> 16) -> two residual blocks ``h + W2 relu(W1 h + b1) + b2`` -> a Gemm head
+    [N, 10]. With the stem, the residual stream is not a graph input, so it is prunable."""
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     h = "x"
+    if stem:
+        inits.append(numpy_helper.from_array((rng.normal(size=(16, 16)) / 4).astype(np.float32), "ws"))
+        nodes.append(helper.make_node("MatMul", ["x", "ws"], ["s"], name="stem"))
+        h = "s"
     for i in range(2):
         for name, shape in ((f"w1_{i}", (16, 48)), (f"b1_{i}", (48,)), (f"w2_{i}", (48, 16)), (f"b2_{i}", (16,))):
             inits.append(numpy_helper.from_array((rng.normal(size=shape) / np.sqrt(shape[0])).astype(np.float32), name))
@@ -250,3 +255,27 @@ def test_the_package_runs_without_torch(tmp_path: Path) -> None:
     errors = [line for line in lines if line.startswith("error:")]
     assert errors == lines[-1:] and "pip install 'onnxslim-prune[recover]'" in errors[0], done.stderr
     assert "Traceback" not in done.stderr and not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_pruned_residual_stream_is_compared_on_the_channels_it_keeps(tmp_path: Path) -> None:
+    """When the residual stream itself loses channels, the original's block outputs are compared on the kept
+    ones (`kept_channels` from the trace and plan): every block is fitted (none skipped for a shape mismatch) and
+    the first one's guard error falls by more than 30%. On this random network the later blocks cannot gain, and
+    the whole network's output on the guard samples is further from the original's than with the closed-form
+    weights, so the network guard puts every closed-form weight back: the written model is the closed-form one."""
+    pytest.importorskip("torch")
+    model = _residual_mlp(stem=True)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(4).normal(size=(400, 16)).astype(np.float32))
+    runs = {flag: prune(str(path), "l1", 0.5, calib=str(tmp_path / "c.npz"), latency=False, seed=0,
+                        params={"recover": True, "recover_steps": 300, "recover_lr": 1e-3} if flag else None)
+            for flag in (False, True)}
+    stream = [t for t in runs[True].model.graph.initializer if t.name == "ws"][0]
+    assert list(stream.dims) == [16, 8]  # the stream lost half its channels
+    rows = runs[True].report.extra["recover"]["blocks"]
+    assert len(rows) == 3 and not any(r["reason"] and "differs" in r["reason"] for r in rows), rows
+    assert rows[0]["status"] == "kept" and rows[0]["guard_error_after"] < 0.7 * rows[0]["guard_error_before"]
+    assert any("output error on the guard samples rose" in n for n in runs[True].report.notes)
+    assert [t.SerializeToString() for t in runs[True].model.graph.initializer] == \
+        [t.SerializeToString() for t in runs[False].model.graph.initializer]

@@ -19,9 +19,11 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from .. import ir
 from ..calib.engine import StagedPasses
 from ..calib.memory import calibration_budget
 from ..calib.sources import CalibrationSet
+from ..calib.split import subset
 from . import Kept, RecoverSettings
 from .blocks import Block, block_costs, find_blocks
 from .torchblock import TorchBlock, Unsupported, check_supported
@@ -147,6 +149,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
     # each block's share of the time left is its share of the estimated cost left (early CNN blocks, at high
     # resolution, take ten times longer per step than late ones)
     costs = [0.0 if b.skip else c for b, c in zip(planned, block_costs(pruned, planned, fit.sample_shapes))]
+    closed_form: dict[str, onnx.TensorProto] = {}  # the closed-form value of every weight a block replaced
     started = time.perf_counter()
     try:
         with _torch_state(settings.seed):
@@ -154,7 +157,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
                 left = max(settings.seconds - (time.perf_counter() - started), 0.0)
                 share = left * costs[block.index] / max(sum(costs[block.index:]), 1e-9)
                 result = _one_block(block, nodes, pruned, mine, theirs, guard, train_order, settings, share,
-                                    budget // DATA_SHARE, kept or {})
+                                    budget // DATA_SHARE, kept or {}, closed_form)
                 results.append(result)
                 _log(result)
                 if progress is not None:
@@ -162,8 +165,11 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
     finally:
         mine.close()
         theirs.close()
+    notes = list(_notes(results, time.perf_counter() - started))
+    if closed_form:
+        notes.extend(_network_guard(original, pruned, fit, guard, settings.batch, closed_form))
     spent = time.perf_counter() - started
-    return Recovery(pruned, tuple(results), _notes(results, spent), spent)
+    return Recovery(pruned, tuple(results), tuple(notes), spent)
 
 
 def _skipped(block: Block, reason: str) -> Block:
@@ -181,7 +187,7 @@ def _split(total: int, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.ModelProto, mine: StagedPasses,
                theirs: StagedPasses, guard: np.ndarray, train_order: np.ndarray, settings: RecoverSettings,
-               seconds: float, data_budget: int, kept: Kept) -> BlockResult:
+               seconds: float, data_budget: int, kept: Kept, closed_form: dict[str, onnx.TensorProto]) -> BlockResult:
     # both streams advance for every planned block (the engine's schedule), also for one that is skipped
     inputs = mine.advance(block.inputs, model)
     targets = (_kept_only(batch, kept) for batch in theirs.advance(block.outputs))
@@ -236,8 +242,67 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
     if best_values is None:
         return replace(result, status=Status.REJECTED, reason="the guard samples' error did not improve")
     for name, value in best_values.items():
+        closed_form[name] = onnx.TensorProto()
+        closed_form[name].CopyFrom(inits[name])
         inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
     return result
+
+
+def _network_guard(original: onnx.ModelProto, model: onnx.ModelProto, fit: CalibrationSet, guard: np.ndarray,
+                   batch: int, closed_form: dict[str, onnx.TensorProto]) -> list[str]:
+    """Keep the recovered weights only if the whole network's outputs are closer to the original's on the guard
+    samples than with the closed-form weights; else put every closed-form weight back.
+
+    Each block is judged on its own output, on inputs from the recovered blocks before it; a later block that
+    kept its closed-form weights was fitted to the closed-form inputs, so the network can lose what each block
+    gained (a residual stream pruned by half: block errors down, the output's up).
+    """
+    if model.ByteSize() >= ir.PROTO_LIMIT:
+        return ["recover: the network was not checked on the guard samples (a model past 2 GB)"]
+    samples = subset(fit, sorted(int(i) for i in guard), "recover guard")
+    recovered = _output_error(original, model, samples, batch)
+    inits = {t.name: t for t in model.graph.initializer}
+    trained = {}
+    for name, value in closed_form.items():
+        trained[name] = onnx.TensorProto()
+        trained[name].CopyFrom(inits[name])
+        inits[name].CopyFrom(value)
+    before = _output_error(original, model, samples, batch)
+    log.info("recover: the network's guard error: %.4g with the closed-form weights, %.4g recovered", before, recovered)
+    if recovered < before:
+        for name, value in trained.items():
+            inits[name].CopyFrom(value)
+        return [f"recover: the network's output error on the guard samples: {before:.4g} closed-form, {recovered:.4g} "
+                "recovered (kept)"]
+    return [f"recover: the network's output error on the guard samples rose ({before:.4g} closed-form, "
+            f"{recovered:.4g} recovered): every block keeps its closed-form weights"]
+
+
+def _output_error(original: onnx.ModelProto, model: onnx.ModelProto, samples: CalibrationSet, batch: int) -> float:
+    """Sum over the graph outputs of the squared error to the original's over its variance (float outputs)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sessions = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+                for m in (original, model)]
+    inputs = {i.name for i in sessions[0].get_inputs()}
+    sums: dict[int, list[float]] = {}
+    for feed in samples.iter_batches(batch):
+        want, got = (s.run(None, {k: v for k, v in feed.items() if k in inputs}) for s in sessions)
+        for i, (w, g) in enumerate(zip(want, got)):
+            if np.issubdtype(np.asarray(w).dtype, np.floating) and np.shape(w) == np.shape(g):
+                w64 = np.asarray(w, dtype=np.float64)
+                acc = sums.setdefault(i, [0.0, 0.0, 0.0, 0.0])
+                acc[0] += float(np.sum((np.asarray(g, dtype=np.float64) - w64) ** 2))
+                acc[1] += float(np.sum(w64 ** 2))
+                acc[2] += float(np.sum(w64))
+                acc[3] += w64.size
+    total = 0.0
+    for err, sq, s1, n in sums.values():
+        var = sq / max(n, 1) - (s1 / max(n, 1)) ** 2
+        total += err / max(n, 1) / (var if var > 0 else 1.0)
+    return total
 
 
 def _kept_only(batch: dict[str, np.ndarray], kept: Kept) -> dict[str, np.ndarray]:
