@@ -373,10 +373,12 @@ def plot(results: Path, rows: list[dict[str, Any]]) -> None:
         if not mine:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
-        for method in sorted({r["method"] for r in mine}):
-            pts = sorted((r["macs_kept"], r[spec.headline]) for r in mine if r["method"] == method and not r.get("extra"))
-            if pts:
-                ax.plot([100 * p[0] for p in pts], [p[1] * (100 if spec.higher_is_better else 1) for p in pts], "o-", label=method)
+        for method, extra in sorted({(r["method"], tuple(r.get("extra", ()))) for r in mine}):
+            pts = sorted((r["macs_kept"], r[spec.headline]) for r in mine
+                         if r["method"] == method and tuple(r.get("extra", ())) == extra)
+            if pts:  # rows with extra flags (--recover) dashed, beside the plain ones
+                ax.plot([100 * p[0] for p in pts], [p[1] * (100 if spec.higher_is_better else 1) for p in pts],
+                        "o--" if extra else "o-", label=" ".join((method, *extra)))
         ax.set_xlabel("MACs kept (%)")
         ax.set_ylabel({"lite1": "top-1 agreement (%)", "minilm": "nearest-neighbour agreement (%)",
                        "smollm2": "perplexity / original's"}[name])

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from . import ir, validate
+from . import ir, recover, validate
 from .graph import qdq
 from .errors import CalibrationError, UsageError
 from .calib import cache as calib_cache
@@ -186,6 +186,7 @@ def prune(
     if gates.max_drop is not None and eval_data is None:
         raise UsageError("--max-drop needs labelled --eval data (an .npz with the inputs and 'labels')")
     check_gates_have_data(gates, calib, eval_data)  # no random figure can pass a gate: refused before any work
+    recovering = recover.requested(spec.params.parse(options.params), calib=options.calib, seed=seed, batch_size=batch_size)
     path = _path_of(model)
     with clock.stage(Stage.LOAD):
         original = _load(model)  # the one parse of the input: everything after reads this proto (or the file, in C++)
@@ -241,6 +242,12 @@ def prune(
         if outcome.finish is not None:
             with clock.stage(Stage.RECONSTRUCT), memory.limited(calib_memory), calib_cache.using(cache):
                 pruned = outcome.finish(pruned)
+    extra: dict[str, Any] = {}
+    if recovering is not None and pruned is not working and fit is not None:
+        with clock.stage(Stage.RECOVER), memory.limited(calib_memory):
+            pruned, recovered, extra = recover.run(original, pruned, fit, recovering, progress,
+                                                   recover.kept_channels(analysis.trace, outcome.plan))
+        notes.extend(recovered)
     notes.extend(outcome.notes)
     notes.extend(qdq.report_notes(original, pruned))
     traced, plan, input_shapes = analysis.trace, outcome.plan, analysis.input_shapes
@@ -280,6 +287,7 @@ def prune(
         input_path=None if isinstance(model, onnx.ModelProto) else str(model),
         latency=timing,
         stage_seconds=dict(clock.seconds),
+        extra=extra,
     )
     report = replace(report, seconds=time.perf_counter() - started)
     return PruneResult(pruned, report, traced, plan, serialized)

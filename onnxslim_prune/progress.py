@@ -25,6 +25,7 @@ class Stage(str, Enum):
     METHOD = "method (scores, statistics, selection)"
     APPLY = "apply"
     RECONSTRUCT = "reconstruction"
+    RECOVER = "recovery"
     VALIDATE = "validation"
     VERDICT = "verdict"
     LATENCY = "latency"

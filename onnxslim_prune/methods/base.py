@@ -28,6 +28,7 @@ import onnx_graphsurgeon as gs
 from ..channels import Part, Trace
 from ..errors import UsageError
 from ..passes.plan import Plan
+from ..recover import DEFAULT_LR, DEFAULT_SECONDS, DEFAULT_STEPS
 from ..roundto import Rounding
 
 Scores = Mapping[int, np.ndarray]
@@ -183,6 +184,16 @@ class CommonParams:
     residual_targets: bool = setting(True, BOOL)
     block_criterion: str = setting("output", choice(*BLOCK_CRITERIA))
     block_samples: int = setting(128, POSITIVE_INT)
+    recover: bool | None = setting(None, BOOL, flag="--recover", switch=True, planning=False,
+                                   help="Label-free recovery after the refit: Adam steps on each block's weights toward the "
+                                        "original's block outputs (needs --calib and the [recover] extra).")
+    recover_steps: int = setting(DEFAULT_STEPS, POSITIVE_INT, flag="--recover-steps", planning=False, cli_type=int,
+                                 help=f"--recover: gradient steps per block [default: {DEFAULT_STEPS}].")
+    recover_lr: float = setting(DEFAULT_LR, number(0.0, 1.0, low_open=True), flag="--recover-lr", planning=False,
+                                cli_type=float, help=f"--recover: Adam's learning rate, cosine-decayed [default: {DEFAULT_LR:g}].")
+    recover_time: float = setting(DEFAULT_SECONDS, number(0.0, math.inf, low_open=True), flag="--recover-time",
+                                  planning=False, cli_type=float,
+                                  help=f"--recover: seconds all blocks may take together [default: {DEFAULT_SECONDS:g}].")
     heads: float | None = setting(None, RATIO, flag="--heads", cli_type=float,
                                   help="Transformers: fraction of each layer's attention heads removed [default: --ratio]; "
                                        "with --target-*: the most they may lose.")
@@ -410,6 +421,8 @@ def check_options(options: Options) -> tuple[str, ...]:
         if other is not spec and any(params.get(k) is not None for k in extra):
             flags = " and ".join(s.flag for s in extra.values() if s.flag)
             warnings.append(f"{flags} are used by --method {other.name} only; {method} ignores them")
+    if any(params.get(k) is not None for k in ("recover_steps", "recover_lr", "recover_time")) and not params.get("recover"):
+        warnings.append("--recover-steps, --recover-lr and --recover-time are used with --recover only; ignored")
     if params.get("reconstruct") and options.calib is None:
         warnings.append("--reconstruct needs calibration data (--calib); nothing is refitted")
     if spec.ignored is not None:

@@ -1,0 +1,428 @@
+"""The recovery loop: stream each block's activations, take Adam steps on its weights, keep them if the guard agrees.
+
+See the package docstring for what is minimised and how it is guarded. This module needs torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from enum import Enum
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from .. import ir
+from ..calib.engine import StagedPasses
+from ..calib.memory import calibration_budget
+from ..calib.sources import CalibrationSet
+from ..calib.split import subset
+from . import Kept, RecoverSettings
+from .blocks import Block, block_costs, find_blocks
+from .torchblock import TorchBlock, Unsupported, check_supported
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+#: fraction of the fit samples kept aside to judge each block (at least `MIN_GUARD`, at most `MAX_GUARD`)
+GUARD_FRACTION = 0.2
+MIN_GUARD = 4
+MAX_GUARD = 256
+#: fewest samples a block is fitted on
+MIN_TRAIN = 4
+#: shares of the calibration budget: each network's frontier, and the samples one block holds
+FRONTIER_SHARE = 4
+DATA_SHARE = 4
+#: torch threads: one (the same bytes on any machine; on a shared 2-core machine two threads made small steps 20x slower)
+THREADS = 1
+#: a block whose compared outputs take more than this per sample is not fitted (SmolLM2's logits: 24 MiB for a
+#: window of 128 tokens, where its trainable weight is one RMSNorm scale)
+MAX_OUTPUT_BYTES = 8 << 20
+#: guard checkpoints per block (the best one is kept)
+CHECKPOINTS = 4
+
+
+class Status(str, Enum):
+    KEPT = "kept"  # the recovered weights were written
+    REJECTED = "rejected"  # trained, but the guard error did not fall: closed-form weights kept
+    SKIPPED = "skipped"  # not trained (`BlockResult.reason`)
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    block: Block
+    status: Status
+    reason: str = ""
+    steps: int = 0
+    seconds: float = 0.0
+    before: float = math.nan  # guard error with the closed-form weights
+    after: float = math.nan  # guard error with the best recovered weights
+    train_samples: int = 0
+    guard_samples: int = 0
+
+
+    def row(self) -> dict[str, object]:
+        """The report's record of the block (``extra.recover.blocks``)."""
+        b = self.block
+        return {"block": b.index, "first": b.nodes[0], "last": b.nodes[-1], "nodes": len(b.nodes),
+                "weights": len(b.trainable), "status": self.status.value, "reason": self.reason or None,
+                "steps": self.steps, "seconds": round(self.seconds, 2),
+                "guard_error_before": None if math.isnan(self.before) else self.before,
+                "guard_error_after": None if math.isnan(self.after) else self.after,
+                "train_samples": self.train_samples, "guard_samples": self.guard_samples}
+
+
+@dataclass(frozen=True)
+class Recovery:
+    model: onnx.ModelProto
+    results: tuple[BlockResult, ...]
+    notes: tuple[str, ...]
+    seconds: float = 0.0
+
+    def record(self) -> dict[str, object]:
+        """``extra.recover`` of the report: the seconds and every block's `BlockResult.row`."""
+        return {"seconds": round(self.seconds, 1), "blocks": [r.row() for r in self.results]}
+
+
+@contextmanager
+def _torch_state(seed: int) -> Iterator[None]:
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(max(1, min(THREADS, os.cpu_count() or 1)))
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: CalibrationSet, settings: RecoverSettings,
+            progress: Progress | None = None, kept: Kept | None = None) -> Recovery:
+    """Recover `pruned`'s blocks in place of their closed-form weights (only initializers change); see the package.
+
+    `kept`: the channels a pruned tensor keeps of the original's (`kept_channels`): the original's block outputs
+    are compared on those."""
+    blocks = find_blocks(original, pruned)
+    names = [n.name for n in pruned.graph.node]
+    if not blocks:
+        return Recovery(pruned, (), ("recover: no block differs from the original; nothing to recover",))
+    if len(set(names)) != len(names) or not all(names):
+        return Recovery(pruned, (), ("recover: skipped, the pruned graph's nodes are not uniquely named",))
+    nodes = {n.name: n for n in pruned.graph.node}
+    planned: list[Block] = []
+    for block in blocks:
+        if block.skip is None:
+            try:
+                check_supported([nodes[n] for n in block.nodes])
+            except Unsupported as exc:
+                block = _skipped(block, f"not convertible to torch: {exc}")
+        planned.append(block)
+    original_outputs = {o for n in original.graph.node for o in n.output} | {o.name for o in original.graph.input}
+    planned = [b if b.skip is not None or set(b.outputs) <= original_outputs
+               else _skipped(b, "the original computes no tensor of its output") for b in planned]
+
+    budget = calibration_budget()
+    # the passes run in batches of a gradient step's size: shape tensors a block reads from outside (a Reshape
+    # target computed from a Shape of the batch, as exporters write attention) then hold the step's batch size too
+    mine = StagedPasses(pruned, fit, settings.batch, [b.inputs for b in planned], budget=budget // FRONTIER_SHARE,
+                        label="recovered network", changes={n: b.index for b in planned for n in b.nodes})
+    theirs = StagedPasses(original, fit, settings.batch, [b.outputs for b in planned],
+                          budget=budget // FRONTIER_SHARE, label="original network")
+    settings = replace(settings, batch=mine.size)  # a static batch, or fewer samples than a step
+    total = mine.batches * mine.size if mine.drop_last else fit.num_samples
+    if total < 2 * mine.size:
+        mine.close()
+        theirs.close()
+        return Recovery(pruned, (), (f"recover: skipped, {total} fit samples are too few for steps of {mine.size} "
+                                     "and a guard part",))
+    guard, train_order = _split(total, settings.seed, mine.size)
+    results: list[BlockResult] = []
+    # each block's share of the time left is its share of the estimated cost left (early CNN blocks, at high
+    # resolution, take ten times longer per step than late ones)
+    costs = [0.0 if b.skip else c for b, c in zip(planned, block_costs(pruned, planned, fit.sample_shapes))]
+    closed_form: dict[str, onnx.TensorProto] = {}  # the closed-form value of every weight a block replaced
+    started = time.perf_counter()
+    try:
+        with _torch_state(settings.seed):
+            for block in planned:
+                left = max(settings.seconds - (time.perf_counter() - started), 0.0)
+                share = left * costs[block.index] / max(sum(costs[block.index:]), 1e-9)
+                result = _one_block(block, nodes, pruned, mine, theirs, guard, train_order, settings, share,
+                                    budget // DATA_SHARE, kept or {}, closed_form)
+                results.append(result)
+                _log(result)
+                if progress is not None:
+                    progress(block.index + 1, len(planned))
+    finally:
+        mine.close()
+        theirs.close()
+    notes = list(_notes(results, time.perf_counter() - started))
+    if closed_form:
+        notes.extend(_network_guard(original, pruned, fit, guard, settings.batch, closed_form))
+    spent = time.perf_counter() - started
+    return Recovery(pruned, tuple(results), tuple(notes), spent)
+
+
+def _skipped(block: Block, reason: str) -> Block:
+    return replace(block, skip=reason)
+
+
+def _split(total: int, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """(guard positions, the rest in the seeded order training takes them) among the fit samples; the guard is
+    whole steps (it is evaluated `step` samples at a time)."""
+    perm = np.random.default_rng([seed, 0x2EC0]).permutation(total)
+    count = min(MAX_GUARD, max(MIN_GUARD, math.ceil(GUARD_FRACTION * total)), total // 2)
+    count = max(step, count // step * step)
+    return np.sort(perm[:count]), perm[count:]
+
+
+def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.ModelProto, mine: StagedPasses,
+               theirs: StagedPasses, guard: np.ndarray, train_order: np.ndarray, settings: RecoverSettings,
+               seconds: float, data_budget: int, kept: Kept, closed_form: dict[str, onnx.TensorProto]) -> BlockResult:
+    # both streams advance for every planned block (the engine's schedule), also for one that is skipped
+    inputs = mine.advance(block.inputs, model)
+    targets = (_kept_only(batch, kept) for batch in theirs.advance(block.outputs))
+    if block.skip is not None:
+        for _ in zip(inputs, targets):
+            pass
+        return BlockResult(block, Status.SKIPPED, block.skip)
+    held = _collect(inputs, targets, block, guard, train_order, data_budget)
+    if isinstance(held, str):
+        return BlockResult(block, Status.SKIPPED, held)
+    x_train, y_train, x_guard, y_guard, shared = held
+    inits = {t.name: t for t in model.graph.initializer}
+    used = {t for n in block.nodes for t in nodes[n].input if t in inits}
+    values = {name: numpy_helper.to_array(inits[name]) for name in used}
+    scale = [float(torch.mean((y.double() - y.double().mean()) ** 2)) or 1.0 for y in y_train]
+    started = time.perf_counter()
+    try:
+        net = TorchBlock([nodes[n] for n in block.nodes], values, block.trainable, block.inputs, block.outputs)
+        before = _error(net, x_guard, y_guard, shared, block, scale, settings.batch)
+    except (Unsupported, RuntimeError, ValueError, IndexError, TypeError) as exc:  # torch reports shape errors so
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return BlockResult(block, Status.SKIPPED, f"not run by torch: {first}")
+    if not math.isfinite(before):
+        return BlockResult(block, Status.SKIPPED, "the closed-form block's error is not finite")
+    best, best_values = before, None
+    optimiser = torch.optim.Adam(list(net.weights), lr=settings.lr)
+    n_train = x_train[0].shape[0] if x_train else y_train[0].shape[0]
+    generator = torch.Generator().manual_seed(settings.seed + 7919 * block.index)
+    checkpoints = {max(1, round(settings.steps * (k + 1) / CHECKPOINTS)) for k in range(CHECKPOINTS)}
+    steps = 0
+    for step in range(1, settings.steps + 1):
+        if time.perf_counter() - started > seconds and step > 1:
+            break
+        for group in optimiser.param_groups:  # cosine decay to zero
+            group["lr"] = settings.lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / settings.steps))
+        pick = torch.randint(0, n_train, (settings.batch,), generator=generator)
+        loss = _loss(net, [x[pick] for x in x_train], [y[pick] for y in y_train], shared, block, scale)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        steps = step
+        if step in checkpoints:
+            now = _error(net, x_guard, y_guard, shared, block, scale, settings.batch)
+            if now < best:
+                best, best_values = now, net.values()
+    if steps not in checkpoints and steps:
+        now = _error(net, x_guard, y_guard, shared, block, scale, settings.batch)
+        if now < best:
+            best, best_values = now, net.values()
+    spent = time.perf_counter() - started
+    result = BlockResult(block, Status.KEPT, "", steps, spent, before, best, n_train, int(y_guard[0].shape[0]))
+    if best_values is None:
+        return replace(result, status=Status.REJECTED, reason="the guard samples' error did not improve")
+    for name, value in best_values.items():
+        closed_form[name] = onnx.TensorProto()
+        closed_form[name].CopyFrom(inits[name])
+        inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+    return result
+
+
+def _network_guard(original: onnx.ModelProto, model: onnx.ModelProto, fit: CalibrationSet, guard: np.ndarray,
+                   batch: int, closed_form: dict[str, onnx.TensorProto]) -> list[str]:
+    """Keep the recovered weights only if the whole network's outputs are closer to the original's on the guard
+    samples than with the closed-form weights; else put every closed-form weight back.
+
+    Each block is judged on its own output, on inputs from the recovered blocks before it; a later block that
+    kept its closed-form weights was fitted to the closed-form inputs, so the network can lose what each block
+    gained (a residual stream pruned by half: block errors down, the output's up).
+    """
+    if model.ByteSize() >= ir.PROTO_LIMIT:
+        return ["recover: the network was not checked on the guard samples (a model past 2 GB)"]
+    samples = subset(fit, sorted(int(i) for i in guard), "recover guard")
+    recovered = _output_error(original, model, samples, batch)
+    inits = {t.name: t for t in model.graph.initializer}
+    trained = {}
+    for name, value in closed_form.items():
+        trained[name] = onnx.TensorProto()
+        trained[name].CopyFrom(inits[name])
+        inits[name].CopyFrom(value)
+    before = _output_error(original, model, samples, batch)
+    log.info("recover: the network's guard error: %.4g with the closed-form weights, %.4g recovered", before, recovered)
+    if recovered < before:
+        for name, value in trained.items():
+            inits[name].CopyFrom(value)
+        return [f"recover: the network's output error on the guard samples: {before:.4g} closed-form, {recovered:.4g} "
+                "recovered (kept)"]
+    return [f"recover: the network's output error on the guard samples rose ({before:.4g} closed-form, "
+            f"{recovered:.4g} recovered): every block keeps its closed-form weights"]
+
+
+def _output_error(original: onnx.ModelProto, model: onnx.ModelProto, samples: CalibrationSet, batch: int) -> float:
+    """Sum over the graph outputs of the squared error to the original's over its variance (float outputs)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sessions = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+                for m in (original, model)]
+    inputs = {i.name for i in sessions[0].get_inputs()}
+    sums: dict[int, list[float]] = {}
+    for feed in samples.iter_batches(batch):
+        want, got = (s.run(None, {k: v for k, v in feed.items() if k in inputs}) for s in sessions)
+        for i, (w, g) in enumerate(zip(want, got)):
+            if np.issubdtype(np.asarray(w).dtype, np.floating) and np.shape(w) == np.shape(g):
+                w64 = np.asarray(w, dtype=np.float64)
+                acc = sums.setdefault(i, [0.0, 0.0, 0.0, 0.0])
+                acc[0] += float(np.sum((np.asarray(g, dtype=np.float64) - w64) ** 2))
+                acc[1] += float(np.sum(w64 ** 2))
+                acc[2] += float(np.sum(w64))
+                acc[3] += w64.size
+    total = 0.0
+    for err, sq, s1, n in sums.values():
+        var = sq / max(n, 1) - (s1 / max(n, 1)) ** 2
+        total += err / max(n, 1) / (var if var > 0 else 1.0)
+    return total
+
+
+def _kept_only(batch: dict[str, np.ndarray], kept: Kept) -> dict[str, np.ndarray]:
+    """The original's outputs on the channels the pruned network keeps."""
+    return {name: np.take(value, kept[name][1], axis=kept[name][0]) if name in kept else value
+            for name, value in batch.items()}
+
+
+Held = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], dict[str, torch.Tensor]]
+
+
+def _collect(inputs: Iterator[dict[str, np.ndarray]], targets: Iterator[dict[str, np.ndarray]], block: Block,
+             guard: np.ndarray, train_order: np.ndarray, budget: int) -> Held | str:
+    """The block's inputs and the original's outputs on the guard samples and the training samples that fit."""
+    guard_set = set(guard.tolist())
+    train_set: set[int] | None = None
+    batched: set[str] = set()
+    shared: dict[str, np.ndarray] = {}
+    parts: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    done = 0
+    for feed, want in zip(inputs, targets):
+        count = next(iter(want.values())).shape[0]
+        if train_set is None:
+            for name, value in feed.items():
+                if value.ndim and value.shape[0] == count:
+                    batched.add(name)
+                else:
+                    shared[name] = value
+            out_bytes = sum(v.nbytes for v in want.values()) // max(count, 1)
+            if out_bytes > MAX_OUTPUT_BYTES:
+                return f"its output is {out_bytes >> 20} MiB a sample (a language model's logits): too costly to fit"
+            per_sample = sum(v.nbytes for k, v in feed.items() if k in batched) + sum(v.nbytes for v in want.values())
+            per_sample = max(1, per_sample // max(count, 1))
+            room = max(0, budget // per_sample - len(guard_set))
+            chosen = train_order[:room]
+            train_set = set(chosen.tolist())
+            if room < len(train_order):
+                log.info("recover: %s: %d of %d fit samples held within %d MiB", block.label, len(chosen),
+                         len(train_order), budget >> 20)
+        if any(not v.ndim or v.shape[0] != count for v in want.values()):
+            return "the original's output at its end has no batch axis"
+        positions = np.arange(done, done + count)
+        in_guard = np.array([p in guard_set for p in positions])
+        in_train = np.array([p in train_set for p in positions])
+        for name, value in [*feed.items(), *(("\0" + k, v) for k, v in want.items())]:
+            if name in shared:
+                continue
+            g, t = parts.setdefault(name, ([], []))
+            if in_guard.any():
+                g.append(np.ascontiguousarray(value[in_guard]))
+            if in_train.any():
+                t.append(np.ascontiguousarray(value[in_train]))
+        done += count
+    if train_set is None:
+        return "no calibration batch reached it"
+    x_train = [_cat(parts[n][1]) for n in block.inputs if n in batched]
+    y_train = [_cat(parts["\0" + n][1]) for n in block.outputs]
+    x_guard = [_cat(parts[n][0]) for n in block.inputs if n in batched]
+    y_guard = [_cat(parts["\0" + n][0]) for n in block.outputs]
+    if not y_train or y_train[0].shape[0] < MIN_TRAIN or y_guard[0].shape[0] == 0:
+        return f"too few samples fit the memory budget ({0 if not y_train else y_train[0].shape[0]})"
+    return (x_train, y_train, x_guard, y_guard, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in shared.items()})
+
+
+def _cat(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate(arrays) if len(arrays) != 1 else arrays[0])
+
+
+def _run(net: TorchBlock, xs: Sequence[torch.Tensor], shared: dict[str, torch.Tensor], block: Block) -> list[torch.Tensor]:
+    it = iter(xs)
+    args = [shared[name] if name in shared else next(it) for name in block.inputs]
+    return net(*args)
+
+
+def _loss(net: TorchBlock, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], shared: dict[str, torch.Tensor],
+          block: Block, scale: Sequence[float]) -> torch.Tensor:
+    outs = _run(net, xs, shared, block)
+    total = torch.zeros((), dtype=torch.float32)
+    for out, y, s in zip(outs, ys, scale):
+        if tuple(out.shape) != tuple(y.shape):
+            raise Unsupported(f"output shape {tuple(out.shape)} differs from the original's {tuple(y.shape)}")
+        total = total + ((out.float() - y.float()) ** 2).mean() / s
+    return total
+
+
+def _error(net: TorchBlock, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], shared: dict[str, torch.Tensor],
+           block: Block, scale: Sequence[float], batch: int) -> float:
+    """The normalised squared error on held samples (batch by batch, no gradients)."""
+    n = ys[0].shape[0]
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, n, batch):
+            part = slice(start, start + batch)
+            count = min(batch, n - start)
+            total += float(_loss(net, [x[part] for x in xs], [y[part] for y in ys], shared, block, scale)) * count
+    return total / max(n, 1)
+
+
+def _log(result: BlockResult) -> None:
+    if result.status is Status.SKIPPED:
+        log.info("recover: %s: skipped, %s", result.block.label, result.reason)
+        return
+    log.info("recover: %s: %d steps in %.1f s on %d samples, guard error %.4g -> %.4g on %d samples: %s",
+             result.block.label, result.steps, result.seconds, result.train_samples, result.before, result.after,
+             result.guard_samples, result.status.value)
+
+
+def _notes(results: Sequence[BlockResult], seconds: float) -> tuple[str, ...]:
+    kept = [r for r in results if r.status is Status.KEPT]
+    tried = [r for r in results if r.status is not Status.SKIPPED]
+    notes = [f"recover: {len(kept)} of {len(results)} blocks kept recovered weights in {seconds:.0f} s"
+             + (f" (guard error {_mean(r.before for r in kept):.4g} -> {_mean(r.after for r in kept):.4g} on average)"
+                if kept else "")
+             + (f"; {len(tried) - len(kept)} rejected by the guard" if len(tried) > len(kept) else "")]
+    for r in results:
+        if r.status is Status.SKIPPED:
+            notes.append(f"recover: {r.block.label} keeps its closed-form weights: {r.reason}")
+    return tuple(notes)
+
+
+def _mean(values: Iterator[float] | Sequence[float]) -> float:
+    items = list(values)
+    return sum(items) / max(len(items), 1)

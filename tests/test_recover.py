@@ -1,0 +1,281 @@
+"""`--recover`: gradient block reconstruction against the original (`onnxslim_prune.recover`).
+
+Oracles: a two-layer block whose pruned width can represent the original exactly (duplicated hidden neurons), so
+the exact answer is known; a pruned block that is already exact, which no step can improve (the guard must reject);
+node-by-node equality of the graphs with and without recovery; sample identity (tagged samples) for the split;
+onnxruntime for the torch op table; a subprocess without torch for the optional extra.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import SAMPLE_LENET
+from onnx import TensorProto, helper, numpy_helper
+from tagged import record_reads, tagged_calibration
+
+from onnxslim_prune import prune
+from onnxslim_prune.calib import load_calibration
+from onnxslim_prune.calib.specs import input_specs
+from onnxslim_prune.recover.blocks import find_blocks
+
+REPO = Path(__file__).resolve().parent.parent
+FMNIST = SAMPLE_LENET.parent / "fmnist_test500.npz"
+
+
+def _two_layer(a: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
+    """``y = relu(x A) B`` with x [N, 8]."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "A"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "B"], ["y"], name="mm2")],
+        "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", a.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", b.shape[1]])],
+        [numpy_helper.from_array(a.astype(np.float32), "A"), numpy_helper.from_array(b.astype(np.float32), "B")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _duplicated(seed: int = 0) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray, np.ndarray]:
+    """An original with 16 hidden neurons, each of 8 twice: ``relu(x [A0 A0]) [B1; B2] = relu(x A0) (B1 + B2)``."""
+    rng = np.random.default_rng(seed)
+    a0, b1, b2 = rng.normal(size=(8, 8)), rng.normal(size=(8, 4)), rng.normal(size=(8, 4))
+    return _two_layer(np.hstack([a0, a0]), np.vstack([b1, b2])), a0, b1, b2
+
+
+def _calibration(tmp_path: Path, model: onnx.ModelProto, samples: int = 256) -> object:
+    path = tmp_path / "x.npz"
+    np.savez(path, x=np.random.default_rng(1).normal(size=(samples, 8)).astype(np.float32))
+    return load_calibration(path, input_specs(model, {}))
+
+
+def _outputs(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(sess.run(None, {"x": x})[0])
+
+
+def test_a_block_that_can_represent_the_original_recovers_it(tmp_path: Path) -> None:
+    """The pruned width (8) represents the original (16 duplicated neurons) exactly: A0, B1 + B2. Starting from
+    plain pruning (B1 alone) and a perturbed A, recovery brings the block's output to the original's within 1%
+    of its RMS on unseen inputs (plain pruning is off by about 70%); the graph's nodes are untouched."""
+    torch = pytest.importorskip("torch")
+    from onnxslim_prune.recover import RecoverSettings
+    from onnxslim_prune.recover.fit import recover
+
+    original, a0, b1, b2 = _duplicated()
+    noise = np.random.default_rng(2).normal(scale=0.05, size=a0.shape)
+    pruned = _two_layer(a0 + noise, b1)
+    calib = _calibration(tmp_path, original)
+    x = np.random.default_rng(9).normal(size=(200, 8)).astype(np.float32)  # unseen inputs
+    want = _outputs(original, x)
+    before = np.sqrt(np.mean((_outputs(pruned, x) - want) ** 2)) / np.sqrt(np.mean(want ** 2))
+
+    result = recover(original, pruned, calib, RecoverSettings(steps=600, lr=5e-2, batch=64, seed=0))
+
+    (block,) = result.results
+    assert block.status.value == "kept" and set(block.block.trainable) == {"A", "B"}
+    assert [n.name for n in result.model.graph.node] == ["mm1", "relu", "mm2"]
+    after = np.sqrt(np.mean((_outputs(result.model, x) - want) ** 2)) / np.sqrt(np.mean(want ** 2))
+    assert before > 0.5 and after < 0.01, (before, after)
+    assert block.after < 1e-3 * block.before  # the guard's normalised error fell by three orders
+    assert torch.get_num_threads() >= 1  # the thread setting was restored
+
+
+def test_weights_are_rejected_when_the_guard_error_does_not_improve(tmp_path: Path) -> None:
+    """A pruned block that is already exact (A0, B1 + B2) cannot be improved: every step moves it off the
+    optimum, the guard samples' error does not fall, and the closed-form weights stay byte for byte."""
+    pytest.importorskip("torch")
+    from onnxslim_prune.recover import RecoverSettings
+    from onnxslim_prune.recover.fit import recover
+
+    original, a0, b1, b2 = _duplicated()
+    pruned = _two_layer(a0, b1 + b2)
+    before = [t.SerializeToString() for t in pruned.graph.initializer]
+    result = recover(original, pruned, _calibration(tmp_path, original), RecoverSettings(steps=40, lr=1e-2, seed=0))
+
+    (block,) = result.results
+    assert block.status.value == "rejected" and block.after >= block.before
+    assert block.before < 1e-10  # exact up to float rounding
+    assert [t.SerializeToString() for t in result.model.graph.initializer] == before
+    assert any("rejected by the guard" in n for n in result.notes)
+
+
+def _residual_mlp(seed: int = 0, stem: bool = False) -> onnx.ModelProto:
+    """x [N, 16] -> (a MatMul stem, 16 -> 16) -> two residual blocks ``h + W2 relu(W1 h + b1) + b2`` -> a Gemm head
+    [N, 10]. With the stem, the residual stream is not a graph input, so it is prunable."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    h = "x"
+    if stem:
+        inits.append(numpy_helper.from_array((rng.normal(size=(16, 16)) / 4).astype(np.float32), "ws"))
+        nodes.append(helper.make_node("MatMul", ["x", "ws"], ["s"], name="stem"))
+        h = "s"
+    for i in range(2):
+        for name, shape in ((f"w1_{i}", (16, 48)), (f"b1_{i}", (48,)), (f"w2_{i}", (48, 16)), (f"b2_{i}", (16,))):
+            inits.append(numpy_helper.from_array((rng.normal(size=shape) / np.sqrt(shape[0])).astype(np.float32), name))
+        nodes += [helper.make_node("MatMul", [h, f"w1_{i}"], [f"m1_{i}"], name=f"mm1_{i}"),
+                  helper.make_node("Add", [f"m1_{i}", f"b1_{i}"], [f"a1_{i}"], name=f"add1_{i}"),
+                  helper.make_node("Relu", [f"a1_{i}"], [f"r_{i}"], name=f"relu_{i}"),
+                  helper.make_node("MatMul", [f"r_{i}", f"w2_{i}"], [f"m2_{i}"], name=f"mm2_{i}"),
+                  helper.make_node("Add", [f"m2_{i}", f"b2_{i}"], [f"a2_{i}"], name=f"add2_{i}"),
+                  helper.make_node("Add", [h, f"a2_{i}"], [f"h_{i}"], name=f"res_{i}")]
+        h = f"h_{i}"
+    inits += [numpy_helper.from_array((rng.normal(size=(10, 16)) / 4).astype(np.float32), "wh"),
+              numpy_helper.from_array(np.zeros(10, np.float32), "bh")]
+    nodes.append(helper.make_node("Gemm", [h, "wh", "bh"], ["y"], name="head", transB=1))
+    graph = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_recover_changes_initializers_only_and_lowers_the_error(tmp_path: Path) -> None:
+    """`prune(..., recover)` on a two-block residual MLP: the blocks are the two residual blocks and the head, the
+    nodes and every initializer's name and shape equal those of the run without recovery, the recovered model
+    is closer to the original on samples neither run saw, and a second run gives the same bytes."""
+    pytest.importorskip("torch")
+    model = _residual_mlp()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(400, 16)).astype(np.float32))
+    unseen = rng.normal(size=(300, 16)).astype(np.float32)
+    runs = {flag: prune(str(path), "l1", 0.6, calib=str(tmp_path / "c.npz"), latency=False, seed=0,
+                        params={"recover": flag, "recover_steps": 300, "recover_lr": 1e-2} if flag else None)
+            for flag in (False, True)}
+    plain, recovered = runs[False].model, runs[True].model
+
+    def nodes(m: onnx.ModelProto) -> list[bytes]:
+        return [n.SerializeToString() for n in m.graph.node]
+
+    again = prune(str(path), "l1", 0.6, calib=str(tmp_path / "c.npz"), latency=False, seed=0,
+                  params={"recover": True, "recover_steps": 300, "recover_lr": 1e-2})
+    assert again.model.SerializeToString() == recovered.SerializeToString()  # deterministic: the same bytes
+    assert nodes(plain) == nodes(recovered)
+    assert [(t.name, list(t.dims)) for t in plain.graph.initializer] == \
+        [(t.name, list(t.dims)) for t in recovered.graph.initializer]
+    blocks = find_blocks(model, plain)
+    assert [b.nodes[-1] for b in blocks] == ["res_0", "res_1", "head"]
+    assert any(n.startswith("recover: ") and "kept recovered weights" in n for n in runs[True].report.notes)
+    want = _outputs(model, unseen)
+    err = {k: float(np.mean((_outputs(m, unseen) - want) ** 2)) for k, m in (("plain", plain), ("recovered", recovered))}
+    assert err["recovered"] < 0.8 * err["plain"], err
+
+
+def test_recovery_reads_fit_samples_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tagged samples: every read while recovering is of a fit sample; the verdict's held-out samples are never
+    read by it, and the guard samples are fit samples too."""
+    pytest.importorskip("torch")
+    from onnxslim_prune import recover as recover_pkg
+
+    seen = record_reads(monkeypatch)
+    real_run = recover_pkg.run
+
+    def run(*args: object, **kwargs: object) -> object:
+        seen.phase = "recover"
+        out = real_run(*args, **kwargs)  # type: ignore[arg-type]
+        seen.phase = "method"
+        return out
+
+    monkeypatch.setattr(recover_pkg, "run", run)
+    result = prune(str(SAMPLE_LENET), "thinet", 0.5, calib=tagged_calibration(FMNIST, tmp_path), seed=3, latency=False,
+                   params={"recover": True, "recover_steps": 5})
+
+    held = set().union(*seen.verdicts)
+    recovering = seen.seen("recover")
+    assert len(held) == 24 and len(recovering) == 96  # every fit sample is read (fit and guard parts), no other
+    assert not recovering & held and not seen.seen("method") & held
+    assert any(n.startswith("recover: ") for n in result.report.notes)
+
+
+def test_the_op_table_matches_onnxruntime() -> None:
+    """A transformer-like block (LayerNormalization, MatMul, Reshape, Transpose, Softmax, Erf GELU, Slice, Concat,
+    Where) run by `TorchBlock` gives onnxruntime's outputs within 1e-5."""
+    torch = pytest.importorskip("torch")
+    from onnxslim_prune.recover.torchblock import TorchBlock
+
+    rng = np.random.default_rng(0)
+    consts = {"g": rng.normal(size=8), "be": rng.normal(size=8), "wq": rng.normal(size=(8, 8)) / 3,
+              "shape": np.array([0, 0, 2, 4]), "half": np.array([0.5]), "one": np.array([1.0]), "sq2": np.array([1.4142135]),
+              "st": np.array([1]), "en": np.array([3]), "ax": np.array([1])}
+    inits = [numpy_helper.from_array(v.astype(np.int64 if v.dtype.kind == "i" else np.float32), k) for k, v in consts.items()]
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "g", "be"], ["n"], name="ln", axis=-1, epsilon=1e-5),
+        helper.make_node("MatMul", ["n", "wq"], ["q"], name="mm"),
+        helper.make_node("Reshape", ["q", "shape"], ["qr"], name="rs"),
+        helper.make_node("Transpose", ["qr"], ["qt"], name="tr", perm=[0, 2, 1, 3]),
+        helper.make_node("Softmax", ["qt"], ["p"], name="sm", axis=-1),
+        helper.make_node("Div", ["q", "sq2"], ["d"], name="div"),
+        helper.make_node("Erf", ["d"], ["e"], name="erf"),
+        helper.make_node("Add", ["e", "one"], ["e1"], name="add"),
+        helper.make_node("Mul", ["q", "e1"], ["ge"], name="mul"),
+        helper.make_node("Mul", ["ge", "half"], ["gelu"], name="mul2"),
+        helper.make_node("Slice", ["gelu", "st", "en", "ax"], ["sl"], name="slice"),
+        helper.make_node("Concat", ["sl", "sl"], ["cc"], name="cat", axis=1),
+        helper.make_node("Greater", ["cc", "one"], ["mask"], name="gt"),
+        helper.make_node("Where", ["mask", "cc", "half"], ["w"], name="where"),
+    ]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 8])],
+                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("w", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = rng.normal(size=(2, 5, 8)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    values = {t.name: numpy_helper.to_array(t) for t in inits}
+    block = TorchBlock(list(model.graph.node), values, ["g", "be", "wq"], ["x"], ["p", "w"])
+    got = [t.detach().numpy() for t in block(torch.from_numpy(x))]
+    assert [g.shape for g in got] == [w.shape for w in want] == [(2, 2, 5, 4), (2, 4, 8)]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_the_package_runs_without_torch(tmp_path: Path) -> None:
+    """With torch absent the package imports and prunes as before; `--recover` is one error line naming the extra,
+    exit code 2."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None  # as if the [recover] extra were not installed
+        from onnxslim_prune import prune
+        from onnxslim_prune.cli import main
+        result = prune({str(SAMPLE_LENET)!r}, "l1", 0.5, latency=False)
+        print("params", result.report.after.params)
+        sys.argv = ["onnx-prune", {str(SAMPLE_LENET)!r}, "--calib", {str(FMNIST)!r}, "--recover", "-o", {str(tmp_path / "x.onnx")!r}]
+        main()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2, done.stderr
+    with_torch = prune(str(SAMPLE_LENET), "l1", 0.5, latency=False)
+    assert f"params {with_torch.report.after.params}\n" in done.stdout  # the same model as with torch installed
+    lines = [line for line in done.stderr.splitlines() if line.strip()]  # the API run's warning, then the CLI's
+    errors = [line for line in lines if line.startswith("error:")]
+    assert errors == lines[-1:] and "pip install 'onnxslim-prune[recover]'" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr and not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_pruned_residual_stream_is_compared_on_the_channels_it_keeps(tmp_path: Path) -> None:
+    """When the residual stream itself loses channels, the original's block outputs are compared on the kept
+    ones (`kept_channels` from the trace and plan): every block is fitted (none skipped for a shape mismatch) and
+    the first one's guard error falls by more than 30%. On this random network the later blocks cannot gain, and
+    the whole network's output on the guard samples is further from the original's than with the closed-form
+    weights, so the network guard puts every closed-form weight back: the written model is the closed-form one."""
+    pytest.importorskip("torch")
+    model = _residual_mlp(stem=True)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(4).normal(size=(400, 16)).astype(np.float32))
+    runs = {flag: prune(str(path), "l1", 0.5, calib=str(tmp_path / "c.npz"), latency=False, seed=0,
+                        params={"recover": True, "recover_steps": 300, "recover_lr": 1e-3} if flag else None)
+            for flag in (False, True)}
+    stream = [t for t in runs[True].model.graph.initializer if t.name == "ws"][0]
+    assert list(stream.dims) == [16, 8]  # the stream lost half its channels
+    rows = runs[True].report.extra["recover"]["blocks"]
+    assert len(rows) == 3 and not any(r["reason"] and "differs" in r["reason"] for r in rows), rows
+    assert rows[0]["status"] == "kept" and rows[0]["guard_error_after"] < 0.7 * rows[0]["guard_error_before"]
+    assert any("output error on the guard samples rose" in n for n in runs[True].report.notes)
+    assert [t.SerializeToString() for t in runs[True].model.graph.initializer] == \
+        [t.SerializeToString() for t in runs[False].model.graph.initializer]
