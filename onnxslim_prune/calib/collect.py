@@ -131,19 +131,6 @@ def run_chunked(
     return [np.concatenate([part[i] for part in parts]) for i in range(len(names))]
 
 
-def chunk_samples(model: onnx.ModelProto, calib: CalibrationSet, share: int) -> int | None:
-    """Samples one onnxruntime run of `model` may take within 1 / `share` of the budget (None: no limit known).
-
-    A static batch is never split (its graph may fold the batch into shapes).
-    """
-    from .memory import calibration_budget, sample_cost
-
-    if ir.static_batch(model) is not None:
-        return None
-    cost = sample_cost(model, {name: (1, *shape) for name, shape in calib.sample_shapes.items()})
-    return None if cost is None else cost.samples_within(calibration_budget() // share)
-
-
 def stream_tensors(
     model: onnx.ModelProto,
     calib: CalibrationSet,

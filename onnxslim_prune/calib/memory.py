@@ -142,13 +142,14 @@ def _inferred_shapes(model: onnx.ModelProto, single: Mapping[str, tuple[int, ...
     return shapes
 
 
-def sample_cost(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> SampleCost | None:
-    """`SampleCost` of `model` with its inputs at `input_shapes` (batch set to 1); None when shapes are unknown.
+def tensor_bytes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int] | None:
+    """Bytes of one sample of every activation of `model` (inputs at `input_shapes`, batch set to 1).
 
     Shapes come from inference on the weight-free skeleton; what it cannot give, from one run at
     batch 1 (`ir.static_shapes`, as tracing does) for models within `RUN_FOR_SHAPES_BYTES`
     (EfficientNet's padding is computed from Shape ops at run time); element sizes from the
-    graph's types, 4 bytes where none is stated.
+    graph's types, 4 bytes where none is stated. Weights and tensors of unknown shape are left
+    out; None when no shape is known.
     """
     from .. import ir
 
@@ -165,10 +166,20 @@ def sample_cost(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ..
     itemsize = {vi.name: onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).itemsize
                 for vi in (*model.graph.input, *model.graph.output, *model.graph.value_info)
                 if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
+    sizes = {name: int(np.prod(shape, dtype=np.int64)) * itemsize.get(name, 4)
+             for name, shape in shapes.items() if name not in weights}
+    return sizes or None
+
+
+def sample_cost(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> SampleCost | None:
+    """`SampleCost` of `model` with its inputs at `input_shapes` (batch set to 1); None when shapes are unknown
+    (sizes from `tensor_bytes`)."""
+    sizes = tensor_bytes(model, input_shapes)
+    if sizes is None:
+        return None
 
     def size(name: str) -> int:
-        shape = shapes.get(name) if name and name not in weights else None
-        return 0 if shape is None else int(np.prod(shape, dtype=np.int64)) * itemsize.get(name, 4)
+        return sizes.get(name, 0) if name else 0
 
     working = max((sum(size(t) for t in {*n.input, *n.output}) for n in model.graph.node), default=0)
     if working == 0:

@@ -95,7 +95,7 @@ from ..channels import Kind, Role, Trace
 from ..calib import GramAccumulator, conv_output_size, conv_patches, expose_tensors, output_rows, sample_positions
 from ..calib import stream_tensors
 from ..calib.engine import StagedPasses
-from ..calib.memory import FRONTIER_SHARE, calibration_budget
+from ..calib.memory import FRONTIER_SHARE, RUN_SHARE, calibration_budget
 from ..calib.threads import blas_limited
 from ..errors import ModelError
 from ..methods.base import CommonParams, Context, Outcome
@@ -543,16 +543,18 @@ class Reconstructor:
                     right = stream(self.original, self.calibration, right_names[i], s.batch_size)
                 else:
                     if engines is None:
-                        # both frontiers together take half the budget: the other half is one batch's
-                        # tensors of each network and onnxruntime's arenas, which no frontier sees
-                        budget = calibration_budget() // FRONTIER_SHARE
                         refits = {f.layer.node: k for k, todo_k in enumerate(by_level) for f in todo_k}
                         engines = (
-                            StagedPasses(current, self.calibration, s.batch_size, left_names, budget=budget, label="pruned network",
+                            StagedPasses(current, self.calibration, s.batch_size, left_names, label="pruned network",
                                          changes=refits),
-                            StagedPasses(self.original, self.calibration, s.batch_size, right_names, budget=budget,
+                            StagedPasses(self.original, self.calibration, s.batch_size, right_names,
                                          label="original network"),
                         )
+                        frontier = frontier_budget(calibration_budget(), s.batch_size * max(
+                            engines[0].sample_bytes(left) + engines[1].sample_bytes(right)
+                            for left, right in zip(left_names, right_names)))
+                        for engine in engines:
+                            engine.store.budget = frontier
                     left, right = engines[0].advance(left_names[i], current), engines[1].advance(right_names[i])
                 self._fit_level(graph, todo, level, left, right, step)
         finally:
@@ -656,6 +658,18 @@ class Reconstructor:
             energy = s.energy if s.mode == "ldrf" else None
             w, b = fit(gram, f.intercept, s.ridge, energy, prior=prior, per_row=s.ridge_rows)  # rows: gram.count
             write_affine(graph, nodes[f.layer.node], f.layer.kind, w, b if f.intercept else None)
+
+
+def frontier_budget(budget: int, batch_bytes: int) -> int:
+    """Bytes each of the refit's two frontiers may hold in memory (beyond it they spill to disk).
+
+    What no frontier sees is counted first: each network's onnxruntime run (1 / RUN_SHARE each,
+    `calib.engine`) and one batch of the tensors a level reads from both networks, twice
+    (`batch_bytes`: the tensors themselves, and what the stage computes beside them and the
+    fit's copies). The frontiers share the rest, at most 1 / FRONTIER_SHARE each.
+    """
+    rest = budget - 2 * (budget // RUN_SHARE) - 2 * batch_bytes
+    return max(0, min(budget // FRONTIER_SHARE, rest // 2))
 
 
 def make_finish(
