@@ -3,13 +3,18 @@
 One budget per run, in bytes, shared out so that the peak stays near the floor (the loaded
 model and one onnxruntime session of it) plus the budget, at any calibration or --eval size:
 
-- the staged refit's two frontiers (`calib.engine`) take 1 / `FRONTIER_SHARE` each, beyond it
-  their batches spill to ``.npy`` files; the other half is for one batch's tensors;
-- one onnxruntime run of a calibration pass takes 1 / `RUN_SHARE`: a batch whose activations
-  (`sample_cost`) would not fit runs a few samples at a time (`calib.collect.run_chunked`);
+- one onnxruntime run of a refit stage takes 1 / `RUN_SHARE` per network: a stage whose
+  activations (every tensor it computes, `tensor_bytes`) would not fit at the batch size runs a
+  few samples at a time (`calib.collect.run_chunked`);
+- the staged refit's two frontiers (`calib.engine`) share what is left once both networks' runs
+  and twice one batch of the tensors a level reads from both are counted, at most
+  1 / `FRONTIER_SHARE` each (`passes.reconstruct.frontier_budget`); beyond it their batches
+  spill to ``.npy`` files;
 - the selection statistics (`passes.datadriven`) keep their Gram matrices within half, one
   batch's exposed tensors within a quarter;
-- the verdict's batches take half, the original's outputs held for it an eighth (`api`).
+- the verdict's batches take half, the original's outputs held for it an eighth (`api`); the
+  rest of those outputs wait in ``.npy`` files, so the original's session is not rebuilt beside
+  the pruned model's (`validate.HeldOutputs`).
 
 The default is `MEMORY_SHARE` of physical RAM: a quarter, 4 GB on a 16 GB machine. The budget
 is a run-scoped setting held in a context variable (`limited`), like a ``decimal`` context: the
