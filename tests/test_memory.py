@@ -294,3 +294,48 @@ def test_a_cut_model_is_streamed_without_another_copy_of_its_weights() -> None:
     x = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
     expected = x @ onnx.numpy_helper.to_array(model.graph.initializer[0]).T + onnx.numpy_helper.to_array(model.graph.initializer[1])
     np.testing.assert_allclose(run(cut, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
+
+
+FFN_BLOCK = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 6] x) => (float[N, 5] y) {
+  h = MatMul (x, w1)
+  n = LayerNormalization <axis = -1> (h, gamma, beta)
+  u = MatMul (n, w2)
+  a = Relu (u)
+  d = MatMul (a, w3)
+  r = Add (d, n)
+  y = MatMul (r, w4)
+}"""
+
+
+def test_groups_kept_whole_are_not_streamed_and_the_model_is_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxslim_prune.ops.testing import parse, weights
+    from onnxslim_prune.passes import datadriven
+
+    monkeypatch.setenv("ONNXSLIM_PRUNE_CACHE", "off")
+    # hidden 8 (w1 out, the LayerNorm, w2 and w4 read it, w3 writes into it), FFN 12 (w2 out, w3 reads it)
+    model = parse(FFN_BLOCK, w1=weights(6, 8), gamma=weights(8, seed=1) + 1.0, beta=weights(8, seed=2), w2=weights(8, 12, seed=3),
+                  w3=weights(12, 8, seed=4), w4=weights(8, 5, seed=5))
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((96, 6)).astype(np.float32))
+    streamed: list[list[str]] = []
+    real = datadriven.input_covariances
+
+    def recording(ctx: Any, layers: Any, budget: Any = None) -> Any:
+        streamed.append(sorted(layer.x for layer in layers))
+        return real(ctx, layers, budget)
+
+    monkeypatch.setattr(datadriven, "input_covariances", recording)
+    settings: dict[str, Any] = dict(calib=calib, latency=False, params={"ffn": 0.5, "hidden": 0.0})
+    lean = api.prune(model, "contrib", 0.5, **settings)
+    monkeypatch.setattr(datadriven, "kept_whole", lambda ctx, group: False)  # as before: every group's consumers
+    every = api.prune(model, "contrib", 0.5, **settings)
+    # structure: with --hidden 0 only the FFN's consumer (w3, reading a) is streamed; before, w2 and w4 too
+    assert streamed == [["a"], ["a", "n", "r"]]
+    widths = {t.name: tuple(t.dims) for t in lean.model.graph.initializer}
+    assert widths["w2"] == (8, 6) and widths["w3"] == (6, 8) and widths["w4"] == (8, 5)  # FFN halved, hidden whole
+    # numbers: the same plan and the same refitted weights, bit for bit, and the same verdict
+    assert lean.model.SerializeToString() == every.model.SerializeToString()
+    assert lean.report.verdict.cosine == every.report.verdict.cosine
+    x = np.random.default_rng(1).standard_normal((16, 6)).astype(np.float32)
+    assert float(np.corrcoef(run(lean.model, {"x": x})[0].ravel(), run(model, {"x": x})[0].ravel())[0, 1]) > 0.5
