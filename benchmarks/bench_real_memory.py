@@ -20,8 +20,8 @@ Cases (the models and data of ../shared; SmolLM2 is built by ../shared/real/buil
 - ``smollm2_contrib``: SmolLM2-135M, ``contrib --ffn 0.3 --heads 0 --hidden 0`` calibrated on windows
   of 128 tokens (``smollm2_calib.npz``), verdict on the held-out 20% (logits [N, 128, 49152]).
 
-``--label`` names the library the rows were measured with (``before``: main before the change,
-``after``: this tree); rows of other labels already in the JSON are kept, so both sit in one table.
+``--label`` names the library the rows were measured with (``before``: main before the memory work,
+``main``: after its first part, ``after``: this tree); rows of other labels already in the JSON are kept, so both sit in one table.
 """
 
 from __future__ import annotations
@@ -196,13 +196,15 @@ def write(rows: list[dict[str, Any]], floors: dict[str, float], out: Path) -> No
         "",
         "Peak resident memory of one CLI run (`ru_maxrss`), against the bound the run must keep: the model's floor",
         "(onnx.load, one onnxruntime session, one sample through it) plus `--calib-memory`. `before`: the library",
-        "before the memory work; `after`: this tree. Killed: the watchdog stopped the run past its cap.",
+        "before the memory work (6be53c2); `main`: after its first part (9a5d483); `after`: this tree. Killed: the",
+        "watchdog stopped the run past its cap.",
         "Written by `benchmarks/bench_real_memory.py`.",
         "",
         "| case | library | samples | --calib-memory | floor MiB | bound MiB | peak MiB | within | seconds | verdict samples | top-1 agreement | cosine |",
         "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
-    for r in sorted(rows, key=lambda r: (r["case"], r["samples"] or 0, r["label"] != "before")):
+    order = {"before": 0, "main": 1}
+    for r in sorted(rows, key=lambda r: (r["case"], r["samples"] or 0, order.get(r["label"], 2))):
         floor = floors.get(r["case"], 0.0)
         bound = floor + _size(r["budget"])
         ok = "killed" if r["killed"] else ("yes" if r["peak_mib"] <= bound else "**no**")

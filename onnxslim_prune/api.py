@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import time
@@ -104,7 +103,7 @@ def _analyze(
     shapes = ir.static_shapes(skeleton, shapes_in, runnable=lambda: _export_plain(graph, proto))
     # graph-surgeon's graph copies (constant folding, the skeleton) are reference cycles that share the weight
     # arrays; collected now, not whenever the collector next runs, pruning cannot hold the unpruned weights twice
-    gc.collect()
+    memory.give_back()
     return Analysis(proto, graph, trace(graph, shapes, exclude, opset), shapes_in, opset, tuple(notes))
 
 
@@ -211,6 +210,7 @@ def prune(
             measure = _reference(original, shapes_in, seed + verdict_part.seed_offset, evaluation, held, fit, progress, sessions)
             if reference_memo is not None:
                 reference_memo[verdict_part] = replace(measure, sessions=None)
+    memory.give_back()
     working = original
     block_fraction = spec.blocks_to_remove(options)
     with clock.stage(Stage.TRACE):
@@ -231,6 +231,7 @@ def prune(
         if fit is not None:
             outcome = reconstruct.with_reconstruction(ctx, outcome)  # no-op with --no-reconstruct
     notes.extend(ctx.notes)
+    memory.give_back()
     if not outcome.plan.groups and not outcome.overrides:
         if working is original:
             reason = nothing_prunable_reason(analysis.trace, original)
@@ -257,7 +258,7 @@ def prune(
     # the graph holds a second copy of the pruned weights (the model holds the first): free it (a reference cycle)
     # before the sessions and the bytes of the pruned model are made
     del graph, ctx, analysis, outcome
-    gc.collect()
+    memory.give_back()
     with clock.stage(Stage.VALIDATE):
         # serialized once: the checker, onnxruntime, the file size and the written file all take these bytes
         serialized = ir.serialize(pruned)

@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
+import gc
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,6 +102,31 @@ def limited(budget: int | None) -> Iterator[None]:
         yield
     finally:
         _budget.reset(token)
+
+
+def _trimmer() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (None elsewhere)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _trimmer() if sys.platform.startswith("linux") else None
+
+
+def give_back() -> None:
+    """Collect garbage and return the freed heap to the OS.
+
+    A model's weights are protobuf byte fields and numpy arrays of a few MB each, below glibc's
+    mmap threshold: freed copies (a cut model, the bytes a session was built from) stay in the
+    heap as free chunks, so the resident size of a run that makes a copy per pass creeps up
+    pass after pass (SmolLM2: 4.5 GB after tracing, 7 GB after 13 statistics passes).
+    ``malloc_trim`` hands those pages back.
+    """
+    gc.collect()
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ from ..channels import Kind, Role, Trace
 from ..calib import GramAccumulator, conv_output_size, conv_patches, expose_tensors, output_rows, sample_positions
 from ..calib import stream_tensors
 from ..calib.engine import StagedPasses
-from ..calib.memory import FRONTIER_SHARE, RUN_SHARE, calibration_budget
+from ..calib.memory import FRONTIER_SHARE, RUN_SHARE, calibration_budget, give_back
 from ..calib.threads import blas_limited
 from ..errors import ModelError
 from ..methods.base import CommonParams, Context, Outcome
@@ -557,6 +557,8 @@ class Reconstructor:
                             engine.store.budget = frontier
                     left, right = engines[0].advance(left_names[i], current), engines[1].advance(right_names[i])
                 self._fit_level(graph, todo, level, left, right, step)
+                del current, left, right
+                give_back()  # this level's export and stage sessions
         finally:
             for engine in engines or ():
                 engine.close()
