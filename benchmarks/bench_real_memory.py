@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +225,7 @@ def main() -> None:
     ap.add_argument("--cases", default="effnet_ldrf,effnet_thinet,effnet_l1_eval,smollm2_contrib")
     ap.add_argument("--samples", type=int, help="calibration samples (default: each case's full set)")
     ap.add_argument("--label", default="after")
+    ap.add_argument("--budget", help="--calib-memory instead of each case's own (e.g. 6G)")
     ap.add_argument("--library", type=Path, default=ROOT, help="folder holding the onnxslim_prune package to measure")
     ap.add_argument("--cap-mib", type=float, default=14000, help="kill a run whose resident size passes this")
     ap.add_argument("--timeout", type=float, default=5400)
@@ -238,7 +239,7 @@ def main() -> None:
     old = json.loads(a.out.with_suffix(".json").read_text()) if a.out.with_suffix(".json").exists() else {}
     rows, floors = old.get("rows", []), old.get("floors_mib", {})
     for name in a.cases.split(","):
-        case = table[name]
+        case = table[name] if a.budget is None else replace(table[name], budget=a.budget)
         if not case.model.exists():
             print(f"{name}: {case.model} is missing, skipped", flush=True)
             continue
@@ -249,7 +250,8 @@ def main() -> None:
         samples = case.samples if a.samples is None or case.samples is None else min(a.samples, case.samples)
         row = measure(case, samples, a.label, a.library, a.cap_mib, a.timeout)
         print(json.dumps(row), flush=True)
-        rows = [r for r in rows if (r["case"], r["label"], r["samples"]) != (name, a.label, samples)] + [row]
+        rows = [r for r in rows if (r["case"], r["label"], r["samples"], r["budget"]) != (name, a.label, samples, case.budget)]
+        rows.append(row)
         a.out.parent.mkdir(parents=True, exist_ok=True)
         write(rows, floors, a.out)
 
