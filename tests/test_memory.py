@@ -339,3 +339,32 @@ def test_groups_kept_whole_are_not_streamed_and_the_model_is_the_same(tmp_path: 
     assert lean.report.verdict.cosine == every.report.verdict.cosine
     x = np.random.default_rng(1).standard_normal((16, 6)).astype(np.float32)
     assert float(np.corrcoef(run(lean.model, {"x": x})[0].ravel(), run(model, {"x": x})[0].ravel())[0, 1]) > 0.5
+
+
+def test_a_large_model_reads_its_missing_shapes_from_a_run_without_its_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime as ort
+
+    from onnxslim_prune.graph import shapes
+
+    # NonZero's output length is known only by running; the MatMul's weight (64 x 96 float32) is the "large" part
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 64] x) => (float[N, 96] y, int64[2, M] nz) {
+      y = MatMul (x, w)
+      nz = NonZero (y)
+    }""")
+    weight = np.random.default_rng(0).standard_normal((64, 96)).astype(np.float32)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(weight, "w"))
+    built: list[int] = []
+    real = ort.InferenceSession
+
+    def recording(source: Any, *args: Any, **kwargs: Any) -> Any:
+        built.append(len(source) if isinstance(source, bytes) else -1)
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    whole = shapes.static_shapes(model, {"x": (3, 64)})
+    monkeypatch.setattr(shapes, "ZERO_WEIGHTS_RUN_BYTES", weight.nbytes - 1)  # the weight now counts as large
+    lean = shapes.static_shapes(model, {"x": (3, 64)})
+    # the same shapes (NonZero of zero inputs: no element), from a session of the skeleton: no byte of the weight
+    assert lean == whole and lean["nz"] == (2, 0) and lean["y"] == (3, 96)
+    assert built[0] > weight.nbytes and 0 < built[1] < weight.nbytes // 10
