@@ -52,9 +52,12 @@ def _produced(model: onnx.ModelProto) -> set[str]:
     return {out for node in model.graph.node for out in node.output if out}
 
 
-def expose_tensors(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+def expose_tensors(model: onnx.ModelProto, names: Sequence[str], *, types_of: onnx.ModelProto | None = None
+                   ) -> onnx.ModelProto:
     """Copy of ``model`` with the named node outputs added as graph outputs (originals kept); `model` itself
-    when they are all graph outputs already (the caller must not modify the result)."""
+    when they are all graph outputs already (the caller must not modify the result). `types_of`: the model
+    whose element types the added outputs take (`model` itself by default; a weightless copy's caller gives
+    the model with its weights, which type inference needs)."""
     produced = _produced(model)
     missing = [n for n in names if n not in produced]
     if missing:
@@ -64,7 +67,7 @@ def expose_tensors(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPr
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     present = {vi.name for vi in exposed.graph.output}
-    types = _known_types(model)
+    types = _known_types(model if types_of is None else types_of)
     for name in dict.fromkeys(names):
         if name in present:
             continue

@@ -367,10 +367,9 @@ class RowBuffer:
 def subgraph_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """A copy of `model` computing only `names` (as its graph outputs); inputs are kept."""
     wanted = list(dict.fromkeys(names))
-    exposed = expose_tensors(model, wanted)
-    if exposed is model:  # cut below: never the caller's model
-        exposed = onnx.ModelProto()
-        exposed.CopyFrom(model)
+    # the graph without weights is exposed and cut; only the weights the cut reads are copied into it
+    # (a copy of the whole model first would hold every weight twice while the cut is made)
+    exposed = expose_tensors(ir.without_initializers(model), wanted, types_of=model)
     graph = exposed.graph
     outputs = {vi.name: vi for vi in graph.output}
     del graph.output[:]
@@ -388,9 +387,7 @@ def subgraph_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPr
     del graph.node[:]
     graph.node.extend(nodes)
     used = {t for n in nodes for t in n.input}
-    inits = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
+    graph.initializer.extend(t for t in model.graph.initializer if t.name in used)
     return exposed
 
 
