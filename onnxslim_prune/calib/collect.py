@@ -78,13 +78,14 @@ def expose_tensors(model: onnx.ModelProto, names: Sequence[str], *, types_of: on
     return exposed
 
 
-def _session(model: onnx.ModelProto, providers: Sequence[str]) -> ort.InferenceSession:
+def _session(model: onnx.ModelProto | bytes, providers: Sequence[str]) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: the library never prints
     # the caller reduces each batch with numpy between runs: idle ORT threads must not spin meanwhile
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+        payload = model if isinstance(model, bytes) else model.SerializeToString()
+        return ort.InferenceSession(payload, options, providers=list(providers))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"onnxruntime cannot load the model: {first}") from None
@@ -155,9 +156,13 @@ def stream_tensors(
     wanted = list(dict.fromkeys(names))
     from_feed = [n for n in wanted if n in calib.names]
     fetch = [n for n in wanted if n not in calib.names]
-    session = _session(expose_tensors(model, fetch), providers) if fetch else None
     size, drop_last = _batch_plan(model, calib, batch_size)
-    del model  # the session holds its own weights: the proto is not kept for the pass
+    # serialized, then the proto let go before onnxruntime parses the bytes: a cut model held by nobody
+    # else (a statistics pass's) is freed, so its weights are not held three times while the session is made
+    payload = expose_tensors(model, fetch).SerializeToString() if fetch else None
+    del model
+    session = _session(payload, providers) if payload is not None else None
+    del payload  # the session holds its own weights
     total = calib.num_batches(size, drop_last=drop_last)
     limit = stream_blas_threads() if blas_threads == "default" else blas_threads
     if isinstance(limit, str):
