@@ -63,6 +63,7 @@ class PruneResult:
     trace: Trace
     plan: Plan
     #: `model` serialized (what the verdict ran and `ir.save_model(..., serialized=)` writes); None past protobuf's limit
+    #: and past `KEEP_BYTES_UP_TO` (not held through the verdict: the writer serializes the model again)
     serialized: bytes | None = None
 
 
@@ -264,6 +265,14 @@ def prune(
         serialized = ir.serialize(pruned)
         validate.check_structure(original, pruned, serialized=serialized)
         sessions.use_pruned(pruned, serialized)
+        pruned_bytes = None if serialized is None else len(serialized)
+        if serialized is not None and len(serialized) > KEEP_BYTES_UP_TO:
+            # a large model's bytes are not held beside its proto and session through the verdict: the session
+            # is built now, and the writer serializes the proto again (the same bytes)
+            sessions.pruned()
+            serialized = None
+            sessions.use_bytes(None)
+            memory.give_back()
     with clock.stage(Stage.VERDICT), memory.limited(calib_memory):
         verdict = _verdict(original, pruned, measure, fit, gates, progress)
     if reference_memo is None:
@@ -280,7 +289,7 @@ def prune(
         method=method,
         ratio=ratio,
         before=before,
-        after=validate.model_stats(pruned, input_shapes, file_bytes=None if serialized is None else len(serialized)),
+        after=validate.model_stats(pruned, input_shapes, file_bytes=pruned_bytes),
         verdict=verdict,
         groups=group_rows(traced, {g.group: g.kept for g in plan.groups}, options.round_to),
         seconds=0.0,
@@ -324,6 +333,10 @@ class _Sessions:
         """The pruned model and its bytes (`ir.serialize`), from which its session is built."""
         self._pruned_model, self._pruned_bytes, self._pruned = model, serialized, None
 
+    def use_bytes(self, serialized: bytes | None) -> None:
+        """Forget (None) the pruned model's bytes: its session, if built, stays."""
+        self._pruned_bytes = serialized
+
     def pruned(self, model: onnx.ModelProto | None = None) -> Any:
         if model is not None and model is not self._pruned_model:
             self.use_pruned(model, None)
@@ -356,6 +369,9 @@ def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
         out.graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
     return out
 
+
+#: a pruned model's bytes are kept for the writer (and returned in `PruneResult.serialized`) up to this size
+KEEP_BYTES_UP_TO = 256 << 20
 
 #: intra-op threads of the speed measurement: one thread's kernels, timed by their CPU time (`latency` module)
 LATENCY_THREADS = 1

@@ -368,3 +368,19 @@ def test_a_large_model_reads_its_missing_shapes_from_a_run_without_its_weights(m
     # the same shapes (NonZero of zero inputs: no element), from a session of the skeleton: no byte of the weight
     assert lean == whole and lean["nz"] == (2, 0) and lean["y"] == (3, 96)
     assert built[0] > weight.nbytes and 0 < built[1] < weight.nbytes // 10
+
+
+def test_a_large_pruned_model_is_not_held_as_bytes_and_is_written_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxslim_prune import ir
+
+    model = classifier()
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(1).standard_normal((120, 16)).astype(np.float32))
+    kept = api.prune(model, "ldrf", 0.5, calib=calib, latency=True)
+    monkeypatch.setattr(api, "KEEP_BYTES_UP_TO", 0)  # every model counts as large
+    dropped = api.prune(model, "ldrf", 0.5, calib=calib, latency=True)
+    assert kept.serialized is not None and dropped.serialized is None  # not held through the verdict and latency
+    assert dropped.report.after.file_bytes == kept.report.after.file_bytes == len(kept.serialized)
+    ir.save_model(dropped.model, tmp_path / "a.onnx", serialized=dropped.serialized)  # the writer serializes again
+    assert (tmp_path / "a.onnx").read_bytes() == kept.serialized
+    assert dropped.report.verdict.cosine == kept.report.verdict.cosine and dropped.report.verdict.cosine > 0.5
