@@ -20,8 +20,8 @@ Cases (the models and data of ../shared; SmolLM2 is built by ../shared/real/buil
 - ``smollm2_contrib``: SmolLM2-135M, ``contrib --ffn 0.3 --heads 0 --hidden 0`` calibrated on windows
   of 128 tokens (``smollm2_calib.npz``), verdict on the held-out 20% (logits [N, 128, 49152]).
 
-``--label`` names the library the rows were measured with (``before``: main before the change,
-``after``: this tree); rows of other labels already in the JSON are kept, so both sit in one table.
+``--label`` names the library the rows were measured with (``before``: main before the memory work,
+``main``: after its first part, ``after``: this tree); rows of other labels already in the JSON are kept, so both sit in one table.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -196,13 +196,15 @@ def write(rows: list[dict[str, Any]], floors: dict[str, float], out: Path) -> No
         "",
         "Peak resident memory of one CLI run (`ru_maxrss`), against the bound the run must keep: the model's floor",
         "(onnx.load, one onnxruntime session, one sample through it) plus `--calib-memory`. `before`: the library",
-        "before the memory work; `after`: this tree. Killed: the watchdog stopped the run past its cap.",
+        "before the memory work (6be53c2); `main`: after its first part (9a5d483); `after`: this tree. Killed: the",
+        "watchdog stopped the run past its cap.",
         "Written by `benchmarks/bench_real_memory.py`.",
         "",
         "| case | library | samples | --calib-memory | floor MiB | bound MiB | peak MiB | within | seconds | verdict samples | top-1 agreement | cosine |",
         "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
-    for r in sorted(rows, key=lambda r: (r["case"], r["samples"] or 0, r["label"] != "before")):
+    order = {"before": 0, "main": 1}
+    for r in sorted(rows, key=lambda r: (r["case"], r["samples"] or 0, order.get(r["label"], 2))):
         floor = floors.get(r["case"], 0.0)
         bound = floor + _size(r["budget"])
         ok = "killed" if r["killed"] else ("yes" if r["peak_mib"] <= bound else "**no**")
@@ -223,6 +225,7 @@ def main() -> None:
     ap.add_argument("--cases", default="effnet_ldrf,effnet_thinet,effnet_l1_eval,smollm2_contrib")
     ap.add_argument("--samples", type=int, help="calibration samples (default: each case's full set)")
     ap.add_argument("--label", default="after")
+    ap.add_argument("--budget", help="--calib-memory instead of each case's own (e.g. 6G)")
     ap.add_argument("--library", type=Path, default=ROOT, help="folder holding the onnxslim_prune package to measure")
     ap.add_argument("--cap-mib", type=float, default=14000, help="kill a run whose resident size passes this")
     ap.add_argument("--timeout", type=float, default=5400)
@@ -236,7 +239,7 @@ def main() -> None:
     old = json.loads(a.out.with_suffix(".json").read_text()) if a.out.with_suffix(".json").exists() else {}
     rows, floors = old.get("rows", []), old.get("floors_mib", {})
     for name in a.cases.split(","):
-        case = table[name]
+        case = table[name] if a.budget is None else replace(table[name], budget=a.budget)
         if not case.model.exists():
             print(f"{name}: {case.model} is missing, skipped", flush=True)
             continue
@@ -247,7 +250,8 @@ def main() -> None:
         samples = case.samples if a.samples is None or case.samples is None else min(a.samples, case.samples)
         row = measure(case, samples, a.label, a.library, a.cap_mib, a.timeout)
         print(json.dumps(row), flush=True)
-        rows = [r for r in rows if (r["case"], r["label"], r["samples"]) != (name, a.label, samples)] + [row]
+        rows = [r for r in rows if (r["case"], r["label"], r["samples"], r["budget"]) != (name, a.label, samples, case.budget)]
+        rows.append(row)
         a.out.parent.mkdir(parents=True, exist_ok=True)
         write(rows, floors, a.out)
 

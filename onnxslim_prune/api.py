@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import time
@@ -64,6 +63,7 @@ class PruneResult:
     trace: Trace
     plan: Plan
     #: `model` serialized (what the verdict ran and `ir.save_model(..., serialized=)` writes); None past protobuf's limit
+    #: and past `KEEP_BYTES_UP_TO` (not held through the verdict: the writer serializes the model again)
     serialized: bytes | None = None
 
 
@@ -104,7 +104,7 @@ def _analyze(
     shapes = ir.static_shapes(skeleton, shapes_in, runnable=lambda: _export_plain(graph, proto))
     # graph-surgeon's graph copies (constant folding, the skeleton) are reference cycles that share the weight
     # arrays; collected now, not whenever the collector next runs, pruning cannot hold the unpruned weights twice
-    gc.collect()
+    memory.give_back()
     return Analysis(proto, graph, trace(graph, shapes, exclude, opset), shapes_in, opset, tuple(notes))
 
 
@@ -128,6 +128,9 @@ class _Measure:
     labels: np.ndarray | None = None
     correct_before: np.ndarray | None = None  # per sample, whether the original classifies it right (labelled data)
     sessions: _Sessions | None = None  # the run's onnxruntime sessions, reused by the verdict
+    #: fitted samples for the verdict's companion figures; the original's outputs on them follow the verdict's
+    #: batches in `reference` (measured here too, so that no session of the original is needed beside the pruned one)
+    fitted_feeds: tuple[dict[str, np.ndarray], ...] = ()
 
 
 def prune(
@@ -209,6 +212,7 @@ def prune(
             measure = _reference(original, shapes_in, seed + verdict_part.seed_offset, evaluation, held, fit, progress, sessions)
             if reference_memo is not None:
                 reference_memo[verdict_part] = replace(measure, sessions=None)
+    memory.give_back()
     working = original
     block_fraction = spec.blocks_to_remove(options)
     with clock.stage(Stage.TRACE):
@@ -229,6 +233,7 @@ def prune(
         if fit is not None:
             outcome = reconstruct.with_reconstruction(ctx, outcome)  # no-op with --no-reconstruct
     notes.extend(ctx.notes)
+    memory.give_back()
     if not outcome.plan.groups and not outcome.overrides and outcome.finish is None:
         if working is original:
             reason = nothing_prunable_reason(analysis.trace, original)
@@ -251,17 +256,34 @@ def prune(
     notes.extend(outcome.notes)
     notes.extend(qdq.report_notes(original, pruned))
     traced, plan, input_shapes = analysis.trace, outcome.plan, analysis.input_shapes
+    before = validate.model_stats(original, input_shapes)
+    if path is not None and pruned is not original:
+        # nothing after this reads the original's weights (its sessions are built from its file): a loaded
+        # model's weights are freed before the pruned model's bytes and session exist beside them
+        original = _weightless(original)
+        sessions.forget_weights(original)
+    working = original
     # the graph holds a second copy of the pruned weights (the model holds the first): free it (a reference cycle)
     # before the sessions and the bytes of the pruned model are made
     del graph, ctx, analysis, outcome
-    gc.collect()
+    memory.give_back()
     with clock.stage(Stage.VALIDATE):
         # serialized once: the checker, onnxruntime, the file size and the written file all take these bytes
         serialized = ir.serialize(pruned)
         validate.check_structure(original, pruned, serialized=serialized)
         sessions.use_pruned(pruned, serialized)
+        pruned_bytes = None if serialized is None else len(serialized)
+        if serialized is not None and len(serialized) > KEEP_BYTES_UP_TO:
+            # a large model's bytes are not held beside its proto and session through the verdict: the session
+            # is built now, and the writer serializes the proto again (the same bytes)
+            sessions.pruned()
+            serialized = None
+            sessions.use_bytes(None)
+            memory.give_back()
     with clock.stage(Stage.VERDICT), memory.limited(calib_memory):
         verdict = _verdict(original, pruned, measure, fit, gates, progress)
+    if reference_memo is None:
+        measure.reference.close()  # the original's outputs (and their folder on disk) are not read again
     timing = None
     if latency:
         with clock.stage(Stage.LATENCY):
@@ -273,8 +295,8 @@ def prune(
     report = Report(
         method=method,
         ratio=ratio,
-        before=validate.model_stats(original, input_shapes),
-        after=validate.model_stats(pruned, input_shapes, file_bytes=None if serialized is None else len(serialized)),
+        before=before,
+        after=validate.model_stats(pruned, input_shapes, file_bytes=pruned_bytes),
         verdict=verdict,
         groups=group_rows(traced, {g.group: g.kept for g in plan.groups}, options.round_to),
         seconds=0.0,
@@ -298,8 +320,8 @@ class _Sessions:
 
     The original's is built from its file when it was given as one (nothing serialized),
     the pruned model's from the bytes that will be written. The original's is freed once its
-    outputs are measured, so its weights are not held twice while pruning; the verdict builds
-    it again only when it must recompute outputs it did not hold (`validate.HeldOutputs`). The
+    outputs are measured (those past the budget wait on disk, `validate.HeldOutputs`), so its
+    weights are not held twice while pruning nor beside the pruned model's in the verdict. The
     speed measurement times sessions of its own (`_timed`).
     """
 
@@ -319,6 +341,10 @@ class _Sessions:
         """The pruned model and its bytes (`ir.serialize`), from which its session is built."""
         self._pruned_model, self._pruned_bytes, self._pruned = model, serialized, None
 
+    def use_bytes(self, serialized: bytes | None) -> None:
+        """Forget (None) the pruned model's bytes: its session, if built, stays."""
+        self._pruned_bytes = serialized
+
     def pruned(self, model: onnx.ModelProto | None = None) -> Any:
         if model is not None and model is not self._pruned_model:
             self.use_pruned(model, None)
@@ -327,6 +353,11 @@ class _Sessions:
             self._pruned = validate.open_session(self._pruned_model, "pruned model", serialized=self._pruned_bytes)
         return self._pruned
 
+    def forget_weights(self, original: onnx.ModelProto) -> None:
+        """Hold `original` (`_weightless`) instead of the loaded model: the session is built from the file."""
+        assert self._path is not None
+        self._model = original
+
     def done_with_original(self) -> None:
         """The original's outputs are measured: free its session."""
         self._original = None
@@ -334,6 +365,21 @@ class _Sessions:
     def close(self) -> None:
         self._original = self._pruned = self._pruned_model = self._pruned_bytes = None
 
+
+def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with every initializer's name, type and dims but none of its values (the graph as it is).
+
+    What the run reads of the original once the method is done (its inputs, outputs, nodes and the
+    initializers' names) is there; its parameters, MACs and size are measured before.
+    """
+    out = ir.without_initializers(model)
+    for init in model.graph.initializer:
+        out.graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
+    return out
+
+
+#: a pruned model's bytes are kept for the writer (and returned in `PruneResult.serialized`) up to this size
+KEEP_BYTES_UP_TO = 256 << 20
 
 #: intra-op threads of the speed measurement: one thread's kernels, timed by their CPU time (`latency` module)
 LATENCY_THREADS = 1
@@ -411,7 +457,12 @@ def _reference(
     if not feeds:
         raise CalibrationError("no samples to measure the verdict on (a static batch larger than the data?)")
     feeds = _bounded_batches(feeds, original, shapes)
-    # held while they fit a share of the budget: the method's passes run while they are held
+    fitted: validate.Feeds = []
+    if source.held_out and fit is not None and not fit.is_random:
+        # the companion figures on fitted samples (never the verdict): the gap to the verdict shows overfitting
+        fitted = validate.calibration_feeds(original, fit, FITTED_SAMPLES)
+        fitted = _bounded_batches(fitted, original, {k: v.shape for k, v in fitted[0].items()}) if fitted else fitted
+    # held while they fit a share of the budget (the method's passes run while they are held), the rest on disk
     reference = validate.HeldOutputs(memory.calibration_budget() // REFERENCE_SHARE)
     hits: list[np.ndarray] = []
     done = 0
@@ -427,12 +478,14 @@ def _reference(
             release_pages(array)
         if progress is not None:
             progress(index, len(feeds))
+    for feed in fitted:
+        reference.add(validate.outputs_of(original, [feed], "input model", sess=own.original(), shrink=True)[0])
     own.done_with_original()
     if reference.kept < len(reference):
-        log.info("verdict: the original's outputs on %d of %d batches are held (%d MiB); the rest are recomputed "
-                 "when the verdict reads them", reference.kept, len(reference), reference.nbytes >> 20)
+        log.info("verdict: the original's outputs on %d of %d batches are held (%d MiB), %d MiB on disk",
+                 reference.kept, len(reference), reference.nbytes >> 20, reference.spilled_bytes >> 20)
     correct_before = None if labels is None else np.concatenate(hits)
-    return _Measure(source, feeds, reference, labels, correct_before, sessions)
+    return _Measure(source, feeds, reference, labels, correct_before, sessions, tuple(fitted))
 
 
 def _bounded_batches(feeds: validate.Feeds, model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> validate.Feeds:
@@ -469,13 +522,13 @@ def _verdict(original: onnx.ModelProto, pruned: onnx.ModelProto, m: _Measure, fi
              progress: Callable[[int, int], None] | None = None) -> Verdict:
     sessions = m.sessions if m.sessions is not None else _Sessions(original, None)
     pruned_session = sessions.pruned(pruned)
-    # one batch of each model's outputs at a time: the original's are held (`HeldOutputs`) or recomputed
+    # one batch of each model's outputs at a time: the original's are held or read back from disk (`HeldOutputs`)
     acc = validate.AgreementOf(original, pruned)
     hits: list[np.ndarray] = []
     done = 0
     for index, feed in enumerate(m.feeds, start=1):
         outputs = validate.outputs_of(pruned, [feed], "pruned model", sess=pruned_session, shrink=True)[0]
-        acc.add(m.reference.get(index - 1, feed, sessions.original), outputs, feed)
+        acc.add(m.reference.get(index - 1), outputs, feed)
         if m.labels is not None:
             count = validate.feed_samples([feed])
             hits.append(correct_of([outputs], m.labels[done : done + count]))
@@ -492,12 +545,14 @@ def _verdict(original: onnx.ModelProto, pruned: onnx.ModelProto, m: _Measure, fi
         accuracy_after = accuracy_from(after)
         discordant = (int(np.sum(before & ~after)), int(np.sum(after & ~before)))
     fitted: tuple[Any, ...] = ()
-    if m.source.held_out and fit is not None and not fit.is_random:
-        # the same figures on samples the method fitted to: the gap to the verdict shows overfitting
-        both = (sessions.original(), pruned_session)
-        feeds = validate.calibration_feeds(original, fit, FITTED_SAMPLES)
-        feeds = _bounded_batches(feeds, original, {k: v.shape for k, v in feeds[0].items()}) if feeds else feeds
-        fitted = validate.compare(original, pruned, feeds, both)
+    if m.fitted_feeds:
+        # the same figures on samples the method fitted to (their reference follows the verdict's batches)
+        companion = validate.AgreementOf(original, pruned)
+        for index, feed in enumerate(m.fitted_feeds, start=len(m.feeds)):
+            outputs = validate.outputs_of(pruned, [feed], "pruned model", sess=pruned_session, shrink=True)[0]
+            companion.add(m.reference.get(index), outputs, feed)
+            del outputs
+        fitted = companion.results()
     shapes = {o.name: shape for o, shape in zip(original.graph.output, m.reference.first_shapes)}
     accuracy_before = None if m.correct_before is None else accuracy_from(m.correct_before)
     return summarise(m.source, validate.feed_samples(m.feeds), agreement, accuracy_before=accuracy_before,

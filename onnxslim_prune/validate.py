@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -281,18 +283,23 @@ def outputs_of(
 
 
 class HeldOutputs:
-    """The original's outputs on the verdict's batches, kept while they fit `budget` bytes.
+    """The original's outputs on the verdict's batches: in memory while they fit `budget` bytes, beyond it on disk.
 
     Holding every batch costs samples x output size: a language model's logits on 205
-    windows of 128 tokens are 5 GB. A batch past the budget is not kept; the verdict
-    reruns the original on it (`get`), which gives the same numbers (same model, same
-    session settings) for the price of one more forward pass over those samples.
+    windows of 128 tokens are 5 GB. A batch past the budget is written to ``.npy`` files in
+    a temporary folder and read back (bit for bit) when the verdict reads it, so the
+    original's session is not needed again beside the pruned model's. The folder is removed
+    by `close`, when the object is collected, and at interpreter exit (Ctrl-C included).
     """
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.nbytes = 0
-        self._batches: list[list[np.ndarray] | None] = []
+        #: bytes written to disk
+        self.spilled_bytes = 0
+        self._batches: list[list[np.ndarray] | list[Path]] = []
+        self._in_memory: list[bool] = []
+        self._folder: tempfile.TemporaryDirectory[str] | None = None
         #: the first batch's outputs' shapes (the verdict reads the output ranks and classes off them)
         self.first_shapes: tuple[tuple[int, ...], ...] = ()
 
@@ -301,8 +308,13 @@ class HeldOutputs:
 
     @property
     def kept(self) -> int:
-        """How many batches are held."""
-        return sum(b is not None for b in self._batches)
+        """How many batches are held in memory."""
+        return sum(self._in_memory)
+
+    @property
+    def folder(self) -> Path | None:
+        """Where the batches past the budget are (None: none are)."""
+        return None if self._folder is None else Path(self._folder.name)
 
     def add(self, outputs: list[np.ndarray]) -> None:
         if not self._batches:
@@ -310,20 +322,35 @@ class HeldOutputs:
         size = sum(o.nbytes for o in outputs)
         if self.nbytes + size <= self.budget:
             self._batches.append(outputs)
+            self._in_memory.append(True)
             self.nbytes += size
-        else:
-            self._batches.append(None)
+            return
+        if self._folder is None:
+            # TemporaryDirectory removes itself when collected and at exit (weakref.finalize)
+            self._folder = tempfile.TemporaryDirectory(prefix="onnxslim-reference-")
+            log.info("verdict: the original's outputs past %d MiB are kept on disk in %s", self.budget >> 20,
+                     self._folder.name)
+        paths = []
+        for k, output in enumerate(outputs):
+            path = Path(self._folder.name) / f"{len(self._batches)}-{k}.npy"
+            np.save(path, output, allow_pickle=False)
+            paths.append(path)
+        self._batches.append(paths)
+        self._in_memory.append(False)
+        self.spilled_bytes += size
 
-    def get(self, index: int, feed: Mapping[str, np.ndarray], sess: Callable[[], ort.InferenceSession],
-            what: str = "input model") -> list[np.ndarray]:
-        """Batch `index`'s outputs: the held ones, else the original (`sess()`) rerun on `feed`."""
+    def get(self, index: int) -> list[np.ndarray]:
+        """Batch `index`'s outputs, from memory or read back from disk (the same bits)."""
         held = self._batches[index]
-        if held is not None:
-            return held
-        try:
-            return sess().run(None, dict(feed), shrinking())
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise ValidationError(f"{what} does not run in onnxruntime: {str(exc).splitlines()[0]}") from None
+        if self._in_memory[index]:
+            return held  # type: ignore[return-value]
+        return [np.load(path, allow_pickle=False) for path in held]  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """Remove the folder of the batches past the budget (those held in memory go with this object)."""
+        if self._folder is not None:
+            self._folder.cleanup()
+            self._folder = None
 
 
 def shrinking() -> ort.RunOptions:

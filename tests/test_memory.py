@@ -88,11 +88,14 @@ def test_a_tiny_budget_holds_no_reference_batch_and_splits_the_verdict_batches(
     streamed, whole = seen
     # structure: with 4096 bytes a batch holds at most 2048 / (working 192: the Relu reads and writes 24 floats,
     # + outputs 40 bytes a sample) = 8 samples, and of the reference outputs ([8, 10] float32: 320 bytes a batch)
-    # one full batch fits 1/8 of the budget (512 bytes): the others are recomputed by the verdict
+    # one full batch fits 1/8 of the budget (512 bytes): the others (the fitted samples' too) wait on disk
     assert max(validate.feed_samples([f]) for f in streamed.feeds) == 8
-    assert len(streamed.reference) == len(streamed.feeds) > 4
+    # the companion figures' 32 fitted samples, in batches of 8, follow the verdict's batches
+    assert len(streamed.fitted_feeds) == 4 and len(streamed.reference) == len(streamed.feeds) + 4 > 8
     assert 320 <= streamed.reference.nbytes <= 512 and streamed.reference.kept <= 2
-    assert whole.reference.kept == len(whole.feeds) and max(validate.feed_samples([f]) for f in whole.feeds) > 8
+    assert streamed.reference.spilled_bytes > 0 and streamed.reference.folder is None  # removed after the verdict
+    assert whole.reference.kept == len(whole.reference) and max(validate.feed_samples([f]) for f in whole.feeds) > 8
+    assert whole.reference.spilled_bytes == 0
     # the same samples in the same order, the same figures
     x = np.concatenate([f["x"] for f in streamed.feeds])
     np.testing.assert_array_equal(x, np.concatenate([f["x"] for f in whole.feeds]))
@@ -118,23 +121,32 @@ def test_a_tiny_budget_holds_no_reference_batch_and_splits_the_verdict_batches(
         )
 
 
-def test_held_outputs_keep_what_fits_and_recompute_the_rest_exactly() -> None:
+def test_held_outputs_keep_what_fits_and_spill_the_rest_bit_for_bit() -> None:
     model = classifier()
     feeds = [{"x": np.random.default_rng(i).standard_normal((8, 16)).astype(np.float32)} for i in range(5)]
     sess = validate.session(model)
     held = validate.HeldOutputs(budget=2 * 8 * 10 * 4)  # room for two batches of [8, 10] float32
     for feed in feeds:
         held.add(sess.run(None, feed))
-    assert (len(held), held.kept, held.nbytes) == (5, 2, 640)
-    calls: list[int] = []
-
-    def opened() -> Any:
-        calls.append(1)
-        return sess
-
+    assert (len(held), held.kept, held.nbytes, held.spilled_bytes) == (5, 2, 640, 3 * 320)
+    folder = held.folder
+    assert folder is not None and len(list(folder.glob("*.npy"))) == 3  # one file per output of each spilled batch
     for i, feed in enumerate(feeds):
-        np.testing.assert_array_equal(held.get(i, feed, opened)[0], run(model, feed)[0])
-    assert len(calls) == 3  # only the batches not held ran again
+        np.testing.assert_array_equal(held.get(i)[0], run(model, feed)[0])  # read back: the same bits
+    held.close()
+    assert held.folder is None and not folder.exists()
+
+
+def test_held_outputs_leave_nothing_on_disk_when_dropped() -> None:
+    held = validate.HeldOutputs(budget=0)
+    held.add([np.arange(6, dtype=np.float32)])
+    folder = held.folder
+    assert folder is not None and folder.exists() and held.kept == 0
+    del held  # collected (as on Ctrl-C, at exit): the folder goes with it
+    import gc
+
+    gc.collect()
+    assert not folder.exists()
 
 
 def test_the_accumulator_converts_a_few_rows_at_a_time_with_the_same_figures(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -181,11 +193,11 @@ def test_sample_cost_is_the_largest_node_and_the_outputs() -> None:
     assert cost.samples_within(10 * (2048 + 1024)) == 10 and cost.samples_within(1) == 1
 
 
-def test_stage_runs_take_a_few_samples_at_a_time_with_the_same_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_stage_runs_as_many_samples_as_its_own_activations_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from onnxslim_prune.calib import load_calibration, stream_tensors
     from onnxslim_prune.calib import collect as collect_module
     from onnxslim_prune.calib.engine import StagedPasses
-    from onnxslim_prune.calib.memory import limited
+    from onnxslim_prune.calib.memory import RUN_SHARE, limited
     from onnxslim_prune.calib.specs import input_specs
     from tests import models as M
 
@@ -198,8 +210,6 @@ def test_stage_runs_take_a_few_samples_at_a_time_with_the_same_values(tmp_path: 
     outs = [n.output[0] for n in model.graph.node]
     schedule = [[outs[1]], [outs[-2], model.graph.output[0].name]]
     full = list(stream_tensors(model, calib, [t for w in schedule for t in w], batch_size=8))
-    cost = sample_cost(model, {spec.name: (1, *spec.sample_shape)})
-    assert cost is not None
     fed: list[int] = []
     real = collect_module.run_chunked
 
@@ -214,15 +224,21 @@ def test_stage_runs_take_a_few_samples_at_a_time_with_the_same_values(tmp_path: 
     import onnxslim_prune.calib.engine as engine_module
 
     monkeypatch.setattr(engine_module, "run_chunked", recording)
-    # a budget whose 1/8 holds three samples of the model's largest node and outputs
-    with limited(3 * (cost.working + cost.outputs) * 8):
+    # one sample's activations: stage 1 (stem Conv, Relu: 2 x [4, 8, 8]) 2048 bytes; stage 2 (conv_a, Relu, conv_b,
+    # proj, Add, Relu: 6 x [8, 8, 8] float32, GAP and Flatten 8 floats each, fc 5) 12,372 bytes. A run's share of
+    # 25,000 bytes takes stage 1 whole (12 samples fit) and stage 2 two samples at a time
+    with limited(25_000 * RUN_SHARE):
         passes = StagedPasses(model, calib, 8, schedule, budget=1 << 20)
-        got = [list(passes.advance(w)) for w in schedule]
+        got = []
+        for wanted in schedule:
+            got.append(list(passes.advance(wanted)))
+            fed.append(0)  # a stage boundary
         passes.close()
-    # structure: batches of 8 (the statistics' batching is unchanged) computed 3 samples at a time
-    assert max(fed) == 3 and sorted(set(fed)) == [1, 2, 3]  # 8 = 3 + 3 + 2, 4 = 3 + 1
+    first, second = " ".join(map(str, fed)).split(" 0")[:2]
+    assert first.split() == ["8", "8", "4"]  # whole batches: 8, 8 and the remainder 4
+    assert second.split() == ["2"] * 10  # 20 samples, two at a time
     for wanted, batches in zip(schedule, got):
-        assert [len(b[wanted[0]]) for b in batches] == [8, 8, 4]
+        assert [len(b[wanted[0]]) for b in batches] == [8, 8, 4]  # the batching the statistics see is unchanged
         for batch, values in enumerate(batches):
             for name in wanted:
                 np.testing.assert_allclose(values[name], full[batch][name], rtol=1e-6, atol=1e-6)
@@ -278,3 +294,93 @@ def test_a_cut_model_is_streamed_without_another_copy_of_its_weights() -> None:
     x = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
     expected = x @ onnx.numpy_helper.to_array(model.graph.initializer[0]).T + onnx.numpy_helper.to_array(model.graph.initializer[1])
     np.testing.assert_allclose(run(cut, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
+
+
+FFN_BLOCK = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 6] x) => (float[N, 5] y) {
+  h = MatMul (x, w1)
+  n = LayerNormalization <axis = -1> (h, gamma, beta)
+  u = MatMul (n, w2)
+  a = Relu (u)
+  d = MatMul (a, w3)
+  r = Add (d, n)
+  y = MatMul (r, w4)
+}"""
+
+
+def test_groups_kept_whole_are_not_streamed_and_the_model_is_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxslim_prune.ops.testing import parse, weights
+    from onnxslim_prune.passes import datadriven
+
+    monkeypatch.setenv("ONNXSLIM_PRUNE_CACHE", "off")
+    # hidden 8 (w1 out, the LayerNorm, w2 and w4 read it, w3 writes into it), FFN 12 (w2 out, w3 reads it)
+    model = parse(FFN_BLOCK, w1=weights(6, 8), gamma=weights(8, seed=1) + 1.0, beta=weights(8, seed=2), w2=weights(8, 12, seed=3),
+                  w3=weights(12, 8, seed=4), w4=weights(8, 5, seed=5))
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((96, 6)).astype(np.float32))
+    streamed: list[list[str]] = []
+    real = datadriven.input_covariances
+
+    def recording(ctx: Any, layers: Any, budget: Any = None) -> Any:
+        streamed.append(sorted(layer.x for layer in layers))
+        return real(ctx, layers, budget)
+
+    monkeypatch.setattr(datadriven, "input_covariances", recording)
+    settings: dict[str, Any] = dict(calib=calib, latency=False, params={"ffn": 0.5, "hidden": 0.0})
+    lean = api.prune(model, "contrib", 0.5, **settings)
+    monkeypatch.setattr(datadriven, "kept_whole", lambda ctx, group: False)  # as before: every group's consumers
+    every = api.prune(model, "contrib", 0.5, **settings)
+    # structure: with --hidden 0 only the FFN's consumer (w3, reading a) is streamed; before, w2 and w4 too
+    assert streamed == [["a"], ["a", "n", "r"]]
+    widths = {t.name: tuple(t.dims) for t in lean.model.graph.initializer}
+    assert widths["w2"] == (8, 6) and widths["w3"] == (6, 8) and widths["w4"] == (8, 5)  # FFN halved, hidden whole
+    # numbers: the same plan and the same refitted weights, bit for bit, and the same verdict
+    assert lean.model.SerializeToString() == every.model.SerializeToString()
+    assert lean.report.verdict.cosine == every.report.verdict.cosine
+    x = np.random.default_rng(1).standard_normal((16, 6)).astype(np.float32)
+    assert float(np.corrcoef(run(lean.model, {"x": x})[0].ravel(), run(model, {"x": x})[0].ravel())[0, 1]) > 0.5
+
+
+def test_a_large_model_reads_its_missing_shapes_from_a_run_without_its_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime as ort
+
+    from onnxslim_prune.graph import shapes
+
+    # NonZero's output length is known only by running; the MatMul's weight (64 x 96 float32) is the "large" part
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 64] x) => (float[N, 96] y, int64[2, M] nz) {
+      y = MatMul (x, w)
+      nz = NonZero (y)
+    }""")
+    weight = np.random.default_rng(0).standard_normal((64, 96)).astype(np.float32)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(weight, "w"))
+    built: list[int] = []
+    real = ort.InferenceSession
+
+    def recording(source: Any, *args: Any, **kwargs: Any) -> Any:
+        built.append(len(source) if isinstance(source, bytes) else -1)
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    whole = shapes.static_shapes(model, {"x": (3, 64)})
+    monkeypatch.setattr(shapes, "ZERO_WEIGHTS_RUN_BYTES", weight.nbytes - 1)  # the weight now counts as large
+    lean = shapes.static_shapes(model, {"x": (3, 64)})
+    # the same shapes (NonZero of zero inputs: no element), from a session of the skeleton: no byte of the weight
+    assert lean == whole and lean["nz"] == (2, 0) and lean["y"] == (3, 96)
+    assert built[0] > weight.nbytes and 0 < built[1] < weight.nbytes // 10
+
+
+def test_a_large_pruned_model_is_not_held_as_bytes_and_is_written_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxslim_prune import ir
+
+    model = classifier()
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(1).standard_normal((120, 16)).astype(np.float32))
+    kept = api.prune(model, "ldrf", 0.5, calib=calib, latency=True)
+    monkeypatch.setattr(api, "KEEP_BYTES_UP_TO", 0)  # every model counts as large
+    dropped = api.prune(model, "ldrf", 0.5, calib=calib, latency=True)
+    assert kept.serialized is not None and dropped.serialized is None  # not held through the verdict and latency
+    assert dropped.report.after.file_bytes == kept.report.after.file_bytes == len(kept.serialized)
+    ir.save_model(dropped.model, tmp_path / "a.onnx", serialized=dropped.serialized)  # the writer serializes again
+    assert (tmp_path / "a.onnx").read_bytes() == kept.serialized
+    assert dropped.report.verdict.cosine == kept.report.verdict.cosine and dropped.report.verdict.cosine > 0.5

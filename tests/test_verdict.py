@@ -36,10 +36,14 @@ def test_held_out_samples_never_meet_the_fit(tmp_path: Path, monkeypatch: pytest
     result = prune(str(SAMPLE_LENET), "thinet", 0.5, calib=tagged_calibration(FMNIST, tmp_path), seed=3)
 
     assert result.report.verdict is not None and result.report.verdict.source is VerdictSource.CALIB_HOLDOUT
-    fitted, held = seen.seen("method"), seen.seen("reference")
-    assert len(held) == 24 and held == set().union(*seen.verdicts)  # ceil(0.2 * 120) samples, exactly the verdict's
+    fitted, held = seen.seen("method"), set().union(*seen.verdicts)
+    assert len(held) == 24  # ceil(0.2 * 120) samples
     assert len(fitted) == 96 and not fitted & held  # the method and the refit saw the other 96 only
     assert fitted | held == set(range(120))
+    # the reference pass read the verdict's samples and fitted ones for the companion figures (32, the loader reading
+    # one batch of 32 ahead), measured there so that the verdict needs no session of the original
+    reference = seen.seen("reference")
+    assert reference - held <= fitted and len(reference - held) in (32, 64) and held <= reference
 
 
 def test_the_split_is_seeded_disjoint_and_sized() -> None:

@@ -52,9 +52,12 @@ def _produced(model: onnx.ModelProto) -> set[str]:
     return {out for node in model.graph.node for out in node.output if out}
 
 
-def expose_tensors(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+def expose_tensors(model: onnx.ModelProto, names: Sequence[str], *, types_of: onnx.ModelProto | None = None
+                   ) -> onnx.ModelProto:
     """Copy of ``model`` with the named node outputs added as graph outputs (originals kept); `model` itself
-    when they are all graph outputs already (the caller must not modify the result)."""
+    when they are all graph outputs already (the caller must not modify the result). `types_of`: the model
+    whose element types the added outputs take (`model` itself by default; a weightless copy's caller gives
+    the model with its weights, which type inference needs)."""
     produced = _produced(model)
     missing = [n for n in names if n not in produced]
     if missing:
@@ -64,7 +67,7 @@ def expose_tensors(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPr
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     present = {vi.name for vi in exposed.graph.output}
-    types = _known_types(model)
+    types = _known_types(model if types_of is None else types_of)
     for name in dict.fromkeys(names):
         if name in present:
             continue
@@ -75,13 +78,14 @@ def expose_tensors(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPr
     return exposed
 
 
-def _session(model: onnx.ModelProto, providers: Sequence[str]) -> ort.InferenceSession:
+def _session(model: onnx.ModelProto | bytes, providers: Sequence[str]) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: the library never prints
     # the caller reduces each batch with numpy between runs: idle ORT threads must not spin meanwhile
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+        payload = model if isinstance(model, bytes) else model.SerializeToString()
+        return ort.InferenceSession(payload, options, providers=list(providers))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"onnxruntime cannot load the model: {first}") from None
@@ -131,19 +135,6 @@ def run_chunked(
     return [np.concatenate([part[i] for part in parts]) for i in range(len(names))]
 
 
-def chunk_samples(model: onnx.ModelProto, calib: CalibrationSet, share: int) -> int | None:
-    """Samples one onnxruntime run of `model` may take within 1 / `share` of the budget (None: no limit known).
-
-    A static batch is never split (its graph may fold the batch into shapes).
-    """
-    from .memory import calibration_budget, sample_cost
-
-    if ir.static_batch(model) is not None:
-        return None
-    cost = sample_cost(model, {name: (1, *shape) for name, shape in calib.sample_shapes.items()})
-    return None if cost is None else cost.samples_within(calibration_budget() // share)
-
-
 def stream_tensors(
     model: onnx.ModelProto,
     calib: CalibrationSet,
@@ -165,9 +156,13 @@ def stream_tensors(
     wanted = list(dict.fromkeys(names))
     from_feed = [n for n in wanted if n in calib.names]
     fetch = [n for n in wanted if n not in calib.names]
-    session = _session(expose_tensors(model, fetch), providers) if fetch else None
     size, drop_last = _batch_plan(model, calib, batch_size)
-    del model  # the session holds its own weights: the proto is not kept for the pass
+    # serialized, then the proto let go before onnxruntime parses the bytes: a cut model held by nobody
+    # else (a statistics pass's) is freed, so its weights are not held three times while the session is made
+    payload = expose_tensors(model, fetch).SerializeToString() if fetch else None
+    del model
+    session = _session(payload, providers) if payload is not None else None
+    del payload  # the session holds its own weights
     total = calib.num_batches(size, drop_last=drop_last)
     limit = stream_blas_threads() if blas_threads == "default" else blas_threads
     if isinstance(limit, str):

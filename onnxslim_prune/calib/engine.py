@@ -27,7 +27,8 @@ batch's tensors are spilled to ``.npy`` files in a temporary folder that is remo
 passes end (also on Ctrl-C); the log says which. Batches are the calibration set's batches
 (``batch_size``, or the model's static batch with the remainder left out), read again only
 where a stage consumes a graph input; onnxruntime runs a batch a few samples at a time when
-its activations would pass ``1 / RUN_SHARE`` of the budget (`collect.run_chunked`).
+the activations of the stage (every tensor its nodes compute, `StagedPasses.stage_bytes`: the first
+stages of a CNN hold the largest) would pass ``1 / RUN_SHARE`` of the budget (`collect.run_chunked`).
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ from .. import ir
 from ..errors import CalibrationError, ModelError
 from .memory import calibration_budget
 from .collect import _batch_plan  # noqa: PLC2701 - the same batching as every other pass
-from .collect import chunk_samples, run_chunked
-from .memory import RUN_SHARE
+from .collect import run_chunked
+from .memory import RUN_SHARE, tensor_bytes
 from .sources import CalibrationSet
 
 log = logging.getLogger(__name__)
@@ -156,8 +157,10 @@ class StagedPasses:
         self.size, self.drop_last = _batch_plan(model, calib, batch_size)
         self.batches = calib.num_batches(self.size, drop_last=self.drop_last)
         self.store = FrontierStore(calibration_budget() if budget is None else budget, label)
-        # samples one stage runs at once: its arena within 1 / RUN_SHARE of the budget (whole-model estimate)
-        self._chunk = chunk_samples(model, calib, RUN_SHARE)
+        # bytes of one sample of each activation: a stage runs as many samples at once as its activations fit
+        # 1 / RUN_SHARE of the budget (`_chunk`); a static batch is never split (its graph may fold it into shapes)
+        self._sizes = None if ir.static_batch(model) is not None else tensor_bytes(
+            model, {name: (1, *shape) for name, shape in calib.sample_shapes.items()})
         self._step = 0
         graph = model.graph
         self._initializers = {t.name for t in graph.initializer}
@@ -213,6 +216,7 @@ class StagedPasses:
         from_frontier += [t for t in direct if t not in self._inputs and t not in from_frontier]
         needs_input = any(t in self._inputs for t in (*reads, *direct))
         session = self._session(model or self._model, stage, reads, computed) if computed else None
+        chunk = self._chunk(stage)
         self._step += 1
         self._release()
         # the bookkeeping is done before the first batch: a consumer that zips two streams stops this
@@ -225,7 +229,7 @@ class StagedPasses:
             if session is not None:
                 try:
                     samples = min(self.size, self.calib.num_samples - batch * self.size)
-                    outputs = run_chunked(session, computed, {t: values[t] for t in reads}, self._chunk, samples)
+                    outputs = run_chunked(session, computed, {t: values[t] for t in reads}, chunk, samples)
                 except Exception as exc:  # onnxruntime raises its own types
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                     raise CalibrationError(f"onnxruntime failed on a batch of {self.calib.source}: {first}") from None
@@ -255,6 +259,25 @@ class StagedPasses:
         if tensor in later:
             return True
         return any(c not in self._done and self._dynamic[c] for c in self._consumers.get(tensor, ()))
+
+    def sample_bytes(self, names: Sequence[str]) -> int:
+        """Bytes of one sample of the tensors `names` (0 for those of unknown size)."""
+        return 0 if self._sizes is None else sum(self._sizes.get(t, 0) for t in dict.fromkeys(names))
+
+    def stage_bytes(self, stage: Sequence[int]) -> int:
+        """Bytes of one sample of every tensor the `stage` computes (dynamic nodes; 0 when sizes are unknown).
+
+        An upper bound of what onnxruntime holds for it (its planner reuses buffers): the outputs
+        it returns, the tensors it keeps between nodes and the last node's inputs and outputs.
+        """
+        if self._sizes is None:
+            return 0
+        return sum(self._sizes.get(t, 0) for i in stage if self._dynamic[i] for t in self._outputs_of[i])
+
+    def _chunk(self, stage: Sequence[int]) -> int | None:
+        """Samples one run of `stage` takes: its activations within 1 / RUN_SHARE of the budget (None: whole batches)."""
+        per = self.stage_bytes(stage)
+        return None if per == 0 else max(1, (calibration_budget() // RUN_SHARE) // per)
 
     def _stage_nodes(self, wanted: Sequence[str]) -> list[int]:
         stage: set[int] = set()

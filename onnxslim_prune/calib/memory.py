@@ -3,13 +3,18 @@
 One budget per run, in bytes, shared out so that the peak stays near the floor (the loaded
 model and one onnxruntime session of it) plus the budget, at any calibration or --eval size:
 
-- the staged refit's two frontiers (`calib.engine`) take 1 / `FRONTIER_SHARE` each, beyond it
-  their batches spill to ``.npy`` files; the other half is for one batch's tensors;
-- one onnxruntime run of a calibration pass takes 1 / `RUN_SHARE`: a batch whose activations
-  (`sample_cost`) would not fit runs a few samples at a time (`calib.collect.run_chunked`);
+- one onnxruntime run of a refit stage takes 1 / `RUN_SHARE` per network: a stage whose
+  activations (every tensor it computes, `tensor_bytes`) would not fit at the batch size runs a
+  few samples at a time (`calib.collect.run_chunked`);
+- the staged refit's two frontiers (`calib.engine`) share what is left once both networks' runs
+  and twice one batch of the tensors a level reads from both are counted, at most
+  1 / `FRONTIER_SHARE` each (`passes.reconstruct.frontier_budget`); beyond it their batches
+  spill to ``.npy`` files;
 - the selection statistics (`passes.datadriven`) keep their Gram matrices within half, one
   batch's exposed tensors within a quarter;
-- the verdict's batches take half, the original's outputs held for it an eighth (`api`).
+- the verdict's batches take half, the original's outputs held for it an eighth (`api`); the
+  rest of those outputs wait in ``.npy`` files, so the original's session is not rebuilt beside
+  the pruned model's (`validate.HeldOutputs`).
 
 The default is `MEMORY_SHARE` of physical RAM: a quarter, 4 GB on a 16 GB machine. The budget
 is a run-scoped setting held in a context variable (`limited`), like a ``decimal`` context: the
@@ -21,10 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
+import gc
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,6 +104,31 @@ def limited(budget: int | None) -> Iterator[None]:
         _budget.reset(token)
 
 
+def _trimmer() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (None elsewhere)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _trimmer() if sys.platform.startswith("linux") else None
+
+
+def give_back() -> None:
+    """Collect garbage and return the freed heap to the OS.
+
+    A model's weights are protobuf byte fields and numpy arrays of a few MB each, below glibc's
+    mmap threshold: freed copies (a cut model, the bytes a session was built from) stay in the
+    heap as free chunks, so the resident size of a run that makes a copy per pass creeps up
+    pass after pass (SmolLM2: 4.5 GB after tracing, 7 GB after 13 statistics passes).
+    ``malloc_trim`` hands those pages back.
+    """
+    gc.collect()
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 @dataclass(frozen=True)
 class SampleCost:
     """Bytes one sample costs when a model runs (estimates from static shapes at batch 1).
@@ -142,13 +175,14 @@ def _inferred_shapes(model: onnx.ModelProto, single: Mapping[str, tuple[int, ...
     return shapes
 
 
-def sample_cost(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> SampleCost | None:
-    """`SampleCost` of `model` with its inputs at `input_shapes` (batch set to 1); None when shapes are unknown.
+def tensor_bytes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int] | None:
+    """Bytes of one sample of every activation of `model` (inputs at `input_shapes`, batch set to 1).
 
     Shapes come from inference on the weight-free skeleton; what it cannot give, from one run at
     batch 1 (`ir.static_shapes`, as tracing does) for models within `RUN_FOR_SHAPES_BYTES`
     (EfficientNet's padding is computed from Shape ops at run time); element sizes from the
-    graph's types, 4 bytes where none is stated.
+    graph's types, 4 bytes where none is stated. Weights and tensors of unknown shape are left
+    out; None when no shape is known.
     """
     from .. import ir
 
@@ -165,10 +199,20 @@ def sample_cost(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ..
     itemsize = {vi.name: onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).itemsize
                 for vi in (*model.graph.input, *model.graph.output, *model.graph.value_info)
                 if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
+    sizes = {name: int(np.prod(shape, dtype=np.int64)) * itemsize.get(name, 4)
+             for name, shape in shapes.items() if name not in weights}
+    return sizes or None
+
+
+def sample_cost(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> SampleCost | None:
+    """`SampleCost` of `model` with its inputs at `input_shapes` (batch set to 1); None when shapes are unknown
+    (sizes from `tensor_bytes`)."""
+    sizes = tensor_bytes(model, input_shapes)
+    if sizes is None:
+        return None
 
     def size(name: str) -> int:
-        shape = shapes.get(name) if name and name not in weights else None
-        return 0 if shape is None else int(np.prod(shape, dtype=np.int64)) * itemsize.get(name, 4)
+        return sizes.get(name, 0) if name else 0
 
     working = max((sum(size(t) for t in {*n.input, *n.output}) for n in model.graph.node), default=0)
     if working == 0:

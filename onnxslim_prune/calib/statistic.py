@@ -29,6 +29,7 @@ import onnx
 
 from .cache import DEFAULT, CacheDir, load_entry, model_digest, store_entry
 from .collect import stream_tensors
+from .memory import give_back
 from .reduce import moments_model
 from .sources import CalibrationSet
 from .stats import ChannelMoments, GramAccumulator
@@ -143,6 +144,8 @@ def collect(
         for stat in stats:
             stat.finish()
             store_entry(cache_key(model_id, calibration, batch_size, stat), stat.state(), cache_dir)
+        del stream
+        give_back()  # the pass's cut model and session: their pages go back before the next pass copies again
     if missing:
         log.debug("collected %d statistics in %d passes (%d cached)", len(missing), count, len(statistics) - len(missing))
 

@@ -166,8 +166,30 @@ def static_shapes(
                 types.setdefault(o, types[node.input[0]])
     missing = [o for n in model.graph.node for o in n.output if o and o not in shapes and o in types]
     if missing:
-        shapes.update(_shapes_by_running(model if runnable is None else runnable(), input_shapes, missing, types))
+        skel = skeleton(model)
+        if _stand_in_bytes(skel, input_shapes) > ZERO_WEIGHTS_RUN_BYTES:
+            shapes.update(_shapes_by_running(skel, input_shapes, missing, types, zero_weights=True))
+        else:
+            shapes.update(_shapes_by_running(model if runnable is None else runnable(), input_shapes, missing, types))
     return shapes
+
+
+#: weights past which the run for shapes feeds zeros for them instead of building a session holding them
+#: (SmolLM2-135M: 652 MB, whose full run held the model's bytes and a session beside the loaded model)
+ZERO_WEIGHTS_RUN_BYTES = 256 << 20
+
+
+def _stand_in_bytes(skel: onnx.ModelProto, input_shapes: Mapping[str, Shape]) -> int:
+    """Bytes of the skeleton's weight stand-ins (its graph inputs that are not the model's inputs)."""
+    total = 0
+    for vi in skel.graph.input:
+        if vi.name in input_shapes:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim]
+        if all(d >= 0 for d in dims) and vi.type.tensor_type.elem_type:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).itemsize
+            total += int(np.prod(dims, dtype=np.int64)) * itemsize
+    return total
 
 
 def _inferred_dims(skel: onnx.ModelProto, input_shapes: Mapping[str, Shape], *, quiet: bool = False
@@ -232,9 +254,15 @@ def _moved(d: int) -> int:
 
 
 def _shapes_by_running(
-    model: onnx.ModelProto, input_shapes: Mapping[str, Shape], names: list[str], types: Mapping[str, int]
+    model: onnx.ModelProto, input_shapes: Mapping[str, Shape], names: list[str], types: Mapping[str, int],
+    *, zero_weights: bool = False,
 ) -> dict[str, Shape]:
-    """Shapes inference could not give, read off one onnxruntime run on zero inputs."""
+    """Shapes inference could not give, read off one onnxruntime run on zero inputs.
+
+    `zero_weights`: `model` is a skeleton whose weight stand-ins are fed zeros (pages the OS maps
+    to its zero page: not resident), so no copy of the weights is made; shapes that depend on a
+    large weight's values would differ, which is why only a large model runs this way.
+    """
     import onnxruntime as ort
 
     known = {o.name for o in model.graph.output}
@@ -242,9 +270,15 @@ def _shapes_by_running(
     feeds = {}
     inits = {i.name for i in model.graph.initializer}
     for vi in model.graph.input:
-        if vi.name not in inits and vi.name in input_shapes:
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        if vi.name in inits:
+            continue
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        if vi.name in input_shapes:
             feeds[vi.name] = np.zeros(input_shapes[vi.name], dtype=dtype)
+        elif zero_weights:
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim]
+            if all(d >= 0 for d in dims):
+                feeds[vi.name] = np.zeros(dims, dtype=dtype)
     # the probe outputs are added to the model itself for the serialization (a copy would copy the weights)
     count = len(model.graph.output)
     model.graph.output.extend(extra)

@@ -129,6 +129,16 @@ def removal_count(ctx: Context, group: Group) -> int:
     return removed_count(group, ratio, Rounding.of(ctx.options.round_to).classes(group, ctx.trace))
 
 
+def kept_whole(ctx: Context, group: Group) -> bool:
+    """Whether no plan can remove a class of `group`: its `group_ratios` share is 0, or its transformer part is
+    given 0 (``--heads 0``: the uniform ratio of the part, and under a budget the most it may lose, `budget.part_caps`)."""
+    allocation = ctx.params.group_ratios
+    if allocation is not None:
+        return dict(allocation).get(group.index, 0.0) <= 0
+    setting = ctx.params.part_setting(transformer_part(ctx.trace.node_kind, group))
+    return setting is not None and setting <= 0
+
+
 def _source_order(ctx: Context) -> list[Group]:
     """Prunable groups, downstream first (by the position of their last source node)."""
     position = {n.name: i for i, n in enumerate(ctx.graph.nodes)}
@@ -472,7 +482,9 @@ Selector = Callable[[Context, Group, Sequence[Consumer], Mapping[str, tuple[np.n
 def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str = "ls") -> Outcome:
     need_calibration(ctx, name)
     consumers = group_consumers(ctx)
-    layers = [c.layer for cs in consumers.values() for c in cs]
+    whole = {g.index for g in ctx.trace.groups if kept_whole(ctx, g)}
+    # a group kept whole needs no statistic: SmolLM2 with --heads 0 --hidden 0 reads 30 layers' inputs, not 121
+    layers = [c.layer for index, cs in consumers.items() if index not in whole for c in cs]
     rows: dict[str, int] = {}
     cov = input_covariances(ctx, layers, rows=rows) if layers else {}
     scores: dict[int, np.ndarray] = {}
@@ -480,6 +492,9 @@ def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str 
     with blas_limited():  # thousands of small solves: one BLAS thread (calib.threads; 205 s -> 3.5 s on ResNet-56)
         for group in _source_order(ctx):
             if group.index not in consumers:
+                continue
+            if group.index in whole:
+                scores[group.index] = np.zeros(group.size)  # never pruned: its scores are never read
                 continue
             free = np.array([not f for f in group.frozen])
             n_remove = removal_count(ctx, group)

@@ -131,7 +131,7 @@ from ..channels import Kind, Role, Trace
 from ..calib import GramAccumulator, conv_output_size, conv_patches, expose_tensors, output_rows, sample_positions
 from ..calib import stream_tensors
 from ..calib.engine import StagedPasses
-from ..calib.memory import FRONTIER_SHARE, calibration_budget
+from ..calib.memory import FRONTIER_SHARE, RUN_SHARE, calibration_budget, give_back
 from ..calib.threads import blas_limited
 from ..errors import ModelError
 from ..graph import edit
@@ -437,10 +437,9 @@ class RowBuffer:
 def subgraph_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """A copy of `model` computing only `names` (as its graph outputs); inputs are kept."""
     wanted = list(dict.fromkeys(names))
-    exposed = expose_tensors(model, wanted)
-    if exposed is model:  # cut below: never the caller's model
-        exposed = onnx.ModelProto()
-        exposed.CopyFrom(model)
+    # the graph without weights is exposed and cut; only the weights the cut reads are copied into it
+    # (a copy of the whole model first would hold every weight twice while the cut is made)
+    exposed = expose_tensors(ir.without_initializers(model), wanted, types_of=model)
     graph = exposed.graph
     outputs = {vi.name: vi for vi in graph.output}
     del graph.output[:]
@@ -458,9 +457,7 @@ def subgraph_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPr
     del graph.node[:]
     graph.node.extend(nodes)
     used = {t for n in nodes for t in n.input}
-    inits = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
+    graph.initializer.extend(t for t in model.graph.initializer if t.name in used)
     return exposed
 
 
@@ -759,18 +756,22 @@ class Reconstructor:
                     right = stream(self.original, self.calibration, right_names[i], s.batch_size)
                 else:
                     if engines is None:
-                        # both frontiers together take half the budget: the other half is one batch's
-                        # tensors of each network and onnxruntime's arenas, which no frontier sees
-                        budget = calibration_budget() // FRONTIER_SHARE
                         refits = {f.layer.node: k for k, todo_k in enumerate(by_level) for f in todo_k}
                         engines = (
-                            StagedPasses(current, self.calibration, s.batch_size, left_names, budget=budget, label="pruned network",
+                            StagedPasses(current, self.calibration, s.batch_size, left_names, label="pruned network",
                                          changes=refits),
-                            StagedPasses(self.original, self.calibration, s.batch_size, right_names, budget=budget,
+                            StagedPasses(self.original, self.calibration, s.batch_size, right_names,
                                          label="original network"),
                         )
+                        frontier = frontier_budget(calibration_budget(), s.batch_size * max(
+                            engines[0].sample_bytes(left) + engines[1].sample_bytes(right)
+                            for left, right in zip(left_names, right_names)))
+                        for engine in engines:
+                            engine.store.budget = frontier
                     left, right = engines[0].advance(left_names[i], current), engines[1].advance(right_names[i])
                 self._fit_level(graph, todo, level, left, right, step)
+                del current, left, right
+                give_back()  # this level's export and stage sessions
         finally:
             for engine in engines or ():
                 engine.close()
@@ -1108,6 +1109,18 @@ def shift_bias(node: gs.Node, delta: np.ndarray) -> None:
         edit.set_input_const(node, 2, (bias.astype(np.float64) + delta.reshape(bias.shape)).astype(bias.dtype))
         return
     edit.append_input(node, edit.make_constant(f"{node.name}__bias", delta.astype(weight.dtype)), 2)
+
+
+def frontier_budget(budget: int, batch_bytes: int) -> int:
+    """Bytes each of the refit's two frontiers may hold in memory (beyond it they spill to disk).
+
+    What no frontier sees is counted first: each network's onnxruntime run (1 / RUN_SHARE each,
+    `calib.engine`) and one batch of the tensors a level reads from both networks, twice
+    (`batch_bytes`: the tensors themselves, and what the stage computes beside them and the
+    fit's copies). The frontiers share the rest, at most 1 / FRONTIER_SHARE each.
+    """
+    rest = budget - 2 * (budget // RUN_SHARE) - 2 * batch_bytes
+    return max(0, min(budget // FRONTIER_SHARE, rest // 2))
 
 
 def make_finish(
