@@ -507,7 +507,7 @@ def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str 
             removed.update(group.classes[int(i)] for i in order)
     scores, notes = with_fallback(ctx, scores, name)
     if by_damage(ctx):
-        scales = sink_scales(ctx, [c.layer for cs in consumers.values() for c in cs])
+        scales = sink_scales(ctx, layers)
         with blas_limited():
             table = damage_table(ctx, scores, consumers, cov, scales, rows)
         plan, budget_notes = damage_plan_with_notes(ctx, table, scores)
@@ -654,8 +654,8 @@ def damage_table(ctx: Context, scores: Mapping[int, np.ndarray], consumers: Mapp
     scales = scales or {}
     out: dict[int, GroupDamage] = {}
     for group in ctx.trace.groups:
-        if group.is_frozen or group.index not in consumers or group.index not in scores:
-            continue
+        if group.is_frozen or group.index not in consumers or group.index not in scores or kept_whole(ctx, group):
+            continue  # a group kept whole has no statistics (`_reconstruction_method`) and no widths to weigh
         order = _group_order(group, np.asarray(scores[group.index], dtype=np.float64), 1.0)
         if not order.units.size:
             continue
