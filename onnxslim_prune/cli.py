@@ -274,7 +274,7 @@ def main(
         if min_speedup is not None and not latency:
             raise UsageError("--min-speedup needs the latency measurement: drop --no-latency")
         preprocess = _preprocess(image_size, resize_mode, mean, std, scale, layout, bgr)
-        pool = dict(workers=check_workers(default_workers() if workers is None else workers, ray_address),
+        pool: dict[str, Any] = dict(workers=check_workers(default_workers() if workers is None else workers, ray_address),
                     ray_address=ray_address)
         by_latency = Objective(objective) is Objective.LATENCY
         round_to = resolve(round_to_value)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -907,3 +908,48 @@ def run_targeted(prober: Prober, settings: SearchSettings, round_to: int | Round
     report = replace(report, request=f"target {words}, sensitivity allocation ({hi}/{len(steps)} greedy steps; "
                                      f"MACs {macs:.3f}, params {params:.3f})")
     return replace(outcome, result=replace(outcome.result, report=report))
+
+
+# ----------------------------------------------------------------------------- the Python API
+
+
+def find_smallest(model: onnx.ModelProto | str | os.PathLike[str], method: str, gates: Gates, *,
+                  settings: SearchSettings = SearchSettings(), workers: int = 1, ray_address: str | None = None,
+                  progress: Callable[[int, int], None] | None = None, **prune_kwargs: Any) -> SearchOutcome:
+    """The smallest model within `gates` (the CLI's gate without ``--ratio``): profile, allocation, search.
+
+        outcome = find_smallest("model.onnx", "ldrf", Gates(max_drop=1.0), calib="calib.npz", eval_data="eval.npz")
+        outcome.result.model        # the written model, judged on the final half (outcome.result.report.verdict)
+        outcome.probes, outcome.sensitivity
+
+    `prune_kwargs` are `api.prune`'s (``calib``, ``eval_data``, ``round_to``, ``params`` ...); `workers` local
+    processes or the Ray cluster at `ray_address` measure the sensitivity profile (`planning.workers`).
+    """
+    round_to = prune_kwargs.get("round_to", 1)
+    prober = Prober(_proto(model), method, {**prune_kwargs, "gates": gates}, progress=progress, margin=settings.margin,
+                    workers=workers, ray_address=ray_address)
+    try:
+        return run_search(prober, settings, round_to, gates, with_sensitivity=settings.allocation is Allocation.SENSITIVITY)
+    finally:
+        prober.close()
+
+
+def sensitivity_profile(model: onnx.ModelProto | str | os.PathLike[str], method: str, *,
+                        settings: SearchSettings = SearchSettings(), workers: int = 1, ray_address: str | None = None,
+                        progress: Callable[[int, int], None] | None = None, **prune_kwargs: Any) -> SensitivityOutcome:
+    """Each prunable group cut alone at `settings.ratios` (the CLI's ``--sensitivity``); no model is written.
+
+        profile = sensitivity_profile("model.onnx", "ldrf", calib="calib.npz", workers=2)
+        print(sensitivity_table(profile.rows))
+    """
+    prober = Prober(_proto(model), method, prune_kwargs, progress=progress, workers=workers, ray_address=ray_address)
+    try:
+        return run_sensitivity(prober, settings, prune_kwargs.get("round_to", 1), prober.data_free)
+    finally:
+        prober.close()
+
+
+def _proto(model: onnx.ModelProto | str | os.PathLike[str]) -> onnx.ModelProto:
+    from .. import ir
+
+    return model if isinstance(model, onnx.ModelProto) else ir.load_model(model)
