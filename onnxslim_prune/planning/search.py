@@ -1,11 +1,12 @@
 """Sensitivity, non-uniform allocation, and the smallest model that keeps the gate.
 
-Every candidate is one full run of the pipeline (`api.prune`: the method's selection, its
+Every candidate is one run of the pipeline from the method on (the method's selection, its
 compensation, validation, the verdict) with a per-group allocation (the ``group_ratios``
-setting) in place of the uniform ratio: a *probe*. Probes are measured on the selection half
-of the held-out samples, the written model on the final half (`planning.parts`); calibration
-statistics of the original model are cached on disk (`calib.cache`), so the method's
-statistics are collected by the first probe and read back by the others.
+setting) in place of the uniform ratio: a *probe*. The model is loaded, traced and its data
+prepared once (`api.prepare`), the original's statistics kept in memory across probes, and the
+sensitivity profile's probes run side by side in worker processes or on Ray (`planning.workers`).
+Probes are measured on the selection half of the held-out samples, the written model on the
+final half (`planning.parts`).
 
 Damage. A probe's verdict gives one continuous figure of how far it is from the original,
 
@@ -42,6 +43,11 @@ on the selection half; its verdict, and the exit code, come from the final half.
 lists every probe (the Pareto table: MACs kept, parameters kept, verdict), the profile, and
 the final verdict; when no probe passes, the original is written unchanged with a warning
 ("nothing can be removed within the gate without fine-tuning").
+
+Plain candidates. After the bisection the plain uniform ``--ratio`` and the global ranking's
+``--target-macs`` are probed at the size of the smallest passing probe and below it (`_baselines`);
+the written model is the smallest passing candidate of all (of those within `EQUAL_SIZE`, the least
+damaged), so a probed plain run never dominates it on the selection half.
 """
 
 from __future__ import annotations
@@ -273,8 +279,12 @@ class Prober:
         from .workers import Pool
 
         if self._pool is None:
-            self._pool = Pool(self.model, self.method, {**self.kwargs, "params": self.params}, self.margin,
-                              self.workers, self.ray_address)
+            from ..calib import memory
+
+            kwargs = {**self.kwargs, "params": self.params}
+            if self.ray_address is None:  # the machine's calibration budget is shared by its workers
+                kwargs["calib_memory"] = (self.kwargs.get("calib_memory") or memory.calibration_budget()) // self.workers
+            self._pool = Pool(self.model, self.method, kwargs, self.margin, self.workers, self.ray_address)
         started = time.perf_counter()
         out = self._pool.measure(jobs, lambda done: self.stage(label(done), done, len(jobs)))
         for m in out:  # the probes' own seconds (run side by side: their sum exceeds the wall time)
