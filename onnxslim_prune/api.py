@@ -169,7 +169,7 @@ def prune(
     prepared = prepare(model, method, ratio, round_to=round_to, exclude=exclude, input_shapes=input_shapes, seed=seed,
                        criterion=criterion, calib=calib, calib_samples=calib_samples, batch_size=batch_size,
                        eval_data=eval_data, params=params, progress=progress, preprocess=preprocess, holdout=holdout,
-                       gates=gates, latency=latency, calib_memory=calib_memory, cache=cache, _whole=True)
+                       gates=gates, latency=latency, calib_memory=calib_memory, cache=cache, remember=False)
     return prepared.run(consume=True)
 
 
@@ -196,15 +196,15 @@ def prepare(
     calib_memory: int | None = None,
     cache: calib_cache.CacheSettings | None = None,
     part: VerdictPart = VerdictPart.ALL,
-    _whole: bool = False,
+    remember: bool = True,
 ) -> PreparedRun:
     """Everything of `prune` before the method, done once: `PreparedRun.run` then prunes, as often as asked.
 
     The model is loaded and checked, the calibration data loaded and split, the original's outputs on
     the verdict's samples of `part` measured (other parts when a run asks for them) and the model traced;
-    each run restarts from the method with its own settings and a copy of the traced graph, and
-    statistics of the original are kept in memory across runs (`calib.cache.Memo`). The arguments are
-    `prune`'s; a run with the same settings gives the same bytes as `prune`.
+    each run restarts from the method with its own settings and a copy of the traced graph, and with
+    `remember` the original's statistics are kept in memory across runs (`calib.cache.Memo`; `prune`, one
+    run, keeps none). The other arguments are `prune`'s; a run with the same settings gives `prune`'s bytes.
     """
     started = time.perf_counter()
     clock = StageClock(progress)
@@ -238,7 +238,7 @@ def prepare(
     run = PreparedRun(
         model, path, original, spec, options, checked, data_notes, evaluation, calibration, shapes_in, fit, held,
         holdout, gates, eval_data, preprocess, latency, calib_memory, cache, progress, started, clock,
-        memo=None if _whole else calib_cache.Memo(original),
+        memo=calib_cache.Memo(original) if remember else None,
     )
     run.measure(part)
     if not spec.blocks_to_remove(options):
