@@ -9,7 +9,9 @@ process with a statistics cache of its own (a fresh folder: nothing is read back
 * ``plain``: ``--method ldrf --ratio 0.5`` (the yardstick);
 * ``serial``: ``--max-drop 1 --workers 1`` (the search: sensitivity profile, bisection, plain lines);
 * ``workers2``: the same with ``--workers 2``;
-* ``ray``: the same with ``--ray local`` (a local Ray cluster started by the run; skipped without Ray).
+* ``ray``: the same with ``--ray local`` (a local Ray cluster started by the run; skipped without Ray);
+* ``uniform``: after ``serial``, plain ``--ratio r`` runs at the ratios of the uniform candidates the search
+  probed (and 0.3), for the written model's comparison at equal MACs on TEST.
 
 For each: wall seconds, the ratio to ``plain``, the probes, the written model's MACs kept and its test
 accuracy on the 10,000 TEST images the tool never sees, and the test accuracy of uniform ``--ratio``
@@ -75,6 +77,7 @@ def main() -> None:
                 "workers2": ["--max-drop", f"{args.max_drop:g}", "--workers", "2"],
                 "ray": ["--max-drop", f"{args.max_drop:g}", "--ray", "local"]}
     rows: list[dict[str, Any]] = []
+    original_accuracy = accuracy(original, xt, yt, "input")
     plain_seconds = None
     for mode in args.modes:
         if mode == "ray":
@@ -97,8 +100,22 @@ def main() -> None:
             plain_seconds = seconds
         row["x_plain"] = None if plain_seconds is None else round(seconds / plain_seconds, 2)
         rows.append(row)
-        print(json.dumps(row), file=sys.stderr)
-    original_accuracy = accuracy(original, xt, yt, "input")
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        write(args, original_accuracy, rows)  # after every run: a long one interrupted leaves the others
+        if mode == "serial":  # the plain uniform runs the search compared with, judged on TEST like it
+            ratios = sorted({p["ratio"] for p in probes if p.get("ratio") is not None} | {0.3})
+            for ratio in ratios:
+                seconds, report, out, code = run_cli(model, data + ["--ratio", f"{ratio:g}"], args.work, f"uniform{ratio:g}")
+                written = ir.load_model(out)
+                rows.append({"mode": "uniform", "command": f"--ratio {ratio:g}", "seconds": round(seconds, 1),
+                             "exit_code": code, "probes": 0, "sensitivity_probes": 0,
+                             "macs_kept": validate.model_stats(written, shapes).macs / before.macs,
+                             "test_accuracy": accuracy(written, xt, yt, "input"), "request": report.get("request", ""),
+                             "chosen": None, "chosen_budget": None, "x_plain": None})
+                write(args, original_accuracy, rows)
+
+
+def write(args: argparse.Namespace, original_accuracy: float, rows: list[dict[str, Any]]) -> None:
     result = {"model": args.model, "method": args.method, "max_drop": args.max_drop, "cores": os.cpu_count(),
               "original_test_accuracy": original_accuracy, "rows": rows}
     args.results.mkdir(parents=True, exist_ok=True)
