@@ -64,6 +64,7 @@ from typing import Any
 
 import onnx
 
+from .. import ir
 from ..channels import Group, Role, Trace
 from ..errors import UsageError, ValidationError
 from ..passes.plan import removed_count
@@ -270,6 +271,9 @@ class Prober:
 
     def probe_all(self, jobs: Sequence[Mapping[str, Any]], label: Callable[[int], str]) -> list[Measurement]:
         """Independent probes, in order: here one after another, else in the worker pool or on the Ray cluster."""
+        if (self.workers > 1 or self.ray_address is not None) and self._pool is None and ir.exceeds_proto_limit(self.model):
+            log.warning("the model is past protobuf's 2 GiB limit and cannot be sent to workers: probes run here")
+            self.workers, self.ray_address = 1, None
         if self.workers <= 1 and self.ray_address is None or len(jobs) <= 1:
             out = []
             for i, params in enumerate(jobs):
