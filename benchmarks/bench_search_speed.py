@@ -10,7 +10,7 @@ process with a statistics cache of its own (a fresh folder: nothing is read back
 * ``serial``: ``--max-drop 1 --workers 1`` (the search: sensitivity profile, bisection, plain lines);
 * ``workers2``: the same with ``--workers 2``;
 * ``ray``: the same with ``--ray local`` (a local Ray cluster started by the run; skipped without Ray);
-* ``uniform``: after ``serial``, plain ``--ratio r`` runs at the ratios of the uniform candidates the search
+* ``uniform``: after the timed runs, plain ``--ratio r`` runs at the ratios of the uniform candidates the search
   probed (and 0.3), for the written model's comparison at equal MACs on TEST.
 
 For each: wall seconds, the ratio to ``plain``, the probes, the written model's MACs kept and its test
@@ -79,6 +79,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     original_accuracy = accuracy(original, xt, yt, "input")
     plain_seconds = None
+    uniform_ratios: list[float] = []
     for mode in args.modes:
         if mode == "ray":
             try:
@@ -102,17 +103,19 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
         write(args, original_accuracy, rows)  # after every run: a long one interrupted leaves the others
-        if mode == "serial":  # the plain uniform runs the search compared with, judged on TEST like it
-            ratios = sorted({p["ratio"] for p in probes if p.get("ratio") is not None} | {0.3})
-            for ratio in ratios:
-                seconds, report, out, code = run_cli(model, data + ["--ratio", f"{ratio:g}"], args.work, f"uniform{ratio:g}")
-                written = ir.load_model(out)
-                rows.append({"mode": "uniform", "command": f"--ratio {ratio:g}", "seconds": round(seconds, 1),
-                             "exit_code": code, "probes": 0, "sensitivity_probes": 0,
-                             "macs_kept": validate.model_stats(written, shapes).macs / before.macs,
-                             "test_accuracy": accuracy(written, xt, yt, "input"), "request": report.get("request", ""),
-                             "chosen": None, "chosen_budget": None, "x_plain": None})
-                write(args, original_accuracy, rows)
+        if mode == "serial":
+            uniform_ratios = sorted({p["ratio"] for p in probes if p.get("ratio") is not None} | {0.3})
+
+    # the plain uniform runs the search compared with (after the timed runs), judged on TEST like it
+    for ratio in uniform_ratios:
+        seconds, report, out, code = run_cli(model, data + ["--ratio", f"{ratio:g}"], args.work, f"uniform{ratio:g}")
+        written = ir.load_model(out)
+        rows.append({"mode": "uniform", "command": f"--ratio {ratio:g}", "seconds": round(seconds, 1),
+                     "exit_code": code, "probes": 0, "sensitivity_probes": 0,
+                     "macs_kept": validate.model_stats(written, shapes).macs / before.macs,
+                     "test_accuracy": accuracy(written, xt, yt, "input"), "request": report.get("request", ""),
+                     "chosen": None, "chosen_budget": None, "x_plain": None})
+        write(args, original_accuracy, rows)
 
 
 def write(args: argparse.Namespace, original_accuracy: float, rows: list[dict[str, Any]]) -> None:
