@@ -635,6 +635,8 @@ def _baselines(prober: Prober, trace: Trace, settings: SearchSettings, probes: l
             if size <= 0:
                 break
             params, label = line(size)
+            if any(p.params == params for p in probes):
+                break  # a discrete line (rounded channel counts) gives the same run again: nothing new to learn
             prober.stage(f"search: plain run at {size:.3f} ({label})", len(probes), len(probes) + 1)
             m, _ = prober.probe(params)
             probes.append(Probe(len(probes) + 1, label, params, m))
