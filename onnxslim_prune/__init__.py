@@ -1,12 +1,14 @@
 """onnxslim-prune: framework-agnostic structured pruning for ONNX models."""
 
 from ._version import __version__
-from .api import Analysis, PruneResult, analyze, prune
+from .api import Analysis, PreparedRun, PruneResult, analyze, prepare, prune
 from .calib.cache import CacheInfo, CacheSettings, cache_info, clear_cache
 from .errors import CalibrationError, GateError, ModelError, PruneError, UsageError, ValidationError
+from .planning.search import SearchSettings, find_smallest, sensitivity_profile
 
 __all__ = [
-    "__version__", "Analysis", "PruneResult", "analyze", "prune",
+    "__version__", "Analysis", "PruneResult", "analyze", "prune", "prepare", "PreparedRun",
+    "find_smallest", "sensitivity_profile", "SearchSettings",
     "CacheSettings", "CacheInfo", "cache_info", "clear_cache",
     "PruneError", "UsageError", "ModelError", "CalibrationError", "ValidationError", "GateError",
 ]

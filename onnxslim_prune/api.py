@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -155,8 +155,6 @@ def prune(
     latency: bool = True,
     calib_memory: int | None = None,
     cache: calib_cache.CacheSettings | None = None,
-    verdict_part: VerdictPart = VerdictPart.ALL,
-    reference_memo: dict[VerdictPart, Any] | None = None,
 ) -> PruneResult:
     """Prune `model` with `method`; the returned model is validated (see `validate`) and judged (see `verdict`).
 
@@ -164,13 +162,52 @@ def prune(
     held-out part (`holdout` of it) on which the verdict is measured; with `eval_data` the
     verdict is measured there and all calibration data is fitted. `calib_memory`: bytes the
     passes over calibration data may hold (`calib.memory`; None: a quarter of RAM). `cache`: where and how
-    much of the statistics cache (`calib.cache`; None: the current settings, by default the platform's folder). `verdict_part`:
-    the half of the held-out samples a search's probe (or its final model) is measured on (`planning.parts`);
-    `reference_memo`: the original's outputs per part, kept by a search across its probes (same model and data).
+    much of the statistics cache (`calib.cache`; None: the current settings, by default the platform's folder).
     `round_to`: the kept counts' multiple (`roundto.Rounding`; ``RoundTo.AUTO`` or ``"auto"``, the CLI's default, keeps
     the original's alignment up to the CPU's kernel block; an int N a fixed multiple; 1, the API's default, none).
     With `latency`, the pruned model is timed against the original and the speed gates (`latency.speed_gates`:
     never slower, `gates.min_speedup`) join the verdict's gates; without it none is checked (a search's probes).
+    Many runs of one model and data with other allocations (a search's probes): `prepare` once, then `PreparedRun.run`.
+    """
+    prepared = prepare(model, method, ratio, round_to=round_to, exclude=exclude, input_shapes=input_shapes, seed=seed,
+                       criterion=criterion, calib=calib, calib_samples=calib_samples, batch_size=batch_size,
+                       eval_data=eval_data, params=params, progress=progress, preprocess=preprocess, holdout=holdout,
+                       gates=gates, latency=latency, calib_memory=calib_memory, cache=cache, remember=False)
+    return prepared.run(consume=True)
+
+
+def prepare(
+    model: ModelLike,
+    method: str = "l1",
+    ratio: float = 0.5,
+    *,
+    round_to: int | Rounding | RoundTo = 1,
+    exclude: Sequence[str] = (),
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
+    criterion: str | None = None,
+    calib: str | os.PathLike[str] | None = None,
+    calib_samples: int | None = None,
+    batch_size: int = 32,
+    eval_data: str | os.PathLike[str] | None = None,
+    params: Mapping[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    preprocess: Any = None,
+    holdout: float = DEFAULT_HOLDOUT,
+    gates: Gates | None = None,
+    latency: bool = True,
+    calib_memory: int | None = None,
+    cache: calib_cache.CacheSettings | None = None,
+    part: VerdictPart = VerdictPart.ALL,
+    remember: bool = True,
+) -> PreparedRun:
+    """Everything of `prune` before the method, done once: `PreparedRun.run` then prunes, as often as asked.
+
+    The model is loaded and checked, the calibration data loaded and split, the original's outputs on
+    the verdict's samples of `part` measured (other parts when a run asks for them) and the model traced;
+    each run restarts from the method with its own settings and a copy of the traced graph, and with
+    `remember` the original's statistics are kept in memory across runs (`calib.cache.Memo`; `prune`, one
+    run, keeps none). The other arguments are `prune`'s; a run with the same settings gives `prune`'s bytes.
     """
     started = time.perf_counter()
     clock = StageClock(progress)
@@ -182,14 +219,15 @@ def prune(
         batch_size=batch_size, params=dict(params or {}),
     )
     exclude = options.exclude
-    notes = _checked(options)
+    checked = _checked(options)
     held_out_count(1, holdout)  # the fraction is checked before any work
     if spec.needs_data and calib is None:
         raise CalibrationError(f"method {method!r} needs calibration data: pass --calib PATH (or --calib random)")
     if gates.max_drop is not None and eval_data is None:
         raise UsageError("--max-drop needs labelled --eval data (an .npz with the inputs and 'labels')")
     check_gates_have_data(gates, calib, eval_data)  # no random figure can pass a gate: refused before any work
-    recovering = recover.requested(spec.params.parse(options.params), calib=options.calib, seed=seed, batch_size=batch_size)
+    # checked before any work (a missing extra is a usage error); each run asks again with its own settings
+    recover.requested(spec.params.parse(options.params), calib=options.calib, seed=seed, batch_size=batch_size)
     path = _path_of(model)
     with clock.stage(Stage.LOAD):
         original = _load(model)  # the one parse of the input: everything after reads this proto (or the file, in C++)
@@ -200,18 +238,102 @@ def prune(
             raise UsageError(f"--max-drop needs labelled --eval data: {eval_data} has no 'labels' "
                              "(--min-top1-agreement and --min-correlation need none)")
         calibration, shapes_in = _calibration(options, original, evaluation, preprocess)
-        fit, held = _split(calibration, evaluation, holdout, seed, original, notes)
-        if verdict_part is not VerdictPart.ALL:
-            evaluation, held = _search_part(evaluation, held, fit, verdict_part, seed, original)
+        data_notes: list[str] = []
+        fit, held = _split(calibration, evaluation, holdout, seed, original, data_notes)
+    run = PreparedRun(
+        model, path, original, spec, options, checked, data_notes, evaluation, calibration, shapes_in, fit, held,
+        holdout, gates, eval_data, preprocess, latency, calib_memory, cache, progress, started, clock,
+        memo=calib_cache.Memo(original) if remember else None,
+    )
+    run.measure(part)
+    if not spec.blocks_to_remove(options):
+        with clock.stage(Stage.TRACE):
+            # the original was checked at load
+            run.analysis = _analyze(original, shapes_in, exclude, check=False, path=path)
+        run.excluded = _unmatched_excludes([n.name for n in run.analysis.graph.nodes], exclude)
+    return run
+
+
+@dataclass(eq=False)
+class PreparedRun:
+    """A loaded, checked and traced model with its calibration data and the original's outputs (`prepare`)."""
+
+    model: ModelLike
+    path: str | None
+    original: onnx.ModelProto
+    spec: MethodSpec
+    options: Options
+    checked: list[str]  # the options' warnings
+    data_notes: list[str]  # the split's
+    evaluation: EvalData | None
+    calibration: Any
+    shapes_in: dict[str, tuple[int, ...]]
+    fit: Any
+    held: Any
+    holdout: float
+    gates: Gates
+    eval_data: Any
+    preprocess: Any
+    latency: bool
+    calib_memory: int | None
+    cache: calib_cache.CacheSettings | None
+    progress: Callable[[int, int], None] | None
+    started: float
+    clock: StageClock
+    #: the original's statistics across runs (None: a single run, which holds nothing more than before)
+    memo: calib_cache.Memo | None = None
+    analysis: Analysis | None = None  # None: traced by each run (block pruning changes the graph first)
+    excluded: list[str] = field(default_factory=list)  # --exclude patterns that name no node
+    measures: dict[VerdictPart, _Measure] = field(default_factory=dict)  # the original's outputs per part
+
+    def measure(self, part: VerdictPart, clock: StageClock | None = None) -> _Measure:
+        """The verdict's samples of `part` and the original's outputs on them, measured once."""
+        if part not in self.measures:
+            evaluation, held = self.evaluation, self.held
+            if part is not VerdictPart.ALL:
+                with (clock or self.clock).stage(Stage.CALIBRATION):
+                    evaluation, held = _search_part(evaluation, held, self.fit, part, self.options.seed, self.original)
+            sessions = _Sessions(self.original, self.path)
+            with (clock or self.clock).stage(Stage.REFERENCE), memory.limited(self.calib_memory):
+                # the original's outputs need no pruning: measured first, so bad data (labels past the classes) fails
+                # before the work
+                measured = _reference(self.original, self.shapes_in, self.options.seed + part.seed_offset, evaluation,
+                                      held, self.fit, self.progress, sessions)
+            self.measures[part] = replace(measured, sessions=None)
+        return self.measures[part]
+
+    def run(self, params: Mapping[str, Any] | None = None, *, ratio: float | None = None,
+            part: VerdictPart = VerdictPart.ALL, latency: bool | None = None, consume: bool = False) -> PruneResult:
+        """Prune with the prepared settings, `params` (method settings, e.g. ``group_ratios``) and `ratio` replaced.
+
+        `part`: the half of the held-out samples the verdict is measured on (`planning.parts`); `latency`: None keeps
+        the prepared setting. `consume`: the traced graph itself is pruned (no copy; the last run, as `prune`'s).
+        """
+        return _run(self, params, ratio, part, latency, consume)
+
+
+def _run(prepared: PreparedRun, params: Mapping[str, Any] | None, ratio: float | None, part: VerdictPart,
+         latency: bool | None, consume: bool) -> PruneResult:
+    """`PreparedRun.run`: the method, apply, validation, the verdict and the report (`prune`'s second half)."""
+    if consume:
+        started, clock = prepared.started, prepared.clock
+    else:
+        started, clock = time.perf_counter(), StageClock(prepared.progress)
+    options, notes = prepared.options, list(prepared.checked)
+    if params is not None or ratio is not None:
+        options = replace(options, ratio=options.ratio if ratio is None else ratio,
+                          params=options.params if params is None else {**options.params, **params})
+        notes = _checked(options) if options != prepared.options else notes
+    notes.extend(prepared.data_notes)
+    spec, original, path, fit, gates = prepared.spec, prepared.original, prepared.path, prepared.fit, prepared.gates
+    calib_memory, cache, progress, eval_data = prepared.calib_memory, prepared.cache, prepared.progress, prepared.eval_data
+    latency = prepared.latency if latency is None else latency
+    recovering = recover.requested(spec.params.parse(options.params), calib=options.calib, seed=options.seed,
+                                   batch_size=options.batch_size)
+    measure = prepared.measure(part, clock)
     sessions = _Sessions(original, path)
-    with clock.stage(Stage.REFERENCE), memory.limited(calib_memory):
-        # the original's outputs need no pruning: measured first, so bad data (labels past the classes) fails before the work
-        if reference_memo is not None and verdict_part in reference_memo:
-            measure = replace(reference_memo[verdict_part], sessions=sessions)
-        else:
-            measure = _reference(original, shapes_in, seed + verdict_part.seed_offset, evaluation, held, fit, progress, sessions)
-            if reference_memo is not None:
-                reference_memo[verdict_part] = replace(measure, sessions=None)
+    measure = replace(measure, sessions=sessions)
+    shapes_in, exclude = prepared.shapes_in, options.exclude
     memory.give_back()
     working = original
     block_fraction = spec.blocks_to_remove(options)
@@ -221,14 +343,21 @@ def prune(
 
             working, block_notes = prune_blocks(original, float(block_fraction), fit, shapes_in, options)
             notes.extend(block_notes)
-        # the original was checked at load; a block-pruned model is checked here
-        analysis = _analyze(working, shapes_in, exclude, check=working is not original,
-                            path=path if working is original else None)
+        if prepared.analysis is None or block_fraction:
+            # the original was checked at load; a block-pruned model is checked here
+            analysis = _analyze(working, shapes_in, exclude, check=working is not original,
+                                path=path if working is original else None)
+            excluded = _unmatched_excludes([n.name for n in analysis.graph.nodes], exclude)
+        elif consume:
+            analysis, prepared.analysis, excluded = prepared.analysis, None, prepared.excluded
+        else:  # the method and apply rewrite the graph: each run prunes a copy
+            analysis, excluded = replace(prepared.analysis, graph=ir.working_copy(prepared.analysis.graph)), prepared.excluded
     graph = analysis.graph
     notes.extend(analysis.notes)
-    notes.extend(_unmatched_excludes([n.name for n in graph.nodes], exclude))
+    notes.extend(excluded)
     ctx = Context(working, graph, analysis.trace, options, analysis.input_shapes, analysis.opset, fit, progress)
-    with clock.stage(Stage.METHOD), memory.limited(calib_memory), calib_cache.using(cache):
+    with clock.stage(Stage.METHOD), memory.limited(calib_memory), calib_cache.using(cache), \
+            calib_cache.remembered(prepared.memo):
         outcome = spec(ctx)
         if fit is not None:
             outcome = reconstruct.with_reconstruction(ctx, outcome)  # no-op with --no-reconstruct
@@ -245,7 +374,8 @@ def prune(
             apply_plan(graph, analysis.trace, outcome.plan, analysis.opset, outcome.overrides)
             pruned = ir.to_model(graph, like=working)
         if outcome.finish is not None:
-            with clock.stage(Stage.RECONSTRUCT), memory.limited(calib_memory), calib_cache.using(cache):
+            with clock.stage(Stage.RECONSTRUCT), memory.limited(calib_memory), calib_cache.using(cache), \
+                    calib_cache.remembered(prepared.memo):
                 pruned = outcome.finish(pruned)
     extra: dict[str, Any] = {}
     if recovering is not None and pruned is not working and fit is not None:
@@ -282,8 +412,8 @@ def prune(
             memory.give_back()
     with clock.stage(Stage.VERDICT), memory.limited(calib_memory):
         verdict = _verdict(original, pruned, measure, fit, gates, progress)
-    if reference_memo is None:
-        measure.reference.close()  # the original's outputs (and their folder on disk) are not read again
+    if consume:
+        measure.reference.close()  # the last run: the original's outputs (and their folder on disk) are not read again
     timing = None
     if latency:
         with clock.stage(Stage.LATENCY):
@@ -293,8 +423,8 @@ def prune(
     sessions.close()
     _warn_verdict(verdict)
     report = Report(
-        method=method,
-        ratio=ratio,
+        method=options.method,
+        ratio=options.ratio,
         before=before,
         after=validate.model_stats(pruned, input_shapes, file_bytes=pruned_bytes),
         verdict=verdict,
@@ -304,9 +434,9 @@ def prune(
         request=_request(spec, options),
         accuracy_before=verdict.accuracy_before,
         accuracy_after=verdict.accuracy_after,
-        settings={**_settings(options, holdout, gates, eval_data, preprocess), "calib_memory": calib_memory,
-                  **({} if verdict_part is VerdictPart.ALL else {"verdict_part": verdict_part.value})},
-        input_path=None if isinstance(model, onnx.ModelProto) else str(model),
+        settings={**_settings(options, prepared.holdout, gates, eval_data, prepared.preprocess), "calib_memory": calib_memory,
+                  **({} if part is VerdictPart.ALL else {"verdict_part": part.value})},
+        input_path=None if isinstance(prepared.model, onnx.ModelProto) else str(prepared.model),
         latency=timing,
         stage_seconds=dict(clock.seconds),
         extra=extra,

@@ -35,6 +35,7 @@ from .methods.base import METHODS, CommonParams, Setting, all_settings
 from .planning import plot as planning_plot
 from .planning import latency_search
 from .planning import search as search_mod
+from .planning.workers import check_workers, default_workers
 from .planning.search import DEFAULT_MARGIN, DEFAULT_MAX_PROBES, Allocation, Objective, SearchSettings
 from .verdict import Gates, check_gates_have_data
 from .report import REPORT_SCHEMA, group_rows, group_table
@@ -174,6 +175,12 @@ class _OneLineErrors(click.Command):
               help="Search: most probes of the bisection (the sensitivity probes come on top).")
 @click.option("--search-margin", default=DEFAULT_MARGIN, show_default=True, type=float, metavar="Z",
               help="Search: a probe passes when each gate holds with Z standard errors of its figure to spare.")
+@click.option("--workers", type=int, default=None, metavar="N",
+              help="Search and --sensitivity: run the profile's probes in N local processes (1: one after another) "
+                   "[default: the cores].")
+@click.option("--ray", "ray_address", metavar="ADDRESS",
+              help="Search and --sensitivity: run the profile's probes as tasks on the Ray cluster at ADDRESS ('auto', "
+                   "'local', ray://HOST:PORT); needs pip install 'onnxslim-prune[ray]'.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path),
               help="Write a PNG of the sensitivity profile and the search's probes (needs matplotlib: the [plot] extra).")
 @click.option("--keep-failed", is_flag=True, help="Write the model even when a gate is missed (exit code still 3).")
@@ -224,6 +231,8 @@ def main(
     target_latency: float | None,
     max_probes: int,
     search_margin: float,
+    workers: int | None,
+    ray_address: str | None,
     plot_path: Path | None,
     keep_failed: bool,
     latency: bool,
@@ -265,6 +274,8 @@ def main(
         if min_speedup is not None and not latency:
             raise UsageError("--min-speedup needs the latency measurement: drop --no-latency")
         preprocess = _preprocess(image_size, resize_mode, mean, std, scale, layout, bgr)
+        pool: dict[str, Any] = dict(workers=check_workers(default_workers() if workers is None else workers, ray_address),
+                    ray_address=ray_address)
         by_latency = Objective(objective) is Objective.LATENCY
         round_to = resolve(round_to_value)
         if dry_run:  # only the settings that choose the plan
@@ -301,22 +312,22 @@ def main(
         if chosen is not None and calib is not None and not quiet:
             click.echo(f"method: {chosen.name} ({chosen.reason}; --method to choose another)", err=True)
         if measuring:
-            _sensitivity_only(model, method, kwargs, search_settings, console, report_path, plot_path, quiet)
+            _sensitivity_only(model, method, kwargs, search_settings, console, report_path, plot_path, quiet, pool)
             _closed(console)
             return
         if targeted:
-            prober = search_mod.Prober(ir.load_model(model), method, kwargs, progress=console, margin=search_settings.margin)
+            prober = search_mod.Prober(ir.load_model(model), method, kwargs, progress=console, margin=search_settings.margin, **pool)
             searched = search_mod.run_targeted(prober, search_settings, round_to)
             result = searched.result
         elif searching:
             if plot_path is not None:
                 planning_plot.check_available()
-            prober = search_mod.Prober(ir.load_model(model), method, kwargs, progress=console, margin=search_settings.margin)
+            prober = search_mod.Prober(ir.load_model(model), method, kwargs, progress=console, margin=search_settings.margin, **pool)
             searched = search_mod.run_search(prober, search_settings, round_to, gates, with_sensitivity=show_sensitivity
                                              or search_settings.allocation is Allocation.SENSITIVITY)
             result = searched.result
         elif by_latency:
-            prober = search_mod.Prober(ir.load_model(model), method, kwargs, progress=console, margin=search_settings.margin)
+            prober = search_mod.Prober(ir.load_model(model), method, kwargs, progress=console, margin=search_settings.margin, **pool)
             if prober.data_free and click.get_current_context().get_parameter_source("allocation") is \
                     click.core.ParameterSource.DEFAULT:  # no data: the global ranking, not a profile on random inputs
                 search_settings = replace(search_settings, allocation=Allocation.RANKING)
@@ -373,11 +384,11 @@ def main(
 #: options only a run that prunes uses (a dry run ignores them)
 _RUN_ONLY = ("output", "calib", "calib_samples", "batch_size", "eval_data", "calib_memory", "holdout", "min_top1_agreement",
              "min_cosine", "min_correlation", "max_drop", "sensitivity_ratios", "allocation", "target_latency",
-             "max_probes", "search_margin", "plot_path", "keep_failed", "latency", "report_path", "show_groups")
+             "max_probes", "search_margin", "workers", "ray_address", "plot_path", "keep_failed", "latency", "report_path", "show_groups")
 #: image-folder options that only change pixel values (--size and --layout also size dynamic inputs)
 _PIXELS = ("resize_mode", "mean", "std", "scale", "bgr")
 #: options only a search or --sensitivity uses
-_SEARCH_ONLY = ("sensitivity_ratios", "allocation", "max_probes", "search_margin")
+_SEARCH_ONLY = ("sensitivity_ratios", "allocation", "max_probes", "search_margin", "workers", "ray_address")
 #: options only a run that writes a model uses (--sensitivity without a gate only measures)
 _MODEL_ONLY = ("output", "ratio", "target_macs", "target_params", "keep_failed", "show_groups")
 
@@ -476,11 +487,11 @@ def _targets_with_profile(params: Mapping[str, Any]) -> bool:
 
 
 def _sensitivity_only(model: Path, method: str, kwargs: dict[str, Any], settings: SearchSettings, console: Any,
-                      report_path: Path | None, plot_path: Path | None, quiet: bool) -> None:
+                      report_path: Path | None, plot_path: Path | None, quiet: bool, pool: Mapping[str, Any]) -> None:
     """--sensitivity without a gate: the table, the report and the plot; no model is written."""
     if plot_path is not None:
         planning_plot.check_available()
-    prober = search_mod.Prober(ir.load_model(model), method, kwargs, progress=console)
+    prober = search_mod.Prober(ir.load_model(model), method, kwargs, progress=console, **pool)
     proxy = prober.data_free
     outcome = search_mod.run_sensitivity(prober, settings, kwargs["round_to"], proxy)
     _closed(console)

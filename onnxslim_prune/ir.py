@@ -60,6 +60,7 @@ from .graph.shapes import (
     static_shapes,
     to_model,
 )
+from .graph.edit import working_copy
 from .graph.normalize import (
     to_graph,
 )
@@ -128,4 +129,5 @@ __all__ = [
     "uses_external_data",
     "value_digest",
     "without_initializers",
+    "working_copy",
 ]

@@ -112,6 +112,54 @@ def current_settings() -> CacheSettings:
     return _current.get()
 
 
+#: the share of the calibration memory budget (`memory.calibration_budget`) a `Memo` holds at most
+MEMO_SHARE: Final = 8
+
+
+class Memo:
+    """Entries of one prepared run kept in memory across its runs (`api.prepare`: a search's probes).
+
+    Every probe collects the original's statistics again; read from disk they cost a read, and the
+    model's digest a serialisation of the whole model. Here `load_entry` finds them in memory first
+    (also with the disk cache off), and `model_digest` of `model` (the prepared original, never
+    modified) is computed once; only its entries are kept. Entries are copied in and out (a statistic may fold into the arrays it
+    loaded); those past `1 / MEMO_SHARE` of the calibration budget are left to the disk cache.
+    """
+
+    def __init__(self, model: onnx.ModelProto | None = None) -> None:
+        self.model = model
+        self.digest: str | None = None
+        self.entries: dict[str, dict[str, np.ndarray]] = {}
+        self.nbytes = 0
+
+    def get(self, key_parts: Sequence[str]) -> dict[str, np.ndarray] | None:
+        hit = self.entries.get(_key_text(key_parts))
+        return None if hit is None else {k: v.copy() for k, v in hit.items()}
+
+    def put(self, key_parts: Sequence[str], values: Mapping[str, np.ndarray]) -> None:
+        if not key_parts or key_parts[0] != self.digest:
+            return  # a pruned model's statistics: no other run asks for them
+        key = _key_text(key_parts)
+        size = _entry_bytes(values)
+        if key in self.entries or self.nbytes + size > memory.calibration_budget() // MEMO_SHARE:
+            return
+        self.entries[key] = {k: np.array(v, copy=True) for k, v in values.items()}
+        self.nbytes += size
+
+
+_memo: contextvars.ContextVar[Memo | None] = contextvars.ContextVar("statistics_memo", default=None)
+
+
+@contextlib.contextmanager
+def remembered(memo: Memo | None) -> Iterator[None]:
+    """Within this block entries are looked up in and kept by `memo` too (None: only the disk cache)."""
+    token = _memo.set(memo)
+    try:
+        yield
+    finally:
+        _memo.reset(token)
+
+
 def parse_cache_size(text: str) -> int:
     """Bytes of ``2G``, ``500M``, ``1.5GB``, ``300MiB`` or ``4096`` (``--cache-size``)."""
     return memory.byte_size(text, "--cache-size", "(500M, 2G)", " (--no-cache disables the cache)")
@@ -166,6 +214,11 @@ def resolve_cache_dir(cache_dir: CacheDir = DEFAULT) -> Path | None:
 
 def model_digest(model: onnx.ModelProto | bytes) -> str:
     """sha256 of the serialized model."""
+    memo = _memo.get()
+    if memo is not None and memo.model is not None and model is memo.model:
+        if memo.digest is None:
+            memo.digest = hashlib.sha256(model.SerializeToString()).hexdigest()
+        return memo.digest
     data = model if isinstance(model, bytes) else model.SerializeToString()
     return hashlib.sha256(data).hexdigest()
 
@@ -287,7 +340,11 @@ def _write(path: Path, key_parts: Sequence[str], values: Mapping[str, np.ndarray
 
 
 def load_entry(key_parts: Sequence[str], cache_dir: CacheDir = DEFAULT) -> dict[str, np.ndarray] | None:
-    """The cached arrays for ``key_parts``, or None (a miss, or caching disabled)."""
+    """The cached arrays for ``key_parts``, or None (a miss, or caching disabled); a `Memo` in use is asked first."""
+    memo = _memo.get()
+    remembered_hit = None if memo is None else memo.get(key_parts)
+    if remembered_hit is not None:
+        return remembered_hit
     directory = resolve_cache_dir(cache_dir)
     if directory is None:
         return None
@@ -296,6 +353,8 @@ def load_entry(key_parts: Sequence[str], cache_dir: CacheDir = DEFAULT) -> dict[
     if hit is not None:
         _touch(path)
         log.debug("cache hit %s", path)
+        if memo is not None:
+            memo.put(key_parts, hit)
     return hit
 
 
@@ -303,6 +362,9 @@ def store_entry(key_parts: Sequence[str], values: Mapping[str, np.ndarray], cach
     """Store `values` under ``key_parts`` within the cap (nothing when caching is disabled or the entry is too large)."""
     if _KEY_ENTRY in values:
         raise ValueError(f"{_KEY_ENTRY!r} is reserved by the cache")
+    memo = _memo.get()
+    if memo is not None:
+        memo.put(key_parts, values)
     directory = resolve_cache_dir(cache_dir)
     if directory is not None:
         _write(cache_path(key_parts, directory), key_parts, values, current_settings().max_bytes)

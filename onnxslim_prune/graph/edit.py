@@ -148,3 +148,23 @@ def forget_inner_shapes(graph: gs.Graph) -> None:
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Variable) and tensor not in graph.outputs and tensor not in graph.inputs:
             tensor.shape = None
+
+
+def working_copy(graph: gs.Graph) -> gs.Graph:
+    """A copy of `graph` to prune while `graph` stays as it is (a search prunes one traced graph many times).
+
+    `read.copy_graph`, plus what loading attached to the tensors: nodes, tensors and attribute dicts
+    are new; weight arrays are shared, which is safe because an edit replaces a constant's values
+    (`set_input_const`), never writes into them. A QDQ scheme and why a weight is unfolded are carried over; the bookkeeping
+    of earlier edits (`_ORIGIN`, `_COPIES`) is not: the copy starts unedited.
+    """
+    out = graph.copy()
+    old, new = graph.tensors(), out.tensors()
+    for name, tensor in old.items():
+        twin = new.get(name)
+        if twin is None:
+            continue
+        for key, value in tensor.__dict__.items():
+            if key not in twin.__dict__ and key not in (_ORIGIN, _COPIES):
+                twin.__dict__[key] = value
+    return out

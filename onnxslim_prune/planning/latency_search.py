@@ -130,7 +130,8 @@ class InterleavedMeter:
         if self._feed is None:
             from .. import api
 
-            measured = self.prober.memo.get(VerdictPart.SELECTION) or self.prober.memo.get(VerdictPart.FINAL)
+            measures = self.prober.prepared().measures
+            measured = measures.get(VerdictPart.SELECTION) or measures.get(VerdictPart.FINAL)
             if measured is None:
                 raise UsageError("latency is measured after a probe has run (its verdict data gives the shapes)")
             self._feed = api._latency_feed(measured, self.prober.model)

@@ -1,11 +1,12 @@
 """Sensitivity, non-uniform allocation, and the smallest model that keeps the gate.
 
-Every candidate is one full run of the pipeline (`api.prune`: the method's selection, its
+Every candidate is one run of the pipeline from the method on (the method's selection, its
 compensation, validation, the verdict) with a per-group allocation (the ``group_ratios``
-setting) in place of the uniform ratio: a *probe*. Probes are measured on the selection half
-of the held-out samples, the written model on the final half (`planning.parts`); calibration
-statistics of the original model are cached on disk (`calib.cache`), so the method's
-statistics are collected by the first probe and read back by the others.
+setting) in place of the uniform ratio: a *probe*. The model is loaded, traced and its data
+prepared once (`api.prepare`), the original's statistics kept in memory across probes, and the
+sensitivity profile's probes run side by side in worker processes or on Ray (`planning.workers`).
+Probes are measured on the selection half of the held-out samples, the written model on the
+final half (`planning.parts`).
 
 Damage. A probe's verdict gives one continuous figure of how far it is from the original,
 
@@ -42,12 +43,18 @@ on the selection half; its verdict, and the exit code, come from the final half.
 lists every probe (the Pareto table: MACs kept, parameters kept, verdict), the profile, and
 the final verdict; when no probe passes, the original is written unchanged with a warning
 ("nothing can be removed within the gate without fine-tuning").
+
+Plain candidates. After the bisection the plain uniform ``--ratio`` and the global ranking's
+``--target-macs`` are probed at the size of the smallest passing probe and below it (`_baselines`);
+the written model is the smallest passing candidate of all (of those within `EQUAL_SIZE`, the least
+damaged), so a probed plain run never dominates it on the selection half.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -57,6 +64,7 @@ from typing import Any
 
 import onnx
 
+from .. import ir
 from ..channels import Group, Role, Trace
 from ..errors import UsageError, ValidationError
 from ..passes.plan import removed_count
@@ -75,6 +83,12 @@ DEFAULT_MAX_PROBES = 10
 TARGET_RESOLUTION = 0.01
 #: standard errors a probe's gate figures must spare (``--search-margin``)
 DEFAULT_MARGIN = 1.0
+#: probes of each plain line the search compares with (`SearchSettings.baseline_probes`; module docstring)
+DEFAULT_BASELINE_PROBES = 3
+#: the first step below the search's result along a plain line (a share of the original), halved after a miss
+BASELINE_STEP = 0.1
+#: candidates within this share of the original count as equally small: the least damaged of them is written
+EQUAL_SIZE = 0.005
 #: a sensitivity table or search expected to take longer than this says so before it starts (a warning)
 LONG_SECONDS = 30.0
 #: damage below this counts as none in the cost-effectiveness ratio
@@ -109,8 +123,12 @@ class SearchSettings:
     #: a probe passes only when every gate holds with this many standard errors of its figure to spare (the
     #: smallest of many probes that pass on the selection half is partly the luckiest; the final half judges it)
     margin: float = DEFAULT_MARGIN
+    #: probes of each plain line (uniform ``--ratio``, ``--target-macs``) tried at and below the search's result
+    baseline_probes: int = DEFAULT_BASELINE_PROBES
 
     def __post_init__(self) -> None:
+        if self.baseline_probes < 0:
+            raise UsageError(f"baseline probes must be >= 0, got {self.baseline_probes}")
         if not (math.isfinite(self.margin) and self.margin >= 0):
             raise UsageError(f"--search-margin must be a number >= 0, got {self.margin!r}")
         if not self.ratios or any(not 0.0 < r < 1.0 for r in self.ratios) or list(self.ratios) != sorted(set(self.ratios)):
@@ -194,10 +212,19 @@ class Measurement:
 
 
 class Prober:
-    """Runs the pipeline once per candidate: `api.prune` with the run's settings and an allocation."""
+    """Runs the pipeline once per candidate: a run of the prepared model (`api.prepare`) with an allocation.
+
+    The model is loaded, its calibration data split, the original's outputs measured and the model
+    traced once (`api.PreparedRun`); each probe restarts from the method. Independent probes (the
+    sensitivity profile's) go to `workers` local processes or to a Ray cluster (`planning.workers`),
+    each of which prepares once; their figures are those of the serial run, in the same order.
+    """
 
     def __init__(self, model: onnx.ModelProto, method: str, prune_kwargs: Mapping[str, Any],
-                 progress: Callable[[int, int], None] | None = None, margin: float = DEFAULT_MARGIN) -> None:
+                 progress: Callable[[int, int], None] | None = None, margin: float = DEFAULT_MARGIN,
+                 workers: int = 1, ray_address: str | None = None) -> None:
+        from .workers import check_workers
+
         self.margin = margin
         self.model, self.method = model, method
         self.kwargs = dict(prune_kwargs)
@@ -206,15 +233,26 @@ class Prober:
         self.targets = {k: self.params.pop(k) for k in ("target_macs", "target_params") if self.params.get(k) is not None}
         self.latency = bool(self.kwargs.pop("latency", True))
         self.progress = progress
+        self.workers, self.ray_address = check_workers(workers, ray_address), ray_address
         self.count = 0
         self.seconds = 0.0
-        self.memo: dict[VerdictPart, Any] = {}  # the original's outputs per half, measured once
+        self._prepared: Any = None
+        self._pool: Any = None
+
+    def prepared(self) -> Any:
+        """The model prepared once (`api.PreparedRun`), its selection half measured first."""
+        if self._prepared is None:
+            from .. import api
+
+            with _quiet():
+                self._prepared = api.prepare(self.model, self.method, params=self.params, latency=False,
+                                             part=VerdictPart.SELECTION, **self.kwargs)
+        return self._prepared
 
     def run(self, params: Mapping[str, Any], part: VerdictPart, *, latency: bool = False) -> Any:
-        from .. import api
-
-        return api.prune(self.model, self.method, params={**self.params, **params}, verdict_part=part,
-                         latency=latency, reference_memo=self.memo, **self.kwargs)
+        """One run; a ``ratio`` among `params` is the run's uniform ratio (`--ratio`), the rest method settings."""
+        settings = {k: v for k, v in params.items() if k != "ratio"}
+        return self.prepared().run(settings, ratio=params.get("ratio"), part=part, latency=latency)
 
     def probe(self, params: Mapping[str, Any]) -> tuple[Measurement, Any]:
         """One probe on the selection half; a probe whose model fails validation is a miss, never written."""
@@ -230,6 +268,39 @@ class Prober:
         seconds = time.perf_counter() - started
         self._count(seconds)
         return Measurement.of(result, seconds, self.margin), result
+
+    def probe_all(self, jobs: Sequence[Mapping[str, Any]], label: Callable[[int], str]) -> list[Measurement]:
+        """Independent probes, in order: here one after another, else in the worker pool or on the Ray cluster."""
+        if (self.workers > 1 or self.ray_address is not None) and self._pool is None and ir.exceeds_proto_limit(self.model):
+            log.warning("the model is past protobuf's 2 GiB limit and cannot be sent to workers: probes run here")
+            self.workers, self.ray_address = 1, None
+        if self.workers <= 1 and self.ray_address is None or len(jobs) <= 1:
+            out = []
+            for i, params in enumerate(jobs):
+                self.stage(label(i), i, len(jobs))
+                out.append(self.probe(params)[0])
+            return out
+        from .workers import Pool
+
+        if self._pool is None:
+            from ..calib import memory
+
+            kwargs = {**self.kwargs, "params": self.params}
+            if self.ray_address is None:  # the machine's calibration budget is shared by its workers
+                kwargs["calib_memory"] = (self.kwargs.get("calib_memory") or memory.calibration_budget()) // self.workers
+            self._pool = Pool(self.model, self.method, kwargs, self.margin, self.workers, self.ray_address)
+        started = time.perf_counter()
+        out = self._pool.measure(jobs, lambda done: self.stage(label(done), done, len(jobs)))
+        for m in out:  # the probes' own seconds (run side by side: their sum exceeds the wall time)
+            self._count(m.seconds)
+        log.info("%d probes on %s in %.1f s", len(jobs), self._pool.where, time.perf_counter() - started)
+        return out
+
+    def close(self) -> None:
+        """Stop the worker pool (if one was started)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def _count(self, seconds: float) -> None:
         self.count += 1
@@ -311,17 +382,18 @@ def sensitivity(prober: Prober, trace: Trace, settings: SearchSettings, round_to
             if n > last:
                 jobs.append((group, ratio, n))
                 last = n
-    rows: list[SensitivityRow] = []
     started = time.perf_counter()
-    for i, (group, ratio, n) in enumerate(jobs):
-        prober.stage(f"sensitivity: probe {i + 1}/{len(jobs)} (group {group.index} at {ratio:g})", i, len(jobs))
-        m, _ = prober.probe({"group_ratios": ((group.index, ratio),)})
-        if i == 0 and len(jobs) > 1:
-            level = logging.WARNING if m.seconds * len(jobs) > LONG_SECONDS else logging.INFO
-            log.log(level, "sensitivity: %d probes, about %.0f s each: about %s more", len(jobs), m.seconds,
-                    _duration(m.seconds * (len(jobs) - 1)))
-        rows.append(SensitivityRow(group.index, _producer(trace, group), group.size, ratio, n, 1.0 - m.macs,
-                                   1.0 - m.params, m.damage, m.top1_agreement, m.accuracy_drop, m.correlation, m.failed))
+    if jobs:
+        log.log(logging.WARNING if prober.mean_seconds * len(jobs) > LONG_SECONDS else logging.INFO,
+                "sensitivity: %d probes%s", len(jobs),
+                f", about {_duration(prober.mean_seconds * len(jobs))} one after another" if prober.count else "")
+    measured = prober.probe_all([{"group_ratios": ((group.index, ratio),)} for group, ratio, _n in jobs],
+                                lambda i: f"sensitivity: probe {min(i + 1, len(jobs))}/{len(jobs)}"
+                                          f" (group {jobs[min(i, len(jobs) - 1)][0].index} at {jobs[min(i, len(jobs) - 1)][1]:g})")
+    prober.close()  # the workers' prepared models are freed: the other probes depend on each other
+    rows = [SensitivityRow(group.index, _producer(trace, group), group.size, ratio, n, 1.0 - m.macs, 1.0 - m.params,
+                           m.damage, m.top1_agreement, m.accuracy_drop, m.correlation, m.failed)
+            for (group, ratio, n), m in zip(jobs, measured)]
     if jobs:
         prober.stage(f"sensitivity: {len(jobs)} probes in {_duration(time.perf_counter() - started)}", len(jobs), len(jobs))
     return tuple(rows)
@@ -423,6 +495,7 @@ class Probe:
                 "samples": m.samples, "seconds": m.seconds, "failed": m.failed,
                 "group_ratios": [list(p) for p in self.params.get("group_ratios", ())] or None,
                 "target": {k: v for k, v in self.params.items() if k.startswith("target_")} or None,
+                **({"ratio": self.params["ratio"]} if "ratio" in self.params else {}),
                 **({} if m.latency_ratio is None else {"latency_ratio": m.latency_ratio})}
 
 
@@ -483,10 +556,10 @@ def search(prober: Prober, trace: Trace, settings: SearchSettings, round_to: int
         if sensitivity_rows is not None:
             rows = sensitivity_rows
         _bisect_target(prober, settings, probes)
-    passing = [p for p in probes if p.measurement.passed]
+    if settings.baseline_probes and settings.objective is not Objective.LATENCY:
+        _baselines(prober, trace, settings, probes, round_to)
     notes: list[str] = []
-    chosen = min(passing, key=lambda p: (p.measurement.kept(settings.objective), p.measurement.damage, p.index)) \
-        if passing else None
+    chosen = choose(probes, settings.objective)
     if chosen is None:
         message = ("no probe kept the gate on the selection half: nothing can be removed within it without fine-tuning; "
                    "the model is written unchanged")
@@ -500,6 +573,83 @@ def search(prober: Prober, trace: Trace, settings: SearchSettings, round_to: int
     outcome = SearchOutcome(result, tuple(probes), rows, None if chosen is None else chosen.index, settings, tuple(notes),
                             prober.seconds, prober.data_free)
     return replace(outcome, result=_with_search_report(outcome))
+
+
+def choose(probes: Sequence[Probe], objective: Objective) -> Probe | None:
+    """The smallest passing probe; of those within `EQUAL_SIZE` of it, the least damaged (then the first)."""
+    passing = [p for p in probes if p.measurement.passed]
+    if not passing:
+        return None
+    smallest = min(p.measurement.kept(objective) for p in passing)
+    near = [p for p in passing if p.measurement.kept(objective) <= smallest + EQUAL_SIZE]
+    return min(near, key=lambda p: (p.measurement.damage, p.measurement.kept(objective), p.index))
+
+
+def _baselines(prober: Prober, trace: Trace, settings: SearchSettings, probes: list[Probe], round_to: int | Rounding) -> None:
+    """The plain runs at the search's size and below it: uniform ``--ratio`` and the global ranking's target.
+
+    A searched allocation must beat what a user gets without a search: each plain line is probed at the
+    size of the smallest passing probe so far (the uniform ratio found on the materialised costs), then
+    `BASELINE_STEP` smaller while it passes (the step halved after a miss), `baseline_probes` probes a line.
+    `choose` then takes the smallest passing candidate of all, so none of these dominates the written one.
+    """
+    objective = settings.objective
+    passing = [p.measurement.kept(objective) for p in probes if p.measurement.passed]
+    start = min(passing) if passing else 1.0
+    cost: AllocationCost | None = None
+    unfrozen = [g.index for g in trace.groups if not g.is_frozen]
+
+    def uniform(size: float) -> tuple[dict[str, Any], str]:
+        nonlocal cost
+        cost = cost or AllocationCost(prober, trace, round_to)
+        at = cost
+
+        def kept(ratio: float) -> float:
+            macs, params = at.kept(tuple((g, ratio) for g in unfrozen))
+            return macs if objective is Objective.MACS else params
+
+        low, high = 0.0, MAX_UNIFORM
+        for _ in range(UNIFORM_STEPS):  # the least ratio whose model is no larger than `size`
+            mid = (low + high) / 2
+            if kept(mid) <= size + 1e-9:
+                high = mid
+            else:
+                low = mid
+        ratio = round(high, 4)
+        return {"ratio": ratio}, f"uniform ratio {ratio:g}"
+
+    def ranked(size: float) -> tuple[dict[str, Any], str]:
+        key = "target_macs" if objective is Objective.MACS else "target_params"
+        return {key: round(size, 4)}, f"target {key[7:]} {round(size, 4):g}"
+
+    lines: list[Callable[[float], tuple[dict[str, Any], str]]] = [uniform]
+    if settings.allocation is not Allocation.RANKING:  # the ranking search is that line already
+        lines.append(ranked)
+    for line in lines:
+        if start >= 1.0:
+            size = 1.0 - BASELINE_STEP
+        else:
+            size = start
+        step = BASELINE_STEP
+        for _ in range(settings.baseline_probes):
+            if size <= 0:
+                break
+            params, label = line(size)
+            if any(p.params == params for p in probes):
+                break  # a discrete line (rounded channel counts) gives the same run again: nothing new to learn
+            prober.stage(f"search: plain run at {size:.3f} ({label})", len(probes), len(probes) + 1)
+            m, _ = prober.probe(params)
+            probes.append(Probe(len(probes) + 1, label, params, m))
+            if m.passed:
+                size = min(size, m.kept(objective)) - step
+            else:
+                step /= 2
+                size += step
+
+
+#: the largest uniform ratio a plain candidate takes, and the bisection steps that find it for a size
+MAX_UNIFORM = 0.95
+UNIFORM_STEPS = 12
 
 
 def _bisect_steps(prober: Prober, steps: Sequence[Step], settings: SearchSettings, probes: list[Probe],
@@ -774,3 +924,48 @@ def run_targeted(prober: Prober, settings: SearchSettings, round_to: int | Round
     report = replace(report, request=f"target {words}, sensitivity allocation ({hi}/{len(steps)} greedy steps; "
                                      f"MACs {macs:.3f}, params {params:.3f})")
     return replace(outcome, result=replace(outcome.result, report=report))
+
+
+# ----------------------------------------------------------------------------- the Python API
+
+
+def find_smallest(model: onnx.ModelProto | str | os.PathLike[str], method: str, gates: Gates, *,
+                  settings: SearchSettings = SearchSettings(), workers: int = 1, ray_address: str | None = None,
+                  progress: Callable[[int, int], None] | None = None, **prune_kwargs: Any) -> SearchOutcome:
+    """The smallest model within `gates` (the CLI's gate without ``--ratio``): profile, allocation, search.
+
+        outcome = find_smallest("model.onnx", "ldrf", Gates(max_drop=1.0), calib="calib.npz", eval_data="eval.npz")
+        outcome.result.model        # the written model, judged on the final half (outcome.result.report.verdict)
+        outcome.probes, outcome.sensitivity
+
+    `prune_kwargs` are `api.prune`'s (``calib``, ``eval_data``, ``round_to``, ``params`` ...); `workers` local
+    processes or the Ray cluster at `ray_address` measure the sensitivity profile (`planning.workers`).
+    """
+    round_to = prune_kwargs.get("round_to", 1)
+    prober = Prober(_proto(model), method, {**prune_kwargs, "gates": gates}, progress=progress, margin=settings.margin,
+                    workers=workers, ray_address=ray_address)
+    try:
+        return run_search(prober, settings, round_to, gates, with_sensitivity=settings.allocation is Allocation.SENSITIVITY)
+    finally:
+        prober.close()
+
+
+def sensitivity_profile(model: onnx.ModelProto | str | os.PathLike[str], method: str, *,
+                        settings: SearchSettings = SearchSettings(), workers: int = 1, ray_address: str | None = None,
+                        progress: Callable[[int, int], None] | None = None, **prune_kwargs: Any) -> SensitivityOutcome:
+    """Each prunable group cut alone at `settings.ratios` (the CLI's ``--sensitivity``); no model is written.
+
+        profile = sensitivity_profile("model.onnx", "ldrf", calib="calib.npz", workers=2)
+        print(sensitivity_table(profile.rows))
+    """
+    prober = Prober(_proto(model), method, prune_kwargs, progress=progress, workers=workers, ray_address=ray_address)
+    try:
+        return run_sensitivity(prober, settings, prune_kwargs.get("round_to", 1), prober.data_free)
+    finally:
+        prober.close()
+
+
+def _proto(model: onnx.ModelProto | str | os.PathLike[str]) -> onnx.ModelProto:
+    from .. import ir
+
+    return model if isinstance(model, onnx.ModelProto) else ir.load_model(model)
