@@ -35,6 +35,7 @@ against the MACs kept, one line per method). Rows accumulate: a run replaces the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -392,6 +393,28 @@ def plot(results: Path, rows: list[dict[str, Any]]) -> None:
         plt.close(fig)
 
 
+def cached_reference(spec: Model, model: Path, args: argparse.Namespace) -> Any:
+    """The original's reference on the eval split, kept in ``WORK/references`` by the model's and eval data's digest.
+
+    SmolLM2's perplexity on 400 windows takes minutes: a rerun of one row should not pay it again.
+    """
+    data = sorted(p for p in (IMAGES / "eval").rglob("*") if p.is_file()) if spec.name == "lite1" \
+        else [TEXT / f"{spec.name}_eval.npz"]
+    digest = hashlib.sha256()
+    for path in (model, *data):
+        digest.update(path.read_bytes())
+    store = args.work / "references" / f"{spec.name}_{digest.hexdigest()[:16]}_{args.limit}.npy"
+    if store.exists():
+        log.info("%s: the original's figures on the eval split, from %s", spec.name, store)
+        value = np.load(store)
+        return float(value) if value.ndim == 0 else value
+    log.info("%s: the original's figures on the eval split", spec.name)
+    reference = spec.reference(session(model), args.limit)
+    store.parent.mkdir(parents=True, exist_ok=True)
+    np.save(store, np.asarray(reference))
+    return reference
+
+
 def original_figures(spec: Model, reference: Any) -> dict[str, Any]:
     return {"perplexity": reference} if isinstance(reference, float) else {}
 
@@ -431,8 +454,7 @@ def main() -> int:
             todo = [(m, t) for m, t in todo if (name, m, float(t), tuple(args.extra)) not in have]
         if not todo:
             continue
-        log.info("%s: the original's figures on the eval split", name)
-        reference = spec.reference(session(model), args.limit)
+        reference = cached_reference(spec, model, args)
         originals[name] = original_figures(spec, reference)
         for method, target in todo:
             row = one_run(spec, model, method, target, args.extra, reference, args.work, args)
