@@ -16,6 +16,7 @@ from pathlib import Path
 from dataclasses import replace
 from collections.abc import Callable, Mapping
 from dataclasses import fields
+from enum import Enum
 from typing import Any
 
 import click
@@ -59,8 +60,8 @@ def _setting_options(command: Callable[..., Any]) -> Callable[..., Any]:
         if spec.switch:
             option = click.option(f"{spec.flag}/--no-{spec.flag[2:]}", key, default=None, help=spec.help)
         elif spec.choices:
-            option = click.option(spec.flag, key, type=click.Choice(list(spec.choices)), default=field.default,
-                                  show_default=True, help=spec.help)
+            option = click.option(spec.flag, key, type=click.Choice(list(spec.choices)), default=_choice_text(field.default),
+                                  show_default=True, help=spec.help, callback=_as_member(field.default))
         elif spec.recorded:
             option = click.option(spec.flag, key, default=field.default, show_default=True, type=type(field.default),
                                   help=spec.help)
@@ -68,6 +69,19 @@ def _setting_options(command: Callable[..., Any]) -> Callable[..., Any]:
             option = click.option(spec.flag, key, type=spec.cli_type, default=None, help=spec.help)
         command = option(command)
     return command
+
+
+def _choice_text(default: Any) -> Any:
+    """A choice's default as the command line spells it (an enum member by its value)."""
+    return default.value if isinstance(default, Enum) else default
+
+
+def _as_member(default: Any) -> Callable[[click.Context, click.Parameter, Any], Any] | None:
+    """For a setting whose values are an enum's (``--refit``): the option's value as the member, None kept."""
+    if not isinstance(default, Enum):
+        return None
+    kind = type(default)
+    return lambda _ctx, _param, value: None if value is None else kind(value)
 
 
 def _cli_settings() -> dict[str, Setting]:
