@@ -225,8 +225,7 @@ def prepare(
         fit, held = _split(calibration, evaluation, settings.holdout, seed, original, data_notes)
     run = PreparedRun(
         model, path, original, spec, options, checked, data_notes, evaluation, calibration, shapes_in, fit, held,
-        settings.holdout, gates, eval_data, settings.preprocess, settings.latency, settings.calib_memory,
-        settings.cache, progress, started, clock, memo=calib_cache.Memo(original) if remember else None,
+        settings, gates, progress, started, clock, memo=calib_cache.Memo(original) if remember else None,
         default=chosen,
     )
     run.measure(part)
@@ -276,13 +275,8 @@ class PreparedRun:
     shapes_in: dict[str, tuple[int, ...]]
     fit: Any
     held: Any
-    holdout: float
+    settings: RunSettings  # as given (the method named); `options` is what the method reads of them
     gates: Gates
-    eval_data: Any
-    preprocess: Any
-    latency: bool
-    calib_memory: int | None
-    cache: calib_cache.CacheSettings | None
     progress: Callable[[int, int], None] | None
     started: float
     clock: StageClock
@@ -302,7 +296,7 @@ class PreparedRun:
                 with (clock or self.clock).stage(Stage.CALIBRATION):
                     evaluation, held = _search_part(evaluation, held, self.fit, part, self.options.seed, self.original)
             sessions = _Sessions(self.original, self.path)
-            with (clock or self.clock).stage(Stage.REFERENCE), memory.limited(self.calib_memory):
+            with (clock or self.clock).stage(Stage.REFERENCE), memory.limited(self.settings.calib_memory):
                 # the original's outputs need no pruning: measured first, so bad data (labels past the classes) fails
                 # before the work
                 measured = _reference(self.original, self.shapes_in, self.options.seed + part.seed_offset, evaluation,
@@ -334,8 +328,9 @@ def _run(prepared: PreparedRun, params: Mapping[str, Any] | None, ratio: float |
         notes = _checked(options) if options != prepared.options else notes
     notes.extend(prepared.data_notes)
     spec, original, path, fit, gates = prepared.spec, prepared.original, prepared.path, prepared.fit, prepared.gates
-    calib_memory, cache, progress, eval_data = prepared.calib_memory, prepared.cache, prepared.progress, prepared.eval_data
-    latency = prepared.latency if latency is None else latency
+    settings, progress = prepared.settings, prepared.progress
+    calib_memory, cache, eval_data = settings.calib_memory, settings.cache, settings.eval_data
+    latency = settings.latency if latency is None else latency
     recovering = recover.requested(spec.params.parse(options.params), calib=options.calib, seed=options.seed,
                                    batch_size=options.batch_size)
     measure = prepared.measure(part, clock)
@@ -442,7 +437,7 @@ def _run(prepared: PreparedRun, params: Mapping[str, Any] | None, ratio: float |
         request=_request(spec, options),
         accuracy_before=verdict.accuracy_before,
         accuracy_after=verdict.accuracy_after,
-        settings={**_settings(options, prepared.holdout, gates, eval_data, prepared.preprocess), "calib_memory": calib_memory,
+        settings={**_settings(options, settings.holdout, gates, eval_data, settings.preprocess), "calib_memory": calib_memory,
                   **({} if part is VerdictPart.ALL else {"verdict_part": part.value})},
         input_path=None if isinstance(prepared.model, onnx.ModelProto) else str(prepared.model),
         latency=timing,
