@@ -149,13 +149,14 @@ def margin_row(name: str, path: Path, entry: dict[str, Any], calib: Path, evalua
                yt: np.ndarray, margin: float) -> None:
     """The same search (same profile, the API's `search` with the rows given) at another --search-margin."""
     from onnxslim_prune.planning.search import Prober, SearchSettings, baseline, search
+    from onnxslim_prune.settings import RunSettings
     from onnxslim_prune.verdict import Gates
 
     original = ir.load_model(path)
     before = __import__("onnxslim_prune.validate", fromlist=["model_stats"]).model_stats(original, {"input": (1, 1, 28, 28)})
     gates = Gates(max_drop=entry["max_drop"])
-    prober = Prober(original, entry["method"], {"calib": str(calib), "eval_data": str(evaluation), "gates": gates,
-                                                "latency": False}, margin=margin)
+    prober = Prober(original, RunSettings(entry["method"], calib=str(calib), eval_data=str(evaluation), gates=gates,
+                                          latency=False), margin=margin)
     started = time.perf_counter()
     outcome = search(prober, baseline(prober), SearchSettings(margin=margin), 1, gates, tuple(profile_of(entry)))
     verdict = outcome.result.report.verdict

@@ -5,9 +5,10 @@ from .api import Analysis, PreparedRun, PruneResult, analyze, prepare, prune
 from .calib.cache import CacheInfo, CacheSettings, cache_info, clear_cache
 from .errors import CalibrationError, GateError, ModelError, PruneError, UsageError, ValidationError
 from .planning.search import SearchSettings, find_smallest, sensitivity_profile
+from .settings import RunSettings
 
 __all__ = [
-    "__version__", "Analysis", "PruneResult", "analyze", "prune", "prepare", "PreparedRun",
+    "__version__", "Analysis", "PruneResult", "analyze", "prune", "prepare", "PreparedRun", "RunSettings",
     "find_smallest", "sensitivity_profile", "SearchSettings",
     "CacheSettings", "CacheInfo", "cache_info", "clear_cache",
     "PruneError", "UsageError", "ModelError", "CalibrationError", "ValidationError", "GateError",

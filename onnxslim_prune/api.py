@@ -3,6 +3,8 @@
     result = prune("model.onnx", method="l1", ratio=0.5)
     result.model   # onnx.ModelProto, validated
     result.report  # Report: params, MACs, the verdict, groups
+
+    result = prune("model.onnx", RunSettings("ldrf", 0.5, calib="calib.npz"))  # the settings as one value
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from .graph import qdq
 from .errors import CalibrationError, UsageError
 from .calib import cache as calib_cache
 from .calib import memory
-from .calib.split import DEFAULT_HOLDOUT, held_out_count, split_holdout
+from .calib.split import held_out_count, split_holdout
 from .evaluation import EvalData, accuracy_from, correct_of, eval_feeds, load_eval, release_pages
 from .latency import SPEED_FIGURES, Latency, with_speed_gates
 from .latency import measure as measure_latency
 from .methods import builtin  # noqa: F401  (fills the method registry)
+from .methods.defaults import DefaultMethod, default_method
 from .methods.base import Context, MethodSpec, Options, check_options, get_method
 from .passes import reconstruct
 from .passes.apply import apply_plan
@@ -36,7 +39,8 @@ from .passes.trace import trace
 from .planning.parts import VerdictPart
 from .progress import Stage, StageClock
 from .report import Report, group_rows
-from .roundto import Rounding, RoundTo
+from .roundto import Rounding
+from .settings import RunSettings
 from .verdict import (FUNCTION_UNKNOWN, Gates, Verdict, VerdictSource, check_gates_have_data, class_score_outputs,
                       classes_of, summarise)
 
@@ -65,6 +69,8 @@ class PruneResult:
     #: `model` serialized (what the verdict ran and `ir.save_model(..., serialized=)` writes); None past protobuf's limit
     #: and past `KEEP_BYTES_UP_TO` (not held through the verdict: the writer serializes the model again)
     serialized: bytes | None = None
+    #: the method chosen for a run that named none, and why (None: the method was named)
+    default: DefaultMethod | None = None
 
 
 def _load(model: ModelLike) -> onnx.ModelProto:
@@ -135,92 +141,70 @@ class _Measure:
 
 def prune(
     model: ModelLike,
-    method: str = "l1",
-    ratio: float = 0.5,
+    method: str | None | RunSettings = "l1",
+    ratio: float | None = None,
     *,
-    round_to: int | Rounding | RoundTo = 1,
-    exclude: Sequence[str] = (),
-    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-    seed: int = 0,
-    criterion: str | None = None,
-    calib: str | os.PathLike[str] | None = None,
-    calib_samples: int | None = None,
-    batch_size: int = 32,
-    eval_data: str | os.PathLike[str] | None = None,
-    params: Mapping[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
-    preprocess: Any = None,
-    holdout: float = DEFAULT_HOLDOUT,
-    gates: Gates | None = None,
-    latency: bool = True,
-    calib_memory: int | None = None,
-    cache: calib_cache.CacheSettings | None = None,
+    **overrides: Any,
 ) -> PruneResult:
-    """Prune `model` with `method`; the returned model is validated (see `validate`) and judged (see `verdict`).
+    """Prune `model`; the returned model is validated (see `validate`) and judged (see `verdict`).
 
+    The run's settings are a `RunSettings` (`settings` module), given as one or built from `method`, `ratio` and
+    the other fields by name (``prune(model, "l1", 0.5, calib="calib.npz")``); `method` None picks the measured
+    best for the model's kind (`methods.defaults`; `PruneResult.default` says which and why).
     Calibration data is split (seeded) into a fit part, the only data the method sees, and a
     held-out part (`holdout` of it) on which the verdict is measured; with `eval_data` the
-    verdict is measured there and all calibration data is fitted. `calib_memory`: bytes the
-    passes over calibration data may hold (`calib.memory`; None: a quarter of RAM). `cache`: where and how
-    much of the statistics cache (`calib.cache`; None: the current settings, by default the platform's folder).
-    `round_to`: the kept counts' multiple (`roundto.Rounding`; ``RoundTo.AUTO`` or ``"auto"``, the CLI's default, keeps
-    the original's alignment up to the CPU's kernel block; an int N a fixed multiple; 1, the API's default, none).
-    With `latency`, the pruned model is timed against the original and the speed gates (`latency.speed_gates`:
-    never slower, `gates.min_speedup`) join the verdict's gates; without it none is checked (a search's probes).
+    verdict is measured there and all calibration data is fitted. With `latency`, the pruned model is timed against
+    the original and the speed gates (`latency.speed_gates`: never slower, `gates.min_speedup`) join the verdict's
+    gates; without it none is checked (a search's probes).
     Many runs of one model and data with other allocations (a search's probes): `prepare` once, then `PreparedRun.run`.
     """
-    prepared = prepare(model, method, ratio, round_to=round_to, exclude=exclude, input_shapes=input_shapes, seed=seed,
-                       criterion=criterion, calib=calib, calib_samples=calib_samples, batch_size=batch_size,
-                       eval_data=eval_data, params=params, progress=progress, preprocess=preprocess, holdout=holdout,
-                       gates=gates, latency=latency, calib_memory=calib_memory, cache=cache, remember=False)
+    prepared = prepare(model, RunSettings.of(method, ratio, **overrides), progress=progress, remember=False)
     return prepared.run(consume=True)
 
 
 def prepare(
     model: ModelLike,
-    method: str = "l1",
-    ratio: float = 0.5,
+    method: str | None | RunSettings = "l1",
+    ratio: float | None = None,
     *,
-    round_to: int | Rounding | RoundTo = 1,
-    exclude: Sequence[str] = (),
-    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-    seed: int = 0,
-    criterion: str | None = None,
-    calib: str | os.PathLike[str] | None = None,
-    calib_samples: int | None = None,
-    batch_size: int = 32,
-    eval_data: str | os.PathLike[str] | None = None,
-    params: Mapping[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
-    preprocess: Any = None,
-    holdout: float = DEFAULT_HOLDOUT,
-    gates: Gates | None = None,
-    latency: bool = True,
-    calib_memory: int | None = None,
-    cache: calib_cache.CacheSettings | None = None,
     part: VerdictPart = VerdictPart.ALL,
     remember: bool = True,
+    **overrides: Any,
 ) -> PreparedRun:
     """Everything of `prune` before the method, done once: `PreparedRun.run` then prunes, as often as asked.
 
-    The model is loaded and checked, the calibration data loaded and split, the original's outputs on
-    the verdict's samples of `part` measured (other parts when a run asks for them) and the model traced;
-    each run restarts from the method with its own settings and a copy of the traced graph, and with
-    `remember` the original's statistics are kept in memory across runs (`calib.cache.Memo`; `prune`, one
-    run, keeps none). The other arguments are `prune`'s; a run with the same settings gives `prune`'s bytes.
+    The model is loaded and checked, the default method chosen (when `method` is None), the calibration data
+    loaded and split, the original's outputs on the verdict's samples of `part` measured (other parts when a run
+    asks for them) and the model traced; each run restarts from the method with its own settings and a copy of the
+    traced graph, and with `remember` the original's statistics are kept in memory across runs (`calib.cache.Memo`;
+    `prune`, one run, keeps none). The settings are `prune`'s; a run with the same settings gives `prune`'s bytes.
     """
+    settings = RunSettings.of(method, ratio, **overrides)
     started = time.perf_counter()
     clock = StageClock(progress)
-    gates = gates or Gates()
+    path = _path_of(model)
+    original: onnx.ModelProto | None = None
+    if settings.method is None and settings.calib is not None:
+        # the default with data depends on the model's kind: read from the run's one load, before the checks
+        with clock.stage(Stage.LOAD):
+            original = _load_checked(model, path)
+    settings, chosen = with_default_method(settings, original)
+    assert settings.method is not None
+    method, calib, eval_data, seed, batch_size = (settings.method, settings.calib, settings.eval_data, settings.seed,
+                                                  settings.batch_size)
+    gates = settings.gates or Gates()
     spec = get_method(method)
     options = Options(
-        method=method, ratio=ratio, round_to=Rounding.of(round_to), exclude=_patterns(exclude), input_shapes=dict(input_shapes or {}),
-        seed=seed, criterion=criterion or spec.default_criterion, calib=None if calib is None else str(calib), calib_samples=calib_samples,
-        batch_size=batch_size, params=dict(params or {}),
+        method=method, ratio=settings.ratio, round_to=Rounding.of(settings.round_to), exclude=_patterns(settings.exclude),
+        input_shapes=dict(settings.input_shapes or {}), seed=seed, criterion=settings.criterion or spec.default_criterion,
+        calib=None if calib is None else str(calib), calib_samples=settings.calib_samples, batch_size=batch_size,
+        params=dict(settings.params or {}),
     )
     exclude = options.exclude
     checked = _checked(options)
-    held_out_count(1, holdout)  # the fraction is checked before any work
+    held_out_count(1, settings.holdout)  # the fraction is checked before any work
     if spec.needs_data and calib is None:
         raise CalibrationError(f"method {method!r} needs calibration data: pass --calib PATH (or --calib random)")
     if gates.max_drop is not None and eval_data is None:
@@ -228,22 +212,21 @@ def prepare(
     check_gates_have_data(gates, calib, eval_data)  # no random figure can pass a gate: refused before any work
     # checked before any work (a missing extra is a usage error); each run asks again with its own settings
     recover.requested(spec.params.parse(options.params), calib=options.calib, seed=seed, batch_size=batch_size)
-    path = _path_of(model)
-    with clock.stage(Stage.LOAD):
-        original = _load(model)  # the one parse of the input: everything after reads this proto (or the file, in C++)
-        ir.check_model(original, full=False, what="input model", path=path)
+    if original is None:
+        with clock.stage(Stage.LOAD):
+            original = _load_checked(model, path)
     with clock.stage(Stage.CALIBRATION):
-        evaluation = load_eval(eval_data, original, input_shapes) if eval_data is not None else None
+        evaluation = load_eval(eval_data, original, settings.input_shapes) if eval_data is not None else None
         if evaluation is not None and evaluation.labels is None and gates.max_drop is not None:
             raise UsageError(f"--max-drop needs labelled --eval data: {eval_data} has no 'labels' "
                              "(--min-top1-agreement and --min-correlation need none)")
-        calibration, shapes_in = _calibration(options, original, evaluation, preprocess)
+        calibration, shapes_in = _calibration(options, original, evaluation, settings.preprocess)
         data_notes: list[str] = []
-        fit, held = _split(calibration, evaluation, holdout, seed, original, data_notes)
+        fit, held = _split(calibration, evaluation, settings.holdout, seed, original, data_notes)
     run = PreparedRun(
         model, path, original, spec, options, checked, data_notes, evaluation, calibration, shapes_in, fit, held,
-        holdout, gates, eval_data, preprocess, latency, calib_memory, cache, progress, started, clock,
-        memo=calib_cache.Memo(original) if remember else None,
+        settings, gates, progress, started, clock, memo=calib_cache.Memo(original) if remember else None,
+        default=chosen,
     )
     run.measure(part)
     if not spec.blocks_to_remove(options):
@@ -252,6 +235,28 @@ def prepare(
             run.analysis = _analyze(original, shapes_in, exclude, check=False, path=path)
         run.excluded = _unmatched_excludes([n.name for n in run.analysis.graph.nodes], exclude)
     return run
+
+
+def _load_checked(model: ModelLike, path: str | None) -> onnx.ModelProto:
+    """The one parse of the input: everything after reads this proto (or the file, in C++)."""
+    original = _load(model)
+    ir.check_model(original, full=False, what="input model", path=path)
+    return original
+
+
+def with_default_method(settings: RunSettings, model: onnx.ModelProto | None) -> tuple[RunSettings, DefaultMethod | None]:
+    """`settings` with a method named: without one, the default for `model`'s kind (`methods.defaults`) and why.
+
+    Only a run with calibration data reads `model` (None is enough without: the data-free default).
+    """
+    if settings.method is not None:
+        return settings, None
+    with_data = settings.calib is not None
+    if with_data and model is None:
+        raise ValueError("the default method with calibration data depends on the model: load it first")
+    chosen = default_method(model if model is not None else onnx.ModelProto(), with_data=with_data)
+    log.info("method: %s (%s)", chosen.name, chosen.reason)
+    return replace(settings, method=chosen.name), chosen
 
 
 @dataclass(eq=False)
@@ -270,18 +275,15 @@ class PreparedRun:
     shapes_in: dict[str, tuple[int, ...]]
     fit: Any
     held: Any
-    holdout: float
+    settings: RunSettings  # as given (the method named); `options` is what the method reads of them
     gates: Gates
-    eval_data: Any
-    preprocess: Any
-    latency: bool
-    calib_memory: int | None
-    cache: calib_cache.CacheSettings | None
     progress: Callable[[int, int], None] | None
     started: float
     clock: StageClock
     #: the original's statistics across runs (None: a single run, which holds nothing more than before)
     memo: calib_cache.Memo | None = None
+    #: the method chosen for a run that named none, and why (None: the method was named)
+    default: DefaultMethod | None = None
     analysis: Analysis | None = None  # None: traced by each run (block pruning changes the graph first)
     excluded: list[str] = field(default_factory=list)  # --exclude patterns that name no node
     measures: dict[VerdictPart, _Measure] = field(default_factory=dict)  # the original's outputs per part
@@ -294,7 +296,7 @@ class PreparedRun:
                 with (clock or self.clock).stage(Stage.CALIBRATION):
                     evaluation, held = _search_part(evaluation, held, self.fit, part, self.options.seed, self.original)
             sessions = _Sessions(self.original, self.path)
-            with (clock or self.clock).stage(Stage.REFERENCE), memory.limited(self.calib_memory):
+            with (clock or self.clock).stage(Stage.REFERENCE), memory.limited(self.settings.calib_memory):
                 # the original's outputs need no pruning: measured first, so bad data (labels past the classes) fails
                 # before the work
                 measured = _reference(self.original, self.shapes_in, self.options.seed + part.seed_offset, evaluation,
@@ -326,8 +328,9 @@ def _run(prepared: PreparedRun, params: Mapping[str, Any] | None, ratio: float |
         notes = _checked(options) if options != prepared.options else notes
     notes.extend(prepared.data_notes)
     spec, original, path, fit, gates = prepared.spec, prepared.original, prepared.path, prepared.fit, prepared.gates
-    calib_memory, cache, progress, eval_data = prepared.calib_memory, prepared.cache, prepared.progress, prepared.eval_data
-    latency = prepared.latency if latency is None else latency
+    settings, progress = prepared.settings, prepared.progress
+    calib_memory, cache, eval_data = settings.calib_memory, settings.cache, settings.eval_data
+    latency = settings.latency if latency is None else latency
     recovering = recover.requested(spec.params.parse(options.params), calib=options.calib, seed=options.seed,
                                    batch_size=options.batch_size)
     measure = prepared.measure(part, clock)
@@ -434,7 +437,7 @@ def _run(prepared: PreparedRun, params: Mapping[str, Any] | None, ratio: float |
         request=_request(spec, options),
         accuracy_before=verdict.accuracy_before,
         accuracy_after=verdict.accuracy_after,
-        settings={**_settings(options, prepared.holdout, gates, eval_data, prepared.preprocess), "calib_memory": calib_memory,
+        settings={**_settings(options, settings.holdout, gates, eval_data, settings.preprocess), "calib_memory": calib_memory,
                   **({} if part is VerdictPart.ALL else {"verdict_part": part.value})},
         input_path=None if isinstance(prepared.model, onnx.ModelProto) else str(prepared.model),
         latency=timing,
@@ -442,7 +445,7 @@ def _run(prepared: PreparedRun, params: Mapping[str, Any] | None, ratio: float |
         extra=extra,
     )
     report = replace(report, seconds=time.perf_counter() - started)
-    return PruneResult(pruned, report, traced, plan, serialized)
+    return PruneResult(pruned, report, traced, plan, serialized, prepared.default)
 
 
 class _Sessions:
@@ -751,32 +754,46 @@ def _unmatched_excludes(names: Sequence[str], patterns: Sequence[str]) -> list[s
     return _warned([f"--exclude {p!r} matches no node name" for p in patterns if not any(fnmatchcase(n, p) for n in names)])
 
 
+@dataclass(frozen=True, eq=False)
+class DryRun:
+    """What `plan_only` found: the trace and, where the method chooses without data, the plan."""
+
+    analysis: Analysis
+    plan: Plan | None  # None: the method chooses from data or a search
+    method: str
+    #: the method chosen for a run that named none, and why (None: the method was named)
+    default: DefaultMethod | None = None
+
+
 def plan_only(
     model: ModelLike,
-    method: str = "l1",
-    ratio: float = 0.5,
-    *,
-    round_to: int | Rounding | RoundTo = 1,
-    exclude: Sequence[str] = (),
-    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-    seed: int = 0,
-    criterion: str | None = None,
-    params: Mapping[str, Any] | None = None,
-    preprocess: Any = None,
-) -> tuple[Analysis, Plan | None]:
-    """Check the options, trace, and (for a `MethodSpec.plan_only` method) choose the plan; nothing is applied."""
-    options = Options(method=method, ratio=ratio, round_to=Rounding.of(round_to), exclude=_patterns(exclude), seed=seed,
-                      criterion=criterion or get_method(method).default_criterion, params=dict(params or {}))
+    method: str | None | RunSettings = "l1",
+    ratio: float | None = None,
+    **overrides: Any,
+) -> DryRun:
+    """Check the options, trace, and (for a `MethodSpec.plan_only` method) choose the plan; nothing is applied.
+
+    The settings are `prune`'s (`RunSettings`); those that choose the plan are read, no data is loaded.
+    """
+    settings = RunSettings.of(method, ratio, **overrides)
+    # the default with data depends on the model's kind: the model is then loaded before the checks
+    proto = _load(model) if settings.method is None and settings.calib is not None else None
+    settings, chosen = with_default_method(settings, proto)
+    assert settings.method is not None
+    spec = get_method(settings.method)
+    options = Options(method=settings.method, ratio=settings.ratio, round_to=Rounding.of(settings.round_to),
+                      exclude=_patterns(settings.exclude), seed=settings.seed,
+                      criterion=settings.criterion or spec.default_criterion, params=dict(settings.params or {}))
     _checked(options)
-    proto = _load(model)
-    shapes = resolve_input_shapes(proto, dict(input_shapes or {}), preprocess=preprocess)
+    if proto is None:
+        proto = _load(model)
+    shapes = resolve_input_shapes(proto, dict(settings.input_shapes or {}), preprocess=settings.preprocess)
     analysis = _analyze(proto, shapes, options.exclude, path=_path_of(model))
     _unmatched_excludes([n.name for n in analysis.graph.nodes], options.exclude)
-    spec = get_method(method)
     if not spec.plan_only:
-        return analysis, None
+        return DryRun(analysis, None, settings.method, chosen)
     ctx = Context(analysis.model, analysis.graph, analysis.trace, options, analysis.input_shapes, analysis.opset)
-    return analysis, spec.plan(ctx)
+    return DryRun(analysis, spec.plan(ctx), settings.method, chosen)
 
 
 #: QOperator ops of quantized models: not pruned (`ops.quant`; QDQ weights are, see `graph.qdq`)

@@ -16,10 +16,10 @@ from pathlib import Path
 from dataclasses import replace
 from collections.abc import Callable, Mapping
 from dataclasses import fields
+from enum import Enum
 from typing import Any
 
 import click
-import onnx
 
 from . import api, ir
 from ._version import __version__
@@ -30,7 +30,7 @@ from .console import ConsoleProgress
 from .atomic import Outputs
 from .errors import GateError, PruneError, UsageError
 from .methods import builtin  # noqa: F401  (fills the method registry)
-from .methods.defaults import DefaultMethod, default_method
+from .methods.defaults import DefaultMethod
 from .methods.base import METHODS, CommonParams, Setting, all_settings
 from .planning import plot as planning_plot
 from .planning import latency_search
@@ -40,6 +40,7 @@ from .planning.search import DEFAULT_MARGIN, DEFAULT_MAX_PROBES, Allocation, Obj
 from .verdict import Gates, check_gates_have_data
 from .report import REPORT_SCHEMA, group_rows, group_table
 from .roundto import Rounding, RoundTo, RoundToParam, RoundToValue, resolve
+from .settings import RunSettings
 
 log = logging.getLogger("onnxslim_prune")
 
@@ -59,8 +60,8 @@ def _setting_options(command: Callable[..., Any]) -> Callable[..., Any]:
         if spec.switch:
             option = click.option(f"{spec.flag}/--no-{spec.flag[2:]}", key, default=None, help=spec.help)
         elif spec.choices:
-            option = click.option(spec.flag, key, type=click.Choice(list(spec.choices)), default=field.default,
-                                  show_default=True, help=spec.help)
+            option = click.option(spec.flag, key, type=click.Choice(list(spec.choices)), default=_choice_text(field.default),
+                                  show_default=True, help=spec.help, callback=_as_member(field.default))
         elif spec.recorded:
             option = click.option(spec.flag, key, default=field.default, show_default=True, type=type(field.default),
                                   help=spec.help)
@@ -68,6 +69,19 @@ def _setting_options(command: Callable[..., Any]) -> Callable[..., Any]:
             option = click.option(spec.flag, key, type=spec.cli_type, default=None, help=spec.help)
         command = option(command)
     return command
+
+
+def _choice_text(default: Any) -> Any:
+    """A choice's default as the command line spells it (an enum member by its value)."""
+    return default.value if isinstance(default, Enum) else default
+
+
+def _as_member(default: Any) -> Callable[[click.Context, click.Parameter, Any], Any] | None:
+    """For a setting whose values are an enum's (``--refit``): the option's value as the member, None kept."""
+    if not isinstance(default, Enum):
+        return None
+    kind = type(default)
+    return lambda _ctx, _param, value: None if value is None else kind(value)
 
 
 def _cli_settings() -> dict[str, Setting]:
@@ -267,8 +281,7 @@ def main(
         if model is None:
             raise UsageError("give a MODEL path (or --demo)")
         shapes = ir.parse_input_shapes(input_shape)
-        chosen = None if method_choice else _default_method(model, calib)
-        method: str = method_choice or (chosen.name if chosen else "")
+        method = method_choice  # None: the default for the model's kind, chosen after the run's one load
         gates = Gates(min_top1_agreement=min_top1_agreement, min_cosine=min_cosine, min_correlation=min_correlation,
                       max_drop=max_drop, min_speedup=min_speedup)
         if min_speedup is not None and not latency:
@@ -281,53 +294,53 @@ def main(
         if dry_run:  # only the settings that choose the plan
             _warn_ignored("--dry-run only traces and plans; it writes and measures nothing", _RUN_ONLY + _PIXELS + tuple(
                 k for k in settings if k not in _given_settings(settings, planning_only=True)))
-            _dry_run(model, method, ratio, round_to, exclude, shapes, seed, criterion,
-                     _given_settings(settings, planning_only=True), preprocess)
+            _dry_run(model, RunSettings(method, ratio, round_to=round_to, exclude=exclude, input_shapes=shapes, seed=seed,
+                                        criterion=criterion, calib=calib, params=_given_settings(settings, planning_only=True),
+                                        preprocess=preprocess))
             return
         if calib is None or not Path(calib).is_dir():
             _warn_ignored("--calib is not an image folder", _PIXELS)
         target = output or model.with_name(model.name.removesuffix(".onnx") + ".pruned.onnx")
         external = _check_paths(model, target, report_path, plot_path)
         console = None if quiet else ConsoleProgress()
-        kwargs: dict[str, Any] = dict(
-            ratio=ratio, round_to=round_to, exclude=exclude, input_shapes=shapes, seed=seed,
+        params = _given_settings(settings)
+        run = RunSettings(
+            method, ratio, round_to=round_to, exclude=exclude, input_shapes=shapes, seed=seed,
             criterion=criterion, calib=calib, calib_samples=calib_samples, batch_size=batch_size,
-            eval_data=eval_data, preprocess=preprocess, params=_given_settings(settings),
+            eval_data=eval_data, preprocess=preprocess, params=params,
             holdout=holdout, gates=gates, latency=latency,
             calib_memory=None if calib_memory is None else memory.parse_size(calib_memory), cache=cache,
         )
         search_settings = SearchSettings(_floats(sensitivity_ratios, "--sensitivity-ratios") or (), max_probes,
                                          Allocation(allocation), Objective(objective), search_margin)
-        searching = gates.any and _searches(kwargs["params"]) and search_mod.searchable(method)
-        targeted = _targets_with_profile(kwargs["params"]) and search_mod.searchable(method)
+        searching = gates.any and _searches(params) and search_mod.searchable(method)
+        targeted = _targets_with_profile(params) and search_mod.searchable(method)
         searched = timed = None
         if by_latency:
-            _check_latency_request(kwargs["params"], method, target_latency)
+            _check_latency_request(params, method, target_latency)
             searching = targeted = False
         elif target_latency is not None:
             raise UsageError("--target-latency is the latency objective's: add --objective latency")
         measuring = show_sensitivity and not searching and not targeted and not by_latency
-        _check_mode(method, gates, kwargs["params"], searching or targeted or by_latency, measuring, plot_path)
+        _check_mode(method, gates, params, searching or targeted or by_latency, measuring, plot_path)
         check_gates_have_data(gates, calib, eval_data)  # before any work: no random figure can pass a gate
-        if chosen is not None and calib is not None and not quiet:
-            click.echo(f"method: {chosen.name} ({chosen.reason}; --method to choose another)", err=True)
         if measuring:
-            _sensitivity_only(model, method, kwargs, search_settings, console, report_path, plot_path, quiet, pool)
+            _sensitivity_only(model, run, search_settings, console, report_path, plot_path, quiet, pool)
             _closed(console)
             return
         if targeted:
-            prober = search_mod.Prober(ir.load_model(model), method, kwargs, progress=console, margin=search_settings.margin, **pool)
+            prober = _prober(model, run, console, search_settings.margin, pool)
             searched = search_mod.run_targeted(prober, search_settings, round_to)
             result = searched.result
         elif searching:
             if plot_path is not None:
                 planning_plot.check_available()
-            prober = search_mod.Prober(ir.load_model(model), method, kwargs, progress=console, margin=search_settings.margin, **pool)
+            prober = _prober(model, run, console, search_settings.margin, pool)
             searched = search_mod.run_search(prober, search_settings, round_to, gates, with_sensitivity=show_sensitivity
                                              or search_settings.allocation is Allocation.SENSITIVITY)
             result = searched.result
         elif by_latency:
-            prober = search_mod.Prober(ir.load_model(model), method, kwargs, progress=console, margin=search_settings.margin, **pool)
+            prober = _prober(model, run, console, search_settings.margin, pool)
             if prober.data_free and click.get_current_context().get_parameter_source("allocation") is \
                     click.core.ParameterSource.DEFAULT:  # no data: the global ranking, not a profile on random inputs
                 search_settings = replace(search_settings, allocation=Allocation.RANKING)
@@ -335,7 +348,9 @@ def main(
                                                       latency_search.LatencySettings(target_latency))
             searched, result = timed.search, timed.result
         else:
-            result = api.prune(model, method, progress=console, **kwargs)
+            prepared = api.prepare(model, run, progress=console, remember=False)
+            _say_default(prepared.default, console)
+            result = prepared.run(consume=True)
         _closed(console)
         console = None
         if searched is not None and not quiet:
@@ -412,15 +427,18 @@ def _warn_ignored(why: str, names: tuple[str, ...] | list[str]) -> None:
         log.warning("%s: %s %s ignored", why, ", ".join(flags), "is" if len(flags) == 1 else "are")
 
 
-def _default_method(model: Path, calib: str | None) -> DefaultMethod:
-    """The method of a run without --method (`methods.defaults`)."""
-    if calib is None:
-        return default_method(onnx.ModelProto(), with_data=False)
-    try:  # a second parse of an embedded-weights file (external data is not read); the run's load is the first
-        proto = onnx.load(str(model), load_external_data=False)
-    except Exception:  # noqa: BLE001  (the run's own load gives the clear error)
-        proto = onnx.ModelProto()
-    return default_method(proto, with_data=True)
+def _say_default(chosen: DefaultMethod | None, console: ConsoleProgress | None) -> None:
+    """A run with --calib and without --method says which method the model's kind chose (`methods.defaults`)."""
+    if chosen is not None and console is not None and click.get_current_context().params.get("calib") is not None:
+        console.echo(f"method: {chosen.name} ({chosen.reason}; --method to choose another)")  # no console: --quiet
+
+
+def _prober(model: Path, run: RunSettings, console: ConsoleProgress | None, margin: float,
+            pool: Mapping[str, Any]) -> search_mod.Prober:
+    """A search's probes of `model` (loaded once, here); a run without --method gets its default from that load."""
+    prober = search_mod.Prober(ir.load_model(model), run, progress=console, margin=margin, **pool)
+    _say_default(prober.default, console)
+    return prober
 
 
 def _check_conflicts(model: Path | None) -> None:
@@ -438,7 +456,7 @@ def _check_conflicts(model: Path | None) -> None:
         raise UsageError(f"--ratio and {' and '.join(budgets)} are two budgets: give --ratio or the target")
 
 
-def _check_mode(method: str, gates: Gates, params: Mapping[str, Any], searches: bool, measuring: bool,
+def _check_mode(method: str | None, gates: Gates, params: Mapping[str, Any], searches: bool, measuring: bool,
                 plot_path: Path | None) -> None:
     """Once the mode is known (search, --sensitivity alone, or one prune): its conflicts and ignored options."""
     if plot_path is not None and not searches and not measuring:
@@ -467,7 +485,7 @@ def _searches(params: Mapping[str, Any]) -> bool:
     return not given and params.get("target_macs") is None and params.get("target_params") is None
 
 
-def _check_latency_request(params: Mapping[str, Any], method: str, target: float | None) -> None:
+def _check_latency_request(params: Mapping[str, Any], method: str | None, target: float | None) -> None:
     """--objective latency chooses the allocation: no --ratio or --target-macs/params beside it."""
     source = click.get_current_context().get_parameter_source("ratio")
     if source is not None and source is not click.core.ParameterSource.DEFAULT:
@@ -486,14 +504,15 @@ def _targets_with_profile(params: Mapping[str, Any]) -> bool:
     return given and wants and (params.get("target_macs") is not None or params.get("target_params") is not None)
 
 
-def _sensitivity_only(model: Path, method: str, kwargs: dict[str, Any], settings: SearchSettings, console: Any,
+def _sensitivity_only(model: Path, run: RunSettings, settings: SearchSettings, console: Any,
                       report_path: Path | None, plot_path: Path | None, quiet: bool, pool: Mapping[str, Any]) -> None:
     """--sensitivity without a gate: the table, the report and the plot; no model is written."""
     if plot_path is not None:
         planning_plot.check_available()
-    prober = search_mod.Prober(ir.load_model(model), method, kwargs, progress=console, **pool)
+    prober = _prober(model, run, console, DEFAULT_MARGIN, pool)
+    method = prober.method
     proxy = prober.data_free
-    outcome = search_mod.run_sensitivity(prober, settings, kwargs["round_to"], proxy)
+    outcome = search_mod.run_sensitivity(prober, settings, Rounding.of(run.round_to), proxy)
     _closed(console)
     with Outputs() as outputs:
         if report_path is not None:
@@ -533,13 +552,12 @@ def _closed(console: ConsoleProgress | None) -> None:
     return None
 
 
-def _dry_run(model: Path, method: str, ratio: float, round_to: Rounding, exclude: tuple[str, ...], shapes: Any, seed: int,
-             criterion: str | None, params: dict[str, Any], preprocess: Any) -> None:
+def _dry_run(model: Path, run: RunSettings) -> None:
     """Print every group and what the method would keep, where that needs no data; write nothing."""
     if not model.is_file():
         raise UsageError(f"{model}: {'not a file' if model.exists() else 'no such file'}")
-    analysis, plan = api.plan_only(model, method, ratio, round_to=round_to, exclude=exclude, input_shapes=shapes,
-                                   seed=seed, criterion=criterion, params=params, preprocess=preprocess)
+    dry = api.plan_only(model, run)
+    analysis, plan, method, round_to = dry.analysis, dry.plan, dry.method, Rounding.of(run.round_to)
     quantized = api.quantized_ops(analysis.model)
     if quantized:
         click.echo(f"the model is quantized in QOperator form ({', '.join(quantized)}), which is not pruned: quantize "

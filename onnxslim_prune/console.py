@@ -61,6 +61,13 @@ class ConsoleProgress:
             ):
                 self._line(f"{self.name}: {done}/{total} ({done / max(total, 1):.0%})")
 
+    def echo(self, text: str) -> None:
+        """A line of the CLI's own between stages (an open bar is closed first: the line is not drawn over)."""
+        with self._lock:
+            self._close_bar()
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
     def close(self) -> None:
         self._stop.set()
         with self._lock:

@@ -134,3 +134,17 @@ def test_progress_in_a_ci_log_is_quiet_for_short_runs() -> None:
     progress(2, 2)
     progress.close()
     assert stream.getvalue() == ""  # a run shorter than QUIET_SECONDS prints no progress lines
+
+
+def test_a_line_of_the_cli_between_stages_closes_the_open_bar() -> None:
+    """`ConsoleProgress.echo` (the default method's line): on a terminal the bar of the stage before is finished
+    first, so the line starts on a line of its own, never drawn over by the bar."""
+    stream = io.StringIO()
+    progress = console.ConsoleProgress(stream, terminal=True)
+    progress.stage("reference")
+    progress(2, 4)
+    progress.echo("method: thinet (why)")
+    progress.close()
+    text = stream.getvalue()
+    assert "reference" in text.split("method: thinet (why)\n")[0]  # the bar was drawn before the line
+    assert text.endswith("method: thinet (why)\n") and "\nmethod: thinet (why)\n" in text

@@ -27,6 +27,7 @@ from onnxslim_prune.planning.latency_search import LatencySettings, run_latency_
 from onnxslim_prune.planning.search import Allocation, Prober, SearchSettings
 from onnxslim_prune.roundto import RoundTo, RoundToParam, isa_multiple
 from onnxslim_prune.verdict import Gates
+from onnxslim_prune.settings import RunSettings
 
 SETTINGS = SearchSettings(max_probes=6, allocation=Allocation.RANKING, margin=0.0)
 
@@ -50,7 +51,7 @@ class MacsMeter:
 
 
 def _prober(model: onnx.ModelProto, gates: Gates = Gates(), round_to: int = 1) -> Prober:
-    return Prober(model, "l1", dict(latency=False, gates=gates, round_to=round_to), margin=0.0)
+    return Prober(model, RunSettings("l1", latency=False, gates=gates, round_to=round_to), margin=0.0)
 
 
 def _kept(model: onnx.ModelProto, name: str) -> int:
@@ -94,8 +95,8 @@ def test_a_gate_writes_the_fastest_model_that_passes(tmp_path: Path) -> None:
     settings = SearchSettings(max_probes=10, allocation=Allocation.RANKING, margin=0.0)
     calib = tmp_path / "calib.npz"  # a gate needs real samples (random inputs cannot pass one): 24 held out
     np.savez(calib, x=np.random.default_rng(0).standard_normal((48, 3, 8, 8)).astype(np.float32))
-    prober = Prober(model, "l1", dict(latency=False, gates=gates, calib=str(calib), holdout=0.5,
-                                      params={"reconstruct": False}), margin=0.0)
+    prober = Prober(model, RunSettings("l1", latency=False, gates=gates, calib=str(calib), holdout=0.5,
+                                                params={"reconstruct": False}), margin=0.0)
     outcome = run_latency_search(prober, settings, 1, gates, LatencySettings(0.2), meter=MacsMeter())
     passing = [p for p in outcome.points if p.passed]
     assert passing and any(not p.passed for p in outcome.points)  # the target is out of reach within the gate
@@ -219,7 +220,7 @@ def test_with_data_the_budget_walks_the_sensitivity_profile(tmp_path: Path) -> N
     model = models.concat_branches(dead1=range(4), seed=1)
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(0).standard_normal((48, 3, 8, 8)).astype(np.float32))
-    prober = Prober(model, "l1", dict(calib=str(calib), holdout=0.5, params={"reconstruct": False}, latency=False),
+    prober = Prober(model, RunSettings("l1", calib=str(calib), holdout=0.5, params={"reconstruct": False}, latency=False),
                     margin=0.0)
     settings = SearchSettings(ratios=(0.25, 0.5, 0.75), max_probes=6, margin=0.0)
     outcome = run_latency_search(prober, settings, 1, Gates(), LatencySettings(0.8), meter=MacsMeter())

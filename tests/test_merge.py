@@ -271,7 +271,7 @@ def test_merge_ranks_by_weights_and_bias_by_default_as_the_authors_code() -> Non
         {"w1": w1, "b1": b1, "w2": w2}, [2, 4], [2, 3])
     removed = {}
     for criterion in (None, "l1", "l1_bias"):
-        analysis, plan = api.plan_only(model, "merge", 0.25, criterion=criterion)
+        plan = api.plan_only(model, "merge", 0.25, criterion=criterion).plan
         assert plan is not None and len(plan.groups) == 1
         removed[criterion] = plan.groups[0].pruned
     assert removed["l1"] == (0,) and removed["l1_bias"] == (1,) and removed[None] == (1,)

@@ -30,6 +30,7 @@ from onnxslim_prune.planning.search import (
     run_sensitivity, run_targeted, sensitivity_table, sorted_rows,
 )
 from onnxslim_prune.verdict import Gates
+from onnxslim_prune.settings import RunSettings
 
 FMNIST = SAMPLE_LENET.parent / "fmnist_test500.npz"
 
@@ -78,8 +79,8 @@ def _branches(tmp_path: Path) -> tuple[onnx.ModelProto, Path]:
 
 
 def _prober(model: onnx.ModelProto, calib: Path, gates: Gates) -> Prober:
-    kwargs = dict(calib=str(calib), holdout=0.5, gates=gates, params={"reconstruct": False}, latency=False)
-    return Prober(model, "l1", kwargs, margin=0.0)
+    return Prober(model, RunSettings("l1", calib=str(calib), holdout=0.5, gates=gates, params={"reconstruct": False},
+                                     latency=False), margin=0.0)
 
 
 SETTINGS = SearchSettings(ratios=(0.25, 0.5, 0.75), max_probes=6, margin=0.0)
@@ -129,7 +130,7 @@ def test_a_search_needs_a_gate_and_a_channel_method(tmp_path: Path) -> None:
     model, calib = _branches(tmp_path)
     with pytest.raises(UsageError, match="needs a gate"):
         run_search(_prober(model, calib, Gates()), SETTINGS, 1, Gates(), with_sensitivity=False)
-    prober = Prober(model, "lcp", {"calib": str(calib)})
+    prober = Prober(model, RunSettings("lcp", calib=str(calib)))
     with pytest.raises(UsageError, match="chooses its own allocation"):
         run_search(prober, SETTINGS, 1, Gates(min_cosine=0.9), with_sensitivity=False)
     with pytest.raises(UsageError, match="sensitivity-ratios"):
@@ -144,7 +145,7 @@ def test_probes_and_the_final_verdict_see_disjoint_held_out_halves(tmp_path: Pat
     path = tagged_calibration(FMNIST, tmp_path)
     seen = record_reads(monkeypatch)
     gates = Gates(min_top1_agreement=0.9)
-    prober = Prober(onnx.load(str(SAMPLE_LENET)), "l1", {"calib": str(path), "seed": 3, "gates": gates, "latency": False},
+    prober = Prober(onnx.load(str(SAMPLE_LENET)), RunSettings("l1", calib=str(path), seed=3, gates=gates, latency=False),
                     margin=0.0)
     outcome = run_search(prober, SearchSettings(ratios=(0.5,), max_probes=2, margin=0.0), 1, gates, with_sensitivity=False)
 
@@ -212,7 +213,7 @@ def test_cli_gated_search_is_deterministic_and_reports_the_probes(tmp_path: Path
 
 def test_data_free_sensitivity_is_a_labelled_proxy_on_seeded_inputs(tmp_path: Path) -> None:
     model, _ = _branches(tmp_path)
-    prober = Prober(model, "l1", {"latency": False})
+    prober = Prober(model, RunSettings("l1", latency=False))
     outcome = run_sensitivity(prober, SearchSettings(ratios=(0.5,)), 1, proxy=prober.data_free)
     assert prober.data_free and outcome.report["proxy"]
     rows = sorted_rows(outcome.rows)
@@ -224,7 +225,7 @@ def test_a_macs_target_with_the_sensitivity_allocation_cuts_the_dead_group_first
     """c1 (4 dead filters), c2 (6 live), c3 (10 -> 5): cutting 3 of c1 keeps 1 - (3*27 + 3*90) * 64 / 46080 = 0.7 of the MACs."""
     model, calib = _branches(tmp_path)
     kwargs = dict(calib=str(calib), holdout=0.5, params={"reconstruct": False, "target_macs": 0.75}, latency=False)
-    outcome = run_targeted(Prober(model, "l1", kwargs), SETTINGS, 1)
+    outcome = run_targeted(Prober(model, RunSettings.of("l1", **kwargs)), SETTINGS, 1)
     report = outcome.result.report
     assert report.after.macs / report.before.macs == pytest.approx(0.7)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in outcome.result.model.graph.initializer}
@@ -237,7 +238,7 @@ def test_a_macs_target_cuts_the_last_step_only_as_far_as_it_needs(tmp_path: Path
     (0.8 kept), not the step's 3 (0.7), so the target is met with the most kept."""
     model, calib = _branches(tmp_path)
     kwargs = dict(calib=str(calib), holdout=0.5, params={"reconstruct": False, "target_macs": 0.85}, latency=False)
-    outcome = run_targeted(Prober(model, "l1", kwargs), SETTINGS, 1)
+    outcome = run_targeted(Prober(model, RunSettings.of("l1", **kwargs)), SETTINGS, 1)
     report = outcome.result.report
     assert report.after.macs / report.before.macs == pytest.approx(0.8)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in outcome.result.model.graph.initializer}

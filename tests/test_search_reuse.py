@@ -22,6 +22,7 @@ from onnxslim_prune.cli import main
 from onnxslim_prune.planning.parts import VerdictPart
 from onnxslim_prune.planning.search import Prober, SearchSettings, run_search, run_sensitivity
 from onnxslim_prune.verdict import Gates
+from onnxslim_prune.settings import RunSettings
 
 SETTINGS = SearchSettings(ratios=(0.25, 0.5, 0.75), max_probes=6, margin=0.0)
 
@@ -59,7 +60,7 @@ def test_a_prepared_run_gives_the_bytes_of_a_fresh_prune(tmp_path: Path, method:
 
 
 def _profile(model: onnx.ModelProto, calib: Path, **pool: object) -> list[tuple[object, ...]]:
-    prober = Prober(model, "l1", dict(calib=str(calib), holdout=0.5, params={"reconstruct": False}, latency=False),
+    prober = Prober(model, RunSettings("l1", calib=str(calib), holdout=0.5, params={"reconstruct": False}, latency=False),
                     margin=0.0, **pool)  # type: ignore[arg-type]
     rows = run_sensitivity(prober, SETTINGS, 1, proxy=False).rows
     return [(r.group, r.node, r.ratio, r.removed, r.macs_saved, r.damage, r.correlation, r.failed) for r in rows]
@@ -100,8 +101,8 @@ def test_the_search_writes_the_uniform_run_when_it_is_smaller_within_the_gate(tm
     # of each group at most cannot reach it, so the allocation's best keeps more
     model, calib = models.concat_branches(dead1=range(2), dead2=range(3), seed=1), _data(tmp_path)
     gates = Gates(min_correlation=0.9999)
-    prober = Prober(model, "l1", dict(calib=str(calib), holdout=0.5, params={"reconstruct": False}, latency=False,
-                                      gates=gates), margin=0.0)
+    prober = Prober(model, RunSettings("l1", calib=str(calib), holdout=0.5, params={"reconstruct": False}, latency=False,
+                                                gates=gates), margin=0.0)
     settings = SearchSettings(ratios=(0.25,), max_probes=6, margin=0.0, baseline_probes=3)
     outcome = run_search(prober, settings, 1, gates, with_sensitivity=True)
     chosen = next(p for p in outcome.probes if p.index == outcome.chosen)

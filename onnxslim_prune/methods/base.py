@@ -68,8 +68,13 @@ def bad_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
     raise UsageError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
-#: what the refit solves (`passes.reconstruct`): least squares, or the bias only (the output mean)
-REFITS = ("ls", "mean")
+class Refit(str, Enum):
+    """What the refit of `passes.reconstruct` solves (``--refit``)."""
+
+    #: weights and bias by least squares
+    LS = "ls"
+    #: the bias only: plain pruning's weights, each refitted layer's output mean restored (FLAP-style)
+    MEAN = "mean"
 
 
 class BudgetAllocation(str, Enum):
@@ -165,7 +170,8 @@ class CommonParams:
     error_correction: bool | None = setting(None, BOOL, flag="--error-correction", switch=True, planning=False,
                                             help="The refit also fits every linear layer downstream of a cut, in order, "
                                                  "so later layers correct earlier cuts [default: on].")
-    refit: str = setting("ls", choice(*REFITS), flag="--refit", choices=REFITS, omit="ls", planning=False,
+    refit: Refit = setting(Refit.LS, choice(*(r.value for r in Refit)), flag="--refit",
+                           choices=tuple(r.value for r in Refit), omit=Refit.LS, planning=False,
                          help="What the refit changes: ls, weights and bias by least squares; mean, the bias only, "
                               "so each refitted layer keeps its output mean (FLAP-style bias compensation).")
     correction_horizon: int | None = setting(None, number(0, math.inf, integer=True), flag="--correction-horizon",
@@ -204,6 +210,14 @@ class CommonParams:
     hidden: float | None = setting(None, RATIO, flag="--hidden", cli_type=float,
                                    help="Transformers: fraction of the hidden size removed [default: --ratio]; with --target-*: "
                                         "the most it may lose.")
+
+    def __post_init__(self) -> None:
+        # an enum setting given by its value (``params={"refit": "mean"}``) is held as the member (checked before:
+        # `check_options`)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(f.default, Enum) and value is not None and not isinstance(value, type(f.default)):
+                object.__setattr__(self, f.name, type(f.default)(value))
 
     def allocation(self, default: BudgetAllocation) -> BudgetAllocation:
         """``--budget-allocation`` as given, else `default` (the method's)."""

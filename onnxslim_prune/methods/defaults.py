@@ -33,6 +33,8 @@ class ModelKind(str, Enum):
 
 
 DATA_DRIVEN_DEFAULTS: dict[ModelKind, str] = {ModelKind.TRANSFORMER: "obs", ModelKind.OTHER: "thinet"}
+#: every method a run without ``--method`` may get (each is a channel method a search can allocate)
+DEFAULT_METHODS = (DATA_FREE_DEFAULT, *DATA_DRIVEN_DEFAULTS.values())
 
 
 @dataclass(frozen=True)

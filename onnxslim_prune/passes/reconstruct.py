@@ -135,7 +135,7 @@ from ..calib.memory import FRONTIER_SHARE, RUN_SHARE, calibration_budget, give_b
 from ..calib.threads import blas_limited
 from ..errors import ModelError
 from ..graph import edit
-from ..methods.base import CommonParams, Context, Outcome
+from ..methods.base import CommonParams, Context, Outcome, Refit
 from ..ops.registry import Affine, rule_of
 from .plan import Plan
 
@@ -672,7 +672,7 @@ class Settings:
             error_correction=DEFAULT_ERROR_CORRECTION if correction is None else bool(correction),
             horizon=None if params.correction_horizon is None else int(params.correction_horizon),
             bias_correction=DEFAULT_BIAS_CORRECTION if params.bias_correction is None else bool(params.bias_correction),
-            mean_only=params.refit == "mean",
+            mean_only=params.refit is Refit.MEAN,
         )
 
 

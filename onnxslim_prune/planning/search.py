@@ -69,6 +69,7 @@ from ..channels import Group, Role, Trace
 from ..errors import UsageError, ValidationError
 from ..passes.plan import removed_count
 from ..roundto import Rounding
+from ..settings import RunSettings
 from ..progress import StageListener
 from ..verdict import Z95, Gates, Verdict
 from .parts import VerdictPart
@@ -220,18 +221,23 @@ class Prober:
     each of which prepares once; their figures are those of the serial run, in the same order.
     """
 
-    def __init__(self, model: onnx.ModelProto, method: str, prune_kwargs: Mapping[str, Any],
+    def __init__(self, model: onnx.ModelProto, settings: RunSettings,
                  progress: Callable[[int, int], None] | None = None, margin: float = DEFAULT_MARGIN,
                  workers: int = 1, ray_address: str | None = None) -> None:
+        from .. import api
         from .workers import check_workers
 
         self.margin = margin
-        self.model, self.method = model, method
-        self.kwargs = dict(prune_kwargs)
-        self.params = dict(self.kwargs.pop("params", None) or {})
+        #: a run without a method gets the default for the model's kind, chosen here, from the one load
+        settings, self.default = api.with_default_method(settings, model)
+        assert settings.method is not None
+        self.model, self.method = model, settings.method
+        self.params = dict(settings.params or {})
         #: --target-macs / --target-params of the run: probes allocate per group, so they never pass them on
         self.targets = {k: self.params.pop(k) for k in ("target_macs", "target_params") if self.params.get(k) is not None}
-        self.latency = bool(self.kwargs.pop("latency", True))
+        self.latency = settings.latency
+        #: the probes' settings: the run's without its targets, and never timed (`run` asks for the final model's)
+        self.settings = replace(settings, params=self.params, latency=False)
         self.progress = progress
         self.workers, self.ray_address = check_workers(workers, ray_address), ray_address
         self.count = 0
@@ -245,8 +251,7 @@ class Prober:
             from .. import api
 
             with _quiet():
-                self._prepared = api.prepare(self.model, self.method, params=self.params, latency=False,
-                                             part=VerdictPart.SELECTION, **self.kwargs)
+                self._prepared = api.prepare(self.model, self.settings, part=VerdictPart.SELECTION)
         return self._prepared
 
     def run(self, params: Mapping[str, Any], part: VerdictPart, *, latency: bool = False) -> Any:
@@ -285,10 +290,10 @@ class Prober:
         if self._pool is None:
             from ..calib import memory
 
-            kwargs = {**self.kwargs, "params": self.params}
+            settings = self.settings
             if self.ray_address is None:  # the machine's calibration budget is shared by its workers
-                kwargs["calib_memory"] = (self.kwargs.get("calib_memory") or memory.calibration_budget()) // self.workers
-            self._pool = Pool(self.model, self.method, kwargs, self.margin, self.workers, self.ray_address)
+                settings = replace(settings, calib_memory=(settings.calib_memory or memory.calibration_budget()) // self.workers)
+            self._pool = Pool(self.model, settings, self.margin, self.workers, self.ray_address)
         started = time.perf_counter()
         out = self._pool.measure(jobs, lambda done: self.stage(label(done), done, len(jobs)))
         for m in out:  # the probes' own seconds (run side by side: their sum exceeds the wall time)
@@ -309,7 +314,7 @@ class Prober:
     @property
     def data_free(self) -> bool:
         """No calibration or --eval data: probes are measured on seeded random inputs (a proxy)."""
-        return self.kwargs.get("calib") in (None, "random") and self.kwargs.get("eval_data") is None
+        return self.settings.calib in (None, "random") and self.settings.eval_data is None
 
     @property
     def mean_seconds(self) -> float:
@@ -774,15 +779,21 @@ class SensitivityOutcome:
     report: dict[str, Any]
 
 
-def searchable(method: str) -> bool:
-    """Whether `method` plans through the per-group planner (a search can allocate its channels)."""
-    from ..methods.base import get_method
+def searchable(method: str | None) -> bool:
+    """Whether `method` plans through the per-group planner (a search can allocate its channels).
 
+    None, the default for the model's kind (chosen once the model is loaded): whether every default is.
+    """
+    from ..methods.base import get_method
+    from ..methods.defaults import DEFAULT_METHODS
+
+    if method is None:
+        return all(searchable(name) for name in DEFAULT_METHODS)
     spec = get_method(method)
     return spec.default_macs is None and spec.block_fraction is None
 
 
-def check_searchable(method: str, params: Mapping[str, Any]) -> None:
+def check_searchable(method: str | None, params: Mapping[str, Any]) -> None:
     """A search allocates channels per group: the method's plan must go through the per-group planner."""
     if not searchable(method):
         raise UsageError(f"--method {method} chooses its own allocation; a search or --sensitivity takes a channel method "
@@ -824,9 +835,9 @@ class AllocationCost:
     def __init__(self, prober: Prober, trace: Trace, round_to: int | Rounding) -> None:
         from .. import api, validate
 
-        user = dict(prober.kwargs.get("input_shapes") or {})
-        shapes = api.resolve_input_shapes(prober.model, user, preprocess=prober.kwargs.get("preprocess"))
-        self.analysis = api.analyze(prober.model, input_shapes=shapes, exclude=prober.kwargs.get("exclude") or ())
+        user = dict(prober.settings.input_shapes or {})
+        shapes = api.resolve_input_shapes(prober.model, user, preprocess=prober.settings.preprocess)
+        self.analysis = api.analyze(prober.model, input_shapes=shapes, exclude=prober.settings.exclude)
         if [g.size for g in self.analysis.trace.groups] != [g.size for g in trace.groups]:
             raise UsageError("the traced groups differ from the pipeline's (dynamic shapes?): give --input-shape")
         self.round_to = round_to
@@ -929,7 +940,7 @@ def run_targeted(prober: Prober, settings: SearchSettings, round_to: int | Round
 # ----------------------------------------------------------------------------- the Python API
 
 
-def find_smallest(model: onnx.ModelProto | str | os.PathLike[str], method: str, gates: Gates, *,
+def find_smallest(model: onnx.ModelProto | str | os.PathLike[str], method: str | None | RunSettings, gates: Gates, *,
                   settings: SearchSettings = SearchSettings(), workers: int = 1, ray_address: str | None = None,
                   progress: Callable[[int, int], None] | None = None, **prune_kwargs: Any) -> SearchOutcome:
     """The smallest model within `gates` (the CLI's gate without ``--ratio``): profile, allocation, search.
@@ -938,19 +949,20 @@ def find_smallest(model: onnx.ModelProto | str | os.PathLike[str], method: str, 
         outcome.result.model        # the written model, judged on the final half (outcome.result.report.verdict)
         outcome.probes, outcome.sensitivity
 
-    `prune_kwargs` are `api.prune`'s (``calib``, ``eval_data``, ``round_to``, ``params`` ...); `workers` local
-    processes or the Ray cluster at `ray_address` measure the sensitivity profile (`planning.workers`).
+    `method` and `prune_kwargs` are `api.prune`'s (a `RunSettings`, or ``calib``, ``eval_data``, ``round_to``,
+    ``params`` ...); `workers` local processes or the Ray cluster at `ray_address` measure the sensitivity profile
+    (`planning.workers`).
     """
-    round_to = prune_kwargs.get("round_to", 1)
-    prober = Prober(_proto(model), method, {**prune_kwargs, "gates": gates}, progress=progress, margin=settings.margin,
-                    workers=workers, ray_address=ray_address)
+    run = RunSettings.of(method, gates=gates, **prune_kwargs)
+    prober = Prober(_proto(model), run, progress=progress, margin=settings.margin, workers=workers,
+                    ray_address=ray_address)
     try:
-        return run_search(prober, settings, round_to, gates, with_sensitivity=settings.allocation is Allocation.SENSITIVITY)
+        return run_search(prober, settings, Rounding.of(run.round_to), gates, with_sensitivity=settings.allocation is Allocation.SENSITIVITY)
     finally:
         prober.close()
 
 
-def sensitivity_profile(model: onnx.ModelProto | str | os.PathLike[str], method: str, *,
+def sensitivity_profile(model: onnx.ModelProto | str | os.PathLike[str], method: str | None | RunSettings, *,
                         settings: SearchSettings = SearchSettings(), workers: int = 1, ray_address: str | None = None,
                         progress: Callable[[int, int], None] | None = None, **prune_kwargs: Any) -> SensitivityOutcome:
     """Each prunable group cut alone at `settings.ratios` (the CLI's ``--sensitivity``); no model is written.
@@ -958,9 +970,10 @@ def sensitivity_profile(model: onnx.ModelProto | str | os.PathLike[str], method:
         profile = sensitivity_profile("model.onnx", "ldrf", calib="calib.npz", workers=2)
         print(sensitivity_table(profile.rows))
     """
-    prober = Prober(_proto(model), method, prune_kwargs, progress=progress, workers=workers, ray_address=ray_address)
+    run = RunSettings.of(method, **prune_kwargs)
+    prober = Prober(_proto(model), run, progress=progress, workers=workers, ray_address=ray_address)
     try:
-        return run_sensitivity(prober, settings, prune_kwargs.get("round_to", 1), prober.data_free)
+        return run_sensitivity(prober, settings, Rounding.of(run.round_to), prober.data_free)
     finally:
         prober.close()
 

@@ -25,14 +25,15 @@ from typing import Any
 import onnx
 
 from ..errors import UsageError
+from ..settings import RunSettings
 
 log = logging.getLogger(__name__)
 
 #: what a missing Ray says (the CLI's one line, exit 2)
 RAY_MISSING = "--ray needs Ray: pip install 'onnxslim-prune[ray]'"
 
-#: the settings of one search, as a worker receives them: (model bytes, method, prune keyword arguments, margin)
-Spec = tuple[bytes, str, Mapping[str, Any], float]
+#: the settings of one search, as a worker receives them: (model bytes, the probes' run settings, margin)
+Spec = tuple[bytes, RunSettings, float]
 
 
 def default_workers() -> int:
@@ -67,8 +68,8 @@ _PROBERS: dict[str, Any] = {}
 
 
 def _key(spec: Spec) -> str:
-    model, method, kwargs, margin = spec
-    return hashlib.sha256(model + repr((method, sorted(kwargs.items(), key=lambda kv: kv[0]), margin)).encode()).hexdigest()
+    model, settings, margin = spec
+    return hashlib.sha256(model + repr((settings, margin)).encode()).hexdigest()
 
 
 def _prober(key: str, spec: Spec) -> Any:
@@ -76,8 +77,8 @@ def _prober(key: str, spec: Spec) -> Any:
 
     if key not in _PROBERS:
         _PROBERS.clear()  # one search at a time: the previous one's model and data are freed
-        model, method, kwargs, margin = spec
-        _PROBERS[key] = Prober(onnx.load_from_string(model), method, kwargs, margin=margin)
+        model, settings, margin = spec
+        _PROBERS[key] = Prober(onnx.load_from_string(model), settings, margin=margin)
     return _PROBERS[key]
 
 
@@ -105,10 +106,10 @@ def _probe_local(params: Mapping[str, Any]) -> Any:
 class Pool:
     """The workers of one search: `measure` runs independent probes and returns their measurements in order."""
 
-    def __init__(self, model: onnx.ModelProto, method: str, kwargs: Mapping[str, Any], margin: float, workers: int,
+    def __init__(self, model: onnx.ModelProto, settings: RunSettings, margin: float, workers: int,
                  ray_address: str | None = None) -> None:
         data = model.SerializeToString()
-        self.spec: Spec = (data, method, dict(kwargs), margin)
+        self.spec: Spec = (data, settings, margin)
         self.key = _key(self.spec)
         self.ray_address = ray_address
         self._executor: ProcessPoolExecutor | None = None
