@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import SAMPLE_LENET
+from conftest import SAMPLE_FMNIST, SAMPLE_LENET
 from tagged import record_reads, tagged_calibration
 
 import models
@@ -31,7 +31,6 @@ from onnxslim_prune.planning.search import (
 )
 from onnxslim_prune.verdict import Gates
 
-FMNIST = SAMPLE_LENET.parent / "fmnist_test500.npz"
 
 
 def _row(group: int, ratio: float, saved: float, damage: float) -> SensitivityRow:
@@ -141,7 +140,7 @@ def test_a_search_needs_a_gate_and_a_channel_method(tmp_path: Path) -> None:
 
 def test_probes_and_the_final_verdict_see_disjoint_held_out_halves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fitting reads fit samples only; every probe is judged on the selection half, the written model on the other."""
-    path = tagged_calibration(FMNIST, tmp_path)
+    path = tagged_calibration(SAMPLE_FMNIST, tmp_path)
     seen = record_reads(monkeypatch)
     gates = Gates(min_top1_agreement=0.9)
     prober = Prober(onnx.load(str(SAMPLE_LENET)), "l1", {"calib": str(path), "seed": 3, "gates": gates, "latency": False},
