@@ -8,6 +8,7 @@ for the three-way split fit / selection / final; the hull and the greedy order r
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -186,18 +187,22 @@ def test_cli_sensitivity_table_report_and_plot(tmp_path: Path) -> None:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_gated_search_is_deterministic_and_reports_the_probes(tmp_path: Path) -> None:
+def test_cli_gated_search_is_deterministic_and_reports_the_probes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="onnxslim_prune.planning.search")
     model, calib = _branches(tmp_path)
     src = tmp_path / "m.onnx"
     onnx.save(model, src)
     outs = []
-    for i in range(2):
+    # the default (a worker process per core), then every probe in this process: the same bytes either way
+    for i, workers in enumerate(([], ["--workers", "1"])):
         out, report = tmp_path / f"o{i}.onnx", tmp_path / f"r{i}.json"
+        caplog.clear()
         res = CliRunner().invoke(main, [str(src), "--calib", str(calib), "--holdout", "0.5", "--no-reconstruct",
                                         "--min-correlation", "0.9999", "--search-margin", "0", "--max-probes", "3",
                                         "--sensitivity-ratios", "0.75", "--no-latency", "--round-to", "1", "-o", str(out),
-                                        "--report", str(report)])
+                                        "--report", str(report), *workers])
         assert res.exit_code == 0, res.output
+        assert ("local worker processes" in caplog.text) == (not workers)
         assert "search (sensitivity allocation" in res.output and "searched: smallest of" in res.output
         outs.append(out.read_bytes())
         search = json.loads(report.read_text())["extra"]["search"]
