@@ -168,7 +168,8 @@ def test_cli_sensitivity_table_report_and_plot(tmp_path: Path) -> None:
     onnx.save(model, src)
     report = tmp_path / "s.json"
     args = [str(src), "--calib", str(calib), "--holdout", "0.5", "--no-reconstruct", "--sensitivity", "--report", str(report),
-            "--sensitivity-ratios", "0.5", "--round-to", "1"]  # 8-channel groups: auto would keep them whole
+            "--sensitivity-ratios", "0.5", "--round-to", "1",  # 8-channel groups: auto would keep them whole
+            "--workers", "1"]  # the default's worker processes: the gated search below and test_faults' sensitivity
     plot = tmp_path / "s.png"
     plotting = True
     try:
