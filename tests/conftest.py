@@ -1,4 +1,4 @@
-"""Shared fixtures for the pattern and CLI tests (nothing here is autouse)."""
+"""Shared constants and fixtures of the tests (nothing here is autouse; the suite-wide settings are in the root conftest)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ if str(TESTS) not in sys.path:  # `import models` from any rootdir / import mode
 import models as M  # noqa: E402
 
 REPO = TESTS.parent
-SAMPLE_LENET = REPO / "onnxslim_prune" / "sample" / "lenet300.onnx"
+SAMPLE = REPO / "onnxslim_prune" / "sample"
+SAMPLE_LENET = SAMPLE / "lenet300.onnx"  # LeNet-300-100 trained on Fashion-MNIST, input "input" [N, 1, 28, 28]
+SAMPLE_FMNIST = SAMPLE / "fmnist_test500.npz"  # 500 Fashion-MNIST test images ("input") with their "labels"
 SHARED_MODELS = REPO.parent / "shared" / "models"
 
 
@@ -34,6 +36,16 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 def check_full(model: onnx.ModelProto) -> None:
     onnx.checker.check_model(model, full_check=True)
+
+
+@pytest.fixture
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A statistics cache of this test's own, empty at its start (the suite shares one otherwise): every statistic
+    the test needs is computed by it. A module uses it for all its tests with
+    ``pytestmark = pytest.mark.usefixtures("private_cache")``."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ONNXSLIM_PRUNE_CACHE", str(cache))
+    return cache
 
 
 @pytest.fixture

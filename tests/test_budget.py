@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import SAMPLE_FMNIST, SAMPLE_LENET
 from onnxslim_prune import validate
 from onnxslim_prune.api import analyze, prune
 from onnxslim_prune.errors import UsageError
@@ -19,9 +18,6 @@ from onnxslim_prune.passes.budget import CostModel
 from onnxslim_prune.passes.plan import uniform_plan
 from onnxslim_prune.passes.score import score_groups
 
-SAMPLE = Path(str(resources.files("onnxslim_prune") / "sample"))
-LENET = SAMPLE / "lenet300.onnx"
-FMNIST = SAMPLE / "fmnist_test500.npz"
 TOL = 0.02
 
 
@@ -97,19 +93,19 @@ def test_small_model_params_target_and_grouped_constraint_present() -> None:
 
 @pytest.mark.parametrize("target", [0.5, 0.3])
 def test_lenet_macs_and_params_targets(target: float) -> None:
-    macs, _ = fractions(prune(LENET, "l1", params={"target_macs": target}))
+    macs, _ = fractions(prune(SAMPLE_LENET, "l1", params={"target_macs": target}))
     assert abs(macs - target) <= TOL
-    _, params = fractions(prune(LENET, "l2", params={"target_params": target}))
+    _, params = fractions(prune(SAMPLE_LENET, "l2", params={"target_params": target}))
     assert abs(params - target) <= TOL
 
 
 def test_max_ratio_respected_per_group() -> None:
-    result = prune(LENET, "l1", params={"target_macs": 0.05, "max_ratio": 0.5})
+    result = prune(SAMPLE_LENET, "l1", params={"target_macs": 0.05, "max_ratio": 0.5})
     sizes = {g.index: g.size for g in result.trace.groups}
     assert result.plan.groups
     for gp in result.plan.groups:
         assert len(gp.pruned) <= math.floor(0.5 * sizes[gp.group])
-    assert any("not reachable" in n for n in _notes(LENET, {"target_macs": 0.05, "max_ratio": 0.5}))
+    assert any("not reachable" in n for n in _notes(SAMPLE_LENET, {"target_macs": 0.05, "max_ratio": 0.5}))
 
 
 def _notes(model, params):  # type: ignore[no-untyped-def]
@@ -133,16 +129,16 @@ def test_round_to_and_determinism() -> None:
 
 
 def test_target_one_prunes_nothing_and_bad_values_raise() -> None:
-    result = prune(LENET, "l1", params={"target_macs": 1.0})
+    result = prune(SAMPLE_LENET, "l1", params={"target_macs": 1.0})
     assert not result.plan.groups
     for params in ({"target_macs": 0.0}, {"target_macs": 1.5}, {"target_params": -0.2},
                    {"target_macs": float("nan")}, {"target_macs": 0.5, "max_ratio": 0.0}):
         with pytest.raises(UsageError):
-            prune(LENET, "l1", params=params)
+            prune(SAMPLE_LENET, "l1", params=params)
 
 
 def test_cost_model_matches_model_stats() -> None:
-    for model in (small_model(), onnx.load(str(LENET))):
+    for model in (small_model(), onnx.load(str(SAMPLE_LENET))):
         a = analyze(model)
         plan = uniform_plan(a.trace, score_groups(a.trace, a.graph, "l1"), 0.4)
         cost = CostModel.build(a.trace, a.graph)
@@ -160,12 +156,12 @@ def _error_on_fmnist(model: onnx.ModelProto, reference: list[np.ndarray], x: np.
 
 
 def test_lcp_meets_target_and_beats_uniform_l1() -> None:
-    data = np.load(FMNIST)
+    data = np.load(SAMPLE_FMNIST)
     x = data["input"].astype(np.float32)
-    reference = validate.run(onnx.load(str(LENET)), {"input": x})
-    uniform = prune(LENET, "l1", 0.6)
+    reference = validate.run(onnx.load(str(SAMPLE_LENET)), {"input": x})
+    uniform = prune(SAMPLE_LENET, "l1", 0.6)
     target, _ = fractions(uniform)
-    result = prune(LENET, "lcp", 0.6, calib=FMNIST, params={"target_macs": target, "lcp_iterations": 16, "reconstruct": False})
+    result = prune(SAMPLE_LENET, "lcp", 0.6, calib=SAMPLE_FMNIST, params={"target_macs": target, "lcp_iterations": 16, "reconstruct": False})
     macs, _ = fractions(result)
     assert abs(macs - target) <= TOL
     assert _error_on_fmnist(result.model, reference, x) <= _error_on_fmnist(uniform.model, reference, x)

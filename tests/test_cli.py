@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner, Result
-from conftest import SAMPLE_LENET, check_full, sha256, snapshot
+from conftest import SAMPLE_FMNIST, SAMPLE_LENET, check_full, sha256, snapshot
 
 import models as M
 from onnxslim_prune.cli import main
@@ -278,7 +278,7 @@ def test_calibrated_method_is_byte_identical_when_statistics_come_from_the_cache
     """Same command twice: the first computes and caches the statistics, the second reads them."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("ONNXSLIM_PRUNE_CACHE", str(cache))
-    calib = SAMPLE_LENET.parent / "fmnist_test500.npz"
+    calib = SAMPLE_FMNIST
     outputs = []
     for run in range(2):
         out = tmp_path / f"out{run}.onnx"

@@ -11,20 +11,14 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import SAMPLE_FMNIST, SAMPLE_LENET
 from onnxslim_prune import api
 from onnxslim_prune.calib import input_specs, load_calibration
 from onnxslim_prune.methods.base import Context, Options
 from onnxslim_prune.passes import datadriven
 from onnxslim_prune.passes.budget import hull_slopes
 
-SAMPLE = Path(api.__file__).resolve().parent / "sample"
-LENET = SAMPLE / "lenet300.onnx"
-FMNIST = SAMPLE / "fmnist_test500.npz"
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ONNXSLIM_PRUNE_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def lstsq_residual(x: np.ndarray, w: np.ndarray, keep: np.ndarray) -> float:
@@ -195,8 +189,8 @@ def test_lenet_budget_by_damage_meets_the_target_with_multiples_and_floor(method
     target, every kept count is a multiple of 4 and at least a quarter of its group, and the held-out top-1
     agreement is at least the global ranking's minus 2 points (measured: damage 96%, ranking 93% with thinet)."""
     params = {"target_macs": 0.3, "min_width": 0.25}
-    result = api.prune(LENET, method, calib=str(FMNIST), seed=0, round_to=4, latency=False, params=params)
-    ranking = api.prune(LENET, method, calib=str(FMNIST), seed=0, round_to=4, latency=False,
+    result = api.prune(SAMPLE_LENET, method, calib=str(SAMPLE_FMNIST), seed=0, round_to=4, latency=False, params=params)
+    ranking = api.prune(SAMPLE_LENET, method, calib=str(SAMPLE_FMNIST), seed=0, round_to=4, latency=False,
                         params={**params, "budget_allocation": "ranking"})
     assert abs(result.report.after.macs / result.report.before.macs - 0.3) <= 0.01
     sizes = {g.index: g.size for g in result.trace.groups}
@@ -210,8 +204,8 @@ def test_lenet_budget_by_damage_meets_the_target_with_multiples_and_floor(method
 
 def test_the_ranking_is_unchanged_with_budget_allocation_ranking() -> None:
     """--budget-allocation ranking gives the normalised ranking's plan (l1 never uses the damage)."""
-    damage = api.prune(LENET, "l1", seed=0, latency=False, params={"target_macs": 0.5})
-    ranking = api.prune(LENET, "l1", seed=0, latency=False, params={"target_macs": 0.5, "budget_allocation": "ranking"})
+    damage = api.prune(SAMPLE_LENET, "l1", seed=0, latency=False, params={"target_macs": 0.5})
+    ranking = api.prune(SAMPLE_LENET, "l1", seed=0, latency=False, params={"target_macs": 0.5, "budget_allocation": "ranking"})
     assert damage.plan == ranking.plan
 
 

@@ -17,26 +17,19 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import SAMPLE_FMNIST, SAMPLE_LENET
 from onnxslim_prune import api
 from onnxslim_prune.errors import CalibrationError
 from onnxslim_prune.passes import activation, datadriven, nisp
 from onnxslim_prune.methods.base import get_method
 
-SAMPLE = Path(api.__file__).resolve().parent / "sample"
-LENET = SAMPLE / "lenet300.onnx"
-FMNIST = SAMPLE / "fmnist_test500.npz"
 METHODS = ("thinet", "cp", "ldrf", "nisp", "mean_act", "apoz")
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("ONNXSLIM_PRUNE_CACHE", str(cache))
-    return cache
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def accuracy(model: onnx.ModelProto) -> float:
-    with np.load(FMNIST) as data:
+    with np.load(SAMPLE_FMNIST) as data:
         x, labels = data["input"], data["labels"]
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return float((session.run(None, {"input": x})[0].argmax(axis=1) == labels).mean())
@@ -197,20 +190,20 @@ def test_nisp_propagates_through_batchnorm_and_flatten(tmp_path: Path) -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_prunes_lenet_into_a_valid_model(method: str) -> None:
     assert get_method(method).needs_data
-    result = api.prune(LENET, method, 0.5, calib=FMNIST)  # validated by api.prune
+    result = api.prune(SAMPLE_LENET, method, 0.5, calib=SAMPLE_FMNIST)  # validated by api.prune
     assert result.report.after.params < 0.6 * result.report.before.params
     assert accuracy(result.model) > 0.7
 
 
 def test_reconstruction_methods_beat_plain_l1_at_ratio_08() -> None:
-    baseline = accuracy(api.prune(LENET, "l1", 0.8).model)
-    found = {m: accuracy(api.prune(LENET, m, 0.8, calib=FMNIST).model) for m in ("thinet", "cp", "ldrf")}
+    baseline = accuracy(api.prune(SAMPLE_LENET, "l1", 0.8).model)
+    found = {m: accuracy(api.prune(SAMPLE_LENET, m, 0.8, calib=SAMPLE_FMNIST).model) for m in ("thinet", "cp", "ldrf")}
     assert all(acc > baseline + 0.05 for acc in found.values()), (baseline, found)
 
 
 def test_selection_only_when_reconstruction_is_off() -> None:
-    result = api.prune(LENET, "thinet", 0.5, calib=FMNIST, params={"reconstruct": False})
-    refit = api.prune(LENET, "thinet", 0.5, calib=FMNIST)
+    result = api.prune(SAMPLE_LENET, "thinet", 0.5, calib=SAMPLE_FMNIST, params={"reconstruct": False})
+    refit = api.prune(SAMPLE_LENET, "thinet", 0.5, calib=SAMPLE_FMNIST)
     assert result.plan == refit.plan
     assert accuracy(refit.model) > accuracy(result.model)
 
@@ -218,15 +211,15 @@ def test_selection_only_when_reconstruction_is_off() -> None:
 def test_missing_calibration_names_the_flag() -> None:
     for method in METHODS:
         with pytest.raises(CalibrationError, match="--calib"):
-            api.prune(LENET, method, 0.5)
+            api.prune(SAMPLE_LENET, method, 0.5)
 
 
-def test_statistics_are_cached(_private_cache: Path) -> None:
-    first = api.prune(LENET, "mean_act", 0.5, calib=FMNIST)
-    files = sorted(_private_cache.glob("*.npz"))
+def test_statistics_are_cached(private_cache: Path) -> None:
+    first = api.prune(SAMPLE_LENET, "mean_act", 0.5, calib=SAMPLE_FMNIST)
+    files = sorted(private_cache.glob("*.npz"))
     assert files
-    second = api.prune(LENET, "mean_act", 0.5, calib=FMNIST)
-    assert sorted(_private_cache.glob("*.npz")) == files
+    second = api.prune(SAMPLE_LENET, "mean_act", 0.5, calib=SAMPLE_FMNIST)
+    assert sorted(private_cache.glob("*.npz")) == files
     assert first.plan == second.plan
 
 
@@ -237,8 +230,8 @@ def test_in_graph_moments_match_numpy_channel_moments() -> None:
     from onnxslim_prune.calib import ChannelMoments, input_specs, load_calibration, stream_tensors
     from onnxslim_prune.methods.base import Context, Options
 
-    analysis = api.analyze(LENET)
-    calib = load_calibration(str(FMNIST), input_specs(analysis.model, analysis.input_shapes), samples=100)
+    analysis = api.analyze(SAMPLE_LENET)
+    calib = load_calibration(str(SAMPLE_FMNIST), input_specs(analysis.model, analysis.input_shapes), samples=100)
     ctx = Context(analysis.model, analysis.graph, analysis.trace, Options(batch_size=32), analysis.input_shapes,
                   analysis.opset, calib)
     tensors = [t for g in analysis.trace.groups if not g.is_frozen for t in activation.activation_tensors(ctx, g)]
@@ -284,8 +277,8 @@ def test_selection_statistics_split_over_passes_when_a_batch_of_inputs_exceeds_t
     from onnxslim_prune.methods.base import Context, Options
     from onnxslim_prune.passes import reconstruct as rc
 
-    analysis = api.analyze(LENET)
-    calib = load_calibration(str(FMNIST), input_specs(analysis.model, analysis.input_shapes), samples=64)
+    analysis = api.analyze(SAMPLE_LENET)
+    calib = load_calibration(str(SAMPLE_FMNIST), input_specs(analysis.model, analysis.input_shapes), samples=64)
     ctx = Context(analysis.model, analysis.graph, analysis.trace, Options(batch_size=32), analysis.input_shapes,
                   analysis.opset, calib)
     nodes = {n.name: n for n in analysis.graph.nodes}

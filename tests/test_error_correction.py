@@ -20,6 +20,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import SAMPLE_FMNIST, SAMPLE_LENET
 from onnxslim_prune import api
 from onnxslim_prune.channels import Role
 from onnxslim_prune.methods import base as methods
@@ -28,14 +29,7 @@ from onnxslim_prune.passes import reconstruct
 from onnxslim_prune.passes.plan import GroupPlan, Plan
 from onnxslim_prune.passes.score import score_groups
 
-SAMPLE = Path(api.__file__).resolve().parent / "sample"
-LENET = SAMPLE / "lenet300.onnx"
-FMNIST = SAMPLE / "fmnist_test500.npz"
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ONNXSLIM_PRUNE_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture
@@ -162,11 +156,11 @@ def test_layers_off_the_paths_of_a_cut_keep_their_weights(tmp_path: Path, regist
 def test_error_correction_beats_the_consumer_only_refit_on_lenet(tmp_path: Path, register) -> None:
     """LeNet-300-100, 90% of the first layer's neurons cut (l1), 250 images fitted, 250 held out: refitting f3 too
     (downstream of the consumer f2) leaves at most 85% of the consumer-only refit's output error (measured: 79%)."""
-    with np.load(FMNIST) as data:
+    with np.load(SAMPLE_FMNIST) as data:
         images = data["input"]
     np.savez(tmp_path / "c.npz", input=images[:250])
     held = images[250:]
-    reference = run(LENET, held)
+    reference = run(SAMPLE_LENET, held)
 
     def method(ctx: Context) -> Outcome:
         group = next(g for g in ctx.trace.groups if any(m.node == "/f1/Gemm" and m.role == Role.OUT for m in g.members))
@@ -174,10 +168,10 @@ def test_error_correction_beats_the_consumer_only_refit_on_lenet(tmp_path: Path,
         plan = Plan((GroupPlan(group.index, group.size, tuple(group.classes[int(i)] for i in drop)),))
         return reconstruct.with_reconstruction(ctx, Outcome(plan))
 
-    original = onnx.load(LENET)
+    original = onnx.load(SAMPLE_LENET)
     errors, models = {}, {}
     for corrected in (False, True):
-        result = prune(LENET, register("_lenet", method), tmp_path / "c.npz", error_correction=corrected)
+        result = prune(SAMPLE_LENET, register("_lenet", method), tmp_path / "c.npz", error_correction=corrected)
         errors[corrected] = float(np.mean((run(result.model, held) - reference) ** 2))
         models[corrected] = result.model
     assert errors[True] < 0.85 * errors[False], errors
@@ -263,19 +257,19 @@ def test_mean_refit_keeps_the_weights_and_restores_the_output_mean(tmp_path: Pat
     """``refit="mean"`` (a data-free selection compensated with calibration data): LeNet's f3 keeps plain pruning's
     weights exactly, and its output (the logits) keeps the original's mean per class on the calibration data to
     1e-4 of their scale; plain pruning is off by more than 1% of it."""
-    with np.load(FMNIST) as data:
+    with np.load(SAMPLE_FMNIST) as data:
         images = data["input"][:200]
     np.savez(tmp_path / "c.npz", input=images)
-    original = onnx.load(LENET)
+    original = onnx.load(SAMPLE_LENET)
     reference = run(original, images)
     scale = float(np.abs(reference).mean())
     channels = tuple(range(0, 100, 2))  # half of f2's neurons
-    result = prune(LENET, register("_mean", cut("/f2/Gemm", channels)), tmp_path / "c.npz", refit="mean")
+    result = prune(SAMPLE_LENET, register("_mean", cut("/f2/Gemm", channels)), tmp_path / "c.npz", refit="mean")
     kept = [c for c in range(100) if c not in channels]
     f3 = node_input(original, "/f3/Gemm", 1)  # [10, 100] (transB)
     np.testing.assert_array_equal(node_input(result.model, "/f3/Gemm", 1), f3[:, kept])
     gap = np.abs(run(result.model, images).mean(axis=0) - reference.mean(axis=0)).max()
-    plain = prune(LENET, register("_mean", cut("/f2/Gemm", channels)), tmp_path / "c.npz", reconstruct=False)
+    plain = prune(SAMPLE_LENET, register("_mean", cut("/f2/Gemm", channels)), tmp_path / "c.npz", reconstruct=False)
     plain_gap = np.abs(run(plain.model, images).mean(axis=0) - reference.mean(axis=0)).max()
     assert gap < 1e-4 * scale, (gap, scale)
     assert plain_gap > 0.01 * scale, (plain_gap, scale)

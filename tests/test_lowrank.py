@@ -21,10 +21,7 @@ from onnxslim_prune.channels import Kind
 from onnxslim_prune.passes import lowrank
 from onnxslim_prune.passes import reconstruct as rc
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ONNXSLIM_PRUNE_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def make_model(nodes: list[onnx.NodeProto], x: list, y: list, weights: dict[str, np.ndarray]) -> onnx.ModelProto:

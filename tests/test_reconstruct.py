@@ -26,6 +26,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import SAMPLE_FMNIST, SAMPLE_LENET
 from onnxslim_prune import api
 from onnxslim_prune.methods import base as methods
 from onnxslim_prune.methods.base import Context, MethodSpec, Outcome
@@ -34,15 +35,8 @@ from onnxslim_prune.passes.budget import choose_plan
 from onnxslim_prune.passes.plan import GroupPlan, Plan
 from onnxslim_prune.passes.score import score_groups
 
-SAMPLE = Path(api.__file__).resolve().parent / "sample"
 OLD_FIT = reconstruct.fit
-LENET = SAMPLE / "lenet300.onnx"
-FMNIST = SAMPLE / "fmnist_test500.npz"
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ONNXSLIM_PRUNE_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(autouse=True)
@@ -278,12 +272,12 @@ def test_principal_projector_energy() -> None:
 
 
 def test_subgraph_model_keeps_only_the_needed_nodes() -> None:
-    model = onnx.load(LENET)
+    model = onnx.load(SAMPLE_LENET)
     relu = next(n for n in model.graph.node if n.op_type == "Relu")
     sub = reconstruct.subgraph_model(model, [relu.output[0]])
     assert [o.name for o in sub.graph.output] == [relu.output[0]]
     assert not any(n.op_type == "Gemm" and "f2" in n.name for n in sub.graph.node)
-    with np.load(FMNIST) as data:
+    with np.load(SAMPLE_FMNIST) as data:
         x = data["input"][:4]
     (value,) = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
     assert value.shape == (4, 300) and value.min() >= 0.0
@@ -531,9 +525,9 @@ def test_planned_rows_of_a_conv_are_the_rows_it_is_fitted_on(tmp_path: Path, reg
 
 
 def test_lenet_reconstruction_beats_plain_pruning_on_the_same_selection(register) -> None:
-    with np.load(FMNIST) as data:
+    with np.load(SAMPLE_FMNIST) as data:
         x = data["input"]
-    reference = run(onnx.load(LENET), x)
+    reference = run(onnx.load(SAMPLE_LENET), x)
     errors = {}
     for name, rebuilt in (("_plain", False), ("_fit", True)):
 
@@ -541,7 +535,7 @@ def test_lenet_reconstruction_beats_plain_pruning_on_the_same_selection(register
             outcome = Outcome(choose_plan(ctx, score_groups(ctx.trace, ctx.graph, "l1")))
             return reconstruct.with_reconstruction(ctx, outcome) if rebuilt else outcome
 
-        result = api.prune(LENET, register(name, method), 0.7, calib=FMNIST, params={"reconstruct": rebuilt})
+        result = api.prune(SAMPLE_LENET, register(name, method), 0.7, calib=SAMPLE_FMNIST, params={"reconstruct": rebuilt})
         errors[name] = float(np.mean((run(result.model, x) - reference) ** 2))
         plan = result.plan
     assert errors["_fit"] < 0.5 * errors["_plain"], errors
@@ -558,10 +552,10 @@ def test_reconstruction_respects_no_reconstruct_and_is_not_applied_twice(registe
         seen.extend([outcome, once, twice])
         return once
 
-    api.prune(LENET, register("_m", method), 0.5, calib=FMNIST, params={"reconstruct": False})
+    api.prune(SAMPLE_LENET, register("_m", method), 0.5, calib=SAMPLE_FMNIST, params={"reconstruct": False})
     assert seen[1] is seen[0]  # --no-reconstruct: untouched
     seen.clear()
-    api.prune(LENET, register("_m", method), 0.5, calib=FMNIST)
+    api.prune(SAMPLE_LENET, register("_m", method), 0.5, calib=SAMPLE_FMNIST)
     assert isinstance(seen[1].finish, reconstruct.Reconstructor)
     assert seen[2] is seen[1]
 
@@ -577,7 +571,7 @@ def test_a_method_finish_runs_before_the_refit(register) -> None:
         plan = choose_plan(ctx, score_groups(ctx.trace, ctx.graph, "l1"))
         return reconstruct.with_reconstruction(ctx, Outcome(plan, finish=first))
 
-    api.prune(LENET, register("_m", method), 0.5, calib=FMNIST)
+    api.prune(SAMPLE_LENET, register("_m", method), 0.5, calib=SAMPLE_FMNIST)
     assert calls == ["first"]
 
 

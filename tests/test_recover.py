@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import SAMPLE_LENET
+from conftest import SAMPLE_FMNIST, SAMPLE_LENET
 from onnx import TensorProto, helper, numpy_helper
 from tagged import record_reads, tagged_calibration
 
@@ -27,7 +27,6 @@ from onnxslim_prune.calib.specs import input_specs
 from onnxslim_prune.recover.blocks import find_blocks
 
 REPO = Path(__file__).resolve().parent.parent
-FMNIST = SAMPLE_LENET.parent / "fmnist_test500.npz"
 
 
 def _two_layer(a: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
@@ -185,7 +184,7 @@ def test_recovery_reads_fit_samples_only(tmp_path: Path, monkeypatch: pytest.Mon
         return out
 
     monkeypatch.setattr(recover_pkg, "run", run)
-    result = prune(str(SAMPLE_LENET), "thinet", 0.5, calib=tagged_calibration(FMNIST, tmp_path), seed=3, latency=False,
+    result = prune(str(SAMPLE_LENET), "thinet", 0.5, calib=tagged_calibration(SAMPLE_FMNIST, tmp_path), seed=3, latency=False,
                    params={"recover": True, "recover_steps": 5})
 
     held = set().union(*seen.verdicts)
@@ -246,7 +245,7 @@ def test_the_package_runs_without_torch(tmp_path: Path) -> None:
         from onnxslim_prune.cli import main
         result = prune({str(SAMPLE_LENET)!r}, "l1", 0.5, latency=False)
         print("params", result.report.after.params)
-        sys.argv = ["onnx-prune", {str(SAMPLE_LENET)!r}, "--calib", {str(FMNIST)!r}, "--recover", "-o", {str(tmp_path / "x.onnx")!r}]
+        sys.argv = ["onnx-prune", {str(SAMPLE_LENET)!r}, "--calib", {str(SAMPLE_FMNIST)!r}, "--recover", "-o", {str(tmp_path / "x.onnx")!r}]
         main()
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120,

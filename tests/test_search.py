@@ -8,13 +8,14 @@ for the three-way split fit / selection / final; the hull and the greedy order r
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import SAMPLE_LENET
+from conftest import SAMPLE_FMNIST, SAMPLE_LENET
 from tagged import record_reads, tagged_calibration
 
 import models
@@ -32,7 +33,6 @@ from onnxslim_prune.planning.search import (
 from onnxslim_prune.verdict import Gates
 from onnxslim_prune.settings import RunSettings
 
-FMNIST = SAMPLE_LENET.parent / "fmnist_test500.npz"
 
 
 def _row(group: int, ratio: float, saved: float, damage: float) -> SensitivityRow:
@@ -142,7 +142,7 @@ def test_a_search_needs_a_gate_and_a_channel_method(tmp_path: Path) -> None:
 
 def test_probes_and_the_final_verdict_see_disjoint_held_out_halves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fitting reads fit samples only; every probe is judged on the selection half, the written model on the other."""
-    path = tagged_calibration(FMNIST, tmp_path)
+    path = tagged_calibration(SAMPLE_FMNIST, tmp_path)
     seen = record_reads(monkeypatch)
     gates = Gates(min_top1_agreement=0.9)
     prober = Prober(onnx.load(str(SAMPLE_LENET)), RunSettings("l1", calib=str(path), seed=3, gates=gates, latency=False),
@@ -169,7 +169,8 @@ def test_cli_sensitivity_table_report_and_plot(tmp_path: Path) -> None:
     onnx.save(model, src)
     report = tmp_path / "s.json"
     args = [str(src), "--calib", str(calib), "--holdout", "0.5", "--no-reconstruct", "--sensitivity", "--report", str(report),
-            "--sensitivity-ratios", "0.5", "--round-to", "1"]  # 8-channel groups: auto would keep them whole
+            "--sensitivity-ratios", "0.5", "--round-to", "1",  # 8-channel groups: auto would keep them whole
+            "--workers", "1"]  # the default's worker processes: the gated search below and test_faults' sensitivity
     plot = tmp_path / "s.png"
     plotting = True
     try:
@@ -188,18 +189,22 @@ def test_cli_sensitivity_table_report_and_plot(tmp_path: Path) -> None:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_gated_search_is_deterministic_and_reports_the_probes(tmp_path: Path) -> None:
+def test_cli_gated_search_is_deterministic_and_reports_the_probes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="onnxslim_prune.planning.search")
     model, calib = _branches(tmp_path)
     src = tmp_path / "m.onnx"
     onnx.save(model, src)
     outs = []
-    for i in range(2):
+    # the default (a worker process per core), then every probe in this process: the same bytes either way
+    for i, workers in enumerate(([], ["--workers", "1"])):
         out, report = tmp_path / f"o{i}.onnx", tmp_path / f"r{i}.json"
+        caplog.clear()
         res = CliRunner().invoke(main, [str(src), "--calib", str(calib), "--holdout", "0.5", "--no-reconstruct",
                                         "--min-correlation", "0.9999", "--search-margin", "0", "--max-probes", "3",
                                         "--sensitivity-ratios", "0.75", "--no-latency", "--round-to", "1", "-o", str(out),
-                                        "--report", str(report)])
+                                        "--report", str(report), *workers])
         assert res.exit_code == 0, res.output
+        assert ("local worker processes" in caplog.text) == (not workers)
         assert "search (sensitivity allocation" in res.output and "searched: smallest of" in res.output
         outs.append(out.read_bytes())
         search = json.loads(report.read_text())["extra"]["search"]

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import SAMPLE_LENET
+from conftest import SAMPLE_FMNIST, SAMPLE_LENET
 from onnx import TensorProto, helper, numpy_helper
 
 import models as M
@@ -20,7 +20,6 @@ from onnxslim_prune import prune, validate
 from onnxslim_prune.errors import CalibrationError, UsageError, ValidationError
 from onnxslim_prune.verdict import VerdictSource
 
-FMNIST = SAMPLE_LENET.parent / "fmnist_test500.npz"
 
 
 def logits(model: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
@@ -29,10 +28,10 @@ def logits(model: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
 
 
 def test_verdict_on_evaluation_samples_matches_onnxruntime() -> None:
-    result = prune(str(SAMPLE_LENET), "l1", 0.7, eval_data=FMNIST)
+    result = prune(str(SAMPLE_LENET), "l1", 0.7, eval_data=SAMPLE_FMNIST)
     v = result.report.verdict
     assert v is not None
-    data = np.load(FMNIST)
+    data = np.load(SAMPLE_FMNIST)
     images, labels = data["input"], data["labels"]
     assert (v.source, v.held_out, v.samples) == (VerdictSource.EVAL, True, len(images))  # every --eval sample
     before, after = logits(onnx.load(str(SAMPLE_LENET)), images), logits(result.model, images)
@@ -48,7 +47,7 @@ def test_verdict_on_evaluation_samples_matches_onnxruntime() -> None:
 
 
 def test_verdict_on_held_out_calibration_samples() -> None:
-    result = prune(str(SAMPLE_LENET), "l1", 0.3, calib=FMNIST, params={"reconstruct": False})
+    result = prune(str(SAMPLE_LENET), "l1", 0.3, calib=SAMPLE_FMNIST, params={"reconstruct": False})
     v = result.report.verdict
     assert v is not None and v.source is VerdictSource.CALIB_HOLDOUT and v.held_out
     assert v.samples == 100  # 20% of the 500 calibration samples
@@ -56,7 +55,7 @@ def test_verdict_on_held_out_calibration_samples() -> None:
 
 
 def test_holdout_zero_measures_on_fitted_samples_and_says_so() -> None:
-    result = prune(str(SAMPLE_LENET), "l1", 0.3, calib=FMNIST, params={"reconstruct": False}, holdout=0.0)
+    result = prune(str(SAMPLE_LENET), "l1", 0.3, calib=SAMPLE_FMNIST, params={"reconstruct": False}, holdout=0.0)
     v = result.report.verdict
     assert v is not None and v.source is VerdictSource.CALIB_FIT and not v.held_out
     assert any("--holdout 0" in n and "optimistic" in n for n in result.report.notes)
@@ -98,7 +97,7 @@ def _lenet_fixed_batch(tmp_path: Path) -> Path:
 
 
 def test_eval_on_a_fixed_batch_model(tmp_path: Path) -> None:
-    data = np.load(FMNIST)
+    data = np.load(SAMPLE_FMNIST)
     small = tmp_path / "eval.npz"
     np.savez(small, input=data["input"][:20], labels=data["labels"][:20])
     result = prune(str(_lenet_fixed_batch(tmp_path)), "l1", 0.3, eval_data=small)
@@ -139,7 +138,7 @@ def test_bad_evaluation_data_is_one_clear_error(tmp_path: Path, case: str) -> No
 
 
 def test_non_finite_calibration_data_is_refused(tmp_path: Path) -> None:
-    images = np.load(FMNIST)["input"][:16].copy()
+    images = np.load(SAMPLE_FMNIST)["input"][:16].copy()
     images[2, 0, 0, 0] = np.inf
     path = tmp_path / "calib.npz"
     np.savez(path, input=images)

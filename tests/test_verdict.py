@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import SAMPLE_LENET
+from conftest import SAMPLE_FMNIST, SAMPLE_LENET
 from tagged import record_reads, tagged_calibration
 from onnx import TensorProto, helper, numpy_helper
 
@@ -26,14 +26,13 @@ from onnxslim_prune.cli import main
 from onnxslim_prune.errors import UsageError
 from onnxslim_prune.verdict import AgreementAccumulator, Gates, VerdictSource, summarise
 
-FMNIST = SAMPLE_LENET.parent / "fmnist_test500.npz"
 
 
 def test_held_out_samples_never_meet_the_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every read of the calibration source after the verdict's reference pass (selection, statistics,
     least-squares refit) touches fit samples only; the verdict is measured on the others."""
     seen = record_reads(monkeypatch)
-    result = prune(str(SAMPLE_LENET), "thinet", 0.5, calib=tagged_calibration(FMNIST, tmp_path), seed=3)
+    result = prune(str(SAMPLE_LENET), "thinet", 0.5, calib=tagged_calibration(SAMPLE_FMNIST, tmp_path), seed=3)
 
     assert result.report.verdict is not None and result.report.verdict.source is VerdictSource.CALIB_HOLDOUT
     fitted, held = seen.seen("method"), set().union(*seen.verdicts)
@@ -47,7 +46,7 @@ def test_held_out_samples_never_meet_the_fit(tmp_path: Path, monkeypatch: pytest
 
 
 def test_the_split_is_seeded_disjoint_and_sized() -> None:
-    calib = load_calibration(FMNIST, input_specs(onnx.load(str(SAMPLE_LENET))))
+    calib = load_calibration(SAMPLE_FMNIST, input_specs(onnx.load(str(SAMPLE_LENET))))
     one, again, other = (split_mod.split_holdout(calib, 0.2, seed) for seed in (0, 0, 1))
     assert one.holdout_indices == again.holdout_indices != other.holdout_indices
     assert len(one.holdout_indices) == 100 and not set(one.fit_indices) & set(one.holdout_indices)
@@ -118,7 +117,7 @@ def test_constant_outputs_cannot_score_a_good_correlation() -> None:
 
 
 def test_gates_are_checked_on_the_verdict() -> None:
-    result = prune(str(SAMPLE_LENET), "l1", 0.7, eval_data=FMNIST, gates=Gates(min_top1_agreement=0.99, max_drop=50.0))
+    result = prune(str(SAMPLE_LENET), "l1", 0.7, eval_data=SAMPLE_FMNIST, gates=Gates(min_top1_agreement=0.99, max_drop=50.0))
     v = result.report.verdict
     assert v is not None and not v.passed
     by_gate = {g.gate: g for g in v.gates}
@@ -133,7 +132,7 @@ def test_max_drop_needs_labelled_eval_data() -> None:
 
 def test_a_missed_gate_exits_3_writes_the_report_and_no_model(tmp_path: Path) -> None:
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
-    args = [str(SAMPLE_LENET), "-o", str(out), "--report", str(report), "--ratio", "0.7", "--eval", str(FMNIST),
+    args = [str(SAMPLE_LENET), "-o", str(out), "--report", str(report), "--ratio", "0.7", "--eval", str(SAMPLE_FMNIST),
             "--min-top1-agreement", "0.99", "--no-latency"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 3, res.output
@@ -194,11 +193,11 @@ def test_intervals_match_scipy_and_cover_at_their_stated_rate() -> None:
 
 def test_a_verdict_on_few_samples_is_imprecise_and_says_how_many_would_do(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """8 eval samples: every interval is in the report, the table and log say imprecise; 500 samples: top-1 within +-5 points."""
-    with np.load(FMNIST) as d:
+    with np.load(SAMPLE_FMNIST) as d:
         few = tmp_path / "few.npz"
         np.savez(few, input=d["input"][:8], labels=d["labels"][:8])
     reports = {}
-    for name, data in (("few", few), ("all", FMNIST)):
+    for name, data in (("few", few), ("all", SAMPLE_FMNIST)):
         report = tmp_path / f"{name}.json"
         res = CliRunner().invoke(main, [str(SAMPLE_LENET), "-o", str(tmp_path / f"{name}.onnx"), "--report", str(report),
                                         "--ratio", "0.5", "--eval", str(data), "--no-latency"])
@@ -298,7 +297,7 @@ def test_a_random_input_verdict_is_never_passed_and_keeps_its_figures_aside() ->
             prune(model, "l1", 0.5, calib=calib, gates=Gates(min_cosine=-1.0))
     with pytest.raises(UsageError, match="gates need real samples"):
         summarise(VerdictSource.RANDOM, 16, v.outputs, gates=Gates(min_correlation=0.0))
-    held = prune(model, "l1", 0.5, eval_data=FMNIST, latency=False).report.verdict
+    held = prune(model, "l1", 0.5, eval_data=SAMPLE_FMNIST, latency=False).report.verdict
     assert held is not None and held.function_known and held.passed is True  # real data, no gate: nothing missed
 
 
@@ -402,7 +401,7 @@ def test_unlabelled_eval_gives_a_held_out_verdict_with_agreement_and_no_accuracy
     same 500 samples; no accuracy; an agreement gate is checked; --max-drop is refused."""
     from onnxslim_prune import validate
 
-    with np.load(FMNIST) as d:
+    with np.load(SAMPLE_FMNIST) as d:
         images = d["input"]
     path = tmp_path / "unlabelled.npz"
     np.savez(path, input=images)
