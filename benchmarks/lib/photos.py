@@ -3,7 +3,7 @@
     python benchmarks/photos.py                 # fetch, extract, split; log the counts
     python benchmarks/photos.py --sheet s.png   # also a contact sheet of both lists
 
-    from photos import fetch
+    from lib.photos import fetch
     photos = fetch()                            # cached under benchmarks/work/photos
     photos.calibration, photos.evaluation       # two disjoint lists of PNG paths
     photos.calib_dir, photos.eval_dir           # the same photos as two folders
@@ -42,8 +42,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_CACHE = HERE / "work" / "photos"
+from .paths import WORK
+
+DEFAULT_CACHE = WORK / "photos"
 MAX_SIDE = 640
 SEED = "photos-v1"
 NEAR_DUPLICATE_BITS = 4
@@ -258,6 +259,3 @@ def main() -> None:
         contact_sheet(photos, args.sheet)
         log.info("wrote %s", args.sheet)
 
-
-if __name__ == "__main__":
-    main()
