@@ -66,7 +66,7 @@ from typing import Any
 import numpy as np
 
 from lib.measure import failure, prune_cli_keep, run_measured_isolated
-from lib.packaged import MODELS, Spec, agreement, cv2_resize, fetch_models, float_output_names, outputs_on, pre_nudenet, rgb, verdict_of
+from lib.packaged import MODELS, Spec, agreement, cv2_resize, fetch_models, float_output_names, outputs_on, pre_nudenet, rgb_of, verdict_of
 from lib.paths import BENCH, RESULTS, ROOT
 from lib.paths import WORK as BENCH_WORK
 from lib.photos import Photos
@@ -261,7 +261,7 @@ def check_cv2(folder: Path, photos: Photos) -> dict[str, Any]:
     for mode, flag in flags.items():
         worst, means = 0, []
         for path in photos.evaluation:
-            img = rgb(path)
+            img = rgb_of(path)
             for wh in sizes[mode]:
                 d = np.abs(cv2.resize(img, wh, interpolation=flag).astype(int) - cv2_resize(img, wh, mode).astype(int))
                 worst, means = max(worst, int(d.max())), [*means, float(d.mean())]

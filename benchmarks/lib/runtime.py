@@ -63,10 +63,16 @@ def static_shapes(model: onnx.ModelProto, batch: int = 1) -> dict[str, tuple[int
             for vi in model.graph.input if vi.name not in inits}
 
 
-def check_valid(model: onnx.ModelProto) -> None:
-    """The checker (full) and strict shape inference; raises what they raise."""
+def check_valid(model: onnx.ModelProto, original: onnx.ModelProto | None = None) -> None:
+    """The checker (full) and strict shape inference, and with `original` its graph inputs' and outputs' names and
+    element types; raises what the checks raise (ValueError for a changed input or output)."""
     onnx.checker.check_model(model, full_check=True)
     onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    if original is not None:
+        for what in ("input", "output"):
+            got, want = ([(v.name, v.type.tensor_type.elem_type) for v in getattr(m.graph, what)] for m in (model, original))
+            if got != want:
+                raise ValueError(f"graph {what}s changed: {got} instead of {want}")
 
 
 def remeasure(original: Path, pruned: Path, rounds: int) -> dict[str, float]:
