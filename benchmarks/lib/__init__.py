@@ -28,13 +28,25 @@ import logging
 from .paths import ROOT
 
 
-def _check_library() -> None:
-    """Warn when the library under test is not this checkout's (the installed package of another checkout)."""
+def library_origin() -> str | None:
+    """The file ``import onnxslim_prune`` loads (None: not importable), found without importing it."""
     spec = importlib.util.find_spec("onnxslim_prune")
-    origin = None if spec is None or spec.origin is None else spec.origin
-    if origin is not None and not origin.startswith(str(ROOT / "onnxslim_prune")):
-        logging.getLogger(__name__).warning("onnxslim_prune is imported from %s, not this checkout (%s): "
-                                            "run with PYTHONPATH=%s to measure it", origin, ROOT, ROOT)
+    return None if spec is None else spec.origin
 
 
-_check_library()
+def is_checkout_library() -> bool:
+    """Whether ``import onnxslim_prune`` loads this checkout's package."""
+    origin = library_origin()
+    return origin is not None and origin.startswith(str(ROOT / "onnxslim_prune") + "/")
+
+
+def require_checkout() -> None:
+    """Stop (one line, exit 1) unless the library is this checkout's: for what must describe this very code."""
+    if not is_checkout_library():
+        raise SystemExit(f"refused: this must describe this checkout's onnxslim_prune ({ROOT}), not {library_origin()}; "
+                         f"run with PYTHONPATH={ROOT}")
+
+
+if not is_checkout_library():
+    logging.getLogger(__name__).warning("onnxslim_prune is imported from %s, not this checkout (%s): run with "
+                                        "PYTHONPATH=%s to measure it", library_origin(), ROOT, ROOT)

@@ -246,7 +246,8 @@ def contact_sheet(photos: Photos, path: Path, tile: int = 112) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """`benchmarks/photos.py`: fetch, extract, split, log the counts; --sheet: a contact sheet."""
+    parser = argparse.ArgumentParser(prog="photos.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--sheet", type=Path, help="write a contact sheet PNG here")
     args = parser.parse_args()
