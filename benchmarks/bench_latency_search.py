@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-import onnxruntime as ort
 
 from lib.data import zoo_model
 from lib.paths import RESULTS, ROOT
-from lib.results import write_results, write_text
+from lib.results import environment, write_results, write_text
 from lib.runtime import remeasure
 
 MODELS = ("tv_resnet18", "tv_mobilenet_v2", "tv_squeezenet1_1", "tv_efficientnet_b0", "tv_regnet_x_400mf",
@@ -89,8 +88,7 @@ def main() -> None:
         row = run_one(name, args.target, args.work)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "stderr"}), flush=True)
-    payload = {"target": args.target, "within": WITHIN, "remeasure_rounds": REMEASURE_ROUNDS, "onnxruntime": ort.__version__,
-               "rows": rows}
+    payload = {**environment(), "target": args.target, "within": WITHIN, "remeasure_rounds": REMEASURE_ROUNDS, "rows": rows}
     write_results(args.out / "latency_search", payload, render(payload), indent=2, sort_keys=True)
     print(f"wrote {args.out / 'latency_search.md'}")
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -31,7 +30,7 @@ from lib.data import zoo_model
 from lib.internals import SLOWER_TOLERANCE, auto
 from lib.measure import failure, prune_cli_keep
 from lib.paths import FILLED, RESULTS, SHARED_MODELS, ZOO
-from lib.results import write_results, write_text
+from lib.results import environment, write_results, write_text
 from lib.runtime import remeasure
 
 LITE1 = SHARED_MODELS / "efficientnet_lite1.onnx"
@@ -100,18 +99,12 @@ def main() -> int:
                                                 work / "off", a.rounds)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    meta = {"onnxruntime": _ort_version(), "machine": platform.machine(), "auto": auto().describe(),
+    meta = {**environment(), "auto": auto().describe(),
             "slower_tolerance": SLOWER_TOLERANCE, "rounds": a.rounds}
     text = table(rows, meta, compare)
     write_results(a.out / "never_slower", {"meta": meta, "rows": rows}, text)
     print(text)
     return 0
-
-
-def _ort_version() -> str:
-    import onnxruntime
-
-    return str(onnxruntime.__version__)
 
 
 def _ratio(run: dict[str, Any]) -> float | None:

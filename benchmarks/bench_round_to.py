@@ -28,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lib.internals import cpu_flags, isa_multiple
 from lib.paths import RESULTS
-from lib.results import write_results
+from lib.results import environment, write_results
 
 BASES = (64, 128, 256)
 MULTIPLES = (4, 8, 16, 32)
@@ -147,7 +147,7 @@ def main() -> None:
         by_class[name] = {str(d): statistics.median(v) for d, v in pooled.items() if v}
     flags = cpu_flags()
     isa = isa_multiple(flags)
-    payload = {"onnxruntime": ort.__version__, "machine": platform.machine(), "isa_rule": isa,
+    payload = {**environment(), "isa_rule": isa,
                "isa_flags": sorted(f for f in flags if f.startswith(("avx", "sse4", "asimd", "neon"))),
                "spatial": SPATIAL, "tokens": TOKENS, "rounds": args.rounds, "ms": results, "penalty": summary, "excess_by_class": by_class,
                "seconds": time.perf_counter() - started}
