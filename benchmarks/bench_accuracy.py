@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -27,13 +26,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from fmnist import load_split, write_calibration  # noqa: E402
+from lib.data import load_split, write_calibration
+from lib.paths import RESULTS, SHARED_MODELS
+from lib.results import write_results
+from lib.runtime import accuracy
+from onnxslim_prune import list_methods, prune
 
-from onnxslim_prune import api  # noqa: E402
-from onnxslim_prune.methods import builtin  # noqa: E402,F401  (fills the registry)
-from onnxslim_prune.methods.base import METHODS  # noqa: E402
+#: the registered methods: name -> needs calibration data
+METHODS = {m.name: m.needs_data for m in list_methods()}
 
 log = logging.getLogger("bench_accuracy")
 
@@ -73,21 +73,14 @@ def variant(label: str) -> Variant:
     if label in SETTINGS_VARIANTS:
         method, params = SETTINGS_VARIANTS[label]
         return Variant(label, method, False, True, params)
-    return Variant(label, label, label in METHODS and METHODS[label].needs_data, True)
-
-
-def accuracy(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy of the model's first output (the tool's own `evaluation.accuracy`, batches of 256)."""
-    from onnxslim_prune.evaluation import accuracy as tool_accuracy
-
-    return tool_accuracy(model, images, labels, model.graph.input[0].name)
+    return Variant(label, label, METHODS.get(label, False), True)
 
 
 def one(model_path: Path, v: Variant, ratio: float, calib: Path, images: np.ndarray, labels: np.ndarray, batch_size: int) -> dict[str, Any]:
     row: dict[str, Any] = {"model": model_path.stem, "method": v.label, "ratio": ratio}
     started = time.perf_counter()
     try:
-        result = api.prune(
+        result = prune(
             model_path, v.method, ratio, calib=calib if v.calibrated else None, batch_size=batch_size,
             params={**dict(v.params), **({} if v.reconstruct else {"reconstruct": False})},
         )
@@ -173,7 +166,7 @@ def merge_vs_l1(rows: list[dict[str, Any]], model: str, ratios: list[float]) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models-dir", type=Path, default=HERE.parents[1] / "shared" / "models")
+    parser.add_argument("--models-dir", type=Path, default=SHARED_MODELS)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--methods", default=None, help="comma-separated labels (default: all, or the quick set)")
     parser.add_argument("--ratios", default=",".join(str(r) for r in RATIOS))
@@ -182,7 +175,7 @@ def main() -> None:
     parser.add_argument("--calib-count", type=int, default=2000)
     parser.add_argument("--calib", type=Path, default=Path("/tmp/onnxslim_bench/fmnist_train2000.npz"))
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "accuracy")
+    parser.add_argument("--out", type=Path, default=RESULTS / "accuracy")
     parser.add_argument("--resume", action="store_true", help="keep rows already in the JSON")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
@@ -216,11 +209,9 @@ def main() -> None:
                 state["rows"].append(row)
                 log.info("%s %s %.1f: %s (%ss)", model, label, ratio,
                          f"{100 * row['accuracy']:.2f}%" if "accuracy" in row else row.get("error"), row["seconds"])
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                json_path.write_text(json.dumps(state, indent=1))
                 order = {m: i for i, m in enumerate(models)}
                 rows = sorted(state["rows"], key=lambda r: order.get(r["model"], 99))
-                md_path.write_text(markdown(rows, state["baselines"], ratios, args.calib_count))
+                write_results(args.out, state, markdown(rows, state["baselines"], ratios, args.calib_count))
     log.info("wrote %s and %s", md_path, json_path)
 
 

@@ -18,7 +18,6 @@ Least-squares reconstruction is off (`reconstruct: False`): the tables compare s
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import re
 import logging
@@ -30,36 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
-from onnxslim_prune import evaluation
-from onnxslim_prune.api import prune
-
-from measure import verdict_cosine
+from lib.data import load_split
+from lib.measure import verdict_cosine
+from lib.results import write_json, write_text
+from lib.runtime import accuracy
+from onnxslim_prune import prune
 
 CALIB_SAMPLES = 2000
 BLOCK_COUNTS = (0, 3, 6, 9, 13)
 MACS_TARGETS = (0.8, 0.5, 0.3)
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """IDX: 4-byte magic (4th byte = rank), big-endian uint32 dims, then uint8 data."""
-    raw = gzip.decompress(path.read_bytes())
-    rank = raw[3]
-    dims = np.frombuffer(raw, dtype=">u4", count=rank, offset=4).astype(np.int64)
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * rank).reshape(tuple(dims))
-
-
-def fashion_mnist(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(first 2,000 train images, 10k test images, 10k test labels), images float32 [N,1,28,28]."""
-    train = read_idx(folder / "train-images-idx3-ubyte.gz")[:CALIB_SAMPLES]
-    test = read_idx(folder / "t10k-images-idx3-ubyte.gz")
-    labels = read_idx(folder / "t10k-labels-idx1-ubyte.gz").astype(np.int64)
-
-    def images(a: np.ndarray) -> np.ndarray:
-        return (a.astype(np.float32) / 255.0)[:, None, :, :]
-
-    return images(train), images(test), labels
 
 
 def kept(result: Any) -> tuple[float, float]:
@@ -87,14 +66,14 @@ def uniform_at(model: Path, target: float) -> tuple[float, Any]:
 
 def row(name: str, result: Any, images: np.ndarray, labels: np.ndarray, seconds: float, **extra: Any) -> dict[str, Any]:
     macs, params = kept(result)
-    acc = evaluation.accuracy(result.model, images, labels, "input")
+    acc = accuracy(result.model, images, labels)
     return {"method": name, "macs": macs, "params": params, "accuracy": acc, "seconds": seconds, **extra}
 
 
 def section_a(shared: Path, calib: Path, images: np.ndarray, labels: np.ndarray, iterations: int) -> list[dict[str, Any]]:
     model = shared / "models" / "fmnist_resnet56.onnx"
     rows: list[dict[str, Any]] = []
-    base = evaluation.accuracy(onnx.load(str(model)), images, labels, "input")
+    base = accuracy(model, images, labels)
     rows.append({"method": "original", "macs": 1.0, "params": 1.0, "accuracy": base, "seconds": 0.0, "target": 1.0})
     for target in MACS_TARGETS:
         started = time.perf_counter()
@@ -235,7 +214,9 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     only = set(args.only.split(","))
     if only & {"a", "b"}:
-        train, images, labels = fashion_mnist(args.shared / "data" / "fashion-mnist")
+        fmnist = args.shared / "data" / "fashion-mnist"
+        train = load_split("train", CALIB_SAMPLES, root=fmnist)[0]
+        images, labels = load_split("test", root=fmnist)
         calib = args.work / "fmnist_train2000.npz"
         np.savez(calib, input=train)
     if "c" in only and not any(args.zoo.glob("*.onnx")):
@@ -247,11 +228,10 @@ def main() -> None:
         "c": lambda: section_c(args.zoo, args.timeout),
     }
     for key in sorted(only & set(sections)):  # --only none: rebuild the markdown from the cached rows
-        (args.work / f"{key}.json").write_text(json.dumps(sections[key](), indent=1))
+        write_json(args.work / f"{key}.json", sections[key]())
     loaded = {k: json.loads((args.work / f"{k}.json").read_text()) if (args.work / f"{k}.json").exists() else None for k in "abc"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     previous = args.out.read_text() if args.out.exists() else ""
-    args.out.write_text(markdown(loaded["a"], loaded["b"], loaded["c"], previous))
+    write_text(args.out, markdown(loaded["a"], loaded["b"], loaded["c"], previous))
     print(args.out.read_text())
 
 

@@ -39,11 +39,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-SHARED = HERE.parents[1] / "shared"
+from lib.data import zoo_model
+from lib.paths import FILLED, RESULTS, SHARED_MODELS
+from lib.results import write_results
+
 MODELS = {
-    "resnet56": (SHARED / "models" / "fmnist_resnet56.onnx", "fmnist", 64, (500, 2000)),
-    "resnet50": (Path("/tmp/zoo/tv_resnet50.onnx"), "random", 1, (16, 64)),
+    "resnet56": (SHARED_MODELS / "fmnist_resnet56.onnx", "fmnist", 64, (500, 2000)),
+    "resnet50": (FILLED / "tv_resnet50.onnx", "random", 1, (16, 64)),
 }
 MODES = ("plain", "moments", "stream", "gram", "gram_nolimit")
 log = logging.getLogger("bench_calibration")
@@ -51,8 +53,7 @@ log = logging.getLogger("bench_calibration")
 
 def gram_gflop(ctx: Any, layers: list[Any], count: int, positions: int) -> float:
     """Arithmetic of the Gram products of `layers` (unique keys) over `count` samples."""
-    from onnxslim_prune.calib import conv_output_size
-    from onnxslim_prune.passes import datadriven
+    from lib.internals import conv_output_size, datadriven
 
     unique = {datadriven._layer_key(layer): layer for layer in layers}
     flop = 0.0
@@ -74,19 +75,16 @@ def child(mode: str, model_path: Path, source: str, count: int, batch_size: int)
     os.environ["ONNXSLIM_PRUNE_CACHE"] = "off"
     if mode == "gram_nolimit":
         os.environ["ONNXSLIM_PRUNE_BLAS_THREADS"] = "off"
-    sys.path.insert(0, str(HERE))
     import numpy as np
     import onnxruntime as ort
 
-    from onnxslim_prune import api
-    from onnxslim_prune.calib import input_specs, load_calibration
-    from onnxslim_prune.passes import activation, datadriven
-    from onnxslim_prune.methods.base import Context, Options
+    from lib.internals import Context, Options, activation, datadriven, input_specs, load_calibration
+    from onnxslim_prune import analyze
 
-    analysis = api.analyze(model_path)
+    analysis = analyze(model_path)
     specs = input_specs(analysis.model, analysis.input_shapes)
     if source == "fmnist":
-        from fmnist import write_calibration
+        from lib.data import write_calibration
 
         calib_path = write_calibration(Path("/tmp/onnxslim_bench/fmnist_train2000.npz"), 2000)
         calib = load_calibration(str(calib_path), specs, samples=count)
@@ -111,7 +109,7 @@ def child(mode: str, model_path: Path, source: str, count: int, batch_size: int)
         seconds = time.perf_counter() - started
         detail = {"tensors": len(moments)}
     elif mode == "stream":
-        from onnxslim_prune.passes import reconstruct
+        from lib.internals import reconstruct
 
         consumers = datadriven.group_consumers(ctx)
         names = list(dict.fromkeys(c.layer.x for cs in consumers.values() for c in cs))
@@ -150,11 +148,7 @@ def measure(mode: str, name: str, count: int) -> dict[str, Any]:
 
 
 def ensure_resnet50() -> None:
-    path = MODELS["resnet50"][0]
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, str(SHARED / "zoo" / "fill.py"), str(SHARED / "zoo" / "tv_resnet50.onnx"), str(path)],
-                       check=True)
+    zoo_model("tv_resnet50")  # seed 0, fill.py's default
 
 
 def environment() -> dict[str, Any]:
@@ -234,7 +228,7 @@ def main() -> None:
     parser.add_argument("--counts", default=None, help="override the two sample counts, e.g. 500,2000")
     parser.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)} (plain is always run)")
     parser.add_argument("--repeat", type=int, default=1, help="measure each cell N times (interleaved rounds), keep the fastest")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "calibration")
+    parser.add_argument("--out", type=Path, default=RESULTS / "calibration")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     modes = ["plain", *(m for m in args.modes.split(",") if m in MODES and m != "plain")]
@@ -259,9 +253,7 @@ def main() -> None:
                 rows.append(best)
         results[name] = rows
     meta["end"] = environment()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, **results}, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(results, meta))
+    write_results(args.out, {"meta": meta, **results}, markdown(results, meta))
     log.info("%s", markdown(results, meta))
 
 

@@ -5,7 +5,7 @@
     python benchmarks/bench_engine.py --zoo tv_resnet50 --method thinet --samples 256   # 224x224, seeded random inputs
 
 In one process: a plain onnxruntime pass over the same calibration samples (batch 32), then
-`api.prune(..., method, ratio, calib, holdout=0)` with the statistics cache off, for each
+`prune(..., method, ratio, calib, holdout=0)` with the statistics cache off, for each
 schedule. Reported: process CPU seconds and wall seconds of each, as ratios to the plain pass
 (CPU time is the steadier figure on a shared machine), the stage times, the largest difference
 between the schedules' refitted weights, and the test accuracy of the result on the 10,000-image
@@ -19,10 +19,8 @@ engine on a full-size model, no accuracy (results/engine_NAME.{md,json}).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,28 +31,18 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from fmnist import write_calibration  # noqa: E402
-from measure import run_measured  # noqa: E402
+from lib.data import write_calibration, zoo_model
+from lib.measure import run_measured
+from lib.paths import RESULTS, SHARED_MODELS, WORK
+from lib.results import write_results
+from lib.runtime import accuracy, session
 
-MODELS = HERE.parent.parent / "shared" / "models"
-RESULTS = HERE / "results"
+MODELS = SHARED_MODELS
 
 
 def _cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def zoo_model(name: str) -> Path:
-    """The zoo architecture `name` with seeded random weights (filled once into benchmarks/work/zoo)."""
-    dst = HERE / "work" / "zoo" / f"{name}.onnx"
-    if not dst.exists():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        zoo = HERE.parents[1] / "shared" / "zoo"
-        subprocess.run([sys.executable, str(zoo / "fill.py"), str(zoo / f"{name}.onnx"), str(dst), "--seed", "0"], check=True)
-    return dst
 
 
 def main() -> None:
@@ -67,14 +55,13 @@ def main() -> None:
     parser.add_argument("--zoo", help="a zoo architecture instead of a Fashion-MNIST model (random weights and inputs)")
     args = parser.parse_args()
 
-    from onnxslim_prune import api, validate
-    from onnxslim_prune.evaluation import accuracy
-    from onnxslim_prune.passes import reconstruct
+    from lib.internals import reconstruct
+    from onnxslim_prune import prune
 
     work = Path(tempfile.mkdtemp(prefix="bench_engine_"))
     os.environ["ONNXSLIM_PRUNE_CACHE"] = "off"
     if args.zoo:
-        path = zoo_model(args.zoo)
+        path = zoo_model(args.zoo, filled=WORK / "zoo")  # seeded random weights, filled once
         model = onnx.load(str(path), load_external_data=False)
         first = model.graph.input[0]
         name = first.name
@@ -93,7 +80,7 @@ def main() -> None:
         model = onnx.load(str(path))
         data = np.load(calib)["input"]
     cpu, wall = _cpu(), time.perf_counter()
-    sess = validate.session(model)
+    sess = session(model)
     for start in range(0, len(data) - batch + 1, batch):
         sess.run(None, {name: data[start : start + batch]})
     plain = {"cpu": _cpu() - cpu, "wall": time.perf_counter() - wall}
@@ -103,12 +90,12 @@ def main() -> None:
     for schedule in [reconstruct.Schedule.FRONTIER] + ([reconstruct.Schedule.PREFIX] if args.prefix else []):
         reconstruct.DEFAULT_SCHEDULE = schedule
         cpu, wall = _cpu(), time.perf_counter()
-        result = api.prune(str(path), args.method, args.ratio, calib=calib, holdout=0.0, latency=False)
+        result = prune(str(path), args.method, args.ratio, calib=calib, holdout=0.0, latency=False)
         spent = {"cpu": _cpu() - cpu, "wall": time.perf_counter() - wall}
         rows[schedule.value] = {
             **spent, "cpu_ratio": spent["cpu"] / plain["cpu"], "wall_ratio": spent["wall"] / plain["wall"],
             "stages": result.report.stage_seconds,
-            "test_accuracy": None if test_data is None else accuracy(result.model, test_data["input"], test_data["labels"], "input"),
+            "test_accuracy": None if test_data is None else accuracy(result.model, test_data["input"], test_data["labels"]),
         }
         weights[schedule.value] = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
     if len(weights) == 2:
@@ -120,9 +107,7 @@ def main() -> None:
                        timeout=3600, env={**os.environ, "ONNXSLIM_PRUNE_CACHE": "off"})
     rows["cli"] = {"seconds": run.seconds, "peak_mib": run.peak_mib, "returncode": run.returncode}
     rows["setting"] = vars(args)
-    RESULTS.mkdir(exist_ok=True)
     stem = f"engine_{args.zoo}" if args.zoo else "engine"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
     what = (f"{args.zoo} (zoo, seeded random weights) `{args.method} --ratio {args.ratio}` on {args.samples} seeded random "
             f"inputs of shape {shape} (batch {batch})") if args.zoo else \
         f"{args.model} `{args.method} --ratio {args.ratio}` on {args.samples} Fashion-MNIST train images"
@@ -143,7 +128,7 @@ def main() -> None:
     if "max_weight_difference" in rows:
         lines.append(f"\nLargest difference between the two schedules' weights: {rows['max_weight_difference']:.2e}.")
     lines.append(f"\nThe CLI in a fresh process: {run.seconds:.1f} s, peak RSS {run.peak_mib:.0f} MiB.")
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_results(RESULTS / stem, rows, "\n".join(lines), indent=2, sort_keys=True)
     print("\n".join(lines))  # noqa: T201 - a benchmark's report
 
 

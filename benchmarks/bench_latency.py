@@ -13,32 +13,23 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import onnxruntime as ort
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from onnxslim_prune import prune  # noqa: E402
-from onnxslim_prune.validate import random_inputs  # noqa: E402
+from lib.data import zoo_model
+from lib.paths import FILLED, RESULTS, ZOO
+from lib.results import write_results
+from lib.runtime import seeded_feed, session
+from onnxslim_prune import prune
 
 DEFAULT_MODELS = [
     "tv_resnet18", "tv_resnet50", "tv_mobilenet_v2", "tv_vgg16", "tv_densenet121", "tv_efficientnet_b0",
     "tv_regnet_x_400mf", "timm_cspdarknet53", "tv_convnext_tiny", "tv_squeezenet1_1",
 ]
 QUICK_MODELS = ["tv_resnet18", "tv_mobilenet_v2", "tv_squeezenet1_1"]
-
-
-def session(model_bytes: bytes, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
 
 def interleaved_latency(a: ort.InferenceSession, b: ort.InferenceSession, feeds: dict, warmup: int, repeats: int) -> tuple[float, float]:
@@ -56,18 +47,10 @@ def interleaved_latency(a: ort.InferenceSession, b: ort.InferenceSession, feeds:
     return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
 
 
-def fill(zoo: Path, filled: Path, name: str) -> Path:
-    dst = filled / f"{name}.onnx"
-    if not dst.exists():
-        filled.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, str(zoo / "fill.py"), str(zoo / f"{name}.onnx"), str(dst)], check=True)
-    return dst
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--zoo", type=Path, default=HERE.parents[1] / "shared" / "zoo")
-    ap.add_argument("--filled", type=Path, default=Path("/tmp/zoo"))
+    ap.add_argument("--zoo", type=Path, default=ZOO)
+    ap.add_argument("--filled", type=Path, default=FILLED)
     ap.add_argument("--models", nargs="*")
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--round-to", type=int, nargs="*", default=[1, 8])
@@ -75,18 +58,18 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args()
     models = a.models or (QUICK_MODELS if a.quick else DEFAULT_MODELS)
     rows = []
     for name in models:
-        path = fill(a.zoo, a.filled, name)
+        path = zoo_model(name, a.zoo, a.filled)
         original = path.read_bytes()
         for round_to in a.round_to:
             started = time.perf_counter()
             result = prune(str(path), "l1", a.ratio, round_to=round_to)
             prune_s = time.perf_counter() - started
-            feeds = random_inputs(result.model, {i.name: tuple(d.dim_value or 1 for d in i.type.tensor_type.shape.dim)
+            feeds = seeded_feed(result.model, {i.name: tuple(d.dim_value or 1 for d in i.type.tensor_type.shape.dim)
                                                  for i in result.model.graph.input}, 0)
             base_ms, pruned_ms = interleaved_latency(
                 session(original, a.threads), session(result.model.SerializeToString(), a.threads), feeds, a.warmup, a.repeats
@@ -100,8 +83,6 @@ def main() -> int:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "latency.json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = [
         f"l1 at ratio {a.ratio}; onnxruntime CPU, {a.threads} threads, batch 1, median of {a.repeats} interleaved runs.",
         "",
@@ -113,7 +94,7 @@ def main() -> int:
             f"| {r['model']} | {r['round_to']} | {r['prune_s']} | {r['macs_kept']:.1%} | {r['params_kept']:.1%} | "
             f"{r['latency_ms_before']} | {r['latency_ms_after']} | {r['speedup']:.2f}x |"
         )
-    (a.out / "latency.md").write_text("\n".join(lines) + "\n")
+    write_results(a.out / "latency", rows, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

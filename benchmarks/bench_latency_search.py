@@ -18,20 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
-import onnxruntime as ort
 
-HERE = Path(__file__).resolve().parent
-ZOO = HERE.parents[1] / "shared" / "zoo"
-FILLED = Path("/tmp/zoo")
+from lib.data import zoo_model
+from lib.paths import RESULTS, ROOT
+from lib.results import environment, write_results, write_text
+from lib.runtime import remeasure
 
 MODELS = ("tv_resnet18", "tv_mobilenet_v2", "tv_squeezenet1_1", "tv_efficientnet_b0", "tv_regnet_x_400mf",
           "timm_lcnet_050", "timm_repvgg_a0", "tv_shufflenet_v2_x1_0", "tv_densenet121", "tv_vgg11_bn")
@@ -39,46 +37,12 @@ REMEASURE_ROUNDS = 40
 WITHIN = 0.10
 
 
-def filled(name: str) -> Path:
-    path = FILLED / f"{name}.onnx"
-    if not path.exists():
-        FILLED.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, str(ZOO / "fill.py"), str(ZOO / f"{name}.onnx"), str(path), "--seed", "0"], check=True)
-    return path
-
-
-def remeasure(original: Path, pruned: Path, rounds: int) -> dict[str, float]:
-    """Interleaved medians of the two files, single-threaded sessions, one seeded input of the model's shape."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    sessions = [ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for p in (original, pruned)]
-    inp = sessions[0].get_inputs()[0]
-    shape = [d if isinstance(d, int) else 1 for d in inp.shape]
-    feed = {inp.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-    for s in sessions:
-        for _ in range(3):
-            s.run(None, feed)
-    cpu: list[list[float]] = [[], []]
-    wall: list[list[float]] = [[], []]
-    for r in range(rounds):
-        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-            w0, t0 = time.perf_counter(), time.thread_time()
-            sessions[i].run(None, feed)
-            cpu[i].append(time.thread_time() - t0)
-            wall[i].append(time.perf_counter() - w0)
-    before, after = (1e3 * statistics.median(t) for t in cpu)
-    wall_before, wall_after = (1e3 * statistics.median(t) for t in wall)
-    return {"before_ms": before, "after_ms": after, "ratio": after / before, "wall_before_ms": wall_before,
-            "wall_after_ms": wall_after, "wall_ratio": wall_after / wall_before}
-
-
 def run_one(name: str, target: float, work: Path) -> dict[str, Any]:
-    model = filled(name)
+    model = zoo_model(name)
     out, rep = work / f"{name}.latency.onnx", work / f"{name}.latency.json"
     cmd = [sys.executable, "-m", "onnxslim_prune.cli", str(model), "--objective", "latency", "--target-latency", str(target),
            "--method", "l1", "-o", str(out), "--report", str(rep), "-q"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     started = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -111,12 +75,12 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.6)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_latency_search"))
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the .json in --out")
     args = parser.parse_args()
     if args.render:
         payload = json.loads((args.out / "latency_search.json").read_text())
-        (args.out / "latency_search.md").write_text(render(payload))
+        write_text(args.out / "latency_search.md", render(payload))
         return
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -124,11 +88,8 @@ def main() -> None:
         row = run_one(name, args.target, args.work)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "stderr"}), flush=True)
-    payload = {"target": args.target, "within": WITHIN, "remeasure_rounds": REMEASURE_ROUNDS, "onnxruntime": ort.__version__,
-               "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latency_search.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    (args.out / "latency_search.md").write_text(render(payload))
+    payload = {**environment(), "target": args.target, "within": WITHIN, "remeasure_rounds": REMEASURE_ROUNDS, "rows": rows}
+    write_results(args.out / "latency_search", payload, render(payload), indent=2, sort_keys=True)
     print(f"wrote {args.out / 'latency_search.md'}")
 
 

@@ -19,9 +19,7 @@ Two measurements, data-free (no calibration), accuracy on the full 10,000-image 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +27,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from bench_accuracy import accuracy  # noqa: E402
-from fmnist import load_split  # noqa: E402
-
-from onnxslim_prune import prune  # noqa: E402
+from lib.data import load_split
+from lib.paths import RESULTS, SHARED_MODELS
+from lib.results import write_results
+from lib.runtime import accuracy
+from onnxslim_prune import prune
 
 log = logging.getLogger("bench_merge")
 RATIOS = (0.3, 0.5, 0.7, 0.8)
@@ -117,8 +114,8 @@ def markdown(partners: list[dict[str, Any]], paper: list[dict[str, Any]], baseli
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models-dir", type=Path, default=HERE.parents[1] / "shared" / "models")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "merge")
+    parser.add_argument("--models-dir", type=Path, default=SHARED_MODELS)
+    parser.add_argument("--out", type=Path, default=RESULTS / "merge")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     images, labels = load_split("test")
@@ -127,8 +124,7 @@ def main() -> None:
                  for n in ("fmnist_vgg_slim_bn_unfused", "fmnist_vgg_slim_bn")}
     paper = paper_setting(args.models_dir, images, labels)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"partners": partners, "paper_setting": paper}, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(partners, paper, baselines))
+    write_results(args.out, {"partners": partners, "paper_setting": paper}, markdown(partners, paper, baselines))
     log.info("wrote %s", args.out.with_suffix(".md"))
 
 

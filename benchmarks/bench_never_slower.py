@@ -21,25 +21,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+from lib.data import zoo_model
+from lib.internals import SLOWER_TOLERANCE, auto
+from lib.measure import failure, prune_cli_keep
+from lib.paths import FILLED, RESULTS, SHARED_MODELS, ZOO
+from lib.results import environment, write_results, write_text
+from lib.runtime import remeasure
 
-from bench_latency_search import remeasure  # noqa: E402
-from measure import failure, prune_cli_keep  # noqa: E402
-
-from onnxslim_prune.latency import SLOWER_TOLERANCE  # noqa: E402
-from onnxslim_prune.roundto import auto  # noqa: E402
-
-SHARED = HERE.parents[1] / "shared"
-LITE1 = SHARED / "models" / "efficientnet_lite1.onnx"
+LITE1 = SHARED_MODELS / "efficientnet_lite1.onnx"
 ZOO_MODELS = ("tv_resnet18", "tv_resnet50", "tv_mobilenet_v2", "tv_mobilenet_v3_large", "tv_efficientnet_b0",
               "tv_regnet_y_400mf", "tv_mnasnet1_0", "tv_shufflenet_v2_x1_0")
 QUICK_MODELS = ("tv_mobilenet_v2",)
@@ -51,11 +45,7 @@ TIMEOUT = 1800
 def model_path(name: str, zoo: Path, filled: Path) -> Path:
     if name == "efficientnet_lite1":
         return LITE1
-    path = filled / f"{name}.onnx"
-    if not path.exists():
-        filled.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, str(zoo / "fill.py"), str(zoo / f"{name}.onnx"), str(path), "--seed", "0"], check=True)
-    return path
+    return zoo_model(name, zoo, filled)
 
 
 def one_run(model: Path, args: list[str], work: Path, rounds: int) -> dict[str, Any]:
@@ -76,20 +66,20 @@ def one_run(model: Path, args: list[str], work: Path, rounds: int) -> dict[str, 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--zoo", type=Path, default=SHARED / "zoo")
-    ap.add_argument("--filled", type=Path, default=Path("/tmp/zoo"))
+    ap.add_argument("--zoo", type=Path, default=ZOO)
+    ap.add_argument("--filled", type=Path, default=FILLED)
     ap.add_argument("--models", nargs="*", default=None)
     ap.add_argument("--targets", type=float, nargs="*", default=list(TARGETS))
     ap.add_argument("--rounds", type=int, default=ROUNDS)
     ap.add_argument("--no-compare", action="store_true", help="skip the --round-to 1 --keep-failed contrast")
     ap.add_argument("--quick", action="store_true", help=f"{', '.join(QUICK_MODELS)} at 0.7 only, no contrast")
-    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--render", action="store_true", help="rewrite never_slower.md from never_slower.json, run nothing")
     a = ap.parse_args()
     if a.render:
         data = json.loads((a.out / "never_slower.json").read_text())
         text = table(data["rows"], data["meta"], any("round_to_1" in r for r in data["rows"]))
-        (a.out / "never_slower.md").write_text(text)
+        write_text(a.out / "never_slower.md", text)
         print(text)
         return 0
     names = a.models or (list(QUICK_MODELS) if a.quick else ["efficientnet_lite1", *ZOO_MODELS])
@@ -109,20 +99,12 @@ def main() -> int:
                                                 work / "off", a.rounds)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    a.out.mkdir(parents=True, exist_ok=True)
-    meta = {"onnxruntime": _ort_version(), "machine": platform.machine(), "auto": auto().describe(),
+    meta = {**environment(), "auto": auto().describe(),
             "slower_tolerance": SLOWER_TOLERANCE, "rounds": a.rounds}
-    (a.out / "never_slower.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     text = table(rows, meta, compare)
-    (a.out / "never_slower.md").write_text(text)
+    write_results(a.out / "never_slower", {"meta": meta, "rows": rows}, text)
     print(text)
     return 0
-
-
-def _ort_version() -> str:
-    import onnxruntime
-
-    return str(onnxruntime.__version__)
 
 
 def _ratio(run: dict[str, Any]) -> float | None:

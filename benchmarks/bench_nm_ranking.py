@@ -22,15 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-
-from fmnist import load_split  # noqa: E402
-
-from onnxslim_prune import api  # noqa: E402
+from lib.data import load_split
+from lib.paths import RESULTS, SHARED_MODELS
+from lib.published import AUTHORS_CODE, PAPER
+from lib.results import write_results
+from lib.runtime import accuracy as top1
+from onnxslim_prune import prune
 
 MODELS = {
     "fmnist_lenet300_nm": (0.5, 0.6, 0.7, 0.8),
@@ -39,23 +37,17 @@ MODELS = {
     "fmnist_vgg_slim_bn": (0.3, 0.5),
 }
 RANKINGS = ("l1", "l1_bias")
-#: the authors' code on fmnist_lenet300_nm.onnx (../shared/README.md): ratio -> (prune, merge)
-AUTHORS_CODE = {0.5: (88.05, 88.06), 0.6: (84.78, 84.51), 0.7: (80.68, 80.25), 0.8: (56.37, 57.53)}
-#: the paper's Table 1 (their own checkpoint, baseline 89.80%): ratio -> (prune, merge)
-PAPER = {0.5: (88.40, 88.69), 0.6: (85.17, 86.92), 0.7: (71.26, 82.75), 0.8: (66.76, 80.02)}
 
 
 def accuracy(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray) -> float:
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    logits = np.concatenate([sess.run(None, {name: images[i:i + 1000]})[0] for i in range(0, len(images), 1000)])
-    return float((logits.argmax(axis=1) == labels).mean() * 100)
+    """Test accuracy in percent."""
+    return top1(model, images, labels) * 100
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models-dir", type=Path, default=HERE.parents[1] / "shared" / "models")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "nm_ranking")
+    parser.add_argument("--models-dir", type=Path, default=SHARED_MODELS)
+    parser.add_argument("--out", type=Path, default=RESULTS / "nm_ranking")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -70,14 +62,12 @@ def main() -> int:
             for method in ("l1", "merge"):
                 for ranking in RANKINGS:
                     # l1 prune: the criterion is the method (`l1`, `l1_bias`); merge: --criterion
-                    result = (api.prune(model, ranking, ratio, latency=False) if method == "l1"
-                              else api.prune(model, "merge", ratio, criterion=ranking, latency=False))
+                    result = (prune(model, ranking, ratio, latency=False) if method == "l1"
+                              else prune(model, "merge", ratio, criterion=ranking, latency=False))
                     row[f"{method}/{ranking}"] = accuracy(result.model, images, labels)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(rows))
+    write_results(args.out, rows, markdown(rows))
     return 0
 
 

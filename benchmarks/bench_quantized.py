@@ -22,36 +22,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fmnist import load_split, write_calibration  # noqa: E402
-from measure import failure, prune_cli_keep  # noqa: E402
+from lib.data import fill_zoo, load_split, write_calibration
+from lib.measure import failure, prune_cli_keep
+from lib.paths import SHARED_MODELS
+from lib.quantized import FORMS, quantize, zoo_forms
+from lib.results import write_json, write_results, write_text
 
-MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
-
-
-def quantize(src: Path, dst: Path, inputs: list[dict[str, np.ndarray]]) -> None:
-    """onnxruntime's QDQ static quantization: per-channel int8 weights, uint8 activations."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter(inputs)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.items, None)
-
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+MODELS = SHARED_MODELS
 
 
 def accuracy(path: Path, images: np.ndarray, labels: np.ndarray) -> float:
@@ -126,8 +110,7 @@ def fmnist(out: Path, models: list[str], methods: list[str], work: Path, search_
         rows.append(row)
         print(json.dumps(row), flush=True)
         done = rows + [old for n, old in previous.items() if n not in {r["model"] for r in rows}]
-        out.with_suffix(".json").write_text(json.dumps(done, indent=1) + "\n")  # after every model: a stopped run keeps its rows
-        out.write_text(_fmnist_table(done, search_extra) + "\n")
+        write_results(out, done, _fmnist_table(done, search_extra))  # after every model: a stopped run keeps its rows
 
 
 def _fmnist_table(rows: list[dict[str, Any]], search_extra: list[str]) -> str:
@@ -165,87 +148,8 @@ def _pct(value: float | None) -> str:
     return "error" if value is None else f"{value:.2%}"
 
 
-def to_fp16_storage(model: onnx.ModelProto, min_elements: int = 16) -> onnx.ModelProto:
-    """Every float32 initializer of `min_elements`+ elements stored as float16 and cast back to float32 on load."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    casts = []
-    for init in out.graph.initializer:
-        if init.data_type == TensorProto.FLOAT and int(np.prod(init.dims)) >= min_elements:
-            value = numpy_helper.to_array(init)
-            stored = f"{init.name}_fp16"
-            casts.append(helper.make_node("Cast", [stored], [init.name], to=TensorProto.FLOAT, name=f"{init.name}_cast"))
-            init.CopyFrom(numpy_helper.from_array(value.astype(np.float16), stored))
-    nodes = list(out.graph.node)
-    del out.graph.node[:]
-    out.graph.node.extend(casts + nodes)
-    return out
-
-
-def seeded_feeds(model: onnx.ModelProto, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """`count` seeded inputs of every graph input: standard normal floats, token ids in [0, 100), masks of ones."""
-    rng = np.random.default_rng(seed)
-    inits = {i.name for i in model.graph.initializer}
-    specs = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
-        specs.append((vi.name, dtype, [d.dim_value or 1 for d in vi.type.tensor_type.shape.dim]))
-    feeds = []
-    for _ in range(count):
-        feed: dict[str, np.ndarray] = {}
-        for name, dtype, dims in specs:
-            if np.issubdtype(dtype, np.floating):
-                feed[name] = rng.standard_normal(dims).astype(dtype)
-            elif "mask" in name:
-                feed[name] = np.ones(dims, dtype=dtype)
-            else:
-                feed[name] = rng.integers(0, 100, dims).astype(dtype)
-        feeds.append(feed)
-    return feeds
-
-
-FORMS = ("qdq", "fp16")
-
-
-def zoo_forms(path: Path, work: Path) -> tuple[dict[str, Path], dict[str, str]]:
-    """The QDQ (``quantize_static`` on 8 seeded inputs) and fp16-storage forms of `path`, cached in `work`.
-
-    A form is made once (kept while newer than its source); a model onnxruntime cannot quantize is
-    remembered as ``<stem>_qdq.error`` with its one-line reason. Returns the forms made and the errors.
-    """
-    work.mkdir(parents=True, exist_ok=True)
-    made: dict[str, Path] = {}
-    errors: dict[str, str] = {}
-    model: onnx.ModelProto | None = None
-    for form in FORMS:
-        dst, err = work / f"{path.stem}_{form}.onnx", work / f"{path.stem}_{form}.error"
-        fresh = path.stat().st_mtime
-        if dst.exists() and dst.stat().st_mtime >= fresh:
-            made[form] = dst
-            continue
-        if err.exists() and err.stat().st_mtime >= fresh:
-            errors[form] = err.read_text().strip()
-            continue
-        model = model or onnx.load(path)
-        try:
-            if form == "qdq":
-                quantize(path, dst, seeded_feeds(model, 8))
-            else:
-                onnx.save(to_fp16_storage(model), dst)
-            made[form] = dst
-        except Exception as exc:  # noqa: BLE001 - a model onnxruntime cannot quantize is a row, not a stop
-            errors[form] = f"{'quantize_static' if form == 'qdq' else 'fp16'}: {str(exc).splitlines()[0][:120]}"
-            err.write_text(errors[form] + "\n")
-            dst.unlink(missing_ok=True)
-    return made, errors
-
-
 def zoo(zoo_dir: Path, filled: Path, out: Path, only: list[str], work: Path) -> None:
-    from zoo_coverage import fill
-
-    fill(zoo_dir, filled)
+    fill_zoo(zoo_dir, filled)
     rows: list[dict[str, Any]] = []
     models = sorted(filled.glob("*.onnx"), key=lambda p: (p.stat().st_size, p.name))  # small first
     if only:
@@ -315,7 +219,7 @@ def from_coverage(coverage: Path, out: Path) -> None:
 
 
 def _zoo_table(rows: list[dict[str, Any]], out: Path, source: str = "") -> None:
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_json(out.with_suffix(".json"), rows)
     lines = ["# The zoo in QDQ int8 and fp16 form, pruned with l1 0.5", "",
              "Every zoo model (seeded random weights) as QDQ int8 (`quantize_static`, per-channel int8 weights, 8 seeded "
              "inputs) and as fp16 storage, pruned with `l1 --ratio 0.5 --no-latency` and validated (full checker, strict "
@@ -337,7 +241,7 @@ def _zoo_table(rows: list[dict[str, Any]], out: Path, source: str = "") -> None:
         if ok:
             lines.append(f"\n{form}: {len(ok)}/{len(rows)} valid; size ratio median {np.median(ok):.2f}, "
                          f"at most {max(ok):.2f}; {sum(1 for v in ok if v <= 0.75)} at least 25% smaller")
-    out.write_text("\n".join(lines) + "\n\n" + FINDINGS)
+    write_text(out, "\n".join(lines) + "\n\n" + FINDINGS)
 
 
 def main() -> None:

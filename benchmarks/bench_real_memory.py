@@ -41,13 +41,11 @@ from typing import Any
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-SHARED = ROOT.parent / "shared"
-EFFNET = SHARED / "models" / "efficientnet_lite1.onnx"
-IMAGES = SHARED / "data" / "imagenetlike"
-SMOLLM2 = ROOT.parent / "real-models" / "smollm2_135m.onnx"
-TEXT = SHARED / "data" / "text"
+from lib.paths import IMAGES, REAL_MODELS, RESULTS, ROOT, SHARED_MODELS, TEXT
+from lib.results import write_json, write_text
+
+EFFNET = SHARED_MODELS / "efficientnet_lite1.onnx"
+SMOLLM2 = REAL_MODELS / "smollm2_135m.onnx"
 IMAGE_FLAGS = ("--size", "240x240", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5")
 MIB = 1 << 20
 
@@ -144,9 +142,7 @@ def build_eval(path: Path) -> Path:
         return path
     import onnxruntime as ort
 
-    sys.path.insert(0, str(ROOT))
-    from onnxslim_prune.calib import input_specs, load_calibration
-    from onnxslim_prune.calib.preprocess import Preprocess
+    from lib.internals import Preprocess, input_specs, load_calibration
 
     import onnx
 
@@ -189,8 +185,7 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def write(rows: list[dict[str, Any]], floors: dict[str, float], out: Path) -> None:
-    out.with_suffix(".json").write_text(json.dumps({"machine": platform.platform(), "floors_mib": floors, "rows": rows},
-                                                   indent=1) + "\n")
+    write_json(out.with_suffix(".json"), {"machine": platform.platform(), "floors_mib": floors, "rows": rows})
     lines = [
         "# Peak memory against --calib-memory",
         "",
@@ -216,12 +211,12 @@ def write(rows: list[dict[str, Any]], floors: dict[str, float], out: Path) -> No
     notes = [f"- {r['case']} ({r['label']}, {r['samples'] or 'data-free'}): {r['note']}" for r in rows if r.get("note")]
     if notes:
         lines += ["", *notes]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "real_memory")
+    ap.add_argument("--out", type=Path, default=RESULTS / "real_memory")
     ap.add_argument("--cases", default="effnet_ldrf,effnet_thinet,effnet_l1_eval,smollm2_contrib")
     ap.add_argument("--samples", type=int, help="calibration samples (default: each case's full set)")
     ap.add_argument("--label", default="after")
@@ -252,7 +247,6 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows = [r for r in rows if (r["case"], r["label"], r["samples"], r["budget"]) != (name, a.label, samples, case.budget)]
         rows.append(row)
-        a.out.parent.mkdir(parents=True, exist_ok=True)
         write(rows, floors, a.out)
 
 

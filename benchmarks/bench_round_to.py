@@ -14,11 +14,9 @@ channels) is faster than keeping ``c``. Writes ``results/round_to.md`` and ``res
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,10 +26,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from onnxslim_prune.roundto import cpu_flags, isa_multiple  # noqa: E402
+from lib.internals import cpu_flags, isa_multiple
+from lib.paths import RESULTS
+from lib.results import environment, write_results
 
 BASES = (64, 128, 256)
 MULTIPLES = (4, 8, 16, 32)
@@ -123,7 +120,7 @@ def excess(ms: dict[int, float], base: int, power: int) -> dict[int, list[float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     started = time.perf_counter()
     results: dict[str, dict[str, dict[int, float]]] = {}
@@ -150,12 +147,10 @@ def main() -> None:
         by_class[name] = {str(d): statistics.median(v) for d, v in pooled.items() if v}
     flags = cpu_flags()
     isa = isa_multiple(flags)
-    payload = {"onnxruntime": ort.__version__, "machine": platform.machine(), "isa_rule": isa,
+    payload = {**environment(), "isa_rule": isa,
                "isa_flags": sorted(f for f in flags if f.startswith(("avx", "sse4", "asimd", "neon"))),
                "spatial": SPATIAL, "tokens": TOKENS, "rounds": args.rounds, "ms": results, "penalty": summary, "excess_by_class": by_class,
                "seconds": time.perf_counter() - started}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "round_to.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     lines = [
         "# Which channel multiples matter (`--round-to auto`)", "",
         "Command: `OMP_NUM_THREADS=1 python benchmarks/bench_round_to.py`. One layer per model at batch 1, `c` channels in "
@@ -193,7 +188,7 @@ def main() -> None:
               "| c | " + " | ".join(LAYERS) + " |", "|---:|" + "---:|" * len(LAYERS)]
     for c in range(112, 129):
         lines.append(f"| {c} | " + " | ".join(f"{results[n]['128'][c]:.3f}" for n in LAYERS) + " |")
-    (args.out / "round_to.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out / "round_to", payload, "\n".join(lines), indent=2, sort_keys=True)
     print(f"wrote {args.out / 'round_to.md'} in {payload['seconds']:.0f} s")
 
 

@@ -32,10 +32,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
 
-from fmnist import load_split, search_split  # noqa: E402
+from lib.data import load_split, search_split  # noqa: E402
 
 from onnxslim_prune import ir, validate  # noqa: E402
 from onnxslim_prune.evaluation import accuracy  # noqa: E402

@@ -33,16 +33,15 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from fmnist import write_calibration  # noqa: E402
-from measure import Measured, failure, prune_cli, run_measured  # noqa: E402
+from lib.data import write_calibration, zoo_model
+from lib.measure import Measured, failure, prune_cli, run_measured
+from lib.paths import RESULTS, SHARED_MODELS, WORK, ZOO
+from lib.results import write_results
 
 log = logging.getLogger("bench_tool")
 MODELS = ("fmnist_lenet300", "fmnist_resnet56", "fmnist_vgg_slim_bn")
 METHODS = ("l1", "l1+reconstruct", "thinet", "ldrf")
 LARGE = ("tv_vgg16", "tv_wide_resnet50_2", "tv_alexnet", "tv_resnet50")
-ZOO = HERE.parents[1] / "shared" / "zoo"
 #: the baseline: what any user of the model does at least (load it, one session, one run), in a fresh process
 BASELINE = """
 import sys
@@ -82,11 +81,7 @@ def cell(model: Path, label: str, ratio: float, calib: Path, samples: int, timeo
 
 def filled(name: str, folder: Path) -> Path:
     """The zoo model with seeded random weights (`fill.py --seed 0`), made once."""
-    dst = folder / f"{name}.onnx"
-    if not dst.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, str(ZOO / "fill.py"), str(ZOO / f"{name}.onnx"), str(dst), "--seed", "0"], check=True)
-    return dst
+    return zoo_model(name, ZOO, folder)
 
 
 def weight_bytes(model: Path) -> int:
@@ -95,8 +90,9 @@ def weight_bytes(model: Path) -> int:
     Counted in a child process: a child's peak RSS starts at its parent's RSS when it was forked
     (Linux keeps the high-water mark across exec), so this process must never hold a model.
     """
-    code = ("import sys, onnx; from onnxslim_prune import ir; "
-            "print(ir.payload_bytes(onnx.load(sys.argv[1], load_external_data=False), external=True))")
+    code = ("import sys, math, onnx; m = onnx.load(sys.argv[1], load_external_data=False); "
+            "ts = [*m.graph.initializer, *(a.t for n in m.graph.node for a in n.attribute if a.name == 'value')]; "
+            "print(sum(math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize for t in ts))")
     return int(subprocess.run([sys.executable, "-c", code, str(model)], check=True, capture_output=True, text=True).stdout)
 
 
@@ -198,25 +194,23 @@ def _previous(path: Path) -> dict[str, list[dict[str, Any]]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models-dir", type=Path, default=HERE.parents[1] / "shared" / "models")
+    parser.add_argument("--models-dir", type=Path, default=SHARED_MODELS)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--methods", default=",".join(METHODS), help="calibration table methods ('' skips the table)")
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--calib", type=Path, default=Path("/tmp/onnxslim_bench/fmnist_train2000.npz"))
     parser.add_argument("--large", default=",".join(LARGE), help="zoo models of the large-model table ('' skips it)")
-    parser.add_argument("--filled", type=Path, default=HERE / "work" / "zoo", help="where zoo models are filled")
+    parser.add_argument("--filled", type=Path, default=WORK / "zoo", help="where zoo models are filled")
     parser.add_argument("--repeat", type=int, default=1, help="alternations of baseline and tool per large cell")
     parser.add_argument("--timeout", type=int, default=1800)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "tool")
+    parser.add_argument("--out", type=Path, default=RESULTS / "tool")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     tables = _previous(args.out.with_suffix(".json"))
 
     def save() -> None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(tables, indent=1))
-        args.out.with_suffix(".md").write_text(markdown(tables["calibration"], tables["large"]))
+        write_results(args.out, tables, markdown(tables["calibration"], tables["large"]))
 
     methods = [m for m in args.methods.split(",") if m]
     if methods:

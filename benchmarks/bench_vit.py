@@ -35,18 +35,17 @@ from typing import Any
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+import onnx
 
-from fmnist import load_split, search_split  # noqa: E402
+from lib.data import load_split, search_split
+from lib.internals import refit_layernorms
+from lib.paths import RESULTS, ROOT, SHARED_MODELS
+from lib.plots import pyplot, save
+from lib.results import write_json, write_text
+from lib.runtime import accuracy, check_valid
+from onnxslim_prune import PruneResult, model_stats, prune
 
-from onnxslim_prune import api, ir  # noqa: E402
-from onnxslim_prune.evaluation import accuracy  # noqa: E402
-from onnxslim_prune.passes.lnrefit import refit_layernorms  # noqa: E402
-from onnxslim_prune import validate  # noqa: E402
-
-MODEL = HERE.parents[1] / "shared" / "models" / "fmnist_vit.onnx"
+MODEL = SHARED_MODELS / "fmnist_vit.onnx"
 TARGET = 0.8482  # the issue's target: within 1 point of the original's 85.82%
 SHAPES = {"input": (1, 1, 28, 28)}
 log = logging.getLogger("bench_vit")
@@ -73,7 +72,7 @@ class Config:
     params: dict[str, Any] = field(default_factory=dict)
     calib: bool = False
     ln_refit: bool = False
-    cli: tuple[str, ...] = ()  # a CLI run (search, sensitivity allocation) instead of api.prune
+    cli: tuple[str, ...] = ()  # a CLI run (search, sensitivity allocation) instead of prune
     then: tuple[tuple[float, tuple[tuple[str, float], ...]], ...] = ()  # further steps on the pruned model
 
     @property
@@ -124,7 +123,7 @@ def configs() -> list[Config]:
     return out
 
 
-def ln_keep(result: api.PruneResult) -> dict[str, np.ndarray]:
+def ln_keep(result: PruneResult) -> dict[str, np.ndarray]:
     """Kept positions of each pruned LayerNormalization's input, from the trace and the plan."""
     keep_atoms = result.plan.atom_keep(result.trace)
     out = {}
@@ -136,8 +135,8 @@ def ln_keep(result: api.PruneResult) -> dict[str, np.ndarray]:
 
 
 def run_one(cfg: Config, calib: Path, evaluation: Path, work: Path, xt: np.ndarray, yt: np.ndarray) -> dict[str, Any]:
-    original = ir.load_model(MODEL)
-    before = validate.model_stats(original, SHAPES)
+    original = onnx.load(MODEL)
+    before = model_stats(original, SHAPES)
     start = time.perf_counter()
     if cfg.cli:
         target, report = work / f"{cfg.family}_{cfg.method}.onnx", work / f"{cfg.family}_{cfg.method}.json"
@@ -145,24 +144,24 @@ def run_one(cfg: Config, calib: Path, evaluation: Path, work: Path, xt: np.ndarr
                "--eval", str(evaluation), *cfg.cli, "-o", str(target), "--report", str(report), "--keep-failed", "-q",
                "--no-latency"]
         if not target.exists() or not report.exists():  # a finished run (minutes) is reused
-            subprocess.run(cmd, check=False, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
-        model = ir.load_model(target)
+            subprocess.run(cmd, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        model = onnx.load(target)
         extra = {"report": json.loads(report.read_text()).get("search")}
     else:
-        result = api.prune(original, cfg.method, cfg.ratio, calib=calib if cfg.calib else None, params=cfg.params or None,
+        result = prune(original, cfg.method, cfg.ratio, calib=calib if cfg.calib else None, params=cfg.params or None,
                            latency=False)
         model = result.model
         for ratio, step in cfg.then:
-            model = api.prune(model, cfg.method, ratio, calib=calib, params=dict(step), latency=False).model
+            model = prune(model, cfg.method, ratio, calib=calib, params=dict(step), latency=False).model
         if cfg.ln_refit:
             x = np.load(calib)["input"][:1000]  # half the calibration set: the lines have 50,000 tokens each
             model = refit_layernorms(original, model, ln_keep(result), {"input": x})
-            validate.check_structure(original, model)  # checker (full), contract, strict shape inference
+            check_valid(model, original)  # checker (full), strict shape inference, the original's inputs and outputs
         extra = {}
     seconds = time.perf_counter() - start
-    after = validate.model_stats(model, SHAPES)
+    after = model_stats(model, SHAPES)
     return {"family": cfg.family, "label": cfg.label, "macs": after.macs / before.macs, "params": after.params / before.params,
-            "top1": accuracy(model, xt, yt, "input"), "seconds": round(seconds, 1), **extra}
+            "top1": accuracy(model, xt, yt), "seconds": round(seconds, 1), **extra}
 
 
 def write(rows: list[dict[str, Any]], base: float, out: Path, command: str) -> None:
@@ -196,14 +195,9 @@ def write(rows: list[dict[str, Any]], base: float, out: Path, command: str) -> N
                                                       f"{100 * (t['top1'] - TARGET):+.2f}") for t in tops)
         lines.append(f"| {family} | {low[0]} | {low[1]} | {low[2]} | {high[0]} | {high[1]} |")
     lines += ["", FINDINGS]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no plot")
+    write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for family in dict.fromkeys(r["family"] for r in rows):
@@ -221,20 +215,19 @@ def write(rows: list[dict[str, Any]], base: float, out: Path, command: str) -> N
                  fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
-    plt.close(fig)
+    save(fig, out.with_suffix(".png"), dpi=120)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/onnxslim_bench/vit"))
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "transformers_vit")
+    parser.add_argument("--out", type=Path, default=RESULTS / "transformers_vit")
     parser.add_argument("--only", nargs="*", default=None, help="families to run (default: all)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     calib, evaluation = search_split(args.work)
     xt, yt = load_split("test")
-    base = accuracy(ir.load_model(MODEL), xt, yt, "input")
+    base = accuracy(MODEL, xt, yt)
     store = args.out.with_suffix(".json")
     done: dict[str, dict[str, Any]] = {}
     if store.exists():
@@ -247,7 +240,7 @@ def main() -> int:
         print(f"{row['family']:14s} {row['label']:60s} macs {row['macs']:.3f} top1 {row['top1']:.4f} {row['seconds']}s",
               flush=True)
         done[key] = row
-        store.write_text(json.dumps({"original": base, "rows": list(done.values())}, indent=1))
+        write_json(store, {"original": base, "rows": list(done.values())})
         write(list(done.values()), base, args.out, "OMP_NUM_THREADS=1 python benchmarks/bench_vit.py")
     write(list(done.values()), base, args.out, "OMP_NUM_THREADS=1 python benchmarks/bench_vit.py")
     return 0

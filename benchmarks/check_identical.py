@@ -30,13 +30,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-from measure import Measured, failure, run_measured  # noqa: E402
+from lib.data import zoo_model
+from lib.measure import Measured, failure, run_measured
+from lib.paths import ROOT as REPO
+from lib.paths import RESULTS, SHARED_MODELS, WORK, ZOO
+from lib.results import write_results
 
-ZOO = REPO.parent / "shared" / "zoo"
-DEFAULT_MODELS = ("tv_vgg16", "tv_resnet50", "tv_mobilenet_v2", "hf_bert", str(REPO.parent / "shared" / "models" / "fmnist_resnet56.onnx"))
+DEFAULT_MODELS = ("tv_vgg16", "tv_resnet50", "tv_mobilenet_v2", "hf_bert", str(SHARED_MODELS / "fmnist_resnet56.onnx"))
 #: report keys that measure the run, not its result
 VOLATILE = ("seconds", "stage_seconds", "latency", "input_path", "output_path", "version")
 #: verdict gates whose value is a timing (`onnxslim_prune.latency.SPEED_FIGURES`; not imported: the runs import the
@@ -47,11 +47,7 @@ SPEED_FIGURES = ("latency_ratio", "speedup")
 def model_path(name: str, filled: Path) -> Path:
     if name.endswith(".onnx"):
         return Path(name).resolve()
-    dst = filled / f"{name}.onnx"
-    if not dst.exists():
-        filled.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, str(ZOO / "fill.py"), str(ZOO / f"{name}.onnx"), str(dst), "--seed", "0"], check=True)
-    return dst
+    return zoo_model(name, ZOO, filled)
 
 
 def export_revision(rev: str, into: Path) -> None:
@@ -155,9 +151,9 @@ def main() -> int:
     ap.add_argument("--extra", default="--no-latency", help="more CLI arguments, one string (e.g. '--calib x.npz')")
     ap.add_argument("--tree", type=Path, default=REPO,
                     help="the package root to check against the revision [the working tree]")
-    ap.add_argument("--filled", type=Path, default=HERE / "work" / "zoo")
+    ap.add_argument("--filled", type=Path, default=WORK / "zoo")
     ap.add_argument("--timeout", type=float, default=1800)
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "identical")
+    ap.add_argument("--out", type=Path, default=RESULTS / "identical")
     a = ap.parse_args()
     names = [p.stem for p in sorted(ZOO.glob("*.onnx"))] if a.models == "all" else a.models.split(",")
     rows: list[dict[str, Any]] = []
@@ -176,9 +172,7 @@ def main() -> int:
                 row = check(model, args, ref_root, a.tree, Path(tmp) / "runs" / f"{model.stem}.{method}", a.timeout)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                a.out.parent.mkdir(parents=True, exist_ok=True)
-                a.out.with_suffix(".json").write_text(json.dumps({"rev": rev, "rows": rows}, indent=1) + "\n")
-                a.out.with_suffix(".md").write_text(markdown(rows, rev))
+                write_results(a.out, {"rev": rev, "rows": rows}, markdown(rows, rev))
     bad = [r["model"] for r in rows if not r["files_identical"]]
     print(f"{len(rows) - len(bad)}/{len(rows)} identical" + (f"; differ: {', '.join(bad)}" if bad else ""))
     return 1 if bad else 0

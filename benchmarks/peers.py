@@ -30,7 +30,7 @@ What runs, for every model and ratio (uniform ratio per channel group, no fine-t
 Ratios 0.3/0.5/0.7/0.8 as asked, plus 0.1 and 0.2: without fine-tuning ResNet-56 and VGG fall to chance
 from about 0.3 on, whatever the tool.
 
-Parameters and MACs of every result are counted by ``onnxslim_prune.validate.model_stats`` on
+Parameters and MACs of every result are counted by ``onnxslim_prune.model_stats`` on
 the ONNX model at batch 1; accuracy is onnxruntime on the full 10,000-image test split. Prune
 time is wall time of the pruning call only (from an in-memory model; Torch-Pruning: dependency
 graph + step; onnxslim-prune: load, trace, apply and its built-in validation; export and
@@ -64,16 +64,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from fmnist import load_split  # noqa: E402
-
-from onnxslim_prune import prune  # noqa: E402
-from onnxslim_prune.validate import model_stats  # noqa: E402
+from lib.data import load_split
+from lib.paths import RESULTS, SHARED_MODELS
+from lib.peers import onnxsim_prune
+from lib.results import write_json, write_text
+from onnxslim_prune import model_stats, prune
 
 log = logging.getLogger("peers")
 
-MODELS_DIR = HERE.parents[1] / "shared" / "models"
+MODELS_DIR = SHARED_MODELS
 MODELS = ("fmnist_lenet300", "fmnist_resnet56", "fmnist_vgg_slim_bn_unfused", "fmnist_vgg_slim_bn")
 RATIOS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.8)  # 0.3-0.8 asked; 0.1 and 0.2 added: ResNet-56 collapses from 0.3 on
 TOOLS = ("torch-pruning", "torch-pruning (filter L1)", "onnxsim", "onnxslim-prune", "onnxslim-prune (inner only)")
@@ -353,8 +352,6 @@ def run_torch_pruning(name: str, original: onnx.ModelProto, ratio: float, filter
 
 
 def run_onnxsim(name: str, original: onnx.ModelProto, ratio: float, before: Any, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    from peers_zoo import onnxsim_prune
-
     pruned, seconds = onnxsim_prune(original, ratio)
     return measured({"model": name, "tool": "onnxsim", "ratio": ratio, "seconds": seconds}, pruned, before, images, labels)
 
@@ -435,7 +432,7 @@ def markdown(state: dict[str, Any]) -> str:
         f"Torch-Pruning {v['torch-pruning']} (PyTorch {v['torch']}), onnxsim {v['onnxsim']} and onnxslim-prune "
         f"{v['onnxslim-prune']} on the same Fashion-MNIST models and weights, at the same uniform ratio per channel "
         "group, classifier output kept, no fine-tuning. Parameters and MACs of every result are counted the same "
-        "way (`onnxslim_prune.validate.model_stats` on the ONNX model at batch 1; Torch-Pruning's result is "
+        "way (`onnxslim_prune.model_stats` on the ONNX model at batch 1; Torch-Pruning's result is "
         "exported with `torch.onnx.export(..., dynamo=False)` first); accuracy is onnxruntime on the full 10,000-image "
         "test split. Seconds: wall time of the pruning call only, on a 2-core machine where other benchmarks were "
         "running at the same time, so they are indicative only (Torch-Pruning: "
@@ -619,7 +616,7 @@ def main() -> int:
     ap.add_argument("--anchors", action=argparse.BooleanOptionalAction, default=True,
                     help="also measure the Neuron Merging anchors (anchors.md)")
     ap.add_argument("--quick", action="store_true", help="LeNet-300-100 only, ratios 0.5 and 0.8")
-    ap.add_argument("--out", type=Path, default=HERE / "results", help="folder for peers.{json,md} and anchors.md")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for peers.{json,md} and anchors.md")
     ap.add_argument("-v", "--verbose", action="store_true")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of an existing peers.json, replacing only the (model, tool, ratio) measured now")
@@ -627,9 +624,9 @@ def main() -> int:
     a = ap.parse_args()
     if a.rebuild:
         state = json.loads((a.out / "peers.json").read_text())
-        (a.out / "peers.md").write_text(markdown(state))
+        write_text(a.out / "peers.md", markdown(state))
         if state.get("anchors"):
-            (a.out / "anchors.md").write_text(anchors_markdown(state["anchors"]))
+            write_text(a.out / "anchors.md", anchors_markdown(state["anchors"]))
         print((a.out / "peers.md").read_text())
         return 0
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -685,12 +682,12 @@ def main() -> int:
                 log.info("%s %s %g: %s", name, tool, ratio,
                          row.get("error") or f"{100 * row['accuracy']:.2f}% params {row['params_kept']:.1%} "
                                              f"MACs {row['macs_kept']:.1%} {row['seconds']:.2f}s")
-                (a.out / "peers.json").write_text(json.dumps(state, indent=1) + "\n")
+                write_json(a.out / "peers.json", state)
     if a.anchors:
         state["anchors"] = anchors(images, labels, a.models_dir)
-        (a.out / "anchors.md").write_text(anchors_markdown(state["anchors"]))
-    (a.out / "peers.json").write_text(json.dumps(state, indent=1) + "\n")
-    (a.out / "peers.md").write_text(markdown(state))
+        write_text(a.out / "anchors.md", anchors_markdown(state["anchors"]))
+    write_json(a.out / "peers.json", state)
+    write_text(a.out / "peers.md", markdown(state))
     print((a.out / "peers.md").read_text())
     if a.anchors:
         print((a.out / "anchors.md").read_text())

@@ -10,7 +10,7 @@ Part 1, the transformer zoo (``../shared/zoo`` hf_*, hfdyn_*, timm_deit_tiny_pat
 seeded random weights by the zoo's ``fill.py``): every tool in a fresh process on the same file;
 each result is held to the same validation (``onnx.checker.check_model(full_check=True)``, strict
 shape inference, an onnxruntime run, the original's output names and shapes), parameters and MACs are
-counted by ``onnxslim_prune.validate.model_stats`` for all, heads are counted the same way for all
+counted by ``onnxslim_prune.model_stats`` for all, heads are counted the same way for all
 (the head axis of every rank-4 Softmax output, read off an onnxruntime run), and the outputs are
 compared with the original's on 16 seeded inputs (token ids drawn from the embedding table, masks all
 ones, images standard normal). Random weights: this measures structure handled, not accuracy.
@@ -47,10 +47,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-HERE = Path(__file__).resolve().parent
-SHARED = HERE.parents[1] / "shared"
-VIT = SHARED / "models" / "fmnist_vit.onnx"
-OUT = HERE / "results" / "peers_transformers"
+# light on purpose: the --torch-child runs this file in an interpreter that may have torch and nothing of this
+# project's (the library and onnxruntime are imported inside the functions that need them)
+from lib.paths import FILLED, RESULTS, SHARED_MODELS, ZOO
+
+VIT = SHARED_MODELS / "fmnist_vit.onnx"
+OUT = RESULTS / "peers_transformers"
 ZOO_MODELS = (
     "hf_bert", "hf_distilbert", "hf_gpt2", "hf_llama_gqa", "hf_vit",
     "hfdyn_bert", "hfdyn_distilbert", "hfdyn_gpt2", "hfdyn_llama_gqa", "hfdyn_vit", "timm_deit_tiny_patch16_224",
@@ -317,7 +319,7 @@ def onnxsim_child(src: Path, dst: Path, mode: str, sparsity: float) -> None:
 
 
 def run_onnxsim(src: Path, dst: Path, mode: str, sparsity: float, timeout: float) -> dict[str, Any]:
-    from measure import failure, run_measured_isolated
+    from lib.measure import failure, run_measured_isolated
 
     dst.unlink(missing_ok=True)
     run = run_measured_isolated([sys.executable, __file__, "--onnxsim-child", str(src), str(dst), mode, str(sparsity)],
@@ -332,7 +334,7 @@ def run_onnxsim(src: Path, dst: Path, mode: str, sparsity: float, timeout: float
 
 
 def run_ours(src: Path, out_dir: Path, args: list[str], timeout: float) -> tuple[dict[str, Any], Path | None]:
-    from measure import failure, prune_cli_keep
+    from lib.measure import failure, prune_cli_keep
 
     run, data, out = prune_cli_keep(src, args, out_dir, timeout)
     row: dict[str, Any] = {"seconds": run.seconds, "peak_mib": run.peak_mib}
@@ -399,16 +401,16 @@ def run_with_softmax(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]])
 def measure_model(original: onnx.ModelProto, pruned: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
                   reference: tuple[list[list[np.ndarray]], int] | None = None) -> dict[str, Any]:
     """Validity, parameters and MACs kept, heads kept, agreement with the original on seeded inputs."""
-    from onnxslim_prune import ir, validate
+    from lib.runtime import check_valid
+    from onnxslim_prune import model_stats
 
     feeds = [seeded_feeds(original, shapes, s) for s in AGREEMENT_SEEDS]
     ref_out, ref_heads = reference or run_with_softmax(original, feeds)
-    before, after = validate.model_stats(original, shapes), validate.model_stats(pruned, shapes)
+    before, after = model_stats(original, shapes), model_stats(pruned, shapes)
     row: dict[str, Any] = {"params_kept": after.params / before.params, "macs_kept": after.macs / max(before.macs, 1),
                            "params": after.params, "macs": after.macs, "heads_before": ref_heads}
     try:
-        onnx.checker.check_model(pruned, full_check=True)
-        ir.infer_strict(pruned)
+        check_valid(pruned)  # the full checker, strict shape inference
         outs, heads = run_with_softmax(pruned, feeds)
         if [o.name for o in pruned.graph.output] != [o.name for o in original.graph.output]:
             raise ValueError("output names changed")
@@ -435,7 +437,7 @@ def measure_model(original: onnx.ModelProto, pruned: onnx.ModelProto, shapes: di
 
 def zoo(filled: Path, work: Path, timeout: float, only: list[str] | None, tools: list[str] | None = None) -> list[dict[str, Any]]:
     """Every zoo model through every tool (`tools`: only these labels)."""
-    from onnxslim_prune import ir
+    from lib.runtime import static_shapes
 
     rows: list[dict[str, Any]] = []
     for name in ZOO_MODELS:
@@ -443,7 +445,7 @@ def zoo(filled: Path, work: Path, timeout: float, only: list[str] | None, tools:
             continue
         src = fill_model(name, filled)
         original = onnx.load(str(src))
-        shapes = ir.fixed_input_shapes(original)
+        shapes = static_shapes(original)
         reference = run_with_softmax(original, [seeded_feeds(original, shapes, s) for s in AGREEMENT_SEEDS])
         for label, mode in ZOO_ONNXSIM:
             if tools and label not in tools:
@@ -467,13 +469,9 @@ def zoo(filled: Path, work: Path, timeout: float, only: list[str] | None, tools:
 
 
 def fill_model(name: str, filled: Path) -> Path:
-    dst = filled / f"{name}.onnx"
-    if not dst.exists():
-        filled.mkdir(parents=True, exist_ok=True)
-        zoo_dir = SHARED / "zoo"
-        subprocess.run([sys.executable, str(zoo_dir / "fill.py"), str(zoo_dir / f"{name}.onnx"), str(dst), "--seed", "0"],
-                       check=True)
-    return dst
+    from lib.data import zoo_model
+
+    return zoo_model(name, ZOO, filled)
 
 
 # ============================================================================================
@@ -494,14 +492,14 @@ def accuracy(model: onnx.ModelProto | str, images: np.ndarray, labels: np.ndarra
 
 
 def vit_measure(model: onnx.ModelProto, before: Any, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    from onnxslim_prune import ir, validate
+    from lib.runtime import check_valid
+    from onnxslim_prune import model_stats
 
-    stats = validate.model_stats(model, {"input": (1, 1, 28, 28)})
+    stats = model_stats(model, {"input": (1, 1, 28, 28)})
     row: dict[str, Any] = {"params_kept": stats.params / before.params, "macs_kept": stats.macs / before.macs,
                            "params": stats.params, "macs": stats.macs, "accuracy": accuracy(model, images, labels)}
     try:
-        onnx.checker.check_model(model, full_check=True)
-        ir.infer_strict(model)
+        check_valid(model)  # the full checker, strict shape inference
         row["valid"] = True
     except Exception as exc:  # noqa: BLE001
         row.update(valid=False, invalid=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
@@ -509,9 +507,8 @@ def vit_measure(model: onnx.ModelProto, before: Any, images: np.ndarray, labels:
 
 
 def vit(work: Path, torch_python: Path | None, timeout: float) -> dict[str, Any]:
-    from fmnist import load_split
-
-    from onnxslim_prune import validate
+    from lib.data import load_split
+    from onnxslim_prune import model_stats
 
     images, labels = load_split("test")
     calib_x, calib_y = load_split("train", 2000)
@@ -519,7 +516,7 @@ def vit(work: Path, torch_python: Path | None, timeout: float) -> dict[str, Any]
     np.savez(calib, input=calib_x, labels=calib_y)  # train[:2000]: the only data any fitting or ranking sees
     np.savez(work / "test1000.npz", input=images[:1000])  # the twin's and the exports' equality checks only
     original = onnx.load(str(VIT))
-    before = validate.model_stats(original, {"input": (1, 1, 28, 28)})
+    before = model_stats(original, {"input": (1, 1, 28, 28)})
     state: dict[str, Any] = {"baseline": accuracy(original, images, labels), "params": before.params,
                              "macs": before.macs, "rows": [], "skipped": {}}
     # Torch-Pruning, in its own interpreter
@@ -581,9 +578,8 @@ def vit(work: Path, torch_python: Path | None, timeout: float) -> dict[str, Any]
 def vit_parity(work: Path, state: dict[str, Any], timeout: float) -> None:
     """onnxslim-prune at exactly the per-part ratios of each matched Torch-Pruning point (uniform per layer,
     no global ranking): the same structure, so the figures compare the choice of channels and the refit."""
-    from fmnist import load_split
-
-    from onnxslim_prune import validate
+    from lib.data import load_split
+    from onnxslim_prune import model_stats
 
     images, labels = load_split("test")
     calib = work / "calib.npz"
@@ -591,7 +587,7 @@ def vit_parity(work: Path, state: dict[str, Any], timeout: float) -> None:
         x, y = load_split("train", 2000)
         np.savez(calib, input=x, labels=y)
     original = onnx.load(str(VIT))
-    before = validate.model_stats(original, {"input": (1, 1, 28, 28)})
+    before = model_stats(original, {"input": (1, 1, 28, 28)})
     state["rows"] = [r for r in state["rows"] if r["tool"] != "onnxslim-prune (same parts)"]
     points = {(r["setting"], r["ratio"], r["head_ratio"]) for r in state["rows"]
               if r["tool"] == "torch-pruning" and r.get("matched")}
@@ -630,7 +626,7 @@ def vit_heads(work: Path, state: dict[str, Any], timeout: float) -> None:
     heads kept in one layer, the others intact, is scored on train[10000:12000] (neither the calibration images
     nor the test split: a diagnosis, not an accuracy figure). Heads are removed by zeroing their rows of the
     output projection, which is exact."""
-    from fmnist import load_split
+    from lib.data import load_split
 
     tp_file = work / "tp_l1_heads-mlp_0.5_0.5.onnx"
     if not tp_file.exists():
@@ -827,7 +823,7 @@ def markdown(state: dict[str, Any]) -> str:
         "below), both as in that example: `qkv.unbind(0)` for `qkv[0], qkv[1], qkv[2]` (with the indexing its "
         "dependency graph fails: IndexError) and the attention output reshaped to heads x head_dim. "
         f"onnxslim-prune {v['onnxslim-prune']}: `onnx-prune` in a fresh process. No fine-tuning anywhere. Parameters and "
-        "MACs: `onnxslim_prune.validate.model_stats` on every ONNX result at batch 1. Seconds: 'process' is the whole "
+        "MACs: `onnxslim_prune.model_stats` on every ONNX result at batch 1. Seconds: 'process' is the whole "
         "child process (load, prune, save; onnx-prune also validates and reports), 'prune call' the pruning call alone; "
         "2 shared cores, indicative only. Accuracy: onnxruntime on the full 10,000-image Fashion-MNIST test split, which "
         "no ranking or fitting saw (calibration and Taylor gradients: the first 2,000 training images).",
@@ -907,13 +903,10 @@ def better(state: dict[str, Any]) -> list[str]:
 
 def vit_plot(state: dict[str, Any], path: Path) -> Path | None:
     """Test accuracy against MACs kept on the ViT, every tool and setting (None without matplotlib)."""
-    try:
-        import matplotlib
+    from lib.plots import percent_axes, pyplot, save
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import PercentFormatter
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     vstate = state.get("vit", {})
     rows = [r for r in vstate.get("rows", []) if "accuracy" in r]
@@ -942,18 +935,12 @@ def vit_plot(state: dict[str, Any], path: Path) -> Path | None:
             style.update(marker="o", ls="-", lw=1.5)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], ms=5, label=label, **style)
     ax.axhline(vstate["baseline"], color="black", ls="--", lw=1, label=f"original {vstate['baseline']:.2%}")
-    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
-    ax.set_xlabel("MACs kept")
-    ax.set_ylabel("test accuracy (10,000 images)")
+    percent_axes(ax, "MACs kept", "test accuracy (10,000 images)")
     ax.set_ylim(0, 0.9)
-    ax.grid(True, alpha=0.3)
     ax.set_title("Fashion-MNIST ViT, no fine-tuning: Torch-Pruning 1.5.2, onnxsim 0.8.1, onnxslim-prune", fontsize=10)
     ax.legend(fontsize=7, loc="lower right", ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def main() -> int:
@@ -963,22 +950,23 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--onnxsim-child":
         onnxsim_child(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], float(sys.argv[5]))
         return 0
-    sys.path.insert(0, str(HERE))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="zoo,vit")
     ap.add_argument("--only", nargs="*", help="zoo models to run")
     ap.add_argument("--tools", nargs="*", help="zoo: only these tool labels, the other rows of the json kept")
-    ap.add_argument("--filled", type=Path, default=Path("/tmp/zoo"), help="zoo models filled by fill.py")
+    ap.add_argument("--filled", type=Path, default=FILLED, help="zoo models filled by fill.py")
     ap.add_argument("--torch-python", type=Path, default=None, help="an interpreter with torch and torch_pruning")
     ap.add_argument("--out", type=Path, default=OUT, help="writes OUT.json and OUT.md")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--rebuild", action="store_true", help="rewrite the markdown from the json and stop")
     ap.add_argument("--keep", type=Path, default=None, help="keep the pruned models in this folder")
     a = ap.parse_args()
+    from lib.results import write_json, write_results, write_text
+
     json_path, md_path = a.out.with_suffix(".json"), a.out.with_suffix(".md")
     if a.rebuild:
         saved = json.loads(json_path.read_text())
-        md_path.write_text(markdown(saved))
+        write_text(md_path, markdown(saved))
         vit_plot(saved, a.out.with_suffix(".png"))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -997,8 +985,7 @@ def main() -> int:
                 order = {t: i for i, t in enumerate([t for t, _ in ZOO_ONNXSIM] + [t for t, _ in ZOO_OURS])}
                 rows.sort(key=lambda r: (ZOO_MODELS.index(r["model"]), order.get(r["tool"], 99)))
             state["zoo"] = rows
-            a.out.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(state, indent=1) + "\n")
+            write_json(json_path, state)
         if "vit" in parts:
             state["vit"] = vit(work, find_torch_python(a.torch_python), a.timeout)
         if "vit" in parts or "vit-parity" in parts:
@@ -1008,9 +995,7 @@ def main() -> int:
     finally:
         if a.keep is None:
             shutil.rmtree(work, ignore_errors=True)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(state, indent=1) + "\n")
-    md_path.write_text(markdown(state))
+    write_results(a.out, state, markdown(state))
     vit_plot(state, a.out.with_suffix(".png"))
     print(md_path.read_text())
     return 0

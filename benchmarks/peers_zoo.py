@@ -19,31 +19,18 @@ import argparse
 import json
 import logging
 import sys
-import time
-import warnings
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from measure import failure, run_measured  # noqa: E402
+from lib.measure import failure, run_measured
+from lib.paths import FILLED, RESULTS
+from lib.peers import onnxsim_prune
+from lib.results import write_results
+from lib.runtime import check_valid, seeded_feed, session, static_shapes
+from onnxslim_prune import model_stats
 
 log = logging.getLogger("peers_zoo")
 RATIO = 0.5
-
-
-def onnxsim_prune(original: Any, ratio: float) -> tuple[Any, float]:
-    """onnxsim's structured pruning of a copy of `original` (an onnx.ModelProto), and its seconds."""
-    import onnx
-    import onnxsim
-
-    model = onnx.ModelProto()
-    model.CopyFrom(original)
-    started = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pruned = onnxsim.apply_structured_pruning(model, sparsity=ratio, importance_norm="l1", global_sparsity=False)
-    return pruned, time.perf_counter() - started
 
 
 def child(model_path: Path, ratio: float) -> dict[str, Any]:
@@ -51,18 +38,15 @@ def child(model_path: Path, ratio: float) -> dict[str, Any]:
     import numpy as np
     import onnx
 
-    from onnxslim_prune import ir, validate
-
     original = onnx.load(str(model_path))
-    shapes = ir.fixed_input_shapes(original)
-    before = validate.model_stats(original, shapes)
+    shapes = static_shapes(original)
+    before = model_stats(original, shapes)
     pruned, seconds = onnxsim_prune(original, ratio)
     row: dict[str, Any] = {"prune_seconds": round(seconds, 2)}
     try:
-        onnx.checker.check_model(pruned, full_check=True)
-        ir.infer_strict(pruned)
-        feeds = validate.random_inputs(original, shapes, 0)
-        reference, outputs = validate.run(original, feeds), validate.run(pruned, feeds)
+        check_valid(pruned)  # the full checker, strict shape inference
+        feeds = seeded_feed(original, shapes, 0)
+        reference, outputs = session(original).run(None, feeds), session(pruned).run(None, feeds)
         if [o.name for o in pruned.graph.output] != [o.name for o in original.graph.output]:
             raise ValueError("output names changed")
         if [r.shape for r in reference] != [o.shape for o in outputs]:
@@ -72,7 +56,7 @@ def child(model_path: Path, ratio: float) -> dict[str, Any]:
         row["valid"] = True
     except Exception as exc:  # any failure is the finding
         row.update(valid=False, invalid=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-    after = validate.model_stats(pruned, shapes)
+    after = model_stats(pruned, shapes)
     row.update(params_kept=after.params / before.params, macs_kept=after.macs / max(before.macs, 1))
     return row
 
@@ -138,9 +122,9 @@ def main() -> None:
         print(json.dumps(child(Path(sys.argv[2]), float(sys.argv[3]))), file=sys.stderr)
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--filled", type=Path, default=Path("/tmp/zoo"), help="zoo models filled by fill.py")
-    parser.add_argument("--ours", type=Path, default=HERE / "results" / "zoo_coverage.json")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "peers_zoo")
+    parser.add_argument("--filled", type=Path, default=FILLED, help="zoo models filled by fill.py")
+    parser.add_argument("--ours", type=Path, default=RESULTS / "zoo_coverage.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "peers_zoo")
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--timeout", type=int, default=900)
     args = parser.parse_args()
@@ -152,9 +136,7 @@ def main() -> None:
             continue
         rows.append(onnxsim_row(model, args.timeout))
         log.info("%s", json.dumps(rows[-1]))
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-        args.out.with_suffix(".md").write_text(markdown(ours, rows))
+        write_results(args.out, rows, markdown(ours, rows))
     log.info("wrote %s", args.out.with_suffix(".md"))
 
 

@@ -24,31 +24,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from lib.paths import RESULTS
+from lib.plots import DPI, percent_axes, pretty, pyplot
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import PercentFormatter  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
-DPI = 110
-
-
-def pretty(model: str) -> str:
-    return {
-        "fmnist_lenet300": "LeNet-300-100",
-        "fmnist_resnet56": "ResNet-56 (BN folded)",
-        "fmnist_vgg_slim_bn": "VGG-slim (BN folded)",
-        "fmnist_vgg_slim_bn_unfused": "VGG-slim (BN kept)",
-    }.get(model, model)
-
-
-def percent_axes(ax: Any, xlabel: str, ylabel: str) -> None:
-    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
+plt = pyplot()
 
 
 def accuracy_plots(results: Path, out: Path) -> list[Path]:
@@ -111,9 +90,7 @@ def latency_plot(results: Path, out: Path) -> list[Path]:
     xs = [lo + (hi - lo) * i / 50 for i in range(51)]
     handles += ax.plot(xs, [1 / x for x in xs], color="0.5", ls=":", lw=1, label="1 / MACs kept")
     ax.axhline(1.0, color="black", lw=0.8)
-    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
-    ax.set_xlabel("MACs kept")
-    ax.set_ylabel("speed-up (latency before / after)")
+    percent_axes(ax, "MACs kept", "speed-up (latency before / after)", y_percent=False)
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.set_title("onnxruntime CPU speed-up of l1 at ratio 0.5 (zoo models, batch 1)")
@@ -204,9 +181,12 @@ def anchors_plot(results: Path, out: Path) -> list[Path]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results", type=Path, default=HERE / "results", help="folder with the benchmarks' JSON")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder with the benchmarks' JSON")
     ap.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: --results)")
     a = ap.parse_args()
+    if plt is None:
+        print("plots need matplotlib (the bench extra)", file=sys.stderr)
+        return 1
     out = a.out or a.results
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -55,8 +55,7 @@ import onnxruntime as ort
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SHARED = ROOT.parent / "shared"
-sys.path.insert(0, str(HERE))
-from measure import failure, prune_cli_keep  # noqa: E402
+from lib.measure import failure, prune_cli_keep  # noqa: E402  (the paths above stay this script's own)
 
 log = logging.getLogger("real_suite")
 

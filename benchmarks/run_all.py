@@ -6,7 +6,8 @@
     python benchmarks/run_all.py --only peers,plots       # some steps (names in `steps`)
 
 Each step (the `steps` table below: script, full arguments, quick arguments) runs with its own flags (printed
-before it starts), its output goes to RESULTS/logs/NAME.log, and a failing step does not stop the others; the
+before it starts), from the repository's root with ``PYTHONPATH`` set to it (so every step measures this
+checkout's library), its output goes to RESULTS/logs/NAME.log, and a failing step does not stop the others; the
 exit code is 1 if any step failed. The last step, `update_readme.py`, regenerates README.md's figures and
 docs/ from the committed benchmarks/results.
 
@@ -23,15 +24,17 @@ when missing. Only bench_real_models.py fetches (pinned PyPI packages, with pip 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-SHARED = ROOT.parent / "shared"
+from lib.data import zoo_model
+from lib.paths import BENCH, FILLED, RESULTS, ROOT, SHARED, ZOO
+
+HERE = BENCH
 QUICK_ZOO = ("tv_resnet18", "tv_mobilenet_v2", "tv_squeezenet1_1")
 QUICK_RATIOS = "0.5,0.8"
 
@@ -45,11 +48,7 @@ def quick_zoo(zoo: Path, filled: Path, scratch: Path) -> tuple[Path, Path]:
     for name in QUICK_ZOO:
         links[src / f"{name}.onnx"] = zoo / f"{name}.onnx"
         links[src / f"{name}.onnx.json"] = zoo / f"{name}.onnx.json"
-        model = filled / f"{name}.onnx"
-        if not model.exists():
-            filled.mkdir(parents=True, exist_ok=True)
-            subprocess.run([sys.executable, str(zoo / "fill.py"), str(zoo / f"{name}.onnx"), str(model), "--seed", "0"], check=True)
-        links[dst / f"{name}.onnx"] = model
+        links[dst / f"{name}.onnx"] = zoo_model(name, zoo, filled)
     for link, target in links.items():
         if link.is_symlink() or link.exists():
             link.unlink()
@@ -134,14 +133,14 @@ def main() -> int:
     ap.add_argument("--results", type=Path, default=None,
                     help="where the benchmarks write (default: benchmarks/results, or a scratch folder with --quick)")
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/onnxslim_bench/quick"), help="scratch folder of --quick")
-    ap.add_argument("--zoo", type=Path, default=SHARED / "zoo")
-    ap.add_argument("--filled", type=Path, default=Path("/tmp/zoo"))
+    ap.add_argument("--zoo", type=Path, default=ZOO)
+    ap.add_argument("--filled", type=Path, default=FILLED)
     ap.add_argument("--only", default=None, help=f"comma-separated steps of: {', '.join(STEP_NAMES)}")
     ap.add_argument("--skip", default="", help="comma-separated steps to leave out")
     ap.add_argument("--timeout", type=int, default=None, help="seconds allowed to each step (default: none)")
     ap.add_argument("--dry-run", action="store_true", help="print the command lines and stop")
     a = ap.parse_args()
-    results = a.results or (a.scratch / "results" if a.quick else HERE / "results")
+    results = a.results or (a.scratch / "results" if a.quick else RESULTS)
     chosen = a.only.split(",") if a.only else list(STEP_NAMES)
     skip = {s for s in a.skip.split(",") if s}
     unknown = [s for s in [*chosen, *skip] if s not in STEP_NAMES]
@@ -161,8 +160,9 @@ def main() -> int:
         cmds[step.name] = cmd
     if a.dry_run:
         for name, cmd in cmds.items():
-            print(f"{name}: (cd {ROOT} && {subprocess.list2cmdline(cmd)})")
+            print(f"{name}: (cd {ROOT} && PYTHONPATH={ROOT} {subprocess.list2cmdline(cmd)})")
         return 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     logs = results / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     summary = []
@@ -173,7 +173,8 @@ def main() -> int:
         log = logs / f"{name}.log"
         with log.open("w") as handle:
             try:
-                code = subprocess.run(cmd, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, timeout=a.timeout).returncode
+                code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                      timeout=a.timeout).returncode
             except subprocess.TimeoutExpired:
                 code = "timeout"
         seconds = time.perf_counter() - started

@@ -14,19 +14,17 @@ the first 2,000 training images.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import failure, prune_cli_keep  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from lib.data import load_split, write_calibration, zoo_model
+from lib.measure import failure, prune_cli_keep
+from lib.paths import RESULTS, SHARED_MODELS, ZOO
+from lib.results import write_text
+from lib.runtime import accuracy as top1
 ZOO_MODELS = (
     "hf_bert", "hf_distilbert", "hf_gpt2", "hf_llama_gqa", "hf_vit",
     "hfdyn_bert", "hfdyn_distilbert", "hfdyn_gpt2", "hfdyn_llama_gqa", "hfdyn_vit", "timm_deit_tiny_patch16_224",
@@ -58,13 +56,7 @@ def frozen_summary(groups: list[dict[str, Any]]) -> str:
 
 
 def fill(model: str, filled: Path) -> Path:
-    filled.mkdir(parents=True, exist_ok=True)
-    dst = filled / f"{model}.onnx"
-    if not dst.exists():
-        zoo = SHARED / "zoo"
-        subprocess.run([sys.executable, str(zoo / "fill.py"), str(zoo / f"{model}.onnx"), str(dst), "--seed", "0"],
-                       check=True)
-    return dst
+    return zoo_model(model, ZOO, filled)
 
 
 def zoo_rows(filled: Path, timeout: int) -> list[str]:
@@ -85,19 +77,12 @@ def zoo_rows(filled: Path, timeout: int) -> list[str]:
 
 
 def accuracy(model: Path) -> float:
-    import onnxruntime as ort
-    from fmnist import load_split
-
-    x, y = load_split("test")
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    pred = np.concatenate([session.run(None, {"input": x[i : i + 1000]})[0].argmax(1) for i in range(0, len(x), 1000)])
-    return float(np.mean(pred == y))
+    """Test top-1 on the 10,000 test images."""
+    return top1(model, *load_split("test"))
 
 
 def vit_rows(timeout: int) -> list[str]:
-    from fmnist import write_calibration
-
-    model = SHARED / "models" / "fmnist_vit.onnx"
+    model = SHARED_MODELS / "fmnist_vit.onnx"
     calib = write_calibration(Path(tempfile.gettempdir()) / "fmnist_train2000.npz", 2000)
     lines = ["| Fashion-MNIST ViT | groups pruned | params kept | MACs kept | heads kept | FFN kept | hidden kept | test top-1 |",
              "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -120,12 +105,11 @@ def vit_rows(timeout: int) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--filled", type=Path, default=Path(tempfile.gettempdir()) / "tfzoo")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "transformers.md")
+    ap.add_argument("--out", type=Path, default=RESULTS / "transformers.md")
     ap.add_argument("--timeout", type=int, default=900)
     a = ap.parse_args()
     text = "\n".join([*zoo_rows(a.filled, a.timeout), "", *vit_rows(a.timeout), ""])
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(text)
+    write_text(a.out, text)
     print(text)
     return 0
 

@@ -5,7 +5,7 @@
 - `docs/benchmarks.md`: every table of `benchmarks/results/NAME.md`, in the chapters below, with its plots and
   the command that made it (a result file that does not exist yet is left out);
 - the README's "At a glance" (`<!-- glance -->` markers): headline figures computed from the results' JSON
-  by `benchmarks/glance.py`;
+  by `benchmarks/lib/glance.py`;
 - `docs/ops.md`, `docs/methods.md`, `docs/cli.md`: from the op-rule registry, the methods and the click command
   (`benchmarks/update_docs.py`).
 
@@ -15,19 +15,16 @@ search, quantized, limits) are.
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-RESULTS = HERE / "results"
+from lib import glance, require_checkout
+from lib.paths import RESULTS, ROOT
+from lib.results import write_text
+
 DOCS = ROOT / "docs"
-sys.path.insert(0, str(HERE))
-
-import glance  # noqa: E402
-import update_docs  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -138,14 +135,16 @@ def replace_marked(text: str, name: str, content: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if argv:
-        print("usage: python benchmarks/update_readme.py (no arguments: everything is regenerated)", file=sys.stderr)
-        return 2
-    DOCS.mkdir(exist_ok=True)
-    (DOCS / "benchmarks.md").write_text(benchmarks_page())
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="No arguments: everything is regenerated.").parse_args(argv)
+    require_checkout()  # docs/ops.md, methods.md and cli.md describe this checkout's code
+    from lib.docs import write_pages
+
+    write_text(DOCS / "benchmarks.md", benchmarks_page())
     readme = ROOT / "README.md"
-    readme.write_text(replace_marked(readme.read_text(), "glance", glance.glance()))
-    return update_docs.main()
+    write_text(readme, replace_marked(readme.read_text(), "glance", glance.glance()))
+    write_pages()
+    return 0
 
 
 if __name__ == "__main__":

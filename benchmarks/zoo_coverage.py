@@ -9,8 +9,8 @@ limit, so one failure cannot stop the table; its wall time and its own peak RSS 
 
 Each model is also pruned (same method and ratio, ``--no-latency``) in its QDQ int8 form
 (onnxruntime's ``quantize_static`` on 8 seeded inputs, per-channel int8 weights) and its fp16 form
-(float32 initializers stored as float16, cast on load), both made by bench_quantized.py and
-cached in --work: valid or not and the serialized size kept. For transformers (groups whose
+(float32 initializers stored as float16, cast on load), both made by lib/quantized.py (as bench_quantized.py
+makes them) and cached in --work: valid or not and the serialized size kept. For transformers (groups whose
 report `part` is heads or hidden) the channels kept of the float run's heads, FFN and hidden
 groups are columns of a second table.
 """
@@ -19,25 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quantized import FORMS, zoo_forms  # noqa: E402
-from measure import failure, prune_cli, verdict_cosine  # noqa: E402
+from lib.data import fill_zoo
+from lib.measure import failure, prune_cli, verdict_cosine
+from lib.paths import FILLED, RESULTS, WORK, ZOO
+from lib.quantized import FORMS, zoo_forms
+from lib.results import write_results
 
 #: the zoo's transformer / attention models (the second table)
 TRANSFORMERS = ("hf_", "hfdyn_", "deit", "swin", "levit", "mobilevit", "efficientformer")
-
-
-def fill(zoo: Path, filled: Path) -> None:
-    filled.mkdir(parents=True, exist_ok=True)
-    for src in sorted(zoo.glob("*.onnx")):
-        dst = filled / src.name
-        if not dst.exists():
-            subprocess.run([sys.executable, str(zoo / "fill.py"), str(src), str(dst), "--seed", "0"], check=True)
 
 
 def parts_kept(groups: list[dict]) -> dict[str, list[int]]:
@@ -149,18 +142,18 @@ def markdown(rows: list[dict], minutes: float | None = None) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--zoo", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "zoo")
-    ap.add_argument("--filled", type=Path, default=Path("/tmp/zoo"))
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "zoo_coverage.md")
+    ap.add_argument("--zoo", type=Path, default=ZOO)
+    ap.add_argument("--filled", type=Path, default=FILLED)
+    ap.add_argument("--out", type=Path, default=RESULTS / "zoo_coverage.md")
     ap.add_argument("--method", default="l1")
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--timeout", type=int, default=900)
-    ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / "work" / "zoo_forms",
+    ap.add_argument("--work", type=Path, default=WORK / "zoo_forms",
                     help="cache of the QDQ and fp16 forms (made once)")
     ap.add_argument("--no-forms", action="store_true", help="only the float models")
     a = ap.parse_args()
-    fill(a.zoo, a.filled)
+    fill_zoo(a.zoo, a.filled)
     started = time.perf_counter()
     rows = []
     for model in sorted(a.filled.glob("*.onnx")):
@@ -168,9 +161,7 @@ def main() -> int:
             continue
         rows.append(one(model, a.method, a.ratio, a.timeout, None if a.no_forms else a.work))
         print(json.dumps(rows[-1]), flush=True)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(markdown(rows, (time.perf_counter() - started) / 60) + "\n")
-    a.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))  # read by peers_zoo.py
+    write_results(a.out, rows, markdown(rows, (time.perf_counter() - started) / 60))  # the JSON is read by peers_zoo.py
     print(markdown(rows, (time.perf_counter() - started) / 60))
     return 0
 

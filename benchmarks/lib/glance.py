@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from bench_nm_ranking import AUTHORS_CODE
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from .paths import RESULTS
+from .published import AUTHORS_CODE
 
 
 def slug(title: str) -> str:
