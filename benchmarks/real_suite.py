@@ -55,6 +55,8 @@ import onnxruntime as ort
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SHARED = ROOT.parent / "shared"
+from lib import data  # noqa: E402
+from lib.data import npz_batches  # noqa: E402
 from lib.measure import failure, prune_cli_keep  # noqa: E402  (the paths above stay this script's own)
 
 log = logging.getLogger("real_suite")
@@ -84,25 +86,7 @@ def session(path: Path | bytes, threads: int = 0) -> ort.InferenceSession:
 
 def image_batches(folder: Path, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """The eval images as the model's input, preprocessed as its card says (written here, not the tool's code)."""
-    from PIL import Image
-
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:limit]
-    for start in range(0, len(files), IMAGE_BATCH):
-        batch = []
-        for path in files[start:start + IMAGE_BATCH]:
-            with Image.open(path) as img:
-                rgb = img.convert("RGB").resize((LITE1_SIZE, LITE1_SIZE), Image.Resampling.BILINEAR)
-            pixels = np.asarray(rgb, dtype=np.float32) / 255.0
-            batch.append(((pixels - 0.5) / 0.5).transpose(2, 0, 1))
-        yield {"input": np.stack(batch).astype(np.float32)}
-
-
-def npz_batches(path: Path, batch: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    with np.load(path) as data:
-        arrays = {k: data[k][:limit] for k in data.files}
-    n = len(next(iter(arrays.values())))
-    for start in range(0, n, batch):
-        yield {k: v[start:start + batch] for k, v in arrays.items()}
+    return data.image_batches(folder, LITE1_SIZE, 0.5, 0.5, IMAGE_BATCH, limit)
 
 
 def class_scores(sess: ort.InferenceSession, batches: Iterator[dict[str, np.ndarray]]) -> np.ndarray:
