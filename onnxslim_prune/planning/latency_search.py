@@ -60,7 +60,7 @@ from ..verdict import Gates
 from .parts import VerdictPart
 from .search import (
     LONG_SECONDS, Allocation, Measurement, Objective, Probe, Prober, SearchOutcome, SearchSettings, SensitivityRow, Step, _duration,
-    _quiet, _with_search_report, allocation_at, baseline, check_searchable, greedy_steps, sensitivity,
+    _quiet, _with_search_report, allocation_at, baseline, check_searchable, greedy_steps, resolved, sensitivity,
 )
 
 log = logging.getLogger(__name__)
@@ -364,12 +364,13 @@ def run_latency_search(prober: Prober, settings: SearchSettings, round_to: int |
         raise UsageError("--objective latency needs --target-latency F or a gate (--max-drop, --min-*)")
     settings = replace(settings, objective=Objective.LATENCY)
     trace = baseline(prober)
+    settings = resolved(prober, settings, trace)
     rows: tuple[SensitivityRow, ...] = ()
     if settings.allocation is Allocation.SENSITIVITY:
         rows = sensitivity(prober, trace, settings, round_to)
         budget = Budget(Allocation.SENSITIVITY, greedy_steps(rows, Objective.MACS))
     else:
-        budget = Budget(Allocation.RANKING)
+        budget = Budget(Allocation.RANKING)  # the method's --target-macs (by predicted damage with DAMAGE)
     meter = meter or InterleavedMeter(prober, latency.threads, latency.clock)
     walk = _Walk(prober, budget, meter, settings.max_probes)
     if latency.target is not None:
