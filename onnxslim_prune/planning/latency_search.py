@@ -7,7 +7,9 @@ with the allocation of the gated search (`planning.search`):
   profile; ``s`` takes the shortest prefix of steps whose summed single-group MACs savings reach
   ``s`` (so ``s`` is close to the MACs actually removed);
 * `Allocation.RANKING` (the default without data: a data-free profile would cost a probe per
-  group and ratio and rank on random inputs): the global normalised ranking under ``--target-macs 1 - s``.
+  group and ratio and rank on random inputs): the global normalised ranking under ``--target-macs 1 - s``;
+* `Allocation.DAMAGE` (``auto`` for a method whose budget is shared by predicted damage, `search.resolved`): the
+  method's own ``--target-macs 1 - s``, as with RANKING, with no profile probes.
 
 Each probe is one `api.prune` run (validated like any output: a probe that fails validation is
 skipped, never written) followed by a latency measurement of the probe against the original:

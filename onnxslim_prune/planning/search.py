@@ -23,7 +23,13 @@ drop (with labelled ``--eval`` data), sorted by cost-effectiveness ``saved MACs 
 Data-free runs (no ``--calib``) measure on seeded random inputs: a proxy, labelled as such. A search
 (a gate) needs real samples: a gate without them is a usage error before any probe (`verdict`).
 
-Allocation (`Allocation.SENSITIVITY`, the default): a greedy knapsack over the profile. Per
+Allocation (`Allocation.AUTO`, the default): DAMAGE where the method's ``--target-macs`` is shared by the
+closed-form predicted damage (`resolved`), else SENSITIVITY. `Allocation.DAMAGE`: no profile; each probe is the
+method's ``--target-macs`` (per group and width, the refit residual predicted from the statistics its selection
+holds: `passes.datadriven.damage_table`), searched as a `Line` beside the plain uniform ``--ratio`` line
+(`_damage_lines`); lines depend on their own probes only and run side by side, a round at a time.
+
+`Allocation.SENSITIVITY`: a greedy knapsack over the profile. Per
 group, the points ``(saved_g(r), damage_g(r))`` with the origin (damage made non-decreasing in
 ``r``) are reduced to their lower convex hull; each hull edge is a *step* of slope
 ``Δdamage / Δsaved``. All groups' steps in one order of increasing slope (ties: group, then
