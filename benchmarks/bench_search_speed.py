@@ -63,7 +63,12 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--work", type=Path, default=Path("/tmp/onnxslim_bench/search_speed"))
     parser.add_argument("--results", type=Path, default=HERE / "results")
+    parser.add_argument("--rewrite", action="store_true", help="only rewrite the .md from the .json")
     args = parser.parse_args()
+    if args.rewrite:
+        result = json.loads((args.results / "search_speed.json").read_text())
+        (args.results / "search_speed.md").write_text(markdown(result))
+        return
     calib, evaluation = search_split(args.work)
     xt, yt = load_split("test")
     model = MODELS / f"{args.model}.onnx"
@@ -134,7 +139,43 @@ def markdown(result: dict[str, Any]) -> str:
         x = "-" if r["x_plain"] is None else f"{r['x_plain']:.1f}x"
         lines.append(f"| {r['mode']} | `{r['command']}` | {r['seconds']:.1f} | {x} | {r['probes']} ({r['sensitivity_probes']}) "
                      f"| {100 * r['macs_kept']:.1f}% | {100 * r['test_accuracy']:.2f}% | {r['chosen_budget'] or '-'} |")
+    lines += ["", *again(result["rows"]), *dominance(result["rows"])]
+    before = result.get("before")
+    if before:
+        lines.append(f"- Before (commit {before['commit']}, {before['allocation']} allocation, its own run): serial "
+                     f"{before['seconds']:.1f} s against plain {before['plain_seconds']:.1f} s = {before['x_plain']:.1f}x, "
+                     f"{before['probes']} probes + {before['sensitivity_probes']} for the profile, written "
+                     f"{100 * before['macs_kept']:.1f}% of the MACs at {100 * before['test_accuracy']:.2f}%.")
     return "\n".join(lines) + "\n"
+
+
+def again(rows: list[dict[str, Any]]) -> list[str]:
+    """The plain command run once more after the searches (a uniform row): the machine's load moves the yardstick."""
+    plain = next((r for r in rows if r["mode"] == "plain"), None)
+    repeat = next((r for r in rows if plain and r["mode"] == "uniform" and r["command"] == plain["command"]), None)
+    if plain is None or repeat is None:
+        return []
+    fastest = min(plain["seconds"], repeat["seconds"])
+    searched = [r for r in rows if r["mode"] not in ("plain", "uniform")]
+    return [f"- The plain command `{plain['command']}` once more after the searches: {repeat['seconds']:.1f} s (first "
+            f"{plain['seconds']:.1f} s; other jobs on the machine load it unevenly). Against the faster of the two: "
+            + ", ".join(f"{r['mode']} {r['seconds'] / fastest:.1f}x" for r in searched) + "."]
+
+
+def dominance(rows: list[dict[str, Any]]) -> list[str]:
+    """Per searched model: the plain uniform runs with no more MACs, and whether one is at least as accurate on TEST."""
+    uniform = [r for r in rows if r["mode"] in ("uniform", "plain")]
+    out = []
+    for r in rows:
+        if r["mode"] in ("uniform", "plain"):
+            continue
+        smaller = list({u["command"]: u for u in uniform if u["macs_kept"] <= r["macs_kept"] + 1e-9}.values())
+        over = [u for u in smaller if u["test_accuracy"] >= r["test_accuracy"]]
+        listed = ", ".join(f"`{u['command']}` {100 * u['macs_kept']:.1f}% / {100 * u['test_accuracy']:.2f}%" for u in smaller)
+        out.append(f"- {r['mode']}: written {100 * r['macs_kept']:.1f}% of the MACs at {100 * r['test_accuracy']:.2f}%; "
+                   f"plain uniform ldrf runs with no more MACs: {listed or 'none'}; "
+                   + (f"**dominated** by {len(over)} of them." if over else "dominated by none."))
+    return out
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ CHAPTERS = (
     Chapter("Accuracy", (
         Section("accuracy", "Accuracy without fine-tuning", "bench_accuracy.py", pictures=("accuracy_*.png",)),
         Section("search", "The gated search", "bench_search.py", pictures=("search_*.png",)),
+        Section("search_speed", "Speed of the gated search", "bench_search_speed.py"),
         Section("transformers_vit", "The Fashion-MNIST ViT", "bench_vit.py", pictures=("transformers_vit*.png",)),
         Section("quantized_fmnist", "Quantized models", "bench_quantized.py"),
         Section("ridge", "Ridge of the refit", "bench_ridge.py"),

@@ -178,9 +178,10 @@ class _OneLineErrors(click.Command):
               help="Cut each group alone at --sensitivity-ratios and print the table (with a gate: also the search's profile).")
 @click.option("--sensitivity-ratios", default="0.25,0.5,0.75", show_default=True, metavar="R,R,...",
               help="Ratios each group is cut at alone (sensitivity and the search's profile).")
-@click.option("--allocation", type=click.Choice([a.value for a in Allocation]), default=Allocation.SENSITIVITY.value,
-              show_default=True, help="Search: per-group allocation, greedy over the sensitivity profile or the global ranking; given "
-              "with --target-*, the sensitivity allocation meets the target.")
+@click.option("--allocation", type=click.Choice([a.value for a in Allocation]), default=Allocation.AUTO.value,
+              show_default=True, help="Search: per-group allocation, greedy over the sensitivity profile, the global ranking, or "
+              "the closed-form predicted damage (no profile probes; auto: damage for thinet, cp, ldrf, contrib, obs on models "
+              "without attention heads, else sensitivity); given with --target-*, the sensitivity allocation meets the target.")
 @click.option("--objective", type=click.Choice([o.value for o in Objective]), default=Objective.MACS.value,
               show_default=True, help="Search: what is made smallest within the gate.")
 @click.option("--target-latency", type=float, metavar="F",

@@ -152,7 +152,7 @@ def test_probes_and_the_final_verdict_see_disjoint_held_out_halves(tmp_path: Pat
     calib = load_calibration(path, input_specs(onnx.load(str(SAMPLE_LENET))))
     held = set(split_mod.split_holdout(calib, 0.2, 3).holdout_indices)
     *probes, final = seen.verdicts
-    assert len(probes) == 1 + 2 + len(outcome.probes)  # the baseline, 2 sensitivity probes (2 groups at 0.5), the search
+    assert len(probes) == 2 + len(outcome.probes)  # 2 sensitivity probes (2 groups at 0.5), the search (the trace is prepared)
     selection = probes[0]
     assert all(v == selection for v in probes) and len(selection) == 12 and len(final) == 12
     assert selection | final == held and not selection & final
@@ -202,7 +202,7 @@ def test_cli_gated_search_is_deterministic_and_reports_the_probes(tmp_path: Path
         res = CliRunner().invoke(main, [str(src), "--calib", str(calib), "--holdout", "0.5", "--no-reconstruct",
                                         "--min-correlation", "0.9999", "--search-margin", "0", "--max-probes", "3",
                                         "--sensitivity-ratios", "0.75", "--no-latency", "--round-to", "1", "-o", str(out),
-                                        "--report", str(report), *workers])
+                                        "--allocation", "sensitivity", "--report", str(report), *workers])
         assert res.exit_code == 0, res.output
         assert ("local worker processes" in caplog.text) == (not workers)
         assert "search (sensitivity allocation" in res.output and "searched: smallest of" in res.output

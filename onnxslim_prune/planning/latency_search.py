@@ -7,7 +7,9 @@ with the allocation of the gated search (`planning.search`):
   profile; ``s`` takes the shortest prefix of steps whose summed single-group MACs savings reach
   ``s`` (so ``s`` is close to the MACs actually removed);
 * `Allocation.RANKING` (the default without data: a data-free profile would cost a probe per
-  group and ratio and rank on random inputs): the global normalised ranking under ``--target-macs 1 - s``.
+  group and ratio and rank on random inputs): the global normalised ranking under ``--target-macs 1 - s``;
+* `Allocation.DAMAGE` (``auto`` for a method whose budget is shared by predicted damage, `search.resolved`): the
+  method's own ``--target-macs 1 - s``, as with RANKING, with no profile probes.
 
 Each probe is one `api.prune` run (validated like any output: a probe that fails validation is
 skipped, never written) followed by a latency measurement of the probe against the original:
@@ -60,7 +62,7 @@ from ..verdict import Gates
 from .parts import VerdictPart
 from .search import (
     LONG_SECONDS, Allocation, Measurement, Objective, Probe, Prober, SearchOutcome, SearchSettings, SensitivityRow, Step, _duration,
-    _quiet, _with_search_report, allocation_at, baseline, check_searchable, greedy_steps, sensitivity,
+    _quiet, _with_search_report, allocation_at, baseline, check_searchable, greedy_steps, resolved, sensitivity,
 )
 
 log = logging.getLogger(__name__)
@@ -364,12 +366,13 @@ def run_latency_search(prober: Prober, settings: SearchSettings, round_to: int |
         raise UsageError("--objective latency needs --target-latency F or a gate (--max-drop, --min-*)")
     settings = replace(settings, objective=Objective.LATENCY)
     trace = baseline(prober)
+    settings = resolved(prober, settings, trace)
     rows: tuple[SensitivityRow, ...] = ()
     if settings.allocation is Allocation.SENSITIVITY:
         rows = sensitivity(prober, trace, settings, round_to)
         budget = Budget(Allocation.SENSITIVITY, greedy_steps(rows, Objective.MACS))
     else:
-        budget = Budget(Allocation.RANKING)
+        budget = Budget(Allocation.RANKING)  # the method's --target-macs (by predicted damage with DAMAGE)
     meter = meter or InterleavedMeter(prober, latency.threads, latency.clock)
     walk = _Walk(prober, budget, meter, settings.max_probes)
     if latency.target is not None:

@@ -23,7 +23,13 @@ drop (with labelled ``--eval`` data), sorted by cost-effectiveness ``saved MACs 
 Data-free runs (no ``--calib``) measure on seeded random inputs: a proxy, labelled as such. A search
 (a gate) needs real samples: a gate without them is a usage error before any probe (`verdict`).
 
-Allocation (`Allocation.SENSITIVITY`, the default): a greedy knapsack over the profile. Per
+Allocation (`Allocation.AUTO`, the default): DAMAGE where the method's ``--target-macs`` is shared by the
+closed-form predicted damage (`resolved`), else SENSITIVITY. `Allocation.DAMAGE`: no profile; each probe is the
+method's ``--target-macs`` (per group and width, the refit residual predicted from the statistics its selection
+holds: `passes.datadriven.damage_table`), searched as a `Line` beside the plain uniform ``--ratio`` line
+(`_damage_lines`); lines depend on their own probes only and run side by side, a round at a time.
+
+`Allocation.SENSITIVITY`: a greedy knapsack over the profile. Per
 group, the points ``(saved_g(r), damage_g(r))`` with the origin (damage made non-decreasing in
 ``r``) are reduced to their lower convex hull; each hull edge is a *step* of slope
 ``Δdamage / Δsaved``. All groups' steps in one order of increasing slope (ties: group, then
@@ -101,8 +107,12 @@ Allocation_ = tuple[tuple[int, float], ...]
 class Allocation(str, Enum):
     """How the global budget is spread over the groups (module docstring)."""
 
+    #: DAMAGE for a method whose budget is shared by closed-form predicted damage on this model, else SENSITIVITY
+    AUTO = "auto"
     SENSITIVITY = "sensitivity"
     RANKING = "ranking"
+    #: the method's ``--target-macs`` shared by predicted damage (`passes.budget`): no profile probes
+    DAMAGE = "damage"
 
 
 class Objective(str, Enum):
@@ -119,7 +129,7 @@ class SearchSettings:
 
     ratios: tuple[float, ...] = DEFAULT_RATIOS
     max_probes: int = DEFAULT_MAX_PROBES
-    allocation: Allocation = Allocation.SENSITIVITY
+    allocation: Allocation = Allocation.AUTO
     objective: Objective = Objective.MACS
     #: a probe passes only when every gate holds with this many standard errors of its figure to spare (the
     #: smallest of many probes that pass on the selection half is partly the luckiest; the final half judges it)
@@ -164,6 +174,28 @@ def passes_with_margin(verdict: Verdict, margin: float) -> bool:
     return True
 
 
+def gate_slack(verdict: Verdict, margin: float) -> float | None:
+    """How far the worst gate is from failing with `margin` standard errors spared, as a fraction (accuracy points
+    / 100): >= 0 exactly when `passes_with_margin`; None when the probe is degraded or a gate's figure is missing."""
+    if verdict.degraded or not verdict.gates:
+        return None
+    worst = math.inf
+    for gate in verdict.gates:
+        if gate.value is None:
+            return None
+        spare = margin * standard_error(verdict, gate.figure)
+        drop = gate.figure == "accuracy_drop_points"
+        room = (gate.threshold - gate.value - spare) / 100.0 if drop else gate.value - spare - gate.threshold
+        worst = min(worst, room)
+    return worst if math.isfinite(worst) else None
+
+
+def original_slack(gates: Gates) -> float:
+    """`gate_slack` of the original itself (no figure moved, no error): the room each gate leaves."""
+    return min(((g.threshold / 100.0) if g.figure == "accuracy_drop_points" else 1.0 - g.threshold)
+               for g in gates.gates())
+
+
 def damage_of(verdict: Verdict) -> float:
     """The continuous distance of a probe from the original (module docstring)."""
     correlation = verdict.correlation if verdict.correlation is not None else verdict.cosine
@@ -188,6 +220,7 @@ class Measurement:
     seconds: float
     latency_ratio: float | None = None  # pruned / original, when measured
     failed: str | None = None  # why the probe produced no valid model
+    slack: float | None = None  # `gate_slack`: how far from failing (negative: missed)
 
     @staticmethod
     def of(result: Any, seconds: float, margin: float = 0.0) -> Measurement:
@@ -200,6 +233,7 @@ class Measurement:
             passed=passes_with_margin(verdict, margin), damage=damage_of(verdict), top1_agreement=verdict.top1_agreement,
             correlation=verdict.correlation, accuracy_drop=verdict.accuracy_drop_points, samples=verdict.samples,
             seconds=seconds, latency_ratio=None if timing is None else timing.after_ms / max(timing.before_ms, 1e-12),
+            slack=gate_slack(verdict, margin),
         )
 
     @staticmethod
@@ -552,16 +586,20 @@ def search(prober: Prober, trace: Trace, settings: SearchSettings, round_to: int
     """The smallest probe that passes `gates` on the selection half, rerun and judged on the final half."""
     if not gates.any:
         raise UsageError("a search needs a gate: --max-drop, --min-top1-agreement, --min-cosine or --min-correlation")
+    settings = resolved(prober, settings, trace)
     rows: tuple[SensitivityRow, ...] = ()
     probes: list[Probe] = []
     if settings.allocation is Allocation.SENSITIVITY:
         rows = sensitivity_rows if sensitivity_rows is not None else sensitivity(prober, trace, settings, round_to)
         _bisect_steps(prober, greedy_steps(rows, settings.objective), settings, probes, trace, round_to)
+    elif settings.allocation is Allocation.DAMAGE:
+        rows = sensitivity_rows or ()
+        _search_lines(prober, _damage_lines(prober, trace, settings, gates, round_to), probes)
     else:
         if sensitivity_rows is not None:
             rows = sensitivity_rows
         _bisect_target(prober, settings, probes)
-    if settings.baseline_probes and settings.objective is not Objective.LATENCY:
+    if settings.baseline_probes and settings.objective is not Objective.LATENCY and settings.allocation is not Allocation.DAMAGE:
         _baselines(prober, trace, settings, probes, round_to)
     notes: list[str] = []
     chosen = choose(probes, settings.objective)
@@ -578,6 +616,190 @@ def search(prober: Prober, trace: Trace, settings: SearchSettings, round_to: int
     outcome = SearchOutcome(result, tuple(probes), rows, None if chosen is None else chosen.index, settings, tuple(notes),
                             prober.seconds, prober.data_free)
     return replace(outcome, result=_with_search_report(outcome))
+
+
+# ----------------------------------------------------------------------------- the damage allocation: lines of runs
+
+
+def resolved(prober: Prober, settings: SearchSettings, trace: Trace) -> SearchSettings:
+    """`settings` with `Allocation.AUTO` made concrete: DAMAGE when the method shares a ``--target-macs`` by
+    closed-form predicted damage on this model (`passes.datadriven.by_damage`: a reconstruction method, real data,
+    a model without attention heads unless ``--budget-allocation damage`` says so), else SENSITIVITY."""
+    if settings.allocation is Allocation.AUTO:
+        return replace(settings, allocation=Allocation.DAMAGE if shares_by_damage(prober, trace) else Allocation.SENSITIVITY)
+    if settings.allocation is Allocation.DAMAGE and not damage_capable(prober.method):
+        from ..passes.datadriven import DAMAGE_METHODS
+
+        raise UsageError(f"--allocation damage needs a method whose statistics predict the damage ({', '.join(DAMAGE_METHODS)})")
+    return settings
+
+
+def damage_capable(method: str) -> bool:
+    from ..passes.datadriven import DAMAGE_METHODS
+
+    return method in DAMAGE_METHODS
+
+
+def shares_by_damage(prober: Prober, trace: Trace) -> bool:
+    """Whether the method's own ``--target-macs`` run shares the budget by predicted damage here."""
+    from ..methods.base import BudgetAllocation, get_method
+    from ..passes.datadriven import default_allocation
+
+    if prober.data_free or not damage_capable(prober.method):
+        return False
+    params = get_method(prober.method).params.parse(prober.params)
+    return params.allocation(default_allocation(trace)) is BudgetAllocation.DAMAGE
+
+
+#: where a line's first probe is (the fraction kept), its bracket's resolution, and the least it asks for
+LINE_START = 0.6
+LINE_RESOLUTION = 0.02
+LINE_LOWEST = 0.05
+#: the lost slack grows as a power of the share removed: assumed before two points measure it, and its bounds
+LINE_POWER = (3.0, 1.0, 6.0)
+#: each estimate stays this share of the bracket inside it (a safeguard against a poor fit)
+LINE_GUARD = 0.15
+
+
+@dataclass(eq=False)
+class Line:
+    """One line of runs (the kept fraction -> a run's settings) searched for its smallest member within the gate.
+
+    The original passes with `origin` slack (`original_slack`); each probe adds (kept, `gate_slack`). The next
+    fraction is the root of ``origin - slack = a (1 - kept)^p`` fitted to the two probes nearest the boundary
+    (one: ``p`` assumed), kept `LINE_GUARD` inside the bracket of the smallest pass and the largest miss below it;
+    the line stops when that bracket is `LINE_RESOLUTION` wide, after `limit` probes, or when the fraction asked
+    for maps to a run already probed (a staircase of rounded widths). Its probes depend on its own figures only, so
+    lines run side by side give the probes of lines run one after another.
+    """
+
+    name: str
+    at: Callable[[float], tuple[dict[str, Any], str]]  # kept fraction -> (the run's settings, its label)
+    limit: int
+    origin: float
+    objective: Objective
+    start: float = LINE_START
+    points: list[tuple[float, float | None, bool]] = field(default_factory=list)  # (kept, slack, passed)
+    asked: list[dict[str, Any]] = field(default_factory=list)
+    done: bool = False
+
+    def next(self) -> tuple[dict[str, Any], str] | None:
+        if self.done or len(self.points) >= self.limit:
+            return None
+        for kept in [self.start] if not self.points else self.estimates():
+            params, label = self.at(kept)
+            if params not in self.asked:
+                self.asked.append(params)
+                return params, label
+        self.done = True  # resolved, or no other run of this line lies in the bracket
+        return None
+
+    def record(self, m: Measurement) -> None:
+        self.points.append((m.kept(self.objective), m.slack, m.passed))
+
+    def estimates(self) -> list[float]:
+        """The next fraction kept: the fit's, else the bracket's middle (none: the bracket is resolved)."""
+        high = min((k for k, _, ok in self.points if ok), default=1.0)
+        misses = [k for k, _, ok in self.points if not ok and k < high]
+        low = max(misses, default=None)
+        floor = LINE_LOWEST if low is None else low
+        width = high - floor
+        if width <= LINE_RESOLUTION:
+            return []
+        lost = sorted((1.0 - k, self.origin - s) for k, s, _ in self.points
+                      if s is not None and k < 1.0 and self.origin - s > 0)
+        guess: float | None = None
+        if lost:
+            near = sorted(lost, key=lambda cd: abs((1.0 - cd[0]) - (high + floor) / 2))[:2]
+            power = LINE_POWER[0]
+            if len(near) == 2 and near[0][0] != near[1][0] and near[0][1] != near[1][1]:
+                (c1, d1), (c2, d2) = near
+                power = math.log(d2 / d1) / math.log(c2 / c1)
+                power = min(max(power, LINE_POWER[1]), LINE_POWER[2]) if math.isfinite(power) else LINE_POWER[0]
+            c, d = near[0]
+            guess = 1.0 - c * (self.origin / d) ** (1.0 / power)
+        middle = (high + floor) / 2
+        if guess is None or not math.isfinite(guess):
+            guess = middle  # no slack lost yet (or none measured): halve the bracket
+        # below every probe that missed, at most halfway down to the floor: an extrapolation is not trusted further
+        guard = LINE_GUARD * width if low is not None else width / 2
+        return [min(max(guess, floor + guard), high - max(LINE_GUARD * width, LINE_RESOLUTION / 2)), middle]
+
+
+def _search_lines(prober: Prober, lines: Sequence[Line], probes: list[Probe]) -> None:
+    """The lines side by side: each round takes every unfinished line's next run (independent probes: the worker
+    pool or Ray measures them together), in the order of `lines`."""
+    started = time.perf_counter()
+    rounds = 0
+    while True:
+        jobs = [(line, job) for line in lines if (job := line.next()) is not None]
+        if not jobs:
+            break
+        rounds += 1
+        first = len(probes)
+        measured = prober.probe_all([params for _, (params, _) in jobs],
+                                    lambda i: f"search: round {rounds}, probe {first + min(i, len(jobs) - 1) + 1} "
+                                              f"({jobs[min(i, len(jobs) - 1)][1][1]})")
+        for (line, (params, label)), m in zip(jobs, measured):
+            probes.append(Probe(len(probes) + 1, label, params, m))
+            line.record(m)
+    prober.close()
+    log.info("search: %d probes in %d rounds, %s", len(probes), rounds, _duration(time.perf_counter() - started))
+
+
+def _damage_lines(prober: Prober, trace: Trace, settings: SearchSettings, gates: Gates,
+                  round_to: int | Rounding) -> list[Line]:
+    """The method's ``--target-macs`` by predicted damage (the search's own line), beside the plain uniform ``--ratio``
+    (`SearchSettings.baseline_probes` probes) and, when the method's plain target run shares by the global ranking,
+    that one too: the written model is the smallest passing run of all (`choose`)."""
+    objective = settings.objective
+    key = "target_macs" if objective is Objective.MACS else "target_params"
+    default = shares_by_damage(prober, trace)
+    extra = {} if default else {"budget_allocation": "damage"}
+    origin = original_slack(gates)
+
+    def damage(kept: float) -> tuple[dict[str, Any], str]:
+        return {key: round(kept, 4), **extra}, f"target {key[7:]} {round(kept, 4):g}"
+
+    lines = [Line("damage", damage, settings.max_probes, origin, objective)]
+    if settings.baseline_probes:
+        uniform = _uniform_line(prober, trace, objective, round_to)
+        lines.append(Line("uniform", uniform, settings.baseline_probes, origin, objective))
+        if not default:
+            def ranked(kept: float) -> tuple[dict[str, Any], str]:
+                return {key: round(kept, 4)}, f"target {key[7:]} {round(kept, 4):g} (ranking)"
+
+            lines.append(Line("ranking", ranked, settings.baseline_probes, origin, objective))
+    return lines
+
+
+def _uniform_line(prober: Prober, trace: Trace, objective: Objective, round_to: int | Rounding) -> Callable[[float], tuple[dict[str, Any], str]]:
+    """Kept fraction -> the least uniform ``--ratio`` whose materialised model keeps no more (`AllocationCost`); two
+    ratios of one model (rounded widths are a staircase) give the first one's settings, so a line sees the repeat."""
+    cost: AllocationCost | None = None
+    unfrozen = [g.index for g in trace.groups if not g.is_frozen]
+    seen: dict[tuple[float, float], float] = {}  # (MACs, params) kept -> the first ratio that gave them
+
+    def uniform(size: float) -> tuple[dict[str, Any], str]:
+        nonlocal cost
+        cost = cost or AllocationCost(prober, trace, round_to)
+        at = cost
+
+        def kept(ratio: float) -> float:
+            macs, params = at.kept(tuple((g, ratio) for g in unfrozen))
+            return macs if objective is Objective.MACS else params
+
+        low, high = 0.0, MAX_UNIFORM
+        for _ in range(UNIFORM_STEPS):
+            mid = (low + high) / 2
+            if kept(mid) <= size + 1e-9:
+                high = mid
+            else:
+                low = mid
+        ratio = seen.setdefault(at.kept(tuple((g, round(high, 4)) for g in unfrozen)), round(high, 4))
+        return {"ratio": ratio}, f"uniform ratio {ratio:g}"
+
+    return uniform
 
 
 def choose(probes: Sequence[Probe], objective: Objective) -> Probe | None:
@@ -601,27 +823,7 @@ def _baselines(prober: Prober, trace: Trace, settings: SearchSettings, probes: l
     objective = settings.objective
     passing = [p.measurement.kept(objective) for p in probes if p.measurement.passed]
     start = min(passing) if passing else 1.0
-    cost: AllocationCost | None = None
-    unfrozen = [g.index for g in trace.groups if not g.is_frozen]
-
-    def uniform(size: float) -> tuple[dict[str, Any], str]:
-        nonlocal cost
-        cost = cost or AllocationCost(prober, trace, round_to)
-        at = cost
-
-        def kept(ratio: float) -> float:
-            macs, params = at.kept(tuple((g, ratio) for g in unfrozen))
-            return macs if objective is Objective.MACS else params
-
-        low, high = 0.0, MAX_UNIFORM
-        for _ in range(UNIFORM_STEPS):  # the least ratio whose model is no larger than `size`
-            mid = (low + high) / 2
-            if kept(mid) <= size + 1e-9:
-                high = mid
-            else:
-                low = mid
-        ratio = round(high, 4)
-        return {"ratio": ratio}, f"uniform ratio {ratio:g}"
+    uniform = _uniform_line(prober, trace, objective, round_to)
 
     def ranked(size: float) -> tuple[dict[str, Any], str]:
         key = "target_macs" if objective is Objective.MACS else "target_params"
@@ -805,7 +1007,10 @@ def check_searchable(method: str | None, params: Mapping[str, Any]) -> None:
 
 
 def baseline(prober: Prober) -> Trace:
-    """The trace of the model the channel stage sees, from a probe that removes nothing."""
+    """The trace of the model the channel stage sees: the prepared one (else from a probe that removes nothing)."""
+    analysis = prober.prepared().analysis
+    if analysis is not None:
+        return analysis.trace
     with _quiet():
         result = prober.run({"group_ratios": ()}, VerdictPart.SELECTION)
     return result.trace
