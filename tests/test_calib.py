@@ -24,6 +24,7 @@ from onnxslim_prune.calib import (
     conv_output_size,
     conv_patches,
     expose_tensors,
+    exposed_bytes,
     input_specs,
     linear_rows,
     load_calibration,
@@ -271,6 +272,24 @@ def test_expose_tensors_keeps_outputs_and_types() -> None:
     assert [o.name for o in model.graph.output] == ["logits"]  # the original is untouched
     with pytest.raises(ModelError, match="nope"):
         expose_tensors(model, ["nope"])
+
+
+def test_exposed_bytes_parse_to_the_exposed_model_without_a_copy() -> None:
+    model = conv_relu_gemm()
+    for names in (["relu_out", "logits", "relu_out"], ["logits"]):
+        data = exposed_bytes(model, names)
+        # the bytes are the model's own followed by a tail holding only the added outputs
+        assert data.startswith(model.SerializeToString())
+        parsed = onnx.ModelProto.FromString(data)
+        assert parsed == expose_tensors(model, names)
+        assert [o.name for o in parsed.graph.output] == list(dict.fromkeys(["logits", *names]))
+    assert [o.name for o in model.graph.output] == ["logits"]
+    sess = ort.InferenceSession(exposed_bytes(model, ["relu_out"]), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    logits, relu = sess.run(None, {"x": x})
+    assert relu.shape[0] == 2 and relu.min() >= 0.0 and logits.shape[0] == 2
+    with pytest.raises(ModelError, match="nope"):
+        exposed_bytes(model, ["nope"])
 
 
 def test_stream_tensors_matches_direct_run_and_reports_progress(tmp_path: Path) -> None:
