@@ -175,6 +175,10 @@ class CommonParams:
     bias_correction: bool | None = setting(None, BOOL, flag="--bias-correction", switch=True, planning=False,
                                            help="Layers the refit cannot solve (depthwise, grouped, transposed, 3-D convs) "
                                                 "get their output mean restored through the bias [default: on].")
+    token_weights: bool | None = setting(None, BOOL, flag="--token-weights", switch=True,
+                                         help="Sequence models: leave padding tokens (attention_mask 0) out of the "
+                                              "statistics, refits and verdict, and weigh a token's error before a "
+                                              "LayerNormalization by 1 / its variance there, as the norm does [default: on].")
     #: a per-group allocation ``((group, fraction removed), ...)``, unlisted groups kept whole, in place of
     #: the uniform --ratio (the gated search of `planning.search` sets it; API only)
     group_ratios: tuple[tuple[int, float], ...] | None = setting(None, group_fractions)

@@ -59,7 +59,7 @@ from .. import ir
 from ..channels import Group, Kind, Part, Role, Trace, transformer_part
 from ..calib.threads import blas_limited
 from ..calib.memory import explicit_budget
-from ..calib.statistic import ActivationMoments, RowSampler, SampledGrams, collect
+from ..calib.statistic import ActivationMoments, RowSampler, RowWeights, SampledGrams, collect
 from ..errors import CalibrationError
 from . import reconstruct as rc
 from ..methods.base import BudgetAllocation, Context, Outcome
@@ -197,8 +197,18 @@ def layer_covariance(cov: Covariances, layer: rc.Layer) -> tuple[np.ndarray, np.
     return cov[_layer_key(layer)]
 
 
+@dataclass
+class RowInfo:
+    """What `input_covariances` learned of each layer key's rows besides the covariance."""
+
+    rows: dict[str, int]
+    mean_weight: dict[str, float]
+    norm_energy: dict[str, np.ndarray]
+    weights: dict[str, RowWeights]
+
+
 def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | None = None,
-                      rows: dict[str, int] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                      rows: dict[str, int] | None = None, info: RowInfo | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``_layer_key -> (S centred covariance [D, D], mean [D])`` of each layer's input rows (`rows`, when given,
     receives ``_layer_key ->`` the rows summed).
 
@@ -241,13 +251,35 @@ def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | No
     for c, chunk in enumerate(chunks):  # one pass per chunk: only one chunk's Gram matrices are accumulated at a time
         if not chunk:
             continue
+        weights = {k: w for k in chunk if (w := row_weights(ctx, unique[k])) is not None}
         stat = SampledGrams([(k, unique[k].x, _dims(ctx, unique[k]), sampler(unique[k])) for k in chunk],
-                            seed=s.seed, chunk=c, settings=f"P={s.positions}")
+                            seed=s.seed, chunk=c, settings=f"P={s.positions}", weights=weights)
         collect(ctx.model, ctx.calibration, [stat], s.batch_size, progress=ctx.progress, subgraph=rc.subgraph_model)
         out.update(stat.take_covariances())
         if rows is not None:
             rows.update(stat.rows)
+        if info is not None:
+            info.rows.update(stat.rows)
+            info.mean_weight.update(stat.mean_weight)
+            info.norm_energy.update(stat.norm_energy)
+            info.weights.update(weights)
     return out
+
+
+def row_weights(ctx: Context, layer: rc.Layer) -> RowWeights | None:
+    """How the rows of a sequence layer (input ``[N, T, D]``) count (`RowWeights`): padding tokens not at all, and
+    with a LayerNormalization after the residual sum its output is added into, each token by ``1 / sigma_t^2``."""
+    if ctx.params.token_weights is False or layer.spatial:
+        return None
+    shape = ctx.trace.shapes.get(layer.x)
+    if not shape or len(shape) != 3:
+        return None
+    mask = ir.token_mask_input(ctx.model)
+    sink = sink_of(ctx, layer)
+    norm = sink.tensor if sink is not None and sink.weights is not None else None
+    if mask is None and norm is None:
+        return None
+    return RowWeights(mask, norm)
 
 
 def _batch_bytes(ctx: Context, tensors: set[str], batch_size: int) -> int:
@@ -486,7 +518,8 @@ def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str 
     # a group kept whole needs no statistic: SmolLM2 with --heads 0 --hidden 0 reads 30 layers' inputs, not 121
     layers = [c.layer for index, cs in consumers.items() if index not in whole for c in cs]
     rows: dict[str, int] = {}
-    cov = input_covariances(ctx, layers, rows=rows) if layers else {}
+    info = RowInfo({}, {}, {}, {})
+    cov = input_covariances(ctx, layers, rows=rows, info=info) if layers else {}
     scores: dict[int, np.ndarray] = {}
     removed: set[int] = set()
     with blas_limited():  # thousands of small solves: one BLAS thread (calib.threads; 205 s -> 3.5 s on ResNet-56)
@@ -507,7 +540,7 @@ def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str 
             removed.update(group.classes[int(i)] for i in order)
     scores, notes = with_fallback(ctx, scores, name)
     if by_damage(ctx):
-        scales = sink_scales(ctx, layers)
+        scales = norm_scales(ctx, layers, info)
         with blas_limited():
             table = damage_table(ctx, scores, consumers, cov, scales, rows)
         plan, budget_notes = damage_plan_with_notes(ctx, table, scores)
@@ -635,6 +668,21 @@ def sink_scales(ctx: Context, layers: Sequence[rc.Layer]) -> dict[str, tuple[flo
     return out
 
 
+def norm_scales(ctx: Context, layers: Sequence[rc.Layer], info: RowInfo) -> dict[str, tuple[float, np.ndarray | None]]:
+    """`sink_scales`, except for layers whose rows were weighed by the LayerNorm after their sum (`RowWeights`):
+    their energy is the norm's output energy per token, ``sum_c gamma_c^2 mean_t z_tc^2``, over the mean weight of
+    the rows (the weighted covariance averages ``w_t e_t^2`` over ``sum w``, the error after the norm averages
+    ``e_t^2 / sigma_t^2`` over the tokens), so that the damage is the relative error after the norm."""
+    scales = sink_scales(ctx, [layer for layer in layers if _layer_key(layer) not in info.norm_energy])
+    for layer in layers:
+        key = _layer_key(layer)
+        sink = sink_of(ctx, layer)
+        if key in info.norm_energy and sink is not None and sink.weights is not None:
+            energy = float(np.sum(sink.weights * info.norm_energy[key])) / info.mean_weight[key]
+            scales[layer.node] = (energy, sink.weights)
+    return scales
+
+
 def damage_table(ctx: Context, scores: Mapping[int, np.ndarray], consumers: Mapping[int, Sequence[Consumer]],
                  cov: Covariances, scales: Mapping[str, tuple[float, np.ndarray | None]] | None = None,
                  rows: Mapping[str, int] | None = None) -> dict[int, GroupDamage]:
@@ -648,7 +696,12 @@ def damage_table(ctx: Context, scores: Mapping[int, np.ndarray], consumers: Mapp
     a group's damage is the sum
     over its consumers. Relative errors make layers of different scale comparable (the residual stream is what
     the next layers read, through a normalisation); groups are counted one at a time (their interactions through
-    the refit of a consumer that reads several groups are left out).
+    the refit of a consumer that reads several groups are left out). Before a LayerNormalization the error's mean
+    over the channels is left out (the norm removes it) and each channel weighs ``gamma_c^2``; with token weights
+    (`row_weights`: padding out, token ``t`` weighed by ``1 / sigma_t^2`` of the sum, in the covariance itself) the
+    energy is the norm's output energy (`norm_scales`), so the damage is the relative error after the norm, up to
+    the part of the error along each token's own normalised vector (which the norm also removes: one direction of
+    the hidden size).
     """
     s_ = settings(ctx)
     scales = scales or {}
@@ -666,7 +719,8 @@ def damage_table(ctx: Context, scores: Mapping[int, np.ndarray], consumers: Mapp
             w = consumer.w
             sink_energy, weights = scales.get(consumer.layer.node, (0.0, None))
             if weights is not None and weights.size == w.shape[1]:
-                w = w * np.sqrt(weights)  # the error as the normalisation after the sum weighs it
+                # the error as the norm after the sum sees it: its mean over the channels removed, then scaled by gamma
+                w = (w - w.mean(axis=1, keepdims=True)) * np.sqrt(weights)
             energy = sink_energy if sink_energy > 0 else float(np.einsum("ij,ij->", w, full @ w))
             if energy <= 0:
                 continue
