@@ -414,7 +414,7 @@ class AgreementOf:
             check_dtypes(*self._models, outputs)
             self._checked = True
         mask = None if self._mask is None else feed.get(self._mask)
-        if mask is not None:
+        if mask is not None and not np.all(mask):
             reference, outputs = without_padding(reference, np.asarray(mask)), without_padding(outputs, np.asarray(mask))
         self._acc.add(reference, outputs, feed_samples([dict(feed)]))
 

@@ -231,3 +231,12 @@ def test_the_verdict_and_the_refit_leave_padding_out(calib: Path) -> None:
     cosine = float(np.sum(a[keep] * b[keep]) / np.sqrt(np.sum(a[keep] ** 2) * np.sum(b[keep] ** 2)))
     assert agreement.cosine == pytest.approx(cosine, rel=1e-6)
     assert agreement.cosine != pytest.approx(float(np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b))), rel=1e-6)
+
+
+def test_a_batch_without_padding_is_not_weighed() -> None:
+    """A language model's full windows (mask all 1) take the unweighted path: the same numbers as without a mask."""
+    spec = RowWeights("attention_mask")
+    assert spec.of({"attention_mask": np.ones((2, 3), dtype=np.int64)}, 6) is None
+    mask = np.array([[1, 1, 0], [1, 0, 0]])
+    np.testing.assert_array_equal(spec.of({"attention_mask": mask}, 6), [1, 1, 0, 1, 0, 0])
+    assert spec.of({"attention_mask": mask}, 5) is None  # rows that are not the mask's tokens: no weights

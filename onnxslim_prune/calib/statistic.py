@@ -244,6 +244,8 @@ class RowWeights:
             mask = np.asarray(values[self.mask]).reshape(-1)
             if mask.size != rows:
                 return None
+            if self.norm is None and mask.all():
+                return None  # no padding in this batch (a language model's full windows): every row counts 1
             weights = weights * (mask != 0)
         if self.norm is not None:
             stream = np.asarray(values[self.norm], dtype=np.float64)

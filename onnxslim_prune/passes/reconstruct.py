@@ -929,6 +929,7 @@ class Reconstructor:
         for batch, (p, o) in enumerate(zip(left, right, strict=True)):
             rng = np.random.default_rng([s.seed, level, batch])
             mask = None if s.token_mask is None else np.asarray(p[s.token_mask])
+            mask = None if mask is None or mask.all() else mask  # no padding in this batch: nothing to leave out
             for f, acc in zip(fits, accs):
                 x = p[f.reads]
                 y = o[f.target]
