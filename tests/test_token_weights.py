@@ -106,10 +106,11 @@ def activations(model: onnx.ModelProto, feed: dict[str, np.ndarray], names: list
     return [np.asarray(v, dtype=np.float64) for v in session.run(names, feed)]
 
 
-def context(model: onnx.ModelProto, path: Path) -> Context:
+def context(model: onnx.ModelProto, path: Path, allocation: str = "damage") -> Context:
     analysis = api.analyze(model)
     data = load_calibration(str(path), input_specs(analysis.model, analysis.input_shapes))
-    return Context(analysis.model, analysis.graph, analysis.trace, Options(method="obs", params={"target_macs": 0.6}),
+    params = {"target_macs": 0.6, "budget_allocation": allocation}
+    return Context(analysis.model, analysis.graph, analysis.trace, Options(method="obs", params=params),
                    analysis.input_shapes, analysis.opset, data)
 
 
@@ -196,6 +197,15 @@ def test_the_ln_weighted_damage_is_the_error_after_the_layernorm(calib: Path) ->
         measured = float(np.mean(np.sum((after - original) ** 2, axis=1))) / exact_energy
         assert 0.7 * table.damage[k] <= measured <= table.damage[k], k
     assert table.damage[FFN - 1] > table.damage[1] > 0
+
+
+def test_a_ranking_weighs_the_rows_of_its_selection_by_the_mask_alone(calib: Path) -> None:
+    """With the budget shared by the ranking, the statistics leave padding out but weigh every real token alike."""
+    ctx = context(encoder(), calib, "ranking")
+    (down,) = datadriven.group_consumers(ctx)[next(g.index for g in ctx.trace.groups if g.size == FFN)]
+    info = datadriven.RowInfo({}, {}, {}, {})
+    datadriven.input_covariances(ctx, [down.layer], info=info)
+    assert list(info.weights.values()) == [RowWeights("attention_mask", None)] and not info.norm_energy
 
 
 def test_without_token_weights_the_damage_counts_every_row_alike(calib: Path) -> None:
