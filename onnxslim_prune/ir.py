@@ -73,10 +73,12 @@ from .graph.read import (
     node_by_name,
     tensor_dtype,
     to_array,
+    token_mask_input,
     value_digest,
 )
 
 __all__ = [
+    "token_mask_input",
     "EXTERNAL_THRESHOLD",
     "ExternalData",
     "FLOAT_TYPES",

@@ -407,15 +407,31 @@ class AgreementOf:
         self._models = (original, pruned)
         self._acc = AgreementAccumulator([o.name for o in original.graph.output])
         self._checked = False
+        self._mask = ir.token_mask_input(original)
 
     def add(self, reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray], feed: Mapping[str, np.ndarray]) -> None:
         if not self._checked:
             check_dtypes(*self._models, outputs)
             self._checked = True
+        mask = None if self._mask is None else feed.get(self._mask)
+        if mask is not None and not np.all(mask):
+            reference, outputs = without_padding(reference, np.asarray(mask)), without_padding(outputs, np.asarray(mask))
         self._acc.add(reference, outputs, feed_samples([dict(feed)]))
 
     def results(self) -> tuple[OutputAgreement, ...]:
         return self._acc.results()
+
+
+def without_padding(values: Sequence[np.ndarray], mask: np.ndarray) -> list[np.ndarray]:
+    """`values` with the positions of padding tokens (`ir.token_mask_input` 0) set to zero, in the outputs whose
+    leading axes are the mask's ``[N, T]``: both models then agree there exactly and add nothing to the cosine."""
+    out = []
+    for value in values:
+        if value.ndim >= 2 and value.shape[:2] == mask.shape and np.issubdtype(value.dtype, np.floating):
+            keep = (mask != 0).reshape(mask.shape + (1,) * (value.ndim - 2))
+            value = np.where(keep, value, np.zeros((), dtype=value.dtype))
+        out.append(value)
+    return out
 
 
 def compare(

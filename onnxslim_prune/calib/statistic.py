@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -215,6 +216,60 @@ class ActivationMoments(Statistic):
 RowSampler = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 
+@dataclass(frozen=True)
+class RowWeights:
+    """How much each row (token) of a sequence layer ``[N, T, D]`` counts.
+
+    ``mask``: a graph input ``[N, T]`` whose zeros mark padding tokens (weight 0: their outputs are never read).
+    ``norm``: the tensor ``[N, T, C]`` a LayerNormalization over its last axis reads (the residual sum the layer's
+    output is added into): row ``t`` gets ``1 / sigma_t^2``, its variance over the channels, so that an error ``e_t``
+    there counts as it does after the norm, ``gamma e_t / sigma_t`` (a token whose stream is ten times larger
+    loses a tenth of an error's effect). None: every row counts 1.
+    """
+
+    mask: str | None = None
+    norm: str | None = None
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        return tuple(t for t in (self.mask, self.norm) if t)
+
+    def describe(self) -> str:
+        return f"mask={self.mask or ''},norm={self.norm or ''}"
+
+    def of(self, values: Mapping[str, np.ndarray], rows: int) -> np.ndarray | None:
+        """One weight per row (None: all 1, or the tensors' shapes do not line up with the `rows`)."""
+        weights = np.ones(rows)
+        if self.mask is not None:
+            mask = np.asarray(values[self.mask]).reshape(-1)
+            if mask.size != rows:
+                return None
+            if self.norm is None and mask.all():
+                return None  # no padding in this batch (a language model's full windows): every row counts 1
+            weights = weights * (mask != 0)
+        if self.norm is not None:
+            stream = np.asarray(values[self.norm], dtype=np.float64)
+            var = stream.reshape(-1, stream.shape[-1]).var(axis=1)
+            if var.size != rows:
+                return None
+            live = var > 0
+            weights = np.where(live, weights / np.where(live, var, 1.0), 0.0)
+        return weights
+
+
+def norm_energy(values: Mapping[str, np.ndarray], weights: RowWeights, row_weights: np.ndarray) -> np.ndarray | None:
+    """Per channel, the summed square of the normalised stream ``z_tc = (s_tc - mu_t) / sigma_t`` over the rows of
+    nonzero weight (what ``gamma_c^2`` multiplies in the norm's output energy)."""
+    if weights.norm is None:
+        return None
+    stream = np.asarray(values[weights.norm], dtype=np.float64)
+    flat = stream.reshape(-1, stream.shape[-1])
+    live = row_weights > 0
+    z = flat[live] - flat[live].mean(axis=1, keepdims=True)
+    sd = z.std(axis=1, keepdims=True)
+    return np.asarray(np.square(np.divide(z, sd, out=np.zeros_like(z), where=sd > 0)).sum(axis=0))
+
+
 class SampledGrams(Statistic):
     """Centred covariance and mean of sampled input rows, for layers sharing one pass.
 
@@ -227,36 +282,59 @@ class SampledGrams(Statistic):
     """
 
     kind = "sampled-grams"
-    version = 2  # 2: vectorised position sampling (calib.patches)
+    version = 3  # 2: vectorised position sampling (calib.patches); 3: row weights
 
-    def __init__(self, layers: Sequence[tuple[str, str, int, RowSampler]], *, seed: int, chunk: int, settings: str) -> None:
-        """`layers`: (key, input tensor, row width D, rows sampler); `settings`: what else shapes the rows."""
+    def __init__(self, layers: Sequence[tuple[str, str, int, RowSampler]], *, seed: int, chunk: int, settings: str,
+                 weights: Mapping[str, RowWeights] | None = None) -> None:
+        """`layers`: (key, input tensor, row width D, rows sampler); `settings`: what else shapes the rows;
+        `weights`: layer key -> how its rows count (`RowWeights`; a sequence layer's rows, one per token)."""
         self.layers = list(layers)
         self.seed, self.chunk, self._settings = seed, chunk, settings
+        self.weights = {k: w for k, w in (weights or {}).items() if w.tensors}
         self._accs = [GramAccumulator(dim, product_dtype=np.float32) for _k, _x, dim, _r in self.layers]
-        self._pending: list[list[np.ndarray]] = [[] for _ in self.layers]
+        self._pending: list[list[tuple[np.ndarray, np.ndarray | None]]] = [[] for _ in self.layers]
+        self._live = [0.0] * len(self.layers)
+        self._zsq: list[np.ndarray | None] = [None] * len(self.layers)
         self._sums: dict[str, np.ndarray] | None = None  # finished, loaded or merged totals
-        #: layer key -> rows summed (filled by `take_covariances`)
+        #: layer key -> rows summed (filled by `take_covariances`; rows of weight 0 not counted)
         self.rows: dict[str, int] = {}
+        #: layer key -> the mean weight of its rows of nonzero weight (1 without weights)
+        self.mean_weight: dict[str, float] = {}
+        #: layer key -> per channel of its `RowWeights.norm` stream, the mean of ``z_tc^2`` over those rows
+        self.norm_energy: dict[str, np.ndarray] = {}
 
     @property
     def tensors(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(x for _k, x, _d, _r in self.layers))
+        return tuple(dict.fromkeys([*(x for _k, x, _d, _r in self.layers), *(t for w in self.weights.values() for t in w.tensors)]))
 
     def settings(self) -> str:
-        return f"{self._settings}|seed={self.seed}|chunk={self.chunk}|" + "||".join(k for k, _x, _d, _r in self.layers)
+        weights = "".join(f"|{k}:{w.describe()}" for k, w in sorted(self.weights.items()))
+        return f"{self._settings}|seed={self.seed}|chunk={self.chunk}|" + "||".join(k for k, _x, _d, _r in self.layers) + weights
 
     def update(self, values: Mapping[str, np.ndarray], batch: int) -> None:
         rng = np.random.default_rng([self.seed, self.chunk, batch])
-        for i, (_k, x, _d, rows) in enumerate(self.layers):
-            self._pending[i].append(np.asarray(rows(values[x], rng)))
-            if sum(int(p.shape[0]) for p in self._pending[i]) >= PENDING_ROWS:
+        for i, (k, x, _d, rows) in enumerate(self.layers):
+            block = np.asarray(rows(values[x], rng))
+            spec = self.weights.get(k)
+            w = None if spec is None else spec.of(values, int(block.shape[0]))
+            if w is not None and spec is not None:
+                energy = norm_energy(values, spec, w)
+                if energy is not None:
+                    self._zsq[i] = energy if self._zsq[i] is None else self._zsq[i] + energy
+            self._live[i] += float(block.shape[0]) if w is None else float(np.count_nonzero(w))
+            self._pending[i].append((block, w))
+            if sum(int(p.shape[0]) for p, _w in self._pending[i]) >= PENDING_ROWS:
                 self._flush(i)
 
     def _flush(self, i: int) -> None:
         if self._pending[i]:
             block = self._pending[i]
-            self._accs[i].update(block[0] if len(block) == 1 else np.concatenate(block))
+            x = block[0][0] if len(block) == 1 else np.concatenate([b for b, _w in block])
+            if all(w is None for _b, w in block):
+                self._accs[i].update(x)
+            else:
+                w = np.concatenate([np.ones(b.shape[0]) if w is None else w for b, w in block])
+                self._accs[i].update(x, weights=w)
             self._pending[i] = []
 
     def finish(self) -> None:
@@ -270,14 +348,28 @@ class SampledGrams(Statistic):
         self._accs = []
         for i, acc in enumerate(accs):  # one layer at a time: its accumulator is freed before the next total is made
             assert acc is not None
-            sums.update(_totals(acc, str(i)))
+            sums.update(self._extra(acc, i))
             accs[i] = acc = None
         self._sums = sums
+
+    def _extra(self, acc: GramAccumulator, i: int) -> dict[str, np.ndarray]:
+        out = _totals(acc, str(i))
+        out[f"live{i}"] = np.array(self._live[i])
+        zsq = self._zsq[i]
+        out[f"zsq{i}"] = np.zeros(0) if zsq is None else zsq
+        return out
 
     def state(self) -> dict[str, np.ndarray]:
         if self._sums is not None:
             return self._sums
-        return {k: v for i, acc in enumerate(self._accs) for k, v in _totals(acc, str(i)).items()}
+        return {k: v for i, acc in enumerate(self._accs) for k, v in self._extra(acc, i).items()}
+
+    def merge(self, other: Statistic) -> None:
+        if other.key != self.key:
+            raise ValueError(f"cannot merge statistic {other.key!r} into {self.key!r}")
+        mine, theirs = self.state(), other.state()
+        self.load({k: (mine[k] if not theirs[k].size else theirs[k] if not mine[k].size else mine[k] + theirs[k])
+                   for k in mine})
 
     def load(self, state: Mapping[str, np.ndarray]) -> None:
         self._sums = {k: np.asarray(v) for k, v in state.items()}
@@ -290,8 +382,14 @@ class SampledGrams(Statistic):
         self._sums = {}
         out = {}
         for i, (key, _x, _d, _r) in enumerate(self.layers):
-            self.rows[key] = int(state.pop(f"count{i}"))
-            out[key] = _centred(state.pop(f"xtx{i}"), state.pop(f"sum{i}"), self.rows[key])
+            total = float(state.pop(f"count{i}"))  # the sum of the rows' weights
+            live = float(state.pop(f"live{i}"))
+            self.rows[key] = int(round(live))
+            self.mean_weight[key] = total / live if live > 0 else 1.0
+            zsq = state.pop(f"zsq{i}")
+            if zsq.size and live > 0:
+                self.norm_energy[key] = zsq / live
+            out[key] = _centred(state.pop(f"xtx{i}"), state.pop(f"sum{i}"), total)
         return out
 
 
@@ -332,7 +430,7 @@ class PooledCovariance(Statistic):
 
     def covariance(self) -> np.ndarray:
         state = self.state()
-        return _centred(state["xtx"], state["sum"], int(state["count"]))[0]
+        return _centred(state["xtx"], state["sum"], float(state["count"]))[0]
 
 
 def _totals(acc: GramAccumulator, suffix: str = "") -> dict[str, np.ndarray]:
@@ -340,8 +438,8 @@ def _totals(acc: GramAccumulator, suffix: str = "") -> dict[str, np.ndarray]:
     return {f"xtx{suffix}": acc.xtx, f"sum{suffix}": acc.sum_x, f"count{suffix}": np.array(acc.count)}
 
 
-def _centred(xtx: np.ndarray, total: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+def _centred(xtx: np.ndarray, total: np.ndarray, count: float) -> tuple[np.ndarray, np.ndarray]:
     """``(X^T X / n - m m^T, m)`` with ``m = sum X / n``: the centred second moment and the mean."""
-    n = max(count, 1)
+    n = count if count > 0 else 1.0
     mean = total / n
     return xtx / n - np.outer(mean, mean), mean

@@ -160,7 +160,8 @@ class GramAccumulator:
         self.dim_x, self.dim_y, self.full_yty = dim_x, dim_y, full_yty
         self.product_dtype = np.dtype(product_dtype)
         self.shift = shift
-        self.count = 0
+        self.count: float = 0  # rows, or the sum of their weights (`update`)
+        self.rows = 0  # rows of nonzero weight
         self.sum_x = np.zeros(dim_x)
         self.sum_y: np.ndarray | None = None if dim_y is None else np.zeros(dim_y)
         self.shift_x: np.ndarray | None = None  # float64 values representable in product_dtype; set by the first rows
@@ -183,8 +184,9 @@ class GramAccumulator:
         work = np.result_type(rows.dtype, self.product_dtype)
         return np.subtract(rows, shift.astype(work), dtype=work).astype(self.product_dtype, copy=False)
 
-    def update(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
-        """Add rows ``x [rows, dim_x]`` and, if ``dim_y`` was given, ``y [rows, dim_y]``."""
+    def update(self, x: np.ndarray, y: np.ndarray | None = None, weights: np.ndarray | None = None) -> None:
+        """Add rows ``x [rows, dim_x]`` and, if ``dim_y`` was given, ``y [rows, dim_y]``; `weights` (one per row,
+        >= 0): each row counts that many times in every moment (``count`` is then their sum)."""
         xr = np.asarray(x).reshape(-1, self.dim_x)
         yr = None
         if self.dim_y is None:
@@ -201,9 +203,17 @@ class GramAccumulator:
         if self.shift_x is None:
             self.shift_x = self._shift_of(xr)
         xs = self._shifted(xr, self.shift_x)
-        self._sxx += xs.T @ xs
-        self.sum_x += xr.sum(axis=0, dtype=np.float64)  # shifted sums follow: sum_x - count * shift_x
-        self.count += xr.shape[0]
+        if weights is None:
+            self._sxx += xs.T @ xs
+            self.sum_x += xr.sum(axis=0, dtype=np.float64)  # shifted sums follow: sum_x - count * shift_x
+            self.count += xr.shape[0]
+            self.rows += xr.shape[0]
+        else:  # a weighted row counts as `weight` copies of itself
+            wr = np.asarray(weights, dtype=np.float64).reshape(-1)
+            self._sxx += xs.T @ (xs * wr.astype(xs.dtype)[:, None])
+            self.sum_x += wr @ xr.astype(np.float64)
+            self.count += float(wr.sum())
+            self.rows += int(np.count_nonzero(wr))
         self._derived.clear()
         if yr is None:
             return
@@ -211,6 +221,12 @@ class GramAccumulator:
         if self.shift_y is None:
             self.shift_y = self._shift_of(yr)
         ys = self._shifted(yr, self.shift_y)
+        if weights is not None:
+            wy = wr.astype(ys.dtype)[:, None]
+            self._sxy += xs.T @ (ys * wy)
+            self.sum_y += wr @ yr.astype(np.float64)
+            self._syy += ys.T @ (ys * wy) if self.full_yty else (np.square(ys) * wy).sum(axis=0, dtype=np.float64)
+            return
         self._sxy += xs.T @ ys
         self.sum_y += yr.sum(axis=0, dtype=np.float64)
         self._syy += ys.T @ ys if self.full_yty else np.square(ys).sum(axis=0, dtype=np.float64)

@@ -60,3 +60,24 @@ def copy_graph(graph: gs.Graph) -> gs.Graph:
 def to_array(tensor: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(tensor)
 
+
+
+def token_mask_input(model: onnx.ModelProto) -> str | None:
+    """The graph input that marks padding tokens, ``attention_mask`` as Hugging Face exports write it: rank 2
+    ``[N, T]``, integer, boolean or float, its name containing "mask"; None when there is none.
+
+    Where it is 0 a token is padding: the model computes an output there that nothing reads (a sentence
+    embedding pools over the mask), so calibration rows and the verdict leave those positions out.
+    """
+    initializers = {t.name for t in model.graph.initializer}
+    for spec in model.graph.input:
+        tensor = spec.type.tensor_type
+        if spec.name in initializers or "mask" not in spec.name.lower() or len(tensor.shape.dim) != 2:
+            continue
+        if tensor.elem_type in _MASK_TYPES:
+            return str(spec.name)
+    return None
+
+
+_MASK_TYPES = frozenset({onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL, onnx.TensorProto.FLOAT,
+                         onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT16})

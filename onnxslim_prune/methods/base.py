@@ -156,8 +156,8 @@ class CommonParams:
         None, choice(*(a.value for a in BudgetAllocation)), flag="--budget-allocation",
         choices=tuple(a.value for a in BudgetAllocation),
         help="Budgets: share them by predicted reconstruction damage per MAC saved, or by the global normalised "
-             "ranking [default: damage for thinet, cp, ldrf, contrib, obs on models without attention heads; "
-             "ranking otherwise].")
+             "ranking [default: damage for thinet, cp, ldrf, contrib, obs on models without attention heads and on "
+             "post-LayerNorm transformers with --token-weights; ranking otherwise].")
     min_width: float = setting(0.125, number(0.0, 1.0), flag="--min-width", cli_type=float,
                                help="Budgets by damage: least fraction of a group's channels kept, unless removing "
                                     "more costs no predicted damage [default: 0.125].")
@@ -181,6 +181,10 @@ class CommonParams:
     bias_correction: bool | None = setting(None, BOOL, flag="--bias-correction", switch=True, planning=False,
                                            help="Layers the refit cannot solve (depthwise, grouped, transposed, 3-D convs) "
                                                 "get their output mean restored through the bias [default: on].")
+    token_weights: bool | None = setting(None, BOOL, flag="--token-weights", switch=True,
+                                         help="Sequence models: leave padding tokens (attention_mask 0) out of the "
+                                              "statistics, refits and verdict, and weigh a token's error before a "
+                                              "LayerNormalization by 1 / its variance there, as the norm does [default: on].")
     #: a per-group allocation ``((group, fraction removed), ...)``, unlisted groups kept whole, in place of
     #: the uniform --ratio (the gated search of `planning.search` sets it; API only)
     group_ratios: tuple[tuple[int, float], ...] | None = setting(None, group_fractions)

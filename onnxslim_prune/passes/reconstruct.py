@@ -105,6 +105,16 @@ and position, so its output mean on the calibration data is the original's. FLAP
 shift also carries the error of the layers before it. A depthwise conv that only loses channels
 loses no input of an output it keeps and is left as it is.
 
+Token weights (``--token-weights``, on by default; `calib.statistic.RowWeights`): in a sequence model with a padding
+mask input (`ir.token_mask_input`, ``attention_mask``) the rows of padding tokens are left out of every refit of a
+layer whose rows are tokens (``[N, T, D]``): the model computes outputs there that nothing reads (all-MiniLM-L6-v2's
+calibration sentences are 43% padding). A fit whose target is a residual sum read by a LayerNormalization (a post-LN
+transformer's attention output and FFN down projections) weighs token ``t`` by ``1 / sigma_t^2``, the variance of the
+original sum over its channels: the norm divides the error there by ``sigma_t``, and BERT-like models carry tokens
+whose stream is 10x the others' (all-MiniLM-L6-v2: ``sigma_t`` from 0.6 to 11 after an FFN), whose errors the
+unweighted least squares would otherwise favour. Least squares with row weights is the weighted moments of
+`calib.GramAccumulator` (a row of weight ``w`` counts ``w`` times); the ridge's row count is the rows kept.
+
 The OBS weight update of the kept weights when a channel is removed (``delta W_K = -[S^-1]_KJ
 ([S^-1]_JJ)^-1 W_J``) is the refit of a consumer on the original network's inputs: least squares of
 the kept columns against ``X W`` is ``S_KK^-1 S_K. W``, which is ``W_K + delta W_K``. The refit here
@@ -306,14 +316,14 @@ def centred(acc: GramAccumulator) -> tuple[np.ndarray, np.ndarray | None]:
     return sxx, acc.xty / n - np.outer(mx, acc.sum_y / n)
 
 
-def ridge_alpha(ridge: float, dim: int, rows: int | None, per_row: float) -> float:
+def ridge_alpha(ridge: float, dim: int, rows: float | None, per_row: float) -> float:
     """``alpha = ridge + per_row * dim / rows`` (just ``ridge`` when `rows` is None or `per_row` 0)."""
     if rows is None or per_row == 0.0:
         return ridge
     return ridge + per_row * dim / max(rows, 1)
 
 
-def ridge_lambda(sxx: np.ndarray, ridge: float, rows: int | None = None, per_row: float = 0.0) -> float:
+def ridge_lambda(sxx: np.ndarray, ridge: float, rows: float | None = None, per_row: float = 0.0) -> float:
     """``lam = alpha * trace(S_xx) / dim`` with ``alpha`` = `ridge_alpha` (module docstring)."""
     dim = max(sxx.shape[0], 1)
     alpha = ridge_alpha(ridge, dim, rows, per_row)
@@ -366,7 +376,7 @@ def fit(
     if energy is not None and energy < 1.0 and acc.yty is not None and acc.full_yty:
         cov_y = acc.yty / n - (np.outer(my, my) if intercept else 0.0)
         sxy = sxy @ principal_projector(cov_y, energy)  # LDRF: the target is the recomposed embedding
-    lam = ridge_lambda(sxx, ridge, acc.count, per_row)
+    lam = ridge_lambda(sxx, ridge, acc.rows, per_row)
     if not np.isfinite(lam):
         w = np.zeros_like(sxy) if prior is None else np.array(prior, dtype=np.float64)
     else:
@@ -414,12 +424,15 @@ class RowBuffer:
         self.rows = rows
         self._x: list[np.ndarray] = []
         self._y: list[np.ndarray] = []
+        self._w: list[np.ndarray] = []
         self._pending = 0
 
-    def add(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
+    def add(self, x: np.ndarray, y: np.ndarray | None = None, w: np.ndarray | None = None) -> None:
         self._x.append(np.asarray(x))
         if y is not None:
             self._y.append(np.asarray(y))
+        if w is not None:
+            self._w.append(np.asarray(w))
         self._pending += int(x.shape[0])
         if self._pending >= self.rows:
             self.flush()
@@ -428,15 +441,20 @@ class RowBuffer:
         if self._pending:
             x = self._x[0] if len(self._x) == 1 else np.concatenate(self._x)
             y = None if not self._y else (self._y[0] if len(self._y) == 1 else np.concatenate(self._y))
-            self.acc.update(x, y)
-            self._x, self._y, self._pending = [], [], 0
+            w = None if not self._w else np.concatenate(self._w)
+            self.acc.update(x, y, w)
+            self._x, self._y, self._w, self._pending = [], [], [], 0
         return self.acc
 
 
 
 def subgraph_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of `model` computing only `names` (as its graph outputs); inputs are kept."""
-    wanted = list(dict.fromkeys(names))
+    """A copy of `model` computing only `names` (as its graph outputs); inputs are kept (a graph input among
+    `names` is read from the feed, `calib.stream_tensors`)."""
+    inputs = {i.name for i in model.graph.input}
+    wanted = [n for n in dict.fromkeys(names) if n not in inputs]
+    if not wanted:
+        return model
     # the graph without weights is exposed and cut; only the weights the cut reads are copied into it
     # (a copy of the whole model first would hold every weight twice while the cut is made)
     exposed = expose_tensors(ir.without_initializers(model), wanted, types_of=model)
@@ -655,6 +673,10 @@ class Settings:
     bias_correction: bool = False
     #: ``--refit mean``: the bias only (``lam = inf``: plain pruning with the output mean restored)
     mean_only: bool = False
+    #: a graph input ``[N, T]`` whose zeros mark padding tokens: their rows are left out of the refits
+    token_mask: str | None = None
+    #: a fit whose target is a residual sum read by a LayerNormalization weighs row ``t`` by ``1 / var_t`` of the sum
+    norm_weights: bool = False
 
     @classmethod
     def from_params(cls, params: CommonParams, batch_size: int, seed: int, mode: str = "ls") -> Settings:
@@ -673,6 +695,7 @@ class Settings:
             horizon=None if params.correction_horizon is None else int(params.correction_horizon),
             bias_correction=DEFAULT_BIAS_CORRECTION if params.bias_correction is None else bool(params.bias_correction),
             mean_only=params.refit is Refit.MEAN,
+            norm_weights=params.token_weights is not False,
         )
 
 
@@ -743,7 +766,8 @@ class Reconstructor:
         per_level = self.calibration.num_batches(s.batch_size)
         step = progress_steps(self.progress, per_level * len(levels))
         # per level: the pruned network's layer inputs (and residual operands), the original's targets
-        left_names = [list(dict.fromkeys([f.reads for f in todo] + [f.minus for f in todo if f.minus])) for todo in by_level]
+        left_names = [list(dict.fromkeys([f.reads for f in todo] + [f.minus for f in todo if f.minus]
+                                         + ([s.token_mask] if s.token_mask else []))) for todo in by_level]
         right_names = [list(dict.fromkeys(f.target for f in todo)) for todo in by_level]
         engines: tuple[StagedPasses, StagedPasses] | None = None
         limit = blas_limited()  # sessions stay alive between levels: BLAS must not fight them (calib.threads)
@@ -877,6 +901,7 @@ class Reconstructor:
     ) -> None:
         s = self.settings
         nodes = ir.node_by_name(graph)
+        ln_inputs = {n.inputs[0].name for n in graph.nodes if n.op == "LayerNormalization"}
         accs: list[RowBuffer | MeanShift | ChannelGrams | ChannelLines] = []
         priors: list[np.ndarray | None] = []  # W0: the layer as plain pruning left it (the ridge's prior)
         for f in fits:
@@ -903,18 +928,31 @@ class Reconstructor:
             accs.append(RowBuffer(GramAccumulator(affine.w.shape[0], affine.w.shape[1], full_yty=ldrf)))
         for batch, (p, o) in enumerate(zip(left, right, strict=True)):
             rng = np.random.default_rng([s.seed, level, batch])
+            mask = None if s.token_mask is None else np.asarray(p[s.token_mask])
+            mask = None if mask is None or mask.all() else mask  # no padding in this batch: nothing to leave out
             for f, acc in zip(fits, accs):
                 x = p[f.reads]
                 y = o[f.target]
+                # into a LayerNorm: token t weighs 1 / sigma_t^2 of the original sum (module docstring, token weights)
+                norm = s.norm_weights and f.minus is not None and f.target in ln_inputs and not f.layer.spatial
+                weights = 1.0 / np.maximum(np.asarray(y, dtype=np.float64).reshape(-1, y.shape[-1]).var(axis=1), 1e-12) \
+                    if norm else None
                 if f.out_keep is not None:
                     y = np.take(y, f.out_keep, axis=f.axis)
                 if f.minus is not None:
                     y = y.astype(np.float64) - p[f.minus]
+                if mask is not None and not f.layer.spatial and not f.shift and x.ndim == 3 and x.shape[:2] == mask.shape:
+                    keep = mask.reshape(-1) != 0  # padding tokens: outputs nothing reads
+                    x, y = x.reshape(-1, x.shape[-1])[keep], y.reshape(-1, y.shape[-1])[keep]
+                    weights = None if weights is None else weights[keep]
                 if isinstance(acc, (MeanShift, ChannelLines)):
                     acc.add(y, x)
                     continue
                 index = f.layer.positions(x.shape, s.positions, rng)
-                acc.add(f.layer.x_rows(x, index), f.layer.y_rows(y, index))
+                if weights is not None and isinstance(acc, RowBuffer):
+                    acc.add(f.layer.x_rows(x, index), f.layer.y_rows(y, index), weights)
+                else:
+                    acc.add(f.layer.x_rows(x, index), f.layer.y_rows(y, index))
             del p, o, x, y  # this batch's tensors go before the engines compute the next
             step()
         for f, acc, w0 in zip(fits, accs, priors):
@@ -1130,6 +1168,8 @@ def make_finish(
     if ctx.calibration is None:
         raise ModelError("reconstruction needs calibration data")
     settings = settings or Settings.from_params(ctx.params, ctx.options.batch_size, ctx.options.seed, mode)
+    if ctx.params.token_weights is not False and settings.token_mask is None:
+        settings = replace(settings, token_mask=ir.token_mask_input(ctx.model))
     targets = reconstruction_targets(ctx.trace, ctx.graph, plan, settings)
     nodes, notes = list(targets.refit), list(targets.notes)
     if settings.error_correction and len(nodes) > len(targets.consumers):
