@@ -1,0 +1,189 @@
+"""What a plain run costs against loading and running the model (issue 24), measured in one script.
+
+    python benchmarks/bench_plain_run.py                          # zoo VGG-16 (528 MB), l1 --ratio 0.5
+    python benchmarks/bench_plain_run.py --model tv_resnet50 --pairs 5
+    flock /tmp/heavy.lock python benchmarks/bench_plain_run.py    # on a shared machine: no other heavy job beside it
+
+Alternating pairs of fresh processes (the order swapped each pair, so neither always runs on a warmer page
+cache), the median of each:
+
+* ``baseline``: ``onnx.load`` + one onnxruntime ``InferenceSession`` (CPU, default options, built from the
+  file) + one run on a seeded random input: the least any tool that reads and runs the model pays;
+* ``tool``: ``onnx-prune MODEL --method l1 --ratio 0.5 -o OUT --report R`` with whatever the defaults run
+  (data-free: a verdict on seeded random inputs, the speed gate with its latency measurement, the atomic
+  write), the statistics cache off.
+
+Also the import of the CLI alone (``python -c "import onnxslim_prune.cli"``), and from each tool run's report
+its stage seconds (`progress.Stage`); the rest of the tool's wall time (interpreter start, imports, the report
+and the write after the last stage) is the row "outside the stages". The zoo model is filled with seeded random
+weights once (``../shared/zoo/fill.py --seed 0``) into --filled. Writes ``results/plain_run.{json,md}``.
+Wall seconds on whatever else the machine runs: the ratio within one run is what counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from measure import Measured, failure, run_measured  # noqa: E402
+
+ZOO = HERE.parents[1] / "shared" / "zoo"
+
+#: the baseline process: load, one session, one run (argv: model path)
+BASELINE = (
+    "import sys, numpy as np, onnx, onnxruntime as ort\n"
+    "model = onnx.load(sys.argv[1])\n"
+    "sess = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+    "feed = {i.name: np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in i.shape])"
+    ".astype(np.float32) for i in sess.get_inputs()}\n"
+    "sess.run(None, feed)\n"
+)
+
+
+def model_path(name: str, filled: Path) -> Path:
+    if name.endswith(".onnx"):
+        return Path(name).resolve()
+    dst = filled / f"{name}.onnx"
+    if not dst.exists():
+        filled.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, str(ZOO / "fill.py"), str(ZOO / f"{name}.onnx"), str(dst), "--seed", "0"], check=True)
+    return dst
+
+
+#: the package the tool runs from (--package-root; default this checkout)
+PACKAGE_ROOT = [HERE.parent]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT[0]), "ONNXSLIM_PRUNE_CACHE": "off"}
+
+
+def baseline(model: Path) -> Measured:
+    run = run_measured([sys.executable, "-c", BASELINE, str(model)], timeout=1800, env=env())
+    if run.returncode:
+        raise SystemExit(f"baseline failed: {failure(run)}")
+    return run
+
+
+def tool(model: Path, args: list[str], work: Path) -> tuple[Measured, dict[str, Any]]:
+    with tempfile.TemporaryDirectory(prefix="plain-", dir=work) as tmp:
+        out, report = Path(tmp) / "out.onnx", Path(tmp) / "report.json"
+        # -P: `python -m` must not put the working directory (a checkout) before --package-root
+        cmd = [sys.executable, "-P", "-m", "onnxslim_prune.cli", str(model), "-o", str(out), "--report", str(report), "-q",
+               *args]
+        run = run_measured(cmd, timeout=1800, env=env())
+        if not report.exists():
+            raise SystemExit(f"tool failed ({run.returncode}): {failure(run)}")
+        return run, json.loads(report.read_text())
+
+
+def imports() -> float:
+    return run_measured([sys.executable, "-P", "-c", "import onnxslim_prune.cli"], timeout=300, env=env()).seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tv_vgg16", help="zoo name or .onnx path [tv_vgg16]")
+    ap.add_argument("--args", default="--method l1 --ratio 0.5", help="the tool's arguments, one string")
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--filled", type=Path, default=Path("/tmp/zoo"))
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()))
+    ap.add_argument("--package-root", type=Path, default=HERE.parent,
+                    help="the folder holding the onnxslim_prune package to time (e.g. `git archive REV onnxslim_prune` "
+                         "unpacked) [this checkout]")
+    ap.add_argument("--label", default="", help="a word for this measurement in the results (e.g. the commit)")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "plain_run")
+    a = ap.parse_args()
+    PACKAGE_ROOT[0] = a.package_root.resolve()
+    model = model_path(a.model, a.filled)
+    args = a.args.split()
+    base: list[Measured] = []
+    runs: list[tuple[Measured, dict[str, Any]]] = []
+    for pair in range(a.pairs):
+        for which in (("baseline", "tool") if pair % 2 == 0 else ("tool", "baseline")):
+            if which == "baseline":
+                base.append(baseline(model))
+            else:
+                runs.append(tool(model, args, a.work))
+            print(f"pair {pair + 1} {which}: {(base[-1] if which == 'baseline' else runs[-1][0]).seconds:.2f} s",
+                  file=sys.stderr, flush=True)
+    import_seconds = [imports() for _ in range(a.pairs)]
+    result = summarise(model, a, base, runs, import_seconds)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    a.out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def summarise(model: Path, a: argparse.Namespace, base: list[Measured], runs: list[tuple[Measured, dict[str, Any]]],
+              import_seconds: list[float]) -> dict[str, Any]:
+    med = statistics.median
+    stages: dict[str, float] = {}
+    for name in dict.fromkeys(k for _, r in runs for k in r.get("stage_seconds", {})):
+        stages[name] = med(r.get("stage_seconds", {}).get(name, 0.0) for _, r in runs)
+    outside = med(run.seconds - r["seconds"] for run, r in runs)
+    report = runs[-1][1]
+    verdict = report.get("verdict") or {}
+    latency = report.get("latency") or {}
+    return {
+        "model": model.name, "model_bytes": model.stat().st_size, "args": a.args, "label": a.label,
+        "cores": os.cpu_count(), "pairs": a.pairs,
+        "baseline_seconds": [r.seconds for r in base], "tool_seconds": [r.seconds for r, _ in runs],
+        "baseline_median": med(r.seconds for r in base), "tool_median": med(r.seconds for r, _ in runs),
+        "ratio": med(r.seconds for r, _ in runs) / med(r.seconds for r in base),
+        "baseline_peak_mib": med(r.peak_mib for r in base), "tool_peak_mib": med(r.peak_mib for r, _ in runs),
+        "tool_exit_codes": [r.returncode for r, _ in runs],
+        "import_seconds": med(import_seconds),
+        "stage_seconds": stages, "in_process_seconds": med(r["seconds"] for _, r in runs),
+        "outside_stages_seconds": outside,
+        "verdict_source": verdict.get("source"), "verdict_samples": verdict.get("samples"),
+        "gates": [g.get("name") for g in verdict.get("gates", [])],
+        "latency_rounds": latency.get("rounds"), "latency_threads": latency.get("threads"),
+    }
+
+
+def markdown(r: dict[str, Any]) -> str:
+    label = f" ({r['label']})" if r["label"] else ""
+    lines = [
+        f"# A plain run against loading and running the model: {r['model']} ({r['model_bytes'] / 1e6:.0f} MB)",
+        "",
+        f"Generated by `benchmarks/bench_plain_run.py`{label}: "
+        f"{r['pairs']} alternating pairs of fresh processes on {r['cores']} cores, medians. "
+        "Baseline: `onnx.load` + one onnxruntime session (from the file) + one run on a random input. "
+        f"Tool: `onnx-prune MODEL {r['args']} -o OUT --report R` with its defaults: the verdict on "
+        f"{r['verdict_samples']} seeded random inputs ({r['verdict_source']}), gates {', '.join(r['gates']) or 'none'}, "
+        f"the latency measurement ({r['latency_rounds']} interleaved rounds, {r['latency_threads']} thread), the atomic write.",
+        "",
+        "| process | seconds (median) | each | peak MiB |",
+        "|---|---:|---|---:|",
+        f"| baseline | {r['baseline_median']:.2f} | {', '.join(f'{s:.2f}' for s in r['baseline_seconds'])} | "
+        f"{r['baseline_peak_mib']:.0f} |",
+        f"| tool | {r['tool_median']:.2f} | {', '.join(f'{s:.2f}' for s in r['tool_seconds'])} | {r['tool_peak_mib']:.0f} |",
+        "",
+        f"**The tool takes {r['ratio']:.2f}x the baseline.**",
+        "",
+        "Where the tool's time goes (medians over its runs; the stages are the report's `stage_seconds`):",
+        "",
+        "| stage | seconds |",
+        "|---|---:|",
+    ]
+    for name, seconds in r["stage_seconds"].items():
+        lines.append(f"| {name} | {seconds:.2f} |")
+    lines += [
+        f"| outside the stages (interpreter, imports, report, write) | {r['outside_stages_seconds']:.2f} |",
+        f"| (of which importing the CLI alone) | {r['import_seconds']:.2f} |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
