@@ -201,3 +201,14 @@ def test_both_ends_of_the_opset_range_prune_dead_channels_exactly(opset: int, bu
     assert result.report.after.params < result.report.before.params
     assert result.model.opset_import[0].version == opset
     assert M.max_abs_diff(model, result.model) <= 1e-5
+
+
+def test_a_plain_run_does_not_import_scipy() -> None:
+    """scipy (a third of a second to import, with the numpy modules it clones) is imported by the solvers that use it,
+    not by the CLI: a data-free run never needs it."""
+    import subprocess
+    import sys
+
+    code = "import sys, onnxslim_prune.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'scipy'))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
+    assert out == "[]"
