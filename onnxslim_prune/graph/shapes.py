@@ -10,6 +10,7 @@ import logging
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -354,7 +355,7 @@ def share_identical_initializers(model: onnx.ModelProto) -> None:
         for init in candidates:  # initializer order: the first of equal values is kept
             # the values, not the serialized proto: that holds the name (and its length); a kept one's values are
             # converted again only if a later one samples alike (no copy of them is held meanwhile)
-            keeper = first.first(init.name, numpy_helper.to_array(init), reload=lambda init=init: numpy_helper.to_array(init))
+            keeper = first.first(init.name, numpy_helper.to_array(init), reload=partial(numpy_helper.to_array, init))
             if keeper != init.name:
                 alias[init.name] = keeper
     if not alias:
