@@ -146,7 +146,7 @@ def summarise(model: Path, a: argparse.Namespace, base: list[Measured], runs: li
         "stage_seconds": stages, "in_process_seconds": med(r["seconds"] for _, r in runs),
         "outside_stages_seconds": outside,
         "verdict_source": verdict.get("source"), "verdict_samples": verdict.get("samples"),
-        "gates": [g.get("name") for g in verdict.get("gates", [])],
+        "gates": [g.get("gate") for g in verdict.get("gates", [])],
         "latency_rounds": latency.get("rounds"), "latency_threads": latency.get("threads"),
     }
 
