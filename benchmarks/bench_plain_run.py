@@ -102,6 +102,9 @@ def main() -> None:
                          "unpacked) [this checkout]")
     ap.add_argument("--label", default="", help="a word for this measurement in the results (e.g. the commit)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "plain_run")
+    ap.add_argument("--with", dest="others", type=Path, action="append", default=[],
+                    help="a JSON this script wrote (e.g. of the revision before a change): its sections follow this "
+                         "run's in the results (repeatable)")
     a = ap.parse_args()
     PACKAGE_ROOT[0] = a.package_root.resolve()
     model = model_path(a.model, a.filled)
@@ -117,11 +120,14 @@ def main() -> None:
             print(f"pair {pair + 1} {which}: {(base[-1] if which == 'baseline' else runs[-1][0]).seconds:.2f} s",
                   file=sys.stderr, flush=True)
     import_seconds = [imports() for _ in range(a.pairs)]
-    result = summarise(model, a, base, runs, import_seconds)
+    results = [summarise(model, a, base, runs, import_seconds)]
+    for other in a.others:
+        results.extend(json.loads(other.read_text())["results"])
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    a.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    a.out.with_suffix(".json").write_text(json.dumps({"results": results}, indent=1) + "\n")
+    text = "\n".join(markdown(r) for r in results)
+    a.out.with_suffix(".md").write_text(text)
+    print(text)
 
 
 def summarise(model: Path, a: argparse.Namespace, base: list[Measured], runs: list[tuple[Measured, dict[str, Any]]],
