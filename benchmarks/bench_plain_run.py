@@ -2,10 +2,12 @@
 
     python benchmarks/bench_plain_run.py                          # zoo VGG-16 (528 MB), l1 --ratio 0.5
     python benchmarks/bench_plain_run.py --model tv_resnet50 --pairs 5
+    python benchmarks/bench_plain_run.py --package-root /tmp/rev-before --label before --package-root . --label after
     flock /tmp/heavy.lock python benchmarks/bench_plain_run.py    # on a shared machine: no other heavy job beside it
 
-Alternating pairs of fresh processes (the order swapped each pair, so neither always runs on a warmer page
-cache), the median of each:
+Rounds of fresh processes (the order reversed every other round, so none always runs on a warmer page cache),
+the median of each; with several ``--package-root`` (say the revision before a change and after it) each is a
+tool run of every round, beside the same baseline:
 
 * ``baseline``: ``onnx.load`` + one onnxruntime ``InferenceSession`` (CPU, default options, built from the
   file) + one run on a seeded random input: the least any tool that reads and runs the model pays;
@@ -94,33 +96,42 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tv_vgg16", help="zoo name or .onnx path [tv_vgg16]")
     ap.add_argument("--args", default="--method l1 --ratio 0.5", help="the tool's arguments, one string")
-    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--pairs", type=int, default=3, help="rounds (each: the baseline and every tool run) [3]")
     ap.add_argument("--filled", type=Path, default=Path("/tmp/zoo"))
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()))
-    ap.add_argument("--package-root", type=Path, default=HERE.parent,
-                    help="the folder holding the onnxslim_prune package to time (e.g. `git archive REV onnxslim_prune` "
-                         "unpacked) [this checkout]")
-    ap.add_argument("--label", default="", help="a word for this measurement in the results (e.g. the commit)")
+    ap.add_argument("--package-root", type=Path, action="append", default=[],
+                    help="a folder holding the onnxslim_prune package to time (e.g. `git archive REV onnxslim_prune` "
+                         "unpacked); repeatable: each is a tool run of every round, beside the same baseline "
+                         "[this checkout]")
+    ap.add_argument("--label", action="append", default=[],
+                    help="a word per --package-root for the results (e.g. the commit)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "plain_run")
     ap.add_argument("--with", dest="others", type=Path, action="append", default=[],
                     help="a JSON this script wrote (e.g. of the revision before a change): its sections follow this "
                          "run's in the results (repeatable)")
     a = ap.parse_args()
-    PACKAGE_ROOT[0] = a.package_root.resolve()
+    roots = [r.resolve() for r in a.package_root] or [HERE.parent]
+    labels = a.label + [""] * (len(roots) - len(a.label))
     model = model_path(a.model, a.filled)
     args = a.args.split()
     base: list[Measured] = []
-    runs: list[tuple[Measured, dict[str, Any]]] = []
+    runs: list[list[tuple[Measured, dict[str, Any]]]] = [[] for _ in roots]
     for pair in range(a.pairs):
-        for which in (("baseline", "tool") if pair % 2 == 0 else ("tool", "baseline")):
+        # a round: the baseline and a tool run per package root, the order reversed every other round
+        order = ["baseline", *range(len(roots))]
+        for which in order if pair % 2 == 0 else order[::-1]:
             if which == "baseline":
                 base.append(baseline(model))
+                seconds = base[-1].seconds
             else:
-                runs.append(tool(model, args, a.work))
-            print(f"pair {pair + 1} {which}: {(base[-1] if which == 'baseline' else runs[-1][0]).seconds:.2f} s",
-                  file=sys.stderr, flush=True)
-    import_seconds = [imports() for _ in range(a.pairs)]
-    results = [summarise(model, a, base, runs, import_seconds)]
+                PACKAGE_ROOT[0] = roots[int(which)]
+                runs[int(which)].append(tool(model, args, a.work))
+                seconds = runs[int(which)][-1][0].seconds
+            print(f"round {pair + 1} {which}: {seconds:.2f} s", file=sys.stderr, flush=True)
+    results = []
+    for root, label, root_runs in zip(roots, labels, runs):
+        PACKAGE_ROOT[0] = root
+        results.append(summarise(model, a, label, base, root_runs, [imports() for _ in range(a.pairs)]))
     for other in a.others:
         results.extend(json.loads(other.read_text())["results"])
     a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,8 +141,8 @@ def main() -> None:
     print(text)
 
 
-def summarise(model: Path, a: argparse.Namespace, base: list[Measured], runs: list[tuple[Measured, dict[str, Any]]],
-              import_seconds: list[float]) -> dict[str, Any]:
+def summarise(model: Path, a: argparse.Namespace, label: str, base: list[Measured],
+              runs: list[tuple[Measured, dict[str, Any]]], import_seconds: list[float]) -> dict[str, Any]:
     med = statistics.median
     stages: dict[str, float] = {}
     for name in dict.fromkeys(k for _, r in runs for k in r.get("stage_seconds", {})):
@@ -141,7 +152,7 @@ def summarise(model: Path, a: argparse.Namespace, base: list[Measured], runs: li
     verdict = report.get("verdict") or {}
     latency = report.get("latency") or {}
     return {
-        "model": model.name, "model_bytes": model.stat().st_size, "args": a.args, "label": a.label,
+        "model": model.name, "model_bytes": model.stat().st_size, "args": a.args, "label": label,
         "cores": os.cpu_count(), "pairs": a.pairs,
         "baseline_seconds": [r.seconds for r in base], "tool_seconds": [r.seconds for r, _ in runs],
         "baseline_median": med(r.seconds for r in base), "tool_median": med(r.seconds for r, _ in runs),
@@ -163,7 +174,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"# A plain run against loading and running the model: {r['model']} ({r['model_bytes'] / 1e6:.0f} MB)",
         "",
         f"Generated by `benchmarks/bench_plain_run.py`{label}: "
-        f"{r['pairs']} alternating pairs of fresh processes on {r['cores']} cores, medians. "
+        f"{r['pairs']} rounds of fresh processes (order reversed every other round) on {r['cores']} cores, medians. "
         "Baseline: `onnx.load` + one onnxruntime session (from the file) + one run on a random input. "
         f"Tool: `onnx-prune MODEL {r['args']} -o OUT --report R` with its defaults: the verdict on "
         f"{r['verdict_samples']} seeded random inputs ({r['verdict_source']}), gates {', '.join(r['gates']) or 'none'}, "
