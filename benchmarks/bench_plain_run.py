@@ -191,6 +191,8 @@ def summary(results: list[dict[str, Any]]) -> str:
 
 def markdown(r: dict[str, Any]) -> str:
     label = f" ({r['label']})" if r["label"] else ""
+    timed = (f"the latency measurement ({r['latency_rounds']} interleaved rounds, {r['latency_threads']} thread)"
+             if r["latency_rounds"] else "no latency measurement")
     lines = [
         f"## {r['model']} ({r['model_bytes'] / 1e6:.0f} MB){label}: {r['ratio']:.2f}x",
         "",
@@ -199,8 +201,7 @@ def markdown(r: dict[str, Any]) -> str:
         "Baseline: `onnx.load` + one onnxruntime session (from the file) + one run on a random input. "
         f"Tool: `onnx-prune MODEL {r['args']} -o OUT --report R` with its defaults: the verdict on "
         f"{r['verdict_samples']} seeded random inputs ({r['verdict_source']}), gates {', '.join(r['gates']) or 'none'}, "
-        (f"the latency measurement ({r['latency_rounds']} interleaved rounds, {r['latency_threads']} thread), "
-         if r["latency_rounds"] else "no latency measurement, ") + "the atomic write.",
+        f"{timed}, the atomic write.",
         "",
         "| process | seconds (median) | each | peak MiB |",
         "|---|---:|---|---:|",
