@@ -421,7 +421,7 @@ def _run(prepared: PreparedRun, params: Mapping[str, Any] | None, ratio: float |
     if latency:
         with clock.stage(Stage.LATENCY):
             sessions.close()  # the verdict's sessions (all threads) are freed before the timed ones are built
-            timing = _timed(original, path, pruned, serialized, _latency_feed(measure, original))
+            timing = _timed(original, path, pruned, serialized, _latency_feed(measure, original), gates)
         verdict = with_speed_gates(verdict, timing, gates, unchanged=pruned is original)
     sessions.close()
     _warn_verdict(verdict)
@@ -519,13 +519,16 @@ LATENCY_THREADS = 1
 
 
 def _timed(original: onnx.ModelProto, path: str | None, pruned: onnx.ModelProto, serialized: bytes | None,
-           feed: Mapping[str, np.ndarray]) -> Latency:
+           feed: Mapping[str, np.ndarray], gates: Gates) -> Latency:
     """Both models timed in single-threaded sessions by the calling thread's CPU time: the kernels' time, which
-    other processes on a busy machine inflate far less than wall time (as ``--objective latency`` measures)."""
+    other processes on a busy machine inflate far less than wall time (as ``--objective latency`` measures); the
+    rounds stop once the speed gates are decided."""
+    from .latency import gate_ratios
+
     before = validate.session(original, LATENCY_THREADS, path=path)
     after = validate.session(pruned, LATENCY_THREADS, serialized=serialized)
     return measure_latency(original, pruned, feed, sessions=(before, after), clock=time.thread_time,
-                           threads=LATENCY_THREADS)
+                           threads=LATENCY_THREADS, decided_at=gate_ratios(gates))
 
 
 def _settings(options: Options, holdout: float, gates: Gates, eval_data: Any, preprocess: Any) -> dict[str, Any]:

@@ -1,10 +1,13 @@
 """Latency of the original and the pruned model, measured in the same run (onnxruntime CPU).
 
 Both sessions are built with the same options and fed the same single batch. After
-`WARMUP` runs each, the two are timed in interleaved rounds (the order alternating each
-round, so neither always runs on a warmer cache or a quieter core) until `MAX_ROUNDS`
-rounds or `BUDGET_SECONDS` have passed, and at least `MIN_ROUNDS`; the figure is each
-model's median. It is a ratio in one run, not a benchmark: other load on the machine
+`WARMUP` runs each (fewer for a slow model, see `WARMUP_SECONDS`), the two are timed in
+interleaved rounds (the order alternating each round, so neither always runs on a warmer
+cache or a quieter core) until `MAX_ROUNDS` rounds or `BUDGET_SECONDS` have passed, and at
+least `MIN_ROUNDS`; the figure is each model's median. A caller that only needs a decision
+(the speed gates of a run) passes the ratios where it flips (`decided_at`): the rounds then
+stop as soon as the interval below lies on one side of each, after `MIN_ROUNDS` (VGG-16 at
+half its channels: 5 rounds of 0.4 s instead of 8, every ratio near 0.25). It is a ratio in one run, not a benchmark: other load on the machine
 moves both medians alike. The per-round ratios (pruned / original, the two runs of one round
 paired) also give a distribution-free 95% interval of their median (`median_interval`: the
 order statistics of a sign test).
@@ -30,7 +33,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -40,6 +43,9 @@ import onnx
 from .verdict import Gates, GateResult, Verdict
 
 WARMUP = 3
+#: a model's warm-up stops after this many seconds, at one run at least (the first run allocates; VGG-16 takes 0.3 s
+#: a run on one thread, and three warm-up runs of it were a second of a plain run)
+WARMUP_SECONDS = 0.25
 MIN_ROUNDS = 5
 MAX_ROUNDS = 50
 BUDGET_SECONDS = 3.0
@@ -139,6 +145,7 @@ def with_speed_gates(verdict: Verdict, timing: Latency | None, gates: Gates, *, 
 def measure(
     original: onnx.ModelProto, pruned: onnx.ModelProto, feed: Mapping[str, np.ndarray],
     sessions: tuple[Any, Any] = (None, None), clock: Callable[[], float] = time.perf_counter, threads: int = 0,
+    decided_at: Iterable[float] = (),
 ) -> Latency:
     """Median latency of each model on `feed` (see the module docstring).
 
@@ -147,19 +154,26 @@ def measure(
     (wall time; `time.thread_time` counts the calling thread's CPU time only, which is the run's
     whole time with single-threaded sessions and is not inflated by other processes); the time
     budget of the rounds is always wall time. `threads`: the intra-op threads of the sessions
-    built here (0: onnxruntime's default), recorded in the result.
+    built here (0: onnxruntime's default), recorded in the result. `decided_at`: ratios (after / before) at which
+    the caller's decision flips (`gate_ratios`); the rounds stop once the interval of the per-round ratios contains
+    none of them (after `MIN_ROUNDS`); empty, the rounds run to the budget (a figure, not a decision, is wanted).
     """
     from .validate import session
 
     sessions = (sessions[0] or session(original, threads), sessions[1] or session(pruned, threads))
     feed = dict(feed)
     for sess in sessions:
+        warming = time.perf_counter()
         for _ in range(WARMUP):
             sess.run(None, feed)
+            if time.perf_counter() - warming >= WARMUP_SECONDS:
+                break
     times: tuple[list[float], list[float]] = ([], [])
     started = time.perf_counter()
     rounds = 0
-    while rounds < MAX_ROUNDS and (rounds < MIN_ROUNDS or time.perf_counter() - started < BUDGET_SECONDS):
+    thresholds = tuple(decided_at)
+    while rounds < MAX_ROUNDS and (rounds < MIN_ROUNDS or (time.perf_counter() - started < BUDGET_SECONDS
+                                                           and not _decided(times, thresholds))):
         order = (0, 1) if rounds % 2 == 0 else (1, 0)
         for which in order:
             t0 = clock()
@@ -171,3 +185,22 @@ def measure(
     clock_name = "thread-cpu" if clock is time.thread_time else "wall"
     return Latency(1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1]), rounds, batch,
                    median_interval(ratios), clock_name, threads)
+
+
+def gate_ratios(gates: Gates) -> tuple[float, ...]:
+    """The ratios after / before at which the speed gates flip (`speed_gates`): `measure`'s `decided_at`."""
+    at = (1.0, 1.0 + SLOWER_TOLERANCE)
+    return at if gates.min_speedup is None else (*at, 1.0 / gates.min_speedup)
+
+
+def _decided(times: tuple[list[float], list[float]], thresholds: tuple[float, ...]) -> bool:
+    """The interval of the per-round ratios so far lies on one side of every threshold (none: never decided).
+
+    Stopping there is a sequential test: with 5 rounds the interval is their range, and a model whose true median
+    ratio is on the other side of a threshold gives 5 ratios all on this side with probability at most 1/32.
+    """
+    if not thresholds:
+        return False
+    interval = median_interval([after / before for before, after in zip(*times) if before > 0])
+    return interval is not None and not any(interval[0] <= t <= interval[1] for t in thresholds)
+

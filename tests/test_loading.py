@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import models as M
 from onnxslim_prune import prune
-from onnxslim_prune.errors import UsageError
+from onnxslim_prune.errors import ModelError, UsageError
 from onnxslim_prune.cli import main
 
 TOL = 1e-5
@@ -201,3 +201,39 @@ def test_both_ends_of_the_opset_range_prune_dead_channels_exactly(opset: int, bu
     assert result.report.after.params < result.report.before.params
     assert result.model.opset_import[0].version == opset
     assert M.max_abs_diff(model, result.model) <= 1e-5
+
+
+def test_a_plain_run_does_not_import_scipy() -> None:
+    """scipy (a third of a second to import, with the numpy modules it clones) is imported by the solvers that use it,
+    not by the CLI: a data-free run never needs it."""
+    import subprocess
+    import sys
+
+    code = "import sys, onnxslim_prune.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'scipy'))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
+    assert out == "[]"
+
+
+def test_the_input_check_reads_no_weight_again_and_still_rejects_a_bad_one(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checker sees the input with its large weights as empty stand-ins (their raw data checked against the
+    file), so it does not parse the file again; a weight whose data does not fit its shape still fails with the
+    checker's own message."""
+    model = M.conv_chain(dead1=(0, 1), dead2=(3, 4), c1=16, c2=16)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    checked: list[object] = []
+    check = onnx.checker.check_model
+    monkeypatch.setattr(onnx.checker, "check_model", lambda m, *a, **k: (checked.append(m), check(m, *a, **k))[1])
+    result = prune(str(path), "l1", 0.125)  # the two dead channels of each group
+    dims = {i.name: tuple(i.dims) for i in checked[0].graph.initializer}  # type: ignore[attr-defined]
+    assert set(dims) == {i.name for i in model.graph.initializer} and set(dims.values()) == {(0,)}  # names kept
+    assert checked[0].ByteSize() < model.ByteSize() // 10  # type: ignore[attr-defined]
+    assert [tuple(i.dims) for i in result.model.graph.initializer if i.name.startswith("conv2.w")] == [(14, 14, 3, 3)]
+    assert M.max_abs_diff(model, result.model) <= 1e-5
+    bad = onnx.load(path)
+    weight = next(i for i in bad.graph.initializer if i.name == "conv2.w")
+    weight.raw_data = weight.raw_data[:-4]
+    onnx.save(bad, tmp_path / "bad.onnx")
+    with pytest.raises(ModelError, match="input model fails the ONNX checker: .*conv2.w.* raw_data size"):
+        prune(str(tmp_path / "bad.onnx"), "l1", 0.125)

@@ -135,6 +135,59 @@ def test_the_median_interval_is_the_sign_test_order_statistics() -> None:
     assert median_interval([]) is None
 
 
+class _Session:
+    """A fake onnxruntime session whose run advances a fake clock by its next duration (nothing is timed)."""
+
+    def __init__(self, clock: list[float], durations: Sequence[float]) -> None:
+        self.clock, self.durations, self.runs = clock, durations, 0
+
+    def run(self, names: Any, feed: Any) -> None:
+        self.clock[0] += self.durations[self.runs % len(self.durations)]
+        self.runs += 1
+
+
+def _measured(durations_after: Sequence[float], decided_at: Sequence[float], monkeypatch: pytest.MonkeyPatch,
+              warmup_seconds: float | None = None) -> tuple[Latency, _Session, _Session]:
+    from onnxslim_prune import latency
+
+    if warmup_seconds is not None:
+        monkeypatch.setattr(latency, "WARMUP_SECONDS", warmup_seconds)
+    clock = [0.0]
+    before, after = _Session(clock, [1.0]), _Session(clock, durations_after)
+    timing = latency.measure(onnx.ModelProto(), onnx.ModelProto(), {"x": np.zeros((1, 2), np.float32)},
+                             sessions=(before, after), clock=lambda: clock[0], decided_at=decided_at)
+    return timing, before, after
+
+
+def test_the_rounds_stop_once_the_gates_are_decided(monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxslim_prune import latency
+
+    gates = latency.gate_ratios(Gates())
+    assert gates == (1.0, 1.0 + SLOWER_TOLERANCE)
+    # 4x faster every round: decided after the fewest rounds, the figures those rounds' medians
+    timing, before, after = _measured([0.25], gates, monkeypatch)
+    assert timing.rounds == latency.MIN_ROUNDS and timing.ratio == pytest.approx(0.25)
+    assert before.runs == latency.WARMUP + latency.MIN_ROUNDS  # instant warm-up runs (on the wall clock): all three
+    # the same model without a decision to make (the latency search wants the figure): every round of the budget
+    timing, _, _ = _measured([0.25], (), monkeypatch)
+    assert timing.rounds == latency.MAX_ROUNDS
+    # ratios straddling 1 (0.9, 1.1, ...) never decide: the budget's rounds, median ratio about 1
+    timing, _, _ = _measured([0.9, 1.1], gates, monkeypatch)
+    assert timing.rounds == latency.MAX_ROUNDS and 0.9 <= timing.ratio <= 1.1
+    # --min-speedup 2 flips at a ratio of 0.5: 0.45-0.55 straddles it, so the rounds go on; 0.3 decides it
+    with_speedup = latency.gate_ratios(Gates(min_speedup=2.0))
+    assert with_speedup[-1] == pytest.approx(0.5)
+    assert _measured([0.45, 0.55], with_speedup, monkeypatch)[0].rounds == latency.MAX_ROUNDS
+    assert _measured([0.3], with_speedup, monkeypatch)[0].rounds == latency.MIN_ROUNDS
+
+
+def test_a_slow_models_warm_up_is_one_run(monkeypatch: pytest.MonkeyPatch) -> None:
+
+    # a warm-up budget already spent after one run (as VGG-16's 0.3 s runs spend 0.25 s): one warm-up run each
+    timing, before, after = _measured([0.25], (1.0,), monkeypatch, warmup_seconds=0.0)
+    assert before.runs == 1 + timing.rounds and after.runs == 1 + timing.rounds
+
+
 def _fake(ratio: float, interval: tuple[float, float] | None) -> Any:
     def timed(*args: Any, **kwargs: Any) -> Latency:
         return Latency(10.0, 10.0 * ratio, 30, 1, interval, "thread-cpu", 1)

@@ -145,3 +145,43 @@ def test_shared_gemm_read_alike_prunes() -> None:
     result = prune(shared_gemm(trans_b_second=1), "l1", 0.5)
     assert weight_of(result.model, "fcA") == weight_of(result.model, "fcB")
     assert next(tuple(i.dims) for i in result.model.graph.initializer if i.name == weight_of(result.model, "fcA")) == (3, 3)
+
+
+def separate_copies(change_unsampled: bool) -> onnx.ModelProto:
+    """`siamese` with convB reading its own copy of w (as folding leaves an alias); `change_unsampled` makes one
+    element of the copy differ, at a position the sampled key of `EqualValues` (8 elements) does not read."""
+    model = siamese()
+    w = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w")).copy()
+    if change_unsampled:
+        w[0, 3, 0, 1] += 1.0  # a kept weight; of 432 elements every 54th is sampled (270 and 33rd after pruning)
+    model.graph.initializer.append(numpy_helper.from_array(w, "w_copy"))
+    next(n for n in model.graph.node if n.name == "convB").input[1] = "w_copy"
+    return model
+
+
+@pytest.mark.parametrize("change_unsampled", [False, True])
+def test_equal_copies_are_shared_and_a_copy_differing_outside_the_sample_is_not(
+    change_unsampled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onnxslim_prune.graph.read import EqualValues
+
+    monkeypatch.setattr(EqualValues, "SAMPLE", 8)  # the key reads 8 of the weight's 432 elements
+    model = separate_copies(change_unsampled)
+    nodes = {n.name: n for n in analyze(model).graph.nodes}
+    assert (nodes["convA"].inputs[1] is nodes["convB"].inputs[1]) is not change_unsampled  # one constant object
+    result = prune(model, "l1", 0.25)
+    assert (weight_of(result.model, "convA") == weight_of(result.model, "convB")) is not change_unsampled
+    assert M.max_abs_diff(model, result.model) <= TOL
+
+
+def test_equal_values_compares_bytes() -> None:
+    from onnxslim_prune.graph.read import EqualValues
+
+    first: EqualValues[str] = EqualValues()
+    zeros = np.zeros((3, 4), np.float32)
+    assert first.first("a", zeros) == "a"
+    assert first.first("b", zeros.copy()) == "a"  # equal bytes: the first one given
+    assert first.first("c", -zeros) == "c"  # -0.0 equals 0.0 but not bit for bit (as the digest saw it)
+    assert first.first("d", zeros.astype(np.float64)) == "d"  # same values, another dtype
+    assert first.first("e", zeros.T.copy()) == "e"  # same bytes, another shape
+    assert first.first("f", -zeros, reload=lambda: -zeros) == "c"

@@ -21,7 +21,6 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.linalg
 
 from .patches import PositionSampler, conv_output_size, conv_patches, linear_rows, output_rows, sample_positions
 
@@ -318,6 +317,8 @@ class GramAccumulator:
 
     def solve_ridge(self, alpha: float = 0.0, keep: Sequence[int] | None = None) -> np.ndarray:
         """``W [len(keep) or dim_x, dim_y]`` minimising ``||X[:, keep] W - Y||^2 + alpha*count*||W||^2``."""
+        import scipy.linalg  # on first use (see `passes.reconstruct.solve_spd`)
+
         a, b = self._system(alpha, keep)
         try:
             with warnings.catch_warnings():

@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from ..errors import ModelError
 from . import edit
 from .io import RawData, raw_data_in_file
-from .read import const_value, value_digest
+from .read import EqualValues, const_value
 from .shapes import Shape, dynamic_non_batch_dims, fixed_input_shapes, is_static_dim, shape_invariant_dims, static_shapes
 
 log = logging.getLogger(__name__)
@@ -122,9 +122,9 @@ def _share_equal_constants(graph: gs.Graph) -> None:
     for candidates in by_shape.values():
         if len(candidates) < 2:
             continue
-        first: dict[str, gs.Constant] = {}
+        first: EqualValues[gs.Constant] = EqualValues()
         for tensor in sorted(candidates, key=lambda t: t.name):
-            keeper = first.setdefault(value_digest(tensor.values), tensor)
+            keeper = first.first(tensor, tensor.values)
             if keeper is tensor:
                 continue
             for node in list(tensor.outputs):

@@ -10,6 +10,7 @@ import logging
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from onnx import numpy_helper
 from ..errors import ModelError, UsageError
 from . import edit
 from .io import FLOAT_TYPES, exceeds_proto_limit, save_external, without_initializers
-from .read import value_digest
+from .read import EqualValues
 
 log = logging.getLogger(__name__)
 
@@ -350,10 +351,11 @@ def share_identical_initializers(model: onnx.ModelProto) -> None:
     for candidates in by_shape.values():
         if len(candidates) < 2:
             continue
-        first: dict[str, str] = {}
+        first: EqualValues[str] = EqualValues()
         for init in candidates:  # initializer order: the first of equal values is kept
-            # the values, not the serialized proto: that holds the name (and its length)
-            keeper = first.setdefault(value_digest(numpy_helper.to_array(init)), init.name)
+            # the values, not the serialized proto: that holds the name (and its length); a kept one's values are
+            # converted again only if a later one samples alike (no copy of them is held meanwhile)
+            keeper = first.first(init.name, numpy_helper.to_array(init), reload=partial(numpy_helper.to_array, init))
             if keeper != init.name:
                 alias[init.name] = keeper
     if not alias:

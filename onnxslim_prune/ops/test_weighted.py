@@ -130,3 +130,18 @@ def test_grouped_conv_has_no_affine_form_and_gemm_indexes_inputs_by_trans_b() ->
     assert rule.weight_in_axis(gemm, Kind.GEMM) == 1
     affine = rule.read_affine(gemm, Kind.GEMM)
     assert affine is not None and affine.b is not None and not affine.b.any()  # no C: a zero bias the refit may set
+
+
+def test_take2_gathers_the_same_bytes_as_fancy_indexing() -> None:
+    from onnxslim_prune.ops.weighted import take2
+
+    rng = np.random.default_rng(0)
+    conv = rng.standard_normal((6, 5, 3, 3)).astype(np.float16)  # [out, in, kh, kw]
+    gemm = rng.standard_normal((7, 9)).astype(np.float32).T  # a transposed view: not C-contiguous
+    cases = [(conv, np.array([5, 0, 2]), np.array([1, 4])), (gemm, np.array([0, 3, 8]), np.array([6, -1, 2])),
+             (gemm, np.array([], dtype=np.int64), np.array([1])),
+             (conv, np.array([True, False, True, True, False, False]), np.array([0, 2, 3]))]
+    for weight, keep0, keep1 in cases:
+        got, want = take2(weight, keep0, keep1), weight[np.ix_(keep0, keep1)]
+        assert got.dtype == want.dtype and got.shape == want.shape and got.flags.c_contiguous
+        assert got.tobytes() == want.tobytes()

@@ -40,16 +40,28 @@ CHANNEL_ATTRS = {"Conv": ("group",), "ConvTranspose": ("group",), "Gemm": ("tran
 
 
 def take2(weight: np.ndarray, keep0: np.ndarray | None, keep1: np.ndarray | None) -> np.ndarray:
-    """`weight` kept at `keep0` on axis 0 and `keep1` on axis 1 (None: all), in one gather.
+    """`weight` kept at `keep0` on axis 0 and `keep1` on axis 1 (None: all): ``weight[np.ix_(keep0, keep1)]``.
 
-    Both at once (`np.ix_`) makes no intermediate array: slicing a large dense weight holds
-    only it and its result, never a third, partly sliced, copy.
+    Both at once makes no intermediate array: slicing a large dense weight holds only it and its
+    result, never a third, partly sliced, copy. Gathered row by row (a contiguous `np.take` per
+    kept row): numpy's two-array fancy indexing walks every element's index, 14x slower (VGG-16's
+    first classifier layer, 4096x25088 to 2048x12544: 1.2 s against 0.08 s), for the same values.
     """
     if keep0 is None:
         return weight if keep1 is None else np.take(weight, keep1, axis=1)
     if keep1 is None:
         return np.take(weight, keep0, axis=0)
-    return weight[np.ix_(keep0, keep1)]
+    rows, cols = _indices(keep0, weight.shape[0]), _indices(keep1, weight.shape[1])
+    out = np.empty((rows.size, cols.size, *weight.shape[2:]), dtype=weight.dtype)
+    for i, row in enumerate(rows):
+        np.take(weight[row], cols, axis=0, out=out[i])
+    return out
+
+
+def _indices(keep: np.ndarray, size: int) -> np.ndarray:
+    """`keep` as integer indices (a boolean mask of `size` as the positions it marks)."""
+    keep = np.asarray(keep)
+    return np.flatnonzero(keep) if keep.dtype == bool and keep.size == size else keep.astype(np.intp, copy=False)
 
 
 def slice_bias(a: ApplyContext, node: gs.Node, out_keep: np.ndarray | None, axis: int) -> None:

@@ -53,7 +53,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-import scipy.linalg
 
 from .. import ir
 from ..channels import Group, Kind, Part, Role, Trace, transformer_part
@@ -616,6 +615,8 @@ def refit_residuals(s: np.ndarray, w: np.ndarray, columns: Sequence[np.ndarray],
     of ``Z = L^-1 W_G`` do not depend on the columns after them, so each prefix's error is a sum of squared rows
     of ``Z`` (and of ``W_G``) up to it: every width from one factorisation.
     """
+    import scipy.linalg  # on first use (see `reconstruct.solve_spd`)
+
     dim = s.shape[0]
     ends = np.cumsum([0, *(c.size for c in columns)])
     if ends[-1] == 0:

@@ -134,7 +134,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import scipy.linalg
 
 from .. import ir
 from ..channels import Kind, Role, Trace
@@ -333,6 +332,8 @@ def ridge_lambda(sxx: np.ndarray, ridge: float, rows: float | None = None, per_r
 
 def solve_spd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a^-1 b`` for a symmetric positive (semi-)definite ``a``; least squares if singular."""
+    import scipy.linalg  # on first use: importing scipy is a third of a second of every run, most never solve
+
     try:
         with warnings.catch_warnings():  # ill-conditioned: solve by least squares, say nothing on stderr
             warnings.simplefilter("error", scipy.linalg.LinAlgWarning)
