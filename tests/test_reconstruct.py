@@ -36,14 +36,25 @@ from onnxslim_prune.passes.plan import GroupPlan, Plan
 from onnxslim_prune.passes.score import score_groups
 
 OLD_FIT = reconstruct.fit
+CNN_RIDGE = reconstruct.DEFAULT_CNN_RIDGE  # the default, before `_small_base_ridge` pins the small one
 pytestmark = pytest.mark.usefixtures("private_cache")
+
+
+@pytest.fixture(autouse=True)
+def _small_base_ridge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These oracles test least squares and the row-scaled ridge: the CNN base ridge is off (tested on its own in
+    `test_a_cnn_refit_takes_the_cnn_base_ridge`)."""
+    monkeypatch.setattr(reconstruct, "DEFAULT_CNN_RIDGE", reconstruct.DEFAULT_RIDGE)
+
+
+def _no_holdout(real: Callable[..., api.PruneResult]) -> Callable[..., api.PruneResult]:
+    return lambda *a, **k: real(*a, **{"holdout": 0.0, "latency": False, **k})
 
 
 @pytest.fixture(autouse=True)
 def _fit_every_sample(monkeypatch: pytest.MonkeyPatch) -> None:
     """These oracles count rows and compare against their own held-out data: every calibration sample is fitted."""
-    real = api.prune
-    monkeypatch.setattr(api, "prune", lambda *a, **k: real(*a, **{"holdout": 0.0, "latency": False, **k}))
+    monkeypatch.setattr(api, "prune", _no_holdout(api.prune))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -684,3 +695,25 @@ def test_cross_validated_ridge_in_a_refit(tmp_path: Path, register, monkeypatch:
     np.testing.assert_allclose(got["b2"], b, rtol=1e-4, atol=1e-5)
     held = np.random.default_rng(4).standard_normal((500, 12)).astype(np.float32)
     np.testing.assert_allclose(run(chosen.model, held), hidden(model, held) @ w + b, rtol=1e-4, atol=1e-4)
+
+
+def test_a_cnn_refit_takes_the_cnn_base_ridge(tmp_path: Path, register, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model without attention heads is refitted at base alpha `DEFAULT_CNN_RIDGE` (0.05) unless the run sets
+    ``ridge``: the written weights are `fit` of the kept ReLU features at that alpha (float32 rounding), and a set
+    ``ridge`` is taken as given."""
+    monkeypatch.setattr(reconstruct, "DEFAULT_CNN_RIDGE", CNN_RIDGE)  # the module's fixture pinned the small one
+    assert CNN_RIDGE == 0.05
+    model = mlp()
+    fit_method = register("_fit", remove_channels(MLP_REMOVED))
+    x = np.random.default_rng(5).standard_normal((300, 12)).astype(np.float32)
+    calib = save_calib(tmp_path / "c.npz", x)
+    w0 = initializers(model)["w2"][MLP_KEPT]
+    acc = reconstruct.GramAccumulator(24, 6)
+    acc.update(hidden(model, x), run(model, x).astype(np.float64))
+    for params, alpha in (({}, 0.05), ({"ridge": 1e-3}, 1e-3)):
+        got = initializers(api.prune(model, fit_method, calib=calib, params=params).model)
+        w, b = reconstruct.fit(acc, True, alpha, None, prior=w0, per_row=reconstruct.DEFAULT_RIDGE_ROWS)
+        np.testing.assert_allclose(got["w2"], w, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got["b2"], b, rtol=1e-4, atol=1e-5)
+    small, _ = reconstruct.fit(acc, True, reconstruct.DEFAULT_RIDGE, None, prior=w0, per_row=reconstruct.DEFAULT_RIDGE_ROWS)
+    assert np.linalg.norm(w - w0) < np.linalg.norm(small - w0)  # more ridge: closer to plain pruning
