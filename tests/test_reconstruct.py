@@ -697,23 +697,40 @@ def test_cross_validated_ridge_in_a_refit(tmp_path: Path, register, monkeypatch:
     np.testing.assert_allclose(run(chosen.model, held), hidden(model, held) @ w + b, rtol=1e-4, atol=1e-4)
 
 
+def conv_mlp() -> onnx.ModelProto:
+    """`mlp` as 1x1 convolutions on ``x[N,12,1,1]``: the same function, a convolutional network."""
+    w = initializers(mlp())
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="c1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="c2"),
+    ]
+    weights = {"w1": w["w1"][:, :, None, None], "b1": w["b1"], "w2": w["w2"].T[:, :, None, None], "b2": w["b2"]}
+    return make_model(nodes, ("x", ["N", 12, 1, 1]), ("y", ["N", 6, 1, 1]), weights)
+
+
 def test_a_cnn_refit_takes_the_cnn_base_ridge(tmp_path: Path, register, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A model without attention heads is refitted at base alpha `DEFAULT_CNN_RIDGE` (0.05) unless the run sets
-    ``ridge``: the written weights are `fit` of the kept ReLU features at that alpha (float32 rounding), and a set
-    ``ridge`` is taken as given."""
+    """A convolutional network is refitted at base alpha `DEFAULT_CNN_RIDGE` (0.05) unless the run sets ``ridge``;
+    the same layers as Gemms (an MLP) keep the small default. The written weights are `fit` of the kept ReLU
+    features at that alpha (float32 rounding)."""
     monkeypatch.setattr(reconstruct, "DEFAULT_CNN_RIDGE", CNN_RIDGE)  # the module's fixture pinned the small one
     assert CNN_RIDGE == 0.05
-    model = mlp()
     fit_method = register("_fit", remove_channels(MLP_REMOVED))
     x = np.random.default_rng(5).standard_normal((300, 12)).astype(np.float32)
-    calib = save_calib(tmp_path / "c.npz", x)
-    w0 = initializers(model)["w2"][MLP_KEPT]
+    w0 = initializers(mlp())["w2"][MLP_KEPT]
     acc = reconstruct.GramAccumulator(24, 6)
-    acc.update(hidden(model, x), run(model, x).astype(np.float64))
-    for params, alpha in (({}, 0.05), ({"ridge": 1e-3}, 1e-3)):
-        got = initializers(api.prune(model, fit_method, calib=calib, params=params).model)
+    acc.update(hidden(mlp(), x), run(mlp(), x).astype(np.float64))
+    fits = {}
+    for model, data, params, alpha in (
+        (conv_mlp(), x[:, :, None, None], {}, CNN_RIDGE),
+        (conv_mlp(), x[:, :, None, None], {"ridge": 1e-3}, 1e-3),
+        (mlp(), x, {}, reconstruct.DEFAULT_RIDGE),
+    ):
+        got = initializers(api.prune(model, fit_method, calib=save_calib(tmp_path / "c.npz", data), params=params).model)
+        w2 = got["w2"].reshape(6, 24).T if model.graph.node[0].op_type == "Conv" else got["w2"]
         w, b = reconstruct.fit(acc, True, alpha, None, prior=w0, per_row=reconstruct.DEFAULT_RIDGE_ROWS)
-        np.testing.assert_allclose(got["w2"], w, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(w2, w, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(got["b2"], b, rtol=1e-4, atol=1e-5)
-    small, _ = reconstruct.fit(acc, True, reconstruct.DEFAULT_RIDGE, None, prior=w0, per_row=reconstruct.DEFAULT_RIDGE_ROWS)
-    assert np.linalg.norm(w - w0) < np.linalg.norm(small - w0)  # more ridge: closer to plain pruning
+        fits[alpha] = w
+    # more ridge: closer to plain pruning
+    assert np.linalg.norm(fits[CNN_RIDGE] - w0) < np.linalg.norm(fits[reconstruct.DEFAULT_RIDGE] - w0)
