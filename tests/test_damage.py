@@ -22,9 +22,9 @@ pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(autouse=True)
-def _small_base_ridge(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The oracles compare with refits at the small base ridge: the CNN base ridge is off."""
-    monkeypatch.setattr(reconstruct, "DEFAULT_CNN_RIDGE", reconstruct.DEFAULT_RIDGE)
+def _fixed_ridge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oracles compare with refits at the fixed ridge rule: the CNN's cross-validated ridge is off."""
+    monkeypatch.setattr(reconstruct, "DEFAULT_CNN_RIDGE_FOLDS", 0)
 
 
 def lstsq_residual(x: np.ndarray, w: np.ndarray, keep: np.ndarray) -> float:

@@ -36,15 +36,15 @@ from onnxslim_prune.passes.plan import GroupPlan, Plan
 from onnxslim_prune.passes.score import score_groups
 
 OLD_FIT = reconstruct.fit
-CNN_RIDGE = reconstruct.DEFAULT_CNN_RIDGE  # the default, before `_small_base_ridge` pins the small one
+CNN_FOLDS = reconstruct.DEFAULT_CNN_RIDGE_FOLDS  # the default, before `_fixed_ridge` turns it off
 pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(autouse=True)
-def _small_base_ridge(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These oracles test least squares and the row-scaled ridge: the CNN base ridge is off (tested on its own in
-    `test_a_cnn_refit_takes_the_cnn_base_ridge`)."""
-    monkeypatch.setattr(reconstruct, "DEFAULT_CNN_RIDGE", reconstruct.DEFAULT_RIDGE)
+def _fixed_ridge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These oracles test least squares and the row-scaled ridge: the CNN's cross-validated ridge is off (tested
+    on its own in `test_a_cnn_refit_cross_validates_its_ridge`)."""
+    monkeypatch.setattr(reconstruct, "DEFAULT_CNN_RIDGE_FOLDS", 0)
 
 
 def _no_holdout(real: Callable[..., api.PruneResult]) -> Callable[..., api.PruneResult]:
@@ -676,7 +676,7 @@ def test_cross_validated_ridge_beats_the_fixed_one_on_held_out_rows(noise: float
 
 
 def test_cross_validated_ridge_in_a_refit(tmp_path: Path, register, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Through `api.prune` with ``DEFAULT_RIDGE_FOLDS = 5`` (70 samples in batches of 32): calibration sample ``i``
+    """Through `api.prune` with ``DEFAULT_RIDGE_FOLDS = 5`` (an MLP: the CNN default does not apply) (70 samples in batches of 32): calibration sample ``i``
     goes to fold ``i mod 5`` across batches, so the refitted layer is `cv_fit` of those folds of its rows; the
     pruned model keeps the fixed rule's structure and runs."""
     model = mlp()
@@ -709,28 +709,30 @@ def conv_mlp() -> onnx.ModelProto:
     return make_model(nodes, ("x", ["N", 12, 1, 1]), ("y", ["N", 6, 1, 1]), weights)
 
 
-def test_a_cnn_refit_takes_the_cnn_base_ridge(tmp_path: Path, register, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A convolutional network is refitted at base alpha `DEFAULT_CNN_RIDGE` (0.05) unless the run sets ``ridge``;
-    the same layers as Gemms (an MLP) keep the small default. The written weights are `fit` of the kept ReLU
-    features at that alpha (float32 rounding)."""
-    monkeypatch.setattr(reconstruct, "DEFAULT_CNN_RIDGE", CNN_RIDGE)  # the module's fixture pinned the small one
-    assert CNN_RIDGE == 0.05
+def test_a_cnn_refit_cross_validates_its_ridge(tmp_path: Path, register, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A convolutional network is refitted with the ridge chosen by `DEFAULT_CNN_RIDGE_FOLDS` (5) folds unless the
+    run sets ``ridge``; the same layers as Gemms (an MLP) keep the fixed rule. The written weights are `cv_fit` of
+    the kept ReLU features' folds, or `fit` at the fixed rule (float32 rounding)."""
+    monkeypatch.setattr(reconstruct, "DEFAULT_CNN_RIDGE_FOLDS", CNN_FOLDS)  # the module's fixture turned it off
+    assert CNN_FOLDS == 5
     fit_method = register("_fit", remove_channels(MLP_REMOVED))
-    x = np.random.default_rng(5).standard_normal((300, 12)).astype(np.float32)
+    x = np.random.default_rng(3).standard_normal((70, 12)).astype(np.float32)
+    features, target = hidden(mlp(), x), run(mlp(), x).astype(np.float64)
     w0 = initializers(mlp())["w2"][MLP_KEPT]
     acc = reconstruct.GramAccumulator(24, 6)
-    acc.update(hidden(mlp(), x), run(mlp(), x).astype(np.float64))
-    fits = {}
-    for model, data, params, alpha in (
-        (conv_mlp(), x[:, :, None, None], {}, CNN_RIDGE),
-        (conv_mlp(), x[:, :, None, None], {"ridge": 1e-3}, 1e-3),
-        (mlp(), x, {}, reconstruct.DEFAULT_RIDGE),
+    acc.update(features, target)
+    w_cv, b_cv, alpha = reconstruct.cv_fit(fold_moments(features, target, 5), True, reconstruct.DEFAULT_RIDGE,
+                                           reconstruct.DEFAULT_RIDGE_ROWS, w0)
+    fixed = reconstruct.ridge_alpha(reconstruct.DEFAULT_RIDGE, 24, 70, reconstruct.DEFAULT_RIDGE_ROWS)
+    assert alpha != fixed
+    for model, data, params, expected in (
+        (conv_mlp(), x[:, :, None, None], {}, (w_cv, b_cv)),
+        (conv_mlp(), x[:, :, None, None], {"ridge": 1e-3},
+         reconstruct.fit(acc, True, 1e-3, None, prior=w0, per_row=reconstruct.DEFAULT_RIDGE_ROWS)),
+        (mlp(), x, {}, reconstruct.fit(acc, True, reconstruct.DEFAULT_RIDGE, None, prior=w0,
+                                       per_row=reconstruct.DEFAULT_RIDGE_ROWS)),
     ):
         got = initializers(api.prune(model, fit_method, calib=save_calib(tmp_path / "c.npz", data), params=params).model)
         w2 = got["w2"].reshape(6, 24).T if model.graph.node[0].op_type == "Conv" else got["w2"]
-        w, b = reconstruct.fit(acc, True, alpha, None, prior=w0, per_row=reconstruct.DEFAULT_RIDGE_ROWS)
-        np.testing.assert_allclose(w2, w, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(got["b2"], b, rtol=1e-4, atol=1e-5)
-        fits[alpha] = w
-    # more ridge: closer to plain pruning
-    assert np.linalg.norm(fits[CNN_RIDGE] - w0) < np.linalg.norm(fits[reconstruct.DEFAULT_RIDGE] - w0)
+        np.testing.assert_allclose(w2, expected[0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got["b2"], expected[1], rtol=1e-4, atol=1e-5)

@@ -642,7 +642,7 @@ def damage_table(ctx: Context, scores: Mapping[int, np.ndarray], consumers: Mapp
 
     The group's free classes go in the order of `scores` (lowest first; one class per block of a grouped conv);
     removing the first ``k``, each consumer ``C`` loses the output error its least-squares refit cannot recover
-    (`refit_residuals`, from the input covariances the selection already holds, the refit's ridge), divided
+    (`refit_residuals`, from the input covariances the selection already holds, ridge as the selection's), divided
     by the energy of what that error lands in: `scales` (layer node -> the variance of the residual sum its output
     is added into and the weights of its channels, `sink_scales`) or else its own output energy ``tr(W^T S W)``;
     a group's damage is the sum
@@ -651,7 +651,6 @@ def damage_table(ctx: Context, scores: Mapping[int, np.ndarray], consumers: Mapp
     the refit of a consumer that reads several groups are left out).
     """
     s_ = settings(ctx)
-    ridge = rc.base_ridge(ctx)  # the refit's (`reconstruct.base_ridge`): the damage is what that refit leaves
     scales = scales or {}
     out: dict[int, GroupDamage] = {}
     for group in ctx.trace.groups:
@@ -676,7 +675,7 @@ def damage_table(ctx: Context, scores: Mapping[int, np.ndarray], consumers: Mapp
             empty = np.zeros(0, dtype=np.int64)
             columns = [by_class.get(int(k), empty) for k in flat.tolist()]
             n = (rows or {}).get(_layer_key(consumer.layer))
-            lam = rc.ridge_lambda(full, ridge, n, s_.ridge_rows if n else 0.0)
+            lam = rc.ridge_lambda(full, s_.ridge, n, s_.ridge_rows if n else 0.0)
             per_class = refit_residuals(full, w, columns, lam) / energy
             damage += per_class[:: max(1, group.block)]
         out[group.index] = GroupDamage(group.index, order.units, damage)
