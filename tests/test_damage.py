@@ -15,10 +15,16 @@ from conftest import SAMPLE_FMNIST, SAMPLE_LENET
 from onnxslim_prune import api
 from onnxslim_prune.calib import input_specs, load_calibration
 from onnxslim_prune.methods.base import Context, Options
-from onnxslim_prune.passes import datadriven
+from onnxslim_prune.passes import datadriven, reconstruct
 from onnxslim_prune.passes.budget import hull_slopes
 
 pytestmark = pytest.mark.usefixtures("private_cache")
+
+
+@pytest.fixture(autouse=True)
+def _fixed_ridge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oracles compare with refits at the fixed ridge rule: the CNN's cross-validated ridge is off."""
+    monkeypatch.setattr(reconstruct, "DEFAULT_CNN_RIDGE_FOLDS", 0)
 
 
 def lstsq_residual(x: np.ndarray, w: np.ndarray, keep: np.ndarray) -> float:

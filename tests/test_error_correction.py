@@ -32,6 +32,13 @@ from onnxslim_prune.passes.score import score_groups
 pytestmark = pytest.mark.usefixtures("private_cache")
 
 
+@pytest.fixture(autouse=True)
+def _fixed_ridge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These test which layers are refitted, at the fixed ridge rule: the CNN's cross-validated ridge (which may
+    leave a layer at plain pruning) is off."""
+    monkeypatch.setattr(reconstruct, "DEFAULT_CNN_RIDGE_FOLDS", 0)
+
+
 @pytest.fixture
 def register(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str, Callable[[Context], Outcome]], str]]:
     def add(name: str, fn: Callable[[Context], Outcome]) -> str:
