@@ -392,7 +392,15 @@ def fit(
     if energy is not None and energy < 1.0 and acc.yty is not None and acc.full_yty:
         cov_y = acc.yty / n - (np.outer(my, my) if intercept else 0.0)
         sxy = sxy @ principal_projector(cov_y, energy)  # LDRF: the target is the recomposed embedding
-    lam = ridge_lambda(sxx, ridge, acc.rows, per_row)
+    return ridge_solution(sxx, sxy, mx, my, ridge_lambda(sxx, ridge, acc.rows, per_row), prior, intercept)
+
+
+def ridge_solution(
+    sxx: np.ndarray, sxy: np.ndarray, mx: np.ndarray, my: np.ndarray, lam: float, prior: np.ndarray | None,
+    intercept: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(W, b)`` from the per-row moments: ``W = (S_xx + lam I)^-1 (S_xy + lam prior)`` (`prior` None: zero), an
+    infinite ``lam`` the prior itself; ``b = mean(Y) - mean(X) W`` (zero without intercept)."""
     if not np.isfinite(lam):
         w = np.zeros_like(sxy) if prior is None else np.array(prior, dtype=np.float64)
     else:
@@ -1101,14 +1109,13 @@ def cv_fit(
     if len(folds) > 1 and base > 0:
         for held in folds:
             sxx, sxy, mx, my = (total - held).centred(intercept)
-            scale = float(np.trace(sxx)) / dim
             e, q = np.linalg.eigh((sxx + sxx.T) / 2)
             e = e.clip(min=0.0)
             a, p0, qmx = q.T @ sxy, q.T @ prior, q.T @ mx
             g, h, sx = q.T @ held.xtx @ q, q.T @ held.xty, q.T @ held.sum_x
             for j, alpha in enumerate(alphas):
                 if np.isfinite(alpha):
-                    lam = alpha * scale if scale > 0 else alpha
+                    lam = ridge_lambda(sxx, alpha)
                     v = (a + lam * p0) / (e + lam)[:, None]
                 else:
                     v = p0
@@ -1119,12 +1126,7 @@ def cv_fit(
     else:
         alpha = base
     sxx, sxy, mx, my = total.centred(intercept)
-    if np.isfinite(alpha):
-        lam = ridge_lambda(sxx, alpha)
-        w = solve_spd(sxx + lam * np.eye(dim), sxy + lam * prior)
-    else:
-        w = prior.copy()
-    b = my - mx @ w if intercept else np.zeros(w.shape[1])
+    w, b = ridge_solution(sxx, sxy, mx, my, ridge_lambda(sxx, alpha), prior, intercept)
     return w, b, alpha
 
 
