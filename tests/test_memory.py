@@ -321,9 +321,9 @@ def test_groups_kept_whole_are_not_streamed_and_the_model_is_the_same(tmp_path: 
     streamed: list[list[str]] = []
     real = datadriven.input_covariances
 
-    def recording(ctx: Any, layers: Any, budget: Any = None, rows: Any = None, info: Any = None) -> Any:
+    def recording(ctx: Any, layers: Any, budget: Any = None, info: Any = None) -> Any:
         streamed.append(sorted(layer.x for layer in layers))
-        return real(ctx, layers, budget, rows, info)
+        return real(ctx, layers, budget, info)
 
     monkeypatch.setattr(datadriven, "input_covariances", recording)
     settings: dict[str, Any] = dict(calib=calib, latency=False, params={"ffn": 0.5, "hidden": 0.0})

@@ -207,9 +207,9 @@ class RowInfo:
 
 
 def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | None = None,
-                      rows: dict[str, int] | None = None, info: RowInfo | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``_layer_key -> (S centred covariance [D, D], mean [D])`` of each layer's input rows (`rows`, when given,
-    receives ``_layer_key ->`` the rows summed).
+                      info: RowInfo | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``_layer_key -> (S centred covariance [D, D], mean [D])`` of each layer's input rows (`info`, when given,
+    receives per ``_layer_key`` the rows summed and what their weights say, `RowInfo`).
 
     Layers sharing an input and geometry share one Gram matrix; layers are collected in
     chunks of at most `budget` bytes of Gram matrices (default `rc.DEFAULT_GRAM_BUDGET`, or half of
@@ -258,8 +258,6 @@ def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | No
                             seed=s.seed, chunk=c, settings=f"P={s.positions}", weights=weights)
         collect(ctx.model, ctx.calibration, [stat], s.batch_size, progress=ctx.progress, subgraph=rc.subgraph_model)
         out.update(stat.take_covariances())
-        if rows is not None:
-            rows.update(stat.rows)
         if info is not None:
             info.rows.update(stat.rows)
             info.mean_weight.update(stat.mean_weight)
@@ -520,9 +518,8 @@ def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str 
     whole = {g.index for g in ctx.trace.groups if kept_whole(ctx, g)}
     # a group kept whole needs no statistic: SmolLM2 with --heads 0 --hidden 0 reads 30 layers' inputs, not 121
     layers = [c.layer for index, cs in consumers.items() if index not in whole for c in cs]
-    rows: dict[str, int] = {}
     info = RowInfo({}, {}, {}, {})
-    cov = input_covariances(ctx, layers, rows=rows, info=info) if layers else {}
+    cov = input_covariances(ctx, layers, info=info) if layers else {}
     scores: dict[int, np.ndarray] = {}
     removed: set[int] = set()
     with blas_limited():  # thousands of small solves: one BLAS thread (calib.threads; 205 s -> 3.5 s on ResNet-56)
@@ -545,7 +542,7 @@ def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str 
     if by_damage(ctx):
         scales = norm_scales(ctx, layers, info)
         with blas_limited():
-            table = damage_table(ctx, scores, consumers, cov, scales, rows)
+            table = damage_table(ctx, scores, consumers, cov, scales, info.rows)
         plan, budget_notes = damage_plan_with_notes(ctx, table, scores)
         ctx.notes.extend(budget_notes)
     else:
