@@ -61,6 +61,7 @@ from .graph.shapes import (
     to_model,
 )
 from .graph.edit import working_copy
+from .graph.runtime import inference_session, takes_scratch_file
 from .graph.normalize import (
     to_graph,
 )
@@ -78,6 +79,8 @@ from .graph.read import (
 )
 
 __all__ = [
+    "inference_session",
+    "takes_scratch_file",
     "token_mask_input",
     "EXTERNAL_THRESHOLD",
     "ExternalData",

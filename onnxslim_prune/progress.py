@@ -8,11 +8,14 @@ stages for the report.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from typing import Protocol, runtime_checkable
+
+log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
 
@@ -48,7 +51,10 @@ class StageClock:
         if self._listener is not None:
             self._listener.stage(stage.value)
         started = time.perf_counter()
+        log.debug("stage %s: started", stage.value)
         try:
             yield
         finally:
-            self.seconds[stage.value] = self.seconds.get(stage.value, 0.0) + time.perf_counter() - started
+            spent = time.perf_counter() - started
+            self.seconds[stage.value] = self.seconds.get(stage.value, 0.0) + spent
+            log.debug("stage %s: done in %.1f s", stage.value, spent)

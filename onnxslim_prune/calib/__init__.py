@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .cache import CacheInfo, CacheSettings, cache_info, cache_path, cached, clear_cache, model_digest, resolve_cache_dir
-from .collect import expose_tensors, exposed_bytes, stream_tensors
+from .collect import expose_tensors, exposed_session, stream_tensors
 from .patches import conv_output_size, conv_patches, linear_rows, output_rows, sample_positions
 from .preprocess import Preprocess
 from .sources import DEFAULT_RANDOM_SAMPLES, CalibrationSet, load_calibration
@@ -26,7 +26,7 @@ __all__ = [
     "conv_output_size",
     "conv_patches",
     "expose_tensors",
-    "exposed_bytes",
+    "exposed_session",
     "input_specs",
     "linear_rows",
     "load_calibration",

@@ -1,8 +1,8 @@
 """Stream intermediate tensors of a model over a calibration set with onnxruntime.
 
 ``expose_tensors`` copies the model and appends the requested intermediate tensors as graph
-outputs (element type from ``value_info`` / shape inference, shape left open); ``exposed_bytes``
-gives the same model serialized, without the copy. ``stream_tensors``
+outputs (element type from ``value_info`` / shape inference, shape left open); ``exposed_session``
+gives a session of the same model, without the copy. ``stream_tensors``
 runs one session batch by batch and yields ``{name: array}`` for the requested tensors only, so
 the caller reduces them (``stats``) and memory stays bounded by one batch.
 
@@ -89,30 +89,24 @@ def expose_tensors(model: onnx.ModelProto, names: Sequence[str], *, types_of: on
     return exposed
 
 
-def exposed_bytes(model: onnx.ModelProto, names: Sequence[str]) -> bytes:
-    """The serialized `expose_tensors` (model, names), without a copy of the model.
+def exposed_session(
+    model: onnx.ModelProto, names: Sequence[str], providers: Sequence[str] = ("CPUExecutionProvider",)
+) -> ort.InferenceSession:
+    """An onnxruntime session of `expose_tensors` (model, names), made without copying the model.
 
-    A protobuf message followed by another parses as their merge, and a merge appends to the
-    repeated fields of nested messages: the model's bytes followed by a ModelProto that holds only
-    the added graph outputs are the exposed model. A copy would hold the weights a third time
-    while the session is made (SmolLM2: 0.5 GB more at every statistics pass).
+    The added outputs go on a weightless copy and the weights are handed over as they are
+    (`ir.inference_session`: a large model's go through a scratch file, never serialized): a copy
+    would hold the weights a third time while the session is made (SmolLM2: 0.5 GB more at
+    every statistics pass).
     """
-    added = _added_outputs(model, names, None)
-    if not added:
-        return model.SerializeToString()
-    tail = onnx.ModelProto()
-    tail.graph.output.extend(added)
-    return model.SerializeToString() + tail.SerializeToString()
-
-
-def _session(model: onnx.ModelProto | bytes, providers: Sequence[str]) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: the library never prints
     # the caller reduces each batch with numpy between runs: idle ORT threads must not spin meanwhile
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    bare = ir.without_initializers(model)
+    bare.graph.output.extend(_added_outputs(model, names, None))
     try:
-        payload = model if isinstance(model, bytes) else model.SerializeToString()
-        return ort.InferenceSession(payload, options, providers=list(providers))
+        return ir.inference_session(bare, options, providers, initializers=model.graph.initializer)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"onnxruntime cannot load the model: {first}") from None
@@ -184,12 +178,8 @@ def stream_tensors(
     from_feed = [n for n in wanted if n in calib.names]
     fetch = [n for n in wanted if n not in calib.names]
     size, drop_last = _batch_plan(model, calib, batch_size)
-    # serialized, then the proto let go before onnxruntime parses the bytes: a cut model held by nobody
-    # else (a statistics pass's) is freed, so its weights are not held three times while the session is made
-    payload = exposed_bytes(model, fetch) if fetch else None
-    del model
-    session = _session(payload, providers) if payload is not None else None
-    del payload  # the session holds its own weights
+    session = exposed_session(model, fetch, providers) if fetch else None
+    del model  # a cut model held by nobody else (a statistics pass's) is freed: the session holds its own weights
     total = calib.num_batches(size, drop_last=drop_last)
     limit = stream_blas_threads() if blas_threads == "default" else blas_threads
     if isinstance(limit, str):

@@ -323,19 +323,15 @@ class StagedPasses:
         graph = sub.graph
         graph.name = f"{self.label}-stage{self._step}"
         graph.node.extend(nodes)
-        graph.initializer.extend(t for t in model.graph.initializer if t.name in used)
         graph.input.extend(self._value_info(t) for t in reads)
         graph.output.extend(self._value_info(t) for t in outputs)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            if sub.ByteSize() < ir.PROTO_LIMIT:
-                return ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "stage.onnx"
-                ir.save_model(sub, path, external=True)
-                return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            # the stage's weights are handed over, not copied into it (`ir.inference_session`)
+            weights = [t for t in model.graph.initializer if t.name in used]
+            return ir.inference_session(sub, options, initializers=weights)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"onnxruntime cannot load a calibration stage of the {self.label}: {first}") from None

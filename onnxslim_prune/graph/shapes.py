@@ -22,6 +22,7 @@ from ..errors import ModelError, UsageError
 from . import edit
 from .io import FLOAT_TYPES, exceeds_proto_limit, save_external, without_initializers
 from .read import EqualValues
+from .runtime import inference_session
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,7 @@ def _shapes_by_running(
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = inference_session(model, opts)
         values = sess.run(names, feeds)
     except Exception as exc:  # tracing stays conservative: unknown shapes freeze
         log.warning("could not run the model to read shapes: %s", str(exc).splitlines()[0])

@@ -284,8 +284,7 @@ def _output_error(original: onnx.ModelProto, model: onnx.ModelProto, samples: Ca
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    sessions = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
-                for m in (original, model)]
+    sessions = [ir.inference_session(m, options) for m in (original, model)]
     inputs = {i.name for i in sessions[0].get_inputs()}
     sums: dict[int, list[float]] = {}
     for feed in samples.iter_batches(batch):

@@ -1,0 +1,112 @@
+"""onnxruntime sessions of in-memory models, without the serialized copy of their weights.
+
+A session made from ``model.SerializeToString()`` holds, while it is built, the proto's weights,
+their bytes, onnxruntime's parse of those bytes and its own tensors: four copies (SmolLM2-135M:
+2.6 GB peak for a 0.65 GB model, and a run builds a session per statistics pass). A large model
+is instead written to a scratch folder as a weightless model plus one external-data file of
+page-aligned tensors; onnxruntime maps that file instead of copying it (the tensors it prepacks
+become its own copy, the rest stay file-backed pages) and the folder is removed as soon as the
+session exists (on Linux a mapped file lives on after its name is gone). Measured on SmolLM2-135M:
+a 1.46 GB peak instead of 2.58 GB, and 1 s to build instead of 11 s.
+
+Small models (and other systems, where a mapped file cannot be removed) keep the serialized path:
+the same values either way, as the tensors are byte for byte the same.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from .io import PROTO_LIMIT, tensor_bytes, without_initializers
+
+#: weights (summed over the initializers written out) from which a session is built from a scratch file
+SCRATCH_SESSION_BYTES = 64 << 20
+#: tensors at least this large go to the scratch data file; the rest stay in the model
+_OUT_OF_LINE_BYTES = 4096
+#: data file offsets are aligned so that every tensor can be mapped where it lies
+_ALIGN = 4096
+_MAPPED_FILES_OUTLIVE_NAMES = sys.platform.startswith("linux")
+
+
+def weights_out_of_line(initializers: Iterable[onnx.TensorProto]) -> int:
+    """Bytes of the initializers a scratch session would write to its data file."""
+    return sum(_out_of_line(t) for t in initializers)
+
+
+def takes_scratch_file(initializers: Iterable[onnx.TensorProto]) -> bool:
+    """Whether `inference_session` builds a session of a model with these initializers from a scratch file."""
+    return _MAPPED_FILES_OUTLIVE_NAMES and weights_out_of_line(initializers) >= SCRATCH_SESSION_BYTES
+
+
+def _out_of_line(tensor: onnx.TensorProto) -> int:
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
+        return 0
+    size = tensor_bytes(tensor)
+    return size if size >= _OUT_OF_LINE_BYTES else 0
+
+
+def inference_session(
+    model: onnx.ModelProto,
+    options: ort.SessionOptions,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    *,
+    initializers: Iterable[onnx.TensorProto] | None = None,
+) -> ort.InferenceSession:
+    """A session of `model`, whose initializers are `initializers` when given (then `model` has none of its own:
+    a cut or an exposed model made without copying the weights into it).
+
+    Large weights go through a scratch external-data file (module docstring); the model is never
+    serialized with them.
+    """
+    tensors = list(model.graph.initializer) if initializers is None else list(initializers)
+    if not takes_scratch_file(tensors):
+        if initializers is None:
+            payload = model.SerializeToString() if model.ByteSize() < PROTO_LIMIT else None
+        else:
+            whole = onnx.ModelProto()
+            whole.CopyFrom(model)
+            whole.graph.initializer.extend(tensors)
+            payload = whole.SerializeToString() if whole.ByteSize() < PROTO_LIMIT else None
+            del whole
+        if payload is not None:
+            return ort.InferenceSession(payload, options, providers=list(providers))
+    folder = Path(tempfile.mkdtemp(prefix="onnxslim-session-"))
+    try:
+        path = _write_scratch(model if initializers is not None else without_initializers(model), tensors, folder)
+        return ort.InferenceSession(str(path), options, providers=list(providers))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _write_scratch(bare: onnx.ModelProto, tensors: Sequence[onnx.TensorProto], folder: Path) -> Path:
+    """`bare` (no initializers) with `tensors` as its initializers, the large ones in ``weights.bin``."""
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(bare)
+    offset = 0
+    with open(folder / "weights.bin", "wb") as data:
+        for tensor in tensors:
+            if not _out_of_line(tensor):
+                skeleton.graph.initializer.append(tensor)  # small: copied as it is
+                continue
+            header = skeleton.graph.initializer.add()
+            header.name = tensor.name
+            header.data_type = tensor.data_type
+            header.dims.extend(tensor.dims)
+            raw = tensor.raw_data  # one tensor's bytes at a time
+            offset += data.write(b"\0" * (-offset % _ALIGN))
+            header.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", "weights.bin"), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = header.external_data.add()
+                entry.key, entry.value = key, value
+            offset += data.write(raw)
+            del raw
+    path = folder / "model.onnx"
+    path.write_bytes(skeleton.SerializeToString())
+    return path

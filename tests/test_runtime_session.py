@@ -1,0 +1,82 @@
+"""Sessions of in-memory models through a scratch external-data file (`ir.inference_session`)."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxslim_prune import ir
+from onnxslim_prune.graph import runtime
+
+
+def _mlp(seed: int = 0) -> onnx.ModelProto:
+    """x[N, 96] -> MatMul 96x160 -> Add -> Relu -> MatMul 160x8 (weights of odd sizes, so offsets need padding)."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("w1", (96, 160)), ("b1", (160,)), ("w2", (160, 8)), ("tiny", (3,)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["m"]),
+             helper.make_node("Add", ["m", "tiny2"], ["y"])]
+    inits.append(numpy_helper.from_array(np.arange(8, dtype=np.float32), "tiny2"))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 96])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _options() -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return options
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the scratch file is used where mapped files outlive names")
+def test_a_scratch_file_session_gives_the_same_outputs_and_leaves_no_file(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _mlp()
+    before = model.SerializeToString()
+    x = np.random.default_rng(1).standard_normal((5, 96)).astype(np.float32)
+    expected = ort.InferenceSession(before, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(runtime, "SCRATCH_SESSION_BYTES", 1)  # every model of a few KB takes the scratch path
+    written: list[Path] = []
+    real_write = runtime._write_scratch
+
+    def spy(bare: onnx.ModelProto, tensors: list[onnx.TensorProto], folder: Path) -> Path:
+        path = real_write(bare, tensors, folder)
+        written.append(folder)
+        skeleton = onnx.load(str(path), load_external_data=False)
+        external = {t.name for t in skeleton.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+        assert external == {"w1", "w2"}  # b1 (640 bytes) and the tiny ones stay in the model
+        offsets = [int(dict((e.key, e.value) for e in t.external_data)["offset"]) for t in skeleton.graph.initializer
+                   if t.name in external]
+        assert all(o % 4096 == 0 for o in offsets)  # aligned: mapped where they lie
+        return path
+
+    monkeypatch.setattr(runtime, "_write_scratch", spy)
+    sess = ir.inference_session(model, _options())
+    assert written and not any(tmp_path.iterdir())  # the folder is gone once the session exists
+    np.testing.assert_array_equal(sess.run(None, {"x": x})[0], expected)
+    assert model.SerializeToString() == before
+    # a weightless model with its initializers handed over (a cut or exposed model): the same values
+    bare = ir.without_initializers(model)
+    handed = ir.inference_session(bare, _options(), initializers=model.graph.initializer)
+    np.testing.assert_array_equal(handed.run(None, {"x": x})[0], expected)
+    assert len(bare.graph.initializer) == 0 and not any(tmp_path.iterdir())
+
+
+def test_a_small_model_is_serialized_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _mlp(2)
+    monkeypatch.setattr(runtime, "_write_scratch", lambda *a: pytest.fail("a small model took the scratch path"))
+    x = np.ones((2, 96), np.float32)
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    bare = ir.without_initializers(model)
+    got = ir.inference_session(bare, _options(), initializers=model.graph.initializer).run(None, {"x": x})
+    np.testing.assert_array_equal(got[0], expected[0])
+    assert runtime.weights_out_of_line(model.graph.initializer) == (96 * 160 + 160 * 8) * 4
