@@ -365,10 +365,11 @@ def _run(prepared: PreparedRun, params: Mapping[str, Any] | None, ratio: float |
         if fit is not None:
             outcome = reconstruct.with_reconstruction(ctx, outcome)  # no-op with --no-reconstruct
     notes.extend(ctx.notes)
+    traced, input_shapes = analysis.trace, analysis.input_shapes
     memory.give_back()
     if not outcome.plan.groups and not outcome.overrides and outcome.finish is None:
         if working is original:
-            reason = nothing_prunable_reason(analysis.trace, original)
+            reason = nothing_prunable_reason(traced, original)
             log.warning("nothing was pruned: %s; the model is written unchanged", reason)
             notes.append(f"nothing was pruned: {reason}")
         pruned = working
@@ -376,6 +377,10 @@ def _run(prepared: PreparedRun, params: Mapping[str, Any] | None, ratio: float |
         with clock.stage(Stage.APPLY):
             apply_plan(graph, analysis.trace, outcome.plan, analysis.opset, outcome.overrides)
             pruned = ir.to_model(graph, like=working)
+        # the finish and everything after read the pruned model: the method's graph (a second copy of its
+        # weights, a reference cycle) is freed first
+        del graph, ctx, analysis
+        memory.give_back()
         if outcome.finish is not None:
             with clock.stage(Stage.RECONSTRUCT), memory.limited(calib_memory), calib_cache.using(cache), \
                     calib_cache.remembered(prepared.memo):
@@ -384,11 +389,11 @@ def _run(prepared: PreparedRun, params: Mapping[str, Any] | None, ratio: float |
     if recovering is not None and pruned is not working and fit is not None:
         with clock.stage(Stage.RECOVER), memory.limited(calib_memory):
             pruned, recovered, extra = recover.run(original, pruned, fit, recovering, progress,
-                                                   recover.kept_channels(analysis.trace, outcome.plan))
+                                                   recover.kept_channels(traced, outcome.plan))
         notes.extend(recovered)
     notes.extend(outcome.notes)
     notes.extend(qdq.report_notes(original, pruned))
-    traced, plan, input_shapes = analysis.trace, outcome.plan, analysis.input_shapes
+    plan = outcome.plan
     before = validate.model_stats(original, input_shapes)
     if path is not None and pruned is not original:
         # nothing after this reads the original's weights (its sessions are built from its file): a loaded
@@ -396,9 +401,7 @@ def _run(prepared: PreparedRun, params: Mapping[str, Any] | None, ratio: float |
         original = _weightless(original)
         sessions.forget_weights(original)
     working = original
-    # the graph holds a second copy of the pruned weights (the model holds the first): free it (a reference cycle)
-    # before the sessions and the bytes of the pruned model are made
-    del graph, ctx, analysis, outcome
+    del outcome
     memory.give_back()
     with clock.stage(Stage.VALIDATE):
         # serialized once: the checker, onnxruntime, the file size and the written file all take these bytes

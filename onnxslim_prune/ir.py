@@ -49,6 +49,7 @@ from .graph.shapes import (
     dynamic_non_batch_dims,
     export_fast,
     export_skeleton,
+    export_weightless,
     fixed_input_shapes,
     infer_strict,
     is_static_dim,
@@ -79,6 +80,7 @@ from .graph.read import (
 )
 
 __all__ = [
+    "export_weightless",
     "inference_session",
     "takes_scratch_file",
     "token_mask_input",

@@ -45,9 +45,9 @@ def test_staged_passes_match_a_full_run(tmp_path: Path, budget: int | None, monk
     runs: list[int] = []
     real_session = StagedPasses._session
 
-    def counting(self, model, stage, reads, outputs):  # type: ignore[no-untyped-def]
+    def counting(self, model, stage, reads, outputs, weights=None):  # type: ignore[no-untyped-def]
         runs.extend(stage)
-        return real_session(self, model, stage, reads, outputs)
+        return real_session(self, model, stage, reads, outputs, weights)
 
     monkeypatch.setattr(StagedPasses, "_session", counting)
     passes = StagedPasses(model, calib, 4, schedule, budget=budget)
@@ -159,3 +159,25 @@ def test_a_spilled_frontier_never_reuses_a_file_name() -> None:
     store.drop({"b"})
     np.testing.assert_array_equal(store.get(0, ["c"])["c"], c)
     store.close()
+
+
+def test_a_weightless_export_with_its_weights_gives_the_values_of_the_full_model(tmp_path: Path) -> None:
+    """What the staged refit hands the engine for a large model (`ir.export_weightless`): the same values."""
+    from onnxslim_prune import ir
+
+    model = _dynamic_batch(M.residual_projection())
+    calib = _calibration(model, tmp_path)
+    schedule = _schedule(model)
+    graph = ir.to_graph(model)
+    bare, weights = ir.export_weightless(graph, model, min_bytes=64)
+    assert weights and all(w in {t.name for t in model.graph.initializer} for w in weights)
+    assert not {t.name for t in bare.graph.initializer} & weights.keys()  # left out, not copied
+    assert all(np.shares_memory(weights[t.name], t.values) for t in graph.tensors().values() if t.name in weights)
+    full = StagedPasses(model, calib, 4, schedule)
+    light = StagedPasses(model, calib, 4, schedule)
+    for wanted in schedule:
+        for a, b in zip(full.advance(wanted, model), light.advance(wanted, bare, weights), strict=True):
+            for name in wanted:
+                np.testing.assert_array_equal(a[name], b[name])
+    full.close()
+    light.close()

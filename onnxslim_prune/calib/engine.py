@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from .. import ir
 from ..errors import CalibrationError, ModelError
@@ -195,8 +196,10 @@ class StagedPasses:
 
     # -- the stages
 
-    def advance(self, wanted: Sequence[str], model: onnx.ModelProto | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """Yield ``{name: value}`` of `wanted` for every batch, running the next stage (`model`: its current weights)."""
+    def advance(self, wanted: Sequence[str], model: onnx.ModelProto | None = None,
+                weights: Mapping[str, np.ndarray] | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Yield ``{name: value}`` of `wanted` for every batch, running the next stage (`model`: its current weights;
+        `weights`: those of its large weights it leaves out, by name, `ir.export_weightless`)."""
         wanted = list(dict.fromkeys(wanted))
         if self._step >= len(self.schedule) or wanted != self.schedule[self._step]:
             raise ModelError(f"calibration engine ({self.label}): request {self._step} is not the scheduled one")
@@ -215,7 +218,7 @@ class StagedPasses:
         direct = [t for t in wanted if t not in produced]
         from_frontier += [t for t in direct if t not in self._inputs and t not in from_frontier]
         needs_input = any(t in self._inputs for t in (*reads, *direct))
-        session = self._session(model or self._model, stage, reads, computed) if computed else None
+        session = self._session(model or self._model, stage, reads, computed, weights) if computed else None
         chunk = self._chunk(stage)
         self._step += 1
         self._release()
@@ -305,7 +308,7 @@ class StagedPasses:
                 yield {}
 
     def _session(self, model: onnx.ModelProto, stage: Sequence[int], reads: Sequence[str],
-                 outputs: Sequence[str]) -> ort.InferenceSession:
+                 outputs: Sequence[str], weights: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
         sub = onnx.ModelProto()
         sub.ir_version = model.ir_version
         sub.opset_import.extend(model.opset_import)
@@ -330,8 +333,9 @@ class StagedPasses:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             # the stage's weights are handed over, not copied into it (`ir.inference_session`)
-            weights = [t for t in model.graph.initializer if t.name in used]
-            return ir.inference_session(sub, options, initializers=weights)
+            tensors = [t for t in model.graph.initializer if t.name in used]
+            tensors += [numpy_helper.from_array(weights[t], t) for t in sorted(used & weights.keys())] if weights else []
+            return ir.inference_session(sub, options, initializers=tensors)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"onnxruntime cannot load a calibration stage of the {self.label}: {first}") from None

@@ -248,13 +248,20 @@ class RowWeights:
                 return None  # no padding in this batch (a language model's full windows): every row counts 1
             weights = weights * (mask != 0)
         if self.norm is not None:
-            stream = np.asarray(values[self.norm], dtype=np.float64)
-            var = stream.reshape(-1, stream.shape[-1]).var(axis=1)
-            if var.size != rows:
+            inverse = inverse_variances(values[self.norm])
+            if inverse.size != rows:
                 return None
-            live = var > 0
-            weights = np.where(live, weights / np.where(live, var, 1.0), 0.0)
+            weights = weights * inverse
         return weights
+
+
+def inverse_variances(stream: np.ndarray) -> np.ndarray:
+    """``1 / sigma_t^2`` per row of `stream` ``[..., C]``, its variance over the last axis: how much an error in that
+    row counts after a LayerNormalization (`RowWeights`); 0 for a row of no variance (a constant row, whose norm
+    output is its bias whatever the error)."""
+    var = np.asarray(stream, dtype=np.float64).reshape(-1, stream.shape[-1]).var(axis=1)
+    live = var > 0
+    return np.where(live, 1.0 / np.where(live, var, 1.0), 0.0)
 
 
 def norm_energy(values: Mapping[str, np.ndarray], weights: RowWeights, row_weights: np.ndarray) -> np.ndarray | None:

@@ -150,6 +150,32 @@ def export_skeleton(graph: gs.Graph, like: onnx.ModelProto, min_elements: int = 
     return out
 
 
+def export_weightless(graph: gs.Graph, like: onnx.ModelProto, min_bytes: int = 4096
+                      ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The graph's export without its large weights, and those weights by name (the graph's own arrays).
+
+    `export_fast` copies every weight into the model; a caller that needs only some of them (a
+    calibration stage: `calib.engine.StagedPasses.advance`) takes them from the mapping instead.
+    Constants of at least `min_bytes` whose values are stored as exported are left out: their
+    names stay on the nodes' inputs, produced by nothing in the model.
+    """
+    work = graph.copy()  # tensors and nodes are copied, weight arrays are shared
+    weights: dict[str, np.ndarray] = {}
+    for tensor in list(work.tensors().values()):
+        if not isinstance(tensor, gs.Constant) or tensor in work.inputs:
+            continue
+        values = np.asarray(tensor.values)
+        if values.nbytes < min_bytes or values.dtype != np.dtype(tensor.export_dtype):
+            continue
+        weights[tensor.name] = values
+        stand_in = gs.Variable(tensor.name, dtype=values.dtype, shape=list(values.shape))
+        for node in list(tensor.outputs):
+            for i, t in enumerate(list(node.inputs)):
+                if t is tensor:
+                    edit.replace_input(node, i, stand_in)
+    return export_fast(work, like), weights
+
+
 def static_shapes(
     model: onnx.ModelProto, input_shapes: Mapping[str, Shape], runnable: Callable[[], onnx.ModelProto] | None = None
 ) -> dict[str, Shape]:

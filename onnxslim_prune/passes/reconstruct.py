@@ -146,6 +146,7 @@ from .. import ir
 from ..channels import Kind, Part, Role, Trace, transformer_part
 from ..calib import GramAccumulator, conv_output_size, conv_patches, expose_tensors, output_rows, sample_positions
 from ..calib import stream_tensors
+from ..calib.statistic import inverse_variances
 from ..calib.engine import StagedPasses
 from ..calib.memory import FRONTIER_SHARE, RUN_SHARE, calibration_budget, give_back
 from ..calib.threads import blas_limited
@@ -802,8 +803,14 @@ class Reconstructor:
         limit = blas_limited()  # sessions stay alive between levels: BLAS must not fight them (calib.threads)
         limit.__enter__()
         try:
+            large = ir.takes_scratch_file(pruned.graph.initializer)
             for i, (level, todo) in enumerate(zip(levels, by_level)):
-                current = ir.export_fast(ir.copy_graph(graph), pruned)  # the layers refitted so far
+                weights: dict[str, np.ndarray] | None = None
+                if engines is not None and large:
+                    # a stage takes only its own weights: the level's export leaves the large ones in the graph
+                    current, weights = ir.export_weightless(graph, pruned)
+                else:
+                    current = ir.export_fast(ir.copy_graph(graph), pruned)  # the layers refitted so far
                 if self.schedule is Schedule.PREFIX:
                     left = stream(current, self.calibration, left_names[i], s.batch_size)
                     right = stream(self.original, self.calibration, right_names[i], s.batch_size)
@@ -821,10 +828,11 @@ class Reconstructor:
                             for left, right in zip(left_names, right_names)))
                         for engine in engines:
                             engine.store.budget = frontier
-                    left, right = engines[0].advance(left_names[i], current), engines[1].advance(right_names[i])
+                    left, right = engines[0].advance(left_names[i], current, weights), engines[1].advance(right_names[i])
                 self._fit_level(graph, todo, level, left, right, step)
-                del current, left, right
+                del current, weights, left, right
                 give_back()  # this level's export and stage sessions
+                log.debug("reconstruct: level %d of %d refitted (%d layers)", i + 1, len(levels), len(todo))
         finally:
             for engine in engines or ():
                 engine.close()
@@ -967,8 +975,7 @@ class Reconstructor:
                 y = o[f.target]
                 # into a LayerNorm: token t weighs 1 / sigma_t^2 of the original sum (module docstring, token weights)
                 norm = s.norm_weights and f.minus is not None and f.target in ln_inputs and not f.layer.spatial
-                weights = 1.0 / np.maximum(np.asarray(y, dtype=np.float64).reshape(-1, y.shape[-1]).var(axis=1), 1e-12) \
-                    if norm else None
+                weights = inverse_variances(y) if norm else None
                 if f.out_keep is not None:
                     y = np.take(y, f.out_keep, axis=f.axis)
                 if f.minus is not None:
