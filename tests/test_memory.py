@@ -296,6 +296,24 @@ def test_a_cut_model_is_streamed_without_another_copy_of_its_weights() -> None:
     np.testing.assert_allclose(run(cut, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
 
 
+
+def test_a_weightless_cut_streams_its_weights_from_the_model_it_was_cut_from(tmp_path: Path) -> None:
+    from onnxslim_prune.calib import load_calibration, stream_tensors
+    from onnxslim_prune.calib.specs import input_specs
+    from onnxslim_prune.passes.reconstruct import subgraph_model, weightless_cut
+
+    model = classifier()
+    cut = weightless_cut(model, ["h"])
+    assert len(cut.graph.initializer) == 0 and [o.name for o in cut.graph.output] == ["h"]
+    x = np.random.default_rng(1).standard_normal((6, 16)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    calib = load_calibration(tmp_path / "c.npz", input_specs(model))
+    light = [b["h"] for b in stream_tensors(cut, calib, ["h"], batch_size=4, weights=model)]
+    full = [b["h"] for b in stream_tensors(subgraph_model(model, ["h"]), calib, ["h"], batch_size=4)]
+    assert len(light) == 2
+    for a, b in zip(light, full, strict=True):
+        np.testing.assert_array_equal(a, b)
+
 FFN_BLOCK = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[N, 6] x) => (float[N, 5] y) {
   h = MatMul (x, w1)

@@ -89,15 +89,40 @@ def expose_tensors(model: onnx.ModelProto, names: Sequence[str], *, types_of: on
     return exposed
 
 
+def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope names read by a node's subgraphs (If/Loop/Scan bodies), besides its inputs."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            local = {i.name for i in g.input} | {t.name for t in g.initializer}
+            for inner in g.node:
+                local.update(inner.output)
+            for inner in g.node:
+                names.update(t for t in (*inner.input, *subgraph_inputs(inner)) if t and t not in local)
+    return names
+
+
+def _weights_read(model: onnx.ModelProto, weights: onnx.ModelProto | None) -> list[onnx.TensorProto]:
+    """`model`'s initializers, and those of `weights` its nodes read that it does not hold (a weightless cut)."""
+    own = list(model.graph.initializer)
+    if weights is None or weights is model:
+        return own
+    held = {t.name for t in own}
+    used = {t for n in model.graph.node for t in (*n.input, *subgraph_inputs(n))}
+    return own + [t for t in weights.graph.initializer if t.name in used and t.name not in held]
+
+
 def exposed_session(
-    model: onnx.ModelProto, names: Sequence[str], providers: Sequence[str] = ("CPUExecutionProvider",)
+    model: onnx.ModelProto, names: Sequence[str], providers: Sequence[str] = ("CPUExecutionProvider",),
+    weights: onnx.ModelProto | None = None,
 ) -> ort.InferenceSession:
     """An onnxruntime session of `expose_tensors` (model, names), made without copying the model.
 
     The added outputs go on a weightless copy and the weights are handed over as they are
     (`ir.inference_session`: a large model's go through a scratch file, never serialized): a copy
     would hold the weights a third time while the session is made (SmolLM2: 0.5 GB more at
-    every statistics pass).
+    every statistics pass). `weights`: the model a weightless cut of it reads its weights from.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: the library never prints
@@ -106,7 +131,7 @@ def exposed_session(
     bare = ir.without_initializers(model)
     bare.graph.output.extend(_added_outputs(model, names, None))
     try:
-        return ir.inference_session(bare, options, providers, initializers=model.graph.initializer)
+        return ir.inference_session(bare, options, providers, initializers=_weights_read(model, weights))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"onnxruntime cannot load the model: {first}") from None
@@ -165,6 +190,7 @@ def stream_tensors(
     progress: Progress | None = None,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     blas_threads: int | Literal["default"] | None = "default",
+    weights: onnx.ModelProto | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yield ``{name: tensor}`` for each calibration batch; ``progress(done, total)`` after each.
 
@@ -172,14 +198,15 @@ def stream_tensors(
     caller's work between batches): ``"default"`` = ``threads.stream_blas_threads()`` (1, or
     ``ONNXSLIM_PRUNE_BLAS_THREADS``), an int = that many, None = leave the libraries alone.
     Close a stream that is abandoned early (``close()`` or ``contextlib.closing``) to release
-    the limit at once rather than when the generator is garbage-collected.
+    the limit at once rather than when the generator is garbage-collected. ``weights``: the model
+    `model` was cut from without its weights (`passes.reconstruct.weightless_cut`), which holds them.
     """
     wanted = list(dict.fromkeys(names))
     from_feed = [n for n in wanted if n in calib.names]
     fetch = [n for n in wanted if n not in calib.names]
     size, drop_last = _batch_plan(model, calib, batch_size)
-    session = exposed_session(model, fetch, providers) if fetch else None
-    del model  # a cut model held by nobody else (a statistics pass's) is freed: the session holds its own weights
+    session = exposed_session(model, fetch, providers, weights) if fetch else None
+    del model, weights  # a cut model held by nobody else (a statistics pass's) is freed: the session holds its weights
     total = calib.num_batches(size, drop_last=drop_last)
     limit = stream_blas_threads() if blas_threads == "default" else blas_threads
     if isinstance(limit, str):

@@ -49,6 +49,7 @@ from ..errors import CalibrationError, ModelError
 from .memory import calibration_budget
 from .collect import _batch_plan  # noqa: PLC2701 - the same batching as every other pass
 from .collect import run_chunked
+from .collect import subgraph_inputs as _subgraph_inputs
 from .memory import RUN_SHARE, tensor_bytes
 from .sources import CalibrationSet
 
@@ -120,20 +121,6 @@ class FrontierStore:
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
-
-
-def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
-    """Outer-scope names read by a node's subgraphs (If/Loop/Scan bodies), besides its inputs."""
-    names: set[str] = set()
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for g in graphs:
-            local = {i.name for i in g.input} | {t.name for t in g.initializer}
-            for inner in g.node:
-                local.update(inner.output)
-            for inner in g.node:
-                names.update(t for t in (*inner.input, *_subgraph_inputs(inner)) if t and t not in local)
-    return names
 
 
 class StagedPasses:

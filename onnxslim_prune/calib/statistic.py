@@ -106,7 +106,8 @@ def collect(
 ) -> None:
     """Fill every statistic over `calibration`: cache hits are loaded, the rest computed in as few passes as possible.
 
-    `subgraph(model, names)`: the smallest graph computing `names` for the shared pass (default: the whole model).
+    `subgraph(model, names)`: the smallest graph computing `names` for a pass (default: the whole model); it may
+    leave the weights out (`passes.reconstruct.weightless_cut`): the pass reads them from the model it was cut from.
     """
     model_id = model_digest(model)
     missing = []
@@ -117,25 +118,25 @@ def collect(
         else:
             stat.load(hit)
     cut = subgraph or (lambda m, _n: m)
-    passes: list[tuple[onnx.ModelProto, tuple[str, ...], list[Statistic]]] = []
+    passes: list[tuple[onnx.ModelProto, tuple[str, ...], list[Statistic], onnx.ModelProto]] = []
     shared: list[Statistic] = []
     for stat in missing:
         own = stat.exposed(model)
         if own is None:
             shared.append(stat)
         else:
-            passes.append((cut(own[0], own[1]), own[1], [stat]))
+            passes.append((cut(own[0], own[1]), own[1], [stat], own[0]))
     if shared:
         names = tuple(dict.fromkeys(t for s in shared for t in s.tensors))
-        passes.insert(0, (cut(model, names), names, shared))
+        passes.insert(0, (cut(model, names), names, shared, model))
     per_pass = calibration.num_batches(batch_size)
     done, total, count = 0, per_pass * len(passes), len(passes)
     while passes:
-        graph, names, stats = passes.pop(0)
+        graph, names, stats, source = passes.pop(0)
         # stream_tensors limits BLAS to one thread while onnxruntime runs (calib.threads); once its session is
-        # made, nothing holds the cut model (a copy of the weights it reads) while the pass runs
-        stream = stream_tensors(graph, calibration, list(names), batch_size=batch_size)
-        del graph
+        # made, nothing holds the cut model (a copy of the weights it reads, if it has any) while the pass runs
+        stream = stream_tensors(graph, calibration, list(names), batch_size=batch_size, weights=source)
+        del graph, source
         for batch, values in enumerate(stream):
             for stat in stats:
                 stat.update(values, batch)

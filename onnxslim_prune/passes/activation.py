@@ -63,7 +63,7 @@ def activation_moments(ctx: Context, tensors: Sequence[str]) -> dict[str, Channe
     s = settings(ctx)
     names = list(dict.fromkeys(tensors))
     stat = ActivationMoments({n: (ctx.trace.maps[n].axis, len(ctx.trace.shapes[n]), ctx.trace.maps[n].size) for n in names})
-    collect(ctx.model, ctx.calibration, [stat], s.batch_size, progress=ctx.progress, subgraph=rc.subgraph_model)
+    collect(ctx.model, ctx.calibration, [stat], s.batch_size, progress=ctx.progress, subgraph=rc.weightless_cut)
     return stat.result()
 
 

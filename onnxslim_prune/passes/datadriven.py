@@ -256,7 +256,7 @@ def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | No
         weights = {k: w for k in chunk if (w := row_weights(ctx, unique[k], norm=by_norm)) is not None}
         stat = SampledGrams([(k, unique[k].x, _dims(ctx, unique[k]), sampler(unique[k])) for k in chunk],
                             seed=s.seed, chunk=c, settings=f"P={s.positions}", weights=weights)
-        collect(ctx.model, ctx.calibration, [stat], s.batch_size, progress=ctx.progress, subgraph=rc.subgraph_model)
+        collect(ctx.model, ctx.calibration, [stat], s.batch_size, progress=ctx.progress, subgraph=rc.weightless_cut)
         out.update(stat.take_covariances())
         if info is not None:
             info.rows.update(stat.rows)
@@ -694,7 +694,7 @@ def sink_scales(ctx: Context, layers: Sequence[rc.Layer]) -> dict[str, tuple[flo
         return {}
     names = list(dict.fromkeys(sink.tensor for sink in sinks.values()))
     stat = ActivationMoments({n: (ctx.trace.maps[n].axis, len(ctx.trace.shapes[n]), ctx.trace.maps[n].size) for n in names})
-    collect(ctx.model, ctx.calibration, [stat], settings(ctx).batch_size, progress=ctx.progress, subgraph=rc.subgraph_model)
+    collect(ctx.model, ctx.calibration, [stat], settings(ctx).batch_size, progress=ctx.progress, subgraph=rc.weightless_cut)
     moments = stat.result()
     out: dict[str, tuple[float, np.ndarray | None]] = {}
     for node, sink in sinks.items():

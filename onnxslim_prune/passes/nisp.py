@@ -58,7 +58,7 @@ def _frl_scores(ctx: Context, tensor: str) -> np.ndarray:
     s = settings(ctx)
 
     stat = PooledCovariance(tensor, cmap.axis, cmap.size)
-    collect(ctx.model, ctx.calibration, [stat], s.batch_size, progress=ctx.progress, subgraph=rc.subgraph_model)
+    collect(ctx.model, ctx.calibration, [stat], s.batch_size, progress=ctx.progress, subgraph=rc.weightless_cut)
     cov = stat.covariance()
     std = np.sqrt(np.clip(np.diag(cov), 0.0, None))
     denom = np.outer(std, std)

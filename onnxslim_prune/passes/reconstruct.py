@@ -476,12 +476,23 @@ class RowBuffer:
 def subgraph_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """A copy of `model` computing only `names` (as its graph outputs); inputs are kept (a graph input among
     `names` is read from the feed, `calib.stream_tensors`)."""
+    cut = weightless_cut(model, names)
+    if cut is not model:
+        # only the weights the cut reads are copied into it (a copy of the whole model first would hold every
+        # weight twice while the cut is made)
+        used = {t for n in cut.graph.node for t in n.input}
+        cut.graph.initializer.extend(t for t in model.graph.initializer if t.name in used)
+    return cut
+
+
+def weightless_cut(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """`subgraph_model` without the weights: its nodes read them from `model` (``stream_tensors(weights=model)``),
+    so that no pass holds a copy of them beside the session made from them; `model` itself when every name is
+    a graph input."""
     inputs = {i.name for i in model.graph.input}
     wanted = [n for n in dict.fromkeys(names) if n not in inputs]
     if not wanted:
         return model
-    # the graph without weights is exposed and cut; only the weights the cut reads are copied into it
-    # (a copy of the whole model first would hold every weight twice while the cut is made)
     exposed = expose_tensors(ir.without_initializers(model), wanted, types_of=model)
     graph = exposed.graph
     outputs = {vi.name: vi for vi in graph.output}
@@ -499,8 +510,6 @@ def subgraph_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPr
     nodes = [n for i, n in enumerate(graph.node) if i in needed]
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {t for n in nodes for t in n.input}
-    graph.initializer.extend(t for t in model.graph.initializer if t.name in used)
     return exposed
 
 
@@ -508,7 +517,8 @@ def stream(
     model: onnx.ModelProto, calib: Any, names: Sequence[str], batch_size: int, progress: Progress | None = None
 ) -> Iterator[dict[str, np.ndarray]]:
     """``calib.stream_tensors`` over the smallest subgraph that computes `names`."""
-    return stream_tensors(subgraph_model(model, names), calib, list(names), batch_size=batch_size, progress=progress)
+    return stream_tensors(weightless_cut(model, names), calib, list(names), batch_size=batch_size, progress=progress,
+                          weights=model)
 
 
 def progress_steps(progress: Progress | None, total: int) -> Callable[[], None]:
