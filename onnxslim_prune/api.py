@@ -238,10 +238,14 @@ def prepare(
 
 
 def _load_checked(model: ModelLike, path: str | None) -> onnx.ModelProto:
-    """The one parse of the input: everything after reads this proto (or the file, in C++)."""
+    """The one parse of the input: everything after reads this proto (or the file, in C++).
+
+    A large model read from a file with its weights inside is held as a view of that file (`ir.file_view`):
+    the weights the loaded proto held are freed, and the run's graph holds the only copy in memory.
+    """
     original = _load(model)
     ir.check_model(original, full=False, what="input model", path=path)
-    return original
+    return original if path is None else ir.file_view(original, path)
 
 
 def with_default_method(settings: RunSettings, model: onnx.ModelProto | None) -> tuple[RunSettings, DefaultMethod | None]:
@@ -403,6 +407,8 @@ def _run(prepared: PreparedRun, params: Mapping[str, Any] | None, ratio: float |
     working = original
     del outcome
     memory.give_back()
+    unchanged = pruned is original
+    pruned = ir.materialized(pruned)  # a view of the input file (nothing pruned) is read back: the output holds its weights
     with clock.stage(Stage.VALIDATE):
         # serialized once: the checker, onnxruntime, the file size and the written file all take these bytes
         serialized = ir.serialize(pruned)
@@ -425,7 +431,7 @@ def _run(prepared: PreparedRun, params: Mapping[str, Any] | None, ratio: float |
         with clock.stage(Stage.LATENCY):
             sessions.close()  # the verdict's sessions (all threads) are freed before the timed ones are built
             timing = _timed(original, path, pruned, serialized, _latency_feed(measure, original), gates)
-        verdict = with_speed_gates(verdict, timing, gates, unchanged=pruned is original)
+        verdict = with_speed_gates(verdict, timing, gates, unchanged=unchanged)
     sessions.close()
     _warn_verdict(verdict)
     report = Report(

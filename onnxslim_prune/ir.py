@@ -18,6 +18,7 @@ from __future__ import annotations
 from .atomic import Outputs, default_permissions
 from .graph.io import (
     EXTERNAL_THRESHOLD,
+    FILE_VIEW_BYTES,
     ExternalData,
     FLOAT_TYPES,
     PROTO_LIMIT,
@@ -29,6 +30,10 @@ from .graph.io import (
     exceeds_proto_limit,
     external_data_files,
     external_data_of,
+    file_view,
+    file_view_values,
+    is_file_view,
+    materialized,
     input_had_external_data,
     load_model,
     opset_version,
@@ -80,6 +85,11 @@ from .graph.read import (
 )
 
 __all__ = [
+    "FILE_VIEW_BYTES",
+    "file_view",
+    "file_view_values",
+    "is_file_view",
+    "materialized",
     "export_weightless",
     "inference_session",
     "takes_scratch_file",

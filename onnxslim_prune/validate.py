@@ -80,7 +80,7 @@ def session(
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    if ir.takes_scratch_file(model.graph.initializer):
+    if ir.takes_scratch_file(model.graph.initializer) or ir.is_file_view(model):
         return ir.inference_session(model, opts)
     if serialized is not None:
         return ort.InferenceSession(serialized, opts, providers=["CPUExecutionProvider"])

@@ -80,3 +80,53 @@ def test_a_small_model_is_serialized_as_before(monkeypatch: pytest.MonkeyPatch) 
     got = ir.inference_session(bare, _options(), initializers=model.graph.initializer).run(None, {"x": x})
     np.testing.assert_array_equal(got[0], expected[0])
     assert runtime.weights_out_of_line(model.graph.initializer) == (96 * 160 + 160 * 8) * 4
+
+
+def test_a_file_view_holds_no_weights_and_runs_reads_and_sizes_as_the_loaded_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxslim_prune.graph import io
+
+    model = _mlp(3)
+    path = tmp_path / "mlp.onnx"
+    onnx.save(model, str(path))
+    loaded = onnx.load(str(path))
+    monkeypatch.setattr(io, "FILE_VIEW_BYTES", 64 << 20)
+    assert io.file_view(loaded, path) is loaded  # under the threshold: the loaded model itself
+    monkeypatch.setattr(io, "FILE_VIEW_BYTES", 0)
+    view = io.file_view(loaded, path)
+    viewed = {t.name for t in view.graph.initializer if io.viewed_span(t) is not None}
+    assert viewed == {"w1", "w2"}  # float and at least 4 KB: b1 (640 bytes) and the tiny ones stay in the model
+    assert not any(t.HasField("raw_data") for t in view.graph.initializer if t.name in viewed)
+    assert ir.is_file_view(view) and not ir.uses_external_data(view)  # the user's file has no external data
+    assert ir.payload_bytes(view) == ir.payload_bytes(loaded)
+    assert ir.serialized_size(view) == ir.serialized_size(loaded) == path.stat().st_size
+    for t, u in zip(view.graph.initializer, loaded.graph.initializer, strict=True):
+        np.testing.assert_array_equal(ir.to_array(t), numpy_helper.to_array(u))
+    assert ir.materialized(view).SerializeToString() == loaded.SerializeToString()
+    x = np.random.default_rng(4).standard_normal((3, 96)).astype(np.float32)
+    expected = ort.InferenceSession(loaded.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_array_equal(ir.inference_session(view, _options()).run(None, {"x": x})[0], expected[0])
+    graph = ir.to_graph(view)  # the graph reads the viewed weights from the file, and exports them inline
+    out = ir.to_model(graph, like=view)
+    assert not ir.is_file_view(out) and not ir.uses_external_data(out)
+    np.testing.assert_array_equal(
+        ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0],
+        expected[0])
+
+
+def test_a_run_on_a_file_view_writes_the_bytes_of_a_run_without(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxslim_prune import api
+    from onnxslim_prune.graph import io
+
+    path = tmp_path / "mlp.onnx"
+    onnx.save(_mlp(5), str(path))
+    x = np.random.default_rng(6).standard_normal((40, 96)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    runs, views = [], []
+    for threshold in (1 << 40, 0):  # never a view, always one
+        monkeypatch.setattr(io, "FILE_VIEW_BYTES", threshold)
+        result = api.prune(str(path), "thinet", 0.5, calib=str(tmp_path / "calib.npz"), latency=False)
+        runs.append(ir.serialize(result.model))
+        views.append(ir.is_file_view(api._load_checked(str(path), str(path))))  # what the run held
+    assert views == [False, True]  # the second run held the input as a view
+    assert runs[0] == runs[1]
+    assert onnx.load(str(path)).SerializeToString() == _mlp(5).SerializeToString()  # the input is untouched

@@ -43,6 +43,7 @@ from typing import Any, Final
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import platformdirs
 
 from .. import ir
@@ -227,7 +228,9 @@ def model_digest(model: onnx.ModelProto | bytes) -> str:
 def _proto_digest(model: onnx.ModelProto) -> str:
     digest = hashlib.sha256()
     for part in (ir.without_initializers(model), *model.graph.initializer):
-        data = part.SerializeToString()
+        # a view's tensor (`ir.file_view`) counts by its values, as the same tensor loaded into the model does
+        viewed = ir.file_view_values(part) if isinstance(part, onnx.TensorProto) else None
+        data = part.SerializeToString() if viewed is None else numpy_helper.from_array(viewed, part.name).SerializeToString()
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(data)
     return digest.hexdigest()

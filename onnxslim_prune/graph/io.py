@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from ..atomic import Outputs, cannot_write, temporary
 from ..errors import ModelError, UsageError
@@ -150,6 +151,9 @@ class RawData:
 
     def read(self, tensor: onnx.TensorProto) -> np.ndarray | None:
         """The tensor's values read from the file (a fresh, writable array), or None to load it from the proto."""
+        viewed = file_view_values(tensor)
+        if viewed is not None:
+            return viewed
         span = self.spans.get(tensor.name)
         if span is None or tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type in _PACKED_BITS:
             return None
@@ -207,6 +211,94 @@ def raw_data_in_file(path: str | os.PathLike[str]) -> RawData | None:
     except (OSError, ValueError, IndexError, UnicodeDecodeError):
         return None
     return RawData(os.fspath(path), spans)
+
+
+# ----------------------------------------------------------------------------- file views
+
+#: a loaded model whose float weights pass this many bytes is held as a view of its file (`file_view`)
+FILE_VIEW_BYTES = int(os.environ.get("ONNXSLIM_PRUNE_FILE_VIEW_BYTES", str(64 << 20)))
+#: the smallest tensor a view leaves in the file
+_VIEW_MIN_BYTES = 4096
+
+
+def file_view(model: onnx.ModelProto, path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """`model` with its large float initializers left in the file it was loaded from (`path`, unchanged), or `model`
+    itself (less than `FILE_VIEW_BYTES` of them, or weights not inline in the file).
+
+    Such a tensor keeps its name, type and dims and refers to its raw data where it lies in the file
+    (`data_location` EXTERNAL, its *absolute* path as location: the mark of a view, never written out). The
+    loaded model's copy of those bytes can then be freed: its sessions map them from the file
+    (`runtime.inference_session`), `file_view_values` reads them, and the run holds the weights once, in its
+    graph, instead of twice (SmolLM2-135M: 0.65 GB). Sizes count them as the model's own.
+    """
+    if payload_bytes(model) < FILE_VIEW_BYTES:
+        return model
+    spans = raw_data_in_file(path)
+    if spans is None:
+        return model
+    moved = {init.name for init in model.graph.initializer if _viewable(init, spans)}
+    if not moved or sum(_raw_bytes(i) for i in model.graph.initializer if i.name in moved) < FILE_VIEW_BYTES:
+        return model
+    location = os.path.abspath(spans.path)
+    out = without_initializers(model)
+    for init in model.graph.initializer:
+        if init.name not in moved:
+            out.graph.initializer.add().CopyFrom(init)
+            continue
+        offset, length, _, _ = spans.spans[init.name]
+        header = out.graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
+        header.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+            header.external_data.add(key=key, value=value)
+    return out
+
+
+def _viewable(tensor: onnx.TensorProto, spans: RawData) -> bool:
+    return (tensor.data_type in FLOAT_TYPES and _raw_bytes(tensor) >= _VIEW_MIN_BYTES
+            and _raw_data_checked(tensor, spans))
+
+
+def viewed_span(tensor: onnx.TensorProto) -> tuple[str, int, int] | None:
+    """(file, offset, length) of a tensor of a `file_view`; None for any other tensor."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    entries = {e.key: e.value for e in tensor.external_data}
+    location = entries.get("location", "")
+    if not os.path.isabs(location) or "offset" not in entries or "length" not in entries:
+        return None
+    return location, int(entries["offset"]), int(entries["length"])
+
+
+def is_file_view(model: onnx.ModelProto) -> bool:
+    return any(viewed_span(t) is not None for t in model.graph.initializer)
+
+
+def file_view_values(tensor: onnx.TensorProto) -> np.ndarray | None:
+    """The values of a `file_view` tensor, read from its file (a fresh, writable array); None for any other."""
+    span = viewed_span(tensor)
+    if span is None:
+        return None
+    location, offset, length = span
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    count = _elements(tensor)
+    values = np.fromfile(location, dtype=dtype, count=count, offset=offset)
+    if values.size != count or count * dtype.itemsize != length:
+        raise ModelError(f"{location}: the weights of {tensor.name!r} changed while the run read them")
+    return values.reshape(tuple(tensor.dims))
+
+
+def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with the tensors of a `file_view` read back into it (the model itself when it is no view)."""
+    if not is_file_view(model):
+        return model
+    out = without_initializers(model)
+    for init in model.graph.initializer:
+        values = file_view_values(init)
+        if values is None:
+            out.graph.initializer.add().CopyFrom(init)
+        else:
+            out.graph.initializer.add().CopyFrom(numpy_helper.from_array(values, init.name))
+    return out
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -334,7 +426,9 @@ def _write_external(model: onnx.ModelProto, path: Path, data_path: Path, locatio
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
+    """Some initializer keeps its data in an external file (a `file_view`'s tensors are the model's own)."""
+    return any(init.data_location == onnx.TensorProto.EXTERNAL and viewed_span(init) is None
+               for init in model.graph.initializer)
 
 
 def external_data_files(path: str | os.PathLike[str]) -> set[Path]:
@@ -541,7 +635,7 @@ def tensor_bytes(tensor: onnx.TensorProto, *, external: bool = False) -> int:
     hold it.
     """
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        if not external:
+        if not external and viewed_span(tensor) is None:  # a view's data is the model's own (`file_view`)
             return 0
         length = next((e.value for e in tensor.external_data if e.key == "length"), None)
         return int(length) if length is not None else _raw_bytes(tensor)
@@ -580,7 +674,11 @@ def _varint_size(value: int) -> int:
 
 
 def _tensor_size(tensor: onnx.TensorProto) -> int:
-    """`tensor.ByteSize()`, with its raw data counted, not serialized."""
+    """`tensor.ByteSize()`, with its raw data counted, not serialized (a `file_view` tensor: as the file has it)."""
+    if viewed_span(tensor) is not None:
+        header = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        length = _raw_bytes(tensor)
+        return int(header.ByteSize()) + 1 + _varint_size(length) + length
     if not tensor.HasField("raw_data") or _raw_bytes(tensor) < 2**16:
         return int(tensor.ByteSize())
     header = onnx.TensorProto()

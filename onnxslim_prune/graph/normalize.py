@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import ModelError
 from . import edit
-from .io import RawData, raw_data_in_file
+from .io import RawData, file_view_values, raw_data_in_file
 from .read import EqualValues, const_value
 from .shapes import Shape, dynamic_non_batch_dims, fixed_input_shapes, is_static_dim, shape_invariant_dims, static_shapes
 
@@ -97,8 +97,13 @@ def _detach(graph: gs.Graph, in_file: RawData | None = None) -> None:
     attributes = [v for node in graph.nodes for v in node.attrs.values() if isinstance(v, gs.Constant)]
     for constant in tensors:  # initializers only: Constant-node values are not in the file's spans
         lazy = constant._values  # noqa: SLF001 - graph-surgeon keeps no public handle on the lazy tensor
-        if in_file is not None and isinstance(lazy, gs.ir.tensor.LazyValues):
-            values = in_file.read(lazy.tensor)
+        if isinstance(lazy, gs.ir.tensor.LazyValues):
+            # a view's tensor (`io.file_view`) is read from its file, whatever file the model came from
+            values = file_view_values(lazy.tensor)
+            if values is not None:
+                constant.data_location = None  # exported with its values, as the loaded model had them
+            elif in_file is not None:
+                values = in_file.read(lazy.tensor)
             if values is not None:
                 edit.load_values(constant, values)
     for constant in tensors + attributes:

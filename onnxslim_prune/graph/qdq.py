@@ -50,6 +50,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from . import edit
+from .read import to_array
 
 #: attribute names: a folded constant's scheme; why a DequantizeLinear output was not folded
 SCHEME_ATTR, UNFOLDED_ATTR = "_onnxslim_qdq", "_onnxslim_unfolded"
@@ -489,7 +490,7 @@ def report_notes(original: onnx.ModelProto, pruned: onnx.ModelProto) -> list[str
     before = weight_dqs(original)
     if not before:
         return []
-    old = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
+    old = {t.name: to_array(t) for t in original.graph.initializer}
     new = {t.name: t for t in pruned.graph.initializer}
     known = {v.item() for n in before for v in np.asarray(old[n.input[1]]).reshape(-1)}
     changed = total = 0

@@ -11,6 +11,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
+from .io import file_view_values
+
 
 def value_digest(values: np.ndarray) -> str:
     """A hash of an array's values (not its name): equal digests, equal tensors."""
@@ -101,7 +103,9 @@ def copy_graph(graph: gs.Graph) -> gs.Graph:
 
 
 def to_array(tensor: onnx.TensorProto) -> np.ndarray:
-    return numpy_helper.to_array(tensor)
+    """The tensor's values (a `io.file_view` tensor's read from its file)."""
+    viewed = file_view_values(tensor)
+    return numpy_helper.to_array(tensor) if viewed is None else viewed
 
 
 

@@ -15,6 +15,7 @@ the same values either way, as the tensors are byte for byte the same.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -24,7 +25,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from .io import PROTO_LIMIT, tensor_bytes, without_initializers
+from .io import PROTO_LIMIT, file_view_values, tensor_bytes, viewed_span, without_initializers
 
 #: weights (summed over the initializers written out) from which a session is built from a scratch file
 SCRATCH_SESSION_BYTES = 64 << 20
@@ -46,6 +47,7 @@ def takes_scratch_file(initializers: Iterable[onnx.TensorProto]) -> bool:
 
 
 def _out_of_line(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's raw data when large enough for the data file (a view's stay in its own file)."""
     if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
         return 0
     size = tensor_bytes(tensor)
@@ -66,7 +68,14 @@ def inference_session(
     serialized with them.
     """
     tensors = list(model.graph.initializer) if initializers is None else list(initializers)
-    if not takes_scratch_file(tensors):
+    viewed = _viewed_folder(tensors)
+    if viewed is not None and not takes_scratch_file(tensors):
+        # a view of the input file (`io.file_view`): onnxruntime maps the weights from that file itself
+        bare = model if initializers is not None else without_initializers(model)
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", viewed)
+        return ort.InferenceSession(_with_views(bare, tensors, viewed).SerializeToString(), options,
+                                    providers=list(providers))
+    if viewed is None and not takes_scratch_file(tensors):
         if initializers is None:
             payload = model.SerializeToString() if model.ByteSize() < PROTO_LIMIT else None
         else:
@@ -85,21 +94,44 @@ def inference_session(
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _viewed_folder(tensors: Sequence[onnx.TensorProto]) -> str | None:
+    """The folder of the one file the `io.file_view` tensors among `tensors` refer to (None: none, or several)."""
+    files = {span[0] for span in map(viewed_span, tensors) if span is not None}
+    return os.path.dirname(files.pop()) if len(files) == 1 else None
+
+
+def _with_views(bare: onnx.ModelProto, tensors: Sequence[onnx.TensorProto], folder: str) -> onnx.ModelProto:
+    """`bare` with `tensors`, the viewed ones referring to their file by its name in `folder` (as onnxruntime
+    resolves external data of a model made from bytes)."""
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(bare)
+    for tensor in tensors:
+        header = skeleton.graph.initializer.add()
+        header.CopyFrom(tensor)
+        span = viewed_span(tensor)
+        if span is not None:
+            for entry in header.external_data:
+                if entry.key == "location":
+                    entry.value = os.path.relpath(span[0], folder)
+    return skeleton
+
+
 def _write_scratch(bare: onnx.ModelProto, tensors: Sequence[onnx.TensorProto], folder: Path) -> Path:
-    """`bare` (no initializers) with `tensors` as its initializers, the large ones in ``weights.bin``."""
+    """`bare` (no initializers) with `tensors` as its initializers, the large ones (and views) in ``weights.bin``."""
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(bare)
     offset = 0
     with open(folder / "weights.bin", "wb") as data:
         for tensor in tensors:
-            if not _out_of_line(tensor):
+            viewed = file_view_values(tensor)
+            if viewed is None and not _out_of_line(tensor):
                 skeleton.graph.initializer.append(tensor)  # small: copied as it is
                 continue
             header = skeleton.graph.initializer.add()
             header.name = tensor.name
             header.data_type = tensor.data_type
             header.dims.extend(tensor.dims)
-            raw = tensor.raw_data  # one tensor's bytes at a time
+            raw = tensor.raw_data if viewed is None else viewed.tobytes()  # one tensor's bytes at a time
             offset += data.write(b"\0" * (-offset % _ALIGN))
             header.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", "weights.bin"), ("offset", str(offset)), ("length", str(len(raw)))):

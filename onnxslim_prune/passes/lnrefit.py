@@ -36,19 +36,11 @@ from ..errors import ModelError
 log = logging.getLogger(__name__)
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    known = {o.name for o in out.graph.output}
-    out.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                            for n in names if n not in known)
-    return out.SerializeToString()
+def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], names: list[str], batch: int) -> list[np.ndarray]:
+    """The named tensors of `model` on `feeds`, `batch` samples at a time (a session with them exposed)."""
+    from ..calib.collect import exposed_session
 
-
-def _run(model: bytes, feeds: Mapping[str, np.ndarray], names: list[str], batch: int) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    session = exposed_session(model, names)
     count = len(next(iter(feeds.values())))
     parts: list[list[np.ndarray]] = [[] for _ in names]
     for start in range(0, count, batch):
@@ -79,9 +71,9 @@ def refit_layernorms(original: onnx.ModelProto, pruned: onnx.ModelProto, keep: M
     if not nodes:
         return out
     names = [by_name[n.name].output[0] for n in nodes]
-    targets = dict(zip([n.name for n in nodes], _run(_with_outputs(original, names), feeds, names, batch)))
+    targets = dict(zip([n.name for n in nodes], _run(original, feeds, names, batch)))
     for node in nodes:
-        (x,) = _run(_with_outputs(out, [node.input[0]]), feeds, [node.input[0]], batch)
+        (x,) = _run(out, feeds, [node.input[0]], batch)
         eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
         x = x.reshape(-1, x.shape[-1])
         z = (x - x.mean(axis=1, keepdims=True)) / np.sqrt(x.var(axis=1, keepdims=True) + eps)

@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .. import ir
+
 #: a block closes after this many weighted layers (Conv / Gemm / MatMul with a constant weight) when no residual
 #: join closes it first
 MIN_LAYERS = 3
@@ -89,7 +91,7 @@ def changed_initializers(original: onnx.ModelProto, pruned: onnx.ModelProto) -> 
         old = before.get(tensor.name)
         if old is None or list(old.dims) != list(tensor.dims) or old.data_type != tensor.data_type:
             changed.add(tensor.name)
-        elif not np.array_equal(numpy_helper.to_array(old), numpy_helper.to_array(tensor)):
+        elif not np.array_equal(ir.to_array(old), numpy_helper.to_array(tensor)):
             changed.add(tensor.name)
     return changed
 
