@@ -62,7 +62,8 @@ def contrib_scores(ctx: Context, group: Group, consumers: Sequence[Consumer], co
     for consumer in consumers:
         full, _ = cov[_layer_key(consumer.layer)]
         cols, cls = _class_map(group, consumer.column_roots)
-        energy = np.diag(full)[cols] * np.einsum("ij,ij->i", consumer.w[cols], consumer.w[cols])
+        w = consumer.w[cols]
+        energy = np.diag(full)[cols] * np.einsum("ij,ij->i", w, w)
         np.add.at(scores, cls, energy)
     return scores
 
@@ -77,9 +78,10 @@ def obs_scores(ctx: Context, group: Group, consumers: Sequence[Consumer], cov: C
         lam = rc.ridge_lambda(full, _selection_alpha(ctx, consumer.layer, full.shape[0], s))
         inverse = np.linalg.inv(full + lam * np.eye(full.shape[0]))
         cols, cls = _class_map(group, consumer.column_roots)
+        weights = consumer.w
         for k in np.unique(cls).tolist():
             j = cols[cls == k]
-            w = consumer.w[j]
+            w = weights[j]
             # tr(W^T A^-1 W) as an elementwise sum: the [out, out] product would be 19 GB for a 49,152-word LM head
             scores[k] += float(np.einsum("ij,ij->", w, np.linalg.solve(inverse[np.ix_(j, j)], w)))
     return scores

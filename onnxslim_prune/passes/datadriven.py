@@ -158,8 +158,17 @@ class Consumer:
     """A consumer of a group: its layer, weights as ``[D, Cout]`` and column -> class roots."""
 
     layer: rc.Layer
-    w: np.ndarray
+    node: gs.Node
+    kind: Kind
     column_roots: np.ndarray  # [D]
+
+    @property
+    def w(self) -> np.ndarray:
+        """The weights ``[D, Cout]`` in float64, read from the graph when asked: held for every consumer at once
+        they would be twice the model's weights (SmolLM2-135M: 1 GB for the whole selection)."""
+        affine = rc.read_affine(self.node, self.kind)
+        assert affine is not None
+        return affine.w
 
 
 def group_consumers(ctx: Context) -> dict[int, list[Consumer]]:
@@ -179,10 +188,9 @@ def group_consumers(ctx: Context) -> dict[int, list[Consumer]]:
                 roots = ctx.trace.class_positions(nodes[m.node].inputs[0].name)
                 if layer is None or roots is None:
                     continue
-                w = rc.read_affine(nodes[m.node], kind).w
-                if w.shape[0] != roots.size * layer.taps:
+                if rc.read_affine(nodes[m.node], kind).w.shape[0] != roots.size * layer.taps:
                     continue
-                seen[m.node] = Consumer(layer, w, np.repeat(roots, layer.taps))
+                seen[m.node] = Consumer(layer, nodes[m.node], kind, np.repeat(roots, layer.taps))
             found[group.index].append(seen[m.node])
     return dict(found)
 
