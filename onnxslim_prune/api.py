@@ -387,8 +387,10 @@ def _run(prepared: PreparedRun, params: Mapping[str, Any] | None, ratio: float |
         memory.give_back()
         if outcome.finish is not None:
             with clock.stage(Stage.RECONSTRUCT), memory.limited(calib_memory), calib_cache.using(cache), \
-                    calib_cache.remembered(prepared.memo):
-                pruned = outcome.finish(pruned)
+                    calib_cache.remembered(prepared.memo), ir.ScratchFile() as scratch:
+                # a large model's weights wait in a temporary file while the finish holds them in its graph
+                pruned = scratch.hold(pruned)
+                pruned = ir.materialized(outcome.finish(pruned))
     extra: dict[str, Any] = {}
     if recovering is not None and pruned is not working and fit is not None:
         with clock.stage(Stage.RECOVER), memory.limited(calib_memory):

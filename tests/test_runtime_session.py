@@ -130,3 +130,24 @@ def test_a_run_on_a_file_view_writes_the_bytes_of_a_run_without(tmp_path: Path, 
     assert views == [False, True]  # the second run held the input as a view
     assert runs[0] == runs[1]
     assert onnx.load(str(path)).SerializeToString() == _mlp(5).SerializeToString()  # the input is untouched
+
+
+def test_a_scratch_file_holds_a_model_as_a_view_until_the_block_ends(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxslim_prune.graph import io
+
+    monkeypatch.setattr(io, "FILE_VIEW_BYTES", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = _mlp(7)
+    with ir.ScratchFile() as scratch:
+        held = scratch.hold(model)
+        assert ir.is_file_view(held) and not any(t.HasField("raw_data") for t in held.graph.initializer
+                                                 if t.name in {"w1", "w2"})
+        assert ir.materialized(held).SerializeToString() == model.SerializeToString()  # written tensor by tensor
+        (folder,) = list(tmp_path.iterdir())
+        assert onnx.load(str(next(folder.iterdir()))).SerializeToString() == model.SerializeToString()
+    assert not any(tmp_path.iterdir())  # removed with the block
+    with pytest.raises(KeyboardInterrupt), ir.ScratchFile() as scratch:
+        scratch.hold(model)
+        raise KeyboardInterrupt
+    assert not any(tmp_path.iterdir())

@@ -9,6 +9,7 @@ a model that is serialized anyway (for onnxruntime and the file) hands the same 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -285,6 +286,42 @@ def file_view_values(tensor: onnx.TensorProto) -> np.ndarray | None:
     if values.size != count or count * dtype.itemsize != length:
         raise ModelError(f"{location}: the weights of {tensor.name!r} changed while the run read them")
     return values.reshape(tuple(tensor.dims))
+
+
+class ScratchFile:
+    """A temporary file that holds a model's weights for a while (`hold`), removed when the block ends (`with`),
+    also on an error or Ctrl-C."""
+
+    def __init__(self) -> None:
+        self._folder: Path | None = None
+
+    def __enter__(self) -> ScratchFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+
+    def hold(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """`model` as a `file_view` of a copy written here, when large enough (else `model`): a caller that rebinds
+        its name to the result frees the loaded weights (``pruned = scratch.hold(pruned)``).
+
+        The copy is written tensor by tensor (a model's bytes followed by more models parse as their merge,
+        whose repeated fields append): the whole model is never serialized at once.
+        """
+        if payload_bytes(model) < FILE_VIEW_BYTES:
+            return model
+        if self._folder is None:
+            self._folder = Path(tempfile.mkdtemp(prefix="onnxslim-held-"))
+        path = self._folder / f"model{len(list(self._folder.iterdir()))}.onnx"
+        with open(path, "wb") as handle:
+            handle.write(without_initializers(model).SerializeToString())
+            for tensor in model.graph.initializer:
+                part = onnx.ModelProto()
+                part.graph.initializer.append(tensor)
+                handle.write(part.SerializeToString())
+        return file_view(model, path)
 
 
 def materialized(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -813,7 +813,7 @@ class Reconstructor:
         limit = blas_limited()  # sessions stay alive between levels: BLAS must not fight them (calib.threads)
         limit.__enter__()
         try:
-            large = ir.takes_scratch_file(pruned.graph.initializer)
+            large = ir.takes_scratch_file(pruned.graph.initializer) or ir.is_file_view(pruned)
             for i, (level, todo) in enumerate(zip(levels, by_level)):
                 weights: dict[str, np.ndarray] | None = None
                 if engines is not None and large:
