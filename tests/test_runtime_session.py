@@ -151,3 +151,17 @@ def test_a_scratch_file_holds_a_model_as_a_view_until_the_block_ends(tmp_path: P
         scratch.hold(model)
         raise KeyboardInterrupt
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("sample", ["lenet", "residual"])
+def test_the_lean_export_writes_graph_surgeons_bytes(sample: str) -> None:
+    import onnx_graphsurgeon as gs
+
+    import models as M
+    from onnxslim_prune.graph.shapes import export_onnx
+    from tests.conftest import SAMPLE_LENET
+
+    graph = ir.to_graph(onnx.load(str(SAMPLE_LENET)) if sample == "lenet" else M.residual_projection())
+    for check in (True, False):
+        assert export_onnx(graph, do_type_check=check).SerializeToString() == \
+            gs.export_onnx(graph, do_type_check=check).SerializeToString()
