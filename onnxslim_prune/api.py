@@ -233,6 +233,7 @@ def prepare(
         with clock.stage(Stage.TRACE):
             # the original was checked at load
             run.analysis = _analyze(original, shapes_in, exclude, check=False, path=path)
+            run.stats_before(run.analysis.input_shapes)
         run.excluded = _unmatched_excludes([n.name for n in run.analysis.graph.nodes], exclude)
     return run
 
@@ -291,6 +292,16 @@ class PreparedRun:
     analysis: Analysis | None = None  # None: traced by each run (block pruning changes the graph first)
     excluded: list[str] = field(default_factory=list)  # --exclude patterns that name no node
     measures: dict[VerdictPart, _Measure] = field(default_factory=dict)  # the original's outputs per part
+    #: the original's parameters, MACs and size at the traced input shapes, measured once
+    before: dict[tuple[tuple[str, tuple[int, ...]], ...], validate.ModelStats] = field(default_factory=dict)
+
+    def stats_before(self, input_shapes: Mapping[str, tuple[int, ...]]) -> validate.ModelStats:
+        """`validate.model_stats` of the original, once per input shapes: measured while the run holds little (its
+        shape reads run the whole model once), and not again by every run of a search."""
+        key = tuple(sorted((name, tuple(shape)) for name, shape in input_shapes.items()))
+        if key not in self.before:
+            self.before[key] = validate.model_stats(self.original, input_shapes)
+        return self.before[key]
 
     def measure(self, part: VerdictPart, clock: StageClock | None = None) -> _Measure:
         """The verdict's samples of `part` and the original's outputs on them, measured once."""
@@ -400,7 +411,7 @@ def _run(prepared: PreparedRun, params: Mapping[str, Any] | None, ratio: float |
     notes.extend(outcome.notes)
     notes.extend(qdq.report_notes(original, pruned))
     plan = outcome.plan
-    before = validate.model_stats(original, input_shapes)
+    before = prepared.stats_before(input_shapes)
     if path is not None and pruned is not original:
         # nothing after this reads the original's weights (its sessions are built from its file): a loaded
         # model's weights are freed before the pruned model's bytes and session exist beside them
