@@ -61,7 +61,8 @@ from ..calib.memory import explicit_budget
 from ..calib.statistic import ActivationMoments, RowSampler, RowWeights, SampledGrams, collect
 from ..errors import CalibrationError
 from . import reconstruct as rc
-from ..methods.base import BudgetAllocation, Context, Outcome
+from ..methods.base import BudgetAllocation, Context, DepthGain, Outcome
+from . import depthgain
 from .budget import GroupDamage, _group_order, choose_plan, damage_plan_with_notes
 from .plan import removed_count
 from ..roundto import Rounding
@@ -541,8 +542,9 @@ def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str 
     scores, notes = with_fallback(ctx, scores, name)
     if by_damage(ctx):
         scales = norm_scales(ctx, layers, info)
+        gains = depth_gains(ctx, layers, cov)
         with blas_limited():
-            table = damage_table(ctx, scores, consumers, cov, scales, info.rows)
+            table = damage_table(ctx, scores, consumers, cov, scales, info.rows, gains)
         plan, budget_notes = damage_plan_with_notes(ctx, table, scores)
         ctx.notes.extend(budget_notes)
     else:
@@ -596,6 +598,38 @@ def damage_after_norms(ctx: Context) -> bool:
               if transformer_part(ctx.trace.node_kind, ctx.trace.groups[index]) in (Part.HEADS, Part.FFN) for c in cs]
     return bool(layers) and all(not layer.spatial and (sink := sink_of(ctx, layer)) is not None and sink.weights is not None
                                 for layer in layers)
+
+
+def depth_gain_output(ctx: Context) -> DepthGain:
+    """``--depth-gain`` as given; by default POOLED on a post-LN transformer (`damage_after_norms`), else OFF."""
+    # measured on the real-model suite (all-MiniLM-L6-v2 default, see `depthgain`)
+    given = ctx.params.depth_gain
+    if given is not None:
+        return DepthGain(given)
+    return DepthGain.POOLED if damage_after_norms(ctx) else DepthGain.OFF
+
+
+def depth_gains(ctx: Context, layers: Sequence[rc.Layer], cov: Covariances) -> dict[str, float]:
+    """layer node -> its gain to the outputs (`depthgain`), when ``--depth-gain`` is on (`depth_gain_output`) and
+    every layer of the damage table is a sequence or dense layer (features last) whose output is added into a
+    residual sum; else none (every damage counts as it is)."""
+    how = depth_gain_output(ctx)
+    if how is DepthGain.OFF or not layers or ctx.calibration is None:
+        return {}
+    probes: list[depthgain.Probe] = []
+    for layer in dict.fromkeys(layers):
+        sink = sink_of(ctx, layer)
+        shape = ctx.trace.shapes.get(layer.x)
+        key = _layer_key(layer)
+        if layer.spatial or sink is None or not shape or len(shape) < 2 or key not in cov:
+            ctx.notes.append(f"depth gain: layer {layer.node} is not a dense layer adding into a residual sum; "
+                             "damages count as they are")
+            return {}
+        _, mean = cov[key]
+        probes.append(depthgain.Probe(layer.node, layer.y, layer.x, len(shape), int(mean.size), mean, sink.tensor, sink.weights))
+    s = settings(ctx)
+    return depthgain.measure_gains(ctx.model, ctx.calibration, probes, batch_size=s.batch_size, seed=s.seed,
+                                   how=how, mask_input=ir.token_mask_input(ctx.model))
 
 
 def refit_residuals(s: np.ndarray, w: np.ndarray, columns: Sequence[np.ndarray], lam: float) -> np.ndarray:
@@ -720,7 +754,8 @@ def norm_scales(ctx: Context, layers: Sequence[rc.Layer], info: RowInfo) -> dict
 
 def damage_table(ctx: Context, scores: Mapping[int, np.ndarray], consumers: Mapping[int, Sequence[Consumer]],
                  cov: Covariances, scales: Mapping[str, tuple[float, np.ndarray | None]] | None = None,
-                 rows: Mapping[str, int] | None = None) -> dict[int, GroupDamage]:
+                 rows: Mapping[str, int] | None = None, gains: Mapping[str, float] | None = None
+                 ) -> dict[int, GroupDamage]:
     """Per prunable group with refitted consumers, the predicted damage of every width (`budget.GroupDamage`).
 
     The group's free classes go in the order of `scores` (lowest first; one class per block of a grouped conv);
@@ -736,7 +771,8 @@ def damage_table(ctx: Context, scores: Mapping[int, np.ndarray], consumers: Mapp
     (`row_weights`: padding out, token ``t`` weighed by ``1 / sigma_t^2`` of the sum, in the covariance itself) the
     energy is the norm's output energy (`norm_scales`), so the damage is the relative error after the norm, up to
     the part of the error along each token's own normalised vector (which the norm also removes: one direction of
-    the hidden size).
+    the hidden size). `gains` (layer node -> `depthgain` gain, 1 when absent) weighs each consumer's damage by how
+    much its error grows on the way to the model's outputs.
     """
     s_ = settings(ctx)
     scales = scales or {}
@@ -765,7 +801,7 @@ def damage_table(ctx: Context, scores: Mapping[int, np.ndarray], consumers: Mapp
             columns = [by_class.get(int(k), empty) for k in flat.tolist()]
             n = (rows or {}).get(_layer_key(consumer.layer))
             lam = rc.ridge_lambda(full, s_.ridge, n, s_.ridge_rows if n else 0.0)
-            per_class = refit_residuals(full, w, columns, lam) / energy
+            per_class = refit_residuals(full, w, columns, lam) / energy * (gains or {}).get(consumer.layer.node, 1.0)
             damage += per_class[:: max(1, group.block)]
         out[group.index] = GroupDamage(group.index, order.units, damage)
     return out
