@@ -627,9 +627,15 @@ def depth_gains(ctx: Context, layers: Sequence[rc.Layer], cov: Covariances) -> d
             return {}
         _, mean = cov[key]
         probes.append(depthgain.Probe(layer.node, layer.y, layer.x, len(shape), int(mean.size), mean, sink.tensor, sink.weights))
+    position = {n.name: i for i, n in enumerate(ctx.graph.nodes)}
+    probes.sort(key=lambda p: position.get(p.node, -1))
     s = settings(ctx)
-    return depthgain.measure_gains(ctx.model, ctx.calibration, probes, batch_size=s.batch_size, seed=s.seed,
-                                   how=how, mask_input=ir.token_mask_input(ctx.model))
+    gains = depthgain.measure_gains(ctx.model, ctx.calibration, probes, batch_size=s.batch_size, seed=s.seed,
+                                    how=how, mask_input=ir.token_mask_input(ctx.model))
+    if gains:
+        ctx.notes.append(f"depth gains ({how.value}) of {len(gains)} layers, in network order: "
+                         + " ".join(f"{gains.get(p.node, 1.0):.2f}" for p in probes))
+    return gains
 
 
 def refit_residuals(s: np.ndarray, w: np.ndarray, columns: Sequence[np.ndarray], lam: float) -> np.ndarray:
