@@ -542,7 +542,7 @@ def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str 
     scores, notes = with_fallback(ctx, scores, name)
     if by_damage(ctx):
         scales = norm_scales(ctx, layers, info)
-        gains = depth_gains(ctx, layers, cov)
+        gains = depth_gains(ctx, layers, cov, scores, consumers, info.rows)
         with blas_limited():
             table = damage_table(ctx, scores, consumers, cov, scales, info.rows, gains)
         plan, budget_notes = damage_plan_with_notes(ctx, table, scores)
@@ -609,13 +609,17 @@ def depth_gain_output(ctx: Context) -> DepthGain:
     return DepthGain.POOLED if damage_after_norms(ctx) else DepthGain.OFF
 
 
-def depth_gains(ctx: Context, layers: Sequence[rc.Layer], cov: Covariances) -> dict[str, float]:
+def depth_gains(ctx: Context, layers: Sequence[rc.Layer], cov: Covariances,
+                scores: Mapping[int, np.ndarray] | None = None, consumers: Mapping[int, Sequence[Consumer]] | None = None,
+                rows: Mapping[str, int] | None = None) -> dict[str, float]:
     """layer node -> its gain to the outputs (`depthgain`), when ``--depth-gain`` is on (`depth_gain_output`) and
     every layer of the damage table is a sequence or dense layer (features last) whose output is added into a
-    residual sum; else none (every damage counts as it is)."""
+    residual sum; else none (every damage counts as it is). With `scores` and `consumers`, each layer is probed by
+    the error of its refit at the budget's share of its group removed (`probe_residuals`), else by a random one."""
     how = depth_gain_output(ctx)
     if how is DepthGain.OFF or not layers or ctx.calibration is None:
         return {}
+    residuals = {} if scores is None or consumers is None else probe_residuals(ctx, scores, consumers, cov, rows or {})
     probes: list[depthgain.Probe] = []
     for layer in dict.fromkeys(layers):
         sink = sink_of(ctx, layer)
@@ -626,7 +630,8 @@ def depth_gains(ctx: Context, layers: Sequence[rc.Layer], cov: Covariances) -> d
                              "damages count as they are")
             return {}
         _, mean = cov[key]
-        probes.append(depthgain.Probe(layer.node, layer.y, layer.x, len(shape), int(mean.size), mean, sink.tensor, sink.weights))
+        probes.append(depthgain.Probe(layer.node, layer.y, layer.x, len(shape), int(mean.size), mean, sink.tensor,
+                                      sink.weights, residuals.get(layer.node)))
     position = {n.name: i for i, n in enumerate(ctx.graph.nodes)}
     probes.sort(key=lambda p: position.get(p.node, -1))
     s = settings(ctx)
@@ -636,6 +641,36 @@ def depth_gains(ctx: Context, layers: Sequence[rc.Layer], cov: Covariances) -> d
         ctx.notes.append(f"depth gains ({how.value}) of {len(gains)} layers, in network order: "
                          + " ".join(f"{gains.get(p.node, 1.0):.2f}" for p in probes))
     return gains
+
+
+def probe_residuals(ctx: Context, scores: Mapping[int, np.ndarray], consumers: Mapping[int, Sequence[Consumer]],
+                    cov: Covariances, rows: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """layer node -> the error map of its refit (`depthgain.residual_map`) when the first ``1 - target`` of each of
+    its groups' removal order (the budget's share; `scores`, lowest first) goes."""
+    target = ctx.params.target_macs if ctx.params.target_macs is not None else ctx.params.target_params
+    share = 1.0 - (target if target is not None else 0.5)
+    s_ = settings(ctx)
+    removed: dict[str, list[np.ndarray]] = defaultdict(list)
+    by_node: dict[str, Consumer] = {}
+    for group in ctx.trace.groups:
+        if group.is_frozen or group.index not in consumers or group.index not in scores or kept_whole(ctx, group):
+            continue
+        order = _group_order(group, np.asarray(scores[group.index], dtype=np.float64), 1.0)
+        per_block = group.size // max(1, group.block)
+        k = min(len(order.units), max(1, int(round(share * per_block))))
+        gone = set(order.units[:k].ravel().tolist())
+        for consumer in consumers[group.index]:
+            cols, cls = _class_map(group, consumer.column_roots)
+            removed[consumer.layer.node].append(cols[np.isin(cls, list(gone))])
+            by_node[consumer.layer.node] = consumer
+    out: dict[str, np.ndarray] = {}
+    for node, parts in removed.items():
+        consumer = by_node[node]
+        full, _ = cov[_layer_key(consumer.layer)]
+        n = rows.get(_layer_key(consumer.layer))
+        lam = rc.ridge_lambda(full, s_.ridge, n, s_.ridge_rows if n else 0.0)
+        out[node] = depthgain.residual_map(full, consumer.w, np.concatenate(parts), lam)
+    return out
 
 
 def refit_residuals(s: np.ndarray, w: np.ndarray, columns: Sequence[np.ndarray], lam: float) -> np.ndarray:

@@ -29,6 +29,7 @@ the statistics (`calib.cache`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ GAIN_EPS = 0.03
 VERSION = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Probe:
     """One layer whose gain is measured: the consumer node (the name its gain goes by) and its output (how it is
     found in the model, whose nodes may be unnamed), its input (of `rank` axes, samples first, `width` features
@@ -71,6 +72,9 @@ class Probe:
     mean: np.ndarray
     sink: str
     norm_weights: np.ndarray | None
+    #: the error the layer's pruning leaves, as a map of its centred input ``[width, outputs]`` (added to its output
+    #: when probed: `residual_map`); None: a random perturbation of its input
+    residual: np.ndarray | None = None
 
 
 def _noise_name(index: int) -> str:
@@ -83,12 +87,16 @@ def perturbed_model(model: onnx.ModelProto, probes: Sequence[Probe]) -> onnx.Mod
     bare = ir.without_initializers(model)
     producers = {n.output[0]: k for k, n in enumerate(bare.graph.node) if n.output}
     before: dict[int, list[onnx.NodeProto]] = {}
+    after: dict[int, list[onnx.NodeProto]] = {}
     for i, probe in enumerate(probes):
         at = producers.get(probe.y)
         node = None if at is None else bare.graph.node[at]
         if at is None or node is None or probe.x not in node.input:
             raise CalibrationError(f"depth gain: no node makes {probe.y!r} from {probe.x!r}")
         noise, tag = _noise_name(i), f"depth_gain_{i}"
+        if probe.residual is not None:
+            _add_residual(bare, at, probe, noise, tag, after)
+            continue
         bare.graph.input.append(helper.make_tensor_value_info(noise, TensorProto.FLOAT,
                                                               ["N", *([1] * max(probe.rank - 2, 0)), probe.width]))
         bare.graph.initializer.append(onnx.numpy_helper.from_array(probe.mean.astype(np.float32), f"{tag}_mean"))
@@ -105,9 +113,48 @@ def perturbed_model(model: onnx.ModelProto, probes: Sequence[Probe]) -> onnx.Mod
         ordered.extend(before.get(k, ()))
         ordered.append(onnx.NodeProto())
         ordered[-1].CopyFrom(node)  # a copy: the field is cleared below
+        ordered.extend(after.get(k, ()))
     del bare.graph.node[:]
     bare.graph.node.extend(ordered)
     return bare
+
+
+def _add_residual(bare: onnx.ModelProto, at: int, probe: Probe, gate: str, tag: str,
+                  after: dict[int, list[onnx.NodeProto]]) -> None:
+    """Probe `probe` by its pruning's error: its output ``y`` becomes ``y + gate * (x - mean) R`` for every reader."""
+    assert probe.residual is not None
+    bare.graph.input.append(helper.make_tensor_value_info(gate, TensorProto.FLOAT, [1]))
+    bare.graph.initializer.append(onnx.numpy_helper.from_array(probe.mean.astype(np.float32), f"{tag}_mean"))
+    bare.graph.initializer.append(onnx.numpy_helper.from_array(probe.residual.astype(np.float32), f"{tag}_map"))
+    if probe.y in {o.name for o in bare.graph.output}:
+        raise CalibrationError(f"depth gain: {probe.y!r} is a graph output")
+    for node in bare.graph.node:
+        for k, name in enumerate(node.input):
+            if name == probe.y:
+                node.input[k] = f"{tag}_y"
+    after[at] = [
+        helper.make_node("Sub", [probe.x, f"{tag}_mean"], [f"{tag}_centred"], name=f"{tag}_sub"),
+        helper.make_node("MatMul", [f"{tag}_centred", f"{tag}_map"], [f"{tag}_error"], name=f"{tag}_matmul"),
+        helper.make_node("Mul", [f"{tag}_error", gate], [f"{tag}_gated"], name=f"{tag}_mul"),
+        helper.make_node("Add", [probe.y, f"{tag}_gated"], [f"{tag}_y"], name=f"{tag}_add"),
+    ]
+
+
+def residual_map(s: np.ndarray, w: np.ndarray, removed: np.ndarray, lam: float) -> np.ndarray:
+    """The error of a layer ``Y = X W`` (centred input covariance `s`) whose input columns `removed` go and whose
+    other columns ``K`` are refitted (`datadriven.refit_residuals`: ``W'_K = W_K + D``, ``D = (S_KK + lam I)^-1 S_KR
+    W_R``), as a map of the centred input: ``Y' - Y = (X - mu) M`` with ``M_K = D`` and ``M_R = -W_R``."""
+    from . import reconstruct as rc
+
+    dim = s.shape[0]
+    out = np.zeros_like(w, dtype=np.float64)
+    gone = np.zeros(dim, dtype=bool)
+    gone[removed] = True
+    kept = np.flatnonzero(~gone)
+    out[gone] = -w[gone]
+    if kept.size and gone.any():
+        out[kept] = rc.solve_spd(s[np.ix_(kept, kept)] + lam * np.eye(kept.size), s[np.ix_(kept, np.flatnonzero(gone))] @ w[gone])
+    return out
 
 
 def injected_error(clean: np.ndarray, perturbed: np.ndarray, mask: np.ndarray | None,
@@ -154,7 +201,7 @@ def measure_gains(model: onnx.ModelProto, calibration: CalibrationSet, probes: S
         return {}
     key = [model_digest(model), str(calibration.fingerprint), f"bs={batch_size}",
            f"depth-gain/v{VERSION}|{how.value}|samples={samples}|eps={eps!r}|seed={seed}|"
-           + "||".join(f"{p.node}:{p.x}:{p.sink}" for p in probes)]
+           + "||".join(f"{p.node}:{p.x}:{p.sink}:{_digest(p.residual)}" for p in probes)]
     hit = load_entry(key)
     if hit is not None:
         ratios = np.asarray(hit["ratios"], dtype=np.float64)
@@ -168,6 +215,10 @@ def measure_gains(model: onnx.ModelProto, calibration: CalibrationSet, probes: S
     log.info("depth gains (%s, output error per unit of damage, mean 1): %s", how.value,
              {p.node: round(gains.get(p.node, 1.0), 3) for p in probes})
     return gains
+
+
+def _digest(array: np.ndarray | None) -> str:
+    return "" if array is None else hashlib.sha256(np.ascontiguousarray(array, dtype=np.float64).tobytes()).hexdigest()[:16]
 
 
 def _measure(model: onnx.ModelProto, calibration: CalibrationSet, probes: Sequence[Probe], batch_size: int,
@@ -195,7 +246,7 @@ def _measure(model: onnx.ModelProto, calibration: CalibrationSet, probes: Sequen
             rng = np.random.default_rng([seed, batch])
             for i, probe in enumerate(probes):
                 noise = dict(zeros)
-                noise[_noise_name(i)] = _noise(probe, n, rng) * np.float32(eps)
+                noise[_noise_name(i)] = _noise(probe, n, rng) * np.float32(1.0 if probe.residual is not None else eps)
                 values = dict(zip(fetch, session.run(fetch, {**feed, **noise})))
                 injected[i] += injected_error(clean[probe.sink], values[probe.sink], flat_mask, probe.norm_weights) * n
                 produced[i] += output_error([clean[o] for o in outputs], [values[o] for o in outputs], mask, how) * n
@@ -205,6 +256,8 @@ def _measure(model: onnx.ModelProto, calibration: CalibrationSet, probes: Sequen
 
 
 def _noise(probe: Probe, n: int, rng: np.random.Generator | None) -> np.ndarray:
-    """Probe input noise for `n` samples: zeros, or standard normal draws of `rng`."""
+    """Probe input noise for `n` samples: zeros, or standard normal draws of `rng` (a residual probe's gate: 0 or 1)."""
+    if probe.residual is not None:
+        return np.array([0.0 if rng is None else 1.0], np.float32)
     shape = (n, *([1] * max(probe.rank - 2, 0)), probe.width)
     return np.zeros(shape, np.float32) if rng is None else rng.standard_normal(shape).astype(np.float32)
