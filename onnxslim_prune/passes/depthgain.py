@@ -54,7 +54,7 @@ GAIN_SAMPLES = 64
 #: all-MiniLM-L6-v2: gains at 0.03 and 0.1 agree within 3%)
 GAIN_EPS = 0.03
 #: the version of the arithmetic (part of the cache key)
-VERSION = 1
+VERSION = 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -157,29 +157,52 @@ def residual_map(s: np.ndarray, w: np.ndarray, removed: np.ndarray, lam: float) 
     return out
 
 
+@dataclass
+class Injected:
+    """Sums over batches of one probe's error at its residual sum and of the sum's energy (`injected_error`)."""
+
+    error: float = 0.0
+    energy: float = 0.0
+    #: without a norm: the sum's per-channel total and row count, to centre its energy over every batch at once
+    total: np.ndarray | float = 0.0
+    rows: int = 0
+
+    def add(self, other: Injected) -> None:
+        self.error += other.error
+        self.energy += other.energy
+        self.total = self.total + other.total
+        self.rows += other.rows
+
+    @property
+    def relative(self) -> float:
+        energy = self.energy - (float(np.sum(np.square(self.total))) / self.rows if self.rows else 0.0)
+        return self.error / energy if energy > 0 else float("nan")
+
+
 def injected_error(clean: np.ndarray, perturbed: np.ndarray, mask: np.ndarray | None,
-                   norm_weights: np.ndarray | None) -> float:
-    """``e_in`` of the module docstring: the change of a residual sum ``[..., C]`` relative to it, as the
-    LayerNormalization after it sees them (or, without `norm_weights`, relative to its centred energy)."""
+                   norm_weights: np.ndarray | None) -> Injected:
+    """``e_in`` of the module docstring, its sums over one batch: the change of a residual sum ``[..., C]`` and the
+    sum's energy as the LayerNormalization after it sees them (or, without `norm_weights`, the change's and the
+    sum's plain energies, centred over the batches by `Injected.relative`)."""
     s = clean.astype(np.float64).reshape(-1, clean.shape[-1])
     d = perturbed.astype(np.float64).reshape(-1, clean.shape[-1]) - s
     if mask is not None and mask.size == s.shape[0]:
         s, d = s[mask], d[mask]
     if norm_weights is None:
-        return float(np.sum(np.square(d))) / max(float(np.sum(np.square(s - s.mean(axis=0)))), 1e-30)
+        return Injected(float(np.sum(np.square(d))), float(np.sum(np.square(s))), s.sum(axis=0), s.shape[0])
     var = s.var(axis=1)
     live = var > 0
     s, d, var = s[live], d[live], var[live]
     d = d - d.mean(axis=1, keepdims=True)
     z2 = np.square(s - s.mean(axis=1, keepdims=True)) / var[:, None]
-    return float(np.sum(norm_weights * np.square(d) / var[:, None])) / max(float(np.sum(norm_weights * z2)), 1e-30)
+    return Injected(float(np.sum(norm_weights * np.square(d) / var[:, None])), float(np.sum(norm_weights * z2)))
 
 
 def output_error(clean: Sequence[np.ndarray], perturbed: Sequence[np.ndarray], mask: np.ndarray | None,
-                 how: DepthGain) -> float:
-    """``e_out`` of the module docstring: each output's change relative to it, summed over outputs (padding tokens
+                 how: DepthGain) -> np.ndarray:
+    """``e_out`` of the module docstring as (error, energy) sums over one batch, one row per output (padding tokens
     out when an output's leading axes are the mask's ``[N, T]``)."""
-    total = 0.0
+    rows = []
     for y0, y1 in zip(clean, perturbed):
         a, b = y0.astype(np.float64), y1.astype(np.float64)
         if mask is not None and a.ndim >= 2 and a.shape[:2] == mask.shape:
@@ -188,8 +211,8 @@ def output_error(clean: Sequence[np.ndarray], perturbed: Sequence[np.ndarray], m
             if how is DepthGain.POOLED:
                 count = np.maximum(mask.sum(axis=1), 1).reshape(-1, *([1] * (a.ndim - 2)))
                 a, b = a.sum(axis=1) / count, b.sum(axis=1) / count
-        total += float(np.sum(np.square(b - a))) / max(float(np.sum(np.square(a))), 1e-30)
-    return total
+        rows.append((float(np.sum(np.square(b - a))), float(np.sum(np.square(a)))))
+    return np.array(rows).reshape(-1, 2)
 
 
 def measure_gains(model: onnx.ModelProto, calibration: CalibrationSet, probes: Sequence[Probe], *, batch_size: int,
@@ -229,8 +252,8 @@ def _measure(model: onnx.ModelProto, calibration: CalibrationSet, probes: Sequen
     fetch = outputs + [s for s in sinks if s not in outputs]
     session = exposed_session(graph, fetch, weights=model)
     del graph
-    injected = np.zeros(len(probes))
-    produced = np.zeros(len(probes))
+    injected = [Injected() for _ in probes]
+    produced = np.zeros((len(probes), len(outputs), 2))
     seen = 0
     with blas_limited():
         for batch, feed in enumerate(calibration.iter_batches(batch_size)):
@@ -248,11 +271,13 @@ def _measure(model: onnx.ModelProto, calibration: CalibrationSet, probes: Sequen
                 noise = dict(zeros)
                 noise[_noise_name(i)] = _noise(probe, n, rng) * np.float32(1.0 if probe.residual is not None else eps)
                 values = dict(zip(fetch, session.run(fetch, {**feed, **noise})))
-                injected[i] += injected_error(clean[probe.sink], values[probe.sink], flat_mask, probe.norm_weights) * n
-                produced[i] += output_error([clean[o] for o in outputs], [values[o] for o in outputs], mask, how) * n
+                injected[i].add(injected_error(clean[probe.sink], values[probe.sink], flat_mask, probe.norm_weights))
+                produced[i] += output_error([clean[o] for o in outputs], [values[o] for o in outputs], mask, how)
     if seen == 0:
         raise CalibrationError("depth gain: the calibration set is empty")
-    return np.divide(produced, injected, out=np.full(len(probes), np.nan), where=injected > 0)
+    e_in = np.array([i.relative for i in injected])
+    e_out = np.sum(produced[:, :, 0] / np.maximum(produced[:, :, 1], 1e-30), axis=1)
+    return np.divide(e_out, e_in, out=np.full(len(probes), np.nan), where=np.isfinite(e_in) & (e_in > 0))
 
 
 def _noise(probe: Probe, n: int, rng: np.random.Generator | None) -> np.ndarray:
