@@ -3,28 +3,30 @@
 The damage table (`datadriven.damage_table`) counts a layer's error where it lands: relative to the residual sum
 its output is added into, after the LayerNormalization that reads it. The same relative error does not cost the
 same at the outputs from every depth: later layers add their own signal, the norms rescale, attention mixes tokens.
-Measured on all-MiniLM-L6-v2: a unit of error after layer 0's norm costs about half, at the mean-pooled sentence
-embedding, of what it costs after layer 4's (and a third of layer 5's attention output). So the damage of each
-probed layer ``C`` is multiplied by its gain, measured on the calibration data, not set by hand::
+Measured on all-MiniLM-L6-v2 (pooled sentence embedding): the error of layer 1-3's FFN refits costs about half of
+what the same damage costs after layer 4's attention, and layer 5's attention output 2.7 times the mean. So the
+damage of each probed layer ``C`` is multiplied by its gain, measured on the calibration data, not set by hand.
 
-    x  ->  x + (x - mu) * r,    r ~ N(0, eps^2) per sample and input column of C, the same for every token
-
-(``mu``: the mean of C's input, which the refit's intercept absorbs; the perturbation is a small partial removal of
-every input column at once, the shape of a pruning error), one run per probed layer on the first `GAIN_SAMPLES`
-samples of the fit part, beside one clean run, all in one session whose extra inputs carry the ``r`` of each layer
-(zero but for the layer probed). Per layer::
+The probe: ``C``'s output ``y`` becomes ``y + (x - mu) M``, the error its refit leaves when the budget's share of
+its groups goes (`residual_map`: ``M_R = -W_R`` for the removed input columns, ``M_K = D`` for the refitted ones,
+``mu`` its input's mean, absorbed by the refit's intercept), at its real size; without a removal order (API use)
+its input becomes ``x + (x - mu) r`` with ``r ~ N(0, eps^2)`` per sample and input column, the same for every
+token (a small partial removal of every column at once). One run per probed layer on the first `GAIN_SAMPLES`
+samples of the fit part, beside one clean run, all in one session whose extra inputs switch each probe on (only
+the probed layer's). Per layer, with sums over those samples::
 
     injected e_in(C)  = sum_t m_t ||g * (d_t - mean_c d_t)||^2 / sigma_t^2 / sum_t m_t ||g * z_t||^2
     output   e_out(C) = sum over outputs of sum_n ||dy_n||^2 / sum_n ||y_n||^2   (real tokens only)
     gain(C)  = (e_out / e_in) / mean over probed layers of e_out / e_in
 
 with ``d`` the change of the residual sum, ``g`` the norm's scale, ``sigma_t`` and ``z_t`` each token's standard
-deviation and normalised vector there (the damage table's units: `datadriven.norm_scales`), ``m_t`` the token
-mask, and ``y_n`` sample ``n`` of an output: its tokens (`DepthGain.TOKENS`, as the verdict compares them) or their
-mean over the real tokens (`DepthGain.POOLED`, a sentence embedding). The mean gain is 1, so the damage keeps its
-scale (`budget.NEGLIGIBLE_DAMAGE`, ``--min-width``). Gains are first order (``eps`` small: the errors of all columns
-add up), of the original model (the error correction of the layers downstream is not counted), and cached with
-the statistics (`calib.cache`).
+deviation and normalised vector there (the damage table's units: `datadriven.norm_scales`; without a norm, the
+sum's centred energy), ``m_t`` the token mask, and ``y_n`` sample ``n`` of an output: its tokens
+(`DepthGain.TOKENS`, as the verdict compares them) or their mean over the real tokens (`DepthGain.POOLED`, a
+sentence embedding). The mean gain is 1, so the damage keeps its scale (`budget.NEGLIGIBLE_DAMAGE`,
+``--min-width``). A gain is that of one layer's error alone on the original model (the errors of other layers and
+the error correction of the layers downstream are not counted); gains are cached with the statistics
+(`calib.cache`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ log = logging.getLogger(__name__)
 
 #: calibration samples the gains are measured on (the first of the fit part)
 GAIN_SAMPLES = 64
-#: standard deviation of the relative perturbation of each input column (first order; measured on
+#: standard deviation of the random relative perturbation of each input column (first order; measured on
 #: all-MiniLM-L6-v2: gains at 0.03 and 0.1 agree within 3%)
 GAIN_EPS = 0.03
 #: the version of the arithmetic (part of the cache key)
