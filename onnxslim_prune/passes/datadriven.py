@@ -608,6 +608,9 @@ def depth_gain_output(ctx: Context) -> DepthGain:
     given = ctx.params.depth_gain
     if given is not None:
         return DepthGain(given)
+    # a graph without a LayerNormalization (a CNN) is not walked (`damage_after_norms` reads every group's consumers)
+    if not any(node.op == "LayerNormalization" for node in ctx.graph.nodes):
+        return DepthGain.OFF
     return DepthGain.POOLED if damage_after_norms(ctx) else DepthGain.OFF
 
 
