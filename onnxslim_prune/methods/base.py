@@ -86,6 +86,18 @@ class BudgetAllocation(str, Enum):
     DAMAGE = "damage"
 
 
+class DepthGain(str, Enum):
+    """Whether a budget shared by damage weighs each layer's damage by its measured gain to the outputs
+    (`passes.depthgain`), and in what the outputs' error is measured."""
+
+    #: every layer's damage counts as it is
+    OFF = "off"
+    #: the error of every real token of the outputs, as the verdict compares them
+    TOKENS = "tokens"
+    #: the error of each sample's outputs averaged over its real tokens (a sentence embedding)
+    POOLED = "pooled"
+
+
 #: how residual blocks are ranked (`passes.blocks`)
 BLOCK_CRITERIA = ("output", "norm")
 FRACTION = number(0.0, 1.0, low_open=True)
@@ -185,6 +197,11 @@ class CommonParams:
                                          help="Sequence models: leave padding tokens (attention_mask 0) out of the "
                                               "statistics, refits and verdict, and weigh a token's error before a "
                                               "LayerNormalization by 1 / its variance there, as the norm does [default: on].")
+    depth_gain: str | None = setting(
+        None, choice(*(d.value for d in DepthGain)), flag="--depth-gain", choices=tuple(d.value for d in DepthGain),
+        help="Budgets by damage: weigh each layer's damage by how much a small error there grows on its way to the "
+             "outputs, measured on the calibration data (tokens: every token of the outputs; pooled: each sample's "
+             "mean over its tokens) [default: pooled on post-LayerNorm transformers, off otherwise].")
     #: a per-group allocation ``((group, fraction removed), ...)``, unlisted groups kept whole, in place of
     #: the uniform --ratio (the gated search of `planning.search` sets it; API only)
     group_ratios: tuple[tuple[int, float], ...] | None = setting(None, group_fractions)
