@@ -12,7 +12,8 @@ model and one onnxruntime session of it) plus the budget, at any calibration or 
   terms add up to the budget); beyond it their batches spill to ``.npy`` files. The headroom is
   what no share itemises but a run holds beside its floor: the interpreter's other libraries,
   the model's graph and plan, the statistics of the selection, heap the allocator has not yet
-  handed back (EfficientNet-Lite1, `ldrf`: 550 MiB at the start of the refit, 870 MiB at its end);
+  handed back (EfficientNet-Lite1, `ldrf`, 3G: 550 MiB at the start of the refit, 870 MiB at its
+  end, 28% of the budget);
 - the selection statistics (`passes.datadriven`) keep their Gram matrices within half, one
   batch's exposed tensors within a quarter;
 - the verdict's batches take half, the original's outputs held for it an eighth (`api`); the
@@ -52,7 +53,7 @@ FRONTIER_SHARE = 4
 #: one onnxruntime run of a calibration pass (its arena: activations of the samples it takes) within 1 / RUN_SHARE
 RUN_SHARE = 8
 #: what a run holds beside its floor that no share itemises (the module docstring), set aside by `frontier_budget`
-HEADROOM_SHARE = 4
+HEADROOM_SHARE = 3
 #: one batch of the tensors a refit level reads from both networks is alive this many times over: the tensors
 #: themselves, what the stages compute beside them or read back from a spilled frontier, the fit's float64 copies
 BATCH_COPIES = 3
