@@ -402,3 +402,57 @@ def test_a_large_pruned_model_is_not_held_as_bytes_and_is_written_the_same(tmp_p
     ir.save_model(dropped.model, tmp_path / "a.onnx", serialized=dropped.serialized)  # the writer serializes again
     assert (tmp_path / "a.onnx").read_bytes() == kept.serialized
     assert dropped.report.verdict.cosine == kept.report.verdict.cosine and dropped.report.verdict.cosine > 0.5
+
+
+def test_the_refit_frontiers_hold_what_the_budget_leaves_and_spill_past_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each frontier's budget is the budget less both runs, `BATCH_COPIES` batches and the headroom, halved; no
+    frontier ever holds more than its budget, it spills exactly when the unbounded run held more, and the model is
+    the same bytes (and outputs) as with the default budget."""
+    from onnxslim_prune import prune
+    from onnxslim_prune.calib import engine, memory
+    from onnxslim_prune.passes import reconstruct
+    from tests import models as M
+
+    model = M.residual_projection(dead_res=(1, 5))
+    for vi in (*model.graph.input, *model.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_param = "N"
+    x = np.random.default_rng(3).standard_normal((96, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    seen: list[tuple[int, int]] = []  # (budget, batch bytes) of each refit
+    stores: list[tuple[int, int, bool]] = []  # (budget, most held, spilled) of each frontier
+
+    def recording(budget: int, batch_bytes: int) -> int:
+        seen.append((budget, batch_bytes))
+        return memory.frontier_budget(budget, batch_bytes)
+
+    def closing(self: engine.FrontierStore) -> None:
+        stores.append((self.budget, self.peak_bytes, self.spilled))
+        real_close(self)
+
+    real_close = engine.FrontierStore.close
+    monkeypatch.setattr(reconstruct, "frontier_budget", recording)
+    monkeypatch.setattr(engine.FrontierStore, "close", closing)
+    runs = {}
+    for name, budget in (("default", None), ("bounded", 1 << 20)):
+        seen.clear()
+        stores.clear()
+        result = prune(model, "ldrf", 0.25, calib=str(tmp_path / "c.npz"), calib_memory=budget, holdout=0.0,
+                       round_to=1, latency=False, batch_size=16)
+        runs[name] = (result.model.SerializeToString(), list(seen), list(stores))
+    (default, _, unbounded), (bounded, refits, held) = runs["default"], runs["bounded"]
+    assert len(refits) == 1 and len(held) == 2 == len(unbounded)
+    budget, batch = refits[0]
+    # the largest level's tensors of both networks (the pruned relu_1 and conv_b outputs, the original's Add: 5,120
+    # bytes a sample) for a batch of 16
+    assert budget == 1 << 20 and batch == 16 * 5120
+    frontier = memory.frontier_budget(budget, batch)
+    counted = 2 * (budget // memory.RUN_SHARE) + memory.BATCH_COPIES * batch + budget // memory.HEADROOM_SHARE
+    assert 0 < frontier and 2 * frontier + counted <= budget
+    assert memory.frontier_budget(budget, batch + 2048) < frontier  # a larger batch leaves less to the frontiers
+    for (store_budget, most, spilled), (_, most_unbounded, _) in zip(held, unbounded):
+        assert store_budget == frontier and most <= frontier
+        assert spilled == (most_unbounded > frontier)
+    assert any(spilled for _, _, spilled in held)  # the bound binds here: something went to disk
+    assert bounded == default
+    np.testing.assert_array_equal(run(onnx.load_from_string(bounded), {"x": x[:8]})[0],
+                                  run(onnx.load_from_string(default), {"x": x[:8]})[0])

@@ -22,7 +22,7 @@ changes), and a node whose value a later refit changes is rerun after it, never 
 
 Memory: the frontier of N samples is held in memory while it fits ``budget`` bytes (default
 `calib.memory.calibration_budget`: the run's ``--calib-memory``, `calib.memory`; the refit gives each of its two
-networks a quarter), else each
+networks what `calib.memory.frontier_budget` leaves), else each
 batch's tensors are spilled to ``.npy`` files in a temporary folder that is removed when the
 passes end (also on Ctrl-C); the log says which. Batches are the calibration set's batches
 (``batch_size``, or the model's static batch with the remainder left out), read again only

@@ -6,10 +6,14 @@ model and one onnxruntime session of it) plus the budget, at any calibration or 
 - one onnxruntime run of a refit stage takes 1 / `RUN_SHARE` per network: a stage whose
   activations (every tensor it computes, `tensor_bytes`) would not fit at the batch size runs a
   few samples at a time (`calib.collect.run_chunked`);
-- the staged refit's two frontiers (`calib.engine`) share what is left once both networks' runs
-  and twice one batch of the tensors a level reads from both are counted, at most
-  1 / `FRONTIER_SHARE` each (`passes.reconstruct.frontier_budget`); beyond it their batches
-  spill to ``.npy`` files;
+- the staged refit's two frontiers (`calib.engine`) share what is left once both networks' runs,
+  `BATCH_COPIES` of one batch of the tensors a level reads from both networks and a headroom of
+  1 / `HEADROOM_SHARE` are counted, at most 1 / `FRONTIER_SHARE` each (`frontier_budget`: the
+  terms add up to the budget); beyond it their batches spill to ``.npy`` files. The headroom is
+  what no share itemises but a run holds beside its floor: the interpreter's other libraries,
+  the model's graph and plan, the statistics of the selection, heap the allocator has not yet
+  handed back (EfficientNet-Lite1, `ldrf`, 3G: 550 MiB at the start of the refit, 870 MiB at its
+  end, 28% of the budget);
 - the selection statistics (`passes.datadriven`) keep their Gram matrices within half, one
   batch's exposed tensors within a quarter;
 - the verdict's batches take half, the original's outputs held for it an eighth (`api`); the
@@ -48,6 +52,11 @@ MEMORY_SHARE = 0.25
 FRONTIER_SHARE = 4
 #: one onnxruntime run of a calibration pass (its arena: activations of the samples it takes) within 1 / RUN_SHARE
 RUN_SHARE = 8
+#: what a run holds beside its floor that no share itemises (the module docstring), set aside by `frontier_budget`
+HEADROOM_SHARE = 3
+#: one batch of the tensors a refit level reads from both networks is alive this many times over: the tensors
+#: themselves, what the stages compute beside them or read back from a spilled frontier, the fit's float64 copies
+BATCH_COPIES = 3
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _budget: contextvars.ContextVar[int | None] = contextvars.ContextVar("calibration_memory", default=None)
 
@@ -92,6 +101,18 @@ def calibration_budget() -> int:
     """The current run's budget in bytes (`limited`), else `MEMORY_SHARE` of physical RAM."""
     budget = _budget.get()
     return int(MEMORY_SHARE * physical_memory()) if budget is None else budget
+
+
+def frontier_budget(budget: int, batch_bytes: int) -> int:
+    """Bytes each of the staged refit's two frontiers may hold in memory (beyond it they spill to disk).
+
+    The refit holds at once, besides its floor: each network's onnxruntime run (1 / `RUN_SHARE`
+    each, `calib.engine`), `BATCH_COPIES` of one batch of the tensors a level reads from both
+    networks (`batch_bytes`), the headroom (1 / `HEADROOM_SHARE`) and the two frontiers; these
+    add up to `budget`. A frontier takes at most 1 / `FRONTIER_SHARE`; 0 when nothing is left.
+    """
+    rest = budget - 2 * (budget // RUN_SHARE) - BATCH_COPIES * batch_bytes - budget // HEADROOM_SHARE
+    return max(0, min(budget // FRONTIER_SHARE, rest // 2))
 
 
 @contextlib.contextmanager

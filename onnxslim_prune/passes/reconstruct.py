@@ -148,7 +148,7 @@ from ..calib import GramAccumulator, conv_output_size, conv_patches, expose_tens
 from ..calib import stream_tensors
 from ..calib.statistic import inverse_variances
 from ..calib.engine import StagedPasses
-from ..calib.memory import FRONTIER_SHARE, RUN_SHARE, calibration_budget, give_back
+from ..calib.memory import calibration_budget, frontier_budget, give_back
 from ..calib.threads import blas_limited
 from ..errors import ModelError
 from ..graph import edit
@@ -833,9 +833,11 @@ class Reconstructor:
                             StagedPasses(self.original, self.calibration, s.batch_size, right_names,
                                          label="original network"),
                         )
-                        frontier = frontier_budget(calibration_budget(), s.batch_size * max(
-                            engines[0].sample_bytes(left) + engines[1].sample_bytes(right)
-                            for left, right in zip(left_names, right_names)))
+                        batch = s.batch_size * max(engines[0].sample_bytes(left) + engines[1].sample_bytes(right)
+                                                   for left, right in zip(left_names, right_names))
+                        frontier = frontier_budget(calibration_budget(), batch)
+                        log.debug("reconstruct: one batch of a level's tensors %d MB, each frontier %d MB",
+                                  batch >> 20, frontier >> 20)
                         for engine in engines:
                             engine.store.budget = frontier
                     left, right = engines[0].advance(left_names[i], current, weights), engines[1].advance(right_names[i])
@@ -989,7 +991,7 @@ class Reconstructor:
                 if f.out_keep is not None:
                     y = np.take(y, f.out_keep, axis=f.axis)
                 if f.minus is not None:
-                    y = y.astype(np.float64) - p[f.minus]
+                    y = np.subtract(y, p[f.minus], dtype=np.float64)  # one float64 copy, not two
                 if mask is not None and not f.layer.spatial and not f.shift and x.ndim == 3 and x.shape[:2] == mask.shape:
                     keep = mask.reshape(-1) != 0  # padding tokens: outputs nothing reads
                     x, y = x.reshape(-1, x.shape[-1])[keep], y.reshape(-1, y.shape[-1])[keep]
@@ -1314,18 +1316,6 @@ def shift_bias(node: gs.Node, delta: np.ndarray) -> None:
         edit.set_input_const(node, 2, (bias.astype(np.float64) + delta.reshape(bias.shape)).astype(bias.dtype))
         return
     edit.append_input(node, edit.make_constant(f"{node.name}__bias", delta.astype(weight.dtype)), 2)
-
-
-def frontier_budget(budget: int, batch_bytes: int) -> int:
-    """Bytes each of the refit's two frontiers may hold in memory (beyond it they spill to disk).
-
-    What no frontier sees is counted first: each network's onnxruntime run (1 / RUN_SHARE each,
-    `calib.engine`) and one batch of the tensors a level reads from both networks, twice
-    (`batch_bytes`: the tensors themselves, and what the stage computes beside them and the
-    fit's copies). The frontiers share the rest, at most 1 / FRONTIER_SHARE each.
-    """
-    rest = budget - 2 * (budget // RUN_SHARE) - 2 * batch_bytes
-    return max(0, min(budget // FRONTIER_SHARE, rest // 2))
 
 
 def make_finish(
