@@ -17,7 +17,7 @@ limit covers each onnxruntime ``run`` and the caller's reduction of each batch b
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterable, Callable, Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -103,13 +103,18 @@ def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+def names_read(nodes: Iterable[onnx.NodeProto]) -> set[str]:
+    """Every name `nodes` read: their inputs and what their subgraphs read from outside."""
+    return {t for n in nodes for t in (*n.input, *subgraph_inputs(n))}
+
+
 def _weights_read(model: onnx.ModelProto, weights: onnx.ModelProto | None) -> list[onnx.TensorProto]:
     """`model`'s initializers, and those of `weights` its nodes read that it does not hold (a weightless cut)."""
     own = list(model.graph.initializer)
     if weights is None or weights is model:
         return own
     held = {t.name for t in own}
-    used = {t for n in model.graph.node for t in (*n.input, *subgraph_inputs(n))}
+    used = names_read(model.graph.node)
     return own + [t for t in weights.graph.initializer if t.name in used and t.name not in held]
 
 

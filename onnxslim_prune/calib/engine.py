@@ -48,7 +48,7 @@ from .. import ir
 from ..errors import CalibrationError, ModelError
 from .memory import calibration_budget
 from .collect import _batch_plan  # noqa: PLC2701 - the same batching as every other pass
-from .collect import run_chunked
+from .collect import names_read, run_chunked
 from .collect import subgraph_inputs as _subgraph_inputs
 from .memory import RUN_SHARE, tensor_bytes
 from .sources import CalibrationSet
@@ -309,7 +309,7 @@ class StagedPasses:
                 nodes = [by_name[self._names[i]] for i in stage]
             except KeyError as exc:
                 raise ModelError(f"calibration engine ({self.label}): node {exc} is missing from the model") from None
-        used = {t for n in nodes for t in (*n.input, *_subgraph_inputs(n))}
+        used = names_read(nodes)
         graph = sub.graph
         graph.name = f"{self.label}-stage{self._step}"
         graph.node.extend(nodes)

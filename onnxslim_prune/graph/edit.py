@@ -76,6 +76,17 @@ def replace_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
     node.inputs[index] = tensor  # graph-surgeon's input lists update both ends
 
 
+def stand_in_for(constant: gs.Constant, dtype: Any) -> gs.Variable:
+    """A Variable of `constant`'s name and shape that every node reading `constant` reads instead (an export
+    without that weight: it is left out, or given apart)."""
+    stand_in = gs.Variable(constant.name, dtype=dtype, shape=list(constant.shape))
+    for node in list(constant.outputs):
+        for i, t in enumerate(list(node.inputs)):
+            if t is constant:
+                replace_input(node, i, stand_in)
+    return stand_in
+
+
 def load_values(constant: gs.Constant, values: np.ndarray) -> None:
     """Give a lazily loaded constant its values, read elsewhere (the same values: nothing changes)."""
     constant.values = values

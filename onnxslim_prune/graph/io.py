@@ -152,9 +152,6 @@ class RawData:
 
     def read(self, tensor: onnx.TensorProto) -> np.ndarray | None:
         """The tensor's values read from the file (a fresh, writable array), or None to load it from the proto."""
-        viewed = file_view_values(tensor)
-        if viewed is not None:
-            return viewed
         span = self.spans.get(tensor.name)
         if span is None or tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type in _PACKED_BITS:
             return None
@@ -218,8 +215,9 @@ def raw_data_in_file(path: str | os.PathLike[str]) -> RawData | None:
 
 #: a loaded model whose float weights pass this many bytes is held as a view of its file (`file_view`)
 FILE_VIEW_BYTES = int(os.environ.get("ONNXSLIM_PRUNE_FILE_VIEW_BYTES", str(64 << 20)))
-#: the smallest tensor a view leaves in the file
-_VIEW_MIN_BYTES = 4096
+#: the smallest tensor kept in a data file rather than in the model: a view's, a session's scratch file, a refit
+#: stage's weights taken by name (smaller ones are cheaper copied than referred to)
+MAPPED_MIN_BYTES = 4096
 
 
 def file_view(model: onnx.ModelProto, path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -255,7 +253,7 @@ def file_view(model: onnx.ModelProto, path: str | os.PathLike[str]) -> onnx.Mode
 
 
 def _viewable(tensor: onnx.TensorProto, spans: RawData) -> bool:
-    return (tensor.data_type in FLOAT_TYPES and _raw_bytes(tensor) >= _VIEW_MIN_BYTES
+    return (tensor.data_type in FLOAT_TYPES and _raw_bytes(tensor) >= MAPPED_MIN_BYTES
             and _raw_data_checked(tensor, spans))
 
 

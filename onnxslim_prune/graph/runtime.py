@@ -25,12 +25,10 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from .io import PROTO_LIMIT, file_view_values, tensor_bytes, viewed_span, without_initializers
+from .io import MAPPED_MIN_BYTES, PROTO_LIMIT, file_view_values, tensor_bytes, viewed_span, without_initializers
 
 #: weights (summed over the initializers written out) from which a session is built from a scratch file
 SCRATCH_SESSION_BYTES = 64 << 20
-#: tensors at least this large go to the scratch data file; the rest stay in the model
-_OUT_OF_LINE_BYTES = 4096
 #: data file offsets are aligned so that every tensor can be mapped where it lies
 _ALIGN = 4096
 _MAPPED_FILES_OUTLIVE_NAMES = sys.platform.startswith("linux")
@@ -51,7 +49,7 @@ def _out_of_line(tensor: onnx.TensorProto) -> int:
     if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
         return 0
     size = tensor_bytes(tensor)
-    return size if size >= _OUT_OF_LINE_BYTES else 0
+    return size if size >= MAPPED_MIN_BYTES else 0
 
 
 def inference_session(

@@ -20,7 +20,7 @@ from onnx import numpy_helper
 
 from ..errors import ModelError, UsageError
 from . import edit
-from .io import FLOAT_TYPES, exceeds_proto_limit, save_external, without_initializers
+from .io import FLOAT_TYPES, MAPPED_MIN_BYTES, exceeds_proto_limit, save_external, without_initializers
 from .read import EqualValues
 from .runtime import inference_session
 
@@ -137,12 +137,7 @@ def export_skeleton(graph: gs.Graph, like: onnx.ModelProto, min_elements: int = 
         dtype = dtype_to_onnx(tensor.export_dtype)
         if int(np.prod(tensor.shape, dtype=np.int64)) < min_elements or dtype not in FLOAT_TYPES:
             continue
-        stand_in = gs.Variable(tensor.name, dtype=dtype, shape=list(tensor.shape))
-        for node in list(tensor.outputs):
-            for i, t in enumerate(list(node.inputs)):
-                if t is tensor:
-                    edit.replace_input(node, i, stand_in)
-        work.inputs.append(stand_in)
+        work.inputs.append(edit.stand_in_for(tensor, dtype))
     out = gs.export_onnx(work, do_type_check=False)
     del out.opset_import[:]
     out.opset_import.extend(like.opset_import)
@@ -171,12 +166,8 @@ def export_onnx(graph: gs.Graph, do_type_check: bool) -> onnx.ModelProto:
     for tensor in list(work.tensors().values()):
         if not isinstance(tensor, gs.Constant):
             continue
-        stand_in = gs.Variable(tensor.name, dtype=tensor.dtype, shape=list(tensor.shape))
+        stand_in = edit.stand_in_for(tensor, tensor.dtype)
         stand_ins.add(tensor.name)
-        for node in list(tensor.outputs):
-            for i, t in enumerate(list(node.inputs)):
-                if t is tensor:
-                    edit.replace_input(node, i, stand_in)
         for tensors in (work.inputs, work.outputs):
             tensors[:] = [stand_in if t is tensor else t for t in tensors]
     out = gs.export_onnx(work, do_type_check=do_type_check)
@@ -188,7 +179,7 @@ def export_onnx(graph: gs.Graph, do_type_check: bool) -> onnx.ModelProto:
     return out
 
 
-def export_weightless(graph: gs.Graph, like: onnx.ModelProto, min_bytes: int = 4096
+def export_weightless(graph: gs.Graph, like: onnx.ModelProto, min_bytes: int = MAPPED_MIN_BYTES
                       ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """The graph's export without its large weights, and those weights by name (the graph's own arrays).
 
@@ -206,11 +197,7 @@ def export_weightless(graph: gs.Graph, like: onnx.ModelProto, min_bytes: int = 4
         if values.nbytes < min_bytes or values.dtype != np.dtype(tensor.export_dtype):
             continue
         weights[tensor.name] = values
-        stand_in = gs.Variable(tensor.name, dtype=values.dtype, shape=list(values.shape))
-        for node in list(tensor.outputs):
-            for i, t in enumerate(list(node.inputs)):
-                if t is tensor:
-                    edit.replace_input(node, i, stand_in)
+        edit.stand_in_for(tensor, values.dtype)
     return export_fast(work, like), weights
 
 

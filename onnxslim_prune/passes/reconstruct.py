@@ -146,6 +146,7 @@ from .. import ir
 from ..channels import Kind, Part, Role, Trace, transformer_part
 from ..calib import GramAccumulator, conv_output_size, conv_patches, expose_tensors, output_rows, sample_positions
 from ..calib import stream_tensors
+from ..calib.collect import names_read
 from ..calib.statistic import inverse_variances
 from ..calib.engine import StagedPasses
 from ..calib.memory import calibration_budget, frontier_budget, give_back
@@ -480,7 +481,7 @@ def subgraph_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPr
     if cut is not model:
         # only the weights the cut reads are copied into it (a copy of the whole model first would hold every
         # weight twice while the cut is made)
-        used = {t for n in cut.graph.node for t in n.input}
+        used = names_read(cut.graph.node)
         cut.graph.initializer.extend(t for t in model.graph.initializer if t.name in used)
     return cut
 
