@@ -422,30 +422,22 @@ def _run(prepared: PreparedRun, params: Mapping[str, Any] | None, ratio: float |
     memory.give_back()
     unchanged = pruned is original
     pruned = ir.materialized(pruned)  # a view of the input file (nothing pruned) is read back: the output holds its weights
-    with clock.stage(Stage.VALIDATE):
-        # serialized once: the checker, onnxruntime, the file size and the written file all take these bytes
-        serialized = ir.serialize(pruned)
-        validate.check_structure(original, pruned, serialized=serialized)
-        sessions.use_pruned(pruned, serialized)
+    with ir.ScratchFile() as held:
+        with clock.stage(Stage.VALIDATE):
+            pruned, serialized = _validated(original, pruned, sessions, held)
+        with clock.stage(Stage.VERDICT), memory.limited(calib_memory):
+            verdict = _verdict(original, pruned, measure, fit, gates, progress)
+        if consume:
+            measure.reference.close()  # the last run: the original's outputs (and their folder on disk) are not read again
+        timing = None
+        if latency:
+            with clock.stage(Stage.LATENCY):
+                sessions.close()  # the verdict's sessions (all threads) are freed before the timed ones are built
+                timing = _timed(original, path, pruned, serialized, _latency_feed(measure, original), gates)
+            verdict = with_speed_gates(verdict, timing, gates, unchanged=unchanged)
+        sessions.close()
         pruned_bytes = None if serialized is None else len(serialized)
-        if serialized is not None and len(serialized) > KEEP_BYTES_UP_TO:
-            # a large model's bytes are not held beside its proto and session through the verdict: the session
-            # is built now, and the writer serializes the proto again (the same bytes)
-            sessions.pruned()
-            serialized = None
-            sessions.use_bytes(None)
-            memory.give_back()
-    with clock.stage(Stage.VERDICT), memory.limited(calib_memory):
-        verdict = _verdict(original, pruned, measure, fit, gates, progress)
-    if consume:
-        measure.reference.close()  # the last run: the original's outputs (and their folder on disk) are not read again
-    timing = None
-    if latency:
-        with clock.stage(Stage.LATENCY):
-            sessions.close()  # the verdict's sessions (all threads) are freed before the timed ones are built
-            timing = _timed(original, path, pruned, serialized, _latency_feed(measure, original), gates)
-        verdict = with_speed_gates(verdict, timing, gates, unchanged=unchanged)
-    sessions.close()
+        pruned = ir.materialized(pruned)  # read back before its file goes: the caller gets the model whole
     _warn_verdict(verdict)
     report = Report(
         method=options.method,
@@ -519,6 +511,39 @@ class _Sessions:
 
     def close(self) -> None:
         self._original = self._pruned = self._pruned_model = self._pruned_bytes = None
+
+
+def _validated(original: onnx.ModelProto, pruned: onnx.ModelProto, sessions: _Sessions,
+               held: ir.ScratchFile) -> tuple[onnx.ModelProto, bytes | None]:
+    """`pruned` checked (`validate.check_structure`) and given to `sessions`; returns it and its bytes for the writer.
+
+    A model past `KEEP_BYTES_UP_TO` is held as a view of a copy in `held` instead (`ir.ScratchFile.hold`): the
+    checker reads that file, its session maps it, and the proto holds none of the weights beside the session
+    through the verdict and the timing (no bytes are kept: the writer serializes the model again).
+    """
+    if pruned is not original and ir.payload_bytes(pruned) > KEEP_BYTES_UP_TO:
+        view = held.hold(pruned)
+        file = ir.view_file(view)
+        if file is not None:
+            del pruned
+            memory.give_back()
+            validate.check_structure(original, view, path=file)
+            sessions.use_pruned(view, None)
+            sessions.pruned()
+            return view, None
+        pruned = view
+    # serialized once: the checker, onnxruntime, the file size and the written file all take these bytes
+    serialized = ir.serialize(pruned)
+    validate.check_structure(original, pruned, serialized=serialized)
+    sessions.use_pruned(pruned, serialized)
+    if serialized is not None and len(serialized) > KEEP_BYTES_UP_TO:
+        # not held beside the proto and session through the verdict: the session is built now, and the writer
+        # serializes the proto again (the same bytes)
+        sessions.pruned()
+        serialized = None
+        sessions.use_bytes(None)
+        memory.give_back()
+    return pruned, serialized
 
 
 def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:

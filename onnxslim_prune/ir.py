@@ -32,6 +32,7 @@ from .graph.io import (
     external_data_of,
     file_view,
     file_view_values,
+    view_file,
     is_file_view,
     materialized,
     ScratchFile,
@@ -68,6 +69,7 @@ from .graph.shapes import (
     to_model,
 )
 from .graph.edit import working_copy
+from .graph.filebacked import settle
 from .graph.runtime import inference_session, takes_scratch_file
 from .graph.normalize import (
     to_graph,
@@ -89,6 +91,7 @@ __all__ = [
     "FILE_VIEW_BYTES",
     "file_view",
     "file_view_values",
+    "view_file",
     "is_file_view",
     "materialized",
     "ScratchFile",
@@ -144,6 +147,7 @@ __all__ = [
     "tensor_dtype",
     "to_array",
     "to_graph",
+    "settle",
     "to_model",
     "uses_external_data",
     "value_digest",

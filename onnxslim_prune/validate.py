@@ -461,11 +461,13 @@ def check_contract(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
             raise ValidationError(f"pruned model changed the graph {kind}s ({names})")
 
 
-def check_structure(original: onnx.ModelProto, pruned: onnx.ModelProto, *, serialized: bytes | None = None) -> None:
+def check_structure(original: onnx.ModelProto, pruned: onnx.ModelProto, *, serialized: bytes | None = None,
+                    path: str | os.PathLike[str] | None = None) -> None:
     """The checker (full), the input/output contract and strict shape inference; running is checked by the verdict.
 
-    `serialized` is `ir.serialize(pruned)` when the caller has it: the checker reads those bytes.
+    `serialized` is `ir.serialize(pruned)` when the caller has it, `path` a file that holds `pruned` whole (a
+    `ir.ScratchFile`'s copy of a view): the checker reads those instead.
     """
-    ir.check_model(pruned, full=True, what="pruned model", serialized=serialized)
+    ir.check_model(pruned, full=True, what="pruned model", serialized=serialized, path=path)
     check_contract(original, pruned)
     ir.check_inference(pruned)

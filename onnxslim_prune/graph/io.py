@@ -218,6 +218,8 @@ FILE_VIEW_BYTES = int(os.environ.get("ONNXSLIM_PRUNE_FILE_VIEW_BYTES", str(64 <<
 #: the smallest tensor kept in a data file rather than in the model: a view's, a session's scratch file, a refit
 #: stage's weights taken by name (smaller ones are cheaper copied than referred to)
 MAPPED_MIN_BYTES = 4096
+#: alignment of the tensors a `ScratchFile` keeps (a page: mappable where they lie)
+_PAGE = 4096
 
 
 def file_view(model: onnx.ModelProto, path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -272,6 +274,12 @@ def is_file_view(model: onnx.ModelProto) -> bool:
     return any(viewed_span(t) is not None for t in model.graph.initializer)
 
 
+def view_file(model: onnx.ModelProto) -> str | None:
+    """The one file the tensors of a `file_view` refer to (None: no view, or a view of several files)."""
+    files = {span[0] for span in map(viewed_span, model.graph.initializer) if span is not None}
+    return files.pop() if len(files) == 1 else None
+
+
 def file_view_values(tensor: onnx.TensorProto) -> np.ndarray | None:
     """The values of a `file_view` tensor, read from its file (a fresh, writable array); None for any other."""
     span = viewed_span(tensor)
@@ -292,6 +300,7 @@ class ScratchFile:
 
     def __init__(self) -> None:
         self._folder: Path | None = None
+        self._kept = 0  # bytes written to the data file of `keep`
 
     def __enter__(self) -> ScratchFile:
         return self
@@ -300,6 +309,26 @@ class ScratchFile:
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
+
+    def _made(self) -> Path:
+        if self._folder is None:
+            self._folder = Path(tempfile.mkdtemp(prefix="onnxslim-held-"))
+        return self._folder
+
+    def keep(self, name: str, values: np.ndarray) -> onnx.TensorProto:
+        """A `file_view` tensor of `values` (float, little-endian), appended to this file's data file: the caller
+        holds the small header instead of the array. Offsets are page-aligned, so a session can map them."""
+        path = self._made() / "kept.bin"
+        data = np.ascontiguousarray(values)
+        with open(path, "ab") as handle:
+            self._kept += handle.write(b"\0" * (-self._kept % _PAGE))
+            offset = self._kept
+            self._kept += handle.write(data.tobytes() if data.ndim == 0 else data.reshape(-1).view(np.uint8).data)
+        header = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(data.dtype),
+                                  dims=data.shape, data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", str(path)), ("offset", str(offset)), ("length", str(data.nbytes))):
+            header.external_data.add(key=key, value=value)
+        return header
 
     def hold(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """`model` as a `file_view` of a copy written here, when large enough (else `model`): a caller that rebinds
@@ -310,9 +339,8 @@ class ScratchFile:
         """
         if payload_bytes(model) < FILE_VIEW_BYTES:
             return model
-        if self._folder is None:
-            self._folder = Path(tempfile.mkdtemp(prefix="onnxslim-held-"))
-        path = self._folder / f"model{len(list(self._folder.iterdir()))}.onnx"
+        folder = self._made()
+        path = folder / f"model{sum(1 for p in folder.iterdir() if p.suffix == '.onnx')}.onnx"
         with open(path, "wb") as handle:
             handle.write(without_initializers(model).SerializeToString())
             for tensor in model.graph.initializer:

@@ -14,15 +14,16 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import ModelError
-from . import edit
-from .io import RawData, file_view_values, raw_data_in_file
+from . import edit, filebacked
+from .io import RawData, file_view_values, raw_data_in_file, viewed_span
 from .read import EqualValues, const_value
 from .shapes import Shape, dynamic_non_batch_dims, fixed_input_shapes, is_static_dim, shape_invariant_dims, static_shapes
 
 log = logging.getLogger(__name__)
 
 def to_graph(model: onnx.ModelProto, source: str | os.PathLike[str] | None = None,
-             input_shapes: Mapping[str, Shape] | None = None, notes: list[str] | None = None) -> gs.Graph:
+             input_shapes: Mapping[str, Shape] | None = None, notes: list[str] | None = None, *,
+             lazy_views: bool = False) -> gs.Graph:
     """Import into graph-surgeon, name every node, fold Constant nodes and weight subgraphs.
 
     Shape subgraphs are folded when every graph input is fully static. With dynamic dims other
@@ -33,7 +34,8 @@ def to_graph(model: onnx.ModelProto, source: str | os.PathLike[str] | None = Non
     Gather that repeats rows) are never folded, so the model cannot grow.
 
     `source` is the file `model` was loaded from, unchanged: the initializers' arrays are
-    then read from it straight into numpy (one copy, see `_detach`).
+    then read from it straight into numpy (one copy, see `_detach`). With `lazy_views`, the tensors
+    of a `io.file_view` stay in their file until a pass reads them (`filebacked`).
     """
     # stale intermediate shapes must not reach the graph; detach them without copying the weights
     saved_value_info = list(model.graph.value_info)
@@ -44,7 +46,7 @@ def to_graph(model: onnx.ModelProto, source: str | os.PathLike[str] | None = Non
         raise ModelError(f"cannot import the graph: {exc}") from None
     finally:
         model.graph.value_info.extend(saved_value_info)
-    _detach(graph, raw_data_in_file(source) if source is not None else None)
+    _detach(graph, raw_data_in_file(source) if source is not None else None, lazy_views=lazy_views)
     _name_nodes(graph)
     _keep_output_names(graph)
     static = _all_inputs_static(model)
@@ -84,8 +86,9 @@ def to_graph(model: onnx.ModelProto, source: str | os.PathLike[str] | None = Non
     return graph
 
 
-def _detach(graph: gs.Graph, in_file: RawData | None = None) -> None:
-    """Load every lazy constant (graph tensors and Constant-node attributes) into numpy.
+def _detach(graph: gs.Graph, in_file: RawData | None = None, *, lazy_views: bool = False) -> None:
+    """Load every lazy constant (graph tensors and Constant-node attributes) into numpy; with `lazy_views`, a
+    view's tensor instead reads from its file when asked (`filebacked.FileValues`).
 
     A lazy constant is the caller's own TensorProto, and graph-surgeon's export renames it in
     place: the input model would change. Loading costs one copy of the weights, which the
@@ -97,7 +100,10 @@ def _detach(graph: gs.Graph, in_file: RawData | None = None) -> None:
     attributes = [v for node in graph.nodes for v in node.attrs.values() if isinstance(v, gs.Constant)]
     for constant in tensors:  # initializers only: Constant-node values are not in the file's spans
         lazy = constant._values  # noqa: SLF001 - graph-surgeon keeps no public handle on the lazy tensor
-        if isinstance(lazy, gs.ir.tensor.LazyValues):
+        if isinstance(lazy, gs.ir.tensor.LazyValues) and not isinstance(lazy, filebacked.FileValues):
+            if lazy_views and viewed_span(lazy.tensor) is not None:
+                filebacked.make_lazy(constant, lazy.tensor)
+                continue
             # a view's tensor (`io.file_view`) is read from its file, whatever file the model came from
             values = file_view_values(lazy.tensor)
             if values is not None:
@@ -107,7 +113,8 @@ def _detach(graph: gs.Graph, in_file: RawData | None = None) -> None:
             if values is not None:
                 edit.load_values(constant, values)
     for constant in tensors + attributes:
-        _ = constant.values  # the property replaces the lazy reference with the loaded array
+        if not filebacked.is_lazy(constant):
+            _ = constant.values  # the property replaces the lazy reference with the loaded array
 
 
 def _share_equal_constants(graph: gs.Graph) -> None:
@@ -120,6 +127,8 @@ def _share_equal_constants(graph: gs.Graph) -> None:
     """
     by_shape: dict[tuple[str, tuple[int, ...]], list[gs.Constant]] = defaultdict(list)
     for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and filebacked.is_lazy(tensor):
+            continue  # a view of a model this run exported: shared then, and reading it here would load it all
         # group by shape and dtype first; only same-shaped candidates are hashed
         shape = tuple(int(d) for d in tensor.shape) if isinstance(tensor, gs.Constant) else ()
         if isinstance(tensor, gs.Constant) and tensor.outputs and int(np.prod(shape)) > 1:

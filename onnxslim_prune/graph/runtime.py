@@ -73,7 +73,7 @@ def inference_session(
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", viewed)
         return ort.InferenceSession(_with_views(bare, tensors, viewed).SerializeToString(), options,
                                     providers=list(providers))
-    if viewed is None and not takes_scratch_file(tensors):
+    if not _any_viewed(tensors) and not takes_scratch_file(tensors):
         if initializers is None:
             payload = model.SerializeToString() if model.ByteSize() < PROTO_LIMIT else None
         else:
@@ -93,9 +93,14 @@ def inference_session(
 
 
 def _viewed_folder(tensors: Sequence[onnx.TensorProto]) -> str | None:
-    """The folder of the one file the `io.file_view` tensors among `tensors` refer to (None: none, or several)."""
-    files = {span[0] for span in map(viewed_span, tensors) if span is not None}
-    return os.path.dirname(files.pop()) if len(files) == 1 else None
+    """The one folder of the files the `io.file_view` tensors among `tensors` refer to (None: none, or several:
+    the scratch file then takes copies of them)."""
+    folders = {os.path.dirname(span[0]) for span in map(viewed_span, tensors) if span is not None}
+    return folders.pop() if len(folders) == 1 else None
+
+
+def _any_viewed(tensors: Sequence[onnx.TensorProto]) -> bool:
+    return any(viewed_span(t) is not None for t in tensors)
 
 
 def _with_views(bare: onnx.ModelProto, tensors: Sequence[onnx.TensorProto], folder: str) -> onnx.ModelProto:

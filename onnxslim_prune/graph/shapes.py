@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from ..errors import ModelError, UsageError
-from . import edit
+from . import edit, filebacked
 from .io import FLOAT_TYPES, MAPPED_MIN_BYTES, exceeds_proto_limit, save_external, without_initializers
 from .read import EqualValues
 from .runtime import inference_session
@@ -191,8 +191,8 @@ def export_weightless(graph: gs.Graph, like: onnx.ModelProto, min_bytes: int = M
     work = graph.copy()  # tensors and nodes are copied, weight arrays are shared
     weights: dict[str, np.ndarray] = {}
     for tensor in list(work.tensors().values()):
-        if not isinstance(tensor, gs.Constant) or tensor in work.inputs:
-            continue
+        if not isinstance(tensor, gs.Constant) or tensor in work.inputs or filebacked.is_lazy(tensor):
+            continue  # a file-backed weight is exported as its reference to the file (`filebacked`)
         values = np.asarray(tensor.values)
         if values.nbytes < min_bytes or values.dtype != np.dtype(tensor.export_dtype):
             continue

@@ -134,6 +134,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
@@ -797,10 +798,22 @@ class Reconstructor:
     def __call__(self, pruned: onnx.ModelProto) -> onnx.ModelProto:
         if not self.nodes and not self.mean and not self.depthwise and not self.norms:
             return pruned
-        graph = ir.to_graph(pruned)
-        fits = self._schedule(graph)
-        if not fits:
-            return pruned
+        # a large model's weights stay in its file while the levels read and rewrite a few at a time (`filebacked`)
+        in_files = ir.is_file_view(pruned)
+        with ir.ScratchFile() as refitted:
+            graph = ir.to_graph(pruned, lazy_views=in_files)
+            settled = partial(ir.settle, graph, refitted) if in_files else None
+            fits = self._schedule(graph)
+            if not fits:
+                return pruned
+            out = self._refit(graph, fits, pruned, settled)
+            # the refitted weights are read back before their file goes
+            return ir.materialized(out) if in_files else out
+
+    def _refit(self, graph: gs.Graph, fits: list[_Fit], pruned: onnx.ModelProto,
+               settled: Callable[[], int] | None) -> onnx.ModelProto:
+        if settled is not None:
+            settled()  # the schedule read every layer's weights
         levels = sorted({f.level for f in fits})
         by_level = [[f for f in fits if f.level == level] for level in levels]
         s = self.settings
@@ -843,6 +856,8 @@ class Reconstructor:
                             engine.store.budget = frontier
                     left, right = engines[0].advance(left_names[i], current, weights), engines[1].advance(right_names[i])
                 self._fit_level(graph, todo, level, left, right, step)
+                if settled is not None:
+                    settled()
                 del current, weights, left, right
                 give_back()  # this level's export and stage sessions
                 log.debug("reconstruct: level %d of %d refitted (%d layers)", i + 1, len(levels), len(todo))
