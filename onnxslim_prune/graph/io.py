@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import onnx
@@ -247,11 +247,24 @@ def file_view(model: onnx.ModelProto, path: str | os.PathLike[str]) -> onnx.Mode
             out.graph.initializer.add().CopyFrom(init)
             continue
         offset, length, _, _ = spans.spans[init.name]
-        header = out.graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
-        header.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-            header.external_data.add(key=key, value=value)
+        out.graph.initializer.append(external_header(init, location, offset, length))
     return out
+
+
+def external_header(like: onnx.TensorProto, location: str, offset: int, length: int) -> onnx.TensorProto:
+    """A tensor of `like`'s name, type and dims whose raw data is `length` bytes at `offset` of the file `location`."""
+    header = onnx.TensorProto(name=like.name, data_type=like.data_type, dims=like.dims,
+                              data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        header.external_data.add(key=key, value=value)
+    return header
+
+
+def append_aligned(handle: BinaryIO, end: int, raw: bytes | memoryview) -> tuple[int, int]:
+    """Write `raw` to the data file `handle` (now `end` bytes long) at the next page boundary: (its offset, the new
+    end). Page-aligned tensors can be mapped where they lie (onnxruntime maps them instead of copying)."""
+    end += handle.write(b"\0" * (-end % _PAGE))
+    return end, end + handle.write(raw)
 
 
 def _viewable(tensor: onnx.TensorProto, spans: RawData) -> bool:
@@ -321,14 +334,9 @@ class ScratchFile:
         path = self._made() / "kept.bin"
         data = np.ascontiguousarray(values)
         with open(path, "ab") as handle:
-            self._kept += handle.write(b"\0" * (-self._kept % _PAGE))
-            offset = self._kept
-            self._kept += handle.write(data.tobytes() if data.ndim == 0 else data.reshape(-1).view(np.uint8).data)
-        header = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(data.dtype),
-                                  dims=data.shape, data_location=onnx.TensorProto.EXTERNAL)
-        for key, value in (("location", str(path)), ("offset", str(offset)), ("length", str(data.nbytes))):
-            header.external_data.add(key=key, value=value)
-        return header
+            offset, self._kept = append_aligned(handle, self._kept, data.reshape(-1).view(np.uint8).data)
+        like = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(data.dtype), dims=data.shape)
+        return external_header(like, str(path), offset, data.nbytes)
 
     def hold(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """`model` as a `file_view` of a copy written here, when large enough (else `model`): a caller that rebinds

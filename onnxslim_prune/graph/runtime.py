@@ -25,12 +25,11 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from .io import MAPPED_MIN_BYTES, PROTO_LIMIT, file_view_values, tensor_bytes, viewed_span, without_initializers
+from .io import (MAPPED_MIN_BYTES, PROTO_LIMIT, append_aligned, external_header, file_view_values, tensor_bytes,
+                 viewed_span, without_initializers)
 
 #: weights (summed over the initializers written out) from which a session is built from a scratch file
 SCRATCH_SESSION_BYTES = 64 << 20
-#: data file offsets are aligned so that every tensor can be mapped where it lies
-_ALIGN = 4096
 _MAPPED_FILES_OUTLIVE_NAMES = sys.platform.startswith("linux")
 
 
@@ -130,17 +129,9 @@ def _write_scratch(bare: onnx.ModelProto, tensors: Sequence[onnx.TensorProto], f
             if viewed is None and not _out_of_line(tensor):
                 skeleton.graph.initializer.append(tensor)  # small: copied as it is
                 continue
-            header = skeleton.graph.initializer.add()
-            header.name = tensor.name
-            header.data_type = tensor.data_type
-            header.dims.extend(tensor.dims)
             raw = tensor.raw_data if viewed is None else viewed.tobytes()  # one tensor's bytes at a time
-            offset += data.write(b"\0" * (-offset % _ALIGN))
-            header.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", "weights.bin"), ("offset", str(offset)), ("length", str(len(raw)))):
-                entry = header.external_data.add()
-                entry.key, entry.value = key, value
-            offset += data.write(raw)
+            start, offset = append_aligned(data, offset, raw)
+            skeleton.graph.initializer.append(external_header(tensor, "weights.bin", start, len(raw)))
             del raw
     path = folder / "model.onnx"
     path.write_bytes(skeleton.SerializeToString())
