@@ -436,14 +436,15 @@ def _run(prepared: PreparedRun, params: Mapping[str, Any] | None, ratio: float |
                 timing = _timed(original, path, pruned, serialized, _latency_feed(measure, original), gates)
             verdict = with_speed_gates(verdict, timing, gates, unchanged=unchanged)
         sessions.close()
-        pruned_bytes = None if serialized is None else len(serialized)
+        # measured on the view: the shape run's session maps the copy, not a second set of weights beside the proto
+        after = validate.model_stats(pruned, input_shapes, file_bytes=None if serialized is None else len(serialized))
         pruned = ir.materialized(pruned)  # read back before its file goes: the caller gets the model whole
     _warn_verdict(verdict)
     report = Report(
         method=options.method,
         ratio=options.ratio,
         before=before,
-        after=validate.model_stats(pruned, input_shapes, file_bytes=pruned_bytes),
+        after=after,
         verdict=verdict,
         groups=group_rows(traced, {g.group: g.kept for g in plan.groups}, options.round_to),
         seconds=0.0,

@@ -187,21 +187,28 @@ class _OutputSums:
         assert self.shift_b is not None and self.sum_a is not None and self.sum_b is not None
         if flat_a.shape[1] != self.shift_a.shape[0]:
             raise ValidationError(f"output {self.name}: per-sample size changed between batches")
-        # float64 copies of a few rows at a time: a whole batch of a language model's logits would be 1.6 GB each
+        # float64 copies of a few rows at a time: a whole batch of a language model's logits would be 1.6 GB each;
+        # a row wider than WIDE_ROW_BYTES (its logits: 50 MB in float64) a block of its columns at a time
         step = _rows_per_chunk(flat_a.shape[1])
+        width = flat_a.shape[1]
+        cols = width if 8 * width <= WIDE_ROW_BYTES else WIDE_ROW_BYTES // 8
         for start in range(0, flat_a.shape[0], step):
-            self._add_rows(flat_a[start : start + step].astype(np.float64), flat_b[start : start + step].astype(np.float64))
+            for col in range(0, width, cols):
+                block = slice(col, col + cols)
+                self._add_rows(flat_a[start : start + step, block].astype(np.float64),
+                               flat_b[start : start + step, block].astype(np.float64), block)
         self.count += flat_a.shape[0]
         self.classes = self.classes and a.ndim == 2 and a.shape[1] > 1
         if self.classes:
             self.top1_hits += int(np.sum(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
             self.top1_count += a.shape[0]
 
-    def _add_rows(self, rows_a: np.ndarray, rows_b: np.ndarray) -> None:
+    def _add_rows(self, rows_a: np.ndarray, rows_b: np.ndarray, cols: slice) -> None:
+        """Add `rows_a` / `rows_b`: the columns `cols` of a few rows (float64)."""
         assert self.shift_a is not None and self.shift_b is not None and self.sum_a is not None and self.sum_b is not None
-        da, db = rows_a - self.shift_a, rows_b - self.shift_b
-        self.sum_a += da.sum(axis=0)
-        self.sum_b += db.sum(axis=0)
+        da, db = rows_a - self.shift_a[cols], rows_b - self.shift_b[cols]
+        self.sum_a[cols] += da.sum(axis=0)
+        self.sum_b[cols] += db.sum(axis=0)
         self.cab += float(np.vdot(da, db))
         self.caa += float(np.vdot(da, da))
         self.cbb += float(np.vdot(db, db))
@@ -234,6 +241,8 @@ class _OutputSums:
 
 #: bytes of float64 rows of one output the accumulator converts at a time (one batch below it: the whole batch)
 CHUNK_BYTES = 64 << 20
+#: a row (one sample of an output) wider than this in float64 is converted a block of this many bytes at a time
+WIDE_ROW_BYTES = 8 << 20
 
 
 def _rows_per_chunk(row_size: int) -> int:
@@ -251,6 +260,13 @@ def _row_mean(rows: np.ndarray) -> np.ndarray:
     return total / rows.shape[0]
 
 
+def _finite_lost(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether `b` is non-finite anywhere `a` is finite (a sample at a time: the masks of a batch of a language
+    model's logits would take 250 MB)."""
+    rows_a, rows_b = (a.reshape(a.shape[0], -1), b.reshape(a.shape[0], -1)) if a.ndim else (a.reshape(1, 1), b.reshape(1, 1))
+    return any(bool(np.any(np.isfinite(x) & ~np.isfinite(y))) for x, y in zip(rows_a, rows_b))
+
+
 class AgreementAccumulator:
     """Agreement of two models' outputs, fed batch by batch (nothing but one batch is held)."""
 
@@ -262,7 +278,7 @@ class AgreementAccumulator:
     def add(self, reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray], samples: int) -> None:
         for sums, a, b in zip(self._sums, reference, outputs):
             if np.issubdtype(a.dtype, np.floating):
-                if a.dtype.kind == "f" and np.any(np.isfinite(a) & ~np.isfinite(b)):
+                if a.dtype.kind == "f" and _finite_lost(a, b):
                     raise ValidationError(
                         f"pruned model gives non-finite values in output {sums.name} where the original does not"
                     )
