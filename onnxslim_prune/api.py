@@ -424,7 +424,12 @@ def _run(prepared: PreparedRun, params: Mapping[str, Any] | None, ratio: float |
     pruned = ir.materialized(pruned)  # a view of the input file (nothing pruned) is read back: the output holds its weights
     with ir.ScratchFile() as held:
         with clock.stage(Stage.VALIDATE):
-            pruned, serialized = _validated(original, pruned, sessions, held)
+            if pruned is not original and ir.payload_bytes(pruned) > KEEP_BYTES_UP_TO:
+                # held as a view of a copy through validation, the verdict and the timing (`_validated`): the
+                # proto's weights are freed before the checker and the session read the copy
+                pruned = held.hold(pruned)
+                memory.give_back()
+            pruned, serialized = _validated(original, pruned, sessions)
         with clock.stage(Stage.VERDICT), memory.limited(calib_memory):
             verdict = _verdict(original, pruned, measure, fit, gates, progress)
         if consume:
@@ -436,6 +441,7 @@ def _run(prepared: PreparedRun, params: Mapping[str, Any] | None, ratio: float |
                 timing = _timed(original, path, pruned, serialized, _latency_feed(measure, original), gates)
             verdict = with_speed_gates(verdict, timing, gates, unchanged=unchanged)
         sessions.close()
+        memory.give_back()  # the sessions' weights and arenas, before the model is read back
         # measured on the view: the shape run's session maps the copy, not a second set of weights beside the proto
         after = validate.model_stats(pruned, input_shapes, file_bytes=None if serialized is None else len(serialized))
         pruned = ir.materialized(pruned)  # read back before its file goes: the caller gets the model whole
@@ -514,25 +520,19 @@ class _Sessions:
         self._original = self._pruned = self._pruned_model = self._pruned_bytes = None
 
 
-def _validated(original: onnx.ModelProto, pruned: onnx.ModelProto, sessions: _Sessions,
-               held: ir.ScratchFile) -> tuple[onnx.ModelProto, bytes | None]:
+def _validated(original: onnx.ModelProto, pruned: onnx.ModelProto, sessions: _Sessions) -> tuple[onnx.ModelProto, bytes | None]:
     """`pruned` checked (`validate.check_structure`) and given to `sessions`; returns it and its bytes for the writer.
 
-    A model past `KEEP_BYTES_UP_TO` is held as a view of a copy in `held` instead (`ir.ScratchFile.hold`): the
-    checker reads that file, its session maps it, and the proto holds none of the weights beside the session
-    through the verdict and the timing (no bytes are kept: the writer serializes the model again).
+    A view of a whole copy of the model (`ir.ScratchFile.hold`: a model past `KEEP_BYTES_UP_TO`) is checked from
+    that file and its session maps it: its proto holds none of the weights beside the session through the verdict
+    and the timing (no bytes are kept: the writer serializes the model again).
     """
-    if pruned is not original and ir.payload_bytes(pruned) > KEEP_BYTES_UP_TO:
-        view = held.hold(pruned)
-        file = ir.view_file(view)
-        if file is not None:
-            del pruned
-            memory.give_back()
-            validate.check_structure(original, view, path=file)
-            sessions.use_pruned(view, None)
-            sessions.pruned()
-            return view, None
-        pruned = view
+    file = ir.view_file(pruned) if pruned is not original else None
+    if file is not None:
+        validate.check_structure(original, pruned, path=file)
+        sessions.use_pruned(pruned, None)
+        sessions.pruned()
+        return pruned, None
     # serialized once: the checker, onnxruntime, the file size and the written file all take these bytes
     serialized = ir.serialize(pruned)
     validate.check_structure(original, pruned, serialized=serialized)

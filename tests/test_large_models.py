@@ -241,3 +241,31 @@ def test_initializers_read_from_the_file_equal_the_protos(big_file: Path) -> Non
     spans = ir.raw_data_in_file(big_file)
     assert spans is not None and set(spans.spans) == {t.name for t in model.graph.initializer}
     assert model == onnx.load(str(big_file))  # the input model is untouched
+
+
+def test_a_model_written_an_initializer_at_a_time_has_the_bytes_of_one_serialization(tmp_path: Path) -> None:
+    """`io.write_serialized` streams the model field by field; every field of a model and of its graph around the
+    initializers (doc strings, metadata, value_info, sparse initializers, functions, opsets) lands where
+    `SerializeToString` puts it."""
+    import io as stdio
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("w", (64, 300)), ("b", (300,)), ("empty", (0,)))]
+    sparse = onnx.helper.make_sparse_tensor(numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "sv"),
+                                            numpy_helper.from_array(np.array([1, 5], np.int64), "si"), [8])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["h"], name="mm", doc_string="node doc"),
+         onnx.helper.make_node("Add", ["h", "b"], ["y"], name="add")],
+        "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 300])], inits,
+        doc_string="graph doc", value_info=[onnx.helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT, ["N", 300])],
+        sparse_initializer=[sparse])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], producer_name="p",
+                                   doc_string="model doc", model_version=3)
+    onnx.helper.set_model_props(model, {"k": "v"})
+    graph.metadata_props.add(key="gk", value="gv")
+    for sample in (model, M.residual_projection(), weighty(1)):
+        out = stdio.BytesIO()
+        length = graph_io.write_serialized(sample, out)
+        assert out.getvalue() == sample.SerializeToString() and length == len(out.getvalue())

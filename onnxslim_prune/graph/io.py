@@ -446,9 +446,58 @@ def stage_model(
                 outputs.drop(folder / data_name)
         else:
             tmp = outputs.stage(target)
-            tmp.write_bytes(model.SerializeToString() if serialized is None else serialized)
+            if serialized is None and payload_bytes(model) >= FILE_VIEW_BYTES:
+                with open(tmp, "wb") as handle:
+                    write_serialized(model, handle)
+            else:
+                tmp.write_bytes(model.SerializeToString() if serialized is None else serialized)
     except OSError as exc:
         raise cannot_write(target, exc) from None
+
+
+def write_serialized(model: onnx.ModelProto, handle: BinaryIO) -> int:
+    """Write ``model.SerializeToString()``'s bytes to `handle` an initializer at a time (returns the length).
+
+    A message serializes as its fields in field-number order: the model's fields before its graph (7), the graph's
+    length-prefixed bytes, then the rest; the graph's fields before its initializers (5), each initializer, then the
+    rest. So the bytes are those of one `SerializeToString` (a test compares them), and a large model is never held
+    twice (SmolLM2-135M: 0.45 GB less at the end of a run).
+    """
+    light = without_initializers(model)
+    front, back = onnx.ModelProto(), onnx.ModelProto()
+    front.CopyFrom(light)
+    back.CopyFrom(light)
+    for descriptor in onnx.ModelProto.DESCRIPTOR.fields:
+        (back if descriptor.number < _MODEL_GRAPH else front).ClearField(descriptor.name)
+    back.ClearField("graph")
+    head, tail = onnx.GraphProto(), onnx.GraphProto()
+    head.CopyFrom(light.graph)
+    tail.CopyFrom(light.graph)
+    for descriptor in onnx.GraphProto.DESCRIPTOR.fields:
+        (tail if descriptor.number < _GRAPH_INITIALIZER else head).ClearField(descriptor.name)
+    graph_parts = [head.SerializeToString(), tail.SerializeToString()]
+    sizes = [_tensor_size(t) for t in model.graph.initializer]
+    graph_length = sum(map(len, graph_parts)) + sum(1 + _varint_size(size) + size for size in sizes)
+    written = handle.write(front.SerializeToString())
+    written += handle.write(bytes([_MODEL_GRAPH << 3 | 2]) + _varint_bytes(graph_length))
+    written += handle.write(graph_parts[0])
+    for tensor, size in zip(model.graph.initializer, sizes):
+        written += handle.write(bytes([_GRAPH_INITIALIZER << 3 | 2]) + _varint_bytes(size))
+        written += handle.write(tensor.SerializeToString())
+    written += handle.write(graph_parts[1])
+    return written + handle.write(back.SerializeToString())
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
 
 
 def check_writable_folder(folder: Path) -> None:
