@@ -164,9 +164,9 @@ def test_the_accumulator_converts_a_few_rows_at_a_time_with_the_same_figures(mon
     converted: list[int] = []
     real = verdict._OutputSums._add_rows
 
-    def counting(self: Any, rows_a: np.ndarray, rows_b: np.ndarray) -> None:
+    def counting(self: Any, rows_a: np.ndarray, rows_b: np.ndarray, cols: slice) -> None:
         converted.append(rows_a.shape[0])
-        real(self, rows_a, rows_b)
+        real(self, rows_a, rows_b, cols)
 
     monkeypatch.setattr(verdict, "CHUNK_BYTES", 8 * 21 * 5)  # five rows of 21 float64 values
     monkeypatch.setattr(verdict._OutputSums, "_add_rows", counting)
@@ -177,6 +177,34 @@ def test_the_accumulator_converts_a_few_rows_at_a_time_with_the_same_figures(mon
     ra, rb = (np.concatenate(v).reshape(36, -1).astype(np.float64) for v in (a, b))
     ca, cb = ra - ra.mean(axis=0), rb - rb.mean(axis=0)
     assert chunked.correlation == pytest.approx(np.vdot(ca, cb) / np.sqrt(np.vdot(ca, ca) * np.vdot(cb, cb)), abs=TOLERANCE)
+
+
+def test_wide_rows_are_summed_a_block_of_columns_at_a_time_with_the_same_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sample wider than `WIDE_ROW_BYTES` (a language model's logits) goes through float64 a block at a time: the
+    cosine, correlation, spread and max difference are those of the whole rows (to rounding), and a non-finite
+    value where the original is finite is still found."""
+    from onnxslim_prune.errors import ValidationError
+
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((6, 5, 301)).astype(np.float32) + 2.0
+    b = (a + 0.3 * rng.standard_normal(a.shape)).astype(np.float32)
+
+    def figures() -> tuple[float, ...]:
+        acc = verdict.AgreementAccumulator(["y"])
+        acc.add([a[:4]], [b[:4]], 4)
+        acc.add([a[4:]], [b[4:]], 2)
+        (out,) = acc.results()
+        assert out.correlation is not None and out.spread is not None
+        return out.cosine, out.correlation, out.spread, out.max_abs
+
+    whole = figures()
+    monkeypatch.setattr(verdict, "WIDE_ROW_BYTES", 8 * 97)  # blocks of 97 columns of the 1,505 of a sample
+    blocked = figures()
+    np.testing.assert_allclose(blocked, whole, rtol=1e-12)
+    broken = b.copy()
+    broken[5, 4, 300] = np.inf
+    with pytest.raises(ValidationError, match="non-finite"):
+        verdict.AgreementAccumulator(["y"]).add([a], [broken], 6)
 
 
 def test_sample_cost_is_the_largest_node_and_the_outputs() -> None:

@@ -113,35 +113,6 @@ def test_constant_outputs_cannot_score_a_good_correlation() -> None:
     assert follows.correlation == pytest.approx(1.0) and follows.spread == pytest.approx(2.0)
 
 
-def test_wide_rows_are_summed_a_block_of_columns_at_a_time_with_the_same_figures(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A sample wider than `WIDE_ROW_BYTES` (a language model's logits) goes through float64 a block at a time: the
-    cosine, correlation, spread and max difference are those of the whole rows (to rounding), and a non-finite
-    value where the original is finite is still found."""
-    from onnxslim_prune import verdict as verdict_mod
-    from onnxslim_prune.errors import ValidationError
-
-    rng = np.random.default_rng(3)
-    a = rng.standard_normal((6, 5, 301)).astype(np.float32) + 2.0
-    b = (a + 0.3 * rng.standard_normal(a.shape)).astype(np.float32)
-
-    def figures() -> tuple[float, ...]:
-        acc = AgreementAccumulator(["y"])
-        acc.add([a[:4]], [b[:4]], 4)
-        acc.add([a[4:]], [b[4:]], 2)
-        (out,) = acc.results()
-        assert out.correlation is not None and out.spread is not None
-        return out.cosine, out.correlation, out.spread, out.max_abs
-
-    whole = figures()
-    monkeypatch.setattr(verdict_mod, "WIDE_ROW_BYTES", 8 * 97)  # blocks of 97 columns of the 1,505 of a sample
-    blocked = figures()
-    np.testing.assert_allclose(blocked, whole, rtol=1e-12)
-    broken = b.copy()
-    broken[5, 4, 300] = np.inf
-    with pytest.raises(ValidationError, match="non-finite"):
-        AgreementAccumulator(["y"]).add([a], [broken], 6)
-
-
 # ----------------------------------------------------------------------------- gates
 
 
