@@ -436,6 +436,7 @@ def stage_model(
     """
     folder = target.parent if str(target.parent) else Path(".")
     check_writable_folder(folder)
+    model = materialized(model)  # a view's weights are written, never its references into a temporary file
     external = external or (serialized is None and exceeds_proto_limit(model))
     data_name = f"{target.name}.data"
     try:
