@@ -134,9 +134,9 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from functools import partial
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -775,7 +775,11 @@ DEFAULT_SCHEDULE = Schedule.FRONTIER
 
 @dataclass(frozen=True, eq=False)
 class Reconstructor:
-    """``finish`` step: refits every consumer of pruned channels, level by level (module docstring)."""
+    """``finish`` step: refits every consumer of pruned channels, level by level (module docstring).
+
+    A pruned model held as a view of a file (a large one, `ir.ScratchFile.hold`) is refitted file-backed
+    (`graph.filebacked`): a level loads the weights it reads and writes the ones it refits to a scratch file.
+    """
 
     original: onnx.ModelProto
     trace: Trace
