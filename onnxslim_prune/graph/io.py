@@ -342,19 +342,14 @@ class ScratchFile:
         """`model` as a `file_view` of a copy written here, when large enough (else `model`): a caller that rebinds
         its name to the result frees the loaded weights (``pruned = scratch.hold(pruned)``).
 
-        The copy is written tensor by tensor (a model's bytes followed by more models parse as their merge,
-        whose repeated fields append): the whole model is never serialized at once.
+        The copy is written tensor by tensor (`write_serialized`): the whole model is never serialized at once.
         """
         if payload_bytes(model) < FILE_VIEW_BYTES:
             return model
         folder = self._made()
         path = folder / f"model{sum(1 for p in folder.iterdir() if p.suffix == '.onnx')}.onnx"
         with open(path, "wb") as handle:
-            handle.write(without_initializers(model).SerializeToString())
-            for tensor in model.graph.initializer:
-                part = onnx.ModelProto()
-                part.graph.initializer.append(tensor)
-                handle.write(part.SerializeToString())
+            write_serialized(model, handle)
         return file_view(model, path)
 
 
