@@ -180,8 +180,8 @@ class _OneLineErrors(click.Command):
               help="Ratios each group is cut at alone (sensitivity and the search's profile).")
 @click.option("--allocation", type=click.Choice([a.value for a in Allocation]), default=Allocation.AUTO.value,
               show_default=True, help="Search: per-group allocation, greedy over the sensitivity profile, the global ranking, or "
-              "the closed-form predicted damage (no profile probes; auto: damage for thinet, cp, ldrf, contrib, obs on models "
-              "without attention heads, else sensitivity); given with --target-*, the sensitivity allocation meets the target.")
+              "the closed-form predicted damage (no profile probes; auto: damage for thinet, cp, ldrf, contrib, obs, else "
+              "sensitivity); given with --target-*, the sensitivity allocation meets the target.")
 @click.option("--objective", type=click.Choice([o.value for o in Objective]), default=Objective.MACS.value,
               show_default=True, help="Search: what is made smallest within the gate.")
 @click.option("--target-latency", type=float, metavar="F",

@@ -22,7 +22,7 @@ import models
 from onnxslim_prune.cli import main
 from onnxslim_prune.errors import UsageError
 from onnxslim_prune.planning.search import (
-    LINE_RESOLUTION, Allocation, Line, Measurement, Objective, Prober, SearchSettings, baseline, original_slack,
+    LINE_RESOLUTION, Allocation, Line, Measurement, Objective, Prober, SearchSettings, original_slack,
     resolved, run_search,
 )
 from onnxslim_prune.settings import RunSettings
@@ -132,14 +132,14 @@ def test_auto_is_damage_only_where_the_method_shares_its_budget_by_damage(tmp_pa
 
     def allocation(method: str, **params: Any) -> Allocation:
         prober = Prober(model, RunSettings(method, calib=str(calib), holdout=0.5, latency=False, params=params))
-        return resolved(prober, SearchSettings(), baseline(prober)).allocation
+        return resolved(prober, SearchSettings()).allocation
 
     assert allocation("ldrf") is Allocation.DAMAGE and allocation("thinet") is Allocation.DAMAGE
     assert allocation("l1") is Allocation.SENSITIVITY  # a data-free criterion predicts no damage
     assert allocation("ldrf", budget_allocation="ranking") is Allocation.SENSITIVITY
     prober = Prober(model, RunSettings("l1", calib=str(calib), holdout=0.5, latency=False))
     with pytest.raises(UsageError, match="--allocation damage needs"):
-        resolved(prober, SearchSettings(allocation=Allocation.DAMAGE), baseline(prober))
+        resolved(prober, SearchSettings(allocation=Allocation.DAMAGE))
 
 
 def test_cli_search_defaults_to_the_damage_allocation(tmp_path: Path) -> None:

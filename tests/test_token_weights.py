@@ -209,8 +209,8 @@ def test_a_ranking_weighs_the_rows_of_its_selection_by_the_mask_alone(calib: Pat
 
 
 def test_a_post_layernorm_transformer_shares_its_budget_by_damage(calib: Path) -> None:
-    """Heads and FFN write into sums read by LayerNorms: damage is the default allocation with token weights, the
-    ranking without them or when asked; and the plan by damage meets the budget."""
+    """Heads and FFN write into sums read by LayerNorms: damage is the default allocation, with token weights (the
+    damage after the norms) or without them; the ranking when asked; and the plan by damage meets the budget."""
     model = encoder()
     analysis = api.analyze(model)
     data = load_calibration(str(calib), input_specs(analysis.model, analysis.input_shapes))
@@ -221,7 +221,8 @@ def test_a_post_layernorm_transformer_shares_its_budget_by_damage(calib: Path) -
                        analysis.opset, data)
 
     assert datadriven.by_damage(ctx()) and datadriven.damage_after_norms(ctx())
-    assert not datadriven.by_damage(ctx(token_weights=False)) and not datadriven.by_damage(ctx(budget_allocation="ranking"))
+    assert datadriven.by_damage(ctx(token_weights=False)) and not datadriven.damage_after_norms(ctx(token_weights=False))
+    assert not datadriven.by_damage(ctx(budget_allocation="ranking"))
     result = prune(model, "obs", calib=str(calib), params={"target_macs": 0.6}, seed=0, latency=False)
     assert any("by predicted damage" in note for note in result.report.notes)
     assert result.report.after.macs / result.report.before.macs == pytest.approx(0.6, abs=0.01)

@@ -168,8 +168,7 @@ class CommonParams:
         None, choice(*(a.value for a in BudgetAllocation)), flag="--budget-allocation",
         choices=tuple(a.value for a in BudgetAllocation),
         help="Budgets: share them by predicted reconstruction damage per MAC saved, or by the global normalised "
-             "ranking [default: damage for thinet, cp, ldrf, contrib, obs on models without attention heads and on "
-             "post-LayerNorm transformers with --token-weights; ranking otherwise].")
+             "ranking [default: damage for thinet, cp, ldrf, contrib, obs; ranking for the other methods].")
     min_width: float = setting(0.125, number(0.0, 1.0), flag="--min-width", cli_type=float,
                                help="Budgets by damage: least fraction of a group's channels kept, unless removing "
                                     "more costs no predicted damage [default: 0.125].")

@@ -366,7 +366,7 @@ def run_latency_search(prober: Prober, settings: SearchSettings, round_to: int |
         raise UsageError("--objective latency needs --target-latency F or a gate (--max-drop, --min-*)")
     settings = replace(settings, objective=Objective.LATENCY)
     trace = baseline(prober)
-    settings = resolved(prober, settings, trace)
+    settings = resolved(prober, settings)
     rows: tuple[SensitivityRow, ...] = ()
     if settings.allocation is Allocation.SENSITIVITY:
         rows = sensitivity(prober, trace, settings, round_to)

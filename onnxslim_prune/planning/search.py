@@ -586,7 +586,7 @@ def search(prober: Prober, trace: Trace, settings: SearchSettings, round_to: int
     """The smallest probe that passes `gates` on the selection half, rerun and judged on the final half."""
     if not gates.any:
         raise UsageError("a search needs a gate: --max-drop, --min-top1-agreement, --min-cosine or --min-correlation")
-    settings = resolved(prober, settings, trace)
+    settings = resolved(prober, settings)
     rows: tuple[SensitivityRow, ...] = ()
     probes: list[Probe] = []
     if settings.allocation is Allocation.SENSITIVITY:
@@ -621,12 +621,12 @@ def search(prober: Prober, trace: Trace, settings: SearchSettings, round_to: int
 # ----------------------------------------------------------------------------- the damage allocation: lines of runs
 
 
-def resolved(prober: Prober, settings: SearchSettings, trace: Trace) -> SearchSettings:
+def resolved(prober: Prober, settings: SearchSettings) -> SearchSettings:
     """`settings` with `Allocation.AUTO` made concrete: DAMAGE when the method shares a ``--target-macs`` by
-    closed-form predicted damage on this model (`passes.datadriven.by_damage`: a reconstruction method, real data,
-    a model without attention heads unless ``--budget-allocation damage`` says so), else SENSITIVITY."""
+    closed-form predicted damage (`passes.datadriven.by_damage`: a reconstruction method, real data, unless
+    ``--budget-allocation ranking`` says otherwise), else SENSITIVITY."""
     if settings.allocation is Allocation.AUTO:
-        return replace(settings, allocation=Allocation.DAMAGE if shares_by_damage(prober, trace) else Allocation.SENSITIVITY)
+        return replace(settings, allocation=Allocation.DAMAGE if shares_by_damage(prober) else Allocation.SENSITIVITY)
     if settings.allocation is Allocation.DAMAGE and not damage_capable(prober.method):
         from ..passes.datadriven import DAMAGE_METHODS
 
@@ -640,15 +640,15 @@ def damage_capable(method: str) -> bool:
     return method in DAMAGE_METHODS
 
 
-def shares_by_damage(prober: Prober, trace: Trace) -> bool:
-    """Whether the method's own ``--target-macs`` run shares the budget by predicted damage here."""
+def shares_by_damage(prober: Prober) -> bool:
+    """Whether the method's own ``--target-macs`` run shares the budget by predicted damage."""
     from ..methods.base import BudgetAllocation, get_method
-    from ..passes.datadriven import default_allocation
+    from ..passes.datadriven import DEFAULT_ALLOCATION
 
     if prober.data_free or not damage_capable(prober.method):
         return False
     params = get_method(prober.method).params.parse(prober.params)
-    return params.allocation(default_allocation(trace)) is BudgetAllocation.DAMAGE
+    return params.allocation(DEFAULT_ALLOCATION) is BudgetAllocation.DAMAGE
 
 
 #: where a line's first probe is (the fraction kept), its bracket's resolution, and the least it asks for
@@ -754,7 +754,7 @@ def _damage_lines(prober: Prober, trace: Trace, settings: SearchSettings, gates:
     that one too: the written model is the smallest passing run of all (`choose`)."""
     objective = settings.objective
     key = "target_macs" if objective is Objective.MACS else "target_params"
-    default = shares_by_damage(prober, trace)
+    default = shares_by_damage(prober)
     extra = {} if default else {"budget_allocation": "damage"}
     origin = original_slack(gates)
 
