@@ -8,11 +8,14 @@ data between channels and space and freeze.
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from .. import ir
 from ..channels import ChannelMap, Kind, Role
-from .registry import Freeze, OpRule, TraceContext, register
+from ..graph import edit
+from .registry import ApplyContext, Freeze, OpRule, TraceContext, register
 
 REDUCE_OPS = frozenset(
     {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
@@ -26,8 +29,10 @@ SPATIAL_OPS = frozenset(
 
 class ReduceRule(OpRule):
     """A reduction over other axes passes the channels (the axis renumbered when `keepdims` is 0); one over the
-    channels freezes them, except a ReduceMean over the last, channels-last axis: a decomposed LayerNorm / RMSNorm,
-    whose statistics are then taken over the kept channels."""
+    channels freezes them, except a ReduceMean over the last, channels-last axis: a decomposed LayerNorm / RMSNorm.
+    Its mean then runs over the kept channels and is scaled by ``kept / original``, so that a removed channel
+    counts as a zero (the original's denominator): an RMSNorm whose removed channels were zero gives the
+    original's outputs, and a LayerNorm's mean stays exact for them."""
 
     ops = tuple(sorted(REDUCE_OPS))
 
@@ -58,6 +63,40 @@ class ReduceRule(OpRule):
             raise Freeze("reduces across channels")
         axis = x_map.axis if keep else x_map.axis - sum(1 for a in axes if a < x_map.axis)
         t.pass_through(node, ChannelMap(axis, x_map.atoms))
+
+    def apply(self, a: ApplyContext, node: gs.Node, kind: Kind | None) -> None:
+        if kind is not Kind.CHANNEL_MEAN or (kept := a.keep(node.inputs[0])) is None:
+            return
+        out = node.outputs[0]
+        dtype = _float_type(out)
+        scale = edit.make_constant(edit.fresh_name(a.graph, f"{node.name}_kept_share"),
+                                   np.array(len(kept) / a.original_size(node.inputs[0]), dtype=dtype))
+        mean = edit.make_variable(edit.fresh_name(a.graph, f"{out.name}_over_kept"), dtype)
+        node.outputs[0] = mean
+        a.graph.nodes.append(gs.Node("Mul", edit.fresh_name(a.graph, f"{node.name}_to_original_count"),
+                                     inputs=[mean, scale], outputs=[out]))
+
+
+def _float_type(tensor: gs.Tensor) -> np.dtype:
+    """The float type of `tensor`: its own, else the nearest known one upstream (a Cast's target, a constant's, a
+    typed input), since a working graph's inner tensors carry no types (float32 when none is found)."""
+    queue, seen = [tensor], set()
+    while queue:
+        t = queue.pop(0)
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        values = t.values if isinstance(t, gs.Constant) else None
+        dtype = np.asarray(values).dtype if values is not None else ir.tensor_dtype(t)
+        if dtype is not None and np.issubdtype(dtype, np.floating):
+            return dtype
+        producer = t.inputs[0] if t.inputs else None
+        if producer is None:
+            continue
+        if producer.op == "Cast":
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(producer.attrs["to"])))
+        queue.extend(producer.inputs)
+    return np.dtype(np.float32)
 
 
 class PoolRule(OpRule):

@@ -59,8 +59,9 @@ class TraceContext(Protocol):
 
 
 class ApplyContext(Protocol):
-    """What a rule's `apply` may read (implemented by `passes.apply`)."""
+    """What a rule's `apply` may read (implemented by `passes.apply`); `graph`: where a rule adds a node."""
 
+    graph: gs.Graph
     trace: Trace
     keep_atoms: np.ndarray
     opset: int

@@ -260,7 +260,8 @@ def test_hidden_size_through_embedding_layernorm_and_residual() -> None:
 
 
 def test_rmsnorm_as_exporters_decompose_it_passes_the_hidden_size() -> None:
-    """Pow, ReduceMean over the channels, Add eps, Sqrt, Reciprocal, Mul, Mul gamma: the mean runs over the kept channels."""
+    """Pow, ReduceMean over the channels, Add eps, Sqrt, Reciprocal, Mul, Mul gamma: the mean runs over the kept
+    channels and is scaled back to the original's count, so zero channels prune away with the outputs unchanged."""
     zero = (0, 6)
     w = {"wa": zeroed(weights(8, 8), zero, axis=1), "gamma": weights(8, seed=1), "wb": weights(8, 3, seed=2),
          "two": np.array(2.0), "eps": np.array(1e-6)}
@@ -279,12 +280,37 @@ def test_rmsnorm_as_exporters_decompose_it_passes_the_hidden_size() -> None:
     trace = trace_of(model)
     assert trace.node_kind["ReduceMean_2"] == Kind.CHANNEL_MEAN
     result = prune_l1(model, ratio=0.25)
-    kept = [c for c in range(8) if c not in zero]
     assert initializer(result.model, "wa").shape == (8, 6) and initializer(result.model, "gamma").shape == (6,)
     x = np.random.default_rng(0).standard_normal((1, 4, 8)).astype(np.float32)
-    h = x @ w["wa"][:, kept]
-    expected = h / np.sqrt((h**2).mean(-1, keepdims=True) + 1e-6) * w["gamma"][kept] @ w["wb"][kept]
-    np.testing.assert_allclose(_run_feeds(result.model, {"x": x}), expected, rtol=1e-4, atol=1e-4)
+    h = x @ w["wa"]
+    expected = h / np.sqrt((h**2).mean(-1, keepdims=True) + 1e-6) * w["gamma"] @ w["wb"]
+    np.testing.assert_allclose(_run_feeds(result.model, {"x": x}), expected, rtol=1e-5, atol=1e-5)
+    assert [n.op_type for n in result.model.graph.node].count("Mul") == 3  # the mean's scale 6/8 joins x / rms, gamma
+
+
+def test_a_float16_rmsnorm_scales_its_mean_in_its_own_type() -> None:
+    """The mean's scale is a float16 constant in a float16 model (its inner tensors carry no types): the pruned model
+    passes strict shape inference and gives the original's outputs on zero channels."""
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float16[1,4,8] x) => (float16[1,4,3] y) {
+      h = MatMul (x, wa)
+      p = Pow (h, two)
+      ms = ReduceMean <axes = [-1]> (p)
+      ae = Add (ms, eps)
+      sq = Sqrt (ae)
+      inv = Reciprocal (sq)
+      nn = Mul (h, inv)
+      n = Mul (nn, gamma)
+      y = MatMul (n, wb)
+    }""")
+    values = {"wa": zeroed(weights(8, 8), (0, 6), axis=1), "gamma": weights(8, seed=1), "wb": weights(8, 3, seed=2),
+              "two": np.array(2.0), "eps": np.array(1e-3)}
+    model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v, np.float16), k) for k, v in values.items())
+    result = prune_l1(model, ratio=0.25)
+    scale = next(t for t in result.model.graph.initializer if t.name.endswith("_kept_share"))
+    assert scale.data_type == onnx.TensorProto.FLOAT16 and numpy_helper.to_array(scale).ravel().tolist() == [0.75]
+    x = np.random.default_rng(0).standard_normal((1, 4, 8)).astype(np.float16)
+    np.testing.assert_array_equal(_run_feeds(result.model, {"x": x}), _run_feeds(model, {"x": x}))
 
 
 @pytest.mark.parametrize("qdq", [False, True])
