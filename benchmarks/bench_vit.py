@@ -49,8 +49,9 @@ MODEL = SHARED_MODELS / "fmnist_vit.onnx"
 TARGET = 0.8482  # the issue's target: within 1 point of the original's 85.82%
 SHAPES = {"input": (1, 1, 28, 28)}
 log = logging.getLogger("bench_vit")
-FINDINGS = """Findings (this run). The target is missed: the best model at <= 60.5% of the MACs is `contrib --ratio 0.625
---heads 0 --hidden 0.25 --calib` at 59.6% MACs, 84.07% test top-1, 0.75 points below 84.82% (ldrf 83.92%, l1 + refit
+FINDINGS = """Findings (this run). The target is missed: the best model at <= 60.5% of the MACs is `--method contrib
+--target-macs 0.6 --allocation sensitivity` at 59.6% MACs, 84.29% test top-1, 0.53 points below 84.82%; of the per-part
+ratios `contrib --ratio 0.625 --heads 0 --hidden 0.25 --calib` is best, 84.07% (ldrf 83.92%, l1 + refit
 83.46%; at 63.5% MACs contrib reaches 84.64%, at 67.4% 84.96%, above the target). Keeping every head and cutting a
 quarter of the hidden size and 5/8 of the FFN is the best split found; cutting heads costs more than its MACs
 (`--heads 0.25 --hidden 0.125`: 83.29-83.68% at 58.2%). The global contrib/cost ranking (`kwon`) does not beat
@@ -59,9 +60,10 @@ heads competing (`--heads 0.25 --hidden 0.125`) 82.87% at 59.0% against 83.29% a
 energy does not rank heads against neurons well here. Two steps do not help (contrib 84.04% at 59.6%). The LayerNorm refit alone lifts data-free l1 by up to
 3.8 points (59.06% -> 62.86% at 58.2%) but lowers it in other rows (68.30% -> 65.92% at 67.4%); after the
 consumers' least-squares refit it has nothing left to add, since a per-channel affine change after a LayerNorm is
-what that refit absorbs. `--target-macs 0.6 --allocation sensitivity` overshoots to 46.7% / 51.6% MACs (81.22% /
-81.38%), and the gated search at `--max-drop 1` stops at 86-87% MACs (85.68%): its probes are judged on 1,000
---eval images, whose 95% interval on the drop is about +-0.9 points, so a 1-point gate leaves no room."""
+what that refit absorbs. The gated search at `--max-drop 1` (its probes share the budget by predicted damage, the
+default since the SmolLM2 measurement) stops at 83.4% (ldrf, 85.46%) and 85.7% (contrib, 85.66%) of the MACs,
+against 87.3% and 86.3% with the sensitivity profile before: its probes are judged on 1,000 --eval images, whose
+95% interval on the drop is about +-0.9 points, so a 1-point gate leaves little room."""
 
 
 @dataclass(frozen=True)

@@ -169,13 +169,16 @@ def vit() -> str | None:
     if not data:
         return None
     original = data["original"]
-    calibrated = [r for r in data["rows"] if "--calib" in r["label"] and r["macs"] <= 0.605]
+    # the sensitivity allocation's runs are calibrated too (a reconstruction method, --eval for the profile)
+    calibrated = [r for r in data["rows"] if ("--calib" in r["label"] or r["family"] == "sensitivity")
+                  and r["macs"] <= 0.605]
     free = [r for r in data["rows"] if r["family"] == "l1" and r["macs"] <= 0.605]
     if not calibrated or not free:
         return None
     best, best_free = max(calibrated, key=lambda r: r["top1"]), max(free, key=lambda r: r["top1"])
+    how = f"`{best['label']}`" if best["family"] == "sensitivity" else f"`{best['family']}` and a calibrated refit"
     return (f"**A small ViT** (Fashion-MNIST, {_pct(original)}): at {_pct(best['macs'])} of the MACs it keeps "
-            f"{_pct(best['top1'])} with `{best['family']}` and a calibrated refit, {100 * (original - best['top1']):.2f} "
+            f"{_pct(best['top1'])} with {how}, {100 * (original - best['top1']):.2f} "
             f"points below the original (the target was 1 point: missed); data-free `l1` keeps {_pct(best_free['top1'])} "
             f"({link('ViT', 'The Fashion-MNIST ViT')}).")
 
@@ -237,29 +240,38 @@ def real_models() -> str | None:
 #: the suite's targets (issue "Quality on real trained models"): model -> (MACs at most, figure, at least / at most, text)
 SUITE_TARGETS = {
     "lite1": (0.75, "top1_agreement", 0.80, "EfficientNet-Lite1 (ImageNet) at <= 75% of the MACs: top-1 agreement {v} on "
-              "600 unseen photo-like images ({m}, {macs} MACs; target 80%)"),
+              "600 unseen photo-like images ({m}, {macs} MACs{n}; target 80%)"),
     "minilm": (0.60, "nn_agreement", 0.60, "all-MiniLM-L6-v2 at <= 60% of the MACs: nearest-neighbour agreement {v}, "
-               "embedding cosine {c} on 500 unseen sentences ({m}, {macs} MACs; targets 60% and 0.93)"),
+               "embedding cosine {c} on 500 unseen sentences ({m}, {macs} MACs{n}; targets 60% and 0.93)"),
     "smollm2": (0.80, "perplexity_ratio", 1.6, "SmolLM2-135M at <= 80% of the MACs: perplexity {v} the original's on 400 "
-                "unseen text windows ({m}, {macs} MACs; target 1.6x)"),
+                "unseen text windows ({m}, {macs} MACs{n}; target 1.6x)"),
 }
 
 
+def _samples(extra: list[str]) -> tuple[list[str], str]:
+    """A row's extra flags without ``--calib-samples N`` (how much data, not how it is pruned), and what it says."""
+    if "--calib-samples" not in extra:
+        return extra, ""
+    i = extra.index("--calib-samples")
+    return extra[:i] + extra[i + 2:], f", {extra[i + 1]} calibration samples"
+
+
 def real_suite() -> str | None:
-    """The best row of each model of the real-model suite within its MACs target."""
+    """The best row of each model of the real-model suite within its MACs target (extra flags: only a sample count)."""
     data = _load("real_suite")
     if not data:
         return None
     parts = []
     for model, (macs, key, _target, text) in SUITE_TARGETS.items():
-        rows = [r for r in data["rows"] if r["model"] == model and r.get(key) is not None and not r.get("extra")
+        rows = [r for r in data["rows"] if r["model"] == model and r.get(key) is not None
+                and not _samples(list(r.get("extra") or []))[0]
                 and r.get("macs_kept") is not None and r["macs_kept"] <= macs + 0.005]
         if not rows:
             continue
         best = (max if key != "perplexity_ratio" else min)(rows, key=lambda r: r[key])
         value = f"{best[key]:.2f}x" if key == "perplexity_ratio" else _pct(best[key])
         parts.append(text.format(v=value, c=f"{best.get('cosine', 0):.3f}", m=f"`{best['method']}`",
-                                 macs=_pct(best["macs_kept"])))
+                                 macs=_pct(best["macs_kept"]), n=_samples(list(best.get("extra") or []))[1]))
     if not parts:
         return None
     return (f"**Real trained models, no fine-tuning** ({link('suite', 'Trained models on realistic data')}): "
