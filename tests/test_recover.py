@@ -104,9 +104,9 @@ def test_weights_are_rejected_when_the_guard_error_does_not_improve(tmp_path: Pa
     assert any("rejected by the guard" in n for n in result.notes)
 
 
-def _residual_mlp(seed: int = 0, stem: bool = False) -> onnx.ModelProto:
-    """x [N, 16] -> (a MatMul stem, 16 -> 16) -> two residual blocks ``h + W2 relu(W1 h + b1) + b2`` -> a Gemm head
-    [N, 10]. With the stem, the residual stream is not a graph input, so it is prunable."""
+def _residual_mlp(seed: int = 0, stem: bool = False, hidden: int = 48) -> onnx.ModelProto:
+    """x [N, 16] -> (a MatMul stem, 16 -> 16) -> two residual blocks ``h + W2 relu(W1 h + b1) + b2`` (`hidden`
+    neurons) -> a Gemm head [N, 10]. With the stem, the residual stream is not a graph input, so it is prunable."""
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     h = "x"
@@ -115,7 +115,7 @@ def _residual_mlp(seed: int = 0, stem: bool = False) -> onnx.ModelProto:
         nodes.append(helper.make_node("MatMul", ["x", "ws"], ["s"], name="stem"))
         h = "s"
     for i in range(2):
-        for name, shape in ((f"w1_{i}", (16, 48)), (f"b1_{i}", (48,)), (f"w2_{i}", (48, 16)), (f"b2_{i}", (16,))):
+        for name, shape in ((f"w1_{i}", (16, hidden)), (f"b1_{i}", (hidden,)), (f"w2_{i}", (hidden, 16)), (f"b2_{i}", (16,))):
             inits.append(numpy_helper.from_array((rng.normal(size=shape) / np.sqrt(shape[0])).astype(np.float32), name))
         nodes += [helper.make_node("MatMul", [h, f"w1_{i}"], [f"m1_{i}"], name=f"mm1_{i}"),
                   helper.make_node("Add", [f"m1_{i}", f"b1_{i}"], [f"a1_{i}"], name=f"add1_{i}"),
@@ -281,3 +281,44 @@ def test_a_pruned_residual_stream_is_compared_on_the_channels_it_keeps(tmp_path:
     assert any("output error on the guard samples rose" in n for n in runs[True].report.notes)
     assert [t.SerializeToString() for t in runs[True].model.graph.initializer] == \
         [t.SerializeToString() for t in runs[False].model.graph.initializer]
+
+
+def test_a_viewed_model_recovers_as_one_held_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The original read as a view of its file (its sessions bound to that folder) and the recovered model going
+    through a scratch session file, as with the real models: each session of the network guard gets its own
+    options (one shared pair sent onnxruntime to the original's folder for the scratch weights: all-MiniLM-L6-v2
+    and SmolLM2-135M failed there), and the model written has the bytes of a run without views."""
+    pytest.importorskip("torch")
+    from onnxslim_prune.graph import io, runtime
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_residual_mlp(hidden=512), path)  # weights past 4 KiB, also pruned: views and scratch files take them
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(3).normal(size=(400, 16)).astype(np.float32))
+
+    def run() -> bytes:
+        result = prune(str(path), "l1", 0.8, calib=str(tmp_path / "c.npz"), latency=False, seed=0,
+                       params={"reconstruct": False, "recover": True, "recover_steps": 300, "recover_lr": 3e-3})
+        assert any("the network's output error on the guard samples" in n for n in result.report.notes)
+        return result.model.SerializeToString()
+
+    in_memory = run()
+    monkeypatch.setattr(io, "FILE_VIEW_BYTES", 0)
+    monkeypatch.setattr(runtime, "SCRATCH_SESSION_BYTES", 1)
+    assert run() == in_memory
+
+
+def test_session_options_bound_to_a_view_are_not_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A view's session binds its options to the view's folder; handing the same options to another session is
+    refused with a clear error instead of onnxruntime's look-up of the other model's weights in that folder."""
+    from onnxslim_prune import ir
+    from onnxslim_prune.graph import io
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_residual_mlp(hidden=512), path)
+    monkeypatch.setattr(io, "FILE_VIEW_BYTES", 0)
+    view = io.file_view(onnx.load(path), path)
+    assert io.is_file_view(view)
+    options = ort.SessionOptions()
+    ir.inference_session(view, options)
+    with pytest.raises(ValueError, match="give each session its own"):
+        ir.inference_session(_residual_mlp(), options)

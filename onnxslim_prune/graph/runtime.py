@@ -31,6 +31,8 @@ from .io import (MAPPED_MIN_BYTES, PROTO_LIMIT, append_aligned, external_header,
 #: weights (summed over the initializers written out) from which a session is built from a scratch file
 SCRATCH_SESSION_BYTES = 64 << 20
 _MAPPED_FILES_OUTLIVE_NAMES = sys.platform.startswith("linux")
+#: the session option that tells onnxruntime where a view's external tensors lie
+_FOLDER_ENTRY = "session.model_external_initializers_file_folder_path"
 
 
 def weights_out_of_line(initializers: Iterable[onnx.TensorProto]) -> int:
@@ -62,14 +64,18 @@ def inference_session(
     a cut or an exposed model made without copying the weights into it).
 
     Large weights go through a scratch external-data file (module docstring); the model is never
-    serialized with them.
+    serialized with them. `options` serve one session: a view's binds them to its file's folder (onnxruntime then
+    looks for every external tensor there), so options already bound are refused, not reused.
     """
+    if _bound_folder(options) is not None:
+        raise ValueError("inference_session: these SessionOptions were bound to a view's folder by an earlier "
+                         "session; give each session its own")
     tensors = list(model.graph.initializer) if initializers is None else list(initializers)
     viewed = _viewed_folder(tensors)
     if viewed is not None and not takes_scratch_file(tensors):
         # a view of the input file (`io.file_view`): onnxruntime maps the weights from that file itself
         bare = model if initializers is not None else without_initializers(model)
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", viewed)
+        options.add_session_config_entry(_FOLDER_ENTRY, viewed)
         return ort.InferenceSession(_with_views(bare, tensors, viewed).SerializeToString(), options,
                                     providers=list(providers))
     if not _any_viewed(tensors) and not takes_scratch_file(tensors):
@@ -89,6 +95,14 @@ def inference_session(
         return ort.InferenceSession(str(path), options, providers=list(providers))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _bound_folder(options: ort.SessionOptions) -> str | None:
+    """The external-initializers folder a view's session set on `options`, None when unset."""
+    try:
+        return options.get_session_config_entry(_FOLDER_ENTRY) or None
+    except RuntimeError:  # onnxruntime raises for a key never set
+        return None
 
 
 def _viewed_folder(tensors: Sequence[onnx.TensorProto]) -> str | None:
