@@ -18,7 +18,8 @@ Cases (the models and data of ../shared; SmolLM2 is built by ../shared/real/buil
 - ``effnet_l1_eval``: the same model data-free (``l1 --ratio 0.3``) with ``--eval`` an .npz of the 600
   eval images (built here, labels = the original's top-1: the accuracy is then agreement);
 - ``smollm2_contrib``: SmolLM2-135M, ``contrib --ffn 0.3 --heads 0 --hidden 0`` calibrated on windows
-  of 128 tokens (``smollm2_calib.npz``), verdict on the held-out 20% (logits [N, 128, 49152]).
+  of 128 tokens (``smollm2_calib.npz``), verdict on the held-out 20% (logits [N, 128, 49152]);
+- ``smollm2_default``: the same model and data with the default method (``obs``) at ``--target-macs 0.8``.
 
 ``--label`` names the library the rows were measured with (``before``: main before the memory work,
 ``main``: after its first part, ``after``: this tree); rows of other labels already in the JSON are kept, so both sit in one table.
@@ -71,6 +72,8 @@ def cases(eval_npz: Path) -> dict[str, Case]:
         Case("effnet_l1_eval", EFFNET, ("--method", "l1", "--ratio", "0.3", "--eval", str(eval_npz)), "1G", None, image),
         Case("smollm2_contrib", SMOLLM2, ("--method", "contrib", "--ffn", "0.3", "--heads", "0", "--hidden", "0",
                                           "--calib", str(TEXT / "smollm2_calib.npz")), "1G", 1024, text),
+        Case("smollm2_default", SMOLLM2, ("--target-macs", "0.8", "--calib", str(TEXT / "smollm2_calib.npz")), "1G", 1024,
+             text),
     )}
 
 
