@@ -259,14 +259,11 @@ def test_hidden_size_through_embedding_layernorm_and_residual() -> None:
     np.testing.assert_allclose(pruned, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_rmsnorm_as_exporters_decompose_it_passes_the_hidden_size() -> None:
-    """Pow, ReduceMean over the channels, Add eps, Sqrt, Reciprocal, Mul, Mul gamma: the mean runs over the kept
-    channels and is scaled back to the original's count, so zero channels prune away with the outputs unchanged."""
-    zero = (0, 6)
-    w = {"wa": zeroed(weights(8, 8), zero, axis=1), "gamma": weights(8, seed=1), "wb": weights(8, 3, seed=2),
-         "two": np.array(2.0), "eps": np.array(1e-6)}
-    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
-    g (float[1,4,8] x) => (float[1,4,3] y) {
+def _rmsnorm(dtype: str) -> str:
+    """x [1, 4, 8] -> MatMul wa -> RMSNorm as exporters decompose it (Pow, ReduceMean, Add eps, Sqrt, Reciprocal, Mul,
+    Mul gamma) -> MatMul wb -> y [1, 4, 3], in `dtype`."""
+    return f"""<ir_version: 8, opset_import: ["" : 17]>
+    g ({dtype}[1,4,8] x) => ({dtype}[1,4,3] y) {{
       h = MatMul (x, wa)
       p = Pow (h, two)
       ms = ReduceMean <axes = [-1]> (p)
@@ -276,7 +273,16 @@ def test_rmsnorm_as_exporters_decompose_it_passes_the_hidden_size() -> None:
       nn = Mul (h, inv)
       n = Mul (nn, gamma)
       y = MatMul (n, wb)
-    }""", **w)
+    }}"""
+
+
+def test_rmsnorm_as_exporters_decompose_it_passes_the_hidden_size() -> None:
+    """Pow, ReduceMean over the channels, Add eps, Sqrt, Reciprocal, Mul, Mul gamma: the mean runs over the kept
+    channels and is scaled back to the original's count, so zero channels prune away with the outputs unchanged."""
+    zero = (0, 6)
+    w = {"wa": zeroed(weights(8, 8), zero, axis=1), "gamma": weights(8, seed=1), "wb": weights(8, 3, seed=2),
+         "two": np.array(2.0), "eps": np.array(1e-6)}
+    model = parse(_rmsnorm("float"), **w)
     trace = trace_of(model)
     assert trace.node_kind["ReduceMean_2"] == Kind.CHANNEL_MEAN
     result = prune_l1(model, ratio=0.25)
@@ -291,18 +297,7 @@ def test_rmsnorm_as_exporters_decompose_it_passes_the_hidden_size() -> None:
 def test_a_float16_rmsnorm_scales_its_mean_in_its_own_type() -> None:
     """The mean's scale is a float16 constant in a float16 model (its inner tensors carry no types): the pruned model
     passes strict shape inference and gives the original's outputs on zero channels."""
-    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
-    g (float16[1,4,8] x) => (float16[1,4,3] y) {
-      h = MatMul (x, wa)
-      p = Pow (h, two)
-      ms = ReduceMean <axes = [-1]> (p)
-      ae = Add (ms, eps)
-      sq = Sqrt (ae)
-      inv = Reciprocal (sq)
-      nn = Mul (h, inv)
-      n = Mul (nn, gamma)
-      y = MatMul (n, wb)
-    }""")
+    model = onnx.parser.parse_model(_rmsnorm("float16"))
     values = {"wa": zeroed(weights(8, 8), (0, 6), axis=1), "gamma": weights(8, seed=1), "wb": weights(8, 3, seed=2),
               "two": np.array(2.0), "eps": np.array(1e-3)}
     model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v, np.float16), k) for k, v in values.items())
