@@ -16,11 +16,10 @@ from enum import Enum
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 
-from .. import ir
+from .. import ir, validate
 from ..calib.engine import StagedPasses
 from ..calib.memory import calibration_budget
 from ..calib.sources import CalibrationSet
@@ -281,7 +280,7 @@ def _network_guard(original: onnx.ModelProto, model: onnx.ModelProto, fit: Calib
 
 def _output_error(original: onnx.ModelProto, model: onnx.ModelProto, samples: CalibrationSet, batch: int) -> float:
     """Sum over the graph outputs of the squared error to the original's over its variance (float outputs)."""
-    sessions = [ir.inference_session(m, _quiet_options()) for m in (original, model)]
+    sessions = [validate.session(m) for m in (original, model)]  # each its own options (a view's binds them)
     inputs = {i.name for i in sessions[0].get_inputs()}
     sums: dict[int, list[float]] = {}
     for feed in samples.iter_batches(batch):
@@ -299,13 +298,6 @@ def _output_error(original: onnx.ModelProto, model: onnx.ModelProto, samples: Ca
         var = sq / max(n, 1) - (s1 / max(n, 1)) ** 2
         total += err / max(n, 1) / (var if var > 0 else 1.0)
     return total
-
-
-def _quiet_options() -> ort.SessionOptions:
-    """Options for one session (a view's session binds its options to the file's folder: `ir.inference_session`)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return options
 
 
 def _kept_only(batch: dict[str, np.ndarray], kept: Kept) -> dict[str, np.ndarray]:
