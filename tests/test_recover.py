@@ -104,6 +104,59 @@ def test_weights_are_rejected_when_the_guard_error_does_not_improve(tmp_path: Pa
     assert any("rejected by the guard" in n for n in result.notes)
 
 
+def _token_block(a: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
+    """``y = relu(x A) B`` over tokens, x [N, T, 8], beside a padding mask ``attention_mask`` [N, T] the graph does
+    not read (a sentence embedding pools over it after the block)."""
+    model = _two_layer(a, b)
+    del model.graph.input[:], model.graph.output[:]
+    model.graph.input.extend([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", a.shape[0]]),
+                              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", "T"])])
+    model.graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", b.shape[1]]))
+    return model
+
+
+def test_padding_tokens_count_in_no_loss_or_guard(tmp_path: Path) -> None:
+    """Eight hidden neurons of the original fire only on padding tokens (their input's last feature is +3 there,
+    -1 on real tokens), so on real tokens the pruned width represents the original exactly (A0, B1). With the
+    padding mask the recovery reaches it (within 1% of the RMS on unseen real tokens); the same samples with an
+    all-ones mask pull the weights toward the padding outputs and stay more than 5x further off."""
+    pytest.importorskip("torch")
+    from onnxslim_prune.recover import RecoverSettings
+    from onnxslim_prune.recover.fit import recover
+
+    rng = np.random.default_rng(0)
+    a0, b1, b2 = rng.normal(size=(8, 8)), rng.normal(size=(8, 4)), rng.normal(size=(8, 4))
+    a0[7] = 0.0  # the real neurons ignore the padding feature
+    a1 = np.zeros((8, 8))
+    a1[7] = 1.0  # relu(x7) > 0 on padding tokens only
+    original = _token_block(np.hstack([a0, a1]), np.vstack([b1, b2]))
+    pruned = _token_block(a0 + rng.normal(scale=0.05, size=a0.shape), b1)
+
+    def tokens(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        r = np.random.default_rng(seed)
+        mask = (np.arange(6)[None, :] < r.integers(2, 7, size=(n, 1))).astype(np.int64)  # 2-6 real tokens of 6
+        x = r.normal(size=(n, 6, 8))
+        x[..., 7] = np.where(mask == 1, -1.0, 3.0)
+        return x.astype(np.float32), mask
+
+    x, mask = tokens(256, 1)
+    unseen, unseen_mask = tokens(200, 9)
+    real = unseen_mask == 1
+
+    def run(with_padding_marked: bool) -> float:
+        path = tmp_path / f"c{int(with_padding_marked)}.npz"
+        np.savez(path, x=x, attention_mask=mask if with_padding_marked else np.ones_like(mask))
+        calib = load_calibration(path, input_specs(original, {}))
+        result = recover(original, pruned, calib, RecoverSettings(steps=600, lr=5e-2, batch=64, seed=0))
+        sess = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                for m in (original, result.model)]
+        want, got = (np.asarray(s.run(None, {"x": unseen, "attention_mask": unseen_mask})[0])[real] for s in sess)
+        return float(np.sqrt(np.mean((got - want) ** 2)) / np.sqrt(np.mean(want ** 2)))
+
+    masked, counted = run(True), run(False)
+    assert masked < 0.01 and counted > 5 * masked, (masked, counted)
+
+
 def _residual_mlp(seed: int = 0, stem: bool = False, hidden: int = 48) -> onnx.ModelProto:
     """x [N, 16] -> (a MatMul stem, 16 -> 16) -> two residual blocks ``h + W2 relu(W1 h + b1) + b2`` (`hidden`
     neurons) -> a Gemm head [N, 10]. With the stem, the residual stream is not a graph input, so it is prunable."""

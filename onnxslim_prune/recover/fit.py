@@ -145,6 +145,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
         return Recovery(pruned, (), (f"recover: skipped, {total} fit samples are too few for steps of {mine.size} "
                                      "and a guard part",))
     guard, train_order = _split(total, settings.seed, mine.size)
+    tokens = _token_mask(original, fit, total)
     results: list[BlockResult] = []
     # each block's share of the time left is its share of the estimated cost left (early CNN blocks, at high
     # resolution, take ten times longer per step than late ones)
@@ -156,8 +157,8 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
             for block in planned:
                 left = max(settings.seconds - (time.perf_counter() - started), 0.0)
                 share = left * costs[block.index] / max(sum(costs[block.index:]), 1e-9)
-                result = _one_block(block, nodes, pruned, mine, theirs, guard, train_order, settings, share,
-                                    budget // DATA_SHARE, kept or {}, closed_form)
+                result = _one_block(block, nodes, pruned, mine, theirs, Samples(guard, train_order, tokens),
+                                    settings, share, budget // DATA_SHARE, kept or {}, closed_form)
                 results.append(result)
                 _log(result)
                 if progress is not None:
@@ -176,6 +177,25 @@ def _skipped(block: Block, reason: str) -> Block:
     return replace(block, skip=reason)
 
 
+@dataclass(frozen=True)
+class Samples:
+    """Which fit samples guard and train a block, and which of their tokens count (None: every one)."""
+
+    guard: np.ndarray  # positions among the fit samples, sorted
+    train_order: np.ndarray  # the rest, in the seeded order training takes them
+    tokens: np.ndarray | None  # [samples, T] bool: False at padding (`ir.token_mask_input` 0)
+
+
+def _token_mask(original: onnx.ModelProto, fit: CalibrationSet, total: int) -> np.ndarray | None:
+    """The fit samples' non-padding tokens, where the model has a padding mask input: an output at a padding
+    position is read by nothing (a sentence embedding pools over the mask), so no loss or guard counts it."""
+    name = ir.token_mask_input(original)
+    if name is None or name not in fit.names:
+        return None
+    rows = np.concatenate([np.asarray(b[name]) != 0 for b in fit.iter_batches(max(1, min(total, 1024)))])[:total]
+    return None if rows.all() else rows
+
+
 def _split(total: int, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
     """(guard positions, the rest in the seeded order training takes them) among the fit samples; the guard is
     whole steps (it is evaluated `step` samples at a time)."""
@@ -186,8 +206,8 @@ def _split(total: int, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.ModelProto, mine: StagedPasses,
-               theirs: StagedPasses, guard: np.ndarray, train_order: np.ndarray, settings: RecoverSettings,
-               seconds: float, data_budget: int, kept: Kept, closed_form: dict[str, onnx.TensorProto]) -> BlockResult:
+               theirs: StagedPasses, samples: Samples, settings: RecoverSettings, seconds: float, data_budget: int,
+               kept: Kept, closed_form: dict[str, onnx.TensorProto]) -> BlockResult:
     # both streams advance for every planned block (the engine's schedule), also for one that is skipped
     inputs = mine.advance(block.inputs, model)
     targets = (_kept_only(batch, kept) for batch in theirs.advance(block.outputs))
@@ -195,18 +215,18 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
         for _ in zip(inputs, targets):
             pass
         return BlockResult(block, Status.SKIPPED, block.skip)
-    held = _collect(inputs, targets, block, guard, train_order, data_budget)
+    held = _collect(inputs, targets, block, samples, data_budget)
     if isinstance(held, str):
         return BlockResult(block, Status.SKIPPED, held)
-    x_train, y_train, x_guard, y_guard, shared = held
+    x_train, y_train, x_guard, y_guard, shared, m_train, m_guard = held
     inits = {t.name: t for t in model.graph.initializer}
     used = {t for n in block.nodes for t in nodes[n].input if t in inits}
     values = {name: numpy_helper.to_array(inits[name]) for name in used}
-    scale = [float(torch.mean((y.double() - y.double().mean()) ** 2)) or 1.0 for y in y_train]
+    scale = [_variance(y, m_train) or 1.0 for y in y_train]
     started = time.perf_counter()
     try:
         net = TorchBlock([nodes[n] for n in block.nodes], values, block.trainable, block.inputs, block.outputs)
-        before = _error(net, x_guard, y_guard, shared, block, scale, settings.batch)
+        before = _error(net, x_guard, y_guard, m_guard, shared, block, scale, settings.batch)
     except (Unsupported, RuntimeError, ValueError, IndexError, TypeError) as exc:  # torch reports shape errors so
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return BlockResult(block, Status.SKIPPED, f"not run by torch: {first}")
@@ -224,17 +244,18 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
         for group in optimiser.param_groups:  # cosine decay to zero
             group["lr"] = settings.lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / settings.steps))
         pick = torch.randint(0, n_train, (settings.batch,), generator=generator)
-        loss = _loss(net, [x[pick] for x in x_train], [y[pick] for y in y_train], shared, block, scale)
+        loss = _loss(net, [x[pick] for x in x_train], [y[pick] for y in y_train],
+                     None if m_train is None else m_train[pick], shared, block, scale)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
         steps = step
         if step in checkpoints:
-            now = _error(net, x_guard, y_guard, shared, block, scale, settings.batch)
+            now = _error(net, x_guard, y_guard, m_guard, shared, block, scale, settings.batch)
             if now < best:
                 best, best_values = now, net.values()
     if steps not in checkpoints and steps:
-        now = _error(net, x_guard, y_guard, shared, block, scale, settings.batch)
+        now = _error(net, x_guard, y_guard, m_guard, shared, block, scale, settings.batch)
         if now < best:
             best, best_values = now, net.values()
     spent = time.perf_counter() - started
@@ -279,14 +300,20 @@ def _network_guard(original: onnx.ModelProto, model: onnx.ModelProto, fit: Calib
 
 
 def _output_error(original: onnx.ModelProto, model: onnx.ModelProto, samples: CalibrationSet, batch: int) -> float:
-    """Sum over the graph outputs of the squared error to the original's over its variance (float outputs)."""
+    """Sum over the graph outputs of the squared error to the original's over its variance (float outputs; the
+    positions of padding tokens left out, as the verdict leaves them)."""
     sessions = [validate.session(m) for m in (original, model)]  # each its own options (a view's binds them)
     inputs = {i.name for i in sessions[0].get_inputs()}
+    mask_name = ir.token_mask_input(original)
     sums: dict[int, list[float]] = {}
     for feed in samples.iter_batches(batch):
         want, got = (s.run(None, {k: v for k, v in feed.items() if k in inputs}) for s in sessions)
+        mask = None if mask_name is None else feed.get(mask_name)
         for i, (w, g) in enumerate(zip(want, got)):
-            if np.issubdtype(np.asarray(w).dtype, np.floating) and np.shape(w) == np.shape(g):
+            w, g = np.asarray(w), np.asarray(g)
+            if mask is not None and w.ndim >= 2 and w.shape[:2] == np.shape(mask) and w.shape == g.shape:
+                w, g = w[np.asarray(mask) != 0], g[np.asarray(mask) != 0]  # the rows of real tokens
+            if np.issubdtype(w.dtype, np.floating) and np.shape(w) == np.shape(g):
                 w64 = np.asarray(w, dtype=np.float64)
                 acc = sums.setdefault(i, [0.0, 0.0, 0.0, 0.0])
                 acc[0] += float(np.sum((np.asarray(g, dtype=np.float64) - w64) ** 2))
@@ -306,13 +333,17 @@ def _kept_only(batch: dict[str, np.ndarray], kept: Kept) -> dict[str, np.ndarray
             for name, value in batch.items()}
 
 
-Held = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], dict[str, torch.Tensor]]
+Held = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], dict[str, torch.Tensor],
+             torch.Tensor | None, torch.Tensor | None]
 
 
 def _collect(inputs: Iterator[dict[str, np.ndarray]], targets: Iterator[dict[str, np.ndarray]], block: Block,
-             guard: np.ndarray, train_order: np.ndarray, budget: int) -> Held | str:
-    """The block's inputs and the original's outputs on the guard samples and the training samples that fit."""
+             samples: Samples, budget: int) -> Held | str:
+    """The block's inputs and the original's outputs on the guard samples and the training samples that fit,
+    and those samples' token masks (None without padding)."""
+    guard, train_order = samples.guard, samples.train_order
     guard_set = set(guard.tolist())
+    taken: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])  # positions of the guard and training samples
     train_set: set[int] | None = None
     batched: set[str] = set()
     shared: dict[str, np.ndarray] = {}
@@ -342,6 +373,8 @@ def _collect(inputs: Iterator[dict[str, np.ndarray]], targets: Iterator[dict[str
         positions = np.arange(done, done + count)
         in_guard = np.array([p in guard_set for p in positions])
         in_train = np.array([p in train_set for p in positions])
+        taken[0].append(positions[in_guard])
+        taken[1].append(positions[in_train])
         for name, value in [*feed.items(), *(("\0" + k, v) for k, v in want.items())]:
             if name in shared:
                 continue
@@ -359,7 +392,9 @@ def _collect(inputs: Iterator[dict[str, np.ndarray]], targets: Iterator[dict[str
     y_guard = [_cat(parts["\0" + n][0]) for n in block.outputs]
     if not y_train or y_train[0].shape[0] < MIN_TRAIN or y_guard[0].shape[0] == 0:
         return f"too few samples fit the memory budget ({0 if not y_train else y_train[0].shape[0]})"
-    return (x_train, y_train, x_guard, y_guard, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in shared.items()})
+    masks = [None if samples.tokens is None else torch.from_numpy(samples.tokens[np.concatenate(k)]) for k in taken]
+    return (x_train, y_train, x_guard, y_guard, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in shared.items()},
+            masks[1], masks[0])
 
 
 def _cat(arrays: Sequence[np.ndarray]) -> torch.Tensor:
@@ -372,27 +407,49 @@ def _run(net: TorchBlock, xs: Sequence[torch.Tensor], shared: dict[str, torch.Te
     return net(*args)
 
 
-def _loss(net: TorchBlock, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], shared: dict[str, torch.Tensor],
-          block: Block, scale: Sequence[float]) -> torch.Tensor:
+def _token_weights(value: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor | None:
+    """`tokens` shaped to broadcast over `value` when its leading axes are the tokens' ``[N, T]``, else None."""
+    if tokens is None or value.dim() < 2 or tuple(value.shape[:2]) != tuple(tokens.shape):
+        return None
+    return tokens.reshape(tuple(tokens.shape) + (1,) * (value.dim() - 2))
+
+
+def _masked_mean(value: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+    """The mean of `value` over the non-padding tokens (every element without a mask)."""
+    weights = _token_weights(value, tokens)
+    if weights is None:
+        return value.mean()
+    per_token = value[0, 0].numel()
+    return (value * weights).sum() / (weights.sum().clamp(min=1) * per_token)
+
+
+def _variance(y: torch.Tensor, tokens: torch.Tensor | None) -> float:
+    y = y.double()
+    return float(_masked_mean((y - _masked_mean(y, tokens)) ** 2, tokens))
+
+
+def _loss(net: TorchBlock, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], tokens: torch.Tensor | None,
+          shared: dict[str, torch.Tensor], block: Block, scale: Sequence[float]) -> torch.Tensor:
     outs = _run(net, xs, shared, block)
     total = torch.zeros((), dtype=torch.float32)
     for out, y, s in zip(outs, ys, scale):
         if tuple(out.shape) != tuple(y.shape):
             raise Unsupported(f"output shape {tuple(out.shape)} differs from the original's {tuple(y.shape)}")
-        total = total + ((out.float() - y.float()) ** 2).mean() / s
+        total = total + _masked_mean((out.float() - y.float()) ** 2, tokens) / s
     return total
 
 
-def _error(net: TorchBlock, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], shared: dict[str, torch.Tensor],
-           block: Block, scale: Sequence[float], batch: int) -> float:
-    """The normalised squared error on held samples (batch by batch, no gradients)."""
+def _error(net: TorchBlock, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], tokens: torch.Tensor | None,
+           shared: dict[str, torch.Tensor], block: Block, scale: Sequence[float], batch: int) -> float:
+    """The normalised squared error on held samples (batch by batch, no gradients; a batch counts by its samples)."""
     n = ys[0].shape[0]
     total = 0.0
     with torch.no_grad():
         for start in range(0, n, batch):
             part = slice(start, start + batch)
             count = min(batch, n - start)
-            total += float(_loss(net, [x[part] for x in xs], [y[part] for y in ys], shared, block, scale)) * count
+            total += float(_loss(net, [x[part] for x in xs], [y[part] for y in ys],
+                                 None if tokens is None else tokens[part], shared, block, scale)) * count
     return total / max(n, 1)
 
 
