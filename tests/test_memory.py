@@ -484,3 +484,42 @@ def test_the_refit_frontiers_hold_what_the_budget_leaves_and_spill_past_it(tmp_p
     assert bounded == default
     np.testing.assert_array_equal(run(onnx.load_from_string(bounded), {"x": x[:8]})[0],
                                   run(onnx.load_from_string(default), {"x": x[:8]})[0])
+
+
+def test_selection_covariances_past_their_share_wait_in_files_and_give_the_same_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`input_covariances` keeps a quarter of the budget of covariances in memory and the rest in files (SmolLM2-135M:
+    0.8 GB of them under a 1G ``--calib-memory``): with none held in memory, ``obs`` by predicted damage writes the
+    same bytes; the store reads back every matrix bit for bit, iterates in network order, and its folder is gone
+    once it is dropped."""
+    from onnxslim_prune.passes import datadriven
+
+    monkeypatch.setenv("ONNXSLIM_PRUNE_CACHE", "off")
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((96, 16)).astype(np.float32))
+    stores: list[datadriven.CovarianceStore] = []
+    real = datadriven.input_covariances
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        stores.append(real(*args, **kwargs))
+        return stores[-1]
+
+    monkeypatch.setattr(datadriven, "input_covariances", recording)
+    kwargs: dict[str, Any] = dict(calib=str(tmp_path / "c.npz"), latency=False, round_to=1, params={"target_macs": 0.7})
+    held = api.prune(classifier(), "obs", 0.5, **kwargs)
+    assert not stores[-1]._files  # the default budget holds both layers' covariances
+    monkeypatch.setattr(datadriven, "COVARIANCE_SHARE", 1 << 40)  # nothing in memory
+    spilled = api.prune(classifier(), "obs", 0.5, **kwargs)
+    store = stores[-1]
+    assert not store._memory and len(store) == len(store._files) >= 1
+    assert spilled.model.SerializeToString() == held.model.SerializeToString()
+
+    mine = datadriven.CovarianceStore(0, ["b", "a"])
+    values = {k: (np.random.default_rng(i).standard_normal((3, 3)), np.arange(3.0) + i) for i, k in enumerate("ab")}
+    for key in ("a", "b"):
+        mine.put(key, values[key])
+    assert list(mine) == ["b", "a"] and "a" in mine and "c" not in mine
+    assert all(np.array_equal(mine[k][j], values[k][j]) for k in "ab" for j in (0, 1))
+    folder = Path(mine._folder.name)  # type: ignore[union-attr]
+    assert folder.is_dir()
+    del mine
+    assert not folder.exists()

@@ -47,9 +47,11 @@ fall back to ``l1`` with a note.
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -57,7 +59,7 @@ import onnx_graphsurgeon as gs
 from .. import ir
 from ..channels import Group, Kind, Part, Role, Trace, transformer_part
 from ..calib.threads import blas_limited
-from ..calib.memory import explicit_budget
+from ..calib.memory import calibration_budget, explicit_budget
 from ..calib.statistic import ActivationMoments, RowSampler, RowWeights, SampledGrams, collect
 from ..errors import CalibrationError
 from . import reconstruct as rc
@@ -205,6 +207,55 @@ def layer_covariance(cov: Covariances, layer: rc.Layer) -> tuple[np.ndarray, np.
     return cov[_layer_key(layer)]
 
 
+#: the covariances `input_covariances` returns hold at most 1 / COVARIANCE_SHARE of the budget in memory (the rest
+#: wait in files): with a chunk's Gram matrices (a half) and one batch's exposed inputs (a quarter) it adds up to it
+COVARIANCE_SHARE = 4
+
+
+class CovarianceStore(Mapping[str, tuple[np.ndarray, np.ndarray]]):
+    """``layer key -> (S, mean)``, in memory up to `budget` bytes and beyond it in ``.npy`` files of a scratch
+    folder, read back at each look-up (a selection reads each a few times). SmolLM2-135M's 121 layers have 0.8 GB of
+    float64 covariances, which a ``--calib-memory 1G`` run cannot hold beside its model. The folder is a
+    `tempfile.TemporaryDirectory`: removed when the store is collected, or at exit (Ctrl-C)."""
+
+    def __init__(self, budget: int, order: Sequence[str]) -> None:
+        self.budget = budget
+        self._order = list(order)  # iteration follows the network, whatever order the passes filled it in
+        self._memory: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._files: dict[str, tuple[Path, Path]] = {}
+        self._bytes = 0
+        self._folder: tempfile.TemporaryDirectory[str] | None = None
+
+    def put(self, key: str, value: tuple[np.ndarray, np.ndarray]) -> None:
+        size = sum(v.nbytes for v in value)
+        if self._bytes + size <= self.budget:
+            self._memory[key] = value
+            self._bytes += size
+            return
+        if self._folder is None:
+            self._folder = tempfile.TemporaryDirectory(prefix="onnxslim-covariances-")
+            log.info("selection statistics: covariances past %d MiB wait in %s", self.budget >> 20, self._folder.name)
+        paths = tuple(Path(self._folder.name) / f"{len(self._files)}-{part}.npy" for part in ("s", "mean"))
+        for path, v in zip(paths, value):
+            np.save(path, v, allow_pickle=False)
+        self._files[key] = (paths[0], paths[1])
+
+    def __getitem__(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        if key in self._memory:
+            return self._memory[key]
+        s_path, mean_path = self._files[key]  # KeyError for a key never put, as a dict
+        return np.load(s_path, allow_pickle=False), np.load(mean_path, allow_pickle=False)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k in self._order if k in self._memory or k in self._files)
+
+    def __len__(self) -> int:
+        return len(self._memory) + len(self._files)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._memory or key in self._files
+
+
 @dataclass
 class RowInfo:
     """What `input_covariances` learned of each layer key's rows besides the covariance."""
@@ -216,7 +267,7 @@ class RowInfo:
 
 
 def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | None = None,
-                      info: RowInfo | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                      info: RowInfo | None = None) -> CovarianceStore:
     """``_layer_key -> (S centred covariance [D, D], mean [D])`` of each layer's input rows (`info`, when given,
     receives per ``_layer_key`` the rows summed and what their weights say, `RowInfo`).
 
@@ -225,7 +276,8 @@ def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | No
     an explicit ``--calib-memory``) whose inputs take at most `rc.DEFAULT_EXPOSED_BUDGET` bytes per
     batch (or a quarter of an explicit ``--calib-memory``; onnxruntime holds every exposed tensor of a
     batch at once, so all of a deep network's inputs at a large batch would dominate the peak), one
-    `SampledGrams` statistic and one calibration pass per chunk.
+    `SampledGrams` statistic and one calibration pass per chunk. The result holds a quarter of the budget
+    in memory (`CovarianceStore`): the rest is read back from files.
     """
     given = explicit_budget()
     if budget is None:
@@ -255,11 +307,10 @@ def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | No
     def sampler(layer: rc.Layer) -> RowSampler:
         return lambda x, rng: layer.x_rows(x, layer.positions(x.shape, s.positions, rng))
 
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    out = CovarianceStore((given if given is not None else calibration_budget()) // COVARIANCE_SHARE, list(unique))
     # the damage allocation compares errors after the norms; a ranking within a group only needs real tokens
     # (measured on all-MiniLM-L6-v2 at 85% of the MACs: obs on 1 / sigma^2-weighted rows lost 2 points of NN)
     by_norm = by_damage(ctx)
-    done: dict[int, tuple[SampledGrams, dict[str, RowWeights]]] = {}
     # one pass per chunk: only one chunk's Gram matrices are accumulated at a time. The deepest chunk goes first:
     # its pass holds a session of nearly the whole network while few covariances are kept, and the shallow
     # chunks' small sessions meet the most of them (SmolLM2-135M: the peak of the selection 0.4 GB lower)
@@ -271,10 +322,8 @@ def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | No
         stat = SampledGrams([(k, unique[k].x, _dims(ctx, unique[k]), sampler(unique[k])) for k in chunk],
                             seed=s.seed, chunk=c, settings=f"P={s.positions}", weights=weights)
         collect(ctx.model, ctx.calibration, [stat], s.batch_size, progress=ctx.progress, subgraph=rc.weightless_cut)
-        done[c] = (stat, weights)
-    for c in sorted(done):  # the results in network order, as one pass after the other would give them
-        stat, weights = done[c]
-        out.update(stat.take_covariances())
+        for key, value in stat.take_covariances().items():  # a chunk's totals become covariances one at a time
+            out.put(key, value)
         if info is not None:
             info.rows.update(stat.rows)
             info.mean_weight.update(stat.mean_weight)
