@@ -157,6 +157,38 @@ def test_padding_tokens_count_in_no_loss_or_guard(tmp_path: Path) -> None:
     assert masked < 0.01 and counted > 5 * masked, (masked, counted)
 
 
+def test_the_network_guard_keeps_the_best_prefix_of_recovered_blocks(tmp_path: Path) -> None:
+    """``y = (x A) B`` as two blocks. Closed-form: A off by noise, B exact; "recovered": A exact, B replaced by
+    noise. Of the prefixes (none, A, A and B recovered) only A recovered gives the original's outputs (error 0):
+    the guard keeps it, puts B's closed-form weights back and marks B's row. With B's closed form off and its
+    recovery exact, both recovered blocks stay."""
+    pytest.importorskip("torch")
+    from onnxslim_prune.recover.blocks import Block
+    from onnxslim_prune.recover.fit import BlockResult, Status, _network_guard
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(8, 6)), rng.normal(size=(6, 4))
+    original = _two_layer(a, b)
+    calib = _calibration(tmp_path, original, samples=64)
+    blocks = [Block(0, 0, 2, ("mm1", "relu"), ("x",), ("r",), ("A",)), Block(1, 2, 3, ("mm2",), ("r",), ("y",), ("B",))]
+    results = [BlockResult(blk, Status.KEPT, steps=10) for blk in blocks]
+
+    def guard(recovered_b: np.ndarray, closed_b: np.ndarray) -> tuple[list[BlockResult], str, dict[str, np.ndarray]]:
+        model = _two_layer(a, recovered_b)  # the recovered weights in place, as `recover` leaves them
+        closed_form = {"A": numpy_helper.from_array((a + rng.normal(scale=0.3, size=a.shape)).astype(np.float32), "A"),
+                       "B": numpy_helper.from_array(closed_b.astype(np.float32), "B")}
+        rows, note = _network_guard(original, model, calib, 16, closed_form, list(results))
+        return rows, note, {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+    rows, note, weights = guard(rng.normal(size=b.shape), b)
+    assert np.array_equal(weights["A"], a.astype(np.float32)) and np.array_equal(weights["B"], b.astype(np.float32))
+    assert [r.status for r in rows] == [Status.KEPT, Status.REJECTED] and rows[1].reason == "put back by the network guard"
+    assert "with the first 1 of 2 recovered blocks (kept)" in note and note.startswith("recover: ")
+    rows, note, weights = guard(b, b + rng.normal(scale=0.3, size=b.shape))
+    assert [r.status for r in rows] == [Status.KEPT, Status.KEPT] and note.endswith("the first 2 of 2 recovered blocks (kept)")
+    assert np.array_equal(weights["A"], a.astype(np.float32)) and np.array_equal(weights["B"], b.astype(np.float32))
+
+
 def _residual_mlp(seed: int = 0, stem: bool = False, hidden: int = 48) -> onnx.ModelProto:
     """x [N, 16] -> (a MatMul stem, 16 -> 16) -> two residual blocks ``h + W2 relu(W1 h + b1) + b2`` (`hidden`
     neurons) -> a Gemm head [N, 10]. With the stem, the residual stream is not a graph input, so it is prunable."""
@@ -317,7 +349,8 @@ def test_a_pruned_residual_stream_is_compared_on_the_channels_it_keeps(tmp_path:
     ones (`kept_channels` from the trace and plan): every block is fitted (none skipped for a shape mismatch) and
     the first one's guard error falls by more than 30%. On this random network the later blocks cannot gain, and
     the whole network's output on the guard samples is further from the original's than with the closed-form
-    weights, so the network guard puts every closed-form weight back: the written model is the closed-form one."""
+    weights, with every prefix of recovered blocks, so the network guard puts every closed-form weight back (each
+    block's row says so): the written model is the closed-form one."""
     pytest.importorskip("torch")
     model = _residual_mlp(stem=True)
     path = tmp_path / "m.onnx"
@@ -330,8 +363,9 @@ def test_a_pruned_residual_stream_is_compared_on_the_channels_it_keeps(tmp_path:
     assert list(stream.dims) == [16, 8]  # the stream lost half its channels
     rows = runs[True].report.extra["recover"]["blocks"]
     assert len(rows) == 3 and not any(r["reason"] and "differs" in r["reason"] for r in rows), rows
-    assert rows[0]["status"] == "kept" and rows[0]["guard_error_after"] < 0.7 * rows[0]["guard_error_before"]
+    assert rows[0]["guard_error_after"] < 0.7 * rows[0]["guard_error_before"]
     assert any("output error on the guard samples rose" in n for n in runs[True].report.notes)
+    assert rows[0]["reason"] == "put back by the network guard" and all(r["status"] == "rejected" for r in rows)
     assert [t.SerializeToString() for t in runs[True].model.graph.initializer] == \
         [t.SerializeToString() for t in runs[False].model.graph.initializer]
 

@@ -16,7 +16,9 @@ the verdict: nothing reads the outputs there (all-MiniLM-L6-v2's calibration sen
 
 Guarded: the steps see only the fit part of the calibration data, split again (seeded) into the samples the
 steps fit and a *guard* part; a block keeps its recovered weights only if its error on the guard samples is
-below the closed-form weights' (the best of a few checkpoints). The verdict's held-out samples are never read.
+below the closed-form weights' (the best of a few checkpoints). Then the whole network is judged on the guard
+samples: the recovered weights stay in the first blocks, as many as bring its outputs closest to the original's
+(`fit._network_guard`), and the closed-form ones go back in the rest. The verdict's held-out samples are never read.
 Deterministic: seeded sampling, `torch.use_deterministic_algorithms`, a fixed thread count. Memory: block
 activations come from the calibration engine's frontier (`calib.engine.StagedPasses`), and the samples held for
 one block stay within a share of ``--calib-memory``.

@@ -16,6 +16,7 @@ from enum import Enum
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 
@@ -48,6 +49,8 @@ THREADS = 1
 MAX_OUTPUT_BYTES = 8 << 20
 #: guard checkpoints per block (the best one is kept)
 CHECKPOINTS = 4
+#: most prefixes of the recovered blocks the network guard measures (`_network_guard`)
+MAX_PREFIXES = 8
 
 
 class Status(str, Enum):
@@ -168,7 +171,9 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
         theirs.close()
     notes = list(_notes(results, time.perf_counter() - started))
     if closed_form:
-        notes.extend(_network_guard(original, pruned, fit, guard, settings.batch, closed_form))
+        results, guard_note = _network_guard(original, pruned, subset(fit, sorted(int(i) for i in guard), "recover guard"),
+                                             settings.batch, closed_form, results)
+        notes.append(guard_note)
     spent = time.perf_counter() - started
     return Recovery(pruned, tuple(results), tuple(notes), spent)
 
@@ -269,42 +274,77 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
     return result
 
 
-def _network_guard(original: onnx.ModelProto, model: onnx.ModelProto, fit: CalibrationSet, guard: np.ndarray,
-                   batch: int, closed_form: dict[str, onnx.TensorProto]) -> list[str]:
-    """Keep the recovered weights only if the whole network's outputs are closer to the original's on the guard
-    samples than with the closed-form weights; else put every closed-form weight back.
+def _network_guard(original: onnx.ModelProto, model: onnx.ModelProto, samples: CalibrationSet, batch: int,
+                   closed_form: dict[str, onnx.TensorProto], results: list[BlockResult]) -> tuple[list[BlockResult], str]:
+    """Keep the recovered weights of the first blocks, as many as bring the whole network's outputs closest to the
+    original's on the guard `samples`, and put the closed-form weights back in the rest (all of them when no
+    prefix beats the closed-form network). Returns the results, the blocks put back marked rejected, and a note.
 
     Each block is judged on its own output, on inputs from the recovered blocks before it; a later block that
     kept its closed-form weights was fitted to the closed-form inputs, so the network can lose what each block
-    gained (a residual stream pruned by half: block errors down, the output's up).
+    gained (a residual stream pruned by half: block errors down, the output's up). A prefix, not any subset: a
+    block was recovered on the inputs of the recovered blocks before it. At most `MAX_PREFIXES` prefixes are
+    measured (evenly spaced among the recovered blocks), each one pass of both networks over the guard samples.
     """
     if model.ByteSize() >= ir.PROTO_LIMIT:
-        return ["recover: the network was not checked on the guard samples (a model past 2 GB)"]
-    samples = subset(fit, sorted(int(i) for i in guard), "recover guard")
-    recovered = _output_error(original, model, samples, batch)
+        return results, "recover: the network was not checked on the guard samples (a model past 2 GB)"
     inits = {t.name: t for t in model.graph.initializer}
-    trained = {}
-    for name, value in closed_form.items():
-        trained[name] = onnx.TensorProto()
-        trained[name].CopyFrom(inits[name])
-        inits[name].CopyFrom(value)
-    before = _output_error(original, model, samples, batch)
-    log.info("recover: the network's guard error: %.4g with the closed-form weights, %.4g recovered", before, recovered)
-    if recovered < before:
-        for name, value in trained.items():
-            inits[name].CopyFrom(value)
-        return [f"recover: the network's output error on the guard samples: {before:.4g} closed-form, {recovered:.4g} "
-                "recovered (kept)"]
-    return [f"recover: the network's output error on the guard samples rose ({before:.4g} closed-form, "
-            f"{recovered:.4g} recovered): every block keeps its closed-form weights"]
+    recovered = {name: _copy(inits[name]) for name in closed_form}
+    kept = [i for i, r in enumerate(results) if r.status is Status.KEPT]
+    count = len(kept)
+    prefixes = sorted({round(k * count / (MAX_PREFIXES - 1)) for k in range(MAX_PREFIXES)}) if count >= MAX_PREFIXES \
+        else list(range(count + 1))
+    judge = _OutputError(original, samples, batch)
+    errors: dict[int, float] = {}
+    for prefix in reversed(prefixes):  # all recovered first: the weights are already in place
+        ours = {n for i in kept[:prefix] for n in results[i].block.trainable if n in closed_form}
+        for name in closed_form:
+            inits[name].CopyFrom(recovered[name] if name in ours else closed_form[name])
+        errors[prefix] = judge(model)
+    best = min(prefixes, key=lambda k: (errors[k], k))
+    if errors[best] >= errors[0]:
+        best = 0
+    ours = {n for i in kept[:best] for n in results[i].block.trainable if n in closed_form}
+    for name in closed_form:
+        inits[name].CopyFrom(recovered[name] if name in ours else closed_form[name])
+    log.info("recover: the network's guard error by recovered blocks kept: %s",
+             ", ".join(f"{k}: {errors[k]:.4g}" for k in prefixes))
+    put_back = set(kept[best:])
+    results = [replace(r, status=Status.REJECTED, reason="put back by the network guard") if i in put_back else r
+               for i, r in enumerate(results)]
+    if best == 0:
+        return results, (f"recover: the network's output error on the guard samples rose ({errors[0]:.4g} closed-form, "
+                         f"{errors[count]:.4g} recovered): every block keeps its closed-form weights")
+    return results, (f"recover: the network's output error on the guard samples: {errors[0]:.4g} closed-form, "
+                     f"{errors[best]:.4g} with the first {best} of {count} recovered blocks (kept)"
+                     + (f", {errors[count]:.4g} with all" if best < count else ""))
 
 
-def _output_error(original: onnx.ModelProto, model: onnx.ModelProto, samples: CalibrationSet, batch: int) -> float:
-    """Sum over the graph outputs of the squared error to the original's over its variance (float outputs; the
-    positions of padding tokens left out, as the verdict leaves them)."""
-    sessions = [validate.session(m) for m in (original, model)]  # each its own options (a view's binds them)
-    inputs = {i.name for i in sessions[0].get_inputs()}
-    mask_name = ir.token_mask_input(original)
+def _copy(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    out = onnx.TensorProto()
+    out.CopyFrom(tensor)
+    return out
+
+
+class _OutputError:
+    """A model's output error to the original's on `samples`: the sum over the graph outputs of the squared error
+    over the original output's variance (float outputs; the positions of padding tokens left out, as the verdict
+    leaves them). The original's session is built once; each call builds one for the model judged."""
+
+    def __init__(self, original: onnx.ModelProto, samples: CalibrationSet, batch: int) -> None:
+        self._original = validate.session(original)  # each session its own options (a view's binds them)
+        self._mask = ir.token_mask_input(original)
+        self._samples = samples
+        self._batch = batch
+
+    def __call__(self, model: onnx.ModelProto) -> float:
+        return _output_error(self._original, validate.session(model), self._mask, self._samples, self._batch)
+
+
+def _output_error(original: ort.InferenceSession, model: ort.InferenceSession, mask_name: str | None,
+                  samples: CalibrationSet, batch: int) -> float:
+    sessions = (original, model)
+    inputs = {i.name for i in original.get_inputs()}
     sums: dict[int, list[float]] = {}
     for feed in samples.iter_batches(batch):
         want, got = (s.run(None, {k: v for k, v in feed.items() if k in inputs}) for s in sessions)
