@@ -223,7 +223,7 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
     held = _collect(inputs, targets, block, samples, data_budget)
     if isinstance(held, str):
         return BlockResult(block, Status.SKIPPED, held)
-    x_train, y_train, x_guard, y_guard, shared, m_train, m_guard = held
+    x_train, y_train, x_guard, y_guard, fixed, m_train, m_guard = held
     inits = {t.name: t for t in model.graph.initializer}
     used = {t for n in block.nodes for t in nodes[n].input if t in inits}
     values = {name: numpy_helper.to_array(inits[name]) for name in used}
@@ -231,7 +231,7 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
     started = time.perf_counter()
     try:
         net = TorchBlock([nodes[n] for n in block.nodes], values, block.trainable, block.inputs, block.outputs)
-        before = _error(net, x_guard, y_guard, m_guard, shared, block, scale, settings.batch)
+        before = _error(net, x_guard, y_guard, m_guard, fixed, block, scale, settings.batch)
     except (Unsupported, RuntimeError, ValueError, IndexError, TypeError) as exc:  # torch reports shape errors so
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return BlockResult(block, Status.SKIPPED, f"not run by torch: {first}")
@@ -250,17 +250,17 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
             group["lr"] = settings.lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / settings.steps))
         pick = torch.randint(0, n_train, (settings.batch,), generator=generator)
         loss = _loss(net, [x[pick] for x in x_train], [y[pick] for y in y_train],
-                     None if m_train is None else m_train[pick], shared, block, scale)
+                     None if m_train is None else m_train[pick], fixed, block, scale)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
         steps = step
         if step in checkpoints:
-            now = _error(net, x_guard, y_guard, m_guard, shared, block, scale, settings.batch)
+            now = _error(net, x_guard, y_guard, m_guard, fixed, block, scale, settings.batch)
             if now < best:
                 best, best_values = now, net.values()
     if steps not in checkpoints and steps:
-        now = _error(net, x_guard, y_guard, m_guard, shared, block, scale, settings.batch)
+        now = _error(net, x_guard, y_guard, m_guard, fixed, block, scale, settings.batch)
         if now < best:
             best, best_values = now, net.values()
     spent = time.perf_counter() - started
@@ -373,7 +373,7 @@ def _kept_only(batch: dict[str, np.ndarray], kept: Kept) -> dict[str, np.ndarray
             for name, value in batch.items()}
 
 
-Held = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], dict[str, torch.Tensor],
+Held = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], "BlockFeeds",
              torch.Tensor | None, torch.Tensor | None]
 
 
@@ -385,16 +385,24 @@ def _collect(inputs: Iterator[dict[str, np.ndarray]], targets: Iterator[dict[str
     guard_set = set(guard.tolist())
     taken: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])  # positions of the guard and training samples
     train_set: set[int] | None = None
+    first_count = 0
     batched: set[str] = set()
     shared: dict[str, np.ndarray] = {}
+    folded: dict[str, int] = {}  # per-sample tensors whose first axis is samples x k: name -> k
     parts: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
     done = 0
     for feed, want in zip(inputs, targets):
         count = next(iter(want.values())).shape[0]
         if train_set is None:
+            first_count = count
             for name, value in feed.items():
                 if value.ndim and value.shape[0] == count:
                     batched.add(name)
+                elif value.ndim >= 2 and count > 1 and value.shape[0] % count == 0:
+                    # a sample-major flattening of per-sample rows (BERT exports build the attention mask from a
+                    # Flatten of [N, T] to [N * T, 1]): held as [N, k, ...], flattened back for the block
+                    batched.add(name)
+                    folded[name] = value.shape[0] // count
                 else:
                     shared[name] = value
             out_bytes = sum(v.nbytes for v in want.values()) // max(count, 1)
@@ -417,7 +425,12 @@ def _collect(inputs: Iterator[dict[str, np.ndarray]], targets: Iterator[dict[str
         taken[1].append(positions[in_train])
         for name, value in [*feed.items(), *(("\0" + k, v) for k, v in want.items())]:
             if name in shared:
+                # a batch of another size has other shape tensors; one of the same size must not differ
+                if count == first_count and (value.shape != shared[name].shape or not np.array_equal(value, shared[name])):
+                    return f"it reads {name}, which changes from batch to batch and has no batch axis"
                 continue
+            if name in folded:
+                value = value.reshape(count, folded[name], *value.shape[1:])
             g, t = parts.setdefault(name, ([], []))
             if in_guard.any():
                 g.append(np.ascontiguousarray(value[in_guard]))
@@ -433,17 +446,31 @@ def _collect(inputs: Iterator[dict[str, np.ndarray]], targets: Iterator[dict[str
     if not y_train or y_train[0].shape[0] < MIN_TRAIN or y_guard[0].shape[0] == 0:
         return f"too few samples fit the memory budget ({0 if not y_train else y_train[0].shape[0]})"
     masks = [None if samples.tokens is None else torch.from_numpy(samples.tokens[np.concatenate(k)]) for k in taken]
-    return (x_train, y_train, x_guard, y_guard, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in shared.items()},
-            masks[1], masks[0])
+    fixed = BlockFeeds({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in shared.items()}, frozenset(folded))
+    return x_train, y_train, x_guard, y_guard, fixed, masks[1], masks[0]
 
 
 def _cat(arrays: Sequence[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(arrays) if len(arrays) != 1 else arrays[0])
 
 
-def _run(net: TorchBlock, xs: Sequence[torch.Tensor], shared: dict[str, torch.Tensor], block: Block) -> list[torch.Tensor]:
+@dataclass(frozen=True)
+class BlockFeeds:
+    """How a block's inputs other than the per-sample batches are fed."""
+
+    shared: dict[str, torch.Tensor]  # the same for every batch (shape tensors): fed as they are
+    folded: frozenset[str]  # held [samples, k, ...], fed as [samples * k, ...]
+
+
+def _run(net: TorchBlock, xs: Sequence[torch.Tensor], fixed: BlockFeeds, block: Block) -> list[torch.Tensor]:
     it = iter(xs)
-    args = [shared[name] if name in shared else next(it) for name in block.inputs]
+    args = []
+    for name in block.inputs:
+        if name in fixed.shared:
+            args.append(fixed.shared[name])
+            continue
+        x = next(it)
+        args.append(x.reshape(-1, *x.shape[2:]) if name in fixed.folded else x)
     return net(*args)
 
 
@@ -469,8 +496,8 @@ def _variance(y: torch.Tensor, tokens: torch.Tensor | None) -> float:
 
 
 def _loss(net: TorchBlock, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], tokens: torch.Tensor | None,
-          shared: dict[str, torch.Tensor], block: Block, scale: Sequence[float]) -> torch.Tensor:
-    outs = _run(net, xs, shared, block)
+          fixed: BlockFeeds, block: Block, scale: Sequence[float]) -> torch.Tensor:
+    outs = _run(net, xs, fixed, block)
     total = torch.zeros((), dtype=torch.float32)
     for out, y, s in zip(outs, ys, scale):
         if tuple(out.shape) != tuple(y.shape):
@@ -480,7 +507,7 @@ def _loss(net: TorchBlock, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor
 
 
 def _error(net: TorchBlock, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], tokens: torch.Tensor | None,
-           shared: dict[str, torch.Tensor], block: Block, scale: Sequence[float], batch: int) -> float:
+           fixed: BlockFeeds, block: Block, scale: Sequence[float], batch: int) -> float:
     """The normalised squared error on held samples (batch by batch, no gradients; a batch counts by its samples)."""
     n = ys[0].shape[0]
     total = 0.0
@@ -489,7 +516,7 @@ def _error(net: TorchBlock, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tenso
             part = slice(start, start + batch)
             count = min(batch, n - start)
             total += float(_loss(net, [x[part] for x in xs], [y[part] for y in ys],
-                                 None if tokens is None else tokens[part], shared, block, scale)) * count
+                                 None if tokens is None else tokens[part], fixed, block, scale)) * count
     return total / max(n, 1)
 
 
