@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.parser
 import onnxruntime as ort
 import pytest
 from conftest import SAMPLE_FMNIST, SAMPLE_LENET
@@ -152,6 +153,34 @@ def test_a_flattened_per_sample_mask_is_fed_sample_by_sample(tmp_path: Path) -> 
     (block,) = result.results
     assert set(block.block.inputs) == {"x", "f", "s"} and block.status is Status.REJECTED  # fed, nothing to gain
     assert block.before < 1e-12, block.before
+
+
+def test_an_output_read_by_a_layer_norm_is_compared_as_the_norm_sees_it() -> None:
+    """A residual sum read by a LayerNormalization (post-LN transformers) is compared after centring over the
+    channels and dividing by the original's sigma_t: an error the same on every channel vanishes in the norm and
+    costs nothing; the same error on a token ten times wider costs a hundredth. Found only for a norm over the
+    last axis; an output no norm reads is compared as it is."""
+    torch = pytest.importorskip("torch")
+    from onnxslim_prune.recover.fit import _as_seen, _inverse_std, _layer_norms
+
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, T, 4] a, float[N, T, 4] b) => (float[N, T, 4] y, float[N, T, 4] z) {
+      y = LayerNormalization <epsilon: float = 1e-6> (a, gamma, beta)
+      z = LayerNormalization <axis: int = 1> (b, gamma, beta)
+    }""")
+    assert _layer_norms(model, ["a", "b", "c"]) == [pytest.approx(1e-6), None, None]
+
+    rng = np.random.default_rng(0)
+    y = torch.from_numpy(rng.normal(size=(1, 2, 4)).astype(np.float32))
+    y[0, 1] = 10.0 * y[0, 0]  # the second token is the first ten times wider
+    inv = _inverse_std(y, 1e-6)
+    shift = torch.full_like(y, 0.3)
+    assert float(((_as_seen(y + shift, inv) - _as_seen(y, inv)) ** 2).max()) < 1e-10
+    bump = torch.zeros_like(y)
+    bump[..., 0] = 0.5
+    err = ((_as_seen(y + bump, inv) - _as_seen(y, inv)) ** 2).sum(dim=-1)[0]
+    assert float(err[0] / err[1]) == pytest.approx(100.0, rel=1e-3)
+    assert _inverse_std(y, None) is None and _as_seen(y, None) is y
 
 
 def test_padding_tokens_count_in_no_loss_or_guard(tmp_path: Path) -> None:

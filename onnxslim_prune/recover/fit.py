@@ -227,11 +227,13 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
     inits = {t.name: t for t in model.graph.initializer}
     used = {t for n in block.nodes for t in nodes[n].input if t in inits}
     values = {name: numpy_helper.to_array(inits[name]) for name in used}
-    scale = [_variance(y, m_train) or 1.0 for y in y_train]
+    epsilons = _layer_norms(model, block.outputs)
+    n_train, n_guard = ([_inverse_std(y, eps) for y, eps in zip(ys, epsilons)] for ys in (y_train, y_guard))
+    scale = [_variance(_as_seen(y, inv), m_train) or 1.0 for y, inv in zip(y_train, n_train)]
     started = time.perf_counter()
     try:
         net = TorchBlock([nodes[n] for n in block.nodes], values, block.trainable, block.inputs, block.outputs)
-        before = _error(net, x_guard, y_guard, m_guard, fixed, block, scale, settings.batch)
+        before = _error(net, x_guard, y_guard, n_guard, m_guard, fixed, block, scale, settings.batch)
     except (Unsupported, RuntimeError, ValueError, IndexError, TypeError) as exc:  # torch reports shape errors so
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return BlockResult(block, Status.SKIPPED, f"not run by torch: {first}")
@@ -239,7 +241,7 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
         return BlockResult(block, Status.SKIPPED, "the closed-form block's error is not finite")
     best, best_values = before, None
     optimiser = torch.optim.Adam(list(net.weights), lr=settings.lr)
-    n_train = x_train[0].shape[0] if x_train else y_train[0].shape[0]
+    train_count = x_train[0].shape[0] if x_train else y_train[0].shape[0]
     generator = torch.Generator().manual_seed(settings.seed + 7919 * block.index)
     checkpoints = {max(1, round(settings.steps * (k + 1) / CHECKPOINTS)) for k in range(CHECKPOINTS)}
     steps = 0
@@ -248,23 +250,23 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
             break
         for group in optimiser.param_groups:  # cosine decay to zero
             group["lr"] = settings.lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / settings.steps))
-        pick = torch.randint(0, n_train, (settings.batch,), generator=generator)
-        loss = _loss(net, [x[pick] for x in x_train], [y[pick] for y in y_train],
+        pick = torch.randint(0, train_count, (settings.batch,), generator=generator)
+        loss = _loss(net, [x[pick] for x in x_train], [y[pick] for y in y_train], _rows(n_train, pick),
                      None if m_train is None else m_train[pick], fixed, block, scale)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
         steps = step
         if step in checkpoints:
-            now = _error(net, x_guard, y_guard, m_guard, fixed, block, scale, settings.batch)
+            now = _error(net, x_guard, y_guard, n_guard, m_guard, fixed, block, scale, settings.batch)
             if now < best:
                 best, best_values = now, net.values()
     if steps not in checkpoints and steps:
-        now = _error(net, x_guard, y_guard, m_guard, fixed, block, scale, settings.batch)
+        now = _error(net, x_guard, y_guard, n_guard, m_guard, fixed, block, scale, settings.batch)
         if now < best:
             best, best_values = now, net.values()
     spent = time.perf_counter() - started
-    result = BlockResult(block, Status.KEPT, "", steps, spent, before, best, n_train, int(y_guard[0].shape[0]))
+    result = BlockResult(block, Status.KEPT, "", steps, spent, before, best, train_count, int(y_guard[0].shape[0]))
     if best_values is None:
         return replace(result, status=Status.REJECTED, reason="the guard samples' error did not improve")
     for name, value in best_values.items():
@@ -495,19 +497,54 @@ def _variance(y: torch.Tensor, tokens: torch.Tensor | None) -> float:
     return float(_masked_mean((y - _masked_mean(y, tokens)) ** 2, tokens))
 
 
-def _loss(net: TorchBlock, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], tokens: torch.Tensor | None,
-          fixed: BlockFeeds, block: Block, scale: Sequence[float]) -> torch.Tensor:
+def _layer_norms(model: onnx.ModelProto, names: Sequence[str]) -> list[float | None]:
+    """Per name, the epsilon of the LayerNormalization over the last axis that reads it (None: none does)."""
+    out: list[float | None] = [None] * len(names)
+    for node in model.graph.node:
+        if node.op_type != "LayerNormalization" or not node.input or node.input[0] not in names:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("axis", -1) == -1:  # a positive last axis is rare in exports: treated as no norm
+            out[list(names).index(node.input[0])] = float(attrs.get("epsilon", 1e-5))
+    return out
+
+
+def _inverse_std(y: torch.Tensor, eps: float | None) -> torch.Tensor | None:
+    """``1 / sigma_t`` of the original's output over its last axis, where a LayerNormalization reads it (None else)."""
+    if eps is None or y.dim() < 2:
+        return None
+    return torch.rsqrt(y.double().var(dim=-1, unbiased=False, keepdim=True) + eps).float()
+
+
+def _as_seen(value: torch.Tensor, inverse_std: torch.Tensor | None) -> torch.Tensor:
+    """`value` as the LayerNormalization after it sees it, up to its scale and shift: centred over the channels and
+    divided by the original's ``sigma_t`` (post-LN transformers: BERT's tokens differ tenfold in ``sigma_t``, and
+    an error on a wide token is that much smaller after the norm). Unchanged where no norm reads it."""
+    if inverse_std is None:
+        return value
+    value = value.float()
+    return (value - value.mean(dim=-1, keepdim=True)) * inverse_std
+
+
+def _rows(values: Sequence[torch.Tensor | None], index: torch.Tensor | slice) -> list[torch.Tensor | None]:
+    return [None if v is None else v[index] for v in values]
+
+
+def _loss(net: TorchBlock, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], norms: Sequence[torch.Tensor | None],
+          tokens: torch.Tensor | None, fixed: BlockFeeds, block: Block, scale: Sequence[float]) -> torch.Tensor:
+    """The squared error of each compared output to the original's (as a norm after it sees both, `_as_seen`),
+    over its variance, summed."""
     outs = _run(net, xs, fixed, block)
     total = torch.zeros((), dtype=torch.float32)
-    for out, y, s in zip(outs, ys, scale):
+    for out, y, inv, s in zip(outs, ys, norms, scale):
         if tuple(out.shape) != tuple(y.shape):
             raise Unsupported(f"output shape {tuple(out.shape)} differs from the original's {tuple(y.shape)}")
-        total = total + _masked_mean((out.float() - y.float()) ** 2, tokens) / s
+        total = total + _masked_mean((_as_seen(out.float(), inv) - _as_seen(y.float(), inv)) ** 2, tokens) / s
     return total
 
 
-def _error(net: TorchBlock, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], tokens: torch.Tensor | None,
-           fixed: BlockFeeds, block: Block, scale: Sequence[float], batch: int) -> float:
+def _error(net: TorchBlock, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], norms: Sequence[torch.Tensor | None],
+           tokens: torch.Tensor | None, fixed: BlockFeeds, block: Block, scale: Sequence[float], batch: int) -> float:
     """The normalised squared error on held samples (batch by batch, no gradients; a batch counts by its samples)."""
     n = ys[0].shape[0]
     total = 0.0
@@ -515,7 +552,7 @@ def _error(net: TorchBlock, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tenso
         for start in range(0, n, batch):
             part = slice(start, start + batch)
             count = min(batch, n - start)
-            total += float(_loss(net, [x[part] for x in xs], [y[part] for y in ys],
+            total += float(_loss(net, [x[part] for x in xs], [y[part] for y in ys], _rows(norms, part),
                                  None if tokens is None else tokens[part], fixed, block, scale)) * count
     return total / max(n, 1)
 
