@@ -347,3 +347,14 @@ def test_channel_lines_recover_a_per_channel_affine_map_of_a_normalisation() -> 
     scale, none = rms.fit(1e-6, reconstruct.DEFAULT_RIDGE_ROWS)
     assert none is None
     np.testing.assert_allclose(scale[live], a[live], rtol=1e-3)
+
+
+def test_recovery_turns_error_correction_off_unless_asked() -> None:
+    """``--recover`` after a refit with error correction undoes what the downstream refits corrected (the module's
+    `default_error_correction`): its default refit is the consumers' only; ``--error-correction`` still asks for it."""
+    def corrected(values: dict[str, object]) -> bool:
+        return reconstruct.Settings.from_params(methods.CommonParams.parse(values), 32, 0).error_correction
+
+    assert corrected({}) is True and corrected({"recover": True}) is False
+    assert corrected({"recover": True, "error_correction": True}) is True
+    assert corrected({"error_correction": False}) is False
