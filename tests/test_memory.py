@@ -523,3 +523,40 @@ def test_selection_covariances_past_their_share_wait_in_files_and_give_the_same_
     assert folder.is_dir()
     del mine
     assert not folder.exists()
+
+
+def test_shapes_read_by_running_are_fetched_a_part_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run that reads shapes inference cannot give returns every output it fetches at once (SmolLM2-135M: 816
+    tensors of one window, 0.6 GB, the peak of its run): it fetches them a part at a time, within
+    `SHAPE_FETCH_BYTES`, and reads the same shapes."""
+    import onnxruntime as ort
+
+    from onnxslim_prune.graph import shapes
+
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 64] x) => (int64[2, A] n1, int64[2, B] n2, int64[2, C] n3, int64[2, D] n4) {
+      r = Relu (x)
+      n1 = NonZero (r)
+      a = Abs (x)
+      n2 = NonZero (a)
+      s = Sigmoid (x)
+      n3 = NonZero (s)
+      e = Exp (x)
+      n4 = NonZero (e)
+    }""")
+    fetched: list[int] = []
+
+    class Recording(ort.InferenceSession):  # type: ignore[misc]
+        def run(self, names: Any, feeds: Any, *args: Any) -> Any:
+            fetched.append(len(names))
+            return super().run(names, feeds, *args)
+
+    monkeypatch.setattr(ort, "InferenceSession", Recording)
+    whole = shapes.static_shapes(model, {"x": (3, 64)})
+    assert fetched == [4]
+    fetched.clear()
+    monkeypatch.setattr(shapes, "FIRST_SHAPE_FETCH", 1)
+    monkeypatch.setattr(shapes, "SHAPE_FETCH_BYTES", 1)
+    parts = shapes.static_shapes(model, {"x": (3, 64)})
+    assert len(fetched) > 1 and sum(fetched) == 4 and parts == whole  # each output fetched once, in parts
+    assert whole["n1"] == (2, 0) and whole["n2"] == (2, 0) and whole["n3"] == (2, 192) and whole["n4"] == (2, 192)

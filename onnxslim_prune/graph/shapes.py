@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -23,6 +24,9 @@ from . import edit, filebacked
 from .io import FLOAT_TYPES, MAPPED_MIN_BYTES, exceeds_proto_limit, save_external, without_initializers
 from .read import EqualValues
 from .runtime import inference_session
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
@@ -340,14 +344,36 @@ def _shapes_by_running(
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         sess = inference_session(model, opts)
-        values = sess.run(names, feeds)
+        shapes = _fetched_shapes(sess, names, feeds)
     except Exception as exc:  # tracing stays conservative: unknown shapes freeze
         log.warning("could not run the model to read shapes: %s", str(exc).splitlines()[0])
         return {}
     finally:
         del model.graph.output[count:]
     log.info("read %d tensor shapes from an onnxruntime run", len(names))
-    return {n: tuple(np.shape(v)) for n, v in zip(names, values)}
+    return shapes
+
+
+#: most bytes of probed tensors one shape-reading run returns (the first run takes `FIRST_SHAPE_FETCH` outputs)
+SHAPE_FETCH_BYTES = 64 << 20
+FIRST_SHAPE_FETCH = 32
+
+
+def _fetched_shapes(sess: ort.InferenceSession, names: list[str], feeds: Mapping[str, np.ndarray]) -> dict[str, Shape]:
+    """The shapes of `names`, fetched a part at a time so that the outputs of one run stay near
+    `SHAPE_FETCH_BYTES`: a run returns every output it is asked for at once (SmolLM2-135M's 816 tensors of one
+    window, 0.6 GB beside the selection's statistics, were the peak of its run); a run computes only what the
+    outputs it fetches need."""
+    shapes: dict[str, Shape] = {}
+    fetched_bytes, start, size = 0, 0, FIRST_SHAPE_FETCH
+    while start < len(names):
+        part = names[start:start + size]
+        for name, value in zip(part, sess.run(part, feeds)):
+            shapes[name] = tuple(np.shape(value))
+            fetched_bytes += int(getattr(value, "nbytes", 0))
+        start += len(part)
+        size = max(FIRST_SHAPE_FETCH, int(SHAPE_FETCH_BYTES * start / max(fetched_bytes, 1)))
+    return shapes
 
 
 def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
