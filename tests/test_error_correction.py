@@ -349,12 +349,16 @@ def test_channel_lines_recover_a_per_channel_affine_map_of_a_normalisation() -> 
     np.testing.assert_allclose(scale[live], a[live], rtol=1e-3)
 
 
-def test_recovery_turns_error_correction_off_unless_asked() -> None:
-    """``--recover`` after a refit with error correction undoes what the downstream refits corrected (the module's
-    `default_error_correction`): its default refit is the consumers' only; ``--error-correction`` still asks for it."""
-    def corrected(values: dict[str, object]) -> bool:
-        return reconstruct.Settings.from_params(methods.CommonParams.parse(values), 32, 0).error_correction
+def test_recovery_turns_error_correction_off_on_transformers_unless_asked() -> None:
+    """``--recover`` after a refit with error correction undoes what the downstream refits corrected on a
+    transformer (the module's `default_error_correction`): its default refit there is the consumers' only, and
+    ``--error-correction`` still asks for it; a CNN keeps error correction (it measured better on Lite1)."""
+    from onnxslim_prune.methods.defaults import ModelKind
+
+    def corrected(values: dict[str, object], kind: ModelKind = ModelKind.TRANSFORMER) -> bool:
+        return reconstruct.Settings.from_params(methods.CommonParams.parse(values), 32, 0, kind=kind).error_correction
 
     assert corrected({}) is True and corrected({"recover": True}) is False
     assert corrected({"recover": True, "error_correction": True}) is True
     assert corrected({"error_correction": False}) is False
+    assert corrected({"recover": True}, ModelKind.OTHER) is True

@@ -424,10 +424,8 @@ def test_a_pruned_residual_stream_is_compared_on_the_channels_it_keeps(tmp_path:
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     np.savez(tmp_path / "c.npz", x=np.random.default_rng(4).normal(size=(400, 16)).astype(np.float32))
-    # with --recover the refit is the consumers' only (`default_error_correction`): the run without says so
     runs = {flag: prune(str(path), "l1", 0.5, calib=str(tmp_path / "c.npz"), latency=False, seed=0,
-                        params={"recover": True, "recover_steps": 300, "recover_lr": 1e-3} if flag
-                        else {"error_correction": False})
+                        params={"recover": True, "recover_steps": 300, "recover_lr": 1e-3} if flag else None)
             for flag in (False, True)}
     stream = [t for t in runs[True].model.graph.initializer if t.name == "ws"][0]
     assert list(stream.dims) == [16, 8]  # the stream lost half its channels

@@ -180,7 +180,7 @@ class CommonParams:
                                        help="Least-squares refit of consumers [default: on with --calib].")
     error_correction: bool | None = setting(None, BOOL, flag="--error-correction", switch=True, planning=False,
                                             help="The refit also fits every linear layer downstream of a cut, in order, "
-                                                 "so later layers correct earlier cuts [default: on, off with --recover].")
+                                                 "so later layers correct earlier cuts [default: on; off with --recover on a transformer].")
     refit: Refit = setting(Refit.LS, choice(*(r.value for r in Refit)), flag="--refit",
                            choices=tuple(r.value for r in Refit), omit=Refit.LS, planning=False,
                          help="What the refit changes: ls, weights and bias by least squares; mean, the bias only, "

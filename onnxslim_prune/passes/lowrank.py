@@ -66,6 +66,7 @@ from ..channels import Kind
 from ..calib.threads import blas_limited
 from ..graph import edit, qdq
 from ..methods.base import Context, LowRankParams, Options, Outcome
+from ..methods.defaults import model_kind
 from ..roundto import Rounding
 from . import reconstruct as rc
 from .datadriven import input_covariances, layer_covariance, need_calibration
@@ -351,7 +352,7 @@ def lowrank(ctx: Context) -> Outcome:
         return Outcome(Plan(()), notes=tuple(notes))
     refit = None
     if rc.wants_reconstruction(ctx):
-        settings = rc.Settings.from_params(params, ctx.options.batch_size, ctx.options.seed)
+        settings = rc.Settings.from_params(params, ctx.options.batch_size, ctx.options.seed, kind=model_kind(ctx.model))
         refit = rc.Reconstructor(ctx.model, ctx.trace, Plan(()), ctx.calibration, tuple(d.node for d in decompositions),
                                  settings, ctx.progress)
     return Outcome(Plan(()), notes=tuple(notes), finish=Decomposer(decompositions, refit))
