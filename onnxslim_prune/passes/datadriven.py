@@ -47,17 +47,17 @@ fall back to ``l1`` with a note.
 from __future__ import annotations
 
 import logging
-import tempfile
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import ir
 from ..channels import Group, Kind, Part, Role, Trace, transformer_part
+from ..calib.engine import FrontierStore
 from ..calib.threads import blas_limited
 from ..calib.memory import calibration_budget, explicit_budget
 from ..calib.statistic import ActivationMoments, RowSampler, RowWeights, SampledGrams, collect
@@ -210,50 +210,49 @@ def layer_covariance(cov: Covariances, layer: rc.Layer) -> tuple[np.ndarray, np.
 #: the covariances `input_covariances` returns hold at most 1 / COVARIANCE_SHARE of the budget in memory (the rest
 #: wait in files): with a chunk's Gram matrices (a half) and one batch's exposed inputs (a quarter) it adds up to it
 COVARIANCE_SHARE = 4
+#: the label of the covariances' `FrontierStore` (its log lines say it)
+COVARIANCE_LABEL = "selection covariances"
 
 
 class CovarianceStore(Mapping[str, tuple[np.ndarray, np.ndarray]]):
-    """``layer key -> (S, mean)``, in memory up to `budget` bytes and beyond it in ``.npy`` files of a scratch
-    folder, read back at each look-up (a selection reads each a few times). SmolLM2-135M's 121 layers have 0.8 GB of
-    float64 covariances, which a ``--calib-memory 1G`` run cannot hold beside its model. The folder is a
-    `tempfile.TemporaryDirectory`: removed when the store is collected, or at exit (Ctrl-C)."""
+    """``layer key -> (S, mean)`` in a `calib.engine.FrontierStore` of one batch: in memory up to `budget` bytes,
+    beyond it in ``.npy`` files, read back at each look-up (a selection reads each a few times). SmolLM2-135M's 121
+    layers have 0.8 GB of float64 covariances, which a ``--calib-memory 1G`` run cannot hold beside its model. The
+    files go when the store is collected, or at exit (Ctrl-C)."""
 
     def __init__(self, budget: int, order: Sequence[str]) -> None:
-        self.budget = budget
         self._order = list(order)  # iteration follows the network, whatever order the passes filled it in
-        self._memory: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._files: dict[str, tuple[Path, Path]] = {}
-        self._bytes = 0
-        self._folder: tempfile.TemporaryDirectory[str] | None = None
+        self._keys: set[str] = set()
+        self._store = FrontierStore(budget, COVARIANCE_LABEL)
+        weakref.finalize(self, self._store.close)
+
+    @property
+    def spilled(self) -> bool:
+        return self._store.spilled
 
     def put(self, key: str, value: tuple[np.ndarray, np.ndarray]) -> None:
-        size = sum(v.nbytes for v in value)
-        if self._bytes + size <= self.budget:
-            self._memory[key] = value
-            self._bytes += size
-            return
-        if self._folder is None:
-            self._folder = tempfile.TemporaryDirectory(prefix="onnxslim-covariances-")
-            log.info("selection statistics: covariances past %d MiB wait in %s", self.budget >> 20, self._folder.name)
-        paths = tuple(Path(self._folder.name) / f"{len(self._files)}-{part}.npy" for part in ("s", "mean"))
-        for path, v in zip(paths, value):
-            np.save(path, v, allow_pickle=False)
-        self._files[key] = (paths[0], paths[1])
+        self._store.put(0, dict(zip(_parts(key), value)))
+        self._keys.add(key)
 
     def __getitem__(self, key: str) -> tuple[np.ndarray, np.ndarray]:
-        if key in self._memory:
-            return self._memory[key]
-        s_path, mean_path = self._files[key]  # KeyError for a key never put, as a dict
-        return np.load(s_path, allow_pickle=False), np.load(mean_path, allow_pickle=False)
+        if key not in self._keys:
+            raise KeyError(key)
+        s_name, mean_name = _parts(key)
+        got = self._store.get(0, [s_name, mean_name])
+        return got[s_name], got[mean_name]
 
     def __iter__(self) -> Iterator[str]:
-        return (k for k in self._order if k in self._memory or k in self._files)
+        return (k for k in self._order if k in self._keys)
 
     def __len__(self) -> int:
-        return len(self._memory) + len(self._files)
+        return len(self._keys)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._memory or key in self._files
+        return key in self._keys
+
+
+def _parts(key: str) -> tuple[str, str]:
+    return f"{key}\0S", f"{key}\0mean"
 
 
 @dataclass

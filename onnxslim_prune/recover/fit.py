@@ -270,8 +270,7 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
     if best_values is None:
         return replace(result, status=Status.REJECTED, reason="the guard samples' error did not improve")
     for name, value in best_values.items():
-        closed_form[name] = onnx.TensorProto()
-        closed_form[name].CopyFrom(inits[name])
+        closed_form[name] = _copy(inits[name])
         inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
     return result
 
@@ -296,19 +295,22 @@ def _network_guard(original: onnx.ModelProto, model: onnx.ModelProto, samples: C
     count = len(kept)
     prefixes = sorted({round(k * count / (MAX_PREFIXES - 1)) for k in range(MAX_PREFIXES)}) if count >= MAX_PREFIXES \
         else list(range(count + 1))
+
+    def use_prefix(prefix: int) -> None:
+        """The recovered weights in the first `prefix` recovered blocks, the closed-form ones elsewhere."""
+        ours = {n for i in kept[:prefix] for n in results[i].block.trainable}
+        for name in closed_form:
+            inits[name].CopyFrom(recovered[name] if name in ours else closed_form[name])
+
     judge = _OutputError(original, samples, batch)
     errors: dict[int, float] = {}
     for prefix in reversed(prefixes):  # all recovered first: the weights are already in place
-        ours = {n for i in kept[:prefix] for n in results[i].block.trainable if n in closed_form}
-        for name in closed_form:
-            inits[name].CopyFrom(recovered[name] if name in ours else closed_form[name])
+        use_prefix(prefix)
         errors[prefix] = judge(model)
     best = min(prefixes, key=lambda k: (errors[k], k))
     if errors[best] >= errors[0]:
         best = 0
-    ours = {n for i in kept[:best] for n in results[i].block.trainable if n in closed_form}
-    for name in closed_form:
-        inits[name].CopyFrom(recovered[name] if name in ours else closed_form[name])
+    use_prefix(best)
     log.info("recover: the network's guard error by recovered blocks kept: %s",
              ", ".join(f"{k}: {errors[k]:.4g}" for k in prefixes))
     put_back = set(kept[best:])
