@@ -80,6 +80,13 @@ def shared_gemm(trans_b_second: int) -> onnx.ModelProto:
     return model
 
 
+def assert_close(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
+    """Outputs equal within `TOL` relative to their largest magnitude: the siamese outputs reach 150, where float32
+    rounding of a conv with fewer channels (another kernel path on another CPU) is 2e-5."""
+    scale = max(float(np.abs(y).max()) for y in M.run(original, M.inputs_for(original, 0)))
+    assert M.max_abs_diff(original, pruned) <= TOL * max(1.0, scale)
+
+
 def weight_of(model: onnx.ModelProto, node: str) -> str:
     return next(n.input[1] for n in model.graph.node if n.name == node)
 
@@ -101,7 +108,7 @@ def test_shared_weights_prune_alike_and_stay_shared() -> None:
     assert inits[weight_of(pruned, "headA")] == (4, 5, 1, 1)
     assert len(inits) == 3
     assert result.report.after.params < result.report.before.params
-    assert M.max_abs_diff(model, pruned) <= TOL
+    assert_close(model, pruned)
 
 
 def test_budget_counts_a_shared_weight_once() -> None:
@@ -126,7 +133,7 @@ def test_aliases_and_channel_neutral_attributes_still_share(variant: str) -> Non
     result = prune(model, "l1", 0.25)
     assert weight_of(result.model, "convA") == weight_of(result.model, "convB")
     assert {tuple(i.dims) for i in result.model.graph.initializer if i.name == weight_of(result.model, "convA")} == {(5, 6, 3, 3)}
-    assert M.max_abs_diff(model, result.model) <= TOL
+    assert_close(model, result.model)
 
 
 def test_users_that_cannot_be_pruned_alike_are_frozen_with_the_reason() -> None:
@@ -171,7 +178,7 @@ def test_equal_copies_are_shared_and_a_copy_differing_outside_the_sample_is_not(
     assert (nodes["convA"].inputs[1] is nodes["convB"].inputs[1]) is not change_unsampled  # one constant object
     result = prune(model, "l1", 0.25)
     assert (weight_of(result.model, "convA") == weight_of(result.model, "convB")) is not change_unsampled
-    assert M.max_abs_diff(model, result.model) <= TOL
+    assert_close(model, result.model)
 
 
 def test_equal_values_compares_bytes() -> None:
