@@ -70,7 +70,7 @@ from .graph.shapes import (
 )
 from .graph.edit import working_copy
 from .graph.filebacked import settle
-from .graph.runtime import inference_session, takes_scratch_file
+from .graph.runtime import calibration_options, inference_session, takes_scratch_file
 from .graph.normalize import (
     to_graph,
 )
@@ -96,6 +96,7 @@ __all__ = [
     "materialized",
     "ScratchFile",
     "export_weightless",
+    "calibration_options",
     "inference_session",
     "takes_scratch_file",
     "token_mask_input",

@@ -129,10 +129,7 @@ def exposed_session(
     would hold the weights a third time while the session is made (SmolLM2: 0.5 GB more at
     every statistics pass). `weights`: the model a weightless cut of it reads its weights from.
     """
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: the library never prints
-    # the caller reduces each batch with numpy between runs: idle ORT threads must not spin meanwhile
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = ir.calibration_options()
     bare = ir.without_initializers(model)
     bare.graph.output.extend(_added_outputs(model, names, None))
     try:

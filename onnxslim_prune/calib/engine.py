@@ -315,9 +315,7 @@ class StagedPasses:
         graph.node.extend(nodes)
         graph.input.extend(self._value_info(t) for t in reads)
         graph.output.extend(self._value_info(t) for t in outputs)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = ir.calibration_options()
         try:
             # the stage's weights are handed over, not copied into it (`ir.inference_session`)
             tensors = [t for t in model.graph.initializer if t.name in used]

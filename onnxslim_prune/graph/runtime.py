@@ -35,6 +35,25 @@ _MAPPED_FILES_OUTLIVE_NAMES = sys.platform.startswith("linux")
 _FOLDER_ENTRY = "session.model_external_initializers_file_folder_path"
 
 
+def calibration_options(*, optimize: bool = True) -> ort.SessionOptions:
+    """Options of a session that only computes calibration values (never one that is timed).
+
+    onnxruntime's memory pattern (``enable_mem_pattern``) plans one block for every activation of a run at a
+    given input shape and keeps it: a statistics pass over SmolLM2-135M's residual sums, 32 windows of 128
+    tokens, peaked 1.2 GB higher with it (3,355 against 2,124 MiB resident) and ran no faster (9.2 s against
+    8.9 s). Without it the arena still reuses freed blocks; the values are the same. The caller reduces each
+    batch with numpy between runs: idle threads must not spin meanwhile. Errors only: the library never prints.
+    `optimize` False: no graph optimisation (a run that reads shapes, not values).
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_mem_pattern = False
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return options
+
+
 def weights_out_of_line(initializers: Iterable[onnx.TensorProto]) -> int:
     """Bytes of the initializers a scratch session would write to its data file."""
     return sum(_out_of_line(t) for t in initializers)

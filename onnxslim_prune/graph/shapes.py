@@ -23,7 +23,7 @@ from ..errors import ModelError, UsageError
 from . import edit, filebacked
 from .io import FLOAT_TYPES, MAPPED_MIN_BYTES, exceeds_proto_limit, save_external, without_initializers
 from .read import EqualValues
-from .runtime import inference_session
+from .runtime import calibration_options, inference_session
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -320,8 +320,6 @@ def _shapes_by_running(
     to its zero page: not resident), so no copy of the weights is made; shapes that depend on a
     large weight's values would differ, which is why only a large model runs this way.
     """
-    import onnxruntime as ort
-
     known = {o.name for o in model.graph.output}
     extra = [onnx.helper.make_tensor_value_info(n, types[n], None) for n in names if n not in known]
     feeds = {}
@@ -340,10 +338,7 @@ def _shapes_by_running(
     count = len(model.graph.output)
     model.graph.output.extend(extra)
     try:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        sess = inference_session(model, opts)
+        sess = inference_session(model, calibration_options(optimize=False))
         shapes = _fetched_shapes(sess, names, feeds)
     except Exception as exc:  # tracing stays conservative: unknown shapes freeze
         log.warning("could not run the model to read shapes: %s", str(exc).splitlines()[0])
