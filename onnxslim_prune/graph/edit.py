@@ -126,12 +126,22 @@ def rewire_node(node: gs.Node, op: str, inputs: list[gs.Tensor], attrs: Mapping[
 
 def fresh_name(graph: gs.Graph, base: str) -> str:
     """`base`, or `base` with the least numeric suffix, naming no node or tensor of `graph` yet."""
+    return fresh_names(graph, base)[0]
+
+
+def fresh_names(graph: gs.Graph, *bases: str) -> list[str]:
+    """`fresh_name` of each of `bases`, distinct from each other too, from one walk of the graph (a rule that adds
+    several nodes at each of many norms walked it once per name)."""
     taken = set(graph.tensors()) | {n.name for n in graph.nodes}
-    name, k = base, 0
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    return name
+    names = []
+    for base in bases:
+        name, k = base, 0
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 def make_variable(name: str, dtype: Any) -> gs.Variable:

@@ -69,12 +69,12 @@ class ReduceRule(OpRule):
             return
         out = node.outputs[0]
         dtype = _float_type(out)
-        scale = edit.make_constant(edit.fresh_name(a.graph, f"{node.name}_kept_share"),
-                                   np.array(len(kept) / a.original_size(node.inputs[0]), dtype=dtype))
-        mean = edit.make_variable(edit.fresh_name(a.graph, f"{out.name}_over_kept"), dtype)
+        scale_name, mean_name, mul_name = edit.fresh_names(
+            a.graph, f"{node.name}_kept_share", f"{out.name}_over_kept", f"{node.name}_to_original_count")
+        scale = edit.make_constant(scale_name, np.array(len(kept) / a.original_size(node.inputs[0]), dtype=dtype))
+        mean = edit.make_variable(mean_name, dtype)
         node.outputs[0] = mean
-        a.graph.nodes.append(gs.Node("Mul", edit.fresh_name(a.graph, f"{node.name}_to_original_count"),
-                                     inputs=[mean, scale], outputs=[out]))
+        a.graph.nodes.append(gs.Node("Mul", mul_name, inputs=[mean, scale], outputs=[out]))
 
 
 def _float_type(tensor: gs.Tensor) -> np.dtype:
