@@ -257,6 +257,49 @@ def test_the_network_guard_keeps_the_best_prefix_of_recovered_blocks(tmp_path: P
     assert np.array_equal(weights["A"], a.astype(np.float32)) and np.array_equal(weights["B"], b.astype(np.float32))
 
 
+def test_the_network_guard_error_is_the_same_run_a_sample_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard's output error (squared error over the original's variance) runs each network on as many samples as
+    keep its outputs within `GUARD_RUN_BYTES` and sums `SUM_BLOCK` values at a time (SmolLM2's logits: 0.4 GB per
+    network for 16 windows, the float64 copies the peak of a --recover run): the same figure as numpy's on the whole
+    outputs, in runs of one sample when the limit is one output row."""
+    pytest.importorskip("torch")
+    from onnxslim_prune import validate
+    from onnxslim_prune.recover import fit
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(8, 6)), rng.normal(size=(6, 4))
+    original, noisy = _two_layer(a, b), _two_layer(a, b + rng.normal(scale=0.2, size=b.shape))
+    calib = _calibration(tmp_path, original, samples=40)
+    x = np.concatenate([batch["x"] for batch in calib.iter_batches(40)])
+    want, got = _outputs(original, x).astype(np.float64), _outputs(noisy, x).astype(np.float64)
+    expected = np.mean((got - want) ** 2) / np.var(want)
+    sizes: list[int] = []
+
+    class Recording:
+        def __init__(self, session: ort.InferenceSession) -> None:
+            self.session = session
+
+        def get_inputs(self) -> object:
+            return self.session.get_inputs()
+
+        def run(self, names: object, feed: dict[str, np.ndarray]) -> object:
+            sizes.append(len(feed["x"]))
+            return self.session.run(names, feed)
+
+    def error() -> float:
+        sizes.clear()
+        return fit._output_error(Recording(validate.session(original)), Recording(validate.session(noisy)),  # type: ignore[arg-type]
+                                 None, calib, 16)
+
+    whole = error()
+    assert sizes == [1, 1, 15, 15, 16, 16, 8, 8]  # the first sample alone, then whole batches of 16 (the last 8)
+    monkeypatch.setattr(fit, "GUARD_RUN_BYTES", 4 * 4)  # one output row
+    monkeypatch.setattr(fit, "SUM_BLOCK", 3)
+    parts = error()
+    assert sizes == [1] * 80
+    assert whole == pytest.approx(expected, rel=1e-9) and parts == pytest.approx(expected, rel=1e-9)
+
+
 def _residual_mlp(seed: int = 0, stem: bool = False, hidden: int = 48) -> onnx.ModelProto:
     """x [N, 16] -> (a MatMul stem, 16 -> 16) -> two residual blocks ``h + W2 relu(W1 h + b1) + b2`` (`hidden`
     neurons) -> a Gemm head [N, 10]. With the stem, the residual stream is not a graph input, so it is prunable."""

@@ -51,6 +51,10 @@ MAX_OUTPUT_BYTES = 8 << 20
 CHECKPOINTS = 4
 #: most prefixes of the recovered blocks the network guard measures (`_network_guard`)
 MAX_PREFIXES = 8
+#: the network guard runs each network on as many samples as return at most this many bytes of outputs
+GUARD_RUN_BYTES = 64 << 20
+#: values of an output the guard's error sums convert to float64 at a time
+SUM_BLOCK = 1 << 20
 
 
 class Status(str, Enum):
@@ -347,28 +351,56 @@ class _OutputError:
 
 def _output_error(original: ort.InferenceSession, model: ort.InferenceSession, mask_name: str | None,
                   samples: CalibrationSet, batch: int) -> float:
+    """See `_OutputError`. The networks run on as many samples at a time as keep each one's outputs within
+    `GUARD_RUN_BYTES` (learnt from the first sample), and the sums are taken `SUM_BLOCK` values at a time: a batch
+    of 16 SmolLM2 windows returned 0.4 GB of logits per network, and their float64 copies were the run's peak."""
     sessions = (original, model)
     inputs = {i.name for i in original.get_inputs()}
     sums: dict[int, list[float]] = {}
-    for feed in samples.iter_batches(batch):
-        want, got = (s.run(None, {k: v for k, v in feed.items() if k in inputs}) for s in sessions)
-        mask = None if mask_name is None else feed.get(mask_name)
-        for i, (w, g) in enumerate(zip(want, got)):
-            w, g = np.asarray(w), np.asarray(g)
-            if mask is not None and w.ndim >= 2 and w.shape[:2] == np.shape(mask) and w.shape == g.shape:
-                w, g = w[np.asarray(mask) != 0], g[np.asarray(mask) != 0]  # the rows of real tokens
-            if np.issubdtype(w.dtype, np.floating) and np.shape(w) == np.shape(g):
-                w64 = np.asarray(w, dtype=np.float64)
-                acc = sums.setdefault(i, [0.0, 0.0, 0.0, 0.0])
-                acc[0] += float(np.sum((np.asarray(g, dtype=np.float64) - w64) ** 2))
-                acc[1] += float(np.sum(w64 ** 2))
-                acc[2] += float(np.sum(w64))
-                acc[3] += w64.size
+    most: int | None = None  # samples a run takes, once the first one's outputs are known
+    for whole in samples.iter_batches(batch):
+        feed = {k: v for k, v in whole.items() if k in inputs}
+        count = _leading_samples(feed)
+        start = 0
+        while start == 0 or (count is not None and start < count):
+            part, taken = (feed, 1) if count is None else (
+                {k: v[start:start + (most or 1)] for k, v in feed.items()}, min(most or 1, count - start))
+            want, got = (s.run(None, part) for s in sessions)
+            if most is None:
+                most = max(1, GUARD_RUN_BYTES // max(1, sum(np.asarray(w).nbytes for w in want) // taken))
+            _add_errors(sums, want, got, None if mask_name is None else part.get(mask_name))
+            start += taken
     total = 0.0
     for err, sq, s1, n in sums.values():
         var = sq / max(n, 1) - (s1 / max(n, 1)) ** 2
         total += err / max(n, 1) / (var if var > 0 else 1.0)
     return total
+
+
+def _leading_samples(feed: dict[str, np.ndarray]) -> int | None:
+    """The samples of a batch when every fed array has them first (then it can run a part at a time), else None."""
+    counts = {v.shape[0] if v.ndim else -1 for v in feed.values()}
+    return counts.pop() if len(counts) == 1 and min(counts, default=-1) > 0 else None
+
+
+def _add_errors(sums: dict[int, list[float]], want: Sequence[np.ndarray], got: Sequence[np.ndarray],
+                mask: np.ndarray | None) -> None:
+    """Add each float output's squared error, squares, sum and count (the rows of real tokens only) to `sums`."""
+    for i, (w, g) in enumerate(zip(want, got)):
+        w, g = np.asarray(w), np.asarray(g)
+        if mask is not None and w.ndim >= 2 and w.shape[:2] == np.shape(mask) and w.shape == g.shape:
+            w, g = w[np.asarray(mask) != 0], g[np.asarray(mask) != 0]  # the rows of real tokens
+        if not np.issubdtype(w.dtype, np.floating) or np.shape(w) != np.shape(g):
+            continue
+        acc = sums.setdefault(i, [0.0, 0.0, 0.0, 0.0])
+        flat_w, flat_g = w.reshape(-1), g.reshape(-1)
+        for at in range(0, flat_w.size, SUM_BLOCK):
+            w64 = flat_w[at:at + SUM_BLOCK].astype(np.float64)
+            d64 = flat_g[at:at + SUM_BLOCK].astype(np.float64) - w64
+            acc[0] += float(np.dot(d64, d64))
+            acc[1] += float(np.dot(w64, w64))
+            acc[2] += float(np.sum(w64))
+            acc[3] += w64.size
 
 
 def _kept_only(batch: dict[str, np.ndarray], kept: Kept) -> dict[str, np.ndarray]:
