@@ -342,6 +342,7 @@ def test_a_weightless_cut_streams_its_weights_from_the_model_it_was_cut_from(tmp
     for a, b in zip(light, full, strict=True):
         np.testing.assert_array_equal(a, b)
 
+
 def test_calibration_sessions_keep_no_memory_pattern_and_give_an_ordinary_sessions_values(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -361,15 +361,19 @@ def _output_error(original: ort.InferenceSession, model: ort.InferenceSession, m
     for whole in samples.iter_batches(batch):
         feed = {k: v for k, v in whole.items() if k in inputs}
         count = _leading_samples(feed)
+        if count is None:  # an input without a leading sample axis: the batch runs whole
+            want, got = (s.run(None, feed) for s in sessions)
+            _add_errors(sums, want, got, None if mask_name is None else feed.get(mask_name))
+            continue
         start = 0
-        while start == 0 or (count is not None and start < count):
-            part, taken = (feed, 1) if count is None else (
-                {k: v[start:start + (most or 1)] for k, v in feed.items()}, min(most or 1, count - start))
+        while start < count:
+            stop = min(count, start + (most or 1))
+            part = {k: v[start:stop] for k, v in feed.items()}
             want, got = (s.run(None, part) for s in sessions)
             if most is None:
-                most = max(1, GUARD_RUN_BYTES // max(1, sum(np.asarray(w).nbytes for w in want) // taken))
+                most = max(1, GUARD_RUN_BYTES // max(1, sum(np.asarray(w).nbytes for w in want) // (stop - start)))
             _add_errors(sums, want, got, None if mask_name is None else part.get(mask_name))
-            start += taken
+            start = stop
     total = 0.0
     for err, sq, s1, n in sums.values():
         var = sq / max(n, 1) - (s1 / max(n, 1)) ** 2
@@ -389,7 +393,8 @@ def _add_errors(sums: dict[int, list[float]], want: Sequence[np.ndarray], got: S
     for i, (w, g) in enumerate(zip(want, got)):
         w, g = np.asarray(w), np.asarray(g)
         if mask is not None and w.ndim >= 2 and w.shape[:2] == np.shape(mask) and w.shape == g.shape:
-            w, g = w[np.asarray(mask) != 0], g[np.asarray(mask) != 0]  # the rows of real tokens
+            real = np.asarray(mask) != 0  # the rows of real tokens
+            w, g = w[real], g[real]
         if not np.issubdtype(w.dtype, np.floating) or np.shape(w) != np.shape(g):
             continue
         acc = sums.setdefault(i, [0.0, 0.0, 0.0, 0.0])
