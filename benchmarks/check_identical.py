@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -72,7 +73,24 @@ def stable_report(path: Path) -> dict[str, Any] | None:
     if "gates" in verdict:  # the speed gates' values are timings (their pass / miss is the run's, kept)
         verdict["gates"] = [{**g, "value": None} if g.get("figure") in SPEED_FIGURES else g
                             for g in verdict["gates"]]
+    if "extra" in data:
+        data["extra"] = without_seconds(data["extra"])  # recovery's record times its blocks
+    # a note may say how long its step took ("60 iterations ... in 0.3 s"; recovery's total)
+    data["notes"] = [DURATION.sub("<seconds>", n) for n in data.get("notes", [])]
     return data
+
+
+#: a duration in a note
+DURATION = re.compile(r"\b\d+(?:[.,]\d+)? ?(?:s|ms|min)\b")
+
+
+def without_seconds(value: Any) -> Any:
+    """`value` with every "seconds" key of its dicts dropped, at any depth."""
+    if isinstance(value, dict):
+        return {k: without_seconds(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [without_seconds(v) for v in value]
+    return value
 
 
 def imported_from(package_root: Path) -> Path:

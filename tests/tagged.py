@@ -44,12 +44,12 @@ class SampleReads:
 
 
 def record_reads(monkeypatch: pytest.MonkeyPatch) -> SampleReads:
-    """Patch the calibration loader and the api's reference and verdict passes to record `SampleReads`."""
+    """Patch the calibration loader and the pipeline's reference and verdict functions to record `SampleReads`."""
     import onnxslim_prune.calib as calib_pkg
-    from onnxslim_prune import api
+    from onnxslim_prune.pipeline import judging
 
     seen = SampleReads()
-    real_load, real_reference, real_verdict = calib_pkg.load_calibration, api._reference, api._verdict
+    real_load, real_reference, real_verdict = calib_pkg.load_calibration, judging.reference_outputs, judging.verdict_of
 
     def recording_load(*args: Any, **kwargs: Any) -> Any:
         calib = real_load(*args, **kwargs)
@@ -76,6 +76,6 @@ def record_reads(monkeypatch: pytest.MonkeyPatch) -> SampleReads:
         return out
 
     monkeypatch.setattr(calib_pkg, "load_calibration", recording_load)
-    monkeypatch.setattr(api, "_reference", reference)
-    monkeypatch.setattr(api, "_verdict", verdict)
+    monkeypatch.setattr(judging, "reference_outputs", reference)
+    monkeypatch.setattr(judging, "verdict_of", verdict)
     return seen

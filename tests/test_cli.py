@@ -20,6 +20,7 @@ from click.testing import CliRunner, Result
 from conftest import SAMPLE_FMNIST, SAMPLE_LENET, check_full, sha256, snapshot
 
 import models as M
+from onnxslim_prune.pipeline import judging
 from onnxslim_prune.cli import main
 
 
@@ -427,11 +428,10 @@ def test_a_speed_gate_needs_no_real_samples(
 ) -> None:
     """--min-speedup is measured whatever the inputs: accepted without data; a miss is exit 3 (passed false), a pass
     leaves the data-free verdict's passed null. Timing is faked (pruned = `ratio` x the original's 10 ms)."""
-    from onnxslim_prune import api
     from onnxslim_prune.latency import Latency
 
     monkeypatch.chdir(model_dir)
-    monkeypatch.setattr(api, "_timed", lambda *a, **k: Latency(10.0, 10.0 * ratio, 30, 1, (ratio, ratio), "thread-cpu", 1))
+    monkeypatch.setattr(judging, "timed", lambda *a, **k: Latency(10.0, 10.0 * ratio, 30, 1, (ratio, ratio), "thread-cpu", 1))
     result = invoke(["good.onnx", "-o", "out.onnx", "--report", "r.json", "--round-to", "1", "--min-speedup", "1.5"])
     assert result.exit_code == code, result.output
     verdict = json.loads((model_dir / "r.json").read_text())["verdict"]

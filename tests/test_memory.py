@@ -16,6 +16,7 @@ import onnx
 import onnx.parser
 import pytest
 
+from onnxslim_prune.pipeline import judging
 from onnxslim_prune import api, validate, verdict
 from onnxslim_prune.calib.memory import SampleCost, sample_cost
 from tests.models import run
@@ -58,13 +59,13 @@ def direct_figures(original: onnx.ModelProto, pruned: onnx.ModelProto, x: np.nda
 def capture_measure(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Record the `_Measure` every verdict is computed from."""
     seen: list[Any] = []
-    real = api._verdict
+    real = judging.verdict_of
 
     def recording(original: Any, pruned: Any, m: Any, *args: Any, **kwargs: Any) -> Any:
         seen.append(m)
         return real(original, pruned, m, *args, **kwargs)
 
-    monkeypatch.setattr(api, "_verdict", recording)
+    monkeypatch.setattr(judging, "verdict_of", recording)
     return seen
 
 
@@ -456,7 +457,7 @@ def test_a_large_pruned_model_is_not_held_as_bytes_and_is_written_the_same(tmp_p
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(1).standard_normal((120, 16)).astype(np.float32))
     kept = api.prune(model, "ldrf", 0.5, calib=calib, latency=True)
-    monkeypatch.setattr(api, "KEEP_BYTES_UP_TO", 0)  # every model counts as large
+    monkeypatch.setattr(judging, "KEEP_BYTES_UP_TO", 0)  # every model counts as large
     dropped = api.prune(model, "ldrf", 0.5, calib=calib, latency=True)
     assert kept.serialized is not None and dropped.serialized is None  # not held through the verdict and latency
     assert dropped.report.after.file_bytes == kept.report.after.file_bytes == len(kept.serialized)

@@ -3,7 +3,7 @@
 Rounding is tested on small conv chains whose lowest-L1 filters are zero: the pruned model must keep
 counts that are multiples of each group's own alignment (structure) and compute the original's outputs
 exactly (numbers: onnxruntime, 1e-5). The gates are tested with an injected measurement
-(`api._timed` replaced): no test times anything.
+(`judging.timed` replaced): no test times anything.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+from onnxslim_prune.pipeline import judging
 from onnxslim_prune import api, roundto
 from onnxslim_prune.channels import Group
 from onnxslim_prune.cli import main
@@ -196,7 +197,7 @@ def _fake(ratio: float, interval: tuple[float, float] | None) -> Any:
 
 def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, timing: Any, *extra: str) -> tuple[Any, Path, dict[str, Any]]:
     if timing is not None:
-        monkeypatch.setattr(api, "_timed", timing)
+        monkeypatch.setattr(judging, "timed", timing)
     source, out, rep = tmp_path / "m.onnx", tmp_path / "m.pruned.onnx", tmp_path / "r.json"
     onnx.save(_chain((32, 32), dead=(16, 16)), source)
     result = CliRunner().invoke(main, [str(source), "-o", str(out), "--report", str(rep), "--ratio", "0.5", *extra])
@@ -264,7 +265,7 @@ def test_without_latency_the_speed_is_unknown(tmp_path: Path, monkeypatch: pytes
 
 
 def test_an_unchanged_model_is_not_slower_than_itself(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(api, "_timed", _fake(1.5, (1.4, 1.6)))  # noise: the same model, measured slower
+    monkeypatch.setattr(judging, "timed", _fake(1.5, (1.4, 1.6)))  # noise: the same model, measured slower
     model = _chain((8, 8), dead=(0, 0))
     result = api.prune(model, "l1", 0.5, round_to=Rounding(16, adaptive=True), gates=Gates())
     assert result.model is model or _kept(result.model, "w1") == 8  # 8 channels, multiple 8: nothing to remove

@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxslim_prune.pipeline import judging
 from onnxslim_prune import ir
 from onnxslim_prune.graph import runtime
 
@@ -140,6 +141,7 @@ def test_a_run_on_a_file_view_writes_the_bytes_of_a_run_without(tmp_path: Path, 
                                                                 make: Callable[[int], onnx.ModelProto]) -> None:
     from onnxslim_prune import api
     from onnxslim_prune.graph import io
+    from onnxslim_prune.pipeline import prepare as prepare_mod
 
     path = tmp_path / "mlp.onnx"
     onnx.save(make(5), str(path))
@@ -150,7 +152,7 @@ def test_a_run_on_a_file_view_writes_the_bytes_of_a_run_without(tmp_path: Path, 
         monkeypatch.setattr(io, "FILE_VIEW_BYTES", threshold)
         result = api.prune(str(path), "thinet", 0.5, calib=str(tmp_path / "calib.npz"), latency=False)
         runs.append(ir.serialize(result.model))
-        views.append(ir.is_file_view(api._load_checked(str(path), str(path))))  # what the run held
+        views.append(ir.is_file_view(prepare_mod.load_checked(str(path), str(path))))  # what the run held
     assert views == [False, True]  # the second run held the input as a view
     assert runs[0] == runs[1]
     assert onnx.load(str(path)).SerializeToString() == make(5).SerializeToString()  # the input is untouched
@@ -236,7 +238,7 @@ def test_a_file_backed_graph_reads_weights_on_demand_and_keeps_new_ones_in_its_f
 
 def test_a_large_pruned_model_is_checked_judged_and_timed_as_a_view_with_the_same_result(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past `api.KEEP_BYTES_UP_TO` the pruned model waits in a scratch file through validation, the verdict and the
+    """Past `judging.KEEP_BYTES_UP_TO` the pruned model waits in a scratch file through validation, the verdict and the
     timing (its proto holds no weights): the model and the verdict are those of a run that held it in memory."""
     from onnxslim_prune import api
     from onnxslim_prune.graph import io
@@ -247,16 +249,16 @@ def test_a_large_pruned_model_is_checked_judged_and_timed_as_a_view_with_the_sam
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     held: list[bool] = []
-    real_verdict = api._verdict
+    real_verdict = judging.verdict_of
 
     def spy(original: onnx.ModelProto, pruned: onnx.ModelProto, *args: object, **kwargs: object) -> object:
         held.append(ir.is_file_view(pruned))
         return real_verdict(original, pruned, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(api, "_verdict", spy)
+    monkeypatch.setattr(judging, "verdict_of", spy)
     results = []
     for keep in (1 << 40, 0):  # bytes kept as always; every pruned model "large"
-        monkeypatch.setattr(api, "KEEP_BYTES_UP_TO", keep)
+        monkeypatch.setattr(judging, "KEEP_BYTES_UP_TO", keep)
         monkeypatch.setattr(io, "FILE_VIEW_BYTES", 0 if keep == 0 else 1 << 40)
         results.append(api.prune(str(path), "thinet", 0.5, calib=str(tmp_path / "calib.npz"), latency=True))
     assert held == [False, True]

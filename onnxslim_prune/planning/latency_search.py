@@ -130,13 +130,13 @@ class InterleavedMeter:
     def feed(self) -> dict[str, Any]:
         """One sample (one static batch) of the probes' verdict data: the shapes of the calibration or inputs."""
         if self._feed is None:
-            from .. import api
+            from ..pipeline import judging
 
             measures = self.prober.prepared().measures
             measured = measures.get(VerdictPart.SELECTION) or measures.get(VerdictPart.FINAL)
             if measured is None:
                 raise UsageError("latency is measured after a probe has run (its verdict data gives the shapes)")
-            self._feed = api._latency_feed(measured, self.prober.model)
+            self._feed = judging.latency_feed(measured, self.prober.model)
         return self._feed
 
     def __call__(self, result: Any) -> Latency:
