@@ -7,7 +7,7 @@ Fashion-MNIST: calibration on the first N TRAIN images (`fmnist.write_calibratio
 ``calib_samples=N`` and ``holdout=0``: all N are fitted, none kept back for the verdict),
 accuracy on the full 10,000-image TEST split (held out) and on the N calibration images
 themselves (seen while fitting: the overfitting shows as the gap).
-Variants of the refit (`passes.reconstruct`, module docstring):
+Variants of the refit (`methods.reconstruct`, module docstring):
 
 * ``old``: ``alpha = 1e-6`` and a zero prior, the refit before the row-scaled ridge
   (``DEFAULT_RIDGE_ROWS = 0`` and ``fit`` called without the prior);
@@ -68,7 +68,7 @@ HOLDOUT: dict[str, Any] = {"holdout": 0.0} if "holdout" in inspect.signature(pru
 
 @contextlib.contextmanager
 def refit_variant(label: str) -> Iterator[dict[str, Any]]:
-    """Patch `passes.reconstruct` (and LDRF's selection) for `label`; yields the extra `params` of ``prune``."""
+    """Patch `methods.reconstruct` (and LDRF's selection) for `label`; yields the extra `params` of ``prune``."""
     saved = rc.DEFAULT_RIDGE_ROWS
     if label.endswith("+rowsel"):  # LDRF's selection solves with the refit's row-scaled alpha
         label = label.removesuffix("+rowsel")

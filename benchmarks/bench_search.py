@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 from lib.data import load_split, search_split  # noqa: E402
 
 from onnxslim_prune import api, ir  # noqa: E402
-from onnxslim_prune.evaluation import accuracy  # noqa: E402
+from onnxslim_prune.judge.evaluation import accuracy  # noqa: E402
 from onnxslim_prune.planning.search import Objective, SensitivityRow, allocation_at, greedy_steps  # noqa: E402
 
 MODELS = HERE.parents[1] / "shared" / "models"
@@ -55,7 +55,7 @@ def test_accuracy(model: Any, xt: np.ndarray, yt: np.ndarray) -> float:
 
 def row_of(kind: str, label: str, model: Any, before: Any, xt: np.ndarray, yt: np.ndarray, seconds: float,
            extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    stats = __import__("onnxslim_prune.validate", fromlist=["model_stats"]).model_stats(model, {"input": (1, 1, 28, 28)})
+    stats = __import__("onnxslim_prune.judge.validate", fromlist=["model_stats"]).model_stats(model, {"input": (1, 1, 28, 28)})
     return {"kind": kind, "label": label, "macs_kept": stats.macs / before.macs, "params_kept": stats.params / before.params,
             "test_accuracy": test_accuracy(model, xt, yt), "seconds": round(seconds, 1), **(extra or {})}
 
@@ -91,7 +91,7 @@ def main() -> None:
             plot(name, state[name], args.results / f"search_{name}.png")
             continue
         original = ir.load_model(path)
-        before = __import__("onnxslim_prune.validate", fromlist=["model_stats"]).model_stats(original, {"input": (1, 1, 28, 28)})
+        before = __import__("onnxslim_prune.judge.validate", fromlist=["model_stats"]).model_stats(original, {"input": (1, 1, 28, 28)})
         rows: list[dict[str, Any]] = [{"kind": "original", "label": "original", "macs_kept": 1.0, "params_kept": 1.0,
                                        "test_accuracy": test_accuracy(original, xt, yt), "seconds": 0.0}]
         log.info("%s: original %.2f%%", name, 100 * rows[0]["test_accuracy"])
@@ -148,10 +148,10 @@ def margin_row(name: str, path: Path, entry: dict[str, Any], calib: Path, evalua
     """The same search (same profile, the API's `search` with the rows given) at another --search-margin."""
     from onnxslim_prune.planning.search import Prober, SearchSettings, baseline, search
     from onnxslim_prune.settings import RunSettings
-    from onnxslim_prune.verdict import Gates
+    from onnxslim_prune.judge.verdict import Gates
 
     original = ir.load_model(path)
-    before = __import__("onnxslim_prune.validate", fromlist=["model_stats"]).model_stats(original, {"input": (1, 1, 28, 28)})
+    before = __import__("onnxslim_prune.judge.validate", fromlist=["model_stats"]).model_stats(original, {"input": (1, 1, 28, 28)})
     gates = Gates(max_drop=entry["max_drop"])
     prober = Prober(original, RunSettings(entry["method"], calib=str(calib), eval_data=str(evaluation), gates=gates,
                                           latency=False), margin=margin)
@@ -172,7 +172,7 @@ def ranking_rows(name: str, path: Path, entry: dict[str, Any], calib: Path, eval
                  yt: np.ndarray, method: str) -> None:
     """The global normalised ranking (--target-macs) at the MACs the searched allocation kept."""
     original = ir.load_model(path)
-    before = __import__("onnxslim_prune.validate", fromlist=["model_stats"]).model_stats(original, {"input": (1, 1, 28, 28)})
+    before = __import__("onnxslim_prune.judge.validate", fromlist=["model_stats"]).model_stats(original, {"input": (1, 1, 28, 28)})
     entry["rows"] = [r for r in entry["rows"] if r["kind"] != "ranking"]
     targets = sorted({round(r["macs_kept"], 3) for r in entry["rows"] if r["kind"] in ("allocation", "searched")})
     for target in targets:

@@ -35,8 +35,9 @@ HERE = Path(__file__).resolve().parent
 
 from lib.data import load_split, search_split  # noqa: E402
 
-from onnxslim_prune import ir, validate  # noqa: E402
-from onnxslim_prune.evaluation import accuracy  # noqa: E402
+from onnxslim_prune import ir  # noqa: E402
+from onnxslim_prune.judge import validate  # noqa: E402
+from onnxslim_prune.judge.evaluation import accuracy  # noqa: E402
 
 MODELS = HERE.parents[1] / "shared" / "models"
 MODES = ("plain", "serial", "workers2", "ray")

@@ -7,11 +7,11 @@ refit), --eval = TRAIN[2000:4000] (the gated search's probes and the sensitivity
 figures reported on the 10,000-image TEST split, which no fitting, selection or search saw.
 Families:
 
-* ``l1``: data-free, weights only (`passes.score`); ``l1 + LN refit``: the same plan, then each pruned
-  LayerNorm's gamma / beta refitted on calibration data (`passes.lnrefit`), no other fitting;
+* ``l1``: data-free, weights only (`analysis.score`); ``l1 + LN refit``: the same plan, then each pruned
+  LayerNorm's gamma / beta refitted on calibration data (`methods.lnrefit`), no other fitting;
 * ``l1 + refit``: the l1 plan, then the least-squares refit of every pruned layer's consumers (``--calib``);
 * ``ldrf``: LDRF selection + refit; ``contrib`` / ``obs``: the calibrated output-contribution importances
-  of `passes.contribution` (a label-free stand-in for Kwon et al. 2022's Fisher, and its OBS form) + refit;
+  of `methods.contribution` (a label-free stand-in for Kwon et al. 2022's Fisher, and its OBS form) + refit;
   ``kwon``: ``contrib`` with one global cost-equal ranking of heads and FFN neurons (the same MACs as
   the per-part ratios, distributed by ``contrib / cost``) + refit;
 * ``sensitivity``: ``--target-macs F --allocation sensitivity`` (per-group ratios from the sensitivity
@@ -171,8 +171,8 @@ def write(rows: list[dict[str, Any]], base: float, out: Path, command: str) -> N
              "Issue 13's target: at 60% of the MACs, within 1 point of the original (85.82%) without fine-tuning. "
              "Calibration (every selection statistic and refit) is TRAIN[:2000]; the sensitivity allocation and the "
              "gated search measure on --eval TRAIN[2000:4000]; top-1 is on the 10,000 TEST images no step saw. "
-             "`l1 + LN refit` refits only the pruned LayerNorms' gamma / beta (`passes.lnrefit`); `contrib` / `obs` are the "
-             "calibrated output-contribution importances of `passes.contribution`, followed by the least-squares refit; "
+             "`l1 + LN refit` refits only the pruned LayerNorms' gamma / beta (`methods.lnrefit`); `contrib` / `obs` are the "
+             "calibrated output-contribution importances of `methods.contribution`, followed by the least-squares refit; "
              "`kwon` ranks heads and FFN neurons of all layers in one contrib/cost order at the MACs of the per-part ratios "
              "(a part given 0 stays whole); "
              "`x2` prunes in two steps (the second on the refitted model); `sensitivity` is `--target-macs 0.6 --allocation "

@@ -40,7 +40,7 @@ from lib.results import write_results
 DEFAULT_MODELS = ("tv_vgg16", "tv_resnet50", "tv_mobilenet_v2", "hf_bert", str(SHARED_MODELS / "fmnist_resnet56.onnx"))
 #: report keys that measure the run, not its result
 VOLATILE = ("seconds", "stage_seconds", "latency", "input_path", "output_path", "version")
-#: verdict gates whose value is a timing (`onnxslim_prune.latency.SPEED_FIGURES`; not imported: the runs import the
+#: verdict gates whose value is a timing (`onnxslim_prune.judge.latency.SPEED_FIGURES`; not imported: the runs import the
 #: package from the revisions they compare, never this process)
 SPEED_FIGURES = ("latency_ratio", "speedup")
 

@@ -9,7 +9,7 @@ API. Each model is pruned by it in a fresh subprocess (a crash or hang costs one
 time and peak memory are that process's), and its result is held to the same validation as
 ours: ``onnx.checker.check_model(full_check=True)``, strict shape inference, an onnxruntime
 run on seeded inputs, and the original's output names and shapes. Parameters and MACs are
-counted the same way for both (``onnxslim_prune.validate.model_stats``). The weights are
+counted the same way for both (``onnxslim_prune.judge.validate.model_stats``). The weights are
 seeded random (``fill.py``), so this compares structure handled, not accuracy.
 """
 

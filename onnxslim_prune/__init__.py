@@ -7,11 +7,12 @@ from .catalog import MethodInfo, list_methods, model_stats
 from .errors import CalibrationError, GateError, ModelError, PruneError, UsageError, ValidationError
 from .planning.search import SearchSettings, find_smallest, sensitivity_profile
 from .settings import RunSettings
-from .validate import ModelStats
+from .judge.validate import ModelStats
+from .judge.verdict import Gates
 
 __all__ = [
     "__version__", "Analysis", "PruneResult", "analyze", "prune", "prepare", "PreparedRun", "RunSettings",
-    "find_smallest", "sensitivity_profile", "SearchSettings",
+    "find_smallest", "sensitivity_profile", "SearchSettings", "Gates",
     "CacheSettings", "CacheInfo", "cache_info", "clear_cache",
     "MethodInfo", "list_methods", "ModelStats", "model_stats",
     "PruneError", "UsageError", "ModelError", "CalibrationError", "ValidationError", "GateError",

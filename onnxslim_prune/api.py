@@ -20,8 +20,8 @@ from typing import Any
 
 from .methods.base import Context, Options, get_method
 from .methods.defaults import DefaultMethod
-from .passes.plan import Plan
-from .pipeline.analyse import Analysis, analyze_loaded, nothing_prunable_reason, quantized_ops, unmatched_excludes
+from .analysis.plan import Plan
+from .analysis.model import Analysis, analyze_loaded, nothing_prunable_reason, quantized_ops, unmatched_excludes
 from .pipeline.prepare import (ModelLike, PreparedRun, checked_options, load, path_of, patterns, prepare_run,
                                resolve_input_shapes, with_default_method)
 from .pipeline.run import PruneResult

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import onnx
 
 from . import ir
-from .validate import ModelStats
-from .validate import model_stats as _model_stats
+from .judge.validate import ModelStats
+from .judge.validate import model_stats as _model_stats
 
 
 @dataclass(frozen=True)

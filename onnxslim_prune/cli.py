@@ -37,8 +37,8 @@ from .planning import latency_search
 from .planning import search as search_mod
 from .planning.workers import check_workers, default_workers
 from .planning.search import DEFAULT_MARGIN, DEFAULT_MAX_PROBES, Allocation, Objective, SearchSettings
-from .verdict import Gates, check_gates_have_data
-from .report import REPORT_SCHEMA, group_rows, group_table
+from .judge.verdict import Gates, check_gates_have_data
+from .judge.report import REPORT_SCHEMA, group_rows, group_table
 from .roundto import Rounding, RoundTo, RoundToParam, RoundToValue, resolve
 from .settings import RunSettings
 

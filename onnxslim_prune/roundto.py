@@ -28,7 +28,7 @@ kernel gain: its original ran the unblocked path already). Counts are of channel
 head group (one class per head of ``head_dim`` channels) keeps any number of heads when
 ``head_dim`` is a multiple of the channel multiple. ``--round-to N`` is a fixed multiple of every
 group's kept count (of classes: heads for a head group), as before; ``--round-to 1`` turns rounding off.
-A group with no smaller multiple than its size is kept whole (`passes.plan.kept_count`).
+A group with no smaller multiple than its size is kept whole (`analysis.plan.kept_count`).
 """
 
 from __future__ import annotations

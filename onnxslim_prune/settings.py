@@ -18,7 +18,7 @@ from .calib.cache import CacheSettings
 from .calib.preprocess import Preprocess
 from .calib.split import DEFAULT_HOLDOUT
 from .roundto import Rounding, RoundTo
-from .verdict import Gates
+from .judge.verdict import Gates
 
 
 @dataclass(frozen=True)

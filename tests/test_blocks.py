@@ -7,10 +7,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxslim_prune import ir, validate
+from onnxslim_prune import ir
+from onnxslim_prune.judge import validate
 from onnxslim_prune.api import prune
 from onnxslim_prune.errors import UsageError
-from onnxslim_prune.passes.blocks import find_blocks, prune_blocks
+from onnxslim_prune.methods.blocks import find_blocks, prune_blocks
 from onnxslim_prune.methods.base import Options
 
 C = 8

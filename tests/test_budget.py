@@ -10,13 +10,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import SAMPLE_FMNIST, SAMPLE_LENET
-from onnxslim_prune import validate
+from onnxslim_prune.judge import validate
 from onnxslim_prune.api import analyze, prune
 from onnxslim_prune.errors import UsageError
-from onnxslim_prune.evaluation import output_error
-from onnxslim_prune.passes.budget import CostModel
-from onnxslim_prune.passes.plan import uniform_plan
-from onnxslim_prune.passes.score import score_groups
+from onnxslim_prune.judge.evaluation import output_error
+from onnxslim_prune.methods.budget import CostModel
+from onnxslim_prune.analysis.plan import uniform_plan
+from onnxslim_prune.analysis.score import score_groups
 
 TOL = 0.02
 
@@ -109,7 +109,7 @@ def test_max_ratio_respected_per_group() -> None:
 
 
 def _notes(model, params):  # type: ignore[no-untyped-def]
-    from onnxslim_prune.passes.budget import global_plan_with_notes
+    from onnxslim_prune.methods.budget import global_plan_with_notes
     from onnxslim_prune.methods.base import Context, Options
 
     a = analyze(model)
@@ -142,7 +142,7 @@ def test_cost_model_matches_model_stats() -> None:
         a = analyze(model)
         plan = uniform_plan(a.trace, score_groups(a.trace, a.graph, "l1"), 0.4)
         cost = CostModel.build(a.trace, a.graph)
-        from onnxslim_prune.passes.materialize import materialize
+        from onnxslim_prune.analysis.materialize import materialize
 
         pruned = validate.model_stats(materialize(a.graph, a.model, a.trace, plan, a.opset), a.input_shapes)
         before = validate.model_stats(a.model, a.input_shapes)

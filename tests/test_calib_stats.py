@@ -1,6 +1,6 @@
 """Calibration statistics internals: position sampling, pad-free im2col, the BLAS thread policy
 while streaming, and the precision of float32 Gram products (``calib.patches``, ``calib.threads``,
-``calib.collect.stream_tensors``, ``calib.stats.GramAccumulator``)."""
+``calib.collect.stream_tensors``, ``calib.accumulators.GramAccumulator``)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from onnxslim_prune.calib import input_specs, load_calibration, stream_tensors
 from onnxslim_prune.calib import patches
 from onnxslim_prune.calib.patches import PositionSampler, conv_output_size, conv_patches, output_rows, sample_positions
-from onnxslim_prune.calib.stats import GramAccumulator
+from onnxslim_prune.calib.accumulators import GramAccumulator
 from onnxslim_prune.calib.threads import ENV, blas_limited, blas_threads, stream_blas_threads
 
 # ----------------------------------------------------------------------------- sampling

@@ -428,7 +428,7 @@ def test_a_speed_gate_needs_no_real_samples(
 ) -> None:
     """--min-speedup is measured whatever the inputs: accepted without data; a miss is exit 3 (passed false), a pass
     leaves the data-free verdict's passed null. Timing is faked (pruned = `ratio` x the original's 10 ms)."""
-    from onnxslim_prune.latency import Latency
+    from onnxslim_prune.judge.latency import Latency
 
     monkeypatch.chdir(model_dir)
     monkeypatch.setattr(judging, "timed", lambda *a, **k: Latency(10.0, 10.0 * ratio, 30, 1, (ratio, ratio), "thread-cpu", 1))

@@ -1,4 +1,4 @@
-"""Calibrated importances (`passes.contribution`) and the LayerNorm refit (`passes.lnrefit`).
+"""Calibrated importances (`methods.contribution`) and the LayerNorm refit (`methods.lnrefit`).
 
 Oracles: a unit with no outgoing weight contributes nothing, so both importances remove it first and the
 pruned model computes the original's outputs (to 1e-4: the refit's ridge); the LayerNorm refit
@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 from onnxslim_prune import api
 from onnxslim_prune.ops.testing import parse, weights
-from onnxslim_prune.passes.lnrefit import refit_layernorms
+from onnxslim_prune.methods.lnrefit import refit_layernorms
 
 from test_datadriven import first_group_pruned, mlp
 

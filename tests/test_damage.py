@@ -15,8 +15,8 @@ from conftest import SAMPLE_FMNIST, SAMPLE_LENET
 from onnxslim_prune import api
 from onnxslim_prune.calib import input_specs, load_calibration
 from onnxslim_prune.methods.base import Context, Options
-from onnxslim_prune.passes import datadriven, reconstruct
-from onnxslim_prune.passes.budget import hull_slopes
+from onnxslim_prune.methods import datadriven, reconstruct
+from onnxslim_prune.methods.budget import hull_slopes
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 

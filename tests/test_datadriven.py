@@ -1,4 +1,4 @@
-"""Data-driven selection (`passes.datadriven`, `passes.nisp`, `passes.activation`): ThiNet, CP, LDRF, NISP, mean_act, APoZ.
+"""Data-driven selection (`methods.datadriven`, `methods.nisp`, `methods.activation`): ThiNet, CP, LDRF, NISP, mean_act, APoZ.
 
 Oracles: selection rules on hand-made Gram statistics (a channel carrying no output energy
 goes first; of two identical channels LDRF keeps one); NISP and the activation criteria
@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import SAMPLE_FMNIST, SAMPLE_LENET
 from onnxslim_prune import api
 from onnxslim_prune.errors import CalibrationError
-from onnxslim_prune.passes import activation, datadriven, nisp
+from onnxslim_prune.methods import activation, datadriven, nisp
 from onnxslim_prune.methods.base import get_method
 
 METHODS = ("thinet", "cp", "ldrf", "nisp", "mean_act", "apoz")
@@ -250,7 +250,7 @@ def test_in_graph_moments_match_numpy_channel_moments() -> None:
 
 def test_buffered_float32_gram_matches_float64() -> None:
     from onnxslim_prune.calib import GramAccumulator
-    from onnxslim_prune.passes.reconstruct import RowBuffer
+    from onnxslim_prune.methods.reconstruct import RowBuffer
 
     rng = np.random.default_rng(9)
     x = rng.standard_normal((1000, 12)).astype(np.float32) + 3.0
@@ -275,7 +275,7 @@ def test_selection_statistics_split_over_passes_when_a_batch_of_inputs_exceeds_t
 
     from onnxslim_prune.calib import input_specs, load_calibration
     from onnxslim_prune.methods.base import Context, Options
-    from onnxslim_prune.passes import reconstruct as rc
+    from onnxslim_prune.methods import reconstruct as rc
 
     analysis = api.analyze(SAMPLE_LENET)
     calib = load_calibration(str(SAMPLE_FMNIST), input_specs(analysis.model, analysis.input_shapes), samples=64)
@@ -287,7 +287,7 @@ def test_selection_statistics_split_over_passes_when_a_batch_of_inputs_exceeds_t
     assert len(layers) == 3
     one_pass = datadriven.input_covariances(ctx, layers)
     monkeypatch.setattr(rc, "DEFAULT_EXPOSED_BUDGET", 110_000)
-    with caplog.at_level(logging.INFO, logger="onnxslim_prune.passes.datadriven"):
+    with caplog.at_level(logging.INFO, logger="onnxslim_prune.methods.datadriven"):
         split = datadriven.input_covariances(ctx, layers)
     assert "3 layers in 2 passes" in caplog.text
     assert split.keys() == one_pass.keys()

@@ -1,4 +1,4 @@
-"""Depth gains (`passes.depthgain`): a layer's damage weighed by how much its error grows on the way to the outputs.
+"""Depth gains (`methods.depthgain`): a layer's damage weighed by how much its error grows on the way to the outputs.
 
 Model: two residual FFN layers on x [N, 8], each 16 neurons wide, both reading x (so that an error passes to the
 output linearly), and an output that counts the first sum ``1 + c`` times::
@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxslim_prune import api
 from onnxslim_prune.calib import input_specs, load_calibration
 from onnxslim_prune.methods.base import Context, DepthGain, Options
-from onnxslim_prune.passes import datadriven, depthgain
+from onnxslim_prune.methods import datadriven, depthgain
 
 WIDTH, FFN, AMPLIFY = 8, 16, 2.0
 

@@ -92,7 +92,7 @@ def test_the_frontier_schedule_refits_exactly_as_the_prefix_schedule(
     from onnx import numpy_helper
 
     from onnxslim_prune import prune
-    from onnxslim_prune.passes import reconstruct
+    from onnxslim_prune.methods import reconstruct
 
     model = build()
     spec = input_specs(model)[0]

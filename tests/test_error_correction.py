@@ -1,4 +1,4 @@
-"""Error correction and bias correction of the refit (`passes.reconstruct`).
+"""Error correction and bias correction of the refit (`methods.reconstruct`).
 
 Error correction refits every linear layer downstream of a cut (not only the consumers) on the
 pruned network's inputs against the original's outputs; bias correction restores the output
@@ -25,9 +25,9 @@ from onnxslim_prune import api
 from onnxslim_prune.channels import Role
 from onnxslim_prune.methods import base as methods
 from onnxslim_prune.methods.base import Context, MethodSpec, Outcome
-from onnxslim_prune.passes import reconstruct
-from onnxslim_prune.passes.plan import GroupPlan, Plan
-from onnxslim_prune.passes.score import score_groups
+from onnxslim_prune.methods import reconstruct
+from onnxslim_prune.analysis.plan import GroupPlan, Plan
+from onnxslim_prune.analysis.score import score_groups
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 

@@ -32,7 +32,7 @@ from onnxslim_prune import atomic, ir
 from onnxslim_prune.calib import InputSpec, Preprocess, load_calibration
 from onnxslim_prune.cli import main
 from onnxslim_prune.errors import CalibrationError, UsageError
-from onnxslim_prune.report import REPORT_SCHEMA
+from onnxslim_prune.judge.report import REPORT_SCHEMA
 
 TOL = 1e-5
 #: conv_chain with half of each conv's channels dead: l1 at 0.5 removes exactly those, outputs unchanged

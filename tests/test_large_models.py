@@ -19,8 +19,9 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from onnxslim_prune import api, cli, ir, validate
-from onnxslim_prune.passes import score
+from onnxslim_prune import api, cli, ir
+from onnxslim_prune.judge import validate
+from onnxslim_prune.analysis import score
 from onnxslim_prune.graph import io as graph_io
 
 

@@ -21,12 +21,12 @@ import models
 from onnxslim_prune import api, roundto
 from onnxslim_prune.cli import main
 from onnxslim_prune.errors import UsageError
-from onnxslim_prune.latency import Latency
+from onnxslim_prune.judge.latency import Latency
 from onnxslim_prune.planning import latency_search
 from onnxslim_prune.planning.latency_search import LatencySettings, run_latency_search
 from onnxslim_prune.planning.search import Allocation, Prober, SearchSettings
 from onnxslim_prune.roundto import RoundTo, RoundToParam, isa_multiple
-from onnxslim_prune.verdict import Gates
+from onnxslim_prune.judge.verdict import Gates
 from onnxslim_prune.settings import RunSettings
 
 SETTINGS = SearchSettings(max_probes=6, allocation=Allocation.RANKING, margin=0.0)

@@ -1,4 +1,4 @@
-"""`lowrank`: activation-aware low-rank decomposition (passes/lowrank.py).
+"""`lowrank`: activation-aware low-rank decomposition (methods/lowrank.py).
 
 Oracles: a layer of exact rank r is split into two layers through r channels with the outputs
 unchanged (Gemm, MatMul with and without its bias Add, a strided 3x3 Conv); the MACs fall as
@@ -18,8 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim_prune import api
 from onnxslim_prune.channels import Kind
-from onnxslim_prune.passes import lowrank
-from onnxslim_prune.passes import reconstruct as rc
+from onnxslim_prune.methods import lowrank
+from onnxslim_prune.methods import reconstruct as rc
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 

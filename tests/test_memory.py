@@ -17,7 +17,8 @@ import onnx.parser
 import pytest
 
 from onnxslim_prune.pipeline import judging
-from onnxslim_prune import api, validate, verdict
+from onnxslim_prune import api
+from onnxslim_prune.judge import validate, verdict
 from onnxslim_prune.calib.memory import SampleCost, sample_cost
 from tests.models import run
 
@@ -290,7 +291,7 @@ def _mapped_rss_kib(path: Path) -> int | None:
 
 @pytest.mark.parametrize("compressed", [False, True])
 def test_eval_images_are_read_from_the_file_batch_by_batch(tmp_path: Path, compressed: bool) -> None:
-    from onnxslim_prune.evaluation import eval_feeds, load_eval, release_pages
+    from onnxslim_prune.judge.evaluation import eval_feeds, load_eval, release_pages
 
     model = classifier()
     x = np.random.default_rng(3).standard_normal((600, 16)).astype(np.float32)
@@ -312,7 +313,7 @@ def test_eval_images_are_read_from_the_file_batch_by_batch(tmp_path: Path, compr
 
 def test_a_cut_model_is_streamed_without_another_copy_of_its_weights() -> None:
     from onnxslim_prune.calib import expose_tensors
-    from onnxslim_prune.passes.reconstruct import subgraph_model
+    from onnxslim_prune.methods.reconstruct import subgraph_model
 
     model = classifier()
     before = model.SerializeToString()
@@ -329,7 +330,7 @@ def test_a_cut_model_is_streamed_without_another_copy_of_its_weights() -> None:
 def test_a_weightless_cut_streams_its_weights_from_the_model_it_was_cut_from(tmp_path: Path) -> None:
     from onnxslim_prune.calib import load_calibration, stream_tensors
     from onnxslim_prune.calib.specs import input_specs
-    from onnxslim_prune.passes.reconstruct import subgraph_model, weightless_cut
+    from onnxslim_prune.methods.reconstruct import subgraph_model, weightless_cut
 
     model = classifier()
     cut = weightless_cut(model, ["h"])
@@ -390,7 +391,7 @@ g (float[N, 6] x) => (float[N, 5] y) {
 
 def test_groups_kept_whole_are_not_streamed_and_the_model_is_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from onnxslim_prune.ops.testing import parse, weights
-    from onnxslim_prune.passes import datadriven
+    from onnxslim_prune.methods import datadriven
 
     monkeypatch.setenv("ONNXSLIM_PRUNE_CACHE", "off")
     # hidden 8 (w1 out, the LayerNorm, w2 and w4 read it, w3 writes into it), FFN 12 (w2 out, w3 reads it)
@@ -472,7 +473,7 @@ def test_the_refit_frontiers_hold_what_the_budget_leaves_and_spill_past_it(tmp_p
     the same bytes (and outputs) as with the default budget."""
     from onnxslim_prune import prune
     from onnxslim_prune.calib import engine, memory
-    from onnxslim_prune.passes import datadriven, reconstruct
+    from onnxslim_prune.methods import datadriven, reconstruct
     from tests import models as M
 
     model = M.residual_projection(dead_res=(1, 5))
@@ -527,7 +528,7 @@ def test_selection_covariances_past_their_share_wait_in_files_and_give_the_same_
     0.8 GB of them under a 1G ``--calib-memory``): with none held in memory, ``obs`` by predicted damage writes the
     same bytes; the store reads back every matrix bit for bit, iterates in network order, and its folder is gone
     once it is dropped."""
-    from onnxslim_prune.passes import datadriven
+    from onnxslim_prune.methods import datadriven
 
     monkeypatch.setenv("ONNXSLIM_PRUNE_CACHE", "off")
     np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((96, 16)).astype(np.float32))

@@ -24,11 +24,11 @@ from onnxslim_prune.pipeline import judging
 from onnxslim_prune import api, roundto
 from onnxslim_prune.channels import Group
 from onnxslim_prune.cli import main
-from onnxslim_prune.latency import SLOWER_TOLERANCE, Latency, median_interval
+from onnxslim_prune.judge.latency import SLOWER_TOLERANCE, Latency, median_interval
 from onnxslim_prune.ops.testing import assert_same_outputs, initializer, parse, weights, zeroed
-from onnxslim_prune.passes.plan import kept_count
+from onnxslim_prune.analysis.plan import kept_count
 from onnxslim_prune.roundto import Rounding
-from onnxslim_prune.verdict import Gates
+from onnxslim_prune.judge.verdict import Gates
 
 import models as M
 
@@ -149,7 +149,7 @@ class _Session:
 
 def _measured(durations_after: Sequence[float], decided_at: Sequence[float], monkeypatch: pytest.MonkeyPatch,
               warmup_seconds: float | None = None) -> tuple[Latency, _Session, _Session]:
-    from onnxslim_prune import latency
+    from onnxslim_prune.judge import latency
 
     if warmup_seconds is not None:
         monkeypatch.setattr(latency, "WARMUP_SECONDS", warmup_seconds)
@@ -161,7 +161,7 @@ def _measured(durations_after: Sequence[float], decided_at: Sequence[float], mon
 
 
 def test_the_rounds_stop_once_the_gates_are_decided(monkeypatch: pytest.MonkeyPatch) -> None:
-    from onnxslim_prune import latency
+    from onnxslim_prune.judge import latency
 
     gates = latency.gate_ratios(Gates())
     assert gates == (1.0, 1.0 + SLOWER_TOLERANCE)

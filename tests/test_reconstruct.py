@@ -1,4 +1,4 @@
-"""Least-squares reconstruction (`passes.reconstruct`): exactness oracles, bias handling, wiring.
+"""Least-squares reconstruction (`methods.reconstruct`): exactness oracles, bias handling, wiring.
 
 Oracle: when a pruned channel is an exact affine combination of kept ones and nothing
 nonlinear sits between it and its consumer, the refitted consumer reproduces the original
@@ -30,10 +30,10 @@ from conftest import SAMPLE_FMNIST, SAMPLE_LENET
 from onnxslim_prune import api
 from onnxslim_prune.methods import base as methods
 from onnxslim_prune.methods.base import Context, MethodSpec, Outcome
-from onnxslim_prune.passes import reconstruct
-from onnxslim_prune.passes.budget import choose_plan
-from onnxslim_prune.passes.plan import GroupPlan, Plan
-from onnxslim_prune.passes.score import score_groups
+from onnxslim_prune.methods import reconstruct
+from onnxslim_prune.methods.budget import choose_plan
+from onnxslim_prune.analysis.plan import GroupPlan, Plan
+from onnxslim_prune.analysis.score import score_groups
 
 OLD_FIT = reconstruct.fit
 CNN_FOLDS = reconstruct.DEFAULT_CNN_RIDGE_FOLDS  # the default, before `_fixed_ridge` turns it off
@@ -500,7 +500,7 @@ def test_short_of_rows_is_one_warning_per_reconstruction(tmp_path: Path, registe
 
     name = register("_m", method)
     x = np.random.default_rng(17).standard_normal((10, 12)).astype(np.float32)
-    with caplog.at_level("WARNING", logger="onnxslim_prune.passes.reconstruct"):
+    with caplog.at_level("WARNING", logger="onnxslim_prune.methods.reconstruct"):
         result = api.prune(model, name, 0.5, calib=save_calib(tmp_path / "c.npz", x))
     warned = [r.getMessage() for r in caplog.records if "fewer sampled rows" in r.getMessage()]
     assert len(warned) == 1, warned  # two short layers, one warning
@@ -509,7 +509,7 @@ def test_short_of_rows_is_one_warning_per_reconstruction(tmp_path: Path, registe
     assert warned[0] in result.report.notes
     caplog.clear()
     x = np.random.default_rng(18).standard_normal((200, 12)).astype(np.float32)
-    with caplog.at_level("WARNING", logger="onnxslim_prune.passes.reconstruct"):
+    with caplog.at_level("WARNING", logger="onnxslim_prune.methods.reconstruct"):
         result = api.prune(model, name, 0.5, calib=save_calib(tmp_path / "d.npz", x))
     assert not [r for r in caplog.records if "fewer sampled rows" in r.getMessage()]
     assert not any("fewer sampled rows" in n for n in result.report.notes)

@@ -263,7 +263,7 @@ def test_the_network_guard_error_is_the_same_run_a_sample_at_a_time(tmp_path: Pa
     network for 16 windows, the float64 copies the peak of a --recover run): the same figure as numpy's on the whole
     outputs, in runs of one sample when the limit is one output row."""
     pytest.importorskip("torch")
-    from onnxslim_prune import validate
+    from onnxslim_prune.judge import validate
     from onnxslim_prune.recover import fit
 
     rng = np.random.default_rng(3)

@@ -30,7 +30,7 @@ from onnxslim_prune.planning.search import (
     Prober, SearchSettings, SensitivityRow, allocation_at, greedy_steps, passes_with_margin, probe_table, run_search,
     run_sensitivity, run_targeted, sensitivity_table, sorted_rows,
 )
-from onnxslim_prune.verdict import Gates
+from onnxslim_prune.judge.verdict import Gates
 from onnxslim_prune.settings import RunSettings
 
 

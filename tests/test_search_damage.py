@@ -26,7 +26,7 @@ from onnxslim_prune.planning.search import (
     resolved, run_search,
 )
 from onnxslim_prune.settings import RunSettings
-from onnxslim_prune.verdict import Gates
+from onnxslim_prune.judge.verdict import Gates
 
 
 def _measured(kept: float, slack: float) -> Measurement:

@@ -21,7 +21,7 @@ from onnxslim_prune import api, sensitivity_profile
 from onnxslim_prune.cli import main
 from onnxslim_prune.planning.parts import VerdictPart
 from onnxslim_prune.planning.search import Prober, SearchSettings, run_search, run_sensitivity
-from onnxslim_prune.verdict import Gates
+from onnxslim_prune.judge.verdict import Gates
 from onnxslim_prune.settings import RunSettings
 
 SETTINGS = SearchSettings(ratios=(0.25, 0.5, 0.75), max_probes=6, margin=0.0)

@@ -17,12 +17,13 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from onnxslim_prune import api, ir, prune, validate
+from onnxslim_prune import api, ir, prune
+from onnxslim_prune.judge import validate
 from onnxslim_prune.calib import input_specs, load_calibration
 from onnxslim_prune.calib.statistic import RowWeights, SampledGrams, collect
 from onnxslim_prune.methods.base import Context, Options
 from onnxslim_prune.ops.testing import parse, weights
-from onnxslim_prune.passes import datadriven
+from onnxslim_prune.methods import datadriven
 
 TOKENS, WIDTH, FFN = 6, 8, 12
 

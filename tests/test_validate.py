@@ -16,9 +16,10 @@ from conftest import SAMPLE_FMNIST, SAMPLE_LENET
 from onnx import TensorProto, helper, numpy_helper
 
 import models as M
-from onnxslim_prune import prune, validate
+from onnxslim_prune import prune
+from onnxslim_prune.judge import validate
 from onnxslim_prune.errors import CalibrationError, UsageError, ValidationError
-from onnxslim_prune.verdict import VerdictSource
+from onnxslim_prune.judge.verdict import VerdictSource
 
 
 

@@ -24,7 +24,7 @@ from onnxslim_prune.calib import split as split_mod
 from onnxslim_prune.calib.specs import input_specs
 from onnxslim_prune.cli import main
 from onnxslim_prune.errors import UsageError
-from onnxslim_prune.verdict import AgreementAccumulator, Gates, VerdictSource, summarise
+from onnxslim_prune.judge.verdict import AgreementAccumulator, Gates, VerdictSource, summarise
 
 
 
@@ -168,7 +168,7 @@ def test_intervals_match_scipy_and_cover_at_their_stated_rate() -> None:
     """Wilson equals scipy's; Fisher's z and the paired accuracy-drop interval cover the true value ~95% of 2,000 seeded draws."""
     from scipy.stats import binomtest
 
-    from onnxslim_prune.verdict import fisher_interval, paired_drop_interval, wilson_interval
+    from onnxslim_prune.judge.verdict import fisher_interval, paired_drop_interval, wilson_interval
 
     for hits, n in ((7, 8), (0, 8), (8, 8), (380, 400)):
         ci = binomtest(hits, n).proportion_ci(confidence_level=0.95, method="wilson")
@@ -221,7 +221,7 @@ def test_top1_headline_comes_from_softmax_outputs_when_the_model_has_them() -> N
     """MTCNN-like: a face/no-face Softmax beside a box regression [N, 4]; the box's argmax is detail, not the headline."""
     from onnx import parser
 
-    from onnxslim_prune.verdict import OutputAgreement, class_score_outputs
+    from onnxslim_prune.judge.verdict import OutputAgreement, class_score_outputs
 
     model = parser.parse_model("""
         <ir_version: 8, opset_import: ["" : 17]>
@@ -243,7 +243,8 @@ def test_top1_headline_comes_from_softmax_outputs_when_the_model_has_them() -> N
 
 def test_a_data_free_verdict_takes_fewer_random_samples_on_large_models(monkeypatch: pytest.MonkeyPatch) -> None:
     """16 random samples up to the size threshold, then inversely fewer by weight bytes, never under 4."""
-    from onnxslim_prune import ir, validate
+    from onnxslim_prune import ir
+    from onnxslim_prune.judge import validate
 
     model = onnx.load(str(SAMPLE_LENET))
     size = ir.payload_bytes(model)
@@ -274,7 +275,7 @@ def _negated(model: onnx.ModelProto) -> onnx.ModelProto:
 def test_a_random_input_verdict_is_never_passed_and_keeps_its_figures_aside() -> None:
     """Data-free: passed is None (JSON null), the headline keys are null, the figures are structure evidence; numbers:
     the structure cosine is numpy's over the same seeded random samples (1e-9)."""
-    from onnxslim_prune import validate
+    from onnxslim_prune.judge import validate
 
     model = onnx.load(str(SAMPLE_LENET))
     result = prune(model, "l1", 0.5, latency=False)
@@ -304,8 +305,8 @@ def test_a_random_input_verdict_is_never_passed_and_keeps_its_figures_aside() ->
 def test_a_missed_speed_gate_fails_a_random_input_verdict() -> None:
     """Speed is measured whatever the inputs: on random inputs a slower model is passed False (exit 3), a faster
     one None (function unknown), never True; the table lists the speed gate beside 'function unknown'."""
-    from onnxslim_prune.latency import Latency, with_speed_gates
-    from onnxslim_prune.report import verdict_lines
+    from onnxslim_prune.judge.latency import Latency, with_speed_gates
+    from onnxslim_prune.judge.report import verdict_lines
 
     acc = AgreementAccumulator(["y"])
     acc.add([np.eye(4)], [np.eye(4)], 4)
@@ -321,7 +322,7 @@ def test_a_missed_speed_gate_fails_a_random_input_verdict() -> None:
 
 def test_negated_outputs_are_degraded_on_random_inputs() -> None:
     """A model whose outputs are negated: cosine and correlation -1 on the seeded random samples, so degraded."""
-    from onnxslim_prune import validate
+    from onnxslim_prune.judge import validate
 
     model = _collapsing_mlp()
     negated = _negated(model)
@@ -356,7 +357,7 @@ def test_token_ids_are_drawn_within_every_embedding_vocabulary() -> None:
     verdict of an l1 prune runs on them, and its correlation across samples exists (the samples differ)."""
     from onnx import parser
 
-    from onnxslim_prune import validate
+    from onnxslim_prune.judge import validate
 
     rng = np.random.default_rng(0)
     model = parser.parse_model("""
@@ -399,7 +400,7 @@ def test_token_ids_are_drawn_within_every_embedding_vocabulary() -> None:
 def test_unlabelled_eval_gives_a_held_out_verdict_with_agreement_and_no_accuracy(tmp_path: Path) -> None:
     """--eval without 'labels': source eval, held out, top-1 agreement equals numpy's argmax comparison on the
     same 500 samples; no accuracy; an agreement gate is checked; --max-drop is refused."""
-    from onnxslim_prune import validate
+    from onnxslim_prune.judge import validate
 
     with np.load(SAMPLE_FMNIST) as d:
         images = d["input"]

@@ -14,20 +14,20 @@ from __future__ import annotations
 # patched one by one (what a run does inside; no user calls them)
 from onnxslim_prune.calib import conv_output_size, input_specs, load_calibration
 from onnxslim_prune.methods.base import Context, Options
-from onnxslim_prune.passes import activation, datadriven, reconstruct
+from onnxslim_prune.methods import activation, datadriven, reconstruct
 
 # bench_real_memory.py: the eval images exactly as the CLI's image-folder flags preprocess them
 from onnxslim_prune.calib.preprocess import Preprocess
 
 # bench_never_slower.py: the not-slower gate's tolerance, and the round-to multiple chosen on this machine
-from onnxslim_prune.latency import SLOWER_TOLERANCE
+from onnxslim_prune.judge.latency import SLOWER_TOLERANCE
 from onnxslim_prune.roundto import auto
 
 # bench_round_to.py: the round-to rule's CPU flags and the multiple they give
 from onnxslim_prune.roundto import cpu_flags, isa_multiple
 
 # bench_vit.py: refits the LayerNorms of a pruned ViT between two runs (an experiment, not a method)
-from onnxslim_prune.passes.lnrefit import refit_layernorms
+from onnxslim_prune.methods.lnrefit import refit_layernorms
 
 # lib/docs.py (update_docs.py): the reference pages are generated from the registries themselves
 from onnxslim_prune.methods import builtin  # noqa: F401  (fills the method registry)

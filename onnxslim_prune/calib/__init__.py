@@ -8,7 +8,7 @@ from .patches import conv_output_size, conv_patches, linear_rows, output_rows, s
 from .preprocess import Preprocess
 from .sources import DEFAULT_RANDOM_SAMPLES, CalibrationSet, load_calibration
 from .specs import InputSpec, input_specs, parse_input_shape
-from .stats import ChannelMoments, GramAccumulator
+from .accumulators import ChannelMoments, GramAccumulator
 
 __all__ = [
     "DEFAULT_RANDOM_SAMPLES",

@@ -201,7 +201,7 @@ def stream_tensors(
     ``ONNXSLIM_PRUNE_BLAS_THREADS``), an int = that many, None = leave the libraries alone.
     Close a stream that is abandoned early (``close()`` or ``contextlib.closing``) to release
     the limit at once rather than when the generator is garbage-collected. ``weights``: the model
-    `model` was cut from without its weights (`passes.reconstruct.weightless_cut`), which holds them.
+    `model` was cut from without its weights (`methods.reconstruct.weightless_cut`), which holds them.
     """
     wanted = list(dict.fromkeys(names))
     from_feed = [n for n in wanted if n in calib.names]

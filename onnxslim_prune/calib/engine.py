@@ -1,6 +1,6 @@
 """The calibration engine: passes over calibration data through a model cut into stages.
 
-A sequential refit (``passes.reconstruct``) needs, level by level, the inputs of that level's
+A sequential refit (``methods.reconstruct``) needs, level by level, the inputs of that level's
 layers in the PRUNED network (which depend on every layer refitted before) and their targets
 in the ORIGINAL network. Running both networks from the graph input at every level costs
 ``2 x levels`` passes over the data (ResNet-56: 117 sessions, ~88 plain passes). The engine

@@ -14,9 +14,9 @@ model and one onnxruntime session of it) plus the budget, at any calibration or 
   the model's graph and plan, the statistics of the selection, heap the allocator has not yet
   handed back (EfficientNet-Lite1, `ldrf`, 3G: 550 MiB at the start of the refit, 870 MiB at its
   end, 28% of the budget);
-- the selection statistics (`passes.datadriven`) keep the Gram matrices of one pass within half, one
+- the selection statistics (`methods.datadriven`) keep the Gram matrices of one pass within half, one
   batch's exposed tensors within a quarter, and the covariances the passes leave within a quarter
-  (`passes.datadriven.CovarianceStore`: the rest in ``.npy`` files, read back as the selection needs them);
+  (`methods.datadriven.CovarianceStore`: the rest in ``.npy`` files, read back as the selection needs them);
 - the verdict's batches take half, the original's outputs held for it an eighth (`api`); the
   rest of those outputs wait in ``.npy`` files, so the original's session is not rebuilt beside
   the pruned model's (`validate.HeldOutputs`).

@@ -31,9 +31,9 @@ import onnx
 from .cache import DEFAULT, CacheDir, load_entry, model_digest, store_entry
 from .collect import stream_tensors
 from .memory import give_back
-from .reduce import moments_model
+from .in_session import moments_model
 from .sources import CalibrationSet
-from .stats import ChannelMoments, GramAccumulator
+from .accumulators import ChannelMoments, GramAccumulator
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def collect(
     """Fill every statistic over `calibration`: cache hits are loaded, the rest computed in as few passes as possible.
 
     `subgraph(model, names)`: the smallest graph computing `names` for a pass (default: the whole model); it may
-    leave the weights out (`passes.reconstruct.weightless_cut`): the pass reads them from the model it was cut from.
+    leave the weights out (`methods.reconstruct.weightless_cut`): the pass reads them from the model it was cut from.
     """
     model_id = model_digest(model)
     missing = []
@@ -153,7 +153,7 @@ def collect(
 
 
 class ActivationMoments(Statistic):
-    """``ChannelMoments`` of tensors, reduced inside onnxruntime (`calib.reduce.moments_model`).
+    """``ChannelMoments`` of tensors, reduced inside onnxruntime (`calib.in_session.moments_model`).
 
     Per tensor and channel ``c``: ``sum v``, ``sum |v|``, ``sum v^2``, ``#(v <= 0)`` over every
     value on that channel (float32 inside the session, float64 totals), and the count.

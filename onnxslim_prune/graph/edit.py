@@ -155,7 +155,7 @@ def insert_node_before(
 ) -> gs.Node:
     """Add the node ``op(inputs) -> outputs`` to `graph`, just before `anchor` (export sorts the graph anyway).
 
-    Low-rank decomposition (`passes.lowrank`) splits a layer in two: the new first layer is
+    Low-rank decomposition (`methods.lowrank`) splits a layer in two: the new first layer is
     inserted here and `anchor` becomes the second, reading the new layer's output.
     """
     node = gs.Node(op=op, name=name, attrs=dict(attrs or {}), inputs=list(inputs), outputs=list(outputs))

@@ -1,6 +1,6 @@
 """Graphs whose large weights stay in files while a pass works on a few of them.
 
-The refit of a large model (`passes.reconstruct`) reads and rewrites one level's layers at a time,
+The refit of a large model (`methods.reconstruct`) reads and rewrites one level's layers at a time,
 yet a graph-surgeon graph holds every weight as a numpy array: SmolLM2-135M's pruned weights
 (0.5 GB) sat beside the refit's frontiers and sessions from its first level to its last.
 

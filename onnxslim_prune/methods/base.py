@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 
 from ..channels import Part, Trace
 from ..errors import UsageError
-from ..passes.plan import Plan
+from ..analysis.plan import Plan
 from ..recover import DEFAULT_LR, DEFAULT_SECONDS, DEFAULT_STEPS
 from ..roundto import Rounding
 
@@ -69,7 +69,7 @@ def bad_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
 
 
 class Refit(str, Enum):
-    """What the refit of `passes.reconstruct` solves (``--refit``)."""
+    """What the refit of `methods.reconstruct` solves (``--refit``)."""
 
     #: weights and bias by least squares
     LS = "ls"
@@ -78,7 +78,7 @@ class Refit(str, Enum):
 
 
 class BudgetAllocation(str, Enum):
-    """How a budget (``--target-macs`` / ``--target-params``) is shared among the groups (`passes.budget`)."""
+    """How a budget (``--target-macs`` / ``--target-params``) is shared among the groups (`methods.budget`)."""
 
     #: one global order of per-group normalised scores (`budget.Ranking`)
     RANKING = "ranking"
@@ -88,7 +88,7 @@ class BudgetAllocation(str, Enum):
 
 class DepthGain(str, Enum):
     """Whether a budget shared by damage weighs each layer's damage by its measured gain to the outputs
-    (`passes.depthgain`), and in what the outputs' error is measured."""
+    (`methods.depthgain`), and in what the outputs' error is measured."""
 
     #: every layer's damage counts as it is
     OFF = "off"
@@ -98,7 +98,7 @@ class DepthGain(str, Enum):
     POOLED = "pooled"
 
 
-#: how residual blocks are ranked (`passes.blocks`)
+#: how residual blocks are ranked (`methods.blocks`)
 BLOCK_CRITERIA = ("output", "norm")
 FRACTION = number(0.0, 1.0, low_open=True)
 BOOL = choice(True, False)
@@ -204,7 +204,7 @@ class CommonParams:
     #: a per-group allocation ``((group, fraction removed), ...)``, unlisted groups kept whole, in place of
     #: the uniform --ratio (the gated search of `planning.search` sets it; API only)
     group_ratios: tuple[tuple[int, float], ...] | None = setting(None, group_fractions)
-    #: base ridge alpha of the refit, relative to the mean input variance (`passes.reconstruct` docstring)
+    #: base ridge alpha of the refit, relative to the mean input variance (`methods.reconstruct` docstring)
     ridge: float = setting(1e-6, number(0.0, math.inf))
     #: LDRF: fraction of the output variance the embedding keeps
     energy: float = setting(0.995, FRACTION)
@@ -259,7 +259,7 @@ class CommonParams:
         return cls(**{k: v for k, v in values.items() if k in own and v is not None})
 
 
-#: Neuron Merging's selection criteria and scales (see `passes.merge`)
+#: Neuron Merging's selection criteria and scales (see `methods.merge`)
 MERGE_CRITERIA = ("l1", "l1_bias", "l2", "fpgm")
 MERGE_SCALES = ("norm", "projection")
 
@@ -280,7 +280,7 @@ class LcpParams(CommonParams):
     lcp_tournament: int = setting(4, POSITIVE_INT)
 
 
-#: the norms `passes.lowrank` measures a layer's output error in (`passes.lowrank.OutputMetric`)
+#: the norms `methods.lowrank` measures a layer's output error in (`methods.lowrank.OutputMetric`)
 LOWRANK_METRICS = ("energy", "channel")
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..passes import activation, contribution, datadriven, lowrank, merge, nisp
-from ..passes.budget import choose_plan
+from . import activation, contribution, datadriven, lowrank, merge, nisp
+from .budget import choose_plan
 from .lcp import lcp
-from ..passes.plan import Plan
-from ..passes.score import CRITERIA, score_groups
+from ..analysis.plan import Plan
+from ..analysis.score import CRITERIA, score_groups
 from .base import MERGE_CRITERIA, Context, Importance, LcpParams, LowRankParams, MergeParams, MethodSpec, Options, Outcome, Scores, register
 
 CRITERION_HELP = {
@@ -27,7 +27,7 @@ CRITERION_HELP = {
 
 
 def criterion_scores(name: str | None) -> Importance:
-    """Importance by a data-free criterion of `passes.score` (None: the --criterion option)."""
+    """Importance by a data-free criterion of `analysis.score` (None: the --criterion option)."""
 
     def importance(ctx: Context) -> Scores:
         return score_groups(ctx.trace, ctx.graph, name or ctx.options.criterion, ctx.options.seed)
@@ -37,7 +37,7 @@ def criterion_scores(name: str | None) -> Importance:
 
 
 def _no_channels(ctx: Context) -> Outcome:
-    """Block pruning happens before tracing (`passes.blocks.prune_blocks`); no channel is removed here."""
+    """Block pruning happens before tracing (`methods.blocks.prune_blocks`); no channel is removed here."""
     return Outcome(Plan(()))
 
 

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..evaluation import OutputError, evaluation_feeds
-from ..passes.materialize import materialize
-from ..passes.plan import Plan
-from ..passes.budget import Budget, BudgetSearch, Ranking, normalised_scores
-from ..passes.score import score_groups
+from ..judge.evaluation import OutputError, evaluation_feeds
+from ..analysis.materialize import materialize
+from ..analysis.plan import Plan
+from .budget import Budget, BudgetSearch, Ranking, normalised_scores
+from ..analysis.score import score_groups
 from .base import Context, LcpParams, Outcome, get_method
 
 log = logging.getLogger(__name__)

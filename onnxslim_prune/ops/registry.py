@@ -14,8 +14,8 @@ A rule is registered by ``(domain, op_type, opset range)`` and answers, for its 
   ``weight_in_axis``: the weight axis that indexes the input channels.
 
 Rules see the tracer, the applier and the cost model through the small protocols below,
-so this package imports none of the passes that drive it. The tracer, `passes.apply` and
-`passes.budget` dispatch by `lookup`; an op without a rule freezes the channels it touches.
+so this package imports none of the passes that drive it. The tracer, `analysis.apply` and
+`methods.budget` dispatch by `lookup`; an op without a rule freezes the channels it touches.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Freeze(Exception):
 
 
 class TraceContext(Protocol):
-    """What a rule's `trace` may read and record (implemented by `passes.trace.Tracer`)."""
+    """What a rule's `trace` may read and record (implemented by `analysis.trace.Tracer`)."""
 
     opset: int
 
@@ -59,7 +59,7 @@ class TraceContext(Protocol):
 
 
 class ApplyContext(Protocol):
-    """What a rule's `apply` may read (implemented by `passes.apply`); `graph`: where a rule adds a node."""
+    """What a rule's `apply` may read (implemented by `analysis.apply`); `graph`: where a rule adds a node."""
 
     graph: gs.Graph
     trace: Trace
@@ -90,7 +90,7 @@ def float_size(value: np.ndarray | None) -> int:
 
 
 class CostContext(Protocol):
-    """What a rule's `cost` may read (implemented by `passes.budget`)."""
+    """What a rule's `cost` may read (implemented by `methods.budget`)."""
 
     trace: Trace
 

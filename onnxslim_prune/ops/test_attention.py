@@ -394,7 +394,7 @@ def test_l1_scores_a_head_with_its_output_projection_rows() -> None:
     nothing, though their Q and K are the largest. ``l1`` counts every weight a head owns (Q, K, V columns and its
     rows of the output projection) and removes exactly them; Q, K and V alone would remove two others."""
     from .. import api
-    from ..passes.score import l1
+    from ..analysis.score import l1
 
     # every weight of magnitude 1 (random signs), so the scores are exact: a kept head owns 3 x 16 producer weights
     # and 16 output-projection weights (64); heads 1 and 3 own 2 x 16 x 1.75 = 56 in Q and K and nothing else

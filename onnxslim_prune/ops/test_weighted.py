@@ -7,7 +7,8 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from .. import ir, validate
+from .. import ir
+from ..judge import validate
 from ..calib import conv_patches
 from ..channels import Kind, Role
 from . import lookup

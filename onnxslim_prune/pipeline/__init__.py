@@ -1,4 +1,5 @@
-"""The pipeline of a run as typed passes over a state (`core`), its passes (`run`), analysis and judging."""
+"""A run as typed passes over a state (`core`): the passes before the runs (`prepare`), those of each run (`run`),
+and what they share to judge a run (`judging`: sessions, the original's outputs, the verdict's run, the timing)."""
 
 from .core import Pass, PassContractError, PassManager, PassResult, PassStatus
 

@@ -15,14 +15,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .. import ir, validate
+from .. import ir
+from ..judge import validate
 from ..calib import memory
 from ..errors import CalibrationError
-from ..evaluation import EvalData, accuracy_from, correct_of, eval_feeds, release_pages
-from ..latency import SPEED_FIGURES, Latency, gate_ratios
-from ..latency import measure as measure_latency
-from ..verdict import (FUNCTION_UNKNOWN, Gates, Verdict, VerdictSource, class_score_outputs, classes_of,
-                       summarise)
+from ..judge.evaluation import EvalData, accuracy_from, correct_of, eval_feeds, release_pages
+from ..judge.latency import SPEED_FIGURES, Latency, gate_ratios
+from ..judge.latency import measure as measure_latency
+from ..judge.verdict import FUNCTION_UNKNOWN, Gates, Verdict, VerdictSource, class_score_outputs, classes_of, summarise
 
 log = logging.getLogger(__name__)
 

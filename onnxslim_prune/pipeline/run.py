@@ -19,23 +19,24 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
-from .. import ir, recover, validate
+from .. import ir, recover
+from ..judge import validate
 from ..calib import cache as calib_cache
 from ..calib import memory
 from ..channels import Trace
 from ..graph import qdq
-from ..latency import Latency, with_speed_gates
+from ..judge.latency import Latency, with_speed_gates
 from ..methods.base import Context, MethodSpec, Options, Outcome
 from ..methods.defaults import DefaultMethod
-from ..passes import reconstruct
-from ..passes.apply import apply_plan
-from ..passes.plan import Plan
+from ..methods import reconstruct
+from ..analysis.apply import apply_plan
+from ..analysis.plan import Plan
 from ..planning.parts import VerdictPart
 from ..progress import Stage, StageClock
-from ..report import Report, group_rows
-from ..verdict import Gates, Verdict
+from ..judge.report import Report, group_rows
+from ..judge.verdict import Gates, Verdict
 from . import judging
-from .analyse import Analysis, analyze_loaded, nothing_prunable_reason, unmatched_excludes
+from ..analysis.model import Analysis, analyze_loaded, nothing_prunable_reason, unmatched_excludes
 from .core import Pass, PassManager, PassResult
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ class TracePass(Pass[RunState]):
         working = original
         block_fraction = state.spec.blocks_to_remove(options)
         if block_fraction:
-            from ..passes.blocks import prune_blocks
+            from ..methods.blocks import prune_blocks
 
             working, block_notes = prune_blocks(original, float(block_fraction), prepared.fit, prepared.shapes_in, options)
             state.notes.extend(block_notes)

@@ -56,9 +56,9 @@ from typing import Any
 
 from ..errors import UsageError, ValidationError
 from ..roundto import Rounding
-from ..latency import Latency, with_speed_gates
-from ..latency import measure as measure_latency
-from ..verdict import Gates
+from ..judge.latency import Latency, with_speed_gates
+from ..judge.latency import measure as measure_latency
+from ..judge.verdict import Gates
 from .parts import VerdictPart
 from .search import (
     LONG_SECONDS, Allocation, Measurement, Objective, Probe, Prober, SearchOutcome, SearchSettings, SensitivityRow, Step, _duration,
@@ -140,7 +140,7 @@ class InterleavedMeter:
         return self._feed
 
     def __call__(self, result: Any) -> Latency:
-        from .. import validate
+        from ..judge import validate
 
         if self._original is None:
             self._original = validate.session(self.prober.model, self.threads)

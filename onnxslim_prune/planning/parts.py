@@ -23,7 +23,7 @@ import numpy as np
 
 from ..calib.split import subset
 from ..errors import CalibrationError
-from ..evaluation import EvalData
+from ..judge.evaluation import EvalData
 
 
 class VerdictPart(str, Enum):

@@ -26,7 +26,7 @@ Data-free runs (no ``--calib``) measure on seeded random inputs: a proxy, labell
 Allocation (`Allocation.AUTO`, the default): DAMAGE where the method's ``--target-macs`` is shared by the
 closed-form predicted damage (`resolved`), else SENSITIVITY. `Allocation.DAMAGE`: no profile; each probe is the
 method's ``--target-macs`` (per group and width, the refit residual predicted from the statistics its selection
-holds: `passes.datadriven.damage_table`), searched as a `Line` beside the plain uniform ``--ratio`` line
+holds: `methods.datadriven.damage_table`), searched as a `Line` beside the plain uniform ``--ratio`` line
 (`_damage_lines`); lines depend on their own probes only and run side by side, a round at a time.
 
 `Allocation.SENSITIVITY`: a greedy knapsack over the profile. Per
@@ -38,7 +38,7 @@ last step taken. This minimises the summed single-group damages for the MACs (or
 saved, exactly on the hull (the classic Lagrangian relaxation), and never cuts a group that
 its profile shows to be fragile before a robust one; the damages are assumed additive, which
 the probes then test. `Allocation.RANKING`: the global normalised ranking of
-`passes.budget` (one order of every channel, scores divided by their group's mean) under a
+`methods.budget` (one order of every channel, scores divided by their group's mean) under a
 bisected ``--target-macs``: no sensitivity probes, but it ranks channels, not their effect on
 the output, and can empty a residual stream whose channels all score alike.
 
@@ -73,11 +73,11 @@ import onnx
 from .. import ir
 from ..channels import Group, Role, Trace
 from ..errors import UsageError, ValidationError
-from ..passes.plan import removed_count
+from ..analysis.plan import removed_count
 from ..roundto import Rounding
 from ..settings import RunSettings
 from ..progress import StageListener
-from ..verdict import Z95, Gates, Verdict
+from ..judge.verdict import Z95, Gates, Verdict
 from .parts import VerdictPart
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class Allocation(str, Enum):
     AUTO = "auto"
     SENSITIVITY = "sensitivity"
     RANKING = "ranking"
-    #: the method's ``--target-macs`` shared by predicted damage (`passes.budget`): no profile probes
+    #: the method's ``--target-macs`` shared by predicted damage (`methods.budget`): no profile probes
     DAMAGE = "damage"
 
 
@@ -623,19 +623,19 @@ def search(prober: Prober, trace: Trace, settings: SearchSettings, round_to: int
 
 def resolved(prober: Prober, settings: SearchSettings) -> SearchSettings:
     """`settings` with `Allocation.AUTO` made concrete: DAMAGE when the method shares a ``--target-macs`` by
-    closed-form predicted damage (`passes.datadriven.by_damage`: a reconstruction method, real data, unless
+    closed-form predicted damage (`methods.datadriven.by_damage`: a reconstruction method, real data, unless
     ``--budget-allocation ranking`` says otherwise), else SENSITIVITY."""
     if settings.allocation is Allocation.AUTO:
         return replace(settings, allocation=Allocation.DAMAGE if shares_by_damage(prober) else Allocation.SENSITIVITY)
     if settings.allocation is Allocation.DAMAGE and not damage_capable(prober.method):
-        from ..passes.datadriven import DAMAGE_METHODS
+        from ..methods.datadriven import DAMAGE_METHODS
 
         raise UsageError(f"--allocation damage needs a method whose statistics predict the damage ({', '.join(DAMAGE_METHODS)})")
     return settings
 
 
 def damage_capable(method: str) -> bool:
-    from ..passes.datadriven import DAMAGE_METHODS
+    from ..methods.datadriven import DAMAGE_METHODS
 
     return method in DAMAGE_METHODS
 
@@ -643,7 +643,7 @@ def damage_capable(method: str) -> bool:
 def shares_by_damage(prober: Prober) -> bool:
     """Whether the method's own ``--target-macs`` run shares the budget by predicted damage."""
     from ..methods.base import BudgetAllocation, get_method
-    from ..passes.datadriven import DEFAULT_ALLOCATION
+    from ..methods.datadriven import DEFAULT_ALLOCATION
 
     if prober.data_free or not damage_capable(prober.method):
         return False
@@ -920,7 +920,7 @@ def _budget_probes(n: int) -> int:
 
 
 def _bisect_target(prober: Prober, settings: SearchSettings, probes: list[Probe]) -> None:
-    """Bisection over the target fraction of the global ranking (`passes.budget`)."""
+    """Bisection over the target fraction of the global ranking (`methods.budget`)."""
     key = "target_macs" if settings.objective is Objective.MACS else "target_params"
     lo, hi = 1.0, 0.0  # lo: kept fraction known to pass (the original); hi: assumed to miss
     total = min(settings.max_probes, _budget_probes(int(1 / TARGET_RESOLUTION)))
@@ -1038,7 +1038,8 @@ class AllocationCost:
     """Kept MACs and parameters of an allocation: its plan materialised (the cost depends on the counts only)."""
 
     def __init__(self, prober: Prober, trace: Trace, round_to: int | Rounding) -> None:
-        from .. import api, validate
+        from .. import api
+        from ..judge import validate
 
         user = dict(prober.settings.input_shapes or {})
         shapes = api.resolve_input_shapes(prober.model, user, preprocess=prober.settings.preprocess)
@@ -1051,9 +1052,9 @@ class AllocationCost:
     def kept(self, allocation: Allocation_) -> tuple[float, float]:
         import numpy as np
 
-        from .. import validate
-        from ..passes.materialize import materialize
-        from ..passes.plan import uniform_plan
+        from ..judge import validate
+        from ..analysis.materialize import materialize
+        from ..analysis.plan import uniform_plan
 
         a = self.analysis
         scores = {g.index: np.zeros(g.size) for g in a.trace.groups if not g.is_frozen}

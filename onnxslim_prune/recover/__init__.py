@@ -39,7 +39,7 @@ import onnx
 
 from ..channels import Trace
 from ..errors import UsageError
-from ..passes.plan import Plan
+from ..analysis.plan import Plan
 
 #: what to install for --recover
 INSTALL_HINT = "pip install 'onnxslim-prune[recover]'"

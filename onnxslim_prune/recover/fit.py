@@ -20,7 +20,8 @@ import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 
-from .. import ir, validate
+from .. import ir
+from ..judge import validate
 from ..calib.engine import StagedPasses
 from ..calib.memory import calibration_budget
 from ..calib.sources import CalibrationSet

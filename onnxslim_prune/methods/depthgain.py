@@ -46,7 +46,7 @@ from ..calib.collect import exposed_session
 from ..calib.sources import CalibrationSet
 from ..calib.threads import blas_limited
 from ..errors import CalibrationError
-from ..methods.base import DepthGain
+from .base import DepthGain
 
 log = logging.getLogger(__name__)
 

@@ -126,7 +126,7 @@ The OBS weight update of the kept weights when a channel is removed (``delta W_K
 ([S^-1]_JJ)^-1 W_J``) is the refit of a consumer on the original network's inputs: least squares of
 the kept columns against ``X W`` is ``S_KK^-1 S_K. W``, which is ``W_K + delta W_K``. The refit here
 (pruned inputs, original outputs, ridge toward plain pruning) contains it, and the ``obs`` method
-(`passes.contribution`) scores each channel by the error that update leaves.
+(`methods.contribution`) scores each channel by the error that update leaves.
 """
 
 from __future__ import annotations
@@ -154,10 +154,10 @@ from ..calib.memory import calibration_budget, frontier_budget, give_back
 from ..calib.threads import blas_limited
 from ..errors import ModelError
 from ..graph import edit
-from ..methods.base import CommonParams, Context, Outcome, Refit
-from ..methods.defaults import ModelKind, model_kind
+from .base import CommonParams, Context, Outcome, Refit
+from .defaults import ModelKind, model_kind
 from ..ops.registry import Affine, rule_of
-from .plan import Plan
+from ..analysis.plan import Plan
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ downstream first).
   (forward selection, block Gram-Schmidt updates); the embedding is then solved from the
   surviving channels of the pruned network and recomposed into the consumer
   (``reconstruct`` with ``mode="ldrf"``).
-NISP is `passes.nisp`, the activation criteria (``mean_act``, ``apoz``) `passes.activation`.
+NISP is `methods.nisp`, the activation criteria (``mean_act``, ``apoz``) `methods.activation`.
 
 Every statistic is a `calib.statistic.Statistic` (``ActivationMoments``, ``SampledGrams``,
 ``PooledCovariance``) collected and cached by `calib.statistic.collect` under one key scheme.
@@ -63,12 +63,12 @@ from ..calib.memory import calibration_budget, explicit_budget
 from ..calib.statistic import ActivationMoments, RowSampler, RowWeights, SampledGrams, collect
 from ..errors import CalibrationError
 from . import reconstruct as rc
-from ..methods.base import BudgetAllocation, Context, DepthGain, Outcome
+from .base import BudgetAllocation, Context, DepthGain, Outcome
 from . import depthgain
 from .budget import GroupDamage, _group_order, choose_plan, damage_plan_with_notes
-from .plan import removed_count
+from ..analysis.plan import removed_count
 from ..roundto import Rounding
-from .score import l1
+from ..analysis.score import l1
 
 log = logging.getLogger(__name__)
 

@@ -6,11 +6,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ._version import __version__
-from .channels import Part, transformer_part
+from .._version import __version__
+from ..channels import Part, transformer_part
 from .latency import NOT_SLOWER, Latency
-from .roundto import Rounding
-from .passes.trace import Trace
+from ..roundto import Rounding
+from ..analysis.trace import Trace
 from .validate import ModelStats
 from .verdict import FUNCTION_UNKNOWN, Verdict
 

@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import ir, validate
-from .calib.arrays import check_cast, check_finite, check_shape, pickled_error
-from .calib.specs import input_specs
-from .errors import CalibrationError, UsageError
+from .. import ir
+from . import validate
+from ..calib.arrays import check_cast, check_finite, check_shape, pickled_error
+from ..calib.specs import input_specs
+from ..errors import CalibrationError, UsageError
 
 IMAGE_KEYS = ("images", "x")
 BATCH = 256

@@ -2,7 +2,7 @@
 Data-Driven Neuron Pruning Approach towards Efficient Deep Architectures", 2016: score
 ``1 - APoZ``): ``ChannelMoments`` of each group's tensors after its activation. The
 per-channel sums (``x``, ``|x|``, ``x^2``, ``x <= 0``) are reduced inside onnxruntime
-(``calib.reduce.moments_model``), so only ``[C]`` vectors leave the session.
+(``calib.in_session.moments_model``), so only ``[C]`` vectors leave the session.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .. import ir
 from ..channels import Group, Role, Trace
 from ..calib import ChannelMoments
 from ..calib.statistic import ActivationMoments, collect
-from ..methods.base import Context, Outcome
+from .base import Context, Outcome
 from ..ops.elementwise import UNARY_OPS
 from . import reconstruct as rc
 from .budget import choose_plan

@@ -17,7 +17,7 @@ import onnx
 from .. import ir
 from ..calib import memory
 from ..channels import Trace
-from ..passes.trace import trace
+from .trace import trace
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from .. import ir
 from ..channels import Trace
 from ..calib.statistic import PooledCovariance, collect
-from ..methods.base import Context, Outcome
+from .base import Context, Outcome
 from ..ops import lookup
 from ..ops.registry import MAX_OPSET
 from . import reconstruct as rc

@@ -67,7 +67,7 @@ from enum import Enum
 import numpy as np
 import onnx
 
-from .errors import UsageError, ValidationError
+from ..errors import UsageError, ValidationError
 
 #: below these the pruned model is flagged ``degraded`` (see the module docstring)
 TOP1_FLOOR = 0.5

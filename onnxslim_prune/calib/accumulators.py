@@ -317,7 +317,7 @@ class GramAccumulator:
 
     def solve_ridge(self, alpha: float = 0.0, keep: Sequence[int] | None = None) -> np.ndarray:
         """``W [len(keep) or dim_x, dim_y]`` minimising ``||X[:, keep] W - Y||^2 + alpha*count*||W||^2``."""
-        import scipy.linalg  # on first use (see `passes.reconstruct.solve_spd`)
+        import scipy.linalg  # on first use (see `methods.reconstruct.solve_spd`)
 
         a, b = self._system(alpha, keep)
         try:

@@ -58,14 +58,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .. import validate
+from ..judge import validate
 from ..channels import Group, Trace, transformer_part
 from ..ops import lookup
 from ..ops.registry import MAX_OPSET, NodeCost, rule_of
-from .materialize import materialize
-from ..methods.base import BudgetAllocation, CommonParams, Context
+from ..analysis.materialize import materialize
+from .base import BudgetAllocation, CommonParams, Context
 from ..roundto import Rounding
-from .plan import GroupPlan, Plan, keep_every_tensor_alive, uniform_plan
+from ..analysis.plan import GroupPlan, Plan, keep_every_tensor_alive, uniform_plan
 
 log = logging.getLogger(__name__)
 

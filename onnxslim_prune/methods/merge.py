@@ -44,9 +44,9 @@ import onnx_graphsurgeon as gs
 
 from .. import ir
 from ..channels import Group, Kind, Role, Trace
-from ..methods.base import Context, MergeParams, Outcome
+from .base import Context, MergeParams, Outcome
 from ..ops.registry import rule_of
-from .plan import Plan
+from ..analysis.plan import Plan
 
 log = logging.getLogger(__name__)
 

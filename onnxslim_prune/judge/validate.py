@@ -23,9 +23,9 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from . import ir
-from .errors import ValidationError
-from .passes.trace import node_macs
+from .. import ir
+from ..errors import ValidationError
+from ..analysis.trace import node_macs
 from .verdict import AgreementAccumulator, OutputAgreement
 
 log = logging.getLogger(__name__)

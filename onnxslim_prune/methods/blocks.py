@@ -36,13 +36,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .. import ir, validate
+from .. import ir
+from ..judge import validate
 from ..graph import edit
 from ..calib import expose_tensors
 from ..errors import UsageError
-from ..evaluation import OutputError, evaluation_feeds
-from ..methods.base import BLOCK_CRITERIA, CommonParams, Options, get_method
-from .trace import node_macs
+from ..judge.evaluation import OutputError, evaluation_feeds
+from .base import BLOCK_CRITERIA, CommonParams, Options, get_method
+from ..analysis.trace import node_macs
 
 log = logging.getLogger(__name__)
 

@@ -42,13 +42,11 @@ import numpy as np
 from dataclasses import replace
 
 from ..channels import Group, Part, transformer_part
-from ..methods.base import Context, Outcome
+from .base import Context, Outcome
 from . import reconstruct as rc
 from .budget import group_ratios
-from .datadriven import (
-    Consumer, _class_map, _layer_key, _reconstruction_method, _selection_alpha, group_consumers, input_covariances,
-    need_calibration, settings,
-)
+from .datadriven import (Consumer, _class_map, _layer_key, _reconstruction_method, _selection_alpha, group_consumers,
+                         input_covariances, need_calibration, settings)
 
 log = logging.getLogger(__name__)
 

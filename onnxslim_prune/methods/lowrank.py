@@ -41,7 +41,7 @@ default), the second layer of every decomposition is then refitted by least squa
 original's output of the layer, from the decomposed network's own inputs, level by level
 (`reconstruct.Reconstructor`: errors are corrected, not accumulated).
 
-Mixed allocation (channel removal or rank, at equal MACs): `passes.budget` ranks classes of groups
+Mixed allocation (channel removal or rank, at equal MACs): `methods.budget` ranks classes of groups
 by score per cost; a decomposition is one more kind of candidate step, ``(layer, rank)`` with cost
 ``P (D O - r (D + O))`` and damage ``d_l(r)`` in the same units as a group's closed-form
 reconstruction error, so one priority queue over both (per step: damage / MACs saved) decides per
@@ -61,16 +61,17 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .. import ir, validate
+from .. import ir
+from ..judge import validate
 from ..channels import Kind
 from ..calib.threads import blas_limited
 from ..graph import edit, qdq
-from ..methods.base import Context, LowRankParams, Options, Outcome
-from ..methods.defaults import model_kind
+from .base import Context, LowRankParams, Options, Outcome
+from .defaults import model_kind
 from ..roundto import Rounding
 from . import reconstruct as rc
 from .datadriven import input_covariances, layer_covariance, need_calibration
-from .plan import Plan
+from ..analysis.plan import Plan
 
 log = logging.getLogger(__name__)
 
