@@ -80,7 +80,7 @@ class Role(_StrEnum):
     FROZEN = "frozen"  # an op the tracer does not understand: its channels stay
 
 
-class Part(_StrEnum):
+class TransformerPart(_StrEnum):
     """What a group is in a transformer (`transformer_part`): the unit of ``--heads`` / ``--ffn`` / ``--hidden``."""
 
     HEADS = "heads"  # attention heads: channels on a batch axis of a MatMul between activations
@@ -88,14 +88,14 @@ class Part(_StrEnum):
     FFN = "ffn"  # every other group (FFN neurons; all groups of a network without attention)
 
 
-def transformer_part(node_kind: Mapping[str, Kind], group: Group) -> Part:
-    """The `Part` of `group`, from its members' roles and kinds."""
+def transformer_part(node_kind: Mapping[str, Kind], group: Group) -> TransformerPart:
+    """The `TransformerPart` of `group`, from its members' roles and kinds."""
     if any(m.role == Role.HEADS for m in group.members):
-        return Part.HEADS
+        return TransformerPart.HEADS
     hidden = (Kind.LAYER_NORM, Kind.CHANNEL_MEAN, Kind.EMBEDDING)
     if any(node_kind.get(m.node) in hidden for m in group.members):
-        return Part.HIDDEN
-    return Part.FFN
+        return TransformerPart.HIDDEN
+    return TransformerPart.FFN
 
 
 @dataclass(frozen=True, eq=False)

@@ -24,7 +24,7 @@ from conftest import SAMPLE_FMNIST, SAMPLE_LENET
 from onnxslim_prune import api
 from onnxslim_prune.channels import Role
 from onnxslim_prune.methods import base as methods
-from onnxslim_prune.methods.base import Context, MethodSpec, Outcome
+from onnxslim_prune.methods.base import Context, MethodSpec, MethodOutcome
 from onnxslim_prune.methods import reconstruct
 from onnxslim_prune.analysis.plan import GroupPlan, Plan
 from onnxslim_prune.analysis.score import score_groups
@@ -40,8 +40,8 @@ def _fixed_ridge(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def register(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str, Callable[[Context], Outcome]], str]]:
-    def add(name: str, fn: Callable[[Context], Outcome]) -> str:
+def register(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str, Callable[[Context], MethodOutcome]], str]]:
+    def add(name: str, fn: Callable[[Context], MethodOutcome]) -> str:
         monkeypatch.setitem(methods.METHODS, name, MethodSpec(name, "a test method", run=fn))
         return name
 
@@ -81,13 +81,13 @@ def node_input(model: onnx.ModelProto, node: str, index: int) -> np.ndarray:
     return initializers(model)[name]
 
 
-def cut(node: str, channels: tuple[int, ...]) -> Callable[[Context], Outcome]:
+def cut(node: str, channels: tuple[int, ...]) -> Callable[[Context], MethodOutcome]:
     """A method removing `channels` of the group `node` produces, refitted (the same selection every run)."""
 
-    def method(ctx: Context) -> Outcome:
+    def method(ctx: Context) -> MethodOutcome:
         group = next(g for g in ctx.trace.groups if any(m.node == node and m.role == Role.OUT for m in g.members))
         plan = Plan((GroupPlan(group.index, group.size, tuple(group.classes[c] for c in channels)),))
-        return reconstruct.with_reconstruction(ctx, Outcome(plan))
+        return reconstruct.with_reconstruction(ctx, MethodOutcome(plan))
 
     return method
 
@@ -118,7 +118,7 @@ def test_downstream_layers_follow_the_cut_up_to_the_horizon(tmp_path: Path, regi
     """Cut c1's channels: c2 is the consumer; c3 and c4 are downstream (depth 1 and 2); s1 never is."""
     seen: dict[int | None, list[str]] = {}
 
-    def method(ctx: Context) -> Outcome:
+    def method(ctx: Context) -> MethodOutcome:
         outcome = cut("c1", (1, 4))(ctx)
         consumers, _ = reconstruct.plan_consumers(ctx.trace, ctx.graph, outcome.plan)
         assert consumers == ["c2"]
@@ -169,11 +169,11 @@ def test_error_correction_beats_the_consumer_only_refit_on_lenet(tmp_path: Path,
     held = images[250:]
     reference = run(SAMPLE_LENET, held)
 
-    def method(ctx: Context) -> Outcome:
+    def method(ctx: Context) -> MethodOutcome:
         group = next(g for g in ctx.trace.groups if any(m.node == "/f1/Gemm" and m.role == Role.OUT for m in g.members))
         drop = np.argsort(score_groups(ctx.trace, ctx.graph, "l1")[group.index], kind="stable")[: int(0.9 * group.size)]
         plan = Plan((GroupPlan(group.index, group.size, tuple(group.classes[int(i)] for i in drop)),))
-        return reconstruct.with_reconstruction(ctx, Outcome(plan))
+        return reconstruct.with_reconstruction(ctx, MethodOutcome(plan))
 
     original = onnx.load(SAMPLE_LENET)
     errors, models = {}, {}

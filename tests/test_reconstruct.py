@@ -29,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import SAMPLE_FMNIST, SAMPLE_LENET
 from onnxslim_prune import api
 from onnxslim_prune.methods import base as methods
-from onnxslim_prune.methods.base import Context, MethodSpec, Outcome
+from onnxslim_prune.methods.base import Context, MethodSpec, MethodOutcome
 from onnxslim_prune.methods import reconstruct
 from onnxslim_prune.methods.budget import choose_plan
 from onnxslim_prune.analysis.plan import GroupPlan, Plan
@@ -91,23 +91,23 @@ def exact_least_squares(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def register(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str, Callable[[Context], Outcome]], str]]:
+def register(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str, Callable[[Context], MethodOutcome]], str]]:
     """Register a temporary method (removed after the test)."""
 
-    def add(name: str, fn: Callable[[Context], Outcome]) -> str:
+    def add(name: str, fn: Callable[[Context], MethodOutcome]) -> str:
         monkeypatch.setitem(methods.METHODS, name, MethodSpec(name, "a test method", run=fn))
         return name
 
     yield add
 
 
-def remove_channels(channels: tuple[int, ...], reconstructed: bool = True) -> Callable[[Context], Outcome]:
+def remove_channels(channels: tuple[int, ...], reconstructed: bool = True) -> Callable[[Context], MethodOutcome]:
     """A method removing `channels` (positions) of the first prunable group, refitted or not."""
 
-    def method(ctx: Context) -> Outcome:
+    def method(ctx: Context) -> MethodOutcome:
         group = next(g for g in ctx.trace.groups if not g.is_frozen)
         plan = Plan((GroupPlan(group.index, group.size, tuple(group.classes[c] for c in channels)),))
-        outcome = Outcome(plan)
+        outcome = MethodOutcome(plan)
         return reconstruct.with_reconstruction(ctx, outcome) if reconstructed else outcome
 
     return method
@@ -243,10 +243,10 @@ def test_residual_target_restores_an_add(tmp_path: Path, register) -> None:
     x = rng.standard_normal((32, 2, 6, 6)).astype(np.float32)
     calib = save_calib(tmp_path / "c.npz", x)
 
-    def method(ctx: Context) -> Outcome:
+    def method(ctx: Context) -> MethodOutcome:
         group = next(g for g in ctx.trace.groups if any(m.node == "conv1" and m.role == "out" for m in g.members))
         plan = Plan((GroupPlan(group.index, group.size, (group.classes[3],)),))
-        return reconstruct.with_reconstruction(ctx, Outcome(plan))
+        return reconstruct.with_reconstruction(ctx, MethodOutcome(plan))
 
     fitted = api.prune(model, register("_fit", method), calib=calib)
     assert np.abs(run(fitted.model, x) - run(model, x)).max() < 1e-4
@@ -495,8 +495,8 @@ def mlp3(seed: int = 0) -> onnx.ModelProto:
 def test_short_of_rows_is_one_warning_per_reconstruction(tmp_path: Path, register, caplog: pytest.LogCaptureFixture) -> None:
     model = mlp3()
 
-    def method(ctx: Context) -> Outcome:
-        return reconstruct.with_reconstruction(ctx, Outcome(choose_plan(ctx, score_groups(ctx.trace, ctx.graph, "l1"))))
+    def method(ctx: Context) -> MethodOutcome:
+        return reconstruct.with_reconstruction(ctx, MethodOutcome(choose_plan(ctx, score_groups(ctx.trace, ctx.graph, "l1"))))
 
     name = register("_m", method)
     x = np.random.default_rng(17).standard_normal((10, 12)).astype(np.float32)
@@ -542,8 +542,8 @@ def test_lenet_reconstruction_beats_plain_pruning_on_the_same_selection(register
     errors = {}
     for name, rebuilt in (("_plain", False), ("_fit", True)):
 
-        def method(ctx: Context, rebuilt: bool = rebuilt) -> Outcome:
-            outcome = Outcome(choose_plan(ctx, score_groups(ctx.trace, ctx.graph, "l1")))
+        def method(ctx: Context, rebuilt: bool = rebuilt) -> MethodOutcome:
+            outcome = MethodOutcome(choose_plan(ctx, score_groups(ctx.trace, ctx.graph, "l1")))
             return reconstruct.with_reconstruction(ctx, outcome) if rebuilt else outcome
 
         result = api.prune(SAMPLE_LENET, register(name, method), 0.7, calib=SAMPLE_FMNIST, params={"reconstruct": rebuilt})
@@ -554,10 +554,10 @@ def test_lenet_reconstruction_beats_plain_pruning_on_the_same_selection(register
 
 
 def test_reconstruction_respects_no_reconstruct_and_is_not_applied_twice(register) -> None:
-    seen: list[Outcome] = []
+    seen: list[MethodOutcome] = []
 
-    def method(ctx: Context) -> Outcome:
-        outcome = Outcome(choose_plan(ctx, score_groups(ctx.trace, ctx.graph, "l1")))
+    def method(ctx: Context) -> MethodOutcome:
+        outcome = MethodOutcome(choose_plan(ctx, score_groups(ctx.trace, ctx.graph, "l1")))
         once = reconstruct.with_reconstruction(ctx, outcome)
         twice = reconstruct.with_reconstruction(ctx, once)
         seen.extend([outcome, once, twice])
@@ -578,9 +578,9 @@ def test_a_method_finish_runs_before_the_refit(register) -> None:
         calls.append("first")
         return model
 
-    def method(ctx: Context) -> Outcome:
+    def method(ctx: Context) -> MethodOutcome:
         plan = choose_plan(ctx, score_groups(ctx.trace, ctx.graph, "l1"))
-        return reconstruct.with_reconstruction(ctx, Outcome(plan, finish=first))
+        return reconstruct.with_reconstruction(ctx, MethodOutcome(plan, finish=first))
 
     api.prune(SAMPLE_LENET, register("_m", method), 0.5, calib=SAMPLE_FMNIST)
     assert calls == ["first"]

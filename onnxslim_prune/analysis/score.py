@@ -24,7 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import ir
-from ..channels import Group, Kind, Part, Role, Source, Trace, transformer_part
+from ..channels import Group, Kind, TransformerPart, Role, Source, Trace, transformer_part
 from ..errors import UsageError
 from ..ops.registry import rule_of
 
@@ -97,7 +97,7 @@ def _source_values(trace: Trace, graph: gs.Graph, group: Group, fn: Callable[[np
     spaces = set(group.spaces)
     values = {s.space: fn(filters(nodes, s)) for s in trace.sources if s.space in spaces}
     scores = _per_class(trace, group, values)
-    if transformer_part(trace.node_kind, group) is Part.HEADS:
+    if transformer_part(trace.node_kind, group) is TransformerPart.HEADS:
         scores += _consumer_values(trace, nodes, group, fn)
     return scores
 

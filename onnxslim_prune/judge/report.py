@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .._version import __version__
-from ..channels import Part, transformer_part
+from ..channels import TransformerPart, transformer_part
 from .latency import NOT_SLOWER, Latency
 from ..roundto import Rounding
 from ..analysis.trace import Trace
@@ -27,7 +27,7 @@ class GroupRow:
     macs: int
     members: tuple[str, ...]
     frozen_reasons: tuple[str, ...]
-    part: Part = Part.FFN  # what the group is in a transformer (heads / hidden / ffn; ffn for every other group)
+    part: TransformerPart = TransformerPart.FFN  # what the group is in a transformer (heads / hidden / ffn; ffn for every other group)
     multiple: int = 1  # the kept count of classes is a multiple of this (`roundto.Rounding.classes`), or the whole group
 
 

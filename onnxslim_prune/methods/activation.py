@@ -17,7 +17,7 @@ from .. import ir
 from ..channels import Group, Role, Trace
 from ..calib import ChannelMoments
 from ..calib.statistic import ActivationMoments, collect
-from .base import Context, Outcome
+from .base import Context, MethodOutcome
 from ..ops.elementwise import UNARY_OPS
 from . import reconstruct as rc
 from .budget import choose_plan
@@ -67,7 +67,7 @@ def activation_moments(ctx: Context, tensors: Sequence[str]) -> dict[str, Channe
     return stat.result()
 
 
-def _activation_method(ctx: Context, name: str, value: Callable[[ChannelMoments], np.ndarray]) -> Outcome:
+def _activation_method(ctx: Context, name: str, value: Callable[[ChannelMoments], np.ndarray]) -> MethodOutcome:
     need_calibration(ctx, name)
     per_group = {g.index: activation_tensors(ctx, g) for g in ctx.trace.groups if not g.is_frozen}
     per_group = {k: v for k, v in per_group.items() if v}
@@ -79,7 +79,7 @@ def _activation_method(ctx: Context, name: str, value: Callable[[ChannelMoments]
         parts = [per_class(ctx.trace, group, t, value(moments[t])) for t in per_group[group.index]]
         scores[group.index] = np.mean(parts, axis=0)
     scores, notes = with_fallback(ctx, scores, name)
-    return Outcome(choose_plan(ctx, scores), notes=tuple(notes))
+    return MethodOutcome(choose_plan(ctx, scores), notes=tuple(notes))
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class ActivationCriterion:
     help: str
     score: Callable[[ChannelMoments], np.ndarray]
 
-    def __call__(self, ctx: Context) -> Outcome:
+    def __call__(self, ctx: Context) -> MethodOutcome:
         return _activation_method(ctx, self.name, self.score)
 
 

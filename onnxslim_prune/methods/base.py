@@ -1,6 +1,6 @@
 """What a method is: a `MethodSpec` with typed, validated settings (`Params`), in one registry.
 
-A method turns an analysed model into an `Outcome`: what to remove (`plan`), full-size
+A method turns an analysed model into an `MethodOutcome`: what to remove (`plan`), full-size
 constants to substitute before slicing (`overrides`, e.g. merged outgoing weights), and
 an optional `finish` step run on the pruned model (e.g. least-squares reconstruction).
 
@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..channels import Part, Trace
+from ..channels import TransformerPart, Trace
 from ..errors import UsageError
 from ..analysis.plan import Plan
 from ..recover import DEFAULT_LR, DEFAULT_SECONDS, DEFAULT_STEPS
@@ -243,11 +243,11 @@ class CommonParams:
         """``--budget-allocation`` as given, else `default` (the method's)."""
         return default if self.budget_allocation is None else BudgetAllocation(self.budget_allocation)
 
-    def part_setting(self, part: Part) -> float | None:
+    def part_setting(self, part: TransformerPart) -> float | None:
         """``--heads`` / ``--ffn`` / ``--hidden`` of a group of `part`, None when not given."""
-        return {Part.HEADS: self.heads, Part.FFN: self.ffn, Part.HIDDEN: self.hidden}[part]
+        return {TransformerPart.HEADS: self.heads, TransformerPart.FFN: self.ffn, TransformerPart.HIDDEN: self.hidden}[part]
 
-    def part_ratio(self, part: Part, ratio: float) -> float:
+    def part_ratio(self, part: TransformerPart, ratio: float) -> float:
         """The uniform ratio of a group of `part`: its own setting, else `ratio` (--ratio)."""
         own = self.part_setting(part)
         return ratio if own is None else own
@@ -337,7 +337,7 @@ class Context:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class MethodOutcome:
     plan: Plan
     overrides: Mapping[tuple[str, int], np.ndarray] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
@@ -347,11 +347,11 @@ class Outcome:
 
 Importance = Callable[[Context], Scores]
 Planner = Callable[[Context, Scores], Plan]
-Compensation = Callable[[Context, Plan], Outcome]
+Compensation = Callable[[Context, Plan], MethodOutcome]
 
 
-def no_compensation(ctx: Context, plan: Plan) -> Outcome:
-    return Outcome(plan)
+def no_compensation(ctx: Context, plan: Plan) -> MethodOutcome:
+    return MethodOutcome(plan)
 
 
 @dataclass(frozen=True)
@@ -369,7 +369,7 @@ class MethodSpec:
     importance: Importance | None = None
     planner: Planner | None = None
     compensation: Compensation = no_compensation
-    run: Callable[[Context], Outcome] | None = None
+    run: Callable[[Context], MethodOutcome] | None = None
     needs_data: bool = False
     plan_only: bool = False
     #: the --criterion values it takes (empty: it ignores --criterion; None: any criterion)
@@ -385,7 +385,7 @@ class MethodSpec:
     #: warnings of settings this method ignores, beyond those derived from `params`
     ignored: Callable[[Options], list[str]] | None = None
 
-    def __call__(self, ctx: Context) -> Outcome:
+    def __call__(self, ctx: Context) -> MethodOutcome:
         if self.run is not None:
             return self.run(ctx)
         return self.compensation(ctx, self.plan(ctx))

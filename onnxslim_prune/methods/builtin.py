@@ -14,7 +14,7 @@ from .budget import choose_plan
 from .lcp import lcp
 from ..analysis.plan import Plan
 from ..analysis.score import CRITERIA, score_groups
-from .base import MERGE_CRITERIA, Context, Importance, LcpParams, LowRankParams, MergeParams, MethodSpec, Options, Outcome, Scores, register
+from .base import MERGE_CRITERIA, Context, Importance, LcpParams, LowRankParams, MergeParams, MethodSpec, Options, MethodOutcome, Scores, register
 
 CRITERION_HELP = {
     "l1": "smallest L1 norm of a channel's weights removed (Li et al. 2017)",
@@ -36,9 +36,9 @@ def criterion_scores(name: str | None) -> Importance:
     return importance
 
 
-def _no_channels(ctx: Context) -> Outcome:
+def _no_channels(ctx: Context) -> MethodOutcome:
     """Block pruning happens before tracing (`methods.blocks.prune_blocks`); no channel is removed here."""
-    return Outcome(Plan(()))
+    return MethodOutcome(Plan(()))
 
 
 def _layer_ignores(options: Options) -> list[str]:
@@ -56,7 +56,7 @@ register(MethodSpec(
     params=MergeParams, importance=criterion_scores(None), planner=choose_plan, compensation=merge.merge_outcome,
     plan_only=True, criteria=MERGE_CRITERIA, default_criterion="l1_bias",
 ))
-_DATA_DRIVEN: tuple[tuple[str, Callable[[Context], Outcome], str], ...] = (
+_DATA_DRIVEN: tuple[tuple[str, Callable[[Context], MethodOutcome], str], ...] = (
     ("thinet", datadriven.thinet, "ThiNet (Luo et al. 2017): greedy minimal next-layer change + least squares"),
     ("cp", datadriven.cp, "Channel Pruning (He et al. 2017): LASSO selection + least squares"),
     ("ldrf", datadriven.ldrf, "LDRF (Chen et al. 2019): embedding-space selection + closed-form recomposition"),

@@ -41,8 +41,8 @@ import numpy as np
 
 from dataclasses import replace
 
-from ..channels import Group, Part, transformer_part
-from .base import Context, Outcome
+from ..channels import Group, TransformerPart, transformer_part
+from .base import Context, MethodOutcome
 from . import reconstruct as rc
 from .budget import group_ratios
 from .datadriven import (Consumer, _class_map, _layer_key, _reconstruction_method, _selection_alpha, group_consumers,
@@ -85,12 +85,12 @@ def obs_scores(ctx: Context, group: Group, consumers: Sequence[Consumer], cov: C
     return scores
 
 
-def contrib(ctx: Context) -> Outcome:
+def contrib(ctx: Context) -> MethodOutcome:
     """Output-contribution importance (no compensation), then the least-squares refit."""
     return _reconstruction_method(ctx, "contrib", contrib_scores)
 
 
-def obs(ctx: Context) -> Outcome:
+def obs(ctx: Context) -> MethodOutcome:
     """Output error after refitting the other columns (OBS block form), then the least-squares refit."""
     return _reconstruction_method(ctx, "obs", obs_scores)
 
@@ -102,7 +102,7 @@ def kwon_allocation(ctx: Context) -> dict[int, float]:
     consumers = group_consumers(ctx)
     cov = input_covariances(ctx, [c.layer for cs in consumers.values() for c in cs])
     pool = [g for g in trace.groups if not g.is_frozen and g.index in consumers and g.macs > 0
-            and transformer_part(trace.node_kind, g) in (Part.HEADS, Part.FFN) and ratios.get(g.index, 0.0) > 0]
+            and transformer_part(trace.node_kind, g) in (TransformerPart.HEADS, TransformerPart.FFN) and ratios.get(g.index, 0.0) > 0]
     budget = sum(ratios.get(g.index, 0.0) * g.macs for g in pool)
     candidates: list[tuple[float, int, float]] = []
     for g in pool:
@@ -126,7 +126,7 @@ def kwon_allocation(ctx: Context) -> dict[int, float]:
     return out
 
 
-def kwon(ctx: Context) -> Outcome:
+def kwon(ctx: Context) -> MethodOutcome:
     """The global cost-equal allocation of heads and neurons (`kwon_allocation`), selected by ``contrib``, refitted."""
     need_calibration(ctx, "kwon")
     allocation = tuple(sorted((g, min(r, 0.99)) for g, r in kwon_allocation(ctx).items()))

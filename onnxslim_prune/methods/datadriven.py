@@ -56,14 +56,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import ir
-from ..channels import Group, Kind, Part, Role, Trace, transformer_part
+from ..channels import Group, Kind, TransformerPart, Role, Trace, transformer_part
 from ..calib.engine import FrontierStore
 from ..calib.threads import blas_limited
 from ..calib.memory import calibration_budget, explicit_budget
 from ..calib.statistic import ActivationMoments, RowSampler, RowWeights, SampledGrams, collect
 from ..errors import CalibrationError
 from . import reconstruct as rc
-from .base import BudgetAllocation, Context, DepthGain, Outcome
+from .base import BudgetAllocation, Context, DepthGain, MethodOutcome
 from . import depthgain
 from .budget import GroupDamage, _group_order, choose_plan, damage_plan_with_notes
 from ..analysis.plan import removed_count
@@ -577,7 +577,7 @@ def ls_forward_scores(
 Selector = Callable[[Context, Group, Sequence[Consumer], Mapping[str, tuple[np.ndarray, np.ndarray]], set[int], np.ndarray, int], np.ndarray]
 
 
-def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str = "ls") -> Outcome:
+def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str = "ls") -> MethodOutcome:
     need_calibration(ctx, name)
     consumers = group_consumers(ctx)
     whole = {g.index for g in ctx.trace.groups if kept_whole(ctx, g)}
@@ -613,7 +613,7 @@ def _reconstruction_method(ctx: Context, name: str, select: Selector, mode: str 
         ctx.notes.extend(budget_notes)
     else:
         plan = choose_plan(ctx, scores)
-    return rc.with_reconstruction(ctx, Outcome(plan, notes=tuple(notes)), mode=mode)
+    return rc.with_reconstruction(ctx, MethodOutcome(plan, notes=tuple(notes)), mode=mode)
 
 
 # ----------------------------------------------------------------------------- predicted damage
@@ -650,7 +650,7 @@ def damage_after_norms(ctx: Context) -> bool:
     if ctx.params.token_weights is False:
         return False
     layers = [c.layer for index, cs in group_consumers(ctx).items()
-              if transformer_part(ctx.trace.node_kind, ctx.trace.groups[index]) in (Part.HEADS, Part.FFN) for c in cs]
+              if transformer_part(ctx.trace.node_kind, ctx.trace.groups[index]) in (TransformerPart.HEADS, TransformerPart.FFN) for c in cs]
     return bool(layers) and all(not layer.spatial and (sink := sink_of(ctx, layer)) is not None and sink.weights is not None
                                 for layer in layers)
 
@@ -960,16 +960,16 @@ def _select_ldrf(ctx: Context, group: Group, consumers: Sequence[Consumer], cov:
     return ls_forward_scores(blocks, group.size, free, alphas)
 
 
-def thinet(ctx: Context) -> Outcome:
+def thinet(ctx: Context) -> MethodOutcome:
     """ThiNet (Luo et al., ICCV 2017): greedy minimal next-layer change, then least squares."""
     return _reconstruction_method(ctx, "thinet", _select_thinet)
 
 
-def cp(ctx: Context) -> Outcome:
+def cp(ctx: Context) -> MethodOutcome:
     """Channel Pruning (He, Zhang, Sun, ICCV 2017): LASSO channel selection, then least squares."""
     return _reconstruction_method(ctx, "cp", _select_cp)
 
 
-def ldrf(ctx: Context) -> Outcome:
+def ldrf(ctx: Context) -> MethodOutcome:
     """LDRF (Chen et al., AAAI 2019): embedding-space selection, closed-form recomposition."""
     return _reconstruction_method(ctx, "ldrf", _select_ldrf, mode="ldrf")

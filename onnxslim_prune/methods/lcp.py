@@ -31,7 +31,7 @@ from ..analysis.materialize import materialize
 from ..analysis.plan import Plan
 from .budget import Budget, BudgetSearch, Ranking, normalised_scores
 from ..analysis.score import score_groups
-from .base import Context, LcpParams, Outcome, get_method
+from .base import Context, LcpParams, MethodOutcome, get_method
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class LcpSearch:
         return best.genome, best.error
 
 
-def lcp(ctx: Context) -> Outcome:
+def lcp(ctx: Context) -> MethodOutcome:
     """Layer-compensated pruning: a global ranking with per-group affine compensation, evolved."""
     started = time.perf_counter()
     params = ctx.params
@@ -188,7 +188,7 @@ def lcp(ctx: Context) -> Outcome:
     scores = score_groups(ctx.trace, ctx.graph, ctx.options.criterion, ctx.options.seed)
     notes: list[str] = []
     if not scores:
-        return Outcome(Plan(()), notes=("lcp: no prunable group",))
+        return MethodOutcome(Plan(()), notes=("lcp: no prunable group",))
     feeds, random_data = evaluation_feeds(
         ctx.model, ctx.calibration, ctx.input_shapes, samples=samples, batch_size=ctx.options.batch_size,
         seed=ctx.options.seed,
@@ -209,5 +209,5 @@ def lcp(ctx: Context) -> Outcome:
         f"lcp: {iterations} iterations ({search.evaluations} distinct plans evaluated) in {seconds:.1f} s; "
         f"output error {max(error, 0.0):.4g}; kept MACs {final.macs:.3f}, params {final.params:.3f}"  # KL rounds below 0
     )
-    return Outcome(final.plan, notes=tuple(notes))
+    return MethodOutcome(final.plan, notes=tuple(notes))
 

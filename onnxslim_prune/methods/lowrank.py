@@ -66,7 +66,7 @@ from ..judge import validate
 from ..channels import Kind
 from ..calib.threads import blas_limited
 from ..graph import edit, qdq
-from .base import Context, LowRankParams, Options, Outcome
+from .base import Context, LowRankParams, Options, MethodOutcome
 from .defaults import model_kind
 from ..roundto import Rounding
 from . import reconstruct as rc
@@ -326,7 +326,7 @@ class Decomposer:
 # ----------------------------------------------------------------------------- the method
 
 
-def lowrank(ctx: Context) -> Outcome:
+def lowrank(ctx: Context) -> MethodOutcome:
     """Activation-aware low-rank decomposition to the MACs target (module docstring)."""
     need_calibration(ctx, "lowrank")
     params = ctx.params
@@ -350,13 +350,13 @@ def lowrank(ctx: Context) -> Outcome:
     for line in notes:
         log.info("%s", line)
     if not decompositions:
-        return Outcome(Plan(()), notes=tuple(notes))
+        return MethodOutcome(Plan(()), notes=tuple(notes))
     refit = None
     if rc.wants_reconstruction(ctx):
         settings = rc.Settings.from_params(params, ctx.options.batch_size, ctx.options.seed, kind=model_kind(ctx.model))
         refit = rc.Reconstructor(ctx.model, ctx.trace, Plan(()), ctx.calibration, tuple(d.node for d in decompositions),
                                  settings, ctx.progress)
-    return Outcome(Plan(()), notes=tuple(notes), finish=Decomposer(decompositions, refit))
+    return MethodOutcome(Plan(()), notes=tuple(notes), finish=Decomposer(decompositions, refit))
 
 
 def ignored(options: Options) -> list[str]:

@@ -44,7 +44,7 @@ import onnx_graphsurgeon as gs
 
 from .. import ir
 from ..channels import Group, Kind, Role, Trace
-from .base import Context, MergeParams, Outcome
+from .base import Context, MergeParams, MethodOutcome
 from ..ops.registry import rule_of
 from ..analysis.plan import Plan
 
@@ -277,7 +277,7 @@ class _Merger:
         return out
 
 
-def merge_outcome(ctx: Context, plan: Plan) -> Outcome:
+def merge_outcome(ctx: Context, plan: Plan) -> MethodOutcome:
     """Merge every pruned class of `plan` into its best kept partner, group by group."""
     merger = _Merger(ctx, plan)
     stats = [merger.merge_group(ctx.trace.groups[gp.group], gp.pruned) for gp in sorted(plan.groups, key=lambda g: g.group)]
@@ -291,7 +291,7 @@ def merge_outcome(ctx: Context, plan: Plan) -> Outcome:
         notes.extend(f"  group {s.group}: {s.reason}" for s in fallbacks[:20])
         if len(fallbacks) > 20:
             notes.append(f"  ... and {len(fallbacks) - 20} more")
-    return Outcome(plan, merger.overrides(), tuple(notes))
+    return MethodOutcome(plan, merger.overrides(), tuple(notes))
 
 
 def merge_stats_summary(stats: Mapping[int, MergeStats]) -> str:

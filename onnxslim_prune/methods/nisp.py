@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from .. import ir
 from ..channels import Trace
 from ..calib.statistic import PooledCovariance, collect
-from .base import Context, Outcome
+from .base import Context, MethodOutcome
 from ..ops import lookup
 from ..ops.registry import MAX_OPSET
 from . import reconstruct as rc
@@ -131,11 +131,11 @@ def nisp_scores(ctx: Context) -> tuple[dict[int, np.ndarray], list[str]]:
     return scores, []
 
 
-def nisp(ctx: Context) -> Outcome:
+def nisp(ctx: Context) -> MethodOutcome:
     """NISP (Yu et al., CVPR 2018): Inf-FS on the final response layer, propagated back by |W|."""
     need_calibration(ctx, "nisp")
     scores, notes = nisp_scores(ctx)
     scores, more = with_fallback(ctx, scores, "nisp")
-    return Outcome(choose_plan(ctx, scores), notes=tuple(notes + more))
+    return MethodOutcome(choose_plan(ctx, scores), notes=tuple(notes + more))
 
 

@@ -144,7 +144,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .. import ir
-from ..channels import Kind, Part, Role, Trace, transformer_part
+from ..channels import Kind, TransformerPart, Role, Trace, transformer_part
 from ..calib import GramAccumulator, conv_output_size, conv_patches, expose_tensors, output_rows, sample_positions
 from ..calib import stream_tensors
 from ..calib.collect import names_read
@@ -154,7 +154,7 @@ from ..calib.memory import calibration_budget, frontier_budget, give_back
 from ..calib.threads import blas_limited
 from ..errors import ModelError
 from ..graph import edit
-from .base import CommonParams, Context, Outcome, Refit
+from .base import CommonParams, Context, MethodOutcome, Refit
 from .defaults import ModelKind, model_kind
 from ..ops.registry import Affine, rule_of
 from ..analysis.plan import Plan
@@ -1383,7 +1383,7 @@ def ridge_folds(ctx: Context) -> int:
         return DEFAULT_RIDGE_FOLDS
     kinds = ctx.trace.node_kind
     convolutional = any(kind in (Kind.CONV, Kind.DEPTHWISE) for kind in kinds.values())
-    heads = any(not g.is_frozen and transformer_part(kinds, g) is Part.HEADS for g in ctx.trace.groups)
+    heads = any(not g.is_frozen and transformer_part(kinds, g) is TransformerPart.HEADS for g in ctx.trace.groups)
     return DEFAULT_CNN_RIDGE_FOLDS if convolutional and not heads else DEFAULT_RIDGE_FOLDS
 
 
@@ -1439,7 +1439,7 @@ def wants_reconstruction(ctx: Context) -> bool:
     return ctx.calibration is not None and ctx.params.reconstruct is not False
 
 
-def with_reconstruction(ctx: Context, outcome: Outcome, *, mode: str = "ls") -> Outcome:
+def with_reconstruction(ctx: Context, outcome: MethodOutcome, *, mode: str = "ls") -> MethodOutcome:
     """`outcome` with the reconstruction finish appended (unchanged if off or already there).
 
     Called by ``api.prune`` after the method, when calibration data is given and

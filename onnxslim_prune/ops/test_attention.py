@@ -362,7 +362,7 @@ def test_class_token_and_a_dynamic_flatten_follow_the_hidden_size(qdq: bool) -> 
 def test_heads_ffn_and_hidden_take_their_own_ratios() -> None:
     """``--heads 0 --hidden 0``: only the FFN loses its half; the parts are told apart by their members."""
     from .. import api
-    from ..channels import Part, transformer_part
+    from ..channels import TransformerPart, transformer_part
 
     w = {"emb": weights(10, 8), "pos": weights(1, 4, 8, seed=1), "g1": weights(8, seed=2), "b1": weights(8, seed=3),
          "w1": weights(8, 6, seed=4), "w2": weights(6, 8, seed=5), "wout": weights(8, 3, seed=6)}
@@ -379,7 +379,7 @@ def test_heads_ffn_and_hidden_take_their_own_ratios() -> None:
     }""", **w)
     trace = trace_of(model)
     parts = {transformer_part(trace.node_kind, g) for g in trace.groups if not g.is_frozen}
-    assert parts == {Part.HIDDEN, Part.FFN}
+    assert parts == {TransformerPart.HIDDEN, TransformerPart.FFN}
     result = api.prune(model, "l1", 0.5, latency=False, params={"hidden": 0.0})
     assert initializer(result.model, "emb").shape == (10, 8) and initializer(result.model, "w1").shape == (8, 3)
     heads = parse(_attention_text(), wq=weights(8, 8), bq=weights(8, seed=1), wk=weights(8, 8, seed=2),

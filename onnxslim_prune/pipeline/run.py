@@ -26,7 +26,7 @@ from ..calib import memory
 from ..channels import Trace
 from ..graph import qdq
 from ..judge.latency import Latency, with_speed_gates
-from ..methods.base import Context, MethodSpec, Options, Outcome
+from ..methods.base import Context, MethodSpec, Options, MethodOutcome
 from ..methods.defaults import DefaultMethod
 from ..methods import reconstruct
 from ..analysis.apply import apply_plan
@@ -67,7 +67,7 @@ class RunState:
     analysis: Analysis | None = None  # the working model's trace, with the graph the method rewrites
     trace: Trace | None = None
     input_shapes: dict[str, tuple[int, ...]] | None = None
-    outcome: Outcome | None = None  # the method's, until its notes are taken (its overrides and finish are freed)
+    outcome: MethodOutcome | None = None  # the method's, until its notes are taken (its overrides and finish are freed)
     plan: Plan | None = None  # the groups' kept channels, for recovery and the report
     pruned: onnx.ModelProto | None = None
     unchanged: bool = False  # nothing was pruned: the written model is the input
