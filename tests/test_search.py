@@ -263,3 +263,17 @@ def test_a_degraded_probe_never_passes_whatever_its_gates_say(tmp_path: Path) ->
     assert passes_with_margin(verdict, 0.0)
     collapsed = dataclasses.replace(verdict, degraded_reasons=("outputs no longer follow the original's",))
     assert collapsed.passed and not passes_with_margin(collapsed, 0.0)
+
+
+def test_each_objective_reads_its_figures_from_its_row_of_data() -> None:
+    """`OBJECTIVES`: the kept fraction a probe is ranked by, what a sensitivity step saves, the target setting."""
+    from onnxslim_prune.planning.search import OBJECTIVES, Measurement, Objective, SensitivityRow
+
+    assert set(OBJECTIVES) == set(Objective)
+    m = Measurement(0.5, 0.7, True, 0.1, None, None, None, 10, 1.0, latency_ratio=0.8)
+    row = SensitivityRow(0, "conv", 8, 0.5, 4, macs_saved=0.2, params_saved=0.3, damage=0.0, top1_agreement=None,
+                         accuracy_drop=None, correlation=None)
+    assert [m.kept(o) for o in Objective] == [0.5, 0.7, 0.8]
+    assert [row.saved(o) for o in (Objective.MACS, Objective.PARAMS)] == [0.2, 0.3]
+    assert [o.target_key for o in (Objective.MACS, Objective.PARAMS)] == ["target_macs", "target_params"]
+    assert Measurement(0.5, 0.7, True, 0.1, None, None, None, 10, 1.0).kept(Objective.LATENCY) == float("inf")  # unmeasured

@@ -116,11 +116,38 @@ class Allocation(str, Enum):
 
 
 class Objective(str, Enum):
-    """What the search makes smallest."""
+    """What the search makes smallest; what each one reads is data (`ObjectiveSpec`, `OBJECTIVES`)."""
 
     MACS = "macs"
     PARAMS = "params"
     LATENCY = "latency"  # measured onnxruntime latency (`planning.latency_search`)
+
+    @property
+    def spec(self) -> ObjectiveSpec:
+        return OBJECTIVES[self]
+
+    @property
+    def target_key(self) -> str:
+        """The method setting that asks for a kept fraction of the objective's static size (``target_macs``)."""
+        return f"target_{self.spec.size}"
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """What an objective reads: the measured figure it makes smallest, and the static size (``macs`` or ``params``)
+    by which the search's steps, targets and uniform lines move towards it."""
+
+    kept: str  # the `Measurement` field: the kept fraction (a ratio of latencies for latency; missing: infinite)
+    size: str  # "macs" or "params": `SensitivityRow.<size>_saved`, ``target_<size>``, the uniform line's cost
+
+
+#: a new objective is one member of `Objective` and its row here
+OBJECTIVES: dict[Objective, ObjectiveSpec] = {
+    Objective.MACS: ObjectiveSpec(kept="macs", size="macs"),
+    Objective.PARAMS: ObjectiveSpec(kept="params", size="params"),
+    # the latency search sets its own steps by MACs (`latency_search`); params only where a generic path asks
+    Objective.LATENCY: ObjectiveSpec(kept="latency_ratio", size="params"),
+}
 
 
 @dataclass(frozen=True)
@@ -241,9 +268,8 @@ class Measurement:
         return Measurement(1.0, 1.0, False, math.inf, None, None, None, 0, seconds, failed=reason)
 
     def kept(self, objective: Objective) -> float:
-        if objective is Objective.LATENCY:
-            return math.inf if self.latency_ratio is None else self.latency_ratio
-        return self.macs if objective is Objective.MACS else self.params
+        value: float | None = getattr(self, objective.spec.kept)
+        return math.inf if value is None else value
 
 
 class Prober:
@@ -396,7 +422,8 @@ class SensitivityRow:
     failed: str | None = None
 
     def saved(self, objective: Objective) -> float:
-        return self.macs_saved if objective is Objective.MACS else self.params_saved
+        saved: float = getattr(self, f"{objective.spec.size}_saved")
+        return saved
 
     @property
     def efficiency(self) -> float:
@@ -753,7 +780,7 @@ def _damage_lines(prober: Prober, trace: Trace, settings: SearchSettings, gates:
     (`SearchSettings.baseline_probes` probes) and, when the method's plain target run shares by the global ranking,
     that one too: the written model is the smallest passing run of all (`choose`)."""
     objective = settings.objective
-    key = "target_macs" if objective is Objective.MACS else "target_params"
+    key = objective.target_key
     default = shares_by_damage(prober)
     extra = {} if default else {"budget_allocation": "damage"}
     origin = original_slack(gates)
@@ -787,7 +814,7 @@ def _uniform_line(prober: Prober, trace: Trace, objective: Objective, round_to: 
 
         def kept(ratio: float) -> float:
             macs, params = at.kept(tuple((g, ratio) for g in unfrozen))
-            return macs if objective is Objective.MACS else params
+            return macs if objective.spec.size == "macs" else params
 
         low, high = 0.0, MAX_UNIFORM
         for _ in range(UNIFORM_STEPS):
@@ -826,7 +853,7 @@ def _baselines(prober: Prober, trace: Trace, settings: SearchSettings, probes: l
     uniform = _uniform_line(prober, trace, objective, round_to)
 
     def ranked(size: float) -> tuple[dict[str, Any], str]:
-        key = "target_macs" if objective is Objective.MACS else "target_params"
+        key = objective.target_key
         return {key: round(size, 4)}, f"target {key[7:]} {round(size, 4):g}"
 
     lines: list[Callable[[float], tuple[dict[str, Any], str]]] = [uniform]
@@ -921,7 +948,7 @@ def _budget_probes(n: int) -> int:
 
 def _bisect_target(prober: Prober, settings: SearchSettings, probes: list[Probe]) -> None:
     """Bisection over the target fraction of the global ranking (`methods.budget`)."""
-    key = "target_macs" if settings.objective is Objective.MACS else "target_params"
+    key = settings.objective.target_key
     lo, hi = 1.0, 0.0  # lo: kept fraction known to pass (the original); hi: assumed to miss
     total = min(settings.max_probes, _budget_probes(int(1 / TARGET_RESOLUTION)))
     while lo - hi > TARGET_RESOLUTION and len(probes) < settings.max_probes:
