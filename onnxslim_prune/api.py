@@ -18,12 +18,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .analysis.model import Analysis, analyze_loaded, nothing_prunable_reason, quantized_ops, unmatched_excludes
+from .analysis.plan import Plan
 from .methods.base import Context, Options, get_method
 from .methods.defaults import DefaultMethod
-from .analysis.plan import Plan
-from .analysis.model import Analysis, analyze_loaded, nothing_prunable_reason, quantized_ops, unmatched_excludes
-from .pipeline.prepare import (ModelLike, PreparedRun, checked_options, load, path_of, patterns, prepare_run,
-                               resolve_input_shapes, with_default_method)
+from .pipeline.prepare import ModelLike, PreparedRun, checked_options, load, path_of, patterns, prepare_run, resolve_input_shapes, with_default_method
 from .pipeline.run import PruneResult
 from .planning.parts import VerdictPart
 from .roundto import Rounding

@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 
 from .. import ir
-from ..judge import validate
 from ..calib import memory
 from ..errors import CalibrationError
+from ..judge import validate
 from ..judge.evaluation import EvalData, accuracy_from, correct_of, eval_feeds, release_pages
 from ..judge.latency import SPEED_FIGURES, Latency, gate_ratios
 from ..judge.latency import measure as measure_latency

@@ -19,23 +19,23 @@ from typing import Any
 import onnx
 
 from .. import ir, recover
-from ..judge import validate
+from ..analysis.model import Analysis, analyze_loaded, unmatched_excludes, warned
+from ..analysis.plan import check_ratio
 from ..calib import cache as calib_cache
 from ..calib import memory
 from ..calib.split import held_out_count, split_holdout
 from ..errors import CalibrationError, UsageError
+from ..judge import validate
 from ..judge.evaluation import EvalData, load_eval
+from ..judge.verdict import Gates, check_gates_have_data
 from ..methods import builtin  # noqa: F401  (fills the method registry)
 from ..methods.base import MethodSpec, Options, check_options, get_method
 from ..methods.defaults import DefaultMethod, default_method
-from ..analysis.plan import check_ratio
 from ..planning.parts import VerdictPart, eval_part, held_part
 from ..progress import Stage, StageClock
 from ..roundto import Rounding
 from ..settings import RunSettings
-from ..judge.verdict import Gates, check_gates_have_data
 from . import judging
-from ..analysis.model import Analysis, analyze_loaded, unmatched_excludes, warned
 from .core import Pass, PassManager, PassResult
 from .judging import Measure
 from .run import PruneResult, run_prepared

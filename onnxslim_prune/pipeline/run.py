@@ -12,6 +12,7 @@ the trace of the original) is `api.prepare`'s.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
@@ -20,23 +21,23 @@ from typing import TYPE_CHECKING, Any
 import onnx
 
 from .. import ir, recover
-from ..judge import validate
+from ..analysis.apply import apply_plan
+from ..analysis.model import Analysis, analyze_loaded, nothing_prunable_reason, unmatched_excludes
+from ..analysis.plan import Plan
 from ..calib import cache as calib_cache
 from ..calib import memory
 from ..channels import Trace
 from ..graph import qdq
+from ..judge import validate
 from ..judge.latency import Latency, with_speed_gates
-from ..methods.base import Context, MethodSpec, Options, MethodOutcome
-from ..methods.defaults import DefaultMethod
-from ..methods import reconstruct
-from ..analysis.apply import apply_plan
-from ..analysis.plan import Plan
-from ..planning.parts import VerdictPart
-from ..progress import Stage, StageClock
 from ..judge.report import Report, group_rows
 from ..judge.verdict import Gates, Verdict
+from ..methods import reconstruct
+from ..methods.base import Context, MethodOutcome, MethodSpec, Options
+from ..methods.defaults import DefaultMethod
+from ..planning.parts import VerdictPart
+from ..progress import Stage, StageClock
 from . import judging
-from ..analysis.model import Analysis, analyze_loaded, nothing_prunable_reason, unmatched_excludes
 from .core import Pass, PassManager, PassResult
 
 if TYPE_CHECKING:
@@ -400,8 +401,6 @@ def run_prepared(prepared: PreparedRun, options: Options, notes: list[str], part
 
 def run_settings(options: Options, holdout: float, gates: Gates, eval_data: Any, preprocess: Any) -> dict[str, Any]:
     """Every setting of the run, as plain JSON data (the report records them)."""
-    import os
-
     data: dict[str, Any] = asdict(options)
     data["round_to"] = options.round_to.multiple
     data["round_to_auto"] = options.round_to.adaptive
