@@ -93,6 +93,7 @@ CHAPTERS = (
         Section("identical_zoo", "The zoo against a revision", "check_identical.py"),
         Section("identical_fmnist", "Fashion-MNIST against a revision", "check_identical.py"),
         Section("identical_methods", "Every method against a revision", "check_identical.py"),
+        Section("identical_pipeline", "The pass pipeline and the new layout against the revision before", "check_identical.py"),
     )),
 )
 
