@@ -34,11 +34,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from measure import Measured, failure, run_measured  # noqa: E402
+from lib.measure import Measured, failure, run_measured
+from lib.paths import ZOO
 
-ZOO = HERE.parents[1] / "shared" / "zoo"
+HERE = Path(__file__).resolve().parent
 
 #: the baseline process: load, one session, one run (argv: model path)
 BASELINE = (
