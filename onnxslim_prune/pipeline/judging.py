@@ -1,6 +1,6 @@
 """Judging a run: the onnxruntime sessions, the original's outputs, validation, the verdict and the timing.
 
-The pipeline's judging passes (`pipeline.run`) and `api.PreparedRun.measure` call these; tests replace them here
+The pipeline's judging passes (`pipeline.run`) and `prepare.PreparedRun.measure` call these; tests replace them here
 (``monkeypatch.setattr(judging, "timed", ...)``). Nothing here knows a method.
 """
 

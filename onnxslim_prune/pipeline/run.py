@@ -1,4 +1,4 @@
-"""The passes of one run, from a prepared model to a judged one (`api.PreparedRun.run`).
+"""The passes of one run, from a prepared model to a judged one (`PreparedRun.run`).
 
     trace -> method -> (nothing pruned | apply -> finish) -> recover -> release the original
           -> validate -> verdict -> latency -> report
@@ -6,7 +6,7 @@
 Each pass reads and writes one `RunState`; `RUN_PASSES` is their order and `PassManager` runs them
 (`pipeline.core`). The stages the progress display names, and the report's stage seconds, are the passes'.
 What the passes before the run did once for every run (load, check, calibration data, the original's outputs,
-the trace of the original) is `api.prepare`'s.
+the trace of the original) is `pipeline.prepare`'s (`PREPARE_PASSES`).
 """
 
 from __future__ import annotations
