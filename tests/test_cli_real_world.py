@@ -56,7 +56,10 @@ def test_ctrl_c_aborts_with_130_and_leaves_nothing(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "ONNXSLIM_PRUNE_CACHE": str(tmp_path / "cache")}
     args = [sys.executable, "-m", "onnxslim_prune.cli", str(SAMPLE_LENET), "-o", str(tmp_path / "o.onnx"),
             "--report", str(tmp_path / "r.json"), "--method", "ldrf", "--calib", "random", "--calib-samples", "200000", "-v"]
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # a shell's background job (``cmd &`` without job control) starts with SIGINT ignored, and Python then keeps it
+    # ignored: the child gets the default disposition, as a terminal's Ctrl-C would find it
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     started = threading.Event()
 
