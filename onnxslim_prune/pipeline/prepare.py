@@ -276,18 +276,28 @@ class PrepareState:
     prepared: PreparedRun | None = None
 
 
-class LoadForDefaultPass(Pass[PrepareState]):
-    """Without ``--method`` but with data, the default depends on the model's kind: it is read first, by the run's
-    one load, before the settings are checked."""
+class LoadPass(Pass[PrepareState]):
+    """The one parse of the input, checked (unless the default's load read it already)."""
 
     stage = Stage.LOAD
+    requires = frozenset({"options"})
     ensures = frozenset({"original"})
 
     def applies(self, state: PrepareState) -> bool:
-        return state.settings.method is None and state.settings.calib is not None
+        return state.original is None
 
     def call(self, state: PrepareState) -> None:
         state.original = load_checked(state.model, state.path)
+
+
+class LoadForDefaultPass(LoadPass):
+    """Without ``--method`` but with data, the default depends on the model's kind: the run's one load happens
+    first, before the settings are checked (and `LoadPass` then has nothing to do)."""
+
+    requires = frozenset()
+
+    def applies(self, state: PrepareState) -> bool:
+        return state.settings.method is None and state.settings.calib is not None
 
 
 class SettingsPass(Pass[PrepareState]):
@@ -321,20 +331,6 @@ class SettingsPass(Pass[PrepareState]):
         recover.requested(spec.params.parse(options.params), calib=options.calib, seed=options.seed,
                           batch_size=options.batch_size)
         state.spec, state.options, state.gates = spec, options, gates
-
-
-class LoadPass(Pass[PrepareState]):
-    """The one parse of the input, checked (unless the default's load read it already)."""
-
-    stage = Stage.LOAD
-    requires = frozenset({"options"})
-    ensures = frozenset({"original"})
-
-    def applies(self, state: PrepareState) -> bool:
-        return state.original is None
-
-    def call(self, state: PrepareState) -> None:
-        state.original = load_checked(state.model, state.path)
 
 
 class CalibrationPass(Pass[PrepareState]):

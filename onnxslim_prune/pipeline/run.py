@@ -110,8 +110,8 @@ class TracePass(Pass[RunState]):
     ensures = frozenset({"working", "analysis", "trace", "input_shapes"})
 
     def call(self, state: RunState) -> None:
-        prepared, options = state.prepared, state.options
-        original = prepared.original
+        prepared, options, original = state.prepared, state.options, state.original
+        assert original is not None
         memory.give_back()
         working = original
         block_fraction = state.spec.blocks_to_remove(options)
@@ -212,7 +212,7 @@ class FinishPass(Pass[RunState]):
     ensures = frozenset({"pruned"})
 
     def applies(self, state: RunState) -> bool:
-        return _prunes(state) and state.outcome is not None and state.outcome.finish is not None
+        return state.outcome is not None and state.outcome.finish is not None
 
     def call(self, state: RunState) -> None:
         settings, outcome = state.prepared.settings, state.outcome
@@ -256,7 +256,7 @@ class ReleaseOriginalPass(Pass[RunState]):
         assert outcome is not None and original is not None and pruned is not None and state.input_shapes is not None
         state.notes.extend(outcome.notes)
         state.notes.extend(qdq.report_notes(original, pruned))
-        state.prepared.stats_before(state.input_shapes)
+        state.prepared.stats_before(state.input_shapes)  # measured (once) before the pruned model's bytes exist
         if state.prepared.path is not None and pruned is not original:
             original = judging.weightless(original)
             state.sessions.forget_weights(original)
