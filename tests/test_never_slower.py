@@ -165,10 +165,17 @@ def test_the_rounds_stop_once_the_gates_are_decided(monkeypatch: pytest.MonkeyPa
 
     gates = latency.gate_ratios(Gates())
     assert gates == (1.0, 1.0 + SLOWER_TOLERANCE)
-    # 4x faster every round: decided after the fewest rounds, the figures those rounds' medians
+    # 4x faster every round: more than twice clear of both gates, decided after the fewest rounds (3), the figures
+    # those rounds' medians
     timing, before, after = _measured([0.25], gates, monkeypatch)
-    assert timing.rounds == latency.MIN_ROUNDS and timing.ratio == pytest.approx(0.25)
-    assert before.runs == latency.WARMUP + latency.MIN_ROUNDS  # instant warm-up runs (on the wall clock): all three
+    assert timing.rounds == latency.CLEAR_ROUNDS == 3 and timing.ratio == pytest.approx(0.25)
+    assert before.runs == latency.WARMUP + latency.CLEAR_ROUNDS  # instant warm-up runs (on the wall clock): all three
+    # 1.7x faster (0.6, not twice clear of 1.0): the sign test's 5 rounds; one round of 0.6 among 0.25s does the same
+    assert _measured([0.6], gates, monkeypatch)[0].rounds == latency.MIN_ROUNDS
+    assert _measured([0.25, 0.25, 0.6], gates, monkeypatch)[0].rounds == latency.MIN_ROUNDS
+    # 2.5x slower in every round (2.5 > 2 x 1.03): clear the other way, refused after 3 rounds
+    slower, _, _ = _measured([2.5], gates, monkeypatch)
+    assert slower.rounds == latency.CLEAR_ROUNDS and slower.slower
     # the same model without a decision to make (the latency search wants the figure): every round of the budget
     timing, _, _ = _measured([0.25], (), monkeypatch)
     assert timing.rounds == latency.MAX_ROUNDS
@@ -179,7 +186,8 @@ def test_the_rounds_stop_once_the_gates_are_decided(monkeypatch: pytest.MonkeyPa
     with_speedup = latency.gate_ratios(Gates(min_speedup=2.0))
     assert with_speedup[-1] == pytest.approx(0.5)
     assert _measured([0.45, 0.55], with_speedup, monkeypatch)[0].rounds == latency.MAX_ROUNDS
-    assert _measured([0.3], with_speedup, monkeypatch)[0].rounds == latency.MIN_ROUNDS
+    assert _measured([0.3], with_speedup, monkeypatch)[0].rounds == latency.MIN_ROUNDS  # 0.3 is not twice clear of 0.5
+    assert _measured([0.2], with_speedup, monkeypatch)[0].rounds == latency.CLEAR_ROUNDS
 
 
 def test_a_slow_models_warm_up_is_one_run(monkeypatch: pytest.MonkeyPatch) -> None:

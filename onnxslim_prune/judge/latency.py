@@ -6,8 +6,9 @@ interleaved rounds (the order alternating each round, so neither always runs on 
 cache or a quieter core) until `MAX_ROUNDS` rounds or `BUDGET_SECONDS` have passed, and at
 least `MIN_ROUNDS`; the figure is each model's median. A caller that only needs a decision
 (the speed gates of a run) passes the ratios where it flips (`decided_at`): the rounds then
-stop as soon as the interval below lies on one side of each, after `MIN_ROUNDS` (VGG-16 at
-half its channels: 5 rounds of 0.4 s instead of 8, every ratio near 0.25). It is a ratio in one run, not a benchmark: other load on the machine
+stop as soon as the interval below lies on one side of each, after `MIN_ROUNDS`, or after `CLEAR_ROUNDS` when
+every round is twice clear of each (`_clear`: VGG-16 at half its channels, every ratio near 0.25, stops after 3
+rounds of 0.45 s). It is a ratio in one run, not a benchmark: other load on the machine
 moves both medians alike. The per-round ratios (pruned / original, the two runs of one round
 paired) also give a distribution-free 95% interval of their median (`median_interval`: the
 order statistics of a sign test).
@@ -47,6 +48,10 @@ WARMUP = 3
 #: a run on one thread, and three warm-up runs of it were a second of a plain run)
 WARMUP_SECONDS = 0.25
 MIN_ROUNDS = 5
+#: a decision may stop after this many rounds when every one of them is `CLEAR_FACTOR` away from every ratio where it
+#: flips (`_clear`): VGG-16 at half its channels measures about 0.25 in every round against gates at 1.0 and 1.03
+CLEAR_ROUNDS = 3
+CLEAR_FACTOR = 2.0
 MAX_ROUNDS = 50
 BUDGET_SECONDS = 3.0
 #: a model is slower only when its median latency is more than this fraction above the original's (module docstring)
@@ -172,8 +177,7 @@ def measure(
     started = time.perf_counter()
     rounds = 0
     thresholds = tuple(decided_at)
-    while rounds < MAX_ROUNDS and (rounds < MIN_ROUNDS or (time.perf_counter() - started < BUDGET_SECONDS
-                                                           and not _decided(times, thresholds))):
+    while rounds < MAX_ROUNDS and not _enough(times, thresholds, time.perf_counter() - started):
         order = (0, 1) if rounds % 2 == 0 else (1, 0)
         for which in order:
             t0 = clock()
@@ -191,6 +195,25 @@ def gate_ratios(gates: Gates) -> tuple[float, ...]:
     """The ratios after / before at which the speed gates flip (`speed_gates`): `measure`'s `decided_at`."""
     at = (1.0, 1.0 + SLOWER_TOLERANCE)
     return at if gates.min_speedup is None else (*at, 1.0 / gates.min_speedup)
+
+
+def _enough(times: tuple[list[float], list[float]], thresholds: tuple[float, ...], elapsed: float) -> bool:
+    """Whether the rounds so far suffice: `MIN_ROUNDS` and then the budget or a decision, or fewer rounds that are all
+    far clear of every threshold."""
+    if len(times[0]) < MIN_ROUNDS:
+        return _clear(times, thresholds)
+    return elapsed >= BUDGET_SECONDS or _decided(times, thresholds)
+
+
+def _clear(times: tuple[list[float], list[float]], thresholds: tuple[float, ...]) -> bool:
+    """`CLEAR_ROUNDS` rounds or more, each of whose ratios lies `CLEAR_FACTOR` below or above every threshold.
+
+    Noise of a busy machine inflates a run's time by tens of percent, not by half in every interleaved round for one
+    model only: three rounds at a quarter of the original's time say as surely as five that it is not slower.
+    """
+    ratios = [after / before for before, after in zip(*times) if before > 0]
+    return (bool(thresholds) and len(ratios) >= CLEAR_ROUNDS
+            and all(r * CLEAR_FACTOR < t or r > t * CLEAR_FACTOR for r in ratios for t in thresholds))
 
 
 def _decided(times: tuple[list[float], list[float]], thresholds: tuple[float, ...]) -> bool:
