@@ -7,6 +7,7 @@ for the three-way split fit / selection / final; the hull and the greedy order r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -253,7 +254,6 @@ def test_a_macs_target_cuts_the_last_step_only_as_far_as_it_needs(tmp_path: Path
 
 def test_a_degraded_probe_never_passes_whatever_its_gates_say(tmp_path: Path) -> None:
     """A gate on one figure must not let a probe through whose other outputs collapsed: `degraded` fails it."""
-    import dataclasses
 
     model, calib = _branches(tmp_path)
     result = api.prune(model, "l1", 0.5, calib=str(calib), holdout=0.5, gates=Gates(min_correlation=0.0),
@@ -277,3 +277,35 @@ def test_each_objective_reads_its_figures_from_its_row_of_data() -> None:
     assert [row.saved(o) for o in (Objective.MACS, Objective.PARAMS)] == [0.2, 0.3]
     assert [o.target_key for o in (Objective.MACS, Objective.PARAMS)] == ["target_macs", "target_params"]
     assert Measurement(0.5, 0.7, True, 0.1, None, None, None, 10, 1.0).kept(Objective.LATENCY) == float("inf")  # unmeasured
+
+
+def test_each_allocation_spends_its_probes_by_its_row_of_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ALLOCATIONS`: whether a profile comes first, what spends the probes, and whether plain runs are compared."""
+    from onnxslim_prune.planning import search as search_module
+    from onnxslim_prune.planning.search import ALLOCATIONS, Allocation, AllocationSpec, Exploration, Probe, search
+
+    assert set(ALLOCATIONS) == set(Allocation) - {Allocation.AUTO}
+    with pytest.raises(ValueError, match="resolve"):
+        _ = Allocation.AUTO.spec
+    assert [a.spec.profiled for a in (Allocation.SENSITIVITY, Allocation.DAMAGE, Allocation.RANKING)] == [True, False, False]
+    # a row whose exploration probes the dead group alone at 3 of 4 channels: the search writes exactly that
+    model, calib = _branches(tmp_path)
+    gates = Gates(min_correlation=0.9999)
+    prober = _prober(model, calib, gates)
+    trace = search_module.baseline(prober)
+    dead = next(g.index for g in trace.groups if any(m.node == "c1" for m in g.members) and not g.is_frozen)
+    seen: list[Exploration] = []
+
+    def explore(e: Exploration) -> None:
+        seen.append(e)
+        measurement, _ = e.prober.probe({"group_ratios": ((dead, 0.75),)})
+        e.probes.append(Probe(1, "dead group", {"group_ratios": ((dead, 0.75),)}, measurement))
+
+    monkeypatch.setitem(ALLOCATIONS, Allocation.RANKING,
+                        AllocationSpec(profiled=False, explore=explore, plain_candidates=False, ranked=True))
+    outcome = search(prober, trace, dataclasses.replace(SETTINGS, allocation=Allocation.RANKING), 1, gates)
+    assert len(seen) == 1 and seen[0].rows == () and len(outcome.probes) == 1  # no profile, no plain candidates
+    assert outcome.chosen == 1 and outcome.probes[0].measurement.passed
+    kept = {i.name: onnx.numpy_helper.to_array(i).shape[0] for i in outcome.result.model.graph.initializer
+            if i.name in ("c1.w", "c2.w")}
+    assert kept == {"c1.w": 1, "c2.w": 6}

@@ -160,9 +160,14 @@ class Budget:
     steps: tuple[Step, ...] = ()
 
     @property
+    def stepped(self) -> bool:
+        """The budget walks the profile's greedy steps; otherwise it is the method's ``--target-macs``."""
+        return self.allocation.spec.profiled
+
+    @property
     def most(self) -> float:
         """The largest share the allocation can remove."""
-        if self.allocation is Allocation.RANKING:
+        if not self.stepped:
             return MAX_SHARE
         return min(sum(s.saved for s in self.steps), 1.0)
 
@@ -175,12 +180,12 @@ class Budget:
         return len(self.steps)
 
     def params(self, share: float) -> dict[str, Any]:
-        if self.allocation is Allocation.RANKING:
+        if not self.stepped:
             return {"target_macs": round(1.0 - share, 4)} if share > 0 else {"group_ratios": ()}
         return {"group_ratios": allocation_at(self.steps, self.prefix(share))}
 
     def label(self, share: float) -> str:
-        if self.allocation is Allocation.RANKING:
+        if not self.stepped:
             return f"target MACs {round(1.0 - share, 4):g}"
         return f"steps {self.prefix(share)}/{len(self.steps)}"
 
@@ -368,11 +373,11 @@ def run_latency_search(prober: Prober, settings: SearchSettings, round_to: int |
     trace = baseline(prober)
     settings = resolved(prober, settings)
     rows: tuple[SensitivityRow, ...] = ()
-    if settings.allocation is Allocation.SENSITIVITY:
+    if settings.allocation.spec.profiled:
         rows = sensitivity(prober, trace, settings, round_to)
-        budget = Budget(Allocation.SENSITIVITY, greedy_steps(rows, Objective.MACS))
+        budget = Budget(settings.allocation, greedy_steps(rows, Objective.MACS))
     else:
-        budget = Budget(Allocation.RANKING)  # the method's --target-macs (by predicted damage with DAMAGE)
+        budget = Budget(settings.allocation)  # the method's --target-macs (shared by predicted damage with DAMAGE)
     meter = meter or InterleavedMeter(prober, latency.threads, latency.clock)
     walk = _Walk(prober, budget, meter, settings.max_probes)
     if latency.target is not None:

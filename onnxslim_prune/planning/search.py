@@ -114,6 +114,12 @@ class Allocation(str, Enum):
     #: the method's ``--target-macs`` shared by predicted damage (`methods.budget`): no profile probes
     DAMAGE = "damage"
 
+    @property
+    def spec(self) -> AllocationSpec:
+        if self is Allocation.AUTO:
+            raise ValueError("Allocation.AUTO has no spec: resolve it first (`resolved`)")
+        return ALLOCATIONS[self]
+
 
 class Objective(str, Enum):
     """What the search makes smallest; what each one reads is data (`ObjectiveSpec`, `OBJECTIVES`)."""
@@ -614,19 +620,15 @@ def search(prober: Prober, trace: Trace, settings: SearchSettings, round_to: int
     if not gates.any:
         raise UsageError("a search needs a gate: --max-drop, --min-top1-agreement, --min-cosine or --min-correlation")
     settings = resolved(prober, settings)
+    spec = settings.allocation.spec
     rows: tuple[SensitivityRow, ...] = ()
+    if sensitivity_rows is not None:
+        rows = sensitivity_rows
+    elif spec.profiled:
+        rows = sensitivity(prober, trace, settings, round_to)
     probes: list[Probe] = []
-    if settings.allocation is Allocation.SENSITIVITY:
-        rows = sensitivity_rows if sensitivity_rows is not None else sensitivity(prober, trace, settings, round_to)
-        _bisect_steps(prober, greedy_steps(rows, settings.objective), settings, probes, trace, round_to)
-    elif settings.allocation is Allocation.DAMAGE:
-        rows = sensitivity_rows or ()
-        _search_lines(prober, _damage_lines(prober, trace, settings, gates, round_to), probes)
-    else:
-        if sensitivity_rows is not None:
-            rows = sensitivity_rows
-        _bisect_target(prober, settings, probes)
-    if settings.baseline_probes and settings.objective is not Objective.LATENCY and settings.allocation is not Allocation.DAMAGE:
+    spec.explore(Exploration(prober, trace, settings, gates, round_to, rows, probes))
+    if settings.baseline_probes and settings.objective is not Objective.LATENCY and spec.plain_candidates:
         _baselines(prober, trace, settings, probes, round_to)
     notes: list[str] = []
     chosen = choose(probes, settings.objective)
@@ -857,7 +859,7 @@ def _baselines(prober: Prober, trace: Trace, settings: SearchSettings, probes: l
         return {key: round(size, 4)}, f"target {key[7:]} {round(size, 4):g}"
 
     lines: list[Callable[[float], tuple[dict[str, Any], str]]] = [uniform]
-    if settings.allocation is not Allocation.RANKING:  # the ranking search is that line already
+    if not settings.allocation.spec.ranked:  # the ranking's own search is that line already
         lines.append(ranked)
     for line in lines:
         if start >= 1.0:
@@ -960,6 +962,56 @@ def _bisect_target(prober: Prober, settings: SearchSettings, probes: list[Probe]
             lo = mid
         else:
             hi = mid
+
+
+# ----------------------------------------------------------------------------- allocations as data
+
+
+@dataclass(frozen=True, eq=False)
+class Exploration:
+    """What an allocation's probes work with (`AllocationSpec.explore`); they are appended to `probes`."""
+
+    prober: Prober
+    trace: Trace
+    settings: SearchSettings
+    gates: Gates
+    round_to: int | Rounding
+    rows: tuple[SensitivityRow, ...]  # the sensitivity profile (empty unless the allocation is `profiled`)
+    probes: list[Probe]
+
+
+def _explore_steps(e: Exploration) -> None:
+    _bisect_steps(e.prober, greedy_steps(e.rows, e.settings.objective), e.settings, e.probes, e.trace, e.round_to)
+
+
+def _explore_lines(e: Exploration) -> None:
+    _search_lines(e.prober, _damage_lines(e.prober, e.trace, e.settings, e.gates, e.round_to), e.probes)
+
+
+def _explore_target(e: Exploration) -> None:
+    _bisect_target(e.prober, e.settings, e.probes)
+
+
+@dataclass(frozen=True)
+class AllocationSpec:
+    """How an allocation spends a search's probes (module docstring), as data: `ALLOCATIONS`."""
+
+    #: the sensitivity profile (a probe per group and ratio) comes first; the latency search then walks its steps
+    profiled: bool
+    #: spends the gated search's probes
+    explore: Callable[[Exploration], None]
+    #: the plain uniform and target runs are probed beside the result (`_baselines`); DAMAGE's lines hold them already
+    plain_candidates: bool
+    #: its probes are the method's own ``--target-<size>`` (the global ranking, or shares by predicted damage)
+    ranked: bool
+
+
+#: a new allocation is one member of `Allocation` and its row here (AUTO is resolved before use: `resolved`)
+ALLOCATIONS: dict[Allocation, AllocationSpec] = {
+    Allocation.SENSITIVITY: AllocationSpec(profiled=True, explore=_explore_steps, plain_candidates=True, ranked=False),
+    Allocation.DAMAGE: AllocationSpec(profiled=False, explore=_explore_lines, plain_candidates=False, ranked=True),
+    Allocation.RANKING: AllocationSpec(profiled=False, explore=_explore_target, plain_candidates=True, ranked=True),
+}
 
 
 def _with_search_report(outcome: SearchOutcome) -> Any:
