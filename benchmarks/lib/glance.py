@@ -256,6 +256,11 @@ def _samples(extra: list[str]) -> tuple[list[str], str]:
     return extra[:i] + extra[i + 2:], f", {extra[i + 1]} calibration samples"
 
 
+def _recovery_only(flags: list[str]) -> bool:
+    """``--recover`` and nothing but recovery's own settings (``--recover-steps N``, ``--recover-time S``, ...)."""
+    return flags[:1] == ["--recover"] and all(f.startswith("--recover-") for f in flags[1::2])
+
+
 def real_suite() -> str | None:
     """The best row of each model of the real-model suite within its MACs target (extra flags: only a sample count)."""
     data = _load("real_suite")
@@ -263,9 +268,9 @@ def real_suite() -> str | None:
         return None
     parts = []
     for model, (macs, key, _target, text) in SUITE_TARGETS.items():
-        def within(flags: list[str]) -> list[dict[str, Any]]:
+        def within(wanted: Callable[[list[str]], bool]) -> list[dict[str, Any]]:
             return [r for r in data["rows"] if r["model"] == model and r.get(key) is not None
-                    and _samples(list(r.get("extra") or []))[0] == flags
+                    and wanted(_samples(list(r.get("extra") or []))[0])
                     and r.get("macs_kept") is not None and r["macs_kept"] <= macs + 0.005]
 
         def best_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -274,17 +279,19 @@ def real_suite() -> str | None:
         def figure(row: dict[str, Any]) -> str:
             return f"{row[key]:.2f}x" if key == "perplexity_ratio" else _pct(row[key])
 
-        rows = within([])
+        rows = within(lambda flags: not flags)
         if not rows:
             continue
         best = best_of(rows)
         part = text.format(v=figure(best), c=f"{best.get('cosine', 0):.3f}", m=f"`{best['method']}`",
                            macs=_pct(best["macs_kept"]), n=_samples(list(best.get("extra") or []))[1])
-        recovered = within(["--recover"])  # label-free recovery with its defaults, beside the closed form
+        recovered = within(_recovery_only)  # label-free recovery (its own knobs only), beside the closed form
         if recovered:
             row = best_of(recovered)
             cosine = f", cosine {row['cosine']:.3f}" if key == "nn_agreement" and row.get("cosine") is not None else ""
-            part += f" (with `--recover`: {figure(row)}{cosine} at {_pct(row['macs_kept'])} MACs)"
+            flags = " ".join(_samples(list(row.get("extra") or []))[0])
+            part += (f" (with `{flags}`: {figure(row)}{cosine} at {_pct(row['macs_kept'])} MACs"
+                     f"{_samples(list(row.get('extra') or []))[1]})")
         parts.append(part)
     if not parts:
         return None
