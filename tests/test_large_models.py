@@ -120,7 +120,7 @@ def test_the_cli_reads_the_input_once_and_writes_the_verdicts_bytes(
 def test_each_model_gets_one_onnxruntime_session(big_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The original's session (built from its file) serves the reference, the pruned one, built from the bytes
     to be written, the verdict; the speed gates time single-threaded sessions of their own, built the same way
-    once the verdict's are freed (never from a re-serialized proto)."""
+    (both at once, in either order) once the verdict's are freed (never from a re-serialized proto)."""
     built: list[str] = []
     real = validate.session
 
@@ -130,7 +130,7 @@ def test_each_model_gets_one_onnxruntime_session(big_file: Path, monkeypatch: py
 
     monkeypatch.setattr(validate, "session", counting)
     api.prune(big_file, "l1", 0.5, latency=True)
-    assert built == ["path", "bytes", "path", "bytes"]
+    assert built[:2] == ["path", "bytes"] and sorted(built[2:]) == ["bytes", "path"]
     built.clear()
     api.prune(big_file, "l1", 0.5, latency=False)
     assert built == ["path", "bytes"]
