@@ -122,7 +122,10 @@ def main() -> None:
         # the searched allocation as a curve: prefixes of the greedy order of the same profile
         profile = profile_of({"sensitivity": report["extra"].get("sensitivity")})
         steps = greedy_steps(profile, Objective.MACS)
-        for k in np.unique(np.linspace(len(steps) // 4, len(steps), args.curve_points).astype(int)).tolist():
+        # a search without a profile (damage lines) has no greedy order to draw
+        curve = np.unique(np.linspace(len(steps) // 4, len(steps), args.curve_points).astype(int)).tolist() \
+            if steps and "allocation" in args.parts else []
+        for k in curve:
             started = time.perf_counter()
             result = api.prune(path, args.method, calib=calib, eval_data=evaluation, latency=False,
                                params={"group_ratios": allocation_at(steps, k)})
