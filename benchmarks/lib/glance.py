@@ -295,9 +295,8 @@ def real_suite() -> str | None:
         if recovered:
             row = best_of(recovered)
             cosine = f", cosine {row['cosine']:.3f}" if key == "nn_agreement" and row.get("cosine") is not None else ""
-            flags = " ".join(_samples(list(row.get("extra") or []))[0])
-            part += (f" (with `{flags}`: {figure(row)}{cosine} at {_pct(row['macs_kept'])} MACs"
-                     f"{_samples(list(row.get('extra') or []))[1]})")
+            flags, samples = _samples(list(row.get("extra") or []))
+            part += f" (with `{' '.join(flags)}`: {figure(row)}{cosine} at {_pct(row['macs_kept'])} MACs{samples})"
         parts.append(part)
     if not parts:
         return None

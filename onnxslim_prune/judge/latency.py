@@ -185,7 +185,7 @@ def measure(
             times[which].append(clock() - t0)
         rounds += 1
     batch = len(next(iter(feed.values()))) if feed else 1
-    ratios = [after / before for before, after in zip(*times) if before > 0]
+    ratios = _ratios(times)
     clock_name = "thread-cpu" if clock is time.thread_time else "wall"
     return Latency(1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1]), rounds, batch,
                    median_interval(ratios), clock_name, threads)
@@ -195,6 +195,11 @@ def gate_ratios(gates: Gates) -> tuple[float, ...]:
     """The ratios after / before at which the speed gates flip (`speed_gates`): `measure`'s `decided_at`."""
     at = (1.0, 1.0 + SLOWER_TOLERANCE)
     return at if gates.min_speedup is None else (*at, 1.0 / gates.min_speedup)
+
+
+def _ratios(times: tuple[list[float], list[float]]) -> list[float]:
+    """The per-round ratios after / before (the two runs of one round paired)."""
+    return [after / before for before, after in zip(*times) if before > 0]
 
 
 def _enough(times: tuple[list[float], list[float]], thresholds: tuple[float, ...], elapsed: float) -> bool:
@@ -211,7 +216,7 @@ def _clear(times: tuple[list[float], list[float]], thresholds: tuple[float, ...]
     Noise of a busy machine inflates a run's time by tens of percent, not by half in every interleaved round for one
     model only: three rounds at a quarter of the original's time say as surely as five that it is not slower.
     """
-    ratios = [after / before for before, after in zip(*times) if before > 0]
+    ratios = _ratios(times)
     return (bool(thresholds) and len(ratios) >= CLEAR_ROUNDS
             and all(r * CLEAR_FACTOR < t or r > t * CLEAR_FACTOR for r in ratios for t in thresholds))
 
@@ -224,6 +229,6 @@ def _decided(times: tuple[list[float], list[float]], thresholds: tuple[float, ..
     """
     if not thresholds:
         return False
-    interval = median_interval([after / before for before, after in zip(*times) if before > 0])
+    interval = median_interval(_ratios(times))
     return interval is not None and not any(interval[0] <= t <= interval[1] for t in thresholds)
 
