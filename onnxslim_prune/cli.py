@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import signal
 import sys
 from importlib import resources
 from pathlib import Path
@@ -106,23 +107,42 @@ def _given_settings(values: Mapping[str, Any], *, planning_only: bool = False) -
 def _methods_epilog() -> str:
     width = max(map(len, METHODS))
     lines = ["\b", "Methods (--method):"] + [f"  {m.name:<{width}}  {m.help}" for m in METHODS.values()]
-    lines += ["", "\b", "Exit codes: 0 written; 1 model or data error; 2 usage error; 3 a gate missed; 130 interrupted."]
+    lines += ["", "\b", "Exit codes: 0 written; 1 model or data error; 2 usage error; 3 a gate missed; 130 interrupted; 143 terminated."]
     return "\n".join(lines)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a cancelled CI job, `kill`), unwound as Ctrl-C is: Python's default would stop at once, leaving the
+    frontier's and the reference outputs' temporary folders (gigabytes on a large model) and staged outputs behind."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def _interrupted(exc: KeyboardInterrupt) -> None:
+    terminated = isinstance(exc, _Terminated)
+    click.echo("terminated" if terminated else "aborted", err=True)
+    sys.exit(128 + signal.SIGTERM if terminated else 130)
+
+
 class _OneLineErrors(click.Command):
-    """Click's own parse errors (bad number, unknown option) as one `error:` line, exit 2."""
+    """Click's own parse errors (bad number, unknown option) as one `error:` line, exit 2; SIGTERM as Ctrl-C."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         kwargs["standalone_mode"] = False
+        # only where nobody chose otherwise: a process that ignores SIGTERM, or an embedding app's handler, keeps it
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return super().main(*args, **kwargs)
         except click.exceptions.UsageError as exc:
             click.echo(f"error: {exc.format_message()}", err=True)
             sys.exit(2)
-        except (click.exceptions.Abort, KeyboardInterrupt):
-            click.echo("aborted", err=True)
-            sys.exit(130)
+        except click.exceptions.Abort:
+            _interrupted(KeyboardInterrupt())
+        except KeyboardInterrupt as exc:
+            _interrupted(exc)
 
 
 @click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
@@ -381,10 +401,9 @@ def main(
         if not passed:
             missed = "; ".join(g.message for g in verdict.gates if not g.passed) if verdict is not None else ""
             raise GateError(f"gate missed: {missed}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         _closed(console)
-        click.echo("aborted", err=True)
-        sys.exit(130)
+        _interrupted(exc)
     except PruneError as exc:
         _closed(console)
         click.echo(f"error: {exc}", err=True)
