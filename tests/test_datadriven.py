@@ -265,11 +265,11 @@ def test_buffered_float32_gram_matches_float64() -> None:
     np.testing.assert_allclose(acc.sum_x, exact.sum_x, rtol=1e-9)
 
 
-def test_selection_statistics_split_over_passes_when_a_batch_of_inputs_exceeds_the_budget(
+def test_selection_statistics_split_over_stages_when_a_batch_of_inputs_exceeds_the_budget(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """LeNet's three Gemm inputs at batch 32 take 100.4 KB, 38.4 KB and 12.8 KB; an exposure budget of 110 KB
-    splits them over two passes. Gemm rows are every row (no sampled positions), so the covariances equal the
+    splits them over two stages of one pass. Gemm rows are every row (no sampled positions), so the covariances equal the
     one-pass ones to 1e-9."""
     import logging
 
@@ -289,7 +289,7 @@ def test_selection_statistics_split_over_passes_when_a_batch_of_inputs_exceeds_t
     monkeypatch.setattr(rc, "DEFAULT_EXPOSED_BUDGET", 110_000)
     with caplog.at_level(logging.INFO, logger="onnxslim_prune.methods.datadriven"):
         split = datadriven.input_covariances(ctx, layers)
-    assert "3 layers in 2 passes" in caplog.text
+    assert "3 layers in 2 stages of one pass" in caplog.text
     assert split.keys() == one_pass.keys()
     for key, (cov, mean) in one_pass.items():
         np.testing.assert_allclose(split[key][0], cov, rtol=1e-9, atol=1e-9)

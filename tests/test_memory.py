@@ -473,6 +473,7 @@ def test_the_refit_frontiers_hold_what_the_budget_leaves_and_spill_past_it(tmp_p
     the same bytes (and outputs) as with the default budget."""
     from onnxslim_prune import prune
     from onnxslim_prune.calib import engine, memory
+    from onnxslim_prune.calib.statistic import STATISTICS_LABEL
     from onnxslim_prune.methods import datadriven, reconstruct
     from tests import models as M
 
@@ -489,7 +490,7 @@ def test_the_refit_frontiers_hold_what_the_budget_leaves_and_spill_past_it(tmp_p
         return memory.frontier_budget(budget, batch_bytes)
 
     def closing(self: engine.FrontierStore) -> None:
-        if self.label != datadriven.COVARIANCE_LABEL:  # the refit's frontiers, not the selection's covariances
+        if self.label not in (datadriven.COVARIANCE_LABEL, STATISTICS_LABEL):  # the refit's frontiers only
             stores.append((self.budget, self.peak_bytes, self.spilled))
         real_close(self)
 

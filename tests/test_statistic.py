@@ -114,3 +114,36 @@ def test_totals_of_two_halves_merge_into_the_totals_of_the_whole(tmp_path: Path)
     np.testing.assert_allclose(mean, act.mean(axis=0), atol=1e-6)
     with pytest.raises(ValueError, match="cannot merge"):
         parts["whole"][0].merge(st.PooledCovariance("h", 1, 8))
+
+
+def test_staged_statistics_run_each_node_once_equal_numpy_and_are_cached(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`collect_staged`: a statistic per stage of one pass. The covariances of h (after mm1) and r (after relu) equal
+    numpy's; the sessions built run mm1, relu and nothing else (`collect` would run mm1 twice, once per pass); a
+    second call is a cache hit that builds no session; `done` sees the statistics in order, each once."""
+    from onnxslim_prune.calib.engine import StagedPasses
+
+    model = _mlp()
+    data = np.random.default_rng(4).standard_normal((40, 6)).astype(np.float32)
+    calib = _calibration(model, tmp_path / "c.npz", data)
+    staged: list[list[str]] = []
+    real = StagedPasses._session
+
+    def recording(self, model, stage, *args, **kwargs):  # type: ignore[no-untyped-def]
+        staged.append([self._model.graph.node[i].name for i in stage])
+        return real(self, model, stage, *args, **kwargs)
+
+    monkeypatch.setattr(StagedPasses, "_session", recording)
+    seen: list[str] = []
+    h, r = st.PooledCovariance("h", 1, 8), st.PooledCovariance("r", 1, 8)
+    st.collect_staged(model, calib, [h, r], 8, done=lambda s: seen.append(s.tensors[0]), cache_dir=tmp_path / "cache")
+    assert staged == [["mm1"], ["relu"]] and seen == ["h", "r"]
+    for stat, name in ((h, "h"), (r, "r")):
+        np.testing.assert_allclose(stat.covariance(), np.cov(_activations(model, data, name).T, bias=True), atol=1e-9)
+    again = st.PooledCovariance("r", 1, 8)
+    st.collect_staged(model, calib, [st.PooledCovariance("h", 1, 8), again], 8, done=lambda s: seen.append(s.tensors[0]),
+                      cache_dir=tmp_path / "cache")
+    assert len(staged) == 2 and seen == ["h", "r", "h", "r"]
+    np.testing.assert_array_equal(again.covariance(), r.covariance())
+    with pytest.raises(ValueError, match="graph of its own"):
+        st.collect_staged(model, calib, [st.ActivationMoments({"r": (1, 2, 8)})], 8, done=lambda s: None, cache_dir=None)

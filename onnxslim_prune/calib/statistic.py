@@ -14,7 +14,8 @@ A `Statistic` is one unit of calibration statistics. It names
 share one streaming pass per exposed graph (every statistic with the default exposure shares
 one pass). The one cache key of a statistic is ``(model digest, calibration fingerprint,
 batch size, statistic key)`` (`cache_key`; batches change the float summation order): a change to a statistic's arithmetic bumps its ``version``, and
-nothing else can reuse a stale entry.
+nothing else can reuse a stale entry. `collect_staged` gathers statistics split only to bound memory (one per
+chunk of layers) as the stages of one pass, so each node runs once over the data.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ import onnx
 
 from .cache import DEFAULT, CacheDir, load_entry, model_digest, store_entry
 from .collect import stream_tensors
+from .engine import StagedPasses
 from .memory import give_back
+from .threads import blas_limited
 from .in_session import moments_model
 from .sources import CalibrationSet
 from .accumulators import ChannelMoments, GramAccumulator
@@ -150,6 +153,66 @@ def collect(
         give_back()  # the pass's cut model and session: their pages go back before the next pass copies again
     if missing:
         log.debug("collected %d statistics in %d passes (%d cached)", len(missing), count, len(statistics) - len(missing))
+
+
+#: the frontier of `collect_staged`'s pass, as its log lines name it
+STATISTICS_LABEL = "statistics"
+
+
+def collect_staged(
+    model: onnx.ModelProto,
+    calibration: CalibrationSet,
+    statistics: Sequence[Statistic],
+    batch_size: int,
+    *,
+    done: Callable[[Statistic], None],
+    budget: int | None = None,
+    progress: Progress | None = None,
+    cache_dir: CacheDir = DEFAULT,
+) -> None:
+    """Fill `statistics`, given in the order the network computes their tensors (shallow first), in ONE pass.
+
+    `collect` runs a graph from the model's inputs for every statistic of its own, so statistics split only to bound
+    memory (the Gram matrices of one chunk of layers, one batch's exposed inputs) cost a prefix of the network each:
+    13 passes of SmolLM2-135M were about 6 runs of the whole network. Here every statistic is one stage of one
+    `calib.engine.StagedPasses`: each node runs once over the data, the tensors later stages read kept in its
+    frontier (`budget` bytes of it in memory, default the calibration budget; the rest spilled). ``done(stat)`` is called as each statistic finishes (or is
+    loaded from the cache), before the next stage: the caller takes its totals then, so only one stage's
+    accumulators are alive at a time. The same cache entries as `collect` (`cache_key`).
+    """
+    if any(stat.exposed(model) is not None for stat in statistics):
+        raise ValueError("collect_staged: a statistic with a graph of its own cannot be a stage")
+    model_id = model_digest(model)
+    missing: set[int] = set()
+    for i, stat in enumerate(statistics):
+        hit = load_entry(cache_key(model_id, calibration, batch_size, stat), cache_dir)
+        if hit is None:
+            missing.add(i)
+        else:
+            stat.load(hit)
+    if not missing:
+        for stat in statistics:
+            done(stat)
+        return
+    schedule = [list(stat.tensors) for i, stat in enumerate(statistics) if i in missing]
+    engine = StagedPasses(model, calibration, batch_size, schedule, budget=budget, label=STATISTICS_LABEL)
+    total = engine.batches * len(schedule)
+    finished = 0
+    try:
+        with blas_limited():  # the stages' sessions stay alive between batches: BLAS must not fight them
+            for i, stat in enumerate(statistics):
+                if i in missing:
+                    for batch, values in enumerate(engine.advance(list(stat.tensors))):
+                        stat.update(values, batch)
+                        finished += 1
+                        if progress is not None:
+                            progress(finished, total)
+                    stat.finish()
+                    store_entry(cache_key(model_id, calibration, batch_size, stat), stat.state(), cache_dir)
+                done(stat)
+    finally:
+        engine.close()
+    log.debug("collected %d statistics in one staged pass (%d cached)", len(missing), len(statistics) - len(missing))
 
 
 class ActivationMoments(Statistic):
@@ -290,7 +353,7 @@ class SampledGrams(Statistic):
     """
 
     kind = "sampled-grams"
-    version = 3  # 2: vectorised position sampling (calib.patches); 3: row weights
+    version = 4  # 2: vectorised position sampling (calib.patches); 3: row weights; 4: inputs computed stage by stage
 
     def __init__(self, layers: Sequence[tuple[str, str, int, RowSampler]], *, seed: int, chunk: int, settings: str,
                  weights: Mapping[str, RowWeights] | None = None) -> None:

@@ -60,7 +60,7 @@ from ..channels import Group, Kind, TransformerPart, Role, Trace, transformer_pa
 from ..calib.engine import FrontierStore
 from ..calib.threads import blas_limited
 from ..calib.memory import calibration_budget, explicit_budget
-from ..calib.statistic import ActivationMoments, RowSampler, RowWeights, SampledGrams, collect
+from ..calib.statistic import ActivationMoments, RowSampler, RowWeights, SampledGrams, Statistic, collect, collect_staged
 from ..errors import CalibrationError
 from . import reconstruct as rc
 from .base import BudgetAllocation, Context, DepthGain, MethodOutcome
@@ -208,8 +208,10 @@ def layer_covariance(cov: Covariances, layer: rc.Layer) -> tuple[np.ndarray, np.
 
 
 #: the covariances `input_covariances` returns hold at most 1 / COVARIANCE_SHARE of the budget in memory (the rest
-#: wait in files): with a chunk's Gram matrices (a half) and one batch's exposed inputs (a quarter) it adds up to it
+#: wait in files), and its pass's frontier 1 / STAGED_FRONTIER_SHARE: with a chunk's Gram matrices and one batch's
+#: exposed inputs (a quarter each of an explicit ``--calib-memory``) they add up to it
 COVARIANCE_SHARE = 4
+STAGED_FRONTIER_SHARE = 4
 #: the label of the covariances' `FrontierStore` (its log lines say it)
 COVARIANCE_LABEL = "selection covariances"
 
@@ -271,25 +273,28 @@ def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | No
     receives per ``_layer_key`` the rows summed and what their weights say, `RowInfo`).
 
     Layers sharing an input and geometry share one Gram matrix; layers are collected in
-    chunks of at most `budget` bytes of Gram matrices (default `rc.DEFAULT_GRAM_BUDGET`, or half of
+    chunks of at most `budget` bytes of Gram matrices (default `rc.DEFAULT_GRAM_BUDGET`, or a quarter of
     an explicit ``--calib-memory``) whose inputs take at most `rc.DEFAULT_EXPOSED_BUDGET` bytes per
     batch (or a quarter of an explicit ``--calib-memory``; onnxruntime holds every exposed tensor of a
     batch at once, so all of a deep network's inputs at a large batch would dominate the peak), one
-    `SampledGrams` statistic and one calibration pass per chunk. The result holds a quarter of the budget
-    in memory (`CovarianceStore`): the rest is read back from files.
+    `SampledGrams` statistic and one stage of one calibration pass per chunk (`calib.statistic.collect_staged`).
+    The result holds a quarter of the budget in memory (`CovarianceStore`): the rest is read back from files.
     """
     given = explicit_budget()
     if budget is None:
-        budget = rc.DEFAULT_GRAM_BUDGET if given is None else min(rc.DEFAULT_GRAM_BUDGET, given // 2)
+        budget = rc.DEFAULT_GRAM_BUDGET if given is None else min(rc.DEFAULT_GRAM_BUDGET, given // 4)
     exposed_budget = rc.DEFAULT_EXPOSED_BUDGET if given is None else min(rc.DEFAULT_EXPOSED_BUDGET, given // 4)
     s = settings(ctx)
     unique: dict[str, rc.Layer] = {}
     for layer in layers:
         unique.setdefault(_layer_key(layer), layer)
+    # chunks follow the graph's (topological) node order: the stages of one pass go from the input to the output
+    produced_at = {t: i for i, node in enumerate(ctx.model.graph.node) for t in node.output}
     chunks: list[list[str]] = [[]]
     used = 0
     exposed: set[str] = set()
-    for key, layer in unique.items():
+    for key in sorted(unique, key=lambda k: produced_at.get(unique[k].x, -1)):
+        layer = unique[key]
         size = _dims(ctx, layer) ** 2 * 8
         batch_bytes = _batch_bytes(ctx, exposed | {layer.x}, s.batch_size)
         if chunks[-1] and (used + size > budget or batch_bytes > exposed_budget):
@@ -300,8 +305,8 @@ def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | No
         used += size
         exposed.add(layer.x)
     if len(chunks) > 1:
-        log.info("selection statistics: %d layers in %d passes (Gram matrices within %d MiB, one batch's inputs "
-                 "within %d MiB)", len(unique), len(chunks), budget >> 20, exposed_budget >> 20)
+        log.info("selection statistics: %d layers in %d stages of one pass (Gram matrices within %d MiB, one batch's "
+                 "inputs within %d MiB)", len(unique), len(chunks), budget >> 20, exposed_budget >> 20)
 
     def sampler(layer: rc.Layer) -> RowSampler:
         return lambda x, rng: layer.x_rows(x, layer.positions(x.shape, s.positions, rng))
@@ -310,24 +315,31 @@ def input_covariances(ctx: Context, layers: Sequence[rc.Layer], budget: int | No
     # the damage allocation compares errors after the norms; a ranking within a group only needs real tokens
     # (measured on all-MiniLM-L6-v2 at 85% of the MACs: obs on 1 / sigma^2-weighted rows lost 2 points of NN)
     by_norm = by_damage(ctx)
-    # one pass per chunk: only one chunk's Gram matrices are accumulated at a time. The deepest chunk goes first:
-    # its pass holds a session of nearly the whole network while few covariances are kept, and the shallow
-    # chunks' small sessions meet the most of them (SmolLM2-135M: the peak of the selection 0.4 GB lower)
-    for c in reversed(range(len(chunks))):
-        chunk = chunks[c]
+    stats: list[SampledGrams] = []
+    weights_of: dict[int, dict[str, RowWeights]] = {}
+    for c, chunk in enumerate(chunks):
         if not chunk:
             continue
         weights = {k: w for k in chunk if (w := row_weights(ctx, unique[k], norm=by_norm)) is not None}
-        stat = SampledGrams([(k, unique[k].x, _dims(ctx, unique[k]), sampler(unique[k])) for k in chunk],
-                            seed=s.seed, chunk=c, settings=f"P={s.positions}", weights=weights)
-        collect(ctx.model, ctx.calibration, [stat], s.batch_size, progress=ctx.progress, subgraph=rc.weightless_cut)
-        for key, value in stat.take_covariances().items():  # a chunk's totals become covariances one at a time
+        stats.append(SampledGrams([(k, unique[k].x, _dims(ctx, unique[k]), sampler(unique[k])) for k in chunk],
+                                  seed=s.seed, chunk=c, settings=f"P={s.positions}", weights=weights))
+        weights_of[c] = weights
+
+    def take(stat: Statistic) -> None:  # a chunk's totals become covariances one at a time, before the next stage
+        assert isinstance(stat, SampledGrams)
+        for key, value in stat.take_covariances().items():
             out.put(key, value)
         if info is not None:
             info.rows.update(stat.rows)
             info.mean_weight.update(stat.mean_weight)
             info.norm_energy.update(stat.norm_energy)
-            info.weights.update(weights)
+            info.weights.update(weights_of[stat.chunk])
+
+    # one pass over the data, a stage per chunk (`collect_staged`): only one chunk's Gram matrices are accumulated
+    # at a time, and each node runs once (a pass per chunk from the graph input ran SmolLM2-135M's first layers 13
+    # times)
+    collect_staged(ctx.model, ctx.calibration, stats, s.batch_size, done=take, progress=ctx.progress,
+                   budget=(given if given is not None else calibration_budget()) // STAGED_FRONTIER_SHARE)
     return out
 
 
