@@ -8,8 +8,8 @@ A weighted layer ``Y = X W + b`` (a Conv with group 1, a Gemm, a MatMul by a con
 with ``U_r`` the top ``r`` eigenvectors of the covariance of the layer's calibrated outputs,
 ``C = cov(X W) = W^T S W`` (``S`` the centred covariance of the input rows, im2col patches at
 sampled positions for a Conv, from the statistics the selection methods already stream:
-`datadriven.input_covariances`, one `calib.statistic.SampledGrams` pass per chunk, bounded
-memory). The bias correction ``b'`` puts the mean of the discarded directions back, so the output
+`datadriven.input_covariances`, one `calib.statistic.SampledGrams` stage of one pass per chunk,
+bounded memory). The bias correction ``b'`` puts the mean of the discarded directions back, so the output
 error is ``(X - mx) W (I - U_r U_r^T)``, whose energy is exactly the discarded eigenvalues:
 ``||err||^2 / n = sum_{i > r} lambda_i``. A layer with no per-output bias (a MatMul without a
 following Add) uses the uncentred second moment ``S + mx mx^T`` instead, and needs no correction.
