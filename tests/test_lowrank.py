@@ -195,6 +195,27 @@ def test_whitening_form_is_the_projection_form() -> None:
     np.testing.assert_allclose(d.a @ d.b, whitened, atol=1e-10)
 
 
+@pytest.mark.parametrize("metric", list(lowrank.OutputMetric))
+def test_a_wide_layer_gets_its_spectrum_without_the_outputs_covariance(metric: lowrank.OutputMetric) -> None:
+    """More outputs than inputs (a language model's logits): the spectrum from the ``D x D`` side equals the one of
+    the ``O x O`` output covariance (eigenvalues; the span of the first eigenvectors), a dead input included."""
+    rng = np.random.default_rng(15)
+    w, x = rng.standard_normal((12, 40)), rng.standard_normal((300, 12)) * rng.uniform(0.1, 2.0, 12)
+    x[:, 3] = 0.0  # a dead input channel: S is singular
+    s = x.T @ x / 300
+    scale, values, vectors = lowrank.output_spectrum(s, w, metric, 6)
+    c = w.T @ s @ w
+    want_scale = lowrank.output_scale(c, metric)
+    np.testing.assert_allclose(scale, want_scale, rtol=1e-10)
+    want, basis = np.linalg.eigh(c / np.outer(want_scale, want_scale))
+    want, basis = want[::-1].clip(min=0.0), basis[:, ::-1]
+    assert values.shape == (12,) and vectors.shape == (40, 6)
+    np.testing.assert_allclose(values, want[:12], rtol=1e-8, atol=1e-8)
+    assert np.allclose(want[12:], 0.0, atol=1e-8)
+    np.testing.assert_allclose(vectors.T @ vectors, np.eye(6), atol=1e-10)
+    np.testing.assert_allclose(vectors @ vectors.T, basis[:, :6] @ basis[:, :6].T, atol=1e-8)
+
+
 @pytest.mark.parametrize(("d", "o", "multiple", "first"), [(384, 384, 16, 176), (384, 1536, 16, 304), (64, 4, 8, 0), (72, 32, 1, 22)])
 def test_first_rank_is_the_largest_aligned_rank_that_saves_macs(d: int, o: int, multiple: int, first: int) -> None:
     assert lowrank.first_rank(d, o, multiple) == first

@@ -193,6 +193,35 @@ def output_scale(c: np.ndarray, metric: OutputMetric) -> np.ndarray:
     return np.maximum(std, 1e-6 * max(float(std.max(initial=0.0)), 1e-30))
 
 
+def output_spectrum(s: np.ndarray, w: np.ndarray, metric: OutputMetric, first: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`metric`'s per-output scale, the eigenvalues (descending, >= 0) of the scaled output covariance
+    ``C = diag(1/scale) W^T S W diag(1/scale)`` and its first `first` eigenvectors ``[O, first]``.
+
+    A layer with more outputs than inputs (a language model's logits: 576 -> 49,152) never forms the ``O x O``
+    matrix (19 GB there): with ``S = L L^T`` and ``M = L^T W diag(1/scale)`` (``D x O``), ``C = M^T M`` has the
+    eigenvalues of ``M M^T`` (``D x D``; the other ``O - D`` are 0) and the eigenvectors ``M^T p_i / sqrt(l_i)``
+    (orthonormalised, so directions of no energy complete them)."""
+    d, o = w.shape
+    if o <= d:
+        c = w.T @ s @ w
+        scale = output_scale(c, metric)
+        c = c / np.outer(scale, scale)
+        values, vectors = np.linalg.eigh((c + c.T) / 2)
+        return scale, values[::-1].clip(min=0.0), np.ascontiguousarray(vectors[:, ::-1][:, :first])
+    if metric is OutputMetric.ENERGY:
+        scale = np.ones(o)
+    else:  # diag(W^T S W) without the matrix
+        std = np.sqrt(np.clip(np.einsum("do,do->o", w, s @ w), 0.0, None))
+        scale = np.maximum(std, 1e-6 * max(float(std.max(initial=0.0)), 1e-30))
+    lam, v = np.linalg.eigh((s + s.T) / 2)
+    m = (v * np.sqrt(lam.clip(min=0.0))).T @ (w / scale)
+    values, p = np.linalg.eigh(m @ m.T)
+    values, p = values[::-1].clip(min=0.0), p[:, ::-1]
+    vectors, _ = np.linalg.qr(m.T @ p[:, :first])
+    return scale, values, np.ascontiguousarray(vectors)
+
+
 def candidates(ctx: Context, rounding: Rounding, max_ratio: float, metric: OutputMetric = OutputMetric.ENERGY) -> list[Candidate]:
     """Every layer that can save MACs by decomposition, with the spectrum of its calibrated outputs."""
     multiple = rank_multiple(rounding)
@@ -217,14 +246,10 @@ def candidates(ctx: Context, rounding: Rounding, max_ratio: float, metric: Outpu
             if affine.b is None:  # no bias to absorb the mean: the uncentred second moment
                 s, mean = s + np.outer(mean, mean), np.zeros_like(mean)
             w = affine.w
-            c = w.T @ s @ w
-            scale = output_scale(c, metric)
-            c = c / np.outer(scale, scale)
-            values, vectors = np.linalg.eigh((c + c.T) / 2)
-            values, vectors = values[::-1].clip(min=0.0), vectors[:, ::-1]
+            scale, values, vectors = output_spectrum(s, w, metric, first)
             d, o = w.shape
             out.append(Candidate(layer, w, affine.b, np.asarray(mean, dtype=np.float64), scale, values,
-                                 np.ascontiguousarray(vectors[:, :first]), int(np.prod(ctx.trace.shapes[layer.y],
+                                 vectors, int(np.prod(ctx.trace.shapes[layer.y],
                                  dtype=np.int64)) // o * d * o, multiple, least_rank(d, o, multiple, max_ratio), first))
     return out
 
