@@ -120,7 +120,8 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise _Terminated
 
 
-def _interrupted(exc: KeyboardInterrupt) -> None:
+def _interrupted(exc: BaseException) -> None:
+    """Ctrl-C (KeyboardInterrupt, click's Abort) or SIGTERM (`_Terminated`): one line and the signal's exit code."""
     terminated = isinstance(exc, _Terminated)
     click.echo("terminated" if terminated else "aborted", err=True)
     sys.exit(128 + signal.SIGTERM if terminated else 130)
@@ -139,9 +140,7 @@ class _OneLineErrors(click.Command):
         except click.exceptions.UsageError as exc:
             click.echo(f"error: {exc.format_message()}", err=True)
             sys.exit(2)
-        except click.exceptions.Abort:
-            _interrupted(KeyboardInterrupt())
-        except KeyboardInterrupt as exc:
+        except (click.exceptions.Abort, KeyboardInterrupt) as exc:
             _interrupted(exc)
 
 

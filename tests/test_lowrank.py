@@ -205,7 +205,7 @@ def test_a_wide_layer_gets_its_spectrum_without_the_outputs_covariance(metric: l
     s = x.T @ x / 300
     scale, values, vectors = lowrank.output_spectrum(s, w, metric, 6)
     c = w.T @ s @ w
-    want_scale = lowrank.output_scale(c, metric)
+    want_scale = lowrank.output_scale(np.diag(c), metric)
     np.testing.assert_allclose(scale, want_scale, rtol=1e-10)
     want, basis = np.linalg.eigh(c / np.outer(want_scale, want_scale))
     want, basis = want[::-1].clip(min=0.0), basis[:, ::-1]

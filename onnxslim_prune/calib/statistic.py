@@ -97,6 +97,19 @@ def cache_key(model_id: str, calibration: CalibrationSet, batch_size: int, stati
     return [model_id, str(calibration.fingerprint), f"bs={batch_size}", statistic.key]
 
 
+def _load_cached(model_id: str, calibration: CalibrationSet, statistics: Sequence[Statistic], batch_size: int,
+                 cache_dir: CacheDir) -> list[Statistic]:
+    """Load every statistic the cache holds; the others, in order, are returned (to be computed)."""
+    missing = []
+    for stat in statistics:
+        hit = load_entry(cache_key(model_id, calibration, batch_size, stat), cache_dir)
+        if hit is None:
+            missing.append(stat)
+        else:
+            stat.load(hit)
+    return missing
+
+
 def collect(
     model: onnx.ModelProto,
     calibration: CalibrationSet,
@@ -113,13 +126,7 @@ def collect(
     leave the weights out (`methods.reconstruct.weightless_cut`): the pass reads them from the model it was cut from.
     """
     model_id = model_digest(model)
-    missing = []
-    for stat in statistics:
-        hit = load_entry(cache_key(model_id, calibration, batch_size, stat), cache_dir)
-        if hit is None:
-            missing.append(stat)
-        else:
-            stat.load(hit)
+    missing = _load_cached(model_id, calibration, statistics, batch_size, cache_dir)
     cut = subgraph or (lambda m, _n: m)
     passes: list[tuple[onnx.ModelProto, tuple[str, ...], list[Statistic], onnx.ModelProto]] = []
     shared: list[Statistic] = []
@@ -183,25 +190,20 @@ def collect_staged(
     if any(stat.exposed(model) is not None for stat in statistics):
         raise ValueError("collect_staged: a statistic with a graph of its own cannot be a stage")
     model_id = model_digest(model)
-    missing: set[int] = set()
-    for i, stat in enumerate(statistics):
-        hit = load_entry(cache_key(model_id, calibration, batch_size, stat), cache_dir)
-        if hit is None:
-            missing.add(i)
-        else:
-            stat.load(hit)
+    missing = _load_cached(model_id, calibration, statistics, batch_size, cache_dir)
     if not missing:
         for stat in statistics:
             done(stat)
         return
-    schedule = [list(stat.tensors) for i, stat in enumerate(statistics) if i in missing]
+    schedule = [list(stat.tensors) for stat in missing]
+    computed = {id(stat) for stat in missing}
     engine = StagedPasses(model, calibration, batch_size, schedule, budget=budget, label=STATISTICS_LABEL)
     total = engine.batches * len(schedule)
     finished = 0
     try:
         with blas_limited():  # the stages' sessions stay alive between batches: BLAS must not fight them
-            for i, stat in enumerate(statistics):
-                if i in missing:
+            for stat in statistics:
+                if id(stat) in computed:
                     for batch, values in enumerate(engine.advance(list(stat.tensors))):
                         stat.update(values, batch)
                         finished += 1

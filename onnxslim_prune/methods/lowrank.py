@@ -185,11 +185,12 @@ class OutputMetric(str, Enum):
     CHANNEL = "channel"
 
 
-def output_scale(c: np.ndarray, metric: OutputMetric) -> np.ndarray:
-    """Per output channel, the scale `metric` divides it by (ones for `OutputMetric.ENERGY`)."""
+def output_scale(variances: np.ndarray, metric: OutputMetric) -> np.ndarray:
+    """Per output channel, the scale `metric` divides it by, from the outputs' `variances` (the diagonal of ``C``;
+    ones for `OutputMetric.ENERGY`)."""
     if metric is OutputMetric.ENERGY:
-        return np.ones(c.shape[0])
-    std = np.sqrt(np.clip(np.diag(c), 0.0, None))
+        return np.ones(variances.shape[0])
+    std = np.sqrt(np.clip(variances, 0.0, None))
     return np.maximum(std, 1e-6 * max(float(std.max(initial=0.0)), 1e-30))
 
 
@@ -205,15 +206,12 @@ def output_spectrum(s: np.ndarray, w: np.ndarray, metric: OutputMetric, first: i
     d, o = w.shape
     if o <= d:
         c = w.T @ s @ w
-        scale = output_scale(c, metric)
+        scale = output_scale(np.diag(c), metric)
         c = c / np.outer(scale, scale)
         values, vectors = np.linalg.eigh((c + c.T) / 2)
         return scale, values[::-1].clip(min=0.0), np.ascontiguousarray(vectors[:, ::-1][:, :first])
-    if metric is OutputMetric.ENERGY:
-        scale = np.ones(o)
-    else:  # diag(W^T S W) without the matrix
-        std = np.sqrt(np.clip(np.einsum("do,do->o", w, s @ w), 0.0, None))
-        scale = np.maximum(std, 1e-6 * max(float(std.max(initial=0.0)), 1e-30))
+    # diag(W^T S W) without the matrix (ENERGY does not read it)
+    scale = output_scale(np.ones(o) if metric is OutputMetric.ENERGY else np.einsum("do,do->o", w, s @ w), metric)
     lam, v = np.linalg.eigh((s + s.T) / 2)
     m = (v * np.sqrt(lam.clip(min=0.0))).T @ (w / scale)
     values, p = np.linalg.eigh(m @ m.T)
