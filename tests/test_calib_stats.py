@@ -351,3 +351,35 @@ def test_gram_accumulator_shift_is_invisible_in_float64() -> None:
     with pytest.raises(ValueError, match="rows"):
         empty.update(np.zeros((2, 7)), np.zeros((3, 3)))
     assert empty.count == 0  # a rejected update changes nothing
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_wide_batch_is_accumulated_in_blocks_of_rows_within_their_bytes(
+    monkeypatch: pytest.MonkeyPatch, weighted: bool,
+) -> None:
+    """A batch of 3,000 rows of 4,000 outputs (a language model's logits, scaled down) goes in blocks of at most
+    1 MiB of shifted rows: numpy's traced peak stays within a few blocks (one float64 copy of the batch is 96 MB),
+    and the moments equal one product's to 1e-12."""
+    import tracemalloc
+
+    from onnxslim_prune.calib import accumulators
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3000, 6)).astype(np.float32)
+    y = (x @ rng.standard_normal((6, 4000)) + 0.1 * rng.standard_normal((3000, 4000)) + 2.0).astype(np.float32)
+    w = rng.uniform(0.5, 2.0, 3000) if weighted else None
+    whole = GramAccumulator(6, 4000, full_yty=False)
+    whole.update(x, y, w)
+    monkeypatch.setattr(accumulators, "ROW_BLOCK_BYTES", 1 << 20)
+    blocked = GramAccumulator(6, 4000, full_yty=False)
+    tracemalloc.start()
+    try:
+        blocked.update(x, y, w)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak  # the moments (6 x 4,000 float64: 0.2 MB) and a few 1 MiB blocks
+    assert blocked.count == pytest.approx(whole.count, rel=1e-12) and blocked.rows == whole.rows == 3000
+    for attr in ("xtx", "xty", "yty", "sum_x", "sum_y"):
+        np.testing.assert_allclose(getattr(blocked, attr), getattr(whole, attr), rtol=1e-12)
+    np.testing.assert_allclose(blocked.centred()[1], whole.centred()[1], rtol=1e-9, atol=1e-12)

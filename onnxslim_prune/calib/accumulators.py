@@ -127,6 +127,10 @@ def _plus_rank2(s: np.ndarray, a1: np.ndarray, b1: np.ndarray, a2: np.ndarray, b
     return got
 
 
+#: most bytes of the shifted rows (`GramAccumulator.update`) one product takes; a larger batch goes in blocks of rows
+ROW_BLOCK_BYTES = 64 << 20
+
+
 class GramAccumulator:
     """Streaming ``XtX``, ``XtY``, ``YtY`` and column sums for least-squares reconstruction.
 
@@ -201,26 +205,35 @@ class GramAccumulator:
             return
         if self.shift_x is None:
             self.shift_x = self._shift_of(xr)
+        if yr is not None and self.shift_y is None:
+            self.shift_y = self._shift_of(yr)
+        wr = None if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+        # a block of rows at a time: its shifted copies (and their squares) stay within
+        # `ROW_BLOCK_BYTES`, however many rows a batch brings (SmolLM2's logits: 4,096 rows of 49,152)
+        step = max(1, ROW_BLOCK_BYTES // (8 * (self.dim_x + (self.dim_y or 0))))  # 8: the shift's float64 work type
+        for at in range(0, xr.shape[0], step):
+            self._update_block(xr[at:at + step], None if yr is None else yr[at:at + step],
+                               None if wr is None else wr[at:at + step])
+        self._derived.clear()
+
+    def _update_block(self, xr: np.ndarray, yr: np.ndarray | None, wr: np.ndarray | None) -> None:
+        assert self.shift_x is not None
         xs = self._shifted(xr, self.shift_x)
-        if weights is None:
+        if wr is None:
             self._sxx += xs.T @ xs
             self.sum_x += xr.sum(axis=0, dtype=np.float64)  # shifted sums follow: sum_x - count * shift_x
             self.count += xr.shape[0]
             self.rows += xr.shape[0]
         else:  # a weighted row counts as `weight` copies of itself
-            wr = np.asarray(weights, dtype=np.float64).reshape(-1)
             self._sxx += xs.T @ (xs * wr.astype(xs.dtype)[:, None])
             self.sum_x += wr @ xr.astype(np.float64)
             self.count += float(wr.sum())
             self.rows += int(np.count_nonzero(wr))
-        self._derived.clear()
         if yr is None:
             return
-        assert self._sxy is not None and self._syy is not None and self.sum_y is not None
-        if self.shift_y is None:
-            self.shift_y = self._shift_of(yr)
+        assert self._sxy is not None and self._syy is not None and self.sum_y is not None and self.shift_y is not None
         ys = self._shifted(yr, self.shift_y)
-        if weights is not None:
+        if wr is not None:
             wy = wr.astype(ys.dtype)[:, None]
             self._sxy += xs.T @ (ys * wy)
             self.sum_y += wr @ yr.astype(np.float64)
