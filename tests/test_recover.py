@@ -261,7 +261,8 @@ def test_the_network_guard_error_is_the_same_run_a_sample_at_a_time(tmp_path: Pa
     """The guard's output error (squared error over the original's variance) runs each network on as many samples as
     keep its outputs within `GUARD_RUN_BYTES` and sums `SUM_BLOCK` values at a time (SmolLM2's logits: 0.4 GB per
     network for 16 windows, the float64 copies the peak of a --recover run): the same figure as numpy's on the whole
-    outputs, in runs of one sample when the limit is one output row."""
+    outputs, in runs of one sample when the limit is one output row. The original runs once, however many models
+    are judged, and its outputs past the budget come back from disk with the same figure."""
     pytest.importorskip("torch")
     from onnxslim_prune.judge import validate
     from onnxslim_prune.recover import fit
@@ -273,31 +274,42 @@ def test_the_network_guard_error_is_the_same_run_a_sample_at_a_time(tmp_path: Pa
     x = np.concatenate([batch["x"] for batch in calib.iter_batches(40)])
     want, got = _outputs(original, x).astype(np.float64), _outputs(noisy, x).astype(np.float64)
     expected = np.mean((got - want) ** 2) / np.var(want)
-    sizes: list[int] = []
+    runs: dict[str, list[int]] = {"original": [], "noisy": []}
 
     class Recording:
-        def __init__(self, session: ort.InferenceSession) -> None:
-            self.session = session
+        def __init__(self, session: ort.InferenceSession, name: str) -> None:
+            self.session, self.name = session, name
 
         def get_inputs(self) -> object:
             return self.session.get_inputs()
 
         def run(self, names: object, feed: dict[str, np.ndarray]) -> object:
-            sizes.append(len(feed["x"]))
+            runs[self.name].append(len(feed["x"]))
             return self.session.run(names, feed)
 
-    def error() -> float:
-        sizes.clear()
-        return fit._output_error(Recording(validate.session(original)), Recording(validate.session(noisy)),  # type: ignore[arg-type]
-                                 None, calib, 16)
+    def errors(budget: int) -> tuple[float, float]:
+        for sizes in runs.values():
+            sizes.clear()
+        judge = fit._OutputError(Recording(validate.session(original), "original"), None, calib, 16,  # type: ignore[arg-type]
+                                 budget)
+        try:
+            return (judge(Recording(validate.session(noisy), "noisy")),  # type: ignore[arg-type]
+                    judge(Recording(validate.session(original), "noisy")))  # type: ignore[arg-type]
+        finally:
+            judge.close()
 
-    whole = error()
-    assert sizes == [1, 1, 15, 15, 16, 16, 8, 8]  # the first sample alone, then whole batches of 16 (the last 8)
+    whole, itself = errors(1 << 30)
+    # the first sample alone, then whole batches of 16 (the last 8); the original once for both calls
+    assert runs == {"original": [1, 15, 16, 8], "noisy": [1, 15, 16, 8] * 2}
+    assert itself == 0.0
+    on_disk, _ = errors(0)  # every batch of the original's outputs written to disk and read back
     monkeypatch.setattr(fit, "GUARD_RUN_BYTES", 4 * 4)  # one output row
     monkeypatch.setattr(fit, "SUM_BLOCK", 3)
-    parts = error()
-    assert sizes == [1] * 80
-    assert whole == pytest.approx(expected, rel=1e-9) and parts == pytest.approx(expected, rel=1e-9)
+    parts, _ = errors(1 << 30)
+    assert runs == {"original": [1] * 40, "noisy": [1] * 80}
+    for figure in (whole, on_disk, parts):
+        assert figure == pytest.approx(expected, rel=1e-9)
+    assert on_disk == whole  # the same bits from disk
 
 
 def _residual_mlp(seed: int = 0, stem: bool = False, hidden: int = 48) -> onnx.ModelProto:

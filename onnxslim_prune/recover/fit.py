@@ -54,6 +54,9 @@ CHECKPOINTS = 4
 MAX_PREFIXES = 8
 #: the network guard runs each network on as many samples as return at most this many bytes of outputs
 GUARD_RUN_BYTES = 64 << 20
+#: the network guard holds the original's outputs on its samples within 1 / REFERENCE_SHARE of the budget (the rest
+#: on disk), as the verdict holds its own
+REFERENCE_SHARE = 8
 #: values of an output the guard's error sums convert to float64 at a time
 SUM_BLOCK = 1 << 20
 
@@ -290,7 +293,8 @@ def _network_guard(original: onnx.ModelProto, model: onnx.ModelProto, samples: C
     kept its closed-form weights was fitted to the closed-form inputs, so the network can lose what each block
     gained (a residual stream pruned by half: block errors down, the output's up). A prefix, not any subset: a
     block was recovered on the inputs of the recovered blocks before it. At most `MAX_PREFIXES` prefixes are
-    measured (evenly spaced among the recovered blocks), each one pass of both networks over the guard samples.
+    measured (evenly spaced among the recovered blocks), each one pass of the network over the guard samples (the
+    original's outputs are computed once, `_OutputError`).
     """
     if model.ByteSize() >= ir.PROTO_LIMIT:
         return results, "recover: the network was not checked on the guard samples (a model past 2 GB)"
@@ -307,11 +311,15 @@ def _network_guard(original: onnx.ModelProto, model: onnx.ModelProto, samples: C
         for name in closed_form:
             inits[name].CopyFrom(recovered[name] if name in ours else closed_form[name])
 
-    judge = _OutputError(original, samples, batch)
+    judge = _OutputError(validate.session(original), ir.token_mask_input(original), samples, batch,
+                         calibration_budget() // REFERENCE_SHARE)
     errors: dict[int, float] = {}
-    for prefix in reversed(prefixes):  # all recovered first: the weights are already in place
-        use_prefix(prefix)
-        errors[prefix] = judge(model)
+    try:
+        for prefix in reversed(prefixes):  # all recovered first: the weights are already in place
+            use_prefix(prefix)
+            errors[prefix] = judge(validate.session(model))
+    finally:
+        judge.close()
     best = min(prefixes, key=lambda k: (errors[k], k))
     if errors[best] >= errors[0]:
         best = 0
@@ -338,48 +346,77 @@ def _copy(tensor: onnx.TensorProto) -> onnx.TensorProto:
 class _OutputError:
     """A model's output error to the original's on `samples`: the sum over the graph outputs of the squared error
     over the original output's variance (float outputs; the positions of padding tokens left out, as the verdict
-    leaves them). The original's session is built once; each call builds one for the model judged."""
+    leaves them).
 
-    def __init__(self, original: onnx.ModelProto, samples: CalibrationSet, batch: int) -> None:
-        self._original = validate.session(original)  # each session its own options (a view's binds them)
-        self._mask = ir.token_mask_input(original)
+    The original runs once, here: its outputs are held in memory within `budget` bytes and on disk beyond it
+    (`validate.HeldOutputs`), so each call runs only the model judged (SmolLM2, 160 guard windows: the network
+    guard measured 9 prefixes, and re-running the original for each was half of its 870 s). The networks run on as
+    many samples at a time as keep each one's outputs within `GUARD_RUN_BYTES` (learnt from the first sample), and
+    the sums are taken `SUM_BLOCK` values at a time: a batch of 16 SmolLM2 windows returned 0.4 GB of logits per
+    network, and their float64 copies were the run's peak."""
+
+    def __init__(self, original: ort.InferenceSession, mask_name: str | None, samples: CalibrationSet, batch: int,
+                 budget: int) -> None:
+        self._mask_name = mask_name
         self._samples = samples
         self._batch = batch
+        self._inputs = {i.name for i in original.get_inputs()}
+        self._most: int | None = None  # samples a run takes, once the first one's outputs are known
+        self._cuts: list[list[int]] | None = None  # per batch, where its parts start and the last ends
+        self._reference = validate.HeldOutputs(budget)
+        try:
+            for part in self._parts():
+                want = original.run(None, part)
+                count = _leading_samples(part)
+                if self._most is None and count is not None:
+                    self._most = max(1, GUARD_RUN_BYTES // max(1, sum(np.asarray(w).nbytes for w in want) // count))
+                self._reference.add([np.asarray(w) for w in want])
+        except BaseException:
+            self._reference.close()
+            raise
 
-    def __call__(self, model: onnx.ModelProto) -> float:
-        return _output_error(self._original, validate.session(model), self._mask, self._samples, self._batch)
+    def _parts(self) -> Iterator[dict[str, np.ndarray]]:
+        """The feeds the networks run: on the first pass cut as `_most` allows once it is learnt, and recorded in
+        `_cuts`; on every later pass the recorded cuts, so that part ``i`` is the same samples each time."""
+        recorded = self._cuts
+        cuts: list[list[int]] = []
+        for b, whole in enumerate(self._samples.iter_batches(self._batch)):
+            feed = {k: v for k, v in whole.items() if k in self._inputs}
+            count = _leading_samples(feed)
+            if count is None:  # an input without a leading sample axis: the batch runs whole
+                cuts.append([])
+                yield feed
+                continue
+            if recorded is not None:
+                for at, stop in zip(recorded[b], recorded[b][1:]):
+                    yield {k: v[at:stop] for k, v in feed.items()}
+                continue
+            bounds = [0]
+            cuts.append(bounds)
+            while bounds[-1] < count:
+                at = bounds[-1]
+                bounds.append(min(count, at + (self._most or 1)))
+                yield {k: v[at:bounds[-1]] for k, v in feed.items()}
+        if recorded is None:
+            self._cuts = cuts
 
+    def __call__(self, model: ort.InferenceSession) -> float:
+        sums: dict[int, list[float]] = {}
+        index = -1
+        for index, part in enumerate(self._parts()):
+            got = model.run(None, part)
+            _add_errors(sums, self._reference.get(index), got, part.get(self._mask_name) if self._mask_name else None)
+        if index + 1 != len(self._reference):
+            raise RuntimeError(f"the guard samples gave {index + 1} parts, the original's outputs {len(self._reference)}")
+        total = 0.0
+        for err, sq, s1, n in sums.values():
+            var = sq / max(n, 1) - (s1 / max(n, 1)) ** 2
+            total += err / max(n, 1) / (var if var > 0 else 1.0)
+        return total
 
-def _output_error(original: ort.InferenceSession, model: ort.InferenceSession, mask_name: str | None,
-                  samples: CalibrationSet, batch: int) -> float:
-    """See `_OutputError`. The networks run on as many samples at a time as keep each one's outputs within
-    `GUARD_RUN_BYTES` (learnt from the first sample), and the sums are taken `SUM_BLOCK` values at a time: a batch
-    of 16 SmolLM2 windows returned 0.4 GB of logits per network, and their float64 copies were the run's peak."""
-    sessions = (original, model)
-    inputs = {i.name for i in original.get_inputs()}
-    sums: dict[int, list[float]] = {}
-    most: int | None = None  # samples a run takes, once the first one's outputs are known
-    for whole in samples.iter_batches(batch):
-        feed = {k: v for k, v in whole.items() if k in inputs}
-        count = _leading_samples(feed)
-        if count is None:  # an input without a leading sample axis: the batch runs whole
-            want, got = (s.run(None, feed) for s in sessions)
-            _add_errors(sums, want, got, None if mask_name is None else feed.get(mask_name))
-            continue
-        start = 0
-        while start < count:
-            stop = min(count, start + (most or 1))
-            part = {k: v[start:stop] for k, v in feed.items()}
-            want, got = (s.run(None, part) for s in sessions)
-            if most is None:
-                most = max(1, GUARD_RUN_BYTES // max(1, sum(np.asarray(w).nbytes for w in want) // (stop - start)))
-            _add_errors(sums, want, got, None if mask_name is None else part.get(mask_name))
-            start = stop
-    total = 0.0
-    for err, sq, s1, n in sums.values():
-        var = sq / max(n, 1) - (s1 / max(n, 1)) ** 2
-        total += err / max(n, 1) / (var if var > 0 else 1.0)
-    return total
+    def close(self) -> None:
+        """Remove the original's outputs held on disk."""
+        self._reference.close()
 
 
 def _leading_samples(feed: dict[str, np.ndarray]) -> int | None:
