@@ -25,7 +25,7 @@ from tagged import record_reads, tagged_calibration
 from onnxslim_prune import prune
 from onnxslim_prune.calib import load_calibration
 from onnxslim_prune.calib.specs import input_specs
-from onnxslim_prune.recover.blocks import find_blocks
+from onnxslim_prune.recover.blocks import Block, find_blocks
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -312,9 +312,10 @@ def test_the_network_guard_error_is_the_same_run_a_sample_at_a_time(tmp_path: Pa
     assert on_disk == whole  # the same bits from disk
 
 
-def _residual_mlp(seed: int = 0, stem: bool = False, hidden: int = 48) -> onnx.ModelProto:
+def _residual_mlp(seed: int = 0, stem: bool = False, hidden: int = 48, classes: int = 10) -> onnx.ModelProto:
     """x [N, 16] -> (a MatMul stem, 16 -> 16) -> two residual blocks ``h + W2 relu(W1 h + b1) + b2`` (`hidden`
-    neurons) -> a Gemm head [N, 10]. With the stem, the residual stream is not a graph input, so it is prunable."""
+    neurons) -> a Gemm head [N, `classes`]. With the stem, the residual stream is not a graph input, so it is
+    prunable."""
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     h = "x"
@@ -332,12 +333,96 @@ def _residual_mlp(seed: int = 0, stem: bool = False, hidden: int = 48) -> onnx.M
                   helper.make_node("Add", [f"m2_{i}", f"b2_{i}"], [f"a2_{i}"], name=f"add2_{i}"),
                   helper.make_node("Add", [h, f"a2_{i}"], [f"h_{i}"], name=f"res_{i}")]
         h = f"h_{i}"
-    inits += [numpy_helper.from_array((rng.normal(size=(10, 16)) / 4).astype(np.float32), "wh"),
-              numpy_helper.from_array(np.zeros(10, np.float32), "bh")]
+    inits += [numpy_helper.from_array((rng.normal(size=(classes, 16)) / 4).astype(np.float32), "wh"),
+              numpy_helper.from_array(np.zeros(classes, np.float32), "bh")]
     nodes.append(helper.make_node("Gemm", [h, "wh", "bh"], ["y"], name="head", transB=1))
     graph = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", classes])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_block_with_outputs_too_large_to_fit_is_skipped_before_the_time_is_shared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The head's outputs (100 floats, 400 bytes a sample) past `MAX_OUTPUT_BYTES` (200 here; SmolLM2's logits,
+    24 MiB a window, past 8 MiB): the head is skipped from its inferred size, before the time is shared, so it
+    keeps none of it (the block before it gets all that is left) and nothing streams its outputs."""
+    pytest.importorskip("torch")
+    from onnxslim_prune.recover import fit
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_residual_mlp(classes=100), path)
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(3).normal(size=(200, 16)).astype(np.float32))
+    monkeypatch.setattr(fit, "MAX_OUTPUT_BYTES", 200)
+    shares: dict[str, float] = {}
+    schedules: list[list[list[str]]] = []
+    real_block, real_engine = fit._one_block, fit.StagedPasses
+
+    def one_block(block: Block, *args: object) -> object:
+        shares[block.nodes[-1]] = float(args[6])  # type: ignore[arg-type]
+        return real_block(block, *args)  # type: ignore[arg-type]
+
+    def engine(model: onnx.ModelProto, calib: object, batch: int, schedule: list[list[str]], **kwargs: object) -> object:
+        schedules.append(schedule)
+        return real_engine(model, calib, batch, schedule, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fit, "_one_block", one_block)
+    monkeypatch.setattr(fit, "StagedPasses", engine)
+    result = prune(str(path), "l1", 0.6, calib=str(tmp_path / "c.npz"), latency=False, seed=0,
+                   params={"recover": True, "recover_steps": 5, "recover_time": 1000.0})
+    blocks = result.report.extra["recover"]["blocks"]
+    assert [b["last"] for b in blocks] == ["res_0", "res_1", "head"]
+    assert [b["status"] == "skipped" for b in blocks] == [False, False, True]
+    assert "0 MiB a sample" in blocks[2]["reason"] and "too costly to fit" in blocks[2]["reason"]
+    assert shares["res_1"] > 990.0, shares  # all the time left; the head's share was about half of it before
+    assert len(schedules) == 2 and all(len(s) == 2 for s in schedules)  # the residual blocks only
+    assert not any("y" in request for s in schedules for request in s)
+
+
+def test_the_learning_rate_decays_to_zero_within_the_time_a_block_has(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With more steps asked than a block's share of the time allows, the steps are fitted to the time once a few
+    are timed: the cosine decay ends at the last step taken (before, the clock cut it off at about half of the
+    steps on SmolLM2, the learning rate still at half of its start). A fake clock (one second a reading) makes
+    the fit exact here; with the time to spare, every step asked is taken."""
+    pytest.importorskip("torch")
+    import types
+
+    from onnxslim_prune.recover import fit
+
+    assert fit.fitted_steps(200, 100.0, 10.0, 5, 1.0, 5.0) == 5 + 70  # (100 - 10 - 4 x 5) / 1 more steps
+    assert fit.fitted_steps(200, 1e6, 10.0, 5, 1.0, 5.0) == 200 and fit.fitted_steps(200, 1.0, 10.0, 5, 1.0, 5.0) == 5
+    assert fit.learning_rate(1e-3, 1, 50) == pytest.approx(1e-3) and fit.learning_rate(1e-3, 26, 50) == pytest.approx(5e-4)
+    path = tmp_path / "m.onnx"
+    onnx.save(_residual_mlp(), path)
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(3).normal(size=(200, 16)).astype(np.float32))
+    rates: list[tuple[int, int]] = []
+    real_rate = fit.learning_rate
+
+    def learning_rate(lr: float, step: int, horizon: int) -> float:
+        rates.append((step, horizon))
+        return real_rate(lr, step, horizon)
+
+    def run(seconds: float) -> dict[str, object]:
+        rates.clear()
+        clock = iter(range(10**9))
+        monkeypatch.setattr(fit, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+        monkeypatch.setattr(fit, "learning_rate", learning_rate)
+        result = prune(str(path), "l1", 0.6, calib=str(tmp_path / "c.npz"), latency=False, seed=0,
+                       params={"recover": True, "recover_steps": 400, "recover_time": seconds})
+        monkeypatch.undo()
+        return result.report.extra["recover"]
+
+    short = run(300.0)
+    steps = [b["steps"] for b in short["blocks"]]  # type: ignore[index]
+    assert all(5 < s < 400 for s in steps), steps
+    # each block's last step is the end of its decay: the learning rate there is below 1% of the start
+    ends = [rates[i] for i in range(len(rates)) if i + 1 == len(rates) or rates[i + 1][0] == 1]
+    assert [step for step, _ in ends] == steps
+    assert all(step == horizon and real_rate(1.0, step, horizon) < 0.01 for step, horizon in ends), ends
+    long = run(1e7)
+    assert [b["steps"] for b in long["blocks"]] == [400] * 3  # type: ignore[index]
 
 
 def test_recover_changes_initializers_only_and_lowers_the_error(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from onnx import numpy_helper
 from .. import ir
 from ..judge import validate
 from ..calib.engine import StagedPasses
-from ..calib.memory import calibration_budget
+from ..calib.memory import calibration_budget, tensor_bytes
 from ..calib.sources import CalibrationSet
 from ..calib.split import subset
 from . import Kept, RecoverSettings
@@ -50,6 +50,8 @@ THREADS = 1
 MAX_OUTPUT_BYTES = 8 << 20
 #: guard checkpoints per block (the best one is kept)
 CHECKPOINTS = 4
+#: steps timed (after the first) before a block's steps are fitted to its time (`fitted_steps`)
+TIMED_STEPS = 4
 #: most prefixes of the recovered blocks the network guard measures (`_network_guard`)
 MAX_PREFIXES = 8
 #: the network guard runs each network on as many samples as return at most this many bytes of outputs
@@ -141,12 +143,24 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
     planned = [b if b.skip is not None or set(b.outputs) <= original_outputs
                else _skipped(b, "the original computes no tensor of its output") for b in planned]
 
+    # a block whose compared outputs are too large to fit is skipped before the time is shared out: SmolLM2's logits
+    # block kept a fifth of the 1,800 s (its MACs' share) and was then skipped by `_collect`, leaving 296 s unused
+    sizes = tensor_bytes(original, {name: (1, *shape) for name, shape in fit.sample_shapes.items()}) or {}
+    planned = [_skipped(b, _too_large(out)) if b.skip is None and (out := sum(sizes.get(t, 0) for t in b.outputs))
+               > MAX_OUTPUT_BYTES else b for b in planned]
+    # a block skipped here is not streamed: nothing computes its inputs or the original's outputs for it
+    streamed = [b for b in planned if b.skip is None]
+
+    if not streamed:
+        skipped = [BlockResult(b, Status.SKIPPED, b.skip or "") for b in planned]
+        return Recovery(pruned, tuple(skipped), _notes(skipped, 0.0))
+
     budget = calibration_budget()
     # the passes run in batches of a gradient step's size: shape tensors a block reads from outside (a Reshape
     # target computed from a Shape of the batch, as exporters write attention) then hold the step's batch size too
-    mine = StagedPasses(pruned, fit, settings.batch, [b.inputs for b in planned], budget=budget // FRONTIER_SHARE,
-                        label="recovered network", changes={n: b.index for b in planned for n in b.nodes})
-    theirs = StagedPasses(original, fit, settings.batch, [b.outputs for b in planned],
+    mine = StagedPasses(pruned, fit, settings.batch, [b.inputs for b in streamed], budget=budget // FRONTIER_SHARE,
+                        label="recovered network", changes={n: k for k, b in enumerate(streamed) for n in b.nodes})
+    theirs = StagedPasses(original, fit, settings.batch, [b.outputs for b in streamed],
                           budget=budget // FRONTIER_SHARE, label="original network")
     settings = replace(settings, batch=mine.size)  # a static batch, or fewer samples than a step
     total = mine.batches * mine.size if mine.drop_last else fit.num_samples
@@ -190,6 +204,10 @@ def _skipped(block: Block, reason: str) -> Block:
     return replace(block, skip=reason)
 
 
+def _too_large(out_bytes: int) -> str:
+    return f"its output is {out_bytes >> 20} MiB a sample (a language model's logits): too costly to fit"
+
+
 @dataclass(frozen=True)
 class Samples:
     """Which fit samples guard and train a block, and which of their tokens count (None: every one)."""
@@ -221,13 +239,11 @@ def _split(total: int, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
 def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.ModelProto, mine: StagedPasses,
                theirs: StagedPasses, samples: Samples, settings: RecoverSettings, seconds: float, data_budget: int,
                kept: Kept, closed_form: dict[str, onnx.TensorProto]) -> BlockResult:
-    # both streams advance for every planned block (the engine's schedule), also for one that is skipped
+    if block.skip is not None:  # not in the engines' schedules (`recover`)
+        return BlockResult(block, Status.SKIPPED, block.skip)
+    # both streams advance for every streamed block (the engines' schedule)
     inputs = mine.advance(block.inputs, model)
     targets = (_kept_only(batch, kept) for batch in theirs.advance(block.outputs))
-    if block.skip is not None:
-        for _ in zip(inputs, targets):
-            pass
-        return BlockResult(block, Status.SKIPPED, block.skip)
     held = _collect(inputs, targets, block, samples, data_budget)
     if isinstance(held, str):
         return BlockResult(block, Status.SKIPPED, held)
@@ -247,17 +263,20 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
         return BlockResult(block, Status.SKIPPED, f"not run by torch: {first}")
     if not math.isfinite(before):
         return BlockResult(block, Status.SKIPPED, "the closed-form block's error is not finite")
+    per_check = time.perf_counter() - started  # one guard evaluation (and building the block)
     best, best_values = before, None
     optimiser = torch.optim.Adam(list(net.weights), lr=settings.lr)
     train_count = x_train[0].shape[0] if x_train else y_train[0].shape[0]
     generator = torch.Generator().manual_seed(settings.seed + 7919 * block.index)
-    checkpoints = {max(1, round(settings.steps * (k + 1) / CHECKPOINTS)) for k in range(CHECKPOINTS)}
+    horizon = settings.steps  # where the cosine decay ends: fitted to the block's time once steps are timed
+    checkpoints = _checkpoints(horizon)
     steps = 0
+    timed = started
     for step in range(1, settings.steps + 1):
-        if time.perf_counter() - started > seconds and step > 1:
+        if step > horizon or (time.perf_counter() - started > seconds and step > 1):
             break
-        for group in optimiser.param_groups:  # cosine decay to zero
-            group["lr"] = settings.lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / settings.steps))
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate(settings.lr, step, horizon)
         pick = torch.randint(0, train_count, (settings.batch,), generator=generator)
         loss = _loss(net, [x[pick] for x in x_train], [y[pick] for y in y_train], _rows(n_train, pick),
                      None if m_train is None else m_train[pick], fixed, block, scale)
@@ -265,6 +284,12 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
         loss.backward()
         optimiser.step()
         steps = step
+        if step == 1:
+            timed = time.perf_counter()  # the first step warms torch up: it is not timed
+        elif step == TIMED_STEPS + 1:
+            per_step = (time.perf_counter() - timed) / TIMED_STEPS
+            horizon = fitted_steps(settings.steps, seconds, time.perf_counter() - started, step, per_step, per_check)
+            checkpoints = _checkpoints(horizon)
         if step in checkpoints:
             now = _error(net, x_guard, y_guard, n_guard, m_guard, fixed, block, scale, settings.batch)
             if now < best:
@@ -281,6 +306,24 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
         closed_form[name] = _copy(inits[name])
         inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
     return result
+
+
+def learning_rate(lr: float, step: int, horizon: int) -> float:
+    """Step `step`'s learning rate (from 1): `lr` cosine-decayed to zero at step ``horizon + 1``."""
+    return lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / max(horizon, 1)))
+
+
+def _checkpoints(horizon: int) -> set[int]:
+    return {max(1, round(horizon * (k + 1) / CHECKPOINTS)) for k in range(CHECKPOINTS)}
+
+
+def fitted_steps(steps: int, seconds: float, spent: float, done: int, per_step: float, per_check: float) -> int:
+    """The steps a block takes: `steps`, or fewer when they would not fit its `seconds`, so that the cosine decay
+    ends within the time (`spent` of it gone with `done` steps; a step takes `per_step`, each of the
+    `CHECKPOINTS` guard evaluations `per_check`). A decay cut off by the clock stopped SmolLM2's blocks at about
+    100 of 200 steps, their learning rate still at half of its start."""
+    left = seconds - spent - CHECKPOINTS * per_check
+    return max(done, min(steps, done + int(max(left, 0.0) / max(per_step, 1e-9))))
 
 
 def _network_guard(original: onnx.ModelProto, model: onnx.ModelProto, samples: CalibrationSet, batch: int,
@@ -485,8 +528,8 @@ def _collect(inputs: Iterator[dict[str, np.ndarray]], targets: Iterator[dict[str
                 else:
                     shared[name] = value
             out_bytes = sum(v.nbytes for v in want.values()) // max(count, 1)
-            if out_bytes > MAX_OUTPUT_BYTES:
-                return f"its output is {out_bytes >> 20} MiB a sample (a language model's logits): too costly to fit"
+            if out_bytes > MAX_OUTPUT_BYTES:  # the sizes `recover` skips by were unknown
+                return _too_large(out_bytes)
             per_sample = sum(v.nbytes for k, v in feed.items() if k in batched) + sum(v.nbytes for v in want.values())
             per_sample = max(1, per_sample // max(count, 1))
             room = max(0, budget // per_sample - len(guard_set))
