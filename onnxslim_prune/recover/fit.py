@@ -392,8 +392,8 @@ class _OutputError:
     leaves them).
 
     The original runs once, here: its outputs are held in memory within `budget` bytes and on disk beyond it
-    (`validate.HeldOutputs`), so each call runs only the model judged (SmolLM2, 160 guard windows: the network
-    guard measured 9 prefixes, and re-running the original for each was half of its 870 s). The networks run on as
+    (`validate.HeldOutputs`), so each call runs only the model judged (SmolLM2, 1,024 windows, 160 of them
+    guarding: the network guard took 872 s re-running the original for each of 9 prefixes, 403 s now). The networks run on as
     many samples at a time as keep each one's outputs within `GUARD_RUN_BYTES` (learnt from the first sample), and
     the sums are taken `SUM_BLOCK` values at a time: a batch of 16 SmolLM2 windows returned 0.4 GB of logits per
     network, and their float64 copies were the run's peak."""
