@@ -123,6 +123,11 @@ class FrontierStore:
             self._folder = None
 
 
+def sample_inputs(calib: CalibrationSet) -> dict[str, tuple[int, ...]]:
+    """The calibration's input shapes at one sample, as `tensor_bytes` takes them."""
+    return {name: (1, *shape) for name, shape in calib.sample_shapes.items()}
+
+
 class StagedPasses:
     """One network over one calibration set, advanced stage by stage (see the module docstring)."""
 
@@ -136,9 +141,11 @@ class StagedPasses:
         budget: int | None = None,
         label: str = "network",
         changes: Mapping[str, int] | None = None,
+        sizes: Mapping[str, int] | None = None,
     ) -> None:
         """`changes`: node name -> the request after which its weights change (a refit); such a node and
-        everything computed from it are rerun after the change, never kept from before it."""
+        everything computed from it are rerun after the change, never kept from before it. `sizes`: the model's
+        `tensor_bytes` at the calibration's sample shapes, when the caller has them already."""
         self.calib = calib
         self.schedule = [list(dict.fromkeys(w)) for w in schedule]
         self.label = label
@@ -147,8 +154,8 @@ class StagedPasses:
         self.store = FrontierStore(calibration_budget() if budget is None else budget, label)
         # bytes of one sample of each activation: a stage runs as many samples at once as its activations fit
         # 1 / RUN_SHARE of the budget (`_chunk`); a static batch is never split (its graph may fold it into shapes)
-        self._sizes = None if ir.static_batch(model) is not None else tensor_bytes(
-            model, {name: (1, *shape) for name, shape in calib.sample_shapes.items()})
+        self._sizes = None if ir.static_batch(model) is not None else (
+            dict(sizes) if sizes is not None else tensor_bytes(model, sample_inputs(calib)))
         self._step = 0
         graph = model.graph
         self._initializers = {t.name for t in graph.initializer}

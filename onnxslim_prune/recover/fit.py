@@ -22,7 +22,7 @@ from onnx import numpy_helper
 
 from .. import ir
 from ..judge import validate
-from ..calib.engine import StagedPasses
+from ..calib.engine import StagedPasses, sample_inputs
 from ..calib.memory import calibration_budget, tensor_bytes
 from ..calib.sources import CalibrationSet
 from ..calib.split import subset
@@ -145,8 +145,8 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
 
     # a block whose compared outputs are too large to fit is skipped before the time is shared out: SmolLM2's logits
     # block kept a fifth of the 1,800 s (its MACs' share) and was then skipped by `_collect`, leaving 296 s unused
-    sizes = tensor_bytes(original, {name: (1, *shape) for name, shape in fit.sample_shapes.items()}) or {}
-    planned = [_skipped(b, _too_large(out)) if b.skip is None and (out := sum(sizes.get(t, 0) for t in b.outputs))
+    sizes = tensor_bytes(original, sample_inputs(fit))
+    planned = [_skipped(b, _too_large(out)) if b.skip is None and (out := sum((sizes or {}).get(t, 0) for t in b.outputs))
                > MAX_OUTPUT_BYTES else b for b in planned]
     # a block skipped here is not streamed: nothing computes its inputs or the original's outputs for it
     streamed = [b for b in planned if b.skip is None]
@@ -161,7 +161,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
     mine = StagedPasses(pruned, fit, settings.batch, [b.inputs for b in streamed], budget=budget // FRONTIER_SHARE,
                         label="recovered network", changes={n: k for k, b in enumerate(streamed) for n in b.nodes})
     theirs = StagedPasses(original, fit, settings.batch, [b.outputs for b in streamed],
-                          budget=budget // FRONTIER_SHARE, label="original network")
+                          budget=budget // FRONTIER_SHARE, label="original network", sizes=sizes)
     settings = replace(settings, batch=mine.size)  # a static batch, or fewer samples than a step
     total = mine.batches * mine.size if mine.drop_last else fit.num_samples
     if total < 2 * mine.size:
