@@ -155,6 +155,40 @@ def test_a_flattened_per_sample_mask_is_fed_sample_by_sample(tmp_path: Path) -> 
     assert block.before < 1e-12, block.before
 
 
+def test_a_scalar_batch_size_read_from_outside_keeps_its_shape(tmp_path: Path) -> None:
+    """EfficientNet exports take the batch size as a scalar (Gather of a Shape) before the stem and build a Reshape
+    target from it inside the first block (Unsqueeze, Concat with [-1]). The scalar is fed as a scalar: held as
+    [1], the Concat failed and EfficientNet-Lite1's stem block kept its closed-form weights. Here the pruned block
+    can represent the original (duplicated neurons), so recovery runs and lowers the guard error more than twentyfold."""
+    pytest.importorskip("torch")
+    from onnxslim_prune.recover import RecoverSettings
+    from onnxslim_prune.recover.fit import Status, recover
+
+    def reshaped(a: np.ndarray, b: np.ndarray) -> onnx.ModelProto:  # y = reshape(relu(x A) B, [n, -1])
+        graph = helper.make_graph(
+            [helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("Gather", ["s", "zero"], ["n"], name="batch"),  # a scalar: indices are rank 0
+             helper.make_node("MatMul", ["x", "A"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "B"], ["z"], name="mm2"),
+             helper.make_node("Unsqueeze", ["n", "axes"], ["n1"], name="unsq"),
+             helper.make_node("Concat", ["n1", "minus_one"], ["target"], axis=0, name="concat"),
+             helper.make_node("Reshape", ["z", "target"], ["y"], name="reshape")],
+            "reshaped", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", b.shape[1]])],
+            [numpy_helper.from_array(a.astype(np.float32), "A"), numpy_helper.from_array(b.astype(np.float32), "B"),
+             numpy_helper.from_array(np.array(0, np.int64), "zero"), numpy_helper.from_array(np.array([0], np.int64), "axes"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus_one")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+    _, a0, b1, b2 = _duplicated()
+    original = reshaped(np.hstack([a0, a0]), np.vstack([b1, b2]))
+    pruned = reshaped(a0, b1)
+    result = recover(original, pruned, _calibration(tmp_path, original), RecoverSettings(steps=200, lr=5e-2, batch=32, seed=0))
+    (block,) = result.results
+    assert "n" in block.block.inputs and block.status is Status.KEPT, block.reason
+    assert block.after < 0.05 * block.before, (block.before, block.after)  # 0.59 -> 0.0098 at seed 0
+
+
 def test_an_output_read_by_a_layer_norm_is_compared_as_the_norm_sees_it() -> None:
     """A residual sum read by a LayerNormalization (post-LN transformers) is compared after centring over the
     channels and dividing by the original's sigma_t: an error the same on every channel vanishes in the norm and

@@ -42,7 +42,7 @@ def set_input_const(node: gs.Node, index: int, values: np.ndarray) -> None:
     if not isinstance(tensor, gs.Constant):
         raise ModelError(f"{node.name}: input {index} is not a constant")
     old = np.asarray(tensor.values)
-    values = np.ascontiguousarray(values, dtype=old.dtype)
+    values = np.require(values, old.dtype, "C")  # keeps a scalar's shape, unlike np.ascontiguousarray
     from . import qdq  # a folded QDQ weight: the new values are re-quantized (graph.qdq)
 
     scheme = qdq.scheme_of(tensor)
@@ -108,7 +108,7 @@ def _fresh_name(base: str, node: gs.Node) -> str:
 
 
 def make_constant(name: str, values: np.ndarray) -> gs.Constant:
-    return gs.Constant(name, np.ascontiguousarray(values))
+    return gs.Constant(name, np.require(values, requirements="C"))
 
 
 def rewire_node(node: gs.Node, op: str, inputs: list[gs.Tensor], attrs: Mapping[str, Any] | None = None) -> None:

@@ -332,7 +332,7 @@ class ScratchFile:
         """A `file_view` tensor of `values` (float, little-endian), appended to this file's data file: the caller
         holds the small header instead of the array. Offsets are page-aligned, so a session can map them."""
         path = self._made() / "kept.bin"
-        data = np.ascontiguousarray(values)
+        data = np.require(values, requirements="C")  # a scalar stays a scalar
         with open(path, "ab") as handle:
             offset, self._kept = append_aligned(handle, self._kept, data.reshape(-1).view(np.uint8).data)
         like = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(data.dtype), dims=data.shape)

@@ -568,7 +568,8 @@ def _collect(inputs: Iterator[dict[str, np.ndarray]], targets: Iterator[dict[str
     if not y_train or y_train[0].shape[0] < MIN_TRAIN or y_guard[0].shape[0] == 0:
         return f"too few samples fit the memory budget ({0 if not y_train else y_train[0].shape[0]})"
     masks = [None if samples.tokens is None else torch.from_numpy(samples.tokens[np.concatenate(k)]) for k in taken]
-    fixed = BlockFeeds({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in shared.items()}, frozenset(folded))
+    # np.require keeps a scalar's shape (np.ascontiguousarray made EfficientNet's batch-size scalar [1])
+    fixed = BlockFeeds({k: torch.from_numpy(np.require(v, requirements="C")) for k, v in shared.items()}, frozenset(folded))
     return x_train, y_train, x_guard, y_guard, fixed, masks[1], masks[0]
 
 
