@@ -48,6 +48,8 @@ THREADS = 1
 #: a block whose compared outputs take more than this per sample is not fitted (SmolLM2's logits: 24 MiB for a
 #: window of 128 tokens, where its trainable weight is one RMSNorm scale)
 MAX_OUTPUT_BYTES = 8 << 20
+#: float64 bytes of held samples a statistic over them converts at a time (`_row_blocks`)
+STAT_BLOCK_BYTES = 64 << 20
 #: guard checkpoints per block (the best one is kept)
 CHECKPOINTS = 4
 #: steps timed (after the first) before a block's steps are fitted to its time (`fitted_steps`)
@@ -253,7 +255,7 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
     values = {name: numpy_helper.to_array(inits[name]) for name in used}
     epsilons = _layer_norms(model, block.outputs)
     n_train, n_guard = ([_inverse_std(y, eps) for y, eps in zip(ys, epsilons)] for ys in (y_train, y_guard))
-    scale = [_variance(_as_seen(y, inv), m_train) or 1.0 for y, inv in zip(y_train, n_train)]
+    scale = [_variance(y, m_train, inv) or 1.0 for y, inv in zip(y_train, n_train)]
     started = time.perf_counter()
     try:
         net = TorchBlock([nodes[n] for n in block.nodes], values, block.trainable, block.inputs, block.outputs)
@@ -511,7 +513,7 @@ def _collect(inputs: Iterator[dict[str, np.ndarray]], targets: Iterator[dict[str
     batched: set[str] = set()
     shared: dict[str, np.ndarray] = {}
     folded: dict[str, int] = {}  # per-sample tensors whose first axis is samples x k: name -> k
-    parts: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    held = _Rows()
     done = 0
     for feed, want in zip(inputs, targets):
         count = next(iter(want.values())).shape[0]
@@ -553,18 +555,14 @@ def _collect(inputs: Iterator[dict[str, np.ndarray]], targets: Iterator[dict[str
                 continue
             if name in folded:
                 value = value.reshape(count, folded[name], *value.shape[1:])
-            g, t = parts.setdefault(name, ([], []))
-            if in_guard.any():
-                g.append(np.ascontiguousarray(value[in_guard]))
-            if in_train.any():
-                t.append(np.ascontiguousarray(value[in_train]))
+            held.put(name, value, in_guard, in_train, (len(guard_set), len(train_set)))
         done += count
     if train_set is None:
         return "no calibration batch reached it"
-    x_train = [_cat(parts[n][1]) for n in block.inputs if n in batched]
-    y_train = [_cat(parts["\0" + n][1]) for n in block.outputs]
-    x_guard = [_cat(parts[n][0]) for n in block.inputs if n in batched]
-    y_guard = [_cat(parts["\0" + n][0]) for n in block.outputs]
+    x_train = [held.taken(n, 1) for n in block.inputs if n in batched]
+    y_train = [held.taken("\0" + n, 1) for n in block.outputs]
+    x_guard = [held.taken(n, 0) for n in block.inputs if n in batched]
+    y_guard = [held.taken("\0" + n, 0) for n in block.outputs]
     if not y_train or y_train[0].shape[0] < MIN_TRAIN or y_guard[0].shape[0] == 0:
         return f"too few samples fit the memory budget ({0 if not y_train else y_train[0].shape[0]})"
     masks = [None if samples.tokens is None else torch.from_numpy(samples.tokens[np.concatenate(k)]) for k in taken]
@@ -573,8 +571,30 @@ def _collect(inputs: Iterator[dict[str, np.ndarray]], targets: Iterator[dict[str
     return x_train, y_train, x_guard, y_guard, fixed, masks[1], masks[0]
 
 
-def _cat(arrays: Sequence[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.concatenate(arrays) if len(arrays) != 1 else arrays[0])
+class _Rows:
+    """Per tensor, its guard and training samples, written into arrays of their final size as the batches pass
+    (gathered in lists and concatenated, they were held twice at the end: 1.5 GB more for Lite1's stem block)."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._filled: dict[str, list[int]] = {}
+
+    def put(self, name: str, value: np.ndarray, in_guard: np.ndarray, in_train: np.ndarray,
+            totals: tuple[int, int]) -> None:
+        if name not in self._arrays:
+            self._arrays[name] = (np.empty((totals[0], *value.shape[1:]), value.dtype),
+                                  np.empty((totals[1], *value.shape[1:]), value.dtype))
+            self._filled[name] = [0, 0]
+        for which, rows in enumerate((in_guard, in_train)):
+            count = int(rows.sum())
+            if count:
+                start = self._filled[name][which]
+                self._arrays[name][which][start : start + count] = value[rows]
+                self._filled[name][which] = start + count
+
+    def taken(self, name: str, which: int) -> torch.Tensor:
+        """The samples of `name` that passed (0: guard, 1: training), in the order they passed."""
+        return torch.from_numpy(self._arrays[name][which][: self._filled[name][which]])
 
 
 @dataclass(frozen=True)
@@ -613,9 +633,37 @@ def _masked_mean(value: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tens
     return (value * weights).sum() / (weights.sum().clamp(min=1) * per_token)
 
 
-def _variance(y: torch.Tensor, tokens: torch.Tensor | None) -> float:
-    y = y.double()
-    return float(_masked_mean((y - _masked_mean(y, tokens)) ** 2, tokens))
+def _row_blocks(y: torch.Tensor, *others: torch.Tensor | None,
+                ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor | None]]]:
+    """`y` and `others` (None, or with `y`'s samples first) `STAT_BLOCK_BYTES` of `y` in float64 at a time: a
+    statistic over every held sample in one piece made float64 copies of them all (EfficientNet-Lite1's stem
+    block, 768 samples of 0.9 MB: 3.9 GB past the held data)."""
+    rows = max(1, STAT_BLOCK_BYTES // max(1, 8 * y[0].numel()))
+    for start in range(0, int(y.shape[0]), rows):
+        part = slice(start, start + rows)
+        yield y[part], [None if v is None else v[part] for v in others]
+
+
+def _masked_average(y: torch.Tensor, tokens: torch.Tensor | None, inverse_std: torch.Tensor | None,
+                    fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    """The mean of ``fn(y as the norm after it sees it)`` (float64) over the non-padding tokens, a block at a time."""
+    total = count = 0.0
+    for part, (mask, inv) in _row_blocks(y, tokens, inverse_std):
+        value = fn(_as_seen(part, inv).double())
+        weights = _token_weights(value, mask)
+        if weights is None:
+            total += float(value.sum())
+            count += value.numel()
+        else:
+            total += float((value * weights).sum())
+            count += float(weights.sum()) * value[0, 0].numel()
+    return total / max(count, 1.0)
+
+
+def _variance(y: torch.Tensor, tokens: torch.Tensor | None, inverse_std: torch.Tensor | None = None) -> float:
+    """The variance of `y` as the norm after it sees it (`_as_seen`) over the non-padding tokens (two passes)."""
+    mean = _masked_average(y, tokens, inverse_std, lambda v: v)
+    return _masked_average(y, tokens, inverse_std, lambda v: (v - mean) ** 2)
 
 
 def _layer_norms(model: onnx.ModelProto, names: Sequence[str]) -> list[float | None]:
@@ -634,7 +682,8 @@ def _inverse_std(y: torch.Tensor, eps: float | None) -> torch.Tensor | None:
     """``1 / sigma_t`` of the original's output over its last axis, where a LayerNormalization reads it (None else)."""
     if eps is None or y.dim() < 2:
         return None
-    return torch.rsqrt(y.double().var(dim=-1, unbiased=False, keepdim=True) + eps).float()
+    return torch.cat([torch.rsqrt(part.double().var(dim=-1, unbiased=False, keepdim=True) + eps).float()
+                      for part, _ in _row_blocks(y)])
 
 
 def _as_seen(value: torch.Tensor, inverse_std: torch.Tensor | None) -> torch.Tensor:
