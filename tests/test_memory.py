@@ -559,6 +559,40 @@ def test_the_refit_frontiers_hold_what_the_budget_leaves_and_spill_past_it(tmp_p
                                   run(onnx.load_from_string(default), {"x": x[:8]})[0])
 
 
+def test_a_refit_batch_takes_fewer_samples_when_its_tensors_would_pass_their_share(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`BATCH_COPIES` of a refit batch stay within 1 / `BATCH_SHARE` of the budget: a level whose tensors are large
+    for the budget (a language model's logits) runs fewer samples a batch. On an MLP (every sample one row, so the
+    least squares are the same whatever the batching) the refitted model gives the same outputs to float rounding."""
+    import logging
+
+    from onnxslim_prune import prune
+    from onnxslim_prune.calib import memory
+    from tests import models as M
+
+    assert memory.refit_batch(32, 25 << 20, 6 << 30) == 20  # SmolLM2's logits: 25 MiB a window, the 6 GiB default
+    assert memory.refit_batch(32, 4 << 20, 6 << 30) == 32  # EfficientNet-Lite1's stem level: unchanged
+    assert memory.refit_batch(32, 1 << 30, 1 << 30) == 1 and memory.refit_batch(32, 0, 1) == 32
+
+    model = M.mlp()
+    for vi in (*model.graph.input, *model.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_param = "N"
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(3).standard_normal((96, 16)).astype(np.float32))
+    outputs = {}
+    for name, budget in (("default", None), ("tight", 6_000)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="onnxslim_prune.methods.reconstruct"):
+            result = prune(model, "ldrf", 0.5, calib=str(tmp_path / "c.npz"), calib_memory=budget, holdout=0.0,
+                           round_to=1, latency=False, batch_size=16)
+        rebatched = [r.getMessage() for r in caplog.records if "batches of" in r.getMessage()]
+        # the level's tensors: the pruned hidden layer (6 of 12 floats) and the original's output (5), 44 bytes a
+        # sample: 6,000 // 4 // (3 x 44) = 11 samples a batch instead of 16
+        assert rebatched == ([] if name == "default" else ["reconstruct: batches of 11 samples, not 16: a level's "
+                                                           "tensors take 44 B a sample"]), rebatched
+        outputs[name] = run(result.model)[0]
+    np.testing.assert_allclose(outputs["tight"], outputs["default"], rtol=1e-4, atol=1e-5)
+
+
 def test_selection_covariances_past_their_share_wait_in_files_and_give_the_same_model(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`input_covariances` keeps a quarter of the budget of covariances in memory and the rest in files (SmolLM2-135M:

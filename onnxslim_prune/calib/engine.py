@@ -188,6 +188,13 @@ class StagedPasses:
         self._types = _elem_types(model)
         self._model = model
 
+    def rebatch(self, batch_size: int) -> None:
+        """Run batches of `batch_size` samples instead (before the first request; a static batch stays)."""
+        if self._step:
+            raise ModelError(f"calibration engine ({self.label}): rebatched after its first request")
+        self.size, self.drop_last = _batch_plan(self._model, self.calib, batch_size)
+        self.batches = self.calib.num_batches(self.size, drop_last=self.drop_last)
+
     # -- the stages
 
     def advance(self, wanted: Sequence[str], model: onnx.ModelProto | None = None,

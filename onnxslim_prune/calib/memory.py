@@ -58,6 +58,8 @@ HEADROOM_SHARE = 3
 #: one batch of the tensors a refit level reads from both networks is alive this many times over: the tensors
 #: themselves, what the stages compute beside them or read back from a spilled frontier, the fit's float64 copies
 BATCH_COPIES = 3
+#: those copies take at most 1 / BATCH_SHARE of the budget: past it a refit batch takes fewer samples (`refit_batch`)
+BATCH_SHARE = 4
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _budget: contextvars.ContextVar[int | None] = contextvars.ContextVar("calibration_memory", default=None)
 
@@ -114,6 +116,16 @@ def frontier_budget(budget: int, batch_bytes: int) -> int:
     """
     rest = budget - 2 * (budget // RUN_SHARE) - BATCH_COPIES * batch_bytes - budget // HEADROOM_SHARE
     return max(0, min(budget // FRONTIER_SHARE, rest // 2))
+
+
+def refit_batch(batch_size: int, sample_bytes: int, budget: int) -> int:
+    """Samples in one batch of the staged refit: `batch_size`, or fewer when `BATCH_COPIES` of a batch of a level's
+    tensors (`sample_bytes` a sample, both networks) would pass 1 / `BATCH_SHARE` of `budget`. A language model's
+    logits are 25 MB a window: 32 windows, three times over, took 2.4 GB of a 6 GB budget (SmolLM2, `lowrank` of
+    its logits layer), and the frontiers and the headroom were left nothing."""
+    if sample_bytes <= 0:
+        return batch_size
+    return max(1, min(batch_size, (budget // BATCH_SHARE) // (BATCH_COPIES * sample_bytes)))
 
 
 @contextlib.contextmanager

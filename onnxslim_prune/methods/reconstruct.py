@@ -147,10 +147,11 @@ from .. import ir
 from ..channels import Kind, TransformerPart, Role, Trace, transformer_part
 from ..calib import GramAccumulator, conv_output_size, conv_patches, expose_tensors, output_rows, sample_positions
 from ..calib import stream_tensors
+from ..calib.cache import human_bytes
 from ..calib.collect import names_read
 from ..calib.statistic import inverse_variances
 from ..calib.engine import StagedPasses
-from ..calib.memory import calibration_budget, frontier_budget, give_back
+from ..calib.memory import calibration_budget, frontier_budget, give_back, refit_batch
 from ..calib.threads import blas_limited
 from ..errors import ModelError
 from ..graph import edit
@@ -865,8 +866,16 @@ class Reconstructor:
                             StagedPasses(self.original, self.calibration, s.batch_size, right_names,
                                          label="original network"),
                         )
-                        batch = s.batch_size * max(engines[0].sample_bytes(left) + engines[1].sample_bytes(right)
-                                                   for left, right in zip(left_names, right_names))
+                        per_sample = max(engines[0].sample_bytes(left) + engines[1].sample_bytes(right)
+                                         for left, right in zip(left_names, right_names))
+                        size = refit_batch(s.batch_size, per_sample, calibration_budget())
+                        if size < engines[0].size:
+                            log.info("reconstruct: batches of %d samples, not %d: a level's tensors take %s a sample",
+                                     size, s.batch_size, human_bytes(per_sample))
+                            for engine in engines:
+                                engine.rebatch(size)
+                            step = progress_steps(self.progress, engines[0].batches * len(levels))
+                        batch = engines[0].size * per_sample
                         frontier = frontier_budget(calibration_budget(), batch)
                         log.debug("reconstruct: one batch of a level's tensors %d MB, each frontier %d MB",
                                   batch >> 20, frontier >> 20)
