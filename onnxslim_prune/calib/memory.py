@@ -9,7 +9,8 @@ model and one onnxruntime session of it) plus the budget, at any calibration or 
 - the staged refit's two frontiers (`calib.engine`) share what is left once both networks' runs,
   `BATCH_COPIES` of one batch of the tensors a level reads from both networks and a headroom of
   1 / `HEADROOM_SHARE` are counted, at most 1 / `FRONTIER_SHARE` each (`frontier_budget`: the
-  terms add up to the budget); beyond it their batches spill to ``.npy`` files. The headroom is
+  terms add up to the budget); beyond it their batches spill to ``.npy`` files. A refit batch
+  whose copies would pass 1 / `BATCH_SHARE` takes fewer samples (`refit_batch`). The headroom is
   what no share itemises but a run holds beside its floor: the interpreter's other libraries,
   the model's graph and plan, the statistics of the selection, heap the allocator has not yet
   handed back (EfficientNet-Lite1, `ldrf`, 3G: 550 MiB at the start of the refit, 870 MiB at its
