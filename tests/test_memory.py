@@ -573,6 +573,8 @@ def test_a_refit_batch_takes_fewer_samples_when_its_tensors_would_pass_their_sha
     assert memory.refit_batch(32, 25 << 20, 6 << 30) == 20  # SmolLM2's logits: 25 MiB a window, the 6 GiB default
     assert memory.refit_batch(32, 4 << 20, 6 << 30) == 32  # EfficientNet-Lite1's stem level: unchanged
     assert memory.refit_batch(32, 1 << 30, 1 << 30) == 1 and memory.refit_batch(32, 0, 1) == 32
+    # without --calib-memory the rule takes a fixed 4 GiB, not a share of this machine's RAM (the same bytes anywhere)
+    assert memory.explicit_budget() is None and memory.refit_batch(32, 25 << 20) == 13
 
     model = M.mlp()
     for vi in (*model.graph.input, *model.graph.output):

@@ -61,6 +61,9 @@ HEADROOM_SHARE = 3
 BATCH_COPIES = 3
 #: those copies take at most 1 / BATCH_SHARE of the budget: past it a refit batch takes fewer samples (`refit_batch`)
 BATCH_SHARE = 4
+#: the budget a rule that changes results (`refit_batch`) assumes without --calib-memory: a fixed figure (a quarter of
+#: 16 GB), not a share of this machine's RAM, so that a command gives the same bytes on any machine
+FIXED_DEFAULT_BUDGET = 4 << 30
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _budget: contextvars.ContextVar[int | None] = contextvars.ContextVar("calibration_memory", default=None)
 
@@ -119,11 +122,19 @@ def frontier_budget(budget: int, batch_bytes: int) -> int:
     return max(0, min(budget // FRONTIER_SHARE, rest // 2))
 
 
-def refit_batch(batch_size: int, sample_bytes: int, budget: int) -> int:
+def refit_batch(batch_size: int, sample_bytes: int, budget: int | None = None) -> int:
     """Samples in one batch of the staged refit: `batch_size`, or fewer when `BATCH_COPIES` of a batch of a level's
     tensors (`sample_bytes` a sample, both networks) would pass 1 / `BATCH_SHARE` of `budget`. A language model's
     logits are 25 MB a window: 32 windows, three times over, took 2.4 GB of a 6 GB budget (SmolLM2, `lowrank` of
-    its logits layer), and the frontiers and the headroom were left nothing."""
+    its logits layer), and the frontiers and the headroom were left nothing.
+
+    The batching changes the refit's sums (and the rows a batch samples), so without an explicit budget (`budget`
+    None and no ``--calib-memory``) the rule takes `FIXED_DEFAULT_BUDGET`, not a share of this machine's RAM: the
+    same command gives the same bytes on any machine."""
+    if budget is None:
+        budget = explicit_budget()
+    if budget is None:
+        budget = FIXED_DEFAULT_BUDGET
     if sample_bytes <= 0:
         return batch_size
     return max(1, min(batch_size, (budget // BATCH_SHARE) // (BATCH_COPIES * sample_bytes)))

@@ -868,7 +868,7 @@ class Reconstructor:
                         )
                         per_sample = max(engines[0].sample_bytes(left) + engines[1].sample_bytes(right)
                                          for left, right in zip(left_names, right_names))
-                        size = refit_batch(s.batch_size, per_sample, calibration_budget())
+                        size = refit_batch(s.batch_size, per_sample)  # a fixed default: the same bytes anywhere
                         if size < engines[0].size:
                             log.info("reconstruct: batches of %d samples, not %d: a level's tensors take %s a sample",
                                      size, s.batch_size, human_bytes(per_sample))
