@@ -147,8 +147,9 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
 
     # a block whose compared outputs are too large to fit is skipped before the time is shared out: SmolLM2's logits
     # block kept a fifth of the 1,800 s (its MACs' share) and was then skipped by `_collect`, leaving 296 s unused
-    sizes = tensor_bytes(original, sample_inputs(fit))
-    planned = [_skipped(b, _too_large(out)) if b.skip is None and (out := sum((sizes or {}).get(t, 0) for t in b.outputs))
+    # {} when shapes are unknown: the original's engine then knows it too, and does not infer them again
+    sizes = tensor_bytes(original, sample_inputs(fit)) or {}
+    planned = [_skipped(b, _too_large(out)) if b.skip is None and (out := sum(sizes.get(t, 0) for t in b.outputs))
                > MAX_OUTPUT_BYTES else b for b in planned]
     # a block skipped here is not streamed: nothing computes its inputs or the original's outputs for it
     streamed = [b for b in planned if b.skip is None]
