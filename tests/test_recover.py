@@ -195,26 +195,147 @@ def test_an_output_read_by_a_layer_norm_is_compared_as_the_norm_sees_it() -> Non
     costs nothing; the same error on a token ten times wider costs a hundredth. Found only for a norm over the
     last axis; an output no norm reads is compared as it is."""
     torch = pytest.importorskip("torch")
-    from onnxslim_prune.recover.fit import _as_seen, _inverse_std, _layer_norms
+    from onnxslim_prune.recover.fit import _as_seen, _inverse_std
+    from onnxslim_prune.graph.norms import NormKind, NormRead, norms_reading
 
     model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
     g (float[N, T, 4] a, float[N, T, 4] b) => (float[N, T, 4] y, float[N, T, 4] z) {
       y = LayerNormalization <epsilon: float = 1e-6> (a, gamma, beta)
       z = LayerNormalization <axis: int = 1> (b, gamma, beta)
     }""")
-    assert _layer_norms(model, ["a", "b", "c"]) == [pytest.approx(1e-6), None, None]
+    reads = norms_reading(model, ["a", "b", "c"])
+    assert reads[0] == NormRead(NormKind.LAYER, pytest.approx(1e-6)) and reads[1:] == [None, None]
 
     rng = np.random.default_rng(0)
     y = torch.from_numpy(rng.normal(size=(1, 2, 4)).astype(np.float32))
     y[0, 1] = 10.0 * y[0, 0]  # the second token is the first ten times wider
-    inv = _inverse_std(y, 1e-6)
+    seen = _inverse_std(y, reads[0])
     shift = torch.full_like(y, 0.3)
-    assert float(((_as_seen(y + shift, inv) - _as_seen(y, inv)) ** 2).max()) < 1e-10
+    assert float(((_as_seen(y + shift, seen) - _as_seen(y, seen)) ** 2).max()) < 1e-10
     bump = torch.zeros_like(y)
     bump[..., 0] = 0.5
-    err = ((_as_seen(y + bump, inv) - _as_seen(y, inv)) ** 2).sum(dim=-1)[0]
+    err = ((_as_seen(y + bump, seen) - _as_seen(y, seen)) ** 2).sum(dim=-1)[0]
     assert float(err[0] / err[1]) == pytest.approx(100.0, rel=1e-3)
     assert _inverse_std(y, None) is None and _as_seen(y, None) is y
+
+
+def test_an_output_read_by_an_rms_norm_is_divided_by_its_root_mean_square() -> None:
+    """A Llama residual stream is read by an RMSNorm (no centring): an error on a token whose root mean square is
+    ten times larger (SmolLM2's first token carries massive activations) costs a hundredth, and an error the same on
+    every channel is not free, as it is under a LayerNorm."""
+    torch = pytest.importorskip("torch")
+    from onnxslim_prune.recover.fit import _as_seen, _inverse_std
+    from onnxslim_prune.graph.norms import NormKind, NormRead
+
+    y = torch.tensor([[[1.0, -1.0, 1.0, -1.0], [10.0, -10.0, 10.0, -10.0]]])
+    seen = _inverse_std(y, NormRead(NormKind.RMS, 0.0))
+    assert seen is not None and not seen.centred
+    assert torch.allclose(seen.inverse_std.reshape(-1), torch.tensor([1.0, 0.1]))
+    shift = torch.full_like(y, 0.5)
+    err = ((_as_seen(y + shift, seen) - _as_seen(y, seen)) ** 2).sum(dim=-1)[0]
+    assert err.tolist() == pytest.approx([1.0, 0.01], rel=1e-5)
+
+
+_RMS_NORMS = {
+    # PyTorch's LlamaRMSNorm as torch.onnx writes it (SmolLM2-135M): a Cast, then x * (1 / sqrt(mean(x^2) + eps))
+    "llama": """
+      xf = Cast <to: int = 1> (x)
+      p = Pow (xf, two)
+      m = ReduceMean <axes: ints = [-1], keepdims: int = 1> (p)
+      e = Add (m, eps)
+      r = Sqrt (e)
+      inv = Div (one, r)
+      n = Mul (xf, inv)
+      y = Mul (gamma, n)""",
+    "reciprocal": """
+      p = Pow (x, two)
+      m = ReduceMean <axes: ints = [-1]> (p)
+      e = Add (eps, m)
+      r = Sqrt (e)
+      inv = Reciprocal (r)
+      y = Mul (inv, x)""",
+    "divide": """
+      p = Pow (x, two)
+      m = ReduceMean <axes: ints = [-1]> (p)
+      e = Add (m, eps)
+      r = Sqrt (e)
+      y = Div (x, r)""",
+    "opset 17 rms op": """
+      y = SimplifiedLayerNormalization <epsilon: float = 1e-4> (x, gamma)""",
+}
+_NOT_NORMS = {
+    "cube": """
+      p = Pow (x, three)
+      m = ReduceMean <axes: ints = [-1]> (p)
+      e = Add (m, eps)
+      r = Sqrt (e)
+      y = Div (x, r)""",
+    "over tokens": """
+      p = Pow (x, two)
+      m = ReduceMean <axes: ints = [1]> (p)
+      e = Add (m, eps)
+      r = Sqrt (e)
+      y = Div (x, r)""",
+    "not divided": """
+      p = Pow (x, two)
+      m = ReduceMean <axes: ints = [-1]> (p)
+      e = Add (m, eps)
+      y = Sqrt (e)""",
+}
+
+
+def _norm_graph(body: str) -> onnx.ModelProto:
+    return onnx.parser.parse_model(f"""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, T, 4] x) => (float[N, T, 4] y)
+    <float two = {{2.0}}, float three = {{3.0}}, float eps = {{1e-4}}, float one = {{1.0}},
+     float[4] gamma = {{1.0, 2.0, 3.0, 4.0}}> {{{body}
+    }}""")
+
+
+@pytest.mark.parametrize("name", sorted(_RMS_NORMS))
+def test_rms_norms_as_exporters_write_them_are_found(name: str) -> None:
+    """The norm ops and the decompositions exporters write (a Cast before, a Reciprocal or a Div of 1, or x divided
+    by the root): each is an RMSNorm with its epsilon; the model's outputs are what an RMSNorm computes."""
+    import onnxruntime as ort
+
+    from onnxslim_prune.graph.norms import NormKind, NormRead, norms_reading
+
+    model = _norm_graph(_RMS_NORMS[name])
+    assert norms_reading(model, ["x"]) == [NormRead(NormKind.RMS, pytest.approx(1e-4))]
+    if name == "opset 17 rms op":
+        return  # an onnxruntime contrib op: found by name only
+    x = np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32)
+    (y,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    gamma = np.array([1.0, 2.0, 3.0, 4.0], np.float32) if name == "llama" else 1.0
+    want = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-4) * gamma
+    np.testing.assert_allclose(y, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(_NOT_NORMS))
+def test_look_alikes_of_an_rms_norm_are_not_found(name: str) -> None:
+    """A cube, a mean over another axis, or a root that never divides the input is no norm: compared as it is."""
+    from onnxslim_prune.graph.norms import norms_reading
+
+    assert norms_reading(_norm_graph(_NOT_NORMS[name]), ["x"]) == [None]
+
+
+def test_a_layer_norm_written_out_is_found() -> None:
+    """A LayerNorm before opset 17 (ReduceMean, Sub, Pow 2, ReduceMean, Add eps, Sqrt, Div; the axes an input as
+    from opset 18): centred, with its epsilon."""
+    from onnxslim_prune.graph.norms import NormKind, NormRead, norms_reading
+
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 18]>
+    g (float[N, T, 4] x) => (float[N, T, 4] y) <float two = {2.0}, float eps = {1e-12}, int64[1] last = {-1}> {
+      m = ReduceMean (x, last)
+      d = Sub (x, m)
+      p = Pow (d, two)
+      v = ReduceMean (p, last)
+      e = Add (v, eps)
+      r = Sqrt (e)
+      y = Div (d, r)
+    }""")
+    assert norms_reading(model, ["x", "d"]) == [NormRead(NormKind.LAYER, pytest.approx(1e-12)),
+                                                NormRead(NormKind.RMS, pytest.approx(1e-12))]
 
 
 def test_statistics_over_held_samples_are_taken_a_block_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -223,17 +344,21 @@ def test_statistics_over_held_samples_are_taken_a_block_at_a_time(monkeypatch: p
     stem block): the same figures, to float64 rounding, as the one-piece formulas, with blocks of at most 3 samples."""
     torch = pytest.importorskip("torch")
     from onnxslim_prune.recover import fit
+    from onnxslim_prune.graph.norms import NormKind, NormRead
 
     rng = np.random.default_rng(0)
     y = torch.from_numpy(rng.normal(size=(50, 4, 6)).astype(np.float32) * np.arange(1, 7, dtype=np.float32))
     tokens = torch.from_numpy(rng.random((50, 4)) < 0.7)
     monkeypatch.setattr(fit, "STAT_BLOCK_BYTES", 3 * 8 * 24)
     assert max(part.shape[0] for part, _ in fit._row_blocks(y)) == 3
-    inv = fit._inverse_std(y, 1e-5)
+    inv = fit._inverse_std(y, NormRead(NormKind.LAYER, 1e-5))
     assert inv is not None
     want_inv = torch.rsqrt(y.double().var(dim=-1, unbiased=False, keepdim=True) + 1e-5).float()
-    assert torch.equal(inv, want_inv)
-    for mask, norm in ((tokens, inv), (None, inv), (tokens, None), (None, None)):
+    assert torch.equal(inv.inverse_std, want_inv)
+    rms = fit._inverse_std(y, NormRead(NormKind.RMS, 1e-5))
+    assert rms is not None
+    assert torch.equal(rms.inverse_std, torch.rsqrt((y.double() ** 2).mean(dim=-1, keepdim=True) + 1e-5).float())
+    for mask, norm in ((tokens, inv), (None, inv), (tokens, rms), (tokens, None), (None, None)):
         seen = fit._as_seen(y, norm).double()
         weights = None if mask is None else mask.reshape(50, 4, 1).double()
         mean = seen.mean() if weights is None else (seen * weights).sum() / (weights.sum() * 6)

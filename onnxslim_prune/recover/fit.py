@@ -28,6 +28,7 @@ from ..calib.sources import CalibrationSet
 from ..calib.split import subset
 from . import Kept, RecoverSettings
 from .blocks import Block, block_costs, find_blocks
+from ..graph.norms import NormKind, NormRead, norms_reading
 from .torchblock import TorchBlock, Unsupported, check_supported
 
 log = logging.getLogger(__name__)
@@ -254,8 +255,8 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
     inits = {t.name: t for t in model.graph.initializer}
     used = {t for n in block.nodes for t in nodes[n].input if t in inits}
     values = {name: numpy_helper.to_array(inits[name]) for name in used}
-    epsilons = _layer_norms(model, block.outputs)
-    n_train, n_guard = ([_inverse_std(y, eps) for y, eps in zip(ys, epsilons)] for ys in (y_train, y_guard))
+    reads = norms_reading(model, block.outputs)
+    n_train, n_guard = ([_inverse_std(y, norm) for y, norm in zip(ys, reads)] for ys in (y_train, y_guard))
     scale = [_variance(y, m_train, inv) or 1.0 for y, inv in zip(y_train, n_train)]
     started = time.perf_counter()
     try:
@@ -634,8 +635,8 @@ def _masked_mean(value: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tens
     return (value * weights).sum() / (weights.sum().clamp(min=1) * per_token)
 
 
-def _row_blocks(y: torch.Tensor, *others: torch.Tensor | None,
-                ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor | None]]]:
+def _row_blocks(y: torch.Tensor, *others: torch.Tensor | AsSeen | None,
+                ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor | AsSeen | None]]]:
     """`y` and `others` (None, or with `y`'s samples first) `STAT_BLOCK_BYTES` of `y` in float64 at a time: a
     statistic over every held sample in one piece made float64 copies of them all (EfficientNet-Lite1's stem
     block, 768 samples of 0.9 MB: 3.9 GB past the held data)."""
@@ -645,12 +646,13 @@ def _row_blocks(y: torch.Tensor, *others: torch.Tensor | None,
         yield y[part], [None if v is None else v[part] for v in others]
 
 
-def _masked_average(y: torch.Tensor, tokens: torch.Tensor | None, inverse_std: torch.Tensor | None,
+def _masked_average(y: torch.Tensor, tokens: torch.Tensor | None, seen: AsSeen | None,
                     fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
     """The mean of ``fn(y as the norm after it sees it)`` (float64) over the non-padding tokens, a block at a time."""
     total = count = 0.0
-    for part, (mask, inv) in _row_blocks(y, tokens, inverse_std):
-        value = fn(_as_seen(part, inv).double())
+    for part, (mask, norm) in _row_blocks(y, tokens, seen):
+        assert not isinstance(mask, AsSeen) and not isinstance(norm, torch.Tensor)
+        value = fn(_as_seen(part, norm).double())
         weights = _token_weights(value, mask)
         if weights is None:
             total += float(value.sum())
@@ -661,47 +663,56 @@ def _masked_average(y: torch.Tensor, tokens: torch.Tensor | None, inverse_std: t
     return total / max(count, 1.0)
 
 
-def _variance(y: torch.Tensor, tokens: torch.Tensor | None, inverse_std: torch.Tensor | None = None) -> float:
+def _variance(y: torch.Tensor, tokens: torch.Tensor | None, seen: AsSeen | None = None) -> float:
     """The variance of `y` as the norm after it sees it (`_as_seen`) over the non-padding tokens (two passes)."""
-    mean = _masked_average(y, tokens, inverse_std, lambda v: v)
-    return _masked_average(y, tokens, inverse_std, lambda v: (v - mean) ** 2)
+    mean = _masked_average(y, tokens, seen, lambda v: v)
+    return _masked_average(y, tokens, seen, lambda v: (v - mean) ** 2)
 
 
-def _layer_norms(model: onnx.ModelProto, names: Sequence[str]) -> list[float | None]:
-    """Per name, the epsilon of the LayerNormalization over the last axis that reads it (None: none does)."""
-    out: list[float | None] = [None] * len(names)
-    for node in model.graph.node:
-        if node.op_type != "LayerNormalization" or not node.input or node.input[0] not in names:
-            continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("axis", -1) == -1:  # a positive last axis is rare in exports: treated as no norm
-            out[list(names).index(node.input[0])] = float(attrs.get("epsilon", 1e-5))
-    return out
+@dataclass(frozen=True)
+class AsSeen:
+    """How the norm after a compared output sees it, up to its scale and shift: each token centred over the
+    channels (a LayerNorm; not an RMSNorm) and multiplied by ``inverse_std``, the original's ``1 / sigma_t`` (its
+    root mean square for an RMSNorm). Indexed like the samples it holds."""
+
+    inverse_std: torch.Tensor  # [samples, ..., 1]
+    centred: bool
+
+    def __getitem__(self, index: torch.Tensor | slice) -> AsSeen:
+        return AsSeen(self.inverse_std[index], self.centred)
 
 
-def _inverse_std(y: torch.Tensor, eps: float | None) -> torch.Tensor | None:
-    """``1 / sigma_t`` of the original's output over its last axis, where a LayerNormalization reads it (None else)."""
-    if eps is None or y.dim() < 2:
+def _inverse_std(y: torch.Tensor, norm: NormRead | None) -> AsSeen | None:
+    """`AsSeen` of the original's output over its last axis, where a norm reads it (None else)."""
+    if norm is None or y.dim() < 2:
         return None
-    return torch.cat([torch.rsqrt(part.double().var(dim=-1, unbiased=False, keepdim=True) + eps).float()
-                      for part, _ in _row_blocks(y)])
+    centred = norm.kind is NormKind.LAYER
+
+    def spread(part: torch.Tensor) -> torch.Tensor:
+        part = part.double()
+        return part.var(dim=-1, unbiased=False, keepdim=True) if centred else (part * part).mean(dim=-1, keepdim=True)
+
+    inverse = torch.cat([torch.rsqrt(spread(part) + norm.epsilon).float() for part, _ in _row_blocks(y)])
+    return AsSeen(inverse, centred)
 
 
-def _as_seen(value: torch.Tensor, inverse_std: torch.Tensor | None) -> torch.Tensor:
-    """`value` as the LayerNormalization after it sees it, up to its scale and shift: centred over the channels and
-    divided by the original's ``sigma_t`` (post-LN transformers: BERT's tokens differ tenfold in ``sigma_t``, and
-    an error on a wide token is that much smaller after the norm). Unchanged where no norm reads it."""
-    if inverse_std is None:
+def _as_seen(value: torch.Tensor, seen: AsSeen | None) -> torch.Tensor:
+    """`value` as the norm after it sees it (`AsSeen`): post-LN BERT's tokens differ tenfold in ``sigma_t``, and
+    a Llama model's first token carries massive activations, so an error on a wide token is that much smaller after
+    the norm. Unchanged where no norm reads it."""
+    if seen is None:
         return value
     value = value.float()
-    return (value - value.mean(dim=-1, keepdim=True)) * inverse_std
+    if seen.centred:
+        value = value - value.mean(dim=-1, keepdim=True)
+    return value * seen.inverse_std
 
 
-def _rows(values: Sequence[torch.Tensor | None], index: torch.Tensor | slice) -> list[torch.Tensor | None]:
+def _rows(values: Sequence[AsSeen | None], index: torch.Tensor | slice) -> list[AsSeen | None]:
     return [None if v is None else v[index] for v in values]
 
 
-def _loss(net: TorchBlock, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], norms: Sequence[torch.Tensor | None],
+def _loss(net: TorchBlock, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], norms: Sequence[AsSeen | None],
           tokens: torch.Tensor | None, fixed: BlockFeeds, block: Block, scale: Sequence[float]) -> torch.Tensor:
     """The squared error of each compared output to the original's (as a norm after it sees both, `_as_seen`),
     over its variance, summed."""
@@ -714,7 +725,7 @@ def _loss(net: TorchBlock, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor
     return total
 
 
-def _error(net: TorchBlock, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], norms: Sequence[torch.Tensor | None],
+def _error(net: TorchBlock, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], norms: Sequence[AsSeen | None],
            tokens: torch.Tensor | None, fixed: BlockFeeds, block: Block, scale: Sequence[float], batch: int) -> float:
     """The normalised squared error on held samples (batch by batch, no gradients; a batch counts by its samples)."""
     n = ys[0].shape[0]
