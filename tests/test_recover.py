@@ -195,7 +195,7 @@ def test_an_output_read_by_a_layer_norm_is_compared_as_the_norm_sees_it() -> Non
     costs nothing; the same error on a token ten times wider costs a hundredth. Found only for a norm over the
     last axis; an output no norm reads is compared as it is."""
     torch = pytest.importorskip("torch")
-    from onnxslim_prune.recover.fit import _as_seen, _inverse_std
+    from onnxslim_prune.recover.fit import _as_seen, _seen_by
     from onnxslim_prune.graph.norms import NormKind, NormRead, norms_reading
 
     model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
@@ -209,14 +209,14 @@ def test_an_output_read_by_a_layer_norm_is_compared_as_the_norm_sees_it() -> Non
     rng = np.random.default_rng(0)
     y = torch.from_numpy(rng.normal(size=(1, 2, 4)).astype(np.float32))
     y[0, 1] = 10.0 * y[0, 0]  # the second token is the first ten times wider
-    seen = _inverse_std(y, reads[0])
+    seen = _seen_by(y, reads[0])
     shift = torch.full_like(y, 0.3)
     assert float(((_as_seen(y + shift, seen) - _as_seen(y, seen)) ** 2).max()) < 1e-10
     bump = torch.zeros_like(y)
     bump[..., 0] = 0.5
     err = ((_as_seen(y + bump, seen) - _as_seen(y, seen)) ** 2).sum(dim=-1)[0]
     assert float(err[0] / err[1]) == pytest.approx(100.0, rel=1e-3)
-    assert _inverse_std(y, None) is None and _as_seen(y, None) is y
+    assert _seen_by(y, None) is None and _as_seen(y, None) is y
 
 
 def test_an_output_read_by_an_rms_norm_is_divided_by_its_root_mean_square() -> None:
@@ -224,11 +224,11 @@ def test_an_output_read_by_an_rms_norm_is_divided_by_its_root_mean_square() -> N
     ten times larger (SmolLM2's first token carries massive activations) costs a hundredth, and an error the same on
     every channel is not free, as it is under a LayerNorm."""
     torch = pytest.importorskip("torch")
-    from onnxslim_prune.recover.fit import _as_seen, _inverse_std
+    from onnxslim_prune.recover.fit import _as_seen, _seen_by
     from onnxslim_prune.graph.norms import NormKind, NormRead
 
     y = torch.tensor([[[1.0, -1.0, 1.0, -1.0], [10.0, -10.0, 10.0, -10.0]]])
-    seen = _inverse_std(y, NormRead(NormKind.RMS, 0.0))
+    seen = _seen_by(y, NormRead(NormKind.RMS, 0.0))
     assert seen is not None and not seen.centred
     assert torch.allclose(seen.inverse_std.reshape(-1), torch.tensor([1.0, 0.1]))
     shift = torch.full_like(y, 0.5)
@@ -264,6 +264,13 @@ _RMS_NORMS = {
       y = SimplifiedLayerNormalization <epsilon: float = 1e-4> (x, gamma)""",
 }
 _NOT_NORMS = {
+    "after a cast to integers": """
+      xi = Cast <to: int = 7> (x)
+      p = Pow (xi, two)
+      m = ReduceMean <axes: ints = [-1]> (p)
+      e = Add (m, eps)
+      r = Sqrt (e)
+      y = Div (xi, r)""",
     "cube": """
       p = Pow (x, three)
       m = ReduceMean <axes: ints = [-1]> (p)
@@ -313,7 +320,8 @@ def test_rms_norms_as_exporters_write_them_are_found(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(_NOT_NORMS))
 def test_look_alikes_of_an_rms_norm_are_not_found(name: str) -> None:
-    """A cube, a mean over another axis, or a root that never divides the input is no norm: compared as it is."""
+    """A cube, a mean over another axis, a root that never divides the input, or a norm of the input cast to integers is
+    no norm of the input: compared as it is."""
     from onnxslim_prune.graph.norms import norms_reading
 
     assert norms_reading(_norm_graph(_NOT_NORMS[name]), ["x"]) == [None]
@@ -351,11 +359,11 @@ def test_statistics_over_held_samples_are_taken_a_block_at_a_time(monkeypatch: p
     tokens = torch.from_numpy(rng.random((50, 4)) < 0.7)
     monkeypatch.setattr(fit, "STAT_BLOCK_BYTES", 3 * 8 * 24)
     assert max(part.shape[0] for part, _ in fit._row_blocks(y)) == 3
-    inv = fit._inverse_std(y, NormRead(NormKind.LAYER, 1e-5))
+    inv = fit._seen_by(y, NormRead(NormKind.LAYER, 1e-5))
     assert inv is not None
     want_inv = torch.rsqrt(y.double().var(dim=-1, unbiased=False, keepdim=True) + 1e-5).float()
     assert torch.equal(inv.inverse_std, want_inv)
-    rms = fit._inverse_std(y, NormRead(NormKind.RMS, 1e-5))
+    rms = fit._seen_by(y, NormRead(NormKind.RMS, 1e-5))
     assert rms is not None
     assert torch.equal(rms.inverse_std, torch.rsqrt((y.double() ** 2).mean(dim=-1, keepdim=True) + 1e-5).float())
     for mask, norm in ((tokens, inv), (None, inv), (tokens, rms), (tokens, None), (None, None)):

@@ -40,8 +40,9 @@ class NormRead:
 #: norm ops over an ``axis`` attribute (default -1), by what they compute
 NORM_OPS = {"LayerNormalization": NormKind.LAYER, "SimplifiedLayerNormalization": NormKind.RMS,
             "RMSNormalization": NormKind.RMS}
-#: ops that pass a value through unchanged for this purpose (a Cast to float before an RMSNorm)
-PASS_THROUGH = ("Cast", "Identity")
+#: element types a Cast may pass a value on in (a Cast to float before an RMSNorm)
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                         onnx.TensorProto.BFLOAT16})
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,8 @@ def _read(graph: _Graph, name: str) -> NormRead | None:
             if node.attrs.get("axis", -1) == -1:  # a positive last axis is rare in exports: treated as no norm
                 epsilon = node.attrs.get("epsilon", 1e-5)
                 return NormRead(kind, float(epsilon) if isinstance(epsilon, (int, float)) else 1e-5)
-        if node.op_type in PASS_THROUGH and (through := _read(graph, node.output[0])) is not None:
+        passes = node.op_type == "Identity" or (node.op_type == "Cast" and node.attrs.get("to") in FLOAT_TYPES)
+        if passes and (through := _read(graph, node.output[0])) is not None:
             return through
     eps = graph.root_of_mean_square(name)
     if eps is not None:

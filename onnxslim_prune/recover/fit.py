@@ -257,7 +257,7 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
     used = {t for n in block.nodes for t in nodes[n].input if t in inits}
     values = {name: numpy_helper.to_array(inits[name]) for name in used}
     reads = norms_reading(model, block.outputs)
-    n_train, n_guard = ([_inverse_std(y, norm) for y, norm in zip(ys, reads)] for ys in (y_train, y_guard))
+    n_train, n_guard = ([_seen_by(y, norm) for y, norm in zip(ys, reads)] for ys in (y_train, y_guard))
     scale = [_variance(y, m_train, inv) or 1.0 for y, inv in zip(y_train, n_train)]
     started = time.perf_counter()
     try:
@@ -683,7 +683,7 @@ class AsSeen:
         return AsSeen(self.inverse_std[index], self.centred)
 
 
-def _inverse_std(y: torch.Tensor, norm: NormRead | None) -> AsSeen | None:
+def _seen_by(y: torch.Tensor, norm: NormRead | None) -> AsSeen | None:
     """`AsSeen` of the original's output over its last axis, where a norm reads it (None else)."""
     if norm is None or y.dim() < 2:
         return None
