@@ -14,14 +14,14 @@ Pure graph analysis: no torch.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from functools import partial
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from .read import to_array
 
 
 class NormKind(str, Enum):
@@ -54,30 +54,24 @@ class _Node:
 
 
 class _Graph:
-    """The readers of every tensor and the constants' values."""
+    """The readers of every tensor and the constants (initializers and Constant nodes) of a model."""
 
-    def __init__(self, nodes: Sequence[_Node], constants: Mapping[str, Callable[[], np.ndarray]]) -> None:
+    def __init__(self, model: onnx.ModelProto) -> None:
         self.readers: dict[str, list[_Node]] = defaultdict(list)
-        for node in nodes:
+        self.constants: dict[str, onnx.TensorProto] = {t.name: t for t in model.graph.initializer}
+        for n in model.graph.node:
+            node = _Node(n.op_type, tuple(n.input), tuple(n.output),
+                         {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute})
             for name in node.input:
                 if name:
                     self.readers[name].append(node)
-        self.constants = constants
-
-    @classmethod
-    def of_proto(cls, model: onnx.ModelProto) -> _Graph:
-        nodes = [_Node(n.op_type, tuple(n.input), tuple(n.output),
-                       {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}) for n in model.graph.node]
-        tensors: dict[str, onnx.TensorProto] = {t.name: t for t in model.graph.initializer}
-        for n in nodes:
-            value = n.attrs.get("value")
-            if n.op_type == "Constant" and n.output and isinstance(value, onnx.TensorProto):
-                tensors[n.output[0]] = value
-        return cls(nodes, {name: partial(numpy_helper.to_array, t) for name, t in tensors.items()})
+            value = node.attrs.get("value")
+            if node.op_type == "Constant" and node.output and isinstance(value, onnx.TensorProto):
+                self.constants[node.output[0]] = value
 
     def constant(self, name: str) -> np.ndarray | None:
-        read = self.constants.get(name)
-        return None if read is None else read()
+        tensor = self.constants.get(name)
+        return None if tensor is None else to_array(tensor)
 
     def scalar(self, node: _Node, other_than: str) -> float | None:
         """The one-element constant operand of a binary `node` whose other operand is `other_than`."""
@@ -154,5 +148,5 @@ def _read(graph: _Graph, name: str) -> NormRead | None:
 
 def norms_reading(model: onnx.ModelProto, names: Sequence[str]) -> list[NormRead | None]:
     """Per name, the norm over the last axis that reads it (None: none does)."""
-    graph = _Graph.of_proto(model)
+    graph = _Graph(model)
     return [_read(graph, name) for name in names]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -181,6 +181,9 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
     # resolution, take ten times longer per step than late ones)
     costs = [0.0 if b.skip else c for b, c in zip(planned, block_costs(pruned, planned, fit.sample_shapes))]
     closed_form: dict[str, onnx.TensorProto] = {}  # the closed-form value of every weight a block replaced
+    # the norm that reads each compared output: read once (recovery changes weights only, not the graph)
+    compared = list(dict.fromkeys(t for b in streamed for t in b.outputs))
+    reads = dict(zip(compared, norms_reading(pruned, compared)))
     started = time.perf_counter()
     try:
         with _torch_state(settings.seed):
@@ -188,7 +191,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
                 left = max(settings.seconds - (time.perf_counter() - started), 0.0)
                 share = left * costs[block.index] / max(sum(costs[block.index:]), 1e-9)
                 result = _one_block(block, nodes, pruned, mine, theirs, Samples(guard, train_order, tokens),
-                                    settings, share, budget // DATA_SHARE, kept or {}, closed_form)
+                                    settings, share, budget // DATA_SHARE, kept or {}, closed_form, reads)
                 results.append(result)
                 _log(result)
                 if progress is not None:
@@ -243,7 +246,8 @@ def _split(total: int, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.ModelProto, mine: StagedPasses,
                theirs: StagedPasses, samples: Samples, settings: RecoverSettings, seconds: float, data_budget: int,
-               kept: Kept, closed_form: dict[str, onnx.TensorProto]) -> BlockResult:
+               kept: Kept, closed_form: dict[str, onnx.TensorProto], reads: Mapping[str, NormRead | None],
+               ) -> BlockResult:
     if block.skip is not None:  # not in the engines' schedules (`recover`)
         return BlockResult(block, Status.SKIPPED, block.skip)
     # both streams advance for every streamed block (the engines' schedule)
@@ -256,8 +260,8 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
     inits = {t.name: t for t in model.graph.initializer}
     used = {t for n in block.nodes for t in nodes[n].input if t in inits}
     values = {name: numpy_helper.to_array(inits[name]) for name in used}
-    reads = norms_reading(model, block.outputs)
-    n_train, n_guard = ([_seen_by(y, norm) for y, norm in zip(ys, reads)] for ys in (y_train, y_guard))
+    norms = [reads.get(t) for t in block.outputs]
+    n_train, n_guard = ([_seen_by(y, norm) for y, norm in zip(ys, norms)] for ys in (y_train, y_guard))
     scale = [_variance(y, m_train, inv) or 1.0 for y, inv in zip(y_train, n_train)]
     started = time.perf_counter()
     try:
