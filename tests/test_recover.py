@@ -263,6 +263,13 @@ _RMS_NORMS = {
     "opset 17 rms op": """
       y = SimplifiedLayerNormalization <epsilon: float = 1e-4> (x, gamma)""",
 }
+
+
+def _changed(body: str, old: str, new: str) -> str:
+    assert body.count(old) == 1, old
+    return body.replace(old, new)
+
+
 _NOT_NORMS = {
     "after a cast to integers": """
       xi = Cast <to: int = 7> (x)
@@ -271,23 +278,10 @@ _NOT_NORMS = {
       e = Add (m, eps)
       r = Sqrt (e)
       y = Div (xi, r)""",
-    "cube": """
-      p = Pow (x, three)
-      m = ReduceMean <axes: ints = [-1]> (p)
-      e = Add (m, eps)
-      r = Sqrt (e)
-      y = Div (x, r)""",
-    "over tokens": """
-      p = Pow (x, two)
-      m = ReduceMean <axes: ints = [1]> (p)
-      e = Add (m, eps)
-      r = Sqrt (e)
-      y = Div (x, r)""",
-    "not divided": """
-      p = Pow (x, two)
-      m = ReduceMean <axes: ints = [-1]> (p)
-      e = Add (m, eps)
-      y = Sqrt (e)""",
+    # the "divide" form above, changed in one place
+    "cube": _changed(_RMS_NORMS["divide"], "Pow (x, two)", "Pow (x, three)"),
+    "over tokens": _changed(_RMS_NORMS["divide"], "axes: ints = [-1]", "axes: ints = [1]"),
+    "not divided": _changed(_RMS_NORMS["divide"], "r = Sqrt (e)\n      y = Div (x, r)", "y = Sqrt (e)"),
 }
 
 

@@ -25,9 +25,9 @@ from ..calib.engine import StagedPasses, sample_inputs
 from ..calib.memory import calibration_budget, tensor_bytes
 from ..calib.sources import CalibrationSet
 from ..calib.split import subset
+from ..graph.norms import NormKind, NormRead, norms_reading
 from . import Kept, RecoverSettings
 from .blocks import Block, block_costs, find_blocks
-from ..graph.norms import NormKind, NormRead, norms_reading
 from .torchblock import TorchBlock, Unsupported, check_supported
 
 log = logging.getLogger(__name__)
