@@ -127,7 +127,9 @@ def test_dynamic_dims_stay_dynamic_and_input_shape_is_used(tmp_path: Path) -> No
     model = _dynamic_model(rng)
     src, out = tmp_path / "dyn.onnx", tmp_path / "dyn.pruned.onnx"
     onnx.save(model, str(src))
-    res = CliRunner().invoke(main, [str(src), "-o", str(out), "--ratio", "0.5", "--input-shape", "x:2x3x10x12", "-q"])
+    # --no-latency: the loading is tested here; timing a toy model under the speed gate fails on a loaded machine
+    res = CliRunner().invoke(main, [str(src), "-o", str(out), "--ratio", "0.5", "--input-shape", "x:2x3x10x12", "-q",
+                                    "--no-latency"])
     assert res.exit_code == 0, res.output
     pruned = onnx.load(str(out))
     assert [d.dim_param for d in pruned.graph.input[0].type.tensor_type.shape.dim] == ["N", "", "H", "W"]
@@ -170,7 +172,8 @@ def test_external_data_in_gives_external_data_out(tmp_path: Path) -> None:
     copy.CopyFrom(model)  # onnx.save turns the tensors it writes out into references, in place
     onnx.save(copy, str(src), save_as_external_data=True, all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0)
     before = src.read_bytes(), (tmp_path / "ext.onnx.data").read_bytes()
-    res = CliRunner().invoke(main, [str(src), "-o", str(out), "--ratio", "0.5", "-q", "--input-shape", "x:1x3x6x6"])
+    res = CliRunner().invoke(main, [str(src), "-o", str(out), "--ratio", "0.5", "-q", "--input-shape", "x:1x3x6x6",
+                                    "--no-latency"])  # as above
     assert res.exit_code == 0, res.output
     assert (tmp_path / "ext.pruned.onnx.data").is_file()
     assert (src.read_bytes(), (tmp_path / "ext.onnx.data").read_bytes()) == before  # input untouched
