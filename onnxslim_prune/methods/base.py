@@ -217,7 +217,8 @@ class CommonParams:
     recover_steps: int = setting(DEFAULT_STEPS, POSITIVE_INT, flag="--recover-steps", planning=False, cli_type=int,
                                  help=f"--recover: gradient steps per block [default: {DEFAULT_STEPS}].")
     recover_lr: float = setting(DEFAULT_LR, number(0.0, 1.0, low_open=True), flag="--recover-lr", planning=False,
-                                cli_type=float, help=f"--recover: Adam's learning rate, cosine-decayed [default: {DEFAULT_LR:g}].")
+                                cli_type=float, help=f"--recover: Adam's learning rate, cosine-decayed; a block whose guard rejects its steps "
+                                     f"tries again at a tenth of it [default: {DEFAULT_LR:g}].")
     recover_time: float = setting(DEFAULT_SECONDS, number(0.0, math.inf, low_open=True), flag="--recover-time",
                                   planning=False, cli_type=float,
                                   help=f"--recover: seconds all blocks may take together [default: {DEFAULT_SECONDS:g}].")

@@ -47,7 +47,7 @@ INSTALL_HINT = "pip install 'onnxslim-prune[recover]'"
 #: Adam steps per block (``--recover-steps``)
 DEFAULT_STEPS = 200
 #: Adam's learning rate at the first step (``--recover-lr``; cosine-decayed to zero)
-DEFAULT_LR = 1e-3
+DEFAULT_LR = 1e-2
 #: seconds all blocks may take together (``--recover-time``); each block gets its share of what is left
 DEFAULT_SECONDS = 1800.0
 #: samples per gradient step
@@ -61,6 +61,8 @@ class RecoverSettings:
     seconds: float = DEFAULT_SECONDS
     batch: int = DEFAULT_BATCH
     seed: int = 0
+    #: tries a block the guard rejects gets again, each from its closed-form weights at a tenth of the last rate
+    retries: int = 1
     batch_size: int = 32  # the calibration passes' batch (``--batch-size``)
 
 

@@ -54,6 +54,9 @@ MAX_OUTPUT_BYTES = 8 << 20
 STAT_BLOCK_BYTES = 64 << 20
 #: guard checkpoints per block (the best one is kept)
 CHECKPOINTS = 4
+#: a block the guard rejects is fitted again from its closed-form weights at this times the learning rate
+#: (`RecoverSettings.retries` times)
+RETRY_FACTOR = 0.1
 #: steps timed (after the first) before a block's steps are fitted to its time (`fitted_steps`)
 TIMED_STEPS = 4
 #: most prefixes of the recovered blocks the network guard measures (`_network_guard`)
@@ -84,6 +87,8 @@ class BlockResult:
     after: float = math.nan  # guard error with the best recovered weights
     train_samples: int = 0
     guard_samples: int = 0
+    lr: float = math.nan  # the learning rate of the last try
+    tries: int = 0  # tries of steps: a rejected try is followed by one at a tenth of the rate (`RETRY_FACTOR`)
 
 
     def row(self) -> dict[str, object]:
@@ -94,7 +99,8 @@ class BlockResult:
                 "steps": self.steps, "seconds": round(self.seconds, 2),
                 "guard_error_before": None if math.isnan(self.before) else self.before,
                 "guard_error_after": None if math.isnan(self.after) else self.after,
-                "train_samples": self.train_samples, "guard_samples": self.guard_samples}
+                "train_samples": self.train_samples, "guard_samples": self.guard_samples,
+                "lr": None if math.isnan(self.lr) else self.lr, "tries": self.tries}
 
 
 @dataclass(frozen=True)
@@ -191,7 +197,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
                 left = max(settings.seconds - (time.perf_counter() - started), 0.0)
                 share = left * costs[block.index] / max(sum(costs[block.index:]), 1e-9)
                 result = _one_block(block, nodes, pruned, mine, theirs, Samples(guard, train_order, tokens),
-                                    settings, share, budget // DATA_SHARE, kept or {}, closed_form, reads)
+                                    settings, share, left - share, budget // DATA_SHARE, kept or {}, closed_form, reads)
                 results.append(result)
                 _log(result)
                 if progress is not None:
@@ -245,8 +251,8 @@ def _split(total: int, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.ModelProto, mine: StagedPasses,
-               theirs: StagedPasses, samples: Samples, settings: RecoverSettings, seconds: float, data_budget: int,
-               kept: Kept, closed_form: dict[str, onnx.TensorProto], reads: Mapping[str, NormRead | None],
+               theirs: StagedPasses, samples: Samples, settings: RecoverSettings, seconds: float, spare: float,
+               data_budget: int, kept: Kept, closed_form: dict[str, onnx.TensorProto], reads: Mapping[str, NormRead | None],
                ) -> BlockResult:
     if block.skip is not None:  # not in the engines' schedules (`recover`)
         return BlockResult(block, Status.SKIPPED, block.skip)
@@ -273,48 +279,105 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
     if not math.isfinite(before):
         return BlockResult(block, Status.SKIPPED, "the closed-form block's error is not finite")
     per_check = time.perf_counter() - started  # one guard evaluation (and building the block)
-    best, best_values = before, None
-    optimiser = torch.optim.Adam(list(net.weights), lr=settings.lr)
-    train_count = x_train[0].shape[0] if x_train else y_train[0].shape[0]
-    generator = torch.Generator().manual_seed(settings.seed + 7919 * block.index)
-    horizon = settings.steps  # where the cosine decay ends: fitted to the block's time once steps are timed
-    checkpoints = _checkpoints(horizon)
-    steps = 0
-    timed = started
-    for step in range(1, settings.steps + 1):
-        if step > horizon or (time.perf_counter() - started > seconds and step > 1):
-            break
-        for group in optimiser.param_groups:
-            group["lr"] = learning_rate(settings.lr, step, horizon)
-        pick = torch.randint(0, train_count, (settings.batch,), generator=generator)
-        loss = _loss(net, [x[pick] for x in x_train], [y[pick] for y in y_train], _rows(n_train, pick),
-                     None if m_train is None else m_train[pick], fixed, block, scale)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        steps = step
-        if step == 1:
-            timed = time.perf_counter()  # the first step warms torch up: it is not timed
-        elif step == TIMED_STEPS + 1:
-            per_step = (time.perf_counter() - timed) / TIMED_STEPS
-            horizon = fitted_steps(settings.steps, seconds, time.perf_counter() - started, step, per_step, per_check)
-            checkpoints = _checkpoints(horizon)
-        if step in checkpoints:
-            now = _error(net, x_guard, y_guard, n_guard, m_guard, fixed, block, scale, settings.batch)
-            if now < best:
-                best, best_values = now, net.values()
-    if steps not in checkpoints and steps:
-        now = _error(net, x_guard, y_guard, n_guard, m_guard, fixed, block, scale, settings.batch)
-        if now < best:
-            best, best_values = now, net.values()
+    train = _Training(x_train, y_train, n_train, m_train, x_guard, y_guard, n_guard, m_guard, fixed, block, scale,
+                      settings, per_check)
+    lr, best, best_values, steps, tries = settings.lr, before, None, 0, 0
+    # a block whose guard finds no better checkpoint starts again from its closed-form weights at a tenth of the
+    # rate: the best rate differs by model and by layer (SmolLM2's first blocks gain most at 1e-2, its last ones and
+    # MiniLM's only at 1e-3), and a rate too high shows as exactly this rejection
+    begun, budget = started, seconds
+    while best_values is None and tries <= settings.retries:
+        if tries:
+            # the retry's time: the block's share of the time left (as if it were one more block of the same cost),
+            # so that the blocks after it lose time in proportion, not the last ones all of it
+            left = spare + max(seconds - (time.perf_counter() - started), 0.0)
+            budget = min(seconds, left * seconds / max(seconds + spare, 1e-9))
+            if budget <= per_check * (CHECKPOINTS + 1):
+                break
+            net = TorchBlock([nodes[n] for n in block.nodes], values, block.trainable, block.inputs, block.outputs)
+            lr, begun = lr * RETRY_FACTOR, time.perf_counter()
+        best, best_values, taken = train.run(net, lr, begun, budget, before, settings.seed + 7919 * block.index + tries)
+        steps += taken
+        tries += 1
     spent = time.perf_counter() - started
-    result = BlockResult(block, Status.KEPT, "", steps, spent, before, best, train_count, int(y_guard[0].shape[0]))
+    result = BlockResult(block, Status.KEPT, "", steps, spent, before, best, train.count, int(y_guard[0].shape[0]), lr,
+                         tries)
     if best_values is None:
-        return replace(result, status=Status.REJECTED, reason="the guard samples' error did not improve")
+        return replace(result, status=Status.REJECTED, reason="the guard samples' error did not improve"
+                       + (f" at learning rates {settings.lr:g} .. {lr:g}" if tries > 1 else ""))
     for name, value in best_values.items():
         closed_form[name] = _copy(inits[name])
         inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
     return result
+
+
+@dataclass
+class _Training:
+    """One block's held samples and loss, from which `run` takes a try of Adam steps at a learning rate."""
+
+    x_train: Sequence[torch.Tensor]
+    y_train: Sequence[torch.Tensor]
+    n_train: Sequence[AsSeen | None]
+    m_train: torch.Tensor | None
+    x_guard: Sequence[torch.Tensor]
+    y_guard: Sequence[torch.Tensor]
+    n_guard: Sequence[AsSeen | None]
+    m_guard: torch.Tensor | None
+    fixed: BlockFeeds
+    block: Block
+    scale: Sequence[float]
+    settings: RecoverSettings
+    per_check: float  # seconds of one guard evaluation
+
+    @property
+    def count(self) -> int:
+        return int(self.x_train[0].shape[0] if self.x_train else self.y_train[0].shape[0])
+
+    def error(self, net: TorchBlock) -> float:
+        return _error(net, self.x_guard, self.y_guard, self.n_guard, self.m_guard, self.fixed, self.block, self.scale,
+                      self.settings.batch)
+
+    def run(self, net: TorchBlock, lr: float, started: float, seconds: float, before: float, seed: int,
+            ) -> tuple[float, dict[str, np.ndarray] | None, int]:
+        """Up to ``settings.steps`` steps from `lr`, cosine-decayed to end within `seconds` from `started`: the best
+        guard error of the checkpoints, its weights (None when none was below `before`) and the steps taken."""
+        settings = self.settings
+        best, best_values = before, None
+        optimiser = torch.optim.Adam(list(net.weights), lr=lr)
+        generator = torch.Generator().manual_seed(seed)
+        horizon = settings.steps  # where the cosine decay ends: fitted to the block's time once steps are timed
+        checkpoints = _checkpoints(horizon)
+        steps = 0
+        timed = started
+        for step in range(1, settings.steps + 1):
+            if step > horizon or (time.perf_counter() - started > seconds and step > 1):
+                break
+            for group in optimiser.param_groups:
+                group["lr"] = learning_rate(lr, step, horizon)
+            pick = torch.randint(0, self.count, (settings.batch,), generator=generator)
+            loss = _loss(net, [x[pick] for x in self.x_train], [y[pick] for y in self.y_train],
+                         _rows(self.n_train, pick), None if self.m_train is None else self.m_train[pick], self.fixed,
+                         self.block, self.scale)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            steps = step
+            if step == 1:
+                timed = time.perf_counter()  # the first step warms torch up: it is not timed
+            elif step == TIMED_STEPS + 1:
+                per_step = (time.perf_counter() - timed) / TIMED_STEPS
+                horizon = fitted_steps(settings.steps, seconds, time.perf_counter() - started, step, per_step,
+                                       self.per_check)
+                checkpoints = _checkpoints(horizon)
+            if step in checkpoints:
+                now = self.error(net)
+                if now < best:
+                    best, best_values = now, net.values()
+        if steps not in checkpoints and steps:
+            now = self.error(net)
+            if now < best:
+                best, best_values = now, net.values()
+        return best, best_values, steps
 
 
 def learning_rate(lr: float, step: int, horizon: int) -> float:
@@ -748,9 +811,9 @@ def _log(result: BlockResult) -> None:
     if result.status is Status.SKIPPED:
         log.info("recover: %s: skipped, %s", result.block.label, result.reason)
         return
-    log.info("recover: %s: %d steps in %.1f s on %d samples, guard error %.4g -> %.4g on %d samples: %s",
-             result.block.label, result.steps, result.seconds, result.train_samples, result.before, result.after,
-             result.guard_samples, result.status.value)
+    log.info("recover: %s: %d steps in %.1f s on %d samples (%d tries, last at lr %g), guard error %.4g -> %.4g on "
+             "%d samples: %s", result.block.label, result.steps, result.seconds, result.train_samples, result.tries,
+             result.lr, result.before, result.after, result.guard_samples, result.status.value)
 
 
 def _notes(results: Sequence[BlockResult], seconds: float) -> tuple[str, ...]:
@@ -759,7 +822,9 @@ def _notes(results: Sequence[BlockResult], seconds: float) -> tuple[str, ...]:
     notes = [f"recover: {len(kept)} of {len(results)} blocks kept recovered weights in {seconds:.0f} s"
              + (f" (guard error {_mean(r.before for r in kept):.4g} -> {_mean(r.after for r in kept):.4g} on average)"
                 if kept else "")
-             + (f"; {len(tried) - len(kept)} rejected by the guard" if len(tried) > len(kept) else "")]
+             + (f"; {len(tried) - len(kept)} rejected by the guard" if len(tried) > len(kept) else "")
+             + (f"; {retried} kept the weights of a retry at a lower learning rate" if (retried := sum(
+                 r.tries > 1 for r in kept)) else "")]
     for r in results:
         if r.status is Status.SKIPPED:
             notes.append(f"recover: {r.block.label} keeps its closed-form weights: {r.reason}")
