@@ -148,7 +148,8 @@ def test_report_path_that_is_a_folder_is_refused(model_dir: Path, monkeypatch: p
 def test_prune_writes_a_valid_smaller_model(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(model_dir)
     digest = sha256(model_dir / "good.onnx")
-    result = invoke(["good.onnx", "-o", "out.onnx", "--method", "l1", "--ratio", "0.5", "--round-to", "1"])
+    result = invoke(["good.onnx", "-o", "out.onnx", "--method", "l1", "--ratio", "0.5", "--round-to", "1",
+                     "--no-latency"])
     assert result.exit_code == 0, result.output
     assert "wrote" in result.stdout and "params" in result.stdout
     assert sha256(model_dir / "good.onnx") == digest
@@ -167,7 +168,7 @@ def test_prune_writes_a_valid_smaller_model(model_dir: Path, monkeypatch: pytest
 
 def test_default_output_name(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(model_dir)
-    result = invoke(["good.onnx", "-q"])
+    result = invoke(["good.onnx", "-q", "--no-latency"])
     assert result.exit_code == 0, result.output
     check_full(onnx.load(str(model_dir / "good.pruned.onnx")))
 
@@ -175,7 +176,8 @@ def test_default_output_name(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -
 def test_report_json(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(model_dir)
     digest = sha256(model_dir / "good.onnx")
-    result = invoke(["good.onnx", "-o", "out.onnx", "--report", "r.json", "--ratio", "0.5", "--round-to", "1"])
+    result = invoke(["good.onnx", "-o", "out.onnx", "--report", "r.json", "--ratio", "0.5", "--round-to", "1",
+                     "--no-latency"])
     assert result.exit_code == 0, result.output
     data = json.loads((model_dir / "r.json").read_text())
     assert data["method"] == "l1" and data["ratio"] == 0.5
@@ -223,7 +225,8 @@ def test_nothing_prunable_is_written_unchanged_with_a_warning(model_dir: Path) -
 def test_exclude_and_round_to_on_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     onnx.save(M.wide_chain(12), tmp_path / "wide.onnx")
-    result = invoke(["wide.onnx", "-o", "out.onnx", "--ratio", "0.5", "--round-to", "4", "--exclude", "conv1"])
+    result = invoke(["wide.onnx", "-o", "out.onnx", "--ratio", "0.5", "--round-to", "4", "--exclude", "conv1",
+                     "--no-latency"])
     assert result.exit_code == 0, result.output
     pruned = onnx.load(str(tmp_path / "out.onnx"))
     check_full(pruned)
@@ -238,7 +241,7 @@ def test_input_shape_for_a_dynamic_batch(tmp_path: Path, monkeypatch: pytest.Mon
     check_full(model)
     monkeypatch.chdir(tmp_path)
     onnx.save(model, tmp_path / "dyn.onnx")
-    result = invoke(["dyn.onnx", "-o", "out.onnx", "--input-shape", "x:2x3x8x8"])
+    result = invoke(["dyn.onnx", "-o", "out.onnx", "--input-shape", "x:2x3x8x8", "--no-latency"])
     assert result.exit_code == 0, result.output
     pruned = onnx.load(str(tmp_path / "out.onnx"))
     check_full(pruned)
@@ -248,7 +251,7 @@ def test_input_shape_for_a_dynamic_batch(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_demo_writes_into_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    result = invoke(["--demo"])
+    result = invoke(["--demo", "--no-latency"])
     assert result.exit_code == 0, result.output
     assert "accuracy" in result.stdout
     written = tmp_path / "lenet300.pruned.onnx"
@@ -265,7 +268,7 @@ def test_written_files_honour_the_umask(model_dir: Path, monkeypatch: pytest.Mon
     monkeypatch.chdir(model_dir)
     old = os.umask(0o022)
     try:
-        result = invoke(["good.onnx", "-o", "out.onnx", "--report", "r.json", "-q"])
+        result = invoke(["good.onnx", "-o", "out.onnx", "--report", "r.json", "-q", "--no-latency"])
     finally:
         os.umask(old)
     assert result.exit_code == 0, result.output
@@ -283,7 +286,8 @@ def test_calibrated_method_is_byte_identical_when_statistics_come_from_the_cache
     outputs = []
     for run in range(2):
         out = tmp_path / f"out{run}.onnx"
-        result = invoke([SAMPLE_LENET, "-o", out, "--method", "ldrf", "--ratio", "0.5", "--calib", calib, "-q"])
+        result = invoke([SAMPLE_LENET, "-o", out, "--method", "ldrf", "--ratio", "0.5", "--calib", calib, "-q",
+                         "--no-latency"])
         assert result.exit_code == 0, result.output
         if run == 0:
             assert any(cache.iterdir()), "the first run caches its statistics"
@@ -335,7 +339,7 @@ def test_dry_run_shows_what_a_data_free_method_keeps(model_dir: Path, monkeypatc
 
 def test_report_names_a_budget_not_an_unused_ratio(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(model_dir)
-    result = invoke(["good.onnx", "-o", "out.onnx", "--target-macs", "0.6"])
+    result = invoke(["good.onnx", "-o", "out.onnx", "--target-macs", "0.6", "--no-latency"])
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[0].startswith("method l1, target MACs 0.6,")  # not the default ratio 0.5
 

@@ -472,7 +472,7 @@ def test_the_network_guard_keeps_the_best_prefix_of_recovered_blocks(tmp_path: P
     recovery exact, both recovered blocks stay."""
     pytest.importorskip("torch")
     from onnxslim_prune.recover.blocks import Block
-    from onnxslim_prune.recover.fit import BlockResult, Status, _network_guard
+    from onnxslim_prune.recover.fit import BlockResult, Status, _network_guard, _OutputError
 
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(8, 6)), rng.normal(size=(6, 4))
@@ -485,7 +485,12 @@ def test_the_network_guard_keeps_the_best_prefix_of_recovered_blocks(tmp_path: P
         model = _two_layer(a, recovered_b)  # the recovered weights in place, as `recover` leaves them
         closed_form = {"A": numpy_helper.from_array((a + rng.normal(scale=0.3, size=a.shape)).astype(np.float32), "A"),
                        "B": numpy_helper.from_array(closed_b.astype(np.float32), "B")}
-        rows, note = _network_guard(original, model, calib, 16, closed_form, list(results))
+        judge = _OutputError(ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"]),
+                             None, calib, 16, 1 << 30)
+        try:
+            rows, note = _network_guard(judge, model, closed_form, list(results))
+        finally:
+            judge.close()
         return rows, note, {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
     rows, note, weights = guard(rng.normal(size=b.shape), b)
@@ -495,6 +500,41 @@ def test_the_network_guard_keeps_the_best_prefix_of_recovered_blocks(tmp_path: P
     rows, note, weights = guard(b, b + rng.normal(scale=0.3, size=b.shape))
     assert [r.status for r in rows] == [Status.KEPT, Status.KEPT] and note.endswith("the first 2 of 2 recovered blocks (kept)")
     assert np.array_equal(weights["A"], a.astype(np.float32)) and np.array_equal(weights["B"], b.astype(np.float32))
+
+
+def test_the_network_guard_measures_as_many_prefixes_as_its_time_pays_for() -> None:
+    """`recover` gives the guard as many passes as the time left pays for (`most`): of five recovered blocks it
+    measures the prefixes 0, 2, 3 and 5 with four, only none and all with two, every one with eight; the closed-form
+    and the recovered network are always among them."""
+    pytest.importorskip("torch")
+    from onnxslim_prune.recover.fit import BlockResult, Status, _network_guard
+
+    names = [f"W{i}" for i in range(5)]
+    nodes = [helper.make_node("Mul", ["x" if i == 0 else f"h{i}", name], [f"h{i + 1}" if i < 4 else "y"], name=f"mul{i}")
+             for i, name in enumerate(names)]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+                              [numpy_helper.from_array(np.full(2, 2.0, np.float32), n) for n in names])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    closed_form = {n: numpy_helper.from_array(np.ones(2, np.float32), n) for n in names}
+    results = [BlockResult(Block(i, i, i + 1, (f"mul{i}",), (), (), (n,)), Status.KEPT, steps=1) for i, n in enumerate(names)]
+
+    class Recovered:
+        """The guard error of a network: the number of blocks with closed-form weights in it (all recovered is best)."""
+
+        def __init__(self) -> None:
+            self.prefixes: list[int] = []
+
+        def __call__(self, session: ort.InferenceSession) -> float:
+            y = session.run(None, {"x": np.ones(2, np.float32)})[0]
+            self.prefixes.append(int(round(np.log2(y[0]))))  # each recovered block doubles the output
+            return float(5 - self.prefixes[-1])
+
+    for most, measured in ((4, [5, 3, 2, 0]), (2, [5, 0]), (8, [5, 4, 3, 2, 1, 0])):
+        judge = Recovered()
+        rows, note = _network_guard(judge, model, closed_form, list(results), most)  # type: ignore[arg-type]
+        assert judge.prefixes == measured, (most, judge.prefixes)
+        assert all(r.status is Status.KEPT for r in rows) and note.endswith("the first 5 of 5 recovered blocks (kept)")
 
 
 def test_the_network_guard_error_is_the_same_run_a_sample_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -160,7 +160,7 @@ def test_report_records_settings_version_stages_and_latency(tmp_path: Path) -> N
     assert data["settings"]["method"] == "l1" and data["settings"]["holdout"] == 0.2
     assert {"load", "trace", "validation", "verdict", "latency"} <= set(data["stage_seconds"])
     lat = data["latency"]
-    assert lat["before_ms"] > 0 and lat["after_ms"] > 0 and lat["rounds"] >= 5
+    assert lat["before_ms"] > 0 and lat["after_ms"] > 0 and lat["rounds"] >= 3  # 3 when every round is clearly faster
     assert lat["speedup"] == pytest.approx(lat["before_ms"] / lat["after_ms"])
 
 

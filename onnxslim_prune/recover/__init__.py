@@ -48,7 +48,8 @@ INSTALL_HINT = "pip install 'onnxslim-prune[recover]'"
 DEFAULT_STEPS = 200
 #: Adam's learning rate at the first step (``--recover-lr``; cosine-decayed to zero)
 DEFAULT_LR = 1e-2
-#: seconds all blocks may take together (``--recover-time``); each block gets its share of what is left
+#: seconds the recovery may take (``--recover-time``), the network guard's passes included; each block gets its share
+#: of what is left after them
 DEFAULT_SECONDS = 1800.0
 #: samples per gradient step
 DEFAULT_BATCH = 16

@@ -191,25 +191,44 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
     compared = list(dict.fromkeys(t for b in streamed for t in b.outputs))
     reads = dict(zip(compared, norms_reading(pruned, compared)))
     started = time.perf_counter()
+    # the network guard's passes come out of the time too: the original's outputs on the guard samples first (one
+    # pass, which times what each of the guard's passes costs), and the blocks get what is left after as many
+    # passes as it measures at most
+    judge = None if pruned.ByteSize() >= ir.PROTO_LIMIT else _OutputError(
+        validate.session(original), ir.token_mask_input(original), subset(fit, sorted(int(i) for i in guard),
+                                                                          "recover guard"),
+        settings.batch, budget // REFERENCE_SHARE)
+    per_pass = time.perf_counter() - started
+    reserve = per_pass * min(MAX_PREFIXES, len(streamed) + 1)
+    notes: list[str] = []
     try:
-        with _torch_state(settings.seed):
-            for block in planned:
-                left = max(settings.seconds - (time.perf_counter() - started), 0.0)
-                share = left * costs[block.index] / max(sum(costs[block.index:]), 1e-9)
-                result = _one_block(block, nodes, pruned, mine, theirs, Samples(guard, train_order, tokens),
-                                    settings, share, left - share, budget // DATA_SHARE, kept or {}, closed_form, reads)
-                results.append(result)
-                _log(result)
-                if progress is not None:
-                    progress(block.index + 1, len(planned))
+        try:
+            with _torch_state(settings.seed):
+                for block in planned:
+                    left = max(settings.seconds - reserve - (time.perf_counter() - started), 0.0)
+                    share = left * costs[block.index] / max(sum(costs[block.index:]), 1e-9)
+                    result = _one_block(block, nodes, pruned, mine, theirs, Samples(guard, train_order, tokens),
+                                        settings, share, left - share, budget // DATA_SHARE, kept or {}, closed_form,
+                                        reads)
+                    results.append(result)
+                    _log(result)
+                    if progress is not None:
+                        progress(block.index + 1, len(planned))
+        finally:
+            mine.close()
+            theirs.close()
+        notes.extend(_notes(results, time.perf_counter() - started))
+        if closed_form and judge is None:
+            notes.append("recover: the network was not checked on the guard samples (a model past 2 GB)")
+        elif closed_form and judge is not None:
+            # as many prefixes as the time left pays for, the closed-form network and the recovered one at least
+            left = settings.seconds - (time.perf_counter() - started)
+            most = max(2, min(MAX_PREFIXES, int(left / max(per_pass, 1e-9))))
+            results, guard_note = _network_guard(judge, pruned, closed_form, results, most)
+            notes.append(guard_note)
     finally:
-        mine.close()
-        theirs.close()
-    notes = list(_notes(results, time.perf_counter() - started))
-    if closed_form:
-        results, guard_note = _network_guard(original, pruned, subset(fit, sorted(int(i) for i in guard), "recover guard"),
-                                             settings.batch, closed_form, results)
-        notes.append(guard_note)
+        if judge is not None:
+            judge.close()
     spent = time.perf_counter() - started
     return Recovery(pruned, tuple(results), tuple(notes), spent)
 
@@ -398,8 +417,8 @@ def fitted_steps(steps: int, seconds: float, spent: float, done: int, per_step: 
     return max(done, min(steps, done + int(max(left, 0.0) / max(per_step, 1e-9))))
 
 
-def _network_guard(original: onnx.ModelProto, model: onnx.ModelProto, samples: CalibrationSet, batch: int,
-                   closed_form: dict[str, onnx.TensorProto], results: list[BlockResult]) -> tuple[list[BlockResult], str]:
+def _network_guard(judge: _OutputError, model: onnx.ModelProto, closed_form: dict[str, onnx.TensorProto],
+                   results: list[BlockResult], most: int = MAX_PREFIXES) -> tuple[list[BlockResult], str]:
     """Keep the recovered weights of the first blocks, as many as bring the whole network's outputs closest to the
     original's on the guard `samples`, and put the closed-form weights back in the rest (all of them when no
     prefix beats the closed-form network). Returns the results, the blocks put back marked rejected, and a note.
@@ -407,18 +426,15 @@ def _network_guard(original: onnx.ModelProto, model: onnx.ModelProto, samples: C
     Each block is judged on its own output, on inputs from the recovered blocks before it; a later block that
     kept its closed-form weights was fitted to the closed-form inputs, so the network can lose what each block
     gained (a residual stream pruned by half: block errors down, the output's up). A prefix, not any subset: a
-    block was recovered on the inputs of the recovered blocks before it. At most `MAX_PREFIXES` prefixes are
-    measured (evenly spaced among the recovered blocks), each one pass of the network over the guard samples (the
-    original's outputs are computed once, `_OutputError`).
+    block was recovered on the inputs of the recovered blocks before it. At most `most` prefixes are measured
+    (evenly spaced among the recovered blocks, the first and the last among them), each one pass of the network
+    over the guard samples (`judge`: the original's outputs on them, computed once).
     """
-    if model.ByteSize() >= ir.PROTO_LIMIT:
-        return results, "recover: the network was not checked on the guard samples (a model past 2 GB)"
     inits = {t.name: t for t in model.graph.initializer}
     recovered = {name: _copy(inits[name]) for name in closed_form}
     kept = [i for i, r in enumerate(results) if r.status is Status.KEPT]
     count = len(kept)
-    prefixes = sorted({round(k * count / (MAX_PREFIXES - 1)) for k in range(MAX_PREFIXES)}) if count >= MAX_PREFIXES \
-        else list(range(count + 1))
+    prefixes = sorted({round(k * count / (most - 1)) for k in range(most)}) if count >= most else list(range(count + 1))
 
     def use_prefix(prefix: int) -> None:
         """The recovered weights in the first `prefix` recovered blocks, the closed-form ones elsewhere."""
@@ -426,15 +442,10 @@ def _network_guard(original: onnx.ModelProto, model: onnx.ModelProto, samples: C
         for name in closed_form:
             inits[name].CopyFrom(recovered[name] if name in ours else closed_form[name])
 
-    judge = _OutputError(validate.session(original), ir.token_mask_input(original), samples, batch,
-                         calibration_budget() // REFERENCE_SHARE)
     errors: dict[int, float] = {}
-    try:
-        for prefix in reversed(prefixes):  # all recovered first: the weights are already in place
-            use_prefix(prefix)
-            errors[prefix] = judge(validate.session(model))
-    finally:
-        judge.close()
+    for prefix in reversed(prefixes):  # all recovered first: the weights are already in place
+        use_prefix(prefix)
+        errors[prefix] = judge(validate.session(model))
     best = min(prefixes, key=lambda k: (errors[k], k))
     if errors[best] >= errors[0]:
         best = 0
