@@ -221,7 +221,7 @@ class CommonParams:
                                      f"tries again at a tenth of it [default: {DEFAULT_LR:g}].")
     recover_time: float = setting(DEFAULT_SECONDS, number(0.0, math.inf, low_open=True), flag="--recover-time",
                                   planning=False, cli_type=float,
-                                  help=f"--recover: seconds the recovery may take, its network guard included [default: {DEFAULT_SECONDS:g}].")
+                                  help=f"--recover: the recovery's time budget in seconds, its network guard included [default: {DEFAULT_SECONDS:g}].")
     heads: float | None = setting(None, RATIO, flag="--heads", cli_type=float,
                                   help="Transformers: fraction of each layer's attention heads removed [default: --ratio]; "
                                        "with --target-*: the most they may lose.")

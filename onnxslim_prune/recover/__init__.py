@@ -16,9 +16,11 @@ the verdict: nothing reads the outputs there (all-MiniLM-L6-v2's calibration sen
 
 Guarded: the steps see only the fit part of the calibration data, split again (seeded) into the samples the
 steps fit and a *guard* part; a block keeps its recovered weights only if its error on the guard samples is
-below the closed-form weights' (the best of a few checkpoints). Then the whole network is judged on the guard
-samples: the recovered weights stay in the first blocks, as many as bring its outputs closest to the original's
-(`fit._network_guard`), and the closed-form ones go back in the rest. The verdict's held-out samples are never read.
+below the closed-form weights' (the best of a few checkpoints); a block rejected so tries again from its
+closed-form weights at a tenth of the learning rate (`RecoverSettings.retries`). Then the whole network is judged
+on the guard samples: the recovered weights stay in the first blocks, as many as bring its outputs closest to the
+original's (`fit._network_guard`, as many prefixes as ``--recover-time`` pays for), and the closed-form ones go
+back in the rest. The verdict's held-out samples are never read.
 Deterministic: seeded sampling, `torch.use_deterministic_algorithms`, a fixed thread count. Memory: block
 activations come from the calibration engine's frontier (`calib.engine.StagedPasses`), and the samples held for
 one block stay within a share of ``--calib-memory``.
@@ -65,6 +67,10 @@ class RecoverSettings:
     #: tries a block the guard rejects gets again, each from its closed-form weights at a tenth of the last rate
     retries: int = 1
     batch_size: int = 32  # the calibration passes' batch (``--batch-size``)
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.steps < 1 or self.batch < 1 or not self.lr > 0 or not self.seconds > 0:
+            raise ValueError(f"recover settings out of range: {self}")
 
 
 def torch_available() -> bool:

@@ -63,9 +63,8 @@ TIMED_STEPS = 4
 MAX_PREFIXES = 8
 #: the network guard runs each network on as many samples as return at most this many bytes of outputs
 GUARD_RUN_BYTES = 64 << 20
-#: the network guard holds the original's outputs on its samples within 1 / REFERENCE_SHARE of the budget (the rest
-#: on disk), as the verdict holds its own
-REFERENCE_SHARE = 8
+#: most of ``--recover-time`` the network guard's passes are planned to take (`guard_passes`)
+GUARD_TIME_SHARE = 0.25
 #: values of an output the guard's error sums convert to float64 at a time
 SUM_BLOCK = 1 << 20
 
@@ -81,8 +80,8 @@ class BlockResult:
     block: Block
     status: Status
     reason: str = ""
-    steps: int = 0
-    seconds: float = 0.0
+    steps: int = 0  # of all tries together
+    seconds: float = 0.0  # of all tries together
     before: float = math.nan  # guard error with the closed-form weights
     after: float = math.nan  # guard error with the best recovered weights
     train_samples: int = 0
@@ -192,38 +191,41 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
     reads = dict(zip(compared, norms_reading(pruned, compared)))
     started = time.perf_counter()
     # the network guard's passes come out of the time too: the original's outputs on the guard samples first (one
-    # pass, which times what each of the guard's passes costs), and the blocks get what is left after as many
-    # passes as it measures at most
-    judge = None if pruned.ByteSize() >= ir.PROTO_LIMIT else _OutputError(
-        validate.session(original), ir.token_mask_input(original), subset(fit, sorted(int(i) for i in guard),
-                                                                          "recover guard"),
-        settings.batch, budget // REFERENCE_SHARE)
-    per_pass = time.perf_counter() - started
-    reserve = per_pass * min(MAX_PREFIXES, len(streamed) + 1)
+    # pass, which times about what each of the guard's passes costs), and the blocks share what is left after the
+    # passes planned for the guard. They are held on disk: the frontiers and a block's samples hold the memory now
+    judge: _OutputError | None = None
+    per_pass, planned_passes = 0.0, 0
     notes: list[str] = []
     try:
         try:
+            if pruned.ByteSize() < ir.PROTO_LIMIT:
+                judge = _OutputError(validate.session(original), ir.token_mask_input(original),
+                                     subset(fit, sorted(int(i) for i in guard), "recover guard"), settings.batch, 0)
+                per_pass = time.perf_counter() - started
+                planned_passes = guard_passes(settings.seconds, per_pass, len(streamed))
+            deadline = started + settings.seconds - per_pass * planned_passes
             with _torch_state(settings.seed):
                 for block in planned:
-                    left = max(settings.seconds - reserve - (time.perf_counter() - started), 0.0)
-                    share = left * costs[block.index] / max(sum(costs[block.index:]), 1e-9)
+                    fraction = costs[block.index] / max(sum(costs[block.index:]), 1e-9)
                     result = _one_block(block, nodes, pruned, mine, theirs, Samples(guard, train_order, tokens),
-                                        settings, share, left - share, budget // DATA_SHARE, kept or {}, closed_form,
-                                        reads)
+                                        settings, _Clock(deadline, fraction), budget // DATA_SHARE, kept or {},
+                                        closed_form, reads)
                     results.append(result)
                     _log(result)
                     if progress is not None:
                         progress(block.index + 1, len(planned))
         finally:
-            mine.close()
-            theirs.close()
+            try:
+                mine.close()
+            finally:
+                theirs.close()
         notes.extend(_notes(results, time.perf_counter() - started))
         if closed_form and judge is None:
             notes.append("recover: the network was not checked on the guard samples (a model past 2 GB)")
         elif closed_form and judge is not None:
-            # as many prefixes as the time left pays for, the closed-form network and the recovered one at least
+            # the passes planned, or more when the blocks left time over (the same count whenever time is not short)
             left = settings.seconds - (time.perf_counter() - started)
-            most = max(2, min(MAX_PREFIXES, int(left / max(per_pass, 1e-9))))
+            most = max(planned_passes, min(MAX_PREFIXES, int(left / max(per_pass, 1e-9))))
             results, guard_note = _network_guard(judge, pruned, closed_form, results, most)
             notes.append(guard_note)
     finally:
@@ -231,6 +233,25 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
             judge.close()
     spent = time.perf_counter() - started
     return Recovery(pruned, tuple(results), tuple(notes), spent)
+
+
+def guard_passes(seconds: float, per_pass: float, blocks: int) -> int:
+    """The network guard's passes planned out of `seconds` (a pass takes `per_pass`): one per prefix of the `blocks`,
+    at most `MAX_PREFIXES`, and no more than `GUARD_TIME_SHARE` of the time pays for, but the closed-form network and
+    the recovered one whatever they cost (a short ``--recover-time`` then goes mostly to them)."""
+    affordable = int(GUARD_TIME_SHARE * seconds / max(per_pass, 1e-9))
+    return max(2, min(MAX_PREFIXES, blocks + 1, affordable))
+
+
+@dataclass(frozen=True)
+class _Clock:
+    """A block's time: its share (`fraction`) of what is left until the blocks' `deadline` (`time.perf_counter`)."""
+
+    deadline: float
+    fraction: float
+
+    def share(self) -> float:
+        return max(self.deadline - time.perf_counter(), 0.0) * self.fraction
 
 
 def _skipped(block: Block, reason: str) -> Block:
@@ -270,7 +291,7 @@ def _split(total: int, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.ModelProto, mine: StagedPasses,
-               theirs: StagedPasses, samples: Samples, settings: RecoverSettings, seconds: float, spare: float,
+               theirs: StagedPasses, samples: Samples, settings: RecoverSettings, clock: _Clock,
                data_budget: int, kept: Kept, closed_form: dict[str, onnx.TensorProto], reads: Mapping[str, NormRead | None],
                ) -> BlockResult:
     if block.skip is not None:  # not in the engines' schedules (`recover`)
@@ -278,6 +299,7 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
     # both streams advance for every streamed block (the engines' schedule)
     inputs = mine.advance(block.inputs, model)
     targets = (_kept_only(batch, kept) for batch in theirs.advance(block.outputs))
+    seconds = clock.share()  # taken before the block's samples stream: the streaming comes out of later blocks
     held = _collect(inputs, targets, block, samples, data_budget)
     if isinstance(held, str):
         return BlockResult(block, Status.SKIPPED, held)
@@ -301,17 +323,16 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
     train = _Training(x_train, y_train, n_train, m_train, x_guard, y_guard, n_guard, m_guard, fixed, block, scale,
                       settings, per_check)
     lr, best, best_values, steps, tries = settings.lr, before, None, 0, 0
-    # a block whose guard finds no better checkpoint starts again from its closed-form weights at a tenth of the
-    # rate: the best rate differs by model and by layer (SmolLM2's first blocks gain most at 1e-2, its last ones and
-    # MiniLM's only at 1e-3), and a rate too high shows as exactly this rejection
-    begun, budget = started, seconds
+    # a block whose guard finds no checkpoint below its closed-form error starts again from those weights at a
+    # tenth of the rate: the best rate differs by model and by layer (SmolLM2's first blocks gain most at 1e-2, its
+    # last ones and MiniLM's only at 1e-3). A block already exact, or one that overfits its samples, is rejected
+    # at every rate: its retry costs its share of the time left, which the blocks after it lose in proportion
+    begun, budget, no_time = started, seconds, False
     while best_values is None and tries <= settings.retries:
         if tries:
-            # the retry's time: the block's share of the time left (as if it were one more block of the same cost),
-            # so that the blocks after it lose time in proportion, not the last ones all of it
-            left = spare + max(seconds - (time.perf_counter() - started), 0.0)
-            budget = min(seconds, left * seconds / max(seconds + spare, 1e-9))
+            budget = min(seconds, clock.share())  # as if the retry were one more block of the same cost
             if budget <= per_check * (CHECKPOINTS + 1):
+                no_time = True
                 break
             net = TorchBlock([nodes[n] for n in block.nodes], values, block.trainable, block.inputs, block.outputs)
             lr, begun = lr * RETRY_FACTOR, time.perf_counter()
@@ -323,7 +344,8 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
                          tries)
     if best_values is None:
         return replace(result, status=Status.REJECTED, reason="the guard samples' error did not improve"
-                       + (f" at learning rates {settings.lr:g} .. {lr:g}" if tries > 1 else ""))
+                       + (f" at learning rates {settings.lr:g} .. {lr:g}" if tries > 1 else "")
+                       + (" (no time left for a retry)" if no_time else ""))
     for name, value in best_values.items():
         closed_form[name] = _copy(inits[name])
         inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
@@ -427,13 +449,14 @@ def _network_guard(judge: _OutputError, model: onnx.ModelProto, closed_form: dic
     kept its closed-form weights was fitted to the closed-form inputs, so the network can lose what each block
     gained (a residual stream pruned by half: block errors down, the output's up). A prefix, not any subset: a
     block was recovered on the inputs of the recovered blocks before it. At most `most` prefixes are measured
-    (evenly spaced among the recovered blocks, the first and the last among them), each one pass of the network
-    over the guard samples (`judge`: the original's outputs on them, computed once).
+    (at least 2: none and all of the recovered blocks, and others evenly spaced between), each one pass of the
+    network over the guard samples (`judge`: the original's outputs on them, computed once).
     """
     inits = {t.name: t for t in model.graph.initializer}
     recovered = {name: _copy(inits[name]) for name in closed_form}
     kept = [i for i, r in enumerate(results) if r.status is Status.KEPT]
     count = len(kept)
+    most = max(2, most)
     prefixes = sorted({round(k * count / (most - 1)) for k in range(most)}) if count >= most else list(range(count + 1))
 
     def use_prefix(prefix: int) -> None:
