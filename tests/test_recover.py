@@ -132,9 +132,10 @@ def test_a_block_rejected_at_its_rate_tries_again_at_a_tenth_of_it(tmp_path: Pat
     starts: list[tuple[float, int, dict[str, np.ndarray]]] = []
     real_run = fit._Training.run
 
-    def run(self: object, net: object, lr: float, started: float, seconds: float, before: float, seed: int) -> object:
+    def run(self: object, net: object, lr: float, started: float, seconds: float, per_check: float, before: float,
+            seed: int) -> object:
         starts.append((lr, seed, net.values()))  # type: ignore[attr-defined]
-        return real_run(self, net, lr, started, seconds, before, seed)  # type: ignore[arg-type]
+        return real_run(self, net, lr, started, seconds, per_check, before, seed)  # type: ignore[arg-type]
 
     monkeypatch.setattr(fit._Training, "run", run)
     recover(original, _two_layer(a0 + noise, b1), calib, RecoverSettings(steps=200, lr=10.0, batch=64, seed=0))
@@ -492,6 +493,7 @@ def test_the_network_guard_keeps_the_best_prefix_of_recovered_blocks(tmp_path: P
     recovery exact, both recovered blocks stay."""
     pytest.importorskip("torch")
     from onnxslim_prune.recover.blocks import Block
+    from onnxslim_prune.judge import validate
     from onnxslim_prune.recover.fit import BlockResult, Status, _network_guard, _OutputError
 
     rng = np.random.default_rng(0)
@@ -505,8 +507,7 @@ def test_the_network_guard_keeps_the_best_prefix_of_recovered_blocks(tmp_path: P
         model = _two_layer(a, recovered_b)  # the recovered weights in place, as `recover` leaves them
         closed_form = {"A": numpy_helper.from_array((a + rng.normal(scale=0.3, size=a.shape)).astype(np.float32), "A"),
                        "B": numpy_helper.from_array(closed_b.astype(np.float32), "B")}
-        judge = _OutputError(ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"]),
-                             None, calib, 16, 1 << 30)
+        judge = _OutputError(validate.session(original), None, calib, 16, 1 << 30)
         try:
             rows, note = _network_guard(judge, model, closed_form, list(results))
         finally:

@@ -310,18 +310,22 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
     norms = [reads.get(t) for t in block.outputs]
     n_train, n_guard = ([_seen_by(y, norm) for y, norm in zip(ys, norms)] for ys in (y_train, y_guard))
     scale = [_variance(y, m_train, inv) or 1.0 for y, inv in zip(y_train, n_train)]
+    train = _Training(x_train, y_train, n_train, m_train, x_guard, y_guard, n_guard, m_guard, fixed, block, scale,
+                      settings)
+
+    def closed_form_net() -> TorchBlock:
+        return TorchBlock([nodes[n] for n in block.nodes], values, block.trainable, block.inputs, block.outputs)
+
     started = time.perf_counter()
     try:
-        net = TorchBlock([nodes[n] for n in block.nodes], values, block.trainable, block.inputs, block.outputs)
-        before = _error(net, x_guard, y_guard, n_guard, m_guard, fixed, block, scale, settings.batch)
+        net = closed_form_net()
+        before = train.error(net)
     except (Unsupported, RuntimeError, ValueError, IndexError, TypeError) as exc:  # torch reports shape errors so
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return BlockResult(block, Status.SKIPPED, f"not run by torch: {first}")
     if not math.isfinite(before):
         return BlockResult(block, Status.SKIPPED, "the closed-form block's error is not finite")
     per_check = time.perf_counter() - started  # one guard evaluation (and building the block)
-    train = _Training(x_train, y_train, n_train, m_train, x_guard, y_guard, n_guard, m_guard, fixed, block, scale,
-                      settings, per_check)
     lr, best, best_values, steps, tries = settings.lr, before, None, 0, 0
     # a block whose guard finds no checkpoint below its closed-form error starts again from those weights at a
     # tenth of the rate: the best rate differs by model and by layer (SmolLM2's first blocks gain most at 1e-2, its
@@ -334,9 +338,10 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
             if budget <= per_check * (CHECKPOINTS + 1):
                 no_time = True
                 break
-            net = TorchBlock([nodes[n] for n in block.nodes], values, block.trainable, block.inputs, block.outputs)
+            net = closed_form_net()
             lr, begun = lr * RETRY_FACTOR, time.perf_counter()
-        best, best_values, taken = train.run(net, lr, begun, budget, before, settings.seed + 7919 * block.index + tries)
+        best, best_values, taken = train.run(net, lr, begun, budget, per_check, before,
+                                             settings.seed + 7919 * block.index + tries)
         steps += taken
         tries += 1
     spent = time.perf_counter() - started
@@ -368,7 +373,6 @@ class _Training:
     block: Block
     scale: Sequence[float]
     settings: RecoverSettings
-    per_check: float  # seconds of one guard evaluation
 
     @property
     def count(self) -> int:
@@ -378,10 +382,11 @@ class _Training:
         return _error(net, self.x_guard, self.y_guard, self.n_guard, self.m_guard, self.fixed, self.block, self.scale,
                       self.settings.batch)
 
-    def run(self, net: TorchBlock, lr: float, started: float, seconds: float, before: float, seed: int,
-            ) -> tuple[float, dict[str, np.ndarray] | None, int]:
-        """Up to ``settings.steps`` steps from `lr`, cosine-decayed to end within `seconds` from `started`: the best
-        guard error of the checkpoints, its weights (None when none was below `before`) and the steps taken."""
+    def run(self, net: TorchBlock, lr: float, started: float, seconds: float, per_check: float, before: float,
+            seed: int) -> tuple[float, dict[str, np.ndarray] | None, int]:
+        """Up to ``settings.steps`` steps from `lr`, cosine-decayed to end within `seconds` from `started` (a guard
+        evaluation takes `per_check`): the best guard error of the checkpoints, its weights (None when none was
+        below `before`) and the steps taken."""
         settings = self.settings
         best, best_values = before, None
         optimiser = torch.optim.Adam(list(net.weights), lr=lr)
@@ -408,7 +413,7 @@ class _Training:
             elif step == TIMED_STEPS + 1:
                 per_step = (time.perf_counter() - timed) / TIMED_STEPS
                 horizon = fitted_steps(settings.steps, seconds, time.perf_counter() - started, step, per_step,
-                                       self.per_check)
+                                       per_check)
                 checkpoints = _checkpoints(horizon)
             if step in checkpoints:
                 now = self.error(net)
@@ -442,7 +447,7 @@ def fitted_steps(steps: int, seconds: float, spent: float, done: int, per_step: 
 def _network_guard(judge: _OutputError, model: onnx.ModelProto, closed_form: dict[str, onnx.TensorProto],
                    results: list[BlockResult], most: int = MAX_PREFIXES) -> tuple[list[BlockResult], str]:
     """Keep the recovered weights of the first blocks, as many as bring the whole network's outputs closest to the
-    original's on the guard `samples`, and put the closed-form weights back in the rest (all of them when no
+    original's on the guard samples (`judge`), and put the closed-form weights back in the rest (all of them when no
     prefix beats the closed-form network). Returns the results, the blocks put back marked rejected, and a note.
 
     Each block is judged on its own output, on inputs from the recovered blocks before it; a later block that
