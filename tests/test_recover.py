@@ -680,6 +680,45 @@ def test_a_block_with_outputs_too_large_to_fit_is_skipped_before_the_time_is_sha
     assert not any("y" in request for s in schedules for request in s)
 
 
+def test_a_later_block_starts_at_the_rate_an_earlier_retry_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tries at a rate above 0.05 are made to fail their guard here (as 1e-2 does for SmolLM2's last blocks), and
+    tries below it to pass: the first block is rejected at the user's 0.1 and kept on its retry at 0.01, so every
+    block after it starts at 0.01, takes one try, and is never sent to the rate its guard rejected (before, each
+    of them spent half its share of the time there). Without a kept retry, a block starts at the user's rate."""
+    pytest.importorskip("torch")
+    from onnxslim_prune.recover import fit
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_residual_mlp(), path)
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(3).normal(size=(200, 16)).astype(np.float32))
+    tries: list[tuple[int, float]] = []  # (the seed, which names the block and try; the rate)
+
+    def run(self: object, net: object, lr: float, started: float, seconds: float, per_check: float, before: float,
+            seed: int) -> object:
+        tries.append((seed, lr))
+        if lr > 0.05:
+            return before, None, 3
+        return before / 2, net.values(), 3  # type: ignore[attr-defined]  # "better": the weights it started from
+
+    monkeypatch.setattr(fit._Training, "run", run)
+    result = prune(str(path), "l1", 0.6, calib=str(tmp_path / "c.npz"), latency=False, seed=0,
+                   params={"recover": True, "recover_steps": 40, "recover_lr": 0.1, "recover_time": 1e6})
+    blocks = result.report.extra["recover"]["blocks"]
+    assert [b["last"] for b in blocks] == ["res_0", "res_1", "head"]
+    assert tries[:2] == [(0, 0.1), (1, pytest.approx(0.01))]
+    assert [(seed, lr) for seed, lr in tries[2:]] == [(7919, pytest.approx(0.01)), (2 * 7919, pytest.approx(0.01))]
+    assert [b["tries"] for b in blocks] == [2, 1, 1] and [b["lr"] for b in blocks] == pytest.approx([0.01] * 3)
+    # a first block kept at the user's rate leaves it unchanged, and so does one rejected at both rates
+    tries.clear()
+    prune(str(path), "l1", 0.6, calib=str(tmp_path / "c.npz"), latency=False, seed=0,
+          params={"recover": True, "recover_steps": 40, "recover_lr": 0.03, "recover_time": 1e6})
+    assert [lr for _, lr in tries] == pytest.approx([0.03, 0.03, 0.03])
+    tries.clear()
+    prune(str(path), "l1", 0.6, calib=str(tmp_path / "c.npz"), latency=False, seed=0,
+          params={"recover": True, "recover_steps": 40, "recover_lr": 1.0, "recover_time": 1e6})
+    assert [lr for _, lr in tries] == pytest.approx([1.0, 0.1] * 3)  # 0.1 fails as well: kept by no block
+
+
 def test_the_learning_rate_decays_to_zero_within_the_time_a_block_has(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

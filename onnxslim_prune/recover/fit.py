@@ -204,12 +204,19 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
                 per_pass = time.perf_counter() - started
                 planned_passes = guard_passes(settings.seconds, per_pass, len(streamed))
             deadline = started + settings.seconds - per_pass * planned_passes
+            # the rate a block starts at: the user's, or the lower one a block before it kept from its retry. The
+            # rate that works falls with depth (SmolLM2's last blocks, and Lite1's mostly from its third on, gain
+            # only at a tenth of 1e-2), so a later block starting over at the user's rate would spend half its time
+            # on a try its guard rejects: with --recover-time 1050 those tries took all of SmolLM2's last six blocks'
+            rate = settings.lr
             with _torch_state(settings.seed):
                 for block in planned:
                     fraction = costs[block.index] / max(sum(costs[block.index:]), 1e-9)
                     result = _one_block(block, nodes, pruned, mine, theirs, Samples(guard, train_order, tokens),
-                                        settings, _Clock(deadline, fraction), budget // DATA_SHARE, kept or {},
-                                        closed_form, reads)
+                                        replace(settings, lr=rate), _Clock(deadline, fraction), budget // DATA_SHARE,
+                                        kept or {}, closed_form, reads)
+                    if result.status is Status.KEPT and result.tries > 1:
+                        rate = result.lr
                     results.append(result)
                     _log(result)
                     if progress is not None:
