@@ -768,6 +768,58 @@ def test_the_learning_rate_decays_to_zero_within_the_time_a_block_has(
     assert [b["steps"] for b in long["blocks"]] == [400 * b["tries"] for b in long["blocks"]]  # type: ignore[index]
 
 
+def test_the_streaming_still_to_come_is_set_aside_before_the_time_is_shared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Gathering a block's samples takes 100 s on average here, by its cost, on a fake clock (one second a reading).
+    Each block's time for its steps is then its share by cost of what is left once the streaming still to come is
+    set aside (measured per unit of cost on the blocks before it), so the last block gets as much per unit of cost
+    as the one before it; before, the streaming came out of the last blocks (SmolLM2's last six got 1-10 steps)."""
+    pytest.importorskip("torch")
+    import types
+
+    from onnxslim_prune.recover import fit
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_residual_mlp(), path)
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(3).normal(size=(200, 16)).astype(np.float32))
+    now = [0.0]
+
+    def perf_counter() -> float:
+        now[0] += 1.0
+        return now[0]
+
+    real_collect, real_costs = fit._collect, fit.block_costs
+    costs: list[float] = []
+    given: dict[int, float] = {}  # block (from the seed of its first try) -> the seconds its steps were given
+
+    def collect(*args: object) -> object:
+        now[0] += 100.0 * len(costs) * costs[args[2].index] / sum(costs)  # type: ignore[attr-defined]  # by its cost
+        return real_collect(*args)  # type: ignore[arg-type]
+
+    def block_costs(*args: object) -> list[float]:
+        costs[:] = real_costs(*args)  # type: ignore[arg-type]
+        return costs
+
+    def run(self: object, net: object, lr: float, started: float, seconds: float, per_check: float, before: float,
+            seed: int) -> object:
+        given.setdefault(seed // 7919, seconds)
+        now[0] += seconds  # the steps take all their time, and are kept (no retry)
+        return before / 2, net.values(), 1  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(fit, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(fit, "_collect", collect)
+    monkeypatch.setattr(fit, "block_costs", block_costs)
+    monkeypatch.setattr(fit._Training, "run", run)
+    prune(str(path), "l1", 0.6, calib=str(tmp_path / "c.npz"), latency=False, seed=0,
+          params={"recover": True, "recover_time": 2000.0})
+    assert sorted(given) == [0, 1, 2] and len(costs) == 3
+    per_cost = [given[k] / costs[k] for k in range(3)]
+    # the first block knows no streaming yet; the second and third get the same time per unit of cost (to the
+    # seconds the fake clock's readings take): the last one is not starved
+    assert per_cost[2] == pytest.approx(per_cost[1], rel=0.05), (per_cost, costs)
+
+
 def test_recover_changes_initializers_only_and_lowers_the_error(tmp_path: Path) -> None:
     """`prune(..., recover)` on a two-block residual MLP: the blocks are the two residual blocks and the head, the
     nodes and every initializer's name and shape equal those of the run without recovery, the recovered model

@@ -209,12 +209,24 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
             # only at a tenth of 1e-2), so a later block starting over at the user's rate would spend half its time
             # on a try its guard rejects: with --recover-time 1050 those tries took all of SmolLM2's last six blocks'
             rate = settings.lr
+            # what a block costs outside its steps (both networks streamed to its cut, its samples gathered), per
+            # unit of cost, from the blocks so far: set aside for the blocks still to stream before the time is
+            # shared. Unreserved, it came out of the last blocks: on SmolLM2 (1,024 windows, --recover-time 1050)
+            # the streaming took 420 s and the steps 360, and the last six blocks got 1-10 steps each
+            outside, outside_cost = 0.0, 0.0
             with _torch_state(settings.seed):
                 for block in planned:
-                    fraction = costs[block.index] / max(sum(costs[block.index:]), 1e-9)
+                    cost_left = sum(costs[block.index:])
+                    per_cost = outside / outside_cost if outside_cost > 0 else 0.0
+                    clock = _Clock(deadline, costs[block.index] / max(cost_left, 1e-9), per_cost * cost_left,
+                                   per_cost * (cost_left - costs[block.index]))
+                    began = time.perf_counter()
                     result = _one_block(block, nodes, pruned, mine, theirs, Samples(guard, train_order, tokens),
-                                        replace(settings, lr=rate), _Clock(deadline, fraction), budget // DATA_SHARE,
-                                        kept or {}, closed_form, reads)
+                                        replace(settings, lr=rate), clock, budget // DATA_SHARE, kept or {},
+                                        closed_form, reads)
+                    if block.skip is None:
+                        outside += max(time.perf_counter() - began - result.seconds, 0.0)
+                        outside_cost += costs[block.index]
                     if result.status is Status.KEPT and result.tries > 1:
                         rate = result.lr
                     results.append(result)
@@ -252,13 +264,18 @@ def guard_passes(seconds: float, per_pass: float, blocks: int) -> int:
 
 @dataclass(frozen=True)
 class _Clock:
-    """A block's time: its share (`fraction`) of what is left until the blocks' `deadline` (`time.perf_counter`)."""
+    """A block's time for its steps: its share (`fraction`) of what is left until the blocks' `deadline`
+    (`time.perf_counter`) once the streaming still to come is set aside: `streaming` seconds with this block's own
+    (taken before its samples stream), `streaming_after` for the blocks after it (the retry's, taken after)."""
 
     deadline: float
     fraction: float
+    streaming: float = 0.0
+    streaming_after: float = 0.0
 
-    def share(self) -> float:
-        return max(self.deadline - time.perf_counter(), 0.0) * self.fraction
+    def share(self, streamed: bool = False) -> float:
+        left = self.deadline - time.perf_counter() - (self.streaming_after if streamed else self.streaming)
+        return max(left, 0.0) * self.fraction
 
 
 def _skipped(block: Block, reason: str) -> Block:
@@ -306,7 +323,7 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
     # both streams advance for every streamed block (the engines' schedule)
     inputs = mine.advance(block.inputs, model)
     targets = (_kept_only(batch, kept) for batch in theirs.advance(block.outputs))
-    seconds = clock.share()  # taken before the block's samples stream: the streaming comes out of later blocks
+    seconds = clock.share()  # taken before the block's samples stream (the clock sets the streaming aside)
     held = _collect(inputs, targets, block, samples, data_budget)
     if isinstance(held, str):
         return BlockResult(block, Status.SKIPPED, held)
@@ -341,7 +358,7 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
     begun, budget, no_time = started, seconds, False
     while best_values is None and tries <= settings.retries:
         if tries:
-            budget = min(seconds, clock.share())  # as if the retry were one more block of the same cost
+            budget = min(seconds, clock.share(streamed=True))  # as if the retry were one more block of the same cost
             if budget <= per_check * (CHECKPOINTS + 1):
                 no_time = True
                 break
