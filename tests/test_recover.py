@@ -613,7 +613,7 @@ def test_the_network_guard_error_is_the_same_run_a_sample_at_a_time(tmp_path: Pa
     assert on_disk == whole  # the same bits from disk
 
 
-def _residual_mlp(seed: int = 0, stem: bool = False, hidden: int = 48, classes: int = 10) -> onnx.ModelProto:
+def _residual_mlp(seed: int = 0, stem: bool = False, hidden: int = 48, classes: int = 10, blocks: int = 2) -> onnx.ModelProto:
     """x [N, 16] -> (a MatMul stem, 16 -> 16) -> two residual blocks ``h + W2 relu(W1 h + b1) + b2`` (`hidden`
     neurons) -> a Gemm head [N, `classes`]. With the stem, the residual stream is not a graph input, so it is
     prunable."""
@@ -624,7 +624,7 @@ def _residual_mlp(seed: int = 0, stem: bool = False, hidden: int = 48, classes: 
         inits.append(numpy_helper.from_array((rng.normal(size=(16, 16)) / 4).astype(np.float32), "ws"))
         nodes.append(helper.make_node("MatMul", ["x", "ws"], ["s"], name="stem"))
         h = "s"
-    for i in range(2):
+    for i in range(blocks):
         for name, shape in ((f"w1_{i}", (16, hidden)), (f"b1_{i}", (hidden,)), (f"w2_{i}", (hidden, 16)), (f"b2_{i}", (16,))):
             inits.append(numpy_helper.from_array((rng.normal(size=shape) / np.sqrt(shape[0])).astype(np.float32), name))
         nodes += [helper.make_node("MatMul", [h, f"w1_{i}"], [f"m1_{i}"], name=f"mm1_{i}"),
@@ -771,17 +771,19 @@ def test_the_learning_rate_decays_to_zero_within_the_time_a_block_has(
 def test_the_streaming_still_to_come_is_set_aside_before_the_time_is_shared(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Gathering a block's samples takes 100 s on average here, by its cost, on a fake clock (one second a reading).
-    Each block's time for its steps is then its share by cost of what is left once the streaming still to come is
-    set aside (measured per unit of cost on the blocks before it), so the last block gets as much per unit of cost
-    as the one before it; before, the streaming came out of the last blocks (SmolLM2's last six got 1-10 steps)."""
+    """Gathering a block's samples takes 100 s on average here, by its cost, on a fake clock (one second a reading),
+    and the first block's 1,000 s more (the network before it). Each block's time for its steps is then its share
+    by cost of what is left once the streaming still to come is set aside (measured per unit of cost on the
+    blocks before it, the first one not counted), so the blocks from the third on get the same time per unit of
+    cost; before, the streaming came out of the last blocks (SmolLM2's last six got 1-10 steps), and counting
+    the first block's left SmolLM2's next 23 blocks a step each."""
     pytest.importorskip("torch")
     import types
 
     from onnxslim_prune.recover import fit
 
     path = tmp_path / "m.onnx"
-    onnx.save(_residual_mlp(), path)
+    onnx.save(_residual_mlp(blocks=4), path)
     np.savez(tmp_path / "c.npz", x=np.random.default_rng(3).normal(size=(200, 16)).astype(np.float32))
     now = [0.0]
 
@@ -794,7 +796,8 @@ def test_the_streaming_still_to_come_is_set_aside_before_the_time_is_shared(
     given: dict[int, float] = {}  # block (from the seed of its first try) -> the seconds its steps were given
 
     def collect(*args: object) -> object:
-        now[0] += 100.0 * len(costs) * costs[args[2].index] / sum(costs)  # type: ignore[attr-defined]  # by its cost
+        index = args[2].index  # type: ignore[attr-defined]
+        now[0] += 100.0 * len(costs) * costs[index] / sum(costs) + (1000.0 if index == 0 else 0.0)  # by its cost
         return real_collect(*args)  # type: ignore[arg-type]
 
     def block_costs(*args: object) -> list[float]:
@@ -812,12 +815,13 @@ def test_the_streaming_still_to_come_is_set_aside_before_the_time_is_shared(
     monkeypatch.setattr(fit, "block_costs", block_costs)
     monkeypatch.setattr(fit._Training, "run", run)
     prune(str(path), "l1", 0.6, calib=str(tmp_path / "c.npz"), latency=False, seed=0,
-          params={"recover": True, "recover_time": 2000.0})
-    assert sorted(given) == [0, 1, 2] and len(costs) == 3
-    per_cost = [given[k] / costs[k] for k in range(3)]
-    # the first block knows no streaming yet; the second and third get the same time per unit of cost (to the
-    # seconds the fake clock's readings take): the last one is not starved
-    assert per_cost[2] == pytest.approx(per_cost[1], rel=0.05), (per_cost, costs)
+          params={"recover": True, "recover_time": 5000.0})
+    assert sorted(given) == [0, 1, 2, 3, 4] and len(costs) == 5
+    per_cost = [given[k] / costs[k] for k in range(5)]
+    # the first two blocks know no streaming yet; the rest get the same time per unit of cost (to the seconds the
+    # fake clock's readings take): the last one is not starved, nor are those after the first
+    assert per_cost[3:] == pytest.approx([per_cost[2]] * 2, rel=0.05), (per_cost, costs)
+    assert min(per_cost) > 0.3 * max(per_cost), per_cost
 
 
 def test_recover_changes_initializers_only_and_lowers_the_error(tmp_path: Path) -> None:

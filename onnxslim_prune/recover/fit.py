@@ -65,6 +65,8 @@ MAX_PREFIXES = 8
 GUARD_RUN_BYTES = 64 << 20
 #: most of ``--recover-time`` the network guard's passes are planned to take (`guard_passes`)
 GUARD_TIME_SHARE = 0.25
+#: most of the blocks' time left that the streaming still to come is estimated to take (`_Clock`; SmolLM2: 0.54)
+MAX_STREAMING_SHARE = 0.75
 #: values of an output the guard's error sums convert to float64 at a time
 SUM_BLOCK = 1 << 20
 
@@ -212,8 +214,10 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
             # what a block costs outside its steps (both networks streamed to its cut, its samples gathered), per
             # unit of cost, from the blocks so far: set aside for the blocks still to stream before the time is
             # shared. Unreserved, it came out of the last blocks: on SmolLM2 (1,024 windows, --recover-time 1050)
-            # the streaming took 420 s and the steps 360, and the last six blocks got 1-10 steps each
-            outside, outside_cost = 0.0, 0.0
+            # the streaming took 420 s and the steps 360, and the last six blocks got 1-10 steps each. The first
+            # streamed block is not counted: its streaming runs everything before it too (SmolLM2's first eleven
+            # layers, which counted against the first block's cost left 23 blocks a step each)
+            outside, outside_cost, first = 0.0, 0.0, True
             with _torch_state(settings.seed):
                 for block in planned:
                     cost_left = sum(costs[block.index:])
@@ -224,9 +228,10 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
                     result = _one_block(block, nodes, pruned, mine, theirs, Samples(guard, train_order, tokens),
                                         replace(settings, lr=rate), clock, budget // DATA_SHARE, kept or {},
                                         closed_form, reads)
-                    if block.skip is None:
+                    if block.skip is None and not first:
                         outside += max(time.perf_counter() - began - result.seconds, 0.0)
                         outside_cost += costs[block.index]
+                    first = first and block.skip is not None
                     if result.status is Status.KEPT and result.tries > 1:
                         rate = result.lr
                     results.append(result)
@@ -274,8 +279,10 @@ class _Clock:
     streaming_after: float = 0.0
 
     def share(self, streamed: bool = False) -> float:
-        left = self.deadline - time.perf_counter() - (self.streaming_after if streamed else self.streaming)
-        return max(left, 0.0) * self.fraction
+        left = max(self.deadline - time.perf_counter(), 0.0)
+        # an estimate, so never all of the time: a bad one starves every block after it
+        reserve = min(self.streaming_after if streamed else self.streaming, MAX_STREAMING_SHARE * left)
+        return (left - reserve) * self.fraction
 
 
 def _skipped(block: Block, reason: str) -> Block:
