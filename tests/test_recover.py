@@ -682,9 +682,10 @@ def test_a_block_with_outputs_too_large_to_fit_is_skipped_before_the_time_is_sha
 
 def test_a_later_block_starts_at_the_rate_an_earlier_retry_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tries at a rate above 0.05 are made to fail their guard here (as 1e-2 does for SmolLM2's last blocks), and
-    tries below it to pass: the first block is rejected at the user's 0.1 and kept on its retry at 0.01, so every
-    block after it starts at 0.01, takes one try, and is never sent to the rate its guard rejected (before, each
-    of them spent half its share of the time there). Without a kept retry, a block starts at the user's rate."""
+    tries below it to pass: the first block is rejected at the user's 0.1 after all its steps and kept on its
+    retry at 0.01, so every block after it starts at 0.01, takes one try, and is never sent to the rate its guard
+    rejected (before, each of them spent half its share of the time there). Without a kept retry, or when the
+    clock cut the rejected try short, a block starts at the user's rate."""
     pytest.importorskip("torch")
     from onnxslim_prune.recover import fit
 
@@ -692,13 +693,15 @@ def test_a_later_block_starts_at_the_rate_an_earlier_retry_kept(tmp_path: Path, 
     onnx.save(_residual_mlp(), path)
     np.savez(tmp_path / "c.npz", x=np.random.default_rng(3).normal(size=(200, 16)).astype(np.float32))
     tries: list[tuple[int, float]] = []  # (the seed, which names the block and try; the rate)
+    cut = [False]  # whether the clock cuts every try short
 
-    def run(self: object, net: object, lr: float, started: float, seconds: float, per_check: float, before: float,
-            seed: int) -> object:
+    def run(self: fit._Training, net: object, lr: float, started: float, seconds: float, per_check: float,
+            before: float, seed: int) -> object:
         tries.append((seed, lr))
+        taken = 3 if cut[0] else self.settings.steps
         if lr > 0.05:
-            return before, None, 3
-        return before / 2, net.values(), 3  # type: ignore[attr-defined]  # "better": the weights it started from
+            return before, None, taken
+        return before / 2, net.values(), taken  # type: ignore[attr-defined]  # "better": the weights it started from
 
     monkeypatch.setattr(fit._Training, "run", run)
     result = prune(str(path), "l1", 0.6, calib=str(tmp_path / "c.npz"), latency=False, seed=0,
@@ -717,6 +720,12 @@ def test_a_later_block_starts_at_the_rate_an_earlier_retry_kept(tmp_path: Path, 
     prune(str(path), "l1", 0.6, calib=str(tmp_path / "c.npz"), latency=False, seed=0,
           params={"recover": True, "recover_steps": 40, "recover_lr": 1.0, "recover_time": 1e6})
     assert [lr for _, lr in tries] == pytest.approx([1.0, 0.1] * 3)  # 0.1 fails as well: kept by no block
+    # a first try the clock cut short says little of its rate: the next block starts at the user's again
+    tries.clear()
+    cut[0] = True
+    prune(str(path), "l1", 0.6, calib=str(tmp_path / "c.npz"), latency=False, seed=0,
+          params={"recover": True, "recover_steps": 40, "recover_lr": 0.1, "recover_time": 1e6})
+    assert [lr for _, lr in tries] == pytest.approx([0.1, 0.01] * 3)
 
 
 def test_the_learning_rate_decays_to_zero_within_the_time_a_block_has(
@@ -766,62 +775,6 @@ def test_the_learning_rate_decays_to_zero_within_the_time_a_block_has(
     assert all(step == horizon for step, horizon in ends), ends
     long = run(1e7)
     assert [b["steps"] for b in long["blocks"]] == [400 * b["tries"] for b in long["blocks"]]  # type: ignore[index]
-
-
-def test_the_streaming_still_to_come_is_set_aside_before_the_time_is_shared(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Gathering a block's samples takes 100 s on average here, by its cost, on a fake clock (one second a reading),
-    and the first block's 1,000 s more (the network before it). Each block's time for its steps is then its share
-    by cost of what is left once the streaming still to come is set aside (measured per unit of cost on the
-    blocks before it, the first one not counted), so the blocks from the third on get the same time per unit of
-    cost; before, the streaming came out of the last blocks (SmolLM2's last six got 1-10 steps), and counting
-    the first block's left SmolLM2's next 23 blocks a step each."""
-    pytest.importorskip("torch")
-    import types
-
-    from onnxslim_prune.recover import fit
-
-    path = tmp_path / "m.onnx"
-    onnx.save(_residual_mlp(blocks=4), path)
-    np.savez(tmp_path / "c.npz", x=np.random.default_rng(3).normal(size=(200, 16)).astype(np.float32))
-    now = [0.0]
-
-    def perf_counter() -> float:
-        now[0] += 1.0
-        return now[0]
-
-    real_collect, real_costs = fit._collect, fit.block_costs
-    costs: list[float] = []
-    given: dict[int, float] = {}  # block (from the seed of its first try) -> the seconds its steps were given
-
-    def collect(*args: object) -> object:
-        index = args[2].index  # type: ignore[attr-defined]
-        now[0] += 100.0 * len(costs) * costs[index] / sum(costs) + (1000.0 if index == 0 else 0.0)  # by its cost
-        return real_collect(*args)  # type: ignore[arg-type]
-
-    def block_costs(*args: object) -> list[float]:
-        costs[:] = real_costs(*args)  # type: ignore[arg-type]
-        return costs
-
-    def run(self: object, net: object, lr: float, started: float, seconds: float, per_check: float, before: float,
-            seed: int) -> object:
-        given.setdefault(seed // 7919, seconds)
-        now[0] += seconds  # the steps take all their time, and are kept (no retry)
-        return before / 2, net.values(), 1  # type: ignore[attr-defined]
-
-    monkeypatch.setattr(fit, "time", types.SimpleNamespace(perf_counter=perf_counter))
-    monkeypatch.setattr(fit, "_collect", collect)
-    monkeypatch.setattr(fit, "block_costs", block_costs)
-    monkeypatch.setattr(fit._Training, "run", run)
-    prune(str(path), "l1", 0.6, calib=str(tmp_path / "c.npz"), latency=False, seed=0,
-          params={"recover": True, "recover_time": 5000.0})
-    assert sorted(given) == [0, 1, 2, 3, 4] and len(costs) == 5
-    per_cost = [given[k] / costs[k] for k in range(5)]
-    # the first two blocks know no streaming yet; the rest get the same time per unit of cost (to the seconds the
-    # fake clock's readings take): the last one is not starved, nor are those after the first
-    assert per_cost[3:] == pytest.approx([per_cost[2]] * 2, rel=0.05), (per_cost, costs)
-    assert min(per_cost) > 0.3 * max(per_cost), per_cost
 
 
 def test_recover_changes_initializers_only_and_lowers_the_error(tmp_path: Path) -> None:

@@ -218,7 +218,8 @@ class CommonParams:
                                  help=f"--recover: gradient steps per block [default: {DEFAULT_STEPS}].")
     recover_lr: float = setting(DEFAULT_LR, number(0.0, 1.0, low_open=True), flag="--recover-lr", planning=False,
                                 cli_type=float, help=f"--recover: Adam's learning rate, cosine-decayed; a block whose guard rejects its steps "
-                                     f"tries again at a tenth of it, and the blocks after one kept so start there [default: {DEFAULT_LR:g}].")
+                                     f"tries again at a tenth of it, and the blocks after one kept so (its first try not cut by the clock) start "
+                                     f"there [default: {DEFAULT_LR:g}].")
     recover_time: float = setting(DEFAULT_SECONDS, number(0.0, math.inf, low_open=True), flag="--recover-time",
                                   planning=False, cli_type=float,
                                   help=f"--recover: the recovery's time budget in seconds, its network guard included [default: {DEFAULT_SECONDS:g}].")

@@ -17,8 +17,8 @@ the verdict: nothing reads the outputs there (all-MiniLM-L6-v2's calibration sen
 Guarded: the steps see only the fit part of the calibration data, split again (seeded) into the samples the
 steps fit and a *guard* part; a block keeps its recovered weights only if its error on the guard samples is
 below the closed-form weights' (the best of a few checkpoints); a block rejected so tries again from its
-closed-form weights at a tenth of the learning rate (`RecoverSettings.retries`), and once a retry is kept the
-blocks after it start at its rate. Then the whole network is judged
+closed-form weights at a tenth of the learning rate (`RecoverSettings.retries`), and once a retry is kept after
+a first try the clock did not cut, the blocks after it start at its rate. Then the whole network is judged
 on the guard samples: the recovered weights stay in the first blocks, as many as bring its outputs closest to the
 original's (`fit._network_guard`, as many prefixes as ``--recover-time`` pays for), and the closed-form ones go
 back in the rest. The verdict's held-out samples are never read.

@@ -65,8 +65,6 @@ MAX_PREFIXES = 8
 GUARD_RUN_BYTES = 64 << 20
 #: most of ``--recover-time`` the network guard's passes are planned to take (`guard_passes`)
 GUARD_TIME_SHARE = 0.25
-#: most of the blocks' time left that the streaming still to come is estimated to take (`_Clock`; SmolLM2: 0.54)
-MAX_STREAMING_SHARE = 0.75
 #: values of an output the guard's error sums convert to float64 at a time
 SUM_BLOCK = 1 << 20
 
@@ -90,6 +88,7 @@ class BlockResult:
     guard_samples: int = 0
     lr: float = math.nan  # the learning rate of the last try
     tries: int = 0  # tries of steps: a rejected try is followed by one at a tenth of the rate (`RETRY_FACTOR`)
+    full_first: bool = False  # its first try took every step asked (the clock did not cut it)
 
 
     def row(self) -> dict[str, object]:
@@ -209,30 +208,17 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, fit: Calibration
             # the rate a block starts at: the user's, or the lower one a block before it kept from its retry. The
             # rate that works falls with depth (SmolLM2's last blocks, and Lite1's mostly from its third on, gain
             # only at a tenth of 1e-2), so a later block starting over at the user's rate would spend half its time
-            # on a try its guard rejects: with --recover-time 1050 those tries took all of SmolLM2's last six blocks'
+            # on a try its guard rejects (Lite1: 777 s of recovery, 562 s so). Only after a first try the clock did
+            # not cut: one cut short says little of its rate (in a time-bound SmolLM2 run, its fourth block, cut to
+            # 10 steps at 1e-2, sent the next 33 to 1e-3, where layers 13-22 gain less: perplexity 1.38x, not 1.26x)
             rate = settings.lr
-            # what a block costs outside its steps (both networks streamed to its cut, its samples gathered), per
-            # unit of cost, from the blocks so far: set aside for the blocks still to stream before the time is
-            # shared. Unreserved, it came out of the last blocks: on SmolLM2 (1,024 windows, --recover-time 1050)
-            # the streaming took 420 s and the steps 360, and the last six blocks got 1-10 steps each. The first
-            # streamed block is not counted: its streaming runs everything before it too (SmolLM2's first eleven
-            # layers, which counted against the first block's cost left 23 blocks a step each)
-            outside, outside_cost, first = 0.0, 0.0, True
             with _torch_state(settings.seed):
                 for block in planned:
-                    cost_left = sum(costs[block.index:])
-                    per_cost = outside / outside_cost if outside_cost > 0 else 0.0
-                    clock = _Clock(deadline, costs[block.index] / max(cost_left, 1e-9), per_cost * cost_left,
-                                   per_cost * (cost_left - costs[block.index]))
-                    began = time.perf_counter()
+                    fraction = costs[block.index] / max(sum(costs[block.index:]), 1e-9)
                     result = _one_block(block, nodes, pruned, mine, theirs, Samples(guard, train_order, tokens),
-                                        replace(settings, lr=rate), clock, budget // DATA_SHARE, kept or {},
-                                        closed_form, reads)
-                    if block.skip is None and not first:
-                        outside += max(time.perf_counter() - began - result.seconds, 0.0)
-                        outside_cost += costs[block.index]
-                    first = first and block.skip is not None
-                    if result.status is Status.KEPT and result.tries > 1:
+                                        replace(settings, lr=rate), _Clock(deadline, fraction), budget // DATA_SHARE,
+                                        kept or {}, closed_form, reads)
+                    if result.status is Status.KEPT and result.tries > 1 and result.full_first:
                         rate = result.lr
                     results.append(result)
                     _log(result)
@@ -269,20 +255,13 @@ def guard_passes(seconds: float, per_pass: float, blocks: int) -> int:
 
 @dataclass(frozen=True)
 class _Clock:
-    """A block's time for its steps: its share (`fraction`) of what is left until the blocks' `deadline`
-    (`time.perf_counter`) once the streaming still to come is set aside: `streaming` seconds with this block's own
-    (taken before its samples stream), `streaming_after` for the blocks after it (the retry's, taken after)."""
+    """A block's time: its share (`fraction`) of what is left until the blocks' `deadline` (`time.perf_counter`)."""
 
     deadline: float
     fraction: float
-    streaming: float = 0.0
-    streaming_after: float = 0.0
 
-    def share(self, streamed: bool = False) -> float:
-        left = max(self.deadline - time.perf_counter(), 0.0)
-        # an estimate, so never all of the time: a bad one starves every block after it
-        reserve = min(self.streaming_after if streamed else self.streaming, MAX_STREAMING_SHARE * left)
-        return (left - reserve) * self.fraction
+    def share(self) -> float:
+        return max(self.deadline - time.perf_counter(), 0.0) * self.fraction
 
 
 def _skipped(block: Block, reason: str) -> Block:
@@ -330,7 +309,7 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
     # both streams advance for every streamed block (the engines' schedule)
     inputs = mine.advance(block.inputs, model)
     targets = (_kept_only(batch, kept) for batch in theirs.advance(block.outputs))
-    seconds = clock.share()  # taken before the block's samples stream (the clock sets the streaming aside)
+    seconds = clock.share()  # taken before the block's samples stream: the streaming comes out of later blocks
     held = _collect(inputs, targets, block, samples, data_budget)
     if isinstance(held, str):
         return BlockResult(block, Status.SKIPPED, held)
@@ -362,10 +341,10 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
     # tenth of the rate: the best rate differs by model and by layer (SmolLM2's first blocks gain most at 1e-2, its
     # last ones and MiniLM's only at 1e-3). A block already exact, or one that overfits its samples, is rejected
     # at every rate: its retry costs its share of the time left, which the blocks after it lose in proportion
-    begun, budget, no_time = started, seconds, False
+    begun, budget, no_time, full_first = started, seconds, False, False
     while best_values is None and tries <= settings.retries:
         if tries:
-            budget = min(seconds, clock.share(streamed=True))  # as if the retry were one more block of the same cost
+            budget = min(seconds, clock.share())  # as if the retry were one more block of the same cost
             if budget <= per_check * (CHECKPOINTS + 1):
                 no_time = True
                 break
@@ -373,11 +352,12 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
             lr, begun = lr * RETRY_FACTOR, time.perf_counter()
         best, best_values, taken = train.run(net, lr, begun, budget, per_check, before,
                                              settings.seed + 7919 * block.index + tries)
+        full_first = full_first or (not tries and taken == settings.steps)
         steps += taken
         tries += 1
     spent = time.perf_counter() - started
     result = BlockResult(block, Status.KEPT, "", steps, spent, before, best, train.count, int(y_guard[0].shape[0]), lr,
-                         tries)
+                         tries, full_first)
     if best_values is None:
         return replace(result, status=Status.REJECTED, reason="the guard samples' error did not improve"
                        + (f" at learning rates {settings.lr:g} .. {lr:g}" if tries > 1 else "")
