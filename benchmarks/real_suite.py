@@ -360,9 +360,9 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
                 and r["macs_kept"] <= t.macs + 0.005 and ("--recover" in r.get("extra", [])) == t.recover]
         wanted = " and ".join(f"{_said(k, b)}" for k, b in t.bounds)
         wanted += f", {t.seconds / 60:.0f} min" if t.seconds else ""
+        cells = f"| {t.issue} | {t.model} | {t.macs:.0%} | {'--recover' if t.recover else 'closed form'} | {wanted} |"
         if not mine:
-            lines.append(f"| {t.issue} | {t.model} | {t.macs:.0%} | {'--recover' if t.recover else 'closed form'} | "
-                         f"{wanted} | none | | | | |")
+            lines.append(f"{cells} none | | | | |")
             continue
         pick = min if key == "perplexity_ratio" else max
         best = [pick(mine, key=lambda r: r[key])]
@@ -375,8 +375,7 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
             short = [gap for k, b in t.bounds if (gap := _shortfall(k, row[k], b))]
             if t.seconds and row["seconds"] > t.seconds:
                 short.append(f"{(row['seconds'] - t.seconds) / 60:.0f} min")
-            lines.append(f"| {t.issue} | {t.model} | {t.macs:.0%} | {'--recover' if t.recover else 'closed form'} | "
-                         f"{wanted} | {label} | {figures} | {', '.join(short) or 'met'} | {row['seconds']:.0f} | "
+            lines.append(f"{cells} {label} | {figures} | {', '.join(short) or 'met'} | {row['seconds']:.0f} | "
                          f"{row.get('commit', '?')} |")
     return lines + [""]
 

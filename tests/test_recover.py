@@ -613,7 +613,7 @@ def test_the_network_guard_error_is_the_same_run_a_sample_at_a_time(tmp_path: Pa
     assert on_disk == whole  # the same bits from disk
 
 
-def _residual_mlp(seed: int = 0, stem: bool = False, hidden: int = 48, classes: int = 10, blocks: int = 2) -> onnx.ModelProto:
+def _residual_mlp(seed: int = 0, stem: bool = False, hidden: int = 48, classes: int = 10) -> onnx.ModelProto:
     """x [N, 16] -> (a MatMul stem, 16 -> 16) -> two residual blocks ``h + W2 relu(W1 h + b1) + b2`` (`hidden`
     neurons) -> a Gemm head [N, `classes`]. With the stem, the residual stream is not a graph input, so it is
     prunable."""
@@ -624,7 +624,7 @@ def _residual_mlp(seed: int = 0, stem: bool = False, hidden: int = 48, classes: 
         inits.append(numpy_helper.from_array((rng.normal(size=(16, 16)) / 4).astype(np.float32), "ws"))
         nodes.append(helper.make_node("MatMul", ["x", "ws"], ["s"], name="stem"))
         h = "s"
-    for i in range(blocks):
+    for i in range(2):
         for name, shape in ((f"w1_{i}", (16, hidden)), (f"b1_{i}", (hidden,)), (f"w2_{i}", (hidden, 16)), (f"b2_{i}", (16,))):
             inits.append(numpy_helper.from_array((rng.normal(size=shape) / np.sqrt(shape[0])).astype(np.float32), name))
         nodes += [helper.make_node("MatMul", [h, f"w1_{i}"], [f"m1_{i}"], name=f"mm1_{i}"),

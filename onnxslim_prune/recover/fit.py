@@ -352,7 +352,8 @@ def _one_block(block: Block, nodes: dict[str, onnx.NodeProto], model: onnx.Model
             lr, begun = lr * RETRY_FACTOR, time.perf_counter()
         best, best_values, taken = train.run(net, lr, begun, budget, per_check, before,
                                              settings.seed + 7919 * block.index + tries)
-        full_first = full_first or (not tries and taken == settings.steps)
+        if not tries:
+            full_first = taken == settings.steps
         steps += taken
         tries += 1
     spent = time.perf_counter() - started
